@@ -1,0 +1,127 @@
+// flexquant::Engine: the Llama forward pass on the bit-plane store, with a KV cache and a
+// per-layer bit mask that may change before every step.
+//
+//   auto eng = flexquant::Engine::open("model.fq");              // mmap + validate, or throw
+//   std::vector<int32_t> prompt = {1, 15043, 29892};               // token ids
+//   eng->eval(prompt.data(), prompt.size());                       // prefill: one batched pass
+//   flexquant::Sampling sp;                                        // temperature 0 = greedy
+//   flexquant::TokenSampler sampler(sp, /*seed=*/42);
+//   for (int i = 0; i < 32; ++i) {
+//       int32_t next = sampler.sample(*eng);                      // from the last step's logits
+//       if (next == eng->config().eos_token_id) break;
+//       eng->set_layer_bits(mask.data(), mask.size());            // optional, per token
+//       eng->eval(&next, 1);                                       // one decode step
+//   }
+//
+// Precision: every linear runs at the bit-width the mask gives it, reading only the first k bit
+// planes of its weight (docs/format.md). The mask is (n_layers, 7) or (n_layers,) integers in
+// BITS_MIN..max_bits, q k v o gate up down in that order; the LM head has its own setting.
+// A new mask applies from the next eval() on and costs no copy or allocation.
+//
+// Threads: one Engine is not thread-safe; use one per thread (they may share a ModelFile).
+// Errors: every failure throws flexquant::Error naming the offending value; after an error in
+// eval() the sequence is unchanged (the KV cache keeps the tokens before the call).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "flexquant/error.h"
+#include "flexquant/model_file.h"
+
+namespace flexquant {
+
+enum class KvDType { KV_F32, KV_F16 };
+
+struct EngineParams {
+    // KV-cache length in tokens. 0: the model's context length, capped so that the cache fits
+    // in kv_budget_bytes. A prompt plus generation longer than n_ctx is an error (no sliding
+    // window).
+    int64_t n_ctx = 0;
+    uint64_t kv_budget_bytes = 4ull << 30;
+    int n_threads = 0;  // CPU threads; 0 = all cores
+    KvDType kv_dtype = KvDType::KV_F32;
+};
+
+// Cheap signals of the last step's next-token distribution, for a precision controller.
+struct StepSignals {
+    float entropy = 0.0f;    // nats
+    float top1_prob = 0.0f;  // probability of the most likely token
+};
+
+class Engine {
+public:
+    static std::unique_ptr<Engine> open(const std::string& path, const EngineParams& params = {});
+    Engine(std::shared_ptr<const ModelFile> model, const EngineParams& params);
+    ~Engine();
+    Engine(const Engine&) = delete;
+    Engine& operator=(const Engine&) = delete;
+
+    const ModelConfig& config() const;
+    const std::shared_ptr<const ModelFile>& model() const;
+    int64_t n_ctx() const;   // KV-cache capacity in tokens
+    int64_t n_past() const;  // tokens in the KV cache
+    int n_threads() const;
+    void set_threads(int n_threads);  // 0 = all cores
+
+    // ---- precision ----
+    // mask: count = n_layers * 7 (row-major (n_layers, 7)) or n_layers (a layer's 7 linears
+    // alike); each value in BITS_MIN..max_bits. Throws, naming the layer, linear and value.
+    void set_layer_bits(const int32_t* mask, int64_t count);
+    void set_lm_head_bits(int bits);
+    std::vector<int32_t> layer_bits() const;  // (n_layers, 7)
+    int lm_head_bits() const;
+    // Weight bytes one decode step reads under the current mask (linears' first k planes and
+    // group params, one embedding row, the norms).
+    uint64_t bytes_per_token() const;
+
+    // ---- running ----
+    // Appends n >= 1 tokens to the sequence: one batched pass over all of them (prefill), then
+    // the next-token logits of the last one are in logits() and its signals in signals().
+    // all_logits (n, vocab), optional: every position's logits (teacher forcing, tests).
+    // Throws if a token id is outside 0..vocab-1 or n_past + n > n_ctx.
+    void eval(const int32_t* tokens, int64_t n, float* all_logits = nullptr);
+    const std::vector<float>& logits() const;  // (vocab); empty before the first eval
+    StepSignals signals() const;
+    // Forget the sequence (the mask stays).
+    void reset();
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+// Sampling settings. temperature <= 0 is greedy; the filters follow transformers' order:
+// repetition penalty, temperature, top-k, top-p, min-p.
+struct Sampling {
+    float temperature = 0.0f;
+    int64_t top_k = 0;                // 0 = off
+    float top_p = 1.0f;               // 1 = off
+    float min_p = 0.0f;               // 0 = off
+    float repetition_penalty = 1.0f;  // 1 = off; applied to every token in the history
+};
+
+// A seeded sampler: the same seed, model and prompt give the same tokens.
+class TokenSampler {
+public:
+    TokenSampler(const Sampling& sampling, uint64_t seed);
+    ~TokenSampler();
+    // Draws the next token from eng.logits(); history: tokens seen so far (for the penalty).
+    int32_t sample(const Engine& eng, const int32_t* history = nullptr, int64_t n_history = 0);
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+// Convenience loop for C++ callers: prefill `prompt`, then sample up to max_new_tokens tokens,
+// stopping at the model's eos or when on_token returns false. Returns the generated ids (eos
+// excluded). The engine is reset first.
+std::vector<int32_t> generate(Engine& eng, const std::vector<int32_t>& prompt, int64_t max_new_tokens,
+                              const Sampling& sampling, uint64_t seed,
+                              const std::function<bool(int32_t)>& on_token = nullptr);
+
+}  // namespace flexquant

@@ -1,0 +1,146 @@
+// Python binding of flexquant::Engine and TokenSampler (called from bindings.cpp).
+// Checks dtype/shape of every array argument; all errors surface as FlexquantError (ValueError).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+
+#include "flexquant/engine.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// An Engine that can be closed: every call on a closed engine raises instead of crashing.
+struct PyEngine {
+    std::unique_ptr<flexquant::Engine> eng;
+    std::shared_ptr<const flexquant::ModelFile> model;
+
+    flexquant::Engine& get() {
+        if (!eng) throw flexquant::Error("the engine is closed");
+        return *eng;
+    }
+};
+
+const int32_t* int32_vector(const py::array_t<int32_t, py::array::c_style>& a, const char* name, int64_t* n) {
+    if (a.ndim() != 1) throw flexquant::Error(std::string(name) + " must be 1-D, got " + std::to_string(a.ndim()) + "-D");
+    *n = a.shape(0);
+    return a.data();
+}
+
+}  // namespace
+
+void bind_engine(py::module_& m) {
+    py::class_<PyEngine>(m, "Engine",
+                         "The C++ engine: forward pass, KV cache and bit mask. Use flexquant_rt.Engine, "
+                         "which adds tokenization, chat and the generation loop.")
+        .def(py::init([](const std::string& path, int64_t n_ctx, int threads, bool kv_f16) {
+                 flexquant::EngineParams p;
+                 p.n_ctx = n_ctx;
+                 p.n_threads = threads;
+                 p.kv_dtype = kv_f16 ? flexquant::KvDType::KV_F16 : flexquant::KvDType::KV_F32;
+                 auto* e = new PyEngine;
+                 e->eng = flexquant::Engine::open(path, p);
+                 e->model = e->eng->model();
+                 return e;
+             }),
+             py::arg("path"), py::arg("n_ctx") = 0, py::arg("threads") = 0, py::arg("kv_f16") = false,
+             "Open a model file. n_ctx=0: the model's context capped by a 4 GiB KV budget; threads=0: all cores.")
+        .def("close", [](PyEngine& e) { e.eng.reset(); }, "Free the KV cache and the model mapping.")
+        .def_property_readonly("closed", [](const PyEngine& e) { return !e.eng; })
+        .def_property_readonly("model", [](PyEngine& e) {
+            e.get();
+            return std::const_pointer_cast<flexquant::ModelFile>(e.model);
+        }, "The ModelFile the engine runs.")
+        .def_property_readonly("n_ctx", [](PyEngine& e) { return e.get().n_ctx(); })
+        .def_property_readonly("n_past", [](PyEngine& e) { return e.get().n_past(); })
+        .def_property("threads", [](PyEngine& e) { return e.get().n_threads(); },
+                      [](PyEngine& e, int n) { e.get().set_threads(n); })
+        .def("set_layer_bits",
+             [](PyEngine& e, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& mask) {
+                 auto& eng = e.get();
+                 const int64_t L = eng.config().n_layers;
+                 const bool ok = (mask.ndim() == 1 && mask.shape(0) == L) ||
+                                 (mask.ndim() == 2 && mask.shape(0) == L && mask.shape(1) == 7);
+                 if (!ok) {
+                     std::string shape = "(";
+                     for (py::ssize_t i = 0; i < mask.ndim(); ++i) shape += (i ? ", " : "") + std::to_string(mask.shape(i));
+                     shape += mask.ndim() == 1 ? ",)" : ")";
+                     throw flexquant::Error("mask has shape " + shape + "; expected (" + std::to_string(L) + ",) or (" +
+                                            std::to_string(L) + ", 7) (q, k, v, o, gate, up, down)");
+                 }
+                 eng.set_layer_bits(mask.data(), mask.size());
+             },
+             py::arg("mask"), "Per-layer bit-widths, (n_layers,) or (n_layers, 7), values in 2..max_bits.")
+        .def("set_lm_head_bits", [](PyEngine& e, int b) { e.get().set_lm_head_bits(b); }, py::arg("bits"))
+        .def("layer_bits", [](PyEngine& e) {
+            auto& eng = e.get();
+            auto v = eng.layer_bits();
+            py::array_t<int32_t> out({static_cast<py::ssize_t>(eng.config().n_layers), py::ssize_t(7)});
+            std::copy(v.begin(), v.end(), out.mutable_data());
+            return out;
+        }, "The current mask, (n_layers, 7).")
+        .def_property_readonly("lm_head_bits", [](PyEngine& e) { return e.get().lm_head_bits(); })
+        .def("bytes_per_token", [](PyEngine& e) { return e.get().bytes_per_token(); },
+             "Weight bytes a decode step reads under the current mask.")
+        .def("eval",
+             [](PyEngine& e, const py::array_t<int32_t, py::array::c_style>& tokens) {
+                 auto& eng = e.get();
+                 int64_t n;
+                 const int32_t* p = int32_vector(tokens, "tokens", &n);
+                 py::gil_scoped_release nogil;
+                 eng.eval(p, n);
+             },
+             py::arg("tokens"), "Append tokens (int32, 1-D) to the sequence; keeps only the last logits.")
+        .def("forward",
+             [](PyEngine& e, const py::array_t<int32_t, py::array::c_style>& tokens, bool all_logits) {
+                 auto& eng = e.get();
+                 int64_t n;
+                 const int32_t* p = int32_vector(tokens, "tokens", &n);
+                 const int64_t V = eng.config().vocab;
+                 py::array_t<float> out({static_cast<py::ssize_t>(all_logits ? n : 1), static_cast<py::ssize_t>(V)});
+                 float* dst = out.mutable_data();
+                 {
+                     py::gil_scoped_release nogil;
+                     eng.eval(p, n, all_logits ? dst : nullptr);
+                     if (!all_logits) std::copy(eng.logits().begin(), eng.logits().end(), dst);
+                 }
+                 return out;
+             },
+             py::arg("tokens"), py::arg("all_logits") = true,
+             "Append tokens and return logits: (T, vocab) for every position, or (1, vocab) for the last.")
+        .def("logits", [](PyEngine& e) {
+            const auto& v = e.get().logits();
+            py::array_t<float> out(static_cast<py::ssize_t>(v.size()));
+            std::copy(v.begin(), v.end(), out.mutable_data());
+            return out;
+        }, "Next-token logits (vocab,) after the last eval.")
+        .def("signals", [](PyEngine& e) {
+            auto s = e.get().signals();
+            return py::make_tuple(s.entropy, s.top1_prob);
+        }, "(entropy in nats, top-1 probability) of the last step's next-token distribution.")
+        .def("reset", [](PyEngine& e) { e.get().reset(); }, "Empty the KV cache.");
+
+    py::class_<flexquant::TokenSampler>(m, "Sampler", "Seeded sampler over an Engine's last logits.")
+        .def(py::init([](float temperature, int64_t top_k, float top_p, float min_p, float repetition_penalty,
+                         uint64_t seed) {
+                 flexquant::Sampling s;
+                 s.temperature = temperature;
+                 s.top_k = top_k;
+                 s.top_p = top_p;
+                 s.min_p = min_p;
+                 s.repetition_penalty = repetition_penalty;
+                 return new flexquant::TokenSampler(s, seed);
+             }),
+             py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f,
+             py::arg("repetition_penalty") = 1.0f, py::arg("seed") = 0)
+        .def("sample",
+             [](flexquant::TokenSampler& s, PyEngine& e, const py::array_t<int32_t, py::array::c_style>& history) {
+                 auto& eng = e.get();
+                 int64_t n;
+                 const int32_t* p = int32_vector(history, "history", &n);
+                 return s.sample(eng, p, n);
+             },
+             py::arg("engine"), py::arg("history"), "Draw the next token id from the engine's last logits.");
+}

@@ -1,0 +1,371 @@
+// The Llama forward pass on the CPU over the bit-plane store (see flexquant/engine.h).
+//
+// Per layer, for T new tokens at positions [p0, p0+T):
+//   h = rms_norm(x, attn_norm);  q, k, v = h Wqᵀ, h Wkᵀ, h Wvᵀ   (each at its mask's bit-width)
+//   rope(q, k);  K/V cache[p0 : p0+T] = k, v
+//   x += attention(q, K, V) Woᵀ
+//   h = rms_norm(x, ffn_norm);   x += (silu(h Wgateᵀ) * (h Wupᵀ)) Wdownᵀ
+// logits = rms_norm(x, output_norm) Wheadᵀ
+// The embedding is read in place from the mapping; the linears are read in place (first k planes).
+#include "flexquant/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+#include "ops/ops.h"
+#include "thread_pool.h"
+
+namespace flexquant {
+
+namespace {
+
+const char* const kLinearNames[LINEARS_PER_LAYER] = {"q", "k", "v", "o", "gate", "up", "down"};
+
+BitplaneLinear to_op(const flexquant::BitPlaneLinear& l) {
+    BitplaneLinear o;
+    o.planes = l.planes;
+    o.plane_bytes = l.plane_bytes;
+    o.qparams = l.qparams;
+    o.n = l.n;
+    o.k = l.k;
+    o.max_bits = l.max_bits;
+    o.group_size = l.group_size;
+    return o;
+}
+
+}  // namespace
+
+struct Engine::Impl {
+    std::shared_ptr<const ModelFile> model;
+    const ModelConfig* cfg = nullptr;
+    int64_t n_ctx = 0;
+    int64_t n_past = 0;
+    KvDType kv_dtype = KvDType::KV_F32;
+    ThreadPool pool;
+
+    // weights (views into the mapping)
+    const void* embd = nullptr;  // (vocab, hidden) f16 or f32
+    bool embd_f16 = true;
+    const float* out_norm = nullptr;              // (hidden)
+    std::vector<const float*> attn_norm, ffn_norm;  // n_layers x (hidden)
+    std::vector<BitplaneLinear> lin;              // n_layers * 7, LinearKind order
+    BitplaneLinear head;
+    Rope rope;
+
+    // precision
+    std::vector<int32_t> bits;  // (n_layers, 7)
+    int head_bits = 0;
+
+    // KV cache: per layer (n_ctx, n_kv_heads, head_dim), fp32 or fp16 bit patterns. Allocated
+    // without initialisation so untouched positions cost no memory.
+    std::vector<std::unique_ptr<float[]>> k32, v32;
+    std::vector<std::unique_ptr<uint16_t[]>> k16, v16;
+
+    // outputs of the last eval
+    std::vector<float> logits;
+    StepSignals sig;
+
+    // scratch, grown on demand (T = tokens of the current eval)
+    std::vector<float> x, h, q, kx, vx, att, o, g, u;
+
+    explicit Impl(int threads) : pool(threads) {}
+
+    void check_open_bits(int b, const std::string& what) const {
+        if (b < BITS_MIN || b > cfg->max_bits) {
+            std::ostringstream s;
+            s << what << " = " << b << " is outside " << BITS_MIN << ".." << cfg->max_bits;
+            throw Error(s.str());
+        }
+    }
+
+    void forward(const int32_t* tokens, int64_t T, float* all_logits);
+};
+
+Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& params)
+    : impl_(new Impl(params.n_threads)) {
+    Impl& e = *impl_;
+    if (!model) throw Error("Engine: null model");
+    e.model = std::move(model);
+    e.cfg = &e.model->config();
+    const ModelConfig& c = *e.cfg;
+    e.kv_dtype = params.kv_dtype;
+
+    const uint64_t elt = params.kv_dtype == KvDType::KV_F16 ? 2 : 4;
+    const uint64_t per_token = 2ull * c.n_layers * c.n_kv_heads * c.head_dim * elt;
+    if (params.n_ctx < 0) throw Error("n_ctx = " + std::to_string(params.n_ctx) + " must be >= 0");
+    if (params.n_ctx > 0) {
+        e.n_ctx = params.n_ctx;
+    } else {
+        const int64_t cap = static_cast<int64_t>(std::max<uint64_t>(1, params.kv_budget_bytes / per_token));
+        e.n_ctx = std::min<int64_t>(c.context_length, cap);
+    }
+    if (e.n_ctx > (int64_t(1) << 24)) throw Error("n_ctx = " + std::to_string(e.n_ctx) + " is too large");
+
+    const TensorView& emb = e.model->tensor("token_embd.weight");
+    e.embd = emb.data;
+    e.embd_f16 = emb.dtype == DType::DTYPE_F16;
+    e.out_norm = static_cast<const float*>(e.model->tensor("output_norm.weight").data);
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+        e.attn_norm.push_back(static_cast<const float*>(
+            e.model->tensor("blk." + std::to_string(l) + ".attn_norm.weight").data));
+        e.ffn_norm.push_back(static_cast<const float*>(
+            e.model->tensor("blk." + std::to_string(l) + ".ffn_norm.weight").data));
+        for (int kind = 0; kind < LINEARS_PER_LAYER; ++kind)
+            e.lin.push_back(to_op(e.model->linear(l, static_cast<LinearKind>(kind))));
+    }
+    e.head = to_op(e.model->lm_head());
+
+    RopeParams rp;
+    rp.head_dim = static_cast<int>(c.head_dim);
+    rp.theta = c.rope_theta;
+    switch (c.rope_scaling.type) {
+        case RopeScaling::Type::ROPE_SCALING_NONE: rp.scaling = ROPE_SCALING_NONE; break;
+        case RopeScaling::Type::ROPE_SCALING_LINEAR: rp.scaling = ROPE_SCALING_LINEAR; break;
+        case RopeScaling::Type::ROPE_SCALING_LLAMA3: rp.scaling = ROPE_SCALING_LLAMA3; break;
+    }
+    rp.factor = c.rope_scaling.factor;
+    rp.low_freq_factor = c.rope_scaling.low_freq_factor;
+    rp.high_freq_factor = c.rope_scaling.high_freq_factor;
+    rp.original_max_position = c.rope_scaling.original_context_length;
+    if (c.head_dim % 2) throw Error("head_dim = " + std::to_string(c.head_dim) + " must be even for RoPE");
+    e.rope = rope_init(rp);
+
+    e.bits.assign(c.n_layers * LINEARS_PER_LAYER, c.max_bits);
+    e.head_bits = c.max_bits;
+
+    const uint64_t cache_elems = static_cast<uint64_t>(e.n_ctx) * c.n_kv_heads * c.head_dim;
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+        if (e.kv_dtype == KvDType::KV_F16) {
+            e.k16.emplace_back(new uint16_t[cache_elems]);
+            e.v16.emplace_back(new uint16_t[cache_elems]);
+        } else {
+            e.k32.emplace_back(new float[cache_elems]);
+            e.v32.emplace_back(new float[cache_elems]);
+        }
+    }
+}
+
+std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineParams& params) {
+    return std::unique_ptr<Engine>(new Engine(ModelFile::open(path), params));
+}
+
+Engine::~Engine() = default;
+
+const ModelConfig& Engine::config() const { return *impl_->cfg; }
+const std::shared_ptr<const ModelFile>& Engine::model() const { return impl_->model; }
+int64_t Engine::n_ctx() const { return impl_->n_ctx; }
+int64_t Engine::n_past() const { return impl_->n_past; }
+int Engine::n_threads() const { return impl_->pool.num_threads(); }
+void Engine::set_threads(int n) {
+    if (n < 0) throw Error("threads = " + std::to_string(n) + " must be >= 0 (0 = all cores)");
+    impl_->pool.set_num_threads(n);
+}
+
+void Engine::set_layer_bits(const int32_t* mask, int64_t count) {
+    Impl& e = *impl_;
+    const int64_t L = e.cfg->n_layers;
+    if (count != L && count != L * LINEARS_PER_LAYER) {
+        std::ostringstream s;
+        s << "mask has " << count << " entries; expected n_layers = " << L << " (one per layer) or n_layers * 7 = "
+          << L * LINEARS_PER_LAYER << " (q, k, v, o, gate, up, down per layer)";
+        throw Error(s.str());
+    }
+    // Validate everything before changing anything: a bad mask leaves the old one in force.
+    const bool per_layer = count == L;
+    for (int64_t i = 0; i < count; ++i) {
+        const int b = mask[i];
+        if (b < BITS_MIN || b > e.cfg->max_bits) {
+            std::ostringstream s;
+            if (per_layer)
+                s << "mask[" << i << "] (layer " << i << ") = " << b;
+            else
+                s << "mask[" << i / LINEARS_PER_LAYER << "][" << i % LINEARS_PER_LAYER << "] (layer "
+                  << i / LINEARS_PER_LAYER << ", " << kLinearNames[i % LINEARS_PER_LAYER] << ") = " << b;
+            s << " is outside " << BITS_MIN << ".." << e.cfg->max_bits;
+            throw Error(s.str());
+        }
+    }
+    for (int64_t i = 0; i < L * LINEARS_PER_LAYER; ++i)
+        e.bits[i] = per_layer ? mask[i / LINEARS_PER_LAYER] : mask[i];
+}
+
+void Engine::set_lm_head_bits(int bits) {
+    impl_->check_open_bits(bits, "lm_head bits");
+    impl_->head_bits = bits;
+}
+
+std::vector<int32_t> Engine::layer_bits() const { return impl_->bits; }
+int Engine::lm_head_bits() const { return impl_->head_bits; }
+
+uint64_t Engine::bytes_per_token() const {
+    const Impl& e = *impl_;
+    uint64_t total = 0;
+    for (size_t i = 0; i < e.lin.size(); ++i) total += bitplane_bytes_at(e.lin[i], e.bits[i]);
+    total += bitplane_bytes_at(e.head, e.head_bits);
+    total += static_cast<uint64_t>(e.cfg->hidden) * (e.embd_f16 ? 2 : 4);
+    total += static_cast<uint64_t>(2 * e.cfg->n_layers + 1) * e.cfg->hidden * 4;
+    return total;
+}
+
+const std::vector<float>& Engine::logits() const { return impl_->logits; }
+StepSignals Engine::signals() const { return impl_->sig; }
+void Engine::reset() {
+    impl_->n_past = 0;
+    impl_->logits.clear();
+    impl_->sig = StepSignals{};
+}
+
+void Engine::eval(const int32_t* tokens, int64_t n, float* all_logits) {
+    Impl& e = *impl_;
+    if (n <= 0) throw Error("eval: no tokens (n = " + std::to_string(n) + ")");
+    for (int64_t i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= e.cfg->vocab) {
+            std::ostringstream s;
+            s << "token id " << tokens[i] << " at position " << i << " is outside the vocabulary 0.."
+              << e.cfg->vocab - 1;
+            throw Error(s.str());
+        }
+    }
+    if (e.n_past + n > e.n_ctx) {
+        std::ostringstream s;
+        s << "context full: " << e.n_past << " tokens in the cache + " << n << " new > n_ctx = " << e.n_ctx;
+        throw Error(s.str());
+    }
+    e.forward(tokens, n, all_logits);
+}
+
+void Engine::Impl::forward(const int32_t* tokens, int64_t T, float* all_logits) {
+    const ModelConfig& c = *cfg;
+    const int64_t D = c.hidden, H = c.n_heads, Hkv = c.n_kv_heads, hd = c.head_dim, F = c.ffn;
+    const int64_t V = c.vocab;
+    const int64_t qdim = H * hd, kvdim = Hkv * hd;
+    auto grow = [](std::vector<float>& v, size_t n) {
+        if (v.size() < n) v.resize(n);
+    };
+    grow(x, T * D);
+    grow(h, T * D);
+    grow(q, T * qdim);
+    grow(kx, T * kvdim);
+    grow(vx, T * kvdim);
+    grow(att, T * qdim);
+    grow(o, T * D);
+    grow(g, T * F);
+    grow(u, T * F);
+
+    for (int64_t t = 0; t < T; ++t) {
+        float* row = x.data() + t * D;
+        if (embd_f16) {
+            const uint16_t* src = static_cast<const uint16_t*>(embd) + static_cast<int64_t>(tokens[t]) * D;
+            for (int64_t i = 0; i < D; ++i) row[i] = fp16_to_fp32(src[i]);
+        } else {
+            std::memcpy(row, static_cast<const float*>(embd) + static_cast<int64_t>(tokens[t]) * D, D * 4);
+        }
+    }
+    std::vector<int64_t> pos(T);
+    for (int64_t t = 0; t < T; ++t) pos[t] = n_past + t;
+
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+        const BitplaneLinear* L = &lin[l * LINEARS_PER_LAYER];
+        const int32_t* b = &bits[l * LINEARS_PER_LAYER];
+        rms_norm(x.data(), attn_norm[l], T, D, c.rms_norm_eps, h.data());
+        bitplane_matmul(L[0], b[0], h.data(), T, q.data(), &pool);
+        bitplane_matmul(L[1], b[1], h.data(), T, kx.data(), &pool);
+        bitplane_matmul(L[2], b[2], h.data(), T, vx.data(), &pool);
+        rope_(rope, q.data(), H, kx.data(), Hkv, pos.data(), T);
+        const uint64_t off = static_cast<uint64_t>(n_past) * kvdim;
+        if (kv_dtype == KvDType::KV_F16) {
+            for (int64_t i = 0; i < T * kvdim; ++i) {
+                k16[l][off + i] = fp32_to_fp16(kx[i]);
+                v16[l][off + i] = fp32_to_fp16(vx[i]);
+            }
+            attention_f16(q.data(), k16[l].get(), v16[l].get(), T, n_past, H, Hkv, hd, att.data(), &pool);
+        } else {
+            std::memcpy(k32[l].get() + off, kx.data(), T * kvdim * 4);
+            std::memcpy(v32[l].get() + off, vx.data(), T * kvdim * 4);
+            attention(q.data(), k32[l].get(), v32[l].get(), T, n_past, H, Hkv, hd, att.data(), &pool);
+        }
+        bitplane_matmul(L[3], b[3], att.data(), T, o.data(), &pool);
+        for (int64_t i = 0; i < T * D; ++i) x[i] += o[i];
+
+        rms_norm(x.data(), ffn_norm[l], T, D, c.rms_norm_eps, h.data());
+        bitplane_matmul(L[4], b[4], h.data(), T, g.data(), &pool);
+        bitplane_matmul(L[5], b[5], h.data(), T, u.data(), &pool);
+        swiglu(g.data(), u.data(), T * F, g.data());
+        bitplane_matmul(L[6], b[6], g.data(), T, o.data(), &pool);
+        for (int64_t i = 0; i < T * D; ++i) x[i] += o[i];
+    }
+
+    // Only the rows whose logits are wanted go through the LM head (the largest linear).
+    const int64_t first = all_logits ? 0 : T - 1;
+    const int64_t rows = T - first;
+    rms_norm(x.data() + first * D, out_norm, rows, D, c.rms_norm_eps, h.data());
+    logits.resize(V);
+    if (all_logits) {
+        bitplane_matmul(head, head_bits, h.data(), rows, all_logits, &pool);
+        std::memcpy(logits.data(), all_logits + (T - 1) * V, V * 4);
+    } else {
+        bitplane_matmul(head, head_bits, h.data(), 1, logits.data(), &pool);
+    }
+    entropy_and_top1(logits.data(), V, &sig.entropy, &sig.top1_prob);
+    n_past += T;
+}
+
+// ---- sampling -----------------------------------------------------------------------------------
+
+struct TokenSampler::Impl {
+    SamplerParams p;
+    Sampler sampler;
+    Impl(const Sampling& s, uint64_t seed) : sampler(seed) {
+        p.temperature = s.temperature;
+        p.top_k = s.top_k;
+        p.top_p = s.top_p;
+        p.min_p = s.min_p;
+        p.repetition_penalty = s.repetition_penalty;
+    }
+};
+
+TokenSampler::TokenSampler(const Sampling& s, uint64_t seed) {
+    if (!(s.top_p > 0.0f && s.top_p <= 1.0f))
+        throw Error("top_p = " + std::to_string(s.top_p) + " must be in (0, 1]");
+    if (!(s.min_p >= 0.0f && s.min_p <= 1.0f))
+        throw Error("min_p = " + std::to_string(s.min_p) + " must be in [0, 1]");
+    if (!(s.repetition_penalty > 0.0f))
+        throw Error("repetition_penalty = " + std::to_string(s.repetition_penalty) + " must be > 0");
+    if (s.top_k < 0) throw Error("top_k = " + std::to_string(s.top_k) + " must be >= 0 (0 = off)");
+    if (!(s.temperature >= 0.0f) || std::isinf(s.temperature))
+        throw Error("temperature = " + std::to_string(s.temperature) + " must be a finite number >= 0");
+    impl_.reset(new Impl(s, seed));
+}
+
+TokenSampler::~TokenSampler() = default;
+
+int32_t TokenSampler::sample(const Engine& eng, const int32_t* history, int64_t n_history) {
+    const std::vector<float>& lg = eng.logits();
+    if (lg.empty()) throw Error("sample: the engine has no logits yet (call eval first)");
+    return static_cast<int32_t>(
+        impl_->sampler.sample(lg.data(), static_cast<int64_t>(lg.size()), impl_->p, history, n_history));
+}
+
+std::vector<int32_t> generate(Engine& eng, const std::vector<int32_t>& prompt, int64_t max_new_tokens,
+                              const Sampling& sampling, uint64_t seed,
+                              const std::function<bool(int32_t)>& on_token) {
+    if (prompt.empty()) throw Error("generate: the prompt is empty");
+    TokenSampler sampler(sampling, seed);
+    eng.reset();
+    eng.eval(prompt.data(), static_cast<int64_t>(prompt.size()));
+    std::vector<int32_t> history = prompt, out;
+    for (int64_t i = 0; i < max_new_tokens; ++i) {
+        const int32_t tok = sampler.sample(eng, history.data(), static_cast<int64_t>(history.size()));
+        if (tok == eng.config().eos_token_id) break;
+        out.push_back(tok);
+        history.push_back(tok);
+        if (on_token && !on_token(tok)) break;
+        if (eng.n_past() >= eng.n_ctx()) break;
+        eng.eval(&tok, 1);
+    }
+    return out;
+}
+
+}  // namespace flexquant

@@ -1,0 +1,486 @@
+"""Conversion to the flexquant model file: one handler per source format.
+
+    read (HF directory | GGUF file | synthetic preset) -> canonical tensors (Hugging Face names,
+    float32, linears (out, in), Q/K rows in HF rotate-half order) -> quantize -> write
+
+and the reverse for evaluation: `export_hf` writes the k-bit view of a model file as a Hugging
+Face checkpoint, so any HF tool computes exactly what the engine computes at k bits.
+
+Every heavy import (torch, safetensors, gguf, transformers) is lazy: the runtime does not need them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import bitplane
+from .model_file import (LlamaConfig, ModelFileError, ModelReader, TokenizerData, iter_hf_tensors,
+                         write_model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------
+
+class Source:
+    """A model to convert: its config, tokenizer and a lazy loader of canonical tensors."""
+
+    config: LlamaConfig
+    tokenizer: TokenizerData
+    description: str
+
+    def load(self, hf_name: str) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _tokenizer_from_hf_json(text: str, vocab: int, bos: int | None, eos: int | None,
+                            chat_template: str | None, where: str) -> TokenizerData:
+    """GGUF vocabulary keys (gpt2 family) from a tokenizer.json, padded to the model's vocabulary."""
+    from tokenizers import Tokenizer
+
+    try:
+        tk = Tokenizer.from_str(text)
+    except Exception as e:
+        raise ModelFileError(f"{where}: cannot parse tokenizer.json: {e}") from None
+    spec = json.loads(text)
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise ModelFileError(f"{where}: tokenizer model {model.get('type')!r} is not supported (BPE only)")
+    v = tk.get_vocab(with_added_tokens=True)
+    if v and max(v.values()) >= vocab:
+        raise ModelFileError(f"{where}: tokenizer id {max(v.values())} exceeds the model vocabulary ({vocab})")
+    tokens = [f"[PAD{i}]" for i in range(vocab)]
+    types = [5] * vocab  # 5 = unused
+    for t, i in v.items():
+        tokens[i] = t
+        types[i] = 1
+    for a in spec.get("added_tokens", []):
+        if a.get("special") and a["id"] < vocab:
+            types[a["id"]] = 3  # control
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return TokenizerData(model="gpt2", tokens=tokens, token_types=types, merges=merges, bos_id=bos,
+                         eos_id=eos, chat_template=chat_template, hf_json=text)
+
+
+class HFSource(Source):
+    """A Hugging Face Llama-family directory: config.json, safetensors (single or sharded with an
+    index) or pytorch_model.bin, tokenizer.json or tokenizer.model, tokenizer_config.json."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        cfg_path = self.root / "config.json"
+        if not cfg_path.is_file():
+            raise ModelFileError(f"{root}: not a Hugging Face model directory (no config.json)")
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelFileError(f"{cfg_path}: invalid JSON: {e}") from None
+        self.config = LlamaConfig.from_hf(raw, str(cfg_path))
+        self.description = f"hf:{self.root.name}"
+        self._index = self._tensor_index()
+        self.tokenizer = self._tokenizer()
+        self._open: dict[str, object] = {}
+
+    def _tensor_index(self) -> dict[str, Path]:
+        st = self.root / "model.safetensors"
+        idx = self.root / "model.safetensors.index.json"
+        if st.is_file():
+            from safetensors import safe_open
+            with safe_open(str(st), framework="pt") as f:
+                return {k: st for k in f.keys()}
+        if idx.is_file():
+            wm = json.loads(idx.read_text())["weight_map"]
+            return {k: self.root / v for k, v in wm.items()}
+        bins = sorted(self.root.glob("pytorch_model*.bin"))
+        if bins:
+            import torch
+            out = {}
+            self._bin_cache = {}
+            for b in bins:
+                sd = torch.load(str(b), map_location="cpu", weights_only=True, mmap=True)
+                self._bin_cache[b] = sd
+                out.update({k: b for k in sd})
+            return out
+        raise ModelFileError(f"{self.root}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+
+    def load(self, hf_name: str) -> np.ndarray:
+        path = self._index.get(hf_name)
+        if path is None:
+            raise ModelFileError(f"{self.root}: missing tensor {hf_name!r}")
+        if path.suffix == ".bin":
+            t = self._bin_cache[path][hf_name]
+        else:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                t = f.get_tensor(hf_name)
+        return t.float().numpy()
+
+    def _tokenizer(self) -> TokenizerData:
+        tc_path = self.root / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+        tmpl = tc.get("chat_template")
+        jt = self.root / "chat_template.jinja"
+        if tmpl is None and jt.is_file():
+            tmpl = jt.read_text()
+        if isinstance(tmpl, list):  # named templates: keep the default one
+            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), tmpl[0]["template"])
+        cfg = self.config
+        tj = self.root / "tokenizer.json"
+        if tj.is_file():
+            tok = _tokenizer_from_hf_json(tj.read_text(), cfg.vocab, cfg.bos_id, cfg.eos_id, tmpl, str(tj))
+        elif (self.root / "tokenizer.model").is_file():
+            tok = _tokenizer_from_sp((self.root / "tokenizer.model").read_bytes(), cfg, tmpl,
+                                     str(self.root / "tokenizer.model"))
+        else:
+            raise ModelFileError(f"{self.root}: no tokenizer.json or tokenizer.model")
+        return tok
+
+
+def _tokenizer_from_sp(proto: bytes, cfg: LlamaConfig, tmpl: str | None, where: str) -> TokenizerData:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(proto)
+    except Exception as e:
+        raise ModelFileError(f"{where}: cannot load the SentencePiece model: {e}") from None
+    n = sp.GetPieceSize()
+    if n > cfg.vocab:
+        raise ModelFileError(f"{where}: SentencePiece has {n} pieces, the model's vocabulary is {cfg.vocab}")
+    tokens, scores, types = [], [], []
+    for i in range(cfg.vocab):
+        if i < n:
+            tokens.append(sp.IdToPiece(i))
+            scores.append(float(sp.GetScore(i)))
+            types.append(2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 1)
+        else:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1e9)
+            types.append(5)
+    bos = cfg.bos_id if cfg.bos_id is not None else (sp.bos_id() if sp.bos_id() >= 0 else None)
+    eos = cfg.eos_id if cfg.eos_id is not None else (sp.eos_id() if sp.eos_id() >= 0 else None)
+    return TokenizerData(model="llama", tokens=tokens, token_types=types, scores=scores, bos_id=bos,
+                         eos_id=eos, chat_template=tmpl, sp_model=proto)
+
+
+# GGUF element types the `gguf` package dequantizes for us.
+_GGUF_OK_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+class GGUFSource(Source):
+    """A llama-architecture GGUF file (any quant type the gguf package dequantizes)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = Path(path)
+        try:
+            self.r = gguf.GGUFReader(str(path), "r")
+        except Exception as e:
+            raise ModelFileError(f"{path}: not a readable GGUF file: {e}") from None
+        arch = self._field("general.architecture")
+        if arch != "llama":
+            raise ModelFileError(f"{path}: architecture {arch!r} is not supported (llama only)")
+        if self._field("flexquant.format_version") is not None:
+            raise ModelFileError(f"{path}: this is already a flexquant model file")
+        self.tensors = {t.name: t for t in self.r.tensors}
+        for t in self.tensors.values():
+            if t.tensor_type.name not in _GGUF_OK_TYPES:
+                raise ModelFileError(f"{path}: tensor {t.name} has unsupported GGUF quant type "
+                                     f"{t.tensor_type.name} (supported: {', '.join(_GGUF_OK_TYPES)})")
+        g = self._field
+        n_heads = int(g("llama.attention.head_count"))
+        hidden = int(g("llama.embedding_length"))
+        emb = self.tensors.get("token_embd.weight")
+        if emb is None:
+            raise ModelFileError(f"{path}: missing tensor 'token_embd.weight'")
+        vocab = int(g("llama.vocab_size") or int(emb.shape[1]))
+        rs = {"type": "none"}
+        st = g("llama.rope.scaling.type")
+        if st == "linear":
+            rs = {"type": "linear", "factor": float(g("llama.rope.scaling.factor"))}
+        elif st not in (None, "none"):
+            raise ModelFileError(f"{path}: unsupported rope scaling {st!r}")
+        if "rope_freqs.weight" in self.tensors:
+            raise ModelFileError(f"{path}: Llama-3 rope scaling via rope_freqs.weight is not supported from GGUF; "
+                                 "convert the Hugging Face checkpoint instead")
+        self.config = LlamaConfig(
+            hidden=hidden, n_layers=int(g("llama.block_count")), n_heads=n_heads,
+            n_kv_heads=int(g("llama.attention.head_count_kv") or n_heads),
+            head_dim=int(g("llama.attention.key_length") or hidden // n_heads),
+            ffn=int(g("llama.feed_forward_length")), vocab=vocab,
+            context_length=int(g("llama.context_length") or 2048),
+            rope_theta=float(g("llama.rope.freq_base") or 10000.0),
+            rms_eps=float(g("llama.attention.layer_norm_rms_epsilon") or 1e-5), rope_scaling=rs,
+            tie_word_embeddings="output.weight" not in self.tensors,
+            bos_id=g("tokenizer.ggml.bos_token_id"), eos_id=g("tokenizer.ggml.eos_token_id"),
+            name=str(g("general.name") or self.path.stem),
+        )
+        self.config.validate(str(path))
+        self.description = f"gguf:{self.path.name}"
+        self.tokenizer = self._tokenizer()
+
+    def _field(self, key: str):
+        f = self.r.get_field(key)
+        return None if f is None else f.contents()
+
+    _GGUF_OF_HF = {
+        "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    _HF_PART = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+
+    def load(self, hf_name: str) -> np.ndarray:
+        import gguf
+
+        name = self._GGUF_OF_HF.get(hf_name)
+        if name is None:
+            _, _, i, rest = hf_name.split(".", 3)
+            part = self._HF_PART[rest.rsplit(".", 1)[0]]
+            name = f"blk.{i}.{part}.weight"
+        t = self.tensors.get(name)
+        if t is None:
+            raise ModelFileError(f"{self.path}: missing tensor {name!r}")
+        shape = tuple(int(x) for x in reversed(t.shape))
+        a = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        # llama.cpp stores Q and K rows permuted for its interleaved RoPE; undo it (HF order).
+        if name.endswith("attn_q.weight"):
+            a = _unpermute(a, self.config.n_heads)
+        elif name.endswith("attn_k.weight"):
+            a = _unpermute(a, self.config.n_kv_heads)
+        return a
+
+    def _tokenizer(self) -> TokenizerData:
+        g = self._field
+        model = g("tokenizer.ggml.model")
+        tmpl = g("tokenizer.chat_template")
+        cfg = self.config
+        if model not in ("gpt2", "llama"):
+            raise ModelFileError(f"{self.path}: tokenizer model {model!r} is not supported (gpt2, llama)")
+        # transformers rebuilds a fast tokenizer (tokenizer.json) from the GGUF vocabulary keys.
+        from transformers import AutoTokenizer
+        tk = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        hf_json = tk.backend_tokenizer.to_str()
+        tokens = list(g("tokenizer.ggml.tokens"))
+        types = [int(x) for x in g("tokenizer.ggml.token_type")]
+        if len(tokens) != cfg.vocab:
+            raise ModelFileError(f"{self.path}: {len(tokens)} tokens, vocabulary {cfg.vocab}")
+        scores = g("tokenizer.ggml.scores")
+        return TokenizerData(model=model, tokens=tokens, token_types=types,
+                             merges=list(g("tokenizer.ggml.merges") or []),
+                             scores=[float(s) for s in scores] if scores is not None else None,
+                             bos_id=cfg.bos_id, eos_id=cfg.eos_id, chat_template=tmpl, hf_json=hf_json)
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert permute (interleaved RoPE rows -> HF rotate-half rows)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic models of real shapes (benchmarks where the real weights are not at hand)
+# ----------------------------------------------------------------------------------------------
+
+SYNTHETIC_PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn=176, vocab=320,
+                 context_length=256, rope_theta=10000.0, rms_eps=1e-5),
+    "smollm2-135m": dict(hidden=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536, vocab=49152,
+                         context_length=8192, rope_theta=100000.0, rms_eps=1e-5, tie_word_embeddings=True),
+    "llama2-7b": dict(hidden=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn=11008, vocab=32000,
+                      context_length=4096, rope_theta=10000.0, rms_eps=1e-5),
+    "llama3-8b": dict(hidden=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn=14336, vocab=128256,
+                      context_length=131072, rope_theta=500000.0, rms_eps=1e-5,
+                      rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_context_length": 8192}),
+}
+
+
+def byte_level_tokenizer(vocab: int) -> TokenizerData:
+    """A byte-level BPE tokenizer with the 256 byte tokens, a few merges and <|endoftext|>, padded
+    to `vocab` entries: enough to run synthetic models end to end."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if vocab < 260:
+        raise ValueError(f"synthetic vocabulary must hold at least 260 tokens, got {vocab}")
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = sorted(byte_chars)
+    voc = {c: i for i, c in enumerate(byte_chars)}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        voc[a + b] = len(voc)
+    eos = len(voc)
+    tk = Tokenizer(models.BPE(vocab=voc, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<|endoftext|>"])
+    text = tk.to_str()
+    tmpl = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return _tokenizer_from_hf_json(text, vocab, eos, eos, tmpl, "synthetic")
+
+
+class SyntheticSource(Source):
+    """Random weights of realistic scale for a named real shape: linears N(0, 0.02) with a few
+    outlier input channels (x8), norms near 1, embedding N(0, 0.02). Deterministic per seed."""
+
+    def __init__(self, name: str, seed: int = 0):
+        if name not in SYNTHETIC_PRESETS:
+            raise ModelFileError(f"unknown synthetic model {name!r} (known: {', '.join(SYNTHETIC_PRESETS)})")
+        self.config = LlamaConfig(name=f"synthetic-{name}", **SYNTHETIC_PRESETS[name])
+        tok = byte_level_tokenizer(self.config.vocab)
+        self.config.bos_id = tok.bos_id
+        self.config.eos_id = tok.eos_id
+        self.tokenizer = tok
+        self.description = f"synthetic:{name}:seed={seed}"
+        self.seed = seed
+
+    def load(self, hf_name: str) -> np.ndarray:
+        import zlib
+
+        rng = np.random.default_rng([self.seed, zlib.crc32(hf_name.encode())])
+        cfg = self.config
+        if hf_name.endswith("norm.weight"):
+            return (1.0 + 0.1 * rng.standard_normal(cfg.hidden, dtype=np.float32)).astype(np.float32)
+        if hf_name == "model.embed_tokens.weight":
+            return 0.02 * rng.standard_normal((cfg.vocab, cfg.hidden), dtype=np.float32)
+        n, k = _hf_linear_shape(cfg, hf_name)
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        w *= np.float32(0.02)
+        outliers = rng.choice(k, size=max(1, k // 512), replace=False)
+        w[:, outliers] *= np.float32(8.0)
+        return w
+
+
+def _hf_linear_shape(cfg: LlamaConfig, hf_name: str) -> tuple[int, int]:
+    shapes = cfg.linear_shapes()
+    if hf_name == "lm_head.weight":
+        return shapes["output"]
+    for part, hfp in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"), ("attn_output", "o_proj"),
+                      ("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
+        if f".{hfp}." in hf_name:
+            return shapes[part]
+    raise ModelFileError(f"unknown tensor {hf_name!r}")
+
+
+def open_source(src: str | os.PathLike) -> Source:
+    p = Path(src)
+    if p.is_dir():
+        return HFSource(p)
+    if p.is_file():
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            return GGUFSource(p)
+        raise ModelFileError(f"{src}: neither a Hugging Face model directory nor a GGUF file (magic {magic!r})")
+    raise ModelFileError(f"{src}: no such file or directory")
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion and export
+# ----------------------------------------------------------------------------------------------
+
+def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_size: int = 128,
+            embed_dtype: str = "f16", progress: bool = True) -> None:
+    write_model(out, src.config, src.tokenizer, src.load, max_bits=max_bits, group_size=group_size,
+                embed_dtype=embed_dtype, source=src.description, progress=progress)
+
+
+def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike, bits: int, progress: bool = True) -> None:
+    """Write the k-bit view of a model file as a Hugging Face checkpoint (fp32 safetensors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    r = ModelReader(model)
+    bitplane.check_bits(bits, r.max_bits)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    names = list(iter_hf_tensors(r, bits))
+    for name, a in names:
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(a))
+    tmp = out / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "flexquant_bits": str(bits)})
+    os.replace(tmp, out / "model.safetensors")
+    cfg = r.config.to_hf()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok = r.tokenizer()
+    tc: dict = {"model_max_length": r.config.context_length}
+    if tok.hf_json is not None:
+        (out / "tokenizer.json").write_text(tok.hf_json)
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    elif tok.sp_model is not None:
+        (out / "tokenizer.model").write_bytes(tok.sp_model)
+        tc["tokenizer_class"] = "LlamaTokenizer"
+    for key, tid in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):
+        if tid is not None:
+            tc[key] = tok.tokens[tid]
+    if tok.chat_template:
+        tc["chat_template"] = tok.chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+
+
+def size_report(path: str | os.PathLike) -> str:
+    r = ModelReader(path)
+    lines = [f"{path}: {os.path.getsize(path) / 1e6:.1f} MB, max_bits={r.max_bits}, group_size={r.group_size}",
+             "bytes read per token:"]
+    for k in range(r.max_bits, 1, -1):
+        lines.append(f"  k={k}: {r.bytes_per_token(k) / 1e6:9.2f} MB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="convert.py",
+        description="Convert a Hugging Face Llama directory or a llama GGUF file to a flexquant model file, "
+                    "write a synthetic model of a real shape, or export a k-bit view as a HF checkpoint.")
+    ap.add_argument("src", nargs="?", help="HF model directory or GGUF file (with --export-hf: a .fq file)")
+    ap.add_argument("out", nargs="?", help="output .fq file")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--max-bits", type=int, default=8)
+    ap.add_argument("--embed-dtype", choices=("f16", "f32"), default="f16")
+    ap.add_argument("--synthetic", metavar="NAME", help=f"random weights of a real shape: {', '.join(SYNTHETIC_PRESETS)}")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
+    ap.add_argument("--export-hf", metavar="DIR", help="export the k-bit view of SRC (.fq) to DIR")
+    ap.add_argument("--bits", type=int, help="bit-width of --export-hf")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+    try:
+        if a.export_hf:
+            if a.src is None or a.bits is None:
+                ap.error("--export-hf needs SRC (a .fq file) and --bits")
+            export_hf(a.src, a.export_hf, a.bits, progress=not a.quiet)
+            print(f"wrote the {a.bits}-bit view of {a.src} to {a.export_hf}")
+            return 0
+        if a.synthetic:
+            out = a.out or a.src
+            if out is None or (a.out and a.src):
+                ap.error("--synthetic NAME takes exactly one positional argument: OUT.fq")
+            src: Source = SyntheticSource(a.synthetic, a.seed)
+        else:
+            if a.src is None or a.out is None:
+                ap.error("SRC and OUT are required")
+            out = a.out
+            src = open_source(a.src)
+        convert(src, out, max_bits=a.max_bits, group_size=a.group_size, embed_dtype=a.embed_dtype,
+                progress=not a.quiet)
+        print(size_report(out))
+        return 0
+    except (ModelFileError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

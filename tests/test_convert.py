@@ -1,0 +1,329 @@
+"""The bit-plane store's numpy reference, the converter, the export and their bad-input errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_hf_llama
+from flexquant_rt import bitplane
+from flexquant_rt.convert import (GGUFSource, HFSource, SyntheticSource, SYNTHETIC_PRESETS, convert,
+                                  export_hf, open_source)
+from flexquant_rt.model_file import LAYER_LINEARS, ModelFileError, ModelReader, linear_names
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- the reference quantizer ------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,k,g", [(8, 128, 32), (13, 576, 128), (24, 1536, 64), (5, 300, 128), (40, 1000, 64)])
+def test_every_view_is_a_valid_k_bit_quantizer(n, k, g):
+    rng = np.random.default_rng(n * 1000 + k)
+    w = (rng.standard_normal((n, k)) * 0.05 + rng.standard_normal((n, 1)) * 0.01).astype(np.float32)
+    w[0, :7] = 0.3  # a constant run and an outlier inside the first group
+    w[1, 3] = -2.0
+    codes, qp = bitplane.quantize(w, 8, g)
+    planes = bitplane.pack_planes(codes, 8)
+    for bits in range(2, 9):
+        view = bitplane.dequantize_planes(planes, qp, n, k, bits, 8, g)
+        assert np.array_equal(view, bitplane.dequantize(codes, qp, bits, 8, g))
+        s_k, _ = bitplane.view_params(qp, bits, 8)
+        half_step = s_k[:, np.arange(k) // g] / 2
+        # fp32 arithmetic of the dequantization: a few ulps of the weight magnitude
+        slack = 4 * np.finfo(np.float32).eps * (np.abs(w) + half_step)
+        assert np.all(np.abs(view - w) <= half_step + slack), f"k={bits}"
+        # the k-bit codes are the top bits of the B-bit codes
+        assert np.array_equal(bitplane.unpack_planes(planes, n, k, 8, bits), codes >> (8 - bits))
+
+
+def test_constant_group_is_exact():
+    w = np.full((8, 128), 0.25, dtype=np.float32)
+    codes, qp = bitplane.quantize(w, 8, 128)
+    for bits in range(2, 9):
+        assert np.array_equal(bitplane.dequantize(codes, qp, bits, 8, 128), w)
+
+
+@pytest.mark.parametrize("max_bits", [8, 6, 4])
+def test_plane_bytes_are_k_over_max_bits_of_the_codes(max_bits):
+    shape = bitplane.LinearShape(576, 1536, max_bits, 128)
+    assert shape.plane_bytes * 8 == shape.n_pad * shape.k_pad
+    for bits in range(2, max_bits + 1):
+        assert shape.bytes_at(bits) - shape.qparams_bytes == bits * shape.plane_bytes
+        assert (bits * shape.plane_bytes) * max_bits == bits * (max_bits * shape.plane_bytes)
+
+
+def test_layout_places_each_bit_where_the_doc_says():
+    """One set bit per position: its storage location must follow docs/format.md."""
+    n, k = 16, 640  # one full super-chunk and a 128-wide tail
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        r, c = int(rng.integers(n)), int(rng.integers(k))
+        codes = np.zeros((n, k), dtype=np.uint8)
+        codes[r, c] = 1 << 7  # MSB: plane 0
+        planes = bitplane.pack_planes(codes, 8)
+        nz = np.flatnonzero(planes[0])
+        assert planes[1:].max() == 0 and nz.size == 1
+        rt, g = divmod(r, 8)
+        s, rem = divmod(c, 512)
+        w_ = min(4, (640 - 512 * s) // 128)
+        j, rem = divmod(rem, 128)
+        t, b = divmod(rem, 32)
+        lane = 4 * g + t
+        word = rt * (640 // 32 * 8) + s * 32 * 4 + lane * w_ + j
+        assert nz[0] == word * 4 + b // 8 and planes[0, nz[0]] == 1 << (b % 8)
+
+
+def test_quantize_rejects_bad_input():
+    with pytest.raises(ValueError, match="max_bits"):
+        bitplane.quantize(np.ones((8, 128), np.float32), 9, 128)
+    with pytest.raises(ValueError, match="group_size"):
+        bitplane.quantize(np.ones((8, 128), np.float32), 8, 48)
+    with pytest.raises(ValueError, match="nan"):
+        bitplane.quantize(np.full((8, 128), np.nan, np.float32), 8, 128)
+    with pytest.raises(ValueError, match="bit-width"):
+        bitplane.view_params(np.zeros((1, 1, 2), np.float16), 1, 8)
+
+
+# ---- conversion of a Hugging Face checkpoint ---------------------------------------------------
+
+def _hf_state(path: Path) -> dict[str, np.ndarray]:
+    from transformers import LlamaForCausalLM
+
+    m = LlamaForCausalLM.from_pretrained(path)
+    return {k: v.detach().float().numpy() for k, v in m.state_dict().items()}
+
+
+def test_tiny_hf_roundtrip_within_half_a_step(tiny_hf, tiny_fq):
+    r = ModelReader(tiny_fq)
+    state = _hf_state(tiny_hf)
+    cfg = r.config
+    assert (cfg.hidden, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn, cfg.vocab) == \
+        (64, 2, 4, 2, 16, 176, 320)
+    assert r.max_bits == 8 and r.group_size == 128
+    np.testing.assert_array_equal(r.tensor("blk.1.attn_norm.weight"), state["model.layers.1.input_layernorm.weight"])
+    np.testing.assert_array_equal(r.tensor("token_embd.weight"),
+                                  state["model.embed_tokens.weight"].astype(np.float16))
+    for i in range(cfg.n_layers):
+        for lin, hfp in zip(LAYER_LINEARS, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")):
+            w = state[f"model.layers.{i}.{hfp}.weight"]
+            for bits in (8, 4, 2):
+                planes, qp, n, k = r.linear(f"blk.{i}.{lin}")
+                view = r.dequantize(f"blk.{i}.{lin}", bits)
+                s_k, _ = bitplane.view_params(qp, bits, 8)
+                assert np.all(np.abs(view - w) <= s_k[:, np.arange(k) // 128] / 2 * (1 + 1e-5) + 1e-7)
+    # the file holds exactly the planes the layout needs
+    for name in linear_names(cfg):
+        planes, qp, n, k = r.linear(name)
+        assert planes.shape == (8, bitplane.LinearShape(n, k, 8, 128).plane_bytes)
+
+
+@pytest.mark.parametrize("weights", ["sharded", "bin"])
+def test_sharded_and_bin_checkpoints_convert_identically(tmp_path, tiny_hf, tiny_fq, weights):
+    src = make_hf_llama(tmp_path / weights, weights=weights)  # same seed as tiny_hf
+    out = tmp_path / f"{weights}.fq"
+    convert(HFSource(src), out, progress=False)
+    a, b = ModelReader(out), ModelReader(tiny_fq)
+    for name in b.tensor_names():
+        np.testing.assert_array_equal(a.tensor(name), b.tensor(name), err_msg=name)
+
+
+def test_sentencepiece_tokenizer_and_llama3_rope_are_carried(tmp_path):
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+    src = make_hf_llama(tmp_path / "sp", tokenizer="sp", rope_scaling=rs, tie=True, vocab=384)
+    out = tmp_path / "sp.fq"
+    convert(HFSource(src), out, progress=False, max_bits=6, group_size=64)
+    r = ModelReader(out)
+    assert r.config.rope_scaling == {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_context_length": 64}
+    assert r.config.tie_word_embeddings and r.max_bits == 6 and r.group_size == 64
+    tok = r.tokenizer()
+    assert tok.model == "llama" and tok.sp_model == (src / "tokenizer.model").read_bytes()
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(tok.sp_model)
+    assert tok.tokens[:sp.GetPieceSize()] == [sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
+    # tied: the LM head is the embedding, quantized as its own linear
+    head = r.dequantize("output", 6)
+    emb = _hf_state(src)["model.embed_tokens.weight"]
+    _, qp, _, k = r.linear("output")
+    s_k, _ = bitplane.view_params(qp, 6, 6)
+    assert np.all(np.abs(head - emb) <= s_k[:, np.arange(k) // 64] / 2 * (1 + 1e-5) + 1e-7)
+
+
+# ---- export --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 6, 4, 3, 2])
+def test_export_hf_loads_in_transformers_with_the_numpy_view(tiny_fq, tmp_path, bits):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out = tmp_path / f"hf{bits}"
+    export_hf(tiny_fq, out, bits, progress=False)
+    model = LlamaForCausalLM.from_pretrained(out)
+    r = ModelReader(tiny_fq)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    for name in linear_names(r.config):
+        view = r.dequantize(name, bits)
+        hfn = "lm_head.weight" if name == "output" else None
+        if hfn is None:
+            from flexquant_rt.model_file import hf_name
+            hfn = hf_name(r.config, name + ".")
+        assert np.array_equal(sd[hfn], view), hfn
+    np.testing.assert_array_equal(sd["model.embed_tokens.weight"], r.tensor("token_embd.weight").astype(np.float32))
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.decode(tok("hello there")["input_ids"]) == "hello there"
+
+
+# ---- the real model --------------------------------------------------------------------------------
+
+def test_smollm2_gguf_converts_close_to_the_source(smollm2_path, smollm2_fq):
+    r = ModelReader(smollm2_fq)
+    c = r.config
+    assert (c.hidden, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn, c.vocab) == \
+        (576, 30, 9, 3, 64, 1536, 49152)
+    assert c.tie_word_embeddings and c.rope_theta == 100000.0
+    src = GGUFSource(smollm2_path)
+    for name, hfn in (("blk.0.attn_q", "model.layers.0.self_attn.q_proj.weight"),
+                      ("blk.29.ffn_down", "model.layers.29.mlp.down_proj.weight"),
+                      ("output", "model.embed_tokens.weight")):
+        w = src.load(hfn)
+        view = r.dequantize(name, 8)
+        _, qp, _, k = r.linear(name)
+        s, _ = bitplane.view_params(qp, 8, 8)
+        assert np.all(np.abs(view - w) <= s[:, np.arange(k) // 128] / 2 * (1 + 1e-5) + 1e-7)
+    tok = r.tokenizer()
+    assert tok.model == "gpt2" and tok.hf_json and "<|im_start|>" in tok.chat_template
+    from tokenizers import Tokenizer
+    ids = Tokenizer.from_str(tok.hf_json).encode("Hello, world!").ids
+    assert [tok.tokens[i] for i in ids] == ["Hello", ",", "Ġworld", "!"]
+    # bytes per token: k planes + group params; 4-bit reads about half of 8-bit
+    assert 0.5 < r.bytes_per_token(4) / r.bytes_per_token(8) < 0.56
+
+
+def test_smollm2_q_k_rows_are_unpermuted(smollm2_path):
+    """transformers' own GGUF loader undoes llama.cpp's Q/K permutation: we must agree."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
+                                             dtype=torch.float32)
+    src = GGUFSource(smollm2_path)
+    for hfn in ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
+                "model.layers.3.mlp.up_proj.weight"):
+        np.testing.assert_array_equal(src.load(hfn), m.state_dict()[hfn].numpy(), err_msg=hfn)
+
+
+# ---- synthetic models and the command line ----------------------------------------------------------
+
+def test_synthetic_presets_have_the_real_shapes():
+    assert {"tiny", "llama2-7b", "llama3-8b", "smollm2-135m"} <= set(SYNTHETIC_PRESETS)
+    c = SyntheticSource("llama2-7b").config
+    assert (c.hidden, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn, c.vocab) == (4096, 32, 32, 32, 11008, 32000)
+    c = SyntheticSource("llama3-8b").config
+    assert (c.n_kv_heads, c.ffn, c.vocab, c.rope_scaling["type"]) == (8, 14336, 128256, "llama3")
+    s = SyntheticSource("llama2-7b", seed=3)
+    w = s.load("model.layers.0.mlp.down_proj.weight")
+    assert w.shape == (4096, 11008) and 0.015 < float(np.median(np.abs(w))) / 0.6745 < 0.025
+    assert np.array_equal(w, SyntheticSource("llama2-7b", seed=3).load("model.layers.0.mlp.down_proj.weight"))
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "convert.py"), *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_cli_synthetic_prints_sizes(tmp_path):
+    p = _cli("--synthetic", "tiny", str(tmp_path / "t.fq"), "--quiet", "--max-bits", "6", "--group-size", "64")
+    assert p.returncode == 0, p.stderr
+    assert "bytes read per token" in p.stdout and "k=6" in p.stdout and "k=7" not in p.stdout
+    r = ModelReader(tmp_path / "t.fq")
+    assert r.max_bits == 6 and r.group_size == 64
+    p = _cli(str(tmp_path / "t.fq"), "--export-hf", str(tmp_path / "x"), "--bits", "7")
+    assert p.returncode == 2 and "7" in p.stderr and "bit-width" in p.stderr
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+def _no_leftovers(d: Path) -> list[str]:
+    return [p.name for p in d.iterdir() if ".tmp" in p.name]
+
+
+def test_not_a_llama_model_is_refused(tmp_path):
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ModelFileError, match="not a Llama-family model.*gpt2"):
+        open_source(d)
+    p = _cli(str(d), str(tmp_path / "o.fq"))
+    assert p.returncode == 2 and "gpt2" in p.stderr and not (tmp_path / "o.fq").exists()
+
+
+def test_missing_tensor_leaves_no_partial_file(tmp_path):
+    src = make_hf_llama(tmp_path / "m")
+    from safetensors.numpy import load_file, save_file
+    sd = load_file(src / "model.safetensors")
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelFileError, match="missing tensor 'model.layers.1.mlp.down_proj.weight'"):
+        convert(HFSource(src), out / "m.fq", progress=False)
+    assert list(out.iterdir()) == []
+
+
+def test_wrong_tensor_shape_is_named(tmp_path):
+    src = make_hf_llama(tmp_path / "m")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 200
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFileError, match=r"mlp.gate_proj.weight has shape \(176, 64\).*\(200, 64\)"):
+        convert(HFSource(src), tmp_path / "m.fq", progress=False)
+    assert _no_leftovers(tmp_path) == [] and not (tmp_path / "m.fq").exists()
+
+
+def test_gguf_of_another_architecture_and_unsupported_quant_type(tmp_path):
+    import gguf
+
+    def write(path, arch, dtype):
+        w = gguf.GGUFWriter(str(path), arch)
+        w.add_block_count(1)
+        w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=dtype))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    write(tmp_path / "gpt2.gguf", "gpt2", np.float32)
+    with pytest.raises(ModelFileError, match="architecture 'gpt2' is not supported"):
+        open_source(tmp_path / "gpt2.gguf")
+    write(tmp_path / "i32.gguf", "llama", np.int32)
+    with pytest.raises(ModelFileError, match="token_embd.weight has unsupported GGUF quant type I32"):
+        open_source(tmp_path / "i32.gguf")
+    (tmp_path / "junk.bin").write_bytes(b"NOPE" + bytes(100))
+    with pytest.raises(ModelFileError, match="neither a Hugging Face model directory nor a GGUF file"):
+        open_source(tmp_path / "junk.bin")
+    with pytest.raises(ModelFileError, match="no such file"):
+        open_source(tmp_path / "absent")
+
+
+def test_python_reader_rejects_truncated_and_foreign_files(tiny_fq, tmp_path):
+    data = tiny_fq.read_bytes()
+    for cut in (3, 100, len(data) // 2, len(data) - 1):
+        p = tmp_path / f"cut{cut}.fq"
+        p.write_bytes(data[:cut])
+        with pytest.raises(ModelFileError, match=str(p.name)):
+            ModelReader(p)
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "plain.gguf"), "llama")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelFileError, match="not a flexquant model file"):
+        ModelReader(tmp_path / "plain.gguf")

@@ -1,0 +1,280 @@
+"""The C++ engine against Hugging Face transformers on the same weights, and its Python API."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_hf_llama, rel_err
+from flexquant_rt import Engine, FlexquantError
+from flexquant_rt.convert import HFSource, convert, export_hf
+
+# Engine fp32 vs transformers fp32 on the exported k-bit view: the only differences are summation
+# order and the bit-serial decomposition, so the logits agree to fp32 rounding.
+LOGIT_RTOL = 1e-4
+
+CONFIGS = {
+    "gqa": dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=176, vocab=320),
+    "mha_odd": dict(hidden=72, layers=3, heads=3, kv_heads=3, head_dim=24, ffn=150, vocab=333),
+    "tied_llama3": dict(hidden=96, layers=2, heads=6, kv_heads=2, ffn=200, vocab=300, tie=True,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model_pair(request, tmp_path_factory):
+    """(converted .fq path, {bits: transformers model of the exported k-bit view})."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp(request.param)
+    src = make_hf_llama(d / "hf", seed=7, **CONFIGS[request.param])
+    fq = d / "m.fq"
+    convert(HFSource(src), fq, progress=False, group_size=64)
+    refs = {}
+    for bits in (8, 6, 4, 3):
+        export_hf(fq, d / f"hf{bits}", bits, progress=False)
+        refs[bits] = LlamaForCausalLM.from_pretrained(d / f"hf{bits}", dtype=torch.float32).eval()
+    return fq, refs
+
+
+def _hf_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def _prompt(vocab, n, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4, 3])
+def test_prefill_and_decode_match_transformers(model_pair, bits):
+    fq, refs = model_pair
+    with Engine(fq, threads=2) as eng:
+        ids = _prompt(eng.config["vocab"], 40, seed=bits)
+        ref = _hf_logits(refs[bits], ids)
+        eng.set_layer_bits(bits, lm_head_bits=bits)
+        full = eng.forward(ids)
+        assert full.shape == ref.shape
+        assert rel_err(full, ref) < LOGIT_RTOL
+        # step by step: a 10-token prefill, then one token per decode step
+        eng.reset()
+        steps = [eng.forward(ids[:10], reset=False)]
+        for t in ids[10:]:
+            steps.append(eng.decode(t)[None])
+        inc = np.concatenate(steps)
+        assert rel_err(inc, ref) < LOGIT_RTOL
+        assert rel_err(inc, full) < 1e-5
+        assert eng.n_past == len(ids)
+
+
+def test_mask_switch_mid_sequence_equals_a_fresh_run_with_that_history(model_pair):
+    fq, _ = model_pair
+    with Engine(fq, threads=2) as a, Engine(fq, threads=1) as b:
+        L = a.n_layers
+        rng = np.random.default_rng(3)
+        ids = _prompt(a.config["vocab"], 24, seed=5)
+        masks = [rng.integers(2, 9, size=(L, 7)) for _ in range(len(ids))]
+        a.set_layer_bits(masks[0])
+        out_a = [a.forward(ids[:8])[-1]]
+        for t, m in zip(ids[8:], masks[8:]):
+            a.set_layer_bits(m)
+            out_a.append(a.decode(t))
+        # fresh engine, same tokens and mask history, different thread count
+        b.set_layer_bits(masks[0])
+        out_b = [b.forward(ids[:8])[-1]]
+        for t, m in zip(ids[8:], masks[8:]):
+            b.set_layer_bits(m)
+            out_b.append(b.decode(t))
+        np.testing.assert_allclose(np.array(out_a), np.array(out_b), rtol=0, atol=1e-5)
+        # the KV cache is built at the precision actually used: a run at 8 bits throughout differs
+        b.set_layer_bits(8)
+        b.forward(ids[:8])
+        for t in ids[8:]:
+            last = b.decode(t)
+        assert rel_err(out_a[-1], last) > 1e-4
+
+
+def test_bytes_per_token_follows_the_mask(model_pair):
+    fq, _ = model_pair
+    with Engine(fq) as eng:
+        eng.set_layer_bits(8, lm_head_bits=8)
+        b8 = eng.bytes_per_token()
+        eng.set_layer_bits(4, lm_head_bits=4)
+        b4 = eng.bytes_per_token()
+        assert b4 < b8 and eng._eng.model.bytes_per_token(8) == b8 and eng._eng.model.bytes_per_token(4) == b4
+        mask = eng.layer_bits()
+        assert mask.shape == (eng.n_layers, 7) and (mask == 4).all() and eng.lm_head_bits == 4
+
+
+def test_signals_are_entropy_and_top1_of_the_logits(tiny_fq):
+    with Engine(tiny_fq) as eng:
+        logits = eng.forward([1, 2, 3, 4])[-1].astype(np.float64)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        ent, top1 = eng.signals()
+        assert abs(ent - float(-(p * np.log(p)).sum())) < 1e-4
+        assert abs(top1 - float(p.max())) < 1e-6
+
+
+def test_kv_cache_f16_is_close_to_f32(tiny_fq):
+    ids = list(range(5, 45))
+    with Engine(tiny_fq) as a, Engine(tiny_fq, kv_dtype="f16") as b:
+        assert rel_err(b.forward(ids), a.forward(ids)) < 2e-3
+
+
+# ---- generation ------------------------------------------------------------------------------------
+
+def test_same_seed_same_text_and_greedy_is_deterministic(tiny_fq):
+    with Engine(tiny_fq) as eng:
+        kw = dict(max_new_tokens=24, temperature=0.9, top_k=50, top_p=0.95, min_p=0.01, repetition_penalty=1.1)
+        a = eng.generate("the cat", seed=11, **kw)
+        b = eng.generate("the cat", seed=11, **kw)
+        c = eng.generate("the cat", seed=12, **kw)
+        assert a == b and len(a) > 0 and a != c
+        g1 = eng.generate("hello", max_new_tokens=16)
+        g2 = "".join(eng.generate("hello", max_new_tokens=16, stream=True))
+        assert g1 == g2
+
+
+def test_greedy_generation_is_the_argmax_chain(tiny_fq):
+    with Engine(tiny_fq) as eng:
+        ids = eng.tokenize("the end")
+        text = eng.generate(ids, max_new_tokens=8)
+        seq = list(ids)
+        for _ in range(8):
+            nxt = int(np.argmax(eng.forward(seq)[-1]))
+            if nxt == eng.eos_id:
+                break
+            seq.append(nxt)
+        assert text == eng.detokenize(seq[len(ids):])
+
+
+def test_stop_strings_are_cut(tiny_fq):
+    with Engine(tiny_fq) as eng:
+        full = eng.generate("abc", max_new_tokens=30)
+        assert len(full) >= 6
+        stop = full[3:5]
+        cut = eng.generate("abc", max_new_tokens=30, stop=[stop])
+        assert cut == full[:full.find(stop)]
+
+
+def test_controller_masks_are_applied_every_step(tiny_fq):
+    seen = []
+
+    class Alternate:
+        def mask(self, info):
+            seen.append(info)
+            return 8 if len(seen) % 2 else 3
+
+    with Engine(tiny_fq) as eng:
+        eng.generate("the", max_new_tokens=6, controller=Alternate())
+        assert seen[0] is None and len(seen) >= 2
+        infos = [s for s in seen[1:]]
+        assert all(0 < s.top1_prob <= 1 and s.entropy >= 0 for s in infos)
+        assert infos[0].bytes_read != infos[1].bytes_read
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+def test_bad_masks_name_the_value(tiny_fq):
+    with Engine(tiny_fq) as eng:
+        before = eng.layer_bits().copy()
+        with pytest.raises(FlexquantError, match=r"mask\[1\]\[5\] \(layer 1, up\) = 9 is outside 2..8"):
+            m = np.full((2, 7), 8)
+            m[1, 5] = 9
+            eng.set_layer_bits(m)
+        with pytest.raises(FlexquantError, match=r"mask has shape \(3, 7\)"):
+            eng.set_layer_bits(np.full((3, 7), 8))
+        with pytest.raises(FlexquantError, match=r"mask\[0\] \(layer 0\) = 1 is outside"):
+            eng.set_layer_bits(np.array([1, 8]))
+        with pytest.raises(ValueError, match="integers"):
+            eng.set_layer_bits(np.full((2, 7), 6.5))
+        with pytest.raises(FlexquantError, match="lm_head bits = 0"):
+            eng.set_layer_bits(8, lm_head_bits=0)
+        assert (eng.layer_bits() == before).all()
+
+
+def test_context_overflow_empty_prompt_closed_engine_and_backend(tiny_fq):
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        Engine(tiny_fq, backend="tpu")
+    eng = Engine(tiny_fq, n_ctx=16)
+    assert eng.n_ctx == 16
+    with pytest.raises(ValueError, match="the prompt has 20 tokens, the context holds 16"):
+        eng.generate(list(range(20)))
+    with pytest.raises(FlexquantError, match="context full: 0 tokens in the cache \\+ 17 new > n_ctx = 16"):
+        eng.forward(list(range(17)))
+    eng.forward(list(range(10)))
+    with pytest.raises(FlexquantError, match="context full: 10 tokens in the cache"):
+        eng.forward(list(range(7)), reset=False)
+    assert eng.n_past == 10  # the failed call lost nothing
+    with pytest.raises(FlexquantError, match="token id 999 at position 1 is outside the vocabulary 0..319"):
+        eng.forward([1, 999])
+    with pytest.raises(ValueError, match="prompt is empty"):
+        eng.generate("")
+    out = eng.generate([1, 2, 3], max_new_tokens=100)  # stops when the context is full
+    assert isinstance(out, str)
+    eng.close()
+    with pytest.raises(FlexquantError, match="the engine is closed"):
+        eng.generate("hi")
+    with pytest.raises(FlexquantError, match="the engine is closed"):
+        eng.set_layer_bits(8)
+
+
+def test_bad_sampling_values_are_named(tiny_fq):
+    with Engine(tiny_fq) as eng:
+        with pytest.raises(FlexquantError, match="top_p = 1.5"):
+            eng.generate("a", top_p=1.5, temperature=1.0)
+        with pytest.raises(FlexquantError, match="repetition_penalty = 0"):
+            eng.generate("a", repetition_penalty=0.0)
+        with pytest.raises(FlexquantError, match="temperature = -1"):
+            eng.generate("a", temperature=-1.0)
+
+
+def test_corrupt_model_file_raises(tiny_fq, tmp_path):
+    p = tmp_path / "cut.fq"
+    p.write_bytes(tiny_fq.read_bytes()[:5000])
+    with pytest.raises(FlexquantError, match="cut.fq"):
+        Engine(p)
+
+
+# ---- the real model ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol_text_ids(smollm2_fq):
+    import pydoc_data.topics as topics
+
+    text = "\n".join(topics.topics[k] for k in sorted(topics.topics)[-12:])
+    with Engine(smollm2_fq) as eng:
+        return eng.tokenize(text)[:320]
+
+
+def test_smollm2_8bit_is_close_to_transformers_on_the_source(smollm2_path, smollm2_fq, smol_text_ids):
+    """KL(reference || engine at 8 bits) on real text. Bound: the simulated 8-bit RTN g64 baseline
+    measured 0.0013 (shared notes); at group 128 we measured 0.0018 through the export, so 0.005
+    leaves room for fp16 embedding rounding but catches any real bug (a wrong rope or permutation
+    gives KL > 1)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref_model = AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
+                                                     dtype=torch.float32)
+    ids = smol_text_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(ref_model(torch.tensor([ids])).logits[0], -1).numpy().astype(np.float64)
+    with Engine(smollm2_fq, threads=2) as eng:
+        lg = eng.forward(ids).astype(np.float64)
+    lq = lg - lg.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    kl = float((np.exp(ref) * (ref - lq)).sum(-1).mean())
+    top1 = float((ref.argmax(-1) == lq.argmax(-1)).mean())
+    print(f"SmolLM2 8-bit g128: KL {kl:.5f}, top-1 agreement {top1:.3f} over {len(ids)} tokens")
+    assert kl < 0.005 and top1 > 0.95
+
+
+def test_smollm2_greedy_golden(smollm2_fq):
+    with Engine(smollm2_fq) as eng:
+        out = eng.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=12)
+    assert out == "The capital of France is Paris."

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Benchmark: prefill and decode tokens/s, effective GB/s and peak RSS at k = 8, 6, 4.
+
+    python tools/bench.py [MODEL.fq ...] [--synthetic smollm2-135m] [--threads N] [--bits 8 6 4]
+
+With no model, benchmarks the default model (SmolLM2-135M-Instruct). Each configuration runs in a
+fresh process, so its peak RSS is its own. In the same run it measures the machine's memory copy
+bandwidth (numpy, read + write counted) and, if `llama-cpp-python` is installed, runs the same
+SmolLM2 GGUF through llama.cpp with the same threads and prompt and prints the ratio.
+Not a test: tests never assert on time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def copy_bandwidth_gbs() -> float:
+    """Memory copy bandwidth, read + write bytes counted (as the GPU copy figure)."""
+    import numpy as np
+
+    a = np.ones(64 << 20, dtype=np.float32)  # 256 MiB
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best / 1e9
+
+
+def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int) -> dict:
+    import resource
+
+    import numpy as np
+
+    import flexquant_rt as fq
+
+    eng = fq.Engine(model, threads=threads)
+    eng.set_layer_bits(bits, lm_head_bits=bits)
+    vocab = int(eng.config["vocab"])
+    prompt = np.random.default_rng(0).integers(0, min(vocab, 30000), size=n_prompt).astype(np.int32)
+    eng.forward(prompt[:8])  # warm-up: page in the weights
+    eng.reset()
+    t = time.perf_counter()
+    eng._eng.eval(prompt)
+    t_prefill = time.perf_counter() - t
+    tok = int(np.argmax(eng._eng.logits()))
+    times = []
+    for _ in range(n_decode):
+        t = time.perf_counter()
+        eng._eng.eval(np.array([tok], dtype=np.int32))
+        times.append(time.perf_counter() - t)
+        tok = int(np.argmax(eng._eng.logits()))
+    step = float(np.median(times))
+    return {
+        "prefill_tok_s": n_prompt / t_prefill, "decode_tok_s": 1.0 / step, "step_ms": step * 1e3,
+        "bytes_per_token": eng.bytes_per_token(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def llama_cpp_worker(gguf: str, threads: int, n_prompt: int, n_decode: int) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    import resource
+
+    import numpy as np
+
+    llm = Llama(model_path=gguf, n_ctx=max(512, n_prompt + n_decode + 8), n_threads=threads, verbose=False)
+    prompt = np.random.default_rng(0).integers(0, 30000, size=n_prompt).tolist()
+    t = time.perf_counter()
+    llm.eval(prompt)
+    t_prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(n_decode):
+        llm.eval([100 + i])
+    step = (time.perf_counter() - t) / n_decode
+    return {"prefill_tok_s": n_prompt / t_prefill, "decode_tok_s": 1.0 / step, "step_ms": step * 1e3,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_worker(args: list[str]) -> dict | None:
+    p = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        print(p.stderr, file=sys.stderr)
+        raise SystemExit(f"worker failed: {args}")
+    out = p.stdout.strip().splitlines()[-1]
+    return None if out == "null" else json.loads(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--synthetic", action="append", default=[], help="also a synthetic model of this shape")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    ap.add_argument("--decode", type=int, default=32, help="decode steps")
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        kind, *rest = a.worker
+        if kind == "fq":
+            model, bits, threads, n_p, n_d = rest
+            res = worker(model, int(bits), int(threads), int(n_p), int(n_d))
+        else:
+            gguf, threads, n_p, n_d = rest
+            res = llama_cpp_worker(gguf, int(threads), int(n_p), int(n_d))
+        print(json.dumps(res))
+        return 0
+
+    from flexquant_rt.default_model import default_model_path, smollm2_gguf_path
+
+    models = [(Path(m).stem, m) for m in a.models]
+    if not a.models:
+        models.append(("SmolLM2-135M", str(default_model_path())))
+    tmp = tempfile.TemporaryDirectory()
+    for name in a.synthetic:
+        out = Path(tmp.name) / f"{name}.fq"
+        from flexquant_rt.convert import SyntheticSource, convert
+        convert(SyntheticSource(name), out, progress=False)
+        models.append((f"synthetic {name}", str(out)))
+
+    bw = copy_bandwidth_gbs()
+    print(f"threads: {a.threads}; memory copy bandwidth (read + write): {bw:.1f} GB/s; "
+          f"prompt {a.prompt} tokens, {a.decode} decode steps (median)")
+    base = None
+    try:
+        base = run_worker(["llama", str(smollm2_gguf_path()), str(a.threads), str(a.prompt), str(a.decode)])
+    except FileNotFoundError:
+        pass
+    print()
+    print("| model | bits | prefill tok/s | decode tok/s | MB/token | decode GB/s | % of copy BW | peak RSS MB | decode vs llama.cpp Q4_1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, path in models:
+        for bits in a.bits:
+            r = run_worker(["fq", path, str(bits), str(a.threads), str(a.prompt), str(a.decode)])
+            gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
+            ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if (base and "SmolLM2" in name) else "-"
+            print(f"| {name} | {bits} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                  f"{r['bytes_per_token'] / 1e6:.1f} | {gbs:.2f} | {100 * gbs / bw:.0f}% | {r['peak_rss_mb']:.0f} | {ratio} |")
+    if base:
+        print(f"| llama.cpp (llama-cpp-python), SmolLM2 Q4_1 GGUF | 4.5 | {base['prefill_tok_s']:.1f} | "
+              f"{base['decode_tok_s']:.1f} | - | - | - | {base['peak_rss_mb']:.0f} | 1.00x |")
+    else:
+        print("(llama-cpp-python is not installed: no llama.cpp baseline in this run)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

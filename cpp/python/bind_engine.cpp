@@ -120,7 +120,48 @@ void bind_engine(py::module_& m) {
             auto s = e.get().signals();
             return py::make_tuple(s.entropy, s.top1_prob);
         }, "(entropy in nats, top-1 probability) of the last step's next-token distribution.")
-        .def("reset", [](PyEngine& e) { e.get().reset(); }, "Empty the KV cache.");
+        .def("reset", [](PyEngine& e) { e.get().reset(); }, "Empty the KV cache.")
+        .def("set_precision_rules",
+             [](PyEngine& e, int bits_min, int bits_max,
+                const std::vector<py::array_t<float, py::array::c_style | py::array::forcecast>>& cost, double lambda) {
+                 auto& eng = e.get();
+                 std::vector<std::vector<float>> tables;
+                 tables.reserve(cost.size());
+                 for (size_t j = 0; j < cost.size(); ++j) {
+                     if (cost[j].ndim() != 2)
+                         throw flexquant::Error("cost[" + std::to_string(j) + "] must be 2-D (levels, K), got " +
+                                                std::to_string(cost[j].ndim()) + "-D");
+                     tables.emplace_back(cost[j].data(), cost[j].data() + cost[j].size());
+                 }
+                 eng.set_precision_rules(bits_min, bits_max, tables, lambda);
+             },
+             py::arg("bits_min"), py::arg("bits_max"), py::arg("cost"), py::arg("lambda_"),
+             "In-step rules: each linear runs at argmin_k Σ_i cost[j][k - bits_min, i] h_i² + λ n k. cost: one "
+             "float32 (levels, K) array per linear (n_layers * 7 in q k v o gate up down order, then the LM head).")
+        .def("set_rule_lambda", [](PyEngine& e, double l) { e.get().set_rule_lambda(l); }, py::arg("lambda_"))
+        .def("clear_precision_rules", [](PyEngine& e) { e.get().clear_precision_rules(); })
+        .def_property_readonly("has_precision_rules", [](PyEngine& e) { return e.get().has_precision_rules(); })
+        .def("last_bits", [](PyEngine& e) {
+            auto v = e.get().last_bits();
+            py::array_t<int32_t> out(static_cast<py::ssize_t>(v.size()));
+            std::copy(v.begin(), v.end(), out.mutable_data());
+            return out;
+        }, "Bits each linear ran at in the last eval: (n_layers * 7 + 1,), the LM head last.")
+        .def("last_bytes_per_token", [](PyEngine& e) { return e.get().last_bytes_per_token(); })
+        .def("collect_input_energy", [](PyEngine& e, bool on) { e.get().collect_input_energy(on); }, py::arg("enable"),
+             "Start (and clear) or stop accumulating Σ_t h_i² of every linear's input.")
+        .def("input_energy", [](PyEngine& e) {
+            auto& eng = e.get();
+            py::list out;
+            const auto& en = eng.input_energy();
+            const auto& rows = eng.input_energy_rows();
+            for (size_t j = 0; j < en.size(); ++j) {
+                py::array_t<double> a(static_cast<py::ssize_t>(en[j].size()));
+                std::copy(en[j].begin(), en[j].end(), a.mutable_data());
+                out.append(py::make_tuple(a, rows[j]));
+            }
+            return out;
+        }, "Per linear: (Σ_t h_i² as float64 (K,), rows accumulated).");
 
     py::class_<flexquant::TokenSampler>(m, "Sampler", "Seeded sampler over an Engine's last logits.")
         .def(py::init([](float temperature, int64_t top_k, float top_p, float min_p, float repetition_penalty,

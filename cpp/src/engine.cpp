@@ -12,7 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <sstream>
+#include <string>
+#include <type_traits>
 
 #include "ops/ops.h"
 #include "thread_pool.h"
@@ -20,6 +21,19 @@
 namespace flexquant {
 
 namespace {
+
+// Error messages without iostreams: a static libstdc++ on some toolchains crashes in
+// std::ostringstream inside a Python extension, and a message needs no locale.
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, const char* v) { s += v; }
+template <typename T>
+std::enable_if_t<std::is_arithmetic<T>::value> append(std::string& s, T v) { s += std::to_string(v); }
+template <typename... A>
+std::string cat(const A&... a) {
+    std::string s;
+    (append(s, a), ...);
+    return s;
+}
 
 const char* const kLinearNames[LINEARS_PER_LAYER] = {"q", "k", "v", "o", "gate", "up", "down"};
 
@@ -63,6 +77,18 @@ struct Engine::Impl {
     std::vector<std::unique_ptr<float[]>> k32, v32;
     std::vector<std::unique_ptr<uint16_t[]>> k16, v16;
 
+    // in-step rules: per linear (n_layers * 7, then the LM head) a (levels, K) cost table
+    bool rules = false;
+    int rule_min = 0, rule_max = 0;
+    double lambda = 0.0;
+    std::vector<std::vector<float>> rule_cost;
+    std::vector<int32_t> used;  // bits each linear ran at in the last eval
+
+    // calibration statistics: Σ_t h_i² per linear input
+    bool collect = false;
+    std::vector<std::vector<double>> energy;
+    std::vector<int64_t> energy_n;  // rows accumulated per linear
+
     // outputs of the last eval
     std::vector<float> logits;
     StepSignals sig;
@@ -74,14 +100,64 @@ struct Engine::Impl {
 
     void check_open_bits(int b, const std::string& what) const {
         if (b < BITS_MIN || b > cfg->max_bits) {
-            std::ostringstream s;
-            s << what << " = " << b << " is outside " << BITS_MIN << ".." << cfg->max_bits;
-            throw Error(s.str());
+            throw Error(cat(what, " = ", b, " is outside ", BITS_MIN, "..", cfg->max_bits));
         }
     }
 
     void forward(const int32_t* tokens, int64_t T, float* all_logits);
+    // Runs linear j (index into lin, or lin.size() for the LM head) on x (T, K) -> y (T, N) at
+    // the mask's bits or, with rules, at the bits its input asks for; records them in `used`.
+    void linear(size_t j, const float* x, int64_t T, float* y);
+    const BitplaneLinear& lin_at(size_t j) const { return j < lin.size() ? lin[j] : head; }
+    uint64_t bytes_at(const std::vector<int32_t>& b) const;
 };
+
+void Engine::Impl::linear(size_t j, const float* x, int64_t T, float* y) {
+    const BitplaneLinear& w = lin_at(j);
+    const int64_t K = w.k;
+    if (collect) {
+        std::vector<double>& e = energy[j];
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t i = 0; i < K; ++i) e[i] += static_cast<double>(x[t * K + i]) * x[t * K + i];
+        energy_n[j] += T;
+    }
+    int b = j < lin.size() ? bits[j] : head_bits;
+    if (rules) {
+        // predicted loss of each level: one pass over the input energy per level (levels * K
+        // flops: under 1.5% of the N * K matrix-vector product for N >= 500)
+        const int levels = rule_max - rule_min + 1;
+        const float* cost = rule_cost[j].data();
+        int best_all = rule_min;
+        for (int64_t t = 0; t < T; ++t) {
+            const float* h = x + t * K;
+            double best = 0.0;
+            int best_k = rule_min;
+            for (int l = 0; l < levels; ++l) {
+                const float* c = cost + static_cast<int64_t>(l) * K;
+                double acc = 0.0;
+                for (int64_t i = 0; i < K; ++i) acc += static_cast<double>(c[i]) * h[i] * h[i];
+                const double total = acc + lambda * static_cast<double>(w.n) * static_cast<double>(w.k) * (rule_min + l);
+                if (l == 0 || total < best) {
+                    best = total;
+                    best_k = rule_min + l;
+                }
+            }
+            best_all = std::max(best_all, best_k);
+        }
+        b = best_all;
+    }
+    used[j] = b;
+    bitplane_matmul(w, b, x, T, y, &pool);
+}
+
+uint64_t Engine::Impl::bytes_at(const std::vector<int32_t>& b) const {
+    uint64_t total = 0;
+    for (size_t i = 0; i < lin.size(); ++i) total += bitplane_bytes_at(lin[i], b[i]);
+    total += bitplane_bytes_at(head, b[lin.size()]);
+    total += static_cast<uint64_t>(cfg->hidden) * (embd_f16 ? 2 : 4);
+    total += static_cast<uint64_t>(2 * cfg->n_layers + 1) * cfg->hidden * 4;
+    return total;
+}
 
 Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& params)
     : impl_(new Impl(params.n_threads)) {
@@ -134,6 +210,7 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
 
     e.bits.assign(c.n_layers * LINEARS_PER_LAYER, c.max_bits);
     e.head_bits = c.max_bits;
+    e.used.assign(e.lin.size() + 1, c.max_bits);
 
     const uint64_t cache_elems = static_cast<uint64_t>(e.n_ctx) * c.n_kv_heads * c.head_dim;
     for (int64_t l = 0; l < c.n_layers; ++l) {
@@ -167,24 +244,19 @@ void Engine::set_layer_bits(const int32_t* mask, int64_t count) {
     Impl& e = *impl_;
     const int64_t L = e.cfg->n_layers;
     if (count != L && count != L * LINEARS_PER_LAYER) {
-        std::ostringstream s;
-        s << "mask has " << count << " entries; expected n_layers = " << L << " (one per layer) or n_layers * 7 = "
-          << L * LINEARS_PER_LAYER << " (q, k, v, o, gate, up, down per layer)";
-        throw Error(s.str());
+        throw Error(cat("mask has ", count, " entries; expected n_layers = ", L, " (one per layer) or n_layers * 7 = ",
+                        L * LINEARS_PER_LAYER, " (q, k, v, o, gate, up, down per layer)"));
     }
     // Validate everything before changing anything: a bad mask leaves the old one in force.
     const bool per_layer = count == L;
     for (int64_t i = 0; i < count; ++i) {
         const int b = mask[i];
         if (b < BITS_MIN || b > e.cfg->max_bits) {
-            std::ostringstream s;
-            if (per_layer)
-                s << "mask[" << i << "] (layer " << i << ") = " << b;
-            else
-                s << "mask[" << i / LINEARS_PER_LAYER << "][" << i % LINEARS_PER_LAYER << "] (layer "
-                  << i / LINEARS_PER_LAYER << ", " << kLinearNames[i % LINEARS_PER_LAYER] << ") = " << b;
-            s << " is outside " << BITS_MIN << ".." << e.cfg->max_bits;
-            throw Error(s.str());
+            const std::string where =
+                per_layer ? cat("mask[", i, "] (layer ", i, ")")
+                          : cat("mask[", i / LINEARS_PER_LAYER, "][", i % LINEARS_PER_LAYER, "] (layer ",
+                                i / LINEARS_PER_LAYER, ", ", kLinearNames[i % LINEARS_PER_LAYER], ")");
+            throw Error(cat(where, " = ", b, " is outside ", BITS_MIN, "..", e.cfg->max_bits));
         }
     }
     for (int64_t i = 0; i < L * LINEARS_PER_LAYER; ++i)
@@ -200,14 +272,70 @@ std::vector<int32_t> Engine::layer_bits() const { return impl_->bits; }
 int Engine::lm_head_bits() const { return impl_->head_bits; }
 
 uint64_t Engine::bytes_per_token() const {
-    const Impl& e = *impl_;
-    uint64_t total = 0;
-    for (size_t i = 0; i < e.lin.size(); ++i) total += bitplane_bytes_at(e.lin[i], e.bits[i]);
-    total += bitplane_bytes_at(e.head, e.head_bits);
-    total += static_cast<uint64_t>(e.cfg->hidden) * (e.embd_f16 ? 2 : 4);
-    total += static_cast<uint64_t>(2 * e.cfg->n_layers + 1) * e.cfg->hidden * 4;
-    return total;
+    std::vector<int32_t> b = impl_->bits;
+    b.push_back(impl_->head_bits);
+    return impl_->bytes_at(b);
 }
+
+void Engine::set_precision_rules(int bits_min, int bits_max, const std::vector<std::vector<float>>& cost,
+                                 double lambda) {
+    Impl& e = *impl_;
+    const int B = e.cfg->max_bits;
+    if (bits_min < BITS_MIN || bits_max > B || bits_min > bits_max) {
+        throw Error(cat("precision rules: bits range ", bits_min, "..", bits_max, " is not within ", BITS_MIN, "..", B));
+    }
+    const size_t n_lin = e.lin.size() + 1;
+    if (cost.size() != n_lin) {
+        throw Error(cat("precision rules: ", cost.size(), " cost tables; expected n_layers * 7 + 1 = ", n_lin));
+    }
+    const int levels = bits_max - bits_min + 1;
+    for (size_t j = 0; j < n_lin; ++j) {
+        const BitplaneLinear& w = e.lin_at(j);
+        if (cost[j].size() != static_cast<size_t>(levels) * w.k) {
+            throw Error(cat("precision rules: cost table ", j, " has ", cost[j].size(), " values; expected levels (",
+                            levels, ") * K (", w.k, ") = ", levels * w.k));
+        }
+        for (float v : cost[j])
+            if (!std::isfinite(v) || v < 0.0f)
+                throw Error("precision rules: cost table " + std::to_string(j) + " holds " + std::to_string(v) +
+                            "; costs must be finite and >= 0");
+    }
+    if (!std::isfinite(lambda) || lambda < 0.0)
+        throw Error("precision rules: lambda = " + std::to_string(lambda) + " must be finite and >= 0");
+    e.rule_cost = cost;
+    e.rule_min = bits_min;
+    e.rule_max = bits_max;
+    e.lambda = lambda;
+    e.rules = true;
+}
+
+void Engine::set_rule_lambda(double lambda) {
+    if (!impl_->rules) throw Error("set_rule_lambda: no precision rules are set");
+    if (!std::isfinite(lambda) || lambda < 0.0)
+        throw Error("lambda = " + std::to_string(lambda) + " must be finite and >= 0");
+    impl_->lambda = lambda;
+}
+
+void Engine::clear_precision_rules() {
+    impl_->rules = false;
+    impl_->rule_cost.clear();
+}
+
+bool Engine::has_precision_rules() const { return impl_->rules; }
+std::vector<int32_t> Engine::last_bits() const { return impl_->used; }
+uint64_t Engine::last_bytes_per_token() const { return impl_->bytes_at(impl_->used); }
+
+void Engine::collect_input_energy(bool enable) {
+    Impl& e = *impl_;
+    e.collect = enable;
+    e.energy.clear();
+    e.energy_n.assign(enable ? e.lin.size() + 1 : 0, 0);
+    if (enable)
+        for (size_t j = 0; j < e.lin.size() + 1; ++j) e.energy.emplace_back(e.lin_at(j).k, 0.0);
+}
+
+const std::vector<std::vector<double>>& Engine::input_energy() const { return impl_->energy; }
+const std::vector<int64_t>& Engine::input_energy_rows() const { return impl_->energy_n; }
 
 const std::vector<float>& Engine::logits() const { return impl_->logits; }
 StepSignals Engine::signals() const { return impl_->sig; }
@@ -222,16 +350,11 @@ void Engine::eval(const int32_t* tokens, int64_t n, float* all_logits) {
     if (n <= 0) throw Error("eval: no tokens (n = " + std::to_string(n) + ")");
     for (int64_t i = 0; i < n; ++i) {
         if (tokens[i] < 0 || tokens[i] >= e.cfg->vocab) {
-            std::ostringstream s;
-            s << "token id " << tokens[i] << " at position " << i << " is outside the vocabulary 0.."
-              << e.cfg->vocab - 1;
-            throw Error(s.str());
+            throw Error(cat("token id ", tokens[i], " at position ", i, " is outside the vocabulary 0..", e.cfg->vocab - 1));
         }
     }
     if (e.n_past + n > e.n_ctx) {
-        std::ostringstream s;
-        s << "context full: " << e.n_past << " tokens in the cache + " << n << " new > n_ctx = " << e.n_ctx;
-        throw Error(s.str());
+        throw Error(cat("context full: ", e.n_past, " tokens in the cache + ", n, " new > n_ctx = ", e.n_ctx));
     }
     e.forward(tokens, n, all_logits);
 }
@@ -267,12 +390,11 @@ void Engine::Impl::forward(const int32_t* tokens, int64_t T, float* all_logits) 
     for (int64_t t = 0; t < T; ++t) pos[t] = n_past + t;
 
     for (int64_t l = 0; l < c.n_layers; ++l) {
-        const BitplaneLinear* L = &lin[l * LINEARS_PER_LAYER];
-        const int32_t* b = &bits[l * LINEARS_PER_LAYER];
+        const size_t j0 = static_cast<size_t>(l) * LINEARS_PER_LAYER;
         rms_norm(x.data(), attn_norm[l], T, D, c.rms_norm_eps, h.data());
-        bitplane_matmul(L[0], b[0], h.data(), T, q.data(), &pool);
-        bitplane_matmul(L[1], b[1], h.data(), T, kx.data(), &pool);
-        bitplane_matmul(L[2], b[2], h.data(), T, vx.data(), &pool);
+        linear(j0 + 0, h.data(), T, q.data());
+        linear(j0 + 1, h.data(), T, kx.data());
+        linear(j0 + 2, h.data(), T, vx.data());
         rope_(rope, q.data(), H, kx.data(), Hkv, pos.data(), T);
         const uint64_t off = static_cast<uint64_t>(n_past) * kvdim;
         if (kv_dtype == KvDType::KV_F16) {
@@ -286,14 +408,14 @@ void Engine::Impl::forward(const int32_t* tokens, int64_t T, float* all_logits) 
             std::memcpy(v32[l].get() + off, vx.data(), T * kvdim * 4);
             attention(q.data(), k32[l].get(), v32[l].get(), T, n_past, H, Hkv, hd, att.data(), &pool);
         }
-        bitplane_matmul(L[3], b[3], att.data(), T, o.data(), &pool);
+        linear(j0 + 3, att.data(), T, o.data());
         for (int64_t i = 0; i < T * D; ++i) x[i] += o[i];
 
         rms_norm(x.data(), ffn_norm[l], T, D, c.rms_norm_eps, h.data());
-        bitplane_matmul(L[4], b[4], h.data(), T, g.data(), &pool);
-        bitplane_matmul(L[5], b[5], h.data(), T, u.data(), &pool);
+        linear(j0 + 4, h.data(), T, g.data());
+        linear(j0 + 5, h.data(), T, u.data());
         swiglu(g.data(), u.data(), T * F, g.data());
-        bitplane_matmul(L[6], b[6], g.data(), T, o.data(), &pool);
+        linear(j0 + 6, g.data(), T, o.data());
         for (int64_t i = 0; i < T * D; ++i) x[i] += o[i];
     }
 
@@ -303,10 +425,10 @@ void Engine::Impl::forward(const int32_t* tokens, int64_t T, float* all_logits) 
     rms_norm(x.data() + first * D, out_norm, rows, D, c.rms_norm_eps, h.data());
     logits.resize(V);
     if (all_logits) {
-        bitplane_matmul(head, head_bits, h.data(), rows, all_logits, &pool);
+        linear(lin.size(), h.data(), rows, all_logits);
         std::memcpy(logits.data(), all_logits + (T - 1) * V, V * 4);
     } else {
-        bitplane_matmul(head, head_bits, h.data(), 1, logits.data(), &pool);
+        linear(lin.size(), h.data(), 1, logits.data());
     }
     entropy_and_top1(logits.data(), V, &sig.entropy, &sig.top1_prob);
     n_past += T;

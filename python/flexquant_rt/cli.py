@@ -42,6 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("convert", help="same as tools/convert.py (see flexquant-rt convert --help)")
     i = sub.add_parser("inspect", help="config and bytes per token of a model file")
     i.add_argument("model")
+    cal = sub.add_parser("calibrate", help="measure per-layer sensitivity and store it in the model file")
+    cal.add_argument("model", nargs="?", default=None)
+    cal.add_argument("--chunks", type=int, default=2, help="calibration windows")
+    cal.add_argument("--chunk-len", type=int, default=256, help="tokens per window")
+    cal.add_argument("--levels", type=int, nargs="+", default=[3, 4, 5, 6, 7])
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--threads", type=int, default=None)
+    ev = sub.add_parser("eval", help="evaluate precision policies on held-out text (table, CSV, PNG)")
+    ev.add_argument("model", nargs="?", default=None)
+    ev.add_argument("--reference", default=None,
+                    help="unquantized source (HF dir or GGUF) run by transformers; default: the default "
+                         "model's GGUF for the default model, else the engine at max bits")
+    ev.add_argument("--chunks", type=int, default=3)
+    ev.add_argument("--chunk-len", type=int, default=256)
+    ev.add_argument("--budgets", type=float, nargs="+", default=[5.0, 5.5, 6.0, 6.5, 7.0])
+    ev.add_argument("--static-bits", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8])
+    ev.add_argument("--out", default="eval_out")
+    ev.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
 
     from . import FlexquantError, Engine  # noqa: F401  (imports the extension)
@@ -53,6 +71,35 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{k}: {v}")
             for bits in range(int(mf.config["max_bits"]), 1, -1):
                 print(f"bytes per token at {bits} bits: {mf.bytes_per_token(bits) / 1e6:.2f} MB")
+            return 0
+        if a.cmd == "calibrate":
+            from .controller import calibrate, calibration_text, save_profile, text_chunks
+            with Engine(a.model, threads=a.threads) as eng:
+                chunks = text_chunks(eng, calibration_text(), a.chunks, a.chunk_len, seed=a.seed)
+                prof = calibrate(eng, chunks, levels=a.levels, seed=a.seed)
+                path = eng.path
+            save_profile(path, prof)
+            print(f"stored the calibration profile ({prof.n_tokens} tokens, levels {prof.levels}) in {path}")
+            return 0
+        if a.cmd == "eval":
+            from .controller import load_profile
+            from .evaluate import HEADER, evaluate, write_report
+            ref = a.reference
+            if a.model is None and ref is None:
+                from .default_model import smollm2_gguf_path
+                ref = str(smollm2_gguf_path())
+            with Engine(a.model, threads=a.threads) as eng:
+                prof = load_profile(eng)
+                if prof is None:
+                    print(f"error: {eng.path} has no calibration profile: run flexquant-rt calibrate first",
+                          file=sys.stderr)
+                    return 2
+                print(HEADER)
+                results, oracle, corr = evaluate(eng, prof, source=ref, n_chunks=a.chunks, chunk_len=a.chunk_len,
+                                                 budgets=a.budgets, static_bits=a.static_bits)
+            report = write_report(results, oracle, corr, a.out)
+            print(report.read_text())
+            print(f"wrote {report}, eval.csv and eval.png in {a.out}")
             return 0
         if a.cmd == "generate":
             if len(a.args) > 2:

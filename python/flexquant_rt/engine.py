@@ -27,7 +27,8 @@ class StepInfo:
     token: int             # the token the step consumed
     entropy: float         # entropy (nats) of the next-token distribution
     top1_prob: float       # probability of the most likely next token
-    bytes_read: int        # weight bytes the step read under the mask it ran with
+    bytes_read: int        # weight bytes the step read at the bits it ran with
+    mean_bits: float       # bits per weight of the step, weighted by each linear's size
 
 
 class Engine:
@@ -154,7 +155,8 @@ class Engine:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  seed: int | None = None, stop: str | Sequence[str] | Sequence[int] | None = None,
-                 stream: bool = False, bits=None, controller=None, add_special_tokens: bool = True):
+                 stream: bool = False, bits=None, controller=None, add_special_tokens: bool = True,
+                 ignore_eos: bool = False):
         """Generate a continuation of `prompt` (text, or a list of token ids).
 
         Sampling: temperature 0 is greedy; otherwise temperature, top_k (0 = off), top_p, min_p,
@@ -163,10 +165,11 @@ class Engine:
         output) or token id. bits: a fixed mask for the whole generation (int or array, see
         set_layer_bits). controller: an object with `mask(info: StepInfo | None)` returning the
         mask for the next step (None keeps the current one), called before every step.
+        ignore_eos: keep going past the eos token (benchmarks, long-run tests).
         Returns the text, or with stream=True an iterator of text pieces.
         """
         gen = self._generate(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                             seed, stop, bits, controller, add_special_tokens)
+                             seed, stop, bits, controller, add_special_tokens, ignore_eos)
         if stream:
             return gen
         return "".join(gen)
@@ -177,7 +180,9 @@ class Engine:
         return self.generate(prompt, add_special_tokens=False, **kwargs)
 
     def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                  stop, bits, controller, add_special_tokens) -> Iterator[str]:
+                  stop, bits, controller, add_special_tokens, ignore_eos) -> Iterator[str]:
+        # validates eagerly (a bad argument raises here, even with stream=True), then returns
+        # the generator that runs the steps
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         ids = self.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
@@ -187,14 +192,49 @@ class Engine:
             raise ValueError(f"the prompt has {len(ids)} tokens, the context holds {self.n_ctx} "
                              f"(the prompt plus at least one generated token must fit)")
         stop_strs, stop_ids = _split_stop(stop)
+        if not ignore_eos and self.eos_id is not None:
+            stop_ids.add(int(self.eos_id))
         sampler = _core.Sampler(float(temperature), int(top_k), float(top_p), float(min_p),
                                 float(repetition_penalty), int(seed) if seed is not None else _random_seed())
         if bits is not None:
             self.set_layer_bits(bits, lm_head_bits=bits if isinstance(bits, (int, np.integer)) else None)
-        eng = self._eng
-        eng.reset()
-        if controller is not None:
+        self._eng.reset()
+        return self._run(ids, max_new_tokens, sampler, stop_strs, stop_ids, controller)
+
+    def _run(self, ids, max_new_tokens, sampler, stop_strs, stop_ids, controller) -> Iterator[str]:
+        if controller is None:
+            yield from self._loop(ids, max_new_tokens, sampler, stop_strs, stop_ids, None)
+            return
+        attach = getattr(controller, "attach", None)
+        if attach is not None:
+            attach(self)
+        try:
+            reset = getattr(controller, "reset", None)
+            if reset is not None:
+                reset()
             self._apply(controller.mask(None))
+            yield from self._loop(ids, max_new_tokens, sampler, stop_strs, stop_ids, controller)
+        finally:
+            detach = getattr(controller, "detach", None)
+            if detach is not None:
+                detach()
+
+    def step_info(self, token: int) -> StepInfo:
+        """The StepInfo of the step that just ran (what controllers receive)."""
+        eng = self._eng
+        e, p1 = eng.signals()
+        bits = eng.last_bits().astype(np.float64)
+        return StepInfo(eng.n_past, int(token), e, p1, eng.last_bytes_per_token(),
+                        float(bits @ self._sizes() / self._sizes().sum()))
+
+    def _sizes(self) -> np.ndarray:
+        if getattr(self, "_lin_sizes", None) is None:
+            from .controller import linear_sizes
+            self._lin_sizes = linear_sizes(self)
+        return self._lin_sizes
+
+    def _loop(self, ids, max_new_tokens, sampler, stop_strs, stop_ids, controller) -> Iterator[str]:
+        eng = self._eng
         eng.eval(self._ids(ids))
         history = list(ids)
         out_ids: list[int] = []
@@ -202,7 +242,7 @@ class Engine:
         held = ""
         for _ in range(max_new_tokens):
             tok = sampler.sample(eng, np.asarray(history, dtype=np.int32))
-            if tok == self.eos_id or tok in stop_ids:
+            if tok in stop_ids:
                 break
             out_ids.append(tok)
             history.append(tok)
@@ -222,8 +262,7 @@ class Engine:
             if eng.n_past >= eng.n_ctx:
                 break  # the context is full: stop as llama.cpp does (finish reason "length")
             if controller is not None:
-                e, p1 = eng.signals()
-                self._apply(controller.mask(StepInfo(eng.n_past, tok, e, p1, eng.bytes_per_token())))
+                self._apply(controller.mask(self.step_info(history[-2] if len(history) > 1 else tok)))
             eng.eval(self._ids([tok]))
         # flush: a trailing incomplete UTF-8 sequence is emitted as it decodes (U+FFFD)
         held += self.detokenize(out_ids)[len(emitted):] if out_ids else ""

@@ -497,3 +497,29 @@ __all__: Sequence[str] = [
     "FORMAT_VERSION", "LAYER_LINEARS", "LlamaConfig", "TokenizerData", "ModelFileError", "ModelReader",
     "write_model", "linear_names", "linear_shape", "iter_hf_tensors",
 ]
+
+
+def set_metadata(path: str | os.PathLike, values: dict[str, str]) -> None:
+    """Add or replace string metadata (e.g. the calibration section) of a model file.
+
+    GGUF keeps metadata before the tensor data, so the file is rewritten: streamed tensor by
+    tensor into a temporary file (gguf's own copy routine), then renamed over the original.
+    """
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    path = Path(path)
+    reader = ModelReader(path)._r  # validates that this is a flexquant file
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    arch = reader.get_field("general.architecture").contents()
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer.data_alignment = ALIGNMENT
+    new = {k: MetadataDetails(gguf.GGUFValueType.STRING, v) for k, v in values.items()}
+    try:
+        copy_with_new_metadata(reader, writer, new, [])
+        del reader
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise

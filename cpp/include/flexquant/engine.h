@@ -78,6 +78,32 @@ public:
     // group params, one embedding row, the norms).
     uint64_t bytes_per_token() const;
 
+    // ---- in-step precision rules ----
+    // With rules set, each linear picks its bit-width inside the step from its own input h (the
+    // normed hidden state, the attention output or the SwiGLU output), with no host round trip:
+    //   k* = argmin_{k in bits_min..bits_max}  Σ_i cost[k - bits_min][i] · h_i²  +  λ · n · K · k
+    // cost: one table per linear (n_layers * 7 in LinearKind order, then the LM head), each
+    // (bits_max - bits_min + 1, K) floats: the predicted loss per unit input energy of running
+    // that linear at k (e.g. calibrated KL sensitivity × the column error energy of the k-bit
+    // view). n · K: the linear's weight count, so λ prices one bit of one weight. For a batch
+    // (prefill), the largest k any row picks is used. The mask is ignored while rules are set.
+    void set_precision_rules(int bits_min, int bits_max, const std::vector<std::vector<float>>& cost, double lambda);
+    void set_rule_lambda(double lambda);  // change λ only (cheap; e.g. every token)
+    void clear_precision_rules();
+    bool has_precision_rules() const;
+    // Bits each linear ran at in the last eval (n_layers * 7, then the LM head).
+    std::vector<int32_t> last_bits() const;
+    // Weight bytes the last eval read per token at those bits.
+    uint64_t last_bytes_per_token() const;
+
+    // ---- calibration statistics ----
+    // While enabled, every eval accumulates Σ_t h_i² of each linear's input (same order and K as
+    // the rule tables) and the rows seen per linear (the LM head sees only the rows whose logits
+    // are asked for); read with input_energy(), cleared by enabling again.
+    void collect_input_energy(bool enable);
+    const std::vector<std::vector<double>>& input_energy() const;
+    const std::vector<int64_t>& input_energy_rows() const;
+
     // ---- running ----
     // Appends n >= 1 tokens to the sequence: one batched pass over all of them (prefill), then
     // the next-token logits of the last one are in logits() and its signals in signals().

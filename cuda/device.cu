@@ -1,0 +1,20 @@
+// CUDA device discovery.
+//
+// The CUDA runtime is linked statically, so a CUDA build loads on any machine; whether a driver
+// and a GPU exist is only known here, at run time. Everything GPU-side must be gated on this.
+#include "cuda_backend.h"
+
+namespace flexquant {
+
+int cuda_device_count() noexcept {
+    int count = 0;
+    // No driver (cudaErrorInsufficientDriver), no GPU (cudaErrorNoDevice) or anything else: the
+    // answer is "no usable device", not an error.
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+        cudaGetLastError();  // reset the last-error state so no later call reports this one
+        return 0;
+    }
+    return count;
+}
+
+}  // namespace flexquant

@@ -1,0 +1,149 @@
+"""Precision controllers: calibration, allocation, budgets, and the controller protocol."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flexquant_rt import Engine, FlexquantError
+from flexquant_rt.controller import (FlexQuant, InputAware, LayerwiseStatic, Profile, Static, allocate,
+                                     calibrate, load_profile, mean_bits, save_profile, text_chunks,
+                                     calibration_text)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_fq, tmp_path_factory):
+    """(model path with a stored profile, the profile)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("cal") / "tiny.fq"
+    shutil.copy(tiny_fq, path)
+    with Engine(path) as eng:
+        chunks = text_chunks(eng, calibration_text(), 2, 48, seed=0)
+        prof = calibrate(eng, chunks, progress=False)
+    save_profile(path, prof)
+    return path, prof
+
+
+def test_calibration_is_deterministic_and_stored(calibrated):
+    path, prof = calibrated
+    with Engine(path) as eng:
+        again = calibrate(eng, text_chunks(eng, calibration_text(), 2, 48, seed=0), progress=False)
+        stored = load_profile(eng)
+    assert again.kl == prof.kl and again.extra == prof.extra
+    assert stored.to_json() == prof.to_json()
+    kl = np.asarray(prof.kl)
+    assert kl.shape == (3, 5) and (kl > 0).all()
+    # fewer bits, more divergence, for every unit
+    assert (np.diff(kl, axis=1) < 0).all()
+    # per layer: q (64x64), k and v (32x64 each), o (64x64), gate, up (176x64), down (64x176)
+    layer = 64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 176 * 64
+    assert prof.weights == [layer, layer, 320 * 64]
+
+
+def test_allocation_meets_the_budget_and_prefers_cheap_sensitivity(calibrated):
+    _, prof = calibrated
+    for budget in (3.5, 5.0, 6.25, 7.5):
+        bits = allocate(prof, budget)
+        assert mean_bits(prof.weights, bits) <= budget + 1e-9
+        assert all(min(prof.levels) <= b <= prof.max_bits for b in bits)
+    assert allocate(prof, 8.0) == [8] * len(prof.weights)
+    with pytest.raises(ValueError, match="budget = 9"):
+        allocate(prof, 9)
+
+
+def test_static_8_equals_bits_8(calibrated):
+    path, _ = calibrated
+    with Engine(path) as eng:
+        a = eng.generate("the cat", max_new_tokens=12, controller=Static(8))
+        b = eng.generate("the cat", max_new_tokens=12, bits=8)
+        c = eng.generate("the cat", max_new_tokens=12, controller=Static(3))
+        d = eng.generate("the cat", max_new_tokens=12, bits=3)
+    assert a == b and c == d
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: FlexQuant(p, 6.0),
+    lambda p: FlexQuant(p, 5.5, levels=(5, 6)),
+    lambda p: InputAware(p, 5.0),
+    lambda p: InputAware(p, 6.5),
+    lambda p: LayerwiseStatic(p, 5.5),
+])
+def test_masks_respect_the_budget_over_a_long_generation(calibrated, make):
+    path, prof = calibrated
+    ctrl = make(prof)
+    seen = []
+
+    class Recorder:
+        """Wraps a controller and records the bits every step actually ran at."""
+
+        def attach(self, eng):
+            if hasattr(ctrl, "attach"):
+                ctrl.attach(eng)
+
+        def detach(self):
+            if hasattr(ctrl, "detach"):
+                ctrl.detach()
+
+        def reset(self):
+            ctrl.reset()
+
+        def mask(self, info):
+            if info is not None:
+                seen.append(info.mean_bits)
+            return ctrl.mask(info)
+
+    with Engine(path, n_ctx=256) as eng:
+        eng.generate("the", max_new_tokens=200, temperature=1.0, seed=3, controller=Recorder(), ignore_eos=True)
+        assert not eng._eng.has_precision_rules  # detached after the generation
+    assert len(seen) >= 150
+    assert np.mean(seen) <= ctrl.budget + 0.15, (np.mean(seen), ctrl.budget)
+    if isinstance(ctrl, (FlexQuant, InputAware)):
+        assert len(set(np.round(seen, 3))) > 1  # it did switch
+
+
+def test_bad_controller_mask_names_the_layer_and_value(calibrated):
+    path, _ = calibrated
+
+    class Bad:
+        def mask(self, info):
+            m = np.full((2, 7), 6)
+            m[1, 2] = 11
+            return m if info is not None else None
+
+    with Engine(path) as eng:
+        with pytest.raises(FlexquantError, match=r"mask\[1\]\[2\] \(layer 1, v\) = 11 is outside 2..8"):
+            eng.generate("the", max_new_tokens=4, controller=Bad())
+
+
+def test_in_step_rules_pick_bits_from_the_input(calibrated):
+    path, prof = calibrated
+    with Engine(path) as eng:
+        ctrl = InputAware(prof, 5.0)
+        ctrl.attach(eng)
+        eng.forward([5, 6, 7])
+        used = eng._eng.last_bits()
+        assert used.shape == (2 * 7 + 1,) and used.min() >= 3 and used.max() <= 8
+        eng._eng.set_rule_lambda(0.0)  # bits are free: everything at max
+        eng.decode(9)
+        assert (eng._eng.last_bits() == 8).all()
+        eng._eng.set_rule_lambda(1e30)  # bits are dear: everything at the lowest level
+        eng.decode(10)
+        assert (eng._eng.last_bits() == 3).all()
+        ctrl.detach()
+        with pytest.raises(FlexquantError, match="cost table 0 has 3 values"):
+            eng._eng.set_precision_rules(3, 8, [np.zeros((1, 3), np.float32)] * 15, 1.0)
+        with pytest.raises(FlexquantError, match=r"1 cost tables; expected n_layers \* 7 \+ 1 = 15"):
+            eng._eng.set_precision_rules(3, 8, [np.zeros((6, 64), np.float32)], 1.0)
+        with pytest.raises(FlexquantError, match="bits range 1..8"):
+            eng._eng.set_precision_rules(1, 8, [], 1.0)
+
+
+def test_profile_roundtrip_and_version():
+    p = Profile(max_bits=8, levels=[4, 6], kl=[[0.2, 0.01], [0.3, 0.02]], weights=[10, 20],
+                entropy_quantiles=list(np.linspace(0, 5, 101)), n_tokens=100)
+    assert Profile.from_json(p.to_json()) == p
+    assert p.kl_at(0, 8) == 0 and p.kl_at(0, 6) == 0.01 and p.kl_at(0, 3) == pytest.approx(0.8)
+    assert p.kl_at(1, 5) == pytest.approx(0.02 * 4)
+    bad = p.to_json().replace('"version": 1', '"version": 99')
+    with pytest.raises(ValueError, match="version 99"):
+        Profile.from_json(bad)

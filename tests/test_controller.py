@@ -147,3 +147,27 @@ def test_profile_roundtrip_and_version():
     bad = p.to_json().replace('"version": 1', '"version": 99')
     with pytest.raises(ValueError, match="version 99"):
         Profile.from_json(bad)
+
+
+def test_sink_protect_runs_the_first_positions_at_max_bits(calibrated):
+    from flexquant_rt.controller import SinkProtect
+
+    path, prof = calibrated
+    with Engine(path) as eng:
+        ctrl = SinkProtect(Static(4), n_sink=2)
+        ctrl.attach(eng)
+        ctrl.reset()
+        used = []
+        info = None
+        for t in (5, 6, 7, 8):
+            m = ctrl.mask(info)
+            if m is not None:
+                eng.set_layer_bits(m[0], lm_head_bits=m[1])
+            eng.decode(t)
+            info = eng.step_info(t)
+            used.append(info.mean_bits)
+        assert used == [8.0, 8.0, 4.0, 4.0]
+        with pytest.raises(ValueError, match="n_sink"):
+            SinkProtect(Static(4), n_sink=0)
+        with pytest.raises(ValueError, match="mask-driven"):
+            SinkProtect(InputAware(prof, 5.0)).attach(eng)

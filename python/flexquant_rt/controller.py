@@ -369,6 +369,54 @@ class FlexQuant(Controller):
         return new, new
 
 
+class SinkProtect(Controller):
+    """Runs the first `n_sink` positions of a sequence at max_bits, then defers to `inner`.
+
+    Every later token attends to the first one (the "attention sink"), so the precision of its
+    keys and values weighs on the whole sequence: on SmolLM2, computing the first token at 8 bits
+    instead of 5 cuts the KL of the next 255 tokens by 15% for +0.012 mean bits (measured with
+    tools/eval.py). In generation the prompt is prefilled before the first decision, so the
+    whole prompt runs at max_bits and the budget applies to the generated tokens.
+    """
+
+    def __init__(self, inner: Controller, max_bits: int = 8, n_sink: int = 1):
+        if n_sink < 1:
+            raise ValueError(f"n_sink must be >= 1, got {n_sink}")
+        self.inner = inner
+        self.max_bits = max_bits
+        self.n_sink = n_sink
+        self.budget = getattr(inner, "budget", None)
+        self.t = 0
+
+    def attach(self, engine) -> None:
+        self.max_bits = engine.max_bits
+        if hasattr(self.inner, "attach"):
+            self.inner.attach(engine)
+        if engine._eng.has_precision_rules:
+            self.detach()
+            raise ValueError("SinkProtect needs a mask-driven inner controller (in-step rules ignore masks)")
+
+    def detach(self) -> None:
+        if hasattr(self.inner, "detach"):
+            self.inner.detach()
+
+    def reset(self) -> None:
+        self.t = 0
+        if hasattr(self.inner, "reset"):
+            self.inner.reset()
+
+    def mask(self, info):
+        if info is None:
+            self.t = 0
+            return self.max_bits, self.max_bits
+        self.t += 1
+        if self.t < self.n_sink:
+            return None
+        if self.t == self.n_sink:
+            return self.inner.mask(None)  # the sequence proper starts: the inner policy's first mask
+        return self.inner.mask(info)
+
+
 class InputAware(Controller):
     """Per-token, per-linear bit-widths chosen inside the step from each linear's own input.
 
@@ -461,5 +509,5 @@ class InputAware(Controller):
         return None
 
 
-__all__ = ["Profile", "calibrate", "allocate", "Controller", "Static", "LayerwiseStatic", "FlexQuant", "InputAware",
+__all__ = ["Profile", "calibrate", "allocate", "Controller", "Static", "LayerwiseStatic", "FlexQuant", "InputAware", "SinkProtect",
            "save_profile", "load_profile", "calibration_text", "text_chunks", "mean_bits"]

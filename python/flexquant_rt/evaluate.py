@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .controller import (FlexQuant, InputAware, LayerwiseStatic, Profile, Static, calibration_text, kl_rows,
-                         log_softmax, text_chunks)
+from .controller import (FlexQuant, InputAware, LayerwiseStatic, Profile, SinkProtect, Static, calibration_text,
+                         kl_rows, log_softmax, text_chunks)
 
 
 @dataclass
@@ -121,16 +121,28 @@ def evaluate(engine, profile: Profile, *, source: str | None = None, n_chunks: i
     ref = reference_logprobs(source, chunks, engine)
     results: list[Result] = []
     static: dict[int, Result] = {}
+    B = profile.max_bits
     for k in static_bits:
         r = run_policy(engine, lambda k=k: Static(k), chunks, ref, f"static {k}", float(k))
         static[k] = r
         results.append(r)
         log(_row(r))
+        if k < B:
+            r = run_policy(engine, lambda k=k: SinkProtect(Static(k), B), chunks, ref, "SinkProtect(static)", float(k))
+            results.append(r)
+            log(_row(r))
+
+    def neighbours(b):
+        lo = int(np.floor(b))
+        return FlexQuant(profile, b, levels=(lo, lo + 1)) if lo < B else Static(B)
+
     for b in budgets:
         for name, make in (("LayerwiseStatic", lambda b=b: LayerwiseStatic(profile, b)),
                            ("FlexQuant 4/8", lambda b=b: FlexQuant(profile, b, levels=(4, 8))),
-                           ("FlexQuant neighbours", lambda b=b: FlexQuant(profile, b, levels=(int(np.floor(b)), int(np.floor(b)) + 1)) if b < profile.max_bits else Static(int(b))),
-                           ("InputAware", lambda b=b: InputAware(profile, b))):
+                           ("FlexQuant neighbours", lambda b=b: neighbours(b)),
+                           ("InputAware", lambda b=b: InputAware(profile, b)),
+                           ("SinkProtect(LayerwiseStatic)", lambda b=b: SinkProtect(LayerwiseStatic(profile, b), B)),
+                           ("SinkProtect(FlexQuant neighbours)", lambda b=b: SinkProtect(neighbours(b), B))):
             r = run_policy(engine, make, chunks, ref, name, b)
             results.append(r)
             log(_row(r))

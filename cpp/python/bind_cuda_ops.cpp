@@ -1,0 +1,146 @@
+// Python bindings of the CUDA ops (cuda/*.cu) on numpy arrays, for tests and benchmarks.
+// Compiled only when CMake built the CUDA backend; bindings.cpp calls bind_cuda_ops(m) inside its
+// FLEXQUANT_HAVE_CUDA block, so these names exist on _core exactly when _core.built_with_cuda().
+//
+// Arguments follow _core.ops.bitplane_matmul (the CPU op): every array must already have the
+// stated dtype and be C-contiguous (nothing is cast or copied silently); shapes are checked and the
+// error names the argument. The GIL is released while the GPU works. Errors from the op (bad
+// sizes, CUDA errors, no GPU) raise FlexquantError (a ValueError).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "../../cuda/bitplane_matmul.cuh"
+#include "flexquant/error.h"
+
+namespace py = pybind11;
+using flexquant::BitplaneCudaPath;
+using flexquant::BitplaneLinear;
+
+namespace {
+
+std::string shape_str(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+    return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+BitplaneCudaPath parse_path(const std::string& s) {
+    if (s == "auto") return flexquant::BITPLANE_CUDA_AUTO;
+    if (s == "tc") return flexquant::BITPLANE_CUDA_TC;
+    if (s == "fp32") return flexquant::BITPLANE_CUDA_FP32;
+    throw py::value_error("path: expected 'auto', 'tc' or 'fp32', got '" + s + "'");
+}
+
+const char* path_name(BitplaneCudaPath p) { return p == flexquant::BITPLANE_CUDA_TC ? "tc" : "fp32"; }
+
+// The linear (host pointers into the numpy arrays) after checking planes and qparams.
+BitplaneLinear linear_view(const py::array& planes, const py::array& qparams, int64_t n, int64_t k, int max_bits,
+                           int group_size, int bits) {
+    if (!planes.dtype().is(py::dtype::of<uint8_t>()))
+        throw py::type_error("planes: expected dtype uint8, got " + std::string(py::str(planes.dtype())));
+    if (!(planes.flags() & py::array::c_style)) throw py::value_error("planes: must be C-contiguous");
+    if (planes.ndim() != 2) throw py::value_error("planes: expected shape (>= bits, plane_bytes), got " + shape_str(planes));
+    if (planes.shape(0) < bits)
+        throw py::value_error("planes: holds " + std::to_string(planes.shape(0)) + " planes, bits=" + std::to_string(bits) +
+                              " needs that many");
+    if (qparams.itemsize() != 2 || (qparams.dtype().kind() != 'f' && qparams.dtype().kind() != 'u'))
+        throw py::type_error("qparams: expected dtype float16 (or its uint16 bits), got " +
+                             std::string(py::str(qparams.dtype())));
+    if (!(qparams.flags() & py::array::c_style)) throw py::value_error("qparams: must be C-contiguous");
+    if (group_size <= 0) throw py::value_error("group_size: must be positive, got " + std::to_string(group_size));
+    BitplaneLinear w;
+    w.n = n;
+    w.k = k;
+    w.max_bits = max_bits;
+    w.group_size = group_size;
+    const std::string qshape = "(" + std::to_string(n) + ", " + std::to_string(w.n_groups()) + ", 2)";
+    if (qparams.ndim() != 3 || qparams.shape(0) != n || qparams.shape(1) != w.n_groups() || qparams.shape(2) != 2)
+        throw py::value_error("qparams: expected shape " + qshape + ", got " + shape_str(qparams));
+    w.planes = static_cast<const uint8_t*>(planes.data());
+    w.plane_bytes = uint64_t(planes.shape(1));
+    w.qparams = static_cast<const uint16_t*>(qparams.data());
+    return w;
+}
+
+// x as float32 (m, k) or (k,); returns m.
+int64_t activation_rows(const py::array& x, int64_t k) {
+    if (!x.dtype().is(py::dtype::of<float>()))
+        throw py::type_error("x: expected dtype float32, got " + std::string(py::str(x.dtype())));
+    if (!(x.flags() & py::array::c_style)) throw py::value_error("x: must be C-contiguous");
+    if (!(x.ndim() == 1 || x.ndim() == 2) || x.shape(x.ndim() - 1) != k)
+        throw py::value_error("x: expected shape (m, " + std::to_string(k) + ") or (" + std::to_string(k) + ",), got " +
+                              shape_str(x));
+    return x.ndim() == 1 ? 1 : x.shape(0);
+}
+
+py::array_t<float> py_bitplane_matmul_cuda(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
+                                           int max_bits, int group_size, int bits, const py::array& x,
+                                           const std::string& path, int warps) {
+    const BitplaneLinear w = linear_view(planes, qparams, n, k, max_bits, group_size, bits);
+    const int64_t m = activation_rows(x, k);
+    const BitplaneCudaPath p = parse_path(path);
+    py::array_t<float> y = x.ndim() == 1 ? py::array_t<float>({n}) : py::array_t<float>({m, n});
+    const float* xp = static_cast<const float*>(x.data());
+    float* yp = y.mutable_data();
+    flexquant::BitplaneCudaTuning tuning;
+    tuning.warps_per_block = warps;
+    {
+        py::gil_scoped_release nogil;
+        flexquant::bitplane_matmul_cuda(w, bits, xp, m, yp, p, tuning);
+    }
+    return y;
+}
+
+py::dict py_bitplane_matmul_cuda_bench(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
+                                       int max_bits, int group_size, int bits, const py::array& x,
+                                       const std::string& path, int copies, int reps, int warps) {
+    const BitplaneLinear w = linear_view(planes, qparams, n, k, max_bits, group_size, bits);
+    const int64_t m = activation_rows(x, k);
+    const BitplaneCudaPath p = flexquant::bitplane_cuda_resolve_path(w, parse_path(path));
+    const float* xp = static_cast<const float*>(x.data());
+    flexquant::BitplaneCudaTiming t;
+    {
+        py::gil_scoped_release nogil;
+        flexquant::BitplaneCudaTuning tuning;
+        tuning.warps_per_block = warps;
+        t = flexquant::bitplane_matmul_cuda_bench(w, bits, xp, m, p, copies, reps, tuning);
+    }
+    py::dict d;
+    d["path"] = path_name(p);
+    d["matmul_us"] = t.matmul_us;
+    d["matmul_min_us"] = t.matmul_min_us;
+    d["prepare_us"] = t.prepare_us;
+    d["total_us"] = t.total_us;
+    d["copies"] = t.copies;
+    d["launches"] = t.launches;
+    d["warps_per_block"] = t.warps_per_block;
+    d["bytes"] = uint64_t(bits) * w.plane_bytes + uint64_t(n) * uint64_t(w.n_groups()) * 4;
+    return d;
+}
+
+}  // namespace
+
+void bind_cuda_ops(py::module_& m) {
+    m.def("bitplane_matmul_cuda", &py_bitplane_matmul_cuda, py::arg("planes"), py::arg("qparams"), py::arg("n"),
+          py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
+          py::arg("path") = "auto", py::arg("warps") = 0,
+          "y = x @ W_bits.T on the current CUDA device: planes (>= bits, plane_bytes) uint8 in the tc8x512\n"
+          "layout, qparams (n, n_groups, 2) float16, x (m, k) or (k,) float32 -> y (m, n) or (n,) float32.\n"
+          "Uploads only the first `bits` planes; the device output is filled with NaN before the launch, so\n"
+          "an element the kernel missed comes back as NaN. path: 'tc' (int8 activations per group,\n"
+          "binary tensor cores; group_size 32..512, powers of two), 'fp32' (fp32 activations, any group\n"
+          "size) or 'auto' (tc where it applies). warps: warps per block splitting K (0 = automatic).");
+    m.def("bitplane_matmul_cuda_bench", &py_bitplane_matmul_cuda_bench, py::arg("planes"), py::arg("qparams"),
+          py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
+          py::arg("path") = "auto", py::arg("copies") = 0, py::arg("reps") = 20, py::arg("warps") = 0,
+          "Time the device-resident product with x (m <= 8, k): uploads `copies` copies of the first `bits`\n"
+          "planes and the qparams once (0: enough to read 4x the L2 size per rotation), replays CUDA graphs\n"
+          "of launches rotating over the copies `reps` times, timed with cudaEvents. Returns a dict: path,\n"
+          "matmul_us (median per launch, activations already prepared), matmul_min_us, prepare_us (the\n"
+          "activation preparation kernel alone), total_us (prepare + matmul), copies, launches,\n"
+          "warps_per_block (warps splitting K in a block; `warps` 0 = automatic), bytes (read per matmul).");
+    m.def("bitplane_cuda_tc_supports", &flexquant::bitplane_cuda_tc_supports, py::arg("group_size"),
+          "Whether the 'tc' path of bitplane_matmul_cuda handles this group size.");
+}

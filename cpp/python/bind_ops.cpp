@@ -1,0 +1,354 @@
+// Python bindings of the CPU ops (cpp/src/ops/ops.h) on numpy arrays, for tests and benchmarks.
+// They live in the submodule `_core.ops`; bindings.cpp calls bind_ops(m) on the main module.
+//
+// Every array argument must already have the stated dtype and be C-contiguous: nothing is cast or
+// copied silently, so a benchmark measures the op and not a conversion. Shapes are checked and the
+// error names the argument. The GIL is released while an op runs.
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../src/cpu_features.h"
+#include "../src/ops/ops.h"
+#include "../src/thread_pool.h"
+
+namespace py = pybind11;
+using namespace flexquant;
+
+namespace {
+
+// The pool the bound ops run on (hardware concurrency by default; set_num_threads changes it).
+ThreadPool& ops_pool() {
+    static ThreadPool pool(0);
+    return pool;
+}
+
+std::string shape_str(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+    return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// Checks dtype T, C-contiguity and ndim; returns the array unchanged.
+template <typename T>
+py::array_t<T> require(const py::array& a, const char* name, int ndim, const char* expect) {
+    if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().is(py::dtype::of<T>()))
+        throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
+                             ", got " + std::string(py::str(a.dtype())));
+    if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+    if (ndim >= 0 && a.ndim() != ndim)
+        throw py::value_error(std::string(name) + ": expected shape " + expect + ", got " + shape_str(a));
+    return py::reinterpret_borrow<py::array_t<T>>(a);
+}
+
+void expect_dim(const py::array& a, int axis, int64_t want, const char* name, const std::string& expect) {
+    if (a.shape(axis) != want)
+        throw py::value_error(std::string(name) + ": expected shape " + expect + ", got " + shape_str(a));
+}
+
+BitplaneMatmulPath parse_path(const std::string& s) {
+    if (s == "auto") return BITPLANE_PATH_AUTO;
+    if (s == "decode") return BITPLANE_PATH_DECODE;
+    if (s == "gemm") return BITPLANE_PATH_GEMM;
+    throw py::value_error("path: expected 'auto', 'decode' or 'gemm', got '" + s + "'");
+}
+
+RopeScalingType parse_scaling(const std::string& s) {
+    if (s == "none" || s == "default") return ROPE_SCALING_NONE;
+    if (s == "linear") return ROPE_SCALING_LINEAR;
+    if (s == "llama3") return ROPE_SCALING_LLAMA3;
+    throw py::value_error("scaling: expected 'none', 'linear' or 'llama3', got '" + s + "'");
+}
+
+RopeParams rope_params(int head_dim, float theta, const std::string& scaling, float factor, float low_freq_factor,
+                       float high_freq_factor, int64_t original_max_position) {
+    RopeParams p;
+    p.head_dim = head_dim;
+    p.theta = theta;
+    p.scaling = parse_scaling(scaling);
+    p.factor = factor;
+    p.low_freq_factor = low_freq_factor;
+    p.high_freq_factor = high_freq_factor;
+    p.original_max_position = original_max_position;
+    return p;
+}
+
+py::array_t<float> py_bitplane_matmul(const py::array& planes_a, const py::array& qparams_a, int64_t n, int64_t k,
+                                      int max_bits, int group_size, int bits, const py::array& x_a,
+                                      const std::string& path, bool threaded) {
+    auto planes = require<uint8_t>(planes_a, "planes", 2, "(max_bits, plane_bytes)");
+    if (!py::isinstance<py::array>(qparams_a) || (qparams_a.dtype().kind() != 'f' && qparams_a.dtype().kind() != 'u') ||
+        qparams_a.itemsize() != 2)
+        throw py::type_error("qparams: expected dtype float16 (or its uint16 bits), got " +
+                             std::string(py::str(qparams_a.dtype())));
+    if (!(qparams_a.flags() & py::array::c_style)) throw py::value_error("qparams: must be C-contiguous");
+    BitplaneLinear w;
+    w.n = n;
+    w.k = k;
+    w.max_bits = max_bits;
+    w.group_size = group_size;
+    if (group_size <= 0) throw py::value_error("group_size: must be positive");
+    const std::string qshape = "(" + std::to_string(n) + ", " + std::to_string(w.n_groups()) + ", 2)";
+    if (qparams_a.ndim() != 3 || qparams_a.shape(0) != n || qparams_a.shape(1) != w.n_groups() ||
+        qparams_a.shape(2) != 2)
+        throw py::value_error("qparams: expected shape " + qshape + ", got " + shape_str(qparams_a));
+    if (planes.shape(0) < bits)
+        throw py::value_error("planes: holds " + std::to_string(planes.shape(0)) +
+                              " planes, bits=" + std::to_string(bits) + " needs that many");
+    w.planes = planes.data();
+    w.plane_bytes = static_cast<uint64_t>(planes.shape(1));
+    w.qparams = static_cast<const uint16_t*>(qparams_a.data());
+    const bool vec = x_a.ndim() == 1;
+    auto x = require<float>(x_a, "x", -1, "");
+    if (!(x.ndim() == 1 || x.ndim() == 2))
+        throw py::value_error("x: expected shape (m, " + std::to_string(k) + ") or (" + std::to_string(k) + ",), got " +
+                              shape_str(x));
+    expect_dim(x, x.ndim() - 1, k, "x", "(m, " + std::to_string(k) + ")");
+    const int64_t m = vec ? 1 : x.shape(0);
+    py::array_t<float> y = vec ? py::array_t<float>({n}) : py::array_t<float>({m, n});
+    const BitplaneMatmulPath p = parse_path(path);
+    {
+        py::gil_scoped_release nogil;
+        try {
+            bitplane_matmul(w, bits, x.data(), m, y.mutable_data(), threaded ? &ops_pool() : nullptr, p);
+        } catch (const std::invalid_argument& e) {
+            py::gil_scoped_acquire gil;
+            throw py::value_error(e.what());
+        }
+    }
+    return y;
+}
+
+py::array_t<float> py_rms_norm(const py::array& x_a, const py::array& w_a, float eps) {
+    auto x = require<float>(x_a, "x", -1, "");
+    if (x.ndim() < 1) throw py::value_error("x: expected shape (..., d)");
+    const int64_t d = x.shape(x.ndim() - 1);
+    auto w = require<float>(w_a, "w", 1, "(d,)");
+    expect_dim(w, 0, d, "w", "(" + std::to_string(d) + ",)");
+    py::array_t<float> y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+    const int64_t m = d ? x.size() / d : 0;
+    py::gil_scoped_release nogil;
+    rms_norm(x.data(), w.data(), m, d, eps, y.mutable_data());
+    return y;
+}
+
+py::tuple py_rope(const py::array& q_a, const py::object& k_o, const py::array& pos_a, float theta,
+                  const std::string& scaling, float factor, float low_freq_factor, float high_freq_factor,
+                  int64_t original_max_position) {
+    auto q = require<float>(q_a, "q", 3, "(m, n_heads, head_dim)");
+    const int64_t m = q.shape(0), hd = q.shape(2);
+    if (hd % 2) throw py::value_error("q: head_dim must be even, got " + std::to_string(hd));
+    auto pos = require<int64_t>(pos_a, "positions", 1, "(m,)");
+    expect_dim(pos, 0, m, "positions", "(" + std::to_string(m) + ",)");
+    py::array_t<float> qo(std::vector<py::ssize_t>{m, q.shape(1), hd});
+    std::memcpy(qo.mutable_data(), q.data(), q.size() * sizeof(float));
+    py::object ko = py::none();
+    float* kp = nullptr;
+    int64_t hkv = 0;
+    if (!k_o.is_none()) {
+        auto k = require<float>(k_o.cast<py::array>(), "k", 3, "(m, n_kv_heads, head_dim)");
+        expect_dim(k, 0, m, "k", "(" + std::to_string(m) + ", n_kv_heads, " + std::to_string(hd) + ")");
+        expect_dim(k, 2, hd, "k", "(" + std::to_string(m) + ", n_kv_heads, " + std::to_string(hd) + ")");
+        hkv = k.shape(1);
+        py::array_t<float> kc(std::vector<py::ssize_t>{m, hkv, hd});
+        std::memcpy(kc.mutable_data(), k.data(), k.size() * sizeof(float));
+        kp = kc.mutable_data();
+        ko = kc;
+    }
+    const Rope rope = rope_init(rope_params(static_cast<int>(hd), theta, scaling, factor, low_freq_factor,
+                                            high_freq_factor, original_max_position));
+    {
+        py::gil_scoped_release nogil;
+        rope_(rope, qo.mutable_data(), q.shape(1), kp, hkv, pos.data(), m);
+    }
+    return py::make_tuple(qo, ko);
+}
+
+py::array_t<float> py_attention(const py::array& q_a, const py::array& kc_a, const py::array& vc_a, int64_t p0,
+                                bool threaded) {
+    auto q = require<float>(q_a, "q", 3, "(m, n_heads, head_dim)");
+    const int64_t m = q.shape(0), h = q.shape(1), d = q.shape(2);
+    const bool f16 = kc_a.dtype().kind() == 'f' && kc_a.itemsize() == 2;
+    if (kc_a.ndim() != 3 || vc_a.ndim() != 3)
+        throw py::value_error("k_cache, v_cache: expected shape (t_max, n_kv_heads, head_dim)");
+    const int64_t hkv = kc_a.shape(1);
+    const std::string cshape = "(t_max >= " + std::to_string(p0 + m) + ", n_kv_heads, " + std::to_string(d) + ")";
+    for (const py::array* c : {&kc_a, &vc_a}) {
+        const char* name = c == &kc_a ? "k_cache" : "v_cache";
+        if (c->shape(0) < p0 + m || c->shape(1) != hkv || c->shape(2) != d)
+            throw py::value_error(std::string(name) + ": expected shape " + cshape + ", got " + shape_str(*c));
+        if (!(c->flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+        const bool ok = f16 ? (c->dtype().kind() == 'f' && c->itemsize() == 2) : c->dtype().is(py::dtype::of<float>());
+        if (!ok)
+            throw py::type_error(std::string(name) + ": expected dtype float32 or float16 (both the same), got " +
+                                 std::string(py::str(c->dtype())));
+    }
+    if (p0 < 0) throw py::value_error("p0: must be >= 0");
+    if (hkv <= 0 || h % hkv) throw py::value_error("n_heads must be a multiple of n_kv_heads");
+    py::array_t<float> out(std::vector<py::ssize_t>{m, h, d});
+    ThreadPool* pool = threaded ? &ops_pool() : nullptr;
+    py::gil_scoped_release nogil;
+    if (f16)
+        attention_f16(q.data(), static_cast<const uint16_t*>(kc_a.data()), static_cast<const uint16_t*>(vc_a.data()), m,
+                      p0, h, hkv, d, out.mutable_data(), pool);
+    else
+        attention(q.data(), static_cast<const float*>(kc_a.data()), static_cast<const float*>(vc_a.data()), m, p0, h,
+                  hkv, d, out.mutable_data(), pool);
+    return out;
+}
+
+py::array_t<float> py_swiglu(const py::array& g_a, const py::array& u_a) {
+    auto g = require<float>(g_a, "gate", -1, "");
+    auto u = require<float>(u_a, "up", g.ndim(), shape_str(g).c_str());
+    for (py::ssize_t i = 0; i < g.ndim(); ++i) expect_dim(u, static_cast<int>(i), g.shape(i), "up", shape_str(g));
+    py::array_t<float> out(std::vector<py::ssize_t>(g.shape(), g.shape() + g.ndim()));
+    py::gil_scoped_release nogil;
+    swiglu(g.data(), u.data(), g.size(), out.mutable_data());
+    return out;
+}
+
+py::array_t<float> logits_1d(const py::array& a, const char* name) {
+    auto l = require<float>(a, name, 1, "(vocab,)");
+    if (l.shape(0) == 0) throw py::value_error(std::string(name) + ": must not be empty");
+    return l;
+}
+
+}  // namespace
+
+void bind_ops(py::module_& parent) {
+    py::module_ m = parent.def_submodule("ops", "CPU ops of the forward pass on numpy arrays (tests, benchmarks).");
+
+    m.def(
+        "set_num_threads", [](int n) { ops_pool().set_num_threads(n); }, py::arg("n"),
+        "Threads of the pool the ops here run on (<= 0: hardware concurrency).");
+    m.def("get_num_threads", [] { return ops_pool().num_threads(); });
+    m.def(
+        "cpu_kernels_available",
+        [] {
+            const CpuFeatures f = detect_cpu_features();
+            std::vector<std::string> out{"portable"};
+            if (f.avx2) out.push_back("avx2");
+            if (f.gfni) out.push_back("gfni");
+            return out;
+        },
+        "Kernel families this CPU can run: 'portable', 'avx2' (AVX2+FMA+F16C), 'gfni' (avx2 + GFNI).");
+    m.def(
+        "get_cpu_kernels",
+        [] {
+            const CpuFeatures& f = cpu_features();
+            return std::string(f.gfni ? "gfni" : f.avx2 ? "avx2" : "portable");
+        },
+        "The kernel family in use.");
+    m.def(
+        "set_cpu_kernels",
+        [](const std::string& kind) {
+            if (kind != "gfni" && kind != "avx2" && kind != "portable")
+                throw py::value_error("kind: expected 'gfni', 'avx2' or 'portable', got '" + kind + "'");
+            CpuFeatures f;
+            f.avx2 = kind != "portable";
+            f.gfni = kind == "gfni";
+            set_cpu_features(f);
+            const CpuFeatures& now = cpu_features();
+            return std::string(now.gfni ? "gfni" : now.avx2 ? "avx2" : "portable");
+        },
+        py::arg("kind"),
+        "Use at most this kernel family ('gfni', 'avx2' or 'portable'; the CPU may allow less); returns\n"
+        "the family in effect.");
+
+    m.def("bitplane_matmul", &py_bitplane_matmul, py::arg("planes"), py::arg("qparams"), py::arg("n"), py::arg("k"),
+          py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"), py::arg("path") = "auto",
+          py::arg("threaded") = true,
+          "y = x @ W_bits.T for a bit-plane linear: planes (>= bits, plane_bytes) uint8 in the tc8x512 layout,\n"
+          "qparams (n, n_groups, 2) float16, x (m, k) or (k,) float32 -> y (m, n) or (n,) float32.\n"
+          "Reads only the first `bits` planes. path: 'auto', 'decode' (bit-serial) or 'gemm' (dequantize + GEMM).");
+    m.def(
+        "bitplane_bytes_at",
+        [](uint64_t plane_bytes, int64_t n, int64_t k, int group_size, int bits) {
+            BitplaneLinear w;
+            w.plane_bytes = plane_bytes;
+            w.n = n;
+            w.k = k;
+            w.group_size = group_size;
+            return bitplane_bytes_at(w, bits);
+        },
+        py::arg("plane_bytes"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("bits"),
+        "Bytes one product at `bits` reads from the weight (planes + fp16 group parameters).");
+
+    m.def("rms_norm", &py_rms_norm, py::arg("x"), py::arg("w"), py::arg("eps"),
+          "x (..., d) * w (d,) / sqrt(mean(x^2, -1) + eps), float32.");
+    m.def("rope", &py_rope, py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("theta"),
+          py::arg("scaling") = "none", py::arg("factor") = 1.0f, py::arg("low_freq_factor") = 1.0f,
+          py::arg("high_freq_factor") = 4.0f, py::arg("original_max_position") = 8192,
+          "Rotate-half RoPE (Hugging Face Llama) of q (m, n_heads, d) and k (m, n_kv_heads, d) or None at\n"
+          "positions (m,) int64; returns rotated copies (q, k). scaling: 'none', 'linear' or 'llama3'.");
+    m.def(
+        "rope_inv_freq",
+        [](int head_dim, float theta, const std::string& scaling, float factor, float lo, float hi, int64_t orig) {
+            const Rope r = rope_init(rope_params(head_dim, theta, scaling, factor, lo, hi, orig));
+            py::array_t<float> a(static_cast<py::ssize_t>(r.inv_freq.size()));
+            std::memcpy(a.mutable_data(), r.inv_freq.data(), r.inv_freq.size() * sizeof(float));
+            return a;
+        },
+        py::arg("head_dim"), py::arg("theta"), py::arg("scaling") = "none", py::arg("factor") = 1.0f,
+        py::arg("low_freq_factor") = 1.0f, py::arg("high_freq_factor") = 4.0f, py::arg("original_max_position") = 8192,
+        "The (head_dim/2,) float32 inverse frequencies rope uses.");
+    m.def("attention", &py_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("p0"),
+          py::arg("threaded") = true,
+          "Causal GQA of q (m, n_heads, d) at positions p0.. over caches (t_max, n_kv_heads, d) float32 or\n"
+          "float16 holding positions 0..p0+m-1; returns (m, n_heads, d) float32.");
+    m.def("swiglu", &py_swiglu, py::arg("gate"), py::arg("up"), "silu(gate) * up, float32, same shapes.");
+    m.def(
+        "softmax",
+        [](const py::array& a) {
+            auto l = logits_1d(a, "x");
+            py::array_t<float> out(l.shape(0));
+            std::memcpy(out.mutable_data(), l.data(), l.size() * sizeof(float));
+            softmax_(out.mutable_data(), out.shape(0));
+            return out;
+        },
+        py::arg("x"), "softmax of x (n,) float32.");
+    m.def(
+        "argmax",
+        [](const py::array& a) {
+            auto l = logits_1d(a, "x");
+            return argmax(l.data(), l.shape(0));
+        },
+        py::arg("x"), "Index of the largest element of x (n,) float32, the first on ties.");
+    m.def(
+        "entropy_and_top1",
+        [](const py::array& a) {
+            auto l = logits_1d(a, "logits");
+            float e = 0, p = 0;
+            entropy_and_top1(l.data(), l.shape(0), &e, &p);
+            return py::make_tuple(e, p);
+        },
+        py::arg("logits"), "(entropy in nats, top-1 probability) of softmax(logits (vocab,) float32).");
+
+    py::class_<Sampler>(m, "Sampler", "Seeded token sampler (std::mt19937_64): same seed, same tokens.")
+        .def(py::init<uint64_t>(), py::arg("seed") = 0)
+        .def("seed", &Sampler::seed, py::arg("seed"))
+        .def(
+            "sample",
+            [](Sampler& s, const py::array& a, float temperature, int64_t top_k, float top_p, float min_p,
+               float repetition_penalty, const py::object& recent_o) {
+                auto l = logits_1d(a, "logits");
+                SamplerParams p;
+                p.temperature = temperature;
+                p.top_k = top_k;
+                p.top_p = top_p;
+                p.min_p = min_p;
+                p.repetition_penalty = repetition_penalty;
+                std::vector<int32_t> recent;
+                if (!recent_o.is_none()) recent = recent_o.cast<std::vector<int32_t>>();
+                return s.sample(l.data(), l.shape(0), p, recent.data(), static_cast<int64_t>(recent.size()));
+            },
+            py::arg("logits"), py::arg("temperature") = 1.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+            py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("recent") = py::none(),
+            "Draw one token id from logits (vocab,) float32 after the penalty and filters (see ops.h).");
+}

@@ -1,0 +1,45 @@
+#include "cpu_features.h"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace flexquant {
+
+CpuFeatures detect_cpu_features() {
+    CpuFeatures f;
+#if defined(FLEXQUANT_X86) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    f.gfni = f.avx2 && __builtin_cpu_supports("gfni");
+#endif
+    return f;
+}
+
+namespace {
+CpuFeatures initial_features() {
+    CpuFeatures f = detect_cpu_features();
+    const char* env = std::getenv("FLEXQUANT_CPU");
+    if (env && std::strcmp(env, "portable") == 0) f.avx2 = f.gfni = false;
+    if (env && std::strcmp(env, "avx2") == 0) f.gfni = false;
+    return f;
+}
+
+CpuFeatures& current() {
+    static CpuFeatures f = initial_features();
+    return f;
+}
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+    return current();
+}
+
+CpuFeatures set_cpu_features(const CpuFeatures& f) {
+    CpuFeatures old = current();
+    CpuFeatures allowed = detect_cpu_features();
+    current().avx2 = f.avx2 && allowed.avx2;  // never enable what the CPU lacks
+    current().gfni = f.gfni && f.avx2 && allowed.gfni;
+    return old;
+}
+
+}  // namespace flexquant

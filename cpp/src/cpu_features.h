@@ -1,0 +1,30 @@
+// Runtime CPU feature detection for the kernels' dispatch.
+//
+// SIMD kernels are compiled with per-function target attributes, so the library itself runs on
+// any x86-64; these flags pick the kernel at run time. FLEXQUANT_CPU in the environment caps what
+// is used: `portable` (no SIMD kernels) or `avx2` (no GFNI), for tests and for measuring speed-ups.
+#pragma once
+
+// The SIMD kernels exist on x86 only; elsewhere every kernel is the portable one.
+#if defined(__x86_64__) || defined(__i386__)
+#define FLEXQUANT_X86 1
+#endif
+
+namespace flexquant {
+
+struct CpuFeatures {
+    bool avx2 = false;  // AVX2 + FMA + F16C: what the *_avx2 kernels use
+    bool gfni = false;  // GFNI on top of avx2 (Ice Lake, Zen 4 and later): 8x8 bit transposes
+};
+
+// Detected once; then the same answer every call.
+const CpuFeatures& cpu_features();
+
+// Overrides the detected features (e.g. {avx2 = false} to test the portable kernels); a feature
+// the CPU lacks stays off. Returns the previous value. Not thread-safe with kernels running.
+CpuFeatures set_cpu_features(const CpuFeatures& f);
+
+// The features actually present on this CPU, ignoring overrides.
+CpuFeatures detect_cpu_features();
+
+}  // namespace flexquant

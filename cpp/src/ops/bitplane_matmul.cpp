@@ -1,0 +1,388 @@
+// y (m, n) = x (m, k) · W_kᵀ over a bit-plane linear, reading only its first k planes:
+//
+//   y[r, n] = Σ_g s_k[n,g] · Σ_{i∈g} c_k[n,i] x[r,i]  +  m_k[n,g] · Σ_{i∈g} x[r,i]
+//   Σ_i c_k[n,i] x[i] = Σ_{p<k} 2^(k-1-p) · Σ_{i: bit of plane p set} x[i]
+//   s_k = s · 2^(B-k),   m_k = m + s · (2^(B-k) - 1) / 2               (docs/format.md)
+//
+// This file holds the entry point (validation, the activation permutation, dispatch) and the
+// portable kernels; bitplane_matmul_avx2.cpp holds the AVX2 ones. Two regimes:
+//  - decode (m <= bitplane_decode_max_m): straight from the planes, re-read per activation row. The
+//    portable kernel looks up each plane byte in a 256-entry table of partial sums of the 8
+//    activations it covers (built once per call, shared by all rows and planes); the SIMD kernels
+//    (bitplane_matmul_avx2.cpp) turn the k planes of a row's words into byte codes (vpshufb per
+//    plane, or one GFNI 8x8 bit transpose for all planes) and multiply them with the activations.
+//  - gemm (larger m): 8 rows are dequantized to fp32 once and dotted with all m activation rows, so
+//    the decode cost is paid once per call instead of once per activation row.
+// Both walk the planes in their stored order: the activations are permuted once per call to match
+// the layout's word order (word (t, j) of a super-chunk covers K 512s + 128j + 32t).
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu_features.h"
+#include "ops/ops.h"
+#include "thread_pool.h"
+
+namespace flexquant {
+
+using namespace bitplane_detail;
+
+namespace {
+
+void check(bool ok, const std::string& what) {
+    if (!ok) throw std::invalid_argument("bitplane_matmul: " + what);
+}
+
+int64_t ceil_to(int64_t x, int64_t m) {
+    return (x + m - 1) / m * m;
+}
+
+// K index of bit 0 of stored word w (per row: 16 words per full super-chunk, word o = t*W + j of
+// super-chunk s covers K 512s + 128j + 32t).
+inline int64_t word_k_base(int64_t k_pad, int64_t w) {
+    const int64_t s = w / 16, o = w % 16;
+    const int64_t rest = (k_pad - s * 512) / 128;
+    const int64_t W = rest < 4 ? rest : 4;
+    const int64_t t = o / W, j = o % W;
+    return s * 512 + 128 * j + 32 * t;
+}
+
+// The 4 last words of a row in a short last super-chunk (W = 1 or 3), or -1 when it is full.
+inline int64_t tail_first_word(int64_t k_pad) {
+    const int64_t s = (k_pad - 1) / 512, words = 4 * ((k_pad - s * 512) / 128);
+    return words % 8 ? 16 * s + words - 4 : -1;
+}
+
+// src (x_stride): the K index whose activation goes to slot i of the permuted buffer (WordOrder).
+std::vector<int32_t> slot_sources(int64_t k_pad, WordOrder order) {
+    const int64_t tail = order == WORD_ORDER_GFNI ? tail_first_word(k_pad) : -1;
+    std::vector<int32_t> src(k_pad + (tail >= 0 ? 256 : 0));
+    auto one_word = [&](int64_t w) {  // NATURAL or DWORD order inside the word's own 32 slots
+        const int64_t base = word_k_base(k_pad, w);
+        for (int slot = 0; slot < 32; ++slot) {
+            const int e = order == WORD_ORDER_NATURAL ? slot : 4 * (slot % 8) + slot / 8;
+            src[w * 32 + slot] = static_cast<int32_t>(base + e);
+        }
+    };
+    for (int64_t s = 0; s * 512 < k_pad; ++s) {
+        const int64_t words = 4 * std::min<int64_t>(4, (k_pad - s * 512) / 128);
+        int64_t o = 0;
+        if (order == WORD_ORDER_GFNI) {
+            // Batches of 8 words (see WORD_ORDER_GFNI): slot 32(2v + h) + 8q + i of the batch holds
+            // weight 16h + 4(i%4) + q of word v + 4(i/4).
+            for (; o + 8 <= words; o += 8) {
+                for (int pos = 0; pos < 256; ++pos) {
+                    const int v = pos / 64, h = (pos / 32) % 2, q = (pos % 32) / 8, i = pos % 8;
+                    const int64_t w = 16 * s + o + v + 4 * (i / 4);
+                    src[(16 * s + o) * 32 + pos] =
+                        static_cast<int32_t>(word_k_base(k_pad, w) + 16 * h + 4 * (i % 4) + q);
+                }
+            }
+        }
+        for (; o < words; ++o) one_word(16 * s + o);
+    }
+    if (tail >= 0) {
+        // The tail words decoded two rows at a time (decode_tile_gfni): slot 64v + 32h + 8q + i holds
+        // weight 16h + 4(i%4) + q of tail word v, for i and i + 4 alike (one row per 128-bit lane).
+        for (int pos = 0; pos < 256; ++pos) {
+            const int v = pos / 64, h = (pos / 32) % 2, q = (pos % 32) / 8, i = pos % 8;
+            src[k_pad + pos] = static_cast<int32_t>(word_k_base(k_pad, tail + v) + 16 * h + 4 * (i % 4) + q);
+        }
+    }
+    return src;
+}
+
+// What a call needs that depends only on (k, group_size, order): computed once per distinct
+// shape (a model has a handful) and kept, as computing it costs about as much as a small product.
+struct Layout {
+    std::vector<int32_t> src;         // (x_stride) slot_sources; K indices >= k mark zero padding
+    std::vector<int32_t> word_group;  // (k_pad / 32) group of each stored word, clamped to n_groups - 1
+};
+
+std::shared_ptr<const Layout> layout_for(int64_t k, int group_size, WordOrder order) {
+    static std::mutex mutex;
+    static std::map<std::tuple<int64_t, int, int>, std::shared_ptr<const Layout>> cache;
+    const auto key = std::make_tuple(k, group_size, static_cast<int>(order));
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+    auto l = std::make_shared<Layout>();
+    const int64_t k_pad = ceil_to(k, 128), n_groups = (k + group_size - 1) / group_size;
+    l->src = slot_sources(k_pad, order);
+    l->word_group.resize(k_pad / 32);
+    for (int64_t w = 0; w < k_pad / 32; ++w)
+        l->word_group[w] = static_cast<int32_t>(std::min<int64_t>(word_k_base(k_pad, w) / group_size, n_groups - 1));
+    if (cache.size() >= 64) cache.clear();  // bound the memory if shapes keep changing
+    cache.emplace(key, l);
+    return l;
+}
+
+// xp (m, x_stride) <- x (m, k) in the kernel's slot order (src from slot_sources), zero padded. With
+// `scaled` (the SIMD decode kernels), slots 8..15 and 16..23 of each 32 hold x * 2^-8 and x * 2^-16:
+// those kernels convert code bytes 1 and 2 of a dword to float in place (c * 2^8, c * 2^16); the
+// factor is exact.
+void permute_activations(const float* x, int64_t m, int64_t k, int64_t x_stride, const int32_t* src, bool scaled,
+                         float* xp) {
+    const float q1 = scaled ? 1.0f / 256 : 1.0f, q2 = scaled ? 1.0f / 65536 : 1.0f;
+    for (int64_t r = 0; r < m; ++r) {
+        const float* xr = x + r * k;
+        float* out = xp + r * x_stride;
+        for (int64_t i = 0; i < x_stride; i += 32) {
+            for (int e = 0; e < 32; ++e) {
+                const int64_t from = src[i + e];
+                const float v = from < k ? xr[from] : 0.0f;
+                out[i + e] = e >= 8 && e < 16 ? v * q1 : e >= 16 && e < 24 ? v * q2 : v;
+            }
+        }
+    }
+}
+
+// Per-row view parameters of one row tile: scale (8, n_groups) = s_k, and bias (8, m) =
+// Σ_g m_k[g] Σ_{i∈g} x[r, i]. Rows past N get zeros.
+void tile_params_portable(const Job& j, int64_t rt, float* scale, float* bias) {
+    const int shift = j.w->max_bits - j.bits;
+    const float smul = static_cast<float>(1 << shift);
+    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
+    for (int g = 0; g < 8; ++g) {
+        const int64_t n = rt * 8 + g;
+        float* sc = scale + g * j.n_groups;
+        for (int64_t r = 0; r < j.m; ++r) bias[g * j.m + r] = 0.0f;
+        if (n >= j.w->n) {
+            std::fill(sc, sc + j.n_groups, 0.0f);
+            continue;
+        }
+        const uint16_t* qp = j.w->qparams + n * j.n_groups * 2;
+        for (int64_t r = 0; r < j.m; ++r) {
+            double b = 0.0;
+            for (int64_t gr = 0; gr < j.n_groups; ++gr) {
+                const float s = fp16_to_fp32(qp[2 * gr]), mn = fp16_to_fp32(qp[2 * gr + 1]);
+                if (r == 0) sc[gr] = s * smul;
+                b += static_cast<double>(mn + s * mmul) * j.xsum[r * j.n_groups + gr];
+            }
+            bias[g * j.m + r] = static_cast<float>(b);
+        }
+    }
+}
+
+inline uint32_t load_u32(const uint8_t* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);  // the layout is little-endian, as is every target of this file
+    return v;
+}
+
+// Portable decode. lut (m, k_pad/8, 256): lut[r][q][v] = Σ_{b: bit b of v} xp[r][8q + b], so one
+// lookup adds the 8 activations a plane byte selects.
+void build_luts(const float* xp, int64_t m, int64_t k_pad, int64_t x_stride, float* lut) {
+    const int64_t nq = k_pad / 8;
+    for (int64_t r = 0; r < m; ++r) {
+        for (int64_t q = 0; q < nq; ++q) {
+            const float* xv = xp + r * x_stride + q * 8;
+            float* t = lut + (r * nq + q) * 256;
+            t[0] = 0.0f;
+            for (int v = 1; v < 256; ++v) t[v] = t[v & (v - 1)] + xv[__builtin_ctz(v)];
+        }
+    }
+}
+
+void decode_tiles_portable(const Job& j, const float* lut, int64_t t0, int64_t t1) {
+    const uint64_t pb = j.w->plane_bytes;
+    const int64_t nq = j.k_pad / 8;
+    std::vector<float> scale(8 * j.n_groups), bias(8 * j.m), acc(8 * j.m);
+    for (int64_t rt = t0; rt < t1; ++rt) {
+        tile_params_portable(j, rt, scale.data(), bias.data());
+        const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        // Super-chunk outer, row inner: the planes are read as sequential streams.
+        for (int64_t s = 0; s < j.n_super; ++s) {
+            const int W = super_words(j, s);
+            const uint8_t* sb = j.w->planes + super_offset(j, rt, s);
+            for (int g = 0; g < rows; ++g) {
+                const float* sc = scale.data() + g * j.n_groups;
+                const uint8_t* rb = sb + 16 * W * g;
+                for (int64_t r = 0; r < j.m; ++r) {
+                    const float* lr = lut + r * nq * 256;
+                    float a = 0.0f;
+                    for (int o = 0; o < 4 * W; ++o) {
+                        const int64_t w = 16 * s + o;
+                        const float* L = lr + w * 4 * 256;
+                        float word = 0.0f;
+                        for (int p = 0; p < j.bits; ++p) {
+                            const uint32_t v = load_u32(rb + p * pb + 4 * o);
+                            const float t = (L[v & 255] + L[256 + ((v >> 8) & 255)]) +
+                                            (L[512 + ((v >> 16) & 255)] + L[768 + (v >> 24)]);
+                            word = (word + word) + t;  // Horner over the planes, MSB first: exact doubling
+                        }
+                        a += sc[j.word_group[w]] * word;
+                    }
+                    acc[g * j.m + r] += a;
+                }
+            }
+        }
+        for (int g = 0; g < rows; ++g)
+            for (int64_t r = 0; r < j.m; ++r) j.y[r * j.w->n + rt * 8 + g] = acc[g * j.m + r] + bias[g * j.m + r];
+    }
+}
+
+// spread[v]: byte i = bit i of v. Adding spread[plane byte] to 8 byte codes at once (SWAR, no carry
+// between bytes: codes stay <= 255) appends one plane to 8 codes.
+struct SpreadTable {
+    uint64_t t[256];
+    SpreadTable() {
+        for (int v = 0; v < 256; ++v) {
+            t[v] = 0;
+            for (int i = 0; i < 8; ++i) t[v] |= static_cast<uint64_t>((v >> i) & 1) << (8 * i);
+        }
+    }
+};
+const SpreadTable kSpread;
+
+// Portable gemm: dequantize each row of the tile (natural word order) and dot it with every x row.
+void gemm_tiles_portable(const Job& j, int64_t t0, int64_t t1) {
+    const uint64_t pb = j.w->plane_bytes;
+    std::vector<float> scale(8 * j.n_groups), bias(8 * j.m), rows_buf(8 * j.k_pad), mins(8 * j.n_groups);
+    const int shift = j.w->max_bits - j.bits;
+    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
+    for (int64_t rt = t0; rt < t1; ++rt) {
+        tile_params_portable(j, rt, scale.data(), bias.data());
+        const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
+        for (int g = 0; g < rows; ++g) {
+            const uint16_t* qp = j.w->qparams + (rt * 8 + g) * j.n_groups * 2;
+            for (int64_t gr = 0; gr < j.n_groups; ++gr)
+                mins[g * j.n_groups + gr] = fp16_to_fp32(qp[2 * gr + 1]) + fp16_to_fp32(qp[2 * gr]) * mmul;
+        }
+        for (int64_t s = 0; s < j.n_super; ++s) {
+            const int W = super_words(j, s);
+            const uint8_t* sb = j.w->planes + super_offset(j, rt, s);
+            for (int g = 0; g < rows; ++g) {
+                const uint8_t* rb = sb + 16 * W * g;
+                for (int o = 0; o < 4 * W; ++o) {
+                    const int64_t w = 16 * s + o;
+                    uint64_t code[4] = {0, 0, 0, 0};  // byte i of code[q] = code of weight 8q + i
+                    for (int p = 0; p < j.bits; ++p) {
+                        const uint32_t v = load_u32(rb + p * pb + 4 * o);
+                        for (int q = 0; q < 4; ++q) code[q] = (code[q] << 1) + kSpread.t[(v >> (8 * q)) & 255];
+                    }
+                    const int gr = j.word_group[w];
+                    const float sk = scale[g * j.n_groups + gr], mk = mins[g * j.n_groups + gr];
+                    float* out = rows_buf.data() + g * j.k_pad + w * 32;
+                    for (int q = 0; q < 4; ++q)
+                        for (int i = 0; i < 8; ++i)
+                            out[8 * q + i] = sk * static_cast<float>((code[q] >> (8 * i)) & 255) + mk;
+                }
+            }
+        }
+        // The min term is inside the dequantized rows, so no bias here.
+        for (int g = 0; g < rows; ++g) {
+            const float* row = rows_buf.data() + g * j.k_pad;
+            for (int64_t r = 0; r < j.m; ++r) {
+                const float* xr = j.xp + r * j.x_stride;
+                // 32 partial sums: independent chains (the adds' latency, not their count, bounds a
+                // single chain); k_pad is a multiple of 128.
+                float part[32] = {};
+                for (int64_t i = 0; i < j.k_pad; i += 32)
+                    for (int e = 0; e < 32; ++e) part[e] += row[i + e] * xr[i + e];
+                for (int e = 16; e > 0; e /= 2)
+                    for (int i = 0; i < e; ++i) part[i] += part[i + e];
+                j.y[r * j.w->n + rt * 8 + g] = part[0];
+            }
+        }
+    }
+}
+
+}  // namespace
+
+uint64_t bitplane_bytes_at(const BitplaneLinear& w, int bits) {
+    return static_cast<uint64_t>(bits) * w.plane_bytes + static_cast<uint64_t>(w.n) * w.n_groups() * 4;
+}
+
+void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, ThreadPool* pool,
+                     BitplaneMatmulPath path) {
+    check(w.n > 0 && w.k > 0, "n and k must be positive, got n=" + std::to_string(w.n) + ", k=" + std::to_string(w.k));
+    check(w.max_bits >= 2 && w.max_bits <= 8, "max_bits must be in 2..8, got " + std::to_string(w.max_bits));
+    check(w.group_size > 0 && w.group_size % 32 == 0,
+          "group_size must be a positive multiple of 32, got " + std::to_string(w.group_size));
+    check(bits >= 2 && bits <= w.max_bits,
+          "bits must be in 2.." + std::to_string(w.max_bits) + ", got " + std::to_string(bits));
+    const int64_t n_pad = ceil_to(w.n, 8), k_pad = ceil_to(w.k, 128);
+    check(w.plane_bytes == static_cast<uint64_t>(n_pad * k_pad / 8),
+          "plane_bytes must be " + std::to_string(n_pad * k_pad / 8) + " for n=" + std::to_string(w.n) +
+              ", k=" + std::to_string(w.k) + ", got " + std::to_string(w.plane_bytes));
+    check(w.planes && w.qparams && x && y, "null pointer");
+    check(m >= 0, "m must be >= 0");
+    if (m == 0) return;
+
+    Job j{};
+    j.w = &w;
+    j.bits = bits;
+    j.m = m;
+    j.k_pad = k_pad;
+    j.n_tiles = n_pad / 8;
+    j.n_super = (k_pad + 511) / 512;
+    j.n_groups = w.n_groups();
+    j.y = y;
+
+    const bool avx2 = cpu_features().avx2, gfni = cpu_features().gfni;
+    if (path == BITPLANE_PATH_AUTO) path = m <= bitplane_decode_max_m ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM;
+
+    const WordOrder order = gfni ? WORD_ORDER_GFNI : avx2 ? WORD_ORDER_DWORD : WORD_ORDER_NATURAL;
+    const std::shared_ptr<const Layout> layout = layout_for(w.k, w.group_size, order);
+    j.x_stride = static_cast<int64_t>(layout->src.size());
+    std::vector<float> xp(static_cast<size_t>(m) * j.x_stride);
+    permute_activations(x, m, w.k, j.x_stride, layout->src.data(), avx2 && path == BITPLANE_PATH_DECODE, xp.data());
+    j.xp = xp.data();
+    j.word_group = layout->word_group.data();
+
+    // Group sums in fp64: the min term multiplies them by m_k, which can be large next to the
+    // scale term (a group far from zero), so their rounding would show in y.
+    std::vector<double> xsum(static_cast<size_t>(m) * j.n_groups, 0.0);
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t gr = 0; gr < j.n_groups; ++gr) {
+            // 4 partial sums: one fp64 add chain would cost ~4 cycles per element.
+            double acc[4] = {0.0, 0.0, 0.0, 0.0};
+            const float* xg = x + r * w.k + gr * w.group_size;
+            const int64_t len = std::min<int64_t>(w.group_size, w.k - gr * w.group_size);
+            int64_t i = 0;
+            for (; i + 4 <= len; i += 4)
+                for (int e = 0; e < 4; ++e) acc[e] += xg[i + e];
+            for (; i < len; ++i) acc[0] += xg[i];
+            xsum[r * j.n_groups + gr] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        }
+    j.xsum = xsum.data();
+
+    std::vector<float> lut;
+    if (!avx2 && path == BITPLANE_PATH_DECODE) {
+        lut.resize(static_cast<size_t>(m) * k_pad * 32);
+        build_luts(xp.data(), m, k_pad, j.x_stride, lut.data());
+    }
+
+    const int threads = pool ? pool->num_threads() : 1;
+    // A few chunks per thread so that a slow thread does not hold up the call.
+    const int64_t grain = std::max<int64_t>(1, j.n_tiles / (threads * 4));
+    auto body = [&](int64_t t0, int64_t t1) {
+#ifdef FLEXQUANT_X86
+        if (path == BITPLANE_PATH_DECODE) {
+            if (gfni) return decode_tiles_gfni(j, t0, t1);
+            if (avx2) return decode_tiles_avx2(j, t0, t1);
+        } else {
+            if (gfni) return gemm_tiles_gfni(j, t0, t1);
+            if (avx2) return gemm_tiles_avx2(j, t0, t1);
+        }
+#endif
+        if (path == BITPLANE_PATH_DECODE)
+            decode_tiles_portable(j, lut.data(), t0, t1);
+        else
+            gemm_tiles_portable(j, t0, t1);
+    };
+    if (pool)
+        pool->parallel_for(j.n_tiles, grain, body);
+    else
+        body(0, j.n_tiles);
+}
+
+}  // namespace flexquant

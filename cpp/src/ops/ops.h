@@ -1,0 +1,221 @@
+// The CPU ops of the Llama forward pass: plain C++17 on raw pointers, row-major buffers.
+//
+// Every buffer is contiguous and row-major with the shape given beside it; "(m, n)" means m rows
+// of n elements. No op allocates its output; an op that may run in place says so. Ops that take a
+// ThreadPool* run on the caller alone when it is null. Precision: fp32 storage and math unless a
+// comment says otherwise (the bit-plane matmul accumulates in fp32 and its group sums in fp64).
+// Invalid sizes throw std::invalid_argument naming the argument.
+//
+// One op per file, same stem as the CUDA kernel: bitplane_matmul.cpp (+ bitplane_matmul_avx2.cpp,
+// the AVX2/GFNI kernels), rms_norm.cpp, rope.cpp, attention.cpp, swiglu.cpp, sampling.cpp. SIMD
+// kernels are picked at run time (cpu_features.h); every op also has a portable path. Results do
+// not depend on the thread count.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "fp16.h"
+
+namespace flexquant {
+
+class ThreadPool;
+
+// ---- bit-plane matmul (bitplane_matmul.cpp) ---------------------------------------------------
+
+// A non-owning view of one bit-plane linear of N outputs x K inputs (docs/format.md). The planes
+// must hold at least as many planes as the bit-width asked for; only those are read.
+struct BitplaneLinear {
+    const uint8_t* planes = nullptr;    // (max_bits, plane_bytes) tc8x512, plane 0 = MSB
+    uint64_t plane_bytes = 0;           // ceil(n/8)*8 * ceil(k/128)*128 / 8
+    const uint16_t* qparams = nullptr;  // (n, n_groups, 2) fp16 (scale, min) of the max_bits code
+    int64_t n = 0;                      // output rows N
+    int64_t k = 0;                      // inputs K
+    int max_bits = 8;                   // B, 2..8
+    int group_size = 128;               // G, a positive multiple of 32
+
+    int64_t n_groups() const { return (k + group_size - 1) / group_size; }
+};
+
+// Which kernel family bitplane_matmul uses. AUTO picks DECODE for m <= bitplane_decode_max_m and
+// GEMM above it; the others force one (tests, benchmarks).
+enum BitplaneMatmulPath {
+    BITPLANE_PATH_AUTO = 0,
+    BITPLANE_PATH_DECODE = 1,  // bit-serial straight from the planes, re-read per activation row
+    BITPLANE_PATH_GEMM = 2,    // dequantize 8 rows to fp32 once, then a dot-product micro-kernel
+};
+constexpr int64_t bitplane_decode_max_m = 4;
+
+// y (m, n) = x (m, k) . W_bitsᵀ, W_bits the `bits`-bit view (2 <= bits <= max_bits):
+//   y[r, n] = Σ_g s_k[n,g] Σ_{i∈g} c_k[n,i] x[r,i] + m_k[n,g] Σ_{i∈g} x[r,i]
+// reading only the first `bits` planes and the qparams. Scratch is allocated per call (x permuted
+// to the plane layout's order: m * (ceil(k/128)*128 + 256) floats at most, plus a lookup table on
+// the portable decode path). Threads split the row tiles of 8 outputs. Throws
+// std::invalid_argument on an inconsistent view (plane_bytes, group_size, bits).
+void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, ThreadPool* pool,
+                     BitplaneMatmulPath path = BITPLANE_PATH_AUTO);
+
+// Bytes the k-bit product reads from the weight: bits * plane_bytes + n * n_groups * 4.
+uint64_t bitplane_bytes_at(const BitplaneLinear& w, int bits);
+
+// ---- rms_norm (rms_norm.cpp) -------------------------------------------------------------------
+
+// y (m, d) = x * w / sqrt(mean(x^2) + eps) per row, as transformers' LlamaRMSNorm in fp32:
+// (x * rsqrt(mean + eps)) * w. y may equal x (in place).
+void rms_norm(const float* x, const float* w /*(d)*/, int64_t m, int64_t d, float eps, float* y);
+
+// ---- rope (rope.cpp) ----------------------------------------------------------------------------
+
+enum RopeScalingType {
+    ROPE_SCALING_NONE = 0,
+    ROPE_SCALING_LINEAR = 1,  // inv_freq / factor (= positions / factor)
+    ROPE_SCALING_LLAMA3 = 2,  // Llama 3.1: wavelength-dependent, see rope.cpp
+};
+
+struct RopeParams {
+    int head_dim = 64;  // even
+    float theta = 10000.0f;
+    RopeScalingType scaling = ROPE_SCALING_NONE;
+    float factor = 1.0f;                   // linear, llama3
+    float low_freq_factor = 1.0f;          // llama3
+    float high_freq_factor = 4.0f;         // llama3
+    int64_t original_max_position = 8192;  // llama3: original_max_position_embeddings
+};
+
+// The per-model RoPE frequencies, computed once.
+struct Rope {
+    int head_dim = 0;
+    std::vector<float> inv_freq;  // (head_dim / 2), fp32 exactly as transformers computes it
+};
+
+Rope rope_init(const RopeParams& p);
+
+// Rotate-half RoPE (Hugging Face Llama order, not interleaved), in place:
+//   x[i]       <- x[i] cos(f_i) - x[i + d/2] sin(f_i)
+//   x[i + d/2] <- x[i + d/2] cos(f_i) + x[i] sin(f_i),    f_i = pos * inv_freq[i], i < d/2
+// on q (m, n_heads, head_dim) and k (m, n_kv_heads, head_dim) at positions (m). k may be null.
+// The angle is the fp32 product (as transformers), its cos/sin are correctly rounded fp32.
+void rope_(const Rope& rope, float* q, int64_t n_heads, float* k, int64_t n_kv_heads, const int64_t* positions,
+           int64_t m);
+
+// The same in two steps, so that a forward pass computes the angles once for all its layers:
+// cos, sin (m, head_dim / 2) for the positions (m), then the rotation of x (m, n_heads, head_dim).
+void rope_cos_sin(const Rope& rope, const int64_t* positions, int64_t m, float* cos, float* sin);
+void rope_apply_(const float* cos, const float* sin, float* x, int64_t m, int64_t n_heads, int64_t head_dim);
+
+// ---- attention (attention.cpp) ------------------------------------------------------------------
+
+// Causal grouped-query attention of m new tokens at positions [p0, p0 + m), whose keys and values
+// are already in the cache at those positions:
+//   out[i, h] = Σ_{t <= p0+i} softmax_t(q[i,h] · K[t, h/(H/Hkv)] / sqrt(d)) V[t, h/(H/Hkv)]
+// q (m, n_heads, head_dim); k_cache, v_cache (t_max >= p0 + m, n_kv_heads, head_dim);
+// out (m, n_heads, head_dim). fp32 math, softmax with max subtraction. Threads split (token, KV
+// head) pairs, and at decode the positions too (see attention.cpp).
+void attention(const float* q, const float* k_cache, const float* v_cache, int64_t m, int64_t p0, int64_t n_heads,
+               int64_t n_kv_heads, int64_t head_dim, float* out, ThreadPool* pool);
+// The same over an fp16 cache (uint16_t bit patterns, same shapes), fp32 math.
+void attention_f16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache, int64_t m, int64_t p0,
+                   int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out, ThreadPool* pool);
+
+// ---- swiglu (swiglu.cpp) ------------------------------------------------------------------------
+
+// out (n) = silu(gate) * up, silu(g) = g / (1 + exp(-g)). out may equal gate or up.
+void swiglu(const float* gate, const float* up, int64_t n, float* out);
+
+// ---- sampling (sampling.cpp) ---------------------------------------------------------------------
+
+// In place: x (n) <- softmax(x), fp32 with max subtraction (sums in fp64).
+void softmax_(float* x, int64_t n);
+// Index of the largest logit (the first one on ties; nan is never chosen unless all are nan).
+int64_t argmax(const float* x, int64_t n);
+// Entropy (nats) of softmax(logits) and the probability of its most likely token.
+void entropy_and_top1(const float* logits, int64_t vocab, float* entropy, float* top1_prob);
+
+struct SamplerParams {
+    float temperature = 1.0f;         // <= 0: greedy (argmax after the repetition penalty)
+    int64_t top_k = 0;                // <= 0: off
+    float top_p = 1.0f;               // >= 1: off
+    float min_p = 0.0f;               // <= 0: off
+    float repetition_penalty = 1.0f;  // 1: off
+};
+
+// Seeded sampler: the same seed, logits and history give the same tokens on every run. The
+// filters follow transformers' order and semantics: repetition penalty (logit / penalty if > 0,
+// else logit * penalty, once per distinct token in the history), temperature, top-k, top-p (keep
+// the smallest prefix, most likely first, whose mass reaches top_p), min-p (drop tokens below
+// min_p * the top probability); then one draw from the renormalized distribution.
+class Sampler {
+  public:
+    explicit Sampler(uint64_t seed = 0) : rng_(seed) {}
+    void seed(uint64_t s) { rng_.seed(s); }
+    // logits (vocab); recent (n_recent) token ids for the repetition penalty (ids outside
+    // [0, vocab) are ignored).
+    int64_t sample(const float* logits, int64_t vocab, const SamplerParams& p, const int32_t* recent = nullptr,
+                   int64_t n_recent = 0);
+
+  private:
+    std::mt19937_64 rng_;
+    std::vector<float> work_;
+    std::vector<int32_t> ids_;
+    std::vector<float> probs_;  // exp(l / T - max / T) per token
+};
+
+// ---- internals shared between the op files ---------------------------------------------------------
+
+namespace ops_detail {
+// out (n) = exp(x * scale - shift), each x * scale - shift <= 0 expected (NaN and < -87.3 give 0);
+// returns Σ out in fp64. out may equal x. AVX2-vectorized where available (sampling.cpp): the
+// softmaxes over the vocab and over the attention scores.
+double exp_scaled(const float* x, int64_t n, float scale, float shift, float* out);
+}  // namespace ops_detail
+
+// ---- internals shared by bitplane_matmul.cpp and bitplane_matmul_avx2.cpp --------------------------
+
+namespace bitplane_detail {
+
+// Order of the 32 activations of one stored word in the permuted activation buffer.
+enum WordOrder {
+    WORD_ORDER_NATURAL = 0,  // slot b <- K base + b (portable kernels: bit b is slot b)
+    WORD_ORDER_DWORD = 1,    // slot 8q + l <- K base + 4l + q: the AVX2 kernels read a word's 32 byte
+                             // codes as 8 dwords and take byte q of each at once
+    WORD_ORDER_GFNI = 2,     // words in batches of 8 (a super-chunk row's words 0-7 and 8-15, where
+                             // present) laid out as the GFNI transpose emits them, see
+                             // bitplane_matmul_avx2.cpp; the other words (the 4 last ones of a short
+                             // last super-chunk) in DWORD order, and again after k_pad in the order
+                             // of the kernel that decodes them for two rows at once
+};
+
+// One call's shared state: geometry plus the activations in the order the kernel reads them.
+struct Job {
+    const BitplaneLinear* w;
+    int bits;
+    int64_t m;
+    int64_t k_pad, n_tiles, n_super, n_groups;
+    const float* xp;            // (m, x_stride) activations permuted to the stored word order (zero padded)
+    int64_t x_stride;           // k_pad, + 256 in WORD_ORDER_GFNI when the last super-chunk is short
+    const double* xsum;         // (m, n_groups) Σ_{i∈g} x[r, i]
+    const int32_t* word_group;  // (k_pad / 32) group of each stored word (clamped to n_groups - 1)
+    float* y;                   // (m, n)
+};
+
+// Byte offset, inside one plane, of row tile rt's super-chunk s; row g's words then start at
+// + 16 * W * g with W = words per lane of s (4 except in a short last super-chunk).
+inline uint64_t super_offset(const Job& j, int64_t rt, int64_t s) {
+    return static_cast<uint64_t>(rt) * j.k_pad + static_cast<uint64_t>(s) * 512;
+}
+inline int super_words(const Job& j, int64_t s) {
+    const int64_t rest = (j.k_pad - s * 512) / 128;
+    return static_cast<int>(rest < 4 ? rest : 4);
+}
+
+// AVX2 kernels over row tiles [t0, t1) (bitplane_matmul_avx2.cpp); the caller has checked the CPU.
+void decode_tiles_avx2(const Job& j, int64_t t0, int64_t t1);  // xp in WORD_ORDER_DWORD, scaled
+void gemm_tiles_avx2(const Job& j, int64_t t0, int64_t t1);    // xp in WORD_ORDER_DWORD
+void decode_tiles_gfni(const Job& j, int64_t t0, int64_t t1);  // xp in WORD_ORDER_GFNI, scaled
+void gemm_tiles_gfni(const Job& j, int64_t t0, int64_t t1);    // xp in WORD_ORDER_GFNI
+
+}  // namespace bitplane_detail
+
+}  // namespace flexquant

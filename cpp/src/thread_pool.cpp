@@ -1,0 +1,133 @@
+#include "thread_pool.h"
+
+#include <algorithm>
+#include <chrono>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FQ_CPU_RELAX() _mm_pause()
+#else
+#define FQ_CPU_RELAX() ((void)0)
+#endif
+
+namespace flexquant {
+
+namespace {
+// How long an idle worker spins before it sleeps on the condition variable. Long enough to bridge
+// the gap between two linears of one token, short enough not to burn a core between tokens.
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+thread_local bool t_inside_pool = false;
+}  // namespace
+
+ThreadPool::ThreadPool(int n_threads) {
+    start(n_threads);
+}
+
+ThreadPool::~ThreadPool() {
+    stop();
+}
+
+void ThreadPool::set_num_threads(int n_threads) {
+    stop();
+    start(n_threads);
+}
+
+void ThreadPool::start(int n_threads) {
+    if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    n_threads_ = n_threads;
+    quit_ = false;
+    // A worker starts from the generation of now, not of whenever its thread gets to run: a
+    // parallel_for issued before that would otherwise be missed and never complete.
+    const uint64_t gen = generation_.load();
+    for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, gen] { worker_loop(gen); });
+}
+
+void ThreadPool::stop() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        quit_ = true;
+        generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+}
+
+void ThreadPool::run_chunks() {
+    for (;;) {
+        const int64_t begin = next_.fetch_add(grain_);
+        if (begin >= n_) return;
+        const int64_t end = std::min(n_, begin + grain_);
+        try {
+            (*fn_)(begin, end);
+        } catch (...) {
+            std::lock_guard<std::mutex> lock(error_mutex_);
+            if (!error_) error_ = std::current_exception();
+            next_.store(n_);  // abandon the remaining chunks
+        }
+    }
+}
+
+void ThreadPool::worker_loop(uint64_t seen) {
+    t_inside_pool = true;
+    for (;;) {
+        // Spin first, then sleep: see kSpin.
+        const auto spin_until = std::chrono::steady_clock::now() + kSpin;
+        while (generation_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_until) {
+            for (int i = 0; i < 64; ++i) FQ_CPU_RELAX();
+        }
+        if (generation_.load(std::memory_order_acquire) == seen) {
+            std::unique_lock<std::mutex> lock(mutex_);
+            wake_.wait(lock, [&] { return generation_.load() != seen; });
+        }
+        seen = generation_.load(std::memory_order_acquire);
+        if (quit_) return;
+        // Join the job only while it is open; the caller waits for the workers that joined, and
+        // only for them (see parallel_for).
+        active_.fetch_add(1);
+        if (open_.load()) run_chunks();
+        active_.fetch_sub(1);
+    }
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+    if (n <= 0) return;
+    grain = std::max<int64_t>(1, grain);
+    bool expected = false;
+    if (n_threads_ == 1 || n <= grain || t_inside_pool || !busy_.compare_exchange_strong(expected, true)) {
+        for (int64_t b = 0; b < n; b += grain) fn(b, std::min(n, b + grain));
+        return;
+    }
+    fn_ = &fn;
+    n_ = n;
+    grain_ = grain;
+    next_.store(0);
+    error_ = nullptr;
+    open_.store(true);
+    {
+        // The lock orders the job's fields before the generation bump for a worker about to sleep.
+        std::lock_guard<std::mutex> lock(mutex_);
+        generation_.fetch_add(1, std::memory_order_acq_rel);
+    }
+    wake_.notify_all();
+    t_inside_pool = true;
+    run_chunks();
+    t_inside_pool = false;
+    // All chunks are claimed. Close the job, then wait for the workers that joined it to finish
+    // theirs. A worker that has not woken up yet is not waited for: on a machine with more
+    // threads than free cores it may not run for milliseconds, and the caller has done its share.
+    // Spin briefly, then yield, so that a worker descheduled mid-chunk can have this core.
+    open_.store(false);
+    for (int i = 0; active_.load() != 0; ++i) {
+        if (i < 2048)
+            FQ_CPU_RELAX();
+        else
+            std::this_thread::yield();
+    }
+    fn_ = nullptr;
+    busy_.store(false);
+    if (error_) std::rethrow_exception(error_);
+}
+
+}  // namespace flexquant

@@ -1,0 +1,762 @@
+// y (m, n) = x (m, k) · W_kᵀ over a bit-plane linear, reading only its first k planes:
+//
+//   y[r, n] = Σ_g s_k[n,g] · Σ_{i∈g} c_k[n,i] x[r,i]  +  m_k[n,g] · Σ_{i∈g} x[r,i]
+//   Σ_i c_k[n,i] x[i] = Σ_{p<k} 2^(k-1-p) · Σ_{i: bit of plane p set} x[i]
+//   s_k = s · 2^(B-k),   m_k = m + s · (2^(B-k) - 1) / 2               (docs/format.md)
+//
+// The CUDA twin of cpp/src/ops/bitplane_matmul.cpp, for decode-sized m (each launch takes up to 8
+// activation rows; the entry point slices larger m). Two kernel families (bitplane_matmul.cuh):
+//
+// TC ("W{k}A8", the fast path). Each activation row is quantized per weight group to int8
+// (q = rint(x / (absmax/127))) and sliced into 8 two's-complement bit planes, laid out like the
+// weights so that one 16-byte load per lane fetches them. One
+//   mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc      (PTX ISA, "Warp-level Matrix
+//   Multiply-Accumulate Instructions", m16n8k256 .b1 fragments)
+// gives, for 8 weight rows (the B columns = one row tile) and 16 A rows, Σ_K popc(a AND b) over a
+// 256-column chunk. A row = (activation bit plane g, "slot"), a slot being one (activation row,
+// weight group) pair: groups narrower than 256 columns are separated by masking the A words that
+// lie outside the slot's group. Weight planes are folded in by Horner (acc = 2·acc + mma), the 8
+// activation planes by an exact integer butterfly across the lanes (weights 2^g, -128 for the sign
+// plane), and only then is the integer converted and scaled by s_k · (absmax/127); the min term
+// takes the sum of the int8 activations too (see bitplane_prepare_tc_kernel), so the result is
+// W_k · x̂ exactly (x̂ = scale · q) up to fp32 rounding of the per-group terms.
+//
+// FP32 (the accuracy reference; any group size). Per lane and 32-bit word, the codes of 4 columns
+// at a time are assembled byte-wise from the planes ((P >> b) & 0x01010101 per plane) and
+// multiplied with fp32 activations stored in the matching order.
+//
+// Both read the tc8x512 layout as stored: one warp = one row tile of 8 rows, lane l = 4g + t holds
+// row g's words j = K [512s + 128j + 32t, +32) of super-chunk s, i.e. one 16-byte load per lane per
+// plane; the warps of a block split the super-chunks of one row tile and reduce in shared memory
+// (deterministic order). Weights are read once, so they are loaded with the evict-first /
+// streaming hint (__ldcs) and leave L2 to the activations, which every block reads.
+//
+// Measured on the H100 (tools/gpu_check.sh, m = 1, G = 128, weights rotated past L2, µs per launch
+// in a CUDA graph; cuBLAS fp16 F.linear 15.7 / 35.3 / 35.8): TC 4096x4096 9.2 / 8.0 / 6.7 at
+// 8 / 6 / 4 bits, 11008x4096 18.6 / 15.1 / 12.1 (84% of copy bandwidth at 8 bits), 4096x11008
+// 19.4 / 16.4 / 13.9; the activation preparation adds ~2.3 µs (a second launch). FP32 runs at
+// 15-42 µs, about cuBLAS fp16: the bit transposition on the CUDA cores is the bound, not memory.
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bitplane_matmul.cuh"
+#include "cuda_backend.h"
+
+namespace flexquant {
+
+namespace {
+
+constexpr int TILE_N = 8;        // rows per tile = the 8 columns of the mma's B operand
+constexpr int SUPER_K = 512;     // columns per full super-chunk (4 words per lane)
+constexpr int MAX_M = 8;         // activation rows per launch
+constexpr int MAX_WARPS = 16;    // warps per block (split-K)
+constexpr int AUTO_WARPS_PER_SM = 14;
+constexpr int PREP_THREADS = SUPER_K;  // the preparation kernels: one thread per column of a super-chunk
+constexpr unsigned FULL = 0xffffffffu;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+
+// Geometry shared by the launchers.
+struct Geometry {
+    int64_t n, k, k_pad, n_tiles, n_groups;
+    int n_super, last_words;  // super-chunks; words per lane of the last one (1..4)
+    int group_size;
+};
+
+Geometry geometry(const BitplaneLinear& w) {
+    Geometry g{};
+    g.n = w.n;
+    g.k = w.k;
+    g.k_pad = ceil_div(w.k, 128) * 128;
+    g.n_tiles = ceil_div(w.n, TILE_N);
+    g.n_groups = w.n_groups();
+    g.n_super = int(ceil_div(g.k_pad, SUPER_K));
+    g.last_words = int((g.k_pad - int64_t(g.n_super - 1) * SUPER_K) / 128);
+    g.group_size = w.group_size;
+    return g;
+}
+
+// ---- device helpers ---------------------------------------------------------------------------
+
+// Lane `lane`'s words of one super-chunk for planes p < bits: P[p] = words j = 0..3 (zeros past W).
+// tile_s: planes + rt * k_pad + s * 512 (row tile rt, super-chunk s of plane 0).
+__device__ __forceinline__ void load_planes(uint4 (&P)[8], const uint8_t* __restrict__ tile_s, uint64_t plane_bytes,
+                                            int bits, int W, int lane) {
+    if (W == 4) {
+#pragma unroll
+        for (int p = 0; p < 8; ++p)
+            if (p < bits) P[p] = __ldcs(reinterpret_cast<const uint4*>(tile_s + p * plane_bytes) + lane);
+    } else {  // the short last super-chunk: W words per lane, 4W-byte lane stride
+#pragma unroll
+        for (int p = 0; p < 8; ++p) {
+            if (p < bits) {
+                const uint32_t* q = reinterpret_cast<const uint32_t*>(tile_s + p * plane_bytes) + lane * W;
+                P[p].x = __ldcs(q);
+                P[p].y = W > 1 ? __ldcs(q + 1) : 0u;
+                P[p].z = W > 2 ? __ldcs(q + 2) : 0u;
+                P[p].w = 0u;
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
+    return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// d += Σ_K popc(a AND b) on the binary tensor cores (m16n8k256). Fragments: a0/a2 = A row
+// groupID, K [32t, +32) / [128 + 32t, +32); a1/a3 = A row groupID + 8, same K; b0/b1 = B column
+// groupID, K [32t, +32) / [128 + 32t, +32); d0, d1 = C[groupID][2t, 2t+1], d2, d3 = C[groupID+8][..].
+__device__ __forceinline__ void mma_b1(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Σ over the 8 lanes that share t (g = 0..7, lane bits 2..4) of v[2·b4 + b3], where b3, b4 are
+// bits 1 and 2 of this lane's g: a reduce-scatter butterfly, 4 shuffles for the 4 values instead
+// of 12. Each value ends in 2 lanes (b2 = 0 and 1).
+__device__ __forceinline__ int reduce_act_planes(const int (&v)[4], int b3, int b4) {
+    const int u0 = (b4 ? v[2] : v[0]) + __shfl_xor_sync(FULL, b4 ? v[0] : v[2], 16);
+    const int u1 = (b4 ? v[3] : v[1]) + __shfl_xor_sync(FULL, b4 ? v[1] : v[3], 16);
+    int z = (b3 ? u1 : u0) + __shfl_xor_sync(FULL, b3 ? u0 : u1, 8);
+    z += __shfl_xor_sync(FULL, z, 4);
+    return z;
+}
+
+// y[r, 8 rt + i] = Σ_w red[w][r][i] in warp order (deterministic), for rows < n.
+template <int M>
+__device__ __forceinline__ void write_tile(const float (&red)[MAX_WARPS][MAX_M][TILE_N], float* __restrict__ y,
+                                           int64_t n, int64_t rt, int n_warps) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < M * TILE_N; i += blockDim.x) {
+        const int r = i / TILE_N, rr = i % TILE_N;
+        const int64_t row = rt * TILE_N + rr;
+        if (row < n) {
+            float sum = 0.0f;
+            for (int w = 0; w < n_warps; ++w) sum += red[w][r][rr];
+            y[r * n + row] = sum;
+        }
+    }
+}
+
+// ---- TC path -------------------------------------------------------------------------------------
+
+// x (m, k) -> xq (m, n_super, 32 lanes, 4 words): word j of lane 4g + t of super-chunk s holds bit g
+// of q[512s + 128j + 32t + b] at bit b; aparams (m, n_groups) = (scale, scale · Σq) per group, scale
+// = absmax / 127, q = rint(x / scale) in [-127, 127] (0 where the group is all zeros). Block (s, r):
+// one column per thread; warp w covers K 512s + 32w, i.e. (j, t) = (w / 4, w % 4). Needs
+// group_size | 512.
+//
+// The min term uses Σ x̂ = scale · Σq, the sum of the int8 activations, not the exact Σx: then the
+// result is exactly W_k · x̂, whose error W_k · (x̂ - x) is that of the weights' own (zero-mean-ish)
+// values. With the exact Σx the error would be s_k · Σ c_k (x̂ - x), where the codes c_k carry the
+// group's offset (mean ~ 2^k / 2): measured 3-5x larger on random weights.
+static __global__ void __launch_bounds__(PREP_THREADS)
+bitplane_prepare_tc_kernel(const float* __restrict__ x,   // (m, k)
+                           int64_t k, int n_super, int64_t n_groups, int group_size,
+                           uint32_t* __restrict__ xq,      // (m, n_super, 32, 4)
+                           float2* __restrict__ aparams) { // (m, n_groups)
+    __shared__ float warp_max[PREP_THREADS / 32];
+    __shared__ int warp_qsum[PREP_THREADS / 32];
+    const int s = blockIdx.x, r = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t col = int64_t(s) * SUPER_K + threadIdx.x;
+    const float v = col < k ? x[r * k + col] : 0.0f;
+
+    float amax = fabsf(v);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, o));
+    if (lane == 0) warp_max[warp] = amax;
+    __syncthreads();
+    const int per_group = group_size / 32, w0 = warp / per_group * per_group;
+    amax = 0.0f;
+    for (int w = w0; w < w0 + per_group; ++w) amax = fmaxf(amax, warp_max[w]);
+    // IEEE division and rint (round half to even): the same float32 operations as numpy's
+    // amax / float32(127), rint(x / scale), so tests can rebuild q exactly.
+    const float scale = amax / 127.0f;
+    const int q = scale > 0.0f ? max(-127, min(127, int(rintf(v / scale)))) : 0;
+
+    int qsum = q;  // exact: |Σq| <= 127 * 512
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) qsum += __shfl_xor_sync(FULL, qsum, o);
+    if (lane == 0) warp_qsum[warp] = qsum;
+    __syncthreads();
+    qsum = 0;
+    for (int w = w0; w < w0 + per_group; ++w) qsum += warp_qsum[w];
+
+    uint32_t mine = 0;
+#pragma unroll
+    for (int b = 0; b < 8; ++b) {
+        const uint32_t word = __ballot_sync(FULL, (q >> b) & 1);  // two's complement bit b
+        if (lane == b) mine = word;
+    }
+    const int j = warp >> 2, t = warp & 3;
+    if (lane < 8) xq[((int64_t(r) * n_super + s) * 32 + 4 * lane + t) * 4 + j] = mine;
+    if (col < k && col % group_size == 0) aparams[r * n_groups + col / group_size] = make_float2(scale, scale * float(qsum));
+}
+
+// One block = one row tile, its warps splitting the super-chunks. L = weight groups per 256-column
+// chunk (256 / group_size, 1 for 256 and 512); group_shift = log2(group_size / 256) when L == 1.
+// Slots (activation row r, local group lg) are numbered r·L + lg; mma jm covers slots 2jm (A rows
+// 0-7) and 2jm + 1 (A rows 8-15). Loading the next super-chunk's planes before computing the
+// current one was measured slower at every split (32 more registers, fewer warps resident: e.g.
+// 11008x4096, 4 bits, 2 warps: 17.7 µs against 12.0), so each warp loads, then computes.
+template <int M, int L>
+static __global__ void __launch_bounds__(MAX_WARPS * 32)
+bitplane_matmul_tc_kernel(const uint8_t* __restrict__ planes,   // (>= bits, plane_bytes) tc8x512
+                          uint64_t plane_bytes,
+                          const __half2* __restrict__ qparams,  // (n, n_groups): (scale, min)
+                          const uint4* __restrict__ xq,         // (M, n_super, 32): activation planes
+                          const float2* __restrict__ aparams,   // (M, n_groups): (scale, Σ x̂)
+                          float* __restrict__ y,                // (M, n)
+                          int64_t n, int64_t k_pad, int64_t n_groups, int n_super, int last_words,
+                          int group_shift, int bits, float scale_mul, float min_mul) {
+    constexpr int J = (M * L + 1) / 2;                 // mma per weight plane per chunk
+    constexpr int NACC = L >= 2 ? M : (M + 1) / 2;    // fp32 accumulators per lane
+    __shared__ float red[MAX_WARPS][MAX_M][TILE_N];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int b3 = (g >> 1) & 1, b4 = g >> 2;  // after the butterfly: row parity, slot parity owned
+    const int w_g = g == 7 ? -128 : 1 << g;    // weight of activation plane g (two's complement)
+    const int64_t rt = blockIdx.x;
+    const int64_t row = rt * TILE_N + 2 * t + b3;  // the output row this lane scales
+    const bool row_ok = row < n;
+    const __half2* qrow = qparams + (row_ok ? row : 0) * n_groups;
+    const uint8_t* tile = planes + rt * k_pad;
+    // Local group (within the chunk) of this lane's low word (K 32t) and high word (K 128 + 32t).
+    const int lg_lo = (t * L) >> 3, lg_hi = ((4 + t) * L) >> 3;
+
+    float acc[NACC];
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
+
+    for (int s = warp; s < n_super; s += n_warps) {
+        const int W = s == n_super - 1 ? last_words : 4;
+        uint4 P[8];
+        load_planes(P, tile + int64_t(s) * SUPER_K, plane_bytes, bits, W, lane);
+        uint4 X[M];
+#pragma unroll
+        for (int r = 0; r < M; ++r) X[r] = __ldg(xq + (int64_t(r) * n_super + s) * 32 + lane);
+
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // the two 256-column chunks of the super-chunk
+            if (h == 1 && W <= 2) break;
+            const int64_t c = 2 * int64_t(s) + h;
+#pragma unroll
+            for (int jm = 0; jm < J; ++jm) {
+                uint32_t a[4];
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {  // half 0: slot 2jm (a0, a2); 1: slot 2jm+1 (a1, a3)
+                    const int slot = 2 * jm + half;
+                    uint32_t lo = 0, hi = 0;
+                    if (slot < M * L) {
+                        const int r = slot / L, lg = slot % L;
+                        const uint32_t xlo = h ? X[r].z : X[r].x, xhi = h ? X[r].w : X[r].y;
+                        lo = (L == 1 || lg_lo == lg) ? xlo : 0u;
+                        hi = (L == 1 || lg_hi == lg) ? xhi : 0u;
+                    }
+                    a[half] = lo;
+                    a[2 + half] = hi;
+                }
+                int d[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int p = 0; p < 8; ++p) {
+                    if (p < bits) {  // Horner over the weight planes, MSB first
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) d[i] += d[i];
+                        mma_b1(d, a, h ? P[p].z : P[p].x, h ? P[p].w : P[p].y);
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i) d[i] *= w_g;  // |d| <= 255 * 256: no overflow
+                const int z = reduce_act_planes(d, b3, b4);  // exact Σ_i c_k q over the slot's group
+
+                // This lane's (slot, row): slot 2jm + b4, row 2t + b3.
+                const int r = L >= 2 ? (2 * jm) / L : 2 * jm + b4;
+                const int64_t grp = L >= 2 ? c * L + (2 * jm) % L + b4 : c >> group_shift;
+                const bool first = L >= 2 || (c & ((int64_t(1) << group_shift) - 1)) == 0;
+                if (row_ok && r < M && grp < n_groups) {
+                    const float2 sm = __half22float2(qrow[grp]);
+                    const float2 ap = __ldg(aparams + int64_t(r) * n_groups + grp);
+                    const float s_k = sm.x * scale_mul;
+                    float term = float(z) * (s_k * ap.x);
+                    if (first) term += (sm.y + sm.x * min_mul) * ap.y;  // m_k Σ x̂, once per group
+                    acc[L >= 2 ? r : jm] += term;
+                }
+            }
+        }
+    }
+
+    // L >= 2: lanes b4 = 0, 1 hold the two slot parities of the same (r, row): add them. Then one
+    // lane per (r, row) (b2 = 0) stores.
+    if (L >= 2) {
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) acc[i] += __shfl_xor_sync(FULL, acc[i], 16);
+        if ((g & 5) == 0) {
+#pragma unroll
+            for (int r = 0; r < M; ++r) red[warp][r][2 * t + b3] = acc[r];
+        }
+    } else if ((g & 1) == 0) {
+#pragma unroll
+        for (int jm = 0; jm < NACC; ++jm) {
+            const int r = 2 * jm + b4;
+            if (r < M) red[warp][r][2 * t + b3] = acc[jm];
+        }
+    }
+    write_tile<M>(red, y, n, rt, n_warps);
+}
+
+// ---- FP32 path -----------------------------------------------------------------------------------
+
+// x (m, k) -> xp (m, k_pad): column 32w + e at slot 32w + 4(e % 8) + e / 8, so that the float4 at
+// slot 32w + 4b holds columns 32w + b, +8, +16, +24 (the 4 bytes of the byte-wise codes below);
+// wsum (m, k_pad / 32) = Σ of each word's 32 columns. Block (s, r), one column per thread.
+static __global__ void __launch_bounds__(PREP_THREADS)
+bitplane_prepare_fp32_kernel(const float* __restrict__ x,  // (m, k)
+                             int64_t k, int64_t k_pad,
+                             float* __restrict__ xp,        // (m, k_pad)
+                             float* __restrict__ wsum) {    // (m, k_pad / 32)
+    const int64_t col = int64_t(blockIdx.x) * SUPER_K + threadIdx.x;
+    const int r = blockIdx.y;
+    if (col >= k_pad) return;  // whole warps: k_pad is a multiple of 128
+    const float v = col < k ? x[r * k + col] : 0.0f;
+    const int e = int(col & 31);
+    xp[r * k_pad + (col & ~int64_t(31)) + 4 * (e & 7) + (e >> 3)] = v;
+    double sum = v;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL, sum, o);
+    if (e == 0) wsum[r * (k_pad / 32) + col / 32] = float(sum);
+}
+
+template <int M>
+static __global__ void __launch_bounds__(MAX_WARPS * 32)
+bitplane_matmul_fp32_kernel(const uint8_t* __restrict__ planes,   // (>= bits, plane_bytes) tc8x512
+                            uint64_t plane_bytes,
+                            const __half2* __restrict__ qparams,  // (n, n_groups): (scale, min)
+                            const float* __restrict__ xp,         // (M, k_pad) permuted (prepare)
+                            const float* __restrict__ wsum,       // (M, k_pad / 32)
+                            float* __restrict__ y,                // (M, n)
+                            int64_t n, int64_t k_pad, int64_t n_groups, int n_super, int last_words,
+                            int words_per_group, int bits, float scale_mul, float min_mul) {
+    __shared__ float red[MAX_WARPS][MAX_M][TILE_N];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int64_t rt = blockIdx.x;
+    const int64_t row = rt * TILE_N + g;
+    const bool row_ok = row < n;
+    const uint8_t* tile = planes + rt * k_pad;
+    const int64_t n_words = k_pad / 32;
+
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) acc[r] = 0.0f;
+
+    for (int s = warp; s < n_super; s += n_warps) {
+        const int W = s == n_super - 1 ? last_words : 4;
+        uint4 P[8];
+        load_planes(P, tile + int64_t(s) * SUPER_K, plane_bytes, bits, W, lane);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (j >= W) break;
+            const int64_t wi = int64_t(s) * 16 + 4 * j + t;  // word index = K / 32
+            const int64_t grp = wi / words_per_group;
+            float s_k = 0.0f, m_k = 0.0f;
+            if (row_ok && grp < n_groups) {  // padding words (K >= k) may lie past the last group
+                const float2 sm = __half22float2(qparams[row * n_groups + grp]);
+                s_k = sm.x * scale_mul;
+                m_k = sm.y + sm.x * min_mul;
+            }
+            float dot[M];
+#pragma unroll
+            for (int r = 0; r < M; ++r) dot[r] = 0.0f;
+#pragma unroll
+            for (int b = 0; b < 8; ++b) {
+                // Byte q of `code` = the k-bit code of column 32 wi + 8q + b.
+                uint32_t code = 0;
+#pragma unroll
+                for (int p = 0; p < 8; ++p)
+                    if (p < bits) code = (code << 1) | ((word_of(P[p], j) >> b) & 0x01010101u);
+                const float c0 = float(code & 0xffu), c1 = float((code >> 8) & 0xffu);
+                const float c2 = float((code >> 16) & 0xffu), c3 = float(code >> 24);
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    const float4 xv = __ldg(reinterpret_cast<const float4*>(xp + r * k_pad + wi * 32) + b);
+                    dot[r] += c0 * xv.x + c1 * xv.y + c2 * xv.z + c3 * xv.w;
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < M; ++r) acc[r] += s_k * dot[r] + m_k * __ldg(wsum + r * n_words + wi);
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < M; ++r) {  // the 4 lanes t of row g
+        acc[r] += __shfl_xor_sync(FULL, acc[r], 1);
+        acc[r] += __shfl_xor_sync(FULL, acc[r], 2);
+    }
+    if (t == 0) {
+#pragma unroll
+        for (int r = 0; r < M; ++r) red[warp][r][g] = acc[r];
+    }
+    write_tile<M>(red, y, n, rt, n_warps);
+}
+
+// ---- launchers: raw device pointers, sizes, a stream; no validation ---------------------------------
+
+using TcKernel = void (*)(const uint8_t*, uint64_t, const __half2*, const uint4*, const float2*, float*, int64_t,
+                          int64_t, int64_t, int, int, int, int, float, float);
+using Fp32Kernel = void (*)(const uint8_t*, uint64_t, const __half2*, const float*, const float*, float*, int64_t,
+                            int64_t, int64_t, int, int, int, int, float, float);
+
+template <int M>
+TcKernel tc_kernel_for_l(int L) {
+    switch (L) {
+        case 1: return bitplane_matmul_tc_kernel<M, 1>;
+        case 2: return bitplane_matmul_tc_kernel<M, 2>;
+        case 4: return bitplane_matmul_tc_kernel<M, 4>;
+        default: return bitplane_matmul_tc_kernel<M, 8>;
+    }
+}
+
+// The one dispatch switch of each family: compile-time m (register arrays) and L.
+TcKernel tc_kernel(int m, int L) {
+    switch (m) {
+        case 1: return tc_kernel_for_l<1>(L);
+        case 2: return tc_kernel_for_l<2>(L);
+        case 3: return tc_kernel_for_l<3>(L);
+        case 4: return tc_kernel_for_l<4>(L);
+        case 5: return tc_kernel_for_l<5>(L);
+        case 6: return tc_kernel_for_l<6>(L);
+        case 7: return tc_kernel_for_l<7>(L);
+        default: return tc_kernel_for_l<8>(L);
+    }
+}
+
+Fp32Kernel fp32_kernel(int m) {
+    switch (m) {
+        case 1: return bitplane_matmul_fp32_kernel<1>;
+        case 2: return bitplane_matmul_fp32_kernel<2>;
+        case 3: return bitplane_matmul_fp32_kernel<3>;
+        case 4: return bitplane_matmul_fp32_kernel<4>;
+        case 5: return bitplane_matmul_fp32_kernel<5>;
+        case 6: return bitplane_matmul_fp32_kernel<6>;
+        case 7: return bitplane_matmul_fp32_kernel<7>;
+        default: return bitplane_matmul_fp32_kernel<8>;
+    }
+}
+
+// Warps per block (split-K). The smallest power of two that puts >= 14 warps per multiprocessor
+// over the grid: fewer warps per block means fewer blocks past the first wave and less block
+// reduction, while 14 warps of 16-byte loads per SM keep enough bytes in flight. Measured on the
+// H100 (tools/gpu_check.sh, TC, m = 1, 4 / 8 bits, µs for 1, 2, 4, 8 warps): 4096x4096 13.9, 8.8,
+// 6.7, 7.2 / 15.3, 10.7, 9.2, 9.7; 11008x4096 16.1, 12.0, 12.4, 13.2 / 20.5, 18.6, 18.0, 18.8;
+// 4096x11008 41.2, 21.1, 13.7, 14.9 / 42.7, 24.7, 19.3, 20.3. The rule picks 4, 2, 4.
+int pick_warps(const Geometry& g, int warps_per_block) {
+    if (warps_per_block > 0) return warps_per_block;
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+        cudaGetLastError();  // not sticky; the launch reports a real problem
+        sms = 132;
+    }
+    const int64_t target = int64_t(AUTO_WARPS_PER_SM) * sms;
+    int w = 1;
+    while (w < MAX_WARPS && w < g.n_super && g.n_tiles * w < target) w *= 2;
+    return std::min(w, g.n_super);
+}
+
+// Scratch of one launch of m <= 8 rows: [activations][group or word params], each 256-aligned.
+struct Scratch {
+    void* acts;
+    void* params;
+};
+Scratch carve(const Geometry& g, int64_t m, BitplaneCudaPath path, void* ws) {
+    const size_t acts = path == BITPLANE_CUDA_TC ? size_t(m) * g.n_super * SUPER_K  // 32 lanes x 16 bytes
+                                                 : size_t(m) * g.k_pad * sizeof(float);
+    return {ws, static_cast<char*>(ws) + align256(acts)};
+}
+size_t scratch_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
+    const size_t params = path == BITPLANE_CUDA_TC ? size_t(m) * g.n_groups * sizeof(float2)
+                                                   : size_t(m) * (g.k_pad / 32) * sizeof(float);
+    const size_t acts = path == BITPLANE_CUDA_TC ? size_t(m) * g.n_super * SUPER_K : size_t(m) * g.k_pad * sizeof(float);
+    return align256(acts) + align256(params);
+}
+
+// x (m <= 8, k) -> the scratch of `path`.
+void bitplane_prepare_launch(const Geometry& g, const float* x, int64_t m, BitplaneCudaPath path, const Scratch& sc,
+                             cudaStream_t stream) {
+    const dim3 grid(unsigned(g.n_super), unsigned(m));
+    if (path == BITPLANE_CUDA_TC)
+        bitplane_prepare_tc_kernel<<<grid, PREP_THREADS, 0, stream>>>(x, g.k, g.n_super, g.n_groups, g.group_size,
+                                                                       static_cast<uint32_t*>(sc.acts),
+                                                                       static_cast<float2*>(sc.params));
+    else
+        bitplane_prepare_fp32_kernel<<<grid, PREP_THREADS, 0, stream>>>(x, g.k, g.k_pad, static_cast<float*>(sc.acts),
+                                                                         static_cast<float*>(sc.params));
+}
+
+// y (m <= 8, n) from the prepared scratch.
+void bitplane_matmul_launch(const Geometry& g, const uint8_t* planes, uint64_t plane_bytes, const uint16_t* qparams,
+                            int bits, int max_bits, int64_t m, BitplaneCudaPath path, const Scratch& sc, float* y,
+                            int warps, cudaStream_t stream) {
+    const int shift = max_bits - bits;
+    // The same fp32 constants as the CPU op and numpy's view_params.
+    const float scale_mul = float(1 << shift);
+    const float min_mul = float(((1 << shift) - 1) / 2.0);
+    const auto* qp = reinterpret_cast<const __half2*>(qparams);
+    const dim3 grid(unsigned(g.n_tiles)), block(unsigned(32 * warps));
+    if (path == BITPLANE_CUDA_TC) {
+        const int L = g.group_size >= 256 ? 1 : 256 / g.group_size;
+        const int group_shift = g.group_size == 512 ? 1 : 0;
+        tc_kernel(int(m), L)<<<grid, block, 0, stream>>>(planes, plane_bytes, qp, static_cast<const uint4*>(sc.acts),
+                                                        static_cast<const float2*>(sc.params), y, g.n, g.k_pad,
+                                                        g.n_groups, g.n_super, g.last_words, group_shift, bits,
+                                                        scale_mul, min_mul);
+    } else {
+        fp32_kernel(int(m))<<<grid, block, 0, stream>>>(planes, plane_bytes, qp, static_cast<const float*>(sc.acts),
+                                                       static_cast<const float*>(sc.params), y, g.n, g.k_pad,
+                                                       g.n_groups, g.n_super, g.last_words, g.group_size / 32, bits,
+                                                       scale_mul, min_mul);
+    }
+}
+
+// ---- validation ----------------------------------------------------------------------------------
+
+void check(bool ok, const std::string& fn, const std::string& what) {
+    if (!ok) throw Error(fn + ": " + what);
+}
+
+void validate(const BitplaneLinear& w, int bits, int64_t m, const std::string& fn) {
+    check(w.n > 0 && w.k > 0, fn, "n and k must be positive, got n=" + std::to_string(w.n) + ", k=" + std::to_string(w.k));
+    check(w.max_bits >= 2 && w.max_bits <= 8, fn, "max_bits must be in 2..8, got " + std::to_string(w.max_bits));
+    check(w.group_size > 0 && w.group_size % 32 == 0, fn,
+          "group_size must be a positive multiple of 32, got " + std::to_string(w.group_size));
+    check(bits >= 2 && bits <= w.max_bits, fn,
+          "bits must be in 2.." + std::to_string(w.max_bits) + ", got " + std::to_string(bits));
+    const uint64_t want = uint64_t(ceil_div(w.n, 8) * 8) * uint64_t(ceil_div(w.k, 128) * 128) / 8;
+    check(w.plane_bytes == want, fn,
+          "plane_bytes must be " + std::to_string(want) + " for n=" + std::to_string(w.n) + ", k=" +
+              std::to_string(w.k) + ", got " + std::to_string(w.plane_bytes));
+    check(m >= 0, fn, "m must be >= 0, got " + std::to_string(m));
+    check(ceil_div(w.n, TILE_N) <= int64_t(0x7fffffff) && ceil_div(w.k, SUPER_K) <= 65535, fn, "linear too large");
+}
+
+void validate_tuning(const BitplaneCudaTuning& tuning, const std::string& fn) {
+    check(tuning.warps_per_block >= 0 && tuning.warps_per_block <= MAX_WARPS, fn,
+          "warps_per_block must be in 0..16, got " + std::to_string(tuning.warps_per_block));
+}
+
+}  // namespace
+
+// ---- entry points ----------------------------------------------------------------------------------
+
+bool bitplane_cuda_tc_supports(int group_size) {
+    return group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256 || group_size == 512;
+}
+
+BitplaneCudaPath bitplane_cuda_resolve_path(const BitplaneLinear& w, BitplaneCudaPath path) {
+    if (path == BITPLANE_CUDA_AUTO) return bitplane_cuda_tc_supports(w.group_size) ? BITPLANE_CUDA_TC : BITPLANE_CUDA_FP32;
+    if (path == BITPLANE_CUDA_TC && !bitplane_cuda_tc_supports(w.group_size))
+        throw Error("bitplane_matmul_cuda: the TC path needs group_size 32, 64, 128, 256 or 512, got " +
+                    std::to_string(w.group_size) + " (use the FP32 path)");
+    if (path != BITPLANE_CUDA_TC && path != BITPLANE_CUDA_FP32)
+        throw Error("bitplane_matmul_cuda: unknown path " + std::to_string(int(path)));
+    return path;
+}
+
+size_t bitplane_matmul_cuda_workspace(const BitplaneLinear& w, int64_t m, BitplaneCudaPath path) {
+    path = bitplane_cuda_resolve_path(w, path);
+    return scratch_bytes(geometry(w), std::min<int64_t>(std::max<int64_t>(m, 1), MAX_M), path);
+}
+
+void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
+                                void* workspace, size_t workspace_bytes, BitplaneCudaPath path, CUstream_st* stream,
+                                const BitplaneCudaTuning& tuning) {
+    const std::string fn = "bitplane_matmul_cuda_async";
+    validate(w, bits, m, fn);
+    path = bitplane_cuda_resolve_path(w, path);
+    if (m == 0) return;
+    check(w.planes && w.qparams && x && y && workspace, fn, "null pointer");
+    // 16-byte lane loads of the planes; half2 loads of the qparams.
+    check(reinterpret_cast<uintptr_t>(w.planes) % 16 == 0, fn, "planes must be 16-byte aligned");
+    check(reinterpret_cast<uintptr_t>(w.qparams) % 4 == 0, fn, "qparams must be 4-byte aligned");
+    check(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, fn, "workspace must be 256-byte aligned");
+    validate_tuning(tuning, fn);
+    const size_t need = bitplane_matmul_cuda_workspace(w, m, path);
+    check(workspace_bytes >= need, fn,
+          "workspace holds " + std::to_string(workspace_bytes) + " bytes, needs " + std::to_string(need));
+
+    const Geometry g = geometry(w);
+    const int warps = pick_warps(g, tuning.warps_per_block);
+    for (int64_t r0 = 0; r0 < m; r0 += MAX_M) {  // the workspace is reused in stream order
+        const int64_t mm = std::min<int64_t>(MAX_M, m - r0);
+        const Scratch sc = carve(g, mm, path, workspace);
+        bitplane_prepare_launch(g, x + r0 * w.k, mm, path, sc, stream);
+        bitplane_matmul_launch(g, w.planes, w.plane_bytes, w.qparams, bits, w.max_bits, mm, path, sc, y + r0 * w.n,
+                               warps, stream);
+    }
+    cuda_check(cudaGetLastError(), fn + " (kernel launch)");
+}
+
+void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
+                          BitplaneCudaPath path, const BitplaneCudaTuning& tuning) {
+    const std::string fn = "bitplane_matmul_cuda";
+    validate(w, bits, m, fn);
+    validate_tuning(tuning, fn);
+    path = bitplane_cuda_resolve_path(w, path);
+    check(w.planes && w.qparams && x && y, fn, "null pointer");
+    if (m == 0) return;
+    // Only the first `bits` planes travel: the k-bit view never reads the others.
+    const size_t planes_bytes = size_t(bits) * w.plane_bytes;
+    const size_t qparams_count = size_t(w.n) * w.n_groups() * 2;
+    const size_t ws_bytes = bitplane_matmul_cuda_workspace(w, m, path);
+    DeviceBuffer<uint8_t> planes(planes_bytes, fn);
+    DeviceBuffer<uint16_t> qparams(qparams_count, fn);
+    DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
+    DeviceBuffer<uint8_t> ws(ws_bytes, fn);
+    cuda_check(cudaMemcpy(planes.get(), w.planes, planes_bytes, cudaMemcpyHostToDevice), fn + " (upload planes)");
+    cuda_check(cudaMemcpy(qparams.get(), w.qparams, qparams_count * 2, cudaMemcpyHostToDevice), fn + " (upload qparams)");
+    cuda_check(cudaMemcpy(xd.get(), x, size_t(m) * w.k * sizeof(float), cudaMemcpyHostToDevice), fn + " (upload x)");
+    // NaN everywhere (all-ones bit pattern): an element the kernel fails to write shows up.
+    cuda_check(cudaMemset(yd.get(), 0xff, size_t(m) * w.n * sizeof(float)), fn + " (poison y)");
+    BitplaneLinear dw = w;
+    dw.planes = planes.get();
+    dw.qparams = qparams.get();
+    bitplane_matmul_cuda_async(dw, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, path, nullptr, tuning);
+    // cudaMemcpy waits for the kernels on the legacy default stream; an error raised while they
+    // ran surfaces here.
+    cuda_check(cudaMemcpy(y, yd.get(), size_t(m) * w.n * sizeof(float), cudaMemcpyDeviceToHost), fn + " (download)");
+}
+
+// ---- benchmark ---------------------------------------------------------------------------------------
+
+namespace {
+
+// RAII holders so that an error thrown mid-benchmark releases everything.
+struct Stream {
+    cudaStream_t s = nullptr;
+    explicit Stream(const std::string& fn) { cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), fn); }
+    ~Stream() { if (s) cudaStreamDestroy(s); }
+};
+struct Event {
+    cudaEvent_t e = nullptr;
+    explicit Event(const std::string& fn) { cuda_check(cudaEventCreate(&e), fn); }
+    ~Event() { if (e) cudaEventDestroy(e); }
+};
+struct Graph {
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    ~Graph() {
+        if (exec) cudaGraphExecDestroy(exec);
+        if (g) cudaGraphDestroy(g);
+    }
+};
+
+// Captures `enqueue(i)` for i < launches into a graph on `stream`, replays it (2 warm-ups, then
+// `reps` timed), returns per-launch times in microseconds, sorted.
+template <class F>
+std::vector<double> time_graph(cudaStream_t stream, int launches, int reps, const std::string& fn, F enqueue) {
+    Graph graph;
+    cuda_check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), fn + " (begin capture)");
+    for (int i = 0; i < launches; ++i) enqueue(i);
+    const cudaError_t launch_err = cudaGetLastError();
+    const cudaError_t capture_err = cudaStreamEndCapture(stream, &graph.g);
+    cuda_check(launch_err, fn + " (launch during capture)");
+    cuda_check(capture_err, fn + " (end capture)");
+    cuda_check(cudaGraphInstantiate(&graph.exec, graph.g, 0), fn + " (instantiate)");
+    Event start(fn), stop(fn);
+    std::vector<double> us;
+    for (int rep = -2; rep < reps; ++rep) {
+        cuda_check(cudaEventRecord(start.e, stream), fn);
+        cuda_check(cudaGraphLaunch(graph.exec, stream), fn + " (graph launch)");
+        cuda_check(cudaEventRecord(stop.e, stream), fn);
+        cuda_check(cudaEventSynchronize(stop.e), fn + " (replay)");
+        float ms = 0;
+        cuda_check(cudaEventElapsedTime(&ms, start.e, stop.e), fn);
+        if (rep >= 0) us.push_back(1000.0 * ms / launches);
+    }
+    std::sort(us.begin(), us.end());
+    return us;
+}
+
+}  // namespace
+
+BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits, const float* x, int64_t m,
+                                              BitplaneCudaPath path, int copies, int reps,
+                                              const BitplaneCudaTuning& tuning) {
+    const std::string fn = "bitplane_matmul_cuda_bench";
+    validate(w, bits, m, fn);
+    path = bitplane_cuda_resolve_path(w, path);
+    check(m >= 1 && m <= MAX_M, fn, "m must be in 1..8, got " + std::to_string(m));
+    check(w.planes && w.qparams && x, fn, "null pointer");
+    check(reps >= 1 && copies >= 0, fn, "reps must be >= 1 and copies >= 0");
+    validate_tuning(tuning, fn);
+
+    int device = 0;
+    cuda_check(cudaGetDevice(&device), fn);
+    cudaDeviceProp prop{};
+    cuda_check(cudaGetDeviceProperties(&prop, device), fn);
+    const size_t planes_bytes = size_t(bits) * w.plane_bytes;
+    const size_t qparams_count = size_t(w.n) * w.n_groups() * 2;
+    const size_t per_copy = planes_bytes + qparams_count * 2;
+    if (copies == 0) {  // rotate through >= 4x L2 of weights, within 8 GB
+        const size_t l2 = size_t(std::max(prop.l2CacheSize, 1 << 20));
+        copies = int(std::clamp<size_t>((4 * l2 + per_copy - 1) / per_copy, 2, 256));
+        copies = int(std::max<size_t>(2, std::min<size_t>(copies, (size_t(8) << 30) / per_copy)));
+    }
+
+    std::vector<std::unique_ptr<DeviceBuffer<uint8_t>>> plane_copies;
+    std::vector<std::unique_ptr<DeviceBuffer<uint16_t>>> qparam_copies;
+    for (int c = 0; c < copies; ++c) {
+        plane_copies.push_back(std::make_unique<DeviceBuffer<uint8_t>>(planes_bytes, fn));
+        qparam_copies.push_back(std::make_unique<DeviceBuffer<uint16_t>>(qparams_count, fn));
+        cuda_check(cudaMemcpy(plane_copies.back()->get(), w.planes, planes_bytes, cudaMemcpyHostToDevice), fn);
+        cuda_check(cudaMemcpy(qparam_copies.back()->get(), w.qparams, qparams_count * 2, cudaMemcpyHostToDevice), fn);
+    }
+    const Geometry g = geometry(w);
+    const size_t ws_bytes = scratch_bytes(g, m, path);
+    DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
+    DeviceBuffer<uint8_t> ws(ws_bytes, fn);
+    cuda_check(cudaMemcpy(xd.get(), x, size_t(m) * w.k * sizeof(float), cudaMemcpyHostToDevice), fn);
+    const Scratch sc = carve(g, m, path, ws.get());
+    const int warps = pick_warps(g, tuning.warps_per_block);
+
+    Stream stream(fn);
+    bitplane_prepare_launch(g, xd.get(), m, path, sc, stream.s);  // the matmul-only graph reads this
+    cuda_check(cudaStreamSynchronize(stream.s), fn + " (prepare)");
+    const int launches = std::max(copies, 128);
+    auto matmul = [&](int i) {
+        const int c = i % copies;
+        bitplane_matmul_launch(g, plane_copies[c]->get(), w.plane_bytes, qparam_copies[c]->get(), bits, w.max_bits, m,
+                               path, sc, yd.get(), warps, stream.s);
+    };
+    const std::vector<double> mm = time_graph(stream.s, launches, reps, fn, matmul);
+    const std::vector<double> prep = time_graph(stream.s, launches, reps, fn, [&](int) {
+        bitplane_prepare_launch(g, xd.get(), m, path, sc, stream.s);
+    });
+    const std::vector<double> total = time_graph(stream.s, launches, reps, fn, [&](int i) {
+        bitplane_prepare_launch(g, xd.get(), m, path, sc, stream.s);
+        matmul(i);
+    });
+
+    BitplaneCudaTiming out;
+    out.matmul_us = mm[mm.size() / 2];
+    out.matmul_min_us = mm.front();
+    out.prepare_us = prep[prep.size() / 2];
+    out.total_us = total[total.size() / 2];
+    out.copies = copies;
+    out.launches = launches;
+    out.warps_per_block = warps;
+    return out;
+}
+
+}  // namespace flexquant

@@ -1,0 +1,258 @@
+"""The CUDA bit-plane matmul (_core.bitplane_matmul_cuda, cuda/bitplane_matmul.cu) against numpy.
+
+Each path is held to a reference of its own precision (tolerance from a same-precision baseline):
+- 'fp32' (fp32 activations): the fp64 value of the k-bit product y = x · W_kᵀ; allowed error
+  2x that of a plain fp32 implementation (dequantize, then a sequential fp32 dot) + 1e-6.
+- 'tc' (int8 activations on binary tensor cores): the fp64 value of W_k · x̂, x̂ = scale · q the
+  int8 activations rebuilt here bit for bit (per weight group: scale = absmax / 127 in fp32,
+  q = rint(x / scale)); allowed error 2x that of the plain fp32 evaluation of that formula + 1e-6. How far int8 activations are from fp32 ones is checked separately: the
+  kernel may be no farther from the fp32-activation product than the numpy int8 product is.
+Shapes are awkward on purpose (N % 8 != 0; K = 300 and 576 end in a short super-chunk), every
+bit-width 2..max_bits is run, inputs are fresh random numbers (never zeros), and the device output
+is NaN-poisoned before each launch, so an unwritten element fails the test.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import flexquant_rt._core as core
+from flexquant_rt import bitplane as bp
+
+pytestmark = pytest.mark.skipif(not core.cuda_available(), reason="no CUDA device (or built without CUDA)")
+
+KS = (128, 300, 576, 1536, 4096)
+NS = (13, 200)
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def make_linear(rng, n, k, max_bits, group_size):
+    """A random weight whose rows differ in offset and spread (both s_k and m_k matter);
+    returns (codes (n, k), qparams (n, n_groups, 2) float16, planes (max_bits, plane_bytes))."""
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 0.1, (n, 1)) + rng.uniform(-0.05, 0.05, (n, 1)))
+    codes, qparams = bp.quantize(w.astype(np.float32), max_bits, group_size)
+    return codes, qparams, bp.pack_planes(codes, max_bits)
+
+
+def make_x(rng, m, k):
+    """Activations with a non-zero mean and a few outliers, as a transformer's are."""
+    x = rng.standard_normal((m, k)) + 0.1
+    x[rng.random((m, k)) < 0.01] *= 20.0
+    return x.astype(np.float32)
+
+
+def _groups(a, group_size):
+    """(..., k) -> (..., n_groups, group_size), zero padded."""
+    k = a.shape[-1]
+    ng = -(-k // group_size)
+    out = np.zeros(a.shape[:-1] + (ng * group_size,), dtype=a.dtype)
+    out[..., :k] = a
+    return out.reshape(a.shape[:-1] + (ng, group_size))
+
+
+def _view(codes, qparams, bits, max_bits, group_size):
+    """c_k (n, n_groups, G) int64 and s_k, m_k (n, n_groups) float32 of the k-bit view."""
+    ck = _groups((codes >> (max_bits - bits)).astype(np.int64), group_size)
+    s_k, m_k = bp.view_params(qparams, bits, max_bits)
+    return ck, s_k, m_k
+
+
+def reference_fp32(codes, qparams, x, bits, max_bits, group_size):
+    """(fp64 value of x · W_kᵀ, plain fp32 implementation of it), both (m, n)."""
+    ck, s_k, m_k = _view(codes, qparams, bits, max_bits, group_size)
+    xg = _groups(x.astype(np.float64), group_size)
+    dots = np.einsum("ngi,rgi->rng", ck.astype(np.float64), xg)
+    exact = (dots * s_k[None]).sum(-1) + (m_k[None] * xg.sum(-1)[:, None, :]).sum(-1)
+    wk = bp.dequantize(codes, qparams, bits, max_bits, group_size)  # float32 (n, k)
+    plain = np.cumsum(wk[None] * x[:, None, :], axis=-1, dtype=np.float32)[..., -1]
+    return exact, plain
+
+
+def quantize_activations(x, group_size):
+    """The TC path's activation quantization: q (m, n_groups, G) int64 and scale (m, n_groups) fp32,
+    x̂ = scale · q."""
+    xg = _groups(x, group_size)
+    scale = np.abs(xg).max(-1) / np.float32(127)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(xg / safe[..., None]), -127, 127)
+    q = np.where(scale[..., None] > 0, q, 0).astype(np.int64)
+    return q, scale
+
+
+def reference_tc(codes, qparams, x, bits, max_bits, group_size):
+    """(fp64 value of W_k · x̂, its plain fp32 evaluation), both (m, n)."""
+    ck, s_k, m_k = _view(codes, qparams, bits, max_bits, group_size)
+    q, scale = quantize_activations(x, group_size)
+    idot = np.einsum("ngi,rgi->rng", ck, q)  # exact integers
+    qsum = q.sum(-1)
+    exact = ((idot * s_k[None].astype(np.float64) + qsum[:, None, :] * m_k[None].astype(np.float64))
+             * scale[:, None, :]).sum(-1)
+    terms = idot.astype(np.float32) * (s_k[None] * scale[:, None, :]) + m_k[None] * (scale * qsum).astype(np.float32)[:, None, :]
+    plain = np.cumsum(terms, axis=-1, dtype=np.float32)[..., -1]
+    return exact, plain
+
+
+REFERENCES = {"fp32": reference_fp32, "tc": reference_tc}
+
+
+def run_and_check(path, codes, qparams, planes, x, bits, max_bits, group_size, what, **tuning):
+    n, k = codes.shape
+    y = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, path=path, **tuning)
+    assert y.shape == (x.shape[0], n) and y.dtype == np.float32
+    assert np.isfinite(y).all(), f"{what}: {np.count_nonzero(~np.isfinite(y))} outputs not written (NaN)"
+    exact, plain = REFERENCES[path](codes, qparams, x, bits, max_bits, group_size)
+    err, base = rel_err(y, exact), rel_err(plain, exact)
+    assert err <= 2 * base + 1e-6, f"{what}: rel err {err:.3g} > 2 x plain fp32 ({base:.3g}) + 1e-6"
+    return y
+
+
+@pytest.mark.parametrize("path", ["fp32", "tc"])
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("k", KS)
+def test_matches_reference_every_bit_width(path, n, group_size, k):
+    rng = np.random.default_rng([n, k, group_size, int(path == "tc")])
+    max_bits = 8 if (k + group_size) % 3 else 6
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    for bits in range(2, max_bits + 1):
+        m = 1 + (3 * bits + k + n) % 8  # every m in 1..8 appears across the sweep
+        x = make_x(rng, m, k)
+        run_and_check(path, codes, qparams, planes, x, bits, max_bits, group_size,
+                      f"{path} n={n} k={k} G={group_size} bits={bits} m={m}")
+
+
+@pytest.mark.parametrize("path,group_size", [("tc", 256), ("tc", 512), ("fp32", 96), ("fp32", 256), ("fp32", 512)])
+@pytest.mark.parametrize("k", [300, 1536, 4096])
+def test_other_group_sizes(path, group_size, k):
+    rng = np.random.default_rng([k, group_size, 7])
+    n, max_bits = 200, 8
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    for bits in (2, 3, 5, 8):
+        m = 1 + (bits + k) % 8
+        run_and_check(path, codes, qparams, planes, make_x(rng, m, k), bits, max_bits, group_size,
+                      f"{path} k={k} G={group_size} bits={bits} m={m}")
+
+
+@pytest.mark.parametrize("path,group_size", [("tc", 32), ("tc", 64), ("tc", 128), ("tc", 256), ("fp32", 128)])
+def test_every_m(path, group_size):
+    """m = 1..8 is compiled per value (register arrays); m > 8 runs in slices of 8 rows."""
+    rng = np.random.default_rng([group_size, 11])
+    n, k, max_bits = 200, 576, 7
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    for m in list(range(1, 9)) + [11, 17]:
+        bits = 2 + m % (max_bits - 1)
+        run_and_check(path, codes, qparams, planes, make_x(rng, m, k), bits, max_bits, group_size,
+                      f"{path} G={group_size} m={m} bits={bits}")
+
+
+def test_auto_picks_tc_where_it_applies_and_vector_input():
+    rng = np.random.default_rng(3)
+    n, k, max_bits = 13, 300, 4
+    for group_size, path in ((64, "tc"), (96, "fp32")):
+        codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+        x = make_x(rng, 1, k)
+        y_auto = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, 3, x[0])
+        y_path = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, 3, x, path=path)
+        assert y_auto.shape == (n,)
+        np.testing.assert_array_equal(y_auto, y_path[0])  # same kernel, deterministic reduction
+    assert core.bitplane_cuda_tc_supports(128) and not core.bitplane_cuda_tc_supports(96)
+
+
+def test_reads_only_the_first_bits_planes():
+    """Garbage in the planes past `bits` (or no such planes at all) changes nothing."""
+    rng = np.random.default_rng(5)
+    n, k, max_bits, group_size = 200, 1536, 8, 128
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    x = make_x(rng, 2, k)
+    for path in ("tc", "fp32"):
+        for bits in (2, 5):
+            y = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, path=path)
+            junk = planes.copy()
+            junk[bits:] = rng.integers(0, 256, junk[bits:].shape, dtype=np.uint8)
+            np.testing.assert_array_equal(
+                core.bitplane_matmul_cuda(junk, qparams, n, k, max_bits, group_size, bits, x, path=path), y)
+            np.testing.assert_array_equal(core.bitplane_matmul_cuda(
+                np.ascontiguousarray(planes[:bits]), qparams, n, k, max_bits, group_size, bits, x, path=path), y)
+
+
+def test_tc_error_is_the_int8_activation_error():
+    """Against fp32 activations the TC result is as far off as the numpy int8 product, no farther."""
+    rng = np.random.default_rng(9)
+    n, k, max_bits, group_size = 200, 4096, 8, 128
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    for bits in (8, 4, 2):
+        x = make_x(rng, 4, k)
+        exact_fp32, _ = reference_fp32(codes, qparams, x, bits, max_bits, group_size)
+        exact_int8, _ = reference_tc(codes, qparams, x, bits, max_bits, group_size)
+        y = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, path="tc")
+        numpy_err, kernel_err = rel_err(exact_int8, exact_fp32), rel_err(y, exact_fp32)
+        assert 0 < numpy_err < 0.1, numpy_err  # int8 with outliers in the group: percents
+        assert kernel_err <= numpy_err * (1 + 1e-3) + 1e-6, (bits, kernel_err, numpy_err)
+
+
+@pytest.mark.parametrize("path", ["tc", "fp32"])
+def test_any_split_k(path):
+    """Any number of warps per block (split-K, each warp several super-chunks or none) is right."""
+    rng = np.random.default_rng(23)
+    n, k, max_bits, group_size = 13, 4096 + 384, 8, 64  # 9 super-chunks, the last one short
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    for m in (1, 4):
+        x = make_x(rng, m, k)
+        for warps in (1, 2, 3, 16):
+            run_and_check(path, codes, qparams, planes, x, 5, max_bits, group_size, f"{path} warps={warps} m={m}",
+                          warps=warps)
+
+
+def test_deterministic():
+    rng = np.random.default_rng(13)
+    n, k, max_bits, group_size = 200, 4096, 8, 64
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    x = make_x(rng, 3, k)
+    for path in ("tc", "fp32"):
+        a = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, 6, x, path=path)
+        b = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, 6, x, path=path)
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not hasattr(getattr(core, "ops", None), "bitplane_matmul"), reason="CPU op not bound (_core.ops)")
+def test_fp32_path_matches_cpu_op():
+    rng = np.random.default_rng(17)
+    for n, k, group_size in ((13, 300, 64), (200, 4096, 128)):
+        codes, qparams, planes = make_linear(rng, n, k, 8, group_size)
+        for bits, m in ((3, 1), (8, 5)):
+            x = make_x(rng, m, k)
+            exact, plain = reference_fp32(codes, qparams, x, bits, 8, group_size)
+            cpu = core.ops.bitplane_matmul(planes, qparams, n, k, 8, group_size, bits, x)
+            gpu = core.bitplane_matmul_cuda(planes, qparams, n, k, 8, group_size, bits, x, path="fp32")
+            assert rel_err(gpu, cpu) <= 4 * rel_err(plain, exact) + 2e-6
+
+
+def test_bad_arguments():
+    rng = np.random.default_rng(19)
+    n, k, max_bits = 13, 300, 4
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, 96)
+    x = make_x(rng, 1, k)
+    call = core.bitplane_matmul_cuda
+    with pytest.raises(core.FlexquantError, match="bits must be in 2..4"):
+        call(planes, qparams, n, k, max_bits, 96, 1, x)
+    with pytest.raises(ValueError, match="holds 4 planes"):
+        call(planes, qparams, n, k, max_bits, 96, 5, x)
+    with pytest.raises(core.FlexquantError, match="TC path needs group_size"):
+        call(planes, qparams, n, k, max_bits, 96, 3, x, path="tc")
+    with pytest.raises(core.FlexquantError, match="plane_bytes must be"):
+        call(np.ascontiguousarray(planes[:, :-128]), qparams, n, k, max_bits, 96, 3, x)
+    with pytest.raises(ValueError, match=r"qparams: expected shape \(13, 4, 2\)"):
+        call(planes, qparams[:, :3].copy(), n, k, max_bits, 96, 3, x)
+    with pytest.raises(ValueError, match=r"x: expected shape"):
+        call(planes, qparams, n, k, max_bits, 96, 3, x[:, :-1].copy())
+    with pytest.raises(TypeError, match="x: expected dtype float32"):
+        call(planes, qparams, n, k, max_bits, 96, 3, x.astype(np.float64))
+    with pytest.raises(core.FlexquantError, match="warps_per_block must be in 0..16"):
+        call(planes, qparams, n, k, max_bits, 96, 3, x, warps=17)
+    with pytest.raises(ValueError, match="path: expected"):
+        call(planes, qparams, n, k, max_bits, 96, 3, x, path="int4")

@@ -1,0 +1,435 @@
+"""The CPU ops (flexquant_rt._core.ops) against numpy, torch and transformers references.
+
+Every kernel family this CPU can run ('portable', 'avx2', 'gfni') is tested: the fixture `kernels`
+selects each in turn. Inputs are fresh random values (never zeros); shapes are deliberately awkward
+(N not a multiple of 8, K not a multiple of 128, group sizes that split super-chunks).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import flexquant_rt._core as core
+from flexquant_rt import bitplane
+
+ops = core.ops
+
+KERNELS = ops.cpu_kernels_available()
+
+
+@pytest.fixture(params=KERNELS)
+def kernels(request):
+    prev = ops.get_cpu_kernels()
+    assert ops.set_cpu_kernels(request.param) == request.param
+    yield request.param
+    ops.set_cpu_kernels(prev)
+
+
+@pytest.fixture
+def threads():
+    """Restores the ops pool's thread count after a test that changes it."""
+    prev = ops.get_num_threads()
+    yield
+    ops.set_num_threads(prev)
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ---- bit-plane matmul ---------------------------------------------------------------------------
+
+# (N, K, group_size, max_bits): K = 300 (one short super-chunk), 576 (a last super-chunk of one
+# 128-word), 1536 (three full ones), 640 with G = 96 (groups that straddle words of a super-chunk
+# differently per lane), 1536 with G = 256; N never a multiple of 8 except 64.
+MATMUL_SHAPES = [(13, 300, 32, 8), (64, 576, 64, 8), (21, 1536, 128, 8), (9, 1536, 256, 6),
+                 (17, 640, 96, 8), (5, 128, 32, 3)]
+MATMUL_M = [1, 2, 3, 8, 17]
+
+
+@pytest.fixture(scope="module", params=MATMUL_SHAPES, ids=lambda s: "n{}_k{}_g{}_b{}".format(*s))
+def linear(request):
+    n, k, g, b = request.param
+    rng = np.random.default_rng(n * 1000 + k)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.2, 2.0, (n, 1))).astype(np.float32)
+    w += rng.uniform(-0.5, 0.5, (n, 1)).astype(np.float32)  # rows off zero: the min term matters
+    planes, qparams = bitplane.quantize_to_planes(w, b, g)
+    views = {bits: bitplane.dequantize_planes(planes, qparams, n, k, bits, b, g).astype(np.float64)
+             for bits in range(2, b + 1)}
+    return dict(n=n, k=k, g=g, b=b, planes=planes, qparams=qparams, views=views)
+
+
+@pytest.mark.parametrize("path", ["decode", "gemm", "auto"])
+def test_bitplane_matmul_matches_reference(linear, kernels, path):
+    n, k, g, b = linear["n"], linear["k"], linear["g"], linear["b"]
+    rng = np.random.default_rng(7)
+    worst = 0.0
+    for bits in range(2, b + 1):
+        ref_w = linear["views"][bits]
+        for m in MATMUL_M:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            ref = x.astype(np.float64) @ ref_w.T
+            y = ops.bitplane_matmul(linear["planes"], linear["qparams"], n, k, b, g, bits, x, path)
+            assert y.shape == (m, n) and y.dtype == np.float32
+            err = rel_err(y, ref)
+            # Same-precision baseline: a plain fp32 product of the same fp32 view and x.
+            base = rel_err(x @ ref_w.astype(np.float32).T, ref)
+            assert err < max(1e-5, 4 * base), f"bits={bits} m={m}: rel err {err:.2e} (fp32 baseline {base:.2e})"
+            np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+            worst = max(worst, err)
+    assert worst < 1e-5
+
+
+def test_bitplane_matmul_vector_input(linear, kernels):
+    n, k, g, b = linear["n"], linear["k"], linear["g"], linear["b"]
+    x = np.random.default_rng(1).standard_normal(k).astype(np.float32)
+    y = ops.bitplane_matmul(linear["planes"], linear["qparams"], n, k, b, g, b, x)
+    assert y.shape == (n,)
+    assert rel_err(y, linear["views"][b] @ x.astype(np.float64)) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["decode", "gemm"])
+def test_bitplane_matmul_reads_only_the_first_k_planes(linear, kernels, path):
+    n, k, g, b = linear["n"], linear["k"], linear["g"], linear["b"]
+    x = np.random.default_rng(2).standard_normal((3, k)).astype(np.float32)
+    for bits in range(2, b + 1):
+        want = ops.bitplane_matmul(linear["planes"], linear["qparams"], n, k, b, g, bits, x, path)
+        # Only `bits` planes passed: anything past them would be out of bounds.
+        head = np.ascontiguousarray(linear["planes"][:bits])
+        np.testing.assert_array_equal(ops.bitplane_matmul(head, linear["qparams"], n, k, b, g, bits, x, path), want)
+        # Garbage in the unused planes changes nothing.
+        poisoned = linear["planes"].copy()
+        poisoned[bits:] = np.random.default_rng(bits).integers(0, 256, poisoned[bits:].shape, dtype=np.uint8)
+        np.testing.assert_array_equal(ops.bitplane_matmul(poisoned, linear["qparams"], n, k, b, g, bits, x, path), want)
+
+
+def test_bitplane_matmul_same_result_on_any_thread_count(kernels, threads):
+    n, k, g, b = 203, 1100, 64, 8
+    rng = np.random.default_rng(3)
+    planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), b, g)
+    for m, path in [(1, "decode"), (3, "decode"), (9, "gemm")]:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        results = []
+        for t in [1, 2, 3, 5]:
+            ops.set_num_threads(t)
+            assert ops.get_num_threads() == t
+            results.append(ops.bitplane_matmul(planes, qparams, n, k, b, g, 5, x, path))
+        results.append(ops.bitplane_matmul(planes, qparams, n, k, b, g, 5, x, path, threaded=False))
+        for r in results[1:]:
+            np.testing.assert_array_equal(r, results[0])
+
+
+def test_bitplane_matmul_large_group_offsets():
+    """Rows whose groups sit far from zero: the min term dominates and must not lose digits."""
+    n, k, g, b = 16, 512, 128, 8
+    rng = np.random.default_rng(4)
+    w = (100.0 + rng.standard_normal((n, k))).astype(np.float32)
+    planes, qparams = bitplane.quantize_to_planes(w, b, g)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    for bits in (2, 5, 8):
+        ref = x.astype(np.float64) @ bitplane.dequantize_planes(planes, qparams, n, k, bits, b, g).astype(np.float64).T
+        for path in ("decode", "gemm"):
+            y = ops.bitplane_matmul(planes, qparams, n, k, b, g, bits, x, path)
+            base = rel_err(x @ bitplane.dequantize_planes(planes, qparams, n, k, bits, b, g).T, ref)
+            assert rel_err(y, ref) < max(1e-5, 4 * base)
+
+
+def test_bitplane_matmul_rejects_bad_arguments():
+    n, k, g, b = 8, 256, 64, 4
+    planes, qparams = bitplane.quantize_to_planes(np.ones((n, k), np.float32) + np.arange(k, dtype=np.float32), b, g)
+    x = np.ones((1, k), np.float32)
+    for bits in (1, 5):
+        with pytest.raises(ValueError, match="bits"):
+            ops.bitplane_matmul(planes, qparams, n, k, b, g, bits, x)
+    with pytest.raises(ValueError, match="group_size"):
+        ops.bitplane_matmul(planes, qparams[:, :1].copy(), n, k, b, 257, 2, x)
+    with pytest.raises(ValueError, match="plane_bytes"):
+        ops.bitplane_matmul(np.zeros((b, planes.shape[1] - 1), np.uint8), qparams, n, k, b, g, 2, x)
+    with pytest.raises(ValueError, match="qparams"):
+        ops.bitplane_matmul(planes, qparams[:, :2].copy(), n, k, b, g, 2, x)
+    with pytest.raises(ValueError, match="x"):
+        ops.bitplane_matmul(planes, qparams, n, k, b, g, 2, np.ones((1, k + 1), np.float32))
+    with pytest.raises(TypeError, match="x"):
+        ops.bitplane_matmul(planes, qparams, n, k, b, g, 2, np.ones((1, k), np.float64))
+    with pytest.raises(ValueError, match="planes"):
+        ops.bitplane_matmul(planes[:1].copy(), qparams, n, k, b, g, 2, x)
+
+
+def test_bitplane_bytes_at():
+    shape = bitplane.LinearShape(100, 300, 8, 64)
+    for bits in range(2, 9):
+        assert ops.bitplane_bytes_at(shape.plane_bytes, 100, 300, 64, bits) == shape.bytes_at(bits)
+
+
+# ---- rms_norm, swiglu ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 576), (5, 300), (3, 4096)])
+def test_rms_norm_matches_transformers(shape):
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    rng = np.random.default_rng(shape[1])
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, shape[1]).astype(np.float32)
+    norm = LlamaRMSNorm(shape[1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.from_numpy(w))
+        ref = norm(torch.from_numpy(x)).numpy()
+    y = ops.rms_norm(x, w, 1e-5)
+    np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-6)
+    x64 = x.astype(np.float64)
+    ref64 = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    assert rel_err(y, ref64) < 1e-6
+
+
+def test_swiglu_matches_torch():
+    import torch
+
+    rng = np.random.default_rng(5)
+    g = (rng.standard_normal((3, 1536)) * 4).astype(np.float32)
+    g[0, :4] = [-100.0, -89.0, 89.0, 100.0]  # exp overflow on either side
+    u = rng.standard_normal((3, 1536)).astype(np.float32)
+    ref = (torch.nn.functional.silu(torch.from_numpy(g)) * torch.from_numpy(u)).numpy()
+    y = ops.swiglu(g, u)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-7)
+
+
+# ---- rope ---------------------------------------------------------------------------------------
+
+ROPE_CASES = {
+    "none": dict(theta=10000.0, rope_scaling=None),
+    "linear": dict(theta=10000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "llama3": dict(theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama3_odd": dict(theta=123456.0, rope_scaling={"rope_type": "llama3", "factor": 3.0, "low_freq_factor": 2.0,
+                                                     "high_freq_factor": 6.0, "original_max_position_embeddings": 1000}),
+}
+
+
+def rope_kwargs(case):
+    rs = case["rope_scaling"]
+    if rs is None:
+        return dict(scaling="none")
+    if rs["rope_type"] == "linear":
+        return dict(scaling="linear", factor=rs["factor"])
+    return dict(scaling="llama3", factor=rs["factor"], low_freq_factor=rs["low_freq_factor"],
+                high_freq_factor=rs["high_freq_factor"], original_max_position=rs["original_max_position_embeddings"])
+
+
+@pytest.mark.parametrize("name", list(ROPE_CASES))
+@pytest.mark.parametrize("head_dim", [64, 36])
+def test_rope_matches_transformers(name, head_dim):
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    case = ROPE_CASES[name]
+    H, Hkv, m = 6, 2, 9
+    cfg = LlamaConfig(hidden_size=H * head_dim, num_attention_heads=H, num_key_value_heads=Hkv, head_dim=head_dim,
+                      rope_theta=case["theta"], rope_scaling=case["rope_scaling"], max_position_embeddings=1 << 17)
+    emb = LlamaRotaryEmbedding(cfg)
+    kw = rope_kwargs(case)
+    inv = ops.rope_inv_freq(head_dim, case["theta"], **kw)
+    np.testing.assert_allclose(inv, emb.inv_freq.numpy(), rtol=3e-7, atol=0)
+
+    rng = np.random.default_rng(head_dim)
+    pos = np.concatenate([[0, 1, 2], rng.integers(3, 1 << 16, m - 3)]).astype(np.int64)
+    q = rng.standard_normal((m, H, head_dim)).astype(np.float32)
+    k = rng.standard_normal((m, Hkv, head_dim)).astype(np.float32)
+    with torch.no_grad():
+        qt = torch.from_numpy(q).transpose(0, 1)[None]  # (1, H, m, d)
+        kt = torch.from_numpy(k).transpose(0, 1)[None]
+        cos, sin = emb(qt, torch.from_numpy(pos)[None])
+        qr, kr = apply_rotary_pos_emb(qt, kt, cos, sin)
+    q_ref = qr[0].transpose(0, 1).numpy()
+    k_ref = kr[0].transpose(0, 1).numpy()
+    qo, ko = ops.rope(q, k, pos, case["theta"], **kw)
+    # Same fp32 angles; cos/sin within an ulp of torch's, so ~1e-6 of the values' scale.
+    np.testing.assert_allclose(qo, q_ref, rtol=0, atol=2e-6 * float(np.abs(q).max()))
+    np.testing.assert_allclose(ko, k_ref, rtol=0, atol=2e-6 * float(np.abs(k).max()))
+    assert rel_err(qo, q_ref) < 1e-6 and rel_err(ko, k_ref) < 1e-6
+    q_only, none = ops.rope(q, None, pos, case["theta"], **kw)
+    assert none is None
+    np.testing.assert_array_equal(q_only, qo)
+
+
+def test_rope_rejects_bad_arguments():
+    q = np.ones((2, 1, 8), np.float32)
+    with pytest.raises(ValueError, match="positions"):
+        ops.rope(q, None, np.zeros(3, np.int64), 10000.0)
+    with pytest.raises(ValueError, match="scaling"):
+        ops.rope(q, None, np.zeros(2, np.int64), 10000.0, scaling="yarn")
+    with pytest.raises(ValueError, match="llama3"):
+        ops.rope(q, None, np.zeros(2, np.int64), 10000.0, scaling="llama3", factor=8.0, low_freq_factor=4.0,
+                 high_freq_factor=1.0)
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+def attention_reference(q, kc, vc, p0):
+    """Causal GQA in float64: q (m, H, d), caches (>= p0+m, Hkv, d)."""
+    m, H, d = q.shape
+    Hkv = kc.shape[1]
+    out = np.zeros((m, H, d))
+    for i in range(m):
+        T = p0 + i + 1
+        for h in range(H):
+            hk = h // (H // Hkv)
+            s = kc[:T, hk].astype(np.float64) @ q[i, h].astype(np.float64) / math.sqrt(d)
+            p = np.exp(s - s.max())
+            out[i, h] = (p / p.sum()) @ vc[:T, hk].astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("m,p0", [(1, 0), (1, 37), (6, 0), (7, 20), (1, 700), (3, 530)])
+@pytest.mark.parametrize("H,Hkv,d", [(6, 2, 64), (4, 4, 40), (3, 1, 36), (2, 1, 128)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_attention_matches_reference(kernels, m, p0, H, Hkv, d, dtype):
+    rng = np.random.default_rng(m * 100 + p0 + d)
+    t_max = p0 + m + 5
+    q = rng.standard_normal((m, H, d)).astype(np.float32)
+    kc = (rng.standard_normal((t_max, Hkv, d)) * 2).astype(dtype)
+    vc = rng.standard_normal((t_max, Hkv, d)).astype(dtype)
+    # Positions past p0 + m - 1 are not attended to: poison them.
+    kc[p0 + m:] = np.nan
+    vc[p0 + m:] = np.nan
+    ref = attention_reference(q, kc.astype(np.float32), vc.astype(np.float32), p0)
+    out = ops.attention(q, kc, vc, p0)
+    assert out.shape == (m, H, d) and out.dtype == np.float32
+    assert np.all(np.isfinite(out))
+    # Same-precision baseline: the reference formula evaluated in fp32.
+    base = rel_err(attention_reference(q, kc.astype(np.float32), vc.astype(np.float32), p0).astype(np.float32), ref)
+    assert rel_err(out, ref) < max(2e-6, 4 * base)
+    single = ops.attention(q, kc, vc, p0, threaded=False)
+    np.testing.assert_array_equal(out, single)
+
+
+def test_attention_same_result_on_any_thread_count(threads):
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((2, 8, 64)).astype(np.float32)
+    kc = rng.standard_normal((900, 2, 64)).astype(np.float32)
+    vc = rng.standard_normal((900, 2, 64)).astype(np.float32)
+    outs = []
+    for t in [1, 2, 3, 7]:
+        ops.set_num_threads(t)
+        outs.append(ops.attention(q, kc, vc, 850))
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+def test_attention_rejects_bad_arguments():
+    q = np.ones((2, 4, 8), np.float32)
+    kc = np.ones((3, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="k_cache"):
+        ops.attention(q, kc, kc, 2)  # needs t_max >= 4
+    with pytest.raises(ValueError, match="multiple"):
+        ops.attention(np.ones((2, 3, 8), np.float32), kc, kc, 0)
+    with pytest.raises(TypeError, match="v_cache"):
+        ops.attention(q, kc, kc.astype(np.float16), 0)
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+def test_softmax_argmax_entropy():
+    rng = np.random.default_rng(6)
+    logits = (rng.standard_normal(49152) * 3).astype(np.float32)
+    l64 = logits.astype(np.float64)
+    p = np.exp(l64 - l64.max())
+    p /= p.sum()
+    np.testing.assert_allclose(ops.softmax(logits), p, rtol=1e-5, atol=1e-9)
+    assert ops.argmax(logits) == int(np.argmax(logits))
+    ent, top1 = ops.entropy_and_top1(logits)
+    assert ent == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-5)
+    assert top1 == pytest.approx(float(p.max()), rel=1e-5)
+    tied = np.array([1.0, 3.0, 3.0, 2.0], np.float32)
+    assert ops.argmax(tied) == 1
+    ent, top1 = ops.entropy_and_top1(np.array([0.0, -np.inf, 0.0], np.float32))
+    assert ent == pytest.approx(math.log(2)) and top1 == pytest.approx(0.5)
+    ent, top1 = ops.entropy_and_top1(np.array([5.0], np.float32))
+    assert ent == pytest.approx(0.0, abs=1e-7) and top1 == pytest.approx(1.0)
+
+
+def hf_distribution(logits, history, temperature, top_k, top_p, min_p, penalty):
+    """The distribution transformers' processors leave, in generate()'s order."""
+    import torch
+    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    ids = torch.tensor([history], dtype=torch.long)
+    s = torch.from_numpy(logits.astype(np.float32))[None]
+    if penalty != 1.0:
+        s = RepetitionPenaltyLogitsProcessor(penalty)(ids, s)
+    s = TemperatureLogitsWarper(temperature)(ids, s)
+    if top_k > 0:
+        s = TopKLogitsWarper(top_k)(ids, s)
+    if top_p < 1.0:
+        s = TopPLogitsWarper(top_p)(ids, s)
+    if min_p > 0.0:
+        s = MinPLogitsWarper(min_p)(ids, s)
+    return torch.softmax(s.double(), -1)[0].numpy()
+
+
+SAMPLER_CASES = [
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, penalty=1.0),
+    dict(temperature=0.7, top_k=4, top_p=1.0, min_p=0.0, penalty=1.0),
+    dict(temperature=1.3, top_k=0, top_p=0.8, min_p=0.0, penalty=1.0),
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.1, penalty=1.0),
+    dict(temperature=0.9, top_k=6, top_p=0.9, min_p=0.05, penalty=1.3),
+]
+
+
+@pytest.mark.parametrize("case", SAMPLER_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_sampler_distribution_matches_transformers(case):
+    rng = np.random.default_rng(8)
+    logits = (rng.standard_normal(10) * 1.5).astype(np.float32)
+    logits[3] = -logits[3] if logits[3] > 0 else logits[3]  # a negative logit in the history
+    history = [3, 1, 1, 7]
+    want = hf_distribution(logits, history, case["temperature"], case["top_k"], case["top_p"], case["min_p"],
+                           case["penalty"])
+    sampler = ops.Sampler(1234)
+    n = 20000
+    counts = np.bincount([sampler.sample(logits, case["temperature"], case["top_k"], case["top_p"], case["min_p"],
+                                         case["penalty"], history) for _ in range(n)], minlength=10)
+    freq = counts / n
+    assert np.all(counts[want == 0] == 0), (freq, want)
+    tol = 4.5 * np.sqrt(want * (1 - want) / n) + 1e-3
+    assert np.all(np.abs(freq - want) <= tol), (freq, want)
+
+
+def test_sampler_is_seeded_and_greedy_at_zero_temperature():
+    rng = np.random.default_rng(9)
+    logits = rng.standard_normal(49152).astype(np.float32)
+    a = ops.Sampler(42)
+    b = ops.Sampler(42)
+    seq_a = [a.sample(logits, 1.0, 50, 0.95, 0.0, 1.1, [1, 2, 3]) for _ in range(50)]
+    seq_b = [b.sample(logits, 1.0, 50, 0.95, 0.0, 1.1, [1, 2, 3]) for _ in range(50)]
+    assert seq_a == seq_b
+    c = ops.Sampler(43)
+    assert [c.sample(logits, 1.0, 50, 0.95) for _ in range(50)] != seq_a
+    a.seed(42)
+    assert [a.sample(logits, 1.0, 50, 0.95, 0.0, 1.1, [1, 2, 3]) for _ in range(50)] == seq_a
+    top = int(np.argmax(logits))
+    assert all(a.sample(logits, 0.0) == top for _ in range(5))
+    assert a.sample(logits, 1.0, top_k=1) == top
+    # The penalty applies under greedy decoding too: a penalized top token can lose.
+    l2 = np.array([2.0, 1.9, -1.0], np.float32)
+    assert a.sample(l2, 0.0) == 0
+    assert a.sample(l2, 0.0, repetition_penalty=1.2, recent=[0]) == 1
+    # Ids outside the vocabulary in the history are ignored.
+    assert a.sample(l2, 0.0, repetition_penalty=1.2, recent=[-1, 7]) == 0
+
+
+def test_sampler_full_vocab_top_p_matches_transformers_support():
+    """top-p over a 49k vocab: the sampled tokens lie in transformers' nucleus."""
+    rng = np.random.default_rng(10)
+    logits = (rng.standard_normal(49152) * 4).astype(np.float32)
+    want = hf_distribution(logits, [0], 1.0, 0, 0.5, 0.0, 1.0)
+    support = set(np.nonzero(want)[0].tolist())
+    s = ops.Sampler(5)
+    got = {s.sample(logits, 1.0, 0, 0.5) for _ in range(300)}
+    assert got <= support and len(got) > 1

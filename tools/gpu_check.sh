@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# GPU check of the CUDA backend, on a machine with an NVIDIA GPU (the lent H100: run from the
+# repository root). In one go:
+#   1. builds and installs the package with nvcc (pip, no build isolation, no dependencies: the
+#      machine is offline and has numpy, torch, pybind11, scikit-build-core);
+#   2. runs the CUDA tests (tests/test_cuda_ops.py);
+#   3. runs compute-sanitizer (memcheck, racecheck, initcheck) over a few odd shapes of both paths;
+#   4. benchmarks bitplane_matmul_cuda against torch.nn.functional.linear fp16 (cuBLAS) on the
+#      Llama-2-7B linear shapes, weights rotated past L2, and prints the tables last.
+# Logs and bench.json go to $OUT (the device tool's output folder) or /tmp/gpu_check.
+#
+#   tools/gpu_check.sh [--skip-build] [--skip-tests] [--skip-sanitizer] [--skip-bench]
+set -uo pipefail
+
+PY=${PYTHON:-python3}
+LOG=${OUT:-/tmp/gpu_check}
+mkdir -p "$LOG"
+BUILD=1 TESTS=1 SANITIZER=1 BENCH=1
+for a in "$@"; do
+  case "$a" in
+    --skip-build) BUILD=0 ;;
+    --skip-tests) TESTS=0 ;;
+    --skip-sanitizer) SANITIZER=0 ;;
+    --skip-bench) BENCH=0 ;;
+    *) echo "unknown option $a" >&2; exit 2 ;;
+  esac
+done
+export PYTHONUNBUFFERED=1
+status=0
+cd "$(dirname "$0")/.."
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
+nvcc --version | tail -1
+
+if [ "$BUILD" = 1 ]; then
+  echo "== build (log: $LOG/build.log)"
+  start=$(date +%s)
+  if ! CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install --no-build-isolation --no-deps -v . >"$LOG/build.log" 2>&1; then
+    tail -60 "$LOG/build.log"
+    echo "BUILD FAILED"
+    exit 1
+  fi
+  echo "built in $(( $(date +%s) - start )) s"
+fi
+cd /tmp  # import the installed package, not the source tree
+if ! "$PY" -c "import flexquant_rt._core as c, sys; print('cuda_available', c.cuda_available()); sys.exit(0 if c.cuda_available() else 1)"; then
+  echo "the installed package sees no CUDA device"
+  exit 1
+fi
+cd - >/dev/null
+
+if [ "$TESTS" = 1 ]; then
+  echo "== tests"
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py 2>&1 | tee "$LOG/tests.log" | tail -40
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if [ "$SANITIZER" = 1 ]; then
+  echo "== compute-sanitizer"
+  cat >"$LOG/sanitize.py" <<'EOF'
+# Both paths on odd shapes (short last super-chunk, N % 8 != 0, m > 8 sliced), buffers sized exactly.
+import numpy as np
+import flexquant_rt._core as core
+from flexquant_rt import bitplane as bp
+rng = np.random.default_rng(0)
+for n, k, g, m, bits in [(13, 300, 32, 3, 3), (21, 576, 128, 1, 8), (200, 1536, 64, 11, 5), (9, 384, 512, 2, 4),
+                         (13, 300, 96, 2, 6)]:
+    codes, qp = bp.quantize(rng.standard_normal((n, k)).astype(np.float32), 8, g)
+    planes = bp.pack_planes(codes, 8)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    for path in (("tc", "fp32") if core.bitplane_cuda_tc_supports(g) else ("fp32",)):
+        y = core.bitplane_matmul_cuda(np.ascontiguousarray(planes[:bits]), qp, n, k, 8, g, bits, x, path=path)
+        assert np.isfinite(y).all()
+print("sanitize script ok")
+EOF
+  for tool in memcheck racecheck initcheck; do
+    if compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" "$LOG/sanitize.py" >"$LOG/sanitizer_$tool.log" 2>&1; then
+      echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitizer_$tool.log" | tail -1)"
+    else
+      echo "$tool: FAILED"; tail -30 "$LOG/sanitizer_$tool.log"; status=1
+    fi
+  done
+fi
+
+if [ "$BENCH" = 1 ]; then
+  echo "== benchmark"
+  "$PY" - "$LOG" <<'EOF' 2>&1 | tee "$LOG/bench.log"
+import json, math, sys
+import numpy as np
+import torch
+import torch.nn.functional as F
+import flexquant_rt._core as core
+from flexquant_rt import bitplane as bp
+
+out_dir = sys.argv[1]
+rng = np.random.default_rng(0)
+dev = torch.device("cuda")
+L2 = torch.cuda.get_device_properties(0).L2_cache_size
+G, MAX_BITS = 128, 8
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # Llama-2-7B: q/k/v/o, gate/up, down
+
+
+def graph_time_us(fn, launches=128, reps=20):
+    """Median per-launch time of fn(i) captured `launches` times in a CUDA graph."""
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        for i in range(3):
+            fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        for i in range(launches):
+            fn(i)
+    times = []
+    for rep in range(reps + 2):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); b.synchronize()
+        if rep >= 2:
+            times.append(a.elapsed_time(b) * 1000 / launches)
+    return float(np.median(times))
+
+
+def copy_tbs():
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev); b = torch.empty_like(a)
+    for _ in range(3): b.copy_(a)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ts = []
+    for _ in range(10):
+        ev[0].record(); b.copy_(a); ev[1].record(); ev[1].synchronize()
+        ts.append(ev[0].elapsed_time(ev[1]) / 1000)
+    del a, b
+    return 2 * (1 << 30) / float(np.median(ts)) / 1e12
+
+
+def torch_linear_us(n, k, m=1):
+    nbytes = n * k * 2
+    copies = max(2, math.ceil(4 * L2 / nbytes))
+    ws = [torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02 for _ in range(copies)]
+    x = torch.randn(m, k, device=dev, dtype=torch.float16)
+    us = graph_time_us(lambda i: F.linear(x, ws[i % copies]))
+    del ws
+    torch.cuda.empty_cache()
+    return us, nbytes
+
+
+def random_linear(n, k):
+    """Random planes (every bit pattern is a valid code) and plausible fp16 qparams."""
+    shape = bp.LinearShape(n, k, MAX_BITS, G)
+    planes = rng.integers(0, 256, (MAX_BITS, shape.plane_bytes), dtype=np.uint8)
+    s = rng.uniform(2e-4, 1e-3, (n, shape.n_groups)).astype(np.float16)
+    mn = (-s.astype(np.float32) * 127.5).astype(np.float16)
+    return planes, np.ascontiguousarray(np.stack([s, mn], axis=-1))
+
+
+ceiling = copy_tbs()
+print(f"device: {torch.cuda.get_device_name(0)}, L2 {L2 / 2**20:.0f} MiB, copy bandwidth {ceiling:.2f} TB/s (read + write)")
+rows, results = [], {"copy_tbs": ceiling, "device": torch.cuda.get_device_name(0), "runs": []}
+
+def bench(planes, qp, n, k, bits, m, path, warps=0):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    r = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, bits, x, path=path, warps=warps)
+    r.update(n=n, k=k, bits=bits, m=m)
+    results["runs"].append(r)
+    return r
+
+print("\n## m = 1, group size 128, median per launch in a CUDA graph, weights rotated past L2")
+print(f"| shape N x K | bits | path | warps | µs | µs incl. act. prep | GB/s | % of {ceiling:.2f} TB/s | cuBLAS fp16 µs | speed-up |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for n, k in SHAPES:
+    planes, qp = random_linear(n, k)
+    t_fp16, fp16_bytes = torch_linear_us(n, k)
+    results["runs"].append(dict(path="torch_fp16", n=n, k=k, m=1, matmul_us=t_fp16, bytes=fp16_bytes))
+    for bits in (8, 6, 4):
+        for path in ("tc", "fp32"):
+            r = bench(planes, qp, n, k, bits, 1, path)
+            gbs = r["bytes"] / r["matmul_us"] / 1e3
+            print(f"| {n}x{k} | {bits} | {path} | {r['warps_per_block']} | {r['matmul_us']:.1f} | {r['total_us']:.1f} | {gbs:.0f} | "
+                  f"{100 * gbs / 1e3 / ceiling:.0f}% | {t_fp16:.1f} | {t_fp16 / r['matmul_us']:.2f}x |")
+    print(f"| {n}x{k} | fp16 | cuBLAS | | {t_fp16:.1f} | | {fp16_bytes / t_fp16 / 1e3:.0f} | "
+          f"{100 * fp16_bytes / t_fp16 / 1e6 / ceiling:.0f}% | | |")
+
+WARPS = (1, 2, 4, 8)
+print("\n## tc, m = 1: µs by warps per block (split-K)")
+print("| shape | bits | " + " | ".join(f"{w} warps" for w in WARPS) + " | auto |")
+print("|---|---|" + "---|" * (len(WARPS) + 1))
+for n, k in SHAPES:
+    planes, qp = random_linear(n, k)
+    for bits in (4, 8):
+        cells = [f"{bench(planes, qp, n, k, bits, 1, 'tc', w)['matmul_us']:.1f}" for w in WARPS]
+        auto = bench(planes, qp, n, k, bits, 1, "tc")
+        print(f"| {n}x{k} | {bits} | " + " | ".join(cells) + f" | {auto['matmul_us']:.1f} ({auto['warps_per_block']}) |")
+
+print("\n## batch m, 11008x4096, bits 4: µs (matmul only)")
+n, k = 11008, 4096
+planes, qp = random_linear(n, k)
+print("| m | tc | fp32 | cuBLAS fp16 |")
+print("|---|---|---|---|")
+for m in (1, 2, 4, 8):
+    t16, _ = torch_linear_us(n, k, m)
+    print(f"| {m} | {bench(planes, qp, n, k, 4, m, 'tc')['matmul_us']:.1f} | "
+          f"{bench(planes, qp, n, k, 4, m, 'fp32')['matmul_us']:.1f} | {t16:.1f} |")
+
+print("\n## accuracy, 1024x4096, G 128: rel. error vs the fp64 product with fp32 activations")
+n, k = 1024, 4096
+w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+codes, qparams = bp.quantize(w, MAX_BITS, G)
+planes = bp.pack_planes(codes, MAX_BITS)
+print("| bits | x | tc (int8 act.) | fp32 path |")
+print("|---|---|---|---|")
+for bits in (8, 6, 4):
+    ck = (codes >> (MAX_BITS - bits)).astype(np.float64).reshape(n, k // G, G)
+    s_k, m_k = bp.view_params(qparams, bits, MAX_BITS)
+    for kind in ("gaussian", "1% outliers x20"):
+        x = rng.standard_normal((4, k)).astype(np.float32)
+        if kind != "gaussian":
+            x[rng.random(x.shape) < 0.01] *= 20
+        xg = x.astype(np.float64).reshape(4, k // G, G)
+        ref = (np.einsum("ngi,rgi->rng", ck, xg) * s_k[None]).sum(-1) + (m_k[None] * xg.sum(-1)[:, None]).sum(-1)
+        errs = [np.linalg.norm(core.bitplane_matmul_cuda(planes, qparams, n, k, MAX_BITS, G, bits, x, path=p) - ref)
+                / np.linalg.norm(ref) for p in ("tc", "fp32")]
+        results["runs"].append(dict(accuracy=kind, bits=bits, tc=errs[0], fp32=errs[1]))
+        print(f"| {bits} | {kind} | {errs[0]:.2e} | {errs[1]:.2e} |")
+
+with open(f"{out_dir}/bench.json", "w") as f:
+    json.dump(results, f, indent=1)
+EOF
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+echo "gpu_check: $([ $status = 0 ] && echo OK || echo FAILED)"
+exit $status

@@ -119,3 +119,15 @@ def rel_err(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def greedy_by_full_forward(eng, prompt: list[int], n_new: int) -> list[int]:
+    """Greedy continuation computed the slow, obviously-correct way: a fresh full forward pass
+    over the whole sequence for every new token (no incremental KV cache)."""
+    seq = list(prompt)
+    for _ in range(n_new):
+        nxt = int(np.argmax(eng.forward(seq)[-1]))
+        if nxt == eng.eos_id:
+            break
+        seq.append(nxt)
+    return seq[len(prompt):]

@@ -5,9 +5,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from conftest import greedy_by_full_forward
 from flexquant_rt import Engine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,13 +37,7 @@ def test_cpp_generate_matches_python_greedy(example_bin, tiny_fq):
         ids = [int(t) for t in p.stdout.splitlines()[0].split()[1:]]
         with Engine(tiny_fq) as eng:
             eng.set_layer_bits(bits, lm_head_bits=bits)
-            seq = list(prompt)
-            for _ in range(12):
-                nxt = int(np.argmax(eng.forward(seq)[-1]))
-                if nxt == eng.eos_id:
-                    break
-                seq.append(nxt)
-            assert ids == seq[len(prompt):]
+            assert ids == greedy_by_full_forward(eng, prompt, 12)
             assert f"bytes/token: {eng.bytes_per_token()}" in p.stdout
 
 

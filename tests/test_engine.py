@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_hf_llama, rel_err
+from conftest import greedy_by_full_forward, make_hf_llama, rel_err
 from flexquant_rt import Engine, FlexquantError
 from flexquant_rt.convert import HFSource, convert, export_hf
 
@@ -143,13 +143,7 @@ def test_greedy_generation_is_the_argmax_chain(tiny_fq):
     with Engine(tiny_fq) as eng:
         ids = eng.tokenize("the end")
         text = eng.generate(ids, max_new_tokens=8)
-        seq = list(ids)
-        for _ in range(8):
-            nxt = int(np.argmax(eng.forward(seq)[-1]))
-            if nxt == eng.eos_id:
-                break
-            seq.append(nxt)
-        assert text == eng.detokenize(seq[len(ids):])
+        assert text == eng.detokenize(greedy_by_full_forward(eng, ids, 8))
 
 
 def test_stop_strings_are_cut(tiny_fq):

@@ -35,9 +35,17 @@ def copy_bandwidth_gbs() -> float:
     return 2 * a.nbytes / best / 1e9
 
 
-def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int) -> dict:
-    import resource
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage: Linux keeps ru_maxrss across
+    exec, so a worker would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
+
+def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int) -> dict:
     import numpy as np
 
     import flexquant_rt as fq
@@ -61,7 +69,7 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int) ->
     step = float(np.median(times))
     return {
         "prefill_tok_s": n_prompt / t_prefill, "decode_tok_s": 1.0 / step, "step_ms": step * 1e3,
-        "bytes_per_token": eng.bytes_per_token(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "bytes_per_token": eng.bytes_per_token(), "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -70,8 +78,6 @@ def llama_cpp_worker(gguf: str, threads: int, n_prompt: int, n_decode: int) -> d
         from llama_cpp import Llama
     except ImportError:
         return None
-    import resource
-
     import numpy as np
 
     llm = Llama(model_path=gguf, n_ctx=max(512, n_prompt + n_decode + 8), n_threads=threads, verbose=False)
@@ -84,7 +90,7 @@ def llama_cpp_worker(gguf: str, threads: int, n_prompt: int, n_decode: int) -> d
         llm.eval([100 + i])
     step = (time.perf_counter() - t) / n_decode
     return {"prefill_tok_s": n_prompt / t_prefill, "decode_tok_s": 1.0 / step, "step_ms": step * 1e3,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def run_worker(args: list[str]) -> dict | None:

@@ -178,10 +178,9 @@ def linear_sizes(engine) -> np.ndarray:
     from . import _core
 
     mf = engine._eng.model
-    out = [int(mf.linear_info(l, _core.LinearKind(k))["n"]) * int(mf.linear_info(l, _core.LinearKind(k))["k"])
-           for l in range(engine.n_layers) for k in range(7)]
-    head = mf.lm_head_info()
-    return np.asarray(out + [int(head["n"]) * int(head["k"])], dtype=np.float64)
+    infos = [mf.linear_info(l, _core.LinearKind(k)) for l in range(engine.n_layers) for k in range(7)]
+    infos.append(mf.lm_head_info())
+    return np.asarray([int(i["n"]) * int(i["k"]) for i in infos], dtype=np.float64)
 
 
 _V_CACHE: dict = {}

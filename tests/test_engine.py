@@ -272,3 +272,21 @@ def test_smollm2_greedy_golden(smollm2_fq):
     with Engine(smollm2_fq) as eng:
         out = eng.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=12)
     assert out == "The capital of France is Paris."
+
+
+def test_sentencepiece_model_tokenizes_like_sentencepiece(tmp_path):
+    """A Llama-2 style model (tokenizer.model): the engine's tokenizer is sentencepiece itself,
+    with the BOS the Llama-2 convention adds."""
+    import sentencepiece as spm
+
+    src = make_hf_llama(tmp_path / "sp", tokenizer="sp", vocab=384)
+    fq = tmp_path / "sp.fq"
+    convert(HFSource(src), fq, progress=False)
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    text = "def f(x):\n    return x ** 2  # naïve, 日本語"
+    with Engine(fq) as eng:
+        ids = eng.tokenize(text)
+        assert ids == [sp.bos_id()] + sp.encode(text)
+        assert eng.detokenize(ids) == sp.decode(sp.encode(text))
+        out = eng.generate(text, max_new_tokens=5)
+        assert isinstance(out, str)

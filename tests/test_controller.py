@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from flexquant_rt import Engine, FlexquantError
-from flexquant_rt.controller import (FlexQuant, InputAware, LayerwiseStatic, Profile, Static, allocate,
-                                     calibrate, load_profile, mean_bits, save_profile, text_chunks,
-                                     calibration_text)
+from flexquant_rt.controller import (FlexQuant, InputAware, LayerwiseStatic, LinearwiseStatic, Profile, Static,
+                                     allocate, calibrate, calibration_text, load_profile, mean_bits,
+                                     save_profile, text_chunks)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,8 @@ def test_calibration_is_deterministic_and_stored(calibrated):
     assert stored.to_json() == prof.to_json()
     kl = np.asarray(prof.kl)
     assert kl.shape == (3, 5) and (kl > 0).all()
+    kl_type = np.asarray(prof.extra["kl_type"])
+    assert kl_type.shape == (7, 5) and (kl_type > 0).all() and (np.diff(kl_type, axis=1) < 0).all()
     # fewer bits, more divergence, for every unit
     assert (np.diff(kl, axis=1) < 0).all()
     # per layer: q (64x64), k and v (32x64 each), o (64x64), gate, up (176x64), down (64x176)
@@ -51,6 +53,24 @@ def test_allocation_meets_the_budget_and_prefers_cheap_sensitivity(calibrated):
         allocate(prof, 9)
 
 
+def test_linearwise_allocation_is_per_linear_and_within_budget(calibrated):
+    path, prof = calibrated
+    sizes = np.asarray(prof.extra["linear_sizes"], dtype=np.float64)
+    for budget in (4.5, 6.0, 7.25):
+        c = LinearwiseStatic(prof, budget)
+        mask, head = c.mask(None)
+        assert mask.shape == (2, 7)
+        bits = np.append(mask.reshape(-1), head)
+        assert float(bits @ sizes / sizes.sum()) <= budget + 1e-9
+        assert c.mean_bits == pytest.approx(float(bits @ sizes / sizes.sum()))
+    with Engine(path) as eng:
+        eng.generate("the", max_new_tokens=4, controller=LinearwiseStatic(prof, 6.0))
+        assert (eng.layer_bits() == LinearwiseStatic(prof, 6.0).mask(None)[0]).all()
+    stale = Profile(**{**prof.__dict__, "extra": {}})
+    with pytest.raises(ValueError, match="per-type"):
+        LinearwiseStatic(stale, 6.0)
+
+
 def test_static_8_equals_bits_8(calibrated):
     path, _ = calibrated
     with Engine(path) as eng:
@@ -62,6 +82,7 @@ def test_static_8_equals_bits_8(calibrated):
 
 
 @pytest.mark.parametrize("make", [
+    lambda p: LinearwiseStatic(p, 5.5),
     lambda p: FlexQuant(p, 6.0),
     lambda p: FlexQuant(p, 5.5, levels=(5, 6)),
     lambda p: InputAware(p, 5.0),

@@ -14,9 +14,15 @@ Provided:
 - Static(bits): every linear at `bits`.
 - LayerwiseStatic(profile, budget): a per-layer allocation that minimises the calibrated total
   sensitivity under a mean-bits budget (multiple-choice knapsack, solved by a Lagrangian sweep).
+- LinearwiseStatic(profile, budget): the same knapsack per linear (q, k, v, o, gate, up, down
+  of each layer), from a separable layer x type sensitivity model.
 - FlexQuant(profile, budget): the paper's token-wise policy as its text allows: two precisions,
   switched on the previous step's output entropy with hysteresis, thresholds fitted on the
-  calibration entropies so the expected mean bits meets the budget.
+  calibration entropies so the expected mean bits meets the budget (plus a budget guard).
+- InputAware(profile, budget): per-token, per-linear bits chosen by the engine inside the step
+  from each linear's own input (rules pushed once; only a price λ is steered per token).
+- SinkProtect(inner): the first position(s) at max bits, then `inner`.
+What each achieves on SmolLM2 is measured in docs/controller.md.
 """
 from __future__ import annotations
 
@@ -148,11 +154,17 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
     v = column_error_energy(engine, levels)
     e_mean = [[float(v_j[l] @ energy[j]) for l in range(len(levels))] for j, v_j in enumerate(v)]
     kl = np.zeros((L + 1, len(levels)))
-    total = (L + 1) * len(levels)
+    total = (L + 1 + 7) * len(levels)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=total, desc="calibrating", unit="pass")
+    def mean_kl(mask, head):
+        out = run(mask, head)
+        if bar:
+            bar.update(1)
+        return float(np.mean(np.concatenate([kl_rows(r, o) for r, o in zip(ref, out)])))
+
     for u in range(L + 1):
         for j, k in enumerate(levels):
             mask = full.copy()
@@ -161,16 +173,23 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
                 mask[u, :] = k
             else:
                 head = k
-            out = run(mask, head)
-            kl[u, j] = float(np.mean(np.concatenate([kl_rows(r, o) for r, o in zip(ref, out)])))
-            if bar:
-                bar.update(1)
+            kl[u, j] = mean_kl(mask, head)
+    # per linear type (q, k, v, o, gate, up, down), all layers at once: how a layer's sensitivity
+    # splits among its 7 linears (LinearwiseStatic)
+    kl_type = np.zeros((7, len(levels)))
+    for t in range(7):
+        for j, k in enumerate(levels):
+            mask = full.copy()
+            mask[:, t] = k
+            kl_type[t, j] = mean_kl(mask, B)
     if bar:
         bar.close()
     engine.set_layer_bits(full, lm_head_bits=B)
     return Profile(max_bits=B, levels=levels, kl=kl.tolist(), weights=unit_weights(engine),
                    entropy_quantiles=np.quantile(ent, np.linspace(0, 1, 101)).tolist(),
-                   n_tokens=int(sum(len(c) for c in chunks)), seed=seed, extra={"e_mean": e_mean})
+                   n_tokens=int(sum(len(c) for c in chunks)), seed=seed,
+                   extra={"e_mean": e_mean, "kl_type": kl_type.tolist(),
+                          "linear_sizes": [int(x) for x in linear_sizes(engine)]})
 
 
 def linear_sizes(engine) -> np.ndarray:
@@ -312,6 +331,40 @@ class LayerwiseStatic(Controller):
         if info is not None:
             return None
         return np.asarray(self.bits[:-1], dtype=np.int32), int(self.bits[-1])
+
+
+class LinearwiseStatic(Controller):
+    """Bits per linear (q, k, v, o, gate, up, down of every layer, and the LM head), fixed for
+    the sequence: the knapsack of LayerwiseStatic over 7x the units, with a separable sensitivity
+    model KL_{layer,type}(k) = KL_layer(k) * KL_type(k) / Σ_types KL_type(k) from the per-layer
+    and the per-type calibration passes (no per-linear passes: 7 + 1 units' worth instead of 210).
+    On SmolLM2 v_proj and down_proj are 4-6x as sensitive as q, k, o, so moving bits between
+    linear types is where a static allocation gains (docs/controller.md).
+    """
+
+    def __init__(self, profile: Profile, budget: float):
+        kt = profile.extra.get("kl_type")
+        if kt is None:
+            raise ValueError("this calibration profile has no per-type sensitivities (recalibrate)")
+        kt = np.asarray(kt)
+        share = kt / kt.sum(0, keepdims=True)  # (7, levels)
+        L = profile.n_layers
+        per_layer = np.asarray(profile.kl)
+        sizes = profile.extra.get("linear_sizes")
+        if sizes is None:
+            raise ValueError("this calibration profile has no linear sizes (recalibrate)")
+        units = [(per_layer[l] * share[t]).tolist() for l in range(L) for t in range(7)] + [per_layer[L].tolist()]
+        sub = Profile(max_bits=profile.max_bits, levels=profile.levels, kl=units, weights=[int(x) for x in sizes],
+                      entropy_quantiles=profile.entropy_quantiles, n_tokens=profile.n_tokens)
+        self.budget = budget
+        self.bits = allocate(sub, budget)
+        self.mean_bits = mean_bits(sub.weights, self.bits)
+        self.n_layers = L
+
+    def mask(self, info):
+        if info is not None:
+            return None
+        return np.asarray(self.bits[:-1], dtype=np.int32).reshape(self.n_layers, 7), int(self.bits[-1])
 
 
 class FlexQuant(Controller):
@@ -508,5 +561,5 @@ class InputAware(Controller):
         return None
 
 
-__all__ = ["Profile", "calibrate", "allocate", "Controller", "Static", "LayerwiseStatic", "FlexQuant", "InputAware", "SinkProtect",
+__all__ = ["Profile", "calibrate", "allocate", "Controller", "Static", "LayerwiseStatic", "FlexQuant", "InputAware", "SinkProtect", "LinearwiseStatic",
            "save_profile", "load_profile", "calibration_text", "text_chunks", "mean_bits"]

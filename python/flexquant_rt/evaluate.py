@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .controller import (FlexQuant, InputAware, LayerwiseStatic, Profile, SinkProtect, Static, calibration_text,
-                         kl_rows, log_softmax, text_chunks)
+from .controller import (FlexQuant, InputAware, LayerwiseStatic, LinearwiseStatic, Profile, SinkProtect, Static,
+                         calibration_text, kl_rows, log_softmax, text_chunks)
 
 
 @dataclass
@@ -138,6 +138,8 @@ def evaluate(engine, profile: Profile, *, source: str | None = None, n_chunks: i
 
     for b in budgets:
         for name, make in (("LayerwiseStatic", lambda b=b: LayerwiseStatic(profile, b)),
+                           ("LinearwiseStatic", lambda b=b: LinearwiseStatic(profile, b)),
+                           ("SinkProtect(LinearwiseStatic)", lambda b=b: SinkProtect(LinearwiseStatic(profile, b), B)),
                            ("FlexQuant 4/8", lambda b=b: FlexQuant(profile, b, levels=(4, 8))),
                            ("FlexQuant neighbours", lambda b=b: neighbours(b)),
                            ("InputAware", lambda b=b: InputAware(profile, b)),

@@ -192,3 +192,22 @@ def test_sink_protect_runs_the_first_positions_at_max_bits(calibrated):
             SinkProtect(Static(4), n_sink=0)
         with pytest.raises(ValueError, match="mask-driven"):
             SinkProtect(InputAware(prof, 5.0)).attach(eng)
+
+
+def test_evaluation_measures_what_each_policy_ran(calibrated):
+    from flexquant_rt.evaluate import oracle_curve, reference_logprobs, run_policy
+
+    path, prof = calibrated
+    with Engine(path) as eng:
+        chunks = text_chunks(eng, calibration_text("evaluation"), 2, 24, seed=1)
+        ref = reference_logprobs(None, chunks, eng)  # the engine at max bits
+        r8 = run_policy(eng, lambda: Static(8), chunks, ref, "static 8", 8.0)
+        r3 = run_policy(eng, lambda: Static(3), chunks, ref, "static 3", 3.0)
+        ls = run_policy(eng, lambda: LayerwiseStatic(prof, 5.0), chunks, ref, "ls", 5.0)
+        assert not eng._eng.has_precision_rules
+    # token-by-token decoding at 8 bits reproduces the 8-bit prefill reference
+    assert r8.mean_bits == 8.0 and r8.kld < 1e-6 and r8.top1 == 1.0
+    assert r3.mean_bits == 3.0 and r3.kld > 1e-3 and len(r3.per_token_kl) == 48
+    assert ls.mean_bits <= 5.0 + 1e-9
+    curve = oracle_curve({3: r3, 8: r8}, [0.0, 1e9])
+    assert curve[0][1] == 8.0 and curve[1][1] == 3.0 and curve[1][2] == pytest.approx(r3.kld)

@@ -8,6 +8,7 @@ precision controller may push a new bit mask before every step.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -205,6 +206,13 @@ class Engine:
         if controller is None:
             yield from self._loop(ids, max_new_tokens, sampler, stop_strs, stop_ids, None)
             return
+        with self.controlled(controller):
+            yield from self._loop(ids, max_new_tokens, sampler, stop_strs, stop_ids, controller)
+
+    @contextmanager
+    def controlled(self, controller):
+        """The controller protocol around one sequence: attach(engine) and reset() if the
+        controller has them, apply mask(None) before the first step; detach() on exit."""
         attach = getattr(controller, "attach", None)
         if attach is not None:
             attach(self)
@@ -213,7 +221,7 @@ class Engine:
             if reset is not None:
                 reset()
             self._apply(controller.mask(None))
-            yield from self._loop(ids, max_new_tokens, sampler, stop_strs, stop_ids, controller)
+            yield controller
         finally:
             detach = getattr(controller, "detach", None)
             if detach is not None:

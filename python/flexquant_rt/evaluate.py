@@ -67,16 +67,7 @@ def run_policy(engine, make_controller: Callable[[], object], chunks, ref: list[
     for chunk, r in zip(chunks, ref):
         ctrl = make_controller()
         engine.reset()
-        attach = getattr(ctrl, "attach", None)
-        if attach:
-            attach(engine)
-        try:
-            if hasattr(ctrl, "reset"):
-                ctrl.reset()
-            t = time.perf_counter()
-            m = ctrl.mask(None)
-            engine._apply(m)
-            t_ctrl += time.perf_counter() - t
+        with engine.controlled(ctrl):
             for i, tok in enumerate(chunk):
                 logits = engine.decode(tok)
                 info = engine.step_info(tok)
@@ -90,10 +81,6 @@ def run_policy(engine, make_controller: Callable[[], object], chunks, ref: list[
                 engine._apply(ctrl.mask(info))
                 t_ctrl += time.perf_counter() - t
                 n_steps += 1
-        finally:
-            detach = getattr(ctrl, "detach", None)
-            if detach:
-                detach()
     wall = time.perf_counter() - t0
     return Result(name, budget, float(np.mean(bits)), float(np.mean(kls)), float(np.exp(np.mean(nll))),
                   float(np.mean(agree)), n_steps / wall, 100.0 * t_ctrl / wall, np.asarray(kls), np.asarray(bits))

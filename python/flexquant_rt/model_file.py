@@ -10,7 +10,6 @@ export and tests need the Python reader.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,10 +486,6 @@ def iter_hf_tensors(reader: ModelReader, bits: int) -> Iterator[tuple[str, np.nd
         for l in LAYER_LINEARS:
             yield hf_name(cfg, f"blk.{i}.{l}."), reader.dequantize(f"blk.{i}.{l}", bits)
     yield "lm_head.weight", reader.dequantize("output", bits)
-
-
-def replace_config(cfg: LlamaConfig, **kw) -> LlamaConfig:
-    return dataclasses.replace(cfg, **kw)
 
 
 __all__: Sequence[str] = [

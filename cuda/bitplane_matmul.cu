@@ -106,6 +106,19 @@ __device__ __forceinline__ void load_planes(uint4 (&P)[8], const uint8_t* __rest
     }
 }
 
+// The bit-width a kernel runs at: `bits` (a launch argument), or, when bits_dev is set, the value
+// in device memory at the time the kernel runs (the engine's CUDA graph reads a mask that the host
+// updates between replays). Clamped to 2..bits: the buffer holds only `bits` planes, so a bad
+// mask value can lower the precision but never make a kernel read past the planes.
+__device__ __forceinline__ int effective_bits(const int32_t* bits_dev, int bits) {
+    return bits_dev ? max(2, min(bits, __ldg(bits_dev))) : bits;
+}
+
+// s_k = s · scale_mul and m_k = m + s · min_mul (docs/format.md): 2^(B-k) and (2^(B-k) - 1) / 2,
+// exact in fp32 and equal to the host constants of the CPU op and numpy's view_params.
+__device__ __forceinline__ float view_scale_mul(int max_bits, int bits) { return float(1 << (max_bits - bits)); }
+__device__ __forceinline__ float view_min_mul(int max_bits, int bits) { return 0.5f * float((1 << (max_bits - bits)) - 1); }
+
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
     return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
@@ -218,7 +231,9 @@ bitplane_matmul_tc_kernel(const uint8_t* __restrict__ planes,   // (>= bits, pla
                           const float2* __restrict__ aparams,   // (M, n_groups): (scale, Σ x̂)
                           float* __restrict__ y,                // (M, n)
                           int64_t n, int64_t k_pad, int64_t n_groups, int n_super, int last_words,
-                          int group_shift, int bits, float scale_mul, float min_mul) {
+                          int group_shift, const int32_t* __restrict__ bits_dev, int bits, int max_bits) {
+    bits = effective_bits(bits_dev, bits);
+    const float scale_mul = view_scale_mul(max_bits, bits), min_mul = view_min_mul(max_bits, bits);
     constexpr int J = (M * L + 1) / 2;                 // mma per weight plane per chunk
     constexpr int NACC = L >= 2 ? M : (M + 1) / 2;    // fp32 accumulators per lane
     __shared__ float red[MAX_WARPS][MAX_M][TILE_N];
@@ -346,7 +361,9 @@ bitplane_matmul_fp32_kernel(const uint8_t* __restrict__ planes,   // (>= bits, p
                             const float* __restrict__ wsum,       // (M, k_pad / 32)
                             float* __restrict__ y,                // (M, n)
                             int64_t n, int64_t k_pad, int64_t n_groups, int n_super, int last_words,
-                            int words_per_group, int bits, float scale_mul, float min_mul) {
+                            int words_per_group, const int32_t* __restrict__ bits_dev, int bits, int max_bits) {
+    bits = effective_bits(bits_dev, bits);
+    const float scale_mul = view_scale_mul(max_bits, bits), min_mul = view_min_mul(max_bits, bits);
     __shared__ float red[MAX_WARPS][MAX_M][TILE_N];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -413,9 +430,9 @@ bitplane_matmul_fp32_kernel(const uint8_t* __restrict__ planes,   // (>= bits, p
 // ---- launchers: raw device pointers, sizes, a stream; no validation ---------------------------------
 
 using TcKernel = void (*)(const uint8_t*, uint64_t, const __half2*, const uint4*, const float2*, float*, int64_t,
-                          int64_t, int64_t, int, int, int, int, float, float);
+                          int64_t, int64_t, int, int, int, const int32_t*, int, int);
 using Fp32Kernel = void (*)(const uint8_t*, uint64_t, const __half2*, const float*, const float*, float*, int64_t,
-                            int64_t, int64_t, int, int, int, int, float, float);
+                            int64_t, int64_t, int, int, int, const int32_t*, int, int);
 
 template <int M>
 TcKernel tc_kernel_for_l(int L) {
@@ -504,14 +521,10 @@ void bitplane_prepare_launch(const Geometry& g, const float* x, int64_t m, Bitpl
                                                                          static_cast<float*>(sc.params));
 }
 
-// y (m <= 8, n) from the prepared scratch.
+// y (m <= 8, n) from the prepared scratch. bits_dev: see effective_bits.
 void bitplane_matmul_launch(const Geometry& g, const uint8_t* planes, uint64_t plane_bytes, const uint16_t* qparams,
-                            int bits, int max_bits, int64_t m, BitplaneCudaPath path, const Scratch& sc, float* y,
-                            int warps, cudaStream_t stream) {
-    const int shift = max_bits - bits;
-    // The same fp32 constants as the CPU op and numpy's view_params.
-    const float scale_mul = float(1 << shift);
-    const float min_mul = float(((1 << shift) - 1) / 2.0);
+                            const int32_t* bits_dev, int bits, int max_bits, int64_t m, BitplaneCudaPath path,
+                            const Scratch& sc, float* y, int warps, cudaStream_t stream) {
     const auto* qp = reinterpret_cast<const __half2*>(qparams);
     const dim3 grid(unsigned(g.n_tiles)), block(unsigned(32 * warps));
     if (path == BITPLANE_CUDA_TC) {
@@ -519,13 +532,13 @@ void bitplane_matmul_launch(const Geometry& g, const uint8_t* planes, uint64_t p
         const int group_shift = g.group_size == 512 ? 1 : 0;
         tc_kernel(int(m), L)<<<grid, block, 0, stream>>>(planes, plane_bytes, qp, static_cast<const uint4*>(sc.acts),
                                                         static_cast<const float2*>(sc.params), y, g.n, g.k_pad,
-                                                        g.n_groups, g.n_super, g.last_words, group_shift, bits,
-                                                        scale_mul, min_mul);
+                                                        g.n_groups, g.n_super, g.last_words, group_shift, bits_dev,
+                                                        bits, max_bits);
     } else {
         fp32_kernel(int(m))<<<grid, block, 0, stream>>>(planes, plane_bytes, qp, static_cast<const float*>(sc.acts),
                                                        static_cast<const float*>(sc.params), y, g.n, g.k_pad,
-                                                       g.n_groups, g.n_super, g.last_words, g.group_size / 32, bits,
-                                                       scale_mul, min_mul);
+                                                       g.n_groups, g.n_super, g.last_words, g.group_size / 32,
+                                                       bits_dev, bits, max_bits);
     }
 }
 
@@ -580,7 +593,7 @@ size_t bitplane_matmul_cuda_workspace(const BitplaneLinear& w, int64_t m, Bitpla
 
 void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
                                 void* workspace, size_t workspace_bytes, BitplaneCudaPath path, CUstream_st* stream,
-                                const BitplaneCudaTuning& tuning) {
+                                const BitplaneCudaTuning& tuning, const int32_t* bits_dev) {
     const std::string fn = "bitplane_matmul_cuda_async";
     validate(w, bits, m, fn);
     path = bitplane_cuda_resolve_path(w, path);
@@ -601,9 +614,51 @@ void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* 
         const int64_t mm = std::min<int64_t>(MAX_M, m - r0);
         const Scratch sc = carve(g, mm, path, workspace);
         bitplane_prepare_launch(g, x + r0 * w.k, mm, path, sc, stream);
-        bitplane_matmul_launch(g, w.planes, w.plane_bytes, w.qparams, bits, w.max_bits, mm, path, sc, y + r0 * w.n,
-                               warps, stream);
+        bitplane_matmul_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, mm, path, sc,
+                               y + r0 * w.n, warps, stream);
     }
+    cuda_check(cudaGetLastError(), fn + " (kernel launch)");
+}
+
+namespace {
+// The checks both halves share: the linear, the device pointers, the workspace.
+void validate_async(const BitplaneLinear& w, int bits, int64_t m, const void* workspace, size_t workspace_bytes,
+                    BitplaneCudaPath path, const std::string& fn) {
+    validate(w, bits, m, fn);
+    check(m >= 1 && m <= MAX_M, fn, "m must be in 1..8, got " + std::to_string(m));
+    check(w.planes && w.qparams && workspace, fn, "null pointer");
+    check(reinterpret_cast<uintptr_t>(w.planes) % 16 == 0, fn, "planes must be 16-byte aligned");
+    check(reinterpret_cast<uintptr_t>(w.qparams) % 4 == 0, fn, "qparams must be 4-byte aligned");
+    check(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, fn, "workspace must be 256-byte aligned");
+    const size_t need = bitplane_matmul_cuda_workspace(w, m, path);
+    check(workspace_bytes >= need, fn,
+          "workspace holds " + std::to_string(workspace_bytes) + " bytes, needs " + std::to_string(need));
+}
+}  // namespace
+
+void bitplane_prepare_cuda_async(const BitplaneLinear& w, const float* x, int64_t m, void* workspace,
+                                 size_t workspace_bytes, BitplaneCudaPath path, CUstream_st* stream) {
+    const std::string fn = "bitplane_prepare_cuda_async";
+    path = bitplane_cuda_resolve_path(w, path);
+    validate_async(w, w.max_bits, m, workspace, workspace_bytes, path, fn);
+    check(x != nullptr, fn, "null pointer");
+    const Geometry g = geometry(w);
+    bitplane_prepare_launch(g, x, m, path, carve(g, m, path, workspace), stream);
+    cuda_check(cudaGetLastError(), fn + " (kernel launch)");
+}
+
+void bitplane_matmul_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_t m, float* y, const void* workspace,
+                                         size_t workspace_bytes, BitplaneCudaPath path, CUstream_st* stream,
+                                         const BitplaneCudaTuning& tuning, const int32_t* bits_dev) {
+    const std::string fn = "bitplane_matmul_prepared_cuda_async";
+    path = bitplane_cuda_resolve_path(w, path);
+    validate_async(w, bits, m, workspace, workspace_bytes, path, fn);
+    validate_tuning(tuning, fn);
+    check(y != nullptr, fn, "null pointer");
+    const Geometry g = geometry(w);
+    bitplane_matmul_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, m, path,
+                           carve(g, m, path, const_cast<void*>(workspace)), y, pick_warps(g, tuning.warps_per_block),
+                           stream);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
 
@@ -736,8 +791,8 @@ BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits,
     const int launches = std::max(copies, 128);
     auto matmul = [&](int i) {
         const int c = i % copies;
-        bitplane_matmul_launch(g, plane_copies[c]->get(), w.plane_bytes, qparam_copies[c]->get(), bits, w.max_bits, m,
-                               path, sc, yd.get(), warps, stream.s);
+        bitplane_matmul_launch(g, plane_copies[c]->get(), w.plane_bytes, qparam_copies[c]->get(), nullptr, bits,
+                               w.max_bits, m, path, sc, yd.get(), warps, stream.s);
     };
     const std::vector<double> mm = time_graph(stream.s, launches, reps, fn, matmul);
     const std::vector<double> prep = time_graph(stream.s, launches, reps, fn, [&](int) {

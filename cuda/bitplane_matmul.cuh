@@ -52,10 +52,23 @@ size_t bitplane_matmul_cuda_workspace(const BitplaneLinear& w, int64_t m, Bitpla
 // w.planes (>= bits, plane_bytes), w.qparams (n, n_groups, 2), x (m, k) fp32, y (m, n) fp32 and
 // workspace (workspace_bytes >= bitplane_matmul_cuda_workspace(w, m, path)) are device pointers.
 // Any m >= 0 (launched in slices of 8 rows: two launches each, the activation preparation and the
-// product).
+// product). bits_dev (optional, device int32): the kernels read their bit-width from it when they
+// run, clamped to 2..bits (`bits` planes must be present), so a CUDA graph captured once follows a
+// mask the host rewrites between replays.
 void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
                                 void* workspace, size_t workspace_bytes, BitplaneCudaPath path,
-                                CUstream_st* stream, const BitplaneCudaTuning& tuning = {});
+                                CUstream_st* stream, const BitplaneCudaTuning& tuning = {},
+                                const int32_t* bits_dev = nullptr);
+
+// The two halves of bitplane_matmul_cuda_async for m <= 8 rows, so that linears reading the same
+// input (q, k and v; gate and up) prepare it once. Prepare x (m, k) into the workspace for linears
+// of w's k and group_size, then run any number of such linears from it (same path and m).
+void bitplane_prepare_cuda_async(const BitplaneLinear& w, const float* x, int64_t m, void* workspace,
+                                 size_t workspace_bytes, BitplaneCudaPath path, CUstream_st* stream);
+void bitplane_matmul_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_t m, float* y,
+                                         const void* workspace, size_t workspace_bytes, BitplaneCudaPath path,
+                                         CUstream_st* stream, const BitplaneCudaTuning& tuning = {},
+                                         const int32_t* bits_dev = nullptr);
 
 // Host memory in and out (tests, tools): uploads the first `bits` planes, the qparams and x,
 // runs bitplane_matmul_cuda_async on the current device, downloads y (m, n). Synchronous. The

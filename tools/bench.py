@@ -2,6 +2,12 @@
 """Benchmark: prefill and decode tokens/s, effective GB/s and peak RSS at k = 8, 6, 4.
 
     python tools/bench.py [MODEL.fq ...] [--synthetic smollm2-135m] [--threads N] [--bits 8 6 4]
+                          [--backend cpu|cuda]
+
+--backend cuda runs the engine on the GPU and compares with the GPU's copy bandwidth (torch, read +
+write counted), adds a row with a new random mask every token (mean 5 bits: layers drawn from
+{4, 6}) to price per-token switching, and prints the roofline: the tok/s that 85% of the copy
+bandwidth allows for the bytes a token reads.
 
 With no model, benchmarks the default model (SmolLM2-135M-Instruct). Each configuration runs in a
 fresh process, so its peak RSS is its own. In the same run it measures the machine's memory copy
@@ -45,13 +51,39 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int) -> dict:
+def gpu_copy_bandwidth_gbs() -> float:
+    """The GPU's device-to-device copy bandwidth, read + write counted (torch, 1 GiB, median of 10)."""
+    import torch
+
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    return 2 * a.numel() / times[len(times) // 2] / 1e9
+
+
+def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, backend: str = "cpu") -> dict:
+    """bits 0: a new random mask every step, each linear at 4 or 6 (mean 5), the LM head at 6."""
     import numpy as np
 
     import flexquant_rt as fq
 
-    eng = fq.Engine(model, threads=threads)
-    eng.set_layer_bits(bits, lm_head_bits=bits)
+    eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_prompt + n_decode + 16)
+    if eng.backend != backend:
+        raise SystemExit(f"asked for backend {backend}, the engine runs on {eng.backend}")
+    rng = np.random.default_rng(1)
+    switching = bits == 0
+    masks = [rng.choice([4, 6], size=(eng.n_layers, 7)).astype(np.int32) for _ in range(n_decode)]
+    eng.set_layer_bits(masks[0] if switching else bits, lm_head_bits=6 if switching else bits)
     vocab = int(eng.config["vocab"])
     prompt = np.random.default_rng(0).integers(0, min(vocab, 30000), size=n_prompt).astype(np.int32)
     eng.forward(prompt[:8])  # warm-up: page in the weights
@@ -60,16 +92,20 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int) ->
     eng._eng.eval(prompt)
     t_prefill = time.perf_counter() - t
     tok = int(np.argmax(eng._eng.logits()))
-    times = []
-    for _ in range(n_decode):
+    times, nbytes = [], []
+    for i in range(n_decode):
         t = time.perf_counter()
+        if switching:  # the switch is part of the step: its cost shows in the step time
+            eng._eng.set_layer_bits(masks[i])
         eng._eng.eval(np.array([tok], dtype=np.int32))
         times.append(time.perf_counter() - t)
+        nbytes.append(eng.bytes_per_token())
         tok = int(np.argmax(eng._eng.logits()))
     step = float(np.median(times))
     return {
         "prefill_tok_s": n_prompt / t_prefill, "decode_tok_s": 1.0 / step, "step_ms": step * 1e3,
-        "bytes_per_token": eng.bytes_per_token(), "peak_rss_mb": peak_rss_mb(),
+        "bytes_per_token": float(np.mean(nbytes)), "peak_rss_mb": peak_rss_mb(),
+        "device_mb": eng._eng.device_bytes / 1e6,
     }
 
 
@@ -110,13 +146,14 @@ def main() -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     ap.add_argument("--decode", type=int, default=32, help="decode steps")
+    ap.add_argument("--backend", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         kind, *rest = a.worker
         if kind == "fq":
-            model, bits, threads, n_p, n_d = rest
-            res = worker(model, int(bits), int(threads), int(n_p), int(n_d))
+            model, bits, threads, n_p, n_d, backend = rest
+            res = worker(model, int(bits), int(threads), int(n_p), int(n_d), backend)
         else:
             gguf, threads, n_p, n_d = rest
             res = llama_cpp_worker(gguf, int(threads), int(n_p), int(n_d))
@@ -126,7 +163,7 @@ def main() -> int:
     from flexquant_rt.default_model import default_model_path, smollm2_gguf_path
 
     models = [(Path(m).stem, m) for m in a.models]
-    if not a.models:
+    if not a.models and not a.synthetic:
         models.append(("SmolLM2-135M", str(default_model_path())))
     tmp = tempfile.TemporaryDirectory()
     for name in a.synthetic:
@@ -135,6 +172,8 @@ def main() -> int:
         convert(SyntheticSource(name), out, progress=False)
         models.append((f"synthetic {name}", str(out)))
 
+    if a.backend == "cuda":
+        return main_cuda(a, models)
     bw = copy_bandwidth_gbs()
     print(f"threads: {a.threads}; memory copy bandwidth (read + write): {bw:.1f} GB/s; "
           f"prompt {a.prompt} tokens, {a.decode} decode steps (median)")
@@ -148,7 +187,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, path in models:
         for bits in a.bits:
-            r = run_worker(["fq", path, str(bits), str(a.threads), str(a.prompt), str(a.decode)])
+            r = run_worker(["fq", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), "cpu"])
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if (base and "SmolLM2" in name) else "-"
             print(f"| {name} | {bits} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
@@ -158,6 +197,35 @@ def main() -> int:
               f"{base['decode_tok_s']:.1f} | - | - | - | {base['peak_rss_mb']:.0f} | 1.00x |")
     else:
         print("(llama-cpp-python is not installed: no llama.cpp baseline in this run)")
+    return 0
+
+
+def main_cuda(a, models) -> int:
+    """The GPU table: decode tok/s and GB/s against the copy bandwidth measured in this run, the
+    85% roofline for each row's bytes per token, and the cost of a new mask every token."""
+    bw = gpu_copy_bandwidth_gbs()
+    print(f"GPU copy bandwidth (read + write): {bw:.0f} GB/s; prompt {a.prompt} tokens, "
+          f"{a.decode} decode steps (median); roofline = 0.85 x copy BW / bytes per token")
+    print()
+    print("| model | bits | prefill tok/s | decode tok/s | MB/token | decode GB/s | % of copy BW | 85% roofline tok/s | vs roofline | GPU MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, path in models:
+        rows = {}
+        for bits in [*a.bits, 0]:
+            r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda"])
+            gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
+            roof = 0.85 * bw * 1e9 / r["bytes_per_token"]
+            label = str(bits) if bits else "4/6 per token (mean 5)"
+            print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['bytes_per_token'] / 1e6:.1f} | "
+                  f"{gbs:.0f} | {100 * gbs / bw:.0f}% | {roof:.0f} | {r['decode_tok_s'] / roof:.2f} | {r['device_mb']:.0f} |")
+        if 4 in rows and 6 in rows:
+            # the switching row reads, per token, a mix of 4- and 6-bit linears: its expected step is
+            # the byte-weighted mean of the static steps; the excess is what switching costs
+            r4, r6, r0 = rows[4], rows[6], rows[0]
+            f = (r0["bytes_per_token"] - r4["bytes_per_token"]) / max(r6["bytes_per_token"] - r4["bytes_per_token"], 1)
+            expect = r4["step_ms"] + f * (r6["step_ms"] - r4["step_ms"])
+            print(f"\n{name}: per-token mask switch: step {r0['step_ms']:.3f} ms vs {expect:.3f} ms interpolated from the "
+                  f"static 4- and 6-bit steps: {100 * (r0['step_ms'] / expect - 1):+.1f}% of a step")
     return 0
 
 

@@ -3,21 +3,28 @@
 # repository root). In one go:
 #   1. builds and installs the package with nvcc (pip, no build isolation, no dependencies: the
 #      machine is offline and has numpy, torch, pybind11, scikit-build-core);
-#   2. runs the CUDA tests (tests/test_cuda_ops.py);
-#   3. runs compute-sanitizer (memcheck, racecheck, initcheck) over a few odd shapes of both paths;
+#   2. runs the CUDA tests (tests/test_cuda_ops.py: the GEMV; tests/test_engine_cuda.py: the decode
+#      ops and whole models against the CPU engine, mask switching through the CUDA graph);
+#   3. runs compute-sanitizer (memcheck, racecheck, initcheck) over a few odd shapes of both GEMV
+#      paths and a short generation on a tiny model through the CUDA engine (graph included);
 #   4. benchmarks bitplane_matmul_cuda against torch.nn.functional.linear fp16 (cuBLAS) on the
-#      Llama-2-7B linear shapes, weights rotated past L2, and prints the tables last.
+#      Llama-2-7B linear shapes, weights rotated past L2, and prints the tables;
+#   5. (--e2e) converts a synthetic Llama-2-7B here and runs tools/bench.py --backend cuda on it:
+#      decode tok/s at 8/6/4 bits and with per-token masks, against the roofline. The converter
+#      writes with the `gguf` package, which the device machine lacks: carry its wheel in .whl/
+#      (see the device README) and this step installs it into /tmp/site.
 # Logs and bench.json go to $OUT (the device tool's output folder) or /tmp/gpu_check.
 #
-#   tools/gpu_check.sh [--skip-build] [--skip-tests] [--skip-sanitizer] [--skip-bench]
+#   tools/gpu_check.sh [--skip-build] [--skip-tests] [--skip-sanitizer] [--skip-bench] [--e2e]
 set -uo pipefail
 
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp/gpu_check}
 mkdir -p "$LOG"
-BUILD=1 TESTS=1 SANITIZER=1 BENCH=1
+BUILD=1 TESTS=1 SANITIZER=1 BENCH=1 E2E=0
 for a in "$@"; do
   case "$a" in
+    --e2e) E2E=1 ;;
     --skip-build) BUILD=0 ;;
     --skip-tests) TESTS=0 ;;
     --skip-sanitizer) SANITIZER=0 ;;
@@ -51,7 +58,7 @@ cd - >/dev/null
 
 if [ "$TESTS" = 1 ]; then
   echo "== tests"
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py 2>&1 | tee "$LOG/tests.log" | tail -40
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_engine_cuda.py 2>&1 | tee "$LOG/tests.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
@@ -71,6 +78,21 @@ for n, k, g, m, bits in [(13, 300, 32, 3, 3), (21, 576, 128, 1, 8), (200, 1536, 
     for path in (("tc", "fp32") if core.bitplane_cuda_tc_supports(g) else ("fp32",)):
         y = core.bitplane_matmul_cuda(np.ascontiguousarray(planes[:bits]), qp, n, k, 8, g, bits, x, path=path)
         assert np.isfinite(y).all()
+# The whole engine on a tiny random model: prefill (two slices), graph capture, replays with masks.
+import tempfile, pathlib, sys
+sys.path.insert(0, "tests")
+from conftest import make_hf_llama
+from flexquant_rt import Engine
+from flexquant_rt.convert import HFSource, convert
+d = pathlib.Path(tempfile.mkdtemp())
+convert(HFSource(make_hf_llama(d / "hf")), d / "t.fq", progress=False)
+eng = Engine(d / "t.fq", backend="cuda")
+assert eng.backend == "cuda"
+logits = eng.forward(rng.integers(0, 320, 11))
+for i in range(6):
+    eng.set_layer_bits(int(rng.integers(2, 9)))
+    logits = eng.decode(int(np.argmax(logits)))
+    assert np.isfinite(logits).all()
 print("sanitize script ok")
 EOF
   for tool in memcheck racecheck initcheck; do
@@ -224,6 +246,16 @@ for bits in (8, 6, 4):
 with open(f"{out_dir}/bench.json", "w") as f:
     json.dump(results, f, indent=1)
 EOF
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if [ "$E2E" = 1 ]; then
+  echo "== end-to-end decode benchmark (synthetic llama2-7b)"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  "$PY" tools/bench.py --backend cuda --synthetic llama2-7b --bits 8 6 4 --prompt 128 --decode 64 2>&1 | tee "$LOG/e2e.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 

@@ -9,9 +9,12 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <initializer_list>
 #include <string>
 
 #include "../../cuda/bitplane_matmul.cuh"
+#include "cuda_backend.h"
 #include "flexquant/error.h"
 
 namespace py = pybind11;
@@ -120,9 +123,121 @@ py::dict py_bitplane_matmul_cuda_bench(const py::array& planes, const py::array&
     return d;
 }
 
+// A C-contiguous float32 array of the given shape, or a ValueError naming the argument.
+using F32 = py::array_t<float, py::array::c_style>;
+void expect_shape(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
+    bool ok = a.ndim() == py::ssize_t(shape.size());
+    size_t i = 0;
+    for (int64_t s : shape) ok = ok && a.shape(py::ssize_t(i++)) == s;
+    if (!ok) {
+        std::string want = "(";
+        i = 0;
+        for (int64_t s : shape) want += (i++ ? ", " : "") + std::to_string(s);
+        throw py::value_error(std::string(name) + ": expected shape " + want + (shape.size() == 1 ? ",)" : ")") +
+                              ", got " + shape_str(a));
+    }
+}
+F32 f32(const py::array& a, const char* name) {
+    if (!a.dtype().is(py::dtype::of<float>()) || !(a.flags() & py::array::c_style))
+        throw py::type_error(std::string(name) + ": expected a C-contiguous float32 array");
+    return py::reinterpret_borrow<F32>(a);
+}
+
+F32 py_rms_norm_cuda(const py::array& x, const py::array& w, float eps) {
+    F32 xa = f32(x, "x"), wa = f32(w, "w");
+    if (xa.ndim() != 2) throw py::value_error("x: expected shape (m, d), got " + shape_str(x));
+    const int64_t m = xa.shape(0), d = xa.shape(1);
+    expect_shape(wa, "w", {d});
+    F32 y({m, d});
+    float* yp = y.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        flexquant::rms_norm_cuda(xa.data(), wa.data(), m, d, eps, yp);
+    }
+    return y;
+}
+
+py::tuple py_rope_cuda(const py::array& inv_freq, const py::array& q, const py::array& k,
+                       const py::array_t<int64_t, py::array::c_style>& positions) {
+    F32 fa = f32(inv_freq, "inv_freq"), qa = f32(q, "q"), ka = f32(k, "k");
+    if (qa.ndim() != 3) throw py::value_error("q: expected shape (m, n_heads, head_dim), got " + shape_str(q));
+    const int64_t m = qa.shape(0), H = qa.shape(1), d = qa.shape(2);
+    if (ka.ndim() != 3 || ka.shape(0) != m || ka.shape(2) != d)
+        throw py::value_error("k: expected shape (" + std::to_string(m) + ", n_kv_heads, " + std::to_string(d) + "), got " + shape_str(k));
+    expect_shape(fa, "inv_freq", {d / 2});
+    expect_shape(positions, "positions", {m});
+    F32 qo({m, H, d}), ko({m, ka.shape(1), d});
+    std::copy(qa.data(), qa.data() + qa.size(), qo.mutable_data());
+    std::copy(ka.data(), ka.data() + ka.size(), ko.mutable_data());
+    {
+        py::gil_scoped_release nogil;
+        flexquant::rope_cuda(fa.data(), int(d), qo.mutable_data(), H, ko.mutable_data(), ka.shape(1), positions.data(), m);
+    }
+    return py::make_tuple(qo, ko);
+}
+
+F32 py_swiglu_cuda(const py::array& gate, const py::array& up) {
+    F32 ga = f32(gate, "gate"), ua = f32(up, "up");
+    if (ga.ndim() != 1) throw py::value_error("gate: expected shape (n,), got " + shape_str(gate));
+    expect_shape(ua, "up", {ga.shape(0)});
+    F32 out({ga.shape(0)});
+    float* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        flexquant::swiglu_cuda(ga.data(), ua.data(), ga.shape(0), op);
+    }
+    return out;
+}
+
+F32 py_attention_cuda(const py::array& q, const py::array& k_cache, const py::array& v_cache, int64_t p0, int n_splits) {
+    F32 qa = f32(q, "q");
+    if (qa.ndim() != 3) throw py::value_error("q: expected shape (m, n_heads, head_dim), got " + shape_str(q));
+    const int64_t m = qa.shape(0), H = qa.shape(1), d = qa.shape(2);
+    const bool f16 = k_cache.dtype().is(py::dtype("float16"));
+    if (!f16 && !k_cache.dtype().is(py::dtype::of<float>()))
+        throw py::type_error("k_cache: expected float32 or float16, got " + std::string(py::str(k_cache.dtype())));
+    if (!k_cache.dtype().is(v_cache.dtype())) throw py::type_error("v_cache: must have k_cache's dtype");
+    if (k_cache.ndim() != 3 || k_cache.shape(2) != d || !(k_cache.flags() & py::array::c_style))
+        throw py::value_error("k_cache: expected a C-contiguous (t_max, n_kv_heads, " + std::to_string(d) + ") array, got " + shape_str(k_cache));
+    const int64_t t_max = k_cache.shape(0), Hkv = k_cache.shape(1);
+    expect_shape(v_cache, "v_cache", {t_max, Hkv, d});
+    if (!(v_cache.flags() & py::array::c_style)) throw py::value_error("v_cache: must be C-contiguous");
+    F32 out({m, H, d});
+    float* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        flexquant::attention_cuda(qa.data(), k_cache.data(), v_cache.data(), f16, t_max, m, p0, H, Hkv, d, n_splits, op);
+    }
+    return out;
+}
+
+py::tuple py_entropy_and_top1_cuda(const py::array& logits) {
+    F32 la = f32(logits, "logits");
+    if (la.ndim() != 1) throw py::value_error("logits: expected shape (vocab,), got " + shape_str(logits));
+    float ent = 0, top1 = 0;
+    int64_t arg = 0;
+    {
+        py::gil_scoped_release nogil;
+        flexquant::entropy_and_top1_cuda(la.data(), la.shape(0), &ent, &top1, &arg);
+    }
+    return py::make_tuple(ent, top1, arg);
+}
+
 }  // namespace
 
 void bind_cuda_ops(py::module_& m) {
+    m.def("rms_norm_cuda", &py_rms_norm_cuda, py::arg("x"), py::arg("w"), py::arg("eps"),
+          "The CUDA rms_norm: x (m, d), w (d,) float32 -> (m, d).");
+    m.def("rope_cuda", &py_rope_cuda, py::arg("inv_freq"), py::arg("q"), py::arg("k"), py::arg("positions"),
+          "The CUDA rope: inv_freq (d/2,), q (m, H, d), k (m, Hkv, d) float32, positions (m,) int64 -> rotated (q, k).");
+    m.def("swiglu_cuda", &py_swiglu_cuda, py::arg("gate"), py::arg("up"),
+          "The CUDA swiglu: silu(gate) * up over (n,) float32.");
+    m.def("attention_cuda", &py_attention_cuda, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("p0"),
+          py::arg("n_splits") = 1,
+          "The CUDA causal GQA attention of q (m, H, d) float32 at positions p0.. over a cache (t_max, Hkv, d)\n"
+          "of float32 or float16, the positions of each (token, head) split into n_splits spans -> (m, H, d).");
+    m.def("entropy_and_top1_cuda", &py_entropy_and_top1_cuda, py::arg("logits"),
+          "The CUDA next-token signals of logits (vocab,) float32 -> (entropy, top1_prob, argmax).");
     m.def("bitplane_matmul_cuda", &py_bitplane_matmul_cuda, py::arg("planes"), py::arg("qparams"), py::arg("n"),
           py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
           py::arg("path") = "auto", py::arg("warps") = 0,

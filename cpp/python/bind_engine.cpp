@@ -35,18 +35,43 @@ void bind_engine(py::module_& m) {
     py::class_<PyEngine>(m, "Engine",
                          "The C++ engine: forward pass, KV cache and bit mask. Use flexquant_rt.Engine, "
                          "which adds tokenization, chat and the generation loop.")
-        .def(py::init([](const std::string& path, int64_t n_ctx, int threads, bool kv_f16) {
+        .def(py::init([](const std::string& path, int64_t n_ctx, int threads, bool kv_f16, const std::string& backend,
+                         int max_bits, bool cuda_fp32_matmul, bool cuda_graph) {
                  flexquant::EngineParams p;
                  p.n_ctx = n_ctx;
                  p.n_threads = threads;
                  p.kv_dtype = kv_f16 ? flexquant::KvDType::KV_F16 : flexquant::KvDType::KV_F32;
+                 if (backend == "auto") p.backend = flexquant::Backend::BACKEND_AUTO;
+                 else if (backend == "cpu") p.backend = flexquant::Backend::BACKEND_CPU;
+                 else if (backend == "cuda") p.backend = flexquant::Backend::BACKEND_CUDA;
+                 else throw flexquant::Error("backend = '" + backend + "': expected 'auto', 'cpu' or 'cuda'");
+                 p.max_bits = max_bits;
+                 p.cuda_fp32_matmul = cuda_fp32_matmul;
+                 p.cuda_graph = cuda_graph;
                  auto* e = new PyEngine;
-                 e->eng = flexquant::Engine::open(path, p);
+                 {
+                     py::gil_scoped_release nogil;  // the CUDA backend uploads the weights here
+                     e->eng = flexquant::Engine::open(path, p);
+                 }
                  e->model = e->eng->model();
                  return e;
              }),
              py::arg("path"), py::arg("n_ctx") = 0, py::arg("threads") = 0, py::arg("kv_f16") = false,
-             "Open a model file. n_ctx=0: the model's context capped by a 4 GiB KV budget; threads=0: all cores.")
+             py::arg("backend") = "cpu", py::arg("max_bits") = 0, py::arg("cuda_fp32_matmul") = false,
+             py::arg("cuda_graph") = true,
+             "Open a model file. n_ctx=0: the model's context capped by a 4 GiB KV budget; threads=0: all cores.\n"
+             "backend: 'cpu', 'cuda' or 'auto'; max_bits: the highest bit-width allowed (0 = the file's); the\n"
+             "CUDA backend uploads only that many planes. cuda_fp32_matmul: fp32 activations in the CUDA GEMV\n"
+             "(accuracy reference) instead of int8 on the binary tensor cores; cuda_graph: replay decode steps.")
+        .def_property_readonly("backend", [](PyEngine& e) {
+            return e.get().backend() == flexquant::Backend::BACKEND_CUDA ? "cuda" : "cpu";
+        }, "Where the forward pass runs: 'cpu' or 'cuda'.")
+        .def_property_readonly("backend_note", [](PyEngine& e) { return e.get().backend_note(); },
+                               "Why an asked-for CUDA backend is not used ('' when it is, or was not asked for).")
+        .def_property_readonly("max_bits", [](PyEngine& e) { return e.get().max_bits(); },
+                               "The highest bit-width this engine runs (its max_bits, or the file's).")
+        .def_property_readonly("device_bytes", [](PyEngine& e) { return e.get().device_bytes(); },
+                               "GPU memory held by the CUDA backend (0 on the CPU).")
         .def("close", [](PyEngine& e) { e.eng.reset(); }, "Free the KV cache and the model mapping.")
         .def_property_readonly("closed", [](const PyEngine& e) { return !e.eng; })
         .def_property_readonly("model", [](PyEngine& e) {

@@ -6,9 +6,12 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <vector>
 
 #include "flexquant/error.h"
 #include "flexquant/model_file.h"
+#include "ops/ops.h"
 
 namespace flexquant {
 
@@ -20,6 +23,67 @@ int cuda_device_count() noexcept;
 // and the group params of `w`, computes W_k, downloads it. host_out: (w.n, w.k) fp32, host
 // memory. Bit-exact with the CPU op. Throws flexquant::Error on a bad bit-width or any CUDA error.
 void dequantize_linear_cuda(const BitPlaneLinear& w, int bits, float* host_out /* (n, k) */);
+
+// ---- the decode ops, host memory in and out (tests): each runs the CUDA kernel of the op with the
+// same stem (cuda/<op>.cu) on the current device, synchronously, and throws flexquant::Error on a bad
+// size or any CUDA error. The device output is poisoned with NaN first, so a missed element shows.
+
+// rms_norm (ops.h): y (m, d) = x * w / sqrt(mean(x^2) + eps) per row.
+void rms_norm_cuda(const float* x /* (m, d) */, const float* w /* (d) */, int64_t m, int64_t d, float eps,
+                   float* y /* (m, d) */);
+// rope_ (ops.h) on q (m, n_heads, head_dim) and k (m, n_kv_heads, head_dim), in place, with the
+// inv_freq table of rope_init and positions (m).
+void rope_cuda(const float* inv_freq /* (head_dim / 2) */, int head_dim, float* q, int64_t n_heads, float* k,
+               int64_t n_kv_heads, const int64_t* positions /* (m) */, int64_t m);
+// swiglu (ops.h): out (n) = silu(gate) * up.
+void swiglu_cuda(const float* gate, const float* up, int64_t n, float* out);
+// attention / attention_f16 (ops.h): cache (t_max >= p0 + m, n_kv_heads, head_dim), fp32 or fp16 bit
+// patterns (kv_f16). n_splits > 1 cuts the positions of each (token, head) into that many spans and
+// merges them (the decode path); 1 takes them all in one block.
+void attention_cuda(const float* q /* (m, H, d) */, const void* k_cache, const void* v_cache, bool kv_f16,
+                    int64_t t_max, int64_t m, int64_t p0, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                    int n_splits, float* out /* (m, H, d) */);
+// entropy_and_top1 and argmax (ops.h) of one logit vector (vocab).
+void entropy_and_top1_cuda(const float* logits, int64_t vocab, float* entropy, float* top1_prob, int64_t* argmax);
+
+// The forward pass on the GPU, owned by flexquant::Engine when it runs with backend CUDA. It holds
+// the weights in device memory (the first `bits_cap` planes of every linear, the group params, the
+// embedding, the norms), the KV cache, scratch, and the CUDA graph of the one-token decode step.
+// Construction throws flexquant::Error naming what failed (e.g. bytes needed and free) and leaves
+// nothing allocated.
+struct CudaForwardParams {
+    int bits_cap = 8;          // planes uploaded per linear: 2..the model's max_bits
+    int64_t n_ctx = 0;         // KV-cache positions
+    bool kv_f16 = false;       // fp16 KV cache (else fp32)
+    bool fp32_matmul = false;  // fp32 activations in the bit-plane GEMV (the accuracy reference)
+                               // instead of int8 activations on the binary tensor cores
+    bool use_graph = true;     // replay the one-token step from a CUDA graph
+};
+
+class CudaForward {
+public:
+    // lin: n_layers * 7 linears (LinearKind order), then the LM head: views into the mapped file.
+    // inv_freq: rope_init's table (head_dim / 2).
+    CudaForward(const ModelFile& model, const std::vector<BitplaneLinear>& lin, const std::vector<float>& inv_freq,
+                const CudaForwardParams& params);
+    ~CudaForward();
+    CudaForward(const CudaForward&) = delete;
+    CudaForward& operator=(const CudaForward&) = delete;
+
+    // Runs tokens (T >= 1, ids already checked) at positions [n_past, n_past + T), n_past + T <=
+    // n_ctx, with bits (n_layers * 7 + 1) per linear (2..bits_cap; they reach the kernels through
+    // device memory, so a new mask costs no re-capture), appending their K, V to the cache. Writes
+    // the last token's logits (vocab), entropy and top-1 probability; all_logits (T, vocab) is
+    // optional. One host synchronization per call.
+    void forward(const int32_t* tokens, int64_t T, int64_t n_past, const int32_t* bits, float* logits,
+                 float* all_logits, float* entropy, float* top1_prob);
+    uint64_t device_bytes() const;  // device memory held
+    int graph_replays() const;      // one-token steps served from the captured graph so far
+
+private:
+    struct Impl;
+    Impl* impl_;
+};
 
 }  // namespace flexquant
 
@@ -61,6 +125,65 @@ private:
 void dequantize_linear_launch(const uint8_t* planes, uint64_t plane_bytes, const uint16_t* qparams,
                               float* out, int64_t n, int64_t k, int64_t k_pad, int64_t n_groups,
                               int group_size, int bits, int max_bits, cudaStream_t stream);
+
+// ---- launchers of the decode ops (device pointers, sizes, a stream; no validation) ------------------
+
+void rms_norm_launch(const float* x /* (m, d) */, const float* w /* (d) */, int64_t m, int64_t d, float eps,
+                     float* y /* (m, d) */, cudaStream_t stream);
+// positions (m) in device memory: the graph of the decode step reads the position the host wrote.
+void rope_launch(const float* inv_freq /* (d / 2) */, int head_dim, float* q /* (m, H, d) */, int64_t n_heads,
+                 float* k /* (m, Hkv, d) */, int64_t n_kv_heads, const int64_t* positions /* (m) */, int64_t m,
+                 cudaStream_t stream);
+void swiglu_launch(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
+// Query i sits at positions[i] and sees cache rows 0..positions[i] (device memory, see rope_launch).
+// partial: (m, H, n_splits, head_dim + 2) floats of scratch when n_splits > 1, else unused.
+// head_dim <= ATTENTION_MAX_HEAD_DIM.
+constexpr int ATTENTION_MAX_HEAD_DIM = 256;
+void attention_launch(const float* q /* (m, H, d) */, const void* k_cache, const void* v_cache, bool kv_f16,
+                      int64_t m, const int64_t* positions /* (m) */, int64_t n_heads, int64_t n_kv_heads,
+                      int64_t head_dim, int n_splits, float* partial, float* out /* (m, H, d) */,
+                      cudaStream_t stream);
+// out: {entropy, top-1 probability, argmax as float bits} of logits (vocab).
+struct StepSignalsDevice {
+    float entropy;
+    float top1_prob;
+    int32_t argmax;
+};
+void entropy_and_top1_launch(const float* logits, int64_t vocab, StepSignalsDevice* out, cudaStream_t stream);
+
+// ---- shared device helpers -------------------------------------------------------------------------
+
+// Σ (or max) of v over the block; every thread gets the result. blockDim.x a multiple of 32,
+// <= 1024. Uses 32 slots of shared memory and syncs twice.
+template <class T, class Op>
+__device__ __forceinline__ T block_reduce(T v, Op op) {
+    __shared__ T slots[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();  // the slots may still be read by a previous call
+    if (lane == 0) slots[warp] = v;
+    __syncthreads();
+    v = slots[0];
+    for (int w = 1; w < n_warps; ++w) v = op(v, slots[w]);
+    return v;
+}
+
+// Host helpers for the test entry points: a device copy of host data, and the copy back.
+template <class T>
+void upload(DeviceBuffer<T>& d, const T* host, size_t count, const std::string& what) {
+    cuda_check(cudaMemcpy(d.get(), host, count * sizeof(T), cudaMemcpyHostToDevice), what + " (upload)");
+}
+template <class T>
+void download(T* host, const DeviceBuffer<T>& d, size_t count, const std::string& what) {
+    // cudaMemcpy waits for the work on the legacy default stream: a kernel's error surfaces here.
+    cuda_check(cudaMemcpy(host, d.get(), count * sizeof(T), cudaMemcpyDeviceToHost), what + " (download)");
+}
+// NaN in every float (all-ones bits): an element a kernel fails to write shows up in the test.
+template <class T>
+void poison(DeviceBuffer<T>& d, size_t count, const std::string& what) {
+    cuda_check(cudaMemset(d.get(), 0xff, count * sizeof(T)), what + " (poison)");
+}
 
 }  // namespace flexquant
 #endif  // __CUDACC__

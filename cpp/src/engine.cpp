@@ -15,6 +15,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda_backend.h"
 #include "ops/ops.h"
 #include "thread_pool.h"
 
@@ -57,7 +58,13 @@ struct Engine::Impl {
     int64_t n_ctx = 0;
     int64_t n_past = 0;
     KvDType kv_dtype = KvDType::KV_F32;
+    int bits_cap = 0;  // EngineParams::max_bits resolved
     ThreadPool pool;
+    Backend backend = Backend::BACKEND_CPU;
+    std::string backend_note;
+#ifdef FLEXQUANT_HAVE_CUDA
+    std::unique_ptr<CudaForward> gpu;  // set when the forward pass runs on the GPU
+#endif
 
     // weights (views into the mapping)
     const void* embd = nullptr;  // (vocab, hidden) f16 or f32
@@ -99,10 +106,22 @@ struct Engine::Impl {
     explicit Impl(int threads) : pool(threads) {}
 
     void check_open_bits(int b, const std::string& what) const {
-        if (b < BITS_MIN || b > cfg->max_bits) {
-            throw Error(cat(what, " = ", b, " is outside ", BITS_MIN, "..", cfg->max_bits));
+        if (b < BITS_MIN || b > bits_cap) {
+            throw Error(cat(what, " = ", b, " is outside ", BITS_MIN, "..", bits_cap, cap_note()));
         }
     }
+    std::string cap_note() const {
+        return bits_cap < cfg->max_bits ? cat(" (the engine's max_bits; the file holds ", cfg->max_bits, ")") : "";
+    }
+    bool on_gpu() const {
+#ifdef FLEXQUANT_HAVE_CUDA
+        return gpu != nullptr;
+#else
+        return false;
+#endif
+    }
+    // Opens the CUDA backend or records why not (then the CPU runs the model).
+    void init_backend(const EngineParams& params);
 
     void forward(const int32_t* tokens, int64_t T, float* all_logits);
     // Runs linear j (index into lin, or lin.size() for the LM head) on x (T, K) -> y (T, N) at
@@ -208,9 +227,16 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     if (c.head_dim % 2) throw Error("head_dim = " + std::to_string(c.head_dim) + " must be even for RoPE");
     e.rope = rope_init(rp);
 
-    e.bits.assign(c.n_layers * LINEARS_PER_LAYER, c.max_bits);
-    e.head_bits = c.max_bits;
-    e.used.assign(e.lin.size() + 1, c.max_bits);
+    if (params.max_bits != 0 && (params.max_bits < BITS_MIN || params.max_bits > c.max_bits))
+        throw Error(cat("max_bits = ", params.max_bits, " is outside ", BITS_MIN, "..", c.max_bits,
+                        " (the file's max_bits; 0 = the file's)"));
+    e.bits_cap = params.max_bits != 0 ? params.max_bits : c.max_bits;
+    e.bits.assign(c.n_layers * LINEARS_PER_LAYER, e.bits_cap);
+    e.head_bits = e.bits_cap;
+    e.used.assign(e.lin.size() + 1, e.bits_cap);
+
+    e.init_backend(params);
+    if (e.on_gpu()) return;  // the KV cache lives on the GPU
 
     const uint64_t cache_elems = static_cast<uint64_t>(e.n_ctx) * c.n_kv_heads * c.head_dim;
     for (int64_t l = 0; l < c.n_layers; ++l) {
@@ -224,6 +250,31 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     }
 }
 
+void Engine::Impl::init_backend(const EngineParams& params) {
+    if (params.backend == Backend::BACKEND_CPU) return;
+#ifdef FLEXQUANT_HAVE_CUDA
+    if (cuda_device_count() == 0) {
+        if (params.backend == Backend::BACKEND_CUDA)
+            backend_note = "backend CUDA: no CUDA device is available (no GPU or no driver); running on the CPU";
+        return;
+    }
+    CudaForwardParams cp;
+    cp.bits_cap = bits_cap;
+    cp.n_ctx = n_ctx;
+    cp.kv_f16 = kv_dtype == KvDType::KV_F16;
+    cp.fp32_matmul = params.cuda_fp32_matmul;
+    cp.use_graph = params.cuda_graph;
+    std::vector<BitplaneLinear> all = lin;
+    all.push_back(head);
+    gpu.reset(new CudaForward(*model, all, rope.inv_freq, cp));  // throws with the reason (e.g. memory)
+    backend = Backend::BACKEND_CUDA;
+#else
+    if (params.backend == Backend::BACKEND_CUDA)
+        backend_note = "backend CUDA: this build has no CUDA backend (nvcc was not found when it was built); "
+                       "running on the CPU";
+#endif
+}
+
 std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineParams& params) {
     return std::unique_ptr<Engine>(new Engine(ModelFile::open(path), params));
 }
@@ -235,6 +286,15 @@ const std::shared_ptr<const ModelFile>& Engine::model() const { return impl_->mo
 int64_t Engine::n_ctx() const { return impl_->n_ctx; }
 int64_t Engine::n_past() const { return impl_->n_past; }
 int Engine::n_threads() const { return impl_->pool.num_threads(); }
+Backend Engine::backend() const { return impl_->backend; }
+const std::string& Engine::backend_note() const { return impl_->backend_note; }
+int Engine::max_bits() const { return impl_->bits_cap; }
+uint64_t Engine::device_bytes() const {
+#ifdef FLEXQUANT_HAVE_CUDA
+    if (impl_->gpu) return impl_->gpu->device_bytes();
+#endif
+    return 0;
+}
 void Engine::set_threads(int n) {
     if (n < 0) throw Error("threads = " + std::to_string(n) + " must be >= 0 (0 = all cores)");
     impl_->pool.set_num_threads(n);
@@ -251,12 +311,12 @@ void Engine::set_layer_bits(const int32_t* mask, int64_t count) {
     const bool per_layer = count == L;
     for (int64_t i = 0; i < count; ++i) {
         const int b = mask[i];
-        if (b < BITS_MIN || b > e.cfg->max_bits) {
+        if (b < BITS_MIN || b > e.bits_cap) {
             const std::string where =
                 per_layer ? cat("mask[", i, "] (layer ", i, ")")
                           : cat("mask[", i / LINEARS_PER_LAYER, "][", i % LINEARS_PER_LAYER, "] (layer ",
                                 i / LINEARS_PER_LAYER, ", ", kLinearNames[i % LINEARS_PER_LAYER], ")");
-            throw Error(cat(where, " = ", b, " is outside ", BITS_MIN, "..", e.cfg->max_bits));
+            throw Error(cat(where, " = ", b, " is outside ", BITS_MIN, "..", e.bits_cap, e.cap_note()));
         }
     }
     for (int64_t i = 0; i < L * LINEARS_PER_LAYER; ++i)
@@ -280,7 +340,9 @@ uint64_t Engine::bytes_per_token() const {
 void Engine::set_precision_rules(int bits_min, int bits_max, const std::vector<std::vector<float>>& cost,
                                  double lambda) {
     Impl& e = *impl_;
-    const int B = e.cfg->max_bits;
+    if (e.on_gpu())
+        throw Error("precision rules run on the CPU backend only; open the engine with backend CPU to use them");
+    const int B = e.bits_cap;
     if (bits_min < BITS_MIN || bits_max > B || bits_min > bits_max) {
         throw Error(cat("precision rules: bits range ", bits_min, "..", bits_max, " is not within ", BITS_MIN, "..", B));
     }
@@ -327,6 +389,8 @@ uint64_t Engine::last_bytes_per_token() const { return impl_->bytes_at(impl_->us
 
 void Engine::collect_input_energy(bool enable) {
     Impl& e = *impl_;
+    if (enable && e.on_gpu())
+        throw Error("collect_input_energy runs on the CPU backend only; open the engine with backend CPU");
     e.collect = enable;
     e.energy.clear();
     e.energy_n.assign(enable ? e.lin.size() + 1 : 0, 0);
@@ -364,6 +428,17 @@ void Engine::Impl::forward(const int32_t* tokens, int64_t T, float* all_logits) 
     const int64_t D = c.hidden, H = c.n_heads, Hkv = c.n_kv_heads, hd = c.head_dim, F = c.ffn;
     const int64_t V = c.vocab;
     const int64_t qdim = H * hd, kvdim = Hkv * hd;
+#ifdef FLEXQUANT_HAVE_CUDA
+    if (gpu) {
+        std::vector<int32_t> b = bits;
+        b.push_back(head_bits);
+        logits.resize(V);
+        gpu->forward(tokens, T, n_past, b.data(), logits.data(), all_logits, &sig.entropy, &sig.top1_prob);
+        used = b;
+        n_past += T;
+        return;
+    }
+#endif
     auto grow = [](std::vector<float>& v, size_t n) {
         if (v.size() < n) v.resize(n);
     };

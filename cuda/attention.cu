@@ -1,0 +1,204 @@
+// Causal grouped-query attention of m new tokens over a KV cache, query i at position p_i:
+//   s_t      = q[i, h] · K[t, h / (H / Hkv)] / sqrt(d)               t = 0 .. p_i
+//   out[i,h] = Σ_t softmax(s)_t · V[t, h / (H / Hkv)]
+// q (m, H, d); K, V cache (t_max, Hkv, d) fp32 or fp16; out (m, H, d). fp32 math.
+//
+// The CUDA twin of cpp/src/ops/attention.cpp. One block = one (token, head) and one of n_splits
+// spans of its positions ("flash-decoding": at decode there are only H (token, head) pairs, far
+// too few blocks for the GPU, so the positions are split too). Each warp runs an online softmax
+// over every 4th position of the span (max m, Σ exp l, Σ exp·V acc), the block merges its warps,
+// and with n_splits > 1 a second kernel merges the spans:
+//   M = max_c m_c,   out = Σ_c e^(m_c - M) acc_c / Σ_c e^(m_c - M) l_c.
+// The spans are cut from the length p_i + 1 read at run time, so one captured launch serves every
+// position. A lane holds dims lane + 32j of the head (j < DJ = ceil(d / 32)): one K or V row is
+// one coalesced read per warp.
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "cuda_backend.h"
+
+namespace flexquant {
+
+namespace {
+constexpr int WARPS = 4;
+constexpr int MAX_DJ = ATTENTION_MAX_HEAD_DIM / 32;
+
+__device__ __forceinline__ float load_kv(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float load_kv(const __half* p) { return __half2float(*p); }
+}  // namespace
+
+template <class KV, int DJ>
+static __global__ void __launch_bounds__(WARPS * 32)
+attention_kernel(const float* __restrict__ q,            // (m, H, d)
+                 const KV* __restrict__ k_cache,         // (t_max, Hkv, d)
+                 const KV* __restrict__ v_cache,         // (t_max, Hkv, d)
+                 const int64_t* __restrict__ positions,  // (m)
+                 int64_t n_heads, int64_t n_kv_heads, int d, float scale,
+                 float* __restrict__ partial,            // (m, H, n_splits, d + 2) when n_splits > 1
+                 float* __restrict__ out) {              // (m, H, d)
+    __shared__ float s_m[WARPS], s_l[WARPS];
+    __shared__ float s_acc[WARPS][DJ * 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t pair = blockIdx.x;  // token i, head h
+    const int64_t i = pair / n_heads, h = pair % n_heads;
+    const int64_t hk = h / (n_heads / n_kv_heads);
+    const int n_splits = gridDim.y, split = blockIdx.y;
+    const int64_t len = positions[i] + 1;
+    const int64_t chunk = (len + n_splits - 1) / n_splits;
+    const int64_t t0 = split * chunk, t1 = min(len, t0 + chunk);
+
+    float qv[DJ], acc[DJ];
+#pragma unroll
+    for (int j = 0; j < DJ; ++j) {
+        const int dd = lane + 32 * j;
+        qv[j] = dd < d ? q[pair * d + dd] : 0.0f;
+        acc[j] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t t = t0 + warp; t < t1; t += WARPS) {
+        const int64_t row = (t * n_kv_heads + hk) * d;
+        float dot = 0.0f;
+#pragma unroll
+        for (int j = 0; j < DJ; ++j) {
+            const int dd = lane + 32 * j;
+            if (dd < d) dot += qv[j] * load_kv(k_cache + row + dd);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        const float s = dot * scale;
+        const float m_new = fmaxf(m, s);
+        const float corr = expf(m - m_new);  // m = -inf on the first position: 0
+        const float p = expf(s - m_new);
+        l = l * corr + p;
+#pragma unroll
+        for (int j = 0; j < DJ; ++j) {
+            const int dd = lane + 32 * j;
+            acc[j] = acc[j] * corr + (dd < d ? p * load_kv(v_cache + row + dd) : 0.0f);
+        }
+        m = m_new;
+    }
+
+    // Merge the warps (a warp that saw no position has m = -inf, l = 0 and adds nothing).
+    if (lane == 0) {
+        s_m[warp] = m;
+        s_l[warp] = l;
+    }
+#pragma unroll
+    for (int j = 0; j < DJ; ++j) s_acc[warp][lane + 32 * j] = acc[j];
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, s_m[w]);
+    float L = 0.0f, wgt[WARPS];
+    for (int w = 0; w < WARPS; ++w) {
+        wgt[w] = s_m[w] == -INFINITY ? 0.0f : expf(s_m[w] - M);
+        L += wgt[w] * s_l[w];
+    }
+    if (n_splits == 1) {
+        for (int dd = threadIdx.x; dd < d; dd += blockDim.x) {
+            float a = 0.0f;
+            for (int w = 0; w < WARPS; ++w) a += wgt[w] * s_acc[w][dd];
+            out[pair * d + dd] = a / L;  // L > 0: every query sees at least its own position
+        }
+    } else {
+        float* part = partial + (pair * n_splits + split) * (d + 2);
+        for (int dd = threadIdx.x; dd < d; dd += blockDim.x) {
+            float a = 0.0f;
+            for (int w = 0; w < WARPS; ++w) a += wgt[w] * s_acc[w][dd];
+            part[dd] = a;
+        }
+        if (threadIdx.x == 0) {
+            part[d] = M;  // -inf for an empty span
+            part[d + 1] = L;
+        }
+    }
+}
+
+// Block per (token, head): merges the n_splits partial results.
+static __global__ void __launch_bounds__(128)
+attention_merge_kernel(const float* __restrict__ partial,  // (m, H, n_splits, d + 2)
+                       int n_splits, int d,
+                       float* __restrict__ out) {          // (m, H, d)
+    const int64_t pair = blockIdx.x;
+    const float* part = partial + pair * n_splits * (d + 2);
+    float M = -INFINITY;
+    for (int c = 0; c < n_splits; ++c) M = fmaxf(M, part[c * (d + 2) + d]);
+    float L = 0.0f;
+    for (int c = 0; c < n_splits; ++c) {
+        const float mc = part[c * (d + 2) + d];
+        if (mc != -INFINITY) L += expf(mc - M) * part[c * (d + 2) + d + 1];
+    }
+    for (int dd = threadIdx.x; dd < d; dd += blockDim.x) {
+        float a = 0.0f;
+        for (int c = 0; c < n_splits; ++c) {
+            const float mc = part[c * (d + 2) + d];
+            if (mc != -INFINITY) a += expf(mc - M) * part[c * (d + 2) + dd];
+        }
+        out[pair * d + dd] = a / L;
+    }
+}
+
+namespace {
+
+template <class KV>
+void launch_typed(const float* q, const void* k_cache, const void* v_cache, int64_t m, const int64_t* positions,
+                  int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits, float* partial, float* out,
+                  cudaStream_t stream) {
+    const float scale = 1.0f / std::sqrt(float(head_dim));  // as the CPU op
+    const dim3 grid(unsigned(m * n_heads), unsigned(n_splits));
+    const auto* kc = static_cast<const KV*>(k_cache);
+    const auto* vc = static_cast<const KV*>(v_cache);
+    const int d = int(head_dim);
+    // The one dispatch switch: register arrays need a compile-time DJ.
+    switch ((head_dim + 31) / 32) {
+        case 1: attention_kernel<KV, 1><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 2: attention_kernel<KV, 2><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 3: attention_kernel<KV, 3><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 4: attention_kernel<KV, 4><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 5: case 6: attention_kernel<KV, 6><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
+        default: attention_kernel<KV, MAX_DJ><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
+    }
+    if (n_splits > 1) attention_merge_kernel<<<unsigned(m * n_heads), 128, 0, stream>>>(partial, n_splits, d, out);
+}
+
+}  // namespace
+
+void attention_launch(const float* q, const void* k_cache, const void* v_cache, bool kv_f16, int64_t m,
+                      const int64_t* positions, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits,
+                      float* partial, float* out, cudaStream_t stream) {
+    if (m <= 0) return;
+    if (kv_f16)
+        launch_typed<__half>(q, k_cache, v_cache, m, positions, n_heads, n_kv_heads, head_dim, n_splits, partial, out, stream);
+    else
+        launch_typed<float>(q, k_cache, v_cache, m, positions, n_heads, n_kv_heads, head_dim, n_splits, partial, out, stream);
+}
+
+void attention_cuda(const float* q, const void* k_cache, const void* v_cache, bool kv_f16, int64_t t_max, int64_t m,
+                    int64_t p0, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits, float* out) {
+    const std::string fn = "attention_cuda";
+    if (m < 0 || p0 < 0 || p0 + m > t_max || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || head_dim <= 0 ||
+        head_dim > ATTENTION_MAX_HEAD_DIM || n_splits < 1 || n_splits > 65535 || m * n_heads > 0x7fffffff)
+        throw Error(fn + ": bad sizes m=" + std::to_string(m) + ", p0=" + std::to_string(p0) + ", t_max=" +
+                    std::to_string(t_max) + ", n_heads=" + std::to_string(n_heads) + ", n_kv_heads=" +
+                    std::to_string(n_kv_heads) + ", head_dim=" + std::to_string(head_dim) + " (<= " +
+                    std::to_string(ATTENTION_MAX_HEAD_DIM) + "), n_splits=" + std::to_string(n_splits));
+    if (m == 0) return;
+    const size_t nq = size_t(m * n_heads * head_dim);
+    const size_t cache_bytes = size_t(t_max * n_kv_heads * head_dim) * (kv_f16 ? 2 : 4);
+    DeviceBuffer<float> qd(nq, fn), od(nq, fn), part(size_t(m * n_heads) * n_splits * (head_dim + 2), fn);
+    DeviceBuffer<uint8_t> kd(cache_bytes, fn), vd(cache_bytes, fn);
+    DeviceBuffer<int64_t> pd(size_t(m), fn);
+    std::vector<int64_t> pos(static_cast<size_t>(m));
+    for (int64_t i = 0; i < m; ++i) pos[size_t(i)] = p0 + i;
+    upload(qd, q, nq, fn);
+    upload(kd, static_cast<const uint8_t*>(k_cache), cache_bytes, fn);
+    upload(vd, static_cast<const uint8_t*>(v_cache), cache_bytes, fn);
+    upload(pd, pos.data(), size_t(m), fn);
+    poison(od, nq, fn);
+    attention_launch(qd.get(), kd.get(), vd.get(), kv_f16, m, pd.get(), n_heads, n_kv_heads, head_dim, n_splits,
+                     part.get(), od.get(), nullptr);
+    cuda_check(cudaGetLastError(), fn + " (launch)");
+    download(out, od, nq, fn);
+}
+
+}  // namespace flexquant

@@ -105,6 +105,7 @@ class _Sampling(_Strict):
     top_k: Optional[int] = None
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
+    ignore_eos: Optional[bool] = None
     flexquant: Optional[FlexquantOptions] = None
 
 
@@ -247,7 +248,7 @@ def build_spec(req: _Sampling, default_fq: dict, vocab: int) -> GenSpec:
                     top_p=1.0 if req.top_p is None else max(float(req.top_p), 1e-6),
                     top_k=max(req.top_k or 0, 0), min_p=float(req.min_p or 0.0),
                     repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
-                    seed=None if seed is None else seed % (1 << 64))
+                    seed=None if seed is None else seed % (1 << 64), ignore_eos=bool(req.ignore_eos))
     fq = default_fq if req.flexquant is None else req.flexquant.model_dump()
     return GenSpec(max_tokens=max_tokens, sampling=sampling, stop=stop, fq=fq, **source)
 
@@ -343,6 +344,7 @@ class Worker:
         self._cache_size = controller_cache
         self._thread = threading.Thread(target=self._main, name="flexquant-engine", daemon=True)
         self._stopping = False
+        self.counts = {"completed": 0, "cancelled": 0, "rejected": 0, "failed": 0}
 
     def start(self) -> None:
         self._thread.start()
@@ -387,11 +389,13 @@ class Worker:
                     job.post("error", ApiError(503, "the server is shutting down", type="server_error"))
                 return
             if job.cancel.is_set():
+                self.counts["cancelled"] += 1
                 continue
             self.current = job
             try:
-                self._run(job)
+                self.counts[self._run(job)] += 1
             except BaseException as e:  # never let one request take the worker down
+                self.counts["failed"] += 1
                 job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
             finally:
                 self.current = None
@@ -438,14 +442,15 @@ class Worker:
         except ValueError as e:
             raise _bad("flexquant", str(e)) from None
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> str:
+        """Run one job; returns what became of it ("completed", "cancelled", "rejected")."""
         eng = self.engine
         spec = job.spec
         try:
             ids, ctl = self._prepare(spec)
         except ApiError as e:
             job.post("error", e)
-            return
+            return "rejected"
         eng.set_layer_bits(eng.max_bits, lm_head_bits=eng.max_bits)  # nothing carries over from the last request
         stats = GenerationStats()
         max_new = spec.max_tokens if spec.max_tokens is not None else eng.n_ctx - len(ids)
@@ -456,10 +461,11 @@ class Worker:
             for piece in gen:
                 job.post("text", piece)
         except _Cancelled:
-            return
+            return "cancelled"
         finally:
             gen.close()
         job.post("done", stats)
+        return "completed"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,7 +527,8 @@ def create_app(engine: Engine, model_name: str | None = None, default_fq: dict |
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "queued": worker.depth, "busy": worker.current is not None}
+        return {"status": "ok", "model": model_id, "queued": worker.depth, "busy": worker.current is not None,
+                "requests": dict(worker.counts)}
 
     @app.get("/v1/models")
     async def models():

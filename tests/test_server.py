@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,40 +17,25 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from flexquant_rt import Engine  # noqa: E402
+from flexquant_rt.server import ServerProcess  # noqa: E402
 from flexquant_rt.controller import calibrate, calibration_text, save_profile, text_chunks  # noqa: E402
 
 MODEL = "tiny"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`flexquant-rt serve` in a subprocess, on a free loopback port."""
+class Server(ServerProcess):
+    """`flexquant-rt serve` in a subprocess, logging next to the model file."""
 
     def __init__(self, model: Path, *args: str, name: str = MODEL):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(model).with_suffix(f".{self.port}.log"), "w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flexquant_rt.cli", "serve", str(model), "--host", "127.0.0.1",
-             "--port", str(self.port), "--threads", "1", "--model-name", name, "--log-level", "warning", *args],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        for _ in range(1200):  # bounded wait for startup (generous: a loaded CI machine)
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError("the server did not come up")
+        self.log = open(Path(model).with_suffix(".serve.log"), "a+")
+        try:
+            super().__init__(model, "--threads", "1", "--model-name", name, "--log-level", "warning", *args,
+                             log=self.log)
+        except RuntimeError:
+            self.log.seek(0)
+            print(self.log.read())
+            self.log.close()
+            raise
 
     def client(self) -> "openai.OpenAI":
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=300)
@@ -62,12 +44,7 @@ class Server:
         return httpx.get(self.url + "/health", timeout=30).json()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().stop()
         self.log.close()
 
 

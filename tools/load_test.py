@@ -18,8 +18,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,35 +107,6 @@ async def run_round(url: str, model: str, clients: int, requests: int, args) -> 
     return {"wall": wall, "results": results, "errors": errors}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "flexquant_rt.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", "--max-queue", str(max(64, args.clients * 2))]
-    if args.model:
-        cmd.insert(4, args.model)
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(2400):
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    proc.terminate()
-    raise SystemExit("the server did not come up")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default=None, help="target a running server (else one is started)")
@@ -157,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     url, pid = args.url, args.pid
     if url is None:
-        proc, url = start_server(args)
-        pid = proc.pid
+        from flexquant_rt.server import ServerProcess
+
+        extra = ["--log-level", "warning", "--max-queue", str(max(64, args.clients * 2))]
+        proc = ServerProcess(args.model, *extra, *(["--threads", str(args.threads)] if args.threads else []))
+        url, pid = proc.url, proc.pid
     url = url.rstrip("/")
     try:
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
@@ -172,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         health = httpx.get(url + "/health", timeout=30).json()
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+            proc.stop()
 
     print(f"\nmodel `{model}` at {url}; {args.clients} clients x {args.requests} requests per round, "
           f"max_tokens {args.max_tokens}{' (ignore_eos)' if args.ignore_eos else ''}, "

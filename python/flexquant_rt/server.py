@@ -29,8 +29,13 @@ import asyncio
 import json
 import math
 import queue
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -696,3 +701,46 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, backend: str = 
     print(f"serving {engine.path} as `{model_name or Path(engine.path).stem}` at http://{host}:{port}/v1",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+# ----------------------------------------------------------------------------------------------
+# A server in a subprocess (the tests and tools/load_test.py)
+# ----------------------------------------------------------------------------------------------
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`flexquant-rt serve MODEL ARGS...` in a subprocess on a free loopback port, up once /health
+    answers (at most `wait_s` seconds). stop() terminates it (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, model=None, *args: str, log=None, wait_s: float = 300.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "flexquant_rt.cli", "serve", *([str(model)] if model else []),
+               "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log is not None else None)
+        self.pid = self.proc.pid
+        for _ in range(int(wait_s / 0.25)):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"the server did not answer /health within {wait_s} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

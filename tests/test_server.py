@@ -405,3 +405,23 @@ def test_smollm2_answers_a_chat_question(smollm2_fq):
         assert r.choices[0].finish_reason == "stop"
     finally:
         srv.stop()
+
+
+# -- the CLI shares the policy factory; the base package stays free of the server stack ------------
+
+def test_cli_generate_with_a_policy(calibrated_tiny, capsys):
+    from flexquant_rt.cli import main
+
+    assert main(["generate", str(calibrated_tiny), "hi", "--raw", "--policy", "layerwise", "--budget-bits", "5",
+                 "--max-new-tokens", "4", "--threads", "1"]) == 0
+    assert main(["generate", str(calibrated_tiny), "hi", "--raw", "--policy", "layerwise",
+                 "--max-new-tokens", "4", "--threads", "1"]) == 2
+    assert "needs budget_bits" in capsys.readouterr().err
+
+
+def test_importing_the_package_does_not_import_the_server_stack():
+    import subprocess
+    import sys
+
+    code = "import sys, flexquant_rt, flexquant_rt.cli; sys.exit(any(m in sys.modules for m in ('fastapi', 'uvicorn')))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -459,14 +459,21 @@ class Worker:
         eng.set_layer_bits(eng.max_bits, lm_head_bits=eng.max_bits)  # nothing carries over from the last request
         stats = GenerationStats()
         max_new = spec.max_tokens if spec.max_tokens is not None else eng.n_ctx - len(ids)
-        gen = eng.generate(ids, max_new_tokens=max_new, stop=spec.stop or None, stream=True,
-                           controller=_Cancellable(ctl, job.cancel), stats=stats, **spec.sampling)
+        try:
+            gen = eng.generate(ids, max_new_tokens=max_new, stop=spec.stop or None, stream=True,
+                               controller=_Cancellable(ctl, job.cancel), stats=stats, **spec.sampling)
+        except ValueError as e:
+            job.post("error", _bad("messages" if spec.messages is not None else "prompt", str(e)))
+            return "rejected"
         job.post("start", len(ids))
         try:
             for piece in gen:
                 job.post("text", piece)
         except _Cancelled:
             return "cancelled"
+        except ValueError as e:  # a controller that cannot run on this model (raised when it attaches)
+            job.post("error", _bad("flexquant", str(e)))
+            return "rejected"
         finally:
             gen.close()
         job.post("done", stats)

@@ -403,6 +403,20 @@ def test_smollm2_answers_a_chat_question(smollm2_fq):
             max_tokens=24, temperature=0)
         assert "Paris" in r.choices[0].message.content
         assert r.choices[0].finish_reason == "stop"
+        # a client that hangs up stops its generation (2000 tokens would take minutes on a CPU):
+        # streaming after two events, and non-streaming (the client times out after 1 s)
+        body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as resp:
+            lines = resp.iter_lines()
+            next(lines), next(lines)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=1)
+        for _ in range(1200):  # bounded: until the worker has dropped both
+            h = srv.health()
+            if h["requests"]["cancelled"] == 2 and not h["busy"]:
+                break
+            time.sleep(0.1)
+        assert h["requests"] == {"completed": 1, "cancelled": 2, "rejected": 0, "failed": 0}
     finally:
         srv.stop()
 

@@ -155,6 +155,28 @@ def test_stop_strings_are_cut(tiny_fq):
         assert cut == full[:full.find(stop)]
 
 
+def test_generation_stats_count_tokens_finish_reason_and_bits(tiny_fq):
+    from flexquant_rt import GenerationStats
+
+    with Engine(tiny_fq) as eng:
+        st = GenerationStats()
+        pieces = list(eng.generate("count me", max_new_tokens=7, ignore_eos=True, bits=5, stream=True, stats=st))
+        assert (st.prompt_tokens, st.completion_tokens, st.finish_reason) == (len(eng.tokenize("count me")), 7,
+                                                                              "length")
+        # the prefill, then one decode step per token (the loop also runs the last one), all at 5 bits
+        assert st.steps == 8 and st.mean_bits == 5.0
+        assert st.bytes_read == 8 * eng.bytes_per_token()
+        text = "".join(pieces)
+        stop = next(ch for ch in text[1:] if ch != "\ufffd")
+        st = GenerationStats()
+        assert eng.generate("count me", max_new_tokens=7, ignore_eos=True, stop=[stop], stats=st) == \
+            text[:text.index(stop)]
+        assert st.finish_reason == "stop" and st.completion_tokens <= 7
+        st = GenerationStats()
+        eng.generate("count me", max_new_tokens=50, stop=[eng.eos_id], stats=st)
+        assert st.finish_reason in ("stop", "length") and st.completion_tokens <= 50
+
+
 def test_controller_masks_are_applied_every_step(tiny_fq):
     seen = []
 

@@ -11,4 +11,4 @@ __version__ = "0.1.0"
 from .model_file import FORMAT_VERSION, ModelFileError  # noqa: F401
 from . import _core  # noqa: F401  (the C++ extension)
 from ._core import FlexquantError  # noqa: F401
-from .engine import Engine, StepInfo  # noqa: F401
+from .engine import Engine, GenerationStats, StepInfo  # noqa: F401

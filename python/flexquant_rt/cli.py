@@ -4,12 +4,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .controller import POLICIES
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--n-ctx", type=int, default=None)
     p.add_argument("--bits", type=int, default=None, help="run every layer at this bit-width")
+    p.add_argument("--policy", default=None, choices=POLICIES,
+                   help="precision policy (the calibrated ones need --budget-bits and `flexquant-rt calibrate`)")
+    p.add_argument("--budget-bits", type=float, default=None, help="mean bits per weight for --policy")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -19,9 +24,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _gen_kwargs(a) -> dict:
-    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, bits=a.bits)
+def _gen_kwargs(a, eng) -> dict:
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+              min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+    if a.policy is None and a.budget_bits is None:
+        kw["bits"] = a.bits
+    else:
+        from .controller import make_controller
+        kw["controller"] = make_controller(eng, a.policy, a.budget_bits, a.bits)
+    return kw
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("model", nargs="?", default=None)
     _engine_args(c)
     sub.add_parser("convert", help="same as tools/convert.py (see flexquant-rt convert --help)")
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the `serve` extra; docs/server.md)")
+    sv.add_argument("model", nargs="?", default=None, help="model file (default: SmolLM2-135M-Instruct)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
+    sv.add_argument("--threads", type=int, default=None)
+    sv.add_argument("--n-ctx", type=int, default=None)
+    sv.add_argument("--model-name", default=None, help="the model id clients send (default: the file's stem)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait; beyond: 503")
+    sv.add_argument("--bits", type=int, default=None, help="default: every layer at this bit-width")
+    sv.add_argument("--policy", default=None, choices=POLICIES, help="default precision policy")
+    sv.add_argument("--budget-bits", type=float, default=None, help="mean bits per weight for --policy")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     i = sub.add_parser("inspect", help="config and bytes per token of a model file")
     i.add_argument("model")
     cal = sub.add_parser("calibrate", help="measure per-layer sensitivity and store it in the model file")
@@ -71,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{k}: {v}")
             for bits in range(int(mf.config["max_bits"]), 1, -1):
                 print(f"bytes per token at {bits} bits: {mf.bytes_per_token(bits) / 1e6:.2f} MB")
+            return 0
+        if a.cmd == "serve":
+            from .server import serve
+            serve(a.model, host=a.host, port=a.port, backend=a.backend, n_ctx=a.n_ctx, threads=a.threads,
+                  model_name=a.model_name, max_queue=a.max_queue, log_level=a.log_level,
+                  default_fq={"policy": a.policy, "budget_bits": a.budget_bits, "bits": a.bits})
             return 0
         if a.cmd == "calibrate":
             from .controller import calibrate, calibration_text, save_profile, text_chunks
@@ -107,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             model, prompt = (None, a.args[0]) if len(a.args) == 1 else a.args
             with Engine(model, backend=a.backend, n_ctx=a.n_ctx, threads=a.threads) as eng:
                 if a.raw or not eng.tokenizer.chat_template:
-                    pieces = eng.generate(prompt, stream=True, **_gen_kwargs(a))
+                    pieces = eng.generate(prompt, stream=True, **_gen_kwargs(a, eng))
                 else:
-                    pieces = eng.chat([{"role": "user", "content": prompt}], stream=True, **_gen_kwargs(a))
+                    pieces = eng.chat([{"role": "user", "content": prompt}], stream=True, **_gen_kwargs(a, eng))
                 for piece in pieces:
                     print(piece, end="", flush=True)
                 print()
@@ -127,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     messages.append({"role": "user", "content": line})
                     reply = ""
-                    for piece in eng.chat(messages, stream=True, **_gen_kwargs(a)):
+                    for piece in eng.chat(messages, stream=True, **_gen_kwargs(a, eng)):
                         reply += piece
                         print(piece, end="", flush=True)
                     print()

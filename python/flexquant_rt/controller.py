@@ -561,5 +561,69 @@ class InputAware(Controller):
         return None
 
 
+# ----------------------------------------------------------------------------------------------
+# One policy spec -> a controller (the CLI's --policy and the server's "flexquant" field)
+# ----------------------------------------------------------------------------------------------
+
+POLICIES = ("static", "layerwise", "linearwise", "flexquant", "input_aware")
+
+
+def make_controller(engine, policy: str | None = None, budget_bits: float | None = None, bits: int | None = None,
+                    levels: Sequence[int] | None = None, sink_protect: bool = False,
+                    profile: Profile | None = None) -> Controller:
+    """The controller a policy spec names, for `engine` (raises ValueError with a readable reason).
+
+    policy None or "static": every linear at `bits` (default: the model's max_bits).
+    "layerwise" | "linearwise" | "flexquant" | "input_aware": the calibrated policies at a mean-bits
+    `budget_bits` (needs the calibration profile in the model file: `flexquant-rt calibrate`);
+    `levels` = (lo, hi) for "flexquant" (default (4, max_bits)). sink_protect: the first position
+    at max_bits, then the policy. `profile` skips reading it from the model file.
+    """
+    B = engine.max_bits
+    policy = "static" if policy is None else policy
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r} (expected one of {', '.join(POLICIES)})")
+    if levels is not None and policy != "flexquant":
+        raise ValueError("levels applies to the flexquant policy only")
+    if sink_protect and policy == "input_aware":
+        raise ValueError("sink_protect needs a mask-driven policy; input_aware chooses bits inside the step")
+    if policy == "static":
+        if budget_bits is not None:
+            raise ValueError("budget_bits needs a calibrated policy (layerwise, linearwise, flexquant, input_aware); "
+                             "the static policy takes bits")
+        b = B if bits is None else bits
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 2 <= b <= B:
+            raise ValueError(f"bits must be an integer in 2..{B}, got {bits!r}")
+        ctl: Controller = Static(int(b))
+    else:
+        if bits is not None:
+            raise ValueError(f"bits applies to the static policy; the {policy} policy takes budget_bits")
+        if budget_bits is None:
+            raise ValueError(f"the {policy} policy needs budget_bits (mean bits per weight)")
+        if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not math.isfinite(budget_bits):
+            raise ValueError(f"budget_bits must be a number, got {budget_bits!r}")
+        if profile is None:
+            profile = load_profile(engine)
+        if profile is None:
+            raise ValueError(f"the {policy} policy needs a calibration profile and this model file has none "
+                             f"(run: flexquant-rt calibrate MODEL)")
+        lo_bits = min(profile.levels)
+        if not lo_bits <= budget_bits <= B:
+            raise ValueError(f"budget_bits must be in {lo_bits}..{B} for this model, got {budget_bits}")
+        budget = float(budget_bits)
+        if policy == "layerwise":
+            ctl = LayerwiseStatic(profile, budget)
+        elif policy == "linearwise":
+            ctl = LinearwiseStatic(profile, budget)
+        elif policy == "input_aware":
+            ctl = InputAware(profile, budget)
+        else:
+            lv = (min(4, int(math.floor(budget))), B) if levels is None else tuple(int(x) for x in levels)
+            if len(lv) != 2 or not 2 <= lv[0] < lv[1] <= B:
+                raise ValueError(f"levels must be two bit-widths lo < hi in 2..{B}, got {levels!r}")
+            ctl = FlexQuant(profile, budget, levels=lv)
+    return SinkProtect(ctl, B) if sink_protect else ctl
+
+
 __all__ = ["Profile", "calibrate", "allocate", "Controller", "Static", "LayerwiseStatic", "FlexQuant", "InputAware", "SinkProtect", "LinearwiseStatic",
-           "save_profile", "load_profile", "calibration_text", "text_chunks", "mean_bits"]
+           "save_profile", "load_profile", "calibration_text", "text_chunks", "mean_bits", "POLICIES", "make_controller"]

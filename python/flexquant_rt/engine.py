@@ -32,6 +32,25 @@ class StepInfo:
     mean_bits: float       # bits per weight of the step, weighted by each linear's size
 
 
+@dataclass
+class GenerationStats:
+    """What one generate() call did; pass an instance as `stats=` and it is filled in as the
+    generation runs (so a streaming consumer can read it after the last piece)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0      # tokens sampled into the output (a stop token is not counted)
+    finish_reason: str | None = None  # "stop" (eos, stop string or id), "length" (max_new_tokens or
+    #                                   the context is full); None while running or if abandoned
+    steps: int = 0                  # forward passes (the prompt's prefill counts as one)
+    bytes_read: int = 0             # weight bytes read over those passes
+    bits_sum: float = 0.0           # Σ over passes of the pass's bits per weight
+
+    @property
+    def mean_bits(self) -> float:
+        """Bits per weight read, averaged over the forward passes (0 before the first)."""
+        return self.bits_sum / self.steps if self.steps else 0.0
+
+
 class Engine:
     """A model loaded for generation.
 
@@ -170,7 +189,7 @@ class Engine:
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  seed: int | None = None, stop: str | Sequence[str] | Sequence[int] | None = None,
                  stream: bool = False, bits=None, controller=None, add_special_tokens: bool = True,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, stats: GenerationStats | None = None):
         """Generate a continuation of `prompt` (text, or a list of token ids).
 
         Sampling: temperature 0 is greedy; otherwise temperature, top_k (0 = off), top_p, min_p,
@@ -180,10 +199,12 @@ class Engine:
         set_layer_bits). controller: an object with `mask(info: StepInfo | None)` returning the
         mask for the next step (None keeps the current one), called before every step.
         ignore_eos: keep going past the eos token (benchmarks, long-run tests).
+        stats: a GenerationStats filled in as the generation runs (token counts, finish reason,
+        mean bits read per weight).
         Returns the text, or with stream=True an iterator of text pieces.
         """
         gen = self._generate(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                             seed, stop, bits, controller, add_special_tokens, ignore_eos)
+                             seed, stop, bits, controller, add_special_tokens, ignore_eos, stats)
         if stream:
             return gen
         return "".join(gen)
@@ -194,7 +215,7 @@ class Engine:
         return self.generate(prompt, add_special_tokens=False, **kwargs)
 
     def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                  stop, bits, controller, add_special_tokens, ignore_eos) -> Iterator[str]:
+                  stop, bits, controller, add_special_tokens, ignore_eos, stats=None) -> Iterator[str]:
         # validates eagerly (a bad argument raises here, even with stream=True), then returns
         # the generator that runs the steps
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -213,14 +234,16 @@ class Engine:
         if bits is not None:
             self.set_layer_bits(bits, lm_head_bits=bits if isinstance(bits, (int, np.integer)) else None)
         self._eng.reset()
-        return self._run(ids, max_new_tokens, sampler, stop_strs, stop_ids, controller)
+        if stats is not None:
+            stats.prompt_tokens = len(ids)
+        return self._run(ids, max_new_tokens, sampler, stop_strs, stop_ids, controller, stats)
 
-    def _run(self, ids, max_new_tokens, sampler, stop_strs, stop_ids, controller) -> Iterator[str]:
+    def _run(self, ids, max_new_tokens, sampler, stop_strs, stop_ids, controller, stats) -> Iterator[str]:
         if controller is None:
-            yield from self._loop(ids, max_new_tokens, sampler, stop_strs, stop_ids, None)
+            yield from self._loop(ids, max_new_tokens, sampler, stop_strs, stop_ids, None, stats)
             return
         with self.controlled(controller):
-            yield from self._loop(ids, max_new_tokens, sampler, stop_strs, stop_ids, controller)
+            yield from self._loop(ids, max_new_tokens, sampler, stop_strs, stop_ids, controller, stats)
 
     @contextmanager
     def controlled(self, controller):
@@ -244,9 +267,17 @@ class Engine:
         """The StepInfo of the step that just ran (what controllers receive)."""
         eng = self._eng
         e, p1 = eng.signals()
-        bits = eng.last_bits().astype(np.float64)
-        return StepInfo(eng.n_past, int(token), e, p1, eng.last_bytes_per_token(),
-                        float(bits @ self._sizes() / self._sizes().sum()))
+        return StepInfo(eng.n_past, int(token), e, p1, eng.last_bytes_per_token(), self._last_mean_bits())
+
+    def _last_mean_bits(self) -> float:
+        bits = self._eng.last_bits().astype(np.float64)
+        return float(bits @ self._sizes() / self._sizes().sum())
+
+    def _count_step(self, stats: GenerationStats | None) -> None:
+        if stats is not None:
+            stats.steps += 1
+            stats.bytes_read += int(self._eng.last_bytes_per_token())
+            stats.bits_sum += self._last_mean_bits()
 
     def _sizes(self) -> np.ndarray:
         if getattr(self, "_lin_sizes", None) is None:
@@ -254,9 +285,11 @@ class Engine:
             self._lin_sizes = linear_sizes(self)
         return self._lin_sizes
 
-    def _loop(self, ids, max_new_tokens, sampler, stop_strs, stop_ids, controller) -> Iterator[str]:
+    def _loop(self, ids, max_new_tokens, sampler, stop_strs, stop_ids, controller, stats=None) -> Iterator[str]:
         eng = self._eng
         eng.eval(self._ids(ids))
+        self._count_step(stats)
+        finish = "length"
         history = list(ids)
         out_ids: list[int] = []
         emitted = ""
@@ -264,8 +297,11 @@ class Engine:
         for _ in range(max_new_tokens):
             tok = sampler.sample(eng, np.asarray(history, dtype=np.int32))
             if tok in stop_ids:
+                finish = "stop"
                 break
             out_ids.append(tok)
+            if stats is not None:
+                stats.completion_tokens += 1
             history.append(tok)
             text = self.detokenize(out_ids)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
@@ -279,15 +315,20 @@ class Engine:
                 if ready:
                     yield ready
                 if hit:
+                    if stats is not None:
+                        stats.finish_reason = "stop"
                     return
             if eng.n_past >= eng.n_ctx:
                 break  # the context is full: stop as llama.cpp does (finish reason "length")
             if controller is not None:
                 self._apply(controller.mask(self.step_info(history[-2] if len(history) > 1 else tok)))
             eng.eval(self._ids([tok]))
+            self._count_step(stats)
         # flush: a trailing incomplete UTF-8 sequence is emitted as it decodes (U+FFFD)
         held += self.detokenize(out_ids)[len(emitted):] if out_ids else ""
         hit, held, ready = _scan_stop(held, stop_strs)
+        if stats is not None:
+            stats.finish_reason = "stop" if hit else finish
         if ready or held:
             yield ready + held
 

@@ -8,8 +8,8 @@ inputs with odd sizes, the output poisoned first (the host entry points fill the
 NaN); then whole models. Tolerances come from a same-precision baseline: for an op, at most 2x the
 error of the CPU op against an fp64 numpy evaluation (+ a few fp32 ulps); for the model on the fp32-
 activation GEMV path, 1e-4 relative on the logits, as the CPU engine is held to against transformers.
-The int8-activation (tensor-core) path is held to the error int8 activations cause on the CPU
-reference model (measured here by quantizing the activations in numpy).
+The int8-activation (tensor-core) path is held to the CPU engine running the same int8 activations
+(Engine.set_activation_bits(8), itself checked against transformers in test_activation_bits.py).
 """
 from __future__ import annotations
 
@@ -178,18 +178,18 @@ def test_engine_cuda_fp32_path_matches_cpu(tiny_fq, bits):
 
 
 @gpu
-def test_engine_cuda_tc_path_within_int8_activation_error(tiny_fq):
-    """The default GEMV path quantizes activations to int8 per group: compare it with the CPU
-    engine, allowing what int8 activations cost on this model (the fp32 CUDA path is exact)."""
+def test_engine_cuda_tc_path_matches_cpu_with_int8_activations(tiny_fq):
+    """The default GEMV path quantizes activations to int8 per weight group: the CPU engine does the
+    same with set_activation_bits(8) (tested against transformers in test_activation_bits.py), so
+    the two must agree up to fp32 rounding and the rare rounding-boundary flip it causes (the same
+    budget as the CPU against transformers there)."""
     cpu = Engine(tiny_fq, backend="cpu")
+    cpu.set_activation_bits(8)
     tc = Engine(tiny_fq, backend="cuda")
     ids = np.random.default_rng(1).integers(0, 320, 20)
     a, b = _steps(tc, ids, 16), _steps(cpu, ids, 16)
-    err = rel_err(a, b)
-    # int8 with absmax scaling per group of <= 128: ~0.5% relative per linear on random activations
-    # (test_cuda_ops measures it); through 2 layers x 4 linears in series, a few percent.
-    assert err < 0.05, err
-    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
+    assert rel_err(a, b) < 2e-3
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
 
 
 @gpu

@@ -82,6 +82,15 @@ void bind_engine(py::module_& m) {
         .def_property_readonly("n_past", [](PyEngine& e) { return e.get().n_past(); })
         .def_property("threads", [](PyEngine& e) { return e.get().n_threads(); },
                       [](PyEngine& e, int n) { e.get().set_threads(n); })
+        .def("set_activation_bits",
+             [](PyEngine& e, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& bits) {
+                 if (bits.ndim() != 1) throw flexquant::Error("activation bits must be 1-D (n_layers * 7 + 1,) or (1,)");
+                 e.get().set_activation_bits(bits.data(), bits.size());
+             },
+             py::arg("bits"),
+             "Activation bit-width per linear, (n_layers * 7 + 1,) or (1,): 0 = fp32, 2..8 = symmetric integers\n"
+             "per weight group (the CUDA tensor-core GEMV's int8 is 8). CPU backend only.")
+        .def_property_readonly("activation_bits", [](PyEngine& e) { return e.get().activation_bits(); })
         .def("set_layer_bits",
              [](PyEngine& e, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& mask) {
                  auto& eng = e.get();

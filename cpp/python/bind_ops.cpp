@@ -213,6 +213,15 @@ py::array_t<float> py_swiglu(const py::array& g_a, const py::array& u_a) {
     return out;
 }
 
+py::array_t<float> py_quantize_activations(const py::array& x_a, int group, int bits) {
+    auto x = require<float>(x_a, "x", 2, "(m, k)");
+    py::array_t<float> out({x.shape(0), x.shape(1)});
+    float* o = out.mutable_data();
+    py::gil_scoped_release nogil;
+    quantize_activations(x.data(), x.shape(0), x.shape(1), group, bits, o);
+    return out;
+}
+
 py::array_t<float> logits_1d(const py::array& a, const char* name) {
     auto l = require<float>(a, name, 1, "(vocab,)");
     if (l.shape(0) == 0) throw py::value_error(std::string(name) + ": must not be empty");
@@ -303,6 +312,10 @@ void bind_ops(py::module_& parent) {
           "Causal GQA of q (m, n_heads, d) at positions p0.. over caches (t_max, n_kv_heads, d) float32 or\n"
           "float16 holding positions 0..p0+m-1; returns (m, n_heads, d) float32.");
     m.def("swiglu", &py_swiglu, py::arg("gate"), py::arg("up"), "silu(gate) * up, float32, same shapes.");
+    m.def("quantize_activations", &py_quantize_activations, py::arg("x"), py::arg("group"), py::arg("bits"),
+          "x (m, k) float32 quantized to symmetric `bits`-bit integers per row and group of `group` columns\n"
+          "(scale = absmax / (2^(bits-1) - 1), round half to even) and back: the CUDA tensor-core GEMV's\n"
+          "activations at bits = 8.");
     m.def(
         "softmax",
         [](const py::array& a) {

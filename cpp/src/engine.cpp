@@ -90,6 +90,8 @@ struct Engine::Impl {
     double lambda = 0.0;
     std::vector<std::vector<float>> rule_cost;
     std::vector<int32_t> used;  // bits each linear ran at in the last eval
+    std::vector<int32_t> act_bits;  // per linear (n_layers * 7 + 1): 0 = fp32 activations, else 2..8
+    std::vector<float> xq;          // scratch: a linear's quantized input
 
     // calibration statistics: Σ_t h_i² per linear input
     bool collect = false;
@@ -166,6 +168,11 @@ void Engine::Impl::linear(size_t j, const float* x, int64_t T, float* y) {
         b = best_all;
     }
     used[j] = b;
+    if (act_bits[j] != 0) {
+        if (xq.size() < static_cast<size_t>(T * K)) xq.resize(static_cast<size_t>(T * K));
+        quantize_activations(x, T, K, w.group_size, act_bits[j], xq.data());
+        x = xq.data();
+    }
     bitplane_matmul(w, b, x, T, y, &pool);
 }
 
@@ -234,6 +241,7 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     e.bits.assign(c.n_layers * LINEARS_PER_LAYER, e.bits_cap);
     e.head_bits = e.bits_cap;
     e.used.assign(e.lin.size() + 1, e.bits_cap);
+    e.act_bits.assign(e.lin.size() + 1, 0);
 
     e.init_backend(params);
     if (e.on_gpu()) return;  // the KV cache lives on the GPU
@@ -336,6 +344,31 @@ uint64_t Engine::bytes_per_token() const {
     b.push_back(impl_->head_bits);
     return impl_->bytes_at(b);
 }
+
+void Engine::set_activation_bits(const int32_t* bits, int64_t count) {
+    Impl& e = *impl_;
+    const int64_t n = static_cast<int64_t>(e.lin.size()) + 1;
+    if (count != n && count != 1)
+        throw Error(cat("activation bits: ", count, " entries; expected 1 (all linears) or n_layers * 7 + 1 = ", n));
+    for (int64_t i = 0; i < count; ++i) {
+        const int b = bits[i];
+        if (b != 0 && (b < 2 || b > 8)) {
+            const std::string where = count == 1 ? std::string("activation bits")
+                                      : i == n - 1 ? std::string("activation bits[") + std::to_string(i) + "] (lm_head)"
+                                                   : cat("activation bits[", i, "] (layer ", i / LINEARS_PER_LAYER, ", ",
+                                                         kLinearNames[i % LINEARS_PER_LAYER], ")");
+            throw Error(cat(where, " = ", b, " must be 0 (fp32) or in 2..8"));
+        }
+    }
+    bool any = false;
+    for (int64_t i = 0; i < count; ++i) any = any || bits[i] != 0;
+    if (any && e.on_gpu())
+        throw Error("activation bits run on the CPU backend only (the CUDA backend's GEMV quantizes to int8 "
+                    "itself); open the engine with backend CPU");
+    for (int64_t i = 0; i < n; ++i) e.act_bits[i] = bits[count == 1 ? 0 : i];
+}
+
+std::vector<int32_t> Engine::activation_bits() const { return impl_->act_bits; }
 
 void Engine::set_precision_rules(int bits_min, int bits_max, const std::vector<std::vector<float>>& cost,
                                  double lambda) {

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--chunks", type=int, default=2, help="calibration windows")
     cal.add_argument("--chunk-len", type=int, default=256, help="tokens per window")
     cal.add_argument("--levels", type=int, nargs="+", default=[3, 4, 5, 6, 7])
+    cal.add_argument("--activations", type=int, nargs="*", default=[8, 6, 4],
+                     help="also measure each layer's KL with its activations at these integer widths "
+                          "(per weight group; the CUDA tensor-core GEMV uses 8); none to skip")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--threads", type=int, default=None)
     ev = sub.add_parser("eval", help="evaluate precision policies on held-out text (table, CSV, PNG)")
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             from .controller import calibrate, calibration_text, save_profile, text_chunks
             with Engine(a.model, threads=a.threads) as eng:
                 chunks = text_chunks(eng, calibration_text(), a.chunks, a.chunk_len, seed=a.seed)
-                prof = calibrate(eng, chunks, levels=a.levels, seed=a.seed)
+                prof = calibrate(eng, chunks, levels=a.levels, seed=a.seed, activation_levels=a.activations)
                 path = eng.path
             save_profile(path, prof)
             print(f"stored the calibration profile ({prof.n_tokens} tokens, levels {prof.levels}) in {path}")

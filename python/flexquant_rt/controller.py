@@ -131,9 +131,15 @@ def unit_weights(engine) -> list[int]:
 
 
 def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (3, 4, 5, 6, 7),
-              progress: bool = True, seed: int = 0) -> Profile:
+              progress: bool = True, seed: int = 0, activation_levels: Sequence[int] = ()) -> Profile:
     """Per unit (layer or LM head) and level: the mean KL of the next-token distribution against
-    the max_bits model when only that unit drops to the level. Teacher-forced prefill passes."""
+    the max_bits model when only that unit drops to the level. Teacher-forced prefill passes.
+
+    activation_levels (e.g. (8, 6, 4)): also, per unit and width, the mean KL when only that unit's
+    linears take their inputs as integers of that width (per weight group, Engine.
+    set_activation_bits), weights at max_bits: profile.extra["act_levels"], ["act_kl"] (n_layers
+    + 1, len). This measures which layers tolerate low-precision activations (FlexQ keeps 8-bit
+    activations in sensitive layers by a fixed rule)."""
     B = engine.max_bits
     levels = sorted(int(k) for k in levels if 2 <= k < B)
     if not levels:
@@ -154,7 +160,8 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
     v = column_error_energy(engine, levels)
     e_mean = [[float(v_j[l] @ energy[j]) for l in range(len(levels))] for j, v_j in enumerate(v)]
     kl = np.zeros((L + 1, len(levels)))
-    total = (L + 1 + 7) * len(levels)
+    act_levels = sorted({int(b) for b in activation_levels}, reverse=True)
+    total = (L + 1 + 7) * len(levels) + (L + 1) * len(act_levels)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -182,14 +189,27 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
             mask = full.copy()
             mask[:, t] = k
             kl_type[t, j] = mean_kl(mask, B)
+    act_kl = np.zeros((L + 1, len(act_levels)))
+    for u in range(L + 1):
+        for j, b in enumerate(act_levels):
+            engine.set_activation_bits(0)
+            if u < L:
+                act = np.zeros((L, 7), dtype=np.int32)
+                act[u, :] = b
+                engine.set_activation_bits(act, lm_head_bits=0)
+            else:
+                engine.set_activation_bits(0, lm_head_bits=b)
+            act_kl[u, j] = mean_kl(full, B)
+    engine.set_activation_bits(0)
     if bar:
         bar.close()
     engine.set_layer_bits(full, lm_head_bits=B)
+    extra = {"e_mean": e_mean, "kl_type": kl_type.tolist(), "linear_sizes": [int(x) for x in linear_sizes(engine)]}
+    if act_levels:
+        extra.update(act_levels=act_levels, act_kl=act_kl.tolist())
     return Profile(max_bits=B, levels=levels, kl=kl.tolist(), weights=unit_weights(engine),
                    entropy_quantiles=np.quantile(ent, np.linspace(0, 1, 101)).tolist(),
-                   n_tokens=int(sum(len(c) for c in chunks)), seed=seed,
-                   extra={"e_mean": e_mean, "kl_type": kl_type.tolist(),
-                          "linear_sizes": [int(x) for x in linear_sizes(engine)]})
+                   n_tokens=int(sum(len(c) for c in chunks)), seed=seed, extra=extra)
 
 
 def linear_sizes(engine) -> np.ndarray:

@@ -143,6 +143,27 @@ class Engine:
         if lm_head_bits is not None:
             self._eng.set_lm_head_bits(int(lm_head_bits))
 
+    def set_activation_bits(self, bits, lm_head_bits: int | None = None) -> None:
+        """Activation precision per linear from the next step on (CPU backend only).
+
+        bits: an int for every decoder linear, or (n_layers, 7); 0 = fp32 (the default), 2..8 =
+        each linear's input quantized per weight group to symmetric integers of that width and
+        back, as the CUDA tensor-core GEMV does with 8. lm_head_bits: the LM head's (default: an
+        int `bits` applies to it too, an array leaves it at 0).
+        """
+        n = self.n_layers * 7
+        if isinstance(bits, (int, np.integer)):
+            arr = np.full(n, int(bits), dtype=np.int32)
+            head = int(bits) if lm_head_bits is None else int(lm_head_bits)
+        else:
+            a = np.asarray(bits)
+            if a.dtype.kind not in "iu" or a.shape != (self.n_layers, 7):
+                raise ValueError(f"activation bits must be an int or an integer array of shape ({self.n_layers}, 7), "
+                                 f"got {a.dtype} {a.shape}")
+            arr = a.reshape(-1).astype(np.int32)
+            head = 0 if lm_head_bits is None else int(lm_head_bits)
+        self._eng.set_activation_bits(np.append(arr, np.int32(head)).astype(np.int32))
+
     def layer_bits(self) -> np.ndarray:
         """The current mask, (n_layers, 7)."""
         return self._eng.layer_bits()

@@ -7,9 +7,10 @@
 // Invalid sizes throw std::invalid_argument naming the argument.
 //
 // One op per file, same stem as the CUDA kernel: bitplane_matmul.cpp (+ bitplane_matmul_avx2.cpp,
-// the AVX2/GFNI kernels), rms_norm.cpp, rope.cpp, attention.cpp, swiglu.cpp, sampling.cpp. SIMD
-// kernels are picked at run time (cpu_features.h); every op also has a portable path. Results do
-// not depend on the thread count.
+// the AVX2/GFNI kernels), rms_norm.cpp, rope.cpp, attention.cpp, swiglu.cpp, sampling.cpp;
+// quantize_activations.cpp is the CPU twin of the activation preparation in bitplane_matmul.cu.
+// SIMD kernels are picked at run time (cpu_features.h); every op also has a portable path. Results
+// do not depend on the thread count.
 #pragma once
 
 #include <cstdint>
@@ -59,6 +60,13 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
 
 // Bytes the k-bit product reads from the weight: bits * plane_bytes + n * n_groups * 4.
 uint64_t bitplane_bytes_at(const BitplaneLinear& w, int bits);
+
+// ---- quantize_activations (quantize_activations.cpp) ------------------------------------------
+
+// out (m, k) = x (m, k) quantized to symmetric `bits`-bit integers per row and per group of `group`
+// columns (scale = absmax / (2^(bits-1) - 1), round half to even), dequantized back to fp32: the
+// activations the CUDA tensor-core GEMV runs on (bits = 8). out may equal x. 2 <= bits <= 8.
+void quantize_activations(const float* x, int64_t m, int64_t k, int group, int bits, float* out);
 
 // ---- rms_norm (rms_norm.cpp) -------------------------------------------------------------------
 

@@ -1,0 +1,132 @@
+"""Integer activations on the CPU (ops.quantize_activations, Engine.set_activation_bits): the CPU
+twin of the CUDA tensor-core GEMV's int8 activations, and what calibration measures per layer.
+
+References: numpy for the op (bit for bit: the same fp32 operations), transformers for the model
+(the exported k-bit view with the same quantization applied to every nn.Linear input by a pre-hook).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import flexquant_rt._core as core
+from flexquant_rt import Engine, FlexquantError
+from flexquant_rt.convert import HFSource, convert, export_hf
+
+from conftest import make_hf_llama, rel_err
+
+
+def np_quantize(x: np.ndarray, group: int, bits: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    qmax = np.float32(2 ** (bits - 1) - 1)
+    out = np.zeros_like(x)
+    for g0 in range(0, x.shape[1], group):
+        xg = x[:, g0:g0 + group]
+        scale = (np.abs(xg).max(1, keepdims=True) / qmax).astype(np.float32)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            q = np.where(scale > 0, np.clip(np.rint(xg / scale), -qmax, qmax), 0).astype(np.float32)
+        out[:, g0:g0 + group] = scale * q
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4, 2])
+@pytest.mark.parametrize("m,k,group", [(1, 64, 64), (5, 300, 128), (3, 576, 32)])
+def test_quantize_activations_bit_exact(bits, m, k, group):
+    rng = np.random.default_rng(bits * k + m)
+    x = (rng.standard_normal((m, k)) + 0.2).astype(np.float32)
+    x[rng.random((m, k)) < 0.02] *= 30
+    x[0, :group] = 0.0  # an all-zero group stays zero
+    out = core.ops.quantize_activations(x, group, bits)
+    np.testing.assert_array_equal(out, np_quantize(x, group, bits))
+    assert len(np.unique(out[1 % m])) <= k  # really quantized: at most 2^bits - 1 levels per group
+    with pytest.raises(ValueError, match="bits in 2..8"):
+        core.ops.quantize_activations(x, group, 9)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("act")
+    src = make_hf_llama(d / "hf", seed=3, hidden=96, heads=3, kv_heads=1, ffn=200)
+    fq = d / "m.fq"
+    convert(HFSource(src), fq, progress=False, group_size=32)
+    export_hf(fq, d / "hf8", 8, progress=False)
+    return fq, LlamaForCausalLM.from_pretrained(d / "hf8", dtype=torch.float32).eval()
+
+
+def hf_logits(model, ids, act_bits: int | None, group: int):
+    """transformers' logits; with act_bits, every nn.Linear's input quantized like the engine's."""
+    import torch
+
+    hooks = []
+    if act_bits:
+        def pre(mod, args):
+            x = args[0]
+            flat = x.reshape(-1, x.shape[-1]).numpy()
+            return (torch.from_numpy(np_quantize(flat, group, act_bits)).reshape(x.shape),)
+        hooks = [m.register_forward_pre_hook(pre) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_engine_activation_bits_match_transformers_with_quantized_inputs(tiny_pair):
+    fq, ref_model = tiny_pair
+    ids = np.random.default_rng(0).integers(0, 320, 24).tolist()
+    eng = Engine(fq, backend="cpu")
+    fp = eng.forward(ids)
+    eng.set_activation_bits(8)
+    assert (np.asarray(eng._eng.activation_bits) == 8).all()
+    q8 = eng.forward(ids)
+    ref_fp = hf_logits(ref_model, ids, None, 32)
+    ref_q8 = hf_logits(ref_model, ids, 8, 32)
+    # A rounding boundary crossed differently by the two fp32 computations moves one activation by
+    # one step; the budget allows a few such flips, and the quantization itself is 10x larger.
+    assert rel_err(q8, ref_q8) < 2e-3
+    assert rel_err(q8, ref_fp) > 10 * rel_err(q8, ref_q8)
+    assert rel_err(fp, ref_fp) < 1e-4
+    # step by step equals the prefill
+    eng.reset()
+    steps = [eng.forward(ids[:5], reset=False)] + [eng.decode(t)[None] for t in ids[5:]]
+    assert rel_err(np.concatenate(steps), q8) < 1e-5
+    # back to fp32: the model of before
+    eng.set_activation_bits(0)
+    np.testing.assert_array_equal(eng.forward(ids), fp)
+
+
+def test_activation_bits_validation_changes_nothing(tiny_fq):
+    eng = Engine(tiny_fq, backend="cpu")
+    eng.set_activation_bits(6)
+    before = list(eng._eng.activation_bits)
+    with pytest.raises(FlexquantError, match=r"activation bits\[3\] \(layer 0, o\) = 9 must be 0 \(fp32\) or in 2..8"):
+        bad = np.full((2, 7), 8, dtype=np.int32)
+        bad[0, 3] = 9
+        eng.set_activation_bits(bad)
+    with pytest.raises(FlexquantError, match=r"\(lm_head\) = 1 must be"):
+        eng.set_activation_bits(8, lm_head_bits=1)
+    with pytest.raises(ValueError, match="shape \\(2, 7\\)"):
+        eng.set_activation_bits(np.full((3, 7), 8))
+    with pytest.raises(FlexquantError, match=r"2 entries; expected 1 \(all linears\) or n_layers \* 7 \+ 1 = 15"):
+        eng._eng.set_activation_bits(np.zeros(2, dtype=np.int32))
+    assert list(eng._eng.activation_bits) == before
+
+
+def test_calibration_measures_activation_sensitivity(tiny_fq):
+    from flexquant_rt.controller import Profile, calibrate
+
+    eng = Engine(tiny_fq, backend="cpu")
+    rng = np.random.default_rng(1)
+    chunks = [rng.integers(0, 320, 32).tolist() for _ in range(2)]
+    prof = calibrate(eng, chunks, levels=(4, 6), progress=False, activation_levels=(4, 8, 6))
+    assert prof.extra["act_levels"] == [8, 6, 4]
+    kl = np.asarray(prof.extra["act_kl"])
+    assert kl.shape == (3, 3) and (kl > 0).all()
+    assert (kl[:, 2] > kl[:, 0]).all()  # 4-bit activations cost more than 8-bit ones, in every unit
+    assert (np.asarray(eng._eng.activation_bits) == 0).all()  # calibration leaves fp32 activations behind
+    again = Profile.from_json(prof.to_json())
+    assert again.extra["act_kl"] == prof.extra["act_kl"]

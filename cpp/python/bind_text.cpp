@@ -1,13 +1,16 @@
-// Python binding of the C++ text layer (called from bindings.cpp): the native tokenizer.
+// Python binding of the C++ text layer (called from bindings.cpp): the native tokenizer, the chat
+// template renderer and TextEngine.
 //
-// The Python package tokenizes with `tokenizers` / `sentencepiece` (docs: README "use from C++");
-// this binding exists so that tests and benchmarks can hold the C++ tokenizer against them.
+// The Python package keeps `tokenizers` / `sentencepiece` and jinja2 (README "Use from C++" says
+// why); these bindings exist so that tests and benchmarks hold the C++ text path against them.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
 #include <vector>
 
+#include "flexquant/chat_template.h"
+#include "flexquant/text_engine.h"
 #include "flexquant/tokenizer.h"
 
 namespace py = pybind11;
@@ -20,6 +23,53 @@ std::string text_bytes(const py::object& text) {
     if (py::isinstance<py::bytes>(text)) return text.cast<std::string>();
     if (py::isinstance<py::str>(text)) return text.cast<std::string>();
     throw py::type_error("text must be str or bytes, got " + std::string(py::str(py::type::of(text).attr("__name__"))));
+}
+
+std::vector<flexquant::ChatMessage> messages_from(const py::list& messages) {
+    std::vector<flexquant::ChatMessage> out;
+    for (size_t i = 0; i < messages.size(); ++i) {
+        const py::dict m = messages[i].cast<py::dict>();
+        if (!m.contains("role") || !m.contains("content")) {
+            throw flexquant::Error("messages[" + std::to_string(i) + "] needs 'role' and 'content'");
+        }
+        out.push_back({m["role"].cast<std::string>(), m["content"].cast<std::string>()});
+    }
+    return out;
+}
+
+py::dict result_dict(const flexquant::GenerateResult& r) {
+    py::dict d;
+    d["text"] = py::str(r.text);
+    d["tokens"] = r.tokens;
+    d["n_prompt_tokens"] = r.n_prompt_tokens;
+    d["stop_reason"] = flexquant::stop_reason_name(r.stop_reason);
+    return d;
+}
+
+flexquant::GenerateParams gen_params(int64_t max_new_tokens, float temperature, int64_t top_k, float top_p, float min_p,
+                                     float repetition_penalty, uint64_t seed, std::vector<std::string> stop,
+                                     bool add_special_tokens, bool ignore_eos) {
+    flexquant::GenerateParams p;
+    p.max_new_tokens = max_new_tokens;
+    p.sampling.temperature = temperature;
+    p.sampling.top_k = top_k;
+    p.sampling.top_p = top_p;
+    p.sampling.min_p = min_p;
+    p.sampling.repetition_penalty = repetition_penalty;
+    p.seed = seed;
+    p.stop = std::move(stop);
+    p.add_special_tokens = add_special_tokens;
+    p.ignore_eos = ignore_eos;
+    return p;
+}
+
+// on_text(piece) -> bool|None from Python; None (the return) keeps going.
+flexquant::TextCallback text_callback(const py::object& on_text) {
+    if (on_text.is_none()) return nullptr;
+    return [on_text](const std::string& piece) {
+        const py::object r = on_text(py::str(piece));
+        return r.is_none() || r.cast<bool>();
+    };
 }
 
 }  // namespace
@@ -59,4 +109,55 @@ void bind_text(py::module_& m) {
         });
     m.def("native_tokenizer_available", &flexquant::native_tokenizer_available,
           "Whether this build has the byte-level BPE native tokenizer (it needs ICU).");
+
+    m.def(
+        "render_chat_template",
+        [](const std::string& source, const py::list& messages, bool add_generation_prompt, const std::string& bos_token,
+           const std::string& eos_token) {
+            return py::str(flexquant::ChatTemplate(source).render(messages_from(messages), add_generation_prompt,
+                                                                  bos_token, eos_token));
+        },
+        py::arg("source"), py::arg("messages"), py::arg("add_generation_prompt") = true, py::arg("bos_token") = "",
+        py::arg("eos_token") = "", "Render a chat template with the C++ renderer (the one TextEngine.chat uses).");
+
+    py::class_<flexquant::TextEngine>(m, "TextEngine",
+                                      "The C++ text-in, text-out engine (flexquant/text_engine.h), for tests against "
+                                      "flexquant_rt.Engine.")
+        .def(py::init([](const std::string& path, int64_t n_ctx) {
+                 flexquant::EngineParams p;
+                 p.n_ctx = n_ctx;
+                 return flexquant::TextEngine::open(path, p);
+             }),
+             py::arg("path"), py::arg("n_ctx") = 0)
+        .def(
+            "generate",
+            [](flexquant::TextEngine& e, const std::string& prompt, int64_t max_new_tokens, float temperature,
+               int64_t top_k, float top_p, float min_p, float repetition_penalty, uint64_t seed,
+               std::vector<std::string> stop, bool add_special_tokens, bool ignore_eos, const py::object& on_text) {
+                return result_dict(e.generate(prompt, gen_params(max_new_tokens, temperature, top_k, top_p, min_p,
+                                                                 repetition_penalty, seed, std::move(stop),
+                                                                 add_special_tokens, ignore_eos),
+                                              text_callback(on_text)));
+            },
+            py::arg("prompt"), py::arg("max_new_tokens") = 128, py::arg("temperature") = 0.0f, py::arg("top_k") = 0,
+            py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
+            py::arg("seed") = 0, py::arg("stop") = std::vector<std::string>{}, py::arg("add_special_tokens") = true,
+            py::arg("ignore_eos") = false, py::arg("on_text") = py::none(),
+            "dict(text, tokens, n_prompt_tokens, stop_reason); on_text(piece) streams, returning False stops.")
+        .def(
+            "chat",
+            [](flexquant::TextEngine& e, const py::list& messages, int64_t max_new_tokens, uint64_t seed,
+               std::vector<std::string> stop, const py::object& on_text) {
+                return result_dict(e.chat(messages_from(messages),
+                                          gen_params(max_new_tokens, 0.0f, 0, 1.0f, 0.0f, 1.0f, seed, std::move(stop),
+                                                     false, false),
+                                          text_callback(on_text)));
+            },
+            py::arg("messages"), py::arg("max_new_tokens") = 128, py::arg("seed") = 0,
+            py::arg("stop") = std::vector<std::string>{}, py::arg("on_text") = py::none(),
+            "Greedy chat() on the model's template.")
+        .def("apply_chat_template", [](const flexquant::TextEngine& e, const py::list& messages, bool add_generation_prompt) {
+                 return py::str(e.apply_chat_template(messages_from(messages), add_generation_prompt));
+             },
+             py::arg("messages"), py::arg("add_generation_prompt") = true);
 }

@@ -461,7 +461,9 @@ struct Piece {
     int line;
 };
 
-std::vector<Piece> lex_template(const std::string& src) {
+std::vector<Piece> lex_template(std::string src) {
+    // jinja2's keep_trailing_newline=False: the source's one final newline is not output
+    if (!src.empty() && src.back() == '\n') src.pop_back();
     std::vector<Piece> out;
     size_t pos = 0;
     int line = 1;
@@ -730,8 +732,15 @@ Value eval(const Expr& e, Context& ctx) {
         }
         case Expr::SLICE: {
             const Value o = eval(*e.args[0], ctx);
-            if (o.kind != Value::LIST) type_error(std::string("cannot slice a ") + kind_name(o.kind));
-            const int64_t n = static_cast<int64_t>(o.list->size());
+            if (o.kind != Value::LIST && o.kind != Value::STR) type_error(std::string("cannot slice a ") + kind_name(o.kind));
+            std::vector<size_t> at;  // a string's code point offsets: Python slices code points
+            if (o.kind == Value::STR) {
+                for (size_t k = 0; k < o.s.size(); ++k) {
+                    if ((static_cast<uint8_t>(o.s[k]) & 0xC0) != 0x80) at.push_back(k);
+                }
+                at.push_back(o.s.size());
+            }
+            const int64_t n = o.kind == Value::STR ? static_cast<int64_t>(at.size()) - 1 : static_cast<int64_t>(o.list->size());
             const auto bound = [&](const ExprP& x, int64_t dflt) {
                 if (!x) return dflt;
                 const Value v = eval(*x, ctx);
@@ -740,6 +749,7 @@ Value eval(const Expr& e, Context& ctx) {
                 return std::min<int64_t>(std::max<int64_t>(i, 0), n);
             };
             const int64_t lo = bound(e.args[1], 0), hi = bound(e.args[2], n);
+            if (o.kind == Value::STR) return Value::str(lo < hi ? o.s.substr(at[lo], at[hi] - at[lo]) : std::string());
             return Value::of_list(lo < hi ? List(o.list->begin() + lo, o.list->begin() + hi) : List{});
         }
         case Expr::CALL: {

@@ -551,9 +551,10 @@ void Tokenizer::Impl::encode_spm(std::string_view raw, std::vector<int32_t>& out
     const auto worse = [](const Pair& a, const Pair& b) { return a.score < b.score || (a.score == b.score && a.left > b.left); };
     std::priority_queue<Pair, std::vector<Pair>, decltype(worse)> agenda(worse);
     std::unordered_map<std::string, std::pair<std::string, std::string>> rev_merge;
+    std::string piece;  // reused: one allocation for all candidate pairs
     const auto maybe_add = [&](int32_t l, int32_t r) {
         if (l < 0 || r < 0 || sym[l].freeze || sym[r].freeze) return;
-        const std::string piece = std::string(sym[l].piece) + std::string(sym[r].piece);
+        piece.assign(sym[l].piece.data(), sym[l].piece.size() + sym[r].piece.size());  // adjacent in `norm`
         const auto it = sp_pieces.find(piece);
         if (it == sp_pieces.end()) return;
         agenda.push({scores[it->second], l, r, piece.size()});
@@ -576,8 +577,14 @@ void Tokenizer::Impl::encode_spm(std::string_view raw, std::vector<int32_t>& out
     // An UNUSED piece may be formed on the way but is never emitted: split it back (sentencepiece's
     // ResegmentFallback).
     std::vector<std::string> stack;
+    std::string key;
     for (int32_t i = 0; i >= 0 && i < int32_t(sym.size()); i = sym[i].next) {
-        stack.assign(1, std::string(sym[i].piece));
+        key.assign(sym[i].piece.data(), sym[i].piece.size());
+        if (const auto it = sp_pieces.find(key); it != sp_pieces.end() && types[it->second] != TokenType::TOKEN_UNUSED) {
+            out.push_back(it->second);  // the common case: a piece of the vocabulary
+            continue;
+        }
+        stack.assign(1, key);
         std::vector<std::string> done;
         while (!stack.empty()) {
             std::string w = std::move(stack.back());

@@ -134,3 +134,31 @@ def test_errors_name_the_problem(tiny_fq, tmp_path):
         native.decode([1, v])
     with pytest.raises(TypeError, match="str or bytes"):
         native.encode(42)
+
+
+def test_unsupported_tokenizers_are_refused_by_name(tmp_path):
+    from tokenizers import Tokenizer, normalizers
+
+    from conftest import make_hf_llama
+    from flexquant_rt.convert import HFSource, convert
+
+    src = make_hf_llama(tmp_path / "hf", vocab=320)
+    tk = Tokenizer.from_str((src / "tokenizer.json").read_text())
+    tk.normalizer = normalizers.NFC()
+    (src / "tokenizer.json").write_text(tk.to_str())
+    convert(HFSource(src), tmp_path / "nfc.fq", progress=False)
+    with pytest.raises(_core.FlexquantError, match="cannot run this model's tokenizer: normalizer 'NFC'"):
+        _core.Tokenizer(_core.ModelFile(str(tmp_path / "nfc.fq")))
+
+    import io
+
+    import sentencepiece as spm
+
+    src = make_hf_llama(tmp_path / "sp", vocab=400, tokenizer="sp")
+    buf = io.BytesIO()  # sentencepiece's default normalizer (nmt_nfkc), unlike Llama-2's identity
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus()[:20]), model_writer=buf, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    (src / "tokenizer.model").write_bytes(buf.getvalue())
+    convert(HFSource(src), tmp_path / "nfkc.fq", progress=False)
+    with pytest.raises(_core.FlexquantError, match="normalizer 'nmt_nfkc' is not supported"):
+        _core.Tokenizer(_core.ModelFile(str(tmp_path / "nfkc.fq")))

@@ -67,3 +67,38 @@ def test_errors_name_the_value(pair, tiny_fq):
         cpp.generate("word " * 300)
     with pytest.raises(_core.FlexquantError, match="messages is empty"):
         cpp.chat([])
+
+
+def test_controller_hook_matches_python_controller(pair):
+    """before_step sees the same signals the Python controller protocol sees, and a mask set there
+    applies to the next step, as Engine.generate(controller=...) does."""
+    py_eng, cpp = pair
+
+    def bits(entropy: float) -> int:
+        return 8 if entropy > 1.5 else 3
+
+    class EntropySwitch:
+        def __init__(self):
+            self.seen = []
+
+        def mask(self, info):
+            if info is None:
+                return 8
+            self.seen.append(info.entropy)
+            return bits(info.entropy)
+
+    ctl = EntropySwitch()
+    want = py_eng.generate("The capital of France is", max_new_tokens=20, controller=ctl)
+    seen = []
+
+    def before_step(n):
+        e, _ = cpp.signals()
+        seen.append(e)
+        cpp.set_layer_bits(bits(e))
+
+    cpp.set_layer_bits(8)
+    r = cpp.generate("The capital of France is", max_new_tokens=20, before_step=before_step)
+    assert r["text"] == want
+    assert seen == pytest.approx(ctl.seen, rel=1e-6) and len(set(map(bits, seen))) == 2  # both widths used
+    py_eng.set_layer_bits(8)
+    cpp.set_layer_bits(8)

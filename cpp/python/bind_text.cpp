@@ -133,17 +133,30 @@ void bind_text(py::module_& m) {
             "generate",
             [](flexquant::TextEngine& e, const std::string& prompt, int64_t max_new_tokens, float temperature,
                int64_t top_k, float top_p, float min_p, float repetition_penalty, uint64_t seed,
-               std::vector<std::string> stop, bool add_special_tokens, bool ignore_eos, const py::object& on_text) {
-                return result_dict(e.generate(prompt, gen_params(max_new_tokens, temperature, top_k, top_p, min_p,
-                                                                 repetition_penalty, seed, std::move(stop),
-                                                                 add_special_tokens, ignore_eos),
-                                              text_callback(on_text)));
+               std::vector<std::string> stop, bool add_special_tokens, bool ignore_eos, const py::object& on_text,
+               const py::object& before_step) {
+                flexquant::GenerateParams p = gen_params(max_new_tokens, temperature, top_k, top_p, min_p,
+                                                         repetition_penalty, seed, std::move(stop), add_special_tokens,
+                                                         ignore_eos);
+                if (!before_step.is_none()) {
+                    p.before_step = [before_step](flexquant::Engine&, int64_t n) { before_step(n); };
+                }
+                return result_dict(e.generate(prompt, p, text_callback(on_text)));
             },
             py::arg("prompt"), py::arg("max_new_tokens") = 128, py::arg("temperature") = 0.0f, py::arg("top_k") = 0,
             py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
             py::arg("seed") = 0, py::arg("stop") = std::vector<std::string>{}, py::arg("add_special_tokens") = true,
-            py::arg("ignore_eos") = false, py::arg("on_text") = py::none(),
-            "dict(text, tokens, n_prompt_tokens, stop_reason); on_text(piece) streams, returning False stops.")
+            py::arg("ignore_eos") = false, py::arg("on_text") = py::none(), py::arg("before_step") = py::none(),
+            "dict(text, tokens, n_prompt_tokens, stop_reason); on_text(piece) streams, returning False stops; "
+            "before_step(n_generated) runs before every decode step (a controller: signals(), set_layer_bits()).")
+        .def("signals", [](flexquant::TextEngine& e) {
+                 const flexquant::StepSignals s = e.engine().signals();
+                 return py::make_tuple(s.entropy, s.top1_prob);
+             }, "(entropy in nats, top-1 probability) of the last step.")
+        .def("set_layer_bits", [](flexquant::TextEngine& e, int bits) {
+                 std::vector<int32_t> mask(e.engine().config().n_layers, bits);
+                 e.engine().set_layer_bits(mask.data(), static_cast<int64_t>(mask.size()));
+             }, py::arg("bits"), "Every layer's linears at `bits` (the LM head keeps its setting).")
         .def(
             "chat",
             [](flexquant::TextEngine& e, const py::list& messages, int64_t max_new_tokens, uint64_t seed,

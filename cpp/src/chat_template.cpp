@@ -251,28 +251,36 @@ private:
         }
         return a;
     }
-    ExprP or_() {
-        ExprP a = and_();
-        while (is_name("or")) {
-            ++p_;
-            auto e = node(Expr::OR);
+    // a (op b)*, left-associative; op_at() consumes and returns the operator at the cursor, or "".
+    template <class OpAt>
+    ExprP chain(ExprP (ExprParser::*next)(), Expr::Kind kind, OpAt op_at) {
+        ExprP a = (this->*next)();
+        for (std::string op = op_at(); !op.empty(); op = op_at()) {
+            auto e = node(kind, op);
             e->args.push_back(std::move(a));
-            e->args.push_back(and_());
+            e->args.push_back((this->*next)());
             a = std::move(e);
         }
         return a;
     }
-    ExprP and_() {
-        ExprP a = not_();
-        while (is_name("and")) {
-            ++p_;
-            auto e = node(Expr::AND);
-            e->args.push_back(std::move(a));
-            e->args.push_back(not_());
-            a = std::move(e);
+    std::string take_name(const char* kw) { return is_name(kw) ? (++p_, std::string(kw)) : std::string(); }
+    std::string take_op(std::initializer_list<const char*> ops) {
+        for (const char* op : ops) {
+            if (is_op(op)) return ++p_, std::string(op);
         }
-        return a;
+        return {};
     }
+    // Comma-separated expressions appended to e.args, up to and including `close`.
+    void items(Expr& e, const char* close) {
+        while (!is_op(close)) {
+            e.args.push_back(parse_expr());
+            if (!is_op(",")) break;
+            ++p_;
+        }
+        expect_op(close);
+    }
+    ExprP or_() { return chain(&ExprParser::and_, Expr::OR, [&] { return take_name("or"); }); }
+    ExprP and_() { return chain(&ExprParser::not_, Expr::AND, [&] { return take_name("and"); }); }
     ExprP not_() {
         if (is_name("not")) {
             ++p_;
@@ -283,44 +291,19 @@ private:
         return compare();
     }
     ExprP compare() {
-        ExprP a = math1();
-        for (;;) {
-            std::string op;
-            if (is_op("==") || is_op("!=") || is_op("<") || is_op(">") || is_op("<=") || is_op(">=")) {
-                op = t_[p_++].text;
-            } else if (is_name("in")) {
-                ++p_;
-                op = "in";
-            } else if (is_name("not") && t_[p_ + 1].kind == Tok::NAME && t_[p_ + 1].text == "in") {
+        return chain(&ExprParser::math1, Expr::BIN, [&] {
+            std::string op = take_op({"==", "!=", "<=", ">=", "<", ">"});
+            if (op.empty()) op = take_name("in");
+            if (op.empty() && is_name("not") && t_[p_ + 1].kind == Tok::NAME && t_[p_ + 1].text == "in") {
                 p_ += 2;
                 op = "not in";
-            } else {
-                return a;
             }
-            auto e = node(Expr::BIN, op);
-            e->args.push_back(std::move(a));
-            e->args.push_back(math1());
-            a = std::move(e);
-        }
+            return op;
+        });
     }
-    ExprP binary_chain(ExprP (ExprParser::*next)(), std::initializer_list<const char*> ops) {
-        ExprP a = (this->*next)();
-        for (;;) {
-            const char* hit = nullptr;
-            for (const char* op : ops) {
-                if (is_op(op)) hit = op;
-            }
-            if (!hit) return a;
-            ++p_;
-            auto e = node(Expr::BIN, hit);
-            e->args.push_back(std::move(a));
-            e->args.push_back((this->*next)());
-            a = std::move(e);
-        }
-    }
-    ExprP math1() { return binary_chain(&ExprParser::concat, {"+", "-"}); }
-    ExprP concat() { return binary_chain(&ExprParser::math2, {"~"}); }
-    ExprP math2() { return binary_chain(&ExprParser::unary, {"*", "/", "//", "%"}); }
+    ExprP math1() { return chain(&ExprParser::concat, Expr::BIN, [&] { return take_op({"+", "-"}); }); }
+    ExprP concat() { return chain(&ExprParser::math2, Expr::BIN, [&] { return take_op({"~"}); }); }
+    ExprP math2() { return chain(&ExprParser::unary, Expr::BIN, [&] { return take_op({"*", "//", "/", "%"}); }); }
     ExprP unary() {
         if (is_op("-")) {
             ++p_;
@@ -363,12 +346,7 @@ private:
         if (is_op("[")) {
             ++p_;
             auto e = node(Expr::LIST);
-            while (!is_op("]")) {
-                e->args.push_back(parse_expr());
-                if (!is_op(",")) break;
-                ++p_;
-            }
-            expect_op("]");
+            items(*e, "]");
             return e;
         }
         fail(t.kind == Tok::END ? "unexpected end of expression" : "unexpected '" + t.text + "'");
@@ -402,12 +380,7 @@ private:
                 ++p_;
                 auto e = node(Expr::CALL);
                 e->args.push_back(std::move(a));
-                while (!is_op(")")) {
-                    e->args.push_back(parse_expr());
-                    if (!is_op(",")) break;
-                    ++p_;
-                }
-                expect_op(")");
+                items(*e, ")");
                 a = std::move(e);
             } else {
                 return a;
@@ -422,12 +395,7 @@ private:
                 e->args.push_back(std::move(a));
                 if (is_op("(")) {
                     ++p_;
-                    while (!is_op(")")) {
-                        e->args.push_back(parse_expr());
-                        if (!is_op(",")) break;
-                        ++p_;
-                    }
-                    expect_op(")");
+                    items(*e, ")");
                 }
                 a = std::move(e);
             } else if (is_name("is")) {
@@ -563,27 +531,16 @@ public:
             }
             if (kw == "if") {
                 out.push_back(parse_if(ep));
-            } else if (kw == "for") {
-                Stmt s;
-                s.kind = Stmt::FOR;
-                s.text = ep->name();
-                ep->expect_name("in");
-                s.exprs.push_back(ep->parse_expr());
-                ep->expect_end();
+            } else if (kw == "for") {  // for NAME in EXPR
+                Stmt s = name_and_expr(Stmt::FOR, ep, [ep] { ep->expect_name("in"); });
                 std::string end;
                 ExprParser* t = nullptr;
                 s.bodies.push_back(block({"endfor", "else"}, &end, &t));
                 if (end == "else") s.bodies.push_back(block({"endfor"}, &end, &t));
                 if (end.empty()) ep->fail("missing {% endfor %}");
                 out.push_back(std::move(s));
-            } else if (kw == "set") {
-                Stmt s;
-                s.kind = Stmt::SET;
-                s.text = ep->name();
-                ep->expect_op("=");
-                s.exprs.push_back(ep->parse_expr());
-                ep->expect_end();
-                out.push_back(std::move(s));
+            } else if (kw == "set") {  // set NAME = EXPR
+                out.push_back(name_and_expr(Stmt::SET, ep, [ep] { ep->expect_op("="); }));
             } else {
                 ep->fail("unsupported statement '" + kw + "'");
             }
@@ -600,6 +557,17 @@ private:
     ExprParser* keep(const Piece& pc) {
         parsers_.push_back(std::make_unique<ExprParser>(lex_expr(pc.text, pc.line), pc.line, pc.text));
         return parsers_.back().get();
+    }
+
+    template <class Separator>
+    static Stmt name_and_expr(Stmt::Kind kind, ExprParser* ep, Separator separator) {
+        Stmt s;
+        s.kind = kind;
+        s.text = ep->name();
+        separator();
+        s.exprs.push_back(ep->parse_expr());
+        ep->expect_end();
+        return s;
     }
 
     Stmt parse_if(ExprParser* ep) {

@@ -81,6 +81,7 @@ struct PbReader {
     }
 };
 
+#ifdef FLEXQUANT_HAVE_ICU
 // GPT-2's byte -> printable character map (bytes_to_unicode in openai/gpt-2 encoder.py): bytes
 // that are printable Latin-1 stand for themselves, the others for U+0100 + n in byte order.
 void byte_alphabet(std::string byte_char[256], std::unordered_map<uint32_t, uint8_t>& char_byte) {
@@ -93,6 +94,7 @@ void byte_alphabet(std::string byte_char[256], std::unordered_map<uint32_t, uint
         char_byte[cp] = static_cast<uint8_t>(b);
     }
 }
+#endif
 
 }  // namespace
 

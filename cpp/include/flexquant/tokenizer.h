@@ -88,7 +88,8 @@ private:
     std::unique_ptr<Impl> impl_;
 };
 
-// Whether this build has the native tokenizer (it needs ICU at build time).
+// Whether this build runs byte-level BPE natively (it needs ICU at build time; SentencePiece
+// models need nothing more and work in every build).
 bool native_tokenizer_available();
 
 }  // namespace flexquant

@@ -126,6 +126,13 @@ def test_sentencepiece_llama2_style(tmp_path):
     assert native.kind == "spm" and native.add_bos
     sp = lib._sp
     assert_agree(native, lib, v, lambda raw: [lib.bos_id] + sp.EncodeAsIds(raw))
+    # text without special pieces is exactly sentencepiece's; "<s>" in text is the BOS id, and each
+    # stretch of text around it is encoded as its own sentencepiece input (Llama-2's chat format)
+    for doc in corpus():
+        if not any(p in doc for p in ("<s>", "</s>", "<unk>")):
+            assert native.encode(doc, False) == sp.EncodeAsIds(doc)
+    assert native.encode("<s>[INST] hi [/INST]", False) == [1] + sp.EncodeAsIds("[INST] hi [/INST]")
+    assert native.encode("a</s><s>b", False) == sp.EncodeAsIds("a") + [2, 1] + sp.EncodeAsIds("b")
 
 
 def test_errors_name_the_problem(tiny_fq, tmp_path):

@@ -98,6 +98,52 @@ void byte_alphabet(std::string byte_char[256], std::unordered_map<uint32_t, uint
 
 }  // namespace
 
+// Token strings to find in text: per first byte, longest first, so the first hit at a position
+// is the longest (tokenizers' leftmost-longest added-token matching).
+struct TokenTable {
+    std::vector<std::pair<std::string, int32_t>> by_byte[256];
+
+    void build(const std::vector<std::string>& tokens, const std::vector<TokenType>& types,
+               std::initializer_list<TokenType> which) {
+        for (size_t id = 0; id < tokens.size(); ++id) {
+            if (!tokens[id].empty() && std::find(which.begin(), which.end(), types[id]) != which.end()) {
+                by_byte[static_cast<uint8_t>(tokens[id][0])].emplace_back(tokens[id], static_cast<int32_t>(id));
+            }
+        }
+        for (auto& list : by_byte) {
+            std::stable_sort(list.begin(), list.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+        }
+    }
+    // Length and id of the longest token at text[i..], or 0.
+    size_t match(std::string_view text, size_t i, int32_t* id) const {
+        for (const auto& [piece, pid] : by_byte[static_cast<uint8_t>(text[i])]) {
+            if (text.compare(i, piece.size(), piece) == 0) {
+                *id = pid;
+                return piece.size();
+            }
+        }
+        return 0;
+    }
+    // Calls segment(text between tokens) and token(id) in text order.
+    template <class Segment, class Token>
+    void split(std::string_view text, Segment segment, Token token) const {
+        size_t start = 0;
+        for (size_t i = 0; i < text.size();) {
+            int32_t id;
+            const size_t n = match(text, i, &id);
+            if (n == 0) {
+                ++i;
+                continue;
+            }
+            if (i > start) segment(text.substr(start, i - start));
+            token(id);
+            i += n;
+            start = i;
+        }
+        if (start < text.size()) segment(text.substr(start));
+    }
+};
+
 struct Tokenizer::Impl {
     std::string where;  // model path, for messages
     TokenizerKind kind = TokenizerKind::TOKENIZER_BPE;
@@ -106,8 +152,12 @@ struct Tokenizer::Impl {
     std::unordered_map<std::string, int32_t> vocab;  // piece -> id
     int32_t bos = -1, eos = -1;
     bool add_bos = false;
-    // Tokens recognised in the raw text, per first byte, longest first.
-    std::vector<std::pair<std::string, int32_t>> added[256];
+    // Tokens recognised in the text as a whole: BPE: added tokens (control and user-defined) in
+    // the raw text; SentencePiece: user-defined pieces in the normalized text (as sentencepiece).
+    TokenTable added;
+    // SentencePiece: control and unknown pieces (<s>, </s>, <unk>) in the raw text, as
+    // transformers and Meta's Llama-2 chat format treat them: a template's "<s>" is the BOS id.
+    TokenTable specials;
 
     // byte-level BPE
     std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges;  // (left id, right id) -> (rank, merged id)
@@ -129,9 +179,7 @@ struct Tokenizer::Impl {
 
     void load_bpe(const ModelFile& m);
     void load_spm(const ModelFile& m);
-    void index_added(bool control_too);
-    // Length and id of the longest added token at text[i..], or 0.
-    size_t match_added(std::string_view text, size_t i, int32_t* id) const;
+    void spm_segment(std::string_view text, std::vector<int32_t>& out) const;
 
     void encode_bpe(std::string_view text, std::vector<int32_t>& out) const;
     void bpe_word(std::string_view word, std::vector<int32_t>& out) const;
@@ -164,29 +212,6 @@ bool flag(const ModelFile& m, const std::string& key, bool dflt) {
 }
 
 }  // namespace
-
-void Tokenizer::Impl::index_added(bool control_too) {
-    for (size_t id = 0; id < tokens.size(); ++id) {
-        const TokenType t = types[id];
-        if (tokens[id].empty()) continue;
-        if (t == TokenType::TOKEN_USER_DEFINED || (control_too && t == TokenType::TOKEN_CONTROL)) {
-            added[static_cast<uint8_t>(tokens[id][0])].emplace_back(tokens[id], static_cast<int32_t>(id));
-        }
-    }
-    for (auto& list : added) {
-        std::stable_sort(list.begin(), list.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
-    }
-}
-
-size_t Tokenizer::Impl::match_added(std::string_view text, size_t i, int32_t* id) const {
-    for (const auto& [piece, pid] : added[static_cast<uint8_t>(text[i])]) {
-        if (text.compare(i, piece.size(), piece) == 0) {
-            *id = pid;
-            return piece.size();
-        }
-    }
-    return 0;
-}
 
 void Tokenizer::Impl::load_bpe(const ModelFile& m) {
 #ifndef FLEXQUANT_HAVE_ICU
@@ -246,7 +271,7 @@ void Tokenizer::Impl::load_bpe(const ModelFile& m) {
         const uint64_t key = (uint64_t(uint32_t(a->second)) << 32) | uint32_t(b->second);
         merges.emplace(key, std::make_pair(static_cast<int32_t>(r), ab->second));  // first rank wins
     }
-    index_added(/*control_too=*/true);
+    added.build(tokens, types, {TokenType::TOKEN_CONTROL, TokenType::TOKEN_USER_DEFINED});
 #endif
 }
 
@@ -329,7 +354,8 @@ void Tokenizer::Impl::load_spm(const ModelFile& m) {
     vocab.clear();
     for (int32_t id = 0; id < n_sp_pieces; ++id) vocab.emplace(tokens[id], id);
     add_bos = flag(m, "tokenizer.ggml.add_bos_token", true);  // Llama-2's convention
-    index_added(/*control_too=*/false);
+    added.build(tokens, types, {TokenType::TOKEN_USER_DEFINED});
+    specials.build(tokens, types, {TokenType::TOKEN_CONTROL, TokenType::TOKEN_UNKNOWN});
 }
 
 Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -468,20 +494,7 @@ void Tokenizer::Impl::encode_bpe(std::string_view text, std::vector<int32_t>& ou
         }
         for (std::string_view w : pieces) bpe_word(w, out);
     };
-    size_t start = 0;
-    for (size_t i = 0; i < text.size();) {
-        int32_t id;
-        const size_t n = match_added(text, i, &id);
-        if (n == 0) {
-            ++i;
-            continue;
-        }
-        if (i > start) pre_tokenize(text.substr(start, i - start));
-        out.push_back(id);
-        i += n;
-        start = i;
-    }
-    if (start < text.size()) pre_tokenize(text.substr(start));
+    added.split(text, pre_tokenize, [&](int32_t id) { out.push_back(id); });
 #else
     (void)text;
     (void)out;
@@ -517,9 +530,15 @@ std::string Tokenizer::Impl::decode_bpe(const int32_t* ids, int64_t n, bool skip
 // ---- SentencePiece BPE ------------------------------------------------------------------------
 
 void Tokenizer::Impl::encode_spm(std::string_view raw, std::vector<int32_t>& out) const {
-    // Normalizer (identity): invalid bytes -> U+FFFD one per byte, extra spaces, dummy prefix,
-    // spaces escaped.
-    std::string text = utf8::sanitize(raw, /*per_byte=*/true);
+    // invalid bytes -> U+FFFD, one per byte (sentencepiece's normalizer); each segment between
+    // special pieces is a sentencepiece input of its own (its own dummy prefix)
+    const std::string text = utf8::sanitize(raw, /*per_byte=*/true);
+    specials.split(text, [&](std::string_view seg) { spm_segment(seg, out); }, [&](int32_t id) { out.push_back(id); });
+}
+
+void Tokenizer::Impl::spm_segment(std::string_view segment, std::vector<int32_t>& out) const {
+    // Normalizer (identity): extra spaces, dummy prefix, spaces escaped.
+    std::string text(segment);
     if (remove_extra_ws) {
         std::string t;
         for (size_t i = 0; i < text.size(); ++i) {
@@ -541,7 +560,7 @@ void Tokenizer::Impl::encode_spm(std::string_view raw, std::vector<int32_t>& out
     std::vector<Sym> sym;
     for (size_t i = 0; i < norm.size();) {
         int32_t id;
-        size_t n = match_added(norm, i, &id);
+        size_t n = added.match(norm, i, &id);
         const bool freeze = n > 0;
         if (!freeze) n = utf8::char_len(norm, i);
         const int32_t k = static_cast<int32_t>(sym.size());

@@ -17,8 +17,10 @@
 //                   normalizer is supported (Llama-2's); another one is an error at load.
 // Special tokens: in BPE models every added token (token_type CONTROL or USER_DEFINED, e.g.
 // <|im_start|>) is recognised in the input text, longest match first, so a chat prompt's role
-// markers become their single ids; in SentencePiece models only USER_DEFINED pieces are (as
-// sentencepiece does: "<s>" in the text is three ordinary characters).
+// markers become their single ids. In SentencePiece models the CONTROL and UNKNOWN pieces (<s>,
+// </s>, <unk>) are recognised the same way (as transformers does, so a Llama-2 template's "<s>" is
+// the BOS id) and the text between them is encoded as sentencepiece encodes a whole input;
+// USER_DEFINED pieces are matched inside it, as sentencepiece does.
 //
 // Input text is UTF-8. Invalid UTF-8 is not an error: it is replaced by U+FFFD the way each
 // reference library does it (BPE: one U+FFFD per maximal invalid subsequence, as Python's

@@ -102,3 +102,30 @@ def test_controller_hook_matches_python_controller(pair):
     assert seen == pytest.approx(ctl.seen, rel=1e-6) and len(set(map(bits, seen))) == 2  # both widths used
     py_eng.set_layer_bits(8)
     cpp.set_layer_bits(8)
+
+
+def test_llama2_style_chat_matches_python(tmp_path):
+    """A SentencePiece model with Llama-2's chat template: the template's "<s>" becomes the BOS id
+    in both paths, and C++ answers what Python answers."""
+    import json
+
+    from conftest import make_hf_llama
+    from flexquant_rt.convert import HFSource, convert
+    from test_chat_template import LLAMA2
+
+    src = make_hf_llama(tmp_path / "hf", vocab=600, tokenizer="sp")
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA2}))
+    out = tmp_path / "l2.fq"
+    convert(HFSource(src), out, progress=False)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a color."}]
+    cpp = _core.TextEngine(str(out))
+    with Engine(out) as py_eng:
+        prompt = py_eng.tokenizer.apply_chat_template(msgs)
+        assert cpp.apply_chat_template(msgs) == prompt and prompt.count("<s>") == 2
+        ids = py_eng.tokenize(prompt, add_special_tokens=False)
+        assert ids[0] == 1 and ids.count(1) == 2 and ids.count(2) == 1  # <s> ... </s><s> ...
+        for kw in (dict(max_new_tokens=16), dict(max_new_tokens=16, stop=["e"])):
+            assert cpp.chat(msgs, **kw)["text"] == py_eng.chat(msgs, **kw)
+        with pytest.raises(_core.FlexquantError, match="Conversation roles must alternate"):
+            cpp.chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])

@@ -114,17 +114,38 @@ def test_byte_level_llama3_style(tmp_path):
     assert_agree(native, lib, v, lambda raw: lib.encode(raw.decode("utf-8", "replace")))
 
 
-def test_sentencepiece_llama2_style(tmp_path):
+def _sp_across_words(vocab: int) -> bytes:
+    """conftest's Llama-2 style model, but with pieces that span words ("e▁the"): the native
+    encoder cannot split the text into words first and runs on the whole text."""
+    import io
+
+    import sentencepiece as spm
+
+    text = "\n".join(corpus()[:40])
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=buf, vocab_size=vocab,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2,
+                                   unk_id=0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_by_whitespace=False, minloglevel=2)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("split_by_whitespace", [True, False])
+def test_sentencepiece_llama2_style(tmp_path, split_by_whitespace):
     from flexquant_rt.convert import HFSource, convert
 
     from conftest import make_hf_llama
 
     src = make_hf_llama(tmp_path / "hf", vocab=600, tokenizer="sp")
+    if not split_by_whitespace:
+        (src / "tokenizer.model").write_bytes(_sp_across_words(600))
     out = tmp_path / "sp.fq"
     convert(HFSource(src), out, progress=False)
     native, lib, v = _pair(out)
     assert native.kind == "spm" and native.add_bos
     sp = lib._sp
+    spans = any("\u2581" in sp.IdToPiece(i).lstrip("\u2581") for i in range(sp.GetPieceSize()))
+    assert spans == (not split_by_whitespace)
     assert_agree(native, lib, v, lambda raw: [lib.bos_id] + sp.EncodeAsIds(raw))
     # text without special pieces is exactly sentencepiece's; "<s>" in text is the BOS id, and each
     # stretch of text around it is encoded as its own sentencepiece input (Llama-2's chat format)

@@ -172,6 +172,11 @@ struct Tokenizer::Impl {
     // SentencePiece
     std::vector<float> scores;
     std::unordered_map<std::string, int32_t> sp_pieces;  // NORMAL, USER_DEFINED, UNUSED pieces
+    bool sp_word_split = false;  // no piece has "▁" after another character (split_by_whitespace)
+    size_t sp_max_len = 0;  // the longest of them: longer pairs need no look-up (most of them)
+    // (left id, right id) -> the id of the piece that is their concatenation, for every way of
+    // cutting a piece into two pieces: the merge look-up on ids instead of on strings.
+    std::unordered_map<uint64_t, int32_t> sp_pairs;
     int32_t n_sp_pieces = 0, unk_id = -1;
     int32_t byte_id[256];
     bool add_dummy_prefix = true, remove_extra_ws = true, escape_ws = true, byte_fallback = false;
@@ -180,6 +185,7 @@ struct Tokenizer::Impl {
     void load_bpe(const ModelFile& m);
     void load_spm(const ModelFile& m);
     void spm_segment(std::string_view text, std::vector<int32_t>& out) const;
+    void spm_bpe(std::string_view norm, std::vector<int32_t>& out) const;
 
     void encode_bpe(std::string_view text, std::vector<int32_t>& out) const;
     void bpe_word(std::string_view word, std::vector<int32_t>& out) const;
@@ -345,10 +351,28 @@ void Tokenizer::Impl::load_spm(const ModelFile& m) {
         tokens[id] = pieces[id];
         types[id] = static_cast<TokenType>(ptypes[id]);
         const int32_t t = ptypes[id];
-        if (t == 1 || t == 4 || t == 5) sp_pieces.emplace(pieces[id], id);
+        if (t == 1 || t == 4 || t == 5) {
+            sp_pieces.emplace(pieces[id], id);
+            sp_max_len = std::max(sp_max_len, pieces[id].size());
+        }
         if (t == 2 && unk_id < 0) unk_id = id;
         if (t == 6 && pieces[id].size() == 6 && pieces[id].compare(0, 3, "<0x") == 0) {
             byte_id[std::stoi(pieces[id].substr(3, 2), nullptr, 16)] = id;
+        }
+    }
+    sp_word_split = escape_ws;
+    for (const auto& [piece, id] : sp_pieces) {
+        size_t k = 0;
+        while (piece.compare(k, 3, SPACE_SYMBOL) == 0) k += 3;  // the leading run of "▁"
+        if (piece.find(SPACE_SYMBOL, k) != std::string::npos) sp_word_split = false;  // "x▁" inside
+
+    }
+    for (const auto& [piece, id] : sp_pieces) {
+        for (size_t k = 1; k < piece.size(); ++k) {
+            if ((static_cast<uint8_t>(piece[k]) & 0xC0) == 0x80) continue;  // not a character boundary
+            const auto a = sp_pieces.find(piece.substr(0, k));
+            const auto b = a == sp_pieces.end() ? a : sp_pieces.find(piece.substr(k));
+            if (b != sp_pieces.end()) sp_pairs[(uint64_t(uint32_t(a->second)) << 32) | uint32_t(b->second)] = id;
         }
     }
     vocab.clear();
@@ -555,31 +579,66 @@ void Tokenizer::Impl::spm_segment(std::string_view segment, std::vector<int32_t>
         if (c == ' ' && escape_ws) norm += SPACE_SYMBOL;
         else norm += c;
     }
+    if (!sp_word_split) return spm_bpe(norm, out);
+    // Words (a run of "▁" and what follows up to the next run) merge independently: no piece
+    // spans two of them, so each runs on a small agenda. Same result, far less heap work.
+    const std::string_view v(norm);
+    const auto word_start = [&](size_t i) {
+        return v.compare(i, 3, SPACE_SYMBOL) == 0 && (i < 3 || v.compare(i - 3, 3, SPACE_SYMBOL) != 0);
+    };
+    size_t start = 0;
+    for (size_t i = 1; i < v.size(); ++i) {
+        if (word_start(i)) {
+            spm_bpe(v.substr(start, i - start), out);
+            start = i;
+        }
+    }
+    spm_bpe(v.substr(start), out);
+}
 
-    struct Sym { int32_t prev, next; bool freeze; std::string_view piece; };
+void Tokenizer::Impl::spm_bpe(std::string_view norm, std::vector<int32_t>& out) const {
+    // id: the symbol's piece in sp_pieces, or -1 (a character the vocabulary lacks)
+    struct Sym { int32_t prev, next, id; bool freeze; std::string_view piece; };
     std::vector<Sym> sym;
+    std::string piece;  // reused: one allocation for all string look-ups
     for (size_t i = 0; i < norm.size();) {
         int32_t id;
         size_t n = added.match(norm, i, &id);
         const bool freeze = n > 0;
-        if (!freeze) n = utf8::char_len(norm, i);
+        if (!freeze) {
+            n = utf8::char_len(norm, i);
+            piece.assign(norm, i, n);
+            const auto it = sp_pieces.find(piece);
+            id = it == sp_pieces.end() ? -1 : it->second;
+        }
         const int32_t k = static_cast<int32_t>(sym.size());
-        sym.push_back({k - 1, k + 1, freeze, std::string_view(norm).substr(i, n)});
+        sym.push_back({k - 1, k + 1, id, freeze, std::string_view(norm).substr(i, n)});
         i += n;
     }
     sym.back().next = -1;
-    struct Pair { float score; int32_t left, right; size_t size; };
+    struct Pair { float score; int32_t left, right, merged; size_t size; };
     const auto worse = [](const Pair& a, const Pair& b) { return a.score < b.score || (a.score == b.score && a.left > b.left); };
     std::priority_queue<Pair, std::vector<Pair>, decltype(worse)> agenda(worse);
     std::unordered_map<std::string, std::pair<std::string, std::string>> rev_merge;
-    std::string piece;  // reused: one allocation for all candidate pairs
     const auto maybe_add = [&](int32_t l, int32_t r) {
         if (l < 0 || r < 0 || sym[l].freeze || sym[r].freeze) return;
-        piece.assign(sym[l].piece.data(), sym[l].piece.size() + sym[r].piece.size());  // adjacent in `norm`
-        const auto it = sp_pieces.find(piece);
-        if (it == sp_pieces.end()) return;
-        agenda.push({scores[it->second], l, r, piece.size()});
-        if (types[it->second] == TokenType::TOKEN_UNUSED) rev_merge[piece] = {std::string(sym[l].piece), std::string(sym[r].piece)};
+        const size_t size = sym[l].piece.size() + sym[r].piece.size();
+        if (size > sp_max_len) return;
+        int32_t merged;
+        if (sym[l].id >= 0 && sym[r].id >= 0) {  // both pieces: their concatenation is in sp_pairs or nowhere
+            const auto it = sp_pairs.find((uint64_t(uint32_t(sym[l].id)) << 32) | uint32_t(sym[r].id));
+            if (it == sp_pairs.end()) return;
+            merged = it->second;
+        } else {
+            piece.assign(sym[l].piece.data(), size);  // adjacent in `norm`
+            const auto it = sp_pieces.find(piece);
+            if (it == sp_pieces.end()) return;
+            merged = it->second;
+        }
+        agenda.push({scores[merged], l, r, merged, size});
+        if (types[merged] == TokenType::TOKEN_UNUSED) {
+            rev_merge[std::string(sym[l].piece.data(), size)] = {std::string(sym[l].piece), std::string(sym[r].piece)};
+        }
     };
     for (size_t i = 1; i < sym.size(); ++i) maybe_add(int32_t(i - 1), int32_t(i));
     while (!agenda.empty()) {
@@ -589,6 +648,7 @@ void Tokenizer::Impl::spm_segment(std::string_view segment, std::vector<int32_t>
         Sym& r = sym[top.right];
         if (l.piece.empty() || r.piece.empty() || l.piece.size() + r.piece.size() != top.size) continue;
         l.piece = std::string_view(l.piece.data(), l.piece.size() + r.piece.size());
+        l.id = top.merged;
         r.piece = std::string_view();
         l.next = r.next;
         if (r.next >= 0) sym[r.next].prev = top.left;
@@ -600,11 +660,11 @@ void Tokenizer::Impl::spm_segment(std::string_view segment, std::vector<int32_t>
     std::vector<std::string> stack;
     std::string key;
     for (int32_t i = 0; i >= 0 && i < int32_t(sym.size()); i = sym[i].next) {
-        key.assign(sym[i].piece.data(), sym[i].piece.size());
-        if (const auto it = sp_pieces.find(key); it != sp_pieces.end() && types[it->second] != TokenType::TOKEN_UNUSED) {
-            out.push_back(it->second);  // the common case: a piece of the vocabulary
+        if (sym[i].id >= 0 && types[sym[i].id] != TokenType::TOKEN_UNUSED) {
+            out.push_back(sym[i].id);  // the common case: a piece of the vocabulary
             continue;
         }
+        key.assign(sym[i].piece.data(), sym[i].piece.size());
         stack.assign(1, key);
         std::vector<std::string> done;
         while (!stack.empty()) {

@@ -204,6 +204,13 @@ ExprP node(Expr::Kind k, std::string name = {}) {
     return e;
 }
 
+// A node of `kind` whose first operand is `a` (postfix and infix operators).
+ExprP on(ExprP a, Expr::Kind kind, std::string name = {}) {
+    ExprP e = node(kind, std::move(name));
+    e->args.push_back(std::move(a));
+    return e;
+}
+
 class ExprParser {
 public:
     ExprParser(std::vector<Tok> toks, int line, const std::string& src) : t_(std::move(toks)), line_(line), src_(src) {}
@@ -256,10 +263,8 @@ private:
     ExprP chain(ExprP (ExprParser::*next)(), Expr::Kind kind, OpAt op_at) {
         ExprP a = (this->*next)();
         for (std::string op = op_at(); !op.empty(); op = op_at()) {
-            auto e = node(kind, op);
-            e->args.push_back(std::move(a));
-            e->args.push_back((this->*next)());
-            a = std::move(e);
+            a = on(std::move(a), kind, op);
+            a->args.push_back((this->*next)());
         }
         return a;
     }
@@ -281,15 +286,14 @@ private:
     }
     ExprP or_() { return chain(&ExprParser::and_, Expr::OR, [&] { return take_name("or"); }); }
     ExprP and_() { return chain(&ExprParser::not_, Expr::AND, [&] { return take_name("and"); }); }
-    ExprP not_() {
-        if (is_name("not")) {
-            ++p_;
-            auto e = node(Expr::NOT);
-            e->args.push_back(not_());
-            return e;
-        }
-        return compare();
+    // A prefix operator at the cursor applied to operand().
+    ExprP prefix(Expr::Kind kind, ExprP (ExprParser::*operand)()) {
+        ++p_;
+        auto e = node(kind);
+        e->args.push_back((this->*operand)());
+        return e;
     }
+    ExprP not_() { return is_name("not") ? prefix(Expr::NOT, &ExprParser::not_) : compare(); }
     ExprP compare() {
         return chain(&ExprParser::math1, Expr::BIN, [&] {
             std::string op = take_op({"==", "!=", "<=", ">=", "<", ">"});
@@ -304,15 +308,7 @@ private:
     ExprP math1() { return chain(&ExprParser::concat, Expr::BIN, [&] { return take_op({"+", "-"}); }); }
     ExprP concat() { return chain(&ExprParser::math2, Expr::BIN, [&] { return take_op({"~"}); }); }
     ExprP math2() { return chain(&ExprParser::unary, Expr::BIN, [&] { return take_op({"*", "//", "/", "%"}); }); }
-    ExprP unary() {
-        if (is_op("-")) {
-            ++p_;
-            auto e = node(Expr::NEG);
-            e->args.push_back(unary());
-            return e;
-        }
-        return filters(postfix(primary()));
-    }
+    ExprP unary() { return is_op("-") ? prefix(Expr::NEG, &ExprParser::unary) : filters(postfix(primary())); }
     ExprP primary() {
         const Tok& t = t_[p_];
         if (t.kind == Tok::STRING) {
@@ -355,33 +351,23 @@ private:
         for (;;) {
             if (is_op(".")) {
                 ++p_;
-                auto e = node(Expr::ATTR, name());
-                e->args.push_back(std::move(a));
-                a = std::move(e);
+                std::string attr = name();
+                a = on(std::move(a), Expr::ATTR, std::move(attr));
             } else if (is_op("[")) {
                 ++p_;
                 ExprP lo = is_op(":") ? nullptr : parse_expr();
-                if (is_op(":")) {
+                const bool slice = is_op(":");
+                a = on(std::move(a), slice ? Expr::SLICE : Expr::INDEX);
+                a->args.push_back(std::move(lo));
+                if (slice) {
                     ++p_;
-                    ExprP hi = is_op("]") ? nullptr : parse_expr();
-                    auto e = node(Expr::SLICE);
-                    e->args.push_back(std::move(a));
-                    e->args.push_back(std::move(lo));
-                    e->args.push_back(std::move(hi));
-                    a = std::move(e);
-                } else {
-                    auto e = node(Expr::INDEX);
-                    e->args.push_back(std::move(a));
-                    e->args.push_back(std::move(lo));
-                    a = std::move(e);
+                    a->args.push_back(is_op("]") ? nullptr : parse_expr());
                 }
                 expect_op("]");
             } else if (is_op("(")) {
                 ++p_;
-                auto e = node(Expr::CALL);
-                e->args.push_back(std::move(a));
-                items(*e, ")");
-                a = std::move(e);
+                a = on(std::move(a), Expr::CALL);
+                items(*a, ")");
             } else {
                 return a;
             }
@@ -391,21 +377,18 @@ private:
         for (;;) {
             if (is_op("|")) {
                 ++p_;
-                auto e = node(Expr::FILTER, name());
-                e->args.push_back(std::move(a));
+                std::string filter = name();
+                a = on(std::move(a), Expr::FILTER, std::move(filter));
                 if (is_op("(")) {
                     ++p_;
-                    items(*e, ")");
+                    items(*a, ")");
                 }
-                a = std::move(e);
             } else if (is_name("is")) {
                 ++p_;
                 const bool neg = is_name("not") ? (++p_, true) : false;
                 std::string test = is_name("none") ? (++p_, std::string("none")) : name();
-                auto e = node(Expr::TEST, test);
-                e->negate = neg;
-                e->args.push_back(std::move(a));
-                a = std::move(e);
+                a = on(std::move(a), Expr::TEST, test);
+                a->negate = neg;
             } else {
                 return a;
             }

@@ -77,7 +77,8 @@ def make_hf_llama(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2
 
 
 def train_sentencepiece(vocab: int) -> bytes:
-    """A small SentencePiece BPE model (Llama-2 style: byte fallback) trained on Python's docs."""
+    """A small SentencePiece BPE model trained on Python's docs, Llama-2 style: byte fallback, the
+    identity normalizer, spaces kept as they are (no collapsing), a dummy prefix."""
     import io
 
     import pydoc_data.topics
@@ -88,6 +89,7 @@ def train_sentencepiece(vocab: int) -> bytes:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=buf,
                                    vocab_size=vocab, model_type="bpe", byte_fallback=True,
                                    character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
                                    minloglevel=2)
     return buf.getvalue()
 

@@ -187,6 +187,7 @@ py::array_t<float> dequantize_with(const BitPlaneLinear& w, int bits, Op op) {
 }  // namespace
 
 void bind_engine(py::module_& m);  // bind_engine.cpp
+void bind_text(py::module_& m);    // bind_text.cpp
 void bind_ops(py::module_&);
 
 PYBIND11_MODULE(_core, m) {
@@ -317,6 +318,8 @@ tensor() are read-only numpy views of the mapping: no copy, and they keep the fi
     // here; the declarations go above PYBIND11_MODULE:
     //   void bind_ops(py::module_& m);     // the engine's ops (kernels)
     //   void bind_engine(py::module_& m);  // the decode engine
+    //   void bind_text(py::module_& m);    // the native tokenizer and the text layer
     bind_ops(m);
     bind_engine(m);
+    bind_text(m);
 }

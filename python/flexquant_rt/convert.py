@@ -60,8 +60,8 @@ def _tokenizer_from_hf_json(text: str, vocab: int, bos: int | None, eos: int | N
         tokens[i] = t
         types[i] = 1
     for a in spec.get("added_tokens", []):
-        if a.get("special") and a["id"] < vocab:
-            types[a["id"]] = 3  # control
+        if a["id"] < vocab:  # control (special) or user-defined: both are matched in raw text
+            types[a["id"]] = 3 if a.get("special") else 4
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return TokenizerData(model="gpt2", tokens=tokens, token_types=types, merges=merges, bos_id=bos,
                          eos_id=eos, chat_template=chat_template, hf_json=text)

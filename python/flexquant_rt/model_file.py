@@ -180,6 +180,83 @@ class TokenizerData:
     sp_model: bytes | None = None      # SentencePiece model proto (llama family from tokenizer.model)
 
 
+# GPT-2's pre-tokenizer regex, as `tokenizers`' ByteLevel(use_regex=True) runs it.
+GPT2_PRE_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def native_tokenizer_meta(tok: TokenizerData) -> dict:
+    """The keys the C++ tokenizer reads besides the GGUF vocabulary (docs/format.md).
+
+    A tokenizer.json is a program for `tokenizers`; the C++ side runs the subset real byte-level
+    BPE models use (ByteLevel / Split / Digits pre-tokenizers, no normalizer, ByteLevel decoder).
+    Anything else is recorded as `flexquant.tokenizer.native_unsupported` so C++ says why.
+    """
+    import json
+
+    if tok.model == "llama":
+        return {"tokenizer.ggml.add_bos_token": True}  # the Llama-2 convention Python follows
+    if tok.hf_json is None:
+        return {}
+    spec = json.loads(tok.hf_json)
+    regexes: list[str] = []
+    flags = {"flexquant.tokenizer.add_prefix_space": False}
+
+    def unsupported(what: str) -> dict:
+        return {"flexquant.tokenizer.native_unsupported": what}
+
+    def pre(p) -> str | None:
+        t = p.get("type")
+        if t == "Sequence":
+            return next((e for e in map(pre, p["pretokenizers"]) if e), None)
+        if t == "ByteLevel":
+            flags["flexquant.tokenizer.add_prefix_space"] = bool(p.get("add_prefix_space"))
+            if p.get("use_regex", True):
+                regexes.append(GPT2_PRE_REGEX)
+            return None
+        if t == "Split":
+            pat = p["pattern"]
+            if p.get("behavior") != "Isolated" or p.get("invert"):
+                return f"Split pre-tokenizer with behavior {p.get('behavior')!r}, invert={p.get('invert')}"
+            regexes.append(pat["Regex"] if "Regex" in pat else __import__("re").escape(pat["String"]))
+            return None
+        if t == "Digits":  # is_numeric() chars, one per piece or in runs
+            regexes.append(r"\p{N}" if p.get("individual_digits") else r"\p{N}+")
+            return None
+        return f"pre-tokenizer {t!r}"
+
+    if spec.get("normalizer") is not None:
+        return unsupported(f"normalizer {spec['normalizer'].get('type')!r}")
+    why = pre(spec.get("pre_tokenizer") or {"type": "none"})
+    if why:
+        return unsupported(why)
+    model = spec.get("model", {})
+    if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return unsupported("BPE byte_fallback / subword prefix or suffix")
+    dec = spec.get("decoder") or {}
+    if dec.get("type") != "ByteLevel":
+        return unsupported(f"decoder {dec.get('type')!r}")
+    for a in spec.get("added_tokens", []):
+        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            return unsupported(f"added token {a['content']!r} with lstrip/rstrip/single_word")
+    add_bos = False
+    procs = [spec.get("post_processor") or {}]
+    while procs:
+        pp = procs.pop()
+        if pp.get("type") == "Sequence":
+            procs += pp["processors"]
+        elif pp.get("type") == "TemplateProcessing":
+            first = pp["single"][0]
+            add_bos = "SpecialToken" in first and tok.bos_id is not None and \
+                pp["special_tokens"].get(first["SpecialToken"]["id"], {}).get("ids") == [tok.bos_id]
+            if len(pp["single"]) != 1 + add_bos or "Sequence" not in pp["single"][-1]:
+                return unsupported("a post-processor template other than [BOS] $A")
+        elif pp.get("type") not in (None, "ByteLevel"):
+            return unsupported(f"post-processor {pp.get('type')!r}")
+    return {"flexquant.tokenizer.pre_regex": regexes, **flags,
+            "flexquant.tokenizer.ignore_merges": bool(model.get("ignore_merges")),
+            "tokenizer.ggml.add_bos_token": add_bos}
+
+
 # ----------------------------------------------------------------------------------------------
 # GGUF names
 # ----------------------------------------------------------------------------------------------
@@ -371,6 +448,13 @@ def _add_metadata(w, cfg: LlamaConfig, tok: TokenizerData, max_bits: int, group_
         w.add_string("flexquant.tokenizer.hf_json", tok.hf_json)
     if tok.sp_model is not None:
         w.add_array("flexquant.tokenizer.sp_model", bytes(tok.sp_model))
+    for key, value in native_tokenizer_meta(tok).items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
     _ = gguf  # keep the import local to conversion
 
 

@@ -4,10 +4,17 @@ Tokenization goes through the well-kept libraries: `tokenizers` for byte-level B
 `flexquant.tokenizer.hf_json` blob, e.g. SmolLM2) and `sentencepiece` for Llama-2 style models
 (the `flexquant.tokenizer.sp_model` blob). The chat template is untrusted model-file content and is
 rendered only in jinja2's ImmutableSandboxedEnvironment, configured as transformers does.
+
+The C++ API has its own native tokenizer and template renderer (flexquant/tokenizer.h,
+chat_template.h), held token for token to these libraries by tests/test_tokenizer_native.py and
+tests/test_chat_template.py. Python keeps the libraries: they run every tokenizer and template
+(the native side covers the supported families), need no ICU at build time, and either path costs
+under a millisecond per prompt (README, "Use from C++", has the measurements).
 """
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Sequence
 
@@ -33,6 +40,12 @@ class Tokenizer:
             self._sp = spm.SentencePieceProcessor()
             self._sp.LoadFromSerializedProto(bytes(sp_model))
             self._hf = None
+            # <s>, </s>, <unk> written in the text (a chat template's bos_token) are those ids, as
+            # in transformers and Meta's Llama-2 chat format; the text between them is encoded by
+            # sentencepiece piece by piece (each with its dummy prefix).
+            specials = sorted((self._sp.IdToPiece(i) for i in range(self._sp.GetPieceSize())
+                               if self._sp.IsControl(i) or self._sp.IsUnknown(i)), key=len, reverse=True)
+            self._sp_special = re.compile("|".join(map(re.escape, specials))) if specials else None
             self.add_bos = True if add_bos is None else add_bos  # Llama-2 convention
         else:
             raise ValueError("the model file carries no tokenizer (neither hf_json nor sp_model)")
@@ -52,7 +65,11 @@ class Tokenizer:
         if self._hf is not None:
             ids = self._hf.encode(text, add_special_tokens=add_special_tokens).ids
         else:
-            ids = self._sp.EncodeAsIds(text)
+            ids, start = [], 0
+            for m in self._sp_special.finditer(text) if self._sp_special else ():
+                ids += self._sp.EncodeAsIds(text[start:m.start()]) + [self._sp.PieceToId(m.group())]
+                start = m.end()
+            ids += self._sp.EncodeAsIds(text[start:])
         if add_special_tokens and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + list(ids)
         return list(ids)

@@ -112,3 +112,15 @@ def test_model_file_template(smollm2_fq):
 def test_unsupported_constructs_are_errors(src, message):
     with pytest.raises(_core.FlexquantError, match=message):
         _core.render_chat_template(src, [{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("src, message", [
+    ("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}", "nested deeper than"),
+    ("{{ " + "-" * 5000 + "1 }}", "nested deeper than"),
+    ("{{ " + "1 if true else " * 5000 + "1 }}", "nested deeper than"),
+    ("{% if true %}" * 5000 + "{% endif %}" * 5000, "nested deeper than"),
+], ids=["parentheses", "unary-minus", "conditional-chain", "if-blocks"])
+def test_pathological_nesting_is_an_error_not_a_crash(src, message):
+    """The template comes from the (untrusted) model file: nesting is bounded."""
+    with pytest.raises(_core.FlexquantError, match=message):
+        _core.render_chat_template(src, [{"role": "user", "content": "hi"}])

@@ -215,7 +215,14 @@ class ExprParser {
 public:
     ExprParser(std::vector<Tok> toks, int line, const std::string& src) : t_(std::move(toks)), line_(line), src_(src) {}
 
-    ExprP parse_expr() { return cond(); }
+    // The template is untrusted (it comes from the model file): nesting is bounded so that a
+    // pathological one fails with an error instead of exhausting the stack in the recursive descent
+    // (and in the evaluation of the tree it would build).
+    static constexpr int MAX_DEPTH = 100;
+    ExprP parse_expr() {
+        Nest n(this);
+        return cond();
+    }
     bool at_end() const { return t_[p_].kind == Tok::END; }
     bool is_name(const char* s) const { return t_[p_].kind == Tok::NAME && t_[p_].text == s; }
     bool is_op(const char* s) const { return t_[p_].kind == Tok::OP && t_[p_].text == s; }
@@ -243,8 +250,17 @@ private:
     size_t p_ = 0;
     int line_;
     const std::string& src_;
+    int depth_ = 0;
+    struct Nest {
+        ExprParser* p;
+        explicit Nest(ExprParser* q) : p(q) {
+            if (++p->depth_ > MAX_DEPTH) p->fail("expression nested deeper than " + std::to_string(MAX_DEPTH));
+        }
+        ~Nest() { --p->depth_; }
+    };
 
     ExprP cond() {
+        Nest n(this);
         ExprP a = or_();
         if (is_name("if")) {
             ++p_;
@@ -308,7 +324,10 @@ private:
     ExprP math1() { return chain(&ExprParser::concat, Expr::BIN, [&] { return take_op({"+", "-"}); }); }
     ExprP concat() { return chain(&ExprParser::math2, Expr::BIN, [&] { return take_op({"~"}); }); }
     ExprP math2() { return chain(&ExprParser::unary, Expr::BIN, [&] { return take_op({"*", "//", "/", "%"}); }); }
-    ExprP unary() { return is_op("-") ? prefix(Expr::NEG, &ExprParser::unary) : filters(postfix(primary())); }
+    ExprP unary() {
+        Nest n(this);
+        return is_op("-") ? prefix(Expr::NEG, &ExprParser::unary) : filters(postfix(primary()));
+    }
     ExprP primary() {
         const Tok& t = t_[p_];
         if (t.kind == Tok::STRING) {
@@ -486,6 +505,15 @@ public:
 
     // Statements until one of `stops` (a block keyword); *stop gets which one ("" at the end).
     std::vector<Stmt> block(std::initializer_list<const char*> stops, std::string* stop, ExprParser** tail) {
+        // Bounded nesting of if/for blocks, for the reason given at ExprParser::MAX_DEPTH.
+        struct Nest {
+            int& d;
+            explicit Nest(int& x) : d(x) {
+                if (++d > ExprParser::MAX_DEPTH)
+                    throw Error("chat template: blocks nested deeper than " + std::to_string(ExprParser::MAX_DEPTH));
+            }
+            ~Nest() { --d; }
+        } nest(depth_);
         std::vector<Stmt> out;
         while (i_ < pieces_.size()) {
             const Piece& pc = pieces_[i_++];
@@ -535,6 +563,7 @@ public:
 private:
     std::vector<Piece> pieces_;
     size_t i_ = 0;
+    int depth_ = 0;
     std::vector<std::unique_ptr<ExprParser>> parsers_;  // keep tag sources alive for messages
 
     ExprParser* keep(const Piece& pc) {

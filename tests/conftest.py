@@ -102,7 +102,7 @@ def tiny_fq(tiny_hf, tmp_path_factory) -> Path:
     from flexquant_rt.convert import HFSource, convert
 
     out = tmp_path_factory.mktemp("tiny_fq") / "tiny.fq"
-    convert(HFSource(tiny_hf), out, progress=False)
+    convert(HFSource(tiny_hf), out, progress=False, method="plain")
     return out
 
 

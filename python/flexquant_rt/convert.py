@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -388,13 +389,172 @@ def open_source(src: str | os.PathLike) -> Source:
 
 
 # ----------------------------------------------------------------------------------------------
+# Calibration: activation-aware scales folded into the model before quantization (issue 9)
+# ----------------------------------------------------------------------------------------------
+
+#: Exponent of the folded input scales s = mean|x|^AWQ_ALPHA (AWQ); measured on SmolLM2 (docs/quantization.md).
+AWQ_ALPHA = 0.5
+#: The scales are clipped to [1/S, S] around their geometric mean (keeps the fp16 group params sane).
+AWQ_MAX_SCALE = 100.0
+
+
+@dataclass
+class ActivationStats:
+    """Per input column of every bit-plane linear (file names): mean |x| and mean x^2."""
+
+    mean_abs: dict[str, np.ndarray]
+    mean_sq: dict[str, np.ndarray]
+    tokens: int
+
+
+def calibration_stats(src: Source, n_chunks: int = 4, chunk_len: int = 512) -> ActivationStats:
+    """Run the unquantized source model (transformers, fp32) on the calibration half of Python's
+    docs (`controller.calibration_text`, disjoint from the evaluation text) and record the input
+    statistics of every linear. Needs transformers and ~4 bytes per parameter of memory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .controller import calibration_text
+    from .model_file import HF_LINEAR_NAMES
+
+    if isinstance(src, GGUFSource):
+        where, kw = str(src.path.parent), {"gguf_file": src.path.name}
+    elif isinstance(src, HFSource):
+        where, kw = str(src.root), {}
+    else:
+        raise ModelFileError(f"calibration needs a Hugging Face or GGUF source, not {src.description}")
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(where, **kw)
+    ids = tok(calibration_text("calibration"), add_special_tokens=False)["input_ids"]
+    n_chunks = max(1, min(n_chunks, len(ids) // chunk_len))
+    file_name = {f"model.layers.{i}.{hfp}": f"blk.{i}.{l}" for i in range(src.config.n_layers)
+                 for l, hfp in HF_LINEAR_NAMES.items()}
+    file_name["lm_head"] = "output"
+    sums: dict[str, list] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if name in file_name:
+            def hook(_m, inp, _out, fname=file_name[name]):
+                x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+                acc = sums.setdefault(fname, [0.0, 0.0])
+                acc[0] = acc[0] + x.abs().sum(0).numpy()
+                acc[1] = acc[1] + (x * x).sum(0).numpy()
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        for i in range(n_chunks):
+            model(torch.tensor([ids[i * chunk_len:(i + 1) * chunk_len]]))
+    for h in hooks:
+        h.remove()
+    n = n_chunks * chunk_len
+    missing = set(file_name.values()) - set(sums)
+    if missing:
+        raise ModelFileError(f"calibration saw no input for {sorted(missing)[:3]}")
+    return ActivationStats({k: (v[0] / n).astype(np.float32) for k, v in sums.items()},
+                           {k: (v[1] / n).astype(np.float32) for k, v in sums.items()}, n)
+
+
+def fold_scale(mean_abs: np.ndarray, alpha: float = AWQ_ALPHA) -> np.ndarray:
+    """Input-column scale s = mean|x|^alpha, geometric mean 1, clipped to [1/S, S]."""
+    a = np.maximum(np.asarray(mean_abs, np.float64), 1e-12) ** alpha
+    a /= np.exp(np.log(a).mean())
+    return np.clip(a, 1 / AWQ_MAX_SCALE, AWQ_MAX_SCALE).astype(np.float32)
+
+
+class ScaleFold:
+    """AWQ-style equivalent transform of the model: each linear's input columns are multiplied by
+    s = mean|x|^alpha (geometric mean 1) and the op that produces that input divided by s:
+    the RMSNorm weight for q/k/v, gate/up and the LM head, v_proj's rows for o_proj (one scale
+    per v row: the query heads that share a KV head share it), up_proj's rows for down_proj.
+    The unquantized model computes the same function (up to float rounding); the quantization
+    error moves off the channels with large activations."""
+
+    def __init__(self, cfg: LlamaConfig, stats: ActivationStats, alpha: float = AWQ_ALPHA):
+        self.cfg = cfg
+        self.stats = stats
+        self.alpha = alpha
+        self.col: dict[str, np.ndarray] = {}  # file linear -> column scale
+        self.row: dict[str, np.ndarray] = {}  # file linear -> row divisor
+        self.vec: dict[str, np.ndarray] = {}  # file norm tensor -> divisor
+        rep = cfg.n_heads // cfg.n_kv_heads
+        for i in range(cfg.n_layers):
+            b = f"blk.{i}."
+            sa = self._scale(stats.mean_abs[b + "attn_q"])
+            sm = self._scale(stats.mean_abs[b + "ffn_gate"])
+            ao = np.maximum(stats.mean_abs[b + "attn_output"].astype(np.float64), 1e-12)
+            sv = self._scale(np.exp(np.log(ao.reshape(cfg.n_kv_heads, rep, cfg.head_dim)).mean(1)).reshape(-1))
+            sd = self._scale(stats.mean_abs[b + "ffn_down"])
+            self.vec[b + "attn_norm.weight"] = sa
+            self.vec[b + "ffn_norm.weight"] = sm
+            for l in ("attn_q", "attn_k", "attn_v"):
+                self.col[b + l] = sa
+            for l in ("ffn_gate", "ffn_up"):
+                self.col[b + l] = sm
+            self.row[b + "attn_v"] = sv
+            self.col[b + "attn_output"] = np.repeat(sv.reshape(cfg.n_kv_heads, 1, cfg.head_dim), rep, 1).reshape(-1)
+            self.row[b + "ffn_up"] = sd
+            self.col[b + "ffn_down"] = sd
+        self.vec["output_norm.weight"] = self.col["output"] = self._scale(stats.mean_abs["output"])
+
+    def _scale(self, mean_abs: np.ndarray) -> np.ndarray:
+        return fold_scale(mean_abs, self.alpha)
+
+    def tensor(self, name: str, a: np.ndarray) -> np.ndarray:
+        """The folded version of file tensor `name` (a linear's base name or a norm's name)."""
+        if name in self.vec:
+            return (a / self.vec[name]).astype(np.float32)
+        out = a
+        if name in self.row:
+            out = out / self.row[name][:, None]
+        if name in self.col:
+            out = out * self.col[name][None, :]
+        return np.asarray(out, np.float32)
+
+    def col_weight(self, name: str) -> np.ndarray:
+        """Mean squared folded input per column of linear `name`: E[x^2] / s^2."""
+        return self.stats.mean_sq[name] / self.col[name] ** 2
+
+
+# ----------------------------------------------------------------------------------------------
 # Conversion and export
 # ----------------------------------------------------------------------------------------------
 
 def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_size: int = 128,
-            embed_dtype: str = "f16", progress: bool = True) -> None:
+            embed_dtype: str = "f16", progress: bool = True, method: str = "multiview",
+            calibrate: bool | None = None, stats: ActivationStats | None = None) -> None:
+    """Convert `src` to a model file.
+
+    method "multiview" (default): when calibration statistics are available, fold AWQ-style input
+    scales into the model (`ScaleFold`) and choose each group's (scale, min) among clip candidates
+    for the activation-weighted error of all views (`bitplane.quantize`); without them, plain
+    min-max codes. method "plain": min-max codes, no folding (format version 1's converter).
+    calibrate: run the source model on calibration text (None: when the source is a Hugging Face
+    directory or a GGUF file); `stats` gives precomputed statistics instead.
+    """
+    if method not in ("multiview", "plain"):
+        raise ValueError(f"method must be 'multiview' or 'plain', got {method!r}")
+    transform = quantizer = None
+    description = src.description
+    if method == "multiview":
+        if stats is None and calibrate:
+            stats = calibration_stats(src)
+        elif stats is None and calibrate is None and isinstance(src, (HFSource, GGUFSource)):
+            try:
+                stats = calibration_stats(src)
+            except Exception as e:  # noqa: BLE001  (best effort: the writer names real source defects)
+                print(f"warning: calibration of {src.description} failed ({type(e).__name__}: {e}); "
+                      "converting without folded scales", file=sys.stderr)
+        if stats is not None:
+            fold = ScaleFold(src.config, stats)
+            transform = fold.tensor
+
+            def quantizer(name: str, w: np.ndarray):
+                return bitplane.quantize_to_planes(w, max_bits, group_size, method="multiview",
+                                                   col_weight=fold.col_weight(name))
+            description += f" [multiview, folded scales alpha={fold.alpha}, {stats.tokens} calibration tokens]"
     write_model(out, src.config, src.tokenizer, src.load, max_bits=max_bits, group_size=group_size,
-                embed_dtype=embed_dtype, source=src.description, progress=progress)
+                embed_dtype=embed_dtype, source=description, progress=progress, transform=transform,
+                quantizer=quantizer)
 
 
 def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike, bits: int, progress: bool = True) -> None:
@@ -450,6 +610,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--max-bits", type=int, default=8)
     ap.add_argument("--embed-dtype", choices=("f16", "f32"), default="f16")
+    ap.add_argument("--method", choices=("multiview", "plain"), default="multiview",
+                    help="multiview: calibrated scale folding + multi-view clipping (default); "
+                         "plain: min-max codes (docs/quantization.md)")
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="skip the calibration run of the source model (multiview then keeps min-max codes)")
     ap.add_argument("--synthetic", metavar="NAME", help=f"random weights of a real shape: {', '.join(SYNTHETIC_PRESETS)}")
     ap.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
     ap.add_argument("--export-hf", metavar="DIR", help="export the k-bit view of SRC (.fq) to DIR")
@@ -474,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
             out = a.out
             src = open_source(a.src)
         convert(src, out, max_bits=a.max_bits, group_size=a.group_size, embed_dtype=a.embed_dtype,
-                progress=not a.quiet)
+                progress=not a.quiet, method=a.method, calibrate=False if a.no_calibrate else None)
         print(size_report(out))
         return 0
     except (ModelFileError, ValueError) as e:

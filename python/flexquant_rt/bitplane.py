@@ -99,189 +99,43 @@ def _f16_round(x: np.ndarray, direction: float) -> np.ndarray:
     return h
 
 
-#: Quantization methods of `quantize` (docs/format.md, "Choosing the group parameters").
-METHODS = ("minmax", "multiview")
-#: Default relative use of the views k = 2..8 in the multi-view objective: views the controller
-#: actually runs (3..8) count, 2 bits is only a floor.
-DEFAULT_VIEW_USE = {2: 0.0, 3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0, 7: 1.0, 8: 1.0}
-#: Candidate (low, high) clip fractions of the group range tried by the multi-view search:
-#: lo' = lo + a (hi - lo), hi' = hi - b (hi - lo); negative = widen.
-SHRINK_FRACTIONS = (0.0, 0.03, 0.06)
-
-
-def clip_candidates(max_bits: int) -> list[tuple[float, float]]:
-    """(a, b) candidates: every pair of SHRINK_FRACTIONS, and for each view k < B the widening that
-    makes the k-bit view exactly the min-max round-to-nearest k-bit grid of the group (its first
-    and last midpoints on the group's min and max)."""
-    cands = [(a, b) for a in SHRINK_FRACTIONS for b in SHRINK_FRACTIONS]
-    for k in range(MIN_BITS + 1, max_bits):
-        step = 1 << (max_bits - k)
-        e = (step - 1) / 2 / ((1 << max_bits) - step)
-        cands.append((-e, -e))
-    return cands
-
-
-def _pad_groups(w: np.ndarray, shape: "LinearShape") -> np.ndarray:
-    """(N, n_groups, G) view of w; the ragged last group is padded by repeating its first column
-    (min/max ignore it; the padding's codes are cut off again)."""
-    n, k, g, ng = shape.n, shape.k, shape.group_size, shape.n_groups
-    kp = ng * g
-    if kp != k:
-        w = np.concatenate([w, np.repeat(w[:, (ng - 1) * g:(ng - 1) * g + 1], kp - k, axis=1)], axis=1)
-    return w.reshape(n, ng, g)
-
-
-def _group_params(lo: np.ndarray, hi: np.ndarray, qmax: int):
-    """fp16 (scale, min) covering [lo, hi]: min rounded down, scale rounded up."""
-    m16 = _f16_round(lo, -1.0)
-    if not np.all(np.isfinite(m16)):
-        raise ValueError("weight magnitude exceeds the fp16 range of the group parameters")
-    s16 = _f16_round((hi - m16.astype(np.float32)) / np.float32(qmax), +1.0)
-    if not np.all(np.isfinite(s16)):
-        raise ValueError("weight range exceeds the fp16 range of the group scales")
-    return s16, m16
-
-
-def _codes(wg: np.ndarray, s16: np.ndarray, m16: np.ndarray, qmax: int) -> np.ndarray:
-    """Nearest B-bit code (float, clipped) of every weight of (N, ng, G) wg."""
-    s = s16.astype(np.float32)[:, :, None]
-    m = m16.astype(np.float32)[:, :, None]
-    safe = np.where(s > 0, s, np.float32(1.0))
-    c = np.rint((wg - m) / safe)
-    c = np.where(s > 0, c, np.float32(0.0))
-    return np.clip(c, 0, qmax, out=c)
-
-
-def view_error(wg: np.ndarray, c: np.ndarray, s16: np.ndarray, m16: np.ndarray, max_bits: int,
-               view_weight: dict[int, float], col_weight: np.ndarray | None = None) -> np.ndarray:
-    """Σ_k view_weight[k] Σ_i col_weight_i (w_i - W_k,i)^2 per group (N, ng) for codes c (float)."""
-    s = s16.astype(np.float32)[:, :, None]
-    m = m16.astype(np.float32)[:, :, None]
-    tot = np.zeros(wg.shape[:2], dtype=np.float32)
-    for k, lam in view_weight.items():
-        if lam == 0:
-            continue
-        step = np.float32(1 << (max_bits - k))
-        ck = np.floor(c / step) if step > 1 else c
-        d = wg - (ck * step + (step - 1) / 2) * s - m
-        d *= d
-        if col_weight is not None:
-            d *= col_weight
-        tot += np.float32(lam) * d.sum(axis=2)
-    return tot
-
-
-def quantize(w: np.ndarray, max_bits: int = 8, group_size: int = 128, method: str = "minmax",
-             view_use: dict[int, float] | None = None, col_weight: np.ndarray | None = None):
+def quantize(w: np.ndarray, max_bits: int = 8, group_size: int = 128):
     """Quantize w (N, K) float to B-bit codes.
-
-    method "minmax": (s, m) cover the group's [min, max]; "multiview": per group, the (s, m) of
-    the clip candidates `clip_candidates` that minimises Σ_k use_k 4^k ||w - W_k||^2 over the views
-    k (view_use, default DEFAULT_VIEW_USE; 4^k puts every view's error on the scale of its own
-    step), optionally weighted per input column by col_weight (K,) (e.g. mean squared
-    activations). Codes are always the nearest B-bit code, whose truncations are then the
-    nearest k-bit view codes too (docs/format.md).
 
     Returns (codes (N, K) uint8, qparams (N, n_groups, 2) float16 holding (scale, min)).
     """
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
-    if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r} (known: {', '.join(METHODS)})")
     shape = LinearShape(w.shape[0], w.shape[1], max_bits, group_size)
     if not np.all(np.isfinite(w)):
         raise ValueError("weight contains inf or nan")
-    n, k = shape.n, shape.k
+    n, k, g = shape.n, shape.k, shape.group_size
+    ng = shape.n_groups
     qmax = (1 << max_bits) - 1
-    wg = _pad_groups(w, shape)
+    # Pad the ragged last group by repeating its first column so that min/max ignore the padding.
+    kp = ng * g
+    if kp != k:
+        wp = np.concatenate([w, np.repeat(w[:, (ng - 1) * g:(ng - 1) * g + 1], kp - k, axis=1)], axis=1)
+    else:
+        wp = w
+    wg = wp.reshape(n, ng, g)
     lo = wg.min(axis=2)
     hi = wg.max(axis=2)
-    s16, m16 = _group_params(lo, hi, qmax)
-    c = _codes(wg, s16, m16, qmax)
-    if method == "multiview" and max_bits > MIN_BITS:
-        use = DEFAULT_VIEW_USE if view_use is None else view_use
-        vw = {b: float(use.get(b, 0.0)) * 4.0 ** b for b in range(MIN_BITS, max_bits + 1)}
-        cw = None
-        if col_weight is not None:
-            cw = _pad_groups(np.asarray(col_weight, np.float32).reshape(1, k), LinearShape(1, k, max_bits, group_size))
-        best = view_error(wg, c, s16, m16, max_bits, vw, cw)
-        r = hi - lo
-        for a, b in clip_candidates(max_bits):
-            if a == 0 and b == 0:
-                continue
-            lo_c, hi_c = lo + np.float32(a) * r, hi - np.float32(b) * r
-            ok = hi_c > lo_c
-            s_c, m_c = _group_params(np.where(ok, lo_c, lo), np.where(ok, hi_c, hi), qmax)
-            c_c = _codes(wg, s_c, m_c, qmax)
-            e = view_error(wg, c_c, s_c, m_c, max_bits, vw, cw)
-            better = ok & (e < best)
-            best = np.where(better, e, best)
-            s16 = np.where(better, s_c, s16)
-            m16 = np.where(better, m_c, m16)
-            c = np.where(better[:, :, None], c_c, c)
-    codes = c.astype(np.uint8).reshape(n, -1)[:, :k]
+    m16 = _f16_round(lo, -1.0)
+    if not np.all(np.isfinite(m16)):
+        raise ValueError("weight magnitude exceeds the fp16 range of the group parameters")
+    s16 = _f16_round((hi - m16.astype(np.float32)) / np.float32(qmax), +1.0)
+    if not np.all(np.isfinite(s16)):
+        raise ValueError("weight range exceeds the fp16 range of the group scales")
+    s = s16.astype(np.float32)[:, :, None]
+    m = m16.astype(np.float32)[:, :, None]
+    safe = np.where(s > 0, s, np.float32(1.0))
+    c = np.rint((wg - m) / safe)
+    c = np.where(s > 0, c, 0.0)
+    codes = np.clip(c, 0, qmax).astype(np.uint8).reshape(n, kp)[:, :k]
     qparams = np.stack([s16, m16], axis=-1)
     return np.ascontiguousarray(codes), qparams
-
-
-def nested_gptq(w: np.ndarray, hessian: np.ndarray, qparams: np.ndarray, max_bits: int = 8,
-                group_size: int = 128, anchor: int = 4, tol: float | None = None, damp: float = 0.01,
-                block: int = 128) -> np.ndarray:
-    """View-nested error feedback (GPTQ with the views as a chain of constraints).
-
-    With the group parameters qparams fixed, choose the B-bit codes of w (N, K) so that every
-    view from `anchor` up is a GPTQ quantizer of w for the input second moments `hessian`
-    (K, K) = E[x x^T]: one GPTQ pass per view k = anchor..B, each starting from w with its own
-    error feedback; pass `anchor` is free, pass k picks the k-bit code among the two whose top
-    k-1 bits are the code pass k-1 chose (the views must stay nested). Views below the anchor are
-    its truncations. tol (in B-bit code steps): every view's code must stay within tol steps of
-    the nearest B-bit code of w (None: no limit), which bounds what the feedback may cost the
-    high views. Returns codes (N, K) uint8.
-    """
-    w = np.asarray(w, dtype=np.float64)
-    n, kdim = w.shape
-    shape = LinearShape(n, kdim, max_bits, group_size)
-    check_bits(anchor, max_bits)
-    col_group = np.arange(kdim) // group_size
-    s = qparams[..., 0].astype(np.float64)[:, col_group]
-    m = qparams[..., 1].astype(np.float64)[:, col_group]
-    safe = np.where(s > 0, s, 1.0)
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    h[np.diag_indices(kdim)] += damp * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
-    qmax = (1 << max_bits) - 1
-    x0 = np.clip(np.rint((w - m) / safe), 0, qmax)  # nearest B-bit code of every weight
-    prev = None  # codes of the previous view
-    for k in range(anchor, max_bits + 1):
-        sh = max_bits - k
-        step = float(1 << sh)
-        off = (step - 1) / 2
-        top = (1 << k) - 1
-        wk = w.copy()
-        codes = np.zeros((n, kdim), dtype=np.int64)
-        for b0 in range(0, kdim, block):
-            b1 = min(b0 + block, kdim)
-            err = np.zeros((n, b1 - b0))
-            for i in range(b0, b1):
-                x = wk[:, i]
-                j = np.floor(np.clip(np.rint((x - m[:, i]) / safe[:, i]), 0, qmax) / step)
-                lo_j = np.zeros(n) if prev is None else 2 * prev[:, i]
-                hi_j = np.full(n, top) if prev is None else 2 * prev[:, i] + 1
-                if tol is not None:
-                    lo_j = np.maximum(lo_j, np.floor(np.maximum(x0[:, i] - tol, 0) / step))
-                    hi_j = np.minimum(hi_j, np.floor(np.minimum(x0[:, i] + tol, qmax) / step))
-                j = np.clip(j, lo_j, hi_j)
-                codes[:, i] = j
-                q = (j * step + off) * s[:, i] + m[:, i]
-                e = (x - q) / hinv[i, i]
-                wk[:, i + 1:b1] -= np.outer(e, hinv[i, i + 1:b1])
-                err[:, i - b0] = e
-            wk[:, b1:] -= err @ hinv[b0:b1, b1:]
-        prev = codes
-    return prev.astype(np.uint8)
 
 
 def view_params(qparams: np.ndarray, bits: int, max_bits: int):
@@ -387,8 +241,7 @@ def dequantize_planes(planes: np.ndarray, qparams: np.ndarray, n: int, k: int, b
     return ck.astype(np.float32) * s_k[:, col_group] + m_k[:, col_group]
 
 
-def quantize_to_planes(w: np.ndarray, max_bits: int = 8, group_size: int = 128, **kw):
-    """w (N, K) -> (planes (max_bits, plane_bytes) uint8, qparams (N, n_groups, 2) float16);
-    kw: `quantize`'s method options."""
-    codes, qparams = quantize(w, max_bits, group_size, **kw)
+def quantize_to_planes(w: np.ndarray, max_bits: int = 8, group_size: int = 128):
+    """w (N, K) -> (planes (max_bits, plane_bytes) uint8, qparams (N, n_groups, 2) float16)."""
+    codes, qparams = quantize(w, max_bits, group_size)
     return pack_planes(codes, max_bits), qparams

@@ -393,17 +393,26 @@ def open_source(src: str | os.PathLike) -> Source:
 # ----------------------------------------------------------------------------------------------
 
 #: Exponent of the folded input scales s = mean|x|^AWQ_ALPHA (AWQ); measured on SmolLM2 (docs/quantization.md).
-AWQ_ALPHA = 0.5
+AWQ_ALPHA = 0.3
 #: The scales are clipped to [1/S, S] around their geometric mean (keeps the fp16 group params sane).
 AWQ_MAX_SCALE = 100.0
 
 
+#: The default converter calibrates automatically only up to this many parameters: calibration
+#: holds the whole fp32 model in memory (transformers), the conversion itself streams.
+AUTO_CALIBRATE_MAX_PARAMS = 2_000_000_000
+
+
+def _n_params(cfg: LlamaConfig) -> int:
+    per_layer = sum(n * k for name, (n, k) in cfg.linear_shapes().items() if name != "output")
+    return cfg.n_layers * per_layer + 2 * cfg.vocab * cfg.hidden
+
+
 @dataclass
 class ActivationStats:
-    """Per input column of every bit-plane linear (file names): mean |x| and mean x^2."""
+    """Mean |x| per input column of every bit-plane linear (file names)."""
 
     mean_abs: dict[str, np.ndarray]
-    mean_sq: dict[str, np.ndarray]
     tokens: int
 
 
@@ -431,15 +440,13 @@ def calibration_stats(src: Source, n_chunks: int = 4, chunk_len: int = 512) -> A
     file_name = {f"model.layers.{i}.{hfp}": f"blk.{i}.{l}" for i in range(src.config.n_layers)
                  for l, hfp in HF_LINEAR_NAMES.items()}
     file_name["lm_head"] = "output"
-    sums: dict[str, list] = {}
+    sums: dict[str, np.ndarray] = {}
     hooks = []
     for name, mod in model.named_modules():
         if name in file_name:
             def hook(_m, inp, _out, fname=file_name[name]):
                 x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
-                acc = sums.setdefault(fname, [0.0, 0.0])
-                acc[0] = acc[0] + x.abs().sum(0).numpy()
-                acc[1] = acc[1] + (x * x).sum(0).numpy()
+                sums[fname] = sums.get(fname, 0.0) + x.abs().sum(0).numpy()
             hooks.append(mod.register_forward_hook(hook))
     with torch.no_grad():
         for i in range(n_chunks):
@@ -450,8 +457,7 @@ def calibration_stats(src: Source, n_chunks: int = 4, chunk_len: int = 512) -> A
     missing = set(file_name.values()) - set(sums)
     if missing:
         raise ModelFileError(f"calibration saw no input for {sorted(missing)[:3]}")
-    return ActivationStats({k: (v[0] / n).astype(np.float32) for k, v in sums.items()},
-                           {k: (v[1] / n).astype(np.float32) for k, v in sums.items()}, n)
+    return ActivationStats({k: (v / n).astype(np.float32) for k, v in sums.items()}, n)
 
 
 def fold_scale(mean_abs: np.ndarray, alpha: float = AWQ_ALPHA) -> np.ndarray:
@@ -510,35 +516,33 @@ class ScaleFold:
             out = out * self.col[name][None, :]
         return np.asarray(out, np.float32)
 
-    def col_weight(self, name: str) -> np.ndarray:
-        """Mean squared folded input per column of linear `name`: E[x^2] / s^2."""
-        return self.stats.mean_sq[name] / self.col[name] ** 2
-
 
 # ----------------------------------------------------------------------------------------------
 # Conversion and export
 # ----------------------------------------------------------------------------------------------
 
 def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_size: int = 128,
-            embed_dtype: str = "f16", progress: bool = True, method: str = "multiview",
+            embed_dtype: str = "f16", progress: bool = True, method: str = "folded",
             calibrate: bool | None = None, stats: ActivationStats | None = None) -> None:
     """Convert `src` to a model file.
 
-    method "multiview" (default): when calibration statistics are available, fold AWQ-style input
-    scales into the model (`ScaleFold`) and choose each group's (scale, min) among clip candidates
-    for the activation-weighted error of all views (`bitplane.quantize`); without them, plain
-    min-max codes. method "plain": min-max codes, no folding (format version 1's converter).
-    calibrate: run the source model on calibration text (None: when the source is a Hugging Face
-    directory or a GGUF file); `stats` gives precomputed statistics instead.
+    method "folded" (default): fold activation-aware input scales into the model (`ScaleFold`,
+    from calibration statistics) before the min-max quantization, which makes every k-bit view a
+    better quantizer (docs/quantization.md); without statistics it is the same as "plain".
+    method "plain": min-max quantization of the source weights as they are.
+    calibrate: run the source model on calibration text (None: try it when the source is a
+    Hugging Face directory or a GGUF file of at most AUTO_CALIBRATE_MAX_PARAMS parameters);
+    `stats` gives precomputed statistics instead.
     """
-    if method not in ("multiview", "plain"):
-        raise ValueError(f"method must be 'multiview' or 'plain', got {method!r}")
-    transform = quantizer = None
+    if method not in ("folded", "plain"):
+        raise ValueError(f"method must be 'folded' or 'plain', got {method!r}")
+    transform = None
     description = src.description
-    if method == "multiview":
+    if method == "folded":
         if stats is None and calibrate:
             stats = calibration_stats(src)
-        elif stats is None and calibrate is None and isinstance(src, (HFSource, GGUFSource)):
+        elif stats is None and calibrate is None and isinstance(src, (HFSource, GGUFSource)) \
+                and _n_params(src.config) <= AUTO_CALIBRATE_MAX_PARAMS:
             try:
                 stats = calibration_stats(src)
             except Exception as e:  # noqa: BLE001  (best effort: the writer names real source defects)
@@ -547,14 +551,9 @@ def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_siz
         if stats is not None:
             fold = ScaleFold(src.config, stats)
             transform = fold.tensor
-
-            def quantizer(name: str, w: np.ndarray):
-                return bitplane.quantize_to_planes(w, max_bits, group_size, method="multiview",
-                                                   col_weight=fold.col_weight(name))
-            description += f" [multiview, folded scales alpha={fold.alpha}, {stats.tokens} calibration tokens]"
+            description += f" [folded input scales, alpha={fold.alpha}, {stats.tokens} calibration tokens]"
     write_model(out, src.config, src.tokenizer, src.load, max_bits=max_bits, group_size=group_size,
-                embed_dtype=embed_dtype, source=description, progress=progress, transform=transform,
-                quantizer=quantizer)
+                embed_dtype=embed_dtype, source=description, progress=progress, transform=transform)
 
 
 def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike, bits: int, progress: bool = True) -> None:
@@ -610,11 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--max-bits", type=int, default=8)
     ap.add_argument("--embed-dtype", choices=("f16", "f32"), default="f16")
-    ap.add_argument("--method", choices=("multiview", "plain"), default="multiview",
-                    help="multiview: calibrated scale folding + multi-view clipping (default); "
-                         "plain: min-max codes (docs/quantization.md)")
+    ap.add_argument("--method", choices=("folded", "plain"), default="folded",
+                    help="folded: fold calibrated input scales into the model before quantizing (default); "
+                         "plain: quantize the source weights as they are (docs/quantization.md)")
     ap.add_argument("--no-calibrate", action="store_true",
-                    help="skip the calibration run of the source model (multiview then keeps min-max codes)")
+                    help="skip the calibration run of the source model (then folded = plain)")
     ap.add_argument("--synthetic", metavar="NAME", help=f"random weights of a real shape: {', '.join(SYNTHETIC_PRESETS)}")
     ap.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
     ap.add_argument("--export-hf", metavar="DIR", help="export the k-bit view of SRC (.fq) to DIR")

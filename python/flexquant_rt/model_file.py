@@ -225,15 +225,13 @@ class _Planned:
 def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
                 load: Callable[[str], np.ndarray], *, max_bits: int = 8, group_size: int = 128,
                 embed_dtype: str = "f16", source: str = "", progress: bool = True,
-                transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
-                quantizer: Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+                transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> None:
     """Write a model file.
 
     `load(hf_name)` returns a float32 numpy array of the Hugging Face parameter (canonical
     orientation: linears (out, in)); `lm_head.weight` is only asked for when the model is untied.
     `transform(name, a)` (optional) rewrites a norm weight (file tensor name) or a linear weight
-    (file base name, e.g. `blk.0.attn_q`) before it is stored; `quantizer(name, w)` (optional)
-    returns (planes, qparams) of linear `name` (default: `bitplane.quantize_to_planes`).
+    (file base name, e.g. `blk.0.attn_q`) before it is stored or quantized.
     """
     import gguf  # lazy: conversion-only dependency
 
@@ -256,12 +254,15 @@ def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
     plan.append(_Planned("token_embd.weight", (cfg.vocab, cfg.hidden), edt,
                          lambda: _checked(load("model.embed_tokens.weight"), (cfg.vocab, cfg.hidden),
                                           "model.embed_tokens.weight").astype(edt)))
-    plan.append(_Planned("output_norm.weight", (cfg.hidden,), np.dtype(np.float32), vec("model.norm.weight", cfg.hidden, "output_norm.weight")))
+    plan.append(_Planned("output_norm.weight", (cfg.hidden,), np.dtype(np.float32),
+                         vec("model.norm.weight", cfg.hidden, "output_norm.weight")))
     for i in range(cfg.n_layers):
         plan.append(_Planned(f"blk.{i}.attn_norm.weight", (cfg.hidden,), np.dtype(np.float32),
-                             vec(f"model.layers.{i}.input_layernorm.weight", cfg.hidden, f"blk.{i}.attn_norm.weight")))
+                             vec(f"model.layers.{i}.input_layernorm.weight", cfg.hidden,
+                                 f"blk.{i}.attn_norm.weight")))
         plan.append(_Planned(f"blk.{i}.ffn_norm.weight", (cfg.hidden,), np.dtype(np.float32),
-                             vec(f"model.layers.{i}.post_attention_layernorm.weight", cfg.hidden, f"blk.{i}.ffn_norm.weight")))
+                             vec(f"model.layers.{i}.post_attention_layernorm.weight", cfg.hidden,
+                                 f"blk.{i}.ffn_norm.weight")))
     quantized: dict[str, tuple] = {}
     for lname in linear_names(cfg):
         n, k = linear_shape(cfg, lname)
@@ -272,10 +273,7 @@ def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
             w = _checked(load(hfn), (n, k), hfn)
             if transform is not None:
                 w = transform(lname, w)
-            if quantizer is None:
-                planes, qp = bitplane.quantize_to_planes(w, max_bits, group_size)
-            else:
-                planes, qp = quantizer(lname, w)
+            planes, qp = bitplane.quantize_to_planes(w, max_bits, group_size)
             quantized[lname] = qp
             return planes.view(np.int8)
 

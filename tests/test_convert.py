@@ -11,8 +11,8 @@ import pytest
 
 from conftest import make_hf_llama
 from flexquant_rt import bitplane
-from flexquant_rt.convert import (GGUFSource, HFSource, ScaleFold, SyntheticSource, SYNTHETIC_PRESETS,
-                                  calibration_stats, convert, export_hf, open_source)
+from flexquant_rt.convert import (ALPHA_GRID, AWQ_ALPHA, GGUFSource, HFSource, ScaleFold, SyntheticSource, SYNTHETIC_PRESETS,
+                                  calibration_stats, convert, export_hf, make_fold, open_source)
 from flexquant_rt.model_file import LAYER_LINEARS, ModelFileError, ModelReader, linear_names
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,7 +249,10 @@ def test_default_conversion_folds_and_every_view_holds_its_bound(gqa_hf, tmp_pat
     convert(src, out, progress=False, group_size=64, stats=stats)
     r = ModelReader(out)
     assert "folded input scales" in r.field("flexquant.source")
-    fold = ScaleFold(src.config, stats)
+    fold = make_fold(src, stats, 64)
+    assert fold.alphas == {} and fold.alpha == AWQ_ALPHA
+    searched = make_fold(src, stats, 64, alpha_search=True)  # --alpha-search: one exponent per site
+    assert set(searched.alphas.values()) <= set(ALPHA_GRID) and len(searched.alphas) == 4 * src.config.n_layers + 1
     folded = _state_of_file_tensors(src, fold)
     from flexquant_rt.model_file import hf_name
     np.testing.assert_array_equal(r.tensor("blk.0.attn_norm.weight"), folded["model.layers.0.input_layernorm.weight"])
@@ -278,7 +281,7 @@ def test_smollm2_gguf_converts_close_to_the_source(smollm2_path, smollm2_fq, smo
         (576, 30, 9, 3, 64, 1536, 49152)
     assert c.tie_word_embeddings and c.rope_theta == 100000.0
     src = GGUFSource(smollm2_path)
-    fold = ScaleFold(c, smollm2_stats)  # the default converter quantizes the folded model
+    fold = make_fold(src, smollm2_stats, 128)  # the default converter quantizes the folded model
     for name, hfn in (("blk.0.attn_q", "model.layers.0.self_attn.q_proj.weight"),
                       ("blk.29.ffn_down", "model.layers.29.mlp.down_proj.weight"),
                       ("output", "model.embed_tokens.weight")):

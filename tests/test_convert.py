@@ -11,8 +11,8 @@ import pytest
 
 from conftest import make_hf_llama
 from flexquant_rt import bitplane
-from flexquant_rt.convert import (ALPHA_GRID, AWQ_ALPHA, GGUFSource, HFSource, ScaleFold, SyntheticSource, SYNTHETIC_PRESETS,
-                                  calibration_stats, convert, export_hf, make_fold, open_source)
+from flexquant_rt.convert import (ALPHA_GRID, AWQ_ALPHA, GGUFSource, HFSource, ScaleFold, SyntheticSource,
+                                  SYNTHETIC_PRESETS, calibration_stats, convert, export_hf, make_fold, open_source)
 from flexquant_rt.model_file import LAYER_LINEARS, ModelFileError, ModelReader, linear_names
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,7 +267,8 @@ def test_default_conversion_folds_and_every_view_holds_its_bound(gqa_hf, tmp_pat
     plain = tmp_path / "plain.fq"
     convert(src, plain, progress=False, group_size=64, method="plain")
     rp = ModelReader(plain)
-    np.testing.assert_array_equal(rp.tensor("blk.0.attn_norm.weight"), src.load("model.layers.0.input_layernorm.weight"))
+    np.testing.assert_array_equal(rp.tensor("blk.0.attn_norm.weight"),
+                                  src.load("model.layers.0.input_layernorm.weight"))
     codes, qp = bitplane.quantize(src.load("model.layers.1.mlp.down_proj.weight"), 8, 64)
     np.testing.assert_array_equal(rp.linear("blk.1.ffn_down")[1], qp)
 

@@ -516,7 +516,8 @@ class ScaleFold:
             b = f"blk.{i}."
             sa = self._site([b + "attn_q", b + "attn_k", b + "attn_v"],
                             lambda a, b=b: fold_scale(stats.mean_abs[b + "attn_q"], a))
-            sm = self._site([b + "ffn_gate", b + "ffn_up"], lambda a, b=b: fold_scale(stats.mean_abs[b + "ffn_gate"], a))
+            sm = self._site([b + "ffn_gate", b + "ffn_up"],
+                            lambda a, b=b: fold_scale(stats.mean_abs[b + "ffn_gate"], a))
             ao = np.maximum(stats.mean_abs[b + "attn_output"].astype(np.float64), 1e-12)
             ao_kv = np.exp(np.log(ao.reshape(cfg.n_kv_heads, rep, cfg.head_dim)).mean(1)).reshape(-1)
 

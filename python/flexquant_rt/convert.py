@@ -465,19 +465,22 @@ def calibration_stats(src: Source, n_chunks: int = 4, chunk_len: int = 512) -> A
                            {k: (v[1] / n).astype(np.float32) for k, v in sums.items()}, n)
 
 
-#: Exponents tried per site by the searched fold; rows of a linear sampled for the search.
+#: Exponents tried per site by the searched fold; rows of a linear sampled for the search;
+#: weight of each view k in the search's objective (times 4^k, which puts each view's error on
+#: the scale of its own step).
 ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5)
 SEARCH_MAX_ROWS = 4096
+SEARCH_VIEW_USE = {3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0, 7: 1.0, 8: 1.0}
 
 
 def _multiview_error(w: np.ndarray, s: np.ndarray, msq: np.ndarray, group: int) -> float:
-    """Σ_k 4^k Σ (W_k - W)^2 E[x^2] over the views k = 3..8 of w folded by column scales s."""
+    """Σ_k use_k 4^k Σ (W_k - W)^2 E[x^2] over the views of w folded by column scales s."""
     codes, qp = bitplane.quantize(w * s, 8, group)
     cw = msq / (s * s)
     tot = 0.0
-    for k in range(3, 9):
+    for k, use in SEARCH_VIEW_USE.items():
         d = bitplane.dequantize(codes, qp, k, 8, group) - w * s
-        tot += 4.0 ** k * float(((d * d) @ cw).sum())
+        tot += use * 4.0 ** k * float(((d * d) @ cw).sum())
     return tot
 
 

@@ -104,16 +104,25 @@ def tiny_fq(tiny_hf, tmp_path_factory) -> Path:
     from flexquant_rt.convert import HFSource, convert
 
     out = tmp_path_factory.mktemp("tiny_fq") / "tiny.fq"
-    convert(HFSource(tiny_hf), out, progress=False)
+    convert(HFSource(tiny_hf), out, progress=False, method="plain")
     return out
 
 
 @pytest.fixture(scope="session")
-def smollm2_fq(smollm2_path, tmp_path_factory) -> Path:
+def smollm2_stats(smollm2_path):
+    """The default converter's calibration statistics of SmolLM2 (input scales folded into it)."""
+    from flexquant_rt.convert import GGUFSource, calibration_stats
+
+    return calibration_stats(GGUFSource(smollm2_path))
+
+
+@pytest.fixture(scope="session")
+def smollm2_fq(smollm2_path, smollm2_stats, tmp_path_factory) -> Path:
+    """SmolLM2 converted by the default converter (folded scales, group 128)."""
     from flexquant_rt.convert import GGUFSource, convert
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2.fq"
-    convert(GGUFSource(smollm2_path), out, progress=False)
+    convert(GGUFSource(smollm2_path), out, progress=False, stats=smollm2_stats)
     return out
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import make_hf_llama
 from flexquant_rt import bitplane
-from flexquant_rt.convert import (GGUFSource, HFSource, SyntheticSource, SYNTHETIC_PRESETS, convert,
-                                  export_hf, open_source)
+from flexquant_rt.convert import (ALPHA_GRID, AWQ_ALPHA, GGUFSource, HFSource, ScaleFold, SyntheticSource,
+                                  SYNTHETIC_PRESETS, calibration_stats, convert, export_hf, make_fold, open_source)
 from flexquant_rt.model_file import LAYER_LINEARS, ModelFileError, ModelReader, linear_names
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +38,22 @@ def test_every_view_is_a_valid_k_bit_quantizer(n, k, g):
         assert np.all(np.abs(view - w) <= half_step + slack), f"k={bits}"
         # the k-bit codes are the top bits of the B-bit codes
         assert np.array_equal(bitplane.unpack_planes(planes, n, k, 8, bits), codes >> (8 - bits))
+
+
+def test_nearest_code_truncates_to_the_nearest_view_code():
+    """For fixed (s, m), the nearest B-bit code's top k bits are the nearest k-bit view code: view
+    -aware rounding of individual weights has nothing to gain (docs/quantization.md)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    codes, qp = bitplane.quantize(w, 8, 128)
+    for bits in range(2, 9):
+        s_k, m_k = bitplane.view_params(qp, bits, 8)
+        cols = np.arange(256) // 128
+        levels = np.arange(1 << bits, dtype=np.float32)
+        grid = levels[None, None, :] * s_k[:, cols, None] + m_k[:, cols, None]
+        best = np.abs(grid - w[..., None]).min(-1)
+        got = np.abs(bitplane.dequantize(codes, qp, bits, 8, 128) - w)
+        assert np.all(got <= best + 1e-6 * (1 + np.abs(w))), bits
 
 
 def test_constant_group_is_exact():
@@ -126,7 +142,7 @@ def test_tiny_hf_roundtrip_within_half_a_step(tiny_hf, tiny_fq):
 def test_sharded_and_bin_checkpoints_convert_identically(tmp_path, tiny_hf, tiny_fq, weights):
     src = make_hf_llama(tmp_path / weights, weights=weights)  # same seed as tiny_hf
     out = tmp_path / f"{weights}.fq"
-    convert(HFSource(src), out, progress=False)
+    convert(HFSource(src), out, progress=False, method="plain")
     a, b = ModelReader(out), ModelReader(tiny_fq)
     for name in b.tensor_names():
         np.testing.assert_array_equal(a.tensor(name), b.tensor(name), err_msg=name)
@@ -179,19 +195,98 @@ def test_export_hf_loads_in_transformers_with_the_numpy_view(tiny_fq, tmp_path, 
     assert tok.decode(tok("hello there")["input_ids"]) == "hello there"
 
 
+# ---- the default converter: calibrated scale folding -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def gqa_hf(tmp_path_factory):
+    d = make_hf_llama(tmp_path_factory.mktemp("gqa") / "m", seed=5, heads=4, kv_heads=2)
+    return d, calibration_stats(HFSource(d), n_chunks=2, chunk_len=128)
+
+
+def _state_of_file_tensors(src, fold):
+    """The source's HF state dict with every tensor passed through the fold (file names)."""
+    from flexquant_rt.model_file import hf_name
+
+    cfg = src.config
+    out = {"model.embed_tokens.weight": src.load("model.embed_tokens.weight"),
+           "model.norm.weight": fold.tensor("output_norm.weight", src.load("model.norm.weight")),
+           "lm_head.weight": fold.tensor("output", src.load("lm_head.weight"))}
+    for i in range(cfg.n_layers):
+        for fname, hfn in ((f"blk.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight"),
+                           (f"blk.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight")):
+            out[hfn] = fold.tensor(fname, src.load(hfn))
+        for lin in LAYER_LINEARS:
+            hfn = hf_name(cfg, f"blk.{i}.{lin}.")
+            out[hfn] = fold.tensor(f"blk.{i}.{lin}", src.load(hfn))
+    return out
+
+
+def test_scale_fold_keeps_the_models_function(gqa_hf):
+    """Folding the scales (RMSNorm weights, v rows shared by the query heads of a KV head, up
+    rows) is an exact transform: the unquantized folded model gives the same logits."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    d, stats = gqa_hf
+    src = HFSource(d)
+    fold = ScaleFold(src.config, stats)
+    assert max(np.abs(np.log(v)).max() for v in fold.col.values()) > 0.1  # the fold does something
+    model = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.tensor([np.random.default_rng(0).integers(0, 320, 48).tolist()])
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                               _state_of_file_tensors(src, fold).items()})
+        got = model(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_default_conversion_folds_and_every_view_holds_its_bound(gqa_hf, tmp_path):
+    """Every view of the default (folded) file is within half its step of the folded weight."""
+    d, stats = gqa_hf
+    src = HFSource(d)
+    out = tmp_path / "mv.fq"
+    convert(src, out, progress=False, group_size=64, stats=stats)
+    r = ModelReader(out)
+    assert "folded input scales" in r.field("flexquant.source")
+    fold = make_fold(src, stats, 64)
+    assert fold.alphas == {} and fold.alpha == AWQ_ALPHA
+    searched = make_fold(src, stats, 64, alpha_search=True)  # --alpha-search: one exponent per site
+    assert set(searched.alphas.values()) <= set(ALPHA_GRID) and len(searched.alphas) == 4 * src.config.n_layers + 1
+    folded = _state_of_file_tensors(src, fold)
+    from flexquant_rt.model_file import hf_name
+    np.testing.assert_array_equal(r.tensor("blk.0.attn_norm.weight"), folded["model.layers.0.input_layernorm.weight"])
+    for name in linear_names(src.config):
+        w = folded["lm_head.weight" if name == "output" else hf_name(src.config, name + ".")]
+        _, qp, n, k = r.linear(name)
+        for bits in range(2, 9):
+            view = r.dequantize(name, bits)
+            s_k, _ = bitplane.view_params(qp, bits, 8)
+            assert np.all(np.abs(view - w) <= s_k[:, np.arange(k) // 64] / 2 * (1 + 1e-5) + 1e-7), (name, bits)
+    # method="plain" quantizes the source weights as they are
+    plain = tmp_path / "plain.fq"
+    convert(src, plain, progress=False, group_size=64, method="plain")
+    rp = ModelReader(plain)
+    np.testing.assert_array_equal(rp.tensor("blk.0.attn_norm.weight"),
+                                  src.load("model.layers.0.input_layernorm.weight"))
+    codes, qp = bitplane.quantize(src.load("model.layers.1.mlp.down_proj.weight"), 8, 64)
+    np.testing.assert_array_equal(rp.linear("blk.1.ffn_down")[1], qp)
+
+
 # ---- the real model --------------------------------------------------------------------------------
 
-def test_smollm2_gguf_converts_close_to_the_source(smollm2_path, smollm2_fq):
+def test_smollm2_gguf_converts_close_to_the_source(smollm2_path, smollm2_fq, smollm2_stats):
     r = ModelReader(smollm2_fq)
     c = r.config
     assert (c.hidden, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn, c.vocab) == \
         (576, 30, 9, 3, 64, 1536, 49152)
     assert c.tie_word_embeddings and c.rope_theta == 100000.0
     src = GGUFSource(smollm2_path)
+    fold = make_fold(src, smollm2_stats, 128)  # the default converter quantizes the folded model
     for name, hfn in (("blk.0.attn_q", "model.layers.0.self_attn.q_proj.weight"),
                       ("blk.29.ffn_down", "model.layers.29.mlp.down_proj.weight"),
                       ("output", "model.embed_tokens.weight")):
-        w = src.load(hfn)
+        w = fold.tensor(name, src.load(hfn))
         view = r.dequantize(name, 8)
         _, qp, _, k = r.linear(name)
         s, _ = bitplane.view_params(qp, 8, 8)

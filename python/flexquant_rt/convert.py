@@ -14,12 +14,14 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from . import bitplane
-from .model_file import (LlamaConfig, ModelFileError, ModelReader, TokenizerData, iter_hf_tensors,
+from .model_file import (LlamaConfig, ModelFileError, ModelReader, TokenizerData, hf_name, iter_hf_tensors,
                          write_model)
 
 
@@ -388,13 +390,240 @@ def open_source(src: str | os.PathLike) -> Source:
 
 
 # ----------------------------------------------------------------------------------------------
+# Calibration: activation-aware scales folded into the model before quantization (issue 9)
+# ----------------------------------------------------------------------------------------------
+
+#: Exponent of the folded input scales s = mean|x|^AWQ_ALPHA (AWQ); measured on SmolLM2 (docs/quantization.md).
+AWQ_ALPHA = 0.3
+#: The scales are clipped to [1/S, S] around their geometric mean (keeps the fp16 group params sane).
+AWQ_MAX_SCALE = 100.0
+
+
+#: The default converter calibrates automatically only up to this many parameters: calibration
+#: holds the whole fp32 model in memory (transformers), the conversion itself streams.
+AUTO_CALIBRATE_MAX_PARAMS = 2_000_000_000
+
+
+def _n_params(cfg: LlamaConfig) -> int:
+    per_layer = sum(n * k for name, (n, k) in cfg.linear_shapes().items() if name != "output")
+    return cfg.n_layers * per_layer + 2 * cfg.vocab * cfg.hidden
+
+
+@dataclass
+class ActivationStats:
+    """Per input column of every bit-plane linear (file names): mean |x| and mean x^2."""
+
+    mean_abs: dict[str, np.ndarray]
+    mean_sq: dict[str, np.ndarray]
+    tokens: int
+
+
+def calibration_stats(src: Source, n_chunks: int = 4, chunk_len: int = 512) -> ActivationStats:
+    """Run the unquantized source model (transformers, fp32) on the calibration half of Python's
+    docs (`controller.calibration_text`, disjoint from the evaluation text) and record the input
+    statistics of every linear. Needs transformers and ~4 bytes per parameter of memory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .controller import calibration_text
+    from .model_file import HF_LINEAR_NAMES
+
+    if isinstance(src, GGUFSource):
+        where, kw = str(src.path.parent), {"gguf_file": src.path.name}
+    elif isinstance(src, HFSource):
+        where, kw = str(src.root), {}
+    else:
+        raise ModelFileError(f"calibration needs a Hugging Face or GGUF source, not {src.description}")
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(where, **kw)
+    ids = tok(calibration_text("calibration"), add_special_tokens=False)["input_ids"]
+    n_chunks = max(1, min(n_chunks, len(ids) // chunk_len))
+    file_name = {f"model.layers.{i}.{hfp}": f"blk.{i}.{l}" for i in range(src.config.n_layers)
+                 for l, hfp in HF_LINEAR_NAMES.items()}
+    file_name["lm_head"] = "output"
+    sums: dict[str, list] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if name in file_name:
+            def hook(_m, inp, _out, fname=file_name[name]):
+                x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+                acc = sums.setdefault(fname, [0.0, 0.0])
+                acc[0] = acc[0] + x.abs().sum(0).numpy()
+                acc[1] = acc[1] + (x * x).sum(0).numpy()
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        for i in range(n_chunks):
+            model(torch.tensor([ids[i * chunk_len:(i + 1) * chunk_len]]))
+    for h in hooks:
+        h.remove()
+    n = n_chunks * chunk_len
+    missing = set(file_name.values()) - set(sums)
+    if missing:
+        raise ModelFileError(f"calibration saw no input for {sorted(missing)[:3]}")
+    return ActivationStats({k: (v[0] / n).astype(np.float32) for k, v in sums.items()},
+                           {k: (v[1] / n).astype(np.float32) for k, v in sums.items()}, n)
+
+
+#: Exponents tried per site by the searched fold; rows of a linear sampled for the search;
+#: weight of each view k in the search's objective (times 4^k, which puts each view's error on
+#: the scale of its own step).
+ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5)
+SEARCH_MAX_ROWS = 4096
+SEARCH_VIEW_USE = {3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0, 7: 1.0, 8: 1.0}
+
+
+def _multiview_error(w: np.ndarray, s: np.ndarray, msq: np.ndarray, group: int) -> float:
+    """Σ_k use_k 4^k Σ (W_k - W)^2 E[x^2] over the views of w folded by column scales s."""
+    codes, qp = bitplane.quantize(w * s, 8, group)
+    cw = msq / (s * s)
+    tot = 0.0
+    for k, use in SEARCH_VIEW_USE.items():
+        d = bitplane.dequantize(codes, qp, k, 8, group) - w * s
+        tot += use * 4.0 ** k * float(((d * d) @ cw).sum())
+    return tot
+
+
+def fold_scale(mean_abs: np.ndarray, alpha: float = AWQ_ALPHA) -> np.ndarray:
+    """Input-column scale s = mean|x|^alpha, geometric mean 1, clipped to [1/S, S]."""
+    a = np.maximum(np.asarray(mean_abs, np.float64), 1e-12) ** alpha
+    a /= np.exp(np.log(a).mean())
+    return np.clip(a, 1 / AWQ_MAX_SCALE, AWQ_MAX_SCALE).astype(np.float32)
+
+
+class ScaleFold:
+    """AWQ-style equivalent transform of the model: each linear's input columns are multiplied by
+    s = mean|x|^alpha (geometric mean 1) and the op that produces that input divided by s:
+    the RMSNorm weight for q/k/v, gate/up and the LM head, v_proj's rows for o_proj (one scale
+    per v row: the query heads that share a KV head share it), up_proj's rows for down_proj.
+    The unquantized model computes the same function (up to float rounding); the quantization
+    error moves off the channels with large activations.
+
+    With `search=(load, group_size)` (load(name) -> the linear's source weight), alpha is chosen
+    per site (the linears sharing an input) from ALPHA_GRID to minimise the multi-view error
+    Σ_k 4^k Σ (W_k - W)^2 E[x^2] (views k = 3..8, each on the scale of its own step, squared
+    errors weighted by the mean squared input of their column); otherwise alpha is fixed."""
+
+    def __init__(self, cfg: LlamaConfig, stats: ActivationStats, alpha: float = AWQ_ALPHA,
+                 search: tuple[Callable[[str], np.ndarray], int] | None = None):
+        self.cfg = cfg
+        self.stats = stats
+        self.alpha = alpha
+        self.search = search
+        self.alphas: dict[str, float] = {}  # site (its first linear) -> chosen alpha
+        self.col: dict[str, np.ndarray] = {}  # file linear -> column scale
+        self.row: dict[str, np.ndarray] = {}  # file linear -> row divisor
+        self.vec: dict[str, np.ndarray] = {}  # file norm tensor -> divisor
+        rep = cfg.n_heads // cfg.n_kv_heads
+        for i in range(cfg.n_layers):
+            b = f"blk.{i}."
+            sa = self._site([b + "attn_q", b + "attn_k", b + "attn_v"],
+                            lambda a, b=b: fold_scale(stats.mean_abs[b + "attn_q"], a))
+            sm = self._site([b + "ffn_gate", b + "ffn_up"],
+                            lambda a, b=b: fold_scale(stats.mean_abs[b + "ffn_gate"], a))
+            ao = np.maximum(stats.mean_abs[b + "attn_output"].astype(np.float64), 1e-12)
+            ao_kv = np.exp(np.log(ao.reshape(cfg.n_kv_heads, rep, cfg.head_dim)).mean(1)).reshape(-1)
+
+            def o_cols(a, ao_kv=ao_kv):  # one scale per v row, repeated over the query heads sharing it
+                sv = fold_scale(ao_kv, a)
+                return np.repeat(sv.reshape(cfg.n_kv_heads, 1, cfg.head_dim), rep, 1).reshape(-1)
+            so = self._site([b + "attn_output"], o_cols)
+            sd = self._site([b + "ffn_down"], lambda a, b=b: fold_scale(stats.mean_abs[b + "ffn_down"], a))
+            self.vec[b + "attn_norm.weight"] = sa
+            self.vec[b + "ffn_norm.weight"] = sm
+            for l in ("attn_q", "attn_k", "attn_v"):
+                self.col[b + l] = sa
+            for l in ("ffn_gate", "ffn_up"):
+                self.col[b + l] = sm
+            self.row[b + "attn_v"] = so.reshape(cfg.n_kv_heads, rep, cfg.head_dim)[:, 0].reshape(-1)
+            self.col[b + "attn_output"] = so
+            self.row[b + "ffn_up"] = sd
+            self.col[b + "ffn_down"] = sd
+        self.vec["output_norm.weight"] = self.col["output"] = self._site(
+            ["output"], lambda a: fold_scale(stats.mean_abs["output"], a))
+
+    def _site(self, names: list[str], scale_of: Callable[[float], np.ndarray]) -> np.ndarray:
+        """The column scale of the linears `names` (which share their input)."""
+        if self.search is None:
+            return scale_of(self.alpha)
+        load, group = self.search
+        msq = self.stats.mean_sq[names[0]].astype(np.float32)
+        ws = []
+        for n in names:
+            w = np.asarray(load(n), np.float32)
+            ws.append(w[::-(-w.shape[0] // SEARCH_MAX_ROWS)])  # a row sample of the big LM head
+        best = None
+        for a in ALPHA_GRID:
+            s = scale_of(a)
+            e = sum(_multiview_error(w, s, msq, group) for w in ws)
+            if best is None or e < best[0]:
+                best = (e, a, s)
+        self.alphas[names[0]] = best[1]
+        return best[2]
+
+    def tensor(self, name: str, a: np.ndarray) -> np.ndarray:
+        """The folded version of file tensor `name` (a linear's base name or a norm's name)."""
+        if name in self.vec:
+            return (a / self.vec[name]).astype(np.float32)
+        out = a
+        if name in self.row:
+            out = out / self.row[name][:, None]
+        if name in self.col:
+            out = out * self.col[name][None, :]
+        return np.asarray(out, np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
 # Conversion and export
 # ----------------------------------------------------------------------------------------------
 
+def make_fold(src: Source, stats: ActivationStats, group_size: int, alpha_search: bool = False) -> ScaleFold:
+    """The converter's fold of `src`: exponents searched per site on its weights, or fixed."""
+    cfg = src.config
+
+    def load_linear(name: str) -> np.ndarray:
+        tied = name == "output" and cfg.tie_word_embeddings
+        return src.load("model.embed_tokens.weight" if tied else hf_name(cfg, name + "."))
+    return ScaleFold(cfg, stats, search=(load_linear, group_size) if alpha_search else None)
+
+
 def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_size: int = 128,
-            embed_dtype: str = "f16", progress: bool = True) -> None:
+            embed_dtype: str = "f16", progress: bool = True, method: str = "folded",
+            calibrate: bool | None = None, stats: ActivationStats | None = None,
+            alpha_search: bool = False) -> None:
+    """Convert `src` to a model file.
+
+    method "folded" (default): fold activation-aware input scales into the model (`ScaleFold`,
+    from calibration statistics) before the min-max quantization, which makes every k-bit view a
+    better quantizer (docs/quantization.md); without statistics it is the same as "plain".
+    method "plain": min-max quantization of the source weights as they are.
+    calibrate: run the source model on calibration text (None: try it when the source is a
+    Hugging Face directory or a GGUF file of at most AUTO_CALIBRATE_MAX_PARAMS parameters);
+    `stats` gives precomputed statistics instead. alpha_search: choose the fold's exponent per
+    site (`ScaleFold` search) instead of the fixed AWQ_ALPHA.
+    """
+    if method not in ("folded", "plain"):
+        raise ValueError(f"method must be 'folded' or 'plain', got {method!r}")
+    transform = None
+    description = src.description
+    if method == "folded":
+        if stats is None and calibrate:
+            stats = calibration_stats(src)
+        elif stats is None and calibrate is None and isinstance(src, (HFSource, GGUFSource)) \
+                and _n_params(src.config) <= AUTO_CALIBRATE_MAX_PARAMS:
+            try:
+                stats = calibration_stats(src)
+            except Exception as e:  # noqa: BLE001  (best effort: the writer names real source defects)
+                print(f"warning: calibration of {src.description} failed ({type(e).__name__}: {e}); "
+                      "converting without folded scales", file=sys.stderr)
+        if stats is not None:
+            fold = make_fold(src, stats, group_size, alpha_search)
+            transform = fold.tensor
+            alpha = (f"alpha per site from {ALPHA_GRID} (mean {np.mean(list(fold.alphas.values())):.2f})"
+                     if alpha_search else f"alpha={fold.alpha}")
+            description += f" [folded input scales, {alpha}, {stats.tokens} calibration tokens]"
     write_model(out, src.config, src.tokenizer, src.load, max_bits=max_bits, group_size=group_size,
-                embed_dtype=embed_dtype, source=src.description, progress=progress)
+                embed_dtype=embed_dtype, source=description, progress=progress, transform=transform)
 
 
 def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike, bits: int, progress: bool = True) -> None:
@@ -450,6 +679,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--max-bits", type=int, default=8)
     ap.add_argument("--embed-dtype", choices=("f16", "f32"), default="f16")
+    ap.add_argument("--method", choices=("folded", "plain"), default="folded",
+                    help="folded: fold calibrated input scales into the model before quantizing (default); "
+                         "plain: quantize the source weights as they are (docs/quantization.md)")
+    ap.add_argument("--alpha-search", action="store_true",
+                    help="folded: choose the scales' exponent per site instead of the fixed one (slower)")
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="skip the calibration run of the source model (then folded = plain)")
     ap.add_argument("--synthetic", metavar="NAME", help=f"random weights of a real shape: {', '.join(SYNTHETIC_PRESETS)}")
     ap.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
     ap.add_argument("--export-hf", metavar="DIR", help="export the k-bit view of SRC (.fq) to DIR")
@@ -474,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
             out = a.out
             src = open_source(a.src)
         convert(src, out, max_bits=a.max_bits, group_size=a.group_size, embed_dtype=a.embed_dtype,
-                progress=not a.quiet)
+                progress=not a.quiet, method=a.method, calibrate=False if a.no_calibrate else None,
+                alpha_search=a.alpha_search)
         print(size_report(out))
         return 0
     except (ModelFileError, ValueError) as e:

@@ -301,11 +301,14 @@ class _Planned:
 
 def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
                 load: Callable[[str], np.ndarray], *, max_bits: int = 8, group_size: int = 128,
-                embed_dtype: str = "f16", source: str = "", progress: bool = True) -> None:
+                embed_dtype: str = "f16", source: str = "", progress: bool = True,
+                transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> None:
     """Write a model file.
 
     `load(hf_name)` returns a float32 numpy array of the Hugging Face parameter (canonical
     orientation: linears (out, in)); `lm_head.weight` is only asked for when the model is untied.
+    `transform(name, a)` (optional) rewrites a norm weight (file tensor name) or a linear weight
+    (file base name, e.g. `blk.0.attn_q`) before it is stored or quantized.
     """
     import gguf  # lazy: conversion-only dependency
 
@@ -319,18 +322,24 @@ def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
     plan: list[_Planned] = []
     edt = np.dtype(np.float16 if embed_dtype == "f16" else np.float32)
 
-    def vec(hfn: str, n: int) -> Callable[[], np.ndarray]:
-        return lambda: _checked(load(hfn), (n,), hfn).astype(np.float32)
+    def vec(hfn: str, n: int, name: str) -> Callable[[], np.ndarray]:
+        def make():
+            a = _checked(load(hfn), (n,), hfn).astype(np.float32)
+            return a if transform is None else transform(name, a)
+        return make
 
     plan.append(_Planned("token_embd.weight", (cfg.vocab, cfg.hidden), edt,
                          lambda: _checked(load("model.embed_tokens.weight"), (cfg.vocab, cfg.hidden),
                                           "model.embed_tokens.weight").astype(edt)))
-    plan.append(_Planned("output_norm.weight", (cfg.hidden,), np.dtype(np.float32), vec("model.norm.weight", cfg.hidden)))
+    plan.append(_Planned("output_norm.weight", (cfg.hidden,), np.dtype(np.float32),
+                         vec("model.norm.weight", cfg.hidden, "output_norm.weight")))
     for i in range(cfg.n_layers):
         plan.append(_Planned(f"blk.{i}.attn_norm.weight", (cfg.hidden,), np.dtype(np.float32),
-                             vec(f"model.layers.{i}.input_layernorm.weight", cfg.hidden)))
+                             vec(f"model.layers.{i}.input_layernorm.weight", cfg.hidden,
+                                 f"blk.{i}.attn_norm.weight")))
         plan.append(_Planned(f"blk.{i}.ffn_norm.weight", (cfg.hidden,), np.dtype(np.float32),
-                             vec(f"model.layers.{i}.post_attention_layernorm.weight", cfg.hidden)))
+                             vec(f"model.layers.{i}.post_attention_layernorm.weight", cfg.hidden,
+                                 f"blk.{i}.ffn_norm.weight")))
     quantized: dict[str, tuple] = {}
     for lname in linear_names(cfg):
         n, k = linear_shape(cfg, lname)
@@ -338,7 +347,10 @@ def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
         hfn = "model.embed_tokens.weight" if (lname == "output" and cfg.tie_word_embeddings) else hf_name(cfg, lname + ".")
 
         def make_planes(lname=lname, hfn=hfn, n=n, k=k):
-            planes, qp = bitplane.quantize_to_planes(_checked(load(hfn), (n, k), hfn), max_bits, group_size)
+            w = _checked(load(hfn), (n, k), hfn)
+            if transform is not None:
+                w = transform(lname, w)
+            planes, qp = bitplane.quantize_to_planes(w, max_bits, group_size)
             quantized[lname] = qp
             return planes.view(np.int8)
 

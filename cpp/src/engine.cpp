@@ -592,7 +592,7 @@ std::vector<int32_t> generate(Engine& eng, const std::vector<int32_t>& prompt, i
         out.push_back(tok);
         history.push_back(tok);
         if (on_token && !on_token(tok)) break;
-        if (eng.n_past() >= eng.n_ctx()) break;
+        if (eng.n_past() >= eng.n_ctx() || i + 1 == max_new_tokens) break;  // the last token needs no pass
         eng.eval(&tok, 1);
     }
     return out;

@@ -143,6 +143,7 @@ GenerateResult TextEngine::generate(const std::string& prompt, const GeneratePar
             r.stop_reason = StopReason::STOP_CONTEXT;
             break;
         }
+        if (i + 1 == params.max_new_tokens) break;  // the last token needs no forward pass
         if (params.before_step) params.before_step(eng, static_cast<int64_t>(r.tokens.size()));
         eng.eval(&t, 1);
     }

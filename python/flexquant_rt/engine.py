@@ -341,6 +341,8 @@ class Engine:
                     return
             if eng.n_past >= eng.n_ctx:
                 break  # the context is full: stop as llama.cpp does (finish reason "length")
+            if len(out_ids) == max_new_tokens:
+                break  # the last token needs no forward pass: nothing will be sampled after it
             if controller is not None:
                 self._apply(controller.mask(self.step_info(history[-2] if len(history) > 1 else tok)))
             eng.eval(self._ids([tok]))

@@ -486,6 +486,10 @@ void Tokenizer::Impl::encode_bpe(std::string_view text, std::vector<int32_t>& ou
     for (const auto& re : regexes) {
         matchers.emplace_back(re->matcher(status));
         if (U_FAILURE(status)) throw Error(where + ": ICU regex matcher: " + u_errorName(status));
+        // The patterns come from the (untrusted) model file: a catastrophically backtracking one
+        // must end in an error (U_REGEX_TIME_OUT, ~10 s of matching), not hang the caller.
+        matchers.back()->setTimeLimit(10000, status);
+        if (U_FAILURE(status)) throw Error(where + ": ICU regex time limit: " + u_errorName(status));
     }
     std::string prefixed;
     const auto pre_tokenize = [&](std::string_view segment) {

@@ -12,8 +12,8 @@ import pytest
 from conftest import make_hf_llama
 from flexquant_rt import bitplane
 from flexquant_rt.convert import (ALPHA_GRID, AWQ_ALPHA, GGUFSource, HFSource, ScaleFold, SyntheticSource,
-                                  SYNTHETIC_PRESETS, calibration_stats, convert, export_hf, make_fold, open_source)
-from flexquant_rt.model_file import LAYER_LINEARS, ModelFileError, ModelReader, linear_names
+                                  SYNTHETIC_PRESETS, calibration_stats, convert, export_hf, fold_scale, make_fold, open_source)
+from flexquant_rt.model_file import LAYER_LINEARS, ModelFileError, ModelReader, hf_name, linear_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -271,6 +271,42 @@ def test_default_conversion_folds_and_every_view_holds_its_bound(gqa_hf, tmp_pat
                                   src.load("model.layers.0.input_layernorm.weight"))
     codes, qp = bitplane.quantize(src.load("model.layers.1.mlp.down_proj.weight"), 8, 64)
     np.testing.assert_array_equal(rp.linear("blk.1.ffn_down")[1], qp)
+
+
+def test_output_scale_search_minimises_the_sites_output_error(gqa_hf, tmp_path):
+    """--scale-search output (AWQ's per-layer search): with the calibration Grams, each site's
+    exponent is the grid point with the least 4-bit output error of its linears; the converter
+    collects the Grams itself and the file holds every view's bound in the folded weights."""
+    from flexquant_rt import convert as C
+
+    d, _ = gqa_hf
+    src = HFSource(d)
+    stats = calibration_stats(src, n_chunks=2, chunk_len=128, gram=True)
+    assert set(stats.gram) == {f"blk.{i}.{l}" for i in range(src.config.n_layers) for l in C.GRAM_SITES} | {"output"}
+    x_sq = stats.gram["blk.0.ffn_down"]
+    np.testing.assert_allclose(np.diag(x_sq), stats.mean_sq["blk.0.ffn_down"], rtol=1e-4)
+    fold = make_fold(src, stats, 64, alpha_search=True, objective="output")
+    assert set(fold.alphas.values()) <= set(C.OUTPUT_ALPHA_GRID) and len(fold.alphas) == 4 * src.config.n_layers + 1
+    # the chosen exponent of the gate/up site beats every other grid point on the objective
+    w = [src.load(f"model.layers.1.mlp.{p}_proj.weight") for p in ("gate", "up")]
+    g = stats.gram["blk.1.ffn_gate"]
+    m = stats.mean_abs["blk.1.ffn_gate"]
+    errs = {a: sum(C._output_error(x, fold_scale(m, a), g, 64) for x in w) for a in C.OUTPUT_ALPHA_GRID}
+    assert min(errs, key=errs.get) == fold.alphas["blk.1.ffn_gate"]
+    np.testing.assert_array_equal(fold.col["blk.1.ffn_up"], fold_scale(m, fold.alphas["blk.1.ffn_gate"]))
+    with pytest.raises(ValueError, match="Grams"):
+        make_fold(src, calibration_stats(src, n_chunks=1, chunk_len=64), 64, alpha_search=True, objective="output")
+    out = tmp_path / "out.fq"
+    convert(src, out, progress=False, group_size=64, scale_search="output", calibrate=True)
+    r = ModelReader(out)
+    assert "output search" in r.field("flexquant.source")
+    same = make_fold(src, calibration_stats(src, gram=True), 64, alpha_search=True, objective="output")
+    for name in ("blk.0.attn_q", "blk.1.attn_output", "blk.1.ffn_down", "output"):
+        wf = same.tensor(name, src.load("lm_head.weight" if name == "output" else hf_name(src.config, name + ".")))
+        _, qp, n, k = r.linear(name)
+        for bits in (3, 4, 8):
+            s_k, _ = bitplane.view_params(qp, bits, 8)
+            assert np.all(np.abs(r.dequantize(name, bits) - wf) <= s_k[:, np.arange(k) // 64] / 2 * (1 + 1e-5) + 1e-7)
 
 
 # ---- the real model --------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ Python's `pydoc_data.topics`, as `controller.calibration_text("evaluation")`), f
 - `rtn`:     independent round-to-nearest at k bits (a file with max_bits = k), asym min-max;
 - `folded`:  the default converter (`convert --method folded`): activation-aware input scales
              (AWQ-style, from calibration text) folded into the model, then the same 8-bit
-             min-max codes and nested views; `folded-search`: the same with `--alpha-search`.
+             min-max codes and nested views; `folded-search`: the same with `--alpha-search`;
+             `folded-output`: the same with `--scale-search output` (AWQ's per-site search on the
+             4-bit output error of the calibration activations).
 
 Each method's model file is written by the converter (`convert.convert`); the k-bit view of the
 file (every linear incl. the LM head, the norms, the fp16 embedding: `model_file.iter_hf_tensors`,
@@ -105,7 +107,7 @@ def convert_files(method: str, group: int, bits: list[int], work: Path, stats) -
     f = work / f"{method}_g{group}.fq"
     if not f.is_file():
         convert(src, f, group_size=group, progress=False, method=method.split("-")[0], stats=stats,
-                alpha_search=method == "folded-search")
+                scale_search={"folded-search": "weight", "folded-output": "output"}.get(method))
     return {k: (f, k) for k in bits}
 
 
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8])
     ap.add_argument("--methods", nargs="+", default=["plain", "rtn", "folded"],
-                    choices=["plain", "rtn", "folded", "folded-search"])
+                    choices=["plain", "rtn", "folded", "folded-search", "folded-output"])
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--len", type=int, default=512)
     ap.add_argument("--work", default="/tmp/fq_i9",
@@ -186,7 +188,8 @@ def main(argv=None) -> int:
     else:
         ref = logprobs(model, chunks)
         torch.save(ref, cache)
-    stats = calibration_stats(GGUFSource(smollm2_gguf())) if any(m.startswith("folded") for m in a.methods) else None
+    stats = calibration_stats(GGUFSource(smollm2_gguf()), gram="folded-output" in a.methods) \
+        if any(m.startswith("folded") for m in a.methods) else None
     print(f"text: evaluation half of pydoc_data.topics, {a.chunks}x{a.len} tokens; reference: transformers fp32, "
           "unquantized GGUF weights; cells: KLD / perplexity")
     print("| group | method | " + " | ".join(f"k={k}" for k in a.bits) + " |")
@@ -203,7 +206,7 @@ def main(argv=None) -> int:
                 if a.engine:
                     eng_cells.append(engine_kld(files[k][0], k, ref, chunks))
             name = {"plain": "plain nested", "rtn": "independent RTN", "folded": "folded scales (new default)",
-                    "folded-search": "folded, --alpha-search"}[meth]
+                    "folded-search": "folded, --alpha-search", "folded-output": "folded, --scale-search output"}[meth]
             print(f"| {g} | {name} | " + " | ".join(f"{kl:.4f} / {pp:.2f}" for kl, pp in cells) + " |"
                   + (f" (convert {tq:.0f}s)" if tq > 1 else ""), flush=True)
             if a.engine:

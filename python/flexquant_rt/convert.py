@@ -416,9 +416,15 @@ class ActivationStats:
     mean_abs: dict[str, np.ndarray]
     mean_sq: dict[str, np.ndarray]
     tokens: int
+    #: E[x x^T] (K x K) of each fold site's input (its first linear), when collected (`gram=True`)
+    gram: dict[str, np.ndarray] | None = None
 
 
-def calibration_stats(src: Source, n_chunks: int = 4, chunk_len: int = 512) -> ActivationStats:
+#: The first linear of each fold site (the linears sharing an input): the output search's Grams.
+GRAM_SITES = ("attn_q", "attn_output", "ffn_gate", "ffn_down")
+
+
+def calibration_stats(src: Source, n_chunks: int = 4, chunk_len: int = 512, gram: bool = False) -> ActivationStats:
     """Run the unquantized source model (transformers, fp32) on the calibration half of Python's
     docs (`controller.calibration_text`, disjoint from the evaluation text) and record the input
     statistics of every linear. Needs transformers and ~4 bytes per parameter of memory."""
@@ -443,6 +449,8 @@ def calibration_stats(src: Source, n_chunks: int = 4, chunk_len: int = 512) -> A
                  for l, hfp in HF_LINEAR_NAMES.items()}
     file_name["lm_head"] = "output"
     sums: dict[str, list] = {}
+    grams: dict[str, "torch.Tensor"] = {}
+    want_gram = {f for f in file_name.values() if f == "output" or f.split(".")[-1] in GRAM_SITES} if gram else set()
     hooks = []
     for name, mod in model.named_modules():
         if name in file_name:
@@ -451,6 +459,9 @@ def calibration_stats(src: Source, n_chunks: int = 4, chunk_len: int = 512) -> A
                 acc = sums.setdefault(fname, [0.0, 0.0])
                 acc[0] = acc[0] + x.abs().sum(0).numpy()
                 acc[1] = acc[1] + (x * x).sum(0).numpy()
+                if fname in want_gram:
+                    xf = x.float()
+                    grams[fname] = grams[fname] + xf.T @ xf if fname in grams else xf.T @ xf
             hooks.append(mod.register_forward_hook(hook))
     with torch.no_grad():
         for i in range(n_chunks):
@@ -462,7 +473,8 @@ def calibration_stats(src: Source, n_chunks: int = 4, chunk_len: int = 512) -> A
     if missing:
         raise ModelFileError(f"calibration saw no input for {sorted(missing)[:3]}")
     return ActivationStats({k: (v[0] / n).astype(np.float32) for k, v in sums.items()},
-                           {k: (v[1] / n).astype(np.float32) for k, v in sums.items()}, n)
+                           {k: (v[1] / n).astype(np.float32) for k, v in sums.items()}, n,
+                           {k: (v / n).numpy() for k, v in grams.items()} if gram else None)
 
 
 #: Exponents tried per site by the searched fold; rows of a linear sampled for the search;
@@ -481,6 +493,27 @@ def _multiview_error(w: np.ndarray, s: np.ndarray, msq: np.ndarray, group: int) 
     for k, use in SEARCH_VIEW_USE.items():
         d = bitplane.dequantize(codes, qp, k, 8, group) - w * s
         tot += use * 4.0 ** k * float(((d * d) @ cw).sum())
+    return tot
+
+
+#: The output search (`ScaleFold(objective="output")`, AWQ's per-layer search): exponents tried per
+#: site, and the weight of each view k in its objective (times 4^k).
+OUTPUT_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+OUTPUT_VIEW_USE = {4: 1.0}
+#: Exponents beta of the weight term of the output search's scales: s = mean|x|^alpha / max|W|^beta
+#: per input column (not for o_proj, whose scale is shared by query heads).
+OUTPUT_BETA_GRID = (0.0,)
+
+
+def _output_error(w: np.ndarray, s: np.ndarray, gram: np.ndarray, group: int) -> float:
+    """Σ_k use_k 4^k Σ_tokens ||(W_k - W) x||^2 / tokens: the output error of the views of w folded
+    by column scales s (the k-bit view of W·diag(s), applied to x / s), from E[x x^T] = gram."""
+    ws = w * s
+    codes, qp = bitplane.quantize(ws, 8, group)
+    tot = 0.0
+    for k, use in OUTPUT_VIEW_USE.items():
+        d = (bitplane.dequantize(codes, qp, k, 8, group) - ws) / s
+        tot += use * 4.0 ** k * float(np.einsum("ij,ij->", d @ gram, d))
     return tot
 
 
@@ -505,12 +538,18 @@ class ScaleFold:
     errors weighted by the mean squared input of their column); otherwise alpha is fixed."""
 
     def __init__(self, cfg: LlamaConfig, stats: ActivationStats, alpha: float = AWQ_ALPHA,
-                 search: tuple[Callable[[str], np.ndarray], int] | None = None):
+                 search: tuple[Callable[[str], np.ndarray], int] | None = None, objective: str = "weight"):
+        if objective not in ("weight", "output"):
+            raise ValueError(f"objective must be 'weight' or 'output', got {objective!r}")
+        if search is not None and objective == "output" and stats.gram is None:
+            raise ValueError("the output search needs the calibration Grams (calibration_stats(gram=True))")
+        self.objective = objective
         self.cfg = cfg
         self.stats = stats
         self.alpha = alpha
         self.search = search
         self.alphas: dict[str, float] = {}  # site (its first linear) -> chosen alpha
+        self.betas: dict[str, float] = {}  # site -> chosen beta (output search)
         self.col: dict[str, np.ndarray] = {}  # file linear -> column scale
         self.row: dict[str, np.ndarray] = {}  # file linear -> row divisor
         self.vec: dict[str, np.ndarray] = {}  # file norm tensor -> divisor
@@ -547,18 +586,29 @@ class ScaleFold:
         if self.search is None:
             return scale_of(self.alpha)
         load, group = self.search
-        msq = self.stats.mean_sq[names[0]].astype(np.float32)
         ws = []
         for n in names:
             w = np.asarray(load(n), np.float32)
             ws.append(w[::-(-w.shape[0] // SEARCH_MAX_ROWS)])  # a row sample of the big LM head
+        if self.objective == "output":
+            gram = np.asarray(self.stats.gram[names[0]], np.float32)
+            grid, err = OUTPUT_ALPHA_GRID, lambda w, s: _output_error(w, s, gram, group)
+        else:
+            msq = self.stats.mean_sq[names[0]].astype(np.float32)
+            grid, err = ALPHA_GRID, lambda w, s: _multiview_error(w, s, msq, group)
+        betas = OUTPUT_BETA_GRID if self.objective == "output" and not names[0].endswith("attn_output") else (0.0,)
+        wmax = np.maximum(np.max([np.abs(w).max(0) for w in ws], 0).astype(np.float64), 1e-12)
         best = None
-        for a in ALPHA_GRID:
-            s = scale_of(a)
-            e = sum(_multiview_error(w, s, msq, group) for w in ws)
-            if best is None or e < best[0]:
-                best = (e, a, s)
+        for a in grid:
+            for b in betas:
+                s = scale_of(a) if b == 0 else fold_scale(1.0 / wmax, b) * scale_of(a)
+                if b != 0:
+                    s = np.clip(s / np.exp(np.log(s).mean()), 1 / AWQ_MAX_SCALE, AWQ_MAX_SCALE).astype(np.float32)
+                e = sum(err(w, s) for w in ws)
+                if best is None or e < best[0]:
+                    best = (e, a, s, b)
         self.alphas[names[0]] = best[1]
+        self.betas[names[0]] = best[3]
         return best[2]
 
     def tensor(self, name: str, a: np.ndarray) -> np.ndarray:
@@ -577,20 +627,21 @@ class ScaleFold:
 # Conversion and export
 # ----------------------------------------------------------------------------------------------
 
-def make_fold(src: Source, stats: ActivationStats, group_size: int, alpha_search: bool = False) -> ScaleFold:
+def make_fold(src: Source, stats: ActivationStats, group_size: int, alpha_search: bool = False,
+              objective: str = "weight") -> ScaleFold:
     """The converter's fold of `src`: exponents searched per site on its weights, or fixed."""
     cfg = src.config
 
     def load_linear(name: str) -> np.ndarray:
         tied = name == "output" and cfg.tie_word_embeddings
         return src.load("model.embed_tokens.weight" if tied else hf_name(cfg, name + "."))
-    return ScaleFold(cfg, stats, search=(load_linear, group_size) if alpha_search else None)
+    return ScaleFold(cfg, stats, search=(load_linear, group_size) if alpha_search else None, objective=objective)
 
 
 def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_size: int = 128,
             embed_dtype: str = "f16", progress: bool = True, method: str = "folded",
             calibrate: bool | None = None, stats: ActivationStats | None = None,
-            alpha_search: bool = False) -> None:
+            alpha_search: bool = False, scale_search: str | None = None) -> None:
     """Convert `src` to a model file.
 
     method "folded" (default): fold activation-aware input scales into the model (`ScaleFold`,
@@ -600,27 +651,36 @@ def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_siz
     calibrate: run the source model on calibration text (None: try it when the source is a
     Hugging Face directory or a GGUF file of at most AUTO_CALIBRATE_MAX_PARAMS parameters);
     `stats` gives precomputed statistics instead. alpha_search: choose the fold's exponent per
-    site (`ScaleFold` search) instead of the fixed AWQ_ALPHA.
+    site (`ScaleFold` search) instead of the fixed AWQ_ALPHA; the same as scale_search="weight".
+    scale_search="output": AWQ's per-layer search, the exponent per site minimising the output
+    error of the site's linears at the 4-bit view on the calibration activations (needs their
+    Grams: `calibration_stats(gram=True)`, which the converter collects itself).
     """
+    if alpha_search:
+        scale_search = scale_search or "weight"
+    if scale_search not in (None, "weight", "output"):
+        raise ValueError(f"scale_search must be 'weight' or 'output', got {scale_search!r}")
+    gram = scale_search == "output"
     if method not in ("folded", "plain"):
         raise ValueError(f"method must be 'folded' or 'plain', got {method!r}")
     transform = None
     description = src.description
     if method == "folded":
         if stats is None and calibrate:
-            stats = calibration_stats(src)
+            stats = calibration_stats(src, gram=gram)
         elif stats is None and calibrate is None and isinstance(src, (HFSource, GGUFSource)) \
                 and _n_params(src.config) <= AUTO_CALIBRATE_MAX_PARAMS:
             try:
-                stats = calibration_stats(src)
+                stats = calibration_stats(src, gram=gram)
             except Exception as e:  # noqa: BLE001  (best effort: the writer names real source defects)
                 print(f"warning: calibration of {src.description} failed ({type(e).__name__}: {e}); "
                       "converting without folded scales", file=sys.stderr)
         if stats is not None:
-            fold = make_fold(src, stats, group_size, alpha_search)
+            fold = make_fold(src, stats, group_size, scale_search is not None, scale_search or "weight")
             transform = fold.tensor
-            alpha = (f"alpha per site from {ALPHA_GRID} (mean {np.mean(list(fold.alphas.values())):.2f})"
-                     if alpha_search else f"alpha={fold.alpha}")
+            grid = OUTPUT_ALPHA_GRID if scale_search == "output" else ALPHA_GRID
+            alpha = (f"alpha per site from {grid[0]}..{grid[-1]}, {scale_search} search "
+                     f"(mean {np.mean(list(fold.alphas.values())):.2f})" if scale_search else f"alpha={fold.alpha}")
             description += f" [folded input scales, {alpha}, {stats.tokens} calibration tokens]"
     write_model(out, src.config, src.tokenizer, src.load, max_bits=max_bits, group_size=group_size,
                 embed_dtype=embed_dtype, source=description, progress=progress, transform=transform)
@@ -683,7 +743,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="folded: fold calibrated input scales into the model before quantizing (default); "
                          "plain: quantize the source weights as they are (docs/quantization.md)")
     ap.add_argument("--alpha-search", action="store_true",
-                    help="folded: choose the scales' exponent per site instead of the fixed one (slower)")
+                    help="folded: choose the scales' exponent per site instead of the fixed one (slower); "
+                         "the same as --scale-search weight")
+    ap.add_argument("--scale-search", choices=("weight", "output"),
+                    help="folded: choose the exponent per site by a weight-space objective (weight) or by the "
+                         "4-bit output error of the site's linears on the calibration activations (output, AWQ's search)")
     ap.add_argument("--no-calibrate", action="store_true",
                     help="skip the calibration run of the source model (then folded = plain)")
     ap.add_argument("--synthetic", metavar="NAME", help=f"random weights of a real shape: {', '.join(SYNTHETIC_PRESETS)}")
@@ -711,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             src = open_source(a.src)
         convert(src, out, max_bits=a.max_bits, group_size=a.group_size, embed_dtype=a.embed_dtype,
                 progress=not a.quiet, method=a.method, calibrate=False if a.no_calibrate else None,
-                alpha_search=a.alpha_search)
+                alpha_search=a.alpha_search, scale_search=a.scale_search)
         print(size_report(out))
         return 0
     except (ModelFileError, ValueError) as e:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import view_quality as vq  # noqa: E402
@@ -39,6 +38,21 @@ def mlp_inputs(n_tok: int) -> dict[int, np.ndarray]:
     return {i: np.concatenate(v)[::stride].astype(np.float32) for i, v in xs.items()}
 
 
+def pick_alpha(self, names, scale_of, view_error) -> np.ndarray:
+    """The grid search both block objectives share: the scale whose views minimise
+    Σ_k use_k · 4^k · view_error(s, k) (view_error(s, None) first prepares the views of scale s)."""
+    best = None
+    for a in C.OUTPUT_ALPHA_GRID:
+        s = scale_of(a)
+        view_error(s, None)
+        e = sum(use * 4.0 ** k * view_error(s, k) for k, use in C.OUTPUT_VIEW_USE.items())
+        if best is None or e < best[0]:
+            best = (e, a, s)
+    self.alphas[names[0]] = best[1]
+    self.betas[names[0]] = 0.0
+    return best[2]
+
+
 def patch_mlp_block(xs: dict[int, np.ndarray]) -> None:
     """ScaleFold's search for the gate/up site: error of the MLP output (fp down_proj)."""
     from flexquant_rt import bitplane
@@ -56,23 +70,18 @@ def patch_mlp_block(xs: dict[int, np.ndarray]) -> None:
         wg, wu = (np.asarray(load(n), np.float32) for n in names)
         wd = np.asarray(load(f"blk.{i}.ffn_down"), np.float32)
         h = silu(x @ wg.T) * (x @ wu.T)
-        best = None
-        for a in C.OUTPUT_ALPHA_GRID:
-            s = scale_of(a)
-            views = []
-            for w in (wg, wu):
-                codes, qp = bitplane.quantize(w * s, 8, group)
-                views.append({k: bitplane.dequantize(codes, qp, k, 8, group) / s for k in C.OUTPUT_VIEW_USE})
-            e = 0.0
-            for k, use in C.OUTPUT_VIEW_USE.items():
-                hk = silu(x @ views[0][k].T) * (x @ views[1][k].T)
-                d = (hk - h) @ wd.T
-                e += use * 4.0 ** k * float(np.einsum("ij,ij->", d, d))
-            if best is None or e < best[0]:
-                best = (e, a, s)
-        self.alphas[names[0]] = best[1]
-        self.betas[names[0]] = 0.0
-        return best[2]
+        views = []
+
+        def view_error(s, k):
+            if k is None:  # the views of both linears at this scale
+                views[:] = []
+                for w in (wg, wu):
+                    codes, qp = bitplane.quantize(w * s, 8, group)
+                    views.append({kk: bitplane.dequantize(codes, qp, kk, 8, group) / s for kk in C.OUTPUT_VIEW_USE})
+                return 0.0
+            d = (silu(x @ views[0][k].T) * (x @ views[1][k].T) - h) @ wd.T
+            return float(np.einsum("ij,ij->", d, d))
+        return pick_alpha(self, names, scale_of, view_error)
     C.ScaleFold._site = site
 
 
@@ -107,21 +116,17 @@ def patch_attn_block() -> None:
         args, kwargs = calls[i]
         with torch.no_grad():
             ref = attn(*args, **kwargs)[0]
-            best = None
-            for a in C.OUTPUT_ALPHA_GRID:
-                s = scale_of(a)
-                qs = [bitplane.quantize(w * s, 8, group) for w in ws]
-                e = 0.0
-                for k, use in C.OUTPUT_VIEW_USE.items():
-                    for lin, (codes, qp) in zip(lins, qs):
-                        lin.weight.data = torch.from_numpy(bitplane.dequantize(codes, qp, k, 8, group) / s)
-                    d = attn(*args, **kwargs)[0] - ref
-                    e += use * 4.0 ** k * float((d * d).sum())
-                if best is None or e < best[0]:
-                    best = (e, a, s)
-        self.alphas[names[0]] = best[1]
-        self.betas[names[0]] = 0.0
-        return best[2]
+            qs = []
+
+            def view_error(s, k):
+                if k is None:  # quantize q, k, v at this scale
+                    qs[:] = [bitplane.quantize(w * s, 8, group) for w in ws]
+                    return 0.0
+                for lin, (codes, qp) in zip(lins, qs):
+                    lin.weight.data = torch.from_numpy(bitplane.dequantize(codes, qp, k, 8, group) / s)
+                d = attn(*args, **kwargs)[0] - ref
+                return float((d * d).sum())
+            return pick_alpha(self, names, scale_of, view_error)
     C.ScaleFold._site = site
 
 

@@ -60,7 +60,6 @@ constexpr int PREP_THREADS = SUPER_K;  // the preparation kernels: one thread pe
 constexpr unsigned FULL = 0xffffffffu;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 
 // Geometry shared by the launchers.
 struct Geometry {
@@ -678,18 +677,15 @@ void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int
     DeviceBuffer<uint16_t> qparams(qparams_count, fn);
     DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
     DeviceBuffer<uint8_t> ws(ws_bytes, fn);
-    cuda_check(cudaMemcpy(planes.get(), w.planes, planes_bytes, cudaMemcpyHostToDevice), fn + " (upload planes)");
-    cuda_check(cudaMemcpy(qparams.get(), w.qparams, qparams_count * 2, cudaMemcpyHostToDevice), fn + " (upload qparams)");
-    cuda_check(cudaMemcpy(xd.get(), x, size_t(m) * w.k * sizeof(float), cudaMemcpyHostToDevice), fn + " (upload x)");
-    // NaN everywhere (all-ones bit pattern): an element the kernel fails to write shows up.
-    cuda_check(cudaMemset(yd.get(), 0xff, size_t(m) * w.n * sizeof(float)), fn + " (poison y)");
+    upload(planes, w.planes, planes_bytes, fn + " planes");
+    upload(qparams, w.qparams, qparams_count, fn + " qparams");
+    upload(xd, x, size_t(m) * w.k, fn + " x");
+    poison(yd, size_t(m) * w.n, fn + " y");
     BitplaneLinear dw = w;
     dw.planes = planes.get();
     dw.qparams = qparams.get();
     bitplane_matmul_cuda_async(dw, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, path, nullptr, tuning);
-    // cudaMemcpy waits for the kernels on the legacy default stream; an error raised while they
-    // ran surfaces here.
-    cuda_check(cudaMemcpy(y, yd.get(), size_t(m) * w.n * sizeof(float), cudaMemcpyDeviceToHost), fn + " (download)");
+    download(y, yd, size_t(m) * w.n, fn + " y");
 }
 
 // ---- benchmark ---------------------------------------------------------------------------------------

@@ -89,16 +89,12 @@ void dequantize_linear_cuda(const BitPlaneLinear& w, int bits, float* host_out /
     DeviceBuffer<uint8_t> planes(planes_bytes, what);
     DeviceBuffer<uint16_t> qparams(qparams_count, what);
     DeviceBuffer<float> out(out_count, what);
-    cuda_check(cudaMemcpy(planes.get(), w.planes, planes_bytes, cudaMemcpyHostToDevice), what + " (upload planes)");
-    cuda_check(cudaMemcpy(qparams.get(), w.qparams, qparams_count * sizeof(uint16_t), cudaMemcpyHostToDevice),
-               what + " (upload qparams)");
+    upload(planes, w.planes, planes_bytes, what + " planes");
+    upload(qparams, w.qparams, qparams_count, what + " qparams");
     dequantize_linear_launch(planes.get(), w.plane_bytes, qparams.get(), out.get(), w.n, w.k, w.k_pad, w.n_groups,
                              w.group_size, bits, w.max_bits, /*stream=*/0);
     cuda_check(cudaGetLastError(), what + " (kernel launch)");
-    // cudaMemcpy waits for the kernel on the legacy default stream; an error raised while the
-    // kernel ran surfaces here.
-    cuda_check(cudaMemcpy(host_out, out.get(), out_count * sizeof(float), cudaMemcpyDeviceToHost),
-               what + " (download)");
+    download(host_out, out, out_count, what);  // waits for the kernel: an error it raised surfaces here
 }
 
 }  // namespace flexquant

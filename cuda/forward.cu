@@ -32,8 +32,6 @@ namespace {
 constexpr int64_t SLICE = 8;  // rows per pass: the bit-plane kernels take up to 8
 constexpr int THREADS = 256;
 
-size_t align256(size_t x) { return (x + 255) / 256 * 256; }
-
 // A bump allocator over one cudaMalloc: the layout is planned first (sizes only), then allocated
 // once, so a failure leaves nothing behind and the error can name the total.
 struct Arena {

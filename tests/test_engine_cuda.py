@@ -21,13 +21,9 @@ import pytest
 import flexquant_rt._core as core
 from flexquant_rt import Engine, FlexquantError
 
+from conftest import rel_err
+
 gpu = pytest.mark.skipif(not core.cuda_available(), reason="no CUDA device (or built without CUDA)")
-
-
-def rel_err(a, b) -> float:
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 # ---- CPU: the bit-width cap and the fallback --------------------------------------------------------

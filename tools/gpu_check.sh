@@ -142,18 +142,6 @@ def graph_time_us(fn, launches=128, reps=20):
     return float(np.median(times))
 
 
-def copy_tbs():
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev); b = torch.empty_like(a)
-    for _ in range(3): b.copy_(a)
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    ts = []
-    for _ in range(10):
-        ev[0].record(); b.copy_(a); ev[1].record(); ev[1].synchronize()
-        ts.append(ev[0].elapsed_time(ev[1]) / 1000)
-    del a, b
-    return 2 * (1 << 30) / float(np.median(ts)) / 1e12
-
-
 def torch_linear_us(n, k, m=1):
     nbytes = n * k * 2
     copies = max(2, math.ceil(4 * L2 / nbytes))
@@ -174,7 +162,9 @@ def random_linear(n, k):
     return planes, np.ascontiguousarray(np.stack([s, mn], axis=-1))
 
 
-ceiling = copy_tbs()
+sys.path.insert(0, "tools")  # run from the repository root
+from bench import gpu_copy_bandwidth_gbs  # the same measurement as tools/bench.py --backend cuda
+ceiling = gpu_copy_bandwidth_gbs() / 1e3  # TB/s
 print(f"device: {torch.cuda.get_device_name(0)}, L2 {L2 / 2**20:.0f} MiB, copy bandwidth {ceiling:.2f} TB/s (read + write)")
 rows, results = [], {"copy_tbs": ceiling, "device": torch.cuda.get_device_name(0), "runs": []}
 

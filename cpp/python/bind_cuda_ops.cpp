@@ -10,24 +10,21 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
-#include <initializer_list>
 #include <string>
 
 #include "../../cuda/bitplane_matmul.cuh"
+#include "array_checks.h"
 #include "cuda_backend.h"
 #include "flexquant/error.h"
 
 namespace py = pybind11;
 using flexquant::BitplaneCudaPath;
 using flexquant::BitplaneLinear;
+using flexquant_py::expect_dim;
+using flexquant_py::require;
+using flexquant_py::shape_str;
 
 namespace {
-
-std::string shape_str(const py::array& a) {
-    std::string s = "(";
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + (a.ndim() == 1 ? ",)" : ")");
-}
 
 BitplaneCudaPath parse_path(const std::string& s) {
     if (s == "auto") return flexquant::BITPLANE_CUDA_AUTO;
@@ -123,31 +120,13 @@ py::dict py_bitplane_matmul_cuda_bench(const py::array& planes, const py::array&
     return d;
 }
 
-// A C-contiguous float32 array of the given shape, or a ValueError naming the argument.
 using F32 = py::array_t<float, py::array::c_style>;
-void expect_shape(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
-    bool ok = a.ndim() == py::ssize_t(shape.size());
-    size_t i = 0;
-    for (int64_t s : shape) ok = ok && a.shape(py::ssize_t(i++)) == s;
-    if (!ok) {
-        std::string want = "(";
-        i = 0;
-        for (int64_t s : shape) want += (i++ ? ", " : "") + std::to_string(s);
-        throw py::value_error(std::string(name) + ": expected shape " + want + (shape.size() == 1 ? ",)" : ")") +
-                              ", got " + shape_str(a));
-    }
-}
-F32 f32(const py::array& a, const char* name) {
-    if (!a.dtype().is(py::dtype::of<float>()) || !(a.flags() & py::array::c_style))
-        throw py::type_error(std::string(name) + ": expected a C-contiguous float32 array");
-    return py::reinterpret_borrow<F32>(a);
-}
 
 F32 py_rms_norm_cuda(const py::array& x, const py::array& w, float eps) {
-    F32 xa = f32(x, "x"), wa = f32(w, "w");
-    if (xa.ndim() != 2) throw py::value_error("x: expected shape (m, d), got " + shape_str(x));
+    F32 xa = require<float>(x, "x", 2, "(m, d)");
     const int64_t m = xa.shape(0), d = xa.shape(1);
-    expect_shape(wa, "w", {d});
+    F32 wa = require<float>(w, "w", 1, "(d,)");
+    expect_dim(wa, 0, d, "w", "(" + std::to_string(d) + ",)");
     F32 y({m, d});
     float* yp = y.mutable_data();
     {
@@ -159,13 +138,16 @@ F32 py_rms_norm_cuda(const py::array& x, const py::array& w, float eps) {
 
 py::tuple py_rope_cuda(const py::array& inv_freq, const py::array& q, const py::array& k,
                        const py::array_t<int64_t, py::array::c_style>& positions) {
-    F32 fa = f32(inv_freq, "inv_freq"), qa = f32(q, "q"), ka = f32(k, "k");
-    if (qa.ndim() != 3) throw py::value_error("q: expected shape (m, n_heads, head_dim), got " + shape_str(q));
+    F32 qa = require<float>(q, "q", 3, "(m, n_heads, head_dim)");
     const int64_t m = qa.shape(0), H = qa.shape(1), d = qa.shape(2);
-    if (ka.ndim() != 3 || ka.shape(0) != m || ka.shape(2) != d)
-        throw py::value_error("k: expected shape (" + std::to_string(m) + ", n_kv_heads, " + std::to_string(d) + "), got " + shape_str(k));
-    expect_shape(fa, "inv_freq", {d / 2});
-    expect_shape(positions, "positions", {m});
+    const std::string kshape = "(" + std::to_string(m) + ", n_kv_heads, " + std::to_string(d) + ")";
+    F32 ka = require<float>(k, "k", 3, kshape.c_str());
+    expect_dim(ka, 0, m, "k", kshape);
+    expect_dim(ka, 2, d, "k", kshape);
+    F32 fa = require<float>(inv_freq, "inv_freq", 1, "(head_dim / 2,)");
+    expect_dim(fa, 0, d / 2, "inv_freq", "(" + std::to_string(d / 2) + ",)");
+    require<int64_t>(positions, "positions", 1, "(m,)");
+    expect_dim(positions, 0, m, "positions", "(" + std::to_string(m) + ",)");
     F32 qo({m, H, d}), ko({m, ka.shape(1), d});
     std::copy(qa.data(), qa.data() + qa.size(), qo.mutable_data());
     std::copy(ka.data(), ka.data() + ka.size(), ko.mutable_data());
@@ -177,9 +159,10 @@ py::tuple py_rope_cuda(const py::array& inv_freq, const py::array& q, const py::
 }
 
 F32 py_swiglu_cuda(const py::array& gate, const py::array& up) {
-    F32 ga = f32(gate, "gate"), ua = f32(up, "up");
-    if (ga.ndim() != 1) throw py::value_error("gate: expected shape (n,), got " + shape_str(gate));
-    expect_shape(ua, "up", {ga.shape(0)});
+    F32 ga = require<float>(gate, "gate", 1, "(n,)");
+    const std::string ushape = "(" + std::to_string(ga.shape(0)) + ",)";
+    F32 ua = require<float>(up, "up", 1, ushape.c_str());
+    expect_dim(ua, 0, ga.shape(0), "up", ushape);
     F32 out({ga.shape(0)});
     float* op = out.mutable_data();
     {
@@ -190,8 +173,7 @@ F32 py_swiglu_cuda(const py::array& gate, const py::array& up) {
 }
 
 F32 py_attention_cuda(const py::array& q, const py::array& k_cache, const py::array& v_cache, int64_t p0, int n_splits) {
-    F32 qa = f32(q, "q");
-    if (qa.ndim() != 3) throw py::value_error("q: expected shape (m, n_heads, head_dim), got " + shape_str(q));
+    F32 qa = require<float>(q, "q", 3, "(m, n_heads, head_dim)");
     const int64_t m = qa.shape(0), H = qa.shape(1), d = qa.shape(2);
     const bool f16 = k_cache.dtype().is(py::dtype("float16"));
     if (!f16 && !k_cache.dtype().is(py::dtype::of<float>()))
@@ -200,7 +182,9 @@ F32 py_attention_cuda(const py::array& q, const py::array& k_cache, const py::ar
     if (k_cache.ndim() != 3 || k_cache.shape(2) != d || !(k_cache.flags() & py::array::c_style))
         throw py::value_error("k_cache: expected a C-contiguous (t_max, n_kv_heads, " + std::to_string(d) + ") array, got " + shape_str(k_cache));
     const int64_t t_max = k_cache.shape(0), Hkv = k_cache.shape(1);
-    expect_shape(v_cache, "v_cache", {t_max, Hkv, d});
+    const std::string vshape = "(" + std::to_string(t_max) + ", " + std::to_string(Hkv) + ", " + std::to_string(d) + ")";
+    if (v_cache.ndim() != 3) throw py::value_error("v_cache: expected shape " + vshape + ", got " + shape_str(v_cache));
+    for (int ax = 0; ax < 3; ++ax) expect_dim(v_cache, ax, k_cache.shape(ax), "v_cache", vshape);
     if (!(v_cache.flags() & py::array::c_style)) throw py::value_error("v_cache: must be C-contiguous");
     F32 out({m, H, d});
     float* op = out.mutable_data();
@@ -212,8 +196,7 @@ F32 py_attention_cuda(const py::array& q, const py::array& k_cache, const py::ar
 }
 
 py::tuple py_entropy_and_top1_cuda(const py::array& logits) {
-    F32 la = f32(logits, "logits");
-    if (la.ndim() != 1) throw py::value_error("logits: expected shape (vocab,), got " + shape_str(logits));
+    F32 la = require<float>(logits, "logits", 1, "(vocab,)");
     float ent = 0, top1 = 0;
     int64_t arg = 0;
     {

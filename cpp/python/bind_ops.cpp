@@ -14,12 +14,16 @@
 #include <string>
 #include <vector>
 
+#include "array_checks.h"
 #include "../src/cpu_features.h"
 #include "../src/ops/ops.h"
 #include "../src/thread_pool.h"
 
 namespace py = pybind11;
 using namespace flexquant;
+using flexquant_py::expect_dim;
+using flexquant_py::require;
+using flexquant_py::shape_str;
 
 namespace {
 
@@ -27,29 +31,6 @@ namespace {
 ThreadPool& ops_pool() {
     static ThreadPool pool(0);
     return pool;
-}
-
-std::string shape_str(const py::array& a) {
-    std::string s = "(";
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-// Checks dtype T, C-contiguity and ndim; returns the array unchanged.
-template <typename T>
-py::array_t<T> require(const py::array& a, const char* name, int ndim, const char* expect) {
-    if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().is(py::dtype::of<T>()))
-        throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
-                             ", got " + std::string(py::str(a.dtype())));
-    if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
-    if (ndim >= 0 && a.ndim() != ndim)
-        throw py::value_error(std::string(name) + ": expected shape " + expect + ", got " + shape_str(a));
-    return py::reinterpret_borrow<py::array_t<T>>(a);
-}
-
-void expect_dim(const py::array& a, int axis, int64_t want, const char* name, const std::string& expect) {
-    if (a.shape(axis) != want)
-        throw py::value_error(std::string(name) + ": expected shape " + expect + ", got " + shape_str(a));
 }
 
 BitplaneMatmulPath parse_path(const std::string& s) {

@@ -100,6 +100,10 @@ inline void cuda_check(cudaError_t err, const std::string& what) {
     if (err != cudaSuccess) throw Error("CUDA error in " + what + ": " + cudaGetErrorString(err));
 }
 
+// Device buffers are carved at 256-byte boundaries (cudaMalloc's own alignment), so any carved
+// pointer is as aligned as a fresh allocation (16-byte plane loads, 256-byte workspaces).
+inline size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+
 // Device memory for `count` elements of T, freed on scope exit (also when an error unwinds).
 template <class T>
 class DeviceBuffer {

@@ -130,6 +130,12 @@ struct Engine::Impl {
     // the mask's bits or, with rules, at the bits its input asks for; records them in `used`.
     void linear(size_t j, const float* x, int64_t T, float* y);
     const BitplaneLinear& lin_at(size_t j) const { return j < lin.size() ? lin[j] : head; }
+    // The mask's bits of every linear, then the LM head's (n_layers * 7 + 1), as `used` orders them.
+    std::vector<int32_t> mask_bits() const {
+        std::vector<int32_t> b = bits;
+        b.push_back(head_bits);
+        return b;
+    }
     uint64_t bytes_at(const std::vector<int32_t>& b) const;
 };
 
@@ -340,9 +346,7 @@ std::vector<int32_t> Engine::layer_bits() const { return impl_->bits; }
 int Engine::lm_head_bits() const { return impl_->head_bits; }
 
 uint64_t Engine::bytes_per_token() const {
-    std::vector<int32_t> b = impl_->bits;
-    b.push_back(impl_->head_bits);
-    return impl_->bytes_at(b);
+    return impl_->bytes_at(impl_->mask_bits());
 }
 
 void Engine::set_activation_bits(const int32_t* bits, int64_t count) {
@@ -463,8 +467,7 @@ void Engine::Impl::forward(const int32_t* tokens, int64_t T, float* all_logits) 
     const int64_t qdim = H * hd, kvdim = Hkv * hd;
 #ifdef FLEXQUANT_HAVE_CUDA
     if (gpu) {
-        std::vector<int32_t> b = bits;
-        b.push_back(head_bits);
+        const std::vector<int32_t> b = mask_bits();
         logits.resize(V);
         gpu->forward(tokens, T, n_past, b.data(), logits.data(), all_logits, &sig.entropy, &sig.top1_prob);
         used = b;

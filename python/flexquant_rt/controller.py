@@ -192,7 +192,6 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
     act_kl = np.zeros((L + 1, len(act_levels)))
     for u in range(L + 1):
         for j, b in enumerate(act_levels):
-            engine.set_activation_bits(0)
             if u < L:
                 act = np.zeros((L, 7), dtype=np.int32)
                 act[u, :] = b

@@ -190,3 +190,24 @@ def test_unsupported_tokenizers_are_refused_by_name(tmp_path):
     convert(HFSource(src), tmp_path / "nfkc.fq", progress=False)
     with pytest.raises(_core.FlexquantError, match="normalizer 'nmt_nfkc' is not supported"):
         _core.Tokenizer(_core.ModelFile(str(tmp_path / "nfkc.fq")))
+
+
+def test_catastrophic_regex_from_the_model_file_times_out(tmp_path):
+    """The pre-tokenizer regexes come from the (untrusted) model file: an exponentially
+    backtracking one ends in an error naming ICU's time-out, not in a hung process."""
+    import json
+
+    from conftest import make_hf_llama
+    from flexquant_rt.convert import HFSource, convert
+
+    src = make_hf_llama(tmp_path / "hf", vocab=320)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    convert(HFSource(src), tmp_path / "evil.fq", progress=False, method="plain")
+    tok = _core.Tokenizer(_core.ModelFile(str(tmp_path / "evil.fq")))
+    assert len(tok.encode("aaa")) > 0  # the pattern itself works on benign input
+    with pytest.raises(_core.FlexquantError, match="U_REGEX_TIME_OUT"):
+        tok.encode("a" * 40 + "b")

@@ -110,15 +110,16 @@ def tiny_fq(tiny_hf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_stats(smollm2_path):
-    """The default converter's calibration statistics of SmolLM2 (input scales folded into it)."""
+    """The default converter's calibration statistics of SmolLM2 (input scales folded into it, the
+    Grams for view-aware GPTQ)."""
     from flexquant_rt.convert import GGUFSource, calibration_stats
 
-    return calibration_stats(GGUFSource(smollm2_path))
+    return calibration_stats(GGUFSource(smollm2_path), gram=True)
 
 
 @pytest.fixture(scope="session")
 def smollm2_fq(smollm2_path, smollm2_stats, tmp_path_factory) -> Path:
-    """SmolLM2 converted by the default converter (folded scales, group 128)."""
+    """SmolLM2 converted by the default converter (folded scales, view-aware GPTQ, group 128)."""
     from flexquant_rt.convert import GGUFSource, convert
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2.fq"

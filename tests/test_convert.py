@@ -241,12 +241,12 @@ def test_scale_fold_keeps_the_models_function(gqa_hf):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_default_conversion_folds_and_every_view_holds_its_bound(gqa_hf, tmp_path):
-    """Every view of the default (folded) file is within half its step of the folded weight."""
+def test_folded_conversion_folds_and_every_view_holds_its_bound(gqa_hf, tmp_path):
+    """Every view of a folded file (round to nearest) is within half its step of the folded weight."""
     d, stats = gqa_hf
     src = HFSource(d)
     out = tmp_path / "mv.fq"
-    convert(src, out, progress=False, group_size=64, stats=stats)
+    convert(src, out, progress=False, group_size=64, stats=stats, method="folded")
     r = ModelReader(out)
     assert "folded input scales" in r.field("flexquant.source")
     fold = make_fold(src, stats, 64)
@@ -297,7 +297,7 @@ def test_output_scale_search_minimises_the_sites_output_error(gqa_hf, tmp_path):
     with pytest.raises(ValueError, match="Grams"):
         make_fold(src, calibration_stats(src, n_chunks=1, chunk_len=64), 64, alpha_search=True, objective="output")
     out = tmp_path / "out.fq"
-    convert(src, out, progress=False, group_size=64, scale_search="output", calibrate=True)
+    convert(src, out, progress=False, group_size=64, scale_search="output", calibrate=True, method="folded")
     r = ModelReader(out)
     assert "output search" in r.field("flexquant.source")
     same = make_fold(src, calibration_stats(src, gram=True), 64, alpha_search=True, objective="output")
@@ -307,6 +307,46 @@ def test_output_scale_search_minimises_the_sites_output_error(gqa_hf, tmp_path):
         for bits in (3, 4, 8):
             s_k, _ = bitplane.view_params(qp, bits, 8)
             assert np.all(np.abs(r.dequantize(name, bits) - wf) <= s_k[:, np.arange(k) // 64] / 2 * (1 + 1e-5) + 1e-7)
+
+
+def test_default_conversion_is_view_aware_gptq_on_the_folded_model(gqa_hf, tmp_path):
+    """The default method: the folded model's weights, codes from nested_gptq.quantize with each
+    linear's calibration Gram in the folded coordinates (H / s sᵀ); the group parameters are the
+    folded file's; without Grams in the given statistics it says so."""
+    from flexquant_rt import convert as C, nested_gptq
+
+    d, _ = gqa_hf
+    src = HFSource(d)
+    stats = calibration_stats(src, n_chunks=2, chunk_len=128, gram=True)
+    out, folded = tmp_path / "gptq.fq", tmp_path / "folded.fq"
+    convert(src, out, progress=False, group_size=64, stats=stats)
+    convert(src, folded, progress=False, group_size=64, stats=stats, method="folded")
+    r, rf = ModelReader(out), ModelReader(folded)
+    assert "view-aware GPTQ for views 3..8" in r.field("flexquant.source")
+    fold = make_fold(src, stats, 64)
+    for name, site in (("blk.0.attn_k", "blk.0.attn_q"), ("blk.1.attn_output", "blk.1.attn_output"),
+                       ("blk.1.ffn_up", "blk.1.ffn_gate"), ("blk.0.ffn_down", "blk.0.ffn_down"), ("output", "output")):
+        w = fold.tensor(name, src.load("lm_head.weight" if name == "output" else hf_name(src.config, name + ".")))
+        s = fold.col[name].astype(np.float64)
+        codes, qp = nested_gptq.quantize(w, stats.gram[site] / np.outer(s, s), 8, 64)
+        planes, qpf, n, k = r.linear(name)
+        np.testing.assert_array_equal(qpf, qp)
+        np.testing.assert_array_equal(qpf, rf.linear(name)[1])
+        np.testing.assert_array_equal(bitplane.unpack_planes(planes, n, k, 8), codes)
+    np.testing.assert_array_equal(r.tensor("blk.1.ffn_norm.weight"), rf.tensor("blk.1.ffn_norm.weight"))
+    with pytest.raises(ValueError, match="needs calibration statistics with Grams"):
+        convert(src, tmp_path / "x.fq", progress=False, stats=calibration_stats(src, n_chunks=1, chunk_len=64))
+    assert not (tmp_path / "x.fq").exists()
+    # too large for the Grams' memory budget: the folded method, with a warning
+    small = C.GPTQ_MAX_GRAM_BYTES
+    try:
+        C.GPTQ_MAX_GRAM_BYTES = C.gram_bytes(src.config) - 1
+        fb = tmp_path / "fallback.fq"
+        convert(src, fb, progress=False, group_size=64, stats=stats)
+    finally:
+        C.GPTQ_MAX_GRAM_BYTES = small
+    assert "GPTQ" not in ModelReader(fb).field("flexquant.source")
+    np.testing.assert_array_equal(ModelReader(fb).linear("blk.0.attn_q")[0], rf.linear("blk.0.attn_q")[0])
 
 
 # ---- the real model --------------------------------------------------------------------------------
@@ -319,14 +359,23 @@ def test_smollm2_gguf_converts_close_to_the_source(smollm2_path, smollm2_fq, smo
     assert c.tie_word_embeddings and c.rope_theta == 100000.0
     src = GGUFSource(smollm2_path)
     fold = make_fold(src, smollm2_stats, 128)  # the default converter quantizes the folded model
-    for name, hfn in (("blk.0.attn_q", "model.layers.0.self_attn.q_proj.weight"),
-                      ("blk.29.ffn_down", "model.layers.29.mlp.down_proj.weight"),
-                      ("output", "model.embed_tokens.weight")):
+    for name, hfn, site in (("blk.0.attn_q", "model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q"),
+                            ("blk.29.ffn_down", "model.layers.29.mlp.down_proj.weight", "blk.29.ffn_down"),
+                            ("output", "model.embed_tokens.weight", "output")):
+        # view-aware GPTQ: each view's output error on the calibration activations, tr(D H Dᵀ) with
+        # H the Gram of the folded input, is below that of the nested round-to-nearest views
         w = fold.tensor(name, src.load(hfn))
-        view = r.dequantize(name, 8)
-        _, qp, _, k = r.linear(name)
-        s, _ = bitplane.view_params(qp, 8, 8)
-        assert np.all(np.abs(view - w) <= s[:, np.arange(k) // 128] / 2 * (1 + 1e-5) + 1e-7)
+        s = fold.col[name].astype(np.float64)
+        h = (smollm2_stats.gram[site] / np.outer(s, s)).astype(np.float32)
+        rows = slice(None, None, 16) if name == "output" else slice(None)
+        codes, qp = bitplane.quantize(w[rows], 8, 128)
+        _, qpf, _, k = r.linear(name)
+        np.testing.assert_array_equal(qpf[rows], qp)
+        for bits in (3, 4, 6, 8):
+            dg = r.dequantize(name, bits)[rows] - w[rows]
+            dr = bitplane.dequantize(codes, qp, bits, 8, 128) - w[rows]
+            eg, er = np.einsum("ij,ij->", dg @ h, dg), np.einsum("ij,ij->", dr @ h, dr)
+            assert eg < er, (name, bits, eg / er)
     tok = r.tokenizer()
     assert tok.model == "gpt2" and tok.hf_json and "<|im_start|>" in tok.chat_template
     from tokenizers import Tokenizer

@@ -12,7 +12,9 @@ Python's `pydoc_data.topics`, as `controller.calibration_text("evaluation")`), f
              (AWQ-style, from calibration text) folded into the model, then the same 8-bit
              min-max codes and nested views; `folded-search`: the same with `--alpha-search`;
              `folded-output`: the same with `--scale-search output` (AWQ's per-site search on the
-             4-bit output error of the calibration activations).
+             4-bit output error of the calibration activations);
+- `gptq`:    the default converter (`convert --method gptq`): folded, then the codes chosen by
+             view-aware GPTQ for every view at once (nested_gptq.py).
 
 Each method's model file is written by the converter (`convert.convert`); the k-bit view of the
 file (every linear incl. the LM head, the norms, the fp16 embedding: `model_file.iter_hf_tensors`,
@@ -20,7 +22,7 @@ the numpy reference the engine's kernels match bit-for-bit) is loaded into trans
 in fp32, teacher-forced. `--engine` also runs the engine itself on each file and view.
 `--stress`: the synthetic outlier-channel shape (see `stress`).
 
-    python tools/view_quality.py --group 64 128 --chunks 4 --len 512 [--methods plain rtn folded]
+    python tools/view_quality.py --group 64 128 --chunks 4 --len 512 [--methods plain rtn folded gptq]
     python tools/view_quality.py --stress --group 64 128
 """
 from __future__ import annotations
@@ -146,7 +148,11 @@ def stress(group: int, bits: list[int], n: int = 1024, k: int = 4096, tokens: in
 
     rows = {"plain nested": views_of("plain", w, group, bits), "independent RTN": views_of("rtn", w, group, bits)}
     vs = views_of("plain", w * s, group, bits)  # the folded linear; its input is x / s
-    rows["folded (new default)"] = {b: v / s for b, v in vs.items()}
+    rows["folded"] = {b: v / s for b, v in vs.items()}
+    from flexquant_rt import nested_gptq
+    h = (x_cal.T.astype(np.float64) @ x_cal) / len(x_cal) / np.outer(s, s)
+    codes, qp = nested_gptq.quantize(w * s, h, 8, group)
+    rows["folded + view-aware GPTQ (default)"] = {b: bitplane.dequantize(codes, qp, b, 8, group) / s for b in bits}
     print(f"stress shape {n}x{k}, group {group}: relative output error per view")
     print("| method | " + " | ".join(f"k={b}" for b in bits) + " |")
     print("|---|" + "---|" * len(bits))
@@ -160,8 +166,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--group", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8])
-    ap.add_argument("--methods", nargs="+", default=["plain", "rtn", "folded"],
-                    choices=["plain", "rtn", "folded", "folded-search", "folded-output"])
+    ap.add_argument("--methods", nargs="+", default=["plain", "rtn", "folded", "gptq"],
+                    choices=["plain", "rtn", "folded", "folded-search", "folded-output", "gptq"])
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--len", type=int, default=512)
     ap.add_argument("--work", default="/tmp/fq_i9",
@@ -186,8 +192,11 @@ def main(argv=None) -> int:
     else:
         ref = logprobs(model, chunks)
         torch.save(ref, cache)
-    stats = calibration_stats(GGUFSource(smollm2_gguf()), gram="folded-output" in a.methods) \
+    from flexquant_rt.convert import GPTQ_CALIBRATION_CHUNKS
+    src = GGUFSource(smollm2_gguf())
+    stats = calibration_stats(src, gram="folded-output" in a.methods) \
         if any(m.startswith("folded") for m in a.methods) else None
+    gptq_stats = calibration_stats(src, n_chunks=GPTQ_CALIBRATION_CHUNKS, gram=True) if "gptq" in a.methods else None
     print(f"text: evaluation half of pydoc_data.topics, {a.chunks}x{a.len} tokens; reference: transformers fp32, "
           "unquantized GGUF weights; cells: KLD / perplexity")
     print("| group | method | " + " | ".join(f"k={k}" for k in a.bits) + " |")
@@ -195,7 +204,7 @@ def main(argv=None) -> int:
     for g in a.group:
         for meth in a.methods:
             t0 = time.time()
-            files = convert_files(meth, g, a.bits, work, stats)
+            files = convert_files(meth, g, a.bits, work, gptq_stats if meth == "gptq" else stats)
             tq = time.time() - t0
             cells, eng_cells = [], []
             for k in a.bits:
@@ -203,7 +212,8 @@ def main(argv=None) -> int:
                 cells.append(compare(ref, logprobs(model, chunks), chunks))
                 if a.engine:
                     eng_cells.append(engine_kld(files[k][0], k, ref, chunks))
-            name = {"plain": "plain nested", "rtn": "independent RTN", "folded": "folded scales (new default)",
+            name = {"plain": "plain nested", "rtn": "independent RTN", "folded": "folded scales",
+                    "gptq": "folded + view-aware GPTQ (default)",
                     "folded-search": "folded, --alpha-search", "folded-output": "folded, --scale-search output"}[meth]
             print(f"| {g} | {name} | " + " | ".join(f"{kl:.4f} / {pp:.2f}" for kl, pp in cells) + " |"
                   + (f" (convert {tq:.0f}s)" if tq > 1 else ""), flush=True)

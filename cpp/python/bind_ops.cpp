@@ -203,6 +203,42 @@ py::array_t<float> py_quantize_activations(const py::array& x_a, int group, int 
     return out;
 }
 
+// w (V, n, b) float32 is updated in place; returns (codes (n, b) uint8, err (V, n, b) float32).
+py::tuple py_nested_gptq_block(py::array& w_a, const py::array& u_a, const py::array& scale_a, const py::array& min_a,
+                               const py::array& group_of_a, const py::array& views_a, const py::array& lambda_a,
+                               int max_bits, bool threaded) {
+    auto w = require<float>(w_a, "w", 3, "(V, n, b)");
+    if (!w.writeable()) throw py::value_error("w: must be writeable (it is updated in place)");
+    const int64_t nv = w.shape(0), n = w.shape(1), b = w.shape(2);
+    const std::string bs = std::to_string(b), ns = std::to_string(n), vs = std::to_string(nv);
+    auto u = require<double>(u_a, "u", 2, "(b, b)");
+    expect_dim(u, 0, b, "u", "(" + bs + ", " + bs + ")");
+    expect_dim(u, 1, b, "u", "(" + bs + ", " + bs + ")");
+    auto scale = require<float>(scale_a, "scale", 2, "(n, n_groups)");
+    expect_dim(scale, 0, n, "scale", "(" + ns + ", n_groups)");
+    auto mn = require<float>(min_a, "min", 2, "(n, n_groups)");
+    expect_dim(mn, 0, n, "min", "(" + ns + ", n_groups)");
+    expect_dim(mn, 1, scale.shape(1), "min", "(" + ns + ", " + std::to_string(scale.shape(1)) + ")");
+    auto group_of = require<int32_t>(group_of_a, "group_of", 1, "(b,)");
+    expect_dim(group_of, 0, b, "group_of", "(" + bs + ",)");
+    auto views = require<int32_t>(views_a, "views", 1, "(V,)");
+    expect_dim(views, 0, nv, "views", "(" + vs + ",)");
+    auto lam = require<double>(lambda_a, "lam", 1, "(V,)");
+    expect_dim(lam, 0, nv, "lam", "(" + vs + ",)");
+    py::array_t<uint8_t> codes({n, b});
+    py::array_t<float> err({nv, n, b});
+    float* wp = w.mutable_data();
+    uint8_t* cp = codes.mutable_data();
+    float* ep = err.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        nested_gptq_block(wp, u.data(), scale.data(), mn.data(), scale.shape(1), group_of.data(), views.data(),
+                          lam.data(), static_cast<int>(nv), max_bits, n, static_cast<int>(b), cp, ep,
+                          threaded ? &ops_pool() : nullptr);
+    }
+    return py::make_tuple(codes, err);
+}
+
 py::array_t<float> logits_1d(const py::array& a, const char* name) {
     auto l = require<float>(a, name, 1, "(vocab,)");
     if (l.shape(0) == 0) throw py::value_error(std::string(name) + ": must not be empty");
@@ -297,6 +333,12 @@ void bind_ops(py::module_& parent) {
           "x (m, k) float32 quantized to symmetric `bits`-bit integers per row and group of `group` columns\n"
           "(scale = absmax / (2^(bits-1) - 1), round half to even) and back: the CUDA tensor-core GEMV's\n"
           "activations at bits = 8.");
+    m.def("nested_gptq_block", &py_nested_gptq_block, py::arg("w"), py::arg("u"), py::arg("scale"), py::arg("min"),
+          py::arg("group_of"), py::arg("views"), py::arg("lam"), py::arg("max_bits") = 8, py::arg("threaded") = true,
+          "One block of view-aware GPTQ (cpp/src/ops/ops.h, nested_gptq_block): w (V, n, b) float32, each view's\n"
+          "targets, updated in place; u (b, b) float64 upper Cholesky factor of the block of H^-1; scale, min\n"
+          "(n, n_groups) float32; group_of (b,) int32; views (V,) int32; lam (V,) float64 view weights.\n"
+          "Returns (codes (n, b) uint8, err (V, n, b) float32).");
     m.def(
         "softmax",
         [](const py::array& a) {

@@ -638,40 +638,96 @@ def make_fold(src: Source, stats: ActivationStats, group_size: int, alpha_search
     return ScaleFold(cfg, stats, search=(load_linear, group_size) if alpha_search else None, objective=objective)
 
 
+#: The default method quantizes with view-aware GPTQ only if the calibration Grams (E[x xᵀ] of
+#: every fold site's input, float32) fit in this many bytes; above it, it falls back to "folded".
+GPTQ_MAX_GRAM_BYTES = 4 << 30
+
+#: Calibration chunks (of 512 tokens) for the default method: GPTQ's Hessians want more tokens than
+#: the fold's mean |x| (4 chunks); measured on SmolLM2 (docs/quantization.md).
+GPTQ_CALIBRATION_CHUNKS = 16
+
+#: The linear whose input (and so whose Gram) each linear shares.
+_GRAM_SITE_OF = {"attn_q": "attn_q", "attn_k": "attn_q", "attn_v": "attn_q", "attn_output": "attn_output",
+                 "ffn_gate": "ffn_gate", "ffn_up": "ffn_gate", "ffn_down": "ffn_down"}
+
+
+def gram_bytes(cfg: LlamaConfig) -> int:
+    """Bytes of the calibration Grams `calibration_stats(gram=True)` collects (float32)."""
+    shapes = cfg.linear_shapes()
+    per_layer = sum(shapes[s][1] ** 2 for s in GRAM_SITES)
+    return 4 * (cfg.n_layers * per_layer + shapes["output"][1] ** 2)
+
+
+def gptq_quantizer(stats: ActivationStats, fold: ScaleFold | None, max_bits: int, group_size: int,
+                   progress: bool = False) -> Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """`write_model`'s quantize(name, w) for view-aware GPTQ (nested_gptq.py): the Hessian of each
+    linear is the calibration Gram of its input, in the folded model's coordinates (the input of a
+    folded linear is x / s, so H' = H / (s sᵀ))."""
+    from . import nested_gptq
+
+    if stats.gram is None:
+        raise ValueError("GPTQ needs the calibration Grams (calibration_stats(gram=True))")
+
+    def quantize(name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if name == "output":
+            site = "output"
+        else:
+            blk, lin = name.rsplit(".", 1)
+            site = f"{blk}.{_GRAM_SITE_OF[lin]}"
+        h = np.asarray(stats.gram[site], np.float64)
+        if fold is not None and name in fold.col:
+            s = fold.col[name].astype(np.float64)
+            h = h / np.outer(s, s)
+        return nested_gptq.quantize_to_planes(w, h, max_bits, group_size)
+    return quantize
+
+
 def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_size: int = 128,
-            embed_dtype: str = "f16", progress: bool = True, method: str = "folded",
+            embed_dtype: str = "f16", progress: bool = True, method: str = "gptq",
             calibrate: bool | None = None, stats: ActivationStats | None = None,
             alpha_search: bool = False, scale_search: str | None = None) -> None:
     """Convert `src` to a model file.
 
-    method "folded" (default): fold activation-aware input scales into the model (`ScaleFold`,
-    from calibration statistics) before the min-max quantization, which makes every k-bit view a
-    better quantizer (docs/quantization.md); without statistics it is the same as "plain".
+    method "gptq" (default): "folded", then the codes are chosen by view-aware GPTQ
+    (nested_gptq.py) on the calibration activations' Grams, for every k-bit view at once; without
+    calibration statistics it is the same as "plain", and with Grams too large for memory
+    (> GPTQ_MAX_GRAM_BYTES) the same as "folded" (docs/quantization.md).
+    method "folded": fold activation-aware input scales into the model (`ScaleFold`, from
+    calibration statistics) before the min-max quantization, which makes every k-bit view a
+    better quantizer; without statistics it is the same as "plain".
     method "plain": min-max quantization of the source weights as they are.
     calibrate: run the source model on calibration text (None: try it when the source is a
     Hugging Face directory or a GGUF file of at most AUTO_CALIBRATE_MAX_PARAMS parameters);
-    `stats` gives precomputed statistics instead. alpha_search: choose the fold's exponent per
-    site (`ScaleFold` search) instead of the fixed AWQ_ALPHA; the same as scale_search="weight".
-    scale_search="output": AWQ's per-layer search, the exponent per site minimising the output
-    error of the site's linears at the 4-bit view on the calibration activations (needs their
-    Grams: `calibration_stats(gram=True)`, which the converter collects itself).
+    `stats` gives precomputed statistics instead (with Grams for "gptq"). alpha_search: choose the
+    fold's exponent per site (`ScaleFold` search) instead of the fixed AWQ_ALPHA; the same as
+    scale_search="weight". scale_search="output": AWQ's per-layer search, the exponent per site
+    minimising the output error of the site's linears at the 4-bit view on the calibration
+    activations (needs their Grams, which the converter collects itself).
     """
     if alpha_search:
         scale_search = scale_search or "weight"
     if scale_search not in (None, "weight", "output"):
         raise ValueError(f"scale_search must be 'weight' or 'output', got {scale_search!r}")
-    gram = scale_search == "output"
-    if method not in ("folded", "plain"):
-        raise ValueError(f"method must be 'folded' or 'plain', got {method!r}")
-    transform = None
+    if method not in ("gptq", "folded", "plain"):
+        raise ValueError(f"method must be 'gptq', 'folded' or 'plain', got {method!r}")
+    if method == "gptq" and gram_bytes(src.config) > GPTQ_MAX_GRAM_BYTES:
+        print(f"warning: the calibration Grams of {src.description} would take "
+              f"{gram_bytes(src.config) / 2**30:.1f} GiB (> {GPTQ_MAX_GRAM_BYTES / 2**30:.0f} GiB); "
+              "quantizing with --method folded instead of gptq", file=sys.stderr)
+        method = "folded"
+    if method == "gptq" and stats is not None and stats.gram is None:
+        raise ValueError("method 'gptq' needs calibration statistics with Grams (calibration_stats(gram=True))")
+    gram = scale_search == "output" or method == "gptq"
+    transform = quantize = None
     description = src.description
-    if method == "folded":
+    if method in ("folded", "gptq"):
+        chunks = GPTQ_CALIBRATION_CHUNKS if method == "gptq" else 4
         if stats is None and calibrate:
-            stats = calibration_stats(src, gram=gram)
+            stats = calibration_stats(src, n_chunks=chunks, gram=gram)
         elif stats is None and calibrate is None and isinstance(src, (HFSource, GGUFSource)) \
                 and _n_params(src.config) <= AUTO_CALIBRATE_MAX_PARAMS:
             try:
-                stats = calibration_stats(src, gram=gram)
+                stats = calibration_stats(src, n_chunks=chunks, gram=gram)
             except Exception as e:  # noqa: BLE001  (best effort: the writer names real source defects)
                 print(f"warning: calibration of {src.description} failed ({type(e).__name__}: {e}); "
                       "converting without folded scales", file=sys.stderr)
@@ -681,9 +737,15 @@ def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_siz
             grid = OUTPUT_ALPHA_GRID if scale_search == "output" else ALPHA_GRID
             alpha = (f"alpha per site from {grid[0]}..{grid[-1]}, {scale_search} search "
                      f"(mean {np.mean(list(fold.alphas.values())):.2f})" if scale_search else f"alpha={fold.alpha}")
+            if method == "gptq":
+                from .nested_gptq import VIEW_USE
+                quantize = gptq_quantizer(stats, fold, max_bits, group_size)
+                views = [k for k in sorted(VIEW_USE) if k <= max_bits]
+                alpha += f", view-aware GPTQ for views {views[0]}..{views[-1]}"
             description += f" [folded input scales, {alpha}, {stats.tokens} calibration tokens]"
     write_model(out, src.config, src.tokenizer, src.load, max_bits=max_bits, group_size=group_size,
-                embed_dtype=embed_dtype, source=description, progress=progress, transform=transform)
+                embed_dtype=embed_dtype, source=description, progress=progress, transform=transform,
+                quantize=quantize)
 
 
 def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike, bits: int, progress: bool = True) -> None:
@@ -739,9 +801,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--max-bits", type=int, default=8)
     ap.add_argument("--embed-dtype", choices=("f16", "f32"), default="f16")
-    ap.add_argument("--method", choices=("folded", "plain"), default="folded",
-                    help="folded: fold calibrated input scales into the model before quantizing (default); "
-                         "plain: quantize the source weights as they are (docs/quantization.md)")
+    ap.add_argument("--method", choices=("gptq", "folded", "plain"), default="gptq",
+                    help="gptq: folded, then codes chosen by view-aware GPTQ on the calibration activations "
+                         "for every k-bit view at once (default); folded: fold calibrated input scales into the "
+                         "model, then round to nearest; plain: quantize the source weights as they are "
+                         "(docs/quantization.md)")
     ap.add_argument("--alpha-search", action="store_true",
                     help="folded: choose the scales' exponent per site instead of the fixed one (slower); "
                          "the same as --scale-search weight")
@@ -749,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="folded: choose the exponent per site by a weight-space objective (weight) or by the "
                          "4-bit output error of the site's linears on the calibration activations (output, AWQ's search)")
     ap.add_argument("--no-calibrate", action="store_true",
-                    help="skip the calibration run of the source model (then folded = plain)")
+                    help="skip the calibration run of the source model (then gptq = folded = plain)")
     ap.add_argument("--synthetic", metavar="NAME", help=f"random weights of a real shape: {', '.join(SYNTHETIC_PRESETS)}")
     ap.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
     ap.add_argument("--export-hf", metavar="DIR", help="export the k-bit view of SRC (.fq) to DIR")

@@ -302,13 +302,16 @@ class _Planned:
 def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
                 load: Callable[[str], np.ndarray], *, max_bits: int = 8, group_size: int = 128,
                 embed_dtype: str = "f16", source: str = "", progress: bool = True,
-                transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> None:
+                transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                quantize: Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
     """Write a model file.
 
     `load(hf_name)` returns a float32 numpy array of the Hugging Face parameter (canonical
     orientation: linears (out, in)); `lm_head.weight` is only asked for when the model is untied.
     `transform(name, a)` (optional) rewrites a norm weight (file tensor name) or a linear weight
     (file base name, e.g. `blk.0.attn_q`) before it is stored or quantized.
+    `quantize(name, w)` (optional) replaces `bitplane.quantize_to_planes` for the linear `name`:
+    it returns (planes (max_bits, plane_bytes) uint8, qparams (N, n_groups, 2) float16).
     """
     import gguf  # lazy: conversion-only dependency
 
@@ -346,11 +349,17 @@ def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
         ls = bitplane.LinearShape(n, k, max_bits, group_size)
         hfn = "model.embed_tokens.weight" if (lname == "output" and cfg.tie_word_embeddings) else hf_name(cfg, lname + ".")
 
-        def make_planes(lname=lname, hfn=hfn, n=n, k=k):
+        def make_planes(lname=lname, hfn=hfn, n=n, k=k, ls=ls):
             w = _checked(load(hfn), (n, k), hfn)
             if transform is not None:
                 w = transform(lname, w)
-            planes, qp = bitplane.quantize_to_planes(w, max_bits, group_size)
+            if quantize is None:
+                planes, qp = bitplane.quantize_to_planes(w, max_bits, group_size)
+            else:
+                planes, qp = quantize(lname, w)
+                if planes.shape != (max_bits, ls.plane_bytes) or qp.shape != (n, ls.n_groups, 2):
+                    raise ValueError(f"quantize({lname}) returned shapes {planes.shape}, {qp.shape}; expected "
+                                     f"{(max_bits, ls.plane_bytes)}, {(n, ls.n_groups, 2)}")
             quantized[lname] = qp
             return planes.view(np.int8)
 

@@ -8,7 +8,8 @@
 //
 // One op per file, same stem as the CUDA kernel: bitplane_matmul.cpp (+ bitplane_matmul_avx2.cpp,
 // the AVX2/GFNI kernels), rms_norm.cpp, rope.cpp, attention.cpp, swiglu.cpp, sampling.cpp;
-// quantize_activations.cpp is the CPU twin of the activation preparation in bitplane_matmul.cu.
+// quantize_activations.cpp is the CPU twin of the activation preparation in bitplane_matmul.cu;
+// nested_gptq.cpp is the converter's (no kernel runs it).
 // SIMD kernels are picked at run time (cpu_features.h); every op also has a portable path. Results
 // do not depend on the thread count.
 #pragma once
@@ -67,6 +68,21 @@ uint64_t bitplane_bytes_at(const BitplaneLinear& w, int bits);
 // columns (scale = absmax / (2^(bits-1) - 1), round half to even), dequantized back to fp32: the
 // activations the CUDA tensor-core GEMV runs on (bits = 8). out may equal x. 2 <= bits <= 8.
 void quantize_activations(const float* x, int64_t m, int64_t k, int group, int bits, float* out);
+
+// ---- nested_gptq (nested_gptq.cpp) -------------------------------------------------------------
+
+// One block of b columns of view-aware GPTQ (the converter's quantizer, python/flexquant_rt/
+// nested_gptq.py): for each row and column in order, the max_bits-bit code that minimises
+// Σ_v lambda[v] (w_v − q_v(code))² over the views k_v = views[v] (q_v: the k_v-bit view, the top
+// k_v bits at their interval's midpoint, with the row's (scale, min) of the column's group), then
+// each view's error, divided by u[j,j], is propagated to the block's later columns through row j
+// of u. w (n_views, n, b) holds each view's targets and is updated in place; codes (n, b) and
+// err (n_views, n, b) (the scaled errors, for the caller's update of the later blocks) are written.
+// scale, min (n, n_groups); group_of (b,) the group of each column; u (b, b) upper triangular with
+// a positive diagonal (float64). Rows run in parallel on `pool` (may be null).
+void nested_gptq_block(float* w, const double* u, const float* scale, const float* min, int64_t n_groups,
+                       const int32_t* group_of, const int32_t* views, const double* lambda, int n_views,
+                       int max_bits, int64_t n, int b, uint8_t* codes, float* err, ThreadPool* pool);
 
 // ---- rms_norm (rms_norm.cpp) -------------------------------------------------------------------
 

@@ -112,9 +112,10 @@ def tiny_fq(tiny_hf, tmp_path_factory) -> Path:
 def smollm2_stats(smollm2_path):
     """The default converter's calibration statistics of SmolLM2 (input scales folded into it, the
     Grams for view-aware GPTQ)."""
-    from flexquant_rt.convert import GGUFSource, calibration_stats
+    from flexquant_rt.convert import GPTQ_CALIBRATION_CHUNKS, GGUFSource, calibration_stats
 
-    return calibration_stats(GGUFSource(smollm2_path), gram=True)
+    # as convert() calibrates for its default method: the fixture file is the default conversion
+    return calibration_stats(GGUFSource(smollm2_path), n_chunks=GPTQ_CALIBRATION_CHUNKS, gram=True)
 
 
 @pytest.fixture(scope="session")

@@ -658,8 +658,8 @@ def gram_bytes(cfg: LlamaConfig) -> int:
     return 4 * (cfg.n_layers * per_layer + shapes["output"][1] ** 2)
 
 
-def gptq_quantizer(stats: ActivationStats, fold: ScaleFold | None, max_bits: int, group_size: int,
-                   progress: bool = False) -> Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def gptq_quantizer(stats: ActivationStats, fold: ScaleFold | None, max_bits: int,
+                   group_size: int) -> Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """`write_model`'s quantize(name, w) for view-aware GPTQ (nested_gptq.py): the Hessian of each
     linear is the calibration Gram of its input, in the folded model's coordinates (the input of a
     folded linear is x / s, so H' = H / (s sᵀ))."""

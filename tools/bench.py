@@ -2,12 +2,16 @@
 """Benchmark: prefill and decode tokens/s, effective GB/s and peak RSS at k = 8, 6, 4.
 
     python tools/bench.py [MODEL.fq ...] [--synthetic smollm2-135m] [--threads N] [--bits 8 6 4]
-                          [--backend cpu|cuda]
+                          [--backend cpu|cuda] [--batch 1 2 4 8 16]
 
 --backend cuda runs the engine on the GPU and compares with the GPU's copy bandwidth (torch, read +
 write counted), adds a row with a new random mask every token (mean 5 bits: layers drawn from
 {4, 6}) to price per-token switching, and prints the roofline: the tok/s that 85% of the copy
 bandwidth allows for the bytes a token reads.
+
+--batch B ...: batched decode instead (CPU): B sequences of the prompt length in one engine
+(n_seq = B), each step one `decode_batch` pass over all of them; prints the aggregate decode tok/s,
+the step time, and the ratio to B = 1 measured in the same run (one weight read serves B tokens).
 
 With no model, benchmarks the default model (SmolLM2-135M-Instruct). Each configuration runs in a
 fresh process, so its peak RSS is its own. In the same run it measures the machine's memory copy
@@ -109,6 +113,56 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     }
 
 
+def batch_worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, batch: int) -> dict:
+    """Decode steps of `batch` sequences at once (Engine.decode_batch), greedy."""
+    import numpy as np
+
+    import flexquant_rt as fq
+
+    eng = fq.Engine(model, threads=threads, backend="cpu", n_ctx=n_prompt + n_decode + 16, n_seq=batch)
+    eng.set_layer_bits(bits, lm_head_bits=bits)
+    vocab = int(eng.config["vocab"])
+    rng = np.random.default_rng(0)
+    e = eng._eng
+    seqs = np.arange(batch, dtype=np.int32)
+    e.eval_seq(0, rng.integers(0, min(vocab, 30000), size=8).astype(np.int32))  # warm-up: page in the weights
+    e.reset_seq(0)
+    toks = np.empty(batch, dtype=np.int32)
+    for s in range(batch):
+        e.eval_seq(s, rng.integers(0, min(vocab, 30000), size=n_prompt).astype(np.int32))
+        toks[s] = int(np.argmax(e.logits()))
+    times = []
+    for _ in range(n_decode):
+        t = time.perf_counter()
+        logits, _, _ = e.decode_batch(seqs, toks)
+        times.append(time.perf_counter() - t)
+        toks = logits.argmax(axis=1).astype(np.int32)
+    step = float(np.median(times))
+    return {"step_ms": step * 1e3, "decode_tok_s": batch / step, "bytes_per_token": float(eng.bytes_per_token()),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def main_batch(a, models) -> int:
+    bw = copy_bandwidth_gbs()
+    print(f"threads: {a.threads}; memory copy bandwidth (read + write): {bw:.1f} GB/s; "
+          f"prompt {a.prompt} tokens per sequence, {a.decode} batched decode steps (median)")
+    print()
+    print("| model | bits | batch | step ms | decode tok/s (all sequences) | vs batch 1 | weight GB/s | % of copy BW |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, path in models:
+        for bits in a.bits:
+            base = None
+            for b in a.batch:
+                r = run_worker(["batch", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), str(b)])
+                if base is None and b == 1:
+                    base = r["decode_tok_s"]
+                gbs = r["bytes_per_token"] / (r["step_ms"] / 1e3) / 1e9  # one weight read per step
+                ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
+                print(f"| {name} | {bits} | {b} | {r['step_ms']:.2f} | {r['decode_tok_s']:.1f} | {ratio} | "
+                      f"{gbs:.2f} | {100 * gbs / bw:.0f}% |")
+    return 0
+
+
 def llama_cpp_worker(gguf: str, threads: int, n_prompt: int, n_decode: int) -> dict | None:
     try:
         from llama_cpp import Llama
@@ -147,6 +201,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     ap.add_argument("--decode", type=int, default=32, help="decode steps")
     ap.add_argument("--backend", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--batch", type=int, nargs="+", help="batched decode with these batch sizes (CPU)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -154,6 +209,9 @@ def main() -> int:
         if kind == "fq":
             model, bits, threads, n_p, n_d, backend = rest
             res = worker(model, int(bits), int(threads), int(n_p), int(n_d), backend)
+        elif kind == "batch":
+            model, bits, threads, n_p, n_d, b = rest
+            res = batch_worker(model, int(bits), int(threads), int(n_p), int(n_d), int(b))
         else:
             gguf, threads, n_p, n_d = rest
             res = llama_cpp_worker(gguf, int(threads), int(n_p), int(n_d))
@@ -172,6 +230,12 @@ def main() -> int:
         convert(SyntheticSource(name), out, progress=False)
         models.append((f"synthetic {name}", str(out)))
 
+    if a.batch:
+        if a.backend != "cpu":
+            raise SystemExit("--batch runs on the CPU backend (the CUDA backend holds one sequence)")
+        if 1 not in a.batch:
+            a.batch = [1] + a.batch  # the baseline of the ratio, measured in the same run
+        return main_batch(a, models)
     if a.backend == "cuda":
         return main_cuda(a, models)
     bw = copy_bandwidth_gbs()

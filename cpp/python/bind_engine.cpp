@@ -4,7 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
+#include <vector>
 
 #include "flexquant/engine.h"
 
@@ -36,7 +38,7 @@ void bind_engine(py::module_& m) {
                          "The C++ engine: forward pass, KV cache and bit mask. Use flexquant_rt.Engine, "
                          "which adds tokenization, chat and the generation loop.")
         .def(py::init([](const std::string& path, int64_t n_ctx, int threads, bool kv_f16, const std::string& backend,
-                         int max_bits, bool cuda_fp32_matmul, bool cuda_graph) {
+                         int max_bits, bool cuda_fp32_matmul, bool cuda_graph, int n_seq) {
                  flexquant::EngineParams p;
                  p.n_ctx = n_ctx;
                  p.n_threads = threads;
@@ -48,6 +50,7 @@ void bind_engine(py::module_& m) {
                  p.max_bits = max_bits;
                  p.cuda_fp32_matmul = cuda_fp32_matmul;
                  p.cuda_graph = cuda_graph;
+                 p.n_seq = n_seq;
                  auto* e = new PyEngine;
                  {
                      py::gil_scoped_release nogil;  // the CUDA backend uploads the weights here
@@ -58,8 +61,9 @@ void bind_engine(py::module_& m) {
              }),
              py::arg("path"), py::arg("n_ctx") = 0, py::arg("threads") = 0, py::arg("kv_f16") = false,
              py::arg("backend") = "cpu", py::arg("max_bits") = 0, py::arg("cuda_fp32_matmul") = false,
-             py::arg("cuda_graph") = true,
-             "Open a model file. n_ctx=0: the model's context capped by a 4 GiB KV budget; threads=0: all cores.\n"
+             py::arg("cuda_graph") = true, py::arg("n_seq") = 1,
+             "Open a model file. n_ctx=0: the model's context capped by a 4 GiB KV budget (shared by the n_seq\n"
+             "sequences); threads=0: all cores; n_seq: sequences held, each with its own KV cache (decode_batch).\n"
              "backend: 'cpu', 'cuda' or 'auto'; max_bits: the highest bit-width allowed (0 = the file's); the\n"
              "CUDA backend uploads only that many planes. cuda_fp32_matmul: fp32 activations in the CUDA GEMV\n"
              "(accuracy reference) instead of int8 on the binary tensor cores; cuda_graph: replay decode steps.")
@@ -80,6 +84,55 @@ void bind_engine(py::module_& m) {
         }, "The ModelFile the engine runs.")
         .def_property_readonly("n_ctx", [](PyEngine& e) { return e.get().n_ctx(); })
         .def_property_readonly("n_past", [](PyEngine& e) { return e.get().n_past(); })
+        .def_property_readonly("n_seq", [](PyEngine& e) { return e.get().n_seq(); })
+        .def("n_past_seq", [](PyEngine& e, int seq) { return e.get().n_past_seq(seq); }, py::arg("seq"),
+             "Tokens in sequence seq's KV cache.")
+        .def("reset_seq", [](PyEngine& e, int seq) { e.get().reset_seq(seq); }, py::arg("seq"),
+             "Empty sequence seq's KV cache.")
+        .def("eval_seq",
+             [](PyEngine& e, int seq, const py::array_t<int32_t, py::array::c_style>& tokens) {
+                 auto& eng = e.get();
+                 int64_t n;
+                 const int32_t* p = int32_vector(tokens, "tokens", &n);
+                 py::gil_scoped_release nogil;
+                 eng.eval_seq(seq, p, n);
+             },
+             py::arg("seq"), py::arg("tokens"),
+             "Append tokens (int32, 1-D) to sequence seq; logits() and signals() are then its next-token ones.")
+        .def("decode_batch",
+             [](PyEngine& e, const py::array_t<int32_t, py::array::c_style>& seqs,
+                const py::array_t<int32_t, py::array::c_style>& tokens) {
+                 auto& eng = e.get();
+                 int64_t n, nt;
+                 const int32_t* ps = int32_vector(seqs, "seqs", &n);
+                 const int32_t* pt = int32_vector(tokens, "tokens", &nt);
+                 if (n != nt)
+                     throw flexquant::Error("decode_batch: " + std::to_string(n) + " sequences but " + std::to_string(nt) +
+                                            " tokens");
+                 const int64_t V = eng.config().vocab;
+                 py::array_t<float> logits({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(V)});
+                 py::array_t<float> entropy(static_cast<py::ssize_t>(n)), top1(static_cast<py::ssize_t>(n));
+                 std::vector<flexquant::StepSignals> sig(static_cast<size_t>(std::max<int64_t>(n, 0)));
+                 float* dst = logits.mutable_data();
+                 {
+                     py::gil_scoped_release nogil;
+                     eng.decode_batch(ps, pt, n, dst, sig.data());
+                 }
+                 for (int64_t i = 0; i < n; ++i) {
+                     entropy.mutable_data()[i] = sig[i].entropy;
+                     top1.mutable_data()[i] = sig[i].top1_prob;
+                 }
+                 return py::make_tuple(logits, entropy, top1);
+             },
+             py::arg("seqs"), py::arg("tokens"),
+             "One decode step of several sequences: tokens[i] (int32) appended to sequence seqs[i] (distinct),\n"
+             "as one batched pass. Returns (logits (n, vocab), entropy (n,), top1_prob (n,)).")
+        .def("bytes_per_token_at",
+             [](PyEngine& e, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& bits) {
+                 if (bits.ndim() != 1) throw flexquant::Error("bits must be 1-D (n_layers * 7 + 1,)");
+                 return e.get().bytes_per_token_at(bits.data(), bits.size());
+             },
+             py::arg("bits"), "Weight bytes a decode step reads at these bits (n_layers * 7 + 1,), the LM head last.")
         .def_property("threads", [](PyEngine& e) { return e.get().n_threads(); },
                       [](PyEngine& e, int n) { e.get().set_threads(n); })
         .def("set_activation_bits",
@@ -217,5 +270,15 @@ void bind_engine(py::module_& m) {
                  const int32_t* p = int32_vector(history, "history", &n);
                  return s.sample(eng, p, n);
              },
-             py::arg("engine"), py::arg("history"), "Draw the next token id from the engine's last logits.");
+             py::arg("engine"), py::arg("history"), "Draw the next token id from the engine's last logits.")
+        .def("sample_logits",
+             [](flexquant::TokenSampler& s, const py::array_t<float, py::array::c_style>& logits,
+                const py::array_t<int32_t, py::array::c_style>& history) {
+                 if (logits.ndim() != 1)
+                     throw flexquant::Error("logits must be 1-D (vocab,), got " + std::to_string(logits.ndim()) + "-D");
+                 int64_t n;
+                 const int32_t* p = int32_vector(history, "history", &n);
+                 return s.sample_logits(logits.data(), logits.shape(0), p, n);
+             },
+             py::arg("logits"), py::arg("history"), "Draw the next token id from a logits row (vocab,) float32.");
 }

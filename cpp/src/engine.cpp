@@ -56,7 +56,8 @@ struct Engine::Impl {
     std::shared_ptr<const ModelFile> model;
     const ModelConfig* cfg = nullptr;
     int64_t n_ctx = 0;
-    int64_t n_past = 0;
+    int n_seq = 1;
+    std::vector<int64_t> past;  // (n_seq): tokens in each sequence's KV cache
     KvDType kv_dtype = KvDType::KV_F32;
     int bits_cap = 0;  // EngineParams::max_bits resolved
     ThreadPool pool;
@@ -79,8 +80,8 @@ struct Engine::Impl {
     std::vector<int32_t> bits;  // (n_layers, 7)
     int head_bits = 0;
 
-    // KV cache: per layer (n_ctx, n_kv_heads, head_dim), fp32 or fp16 bit patterns. Allocated
-    // without initialisation so untouched positions cost no memory.
+    // KV cache: per layer (n_seq, n_ctx, n_kv_heads, head_dim), fp32 or fp16 bit patterns.
+    // Allocated without initialisation so untouched positions (and sequences) cost no memory.
     std::vector<std::unique_ptr<float[]>> k32, v32;
     std::vector<std::unique_ptr<uint16_t[]>> k16, v16;
 
@@ -125,7 +126,20 @@ struct Engine::Impl {
     // Opens the CUDA backend or records why not (then the CPU runs the model).
     void init_backend(const EngineParams& params);
 
-    void forward(const int32_t* tokens, int64_t T, float* all_logits);
+    void check_seq(int seq, const char* what) const {
+        if (seq < 0 || seq >= n_seq) throw Error(cat(what, ": sequence ", seq, " is outside 0..", n_seq - 1));
+    }
+    void check_tokens(const int32_t* tokens, int64_t n) const;
+    // Prefill or a step of one sequence: T tokens appended to sequence seq; its next-token logits
+    // go to `logits` and, if asked, every position's to all_logits (T, vocab).
+    void forward(int seq, const int32_t* tokens, int64_t T, float* all_logits);
+    // Embeds T rows and runs every layer: row t is tokens[t] of sequence seqs[t] at position
+    // pos[t]. prefill: all rows are one sequence at consecutive positions (one causal attention
+    // block); else each row attends to its own sequence alone (batched decode). Leaves x (T, D).
+    void layers(const int32_t* tokens, int64_t T, const int32_t* seqs, const int64_t* pos, bool prefill);
+    uint64_t kv_offset(int seq, int64_t pos) const {
+        return (static_cast<uint64_t>(seq) * n_ctx + pos) * cfg->n_kv_heads * cfg->head_dim;
+    }
     // Runs linear j (index into lin, or lin.size() for the LM head) on x (T, K) -> y (T, N) at
     // the mask's bits or, with rules, at the bits its input asks for; records them in `used`.
     void linear(size_t j, const float* x, int64_t T, float* y);
@@ -203,10 +217,14 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     const uint64_t elt = params.kv_dtype == KvDType::KV_F16 ? 2 : 4;
     const uint64_t per_token = 2ull * c.n_layers * c.n_kv_heads * c.head_dim * elt;
     if (params.n_ctx < 0) throw Error("n_ctx = " + std::to_string(params.n_ctx) + " must be >= 0");
+    if (params.n_seq < 1 || params.n_seq > 4096) throw Error(cat("n_seq = ", params.n_seq, " is outside 1..4096"));
+    e.n_seq = params.n_seq;
+    e.past.assign(e.n_seq, 0);
     if (params.n_ctx > 0) {
         e.n_ctx = params.n_ctx;
     } else {
-        const int64_t cap = static_cast<int64_t>(std::max<uint64_t>(1, params.kv_budget_bytes / per_token));
+        const uint64_t per_seq = params.kv_budget_bytes / static_cast<uint64_t>(e.n_seq);
+        const int64_t cap = static_cast<int64_t>(std::max<uint64_t>(1, per_seq / per_token));
         e.n_ctx = std::min<int64_t>(c.context_length, cap);
     }
     if (e.n_ctx > (int64_t(1) << 24)) throw Error("n_ctx = " + std::to_string(e.n_ctx) + " is too large");
@@ -252,7 +270,7 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     e.init_backend(params);
     if (e.on_gpu()) return;  // the KV cache lives on the GPU
 
-    const uint64_t cache_elems = static_cast<uint64_t>(e.n_ctx) * c.n_kv_heads * c.head_dim;
+    const uint64_t cache_elems = static_cast<uint64_t>(e.n_seq) * e.n_ctx * c.n_kv_heads * c.head_dim;
     for (int64_t l = 0; l < c.n_layers; ++l) {
         if (e.kv_dtype == KvDType::KV_F16) {
             e.k16.emplace_back(new uint16_t[cache_elems]);
@@ -266,6 +284,11 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
 
 void Engine::Impl::init_backend(const EngineParams& params) {
     if (params.backend == Backend::BACKEND_CPU) return;
+    if (n_seq > 1) {
+        if (params.backend == Backend::BACKEND_CUDA)
+            backend_note = cat("backend CUDA: the CUDA backend holds one sequence; n_seq = ", n_seq, " runs on the CPU");
+        return;
+    }
 #ifdef FLEXQUANT_HAVE_CUDA
     if (cuda_device_count() == 0) {
         if (params.backend == Backend::BACKEND_CUDA)
@@ -298,7 +321,24 @@ Engine::~Engine() = default;
 const ModelConfig& Engine::config() const { return *impl_->cfg; }
 const std::shared_ptr<const ModelFile>& Engine::model() const { return impl_->model; }
 int64_t Engine::n_ctx() const { return impl_->n_ctx; }
-int64_t Engine::n_past() const { return impl_->n_past; }
+int64_t Engine::n_past() const { return impl_->past[0]; }
+int Engine::n_seq() const { return impl_->n_seq; }
+int64_t Engine::n_past_seq(int seq) const {
+    impl_->check_seq(seq, "n_past_seq");
+    return impl_->past[seq];
+}
+void Engine::reset_seq(int seq) {
+    impl_->check_seq(seq, "reset_seq");
+    impl_->past[seq] = 0;
+}
+uint64_t Engine::bytes_per_token_at(const int32_t* bits, int64_t count) const {
+    const Impl& e = *impl_;
+    const int64_t want = static_cast<int64_t>(e.lin.size()) + 1;
+    if (count != want) throw Error(cat("bytes_per_token_at: ", count, " bit-widths given, expected ", want,
+                                       " (n_layers * 7, then the LM head)"));
+    for (int64_t j = 0; j < count; ++j) e.check_open_bits(bits[j], cat("bits[", j, "]"));
+    return e.bytes_at(std::vector<int32_t>(bits, bits + count));
+}
 int Engine::n_threads() const { return impl_->pool.num_threads(); }
 Backend Engine::backend() const { return impl_->backend; }
 const std::string& Engine::backend_note() const { return impl_->backend_note; }
@@ -441,40 +481,102 @@ const std::vector<int64_t>& Engine::input_energy_rows() const { return impl_->en
 const std::vector<float>& Engine::logits() const { return impl_->logits; }
 StepSignals Engine::signals() const { return impl_->sig; }
 void Engine::reset() {
-    impl_->n_past = 0;
+    impl_->past[0] = 0;
     impl_->logits.clear();
     impl_->sig = StepSignals{};
 }
 
-void Engine::eval(const int32_t* tokens, int64_t n, float* all_logits) {
-    Impl& e = *impl_;
-    if (n <= 0) throw Error("eval: no tokens (n = " + std::to_string(n) + ")");
+void Engine::Impl::check_tokens(const int32_t* tokens, int64_t n) const {
     for (int64_t i = 0; i < n; ++i) {
-        if (tokens[i] < 0 || tokens[i] >= e.cfg->vocab) {
-            throw Error(cat("token id ", tokens[i], " at position ", i, " is outside the vocabulary 0..", e.cfg->vocab - 1));
+        if (tokens[i] < 0 || tokens[i] >= cfg->vocab) {
+            throw Error(cat("token id ", tokens[i], " at position ", i, " is outside the vocabulary 0..", cfg->vocab - 1));
         }
     }
-    if (e.n_past + n > e.n_ctx) {
-        throw Error(cat("context full: ", e.n_past, " tokens in the cache + ", n, " new > n_ctx = ", e.n_ctx));
-    }
-    e.forward(tokens, n, all_logits);
 }
 
-void Engine::Impl::forward(const int32_t* tokens, int64_t T, float* all_logits) {
+void Engine::eval(const int32_t* tokens, int64_t n, float* all_logits) { eval_seq(0, tokens, n, all_logits); }
+
+void Engine::eval_seq(int seq, const int32_t* tokens, int64_t n, float* all_logits) {
+    Impl& e = *impl_;
+    e.check_seq(seq, "eval");
+    if (n <= 0) throw Error("eval: no tokens (n = " + std::to_string(n) + ")");
+    e.check_tokens(tokens, n);
+    if (e.past[seq] + n > e.n_ctx) {
+        throw Error(cat("context full: ", e.past[seq], " tokens in the cache", e.n_seq > 1 ? cat(" of sequence ", seq) : "",
+                        " + ", n, " new > n_ctx = ", e.n_ctx));
+    }
+    e.forward(seq, tokens, n, all_logits);
+}
+
+void Engine::decode_batch(const int32_t* seqs, const int32_t* tokens, int64_t count, float* out, StepSignals* signals) {
+    Impl& e = *impl_;
+    if (count <= 0) throw Error(cat("decode_batch: no sequences (count = ", count, ")"));
+    if (count > e.n_seq) throw Error(cat("decode_batch: ", count, " rows for ", e.n_seq, " sequences"));
+    if (!seqs || !tokens || !out) throw Error("decode_batch: null pointer");
+    if (e.on_gpu()) throw Error("decode_batch: the CUDA backend holds one sequence (use the CPU backend)");
+    std::vector<char> seen(e.n_seq, 0);
+    for (int64_t i = 0; i < count; ++i) {
+        const int s = seqs[i];
+        if (s < 0 || s >= e.n_seq) throw Error(cat("decode_batch: seqs[", i, "] = ", s, " is outside 0..", e.n_seq - 1));
+        if (seen[s]) throw Error(cat("decode_batch: sequence ", s, " appears twice (seqs[", i, "])"));
+        seen[s] = 1;
+        if (tokens[i] < 0 || tokens[i] >= e.cfg->vocab)
+            throw Error(cat("decode_batch: token id ", tokens[i], " (row ", i, ", sequence ", s,
+                            ") is outside the vocabulary 0..", e.cfg->vocab - 1));
+        if (e.past[s] + 1 > e.n_ctx)
+            throw Error(cat("context full: sequence ", s, " holds ", e.past[s], " tokens = n_ctx"));
+    }
+    const int64_t D = e.cfg->hidden, V = e.cfg->vocab;
+    std::vector<int64_t> pos(count);
+    for (int64_t i = 0; i < count; ++i) pos[i] = e.past[seqs[i]];
+    e.layers(tokens, count, seqs, pos.data(), /*prefill=*/false);
+    rms_norm(e.x.data(), e.out_norm, count, D, e.cfg->rms_norm_eps, e.h.data());
+    e.linear(e.lin.size(), e.h.data(), count, out);
+    for (int64_t i = 0; i < count; ++i) {
+        StepSignals s;
+        entropy_and_top1(out + i * V, V, &s.entropy, &s.top1_prob);
+        if (signals) signals[i] = s;
+        ++e.past[seqs[i]];
+    }
+}
+
+void Engine::Impl::forward(int seq, const int32_t* tokens, int64_t T, float* all_logits) {
     const ModelConfig& c = *cfg;
-    const int64_t D = c.hidden, H = c.n_heads, Hkv = c.n_kv_heads, hd = c.head_dim, F = c.ffn;
-    const int64_t V = c.vocab;
-    const int64_t qdim = H * hd, kvdim = Hkv * hd;
+    const int64_t D = c.hidden, V = c.vocab;
 #ifdef FLEXQUANT_HAVE_CUDA
-    if (gpu) {
+    if (gpu) {  // n_seq == 1 (init_backend)
         const std::vector<int32_t> b = mask_bits();
         logits.resize(V);
-        gpu->forward(tokens, T, n_past, b.data(), logits.data(), all_logits, &sig.entropy, &sig.top1_prob);
+        gpu->forward(tokens, T, past[0], b.data(), logits.data(), all_logits, &sig.entropy, &sig.top1_prob);
         used = b;
-        n_past += T;
+        past[0] += T;
         return;
     }
 #endif
+    std::vector<int64_t> pos(T);
+    for (int64_t t = 0; t < T; ++t) pos[t] = past[seq] + t;
+    const std::vector<int32_t> seqs(T, seq);
+    layers(tokens, T, seqs.data(), pos.data(), /*prefill=*/true);
+
+    // Only the rows whose logits are wanted go through the LM head (the largest linear).
+    const int64_t first = all_logits ? 0 : T - 1;
+    const int64_t rows = T - first;
+    rms_norm(x.data() + first * D, out_norm, rows, D, c.rms_norm_eps, h.data());
+    logits.resize(V);
+    if (all_logits) {
+        linear(lin.size(), h.data(), rows, all_logits);
+        std::memcpy(logits.data(), all_logits + (T - 1) * V, V * 4);
+    } else {
+        linear(lin.size(), h.data(), 1, logits.data());
+    }
+    entropy_and_top1(logits.data(), V, &sig.entropy, &sig.top1_prob);
+    past[seq] += T;
+}
+
+void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs, const int64_t* pos, bool prefill) {
+    const ModelConfig& c = *cfg;
+    const int64_t D = c.hidden, H = c.n_heads, Hkv = c.n_kv_heads, hd = c.head_dim, F = c.ffn;
+    const int64_t qdim = H * hd, kvdim = Hkv * hd;
     auto grow = [](std::vector<float>& v, size_t n) {
         if (v.size() < n) v.resize(n);
     };
@@ -497,27 +599,36 @@ void Engine::Impl::forward(const int32_t* tokens, int64_t T, float* all_logits) 
             std::memcpy(row, static_cast<const float*>(embd) + static_cast<int64_t>(tokens[t]) * D, D * 4);
         }
     }
-    std::vector<int64_t> pos(T);
-    for (int64_t t = 0; t < T; ++t) pos[t] = n_past + t;
-
     for (int64_t l = 0; l < c.n_layers; ++l) {
         const size_t j0 = static_cast<size_t>(l) * LINEARS_PER_LAYER;
         rms_norm(x.data(), attn_norm[l], T, D, c.rms_norm_eps, h.data());
         linear(j0 + 0, h.data(), T, q.data());
         linear(j0 + 1, h.data(), T, kx.data());
         linear(j0 + 2, h.data(), T, vx.data());
-        rope_(rope, q.data(), H, kx.data(), Hkv, pos.data(), T);
-        const uint64_t off = static_cast<uint64_t>(n_past) * kvdim;
-        if (kv_dtype == KvDType::KV_F16) {
-            for (int64_t i = 0; i < T * kvdim; ++i) {
-                k16[l][off + i] = fp32_to_fp16(kx[i]);
-                v16[l][off + i] = fp32_to_fp16(vx[i]);
+        rope_(rope, q.data(), H, kx.data(), Hkv, pos, T);
+        for (int64_t t = 0; t < T; ++t) {
+            const uint64_t off = kv_offset(seqs[t], pos[t]);
+            if (kv_dtype == KvDType::KV_F16) {
+                for (int64_t i = 0; i < kvdim; ++i) {
+                    k16[l][off + i] = fp32_to_fp16(kx[t * kvdim + i]);
+                    v16[l][off + i] = fp32_to_fp16(vx[t * kvdim + i]);
+                }
+            } else {
+                std::memcpy(k32[l].get() + off, kx.data() + t * kvdim, kvdim * 4);
+                std::memcpy(v32[l].get() + off, vx.data() + t * kvdim, kvdim * 4);
             }
-            attention_f16(q.data(), k16[l].get(), v16[l].get(), T, n_past, H, Hkv, hd, att.data(), &pool);
-        } else {
-            std::memcpy(k32[l].get() + off, kx.data(), T * kvdim * 4);
-            std::memcpy(v32[l].get() + off, vx.data(), T * kvdim * 4);
-            attention(q.data(), k32[l].get(), v32[l].get(), T, n_past, H, Hkv, hd, att.data(), &pool);
+        }
+        // Prefill: one causal block over the sequence's cache. Batched decode: each row over its
+        // own sequence's cache (their lengths differ).
+        const int64_t blocks = prefill ? 1 : T, m = prefill ? T : 1;
+        for (int64_t b = 0; b < blocks; ++b) {
+            const uint64_t base = kv_offset(seqs[b], 0);
+            float* out = att.data() + b * qdim;
+            const float* qb = q.data() + b * qdim;
+            if (kv_dtype == KvDType::KV_F16)
+                attention_f16(qb, k16[l].get() + base, v16[l].get() + base, m, pos[b], H, Hkv, hd, out, &pool);
+            else
+                attention(qb, k32[l].get() + base, v32[l].get() + base, m, pos[b], H, Hkv, hd, out, &pool);
         }
         linear(j0 + 3, att.data(), T, o.data());
         for (int64_t i = 0; i < T * D; ++i) x[i] += o[i];
@@ -529,20 +640,6 @@ void Engine::Impl::forward(const int32_t* tokens, int64_t T, float* all_logits) 
         linear(j0 + 6, g.data(), T, o.data());
         for (int64_t i = 0; i < T * D; ++i) x[i] += o[i];
     }
-
-    // Only the rows whose logits are wanted go through the LM head (the largest linear).
-    const int64_t first = all_logits ? 0 : T - 1;
-    const int64_t rows = T - first;
-    rms_norm(x.data() + first * D, out_norm, rows, D, c.rms_norm_eps, h.data());
-    logits.resize(V);
-    if (all_logits) {
-        linear(lin.size(), h.data(), rows, all_logits);
-        std::memcpy(logits.data(), all_logits + (T - 1) * V, V * 4);
-    } else {
-        linear(lin.size(), h.data(), 1, logits.data());
-    }
-    entropy_and_top1(logits.data(), V, &sig.entropy, &sig.top1_prob);
-    n_past += T;
 }
 
 // ---- sampling -----------------------------------------------------------------------------------
@@ -577,8 +674,12 @@ TokenSampler::~TokenSampler() = default;
 int32_t TokenSampler::sample(const Engine& eng, const int32_t* history, int64_t n_history) {
     const std::vector<float>& lg = eng.logits();
     if (lg.empty()) throw Error("sample: the engine has no logits yet (call eval first)");
-    return static_cast<int32_t>(
-        impl_->sampler.sample(lg.data(), static_cast<int64_t>(lg.size()), impl_->p, history, n_history));
+    return sample_logits(lg.data(), static_cast<int64_t>(lg.size()), history, n_history);
+}
+
+int32_t TokenSampler::sample_logits(const float* logits, int64_t vocab, const int32_t* history, int64_t n_history) {
+    if (!logits || vocab <= 0) throw Error(cat("sample: no logits (vocab = ", vocab, ")"));
+    return static_cast<int32_t>(impl_->sampler.sample(logits, vocab, impl_->p, history, n_history));
 }
 
 std::vector<int32_t> generate(Engine& eng, const std::vector<int32_t>& prompt, int64_t max_new_tokens,

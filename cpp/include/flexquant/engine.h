@@ -18,6 +18,19 @@
 // BITS_MIN..max_bits(), q k v o gate up down in that order; the LM head has its own setting.
 // A new mask applies from the next eval() on and costs no copy or allocation.
 //
+// Several sequences: with EngineParams::n_seq > 1 the engine holds that many sequences, each with
+// its own KV cache, and decode_batch() runs one step of several of them as one batched pass (every
+// weight is read once for the whole batch, so B sequences cost little more than one while decode
+// is bound by weight bytes). eval(), n_past() and reset() without a sequence number act on
+// sequence 0.
+//
+//   EngineParams p; p.n_seq = 4;
+//   auto eng = flexquant::Engine::open("model.fq", p);
+//   for (int s = 0; s < 4; ++s) eng->eval_seq(s, prompt[s].data(), prompt[s].size());  // prefill
+//   int32_t seqs[4] = {0, 1, 2, 3}, next[4] = {...};
+//   std::vector<float> logits(4 * vocab);
+//   eng->decode_batch(seqs, next, 4, logits.data());             // one step of all four
+//
 // Threads: one Engine is not thread-safe; use one per thread (they may share a ModelFile).
 // Errors: every failure throws flexquant::Error naming the offending value; after an error in
 // eval() the sequence is unchanged (the KV cache keeps the tokens before the call).
@@ -59,6 +72,10 @@ struct EngineParams {
     // replayed from a CUDA graph.
     bool cuda_fp32_matmul = false;
     bool cuda_graph = true;
+    // Sequences the engine holds (1..4096), each with its own KV cache of n_ctx tokens; with
+    // n_ctx = 0 the budget above is shared by all of them. The CUDA backend holds one sequence:
+    // n_seq > 1 runs on the CPU (backend_note says so when CUDA was asked for).
+    int n_seq = 1;
 };
 
 // Cheap signals of the last step's next-token distribution, for a precision controller.
@@ -145,6 +162,26 @@ public:
     // Forget the sequence (the mask stays).
     void reset();
 
+    // ---- several sequences (EngineParams::n_seq) ----
+    int n_seq() const;
+    int64_t n_past_seq(int seq) const;  // tokens in sequence seq's KV cache
+    void reset_seq(int seq);
+    // eval() on sequence seq (0..n_seq-1): appends n tokens to it; logits() and signals() are then
+    // its next-token ones. Throws as eval() does, and for a seq out of range.
+    void eval_seq(int seq, const int32_t* tokens, int64_t n, float* all_logits = nullptr);
+    // One decode step of `count` distinct sequences at once: tokens[i] is appended to sequence
+    // seqs[i]. logits (count, vocab) receives row i's next-token logits; signals (count), optional,
+    // their entropy and top-1 probability. Every linear runs once on the (count, K) batch at the
+    // current mask (with in-step rules, at the largest k any row picks). logits() and signals()
+    // are left as they were. Throws naming the offending entry (a seq out of range or repeated, a
+    // token outside the vocabulary, a full sequence); after an error no sequence has changed.
+    // CPU backend only.
+    void decode_batch(const int32_t* seqs, const int32_t* tokens, int64_t count, float* logits,
+                      StepSignals* signals = nullptr);
+    // Weight bytes one decode step reads at `bits` (n_layers * 7 linears in LinearKind order, then
+    // the LM head; each in BITS_MIN..max_bits): what a sequence would read alone at its own mask.
+    uint64_t bytes_per_token_at(const int32_t* bits, int64_t count) const;
+
 private:
     struct Impl;
     std::unique_ptr<Impl> impl_;
@@ -167,6 +204,9 @@ public:
     ~TokenSampler();
     // Draws the next token from eng.logits(); history: tokens seen so far (for the penalty).
     int32_t sample(const Engine& eng, const int32_t* history = nullptr, int64_t n_history = 0);
+    // The same from a logits row (vocab), e.g. one row of Engine::decode_batch's output.
+    int32_t sample_logits(const float* logits, int64_t vocab, const int32_t* history = nullptr,
+                          int64_t n_history = 0);
 
 private:
     struct Impl;

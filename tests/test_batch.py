@@ -1,0 +1,270 @@
+"""Batched decode: several sequences in one engine (n_seq), one step of all of them per pass.
+
+References: transformers on the exported k-bit view (each sequence alone), the engine's own
+single-sequence path, and generate() run prompt by prompt.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from conftest import make_hf_llama, rel_err
+from flexquant_rt import Engine, FlexquantError, GenerationStats
+from flexquant_rt.batch import Batch
+
+LOGIT_RTOL = 1e-4  # fp32 engine vs fp32 transformers on the same view (test_engine.py)
+
+
+@pytest.fixture(scope="module")
+def gqa_pair(tmp_path_factory):
+    """(converted .fq, transformers model of its 8-bit and 4-bit views)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from flexquant_rt.convert import HFSource, convert, export_hf
+
+    d = tmp_path_factory.mktemp("batch_gqa")
+    src = make_hf_llama(d / "hf", seed=3, hidden=64, layers=2, heads=4, kv_heads=2, ffn=176, vocab=320)
+    fq = d / "m.fq"
+    convert(HFSource(src), fq, progress=False, group_size=64)
+    refs = {}
+    for bits in (8, 4):
+        export_hf(fq, d / f"hf{bits}", bits, progress=False)
+        refs[bits] = LlamaForCausalLM.from_pretrained(d / f"hf{bits}", dtype=torch.float32).eval()
+    return fq, refs
+
+
+def _hf_last(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].numpy()
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_batch_matches_transformers_per_sequence(gqa_pair, bits, kv_dtype):
+    """Sequences of different lengths, stepped in changing subsets and orders (batch sizes 1..6, so
+    both kernel regimes, decode m <= 4 and gemm m > 4, run): every row's logits are what
+    transformers gives that sequence alone."""
+    fq, refs = gqa_pair
+    rng = np.random.default_rng(bits)
+    with Engine(fq, threads=2, n_seq=6, kv_dtype=kv_dtype) as eng:
+        eng.set_layer_bits(bits, lm_head_bits=bits)
+        V = eng.config["vocab"]
+        seqs = [rng.integers(0, V, size=int(n)).tolist() for n in (3, 17, 1, 40, 9, 25)]
+        for s, ids in enumerate(seqs):
+            eng._eng.eval_seq(s, np.asarray(ids, dtype=np.int32))
+            assert eng._eng.n_past_seq(s) == len(ids)
+        tol = LOGIT_RTOL if kv_dtype == "f32" else 3e-3
+        for step, subset in enumerate([[0, 1, 2, 3, 4, 5], [5, 3, 1], [2], [4, 0, 2, 1, 3], [1, 0]]):
+            toks = rng.integers(0, V, size=len(subset))
+            logits, ent, top1 = eng._eng.decode_batch(np.asarray(subset, np.int32), toks.astype(np.int32))
+            assert logits.shape == (len(subset), V) and ent.shape == top1.shape == (len(subset),)
+            for i, s in enumerate(subset):
+                seqs[s].append(int(toks[i]))
+                assert eng._eng.n_past_seq(s) == len(seqs[s])
+                ref = _hf_last(refs[bits], seqs[s])
+                assert rel_err(logits[i], ref) < tol, (step, s)
+                p = np.exp(logits[i].astype(np.float64) - logits[i].max())
+                p /= p.sum()
+                assert abs(top1[i] - p.max()) < 1e-5
+                assert abs(ent[i] - float(-(p * np.log(p)).sum())) < 1e-4
+            # the step ran at the mask; a batch reads each weight once
+            assert (eng._eng.last_bits() == bits).all()
+
+
+def test_batched_rows_equal_the_single_sequence_path(tiny_fq):
+    """decode_batch row i equals a decode step of that sequence alone in an n_seq=1 engine, to fp32
+    rounding (the batched GEMV sums in the same order per row up to 4 rows)."""
+    rng = np.random.default_rng(0)
+    with Engine(tiny_fq, n_seq=4) as eng, Engine(tiny_fq) as solo:
+        V = eng.config["vocab"]
+        prompts = [rng.integers(0, V, size=n).tolist() for n in (5, 12, 2, 30)]
+        for s, ids in enumerate(prompts):
+            eng._eng.eval_seq(s, np.asarray(ids, dtype=np.int32))
+        toks = rng.integers(0, V, size=4).astype(np.int32)
+        logits, _, _ = eng._eng.decode_batch(np.arange(4, dtype=np.int32), toks)
+        for s, ids in enumerate(prompts):
+            solo.forward(ids)
+            ref = solo.decode(int(toks[s]))
+            assert rel_err(logits[s], ref) < 1e-6
+
+
+def test_bad_batches_name_the_value_and_change_nothing(tiny_fq):
+    with Engine(tiny_fq, n_seq=3, n_ctx=8) as eng:
+        e = eng._eng
+        e.eval_seq(0, np.asarray([1, 2, 3], np.int32))
+        e.eval_seq(1, np.asarray([4, 5, 6, 7, 8, 9, 10, 11], np.int32))  # full
+        V = eng.config["vocab"]
+        cases = [
+            (([0, 3], [1, 1]), "seqs[1] = 3 is outside 0..2"),
+            (([0, -1], [1, 1]), "seqs[1] = -1"),
+            (([0, 0], [1, 1]), "sequence 0 appears twice"),
+            (([0, 2], [1, V]), f"token id {V}"),
+            (([0, 1], [1, 1]), "sequence 1 holds 8 tokens = n_ctx"),
+            (([0, 2], [1]), "2 sequences but 1 tokens"),
+            (([], []), "no sequences"),
+            (([0, 1, 2, 0], [1, 1, 1, 1]), "4 rows for 3 sequences"),
+        ]
+        for (seqs, toks), msg in cases:
+            with pytest.raises(FlexquantError, match=re.escape(msg)):
+                e.decode_batch(np.asarray(seqs, np.int32), np.asarray(toks, np.int32))
+            assert [e.n_past_seq(s) for s in range(3)] == [3, 8, 0]
+        with pytest.raises(FlexquantError, match="sequence 3 is outside 0..2"):
+            e.eval_seq(3, np.asarray([1], np.int32))
+        with pytest.raises(FlexquantError, match="sequence 1"):
+            e.eval_seq(1, np.asarray([1], np.int32))
+        with pytest.raises(FlexquantError, match="outside 0..2"):
+            e.n_past_seq(-1)
+        with pytest.raises(FlexquantError, match="47 bit-widths given"):
+            e.bytes_per_token_at(np.full(47, 8, np.int32))
+        n_bits = eng.n_layers * 7 + 1
+        with pytest.raises(FlexquantError, match=r"bits\[0\] = 9"):
+            e.bytes_per_token_at(np.full(n_bits, 9, np.int32))
+        assert e.bytes_per_token_at(np.full(n_bits, 8, np.int32)) == eng.bytes_per_token()
+        # a batch after the errors still works, and reset_seq frees a full sequence
+        e.reset_seq(1)
+        logits, _, _ = e.decode_batch(np.asarray([1, 0], np.int32), np.asarray([3, 4], np.int32))
+        assert np.isfinite(logits).all() and [e.n_past_seq(s) for s in range(3)] == [4, 1, 0]
+        eng.close()
+        with pytest.raises(FlexquantError, match="closed"):
+            e.decode_batch(np.asarray([0], np.int32), np.asarray([1], np.int32))
+    for bad in (0, -1, 4097, 1.5, True):
+        with pytest.raises(ValueError, match="n_seq"):
+            Engine(tiny_fq, n_seq=bad)
+
+
+def test_default_context_shares_the_cache_budget(tiny_fq):
+    with Engine(tiny_fq) as one, Engine(tiny_fq, n_seq=4) as four:
+        assert four.n_seq == 4 and one.n_seq == 1
+        assert four.n_ctx <= one.n_ctx  # the tiny model's context fits 4x in the budget
+
+
+def test_cuda_asked_with_several_sequences_runs_on_the_cpu(tiny_fq):
+    with pytest.warns(RuntimeWarning, match="n_seq = 2 runs on the CPU|no CUDA"):
+        with Engine(tiny_fq, backend="cuda", n_seq=2) as eng:
+            assert eng.backend == "cpu"
+
+
+def _solo(eng, prompts, **kw):
+    out, stats = [], []
+    for p in prompts:
+        st = GenerationStats()
+        out.append(eng.generate(p, stats=st, **kw))
+        stats.append(st)
+    return out, stats
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=12),
+                                dict(max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.9, seed=5,
+                                     repetition_penalty=1.2),
+                                dict(max_new_tokens=9, bits=5, ignore_eos=True),
+                                dict(max_new_tokens=0)])
+def test_generate_batch_equals_generate_prompt_by_prompt(tiny_fq, kw):
+    """5 prompts through 2 slots (continuous refill): same texts and stats as one by one."""
+    prompts = ["the cat", "hello world", [5, 9, 11, 40], "a", "count me in"]
+    with Engine(tiny_fq, n_seq=2) as eng, Engine(tiny_fq) as solo:
+        ref, ref_stats = _solo(solo, prompts, **kw)
+        stats = [GenerationStats() for _ in prompts]
+        got = eng.generate_batch(prompts, stats=stats, **kw)
+        assert got == ref
+        for a, b in zip(stats, ref_stats):
+            assert (a.prompt_tokens, a.completion_tokens, a.finish_reason, a.steps, a.bytes_read) == \
+                   (b.prompt_tokens, b.completion_tokens, b.finish_reason, b.steps, b.bytes_read)
+            assert a.mean_bits == pytest.approx(b.mean_bits)
+        assert [eng._eng.n_past_seq(s) for s in range(2)] == [0, 0]  # the slots are free again
+
+
+def test_generate_batch_stops_and_context_limit(tiny_fq):
+    with Engine(tiny_fq, n_seq=3, n_ctx=24) as eng, Engine(tiny_fq, n_ctx=24) as solo:
+        full = solo.generate("abc", max_new_tokens=30)
+        stop = full[3:5]
+        prompts = ["abc", "abc", list(range(1, 20))]
+        kw = dict(max_new_tokens=30, stop=[stop])
+        ref, ref_stats = _solo(solo, prompts, **kw)
+        stats = [GenerationStats() for _ in prompts]
+        assert eng.generate_batch(prompts, stats=stats, **kw) == ref
+        assert [s.finish_reason for s in stats] == [s.finish_reason for s in ref_stats]
+        assert stats[0].finish_reason == "stop"
+        with pytest.raises(ValueError, match="prompt 1 has 24 tokens"):
+            eng.generate_batch(["a", list(range(1, 25))])
+        with pytest.raises(ValueError, match="prompt 0 is empty"):
+            eng.generate_batch([[]])
+        with pytest.raises(ValueError, match="one entry per prompt"):
+            eng.generate_batch(["a", "b"], stats=[GenerationStats()])
+        with pytest.raises(ValueError, match="one per prompt"):
+            eng.generate_batch(["a", "b"], seed=[1])
+        assert eng.generate_batch([]) == []
+
+
+def test_each_step_runs_at_the_elementwise_max_of_the_masks(tiny_fq):
+    """Two sequences with their own controllers: the step runs at the max of their masks, and each
+    controller sees (and its stats count) its own mask's bits."""
+    from flexquant_rt import _core
+
+    class Fixed:
+        def __init__(self, layer_bits, head):
+            self.m, self.head, self.infos = layer_bits, head, []
+
+        def mask(self, info):
+            self.infos.append(info)
+            return (self.m, self.head) if info is None else None
+
+    with Engine(tiny_fq, n_seq=2) as eng:
+        L = eng.n_layers
+        a_mask = np.full((L, 7), 3, np.int32)
+        a_mask[0, 2] = 7
+        b_mask = np.full((L, 7), 5, np.int32)
+        a, b = Fixed(a_mask, 4), Fixed(b_mask, 3)
+        batch = Batch(eng)
+        sa, sb = GenerationStats(), GenerationStats()
+        batch.add("a", [1, 2, 3], 6, _core.Sampler(), (), (), a, sa)
+        batch.add("b", [4, 5], 6, _core.Sampler(), (), (), b, sb)
+        batch.step()
+        want = np.maximum(a_mask, b_mask).reshape(-1).tolist() + [4]
+        assert eng._eng.last_bits().tolist() == want
+        info = a.infos[-1]
+        own = np.append(a_mask.reshape(-1), 4).astype(np.int32)
+        assert info.bytes_read == eng._eng.bytes_per_token_at(own)
+        assert sa.bytes_read == 2 * eng._eng.bytes_per_token_at(own)  # prefill + one step at its own mask
+        assert sb.bytes_read == 2 * eng._eng.bytes_per_token_at(np.append(b_mask.reshape(-1), 3).astype(np.int32))
+        assert sa.mean_bits < sb.mean_bits
+        assert batch.cancel("a") and not batch.cancel("a")
+        assert batch.free == 1 and batch.active == 1
+        batch.step()
+        assert eng._eng.last_bits().tolist() == b_mask.reshape(-1).tolist() + [3]
+
+
+def test_rule_controllers_are_refused_in_a_batch(tiny_fq):
+    class Rules:
+        def attach(self, engine):
+            c = engine.config
+            ks = [c["hidden"]] * 3 + [c["n_heads"] * c["head_dim"]] + [c["hidden"]] * 2 + [c["ffn"]]
+            costs = [np.ones((2, k), np.float32) for _ in range(engine.n_layers) for k in ks]
+            costs.append(np.ones((2, c["hidden"]), np.float32))
+            engine._eng.set_precision_rules(3, 4, costs, 0.0)
+
+        def mask(self, info):
+            return None
+
+    with Engine(tiny_fq, n_seq=2) as eng:
+        with pytest.raises(ValueError, match="in-step rules"):
+            eng.generate_batch(["a", "b"], controllers=[Rules(), Rules()], max_new_tokens=3)
+        assert not eng._eng.has_precision_rules
+        assert [eng._eng.n_past_seq(s) for s in range(2)] == [0, 0]
+        assert eng.generate_batch(["a"], max_new_tokens=3) == [eng.generate("a", max_new_tokens=3)]
+
+
+def test_smollm2_batch_answers_as_alone(smollm2_fq):
+    """The real model: three chat prompts through two slots give the same greedy answers as one by one."""
+    questions = ["What is 2 + 2?", "Name a primary color.", "Write a haiku about the sea."]
+    with Engine(smollm2_fq, n_seq=2, n_ctx=256) as eng, Engine(smollm2_fq, n_ctx=256) as solo:
+        prompts = [eng.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+                   for q in questions]
+        ref = [solo.generate(p, max_new_tokens=24, add_special_tokens=False) for p in prompts]
+        got = eng.generate_batch(prompts, max_new_tokens=24, add_special_tokens=False)
+        assert got == ref
+        assert all(len(t) > 0 for t in got)

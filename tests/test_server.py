@@ -393,6 +393,100 @@ def test_worker_cancels_within_a_token_and_rejects_when_full(calibrated_tiny):
     asyncio.run(run())
 
 
+# -- continuous batching (--batch N) --------------------------------------------------------------
+
+def test_batched_server_gives_each_client_its_own_answer(server, client, calibrated_tiny):
+    """8 concurrent clients (half streaming, own seeds and lengths) on a --batch 3 server get what
+    the one-at-a-time server gives each alone; a mask policy runs, input_aware is refused."""
+    prompts = [f"client {i} says" for i in range(8)]
+    kw = [dict(max_tokens=8 + 3 * i, seed=i, temperature=0.7 + 0.1 * (i % 3)) for i in range(8)]
+    alone = [client.completions.create(model=MODEL, prompt=p, **k).choices[0].text for p, k in zip(prompts, kw)]
+    srv = Server(calibrated_tiny, "--batch", "3")
+    try:
+        got: dict[int, str] = {}
+        errors: list[BaseException] = []
+
+        def one(i: int) -> None:
+            try:
+                c = srv.client()
+                if i % 2:
+                    s = c.completions.create(model=MODEL, prompt=prompts[i], stream=True, **kw[i])
+                    got[i] = "".join(ch.choices[0].text for ch in s)
+                else:
+                    got[i] = c.completions.create(model=MODEL, prompt=prompts[i], **kw[i]).choices[0].text
+            except BaseException as e:  # noqa: BLE001  (reported below)
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors
+        assert [got[i] for i in range(8)] == alone
+        c = srv.client()
+        r = c.completions.create(model=MODEL, prompt="policy", max_tokens=6,
+                                 extra_body={"flexquant": {"policy": "flexquant", "budget_bits": 5.0}})
+        assert r.choices[0].finish_reason in ("stop", "length") and r.flexquant["mean_bits"] <= 8
+        with pytest.raises(openai.BadRequestError, match="in-step rules"):
+            c.completions.create(model=MODEL, prompt="x", max_tokens=4,
+                                 extra_body={"flexquant": {"policy": "input_aware", "budget_bits": 5.0}})
+        h = srv.health()
+        assert h["requests"] == {"completed": 9, "cancelled": 0, "rejected": 1, "failed": 0} and not h["busy"]
+    finally:
+        srv.stop()
+
+
+def test_batched_worker_cancels_one_request_and_finishes_the_others(calibrated_tiny):
+    from flexquant_rt.server import GenSpec, Job, Worker
+
+    sampling = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, seed=0,
+                    ignore_eos=True)
+    fq = {"policy": None, "bits": None}
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        with Engine(calibrated_tiny, threads=1, n_seq=2) as eng:
+            w = Worker(eng, max_queue=8)
+            specs = [GenSpec(prompt=f"job {i}", max_tokens=n, sampling=sampling, stop=[], fq=fq)
+                     for i, n in enumerate((200, 7, 5))]
+            jobs = [Job(s, loop) for s in specs]
+            for j in jobs:
+                w.submit(j)
+            w.start()
+            texts = {1: [], 2: []}
+            done = {}
+            seen0 = 0
+            while len(done) < 2:
+                for i in (0, 1, 2):
+                    while not jobs[i].events.empty():
+                        kind, v = jobs[i].events.get_nowait()
+                        if i == 0:
+                            seen0 += kind == "text"
+                            if seen0 == 2:
+                                jobs[0].cancel.set()  # its client hangs up mid-generation
+                            assert kind != "done"
+                        elif kind == "text":
+                            texts[i].append(v)
+                        elif kind == "done":
+                            done[i] = v
+                await asyncio.sleep(0.005)
+            for _ in range(6000):
+                if w.counts["cancelled"] == 1 and w.counts["completed"] == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert w.counts == {"completed": 2, "cancelled": 1, "rejected": 0, "failed": 0}
+            assert not w.busy
+            w.stop()
+        with Engine(calibrated_tiny, threads=1) as solo:
+            for i in (1, 2):
+                assert "".join(texts[i]) == solo.generate(f"job {i}", max_new_tokens=specs[i].max_tokens,
+                                                          ignore_eos=True)
+                assert done[i].completion_tokens == specs[i].max_tokens
+
+    asyncio.run(run())
+
+
 # -- one real answer from SmolLM2 -------------------------------------------------------------------
 
 def test_smollm2_answers_a_chat_question(smollm2_fq):

@@ -4,6 +4,7 @@
     python tools/load_test.py                           # starts a server on the default model
     python tools/load_test.py --model m.fq --clients 4 --requests 32 --max-tokens 64
     python tools/load_test.py --url http://127.0.0.1:8000 --pid 1234   # an already running server
+    python tools/load_test.py --batch 4                  # the started server decodes 4 requests together
 
 Every request is a streaming chat completion (so time-to-first-token is measured the way a
 client sees it) with stream_options.include_usage for the token count. Reports requests/s,
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ignore-eos", action="store_true", help="every request generates exactly --max-tokens")
     ap.add_argument("--bits", type=int, default=None, help="flexquant extension: static bits per request")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--batch", type=int, default=1, help="the started server's --batch (continuous batching)")
     args = ap.parse_args(argv)
 
     proc = None
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         from flexquant_rt.server import ServerProcess
 
-        extra = ["--log-level", "warning", "--max-queue", str(max(64, args.clients * 2))]
+        extra = ["--log-level", "warning", "--max-queue", str(max(64, args.clients * 2)), "--batch", str(args.batch)]
         proc = ServerProcess(args.model, *extra, *(["--threads", str(args.threads)] if args.threads else []))
         url, pid = proc.url, proc.pid
     url = url.rstrip("/")
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nmodel `{model}` at {url}; {args.clients} clients x {args.requests} requests per round, "
           f"max_tokens {args.max_tokens}{' (ignore_eos)' if args.ignore_eos else ''}, "
-          f"temperature {args.temperature}; {platform.processor() or platform.machine()}, "
+          f"temperature {args.temperature}{f'; server --batch {args.batch}' if args.url is None else ''}; "
+          f"{platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs\n")
     print("| round | requests | errors | wall s | req/s | tokens | tok/s | p50 latency s | p95 latency s | "
           "p50 TTFT s | p95 TTFT s | server RSS MiB before -> after |")

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--n-ctx", type=int, default=None)
     sv.add_argument("--model-name", default=None, help="the model id clients send (default: the file's stem)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait; beyond: 503")
+    sv.add_argument("--batch", type=int, default=1,
+                    help="requests decoded together (continuous batching on the CPU; 1 = one at a time)")
     sv.add_argument("--bits", type=int, default=None, help="default: every layer at this bit-width")
     sv.add_argument("--policy", default=None, choices=POLICIES, help="default precision policy")
     sv.add_argument("--budget-bits", type=float, default=None, help="mean bits per weight for --policy")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "serve":
             from .server import serve
             serve(a.model, host=a.host, port=a.port, backend=a.backend, n_ctx=a.n_ctx, threads=a.threads,
-                  model_name=a.model_name, max_queue=a.max_queue, log_level=a.log_level,
+                  model_name=a.model_name, max_queue=a.max_queue, log_level=a.log_level, batch=a.batch,
                   default_fq={"policy": a.policy, "budget_bits": a.budget_bits, "bits": a.bits})
             return 0
         if a.cmd == "calibrate":

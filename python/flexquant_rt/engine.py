@@ -285,11 +285,8 @@ class Engine:
                 raise ValueError(f"prompt {i} has {len(t)} tokens, the context holds {self.n_ctx} "
                                  f"(the prompt plus at least one generated token must fit)")
             ids.append(t)
-        stop_strs, stop_ids = _split_stop(stop)
-        if not ignore_eos and self.eos_id is not None:
-            stop_ids.add(int(self.eos_id))
-        samplers = [_core.Sampler(float(temperature), int(top_k), float(top_p), float(min_p),
-                                  float(repetition_penalty), s) for s in seeds]
+        stop_strs, stop_ids = self.stop_sets(stop, ignore_eos)
+        samplers = [self.make_sampler(temperature, top_k, top_p, min_p, repetition_penalty, s) for s in seeds]
         if bits is not None:
             self.set_layer_bits(bits, lm_head_bits=bits if isinstance(bits, (int, np.integer)) else None)
         out = [""] * n
@@ -312,6 +309,20 @@ class Engine:
                 batch.cancel(key)
         return out
 
+    @staticmethod
+    def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                     repetition_penalty: float = 1.0, seed: int | None = None):
+        """The C++ sampler generate() uses (seed None: a random one); bad values raise, named."""
+        return _core.Sampler(float(temperature), int(top_k), float(top_p), float(min_p), float(repetition_penalty),
+                             int(seed) if seed is not None else _random_seed())
+
+    def stop_sets(self, stop, ignore_eos: bool = False) -> tuple[list[str], set[int]]:
+        """(stop strings, stop token ids) of a `stop` argument, with the model's eos unless ignored."""
+        stop_strs, stop_ids = _split_stop(stop)
+        if not ignore_eos and self.eos_id is not None:
+            stop_ids.add(int(self.eos_id))
+        return stop_strs, stop_ids
+
     def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                   stop, bits, controller, add_special_tokens, ignore_eos, stats=None) -> Iterator[str]:
         # validates eagerly (a bad argument raises here, even with stream=True), then returns
@@ -324,11 +335,8 @@ class Engine:
         if len(ids) >= self.n_ctx:
             raise ValueError(f"the prompt has {len(ids)} tokens, the context holds {self.n_ctx} "
                              f"(the prompt plus at least one generated token must fit)")
-        stop_strs, stop_ids = _split_stop(stop)
-        if not ignore_eos and self.eos_id is not None:
-            stop_ids.add(int(self.eos_id))
-        sampler = _core.Sampler(float(temperature), int(top_k), float(top_p), float(min_p),
-                                float(repetition_penalty), int(seed) if seed is not None else _random_seed())
+        stop_strs, stop_ids = self.stop_sets(stop, ignore_eos)
+        sampler = self.make_sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if bits is not None:
             self.set_layer_bits(bits, lm_head_bits=bits if isinstance(bits, (int, np.integer)) else None)
         self._eng.reset()

@@ -5,9 +5,14 @@ POST /v1/chat/completions (JSON, or server-sent events with "stream": true). Nee
 extra (FastAPI + uvicorn); nothing else in the package imports this module.
 
 Concurrency: one Engine, owned by one worker thread; requests wait in a bounded FIFO queue
-(--max-queue; a full queue answers 503) and run one at a time, so no two requests share the
-engine's state. Before each request the worker resets the KV cache and the bit mask and applies
-the request's own sampler and precision controller. Cancellation: every request has a flag that
+(--max-queue; a full queue answers 503). With an engine of one sequence (the default) they run one
+at a time; before each request the worker resets the KV cache and the bit mask and applies the
+request's own sampler and precision controller. With `--batch N` (an engine of n_seq = N) up to N
+requests decode together (continuous batching, flexquant_rt.batch): each step is one pass in which
+every weight is read once for all of them, each request has its own KV cache, sampler and a copy
+of its controller, the step runs at the elementwise maximum of their masks, and a finished
+request's slot takes the next queued one at once. The input_aware policy (engine-wide in-step
+rules) is refused there with a 400. Cancellation: every request has a flag that
 a watcher task sets when the client disconnects; the worker checks it before every forward pass
 (through the controller hook, which runs before each step) and abandons the generation, so a
 client that goes away stops costing compute within one token. A queued request whose client left
@@ -26,6 +31,7 @@ an unrecognized argument (as OpenAI does) and a context overflow (code context_l
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import math
 import queue
@@ -52,6 +58,7 @@ except ImportError as _e:
                       f"pip install 'flexquant_rt[serve]'") from None
 
 from .controller import POLICIES, make_controller
+from .batch import Batch
 from .engine import Engine, GenerationStats
 
 MAX_BODY_BYTES = 8 << 20
@@ -345,6 +352,7 @@ class Worker:
         self.engine = engine
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.current: Job | None = None
+        self.running: dict[Job, GenerationStats] = {}  # batched mode: the requests decoding now
         self._controllers: OrderedDict = OrderedDict()
         self._cache_size = controller_cache
         self._thread = threading.Thread(target=self._main, name="flexquant-engine", daemon=True)
@@ -358,6 +366,8 @@ class Worker:
         self._stopping = True
         job = self.current
         if job is not None:
+            job.cancel.set()
+        for job in list(self.running):
             job.cancel.set()
         while True:  # cancel whatever still waits
             try:
@@ -386,7 +396,13 @@ class Worker:
     def depth(self) -> int:
         return self.jobs.qsize()
 
+    @property
+    def busy(self) -> bool:
+        return self.current is not None or bool(self.running)
+
     def _main(self) -> None:
+        if self.engine.n_seq > 1:
+            return self._main_batched()
         while True:
             job = self.jobs.get()
             if job is None or self._stopping:
@@ -404,6 +420,91 @@ class Worker:
                 job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
             finally:
                 self.current = None
+
+    def _main_batched(self) -> None:
+        eng = self.engine
+        eng.set_layer_bits(eng.max_bits, lm_head_bits=eng.max_bits)  # the mask of a request without one
+        batch = Batch(eng)
+        running = self.running
+        while True:
+            while batch.free:  # admit: wait for work only when nothing is decoding
+                try:
+                    job = self.jobs.get(block=not running)
+                except queue.Empty:
+                    break
+                if job is None or self._stopping:
+                    if job is not None:
+                        job.post("error", ApiError(503, "the server is shutting down", type="server_error"))
+                    for j in list(running):
+                        batch.cancel(j)
+                    running.clear()
+                    return
+                if job.cancel.is_set():
+                    self.counts["cancelled"] += 1
+                    continue
+                self._admit(batch, job)
+            for job in [j for j in running if j.cancel.is_set()]:  # clients gone: free their slots now
+                batch.cancel(job)
+                del running[job]
+                self.counts["cancelled"] += 1
+            if not running:
+                continue
+            try:
+                events = batch.step()
+            except BaseException as e:  # never let a failed step take the worker down
+                for job in list(running):
+                    batch.cancel(job)
+                    job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+                    self.counts["failed"] += 1
+                running.clear()
+                continue
+            self._dispatch(events)
+
+    def _admit(self, batch: Batch, job: Job) -> None:
+        """Prefill a request into a free slot of the batch (or answer it with its error)."""
+        eng = self.engine
+        spec = job.spec
+        try:
+            ids, ctl = self._prepare(spec)
+        except ApiError as e:
+            job.post("error", e)
+            self.counts["rejected"] += 1
+            return
+        sampling = dict(spec.sampling)
+        ignore_eos = sampling.pop("ignore_eos")
+        try:
+            sampler = eng.make_sampler(**sampling)
+            stop_strs, stop_ids = eng.stop_sets(spec.stop or None, ignore_eos)
+        except ValueError as e:
+            job.post("error", _bad("messages" if spec.messages is not None else "prompt", str(e)))
+            self.counts["rejected"] += 1
+            return
+        stats = GenerationStats()
+        max_new = spec.max_tokens if spec.max_tokens is not None else eng.n_ctx - len(ids)
+        job.post("start", len(ids))
+        self.running[job] = stats
+        try:
+            # a copy of the cached controller: each sequence keeps its own state
+            events = batch.add(job, ids, max_new, sampler, stop_strs, stop_ids, copy.deepcopy(ctl), stats)
+        except ValueError as e:  # a controller that cannot run in a batch (raised when it attaches)
+            del self.running[job]
+            job.post("error", _bad("flexquant", str(e)))
+            self.counts["rejected"] += 1
+            return
+        except BaseException as e:
+            del self.running[job]
+            job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+            self.counts["failed"] += 1
+            return
+        self._dispatch(events)
+
+    def _dispatch(self, events) -> None:
+        for job, piece, done in events:
+            if piece:
+                job.post("text", piece)
+            if done:
+                job.post("done", self.running.pop(job))
+                self.counts["completed"] += 1
 
     def _controller(self, fq: dict):
         key = json.dumps(fq, sort_keys=True)
@@ -539,7 +640,7 @@ def create_app(engine: Engine, model_name: str | None = None, default_fq: dict |
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "queued": worker.depth, "busy": worker.current is not None,
+        return {"status": "ok", "model": model_id, "queued": worker.depth, "busy": worker.busy,
                 "requests": dict(worker.counts)}
 
     @app.get("/v1/models")
@@ -692,14 +793,14 @@ def fq_report(fq: dict, stats: GenerationStats) -> dict:
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", n_ctx: int | None = None,
           threads: int | None = None, model_name: str | None = None, default_fq: dict | None = None,
-          max_queue: int = 64, log_level: str = "info") -> None:
+          max_queue: int = 64, log_level: str = "info", batch: int = 1) -> None:
     """Load the model and serve it until interrupted (what `flexquant-rt serve` runs)."""
     try:
         import uvicorn
     except ImportError as e:
         raise ImportError(f"the server needs FastAPI and uvicorn ({e.name}); install them with: "
                           f"pip install 'flexquant_rt[serve]'") from None
-    engine = Engine(model, backend=backend, n_ctx=n_ctx, threads=threads)
+    engine = Engine(model, backend=backend, n_ctx=n_ctx, threads=threads, n_seq=batch)
     try:
         app = create_app(engine, model_name=model_name, default_fq=default_fq, max_queue=max_queue)
     except BaseException:

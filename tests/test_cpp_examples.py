@@ -72,10 +72,10 @@ def test_text_in_text_out_matches_python(examples, tiny_fq):
 
 
 def test_smollm2_answers_a_question(examples, smollm2_fq):
-    q = "What is the capital of France?"
+    q = "What is the capital of Japan?"  # a clear margin at every token (France is a near-tie)
     p = _run([examples / "fq_chat", smollm2_fq, "--max-new", "40", q])
     text = _answer(p.stdout)
-    assert "Paris" in text
+    assert "Tokyo" in text
     with Engine(smollm2_fq, n_ctx=512) as eng:
         assert text == eng.chat([{"role": "user", "content": q}], max_new_tokens=40)
 
@@ -89,6 +89,17 @@ def test_cpp_generate_matches_python_greedy(examples, tiny_fq):
             eng.set_layer_bits(bits, lm_head_bits=bits)
             assert ids == greedy_by_full_forward(eng, prompt, 12)
             assert f"bytes/token: {eng.bytes_per_token()}" in p.stdout
+
+
+def test_cpp_batch_matches_python_greedy(examples, tiny_fq):
+    """fq_batch: several prompts decoded together through the C++ API give each prompt's greedy ids."""
+    prompts = [[5, 17, 42, 7], [9], [100, 3, 8, 8, 200, 31, 2], [44, 45]]
+    p = _run([examples / "fq_batch", tiny_fq, "10", *(",".join(map(str, q)) for q in prompts)])
+    lines = p.stdout.splitlines()
+    with Engine(tiny_fq) as eng:
+        for i, q in enumerate(prompts):
+            assert lines[i].startswith(f"ids {i}:")
+            assert [int(t) for t in lines[i].split(":")[1].split()] == greedy_by_full_forward(eng, q, 10)
 
 
 def test_cpp_inspect_and_errors(examples, tiny_fq, tmp_path):

@@ -292,9 +292,13 @@ def test_smollm2_8bit_is_close_to_transformers_on_the_source(smollm2_path, smoll
 
 
 def test_smollm2_greedy_golden(smollm2_fq):
+    # Japan, not France: the unquantized model's first answer token to the France question is a
+    # near-tie ("The" -1.88 vs "L" -1.97 nats in transformers fp32), so any change of quantization
+    # could flip it; here every greedy token of the answer leads by > 2 nats at 8, 6 and 5 bits.
     with Engine(smollm2_fq) as eng:
-        out = eng.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=12)
-    assert out == "The capital of France is Paris."
+        for bits in (8, 6, 5):
+            out = eng.chat([{"role": "user", "content": "What is the capital of Japan?"}], max_new_tokens=12, bits=bits)
+            assert out == "The capital of Japan is Tokyo.", bits
 
 
 def test_sentencepiece_model_tokenizes_like_sentencepiece(tmp_path):

@@ -493,9 +493,9 @@ def test_smollm2_answers_a_chat_question(smollm2_fq):
     srv = Server(smollm2_fq, name="smollm2")
     try:
         r = srv.client().chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            model="smollm2", messages=[{"role": "user", "content": "What is the capital of Japan?"}],
             max_tokens=24, temperature=0)
-        assert "Paris" in r.choices[0].message.content
+        assert "Tokyo" in r.choices[0].message.content
         assert r.choices[0].finish_reason == "stop"
         # a client that hangs up stops its generation (2000 tokens would take minutes on a CPU):
         # streaming after two events, and non-streaming (the client times out after 1 s)

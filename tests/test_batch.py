@@ -200,6 +200,32 @@ def test_generate_batch_stops_and_context_limit(tiny_fq):
         assert eng.generate_batch([]) == []
 
 
+def test_generate_batch_streams_and_validates_prompts(tiny_fq):
+    prompts = ["the cat", [5, 9, 11], "hello world"]
+    with Engine(tiny_fq, n_seq=2) as eng:
+        whole = eng.generate_batch(prompts, max_new_tokens=10, ignore_eos=True)
+        got = ["", "", ""]
+        order = []
+        for i, piece in eng.generate_batch(prompts, max_new_tokens=10, ignore_eos=True, stream=True):
+            got[i] += piece
+            order.append(i)
+        assert got == whole and set(order) == {0, 1, 2}
+        assert order != sorted(order)  # interleaved: the prompts decode together
+        # a consumer that stops early frees the slots
+        it = eng.generate_batch(prompts, max_new_tokens=10, ignore_eos=True, stream=True)
+        next(it)
+        it.close()
+        assert [eng._eng.n_past_seq(s) for s in range(2)] == [0, 0]
+        with pytest.raises(ValueError, match="list of prompts"):
+            eng.generate_batch("one prompt")
+        with pytest.raises(ValueError, match="prompt 1: tokens must be integers"):
+            eng.generate_batch(["a", [1.5, 2.0]])
+        with pytest.raises(FlexquantError, match="token id 999"):
+            eng.generate_batch(["a", [1, 999]], max_new_tokens=2)
+        assert [eng._eng.n_past_seq(s) for s in range(2)] == [0, 0]
+        assert eng.generate_batch(["a"], max_new_tokens=3) == [eng.generate("a", max_new_tokens=3)]
+
+
 def test_each_step_runs_at_the_elementwise_max_of_the_masks(tiny_fq):
     """Two sequences with their own controllers: the step runs at the max of their masks, and each
     controller sees (and its stats count) its own mask's bits."""

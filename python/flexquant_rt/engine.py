@@ -8,6 +8,7 @@ precision controller may push a new bit mask before every step.
 from __future__ import annotations
 
 import os
+from collections import abc
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -249,7 +250,7 @@ class Engine:
                        repetition_penalty: float = 1.0, seed: int | Sequence[int] | None = None,
                        stop: str | Sequence[str] | Sequence[int] | None = None, bits=None, controllers=None,
                        add_special_tokens: bool = True, ignore_eos: bool = False,
-                       stats: Sequence[GenerationStats] | None = None) -> list[str]:
+                       stats: Sequence[GenerationStats] | None = None, stream: bool = False):
         """generate() for several prompts at once, with continuous batching (CPU backend).
 
         Up to `n_seq` prompts (Engine(..., n_seq=N)) decode together: each step is one batched pass
@@ -259,11 +260,15 @@ class Engine:
         generate(ps[i], seed=s) up to floating-point rounding in the batched kernels).
         bits: a fixed mask for all. controllers: None or one controller per prompt (mask policies;
         each step runs at the elementwise maximum of the live sequences' masks). stats: None or one
-        GenerationStats per prompt. Returns the texts in prompt order. Engine state after the call:
-        the mask is the last step's, the sequences are empty.
+        GenerationStats per prompt. Returns the texts in prompt order, or with stream=True an
+        iterator of (prompt index, text piece) as they come. Engine state after the call: the mask
+        is the last step's, the sequences are empty.
         """
-        from .batch import Batch
-
+        if self.backend != "cpu":
+            raise ValueError("generate_batch runs on the CPU backend (the CUDA backend holds one sequence)")
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (abc.Sequence, np.ndarray)):
+            raise ValueError(f"prompts must be a list of prompts (texts or token-id lists), got {type(prompts).__name__}"
+                             f"; for one prompt use generate()")
         n = len(prompts)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
@@ -278,7 +283,15 @@ class Engine:
             seeds = [int(seed) if seed is not None else _random_seed()] * n
         ids = []
         for i, p in enumerate(prompts):
-            t = self.tokenize(p, add_special_tokens) if isinstance(p, str) else [int(x) for x in p]
+            if isinstance(p, str):
+                t = self.tokenize(p, add_special_tokens)
+            elif len(p) == 0:
+                t = []
+            else:
+                try:
+                    t = self._ids(p).tolist()
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") from None
             if not t:
                 raise ValueError(f"prompt {i} is empty (no tokens)")
             if len(t) >= self.n_ctx:
@@ -289,12 +302,24 @@ class Engine:
         samplers = [self.make_sampler(temperature, top_k, top_p, min_p, repetition_penalty, s) for s in seeds]
         if bits is not None:
             self.set_layer_bits(bits, lm_head_bits=bits if isinstance(bits, (int, np.integer)) else None)
+        pieces = self._batch_pieces(ids, max_new_tokens, samplers, stop_strs, stop_ids, controllers, stats)
+        if stream:
+            return pieces
         out = [""] * n
+        for i, piece in pieces:
+            out[i] += piece
+        return out
+
+    def _batch_pieces(self, ids, max_new_tokens, samplers, stop_strs, stop_ids, controllers,
+                      stats) -> Iterator[tuple[int, str]]:
+        from .batch import Batch
+
+        n = len(ids)
         batch = Batch(self)
         try:
             nxt = 0
-            events: list = []
             while nxt < n or batch.active:
+                events = []
                 while nxt < n and batch.free:
                     events += batch.add(nxt, ids[nxt], max_new_tokens, samplers[nxt], stop_strs, stop_ids,
                                         controllers[nxt] if controllers is not None else None,
@@ -302,12 +327,11 @@ class Engine:
                     nxt += 1
                 events += batch.step()
                 for key, piece, _ in events:
-                    out[key] += piece
-                events = []
-        finally:
+                    if piece:
+                        yield key, piece
+        finally:  # also when the consumer stops early: free every slot
             for key in range(n):
                 batch.cancel(key)
-        return out
 
     @staticmethod
     def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,

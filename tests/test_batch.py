@@ -226,6 +226,24 @@ def test_generate_batch_streams_and_validates_prompts(tiny_fq):
         assert eng.generate_batch(["a"], max_new_tokens=3) == [eng.generate("a", max_new_tokens=3)]
 
 
+def test_long_prompts_are_read_a_chunk_per_step(tiny_fq, monkeypatch):
+    """A prompt longer than the chunk is prefilled over several steps while the others decode: the
+    others' text arrives before its first piece, and every text is what generate() gives alone."""
+    monkeypatch.setattr(Batch, "prefill_chunk", 8)
+    long = list(range(3, 43))  # 40 tokens: 5 chunks
+    prompts = [[9, 8, 7], long, [5, 6]]
+    with Engine(tiny_fq, n_seq=3) as eng, Engine(tiny_fq) as solo:
+        ref = [solo.generate(p, max_new_tokens=12, ignore_eos=True) for p in prompts]
+        stats = [GenerationStats() for _ in prompts]
+        order = [i for i, _ in eng.generate_batch(prompts, max_new_tokens=12, ignore_eos=True, stream=True)]
+        assert order.index(1) >= 2 and order[:2].count(1) == 0 and {0, 2} <= set(order[:order.index(1)])
+        assert eng.generate_batch(prompts, max_new_tokens=12, ignore_eos=True, stats=stats) == ref
+        assert stats[1].prompt_tokens == 40 and stats[1].steps == 12  # the prompt counts as one step
+        # a prompt that is exactly a multiple of the chunk, and one of a single token
+        assert eng.generate_batch([long[:16], [7]], max_new_tokens=5) == \
+            [solo.generate(long[:16], max_new_tokens=5), solo.generate([7], max_new_tokens=5)]
+
+
 def test_each_step_runs_at_the_elementwise_max_of_the_masks(tiny_fq):
     """Two sequences with their own controllers: the step runs at the max of their masks, and each
     controller sees (and its stats count) its own mask's bits."""

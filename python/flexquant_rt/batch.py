@@ -7,6 +7,11 @@ free slot (and samples its first token), `step()` feeds every live sequence's pe
 batched pass and samples each one's next token from its own row, and a finished sequence's slot is
 free for the next prompt at once.
 
+Long prompts: a prompt of more than `prefill_chunk` tokens (256) is prefilled a chunk per step, so
+the sequences already decoding keep producing tokens while it is read (no head-of-line stall of
+the whole prompt's prefill). A chunk is the same arithmetic as a one-shot prefill up to the
+summation order inside attention (fp32 rounding).
+
 Precision: a step runs at one mask. Each sequence keeps its own mask (the engine's mask when it was
 added, then whatever its controller returns); the step runs at their elementwise maximum, so no
 sequence runs below the precision it asked for. A controller's StepInfo describes its own mask
@@ -30,7 +35,7 @@ class _Slot:
     controller: object | None
     bits: np.ndarray                  # (n_layers * 7 + 1,) this sequence's mask, the LM head last
     pending: int = -1                 # the sampled token the next step feeds
-    pieces: list[str] = field(default_factory=list)
+    prefill: list[int] = field(default_factory=list)  # prompt tokens not yet fed
 
 
 class Batch:
@@ -41,6 +46,8 @@ class Batch:
         while batch.active:
             for key, piece, done in batch.step(): ...
     """
+
+    prefill_chunk = 256  # prompt tokens fed per step while other sequences decode
 
     def __init__(self, engine: Engine):
         if engine.backend != "cpu":
@@ -63,8 +70,9 @@ class Batch:
 
     def add(self, key, ids, max_new_tokens: int, sampler, stop_strs=(), stop_ids=(), controller=None,
             stats: GenerationStats | None = None) -> list[tuple[object, str, bool]]:
-        """Prefill `ids` into a free slot and sample the first token. Returns the events it produced,
-        as step() does: [(key, text piece, done)] (done at once if the first token ends it)."""
+        """Prefill `ids` into a free slot (its first `prefill_chunk` tokens; the rest over the next
+        steps) and, once the prompt is read, sample the first token. Returns the events it
+        produced, as step() does: [(key, text piece, done)] (done at once if the first token ends it)."""
         if not self._free:
             raise RuntimeError(f"all {self._eng.n_seq} sequence slots are busy (n_seq = {self._eng.n_seq})")
         ids = list(ids)
@@ -82,35 +90,51 @@ class Batch:
         self._apply(slot.bits)
         self._free.pop()
         self._eng.reset_seq(slot_id)
-        try:
-            self._eng.eval_seq(slot_id, self.engine._ids(ids))
-        except BaseException:
-            self._release(slot_id, slot)
-            raise
-        self._count(stats, slot.bits)
-        self._slots[slot_id] = slot
         if stats is not None:
             stats.prompt_tokens = len(ids)
+        slot.prefill = ids
         events: list[tuple[object, str, bool]] = []
-        if seq.done:  # max_new_tokens == 0
-            self._finish(slot_id, slot, "", events)
-            return events
-        tok = sampler.sample(self._eng, seq.history_array())
-        e, p1 = self._eng.signals()
-        self._take(slot_id, slot, tok, e, p1, events)
+        self._slots[slot_id] = slot
+        try:
+            self._feed(slot_id, slot, events)
+        except BaseException:
+            if self._slots.pop(slot_id, None) is not None:
+                self._release(slot_id, slot)
+            raise
         return events
 
+    def _feed(self, s: int, slot: _Slot, events) -> None:
+        """Feed the next chunk of a slot's prompt; at its end, sample the first token."""
+        chunk, slot.prefill = slot.prefill[:self.prefill_chunk], slot.prefill[self.prefill_chunk:]
+        self._apply(slot.bits)
+        self._eng.eval_seq(s, self.engine._ids(chunk))
+        if slot.prefill:
+            return
+        seq = slot.seq
+        self._count(seq.stats, slot.bits)  # the prompt counts as one step, as in generate()
+        if seq.done:  # max_new_tokens == 0
+            self._finish(s, slot, "", events)
+            return
+        tok = seq.sampler.sample(self._eng, seq.history_array())
+        e, p1 = self._eng.signals()
+        self._take(s, slot, tok, e, p1, events)
+
     def step(self) -> list[tuple[object, str, bool]]:
-        """One decode step of every live generation. Returns [(key, text piece, done)] for the
-        generations that produced text or ended (a finished one's slot is free again)."""
-        if not self._slots:
-            return []
-        ids = np.fromiter(self._slots.keys(), dtype=np.int32, count=len(self._slots))
-        toks = np.asarray([self._slots[int(s)].pending for s in ids], dtype=np.int32)
-        self._apply(np.max([self._slots[int(s)].bits for s in ids], axis=0))
-        logits, ent, top1 = self._eng.decode_batch(ids, toks)
+        """One decode step of every generation past its prompt, and the next prompt chunk of the
+        oldest one still reading its prompt. Returns [(key, text piece, done)] for the generations
+        that produced text or ended (a finished one's slot is free again)."""
         events: list[tuple[object, str, bool]] = []
-        for i, s in enumerate(ids.tolist()):
+        reading = [s for s, slot in self._slots.items() if slot.prefill]
+        decoding = [s for s, slot in self._slots.items() if not slot.prefill]
+        if reading:
+            self._feed(reading[0], self._slots[reading[0]], events)
+        if not decoding:
+            return events
+        ids = np.asarray(decoding, dtype=np.int32)
+        toks = np.asarray([self._slots[s].pending for s in decoding], dtype=np.int32)
+        self._apply(np.max([self._slots[s].bits for s in decoding], axis=0))
+        logits, ent, top1 = self._eng.decode_batch(ids, toks)
+        for i, s in enumerate(decoding):
             slot = self._slots[s]
             self._count(slot.seq.stats, slot.bits)
             tok = slot.seq.sampler.sample_logits(logits[i], slot.seq.history_array())

@@ -215,35 +215,36 @@ def test_unknown_model_is_404(client):
     assert e.value.code == "model_not_found"
 
 
-def test_concurrent_clients_get_their_own_answers(server, client):
-    prompts = [f"client {i} says" for i in range(6)]
-    seeds = list(range(6))
-    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=20, seed=s,
-                                       extra_body={"flexquant": {"bits": 3 + s % 6}}).choices[0].text
-             for p, s in zip(prompts, seeds)]
+def concurrent_completions(srv, prompts: list[str], kw: list[dict]) -> list[str]:
+    """Every prompt from its own client thread at once, odd ones streaming; the texts in order."""
     got: dict[int, str] = {}
     errors: list[BaseException] = []
 
     def one(i: int) -> None:
         try:
-            c = server.client()
-            if i % 2:  # half of them stream
-                s = c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=20, seed=seeds[i], stream=True,
-                                         extra_body={"flexquant": {"bits": 3 + i % 6}})
+            c = srv.client()
+            if i % 2:
+                s = c.completions.create(model=MODEL, prompt=prompts[i], stream=True, **kw[i])
                 got[i] = "".join(ch.choices[0].text for ch in s)
             else:
-                got[i] = c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=20, seed=seeds[i],
-                                              extra_body={"flexquant": {"bits": 3 + i % 6}}).choices[0].text
+                got[i] = c.completions.create(model=MODEL, prompt=prompts[i], **kw[i]).choices[0].text
         except BaseException as e:  # noqa: BLE001  (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(300)
     assert not errors
-    assert [got[i] for i in range(6)] == alone
+    return [got[i] for i in range(len(prompts))]
+
+
+def test_concurrent_clients_get_their_own_answers(server, client):
+    prompts = [f"client {i} says" for i in range(6)]
+    kw = [dict(max_tokens=20, seed=i, extra_body={"flexquant": {"bits": 3 + i % 6}}) for i in range(6)]
+    alone = [client.completions.create(model=MODEL, prompt=p, **k).choices[0].text for p, k in zip(prompts, kw)]
+    assert concurrent_completions(server, prompts, kw) == alone
 
 
 def test_client_disconnect_mid_stream_leaves_the_server_healthy(server, client):
@@ -403,27 +404,7 @@ def test_batched_server_gives_each_client_its_own_answer(server, client, calibra
     alone = [client.completions.create(model=MODEL, prompt=p, **k).choices[0].text for p, k in zip(prompts, kw)]
     srv = Server(calibrated_tiny, "--batch", "3")
     try:
-        got: dict[int, str] = {}
-        errors: list[BaseException] = []
-
-        def one(i: int) -> None:
-            try:
-                c = srv.client()
-                if i % 2:
-                    s = c.completions.create(model=MODEL, prompt=prompts[i], stream=True, **kw[i])
-                    got[i] = "".join(ch.choices[0].text for ch in s)
-                else:
-                    got[i] = c.completions.create(model=MODEL, prompt=prompts[i], **kw[i]).choices[0].text
-            except BaseException as e:  # noqa: BLE001  (reported below)
-                errors.append(e)
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
-        assert not errors
-        assert [got[i] for i in range(8)] == alone
+        assert concurrent_completions(srv, prompts, kw) == alone
         c = srv.client()
         r = c.completions.create(model=MODEL, prompt="policy", max_tokens=6,
                                  extra_body={"flexquant": {"policy": "flexquant", "budget_bits": 5.0}})

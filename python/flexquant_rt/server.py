@@ -346,7 +346,8 @@ class Job:
 
 
 class Worker:
-    """Runs jobs one at a time on the engine, in FIFO order, from a bounded queue."""
+    """Runs jobs on the engine in FIFO order from a bounded queue: one at a time, or with an engine
+    of n_seq > 1 up to n_seq at once (continuous batching)."""
 
     def __init__(self, engine: Engine, max_queue: int = 64, controller_cache: int = 32):
         self.engine = engine

@@ -773,6 +773,7 @@ BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits,
         cuda_check(cudaMemcpy(plane_copies.back()->get(), w.planes, planes_bytes, cudaMemcpyHostToDevice), fn);
         cuda_check(cudaMemcpy(qparam_copies.back()->get(), w.qparams, qparams_count * 2, cudaMemcpyHostToDevice), fn);
     }
+    cuda_check(cudaDeviceSynchronize(), fn + " (uploads complete)");  // the stream below is non-blocking
     const Geometry g = geometry(w);
     const size_t ws_bytes = scratch_bytes(g, m, path);
     DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);

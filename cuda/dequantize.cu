@@ -36,6 +36,7 @@ static __global__ void dequantize_linear_kernel(const uint8_t* __restrict__ plan
          idx += int64_t(gridDim.x) * blockDim.x) {
         const int64_t row = idx / words_per_row;
         const int64_t k0 = (idx % words_per_row) * WORD_BITS;
+        if (k0 >= k) continue;  // a word wholly in the K padding: no output, and its group may be >= n_groups
         // tc8x512: row tile (K_pad bytes) -> super-chunk (W words per lane) -> lane 4g+t -> word j
         const int64_t s0 = k0 / SUPER_K * SUPER_K;
         const int64_t words = min(int64_t(4), (k_pad - s0) / TILE_K);

@@ -141,10 +141,13 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden, H = c.n_heads, Hkv = c.n_kv_heads, hd = c.head_dim, F = c.ffn, V = c.vocab;
     const int64_t kvdim = Hkv * hd;
+    // The kernels launched here directly: a bad launch is named now, not at the next op's check.
+    auto launched = [](const char* what) { cuda_check(cudaGetLastError(), std::string("CudaForward (") + what + ")"); };
     if (embd_f16)
         embed_kernel<__half><<<unsigned(T), THREADS, 0, stream>>>(static_cast<const __half*>(embd), V, D, tokens_dev(), x);
     else
         embed_kernel<float><<<unsigned(T), THREADS, 0, stream>>>(static_cast<const float*>(embd), V, D, tokens_dev(), x);
+    launched("embed_kernel");
     for (int64_t l = 0; l < c.n_layers; ++l) {
         const size_t j0 = size_t(l) * LINEARS_PER_LAYER;
         rms_norm_launch(x, attn_norm[l], T, D, c.rms_norm_eps, h, stream);
@@ -159,11 +162,13 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
         else
             kv_store_kernel<float><<<unsigned(T), THREADS, 0, stream>>>(
                 k, v, kvdim, positions_dev(), static_cast<float*>(k_cache[l]), static_cast<float*>(v_cache[l]));
-        attention_launch(q, k_cache[l], v_cache[l], p.kv_f16, T, positions_dev(), H, Hkv, hd, T == 1 ? n_splits : 1,
-                         partial, att, stream);
+        launched("kv_store_kernel");
+        attention_launch(q, k_cache[l], v_cache[l], p.kv_f16, T, positions_dev(), H, Hkv, hd, n_splits, partial, att,
+                         stream);
         prepare(j0 + 3, att, T);
         linear(j0 + 3, T, o);
         add_kernel<<<blocks_for(T * D), THREADS, 0, stream>>>(x, o, T * D);
+        launched("add_kernel");
 
         rms_norm_launch(x, ffn_norm[l], T, D, c.rms_norm_eps, h, stream);
         prepare(j0 + 4, h, T);  // gate and up read the same h
@@ -173,6 +178,7 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
         prepare(j0 + 6, g, T);
         linear(j0 + 6, T, o);
         add_kernel<<<blocks_for(T * D), THREADS, 0, stream>>>(x, o, T * D);
+        launched("add_kernel");
     }
     if (!head) return;
     // Only the rows whose logits are wanted go through the LM head (the largest linear).
@@ -235,7 +241,8 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     const size_t off_att = a.take(SLICE * qdim * 4), off_o = a.take(SLICE * D * 4);
     const size_t off_g = a.take(SLICE * F * 4), off_u = a.take(SLICE * F * 4);
     const size_t off_logits = a.take(SLICE * V * 4);
-    const size_t off_partial = a.take(size_t(c.n_heads) * e.n_splits * (hd + 2) * 4);
+    // split attention for every row of a slice: a prefill slice of a long prompt scans the whole cache
+    const size_t off_partial = a.take(SLICE * size_t(c.n_heads) * e.n_splits * (hd + 2) * 4);
     for (const BitplaneLinear& w : lin) {
         BitplaneLinear probe = w;
         e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(probe, SLICE, e.path));
@@ -291,6 +298,9 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     e.ws = e.arena + off_ws;
     e.sig = reinterpret_cast<StepSignalsDevice*>(e.arena + off_sig);
     e.in_dev = e.arena + off_in;
+    // A pageable cudaMemcpy may return before its DMA ends, and the compute stream is non-blocking
+    // (not ordered after the legacy stream): wait for the uploads before any step reads them.
+    cuda_check(cudaDeviceSynchronize(), fn + " (uploads complete)");
     guard.release();
 }
 
@@ -328,6 +338,10 @@ void CudaForward::forward(const int32_t* tokens, int64_t T, int64_t n_past, cons
         const bool all_rows = all_logits != nullptr;
         if (rows == 1 && !all_rows && e.p.use_graph) {
             if (!e.graph_exec) {
+                if (e.graph) {  // left by a failed instantiate
+                    cudaGraphDestroy(e.graph);
+                    e.graph = nullptr;
+                }
                 cuda_check(cudaStreamBeginCapture(e.stream, cudaStreamCaptureModeRelaxed), fn + " (begin capture)");
                 try {
                     e.enqueue(1, true, false);

@@ -312,3 +312,69 @@ def test_smollm2_batch_answers_as_alone(smollm2_fq):
         got = eng.generate_batch(prompts, max_new_tokens=24, add_special_tokens=False)
         assert got == ref
         assert all(len(t) > 0 for t in got)
+
+
+# ---- CPU kernel dispatch: a measured table picks decode or GEMM per shape, bits and rows ----------
+
+def test_kernel_table_decides_the_kernel_and_keeps_the_results(gqa_pair):
+    """Forcing every product onto one family changes only the rounding (both match transformers),
+    and the table is what decides: a 10-token prefill runs GEMM by default and decode under a
+    table that says so (different rounding, same result)."""
+    fq, refs = gqa_pair
+    ids = list(range(7, 17))
+    with Engine(fq, threads=2, kernel_table=None) as eng:
+        eng.set_layer_bits(8, lm_head_bits=8)
+        shapes = {(int(d["n"]), int(d["k"])) for d in eng._linear_shapes()}
+        base = eng.forward(ids)
+        all_decode = [dict(n=n, k=k, bits=b, decode_max_m=1000) for n, k in shapes for b in range(2, 9)]
+        eng._eng.set_kernel_table(all_decode)
+        assert eng.kernel_table() == all_decode
+        dec = eng.forward(ids)
+        eng._eng.set_kernel_table([dict(d, decode_max_m=0) for d in all_decode])  # GEMM even for one row
+        gemm_step = eng.forward(ids[:1])
+        eng._eng.set_kernel_table([])
+        assert eng.kernel_table() == []
+        default_step = eng.forward(ids[:1])
+    ref = np.stack([_hf_last(refs[8], ids[:i + 1]) for i in range(len(ids))])
+    for got in (base, dec):
+        assert rel_err(got, ref) < LOGIT_RTOL
+    assert not np.array_equal(base, dec)  # the table took effect
+    assert rel_err(gemm_step, ref[:1]) < LOGIT_RTOL and not np.array_equal(gemm_step, default_step)
+
+
+def test_tune_kernels_measures_every_shape_and_bit_width(tiny_fq, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXQUANT_RT_CACHE", str(tmp_path))
+    with Engine(tiny_fq, threads=1) as eng:
+        assert eng.kernel_table() == []  # nothing saved in this cache yet
+        table = eng.tune_kernels(max_m=6, repeats=1)
+        shapes = {(int(d["n"]), int(d["k"])) for d in eng._linear_shapes()}
+        assert {(d["n"], d["k"]) for d in table} == shapes
+        assert sorted(d["bits"] for d in table) == sorted(list(range(2, 9)) * len(shapes))
+        assert all(0 <= d["decode_max_m"] <= 6 for d in table)
+        assert eng.kernel_table() == table
+        want = eng.generate("the cat", max_new_tokens=8)
+    with Engine(tiny_fq, threads=1) as again, Engine(tiny_fq, threads=1, kernel_table=None) as plain:
+        assert again.kernel_table() == table  # saved for this machine, thread count and shapes
+        assert plain.kernel_table() == []
+        assert again.generate("the cat", max_new_tokens=8) == want
+    with Engine(tiny_fq, threads=2) as other_threads:
+        assert other_threads.kernel_table() == []
+    # a table file that cannot be read is ignored, not fatal
+    for p in (tmp_path / "kernels").iterdir():
+        p.write_text("{not json")
+    with Engine(tiny_fq, threads=1) as eng:
+        assert eng.kernel_table() == []
+
+
+def test_bad_kernel_tables_are_refused_by_entry(tiny_fq):
+    with Engine(tiny_fq, kernel_table=None) as eng:
+        good = dict(n=64, k=64, bits=8, decode_max_m=4)
+        for bad, msg in ((dict(good, bits=9), "entry 1: bits = 9"), (dict(good, decode_max_m=-1), "entry 1: decode_max_m = -1"),
+                         (dict(good, n=0), "entry 1: shape 0 x 64"), ({"n": 1, "k": 1, "bits": 8}, "has no 'decode_max_m'")):
+            with pytest.raises(FlexquantError, match=re.escape(msg)):
+                eng._eng.set_kernel_table([good, bad])
+            assert eng.kernel_table() == []
+        with pytest.raises(FlexquantError, match="max_m = 0"):
+            eng._eng.tune_kernels(0, 1)
+        with pytest.raises(ValueError, match="kernel_table must be"):
+            Engine(tiny_fq, kernel_table="fast")

@@ -31,6 +31,19 @@ const int32_t* int32_vector(const py::array_t<int32_t, py::array::c_style>& a, c
     return a.data();
 }
 
+py::list kernel_table_to_py(const std::vector<flexquant::KernelChoice>& t) {
+    py::list out;
+    for (const auto& c : t) {
+        py::dict d;
+        d["n"] = c.n;
+        d["k"] = c.k;
+        d["bits"] = c.bits;
+        d["decode_max_m"] = c.decode_max_m;
+        out.append(d);
+    }
+    return out;
+}
+
 }  // namespace
 
 void bind_engine(py::module_& m) {
@@ -127,6 +140,39 @@ void bind_engine(py::module_& m) {
              py::arg("seqs"), py::arg("tokens"),
              "One decode step of several sequences: tokens[i] (int32) appended to sequence seqs[i] (distinct),\n"
              "as one batched pass. Returns (logits (n, vocab), entropy (n,), top1_prob (n,)).")
+        .def("tune_kernels",
+             [](PyEngine& e, int64_t max_m, int repeats) {
+                 auto& eng = e.get();
+                 std::vector<flexquant::KernelChoice> t;
+                 {
+                     py::gil_scoped_release nogil;
+                     t = eng.tune_kernels(max_m, repeats);
+                 }
+                 return kernel_table_to_py(t);
+             },
+             py::arg("max_m") = 16, py::arg("repeats") = 3,
+             "Time the CPU kernel families per linear shape, bit-width and m = 1..max_m; apply and return the\n"
+             "table: [{'n', 'k', 'bits', 'decode_max_m'}] (decode kernels up to decode_max_m rows, GEMM above).")
+        .def("set_kernel_table",
+             [](PyEngine& e, const std::vector<py::dict>& table) {
+                 std::vector<flexquant::KernelChoice> t;
+                 for (size_t i = 0; i < table.size(); ++i) {
+                     const py::dict& d = table[i];
+                     for (const char* key : {"n", "k", "bits", "decode_max_m"})
+                         if (!d.contains(key))
+                             throw flexquant::Error("kernel table entry " + std::to_string(i) + " has no '" + key + "'");
+                     flexquant::KernelChoice c;
+                     c.n = d["n"].cast<int64_t>();
+                     c.k = d["k"].cast<int64_t>();
+                     c.bits = d["bits"].cast<int>();
+                     c.decode_max_m = d["decode_max_m"].cast<int64_t>();
+                     t.push_back(c);
+                 }
+                 e.get().set_kernel_table(t);
+             },
+             py::arg("table"), "Apply a kernel table (as tune_kernels returns).")
+        .def("kernel_table", [](PyEngine& e) { return kernel_table_to_py(e.get().kernel_table()); },
+             "The kernel table in effect ([] = the default: decode kernels up to 4 rows).")
         .def("bytes_per_token_at",
              [](PyEngine& e, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& bits) {
                  if (bits.ndim() != 1) throw flexquant::Error("bits must be 1-D (n_layers * 7 + 1,)");

@@ -10,6 +10,8 @@
 #include "flexquant/engine.h"
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -92,6 +94,9 @@ struct Engine::Impl {
     std::vector<std::vector<float>> rule_cost;
     std::vector<int32_t> used;  // bits each linear ran at in the last eval
     std::vector<int32_t> act_bits;  // per linear (n_layers * 7 + 1): 0 = fp32 activations, else 2..8
+    // kernel dispatch: the table as given, and per linear (n_layers * 7 + 1) and bits its decode_max_m
+    std::vector<KernelChoice> kernel_table;
+    std::vector<std::array<int64_t, 9>> decode_max;
     std::vector<float> xq;          // scratch: a linear's quantized input
 
     // calibration statistics: Σ_t h_i² per linear input
@@ -193,7 +198,7 @@ void Engine::Impl::linear(size_t j, const float* x, int64_t T, float* y) {
         quantize_activations(x, T, K, w.group_size, act_bits[j], xq.data());
         x = xq.data();
     }
-    bitplane_matmul(w, b, x, T, y, &pool);
+    bitplane_matmul(w, b, x, T, y, &pool, T <= decode_max[j][b] ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM);
 }
 
 uint64_t Engine::Impl::bytes_at(const std::vector<int32_t>& b) const {
@@ -266,6 +271,9 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     e.head_bits = e.bits_cap;
     e.used.assign(e.lin.size() + 1, e.bits_cap);
     e.act_bits.assign(e.lin.size() + 1, 0);
+    std::array<int64_t, 9> dflt;
+    dflt.fill(bitplane_decode_max_m);
+    e.decode_max.assign(e.lin.size() + 1, dflt);
 
     e.init_backend(params);
     if (e.on_gpu()) return;  // the KV cache lives on the GPU
@@ -331,6 +339,79 @@ void Engine::reset_seq(int seq) {
     impl_->check_seq(seq, "reset_seq");
     impl_->past[seq] = 0;
 }
+void Engine::set_kernel_table(const std::vector<KernelChoice>& table) {
+    Impl& e = *impl_;
+    for (size_t i = 0; i < table.size(); ++i) {
+        const KernelChoice& c = table[i];
+        if (c.n <= 0 || c.k <= 0) throw Error(cat("kernel table entry ", i, ": shape ", c.n, " x ", c.k, " is not positive"));
+        if (c.bits < BITS_MIN || c.bits > 8) throw Error(cat("kernel table entry ", i, ": bits = ", c.bits, " is outside ", BITS_MIN, "..8"));
+        if (c.decode_max_m < 0) throw Error(cat("kernel table entry ", i, ": decode_max_m = ", c.decode_max_m, " is negative"));
+    }
+    std::array<int64_t, 9> dflt;
+    dflt.fill(bitplane_decode_max_m);
+    e.decode_max.assign(e.lin.size() + 1, dflt);
+    for (const KernelChoice& c : table)
+        for (size_t j = 0; j <= e.lin.size(); ++j) {
+            const BitplaneLinear& w = e.lin_at(j);
+            if (w.n == c.n && w.k == c.k) e.decode_max[j][c.bits] = c.decode_max_m;
+        }
+    e.kernel_table = table;
+}
+
+std::vector<KernelChoice> Engine::kernel_table() const { return impl_->kernel_table; }
+
+std::vector<KernelChoice> Engine::tune_kernels(int64_t max_m, int repeats) {
+    Impl& e = *impl_;
+    if (e.on_gpu()) throw Error("tune_kernels: the CPU kernels are not used by the CUDA backend");
+    if (max_m < 1 || max_m > 256) throw Error(cat("tune_kernels: max_m = ", max_m, " is outside 1..256"));
+    if (repeats < 1 || repeats > 100) throw Error(cat("tune_kernels: repeats = ", repeats, " is outside 1..100"));
+    // one linear of each distinct shape, in model order
+    std::vector<size_t> reps;
+    for (size_t j = 0; j <= e.lin.size(); ++j) {
+        bool seen = false;
+        for (size_t r : reps) seen = seen || (e.lin_at(r).n == e.lin_at(j).n && e.lin_at(r).k == e.lin_at(j).k);
+        if (!seen) reps.push_back(j);
+    }
+    std::vector<KernelChoice> table;
+    for (size_t j : reps) {
+        const BitplaneLinear& w = e.lin_at(j);
+        // activations: any values do (the time does not depend on them); a fixed LCG, no zeros
+        std::vector<float> x(static_cast<size_t>(max_m * w.k)), y(static_cast<size_t>(max_m * w.n));
+        uint32_t s = 12345u;
+        for (float& v : x) {
+            s = s * 1664525u + 1013904223u;
+            v = static_cast<float>(s >> 8) / 16777216.0f - 0.5f;
+        }
+        auto time_of = [&](int bits, int64_t m, BitplaneMatmulPath path) {
+            double best = 1e30;
+            for (int r = 0; r < repeats; ++r) {
+                const auto t0 = std::chrono::steady_clock::now();
+                bitplane_matmul(w, bits, x.data(), m, y.data(), &e.pool, path);
+                best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+            }
+            return best;
+        };
+        for (int bits = BITS_MIN; bits <= e.bits_cap; ++bits) {
+            time_of(bits, 1, BITPLANE_PATH_DECODE);  // warm: page the planes in
+            // the crossover: decode until GEMM wins at two m in a row (one win may be noise)
+            KernelChoice c{w.n, w.k, bits, max_m};
+            bool gemm_won = false;
+            for (int64_t m = 1; m <= max_m; ++m) {
+                const bool gemm_wins = time_of(bits, m, BITPLANE_PATH_GEMM) < time_of(bits, m, BITPLANE_PATH_DECODE);
+                if (gemm_wins && gemm_won) {
+                    c.decode_max_m = m - 2;
+                    break;
+                }
+                gemm_won = gemm_wins;
+            }
+            if (c.decode_max_m == max_m && gemm_won) c.decode_max_m = max_m - 1;
+            table.push_back(c);
+        }
+    }
+    set_kernel_table(table);
+    return table;
+}
+
 uint64_t Engine::bytes_per_token_at(const int32_t* bits, int64_t count) const {
     const Impl& e = *impl_;
     const int64_t want = static_cast<int64_t>(e.lin.size()) + 1;

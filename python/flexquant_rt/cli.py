@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--policy", default=None, choices=POLICIES, help="default precision policy")
     sv.add_argument("--budget-bits", type=float, default=None, help="mean bits per weight for --policy")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    tu = sub.add_parser("tune", help="time the CPU kernels on this machine and save the faster choice per shape")
+    tu.add_argument("model", nargs="?", default=None)
+    tu.add_argument("--max-m", type=int, default=16, help="largest row count (prompt slice or batch) timed")
+    tu.add_argument("--repeats", type=int, default=3)
+    tu.add_argument("--threads", type=int, default=None, help="the thread count the table is for (default: all)")
     i = sub.add_parser("inspect", help="config and bytes per token of a model file")
     i.add_argument("model")
     cal = sub.add_parser("calibrate", help="measure per-layer sensitivity and store it in the model file")
@@ -106,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
             serve(a.model, host=a.host, port=a.port, backend=a.backend, n_ctx=a.n_ctx, threads=a.threads,
                   model_name=a.model_name, max_queue=a.max_queue, log_level=a.log_level, batch=a.batch,
                   default_fq={"policy": a.policy, "budget_bits": a.budget_bits, "bits": a.bits})
+            return 0
+        if a.cmd == "tune":
+            with Engine(a.model, backend="cpu", threads=a.threads, kernel_table=None) as eng:
+                table = eng.tune_kernels(max_m=a.max_m, repeats=a.repeats)
+                print(f"CPU kernel table for {eng.path} on {eng._eng.threads} threads "
+                      f"(decode kernels up to the given rows, GEMM above; default 4):")
+                shapes: dict = {}
+                for d in table:
+                    shapes.setdefault((d["n"], d["k"]), []).append(f"{d['bits']}:{d['decode_max_m']}")
+                for (n, k), cells in shapes.items():
+                    print(f"  {n} x {k}: bits:rows " + " ".join(cells))
+                print("saved: engines on this machine with the same threads and shapes use it")
             return 0
         if a.cmd == "calibrate":
             from .controller import calibrate, calibration_text, save_profile, text_chunks

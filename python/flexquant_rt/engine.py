@@ -67,10 +67,13 @@ class Engine:
     uploads only that many bit planes, so max_bits=6 of an 8-bit file holds 6/8 of the code bytes.
     n_seq: sequences held at once, each with its own KV cache (generate_batch decodes them together;
     the default n_ctx then shares the cache budget among them). n_seq > 1 runs on the CPU.
+    kernel_table: "auto" applies the CPU kernel table that tune_kernels() saved for this machine,
+    thread count and model shapes, if there is one; None keeps the built-in rule; or a table.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,
-                 threads: int | None = None, kv_dtype: str = "f32", max_bits: int | None = None, n_seq: int = 1):
+                 threads: int | None = None, kv_dtype: str = "f32", max_bits: int | None = None, n_seq: int = 1,
+                 kernel_table="auto"):
         if backend not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown backend {backend!r} (expected 'auto', 'cpu' or 'cuda')")
         if max_bits is not None and (not isinstance(max_bits, (int, np.integer)) or isinstance(max_bits, bool)):
@@ -81,6 +84,8 @@ class Engine:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
         if threads is not None and (not isinstance(threads, int) or threads <= 0):
             raise ValueError(f"threads must be a positive int, got {threads!r}")
+        if isinstance(kernel_table, str) and kernel_table != "auto":
+            raise ValueError(f"kernel_table must be 'auto', None or a table, got {kernel_table!r}")
         if not isinstance(n_seq, int) or isinstance(n_seq, bool) or not 1 <= n_seq <= 4096:
             raise ValueError(f"n_seq must be an int in 1..4096, got {n_seq!r}")
         if path is None:
@@ -101,6 +106,10 @@ class Engine:
         self.n_layers = int(cfg["n_layers"])
         self.max_bits = int(self._eng.max_bits)  # the cap this engine runs under (<= the file's)
         self.eos_id = self.tokenizer.eos_id
+        if self.backend == "cpu" and kernel_table is not None:
+            table = _load_kernel_table(self._kernel_key()) if kernel_table == "auto" else kernel_table
+            if table:
+                self._eng.set_kernel_table(table)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -121,6 +130,44 @@ class Engine:
     @property
     def n_ctx(self) -> int:
         return self._eng.n_ctx
+
+    # -- CPU kernel dispatch ----------------------------------------------------------------------
+    def tune_kernels(self, max_m: int = 16, repeats: int = 3, save: bool = True) -> list[dict]:
+        """Time the CPU kernel families (bit-serial decode, dequantize + GEMM) on this machine for
+        every linear shape of the model, bit-width and m = 1..max_m rows, and run each product on
+        the faster one from now on (prefill, batched decode). save: keep the table in the user cache,
+        where later engines on this machine (same thread count and shapes) pick it up. Returns
+        [{'n', 'k', 'bits', 'decode_max_m'}]: decode kernels up to decode_max_m rows, GEMM above."""
+        if self.backend != "cpu":
+            raise ValueError("tune_kernels tunes the CPU kernels; this engine runs on the CUDA backend")
+        table = self._eng.tune_kernels(int(max_m), int(repeats))
+        if save:
+            _save_kernel_table(self._kernel_key(), table)
+        return table
+
+    def kernel_table(self) -> list[dict]:
+        """The CPU kernel table in effect ([] = the built-in rule: decode kernels up to 4 rows)."""
+        return self._eng.kernel_table()
+
+    def _kernel_key(self) -> str:
+        """What a kernel table depends on: the CPU, its kernel family, the threads, the shapes."""
+        import hashlib
+        import platform
+
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        except OSError:
+            pass
+        shapes = sorted({(int(d["n"]), int(d["k"])) for d in self._linear_shapes()})
+        ident = f"{cpu}|{_core.ops.get_cpu_kernels()}|{self._eng.threads}|{shapes}"
+        return hashlib.sha1(ident.encode()).hexdigest()[:16]
+
+    def _linear_shapes(self) -> list[dict]:
+        mf = self._eng.model
+        infos = [mf.linear_info(l, _core.LinearKind(k)) for l in range(self.n_layers) for k in range(7)]
+        return infos + [mf.lm_head_info()]
 
     @property
     def n_seq(self) -> int:
@@ -505,6 +552,32 @@ class _Sequence:
         self.done = True
         if self.stats is not None:
             self.stats.finish_reason = reason
+
+
+def _kernel_table_path(key: str):
+    from .default_model import cache_dir
+
+    return cache_dir() / "kernels" / f"{key}.json"
+
+
+def _load_kernel_table(key: str) -> list[dict] | None:
+    import json
+
+    p = _kernel_table_path(key)
+    try:
+        return json.loads(p.read_text())["table"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none saved, or unreadable: the built-in rule
+
+
+def _save_kernel_table(key: str, table: list[dict]) -> None:
+    import json
+
+    p = _kernel_table_path(key)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"table": table}))
+    tmp.replace(p)
 
 
 def _split_stop(stop) -> tuple[list[str], set[int]]:

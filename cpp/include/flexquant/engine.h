@@ -78,6 +78,14 @@ struct EngineParams {
     int n_seq = 1;
 };
 
+// Which CPU kernel family runs a linear of shape (n outputs, k inputs) at `bits` for m activation
+// rows: the bit-serial decode kernels for m <= decode_max_m, dequantize-then-GEMM above.
+struct KernelChoice {
+    int64_t n = 0, k = 0;
+    int bits = 0;
+    int64_t decode_max_m = 4;
+};
+
 // Cheap signals of the last step's next-token distribution, for a precision controller.
 struct StepSignals {
     float entropy = 0.0f;    // nats
@@ -178,6 +186,19 @@ public:
     // CPU backend only.
     void decode_batch(const int32_t* seqs, const int32_t* tokens, int64_t count, float* logits,
                       StepSignals* signals = nullptr);
+    // ---- kernel dispatch (CPU backend) ----
+    // Times both kernel families on this machine for every distinct linear shape of the model at
+    // every bit-width 2..max_bits and m = 1..max_m rows (the fastest of `repeats` runs each), then
+    // runs each product on the faster one from now on: decode up to the crossover, GEMM beyond
+    // (past max_m: GEMM). Returns the table, one entry per (shape, bits). Takes seconds (the LM head
+    // dominates). Without a table: decode for m <= 4.
+    std::vector<KernelChoice> tune_kernels(int64_t max_m = 16, int repeats = 3);
+    // Applies a table (one tune_kernels() returned earlier on this machine): entries for shapes the
+    // model lacks are kept but unused; linears without one keep the default. Throws naming a bad
+    // entry (bits outside 2..8, decode_max_m < 0, a non-positive shape); a bad table changes nothing.
+    void set_kernel_table(const std::vector<KernelChoice>& table);
+    std::vector<KernelChoice> kernel_table() const;
+
     // Weight bytes one decode step reads at `bits` (n_layers * 7 linears in LinearKind order, then
     // the LM head; each in BITS_MIN..max_bits): what a sequence would read alone at its own mask.
     uint64_t bytes_per_token_at(const int32_t* bits, int64_t count) const;

@@ -365,47 +365,69 @@ std::vector<KernelChoice> Engine::tune_kernels(int64_t max_m, int repeats) {
     if (e.on_gpu()) throw Error("tune_kernels: the CPU kernels are not used by the CUDA backend");
     if (max_m < 1 || max_m > 256) throw Error(cat("tune_kernels: max_m = ", max_m, " is outside 1..256"));
     if (repeats < 1 || repeats > 100) throw Error(cat("tune_kernels: repeats = ", repeats, " is outside 1..100"));
-    // one linear of each distinct shape, in model order
-    std::vector<size_t> reps;
-    for (size_t j = 0; j <= e.lin.size(); ++j) {
-        bool seen = false;
-        for (size_t r : reps) seen = seen || (e.lin_at(r).n == e.lin_at(j).n && e.lin_at(r).k == e.lin_at(j).k);
-        if (!seen) reps.push_back(j);
-    }
-    std::vector<KernelChoice> table;
-    for (size_t j : reps) {
+    const size_t n_lin = e.lin.size() + 1;  // the LM head last
+    // the distinct shapes, in model order, and each linear's
+    std::vector<std::pair<int64_t, int64_t>> shapes;
+    std::vector<size_t> shape_of(n_lin);
+    int64_t max_k = 0, max_n = 0;
+    for (size_t j = 0; j < n_lin; ++j) {
         const BitplaneLinear& w = e.lin_at(j);
-        // activations: any values do (the time does not depend on them); a fixed LCG, no zeros
-        std::vector<float> x(static_cast<size_t>(max_m * w.k)), y(static_cast<size_t>(max_m * w.n));
-        uint32_t s = 12345u;
-        for (float& v : x) {
-            s = s * 1664525u + 1013904223u;
-            v = static_cast<float>(s >> 8) / 16777216.0f - 0.5f;
+        const auto key = std::make_pair(w.n, w.k);
+        shape_of[j] = static_cast<size_t>(std::find(shapes.begin(), shapes.end(), key) - shapes.begin());
+        if (shape_of[j] == shapes.size()) shapes.push_back(key);
+        max_k = std::max(max_k, w.k);
+        max_n = std::max(max_n, w.n);
+    }
+    const size_t S = shapes.size();
+    // activations: any values do (the time does not depend on them); a fixed LCG, no zeros
+    std::vector<float> x(static_cast<size_t>(max_m * max_k)), y(static_cast<size_t>(max_m * max_n));
+    uint32_t r = 12345u;
+    for (float& v : x) {
+        r = r * 1664525u + 1013904223u;
+        v = static_cast<float>(r >> 8) / 16777216.0f - 0.5f;
+    }
+    // Time each shape inside passes over every linear of the model in order, as a forward pass
+    // reads them: timing one weight over and over would serve it from the cache and flatter the
+    // decode kernels, which re-read the planes per row.
+    auto pass = [&](int bits, int64_t m, BitplaneMatmulPath path, std::vector<double>& per_shape) {
+        std::fill(per_shape.begin(), per_shape.end(), 0.0);
+        for (size_t j = 0; j < n_lin; ++j) {
+            const auto t0 = std::chrono::steady_clock::now();
+            bitplane_matmul(e.lin_at(j), bits, x.data(), m, y.data(), &e.pool, path);
+            per_shape[shape_of[j]] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         }
-        auto time_of = [&](int bits, int64_t m, BitplaneMatmulPath path) {
-            double best = 1e30;
-            for (int r = 0; r < repeats; ++r) {
-                const auto t0 = std::chrono::steady_clock::now();
-                bitplane_matmul(w, bits, x.data(), m, y.data(), &e.pool, path);
-                best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    };
+    std::vector<KernelChoice> table;
+    std::vector<double> t(S), best_dec(S), best_gemm(S);
+    for (int bits = BITS_MIN; bits <= e.bits_cap; ++bits) {
+        pass(bits, 1, BITPLANE_PATH_DECODE, t);  // warm-up
+        // per shape: decode until GEMM wins at two m in a row (one win may be noise)
+        std::vector<int64_t> dmax(S, max_m);
+        std::vector<char> gemm_won(S, 0), done(S, 0);
+        size_t n_done = 0;
+        for (int64_t m = 1; m <= max_m && n_done < S; ++m) {
+            std::fill(best_dec.begin(), best_dec.end(), 1e30);
+            std::fill(best_gemm.begin(), best_gemm.end(), 1e30);
+            for (int rep = 0; rep < repeats; ++rep) {
+                pass(bits, m, BITPLANE_PATH_DECODE, t);
+                for (size_t i = 0; i < S; ++i) best_dec[i] = std::min(best_dec[i], t[i]);
+                pass(bits, m, BITPLANE_PATH_GEMM, t);
+                for (size_t i = 0; i < S; ++i) best_gemm[i] = std::min(best_gemm[i], t[i]);
             }
-            return best;
-        };
-        for (int bits = BITS_MIN; bits <= e.bits_cap; ++bits) {
-            time_of(bits, 1, BITPLANE_PATH_DECODE);  // warm: page the planes in
-            // the crossover: decode until GEMM wins at two m in a row (one win may be noise)
-            KernelChoice c{w.n, w.k, bits, max_m};
-            bool gemm_won = false;
-            for (int64_t m = 1; m <= max_m; ++m) {
-                const bool gemm_wins = time_of(bits, m, BITPLANE_PATH_GEMM) < time_of(bits, m, BITPLANE_PATH_DECODE);
-                if (gemm_wins && gemm_won) {
-                    c.decode_max_m = m - 2;
-                    break;
+            for (size_t i = 0; i < S; ++i) {
+                if (done[i]) continue;
+                const bool wins = best_gemm[i] < best_dec[i];
+                if (wins && gemm_won[i]) {
+                    dmax[i] = m - 2;
+                    done[i] = 1;
+                    ++n_done;
                 }
-                gemm_won = gemm_wins;
+                gemm_won[i] = wins;
             }
-            if (c.decode_max_m == max_m && gemm_won) c.decode_max_m = max_m - 1;
-            table.push_back(c);
+        }
+        for (size_t i = 0; i < S; ++i) {
+            if (!done[i] && gemm_won[i]) dmax[i] = max_m - 1;
+            table.push_back(KernelChoice{shapes[i].first, shapes[i].second, bits, dmax[i]});
         }
     }
     set_kernel_table(table);

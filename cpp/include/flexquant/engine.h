@@ -188,10 +188,12 @@ public:
                       StepSignals* signals = nullptr);
     // ---- kernel dispatch (CPU backend) ----
     // Times both kernel families on this machine for every distinct linear shape of the model at
-    // every bit-width 2..max_bits and m = 1..max_m rows (the fastest of `repeats` runs each), then
-    // runs each product on the faster one from now on: decode up to the crossover, GEMM beyond
-    // (past max_m: GEMM). Returns the table, one entry per (shape, bits). Takes seconds (the LM head
-    // dominates). Without a table: decode for m <= 4.
+    // every bit-width 2..max_bits and m = 1, 2, ... rows (each shape timed inside passes over all
+    // the model's linears, as a forward pass streams them; the fastest of `repeats`), then runs each
+    // product on the faster one from now on: decode up to the crossover, GEMM beyond (past max_m:
+    // GEMM). Returns the table, one entry per (shape, bits). Cost: about 2 * repeats passes over the
+    // weights per bit-width and m, m stopping two past the last crossover. Without a table: decode
+    // for m <= 4.
     std::vector<KernelChoice> tune_kernels(int64_t max_m = 16, int repeats = 3);
     // Applies a table (one tune_kernels() returned earlier on this machine): entries for shapes the
     // model lacks are kept but unused; linears without one keep the default. Throws naming a bad

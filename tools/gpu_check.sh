@@ -58,7 +58,8 @@ cd - >/dev/null
 
 if [ "$TESTS" = 1 ]; then
   echo "== tests"
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_engine_cuda.py 2>&1 | tee "$LOG/tests.log" | tail -40
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_engine_cuda.py \
+    "tests/test_model_file_cpp.py::test_cuda_dequantize_matches_cpu_exactly" 2>&1 | tee "$LOG/tests.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
@@ -91,6 +92,19 @@ assert eng.backend == "cuda"
 logits = eng.forward(rng.integers(0, 320, 11))
 for i in range(6):
     eng.set_layer_bits(int(rng.integers(2, 9)))
+    logits = eng.decode(int(np.argmax(logits)))
+    assert np.isfinite(logits).all()
+# Odd widths at group 64 (K = 72 and 150: padding words past the last group) through the reference
+# dequantize and the engine.
+convert(HFSource(make_hf_llama(d / "odd", hidden=72, layers=2, heads=3, kv_heads=3, head_dim=24, ffn=150, vocab=333)),
+        d / "odd.fq", progress=False, group_size=64)
+m = core.ModelFile(str(d / "odd.fq"))
+for name in ("blk.0.attn_q", "blk.0.ffn_down", "output"):
+    for bits in (8, 3):
+        assert np.array_equal(core.dequantize_cuda(m, name, bits), m.dequantize(name, bits)), (name, bits)
+eng = Engine(d / "odd.fq", backend="cuda")
+logits = eng.forward(rng.integers(0, 333, 9))
+for i in range(3):
     logits = eng.decode(int(np.argmax(logits)))
     assert np.isfinite(logits).all()
 print("sanitize script ok")

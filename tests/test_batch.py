@@ -304,14 +304,15 @@ def test_rule_controllers_are_refused_in_a_batch(tiny_fq):
 
 def test_smollm2_batch_answers_as_alone(smollm2_fq):
     """The real model: three chat prompts through two slots give the same greedy answers as one by one."""
-    questions = ["What is 2 + 2?", "Name a primary color.", "Write a haiku about the sea."]
+    questions = ["What is the capital of Japan?", "Name a primary color.", "Write a haiku about the sea."]
     with Engine(smollm2_fq, n_seq=2, n_ctx=256) as eng, Engine(smollm2_fq, n_ctx=256) as solo:
-        prompts = [eng.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-                   for q in questions]
-        ref = [solo.generate(p, max_new_tokens=24, add_special_tokens=False) for p in prompts]
-        got = eng.generate_batch(prompts, max_new_tokens=24, add_special_tokens=False)
+        conversations = [[{"role": "user", "content": q}] for q in questions]
+        ref = [solo.chat(c, max_new_tokens=24) for c in conversations]
+        got = eng.chat_batch(conversations, max_new_tokens=24)
         assert got == ref
-        assert all(len(t) > 0 for t in got)
+        assert all(len(t) > 0 for t in got) and "Tokyo" in got[0]
+        with pytest.raises(ValueError, match="conversation 1 must be a list"):
+            eng.chat_batch([conversations[0], "hi"])
 
 
 # ---- CPU kernel dispatch: a measured table picks decode or GEMM per shape, bits and rows ----------

@@ -292,6 +292,17 @@ class Engine:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(prompt, add_special_tokens=False, **kwargs)
 
+    def chat_batch(self, conversations: Sequence[list[dict]], **kwargs):
+        """generate_batch() on the chat template applied to each conversation ([{'role', 'content'}])."""
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, abc.Sequence):
+            raise ValueError(f"conversations must be a list of message lists, got {type(conversations).__name__}")
+        prompts = []
+        for i, messages in enumerate(conversations):
+            if not isinstance(messages, list):
+                raise ValueError(f"conversation {i} must be a list of messages, got {type(messages).__name__}")
+            prompts.append(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return self.generate_batch(prompts, add_special_tokens=False, **kwargs)
+
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 128,
                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                        repetition_penalty: float = 1.0, seed: int | Sequence[int] | None = None,

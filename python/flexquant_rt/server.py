@@ -465,12 +465,11 @@ class Worker:
         """Prefill a request into a free slot of the batch (or answer it with its error)."""
         eng = self.engine
         spec = job.spec
-        try:
-            ids, ctl = self._prepare(spec)
-        except ApiError as e:
-            job.post("error", e)
+        prepared = self._prepare_or_answer(job)
+        if prepared is None:
             self.counts["rejected"] += 1
             return
+        ids, ctl = prepared
         sampling = dict(spec.sampling)
         ignore_eos = sampling.pop("ignore_eos")
         try:
@@ -520,6 +519,14 @@ class Worker:
             self._controllers.move_to_end(key)
         return ctl
 
+    def _prepare_or_answer(self, job: Job):
+        """(prompt ids, controller) of a job, or None after posting its 400 error."""
+        try:
+            return self._prepare(job.spec)
+        except ApiError as e:
+            job.post("error", e)
+            return None
+
     def _prepare(self, spec: GenSpec):
         """(prompt ids, controller) of a request, or ApiError 400."""
         import jinja2
@@ -553,11 +560,10 @@ class Worker:
         """Run one job; returns what became of it ("completed", "cancelled", "rejected")."""
         eng = self.engine
         spec = job.spec
-        try:
-            ids, ctl = self._prepare(spec)
-        except ApiError as e:
-            job.post("error", e)
+        prepared = self._prepare_or_answer(job)
+        if prepared is None:
             return "rejected"
+        ids, ctl = prepared
         eng.set_layer_bits(eng.max_bits, lm_head_bits=eng.max_bits)  # nothing carries over from the last request
         stats = GenerationStats()
         max_new = spec.max_tokens if spec.max_tokens is not None else eng.n_ctx - len(ids)

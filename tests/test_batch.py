@@ -282,6 +282,23 @@ def test_each_step_runs_at_the_elementwise_max_of_the_masks(tiny_fq):
         assert eng._eng.last_bits().tolist() == b_mask.reshape(-1).tolist() + [3]
 
 
+def test_a_controller_with_a_bad_mask_is_detached_and_frees_its_slot(tiny_fq):
+    class Bad:
+        detached = 0
+
+        def mask(self, info):
+            return 11  # above max_bits
+
+        def detach(self):
+            Bad.detached += 1
+
+    with Engine(tiny_fq, n_seq=2) as eng:
+        with pytest.raises(FlexquantError, match="11"):
+            eng.generate_batch(["a"], controllers=[Bad()], max_new_tokens=3)
+        assert Bad.detached == 1 and [eng._eng.n_past_seq(s) for s in range(2)] == [0, 0]
+        assert eng.generate_batch(["a", "b"], max_new_tokens=3) == [eng.generate(p, max_new_tokens=3) for p in "ab"]
+
+
 def test_rule_controllers_are_refused_in_a_batch(tiny_fq):
     class Rules:
         def attach(self, engine):

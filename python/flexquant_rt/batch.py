@@ -86,7 +86,11 @@ class Batch:
         slot = _Slot(key, seq, controller, self._base.copy())
         if controller is not None:
             self._attach(controller)
-            slot.bits = self._update(slot.bits, controller.mask(None))
+            try:
+                slot.bits = self._update(slot.bits, controller.mask(None))
+            except BaseException:
+                self._detach(controller)
+                raise
         self._apply(slot.bits)
         self._free.pop()
         self._eng.reset_seq(slot_id)
@@ -173,20 +177,22 @@ class Batch:
 
     def _release(self, s: int, slot: _Slot) -> None:
         if slot.controller is not None:
-            detach = getattr(slot.controller, "detach", None)
-            if detach is not None:
-                detach()
+            self._detach(slot.controller)
         self._eng.reset_seq(s)
         self._free.append(s)
+
+    @staticmethod
+    def _detach(controller) -> None:
+        detach = getattr(controller, "detach", None)
+        if detach is not None:
+            detach()
 
     def _attach(self, controller) -> None:
         attach = getattr(controller, "attach", None)
         if attach is not None:
             attach(self.engine)
         if self._eng.has_precision_rules:
-            detach = getattr(controller, "detach", None)
-            if detach is not None:
-                detach()
+            self._detach(controller)
             self._eng.clear_precision_rules()
             raise ValueError("controllers with in-step rules (input_aware) steer one engine-wide lambda and cannot "
                              "run per sequence in a batch; use a mask policy (static, layerwise, linearwise, flexquant)")

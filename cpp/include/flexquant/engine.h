@@ -20,9 +20,9 @@
 //
 // Several sequences: with EngineParams::n_seq > 1 the engine holds that many sequences, each with
 // its own KV cache, and decode_batch() runs one step of several of them as one batched pass (every
-// weight is read once for the whole batch, so B sequences cost little more than one while decode
-// is bound by weight bytes). eval(), n_past() and reset() without a sequence number act on
-// sequence 0.
+// weight is read once for the whole batch: where decode is bound by weight bytes, B sequences cost
+// little more than one; on a 2-core CPU, where the kernels are compute-bound, 4 cost 2.2x one).
+// eval(), n_past() and reset() without a sequence number act on sequence 0.
 //
 //   EngineParams p; p.n_seq = 4;
 //   auto eng = flexquant::Engine::open("model.fq", p);
@@ -186,6 +186,7 @@ public:
     // CPU backend only.
     void decode_batch(const int32_t* seqs, const int32_t* tokens, int64_t count, float* logits,
                       StepSignals* signals = nullptr);
+
     // ---- kernel dispatch (CPU backend) ----
     // Times both kernel families on this machine for every distinct linear shape of the model at
     // every bit-width 2..max_bits and m = 1, 2, ... rows (each shape timed inside passes over all

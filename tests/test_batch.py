@@ -377,11 +377,16 @@ def test_tune_kernels_measures_every_shape_and_bit_width(tiny_fq, tmp_path, monk
         assert again.generate("the cat", max_new_tokens=8) == want
     with Engine(tiny_fq, threads=2) as other_threads:
         assert other_threads.kernel_table() == []
-    # a table file that cannot be read is ignored, not fatal
+    # a table file that cannot be read, or holds bad entries, is ignored (with a warning), not fatal
     for p in (tmp_path / "kernels").iterdir():
         p.write_text("{not json")
     with Engine(tiny_fq, threads=1) as eng:
         assert eng.kernel_table() == []
+    for p in (tmp_path / "kernels").iterdir():
+        p.write_text('{"table": [{"n": 64, "k": 64, "bits": 12, "decode_max_m": 4}]}')
+    with pytest.warns(RuntimeWarning, match="ignoring the saved CPU kernel table"):
+        with Engine(tiny_fq, threads=1) as eng:
+            assert eng.kernel_table() == []
 
 
 def test_bad_kernel_tables_are_refused_by_entry(tiny_fq):

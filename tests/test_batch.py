@@ -299,6 +299,43 @@ def test_a_controller_with_a_bad_mask_is_detached_and_frees_its_slot(tiny_fq):
         assert eng.generate_batch(["a", "b"], max_new_tokens=3) == [eng.generate(p, max_new_tokens=3) for p in "ab"]
 
 
+def test_a_controller_that_fails_mid_generation_ends_only_its_own(tiny_fq):
+    from flexquant_rt import _core
+
+    class Breaks:
+        def __init__(self):
+            self.calls = 0
+
+        def mask(self, info):
+            self.calls += 1
+            if self.calls == 4:
+                raise RuntimeError("controller broke")
+            return None
+
+    with Engine(tiny_fq, n_seq=2) as eng, Engine(tiny_fq) as solo:
+        batch = Batch(eng)
+        texts = {"ok": "", "bad": ""}
+        done = {}
+        for key, ids, ctl in (("ok", [5, 6, 7], None), ("bad", [9, 9], Breaks())):
+            for k, piece, fin in batch.add(key, ids, 10, _core.Sampler(), (), (), ctl):
+                texts[k] += piece
+        while batch.active:
+            for k, piece, fin in batch.step():
+                if isinstance(piece, BaseException):
+                    done[k] = piece
+                    continue
+                texts[k] += piece
+                if fin:
+                    done[k] = "finished"
+        assert isinstance(done["bad"], RuntimeError) and done["ok"] == "finished"
+        # no stop ids were given: the eos does not stop it, as with ignore_eos
+        assert texts["ok"] == solo.generate([5, 6, 7], max_new_tokens=10, ignore_eos=True)
+        assert batch.free == 2
+        with pytest.raises(RuntimeError, match="controller broke"):
+            eng.generate_batch(["a", "b"], controllers=[None, Breaks()], max_new_tokens=10, ignore_eos=True)
+        assert [eng._eng.n_past_seq(s) for s in range(2)] == [0, 0]
+
+
 def test_rule_controllers_are_refused_in_a_batch(tiny_fq):
     class Rules:
         def attach(self, engine):

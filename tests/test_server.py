@@ -468,6 +468,59 @@ def test_batched_worker_cancels_one_request_and_finishes_the_others(calibrated_t
     asyncio.run(run())
 
 
+def test_batched_worker_fails_only_the_request_whose_controller_breaks(calibrated_tiny):
+    from flexquant_rt.controller import Static
+    from flexquant_rt.server import GenSpec, Job, Worker
+
+    sampling = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, seed=0,
+                    ignore_eos=True)
+
+    class Breaks(Static):
+        def __init__(self):
+            super().__init__(8)
+            self.calls = 0
+
+        def mask(self, info):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("controller broke")
+            return super().mask(info)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        with Engine(calibrated_tiny, threads=1, n_seq=2) as eng:
+            w = Worker(eng, max_queue=8)
+            bad_fq, ok_fq = {"policy": "breaks"}, {"policy": None, "bits": None}
+            w._controllers[json.dumps(bad_fq, sort_keys=True)] = Breaks()
+            jobs = [Job(GenSpec(prompt=p, max_tokens=8, sampling=sampling, stop=[], fq=fq), loop)
+                    for p, fq in (("fine", ok_fq), ("broken", bad_fq))]
+            for j in jobs:
+                w.submit(j)
+            w.start()
+            ends: dict[int, tuple] = {}
+            text = ""
+            while len(ends) < 2:
+                for i, j in enumerate(jobs):
+                    while not j.events.empty():
+                        kind, v = j.events.get_nowait()
+                        if kind == "text" and i == 0:
+                            text += v
+                        elif kind in ("done", "error"):
+                            ends[i] = (kind, v)
+                await asyncio.sleep(0.005)
+            assert ends[0][0] == "done" and ends[1][0] == "error" and ends[1][1].status == 500
+            assert "controller broke" in ends[1][1].body()["error"]["message"]
+            for _ in range(6000):
+                if w.counts["completed"] == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert w.counts == {"completed": 1, "cancelled": 0, "rejected": 0, "failed": 1} and not w.busy
+            w.stop()
+            assert text == eng.generate("fine", max_new_tokens=8, ignore_eos=True)
+
+    asyncio.run(run())
+
+
 # -- one real answer from SmolLM2 -------------------------------------------------------------------
 
 def test_smollm2_answers_a_chat_question(smollm2_fq):

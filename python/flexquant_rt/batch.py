@@ -126,7 +126,8 @@ class Batch:
     def step(self) -> list[tuple[object, str, bool]]:
         """One decode step of every generation past its prompt, and the next prompt chunk of the
         oldest one still reading its prompt. Returns [(key, text piece, done)] for the generations
-        that produced text or ended (a finished one's slot is free again)."""
+        that produced text or ended (a finished one's slot is free again). A generation whose
+        controller raised ends with (key, the exception, True); the others are unaffected."""
         events: list[tuple[object, str, bool]] = []
         reading = [s for s, slot in self._slots.items() if slot.prefill]
         decoding = [s for s, slot in self._slots.items() if not slot.prefill]
@@ -168,7 +169,12 @@ class Batch:
         if slot.controller is not None:
             info = StepInfo(int(self._eng.n_past_seq(s)), int(consumed), entropy, top1,
                             int(self._eng.bytes_per_token_at(slot.bits)), self._mean_bits(slot.bits))
-            slot.bits = self._update(slot.bits, slot.controller.mask(info))
+            try:
+                slot.bits = self._update(slot.bits, slot.controller.mask(info))
+            except Exception as e:  # this generation fails alone; the others go on
+                self._slots.pop(s, None)
+                self._release(s, slot)
+                events.append((slot.key, e, True))
 
     def _finish(self, s: int, slot: _Slot, piece: str, events) -> None:
         events.append((slot.key, piece, True))

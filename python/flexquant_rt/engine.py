@@ -394,6 +394,8 @@ class Engine:
                     nxt += 1
                 events += batch.step()
                 for key, piece, _ in events:
+                    if isinstance(piece, BaseException):
+                        raise piece
                     if piece:
                         yield key, piece
         finally:  # also when the consumer stops early: free every slot

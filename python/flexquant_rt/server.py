@@ -500,6 +500,11 @@ class Worker:
 
     def _dispatch(self, events) -> None:
         for job, piece, done in events:
+            if isinstance(piece, BaseException):  # its controller failed: this request alone ends
+                self.running.pop(job, None)
+                job.post("error", ApiError(500, f"internal error: {type(piece).__name__}: {piece}", type="server_error"))
+                self.counts["failed"] += 1
+                continue
             if piece:
                 job.post("text", piece)
             if done:

@@ -76,11 +76,7 @@ class Batch:
         if not self._free:
             raise RuntimeError(f"all {self._eng.n_seq} sequence slots are busy (n_seq = {self._eng.n_seq})")
         ids = list(ids)
-        if not ids:
-            raise ValueError("the prompt is empty (no tokens)")
-        if len(ids) >= self._eng.n_ctx:
-            raise ValueError(f"the prompt has {len(ids)} tokens, the context holds {self._eng.n_ctx} "
-                             f"(the prompt plus at least one generated token must fit)")
+        self.engine._check_prompt(ids)
         seq = _Sequence(ids, max_new_tokens, sampler, list(stop_strs), set(stop_ids), self.engine.detokenize, stats)
         slot_id = self._free[-1]
         slot = _Slot(key, seq, controller, self._base.copy())

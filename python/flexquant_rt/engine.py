@@ -359,11 +359,7 @@ class Engine:
                     t = self._ids(p).tolist()
                 except ValueError as e:
                     raise ValueError(f"prompt {i}: {e}") from None
-            if not t:
-                raise ValueError(f"prompt {i} is empty (no tokens)")
-            if len(t) >= self.n_ctx:
-                raise ValueError(f"prompt {i} has {len(t)} tokens, the context holds {self.n_ctx} "
-                                 f"(the prompt plus at least one generated token must fit)")
+            self._check_prompt(t, f"prompt {i}")
             ids.append(t)
         stop_strs, stop_ids = self.stop_sets(stop, ignore_eos)
         samplers = [self.make_sampler(temperature, top_k, top_p, min_p, repetition_penalty, s) for s in seeds]
@@ -416,6 +412,14 @@ class Engine:
             stop_ids.add(int(self.eos_id))
         return stop_strs, stop_ids
 
+    def _check_prompt(self, ids: list, what: str = "the prompt") -> None:
+        """A prompt must have a token, and leave room in the context for one generated token."""
+        if not ids:
+            raise ValueError(f"{what} is empty (no tokens): give at least one token of text")
+        if len(ids) >= self.n_ctx:
+            raise ValueError(f"{what} has {len(ids)} tokens, the context holds {self.n_ctx} "
+                             f"(the prompt plus at least one generated token must fit)")
+
     def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                   stop, bits, controller, add_special_tokens, ignore_eos, stats=None) -> Iterator[str]:
         # validates eagerly (a bad argument raises here, even with stream=True), then returns
@@ -423,11 +427,7 @@ class Engine:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         ids = self.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty (no tokens): give at least one token of text")
-        if len(ids) >= self.n_ctx:
-            raise ValueError(f"the prompt has {len(ids)} tokens, the context holds {self.n_ctx} "
-                             f"(the prompt plus at least one generated token must fit)")
+        self._check_prompt(ids)
         stop_strs, stop_ids = self.stop_sets(stop, ignore_eos)
         sampler = self.make_sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if bits is not None:

@@ -213,12 +213,7 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
 
 def linear_sizes(engine) -> np.ndarray:
     """Weight count n*K of every linear: n_layers * 7 (q k v o gate up down), then the LM head."""
-    from . import _core
-
-    mf = engine._eng.model
-    infos = [mf.linear_info(l, _core.LinearKind(k)) for l in range(engine.n_layers) for k in range(7)]
-    infos.append(mf.lm_head_info())
-    return np.asarray([int(i["n"]) * int(i["k"]) for i in infos], dtype=np.float64)
+    return np.asarray([int(i["n"]) * int(i["k"]) for i in engine._linear_shapes()], dtype=np.float64)
 
 
 _V_CACHE: dict = {}

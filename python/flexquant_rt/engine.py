@@ -174,6 +174,7 @@ class Engine:
         return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
     def _linear_shapes(self) -> list[dict]:
+        """linear_info of every linear: n_layers * 7 (q k v o gate up down), then the LM head."""
         mf = self._eng.model
         infos = [mf.linear_info(l, _core.LinearKind(k)) for l in range(self.n_layers) for k in range(7)]
         return infos + [mf.lm_head_info()]

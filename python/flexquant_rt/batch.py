@@ -34,6 +34,8 @@ class _Slot:
     seq: _Sequence
     controller: object | None
     bits: np.ndarray                  # (n_layers * 7 + 1,) this sequence's mask, the LM head last
+    bytes_read: int = 0               # weight bytes a step reads at `bits` (kept with it: _set_bits)
+    mean_bits: float = 0.0            # bits per weight at `bits`
     pending: int = -1                 # the sampled token the next step feeds
     prefill: list[int] = field(default_factory=list)  # prompt tokens not yet fed
 
@@ -79,14 +81,16 @@ class Batch:
         self.engine._check_prompt(ids)
         seq = _Sequence(ids, max_new_tokens, sampler, list(stop_strs), set(stop_ids), self.engine.detokenize, stats)
         slot_id = self._free[-1]
-        slot = _Slot(key, seq, controller, self._base.copy())
+        bits = self._base.copy()
         if controller is not None:
             self._attach(controller)
             try:
-                slot.bits = self._update(slot.bits, controller.mask(None))
+                bits = self._update(bits, controller.mask(None))
             except BaseException:
                 self._detach(controller)
                 raise
+        slot = _Slot(key, seq, controller, bits)
+        self._set_bits(slot, bits)
         self._apply(slot.bits)
         self._free.pop()
         self._eng.reset_seq(slot_id)
@@ -111,7 +115,7 @@ class Batch:
         if slot.prefill:
             return
         seq = slot.seq
-        self._count(seq.stats, slot.bits)  # the prompt counts as one step, as in generate()
+        self._count(seq.stats, slot)  # the prompt counts as one step, as in generate()
         if seq.done:  # max_new_tokens == 0
             self._finish(s, slot, "", events)
             return
@@ -137,7 +141,7 @@ class Batch:
         logits, ent, top1 = self._eng.decode_batch(ids, toks)
         for i, s in enumerate(decoding):
             slot = self._slots[s]
-            self._count(slot.seq.stats, slot.bits)
+            self._count(slot.seq.stats, slot)
             tok = slot.seq.sampler.sample_logits(logits[i], slot.seq.history_array())
             self._take(s, slot, tok, float(ent[i]), float(top1[i]), events)
         return events
@@ -164,9 +168,11 @@ class Batch:
         slot.pending = tok
         if slot.controller is not None:
             info = StepInfo(int(self._eng.n_past_seq(s)), int(consumed), entropy, top1,
-                            int(self._eng.bytes_per_token_at(slot.bits)), self._mean_bits(slot.bits))
+                            slot.bytes_read, slot.mean_bits)
             try:
-                slot.bits = self._update(slot.bits, slot.controller.mask(info))
+                bits = self._update(slot.bits, slot.controller.mask(info))
+                if bits is not slot.bits:  # a new mask (None keeps the array)
+                    self._set_bits(slot, bits)
             except Exception as e:  # this generation fails alone; the others go on
                 self._slots.pop(s, None)
                 self._release(s, slot)
@@ -218,12 +224,16 @@ class Batch:
         self.engine._apply(mask)
         return self._mask_vector()
 
-    def _mean_bits(self, bits: np.ndarray) -> float:
+    def _set_bits(self, slot: _Slot, bits: np.ndarray) -> None:
+        """A sequence's mask, with the bytes and mean bits a step reads at it (computed once per
+        mask change, not per step)."""
         sizes = self.engine._sizes()
-        return float(bits.astype(np.float64) @ sizes / sizes.sum())
+        slot.bits = bits
+        slot.bytes_read = int(self._eng.bytes_per_token_at(bits))
+        slot.mean_bits = float(bits.astype(np.float64) @ sizes / sizes.sum())
 
-    def _count(self, stats: GenerationStats | None, bits: np.ndarray) -> None:
+    def _count(self, stats: GenerationStats | None, slot: _Slot) -> None:
         if stats is not None:
             stats.steps += 1
-            stats.bytes_read += int(self._eng.bytes_per_token_at(bits))
-            stats.bits_sum += self._mean_bits(bits)
+            stats.bytes_read += slot.bytes_read
+            stats.bits_sum += slot.mean_bits

@@ -94,4 +94,53 @@ BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits,
                                               BitplaneCudaPath path, int copies = 0, int reps = 20,
                                               const BitplaneCudaTuning& tuning = {});
 
+// ---- many rows: the tensor-core GEMM (cuda/bitplane_matmul_gemm.cu) --------------------------------
+//
+// y (m, n) = x (m, k) · W_bitsᵀ for prefill- and batch-sized m, in three launches: the first `bits`
+// planes are unpacked once per call into int8 codes (a scratch of n·k bytes, no f16 weight copy),
+// x is prepared, and a tile GEMM runs on the tensor cores with the group scales applied in
+// registers. Any group size that is a multiple of 32; any m >= 0.
+enum BitplaneGemmKind {
+    BITPLANE_GEMM_A8 = 1,   // "W{k}A8": x quantized per (row, group) to int8 exactly as the TC GEMV does
+                            // (so the result equals it up to fp32 rounding), s8 IMMA m16n8k32
+    BITPLANE_GEMM_A16 = 2,  // "W{k}A16": x rounded to fp16, f16 mma m16n8k16 with fp32 accumulation
+    BITPLANE_GEMM_B1 = 3,   // "W{k}A{a}" (W6A6, W6A8, W4A4, ...): x quantized per (row, group) to a-bit
+                            // integers (act_bits, as the CPU op quantize_activations), bit-serial on the
+                            // binary tensor cores (b1 m16n8k256 AND+POPC) straight from the weight planes
+};
+
+// Whether the B1 GEMM handles this group size (32, 64, 128, 256 or 512).
+bool bitplane_gemm_b1_supports(int group_size);
+
+// Device scratch bytes bitplane_gemm_cuda_async needs: n_pad·k_pad (codes; not for B1) + m_pad·k_pad·
+// (1 or 2) (activations) + m_pad·k_pad (B1: their bit planes) + 8·m_pad·n_groups, each rounded to
+// 256 bytes (n_pad, m_pad: multiples of 128).
+size_t bitplane_gemm_cuda_workspace(const BitplaneLinear& w, int64_t m, BitplaneGemmKind kind);
+
+// Device-resident product, asynchronous on `stream`: w.planes (>= bits planes), w.qparams, x (m, k)
+// fp32, y (m, n) fp32 and workspace are device pointers. bits_dev as for bitplane_matmul_cuda_async.
+// act_bits: the activation bit-width, 2..8 for B1; A8 takes 8 and A16 16; 0 = the kind's (8, 16, 8).
+void bitplane_gemm_cuda_async(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
+                              void* workspace, size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
+                              const int32_t* bits_dev = nullptr, int act_bits = 0);
+
+// Host memory in and out (tests): uploads, runs on the current device, downloads y (m, n). y and the
+// workspace are filled with NaN / 0xff bytes first, so a missed element or a read of an unwritten
+// scratch byte shows.
+void bitplane_gemm_cuda(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
+                        BitplaneGemmKind kind, int act_bits = 0);
+
+// The unpack launch alone (tests): codes (n, k_pad) int8 = c_bits − 2^(bits−1), k_pad = ceil(k/128)·128.
+void bitplane_unpack_codes_cuda(const BitplaneLinear& w, int bits, int8_t* codes);
+
+struct BitplaneGemmTiming {
+    double unpack_us = 0;   // median per call of each launch alone (no unpack for B1: 0)
+    double prepare_us = 0;
+    double gemm_us = 0;
+    double total_us = 0;    // the three back to back
+    int copies = 0;         // plane copies rotated so that the unpack reads HBM, not L2
+};
+BitplaneGemmTiming bitplane_gemm_cuda_bench(const BitplaneLinear& w, int bits, const float* x, int64_t m,
+                                            BitplaneGemmKind kind, int reps = 10, int act_bits = 0);
+
 }  // namespace flexquant

@@ -1,4 +1,5 @@
-"""The CUDA bit-plane matmul (_core.bitplane_matmul_cuda, cuda/bitplane_matmul.cu) against numpy.
+"""The CUDA bit-plane matmul (_core.bitplane_matmul_cuda, cuda/bitplane_matmul.cu; the GEMM
+_core.bitplane_gemm_cuda, cuda/bitplane_matmul_gemm.cu, at the end) against numpy.
 
 Each path is held to a reference of its own precision (tolerance from a same-precision baseline):
 - 'fp32' (fp32 activations): the fp64 value of the k-bit product y = x · W_kᵀ; allowed error
@@ -73,21 +74,22 @@ def reference_fp32(codes, qparams, x, bits, max_bits, group_size):
     return exact, plain
 
 
-def quantize_activations(x, group_size):
-    """The TC path's activation quantization: q (m, n_groups, G) int64 and scale (m, n_groups) fp32,
-    x̂ = scale · q."""
+def quantize_activations(x, group_size, act_bits=8):
+    """The activation quantization of the TC path (act_bits 8) and the B1 GEMM: q (m, n_groups, G)
+    int64 and scale (m, n_groups) fp32, x̂ = scale · q, scale = absmax / (2^(a-1) - 1)."""
+    qmax = (1 << (act_bits - 1)) - 1
     xg = _groups(x, group_size)
-    scale = np.abs(xg).max(-1) / np.float32(127)
+    scale = np.abs(xg).max(-1) / np.float32(qmax)
     safe = np.where(scale > 0, scale, np.float32(1))
-    q = np.clip(np.rint(xg / safe[..., None]), -127, 127)
+    q = np.clip(np.rint(xg / safe[..., None]), -qmax, qmax)
     q = np.where(scale[..., None] > 0, q, 0).astype(np.int64)
     return q, scale
 
 
-def reference_tc(codes, qparams, x, bits, max_bits, group_size):
-    """(fp64 value of W_k · x̂, its plain fp32 evaluation), both (m, n)."""
+def reference_act(codes, qparams, x, bits, max_bits, group_size, act_bits):
+    """(fp64 value of W_k · x̂, its plain fp32 evaluation), both (m, n), x̂ the act_bits-bit activations."""
     ck, s_k, m_k = _view(codes, qparams, bits, max_bits, group_size)
-    q, scale = quantize_activations(x, group_size)
+    q, scale = quantize_activations(x, group_size, act_bits)
     idot = np.einsum("ngi,rgi->rng", ck, q)  # exact integers
     qsum = q.sum(-1)
     exact = ((idot * s_k[None].astype(np.float64) + qsum[:, None, :] * m_k[None].astype(np.float64))
@@ -95,6 +97,11 @@ def reference_tc(codes, qparams, x, bits, max_bits, group_size):
     terms = idot.astype(np.float32) * (s_k[None] * scale[:, None, :]) + m_k[None] * (scale * qsum).astype(np.float32)[:, None, :]
     plain = np.cumsum(terms, axis=-1, dtype=np.float32)[..., -1]
     return exact, plain
+
+
+def reference_tc(codes, qparams, x, bits, max_bits, group_size):
+    """reference_act with the TC path's int8 activations."""
+    return reference_act(codes, qparams, x, bits, max_bits, group_size, 8)
 
 
 REFERENCES = {"fp32": reference_fp32, "tc": reference_tc}
@@ -256,3 +263,206 @@ def test_bad_arguments():
         call(planes, qparams, n, k, max_bits, 96, 3, x, warps=17)
     with pytest.raises(ValueError, match="path: expected"):
         call(planes, qparams, n, k, max_bits, 96, 3, x, path="int4")
+
+
+# ---- the tensor-core GEMM (_core.bitplane_gemm_cuda, cuda/bitplane_matmul_gemm.cu) ------------------
+#
+# References of the GEMM's own precision:
+# - 'a8': W_k · x̂ with the int8 activations of the TC GEMV (reference_tc, rebuilt here bit for bit);
+# - 'a16': W_k · fp16(x) (reference_fp32 on the fp16-rounded activations);
+# - 'b1' with a-bit activations: W_k · x̂_a (reference_act: the same formula with qmax = 2^(a-1) - 1).
+# The GEMM groups its fp32 terms differently (centred codes, the group's offset added at its end),
+# so the allowed error is 4x that of the plain fp32 evaluation (+ 1e-6), and the GEMM must agree with
+# torch.matmul on the dequantized view and with the CPU op within the same bound.
+
+def gemm_reference(kind, codes, qparams, x, bits, max_bits, group_size, act_bits=0):
+    if kind == "a16":
+        return reference_fp32(codes, qparams, x.astype(np.float16).astype(np.float32), bits, max_bits, group_size)
+    return reference_act(codes, qparams, x, bits, max_bits, group_size, act_bits or 8)
+
+
+def gemm_and_check(kind, codes, qparams, planes, x, bits, max_bits, group_size, what, act_bits=0):
+    n, k = codes.shape
+    y = core.bitplane_gemm_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, kind=kind, act_bits=act_bits)
+    assert y.shape == (x.shape[0], n) and y.dtype == np.float32
+    assert np.isfinite(y).all(), f"{what}: {np.count_nonzero(~np.isfinite(y))} outputs not written or poisoned"
+    exact, plain = gemm_reference(kind, codes, qparams, x, bits, max_bits, group_size, act_bits)
+    err, base = rel_err(y, exact), rel_err(plain, exact)
+    assert err <= 4 * base + 1e-6, f"{what}: rel err {err:.3g} > 4 x plain fp32 ({base:.3g}) + 1e-6"
+    return y, exact, base
+
+
+@pytest.mark.parametrize("kind", ["a8", "a16"])
+@pytest.mark.parametrize("n,k,group_size", [(13, 300, 32), (200, 576, 64), (200, 1536, 128), (131, 4096, 128),
+                                            (257, 300, 96), (64, 1536, 256), (40, 4096 + 384, 512)])
+def test_gemm_every_bit_width(kind, n, k, group_size):
+    """Every k in 2..max_bits, m across the tile edges, odd N, K not a multiple of 128, group sizes
+    from 32 to 512 (96: groups that straddle the 128-column padding)."""
+    rng = np.random.default_rng([n, k, group_size, 41 + int(kind == "a8")])
+    max_bits = 8 if (n + k) % 2 else 7
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    ms = (1, 7, 16, 100, 129, 300)
+    for bits in range(2, max_bits + 1):
+        m = ms[(bits + n) % len(ms)]
+        gemm_and_check(kind, codes, qparams, planes, make_x(rng, m, k), bits, max_bits, group_size,
+                       f"{kind} n={n} k={k} G={group_size} bits={bits} m={m}")
+
+
+@pytest.mark.parametrize("kind", ["a8", "a16"])
+def test_gemm_large_m(kind):
+    """A prefill-sized m (2048): many row tiles, every one checked."""
+    rng = np.random.default_rng(43)
+    n, k, max_bits, group_size = 136, 1000, 8, 128
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    for bits in (8, 4):
+        gemm_and_check(kind, codes, qparams, planes, make_x(rng, 2048, k), bits, max_bits, group_size,
+                       f"{kind} m=2048 bits={bits}")
+
+
+@pytest.mark.parametrize("kind,act_bits", [("a8", 0), ("a16", 0), ("b1", 8), ("b1", 6), ("b1", 4)])
+def test_gemm_signed_edges(kind, act_bits):
+    """Codes at 0 and 2^B - 1 (centred: -128 and 127 at 8 bits), activations at ±absmax of their
+    group (±qmax, the sign plane set or not): the extremes of every integer the mma sees, over a
+    long group (512: the longest int32 run between conversions; B1: two chunks per group)."""
+    rng = np.random.default_rng(47)
+    n, k, max_bits, group_size = 72, 2048, 8, 512
+    codes = np.where(rng.random((n, k)) < 0.5, 0, 255).astype(np.uint8)
+    _, qparams = bp.quantize(rng.standard_normal((n, k)).astype(np.float32), max_bits, group_size)
+    planes = bp.pack_planes(codes, max_bits)
+    x = np.where(rng.random((130, k)) < 0.5, -3.0, 3.0).astype(np.float32)
+    for bits in (8, 5, 2):
+        gemm_and_check(kind, codes, qparams, planes, x, bits, max_bits, group_size,
+                       f"{kind} a={act_bits} edges bits={bits}", act_bits=act_bits)
+
+
+@pytest.mark.parametrize("kind", ["a8", "a16"])
+def test_gemm_matches_torch_and_the_cpu_op(kind):
+    """The GEMM against torch.matmul on the dequantized view and against the CPU op, each on the
+    activations of its precision."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(53)
+    n, k, max_bits, group_size = 300, 1536, 8, 128
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    x = make_x(rng, 64, k)
+    for bits in (8, 6, 4):
+        y, exact, base = gemm_and_check(kind, codes, qparams, planes, x, bits, max_bits, group_size, f"{kind} bits={bits}")
+        if kind == "a8":
+            xa = core.ops.quantize_activations(x, group_size, 8)  # x̂, bit for bit the GEMM's int8 activations
+        else:
+            xa = x.astype(np.float16).astype(np.float32)
+        wk = bp.dequantize(codes, qparams, bits, max_bits, group_size)
+        ref = (torch.from_numpy(xa) @ torch.from_numpy(wk).T).numpy()
+        assert rel_err(y, ref) <= 4 * base + rel_err(ref, exact) + 1e-6, (bits, rel_err(y, ref))
+        cpu = core.ops.bitplane_matmul(planes, qparams, n, k, max_bits, group_size, bits, xa)
+        assert rel_err(y, cpu) <= 4 * base + rel_err(cpu, exact) + 1e-6, (bits, rel_err(y, cpu))
+
+
+def test_gemm_a8_equals_the_tc_gemv():
+    """Both W{k}A8 paths compute W_k · x̂ with the same x̂: they agree to fp32 rounding."""
+    rng = np.random.default_rng(59)
+    n, k, max_bits, group_size = 200, 4096, 8, 128
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    x = make_x(rng, 8, k)
+    for bits in (8, 3):
+        gemv = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, path="tc")
+        gemm = core.bitplane_gemm_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, kind="a8")
+        exact, plain = reference_tc(codes, qparams, x, bits, max_bits, group_size)
+        assert rel_err(gemm, gemv) <= 6 * rel_err(plain, exact) + 1e-6
+
+
+def test_gemm_unpack_codes():
+    """The unpack launch: centred codes of the first `bits` planes, K padding included (zero bits)."""
+    rng = np.random.default_rng(61)
+    for n, k in ((13, 300), (200, 4096 + 384)):
+        codes, qparams, planes = make_linear(rng, n, k, 8, 128)
+        k_pad = -(-k // 128) * 128
+        for bits in (8, 5, 2):
+            got = core.bitplane_unpack_codes_cuda(planes, qparams, n, k, 8, 128, bits)
+            want = np.zeros((n, k_pad), dtype=np.int64)
+            want[:, :k] = codes >> (8 - bits)
+            want -= 1 << (bits - 1)
+            np.testing.assert_array_equal(got.astype(np.int64), want)
+
+
+def test_gemm_reads_only_the_first_bits_planes_and_is_deterministic():
+    rng = np.random.default_rng(67)
+    n, k, max_bits, group_size = 200, 1536, 8, 64
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    x = make_x(rng, 150, k)
+    for kind in ("a8", "a16"):
+        y = core.bitplane_gemm_cuda(planes, qparams, n, k, max_bits, group_size, 5, x, kind=kind)
+        np.testing.assert_array_equal(core.bitplane_gemm_cuda(planes, qparams, n, k, max_bits, group_size, 5, x,
+                                                              kind=kind), y)
+        junk = planes.copy()
+        junk[5:] = rng.integers(0, 256, junk[5:].shape, dtype=np.uint8)
+        np.testing.assert_array_equal(core.bitplane_gemm_cuda(junk, qparams, n, k, max_bits, group_size, 5, x,
+                                                              kind=kind), y)
+
+
+def test_gemm_bad_arguments():
+    rng = np.random.default_rng(71)
+    n, k, max_bits = 13, 300, 4
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, 96)
+    x = make_x(rng, 3, k)
+    call = core.bitplane_gemm_cuda
+    with pytest.raises(core.FlexquantError, match="bits must be in 2..4, got 1"):
+        call(planes, qparams, n, k, max_bits, 96, 1, x)
+    with pytest.raises(ValueError, match="kind: expected 'a8', 'a16' or 'b1', got 'a4'"):
+        call(planes, qparams, n, k, max_bits, 96, 3, x, kind="a4")
+    with pytest.raises(core.FlexquantError, match="plane_bytes must be"):
+        call(np.ascontiguousarray(planes[:, :-128]), qparams, n, k, max_bits, 96, 3, x)
+    with pytest.raises(ValueError, match=r"x: expected shape"):
+        call(planes, qparams, n, k, max_bits, 96, 3, x[:, :-1].copy())
+    assert call(planes, qparams, n, k, max_bits, 96, 3, x[:0]).shape == (0, n)
+
+
+@pytest.mark.parametrize("act_bits", [8, 6, 4, 3])
+@pytest.mark.parametrize("n,k,group_size", [(13, 300, 32), (200, 576, 64), (131, 1536, 128), (40, 4096 + 384, 256),
+                                            (64, 1000, 512)])
+def test_gemm_b1_every_bit_width(act_bits, n, k, group_size):
+    """The binary-tensor-core GEMM (W{k}A{a}) against W_k · x̂_a: every weight k, activation widths
+    on both plane layouts (8 rows per token for a >= 5, 4 for a <= 4), masked passes for groups
+    under 256 columns, short last chunks (K % 256 == 128), m across the 16-token warp tiles."""
+    rng = np.random.default_rng([n, k, group_size, act_bits, 73])
+    max_bits = 8
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    ms = (1, 7, 16, 17, 100, 129)
+    for bits in range(2, max_bits + 1):
+        m = ms[(bits + n + act_bits) % len(ms)]
+        gemm_and_check("b1", codes, qparams, planes, make_x(rng, m, k), bits, max_bits, group_size,
+                       f"b1 a={act_bits} n={n} k={k} G={group_size} bits={bits} m={m}", act_bits=act_bits)
+
+
+def test_gemm_b1_a8_equals_a8_gemm_and_cpu_op():
+    """W{k}A8 on the binary tensor cores, on the s8 tensor cores and on the CPU (quantize_activations
+    then the CPU op) are one product: they agree to fp32 rounding."""
+    rng = np.random.default_rng(79)
+    n, k, max_bits, group_size = 200, 1536, 8, 128
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    x = make_x(rng, 40, k)
+    for bits, act_bits in ((8, 8), (6, 6), (4, 4)):
+        b1 = core.bitplane_gemm_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, kind="b1", act_bits=act_bits)
+        cpu = core.ops.bitplane_matmul(planes, qparams, n, k, max_bits, group_size, bits,
+                                       core.ops.quantize_activations(x, group_size, act_bits))
+        exact, plain = reference_act(codes, qparams, x, bits, max_bits, group_size, act_bits)
+        assert rel_err(b1, cpu) <= 4 * rel_err(plain, exact) + rel_err(cpu, exact) + 1e-6
+        if act_bits == 8:
+            a8 = core.bitplane_gemm_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, kind="a8")
+            assert rel_err(b1, a8) <= 8 * rel_err(plain, exact) + 1e-6
+
+
+def test_gemm_b1_bad_arguments():
+    rng = np.random.default_rng(83)
+    n, k, max_bits = 13, 300, 8
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, 96)
+    x = make_x(rng, 3, k)
+    call = core.bitplane_gemm_cuda
+    with pytest.raises(core.FlexquantError, match="B1 GEMM needs group_size 32, 64, 128, 256 or 512, got 96"):
+        call(planes, qparams, n, k, max_bits, 96, 4, x, kind="b1")
+    assert not core.bitplane_gemm_b1_supports(96) and not core.bitplane_gemm_b1_supports(1024)
+    assert core.bitplane_gemm_b1_supports(512)
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, 64)
+    with pytest.raises(core.FlexquantError, match="act_bits must be in 2..8 for the B1 GEMM, got 9"):
+        call(planes, qparams, n, k, max_bits, 64, 4, x, kind="b1", act_bits=9)
+    with pytest.raises(core.FlexquantError, match="act_bits must be 8 \\(or 0\\) for this kind, got 6"):
+        call(planes, qparams, n, k, max_bits, 64, 4, x, kind="a8", act_bits=6)

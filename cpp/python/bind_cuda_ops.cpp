@@ -120,6 +120,65 @@ py::dict py_bitplane_matmul_cuda_bench(const py::array& planes, const py::array&
     return d;
 }
 
+flexquant::BitplaneGemmKind parse_kind(const std::string& s) {
+    if (s == "a8") return flexquant::BITPLANE_GEMM_A8;
+    if (s == "a16") return flexquant::BITPLANE_GEMM_A16;
+    if (s == "b1") return flexquant::BITPLANE_GEMM_B1;
+    throw py::value_error("kind: expected 'a8', 'a16' or 'b1', got '" + s + "'");
+}
+
+py::array_t<float> py_bitplane_gemm_cuda(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
+                                         int max_bits, int group_size, int bits, const py::array& x,
+                                         const std::string& kind, int act_bits) {
+    const BitplaneLinear w = linear_view(planes, qparams, n, k, max_bits, group_size, bits);
+    const int64_t m = activation_rows(x, k);
+    const flexquant::BitplaneGemmKind kd = parse_kind(kind);
+    py::array_t<float> y = x.ndim() == 1 ? py::array_t<float>({n}) : py::array_t<float>({m, n});
+    const float* xp = static_cast<const float*>(x.data());
+    float* yp = y.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        flexquant::bitplane_gemm_cuda(w, bits, xp, m, yp, kd, act_bits);
+    }
+    return y;
+}
+
+py::array_t<int8_t> py_bitplane_unpack_codes_cuda(const py::array& planes, const py::array& qparams, int64_t n,
+                                                  int64_t k, int max_bits, int group_size, int bits) {
+    const BitplaneLinear w = linear_view(planes, qparams, n, k, max_bits, group_size, bits);
+    const int64_t k_pad = (k + 127) / 128 * 128;
+    py::array_t<int8_t> codes({n, k_pad});
+    int8_t* cp = codes.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        flexquant::bitplane_unpack_codes_cuda(w, bits, cp);
+    }
+    return codes;
+}
+
+py::dict py_bitplane_gemm_cuda_bench(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
+                                     int max_bits, int group_size, int bits, const py::array& x,
+                                     const std::string& kind, int reps, int act_bits) {
+    const BitplaneLinear w = linear_view(planes, qparams, n, k, max_bits, group_size, bits);
+    const int64_t m = activation_rows(x, k);
+    const flexquant::BitplaneGemmKind kd = parse_kind(kind);
+    const float* xp = static_cast<const float*>(x.data());
+    flexquant::BitplaneGemmTiming t;
+    {
+        py::gil_scoped_release nogil;
+        t = flexquant::bitplane_gemm_cuda_bench(w, bits, xp, m, kd, reps, act_bits);
+    }
+    py::dict d;
+    d["kind"] = kind;
+    d["act_bits"] = act_bits;
+    d["unpack_us"] = t.unpack_us;
+    d["prepare_us"] = t.prepare_us;
+    d["gemm_us"] = t.gemm_us;
+    d["total_us"] = t.total_us;
+    d["copies"] = t.copies;
+    return d;
+}
+
 using F32 = py::array_t<float, py::array::c_style>;
 
 F32 py_rms_norm_cuda(const py::array& x, const py::array& w, float eps) {
@@ -172,7 +231,8 @@ F32 py_swiglu_cuda(const py::array& gate, const py::array& up) {
     return out;
 }
 
-F32 py_attention_cuda(const py::array& q, const py::array& k_cache, const py::array& v_cache, int64_t p0, int n_splits) {
+F32 py_attention_cuda(const py::array& q, const py::array& k_cache, const py::array& v_cache, int64_t p0, int n_splits,
+                      int64_t base) {
     F32 qa = require<float>(q, "q", 3, "(m, n_heads, head_dim)");
     const int64_t m = qa.shape(0), H = qa.shape(1), d = qa.shape(2);
     const bool f16 = k_cache.dtype().is(py::dtype("float16"));
@@ -190,7 +250,8 @@ F32 py_attention_cuda(const py::array& q, const py::array& k_cache, const py::ar
     float* op = out.mutable_data();
     {
         py::gil_scoped_release nogil;
-        flexquant::attention_cuda(qa.data(), k_cache.data(), v_cache.data(), f16, t_max, m, p0, H, Hkv, d, n_splits, op);
+        flexquant::attention_cuda(qa.data(), k_cache.data(), v_cache.data(), f16, t_max, m, p0, H, Hkv, d, n_splits, op,
+                                  base);
     }
     return out;
 }
@@ -216,9 +277,10 @@ void bind_cuda_ops(py::module_& m) {
     m.def("swiglu_cuda", &py_swiglu_cuda, py::arg("gate"), py::arg("up"),
           "The CUDA swiglu: silu(gate) * up over (n,) float32.");
     m.def("attention_cuda", &py_attention_cuda, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("p0"),
-          py::arg("n_splits") = 1,
+          py::arg("n_splits") = 1, py::arg("base") = 0,
           "The CUDA causal GQA attention of q (m, H, d) float32 at positions p0.. over a cache (t_max, Hkv, d)\n"
-          "of float32 or float16, the positions of each (token, head) split into n_splits spans -> (m, H, d).");
+          "of float32 or float16, the positions of each (token, head) split into n_splits spans -> (m, H, d).\n"
+          "base: the cache row of position 0 (a sequence's block of a multi-sequence cache).");
     m.def("entropy_and_top1_cuda", &py_entropy_and_top1_cuda, py::arg("logits"),
           "The CUDA next-token signals of logits (vocab,) float32 -> (entropy, top1_prob, argmax).");
     m.def("bitplane_matmul_cuda", &py_bitplane_matmul_cuda, py::arg("planes"), py::arg("qparams"), py::arg("n"),
@@ -239,6 +301,25 @@ void bind_cuda_ops(py::module_& m) {
           "matmul_us (median per launch, activations already prepared), matmul_min_us, prepare_us (the\n"
           "activation preparation kernel alone), total_us (prepare + matmul), copies, launches,\n"
           "warps_per_block (warps splitting K in a block; `warps` 0 = automatic), bytes (read per matmul).");
+    m.def("bitplane_gemm_cuda", &py_bitplane_gemm_cuda, py::arg("planes"), py::arg("qparams"), py::arg("n"),
+          py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
+          py::arg("kind") = "a8", py::arg("act_bits") = 0,
+          "y = x @ W_bits.T by the tensor-core GEMM (the many-rows path): arguments as bitplane_matmul_cuda.\n"
+          "kind 'a8': x quantized per (row, group) to int8 as the 'tc' GEMV does, s8 tensor cores; 'a16': x\n"
+          "rounded to float16, f16 tensor cores with fp32 accumulation; 'b1': x quantized per (row, group) to\n"
+          "act_bits-bit integers (2..8, as ops.quantize_activations), bit-serial on the binary tensor cores\n"
+          "(group_size 32, 64, 128, 256 or 512). act_bits 0: the kind's own (8, 16, 8). Any m; the\n"
+          "device output and scratch are poisoned first (NaN / 0xff bytes).");
+    m.def("bitplane_unpack_codes_cuda", &py_bitplane_unpack_codes_cuda, py::arg("planes"), py::arg("qparams"),
+          py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"),
+          "The GEMM's unpack launch alone: -> codes (n, ceil(k/128)*128) int8 = c_bits - 2^(bits-1).");
+    m.def("bitplane_gemm_cuda_bench", &py_bitplane_gemm_cuda_bench, py::arg("planes"), py::arg("qparams"),
+          py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
+          py::arg("kind") = "a8", py::arg("reps") = 10, py::arg("act_bits") = 0,
+          "Time the GEMM with x (m, k): median microseconds per call of unpack, prepare, gemm and all three\n"
+          "(total; no unpack for 'b1'), the planes rotated over enough copies that they come from HBM. -> dict.");
+    m.def("bitplane_gemm_b1_supports", &flexquant::bitplane_gemm_b1_supports, py::arg("group_size"),
+          "Whether the 'b1' GEMM handles this group size.");
     m.def("bitplane_cuda_tc_supports", &flexquant::bitplane_cuda_tc_supports, py::arg("group_size"),
           "Whether the 'tc' path of bitplane_matmul_cuda handles this group size.");
 }

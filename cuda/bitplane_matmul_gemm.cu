@@ -1,0 +1,899 @@
+// y (m, n) = x (m, k) · W_kᵀ over a bit-plane linear, for many activation rows (prefill, batches):
+//
+//   y[r, n] = Σ_g  a_s[r,g] · s_k[n,g] · Σ_{i∈g} x̃[r,i] · ĉ[n,i]   +   a_z[r,g] · z_k[n,g]
+//   ĉ = c_k − 2^(k−1)  (the k-bit code, centred so that it fits int8 for every k ≤ 8)
+//   s_k = s · 2^(B−k),  m_k = m + s · (2^(B−k) − 1) / 2,  z_k = m_k + s_k · 2^(k−1)   (docs/format.md)
+//
+//   A8  ("W{k}A8"):  x̃ = q = rint(x / a_s) int8 per (row, group), a_s = absmax / 127, a_z = a_s · Σq
+//                     (the activation quantization of the GEMV's TC path, bit for bit), s8 IMMA
+//                     mma.sync.m16n8k32.s32.s8.s8.s32, exact int32 sums, scaled in fp32
+//   A16 ("W{k}A16"): x̃ = fp16(x), a_s = 1, a_z = Σ_{i∈g} fp16(x[r,i]),
+//                     mma.sync.m16n8k16.f32.f16.f16.f32, the codes widened s8 -> f16 (exact)
+//
+// The tensor-core half of bitplane_matmul's CUDA op (bitplane_matmul.cu takes m ≤ 8 per launch on
+// the binary tensor cores). Three launches per call:
+//   1. unpack: the first k planes -> ĉ (n_alloc, k_pad) int8, row-major (a transient scratch of one
+//      byte per weight; no f16 copy of the weights exists). One thread per 32-bit plane word, in
+//      storage order, so the plane reads are coalesced; 4 codes per step by spreading a nibble of
+//      each plane over 4 bytes ((nib · 0x00204081) & 0x01010101).
+//   2. prepare: x -> x̃ (m_alloc, k_pad) int8 or fp16 with zero K padding, and (a_s, a_z) per (row, group).
+//   3. gemm: 128 x 128 output tiles, 8 warps of 64 x 32, K tiles of 64 (A8) or 32 (A16) bytes of
+//      codes double-buffered through shared memory with cp.async. The mma accumulates within a
+//      group (at most 256 K at a time in int32, so that |Σ| < 2^22 converts to fp32 exactly by the
+//      2^23 + 2^22 trick); the group's scales are applied when it ends, in registers.
+// Decoding the planes once per call and not once per output tile is the design choice: at prefill
+// sizes (m ≥ a few hundred) the GEMM is compute-bound and the unpack pass (read k/8 + write 1 byte
+// per weight, once) costs a few % of it, while decoding inside the GEMM would repeat the bit
+// transposition for every 128 rows of x on the CUDA cores, which are far slower than the tensor
+// cores. Small m stays on the GEMV kernels; which path runs is measured (tools/gpu_check.sh).
+//
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k32" / "mma.m16n8k16"), with
+// gid = lane / 4, tig = lane % 4:
+//   s8 A (16x32, row): reg0 row gid, K 4tig..4tig+3; reg1 row gid+8, same K; reg2/reg3 the same at K+16
+//   s8 B (32x8, col):  reg0 K 4tig..4tig+3 of column gid; reg1 K+16
+//   f16 A (16x16):     reg0 row gid, K 2tig, 2tig+1; reg1 row gid+8; reg2/reg3 the same at K+8
+//   f16 B (16x8):      reg0 K 2tig, 2tig+1 of column gid; reg1 K+8
+//   C (16x8, both):    c0, c1 row gid, columns 2tig, 2tig+1; c2, c3 row gid+8
+// Not yet run on a GPU when written (no GPU was lent to that session): tests/test_cuda_ops.py and
+// tools/gpu_check.sh check it against the CPU op.
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bitplane_matmul.cuh"
+#include "cuda_backend.h"
+
+namespace flexquant {
+
+namespace {
+
+constexpr int BM = 128, BN = 128;   // output tile: rows of x, rows of W
+constexpr int THREADS = 256;        // 8 warps: 2 along m (64 rows each) x 4 along n (32 columns each)
+constexpr int WARP_M = 64, WARP_N = 32;
+constexpr int MT = WARP_M / 16, NT = WARP_N / 8;  // mma tiles per warp: 4 x 4
+constexpr int SMEM_PAD = 16;        // bytes after each smem row: the fragment reads of 8 rows hit 8 distinct bank quads
+constexpr int MAX_INT_STEPS = 8;    // int32 mma k-steps (32 K) between conversions: |Σ| ≤ 256·127·128 < 2^22
+constexpr int PREP_THREADS = 256;
+constexpr unsigned FULL = 0xffffffffu;
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct GemmGeometry {
+    int64_t m, n, k, k_pad, m_alloc, n_alloc, n_groups;
+    int group_size;
+};
+
+GemmGeometry gemm_geometry(const BitplaneLinear& w, int64_t m) {
+    GemmGeometry g{};
+    g.m = m;
+    g.n = w.n;
+    g.k = w.k;
+    g.k_pad = ceil_div(w.k, 128) * 128;
+    g.m_alloc = ceil_div(std::max<int64_t>(m, 1), BM) * BM;
+    g.n_alloc = ceil_div(w.n, BN) * BN;
+    g.n_groups = w.n_groups();
+    g.group_size = w.group_size;
+    return g;
+}
+
+int act_bytes(BitplaneGemmKind kind) { return kind == BITPLANE_GEMM_A16 ? 2 : 1; }
+int64_t n_chunks(const GemmGeometry& g) { return ceil_div(g.k_pad, 256); }  // 256-column chunks of the b1 mma
+
+// The workspace, in this order (each part 256-byte aligned):
+//   codes (n_alloc, k_pad) int8            A8, A16: the unpacked weights
+//   x̃ (m_alloc, k_pad) int8 or fp16        all kinds (B1: the a-bit integers before slicing)
+//   x planes (m_alloc, n_chunks, 8, 8) u32  B1: bit p of q over the chunk's 8 words of 32 columns
+//   (a_s, a_z) (m_alloc, n_groups) float2
+struct GemmScratch {
+    int8_t* codes;      // null for B1
+    void* acts;
+    uint32_t* aplanes;  // null for A8, A16
+    float2* aparams;
+};
+
+size_t codes_bytes(const GemmGeometry& g, BitplaneGemmKind kind) {
+    return kind == BITPLANE_GEMM_B1 ? 0 : align256(size_t(g.n_alloc) * size_t(g.k_pad));
+}
+size_t aplanes_bytes(const GemmGeometry& g, BitplaneGemmKind kind) {
+    return kind == BITPLANE_GEMM_B1 ? align256(size_t(g.m_alloc) * size_t(n_chunks(g)) * 256) : 0;
+}
+
+size_t gemm_scratch_bytes(const GemmGeometry& g, BitplaneGemmKind kind) {
+    return codes_bytes(g, kind) + align256(size_t(g.m_alloc) * size_t(g.k_pad) * size_t(act_bytes(kind))) +
+           aplanes_bytes(g, kind) + align256(size_t(g.m_alloc) * size_t(g.n_groups) * sizeof(float2));
+}
+
+GemmScratch carve(const GemmGeometry& g, BitplaneGemmKind kind, void* ws) {
+    uint8_t* p = static_cast<uint8_t*>(ws);
+    GemmScratch s{};
+    s.codes = kind == BITPLANE_GEMM_B1 ? nullptr : reinterpret_cast<int8_t*>(p);
+    p += codes_bytes(g, kind);
+    s.acts = p;
+    p += align256(size_t(g.m_alloc) * size_t(g.k_pad) * size_t(act_bytes(kind)));
+    s.aplanes = kind == BITPLANE_GEMM_B1 ? reinterpret_cast<uint32_t*>(p) : nullptr;
+    p += aplanes_bytes(g, kind);
+    s.aparams = reinterpret_cast<float2*>(p);
+    return s;
+}
+
+// ---- device helpers -----------------------------------------------------------------------------
+
+// See bitplane_matmul.cu: the k a kernel runs at, from device memory when bits_dev is set (clamped
+// to 2..bits, the planes present).
+__device__ __forceinline__ int gemm_effective_bits(const int32_t* bits_dev, int bits) {
+    return bits_dev ? max(2, min(bits, __ldg(bits_dev))) : bits;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// Exact int32 -> fp32 for |v| < 2^22: the mantissa of 1.5 · 2^23 takes v, one add removes it.
+__device__ __forceinline__ float small_int_to_float(int v) {
+    return __int_as_float(0x4B400000 + v) - 12582912.0f;
+}
+
+// ---- 1. unpack: planes -> centred int8 codes ------------------------------------------------------
+
+// codes (n_alloc, k_pad) int8: ĉ[row, i] = c_k[row, i] − 2^(k−1) for row < n (rows n..n_alloc are
+// not written: their outputs are never stored, and int codes cannot poison valid rows). One thread
+// per 32-bit word of plane 0, in storage order: word w of the plane sits at byte 4w = row tile rt
+// (k_pad bytes each) -> super-chunk s (512 bytes, W = 4 words per lane but fewer in a short last
+// one) -> lane 4g + t -> word j, and holds K [512s + 128j + 32t, +32) of row 8rt + g.
+static __global__ void __launch_bounds__(256)
+unpack_codes_kernel(const uint8_t* __restrict__ planes,  // (bits, plane_bytes)
+                    uint64_t plane_bytes, const int32_t* __restrict__ bits_dev, int bits,
+                    int8_t* __restrict__ codes,           // (n_alloc, k_pad)
+                    int64_t n, int64_t k_pad) {
+    const int kb = gemm_effective_bits(bits_dev, bits);
+    const int64_t words = int64_t(plane_bytes / 4);
+    for (int64_t wi = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; wi < words;
+         wi += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t byte = wi * 4;
+        const int64_t rt = byte / k_pad, in_tile = byte % k_pad;
+        const int64_t s0 = in_tile / 512 * 512, in_super = in_tile - s0;
+        const int64_t W = min(int64_t(4), (k_pad - s0) / 128);
+        const int64_t lane = in_super / (4 * W), j = (in_super / 4) % W;
+        const int64_t row = rt * 8 + lane / 4;
+        if (row >= n) continue;  // padding rows of the last tile
+        const int64_t k0 = s0 + 128 * j + 32 * (lane % 4);
+
+        uint32_t out[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // out[q] byte b = code of K k0 + 4q + b
+        for (int p = 0; p < kb; ++p) {
+            const uint32_t word = __ldcs(reinterpret_cast<const uint32_t*>(planes + uint64_t(p) * plane_bytes) + wi);
+            const int shift = kb - 1 - p;  // plane 0 is the MSB of the k-bit code
+#pragma unroll
+            for (int q = 0; q < 8; ++q) {
+                const uint32_t nib = (word >> (4 * q)) & 0xFu;  // bit b of the word = K k0 + b
+                out[q] |= ((nib * 0x00204081u) & 0x01010101u) << shift;
+            }
+        }
+        const uint32_t half = 0x01010101u * (1u << (kb - 1));
+        uint4* dst = reinterpret_cast<uint4*>(codes + row * k_pad + k0);  // 32-byte aligned: k_pad % 128 == 0
+        dst[0] = make_uint4(__vsub4(out[0], half), __vsub4(out[1], half), __vsub4(out[2], half), __vsub4(out[3], half));
+        dst[1] = make_uint4(__vsub4(out[4], half), __vsub4(out[5], half), __vsub4(out[6], half), __vsub4(out[7], half));
+    }
+}
+
+// ---- 2. prepare: x -> x̃ and the per-group activation terms ----------------------------------------
+
+// Block r = activation row r; warp w takes groups w, w + 8, ...; the lanes stride over the group's
+// columns. INT (A8, B1): a_s = absmax / qmax and q = rint(x / a_s) in [-qmax, qmax] (0 for a group of
+// zeros), qmax = 2^(a-1) - 1: the same fp32 operations as the GEMV's bitplane_prepare_tc_kernel
+// (qmax = 127) and the CPU op quantize_activations; a_z = a_s · Σq, so the result is W_k · x̂
+// (x̂ = a_s · q) exactly up to fp32 rounding. A16: x̃ = fp16(x) (round to nearest), a_s = 1,
+// a_z = Σ fp16(x) in fp32. Columns k..k_pad are zeroed, so the codes of the K padding multiply
+// zeros, and rows m..m_alloc are all zeros (the GEMM reads whole tiles; nothing it reads is unset).
+template <bool INT>
+static __global__ void __launch_bounds__(PREP_THREADS)
+gemm_prepare_kernel(const float* __restrict__ x,      // (m, k)
+                    int64_t m, int64_t k, int64_t k_pad, int64_t n_groups, int group_size, int qmax,
+                    void* __restrict__ acts,           // (m_alloc, k_pad) int8 (INT) or fp16
+                    float2* __restrict__ aparams) {    // (m_alloc, n_groups)
+    const int64_t r = blockIdx.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = PREP_THREADS / 32;
+    const float* xr = x + r * k;
+    int8_t* q8 = static_cast<int8_t*>(acts) + r * k_pad;
+    __half* h16 = static_cast<__half*>(acts) + r * k_pad;
+    if (r >= m) {  // a padding row
+        for (int64_t c = threadIdx.x; c < k_pad; c += PREP_THREADS) {
+            if (INT) q8[c] = 0;
+            else h16[c] = __float2half_rn(0.0f);
+        }
+        for (int64_t g = threadIdx.x; g < n_groups; g += PREP_THREADS) aparams[r * n_groups + g] = make_float2(0.0f, 0.0f);
+        return;
+    }
+    const float fqmax = float(qmax);
+    for (int64_t g = warp; g < n_groups; g += n_warps) {
+        const int64_t c0 = g * group_size, c1 = min(k, c0 + group_size);
+        if (INT) {
+            float amax = 0.0f;
+            for (int64_t c = c0 + lane; c < c1; c += 32) amax = fmaxf(amax, fabsf(xr[c]));
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, o));
+            const float scale = amax / fqmax;  // IEEE division, as numpy's amax / float32(qmax)
+            int qsum = 0;                      // exact: |Σq| <= 127 · group_size
+            for (int64_t c = c0 + lane; c < c1; c += 32) {
+                const int q = scale > 0.0f ? max(-qmax, min(qmax, int(rintf(xr[c] / scale)))) : 0;
+                q8[c] = int8_t(q);
+                qsum += q;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) qsum += __shfl_xor_sync(FULL, qsum, o);
+            if (lane == 0) aparams[r * n_groups + g] = make_float2(scale, scale * float(qsum));
+        } else {
+            float sum = 0.0f;
+            for (int64_t c = c0 + lane; c < c1; c += 32) {
+                const __half h = __float2half_rn(xr[c]);
+                h16[c] = h;
+                sum += __half2float(h);
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL, sum, o);
+            if (lane == 0) aparams[r * n_groups + g] = make_float2(1.0f, sum);
+        }
+    }
+    for (int64_t c = k + threadIdx.x; c < k_pad; c += PREP_THREADS) {  // K padding
+        if (INT) q8[c] = 0;
+        else h16[c] = __float2half_rn(0.0f);
+    }
+}
+
+// ---- 3. the tensor-core GEMM ------------------------------------------------------------------------
+
+// What differs between the two GEMMs: the activation element, the K tile and step, the mma.
+struct GemmA8Traits {
+    static constexpr bool INT = true;
+    static constexpr int BK = 64;              // K per shared-memory tile
+    static constexpr int KSTEP = 32;           // K per mma
+    static constexpr int A_ROW = BK;           // bytes of one x̃ row per tile
+    static constexpr int B_ROW = BK;           // bytes of one code row per tile
+    using Acc = int;
+};
+struct GemmA16Traits {
+    static constexpr bool INT = false;
+    static constexpr int BK = 32;
+    static constexpr int KSTEP = 16;
+    static constexpr int A_ROW = 2 * BK;
+    static constexpr int B_ROW = BK;
+    using Acc = float;
+};
+
+__device__ __forceinline__ void mma_tile(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_tile(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t lds32(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Two int8 codes (K i, i+1) -> an f16x2 register, lower half = K i. Exact: |ĉ| <= 128.
+__device__ __forceinline__ uint32_t codes_to_half2(const uint8_t* p) {
+    const __half2 h = __floats2half2_rn(float(int8_t(p[0])), float(int8_t(p[1])));
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ float acc_to_float(int v) { return small_int_to_float(v); }
+__device__ __forceinline__ float acc_to_float(float v) { return v; }
+
+// Grid (n_alloc / BN, m_alloc / BM), 256 threads. acts (m_alloc, k_pad), codes (n_alloc, k_pad),
+// aparams (m_alloc, n_groups) float2 (a_s, a_z), qparams (n, n_groups) half2 (s, m); y (m, n) fp32.
+template <class T>
+static __global__ void __launch_bounds__(THREADS, 1)
+gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
+            const float2* __restrict__ aparams, const __half2* __restrict__ qparams,
+            const int32_t* __restrict__ bits_dev, int bits, int max_bits,
+            int64_t m, int64_t n, int64_t k_pad, int64_t n_groups, int group_size, float* __restrict__ y) {
+    constexpr int A_STRIDE = T::A_ROW + SMEM_PAD, B_STRIDE = T::B_ROW + SMEM_PAD;
+    __shared__ __align__(16) uint8_t As[2][BM * A_STRIDE];
+    __shared__ __align__(16) uint8_t Bs[2][BN * B_STRIDE];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 2, wn = warp & 3;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int64_t row0 = int64_t(blockIdx.y) * BM, col0 = int64_t(blockIdx.x) * BN;
+
+    const int kb = gemm_effective_bits(bits_dev, bits);
+    const float scale_mul = float(1 << (max_bits - kb));
+    const float min_mul = 0.5f * float((1 << (max_bits - kb)) - 1);
+    const float centre = float(1 << (kb - 1));
+
+    const size_t a_row_bytes = size_t(k_pad) * (T::A_ROW / T::BK);  // bytes per x̃ row in global memory
+    const uint8_t* a_g = acts + size_t(row0) * a_row_bytes;
+    const uint8_t* b_g = reinterpret_cast<const uint8_t*>(codes) + size_t(col0) * size_t(k_pad);
+
+    auto load_tile = [&](int stage, int64_t k0) {
+        constexpr int A_CHUNKS = BM * T::A_ROW / 16, A_PER_ROW = T::A_ROW / 16;
+        for (int c = tid; c < A_CHUNKS; c += THREADS) {
+            const int r = c / A_PER_ROW, q = c % A_PER_ROW;
+            cp_async16(&As[stage][r * A_STRIDE + q * 16],
+                       a_g + size_t(r) * a_row_bytes + size_t(k0) * (T::A_ROW / T::BK) + q * 16);
+        }
+        constexpr int B_CHUNKS = BN * T::B_ROW / 16, B_PER_ROW = T::B_ROW / 16;
+        for (int c = tid; c < B_CHUNKS; c += THREADS) {
+            const int r = c / B_PER_ROW, q = c % B_PER_ROW;
+            cp_async16(&Bs[stage][r * B_STRIDE + q * 16], b_g + size_t(r) * size_t(k_pad) + size_t(k0) + q * 16);
+        }
+    };
+
+    typename T::Acc part[MT][NT][4];  // the current group's sums
+    float acc[MT][NT][4];             // the result
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                part[i][j][e] = 0;
+                acc[i][j][e] = 0.0f;
+            }
+
+    // Adds part · a_s · s_k (and, at the group's end, a_z · z_k) of group g into acc, clears part.
+    auto flush = [&](int64_t g, bool group_end) {
+        float a_s[MT][2], a_z[MT][2], s_k[NT][2], z_k[NT][2];
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int64_t r = row0 + wm * WARP_M + i * 16 + gid + 8 * h;
+                const float2 ap = r < m ? aparams[r * n_groups + g] : make_float2(0.0f, 0.0f);
+                a_s[i][h] = ap.x;
+                a_z[i][h] = ap.y;
+            }
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int64_t col = col0 + wn * WARP_N + j * 8 + 2 * tig + c;
+                float sk = 0.0f, zk = 0.0f;
+                if (col < n) {
+                    const float2 sm = __half22float2(qparams[col * n_groups + g]);
+                    sk = sm.x * scale_mul;
+                    zk = (sm.y + sm.x * min_mul) + sk * centre;
+                }
+                s_k[j][c] = sk;
+                z_k[j][c] = zk;
+            }
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int h = e >> 1, c = e & 1;
+                    float v = acc[i][j][e] + a_s[i][h] * s_k[j][c] * acc_to_float(part[i][j][e]);
+                    if (group_end) v += a_z[i][h] * z_k[j][c];
+                    acc[i][j][e] = v;
+                    part[i][j][e] = 0;
+                }
+    };
+
+    const int64_t k_tiles = k_pad / T::BK;
+    int steps = 0;  // k-steps accumulated in part since the last flush
+    load_tile(0, 0);
+    cp_async_commit();
+    for (int64_t kt = 0; kt < k_tiles; ++kt) {
+        if (kt + 1 < k_tiles) load_tile(int((kt + 1) & 1), (kt + 1) * T::BK);
+        cp_async_commit();  // possibly empty, so that "all but the newest group" is always tile kt
+        cp_async_wait_1();
+        __syncthreads();
+        const uint8_t* as = As[kt & 1];
+        const uint8_t* bs = Bs[kt & 1];
+#pragma unroll
+        for (int ks = 0; ks < T::BK / T::KSTEP; ++ks) {
+            uint32_t a[MT][4], b[NT][2];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                // both layouts: reg0 at (row gid, byte 4tig of the step), reg1 8 rows down, reg2/3 16 bytes on
+                const uint8_t* p = as + (wm * WARP_M + i * 16 + gid) * A_STRIDE + ks * 32 + tig * 4;
+                a[i][0] = lds32(p);
+                a[i][1] = lds32(p + 8 * A_STRIDE);
+                a[i][2] = lds32(p + 16);
+                a[i][3] = lds32(p + 8 * A_STRIDE + 16);
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const uint8_t* p = bs + (wn * WARP_N + j * 8 + gid) * B_STRIDE + ks * T::KSTEP;
+                if (T::INT) {
+                    b[j][0] = lds32(p + tig * 4);
+                    b[j][1] = lds32(p + tig * 4 + 16);
+                } else {
+                    b[j][0] = codes_to_half2(p + tig * 2);
+                    b[j][1] = codes_to_half2(p + tig * 2 + 8);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int j = 0; j < NT; ++j) mma_tile(part[i][j], a[i], b[j]);
+
+            ++steps;
+            const int64_t k_end = kt * T::BK + (ks + 1) * T::KSTEP;  // K consumed so far
+            const bool group_end = k_end % group_size == 0 || k_end == k_pad;
+            if (group_end || (T::INT && steps == MAX_INT_STEPS)) {
+                const int64_t g = (k_end - 1) / group_size;
+                // Steps wholly in the K padding past the last group only multiplied zeros.
+                if (g < n_groups) flush(g, group_end);
+                steps = 0;
+            }
+        }
+        __syncthreads();  // the next iteration's loads overwrite the other stage, read two iterations ago
+    }
+
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int64_t r = row0 + wm * WARP_M + i * 16 + gid + 8 * (e >> 1);
+                const int64_t col = col0 + wn * WARP_N + j * 8 + 2 * tig + (e & 1);
+                if (r < m && col < n) y[r * n + col] = acc[i][j][e];
+            }
+}
+
+
+// ---- 4. the binary-tensor-core GEMM (B1, "W{k}A{a}", FlexQ style) ------------------------------------
+//
+//   y[r, n] = Σ_g a_s[r,g] · ( s_k[n,g] · I[r,n,g] + m_k[n,g] · Σ_{i∈g} q[r,i] )
+//   I[r,n,g] = Σ_{i∈g} c_k[n,i] q[r,i] = Σ_{b<a} w_b Σ_{p<k} 2^(k-1-p) · popc(Xplane_b[r] AND Wplane_p[n])
+//   w_b = 2^b (b < a-1), -2^(a-1) for the sign plane b = a-1 (two's complement of the a-bit q)
+//
+// mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc: A = 16 rows (token, activation plane b),
+// B = the 8 rows of one weight row tile in one weight plane, exactly as stored (lane 4g+t's words
+// j = 2c, 2c+1 of a super-chunk are b0, b1 of its 256-column chunk c; see bitplane_matmul.cu). The
+// weight planes are folded by Horner (acc = 2·acc + mma), the activation planes by an exact integer
+// butterfly across the lanes holding the same token, then one fp32 step per group. Groups narrower
+// than 256 columns (32, 64, 128) run one masked pass per group (A words outside the group zeroed);
+// groups of 256 and 512 sum their chunks first (wider ones are refused: the integer sums must stay
+// exact in fp32). A_ROWS = 8 rows (planes) per token for
+// a = 5..8, 4 for a = 2..4 (4 tokens per mma instead of 2): the b1 work is a x k binary products per
+// weight and token, so W6A6 runs at most 10,675 / 36 ≈ 296 effective TOP/s on an H100 and W6A8 at
+// ≈ 222 (issue 6's facts), under s8's 1,301: this path exists to be measured, not to win there.
+// Warp = one row tile (8 outputs) x 16 tokens; block = 8 warps along n; grid (m_alloc/16, ceil(n_tiles/8)):
+// tokens along x, so that the blocks running together share the weights (L2), and x has room for
+// long prompts (m_alloc/16 can exceed y's 65535).
+
+constexpr int B1_TOKENS = 16;  // tokens per warp
+constexpr int B1_WARPS = 8;    // row tiles per block
+
+// q (m_alloc, k_pad) int8 -> planes (m_alloc, n_chunks, 8, 8) uint32: word w of plane b of chunk c
+// holds bit b (two's complement) of q[32(8c + w) + i] at bit i. One warp per (row, word); the words
+// past k_pad (a short last chunk) are zeros.
+static __global__ void __launch_bounds__(256)
+gemm_slice_kernel(const int8_t* __restrict__ q, int64_t k_pad, int64_t chunks, int64_t rows,
+                  uint32_t* __restrict__ planes) {
+    const int lane = threadIdx.x & 31;
+    const int64_t words = chunks * 8;
+    for (int64_t item = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; item < rows * words;
+         item += (int64_t(gridDim.x) * blockDim.x) >> 5) {
+        const int64_t r = item / words, w = item % words;
+        const int64_t col = 32 * w + lane;
+        const int v = col < k_pad ? int(q[r * k_pad + col]) : 0;
+        uint32_t mine = 0;
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+            const uint32_t word = __ballot_sync(FULL, (v >> b) & 1);
+            if (lane == b) mine = word;
+        }
+        if (lane < 8) planes[((r * chunks + w / 8) * 8 + lane) * 8 + (w % 8)] = mine;
+    }
+}
+
+__device__ __forceinline__ void mma_b1(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int A_ROWS>
+static __global__ void __launch_bounds__(B1_WARPS * 32, 1)
+gemm_b1_kernel(const uint8_t* __restrict__ wplanes, uint64_t plane_bytes,  // (bits, plane_bytes) tc8x512
+               const __half2* __restrict__ qparams,                         // (n, n_groups) (s, m)
+               const uint32_t* __restrict__ aplanes,                        // (m_alloc, n_chunks, 8, 8)
+               const float2* __restrict__ aparams,                          // (m_alloc, n_groups) (a_s, a_z)
+               const int32_t* __restrict__ bits_dev, int bits, int max_bits, int act_bits,
+               int64_t m, int64_t n, int64_t k_pad, int64_t n_groups, int group_size, float* __restrict__ y) {
+    constexpr int TPM = 16 / A_ROWS;          // tokens per mma
+    constexpr int TILES = B1_TOKENS / TPM;    // mma tiles per warp (8 or 4)
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, t = lane & 3;
+    const int64_t rt = int64_t(blockIdx.y) * B1_WARPS + warp;
+    if (rt * 8 >= n) return;  // no block-wide synchronization below: a warp past the last tile just leaves
+    const int64_t tok0 = int64_t(blockIdx.x) * B1_TOKENS;
+    const int64_t chunks = ceil_div(k_pad, 256);
+
+    const int kb = gemm_effective_bits(bits_dev, bits);
+    const float scale_mul = float(1 << (max_bits - kb));
+    const float min_mul = 0.5f * float((1 << (max_bits - kb)) - 1);
+    // This lane's two mma rows (gid, gid + 8) in every tile: the activation plane and the weight of
+    // that plane in the butterfly (0 for planes >= a: their bits are the sign extension).
+    const int plane = gid % A_ROWS;
+    const int wb = plane < act_bits - 1 ? (1 << plane) : plane == act_bits - 1 ? -(1 << plane) : 0;
+    auto token_of = [&](int i, int h) { return tok0 + int64_t(i) * TPM + (gid + 8 * h) / A_ROWS; };
+
+    int gacc[TILES][4];  // the current group's Horner sums, per (token, activation plane) row
+    float acc[TILES][4];
+#pragma unroll
+    for (int i = 0; i < TILES; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) gacc[i][e] = 0, acc[i][e] = 0.0f;
+
+    // Folds gacc of group g into acc, clears gacc.
+    auto flush = [&](int64_t g) {
+        float s_k[2], m_k[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int64_t col = rt * 8 + 2 * t + c;
+            const float2 sm = col < n ? __half22float2(qparams[col * n_groups + g]) : make_float2(0.0f, 0.0f);
+            s_k[c] = sm.x * scale_mul;
+            m_k[c] = sm.y + sm.x * min_mul;
+        }
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int v = gacc[i][e] * wb;  // |v| <= 512 · 255 · 128 < 2^24: exact in int32 and as a float
+#pragma unroll
+                for (int o = 4; o < 4 * A_ROWS; o <<= 1) v += __shfl_xor_sync(FULL, v, o);  // the token's planes
+                gacc[i][e] = 0;
+                const float2 ap = aparams[token_of(i, e >> 1) * n_groups + g];  // padding rows: zeros
+                acc[i][e] += ap.x * s_k[e & 1] * float(v) + ap.y * m_k[e & 1];
+            }
+        }
+    };
+
+    const int64_t n_super = ceil_div(k_pad, 512);
+    const int sub = group_size < 256 ? 256 / group_size : 1;  // masked passes per chunk
+    for (int64_t s = 0; s < n_super; ++s) {
+        const int W = int(min(int64_t(4), (k_pad - s * 512) / 128));  // words per lane of this super-chunk
+        uint32_t P[8][4];
+        const uint8_t* tile_s = wplanes + uint64_t(rt) * uint64_t(k_pad) + uint64_t(s) * 512;
+#pragma unroll
+        for (int p = 0; p < 8; ++p)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                P[p][j] = (p < kb && j < W) ? __ldcs(reinterpret_cast<const uint32_t*>(tile_s + p * plane_bytes) + lane * W + j) : 0u;
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {  // unrolled, so that P[p][2c] stays in registers
+            if (c >= (W + 1) / 2) break;
+            const int64_t chunk = 2 * s + c;
+            uint32_t A[TILES][4];
+#pragma unroll
+            for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {  // a0/a2: row gid, a1/a3: row gid + 8
+                    const uint32_t* src = aplanes + ((token_of(i, h) * chunks + chunk) * 8 + plane) * 8;
+                    A[i][h] = src[t];          // columns 32t .. 32t + 31 of the chunk
+                    A[i][2 + h] = src[4 + t];  // columns 128 + 32t ..
+                }
+            }
+            for (int ps = 0; ps < sub; ++ps) {
+                // pass ps covers the chunk's columns [ps·G, (ps+1)·G) when G < 256, all of it otherwise
+                const bool lo = sub == 1 || (32 * t) / group_size == ps;
+                const bool hi = sub == 1 || (128 + 32 * t) / group_size == ps;
+#pragma unroll
+                for (int i = 0; i < TILES; ++i) {
+                    const uint32_t a[4] = {lo ? A[i][0] : 0u, lo ? A[i][1] : 0u, hi ? A[i][2] : 0u, hi ? A[i][3] : 0u};
+                    int h4[4] = {0, 0, 0, 0};
+#pragma unroll
+                    for (int p = 0; p < 8; ++p) {
+                        if (p < kb) {
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) h4[e] *= 2;
+                            mma_b1(h4, a, P[p][2 * c], P[p][2 * c + 1]);
+                        }
+                    }
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) gacc[i][e] += h4[e];
+                }
+                const int64_t k_end = chunk * 256 + (sub == 1 ? 256 : (ps + 1) * group_size);  // columns done
+                const int64_t g = (k_end - 1) / group_size;
+                const bool group_end = k_end % group_size == 0 || k_end >= k_pad;
+                if (group_end && g < n_groups) flush(g);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < TILES; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int64_t r = token_of(i, e >> 1);
+            const int64_t col = rt * 8 + 2 * t + (e & 1);
+            // every lane of the butterfly holds the sum: the lanes of plane 0 store it
+            if (plane == 0 && r < m && col < n) y[r * n + col] = acc[i][e];
+        }
+}
+
+// ---- launchers --------------------------------------------------------------------------------------
+
+// The planes -> codes launch (A8, A16), and zeros in the code rows n..n_alloc that the GEMM tiles read.
+void unpack_launch(const GemmGeometry& g, const uint8_t* planes, uint64_t plane_bytes, const int32_t* bits_dev,
+                   int bits, int8_t* codes, cudaStream_t stream) {
+    if (g.n_alloc > g.n)
+        cuda_check(cudaMemsetAsync(codes + g.n * g.k_pad, 0, size_t(g.n_alloc - g.n) * size_t(g.k_pad), stream),
+                   "bitplane_gemm (zero the code padding rows)");
+    const int64_t words = int64_t(plane_bytes / 4);
+    const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(words, 256), int64_t(1) << 16));
+    unpack_codes_kernel<<<blocks, 256, 0, stream>>>(planes, plane_bytes, bits_dev, bits, codes, g.n, g.k_pad);
+}
+
+void prepare_launch(const GemmGeometry& g, const float* x, BitplaneGemmKind kind, int act_bits, const GemmScratch& sc,
+                    cudaStream_t stream) {
+    const unsigned blocks = unsigned(g.m_alloc);  // rows m..m_alloc are zeroed
+    if (kind == BITPLANE_GEMM_A16) {
+        gemm_prepare_kernel<false><<<blocks, PREP_THREADS, 0, stream>>>(x, g.m, g.k, g.k_pad, g.n_groups, g.group_size,
+                                                                        0, sc.acts, sc.aparams);
+        return;
+    }
+    const int qmax = (1 << (act_bits - 1)) - 1;
+    gemm_prepare_kernel<true><<<blocks, PREP_THREADS, 0, stream>>>(x, g.m, g.k, g.k_pad, g.n_groups, g.group_size, qmax,
+                                                                   sc.acts, sc.aparams);
+    if (kind == BITPLANE_GEMM_B1) {
+        const int64_t warps = g.m_alloc * n_chunks(g) * 8;
+        const unsigned sblocks = unsigned(std::min<int64_t>(ceil_div(warps, 8), int64_t(1) << 16));
+        gemm_slice_kernel<<<sblocks, 256, 0, stream>>>(static_cast<const int8_t*>(sc.acts), g.k_pad, n_chunks(g),
+                                                       g.m_alloc, sc.aplanes);
+    }
+}
+
+void gemm_launch(const GemmGeometry& g, const uint8_t* planes, uint64_t plane_bytes, const uint16_t* qparams,
+                 const int32_t* bits_dev, int bits, int max_bits, BitplaneGemmKind kind, int act_bits,
+                 const GemmScratch& sc, float* y, cudaStream_t stream) {
+    const auto* qp = reinterpret_cast<const __half2*>(qparams);
+    if (kind == BITPLANE_GEMM_B1) {
+        // x = token blocks, so the blocks that run together share the weights (L2), y = row tiles
+        const dim3 grid(unsigned(g.m_alloc / B1_TOKENS), unsigned(ceil_div(ceil_div(g.n, 8), B1_WARPS)));
+        if (act_bits <= 4)
+            gemm_b1_kernel<4><<<grid, B1_WARPS * 32, 0, stream>>>(planes, plane_bytes, qp, sc.aplanes, sc.aparams,
+                                                                  bits_dev, bits, max_bits, act_bits, g.m, g.n, g.k_pad,
+                                                                  g.n_groups, g.group_size, y);
+        else
+            gemm_b1_kernel<8><<<grid, B1_WARPS * 32, 0, stream>>>(planes, plane_bytes, qp, sc.aplanes, sc.aparams,
+                                                                  bits_dev, bits, max_bits, act_bits, g.m, g.n, g.k_pad,
+                                                                  g.n_groups, g.group_size, y);
+        return;
+    }
+    const dim3 grid(unsigned(g.n_alloc / BN), unsigned(g.m_alloc / BM));
+    const auto* acts = static_cast<const uint8_t*>(sc.acts);
+    if (kind == BITPLANE_GEMM_A8)
+        gemm_kernel<GemmA8Traits><<<grid, THREADS, 0, stream>>>(acts, sc.codes, sc.aparams, qp, bits_dev, bits,
+                                                                max_bits, g.m, g.n, g.k_pad, g.n_groups,
+                                                                g.group_size, y);
+    else
+        gemm_kernel<GemmA16Traits><<<grid, THREADS, 0, stream>>>(acts, sc.codes, sc.aparams, qp, bits_dev, bits,
+                                                                 max_bits, g.m, g.n, g.k_pad, g.n_groups,
+                                                                 g.group_size, y);
+}
+
+// All three launches of one product.
+void run_launches(const GemmGeometry& g, const BitplaneLinear& w, const int32_t* bits_dev, int bits, const float* x,
+                  BitplaneGemmKind kind, int act_bits, const GemmScratch& sc, float* y, cudaStream_t stream) {
+    if (kind != BITPLANE_GEMM_B1) unpack_launch(g, w.planes, w.plane_bytes, bits_dev, bits, sc.codes, stream);
+    prepare_launch(g, x, kind, act_bits, sc, stream);
+    gemm_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, kind, act_bits, sc, y, stream);
+}
+
+// ---- validation --------------------------------------------------------------------------------------
+
+void check(bool ok, const std::string& fn, const std::string& what) {
+    if (!ok) throw Error(fn + ": " + what);
+}
+
+// Resolves act_bits 0 to the kind's own (8, 16, 8) and checks everything about the call's shape.
+int validate(const BitplaneLinear& w, int bits, int64_t m, BitplaneGemmKind kind, int act_bits, const std::string& fn) {
+    check(kind == BITPLANE_GEMM_A8 || kind == BITPLANE_GEMM_A16 || kind == BITPLANE_GEMM_B1, fn,
+          "kind must be BITPLANE_GEMM_A8, _A16 or _B1, got " + std::to_string(int(kind)));
+    const int natural = kind == BITPLANE_GEMM_A16 ? 16 : 8;
+    if (act_bits == 0) act_bits = natural;
+    if (kind == BITPLANE_GEMM_B1)
+        check(act_bits >= 2 && act_bits <= 8, fn, "act_bits must be in 2..8 for the B1 GEMM, got " + std::to_string(act_bits));
+    else
+        check(act_bits == natural, fn, "act_bits must be " + std::to_string(natural) + " (or 0) for this kind, got " +
+                                           std::to_string(act_bits));
+    check(w.n > 0 && w.k > 0, fn, "n and k must be positive, got n=" + std::to_string(w.n) + ", k=" + std::to_string(w.k));
+    check(w.max_bits >= 2 && w.max_bits <= 8, fn, "max_bits must be in 2..8, got " + std::to_string(w.max_bits));
+    check(w.group_size > 0 && w.group_size % 32 == 0, fn,
+          "group_size must be a positive multiple of 32, got " + std::to_string(w.group_size));
+    if (kind == BITPLANE_GEMM_B1)
+        check(bitplane_gemm_b1_supports(w.group_size), fn,
+              "the B1 GEMM needs group_size 32, 64, 128, 256 or 512, got " + std::to_string(w.group_size));
+    check(bits >= 2 && bits <= w.max_bits, fn,
+          "bits must be in 2.." + std::to_string(w.max_bits) + ", got " + std::to_string(bits));
+    const uint64_t want = uint64_t(ceil_div(w.n, 8) * 8) * uint64_t(ceil_div(w.k, 128) * 128) / 8;
+    check(w.plane_bytes == want, fn,
+          "plane_bytes must be " + std::to_string(want) + " for n=" + std::to_string(w.n) + ", k=" +
+              std::to_string(w.k) + ", got " + std::to_string(w.plane_bytes));
+    check(m >= 0, fn, "m must be >= 0, got " + std::to_string(m));
+    // Grid limits: tiles of n in x (2^31 - 1) or y (65535, B1: 64 rows each), m_alloc blocks of the
+    // preparation in x, tiles of m in y (65535).
+    check(ceil_div(w.n, BN) <= int64_t(0x7fffffff) && ceil_div(w.n, 64) <= 65535 && ceil_div(m, BM) <= 65535, fn,
+          "too large: n=" + std::to_string(w.n) + ", m=" + std::to_string(m));
+    return act_bits;
+}
+
+}  // namespace
+
+// ---- entry points -----------------------------------------------------------------------------------------
+
+bool bitplane_gemm_b1_supports(int group_size) {
+    return group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256 || group_size == 512;
+}
+
+size_t bitplane_gemm_cuda_workspace(const BitplaneLinear& w, int64_t m, BitplaneGemmKind kind) {
+    const std::string fn = "bitplane_gemm_cuda_workspace";
+    validate(w, w.max_bits, m, kind, 0, fn);
+    return gemm_scratch_bytes(gemm_geometry(w, m), kind);
+}
+
+void bitplane_gemm_cuda_async(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, void* workspace,
+                              size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
+                              const int32_t* bits_dev, int act_bits) {
+    const std::string fn = "bitplane_gemm_cuda_async";
+    act_bits = validate(w, bits, m, kind, act_bits, fn);
+    if (m == 0) return;
+    check(w.planes && w.qparams && x && y && workspace, fn, "null pointer");
+    check(reinterpret_cast<uintptr_t>(w.planes) % 4 == 0, fn, "planes must be 4-byte aligned");
+    check(reinterpret_cast<uintptr_t>(w.qparams) % 4 == 0, fn, "qparams must be 4-byte aligned");
+    check(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, fn, "workspace must be 256-byte aligned");
+    const GemmGeometry g = gemm_geometry(w, m);
+    const size_t need = gemm_scratch_bytes(g, kind);
+    check(workspace_bytes >= need, fn,
+          "workspace holds " + std::to_string(workspace_bytes) + " bytes, needs " + std::to_string(need));
+    run_launches(g, w, bits_dev, bits, x, kind, act_bits, carve(g, kind, workspace), y, stream);
+    cuda_check(cudaGetLastError(), fn + " (kernel launch)");
+}
+
+void bitplane_gemm_cuda(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
+                        BitplaneGemmKind kind, int act_bits) {
+    const std::string fn = "bitplane_gemm_cuda";
+    validate(w, bits, m, kind, act_bits, fn);
+    check(w.planes && w.qparams && x && y, fn, "null pointer");
+    if (m == 0) return;
+    const size_t planes_bytes = size_t(bits) * w.plane_bytes;
+    const size_t qparams_count = size_t(w.n) * w.n_groups() * 2;
+    const size_t ws_bytes = gemm_scratch_bytes(gemm_geometry(w, m), kind);
+    DeviceBuffer<uint8_t> planes(planes_bytes, fn);
+    DeviceBuffer<uint16_t> qparams(qparams_count, fn);
+    DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
+    DeviceBuffer<uint8_t> ws(ws_bytes, fn);
+    upload(planes, w.planes, planes_bytes, fn + " planes");
+    upload(qparams, w.qparams, qparams_count, fn + " qparams");
+    upload(xd, x, size_t(m) * w.k, fn + " x");
+    poison(yd, size_t(m) * w.n, fn + " y");
+    // The scratch is poisoned too: a scratch byte the kernels read without having written it shows
+    // (NaN fp16 activations; 0xff codes and planes are wrong integers).
+    cuda_check(cudaMemset(ws.get(), 0xff, ws_bytes), fn + " (poison workspace)");
+    BitplaneLinear dw = w;
+    dw.planes = planes.get();
+    dw.qparams = qparams.get();
+    bitplane_gemm_cuda_async(dw, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, kind, nullptr, nullptr, act_bits);
+    download(y, yd, size_t(m) * w.n, fn + " y");
+}
+
+void bitplane_unpack_codes_cuda(const BitplaneLinear& w, int bits, int8_t* codes) {
+    const std::string fn = "bitplane_unpack_codes_cuda";
+    validate(w, bits, 1, BITPLANE_GEMM_A8, 0, fn);
+    check(w.planes && codes, fn, "null pointer");
+    const GemmGeometry g = gemm_geometry(w, 1);
+    const size_t planes_bytes = size_t(bits) * w.plane_bytes;
+    const size_t count = size_t(w.n) * size_t(g.k_pad);
+    DeviceBuffer<uint8_t> planes(planes_bytes, fn);
+    DeviceBuffer<int8_t> out(size_t(g.n_alloc) * size_t(g.k_pad), fn);
+    upload(planes, w.planes, planes_bytes, fn + " planes");
+    cuda_check(cudaMemset(out.get(), 0x55, count), fn + " (poison)");
+    unpack_launch(g, planes.get(), w.plane_bytes, nullptr, bits, out.get(), nullptr);
+    cuda_check(cudaGetLastError(), fn + " (kernel launch)");
+    download(codes, out, count, fn + " codes");
+}
+
+// ---- benchmark ------------------------------------------------------------------------------------------
+
+namespace {
+struct GemmStream {
+    cudaStream_t s = nullptr;
+    explicit GemmStream(const std::string& fn) { cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), fn); }
+    ~GemmStream() { if (s) cudaStreamDestroy(s); }
+};
+struct GemmEvent {
+    cudaEvent_t e = nullptr;
+    explicit GemmEvent(const std::string& fn) { cuda_check(cudaEventCreate(&e), fn); }
+    ~GemmEvent() { if (e) cudaEventDestroy(e); }
+};
+
+// Median microseconds per call of enqueue(i) over `reps` timed rounds of `calls` calls (after one
+// untimed round), timed with events on `stream`.
+template <class F>
+double time_calls(cudaStream_t stream, int calls, int reps, const std::string& fn, F enqueue) {
+    GemmEvent start(fn), stop(fn);
+    std::vector<double> us;
+    for (int rep = -1; rep < reps; ++rep) {
+        cuda_check(cudaEventRecord(start.e, stream), fn);
+        for (int i = 0; i < calls; ++i) enqueue(i);
+        cuda_check(cudaGetLastError(), fn + " (launch)");
+        cuda_check(cudaEventRecord(stop.e, stream), fn);
+        cuda_check(cudaEventSynchronize(stop.e), fn);
+        float ms = 0;
+        cuda_check(cudaEventElapsedTime(&ms, start.e, stop.e), fn);
+        if (rep >= 0) us.push_back(1000.0 * ms / calls);
+    }
+    std::sort(us.begin(), us.end());
+    return us[us.size() / 2];
+}
+}  // namespace
+
+BitplaneGemmTiming bitplane_gemm_cuda_bench(const BitplaneLinear& w, int bits, const float* x, int64_t m,
+                                            BitplaneGemmKind kind, int reps, int act_bits) {
+    const std::string fn = "bitplane_gemm_cuda_bench";
+    act_bits = validate(w, bits, m, kind, act_bits, fn);
+    check(m >= 1, fn, "m must be >= 1, got " + std::to_string(m));
+    check(w.planes && w.qparams && x, fn, "null pointer");
+    check(reps >= 1, fn, "reps must be >= 1, got " + std::to_string(reps));
+    int device = 0;
+    cuda_check(cudaGetDevice(&device), fn);
+    cudaDeviceProp prop{};
+    cuda_check(cudaGetDeviceProperties(&prop, device), fn);
+    const size_t planes_bytes = size_t(bits) * w.plane_bytes;
+    const size_t qparams_count = size_t(w.n) * w.n_groups() * 2;
+    // Weight copies rotated so that the planes come from HBM, as in a forward pass (>= 4x L2, <= 4 GB).
+    const size_t l2 = size_t(std::max(prop.l2CacheSize, 1 << 20));
+    const int copies = int(std::clamp<size_t>((4 * l2 + planes_bytes - 1) / planes_bytes, 1,
+                                              std::max<size_t>(1, (size_t(4) << 30) / planes_bytes)));
+    std::vector<std::unique_ptr<DeviceBuffer<uint8_t>>> plane_copies;
+    for (int c = 0; c < copies; ++c) {
+        plane_copies.push_back(std::make_unique<DeviceBuffer<uint8_t>>(planes_bytes, fn));
+        upload(*plane_copies.back(), w.planes, planes_bytes, fn + " planes");
+    }
+    DeviceBuffer<uint16_t> qparams(qparams_count, fn);
+    upload(qparams, w.qparams, qparams_count, fn + " qparams");
+    const GemmGeometry g = gemm_geometry(w, m);
+    const size_t ws_bytes = gemm_scratch_bytes(g, kind);
+    DeviceBuffer<uint8_t> ws(ws_bytes, fn);
+    DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
+    upload(xd, x, size_t(m) * w.k, fn + " x");
+    cuda_check(cudaDeviceSynchronize(), fn + " (uploads complete)");
+    const GemmScratch sc = carve(g, kind, ws.get());
+    auto copy = [&](int i) {
+        BitplaneLinear c = w;
+        c.planes = plane_copies[size_t(i % copies)]->get();
+        c.qparams = qparams.get();
+        return c;
+    };
+
+    GemmStream stream(fn);
+    const int calls = std::max(copies, 8);
+    BitplaneGemmTiming t;
+    if (kind != BITPLANE_GEMM_B1)
+        t.unpack_us = time_calls(stream.s, calls, reps, fn, [&](int i) {
+            unpack_launch(g, copy(i).planes, w.plane_bytes, nullptr, bits, sc.codes, stream.s);
+        });
+    t.prepare_us = time_calls(stream.s, calls, reps, fn,
+                              [&](int) { prepare_launch(g, xd.get(), kind, act_bits, sc, stream.s); });
+    t.gemm_us = time_calls(stream.s, calls, reps, fn, [&](int i) {
+        gemm_launch(g, copy(i).planes, w.plane_bytes, qparams.get(), nullptr, bits, w.max_bits, kind, act_bits, sc,
+                    yd.get(), stream.s);
+    });
+    t.total_us = time_calls(stream.s, calls, reps, fn, [&](int i) {
+        run_launches(g, copy(i), nullptr, bits, xd.get(), kind, act_bits, sc, yd.get(), stream.s);
+    });
+    t.copies = copies;
+    return t;
+}
+
+}  // namespace flexquant

@@ -1,7 +1,8 @@
 // Causal grouped-query attention of m new tokens over a KV cache, query i at position p_i:
 //   s_t      = q[i, h] · K[t, h / (H / Hkv)] / sqrt(d)               t = 0 .. p_i
 //   out[i,h] = Σ_t softmax(s)_t · V[t, h / (H / Hkv)]
-// q (m, H, d); K, V cache (t_max, Hkv, d) fp32 or fp16; out (m, H, d). fp32 math.
+// q (m, H, d); K, V cache (t_max, Hkv, d) fp32 or fp16; out (m, H, d). fp32 math. With several
+// sequences in one cache, query i reads the rows bases[i] + t (its sequence's block of the cache).
 //
 // The CUDA twin of cpp/src/ops/attention.cpp. One block = one (token, head) and one of n_splits
 // spans of its positions ("flash-decoding": at decode there are only H (token, head) pairs, far
@@ -34,6 +35,7 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
                  const KV* __restrict__ k_cache,         // (t_max, Hkv, d)
                  const KV* __restrict__ v_cache,         // (t_max, Hkv, d)
                  const int64_t* __restrict__ positions,  // (m)
+                 const int64_t* __restrict__ bases,      // (m) cache row of each query's position 0, or null
                  int64_t n_heads, int64_t n_kv_heads, int d, float scale,
                  float* __restrict__ partial,            // (m, H, n_splits, d + 2) when n_splits > 1
                  float* __restrict__ out) {              // (m, H, d)
@@ -45,6 +47,7 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
     const int64_t hk = h / (n_heads / n_kv_heads);
     const int n_splits = gridDim.y, split = blockIdx.y;
     const int64_t len = positions[i] + 1;
+    const int64_t base = bases ? bases[i] : 0;
     const int64_t chunk = (len + n_splits - 1) / n_splits;
     const int64_t t0 = split * chunk, t1 = min(len, t0 + chunk);
 
@@ -57,7 +60,7 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
     }
     float m = -INFINITY, l = 0.0f;
     for (int64_t t = t0 + warp; t < t1; t += WARPS) {
-        const int64_t row = (t * n_kv_heads + hk) * d;
+        const int64_t row = ((base + t) * n_kv_heads + hk) * d;
         float dot = 0.0f;
 #pragma unroll
         for (int j = 0; j < DJ; ++j) {
@@ -142,7 +145,7 @@ namespace {
 
 template <class KV>
 void launch_typed(const float* q, const void* k_cache, const void* v_cache, int64_t m, const int64_t* positions,
-                  int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits, float* partial, float* out,
+                  const int64_t* bases, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits, float* partial, float* out,
                   cudaStream_t stream) {
     const float scale = 1.0f / std::sqrt(float(head_dim));  // as the CPU op
     const dim3 grid(unsigned(m * n_heads), unsigned(n_splits));
@@ -151,12 +154,12 @@ void launch_typed(const float* q, const void* k_cache, const void* v_cache, int6
     const int d = int(head_dim);
     // The one dispatch switch: register arrays need a compile-time DJ.
     switch ((head_dim + 31) / 32) {
-        case 1: attention_kernel<KV, 1><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
-        case 2: attention_kernel<KV, 2><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
-        case 3: attention_kernel<KV, 3><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
-        case 4: attention_kernel<KV, 4><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
-        case 5: case 6: attention_kernel<KV, 6><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
-        default: attention_kernel<KV, MAX_DJ><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 1: attention_kernel<KV, 1><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 2: attention_kernel<KV, 2><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 3: attention_kernel<KV, 3><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 4: attention_kernel<KV, 4><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 5: case 6: attention_kernel<KV, 6><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
+        default: attention_kernel<KV, MAX_DJ><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
     }
     if (n_splits > 1) attention_merge_kernel<<<unsigned(m * n_heads), 128, 0, stream>>>(partial, n_splits, d, out);
 }
@@ -165,21 +168,24 @@ void launch_typed(const float* q, const void* k_cache, const void* v_cache, int6
 
 void attention_launch(const float* q, const void* k_cache, const void* v_cache, bool kv_f16, int64_t m,
                       const int64_t* positions, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits,
-                      float* partial, float* out, cudaStream_t stream) {
+                      float* partial, float* out, cudaStream_t stream, const int64_t* bases) {
     if (m <= 0) return;
     if (kv_f16)
-        launch_typed<__half>(q, k_cache, v_cache, m, positions, n_heads, n_kv_heads, head_dim, n_splits, partial, out, stream);
+        launch_typed<__half>(q, k_cache, v_cache, m, positions, bases, n_heads, n_kv_heads, head_dim, n_splits, partial,
+                             out, stream);
     else
-        launch_typed<float>(q, k_cache, v_cache, m, positions, n_heads, n_kv_heads, head_dim, n_splits, partial, out, stream);
+        launch_typed<float>(q, k_cache, v_cache, m, positions, bases, n_heads, n_kv_heads, head_dim, n_splits, partial,
+                            out, stream);
 }
 
 void attention_cuda(const float* q, const void* k_cache, const void* v_cache, bool kv_f16, int64_t t_max, int64_t m,
-                    int64_t p0, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits, float* out) {
+                    int64_t p0, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits, float* out,
+                    int64_t base) {
     const std::string fn = "attention_cuda";
-    if (m < 0 || p0 < 0 || p0 + m > t_max || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || head_dim <= 0 ||
+    if (m < 0 || p0 < 0 || base < 0 || base + p0 + m > t_max || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || head_dim <= 0 ||
         head_dim > ATTENTION_MAX_HEAD_DIM || n_splits < 1 || n_splits > 65535 || m * n_heads > 0x7fffffff)
         throw Error(fn + ": bad sizes m=" + std::to_string(m) + ", p0=" + std::to_string(p0) + ", t_max=" +
-                    std::to_string(t_max) + ", n_heads=" + std::to_string(n_heads) + ", n_kv_heads=" +
+                    std::to_string(t_max) + ", base=" + std::to_string(base) + ", n_heads=" + std::to_string(n_heads) + ", n_kv_heads=" +
                     std::to_string(n_kv_heads) + ", head_dim=" + std::to_string(head_dim) + " (<= " +
                     std::to_string(ATTENTION_MAX_HEAD_DIM) + "), n_splits=" + std::to_string(n_splits));
     if (m == 0) return;
@@ -187,16 +193,17 @@ void attention_cuda(const float* q, const void* k_cache, const void* v_cache, bo
     const size_t cache_bytes = size_t(t_max * n_kv_heads * head_dim) * (kv_f16 ? 2 : 4);
     DeviceBuffer<float> qd(nq, fn), od(nq, fn), part(size_t(m * n_heads) * n_splits * (head_dim + 2), fn);
     DeviceBuffer<uint8_t> kd(cache_bytes, fn), vd(cache_bytes, fn);
-    DeviceBuffer<int64_t> pd(size_t(m), fn);
-    std::vector<int64_t> pos(static_cast<size_t>(m));
+    DeviceBuffer<int64_t> pd(size_t(m), fn), bd(size_t(m), fn);
+    std::vector<int64_t> pos(static_cast<size_t>(m)), bases(static_cast<size_t>(m), base);
     for (int64_t i = 0; i < m; ++i) pos[size_t(i)] = p0 + i;
     upload(qd, q, nq, fn);
     upload(kd, static_cast<const uint8_t*>(k_cache), cache_bytes, fn);
     upload(vd, static_cast<const uint8_t*>(v_cache), cache_bytes, fn);
     upload(pd, pos.data(), size_t(m), fn);
+    upload(bd, bases.data(), size_t(m), fn);
     poison(od, nq, fn);
     attention_launch(qd.get(), kd.get(), vd.get(), kv_f16, m, pd.get(), n_heads, n_kv_heads, head_dim, n_splits,
-                     part.get(), od.get(), nullptr);
+                     part.get(), od.get(), nullptr, base != 0 ? bd.get() : nullptr);
     cuda_check(cudaGetLastError(), fn + " (launch)");
     download(out, od, nq, fn);
 }

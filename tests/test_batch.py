@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 
+import flexquant_rt._core as core
 from conftest import make_hf_llama, rel_err
 from flexquant_rt import Engine, FlexquantError, GenerationStats
 from flexquant_rt.batch import Batch
@@ -143,10 +144,12 @@ def test_default_context_shares_the_cache_budget(tiny_fq):
         assert four.n_ctx <= one.n_ctx  # the tiny model's context fits 4x in the budget
 
 
-def test_cuda_asked_with_several_sequences_runs_on_the_cpu(tiny_fq):
-    with pytest.warns(RuntimeWarning, match="n_seq = 2 runs on the CPU|no CUDA"):
+@pytest.mark.skipif(core.cuda_available(), reason="a CUDA device is present: tests/test_engine_cuda.py runs the batch there")
+def test_cuda_asked_with_several_sequences_falls_back_without_a_gpu(tiny_fq):
+    with pytest.warns(RuntimeWarning, match="no CUDA"):
         with Engine(tiny_fq, backend="cuda", n_seq=2) as eng:
             assert eng.backend == "cpu"
+            assert len(eng.generate_batch([[1, 2, 3], [4, 5]], max_new_tokens=3)) == 2
 
 
 def _solo(eng, prompts, **kw):

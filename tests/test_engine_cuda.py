@@ -128,6 +128,11 @@ def test_attention_cuda(kv, m, p0, H, Hkv, d, splits):
     out = core.attention_cuda(q, kc, vc, p0, splits)
     assert np.isfinite(out).all()
     assert rel_err(out, ref) <= 2 * rel_err(cpu, ref) + 1e-6
+    # The same sequence as the second block of a two-sequence cache (rows t_max.. of 2 t_max): the
+    # per-query bases of batched decode; the first block holds other values and must not be read.
+    other = rng.standard_normal((t_max, Hkv, d)).astype(dt)
+    out2 = core.attention_cuda(q, np.concatenate([other, kc]), np.concatenate([-other, vc]), p0, splits, base=t_max)
+    np.testing.assert_array_equal(out2, out)
 
 
 @gpu
@@ -244,3 +249,139 @@ def test_engine_cuda_smollm2_shape(tmp_path):
         for e in (cpu, gpu_eng):
             e.set_layer_bits(bits, lm_head_bits=bits)
         assert rel_err(_steps(gpu_eng, ids, 6), _steps(cpu, ids, 6)) < 1e-4
+
+
+# ---- the tensor-core GEMM in the prefill (issue 6) ----------------------------------------------------
+
+def _core_steps(eng, ids, n_steps, masks=None, more=()):
+    """Through the C++ engine directly: prefill `ids` keeping only the last logits (so that the
+    prompt goes through in passes as long as the engine allows, not the 8-row passes that all-row
+    logits need), then each chunk of `more` the same way, then n_steps greedy steps. Returns the
+    logits after the prompt, after each chunk and after each step, stacked."""
+    eng.reset()
+    out = [eng.forward(np.asarray(ids, dtype=np.int32), False)[-1]]
+    for chunk in more:
+        out.append(eng.forward(np.asarray(chunk, dtype=np.int32), False)[-1])
+    for i in range(n_steps):
+        if masks is not None:
+            eng.set_layer_bits(masks[i][0])
+            eng.set_lm_head_bits(masks[i][1])
+        out.append(eng.forward(np.asarray([int(np.argmax(out[-1]))], dtype=np.int32), False)[-1])
+    return np.stack(out)
+
+
+def test_gemm_min_rows_is_checked(tiny_fq):
+    with pytest.raises(FlexquantError, match="cuda_gemm_min_rows = -1 must be >= 0"):
+        core.Engine(str(tiny_fq), cuda_gemm_min_rows=-1)
+
+
+@gpu
+def test_engine_cuda_gemm_prefill_matches_the_gemv_and_cpu(tiny_fq):
+    """A 150-token prompt: one 150-row pass on the tensor-core GEMM (default) against 19 passes of
+    8 rows on the GEMV (cuda_gemm_min_rows=0) and the CPU engine with int8 activations; then 30
+    and 70 more tokens (under 64: GEMV passes of 8 and 6 rows; 70: the GEMM again). All three
+    compute with the same int8 activations, so they agree up to fp32 rounding and the rare
+    rounding-boundary flip it causes (see test_engine_cuda_tc_path_matches_cpu_with_int8_activations)."""
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 320, 150)
+    more = (rng.integers(0, 320, 30), rng.integers(0, 320, 70))
+    gemm = core.Engine(str(tiny_fq), backend="cuda", n_ctx=256)
+    gemv = core.Engine(str(tiny_fq), backend="cuda", n_ctx=256, cuda_gemm_min_rows=0)
+    cpu = Engine(tiny_fq, backend="cpu", n_ctx=256)
+    cpu.set_activation_bits(8)
+    assert gemm.backend == "cuda" and gemv.backend == "cuda"
+    a, b = _core_steps(gemm, ids, 4, more=more), _core_steps(gemv, ids, 4, more=more)
+    c = _core_steps(cpu._eng, ids, 4, more=more)
+    assert np.isfinite(a).all()
+    for other in (b, c):
+        assert rel_err(a, other) < 1e-2
+        assert (a.argmax(-1) == other.argmax(-1)).mean() >= 0.9
+
+
+@gpu
+def test_engine_cuda_gemm_on_every_pass_follows_masks(tiny_fq):
+    """cuda_gemm_min_rows=1: every pass, the one-token steps of the CUDA graph included, runs on the
+    GEMM, whose k comes from device memory: per-token masks equal a run without the graph bit for bit,
+    and the GEMV engine within the int8 tolerance."""
+    rng = np.random.default_rng(7)
+    masks = [(rng.integers(2, 9, (2, 7)).astype(np.int32), int(rng.integers(2, 9))) for _ in range(8)]
+    ids = rng.integers(0, 320, 70)
+    graph = core.Engine(str(tiny_fq), backend="cuda", n_ctx=128, cuda_gemm_min_rows=1)
+    plain = core.Engine(str(tiny_fq), backend="cuda", n_ctx=128, cuda_gemm_min_rows=1, cuda_graph=False)
+    gemv = core.Engine(str(tiny_fq), backend="cuda", n_ctx=128, cuda_gemm_min_rows=0)
+    a = _core_steps(graph, ids, 8, masks)
+    np.testing.assert_array_equal(a, _core_steps(plain, ids, 8, masks))
+    b = _core_steps(gemv, ids, 8, masks)
+    assert rel_err(a, b) < 1e-2
+
+
+# ---- several sequences on the GPU: batched decode (issue 6) ---------------------------------------------
+
+def _batch_run(eng, prompts, schedule, seed=0):
+    """eval_seq each prompt into its sequence, then one decode_batch per entry of `schedule` (lists
+    of sequences, in that row order), feeding random tokens. Returns [(logits, entropy, top1)]."""
+    rng = np.random.default_rng(seed)
+    for s in range(eng.n_seq):
+        eng.reset_seq(s)
+    for s, ids in enumerate(prompts):
+        eng.eval_seq(s, np.asarray(ids, dtype=np.int32))
+    out = []
+    for seqs in schedule:
+        toks = rng.integers(0, 320, len(seqs)).astype(np.int32)
+        out.append(eng.decode_batch(np.asarray(seqs, dtype=np.int32), toks))
+    return out
+
+
+_PROMPTS = [np.random.default_rng(s).integers(0, 320, n) for s, n in enumerate((5, 12, 2, 30, 9, 17))]
+_SCHEDULE = [[0, 1, 2, 3, 4, 5], [3, 1], [5], [2, 0, 4], [1, 2, 3, 4, 5, 0], [4, 5, 0, 1]]
+
+
+@gpu
+def test_engine_cuda_decode_batch_matches_cpu(tiny_fq):
+    """Six sequences of different lengths on the GPU (fp32-activation GEMV: the accuracy reference),
+    stepped in changing subsets and orders, against the CPU engine's decode_batch: logits within
+    1e-4 (the fp32 tolerance of the single-sequence test), entropy and top-1 too."""
+    gpu_eng = core.Engine(str(tiny_fq), backend="cuda", n_ctx=64, n_seq=6, cuda_fp32_matmul=True)
+    cpu = core.Engine(str(tiny_fq), backend="cpu", n_ctx=64, n_seq=6)
+    assert gpu_eng.backend == "cuda" and gpu_eng.backend_note == ""
+    a, b = _batch_run(gpu_eng, _PROMPTS, _SCHEDULE), _batch_run(cpu, _PROMPTS, _SCHEDULE)
+    for (la, ea, ta), (lb, eb, tb) in zip(a, b):
+        assert np.isfinite(la).all()
+        assert rel_err(la, lb) < 1e-4
+        np.testing.assert_allclose(ea, eb, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(ta, tb, rtol=1e-3, atol=1e-5)
+    assert [gpu_eng.n_past_seq(s) for s in range(6)] == [cpu.n_past_seq(s) for s in range(6)]
+
+
+@gpu
+def test_engine_cuda_batch_rows_equal_solo_steps(tiny_fq):
+    """A row of a GPU batch equals the same step of that sequence alone on the GPU (the default int8
+    path: every row's arithmetic is its own), and a 20-sequence batch on the GEMM
+    (cuda_gemm_min_rows=16) agrees with the GEMV within the int8 tolerance."""
+    prompts = [np.random.default_rng(100 + s).integers(0, 320, 3 + s) for s in range(20)]
+    batch = core.Engine(str(tiny_fq), backend="cuda", n_ctx=64, n_seq=20, cuda_gemm_min_rows=16)
+    gemv = core.Engine(str(tiny_fq), backend="cuda", n_ctx=64, n_seq=20, cuda_gemm_min_rows=0)
+    solo = core.Engine(str(tiny_fq), backend="cuda", n_ctx=64)
+    sched = [list(range(20)), [7, 3], list(range(19, -1, -1))]
+    a, b = _batch_run(batch, prompts, sched, seed=3), _batch_run(gemv, prompts, sched, seed=3)
+    for (la, _, _), (lb, _, _) in zip(a, b):
+        assert rel_err(la, lb) < 1e-2
+        assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.9
+    # row 1 of the 2-row step (sequence 3) against sequence 3 alone, same history
+    rng = np.random.default_rng(3)
+    first = rng.integers(0, 320, 20).astype(np.int32)
+    second = rng.integers(0, 320, 2).astype(np.int32)
+    solo.reset()
+    solo.forward(np.asarray(prompts[3], dtype=np.int32), False)
+    solo.forward(first[3:4], False)
+    ref = solo.forward(second[1:2], False)[-1]
+    assert rel_err(b[1][0][1], ref) < 1e-5
+
+
+@gpu
+def test_generate_batch_on_cuda_equals_generate(tiny_fq):
+    with Engine(tiny_fq, backend="cuda", n_seq=3) as eng, Engine(tiny_fq, backend="cuda") as one:
+        assert eng.backend == "cuda"
+        prompts = [[1, 2, 3], [7, 8, 9, 10, 11], [42], [5, 6]]
+        got = eng.generate_batch(prompts, max_new_tokens=10)
+        assert got == [one.generate(p, max_new_tokens=10) for p in prompts]

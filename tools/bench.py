@@ -75,13 +75,16 @@ def gpu_copy_bandwidth_gbs() -> float:
     return 2 * a.numel() / times[len(times) // 2] / 1e9
 
 
-def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, backend: str = "cpu") -> dict:
-    """bits 0: a new random mask every step, each linear at 4 or 6 (mean 5), the LM head at 6."""
+def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, backend: str = "cpu",
+           gemm_min_rows: int = 64) -> dict:
+    """bits 0: a new random mask every step, each linear at 4 or 6 (mean 5), the LM head at 6.
+    gemm_min_rows: the CUDA engine's cuda_gemm_min_rows (0: the prompt on the GEMV only)."""
     import numpy as np
 
     import flexquant_rt as fq
 
-    eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_prompt + n_decode + 16)
+    eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_prompt + n_decode + 16,
+                    cuda_gemm_min_rows=gemm_min_rows)
     if eng.backend != backend:
         raise SystemExit(f"asked for backend {backend}, the engine runs on {eng.backend}")
     rng = np.random.default_rng(1)
@@ -91,6 +94,8 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     vocab = int(eng.config["vocab"])
     prompt = np.random.default_rng(0).integers(0, min(vocab, 30000), size=n_prompt).astype(np.int32)
     eng.forward(prompt[:8])  # warm-up: page in the weights
+    eng.reset()
+    eng._eng.eval(prompt[:300])  # and the first launch of every prefill kernel (a GEMM pass, then GEMV passes)
     eng.reset()
     t = time.perf_counter()
     eng._eng.eval(prompt)
@@ -113,13 +118,16 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     }
 
 
-def batch_worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, batch: int) -> dict:
+def batch_worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, batch: int,
+                 backend: str = "cpu") -> dict:
     """Decode steps of `batch` sequences at once (Engine.decode_batch), greedy."""
     import numpy as np
 
     import flexquant_rt as fq
 
-    eng = fq.Engine(model, threads=threads, backend="cpu", n_ctx=n_prompt + n_decode + 16, n_seq=batch)
+    eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_prompt + n_decode + 16, n_seq=batch)
+    if eng.backend != backend:
+        raise SystemExit(f"backend {backend} asked for, the engine runs on {eng.backend}: {eng._eng.backend_note}")
     eng.set_layer_bits(bits, lm_head_bits=bits)
     vocab = int(eng.config["vocab"])
     rng = np.random.default_rng(0)
@@ -143,8 +151,9 @@ def batch_worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: i
 
 
 def main_batch(a, models) -> int:
-    bw = copy_bandwidth_gbs()
-    print(f"threads: {a.threads}; memory copy bandwidth (read + write): {bw:.1f} GB/s; "
+    bw = gpu_copy_bandwidth_gbs() if a.backend == "cuda" else copy_bandwidth_gbs()
+    print(f"backend {a.backend}, threads: {a.threads}; {'GPU' if a.backend == 'cuda' else 'memory'} copy bandwidth "
+          f"(read + write): {bw:.1f} GB/s; "
           f"prompt {a.prompt} tokens per sequence, {a.decode} batched decode steps (median)")
     print()
     print("| model | bits | batch | step ms | decode tok/s (all sequences) | vs batch 1 | weight GB/s | % of copy BW |")
@@ -153,7 +162,8 @@ def main_batch(a, models) -> int:
         for bits in a.bits:
             base = None
             for b in a.batch:
-                r = run_worker(["batch", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), str(b)])
+                r = run_worker(["batch", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), str(b),
+                                a.backend])
                 if base is None and b == 1:
                     base = r["decode_tok_s"]
                 gbs = r["bytes_per_token"] / (r["step_ms"] / 1e3) / 1e9  # one weight read per step
@@ -201,17 +211,17 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     ap.add_argument("--decode", type=int, default=32, help="decode steps")
     ap.add_argument("--backend", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--batch", type=int, nargs="+", help="batched decode with these batch sizes (CPU)")
+    ap.add_argument("--batch", type=int, nargs="+", help="batched decode with these batch sizes")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         kind, *rest = a.worker
         if kind == "fq":
-            model, bits, threads, n_p, n_d, backend = rest
-            res = worker(model, int(bits), int(threads), int(n_p), int(n_d), backend)
+            model, bits, threads, n_p, n_d, backend, gemm = rest
+            res = worker(model, int(bits), int(threads), int(n_p), int(n_d), backend, int(gemm))
         elif kind == "batch":
-            model, bits, threads, n_p, n_d, b = rest
-            res = batch_worker(model, int(bits), int(threads), int(n_p), int(n_d), int(b))
+            model, bits, threads, n_p, n_d, b, backend = rest
+            res = batch_worker(model, int(bits), int(threads), int(n_p), int(n_d), int(b), backend)
         else:
             gguf, threads, n_p, n_d = rest
             res = llama_cpp_worker(gguf, int(threads), int(n_p), int(n_d))
@@ -231,8 +241,6 @@ def main() -> int:
         models.append((f"synthetic {name}", str(out)))
 
     if a.batch:
-        if a.backend != "cpu":
-            raise SystemExit("--batch runs on the CPU backend (the CUDA backend holds one sequence)")
         if 1 not in a.batch:
             a.batch = [1] + a.batch  # the baseline of the ratio, measured in the same run
         return main_batch(a, models)
@@ -251,7 +259,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, path in models:
         for bits in a.bits:
-            r = run_worker(["fq", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), "cpu"])
+            r = run_worker(["fq", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), "cpu", "0"])
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if (base and "SmolLM2" in name) else "-"
             print(f"| {name} | {bits} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
@@ -271,17 +279,26 @@ def main_cuda(a, models) -> int:
     print(f"GPU copy bandwidth (read + write): {bw:.0f} GB/s; prompt {a.prompt} tokens, "
           f"{a.decode} decode steps (median); roofline = 0.85 x copy BW / bytes per token")
     print()
-    print("| model | bits | prefill tok/s | decode tok/s | MB/token | decode GB/s | % of copy BW | 85% roofline tok/s | vs roofline | GPU MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("prefill: the prompt in passes of 256 tokens on the tensor-core GEMM (W{k}A8), and, for comparison in the "
+          "same run, in 8-token passes on the GEMV (cuda_gemm_min_rows=0)")
+    print()
+    print("| model | bits | prefill tok/s | prefill tok/s GEMV only | decode tok/s | MB/token | decode GB/s | % of copy BW | "
+          "85% roofline tok/s | vs roofline | GPU MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, path in models:
         rows = {}
         for bits in [*a.bits, 0]:
-            r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda"])
+            r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64"])
+            gemv = "-"
+            if bits:
+                g = run_worker(["fq", path, str(bits), "1", str(a.prompt), "2", "cuda", "0"])
+                gemv = f"{g['prefill_tok_s']:.0f}"
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             roof = 0.85 * bw * 1e9 / r["bytes_per_token"]
             label = str(bits) if bits else "4/6 per token (mean 5)"
-            print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['bytes_per_token'] / 1e6:.1f} | "
-                  f"{gbs:.0f} | {100 * gbs / bw:.0f}% | {roof:.0f} | {r['decode_tok_s'] / roof:.2f} | {r['device_mb']:.0f} |")
+            print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {gemv} | {r['decode_tok_s']:.1f} | "
+                  f"{r['bytes_per_token'] / 1e6:.1f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {roof:.0f} | "
+                  f"{r['decode_tok_s'] / roof:.2f} | {r['device_mb']:.0f} |")
         if 4 in rows and 6 in rows:
             # the switching row reads, per token, a mix of 4- and 6-bit linears: its expected step is
             # the byte-weighted mean of the static steps; the excess is what switching costs

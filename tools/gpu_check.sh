@@ -9,19 +9,23 @@
 #      paths and a short generation on a tiny model through the CUDA engine (graph included);
 #   4. benchmarks bitplane_matmul_cuda against torch.nn.functional.linear fp16 (cuBLAS) on the
 #      Llama-2-7B linear shapes, weights rotated past L2, and prints the tables;
-#   5. (--e2e) converts a synthetic Llama-2-7B here and runs tools/bench.py --backend cuda on it:
-#      decode tok/s at 8/6/4 bits and with per-token masks, against the roofline. The converter
+#   5. benchmarks the tensor-core GEMM (bitplane_gemm_cuda, W{k}A8 and W{k}A16) against cuBLAS fp16
+#      (torch.matmul) and torch._int_mm on the Llama-2-7B / Llama-3-8B linear shapes and m from 1 to
+#      4096 (issue 6), and the GEMV at small m;
+#   6. (--e2e) converts a synthetic Llama-2-7B here and runs tools/bench.py --backend cuda on it:
+#      prefill tok/s of a 2048-token prompt (GEMM and GEMV-only), decode tok/s at 8/6/4 bits and with
+#      per-token masks, against the roofline; then batched decode of 1, 4 and 16 sequences. The converter
 #      writes with the `gguf` package, which the device machine lacks: carry its wheel in .whl/
 #      (see the device README) and this step installs it into /tmp/site.
 # Logs and bench.json go to $OUT (the device tool's output folder) or /tmp/gpu_check.
 #
-#   tools/gpu_check.sh [--skip-build] [--skip-tests] [--skip-sanitizer] [--skip-bench] [--e2e]
+#   tools/gpu_check.sh [--skip-build] [--skip-tests] [--skip-sanitizer] [--skip-bench] [--skip-gemm] [--e2e]
 set -uo pipefail
 
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp/gpu_check}
 mkdir -p "$LOG"
-BUILD=1 TESTS=1 SANITIZER=1 BENCH=1 E2E=0
+BUILD=1 TESTS=1 SANITIZER=1 BENCH=1 GEMM=1 E2E=0
 for a in "$@"; do
   case "$a" in
     --e2e) E2E=1 ;;
@@ -29,6 +33,7 @@ for a in "$@"; do
     --skip-tests) TESTS=0 ;;
     --skip-sanitizer) SANITIZER=0 ;;
     --skip-bench) BENCH=0 ;;
+    --skip-gemm) GEMM=0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -78,6 +83,11 @@ for n, k, g, m, bits in [(13, 300, 32, 3, 3), (21, 576, 128, 1, 8), (200, 1536, 
     x = rng.standard_normal((m, k)).astype(np.float32)
     for path in (("tc", "fp32") if core.bitplane_cuda_tc_supports(g) else ("fp32",)):
         y = core.bitplane_matmul_cuda(np.ascontiguousarray(planes[:bits]), qp, n, k, 8, g, bits, x, path=path)
+        assert np.isfinite(y).all()
+    for kind in ("a8", "a16"):  # the GEMM: tile edges in m and n, K padding
+        y = core.bitplane_gemm_cuda(np.ascontiguousarray(planes[:bits]), qp, n, k, 8, g, bits, x, kind=kind)
+        assert np.isfinite(y).all()
+        y = core.bitplane_gemm_cuda(planes, qp, n, k, 8, g, bits, np.tile(x, (70, 1)), kind=kind)
         assert np.isfinite(y).all()
 # The whole engine on a tiny random model: prefill (two slices), graph capture, replays with masks.
 import tempfile, pathlib, sys
@@ -253,13 +263,119 @@ EOF
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
+if [ "$GEMM" = 1 ]; then
+  echo "== tensor-core GEMM benchmark"
+  "$PY" - "$LOG" <<'EOF' 2>&1 | tee "$LOG/gemm.log"
+import json, sys
+import numpy as np
+import torch
+import flexquant_rt._core as core
+from flexquant_rt import bitplane as bp
+
+out_dir = sys.argv[1]
+rng = np.random.default_rng(0)
+dev = torch.device("cuda")
+G, MAX_BITS = 128, 8
+# Llama-2-7B q/k/v/o, gate/up, down; Llama-3-8B gate/up; a 70B-class gate/up (N x K)
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (28672, 8192)]
+MS = (1, 8, 16, 64, 256, 1024, 4096)
+KINDS = (("a8", 8), ("a8", 6), ("a8", 4), ("a16", 8), ("a16", 4))
+# the binary-tensor-core GEMM: (weight bits, activation bits)
+B1 = ((6, 6), (6, 8), (4, 4), (4, 8))
+
+
+def cuda_time_us(fn, reps=10, calls=5):
+    """Median per call, `calls` calls per timed round (the baselines' operands stay in L2 where
+    they fit: a best case for them)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record(); b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / calls)
+    return float(np.median(times))
+
+
+def random_linear(n, k):
+    shape = bp.LinearShape(n, k, MAX_BITS, G)
+    planes = rng.integers(0, 256, (MAX_BITS, shape.plane_bytes), dtype=np.uint8)
+    s = rng.uniform(2e-4, 1e-3, (n, shape.n_groups)).astype(np.float16)
+    mn = (-s.astype(np.float32) * 127.5).astype(np.float16)
+    return planes, np.ascontiguousarray(np.stack([s, mn], axis=-1))
+
+
+runs = []
+print("## GEMM, group 128: µs per call (unpack + prepare + gemm); baselines timed in the same run")
+print("| N x K | m | cuBLAS fp16 | _int_mm | A8 k=8 | A8 k=6 | A8 k=4 | A16 k=8 | A16 k=4 | fp16 / best | A8 k=8 TOP/s | GEMV tc k=4 | "
+      + " | ".join(f"B1 W{w}A{a}" for w, a in B1) + " |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(B1))
+for n, k in SHAPES:
+    planes, qp = random_linear(n, k)
+    w16 = torch.randn(k, n, device=dev, dtype=torch.float16) * 0.02
+    w8 = torch.randint(-127, 128, (k, n), device=dev, dtype=torch.int8)
+    for m in MS:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x16 = torch.from_numpy(x).to(dev, torch.float16)
+        t16 = cuda_time_us(lambda: x16 @ w16)
+        t8 = float("nan")
+        if m > 16:  # torch._int_mm needs m > 16
+            x8 = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
+            t8 = cuda_time_us(lambda: torch._int_mm(x8, w8))
+        cells = {}
+        for kind, bits in KINDS:
+            r = core.bitplane_gemm_cuda_bench(planes, qp, n, k, MAX_BITS, G, bits, x, kind=kind, reps=5)
+            r.update(n=n, k=k, m=m, bits=bits)
+            runs.append(r)
+            cells[(kind, bits)] = r["total_us"]
+        best = min(cells.values())
+        gemv = ""
+        if m <= 64:  # the GEMV takes 8 rows per launch
+            g = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, 4, x[: min(m, 8)], path="tc", reps=5)
+            gemv = f"{g['total_us'] * ((m + 7) // 8):.1f}"
+        runs.append(dict(kind="cublas_fp16", n=n, k=k, m=m, total_us=t16))
+        runs.append(dict(kind="int_mm", n=n, k=k, m=m, total_us=t8))
+        tops = 2 * m * n * k / cells[("a8", 8)] / 1e6
+        b1 = []
+        for wb, ab in B1:
+            r = core.bitplane_gemm_cuda_bench(planes, qp, n, k, MAX_BITS, G, wb, x, kind="b1", reps=5, act_bits=ab)
+            r.update(n=n, k=k, m=m, bits=wb)
+            runs.append(r)
+            b1.append(f"{r['total_us']:.1f} ({2 * m * n * k / r['gemm_us'] / 1e6:.0f} TOP/s)")
+        print(f"| {n}x{k} | {m} | {t16:.1f} | {t8:.1f} | " + " | ".join(f"{cells[c]:.1f}" for c in KINDS) +
+              f" | {t16 / best:.2f}x | {tops:.0f} | {gemv} | " + " | ".join(b1) + " |")
+    del w16, w8
+    torch.cuda.empty_cache()
+
+print("\n## where the time goes, 11008x4096, m = 1024 (µs): unpack / prepare / gemm")
+planes, qp = random_linear(11008, 4096)
+x = rng.standard_normal((1024, 4096)).astype(np.float32)
+for kind in ("a8", "a16"):
+    for bits in (8, 4):
+        r = core.bitplane_gemm_cuda_bench(planes, qp, 11008, 4096, MAX_BITS, G, bits, x, kind=kind, reps=5)
+        print(f"{kind} k={bits}: {r['unpack_us']:.1f} / {r['prepare_us']:.1f} / {r['gemm_us']:.1f} (total {r['total_us']:.1f})")
+with open(f"{out_dir}/gemm.json", "w") as f:
+    json.dump(runs, f, indent=1)
+EOF
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
 if [ "$E2E" = 1 ]; then
   echo "== end-to-end decode benchmark (synthetic llama2-7b)"
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  "$PY" tools/bench.py --backend cuda --synthetic llama2-7b --bits 8 6 4 --prompt 128 --decode 64 2>&1 | tee "$LOG/e2e.log"
+  MODEL=/tmp/gpu_check_llama2-7b.fq  # converted once, read by both runs
+  [ -f "$MODEL" ] || "$PY" -c "import sys; from flexquant_rt.convert import SyntheticSource, convert; convert(SyntheticSource('llama2-7b'), sys.argv[1], progress=False)" "$MODEL"
+  "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 6 4 --prompt 2048 --decode 64 2>&1 | tee "$LOG/e2e.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # batched decode on the GPU (several sequences, one pass per step)
+  "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 128 --decode 32 --batch 1 4 16 2>&1 | tee "$LOG/e2e_batch.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 

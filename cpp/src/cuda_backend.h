@@ -37,12 +37,14 @@ void rope_cuda(const float* inv_freq /* (head_dim / 2) */, int head_dim, float* 
                int64_t n_kv_heads, const int64_t* positions /* (m) */, int64_t m);
 // swiglu (ops.h): out (n) = silu(gate) * up.
 void swiglu_cuda(const float* gate, const float* up, int64_t n, float* out);
-// attention / attention_f16 (ops.h): cache (t_max >= p0 + m, n_kv_heads, head_dim), fp32 or fp16 bit
-// patterns (kv_f16). n_splits > 1 cuts the positions of each (token, head) into that many spans and
-// merges them (the decode path); 1 takes them all in one block.
+// attention / attention_f16 (ops.h): cache (t_max >= base + p0 + m, n_kv_heads, head_dim), fp32 or
+// fp16 bit patterns (kv_f16), the sequence's position 0 at cache row `base` (one sequence's block of a
+// multi-sequence cache; base > 0 goes through the per-query bases of the kernel). n_splits > 1 cuts
+// the positions of each (token, head) into that many spans and merges them (the decode path); 1
+// takes them all in one block.
 void attention_cuda(const float* q /* (m, H, d) */, const void* k_cache, const void* v_cache, bool kv_f16,
                     int64_t t_max, int64_t m, int64_t p0, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                    int n_splits, float* out /* (m, H, d) */);
+                    int n_splits, float* out /* (m, H, d) */, int64_t base = 0);
 // entropy_and_top1 and argmax (ops.h) of one logit vector (vocab).
 void entropy_and_top1_cuda(const float* logits, int64_t vocab, float* entropy, float* top1_prob, int64_t* argmax);
 
@@ -53,11 +55,14 @@ void entropy_and_top1_cuda(const float* logits, int64_t vocab, float* entropy, f
 // nothing allocated.
 struct CudaForwardParams {
     int bits_cap = 8;          // planes uploaded per linear: 2..the model's max_bits
-    int64_t n_ctx = 0;         // KV-cache positions
+    int64_t n_ctx = 0;         // KV-cache positions per sequence
+    int n_seq = 1;             // sequences, each with its own n_ctx rows of the cache (1..4096)
     bool kv_f16 = false;       // fp16 KV cache (else fp32)
     bool fp32_matmul = false;  // fp32 activations in the bit-plane GEMV (the accuracy reference)
                                // instead of int8 activations on the binary tensor cores
     bool use_graph = true;     // replay the one-token step from a CUDA graph
+    int64_t gemm_min_rows = 64;  // prompt slices of at least this many rows run their linears on the
+                                 // tensor-core GEMM (int8 activations, as the GEMV); 0: never
 };
 
 class CudaForward {
@@ -70,13 +75,19 @@ public:
     CudaForward(const CudaForward&) = delete;
     CudaForward& operator=(const CudaForward&) = delete;
 
-    // Runs tokens (T >= 1, ids already checked) at positions [n_past, n_past + T), n_past + T <=
-    // n_ctx, with bits (n_layers * 7 + 1) per linear (2..bits_cap; they reach the kernels through
-    // device memory, so a new mask costs no re-capture), appending their K, V to the cache. Writes
-    // the last token's logits (vocab), entropy and top-1 probability; all_logits (T, vocab) is
-    // optional. One host synchronization per call.
-    void forward(const int32_t* tokens, int64_t T, int64_t n_past, const int32_t* bits, float* logits,
+    // Runs tokens (T >= 1, ids already checked) of sequence `seq` at positions [n_past, n_past + T),
+    // n_past + T <= n_ctx, with bits (n_layers * 7 + 1) per linear (2..bits_cap; they reach the
+    // kernels through device memory, so a new mask costs no re-capture), appending their K, V to the
+    // sequence's cache. Writes the last token's logits (vocab), entropy and top-1 probability;
+    // all_logits (T, vocab) is optional. One host synchronization per pass (one for a decode step).
+    void forward(int seq, const int32_t* tokens, int64_t T, int64_t n_past, const int32_t* bits, float* logits,
                  float* all_logits, float* entropy, float* top1_prob);
+    // One decode step of `count` distinct sequences seqs (count) with one token each (count, ids
+    // checked), row i at position positions[i] (< n_ctx) of its sequence: the linears run on all
+    // rows at once (the GEMM from gemm_min_rows rows, else the GEMV 8 rows per launch), attention
+    // per row over its own sequence. logits (count, vocab), entropy and top1_prob (count).
+    void decode_batch(const int32_t* seqs, const int32_t* tokens, const int64_t* positions, int64_t count,
+                      const int32_t* bits, float* logits, float* entropy, float* top1_prob);
     uint64_t device_bytes() const;  // device memory held
     int graph_replays() const;      // one-token steps served from the captured graph so far
 
@@ -139,14 +150,14 @@ void rope_launch(const float* inv_freq /* (d / 2) */, int head_dim, float* q /* 
                  float* k /* (m, Hkv, d) */, int64_t n_kv_heads, const int64_t* positions /* (m) */, int64_t m,
                  cudaStream_t stream);
 void swiglu_launch(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
-// Query i sits at positions[i] and sees cache rows 0..positions[i] (device memory, see rope_launch).
-// partial: (m, H, n_splits, head_dim + 2) floats of scratch when n_splits > 1, else unused.
-// head_dim <= ATTENTION_MAX_HEAD_DIM.
+// Query i sits at positions[i] and sees cache rows bases[i] + 0..positions[i] (device memory, see
+// rope_launch; bases null: 0, one sequence). partial: (m, H, n_splits, head_dim + 2) floats of scratch
+// when n_splits > 1, else unused. head_dim <= ATTENTION_MAX_HEAD_DIM.
 constexpr int ATTENTION_MAX_HEAD_DIM = 256;
 void attention_launch(const float* q /* (m, H, d) */, const void* k_cache, const void* v_cache, bool kv_f16,
                       int64_t m, const int64_t* positions /* (m) */, int64_t n_heads, int64_t n_kv_heads,
                       int64_t head_dim, int n_splits, float* partial, float* out /* (m, H, d) */,
-                      cudaStream_t stream);
+                      cudaStream_t stream, const int64_t* bases /* (m) */ = nullptr);
 // out: {entropy, top-1 probability, argmax as float bits} of logits (vocab).
 struct StepSignalsDevice {
     float entropy;

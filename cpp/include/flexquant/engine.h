@@ -72,9 +72,14 @@ struct EngineParams {
     // replayed from a CUDA graph.
     bool cuda_fp32_matmul = false;
     bool cuda_graph = true;
+    // CUDA only: a prompt is prefilled in passes of up to 256 tokens, and a pass of at least this
+    // many tokens runs its linears on the tensor-core GEMM (W{k}A8: the GEMV's int8 activations, so
+    // the same logits up to fp32 rounding); shorter passes and decode steps use the GEMV. 0: the
+    // GEMV only, in passes of 8 tokens. Ignored with cuda_fp32_matmul.
+    int64_t cuda_gemm_min_rows = 64;
     // Sequences the engine holds (1..4096), each with its own KV cache of n_ctx tokens; with
-    // n_ctx = 0 the budget above is shared by all of them. The CUDA backend holds one sequence:
-    // n_seq > 1 runs on the CPU (backend_note says so when CUDA was asked for).
+    // n_ctx = 0 the budget above is shared by all of them. On the CUDA backend the caches live on
+    // the GPU and decode_batch runs there too.
     int n_seq = 1;
 };
 

@@ -17,4 +17,13 @@ int cuda_device_count() noexcept {
     return count;
 }
 
+std::string cuda_device_name(int device) {
+    cudaDeviceProp prop{};
+    if (device < 0 || device >= cuda_device_count() || cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+        cudaGetLastError();
+        return "";
+    }
+    return prop.name;
+}
+
 }  // namespace flexquant

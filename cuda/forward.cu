@@ -8,12 +8,13 @@
 //   logits = rms_norm(x, output_norm) Wheadᵀ;  entropy, top-1 probability of softmax(logits)
 //
 // A prompt goes through in passes. With the tensor-core GEMM on (params.gemm_min_rows > 0, the
-// int8-activation path), while at least gemm_min_rows tokens are left a pass takes up to
-// max(PREFILL_ROWS = 256, gemm_min_rows) of them and runs its layer linears on
-// bitplane_gemm_cuda_async (cuda/bitplane_matmul_gemm.cu: the same int8 activations as the GEMV, so
-// the same numbers up to fp32 rounding); the rest goes in passes of SLICE = 8 rows on the GEMV
-// (8 rows per launch), as do the LM head and, unless gemm_min_rows is 1, the decode step. With the
-// GEMM off, or asked for all rows' logits, passes of 8 rows.
+// int8-activation path), a pass takes up to max(PREFILL_ROWS = 256, gemm_min_rows) tokens, and
+// each layer linear of a pass of T rows picks its kernel (the dispatcher): the GEMM
+// (bitplane_gemm_cuda_async, cuda/bitplane_matmul_gemm.cu: the same int8 activations as the GEMV,
+// so the same numbers up to fp32 rounding) when T > gemv_max[linear][its bit-width], else the GEMV
+// (8 rows per launch). gemv_max is gemm_min_rows - 1 for every linear, or what tune() measured on
+// this GPU (set_gemv_max). The LM head always runs on the GEMV, as does the decode step unless
+// gemm_min_rows is 1. With the GEMM off, or asked for all rows' logits, passes of 8 rows.
 //
 // Several sequences (params.n_seq) share one KV cache per layer, sequence s in rows
 // [s · n_ctx, (s + 1) · n_ctx); decode_batch runs one step of several of them as one pass, each row
@@ -29,6 +30,9 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <array>
+#include <initializer_list>
+#include <limits>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -114,8 +118,12 @@ struct CudaForward::Impl {
     std::vector<void*> k_cache, v_cache;  // n_layers x (n_seq, n_ctx, Hkv, d)
     float *x = nullptr, *h = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr, *o = nullptr;
     float *g = nullptr, *u = nullptr, *logits = nullptr, *partial = nullptr;
-    void* ws = nullptr;  // bit-plane activation scratch (prepared input of the current linears)
+    void* ws = nullptr;  // the GEMV's scratch (the prepared input of the current linears, <= 8 rows)
     size_t ws_bytes = 0;
+    void* ws_gemm = nullptr;  // the GEMM's (codes of one linear, the pass's activations): apart, so
+    size_t ws_gemm_bytes = 0; // that a GEMM between two GEMV linears keeps their prepared input
+    // Per layer linear and bit-width: the most rows the GEMV takes before the GEMM does.
+    std::vector<std::array<int64_t, 9>> gemv_max;
     StepSignalsDevice* sig = nullptr;  // (head_rows)
 
     // step input: tokens (max_rows) int32 | positions (max_rows) int64 | bases (max_rows) int64 (the
@@ -148,6 +156,7 @@ struct CudaForward::Impl {
         if (pending) cudaStreamSynchronize(stream);  // an error here resurfaces at the next check
         pending = false;
     }
+    void drop_graph();
 
     ~Impl() {
         if (graph_exec) cudaGraphExecDestroy(graph_exec);
@@ -158,18 +167,33 @@ struct CudaForward::Impl {
         if (stream) cudaStreamDestroy(stream);
     }
 
-    // The GEMV in two halves: prepare xin (T <= SLICE rows) once for the linears that read it, then
-    // each linear. On the GEMM (gemm true) there is nothing to share: linear() runs all of it.
-    void prepare(size_t j, const float* xin, int64_t T, bool gemm) {
-        if (!gemm) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, path, stream);
+    // The kernel linear j runs on for T rows: the host copy of the step's bits picks the table entry
+    // (the kernels themselves read the bits from device memory).
+    bool on_gemm(size_t j, int64_t T) const {
+        if (!use_gemm || j + 1 >= size_t(n_lin)) return false;  // the LM head: the GEMV
+        const int32_t b = reinterpret_cast<const int32_t*>(in_host + in_bits)[j];
+        return T > gemv_max[j][size_t(std::clamp(b, 0, 8))];
     }
-    void linear(size_t j, const float* xin, int64_t T, float* y, bool gemm) {
-        if (gemm)
-            bitplane_gemm_cuda_async(lin[j], p.bits_cap, xin, T, y, ws, ws_bytes, BITPLANE_GEMM_A8, stream,
-                                     bits_dev() + j);
-        else
-            bitplane_matmul_prepared_cuda_async(lin[j], p.bits_cap, T, y, ws, ws_bytes, path, stream, {},
-                                                bits_dev() + j);
+    // Linears js, all reading xin (T rows), into ys. The GEMV linears among them prepare xin once
+    // when T <= SLICE (q, k and v; gate and up share it); with more rows the GEMV slices by 8.
+    void linears(std::initializer_list<size_t> js, const float* xin, int64_t T, std::initializer_list<float*> ys) {
+        bool prepared = false;
+        auto y = ys.begin();
+        for (size_t j : js) {
+            float* out = *y++;
+            if (on_gemm(j, T)) {
+                bitplane_gemm_cuda_async(lin[j], p.bits_cap, xin, T, out, ws_gemm, ws_gemm_bytes, BITPLANE_GEMM_A8,
+                                         stream, bits_dev() + j);
+            } else if (T <= SLICE) {
+                if (!prepared) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, path, stream);
+                prepared = true;
+                bitplane_matmul_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws, ws_bytes, path, stream, {},
+                                                    bits_dev() + j);
+            } else {
+                bitplane_matmul_cuda_async(lin[j], p.bits_cap, xin, T, out, ws, ws_bytes, path, stream, {},
+                                           bits_dev() + j);
+            }
+        }
     }
     // The kernels of one pass of T <= max_rows rows. head: run the LM head, on every row (all_rows,
     // T <= head_rows: logits (T, vocab) and signals (T)) or on the last one (logits row 0, signals 0);
@@ -183,9 +207,9 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
     const int64_t kvdim = Hkv * hd;
     // The kernels launched here directly: a bad launch is named now, not at the next op's check.
     auto launched = [](const char* what) { cuda_check(cudaGetLastError(), std::string("CudaForward (") + what + ")"); };
-    const bool gemm = use_gemm && T >= p.gemm_min_rows;
-    // Split attention's partial buffer holds SLICE rows; a longer slice has T x H blocks to fill the GPU.
-    const int splits = T <= SLICE ? n_splits : 1;
+    // Split attention's partial buffer holds SLICE x n_splits (row, span) pairs: a longer pass splits
+    // each row's positions into fewer spans (it has T x H blocks besides).
+    const int splits = int(std::max<int64_t>(1, int64_t(n_splits) * SLICE / T));
     if (embd_f16)
         embed_kernel<__half><<<unsigned(T), THREADS, 0, stream>>>(static_cast<const __half*>(embd), V, D, tokens_dev(), x);
     else
@@ -194,10 +218,7 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
     for (int64_t l = 0; l < c.n_layers; ++l) {
         const size_t j0 = size_t(l) * LINEARS_PER_LAYER;
         rms_norm_launch(x, attn_norm[l], T, D, c.rms_norm_eps, h, stream);
-        prepare(j0, h, T, gemm);  // q, k and v read the same h
-        linear(j0 + 0, h, T, q, gemm);
-        linear(j0 + 1, h, T, k, gemm);
-        linear(j0 + 2, h, T, v, gemm);
+        linears({j0 + 0, j0 + 1, j0 + 2}, h, T, {q, k, v});  // q, k and v read the same h
         rope_launch(inv_freq, int(hd), q, H, k, Hkv, positions_dev(), T, stream);
         if (p.kv_f16)
             kv_store_kernel<__half><<<unsigned(T), THREADS, 0, stream>>>(
@@ -208,18 +229,14 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
         launched("kv_store_kernel");
         attention_launch(q, k_cache[l], v_cache[l], p.kv_f16, T, positions_dev(), H, Hkv, hd, splits, partial, att,
                          stream, bases_dev());
-        prepare(j0 + 3, att, T, gemm);
-        linear(j0 + 3, att, T, o, gemm);
+        linears({j0 + 3}, att, T, {o});
         add_kernel<<<blocks_for(T * D), THREADS, 0, stream>>>(x, o, T * D);
         launched("add_kernel");
 
         rms_norm_launch(x, ffn_norm[l], T, D, c.rms_norm_eps, h, stream);
-        prepare(j0 + 4, h, T, gemm);  // gate and up read the same h
-        linear(j0 + 4, h, T, g, gemm);
-        linear(j0 + 5, h, T, u, gemm);
+        linears({j0 + 4, j0 + 5}, h, T, {g, u});  // gate and up read the same h
         swiglu_launch(g, u, T * F, g, stream);
-        prepare(j0 + 6, g, T, gemm);
-        linear(j0 + 6, g, T, o, gemm);
+        linears({j0 + 6}, g, T, {o});
         add_kernel<<<blocks_for(T * D), THREADS, 0, stream>>>(x, o, T * D);
         launched("add_kernel");
     }
@@ -230,8 +247,7 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
     const size_t j_head = size_t(n_lin - 1);
     for (int64_t r0 = 0; r0 < rows; r0 += SLICE) {  // the GEMV, 8 rows per launch
         const int64_t n = std::min<int64_t>(SLICE, rows - r0);
-        prepare(j_head, h + r0 * D, n, false);
-        linear(j_head, h + r0 * D, n, logits + r0 * V, false);
+        linears({j_head}, h + r0 * D, n, {logits + r0 * V});
     }
     if (all_rows)
         for (int64_t r = 0; r < rows; ++r) entropy_and_top1_launch(logits + r * V, V, sig + r, stream);
@@ -307,11 +323,15 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     const size_t off_partial = a.take(SLICE * size_t(c.n_heads) * e.n_splits * (hd + 2) * 4);
     for (size_t j = 0; j < lin.size(); ++j) {
         e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, e.path));
-        // the GEMM's scratch (codes of one linear + the slice's activations); never for the LM head
+        // the GEMM's scratch (codes of one linear + the pass's activations); never for the LM head
         if (e.use_gemm && j + 1 < lin.size())
-            e.ws_bytes = std::max(e.ws_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A8));
+            e.ws_gemm_bytes = std::max(e.ws_gemm_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A8));
     }
     const size_t off_ws = a.take(e.ws_bytes);
+    const size_t off_ws_gemm = a.take(e.ws_gemm_bytes);
+    std::array<int64_t, 9> rule;  // without a measured table: the GEMM from gemm_min_rows rows
+    rule.fill(e.use_gemm ? params.gemm_min_rows - 1 : std::numeric_limits<int64_t>::max());
+    e.gemv_max.assign(size_t(e.n_lin), rule);
     const size_t off_sig = a.take(size_t(e.head_rows) * sizeof(StepSignalsDevice));
     e.in_pos = (size_t(R) * 4 + 7) / 8 * 8;
     e.in_base = e.in_pos + size_t(R) * 8;
@@ -364,6 +384,7 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     e.x = f(off_x), e.h = f(off_h), e.q = f(off_q), e.k = f(off_kx), e.v = f(off_vx), e.att = f(off_att);
     e.o = f(off_o), e.g = f(off_g), e.u = f(off_u), e.logits = f(off_logits), e.partial = f(off_partial);
     e.ws = e.arena + off_ws;
+    e.ws_gemm = e.ws_gemm_bytes ? e.arena + off_ws_gemm : nullptr;
     e.sig = reinterpret_cast<StepSignalsDevice*>(e.arena + off_sig);
     e.in_dev = e.arena + off_in;
     // A pageable cudaMemcpy may return before its DMA ends, and the compute stream is non-blocking
@@ -399,13 +420,12 @@ void CudaForward::forward(int seq, const int32_t* tokens, int64_t T, int64_t n_p
     check_bits(bits, e.n_lin, e.p.bits_cap, fn);
     e.settle();
     std::memcpy(e.in_host + e.in_bits, bits, size_t(e.n_lin) * 4);
-    // Passes: up to max_rows on the GEMM while at least gemm_min_rows tokens are left, else up to
-    // SLICE on the GEMV (which takes 8 rows); all rows' logits: SLICE rows (<= head_rows).
+    // Passes of up to max_rows (each linear then picks its kernel); all rows' logits: SLICE rows
+    // (<= head_rows).
+    const int64_t pass_rows = all_logits == nullptr ? e.max_rows : SLICE;
     int64_t rows = 0;
     for (int64_t t0 = 0; t0 < T; t0 += rows) {
-        const int64_t left = T - t0;
-        const bool gemm_pass = e.use_gemm && all_logits == nullptr && left >= e.p.gemm_min_rows;
-        rows = std::min<int64_t>(gemm_pass ? e.max_rows : SLICE, left);
+        rows = std::min<int64_t>(pass_rows, T - t0);
         const bool last = t0 + rows == T;
         for (int64_t t = 0; t < rows; ++t) e.set_row(t, tokens[t0 + t], n_past + t0 + t, seq);
         // The copy reads the pinned block when the stream reaches it: the host must not rewrite the
@@ -478,13 +498,10 @@ void CudaForward::decode_batch(const int32_t* seqs, const int32_t* tokens, const
     check_bits(bits, e.n_lin, e.p.bits_cap, fn);
     e.settle();
     std::memcpy(e.in_host + e.in_bits, bits, size_t(e.n_lin) * 4);
-    // Passes of distinct sequences: up to min(max_rows, head_rows) rows on the GEMM while at least
-    // gemm_min_rows rows are left, else up to SLICE rows on the GEMV.
+    // Passes of distinct sequences, up to head_rows (<= max_rows) rows each.
     int64_t rows = 0;
     for (int64_t r0 = 0; r0 < count; r0 += rows) {
-        const int64_t left = count - r0;
-        const bool gemm_pass = e.use_gemm && left >= e.p.gemm_min_rows;
-        rows = std::min<int64_t>(gemm_pass ? std::min(e.max_rows, e.head_rows) : SLICE, left);
+        rows = std::min<int64_t>(e.head_rows, count - r0);
         for (int64_t t = 0; t < rows; ++t) e.set_row(t, tokens[r0 + t], positions[r0 + t], seqs[r0 + t]);
         e.pending = true;
         cuda_check(cudaMemcpyAsync(e.in_dev, e.in_host, e.in_bytes, cudaMemcpyHostToDevice, e.stream), fn + " (step input)");
@@ -503,6 +520,119 @@ void CudaForward::decode_batch(const int32_t* seqs, const int32_t* tokens, const
             top1_prob[r0 + t] = e.out_sig()[t].top1_prob;
         }
     }
+}
+
+// The captured decode step holds the kernel choice it was captured with: a new table drops it, so
+// the next step captures again.
+void CudaForward::Impl::drop_graph() {
+    settle();
+    if (graph_exec) cudaGraphExecDestroy(graph_exec);
+    if (graph) cudaGraphDestroy(graph);
+    graph_exec = nullptr;
+    graph = nullptr;
+}
+
+void CudaForward::set_gemv_max(int64_t n, int64_t k, int bits, int64_t max_m) {
+    Impl& e = *impl_;
+    if (bits < 0 || bits > 8 || max_m < 0)
+        throw Error("CudaForward::set_gemv_max: bits = " + std::to_string(bits) + ", max_m = " + std::to_string(max_m));
+    e.drop_graph();
+    for (size_t j = 0; j + 1 < size_t(e.n_lin); ++j)
+        if (e.lin[j].n == n && e.lin[j].k == k) e.gemv_max[j][size_t(bits)] = max_m;
+}
+
+void CudaForward::reset_gemv_max() {
+    Impl& e = *impl_;
+    e.drop_graph();
+    std::array<int64_t, 9> rule;
+    rule.fill(e.use_gemm ? e.p.gemm_min_rows - 1 : std::numeric_limits<int64_t>::max());
+    e.gemv_max.assign(size_t(e.n_lin), rule);
+}
+
+std::vector<std::array<int64_t, 4>> CudaForward::tune(int64_t max_m, int repeats) {
+    Impl& e = *impl_;
+    const std::string fn = "CudaForward::tune";
+    if (!e.use_gemm)
+        throw Error(fn + ": the GEMM is off (cuda_gemm_min_rows = 0 or > 4096, cuda_fp32_matmul, or a group size "
+                         "the int8 path lacks): every linear runs on the GEMV");
+    if (max_m < 2 * SLICE || max_m > e.max_rows)
+        throw Error(fn + ": max_m = " + std::to_string(max_m) + " is outside " + std::to_string(2 * SLICE) + ".." +
+                    std::to_string(e.max_rows));
+    if (repeats < 1 || repeats > 100) throw Error(fn + ": repeats = " + std::to_string(repeats) + " is outside 1..100");
+    e.settle();
+    // The layer linears by shape (the LM head always runs on the GEMV). Each timing runs one shape's
+    // linears of every layer back to back: different weights, so the planes come from HBM as in a
+    // forward pass, not from L2.
+    std::vector<std::pair<int64_t, int64_t>> shapes;
+    std::vector<std::vector<size_t>> members;
+    int64_t max_k = 0, max_n = 0;
+    for (size_t j = 0; j + 1 < size_t(e.n_lin); ++j) {
+        const auto key = std::make_pair(e.lin[j].n, e.lin[j].k);
+        const size_t s = size_t(std::find(shapes.begin(), shapes.end(), key) - shapes.begin());
+        if (s == shapes.size()) {
+            shapes.push_back(key);
+            members.emplace_back();
+        }
+        members[s].push_back(j);
+        max_k = std::max(max_k, e.lin[j].k);
+        max_n = std::max(max_n, e.lin[j].n);
+    }
+    DeviceBuffer<float> x(size_t(max_m * max_k), fn), y(size_t(max_m * max_n), fn);
+    // any finite activations do (the time does not depend on them): bytes 0x3c are 0.0115f
+    cuda_check(cudaMemsetAsync(x.get(), 0x3c, size_t(max_m * max_k) * 4, e.stream), fn);
+    cudaEvent_t start = nullptr, stop = nullptr;
+    cuda_check(cudaEventCreate(&start), fn);
+    if (cudaEventCreate(&stop) != cudaSuccess) {
+        cudaGetLastError();  // not sticky: clear it, so no later check reports it against a kernel
+        cudaEventDestroy(start);
+        throw Error(fn + ": cudaEventCreate failed");
+    }
+    std::vector<std::array<int64_t, 4>> table;
+    try {
+        auto time_ms = [&](size_t s, int bits, int64_t m, bool gemm) {
+            float best = std::numeric_limits<float>::max();
+            for (int rep = 0; rep <= repeats; ++rep) {  // rep 0 warms up
+                cuda_check(cudaEventRecord(start, e.stream), fn);
+                for (size_t j : members[s]) {
+                    if (gemm)
+                        bitplane_gemm_cuda_async(e.lin[j], bits, x.get(), m, y.get(), e.ws_gemm, e.ws_gemm_bytes,
+                                                 BITPLANE_GEMM_A8, e.stream);
+                    else
+                        bitplane_matmul_cuda_async(e.lin[j], bits, x.get(), m, y.get(), e.ws, e.ws_bytes, e.path,
+                                                   e.stream);
+                }
+                cuda_check(cudaEventRecord(stop, e.stream), fn);
+                cuda_check(cudaEventSynchronize(stop), fn + " (timing)");
+                float ms = 0;
+                cuda_check(cudaEventElapsedTime(&ms, start, stop), fn);
+                if (rep > 0) best = std::min(best, ms);
+            }
+            return best;
+        };
+        for (size_t s = 0; s < shapes.size(); ++s)
+            for (int bits = BITS_MIN; bits <= e.p.bits_cap; ++bits) {
+                // The GEMV up to 8 rows (its launch); then m = 16, 32, ... and max_m itself until the
+                // GEMM wins. gemv_max = the last m the GEMV won: above it (untimed rows included)
+                // the GEMM runs.
+                int64_t gemv_max = SLICE;
+                for (int64_t m = 2 * SLICE;; m = std::min(2 * m, max_m)) {
+                    if (time_ms(s, bits, m, true) < time_ms(s, bits, m, false)) break;
+                    gemv_max = m;
+                    if (m == max_m) break;
+                }
+                table.push_back({shapes[s].first, shapes[s].second, bits, gemv_max});
+            }
+    } catch (...) {
+        cudaStreamSynchronize(e.stream);
+        cudaEventDestroy(start);
+        cudaEventDestroy(stop);
+        throw;
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    reset_gemv_max();
+    for (const auto& t : table) set_gemv_max(t[0], t[1], int(t[2]), t[3]);
+    return table;
 }
 
 }  // namespace flexquant

@@ -424,7 +424,7 @@ def test_tune_kernels_measures_every_shape_and_bit_width(tiny_fq, tmp_path, monk
         assert eng.kernel_table() == []
     for p in (tmp_path / "kernels").iterdir():
         p.write_text('{"table": [{"n": 64, "k": 64, "bits": 12, "decode_max_m": 4}]}')
-    with pytest.warns(RuntimeWarning, match="ignoring the saved CPU kernel table"):
+    with pytest.warns(RuntimeWarning, match="ignoring the saved kernel table"):
         with Engine(tiny_fq, threads=1) as eng:
             assert eng.kernel_table() == []
 
@@ -441,3 +441,18 @@ def test_bad_kernel_tables_are_refused_by_entry(tiny_fq):
             eng._eng.tune_kernels(0, 1)
         with pytest.raises(ValueError, match="kernel_table must be"):
             Engine(tiny_fq, kernel_table="fast")
+
+
+def test_tune_command(tiny_fq, tmp_path, monkeypatch, capsys):
+    """`flexquant-rt tune` measures and saves the CPU table; --backend cuda without a GPU stops with
+    the engine's reason instead of tuning the CPU under a GPU key."""
+    from flexquant_rt.cli import main
+
+    monkeypatch.setenv("FLEXQUANT_RT_CACHE", str(tmp_path))
+    assert main(["tune", str(tiny_fq), "--max-m", "3", "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU kernel table" in out and "bits:rows" in out and "saved" in out
+    assert len(list((tmp_path / "kernels").iterdir())) == 1
+    if not core.cuda_available():
+        with pytest.warns(RuntimeWarning), pytest.raises(SystemExit, match="--backend cuda: the engine runs on cpu"):
+            main(["tune", str(tiny_fq), "--backend", "cuda", "--repeats", "1"])

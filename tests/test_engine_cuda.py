@@ -385,3 +385,32 @@ def test_generate_batch_on_cuda_equals_generate(tiny_fq):
         prompts = [[1, 2, 3], [7, 8, 9, 10, 11], [42], [5, 6]]
         got = eng.generate_batch(prompts, max_new_tokens=10)
         assert got == [one.generate(p, max_new_tokens=10) for p in prompts]
+
+
+# ---- the measured dispatcher on the GPU (issue 6) ----------------------------------------------------
+
+@gpu
+def test_cuda_tune_kernels_measures_applies_and_saves(tiny_fq, tmp_path, monkeypatch):
+    """tune_kernels on CUDA times the GEMV against the GEMM for every layer-linear shape and
+    bit-width, applies the table (the GEMV for at least 8 rows), saves it under a GPU key and a new
+    engine loads it; tables that force either kernel give the same logits within the int8 tolerance."""
+    monkeypatch.setenv("FLEXQUANT_RT_CACHE", str(tmp_path))
+    ids = np.random.default_rng(11).integers(0, 320, 120)
+    with Engine(tiny_fq, backend="cuda", n_ctx=256, kernel_table=None) as eng:
+        table = eng.tune_kernels(max_m=64, repeats=1)
+        shapes = {(int(d["n"]), int(d["k"])) for d in eng._linear_shapes()[:-1]}
+        assert {(d["n"], d["k"]) for d in table} == shapes
+        assert sorted({d["bits"] for d in table}) == list(range(2, 9))
+        assert all(8 <= d["decode_max_m"] <= 64 for d in table)
+        assert eng.kernel_table() == table
+    with Engine(tiny_fq, backend="cuda", n_ctx=256) as again, \
+            Engine(tiny_fq, backend="cuda", n_ctx=256, cuda_gemm_min_rows=32) as explicit:
+        assert again.kernel_table() == table
+        assert explicit.kernel_table() == []  # an explicit threshold is not overridden by the saved table
+    logits = {}
+    for name, rows in (("gemm", 8), ("gemv", 10_000)):
+        forced = [dict(n=n, k=k, bits=b, decode_max_m=rows) for n, k in shapes for b in range(2, 9)]
+        with Engine(tiny_fq, backend="cuda", n_ctx=256, kernel_table=forced) as e:
+            logits[name] = _core_steps(e._eng, ids, 4)
+    assert rel_err(logits["gemm"], logits["gemv"]) < 1e-2
+    assert (logits["gemm"].argmax(-1) == logits["gemv"].argmax(-1)).mean() >= 0.8

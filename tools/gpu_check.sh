@@ -14,7 +14,8 @@
 #      4096 (issue 6), and the GEMV at small m;
 #   6. (--e2e) converts a synthetic Llama-2-7B here and runs tools/bench.py --backend cuda on it:
 #      prefill tok/s of a 2048-token prompt (GEMM and GEMV-only), decode tok/s at 8/6/4 bits and with
-#      per-token masks, against the roofline; then batched decode of 1, 4 and 16 sequences. The converter
+#      per-token masks, against the roofline (after `flexquant-rt tune --backend cuda` measured the
+#      GEMV/GEMM table); then batched decode of 1, 4 and 16 sequences. The converter
 #      writes with the `gguf` package, which the device machine lacks: carry its wheel in .whl/
 #      (see the device README) and this step installs it into /tmp/site.
 # Logs and bench.json go to $OUT (the device tool's output folder) or /tmp/gpu_check.
@@ -372,6 +373,11 @@ if [ "$E2E" = 1 ]; then
   fi
   MODEL=/tmp/gpu_check_llama2-7b.fq  # converted once, read by both runs
   [ -f "$MODEL" ] || "$PY" -c "import sys; from flexquant_rt.convert import SyntheticSource, convert; convert(SyntheticSource('llama2-7b'), sys.argv[1], progress=False)" "$MODEL"
+  # the measured dispatcher (GEMV or GEMM per shape, bit-width and rows), saved in the user cache
+  # where the benchmark's engines pick it up
+  "$PY" -c "import sys; from flexquant_rt.cli import main; sys.exit(main(sys.argv[1:]))" tune "$MODEL" --backend cuda \
+    2>&1 | tee "$LOG/e2e_tune.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
   "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 6 4 --prompt 2048 --decode 64 2>&1 | tee "$LOG/e2e.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   # batched decode on the GPU (several sequences, one pass per step)

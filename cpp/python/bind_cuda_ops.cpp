@@ -320,6 +320,8 @@ void bind_cuda_ops(py::module_& m) {
           "(total; no unpack for 'b1'), the planes rotated over enough copies that they come from HBM. -> dict.");
     m.def("bitplane_gemm_b1_supports", &flexquant::bitplane_gemm_b1_supports, py::arg("group_size"),
           "Whether the 'b1' GEMM handles this group size.");
+    m.def("cuda_device_name", &flexquant::cuda_device_name, py::arg("device") = 0,
+          "The name of a CUDA device ('' when there is none).");
     m.def("bitplane_cuda_tc_supports", &flexquant::bitplane_cuda_tc_supports, py::arg("group_size"),
           "Whether the 'tc' path of bitplane_matmul_cuda handles this group size.");
 }

@@ -154,8 +154,9 @@ void bind_engine(py::module_& m) {
                  return kernel_table_to_py(t);
              },
              py::arg("max_m") = 16, py::arg("repeats") = 3,
-             "Time the CPU kernel families per linear shape, bit-width and m = 1..max_m; apply and return the\n"
-             "table: [{'n', 'k', 'bits', 'decode_max_m'}] (decode kernels up to decode_max_m rows, GEMM above).")
+             "Time the kernel families per linear shape, bit-width and m rows (CPU: decode against GEMM, m = 1..max_m;\n"
+             "CUDA: the GEMV against the tensor-core GEMM, m = 16, 32, .. max(max_m, 16)); apply and return the\n"
+             "table: [{'n', 'k', 'bits', 'decode_max_m'}] (decode kernels / GEMV up to decode_max_m rows, GEMM above).")
         .def("set_kernel_table",
              [](PyEngine& e, const std::vector<py::dict>& table) {
                  std::vector<flexquant::KernelChoice> t;
@@ -175,7 +176,8 @@ void bind_engine(py::module_& m) {
              },
              py::arg("table"), "Apply a kernel table (as tune_kernels returns).")
         .def("kernel_table", [](PyEngine& e) { return kernel_table_to_py(e.get().kernel_table()); },
-             "The kernel table in effect ([] = the default: decode kernels up to 4 rows).")
+             "The kernel table in effect ([] = the default: on the CPU decode kernels up to 4 rows; on CUDA the GEMM\n"
+             "from cuda_gemm_min_rows rows).")
         .def("bytes_per_token_at",
              [](PyEngine& e, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& bits) {
                  if (bits.ndim() != 1) throw flexquant::Error("bits must be 1-D (n_layers * 7 + 1,)");

@@ -5,8 +5,10 @@
 // part under __CUDACC__ is shared by the .cu files: error checking, device buffers, launchers.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "flexquant/error.h"
@@ -18,6 +20,8 @@ namespace flexquant {
 // Number of CUDA devices this process can use; 0 when there is no driver or no GPU. Never throws:
 // a CUDA build must run on the CPU on a machine without a GPU.
 int cuda_device_count() noexcept;
+// The name of CUDA device `device` ("" when there is none): part of the key of a saved kernel table.
+std::string cuda_device_name(int device = 0);
 
 // dequantize_linear (ops/dequantize.h) on the current CUDA device: uploads the first `bits` planes
 // and the group params of `w`, computes W_k, downloads it. host_out: (w.n, w.k) fp32, host
@@ -88,6 +92,17 @@ public:
     // per row over its own sequence. logits (count, vocab), entropy and top1_prob (count).
     void decode_batch(const int32_t* seqs, const int32_t* tokens, const int64_t* positions, int64_t count,
                       const int32_t* bits, float* logits, float* entropy, float* top1_prob);
+    // The dispatcher between the GEMV and the GEMM for the layer linears (the LM head always runs on
+    // the GEMV). Without a table: the GEMM for passes of >= gemm_min_rows rows. tune() measures, per
+    // layer-linear shape (n, k) and bit-width 2..bits_cap, the GEMV against the GEMM at m = 16, 32, ..
+    // and max_m (16..max pass rows; each timing runs the shape's linears of every layer back to back,
+    // so the weights come from HBM) until the GEMM wins, and applies and returns {n, k, bits,
+    // gemv_max_m}: the GEMV up to gemv_max_m rows (the last m it won, at least 8), the GEMM above.
+    // set_gemv_max applies one such entry; reset_gemv_max returns to the gemm_min_rows rule; both
+    // drop the captured decode graph (it holds the kernel choice). Throws when the GEMM is off.
+    std::vector<std::array<int64_t, 4>> tune(int64_t max_m, int repeats);
+    void set_gemv_max(int64_t n, int64_t k, int bits, int64_t gemv_max_m);
+    void reset_gemv_max();
     uint64_t device_bytes() const;  // device memory held
     int graph_replays() const;      // one-token steps served from the captured graph so far
 

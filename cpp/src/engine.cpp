@@ -354,6 +354,12 @@ void Engine::set_kernel_table(const std::vector<KernelChoice>& table) {
             const BitplaneLinear& w = e.lin_at(j);
             if (w.n == c.n && w.k == c.k) e.decode_max[j][c.bits] = c.decode_max_m;
         }
+#ifdef FLEXQUANT_HAVE_CUDA
+    if (e.gpu) {  // on the GPU: decode_max_m = the rows up to which the GEMV beats the tensor-core GEMM
+        e.gpu->reset_gemv_max();
+        for (const KernelChoice& c : table) e.gpu->set_gemv_max(c.n, c.k, c.bits, c.decode_max_m);
+    }
+#endif
     e.kernel_table = table;
 }
 
@@ -361,9 +367,17 @@ std::vector<KernelChoice> Engine::kernel_table() const { return impl_->kernel_ta
 
 std::vector<KernelChoice> Engine::tune_kernels(int64_t max_m, int repeats) {
     Impl& e = *impl_;
-    if (e.on_gpu()) throw Error("tune_kernels: the CPU kernels are not used by the CUDA backend");
     if (max_m < 1 || max_m > 256) throw Error(cat("tune_kernels: max_m = ", max_m, " is outside 1..256"));
     if (repeats < 1 || repeats > 100) throw Error(cat("tune_kernels: repeats = ", repeats, " is outside 1..100"));
+#ifdef FLEXQUANT_HAVE_CUDA
+    if (e.gpu) {  // the GEMV against the tensor-core GEMM (CudaForward::tune)
+        std::vector<KernelChoice> table;
+        for (const auto& t : e.gpu->tune(std::max<int64_t>(max_m, 16), repeats))
+            table.push_back(KernelChoice{t[0], t[1], int(t[2]), t[3]});
+        e.kernel_table = table;  // tune() applied it already
+        return table;
+    }
+#endif
     const size_t n_lin = e.lin.size() + 1;  // the LM head last
     // the distinct shapes, in model order, and each linear's
     std::vector<std::pair<int64_t, int64_t>> shapes;

@@ -66,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--policy", default=None, choices=POLICIES, help="default precision policy")
     sv.add_argument("--budget-bits", type=float, default=None, help="mean bits per weight for --policy")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    tu = sub.add_parser("tune", help="time the CPU kernels on this machine and save the faster choice per shape")
+    tu = sub.add_parser("tune", help="time the kernels on this machine (CPU, or the GPU with --backend cuda) and "
+                                     "save the faster choice per shape")
     tu.add_argument("model", nargs="?", default=None)
-    tu.add_argument("--max-m", type=int, default=16, help="largest row count (prompt slice or batch) timed")
+    tu.add_argument("--backend", default="cpu", choices=("cpu", "cuda"))
+    tu.add_argument("--max-m", type=int, default=None,
+                    help="largest row count (prompt slice or batch) timed (default: 16 on the CPU, 256 on CUDA)")
     tu.add_argument("--repeats", type=int, default=3)
     tu.add_argument("--threads", type=int, default=None, help="the thread count the table is for (default: all)")
     i = sub.add_parser("inspect", help="config and bytes per token of a model file")
@@ -113,16 +116,23 @@ def main(argv: list[str] | None = None) -> int:
                   default_fq={"policy": a.policy, "budget_bits": a.budget_bits, "bits": a.bits})
             return 0
         if a.cmd == "tune":
-            with Engine(a.model, backend="cpu", threads=a.threads, kernel_table=None) as eng:
+            with Engine(a.model, backend=a.backend, threads=a.threads, kernel_table=None) as eng:
+                if eng.backend != a.backend:
+                    raise SystemExit(f"--backend {a.backend}: the engine runs on {eng.backend} ({eng._eng.backend_note})")
                 table = eng.tune_kernels(max_m=a.max_m, repeats=a.repeats)
-                print(f"CPU kernel table for {eng.path} on {eng._eng.threads} threads "
-                      f"(decode kernels up to the given rows, GEMM above; default 4):")
+                if eng.backend == "cuda":
+                    from . import _core
+                    print(f"CUDA kernel table for {eng.path} on {_core.cuda_device_name()} (the GEMV up to the "
+                          f"given rows, the tensor-core GEMM above; default: the GEMM from 64 rows):")
+                else:
+                    print(f"CPU kernel table for {eng.path} on {eng._eng.threads} threads "
+                          f"(decode kernels up to the given rows, GEMM above; default 4):")
                 shapes: dict = {}
                 for d in table:
                     shapes.setdefault((d["n"], d["k"]), []).append(f"{d['bits']}:{d['decode_max_m']}")
                 for (n, k), cells in shapes.items():
                     print(f"  {n} x {k}: bits:rows " + " ".join(cells))
-                print("saved: engines on this machine with the same threads and shapes use it")
+                print("saved: engines on this machine with the same threads (or GPU) and shapes use it")
             return 0
         if a.cmd == "calibrate":
             from .controller import calibrate, calibration_text, save_profile, text_chunks

@@ -68,10 +68,11 @@ class Engine:
     uploads only that many bit planes, so max_bits=6 of an 8-bit file holds 6/8 of the code bytes.
     n_seq: sequences held at once, each with its own KV cache (generate_batch decodes them together;
     the default n_ctx then shares the cache budget among them).
-    kernel_table: "auto" applies the CPU kernel table that tune_kernels() saved for this machine,
+    kernel_table: "auto" applies the kernel table that tune_kernels() saved for this machine (or GPU),
     thread count and model shapes, if there is one; None keeps the built-in rule; or a table.
     cuda_gemm_min_rows (CUDA): prompt passes (up to 256 tokens) and batched steps of at least this
-    many rows run on the tensor-core GEMM (the same int8 activations as the GEMV); 0 = never.
+    many rows run on the tensor-core GEMM (the same int8 activations as the GEMV); 0 = never. At its
+    default (64) a table saved by tune_kernels() on this GPU takes its place.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,
@@ -111,7 +112,10 @@ class Engine:
         self.n_layers = int(cfg["n_layers"])
         self.max_bits = int(self._eng.max_bits)  # the cap this engine runs under (<= the file's)
         self.eos_id = self.tokenizer.eos_id
-        if self.backend == "cpu" and kernel_table is not None:
+        # an explicit cuda_gemm_min_rows is the user's rule: a saved table does not override it
+        if kernel_table == "auto" and self.backend == "cuda" and cuda_gemm_min_rows != 64:
+            kernel_table = None
+        if kernel_table is not None:
             if kernel_table == "auto":
                 saved = _load_kernel_table(self._kernel_key())
                 try:
@@ -119,7 +123,7 @@ class Engine:
                         self._eng.set_kernel_table(saved)
                 except (FlexquantError, TypeError, ValueError) as e:  # a damaged cache file: not fatal
                     import warnings
-                    warnings.warn(f"ignoring the saved CPU kernel table ({e}); rerun flexquant-rt tune",
+                    warnings.warn(f"ignoring the saved kernel table ({e}); rerun flexquant-rt tune",
                                   RuntimeWarning, stacklevel=2)
             else:
                 self._eng.set_kernel_table(kernel_table)
@@ -145,27 +149,36 @@ class Engine:
         return self._eng.n_ctx
 
     # -- CPU kernel dispatch ----------------------------------------------------------------------
-    def tune_kernels(self, max_m: int = 16, repeats: int = 3, save: bool = True) -> list[dict]:
-        """Time the CPU kernel families (bit-serial decode, dequantize + GEMM) on this machine for
-        every linear shape of the model, bit-width and m = 1..max_m rows, and run each product on
-        the faster one from now on (prefill, batched decode). save: keep the table in the user cache,
-        where later engines on this machine (same thread count and shapes) pick it up. Returns
-        [{'n', 'k', 'bits', 'decode_max_m'}]: decode kernels up to decode_max_m rows, GEMM above."""
-        if self.backend != "cpu":
-            raise ValueError("tune_kernels tunes the CPU kernels; this engine runs on the CUDA backend")
+    def tune_kernels(self, max_m: int | None = None, repeats: int = 3, save: bool = True) -> list[dict]:
+        """Time the kernel families on this machine for every linear shape of the model, bit-width
+        and m rows, and run each product on the faster one from now on (prefill, batched decode).
+        CPU: bit-serial decode against dequantize + GEMM, m = 1..max_m (default 16). CUDA: the
+        bit-plane GEMV against the tensor-core GEMM, m = 16, 32, ... up to max_m (default 256).
+        save: keep the table in the user cache, where later engines on this machine (same CPU and
+        thread count, or same GPU; same shapes) pick it up. Returns [{'n', 'k', 'bits',
+        'decode_max_m'}]: the decode kernels (GEMV) up to decode_max_m rows, the GEMM above."""
+        if max_m is None:
+            max_m = 256 if self.backend == "cuda" else 16
         table = self._eng.tune_kernels(int(max_m), int(repeats))
         if save:
             _save_kernel_table(self._kernel_key(), table)
         return table
 
     def kernel_table(self) -> list[dict]:
-        """The CPU kernel table in effect ([] = the built-in rule: decode kernels up to 4 rows)."""
+        """The kernel table in effect ([] = the built-in rule: on the CPU decode kernels up to 4
+        rows; on CUDA the GEMM from cuda_gemm_min_rows rows)."""
         return self._eng.kernel_table()
 
     def _kernel_key(self) -> str:
-        """What a kernel table depends on: the CPU, its kernel family, the threads, the shapes."""
+        """What a kernel table depends on: the CPU, its kernel family and the threads (or the GPU),
+        and the shapes."""
         import hashlib
         import platform
+
+        shapes = sorted({(int(d["n"]), int(d["k"])) for d in self._linear_shapes()})
+        if self.backend == "cuda":
+            ident = f"cuda|{_core.cuda_device_name()}|{self.max_bits}|{shapes}"
+            return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
         cpu = platform.processor() or platform.machine()
         try:
@@ -173,7 +186,6 @@ class Engine:
                 cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
         except OSError:
             pass
-        shapes = sorted({(int(d["n"]), int(d["k"])) for d in self._linear_shapes()})
         ident = f"{cpu}|{_core.ops.get_cpu_kernels()}|{self._eng.threads}|{shapes}"
         return hashlib.sha1(ident.encode()).hexdigest()[:16]
 

@@ -83,8 +83,10 @@ struct EngineParams {
     int n_seq = 1;
 };
 
-// Which CPU kernel family runs a linear of shape (n outputs, k inputs) at `bits` for m activation
-// rows: the bit-serial decode kernels for m <= decode_max_m, dequantize-then-GEMM above.
+// Which kernel family runs a linear of shape (n outputs, k inputs) at `bits` for m activation rows.
+// CPU: the bit-serial decode kernels for m <= decode_max_m, dequantize-then-GEMM above. CUDA: the
+// bit-plane GEMV (binary tensor cores, 8 rows per launch) for m <= decode_max_m, the s8
+// tensor-core GEMM above (layer linears; the LM head stays on the GEMV).
 struct KernelChoice {
     int64_t n = 0, k = 0;
     int bits = 0;
@@ -192,14 +194,16 @@ public:
     void decode_batch(const int32_t* seqs, const int32_t* tokens, int64_t count, float* logits,
                       StepSignals* signals = nullptr);
 
-    // ---- kernel dispatch (CPU backend) ----
+    // ---- kernel dispatch ----
     // Times both kernel families on this machine for every distinct linear shape of the model at
     // every bit-width 2..max_bits and m = 1, 2, ... rows (each shape timed inside passes over all
     // the model's linears, as a forward pass streams them; the fastest of `repeats`), then runs each
     // product on the faster one from now on: decode up to the crossover, GEMM beyond (past max_m:
     // GEMM). Returns the table, one entry per (shape, bits). Cost: about 2 * repeats passes over the
     // weights per bit-width and m, m stopping two past the last crossover. Without a table: decode
-    // for m <= 4.
+    // for m <= 4. On the CUDA backend: the GEMV against the GEMM per layer-linear shape and bit-width
+    // at m = 16, 32, ... up to max(max_m, 16) (<= 256), each shape's linears of every layer timed
+    // back to back with CUDA events; without a table the GEMM runs from cuda_gemm_min_rows rows.
     std::vector<KernelChoice> tune_kernels(int64_t max_m = 16, int repeats = 3);
     // Applies a table (one tune_kernels() returned earlier on this machine): entries for shapes the
     // model lacks are kept but unused; linears without one keep the default. Throws naming a bad

@@ -124,6 +124,17 @@ void bitplane_gemm_cuda_async(const BitplaneLinear& w, int bits, const float* x,
                               void* workspace, size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
                               const int32_t* bits_dev = nullptr, int act_bits = 0);
 
+// The two halves of bitplane_gemm_cuda_async, so that linears reading the same x (q, k and v; gate
+// and up) prepare it once: prepare x (m, k) into the workspace for linears of w's k and group_size,
+// then run any number of such linears from it (same m, kind and act_bits; each call's workspace_bytes
+// must cover that linear: the codes, last in the workspace, grow with n, the prepared x does not move).
+void bitplane_gemm_prepare_cuda_async(const BitplaneLinear& w, const float* x, int64_t m, void* workspace,
+                                      size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
+                                      int act_bits = 0);
+void bitplane_gemm_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_t m, float* y, void* workspace,
+                                       size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
+                                       const int32_t* bits_dev = nullptr, int act_bits = 0);
+
 // Host memory in and out (tests): uploads, runs on the current device, downloads y (m, n). y and the
 // workspace are filled with NaN / 0xff bytes first, so a missed element or a read of an unwritten
 // scratch byte shows.

@@ -83,10 +83,12 @@ int act_bytes(BitplaneGemmKind kind) { return kind == BITPLANE_GEMM_A16 ? 2 : 1;
 int64_t n_chunks(const GemmGeometry& g) { return ceil_div(g.k_pad, 256); }  // 256-column chunks of the b1 mma
 
 // The workspace, in this order (each part 256-byte aligned):
-//   codes (n_alloc, k_pad) int8            A8, A16: the unpacked weights
 //   x̃ (m_alloc, k_pad) int8 or fp16        all kinds (B1: the a-bit integers before slicing)
 //   x planes (m_alloc, n_chunks, 8, 8) u32  B1: bit p of q over the chunk's 8 words of 32 columns
 //   (a_s, a_z) (m_alloc, n_groups) float2
+//   codes (n_alloc, k_pad) int8            A8, A16: the unpacked weights
+// The activations come first, so their place depends only on (m, k, group_size, kind): linears that
+// read the same x but differ in n find the prepared x at the same offset.
 struct GemmScratch {
     int8_t* codes;      // null for B1
     void* acts;
@@ -109,13 +111,13 @@ size_t gemm_scratch_bytes(const GemmGeometry& g, BitplaneGemmKind kind) {
 GemmScratch carve(const GemmGeometry& g, BitplaneGemmKind kind, void* ws) {
     uint8_t* p = static_cast<uint8_t*>(ws);
     GemmScratch s{};
-    s.codes = kind == BITPLANE_GEMM_B1 ? nullptr : reinterpret_cast<int8_t*>(p);
-    p += codes_bytes(g, kind);
     s.acts = p;
     p += align256(size_t(g.m_alloc) * size_t(g.k_pad) * size_t(act_bytes(kind)));
     s.aplanes = kind == BITPLANE_GEMM_B1 ? reinterpret_cast<uint32_t*>(p) : nullptr;
     p += aplanes_bytes(g, kind);
     s.aparams = reinterpret_cast<float2*>(p);
+    p += align256(size_t(g.m_alloc) * size_t(g.n_groups) * sizeof(float2));
+    s.codes = kind == BITPLANE_GEMM_B1 ? nullptr : reinterpret_cast<int8_t*>(p);
     return s;
 }
 
@@ -742,21 +744,57 @@ size_t bitplane_gemm_cuda_workspace(const BitplaneLinear& w, int64_t m, Bitplane
     return gemm_scratch_bytes(gemm_geometry(w, m), kind);
 }
 
+namespace {
+// The checks the device-resident entry points share; returns the resolved act_bits.
+int validate_async(const BitplaneLinear& w, int bits, int64_t m, const void* workspace, size_t workspace_bytes,
+                   BitplaneGemmKind kind, int act_bits, const std::string& fn) {
+    act_bits = validate(w, bits, m, kind, act_bits, fn);
+    check(w.planes && w.qparams && workspace, fn, "null pointer");
+    check(reinterpret_cast<uintptr_t>(w.planes) % 4 == 0, fn, "planes must be 4-byte aligned");
+    check(reinterpret_cast<uintptr_t>(w.qparams) % 4 == 0, fn, "qparams must be 4-byte aligned");
+    check(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, fn, "workspace must be 256-byte aligned");
+    const size_t need = gemm_scratch_bytes(gemm_geometry(w, m), kind);
+    check(workspace_bytes >= need, fn,
+          "workspace holds " + std::to_string(workspace_bytes) + " bytes, needs " + std::to_string(need));
+    return act_bits;
+}
+}  // namespace
+
 void bitplane_gemm_cuda_async(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, void* workspace,
                               size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
                               const int32_t* bits_dev, int act_bits) {
     const std::string fn = "bitplane_gemm_cuda_async";
-    act_bits = validate(w, bits, m, kind, act_bits, fn);
+    act_bits = validate_async(w, bits, m, workspace, workspace_bytes, kind, act_bits, fn);
     if (m == 0) return;
-    check(w.planes && w.qparams && x && y && workspace, fn, "null pointer");
-    check(reinterpret_cast<uintptr_t>(w.planes) % 4 == 0, fn, "planes must be 4-byte aligned");
-    check(reinterpret_cast<uintptr_t>(w.qparams) % 4 == 0, fn, "qparams must be 4-byte aligned");
-    check(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, fn, "workspace must be 256-byte aligned");
+    check(x && y, fn, "null pointer");
     const GemmGeometry g = gemm_geometry(w, m);
-    const size_t need = gemm_scratch_bytes(g, kind);
-    check(workspace_bytes >= need, fn,
-          "workspace holds " + std::to_string(workspace_bytes) + " bytes, needs " + std::to_string(need));
     run_launches(g, w, bits_dev, bits, x, kind, act_bits, carve(g, kind, workspace), y, stream);
+    cuda_check(cudaGetLastError(), fn + " (kernel launch)");
+}
+
+void bitplane_gemm_prepare_cuda_async(const BitplaneLinear& w, const float* x, int64_t m, void* workspace,
+                                      size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
+                                      int act_bits) {
+    const std::string fn = "bitplane_gemm_prepare_cuda_async";
+    act_bits = validate_async(w, w.max_bits, m, workspace, workspace_bytes, kind, act_bits, fn);
+    if (m == 0) return;
+    check(x != nullptr, fn, "null pointer");
+    const GemmGeometry g = gemm_geometry(w, m);
+    prepare_launch(g, x, kind, act_bits, carve(g, kind, workspace), stream);
+    cuda_check(cudaGetLastError(), fn + " (kernel launch)");
+}
+
+void bitplane_gemm_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_t m, float* y, void* workspace,
+                                       size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
+                                       const int32_t* bits_dev, int act_bits) {
+    const std::string fn = "bitplane_gemm_prepared_cuda_async";
+    act_bits = validate_async(w, bits, m, workspace, workspace_bytes, kind, act_bits, fn);
+    if (m == 0) return;
+    check(y != nullptr, fn, "null pointer");
+    const GemmGeometry g = gemm_geometry(w, m);
+    const GemmScratch sc = carve(g, kind, workspace);
+    if (kind != BITPLANE_GEMM_B1) unpack_launch(g, w.planes, w.plane_bytes, bits_dev, bits, sc.codes, stream);
+    gemm_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, kind, act_bits, sc, y, stream);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
 

@@ -174,24 +174,31 @@ struct CudaForward::Impl {
         const int32_t b = reinterpret_cast<const int32_t*>(in_host + in_bits)[j];
         return T > gemv_max[j][size_t(std::clamp(b, 0, 8))];
     }
-    // Linears js, all reading xin (T rows), into ys. The GEMV linears among them prepare xin once
-    // when T <= SLICE (q, k and v; gate and up share it); with more rows the GEMV slices by 8.
+    // Linears js, all reading xin (T rows), into ys. xin is prepared once per kernel family (q, k
+    // and v; gate and up share it): for the GEMM always, for the GEMV when T <= SLICE (with more rows
+    // the GEMV slices by 8 and prepares each slice).
     void linears(std::initializer_list<size_t> js, const float* xin, int64_t T, std::initializer_list<float*> ys) {
-        bool prepared = false;
+        // a prepared input serves linears of the same group size (k is xin's width for all of them)
+        int prepared_g = 0, gemm_prepared_g = 0;
         auto y = ys.begin();
         for (size_t j : js) {
             float* out = *y++;
+            const int g = lin[j].group_size;
             if (on_gemm(j, T)) {
-                bitplane_gemm_cuda_async(lin[j], p.bits_cap, xin, T, out, ws_gemm, ws_gemm_bytes, BITPLANE_GEMM_A8,
-                                         stream, bits_dev() + j);
+                if (gemm_prepared_g != g)
+                    bitplane_gemm_prepare_cuda_async(lin[j], xin, T, ws_gemm, ws_gemm_bytes, BITPLANE_GEMM_A8, stream);
+                gemm_prepared_g = g;
+                bitplane_gemm_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws_gemm, ws_gemm_bytes, BITPLANE_GEMM_A8,
+                                                  stream, bits_dev() + j);
             } else if (T <= SLICE) {
-                if (!prepared) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, path, stream);
-                prepared = true;
+                if (prepared_g != g) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, path, stream);
+                prepared_g = g;
                 bitplane_matmul_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws, ws_bytes, path, stream, {},
                                                     bits_dev() + j);
             } else {
                 bitplane_matmul_cuda_async(lin[j], p.bits_cap, xin, T, out, ws, ws_bytes, path, stream, {},
                                            bits_dev() + j);
+                prepared_g = 0;  // the slices overwrote the GEMV's prepared input
             }
         }
     }

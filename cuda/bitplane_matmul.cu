@@ -692,17 +692,7 @@ void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int
 
 namespace {
 
-// RAII holders so that an error thrown mid-benchmark releases everything.
-struct Stream {
-    cudaStream_t s = nullptr;
-    explicit Stream(const std::string& fn) { cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), fn); }
-    ~Stream() { if (s) cudaStreamDestroy(s); }
-};
-struct Event {
-    cudaEvent_t e = nullptr;
-    explicit Event(const std::string& fn) { cuda_check(cudaEventCreate(&e), fn); }
-    ~Event() { if (e) cudaEventDestroy(e); }
-};
+// RAII holder of a captured graph, so that an error thrown mid-benchmark releases it.
 struct Graph {
     cudaGraph_t g = nullptr;
     cudaGraphExec_t exec = nullptr;
@@ -724,7 +714,7 @@ std::vector<double> time_graph(cudaStream_t stream, int launches, int reps, cons
     cuda_check(launch_err, fn + " (launch during capture)");
     cuda_check(capture_err, fn + " (end capture)");
     cuda_check(cudaGraphInstantiate(&graph.exec, graph.g, 0), fn + " (instantiate)");
-    Event start(fn), stop(fn);
+    CudaEvent start(fn), stop(fn);
     std::vector<double> us;
     for (int rep = -2; rep < reps; ++rep) {
         cuda_check(cudaEventRecord(start.e, stream), fn);
@@ -782,7 +772,7 @@ BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits,
     const Scratch sc = carve(g, m, path, ws.get());
     const int warps = pick_warps(g, tuning.warps_per_block);
 
-    Stream stream(fn);
+    CudaStream stream(fn);
     bitplane_prepare_launch(g, xd.get(), m, path, sc, stream.s);  // the matmul-only graph reads this
     cuda_check(cudaStreamSynchronize(stream.s), fn + " (prepare)");
     const int launches = std::max(copies, 128);

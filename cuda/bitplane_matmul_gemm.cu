@@ -844,22 +844,12 @@ void bitplane_unpack_codes_cuda(const BitplaneLinear& w, int bits, int8_t* codes
 // ---- benchmark ------------------------------------------------------------------------------------------
 
 namespace {
-struct GemmStream {
-    cudaStream_t s = nullptr;
-    explicit GemmStream(const std::string& fn) { cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), fn); }
-    ~GemmStream() { if (s) cudaStreamDestroy(s); }
-};
-struct GemmEvent {
-    cudaEvent_t e = nullptr;
-    explicit GemmEvent(const std::string& fn) { cuda_check(cudaEventCreate(&e), fn); }
-    ~GemmEvent() { if (e) cudaEventDestroy(e); }
-};
 
 // Median microseconds per call of enqueue(i) over `reps` timed rounds of `calls` calls (after one
 // untimed round), timed with events on `stream`.
 template <class F>
 double time_calls(cudaStream_t stream, int calls, int reps, const std::string& fn, F enqueue) {
-    GemmEvent start(fn), stop(fn);
+    CudaEvent start(fn), stop(fn);
     std::vector<double> us;
     for (int rep = -1; rep < reps; ++rep) {
         cuda_check(cudaEventRecord(start.e, stream), fn);
@@ -914,7 +904,7 @@ BitplaneGemmTiming bitplane_gemm_cuda_bench(const BitplaneLinear& w, int bits, c
         return c;
     };
 
-    GemmStream stream(fn);
+    CudaStream stream(fn);
     const int calls = std::max(copies, 8);
     BitplaneGemmTiming t;
     if (kind != BITPLANE_GEMM_B1)

@@ -587,13 +587,8 @@ std::vector<std::array<int64_t, 4>> CudaForward::tune(int64_t max_m, int repeats
     DeviceBuffer<float> x(size_t(max_m * max_k), fn), y(size_t(max_m * max_n), fn);
     // any finite activations do (the time does not depend on them): bytes 0x3c are 0.0115f
     cuda_check(cudaMemsetAsync(x.get(), 0x3c, size_t(max_m * max_k) * 4, e.stream), fn);
-    cudaEvent_t start = nullptr, stop = nullptr;
-    cuda_check(cudaEventCreate(&start), fn);
-    if (cudaEventCreate(&stop) != cudaSuccess) {
-        cudaGetLastError();  // not sticky: clear it, so no later check reports it against a kernel
-        cudaEventDestroy(start);
-        throw Error(fn + ": cudaEventCreate failed");
-    }
+    CudaEvent start_ev(fn), stop_ev(fn);
+    cudaEvent_t start = start_ev.e, stop = stop_ev.e;
     std::vector<std::array<int64_t, 4>> table;
     try {
         auto time_ms = [&](size_t s, int bits, int64_t m, bool gemm) {
@@ -630,13 +625,9 @@ std::vector<std::array<int64_t, 4>> CudaForward::tune(int64_t max_m, int repeats
                 table.push_back({shapes[s].first, shapes[s].second, bits, gemv_max});
             }
     } catch (...) {
-        cudaStreamSynchronize(e.stream);
-        cudaEventDestroy(start);
-        cudaEventDestroy(stop);
+        cudaStreamSynchronize(e.stream);  // nothing of this call still runs when its buffers are freed
         throw;
     }
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
     reset_gemv_max();
     for (const auto& t : table) set_gemv_max(t[0], t[1], int(t[2]), t[3]);
     return table;

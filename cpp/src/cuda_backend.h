@@ -199,6 +199,25 @@ __device__ __forceinline__ T block_reduce(T v, Op op) {
     return v;
 }
 
+// RAII holders of a non-blocking stream and an event, so that an error thrown mid-way (benchmarks,
+// tuning) releases them.
+struct CudaStream {
+    cudaStream_t s = nullptr;
+    explicit CudaStream(const std::string& what) {
+        cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), what + " (stream)");
+    }
+    ~CudaStream() { if (s) cudaStreamDestroy(s); }
+    CudaStream(const CudaStream&) = delete;
+    CudaStream& operator=(const CudaStream&) = delete;
+};
+struct CudaEvent {
+    cudaEvent_t e = nullptr;
+    explicit CudaEvent(const std::string& what) { cuda_check(cudaEventCreate(&e), what + " (event)"); }
+    ~CudaEvent() { if (e) cudaEventDestroy(e); }
+    CudaEvent(const CudaEvent&) = delete;
+    CudaEvent& operator=(const CudaEvent&) = delete;
+};
+
 // Host helpers for the test entry points: a device copy of host data, and the copy back.
 template <class T>
 void upload(DeviceBuffer<T>& d, const T* host, size_t count, const std::string& what) {

@@ -548,17 +548,7 @@ void check(bool ok, const std::string& fn, const std::string& what) {
 }
 
 void validate(const BitplaneLinear& w, int bits, int64_t m, const std::string& fn) {
-    check(w.n > 0 && w.k > 0, fn, "n and k must be positive, got n=" + std::to_string(w.n) + ", k=" + std::to_string(w.k));
-    check(w.max_bits >= 2 && w.max_bits <= 8, fn, "max_bits must be in 2..8, got " + std::to_string(w.max_bits));
-    check(w.group_size > 0 && w.group_size % 32 == 0, fn,
-          "group_size must be a positive multiple of 32, got " + std::to_string(w.group_size));
-    check(bits >= 2 && bits <= w.max_bits, fn,
-          "bits must be in 2.." + std::to_string(w.max_bits) + ", got " + std::to_string(bits));
-    const uint64_t want = uint64_t(ceil_div(w.n, 8) * 8) * uint64_t(ceil_div(w.k, 128) * 128) / 8;
-    check(w.plane_bytes == want, fn,
-          "plane_bytes must be " + std::to_string(want) + " for n=" + std::to_string(w.n) + ", k=" +
-              std::to_string(w.k) + ", got " + std::to_string(w.plane_bytes));
-    check(m >= 0, fn, "m must be >= 0, got " + std::to_string(m));
+    check_bitplane_view(w, bits, m, fn);
     check(ceil_div(w.n, TILE_N) <= int64_t(0x7fffffff) && ceil_div(w.k, SUPER_K) <= 65535, fn, "linear too large");
 }
 
@@ -570,6 +560,20 @@ void validate_tuning(const BitplaneCudaTuning& tuning, const std::string& fn) {
 }  // namespace
 
 // ---- entry points ----------------------------------------------------------------------------------
+
+void check_bitplane_view(const BitplaneLinear& w, int bits, int64_t m, const std::string& fn) {
+    check(w.n > 0 && w.k > 0, fn, "n and k must be positive, got n=" + std::to_string(w.n) + ", k=" + std::to_string(w.k));
+    check(w.max_bits >= 2 && w.max_bits <= 8, fn, "max_bits must be in 2..8, got " + std::to_string(w.max_bits));
+    check(w.group_size > 0 && w.group_size % 32 == 0, fn,
+          "group_size must be a positive multiple of 32, got " + std::to_string(w.group_size));
+    check(bits >= 2 && bits <= w.max_bits, fn,
+          "bits must be in 2.." + std::to_string(w.max_bits) + ", got " + std::to_string(bits));
+    const uint64_t want = uint64_t(ceil_div(w.n, 8) * 8) * uint64_t(ceil_div(w.k, 128) * 128) / 8;
+    check(w.plane_bytes == want, fn,
+          "plane_bytes must be " + std::to_string(want) + " for n=" + std::to_string(w.n) + ", k=" +
+              std::to_string(w.k) + ", got " + std::to_string(w.plane_bytes));
+    check(m >= 0, fn, "m must be >= 0, got " + std::to_string(m));
+}
 
 bool bitplane_cuda_tc_supports(int group_size) {
     return group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256 || group_size == 512;

@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "../cpp/src/ops/ops.h"  // BitplaneLinear (relative: this header is also reached from cpp/python)
 
@@ -37,6 +38,11 @@ enum BitplaneCudaPath {
 struct BitplaneCudaTuning {
   int warps_per_block = 0;  // warps splitting K within a row tile, 1..16; 0: automatic (see the .cu)
 };
+
+// Internal, shared by the GEMV and the GEMM: throws flexquant::Error "<fn>: ..." unless the view is
+// consistent (n, k > 0; max_bits 2..8; group_size a positive multiple of 32; bits 2..max_bits;
+// plane_bytes as the tc8x512 layout needs) and m >= 0.
+void check_bitplane_view(const BitplaneLinear& w, int bits, int64_t m, const std::string& fn);
 
 // Whether the TC path handles this group size (32, 64, 128, 256, 512).
 bool bitplane_cuda_tc_supports(int group_size);

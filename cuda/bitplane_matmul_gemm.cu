@@ -709,20 +709,10 @@ int validate(const BitplaneLinear& w, int bits, int64_t m, BitplaneGemmKind kind
     else
         check(act_bits == natural, fn, "act_bits must be " + std::to_string(natural) + " (or 0) for this kind, got " +
                                            std::to_string(act_bits));
-    check(w.n > 0 && w.k > 0, fn, "n and k must be positive, got n=" + std::to_string(w.n) + ", k=" + std::to_string(w.k));
-    check(w.max_bits >= 2 && w.max_bits <= 8, fn, "max_bits must be in 2..8, got " + std::to_string(w.max_bits));
-    check(w.group_size > 0 && w.group_size % 32 == 0, fn,
-          "group_size must be a positive multiple of 32, got " + std::to_string(w.group_size));
+    check_bitplane_view(w, bits, m, fn);
     if (kind == BITPLANE_GEMM_B1)
         check(bitplane_gemm_b1_supports(w.group_size), fn,
               "the B1 GEMM needs group_size 32, 64, 128, 256 or 512, got " + std::to_string(w.group_size));
-    check(bits >= 2 && bits <= w.max_bits, fn,
-          "bits must be in 2.." + std::to_string(w.max_bits) + ", got " + std::to_string(bits));
-    const uint64_t want = uint64_t(ceil_div(w.n, 8) * 8) * uint64_t(ceil_div(w.k, 128) * 128) / 8;
-    check(w.plane_bytes == want, fn,
-          "plane_bytes must be " + std::to_string(want) + " for n=" + std::to_string(w.n) + ", k=" +
-              std::to_string(w.k) + ", got " + std::to_string(w.plane_bytes));
-    check(m >= 0, fn, "m must be >= 0, got " + std::to_string(m));
     // Grid limits: tiles of n in x (2^31 - 1) or y (65535, B1: 64 rows each), m_alloc blocks of the
     // preparation in x, tiles of m in y (65535).
     check(ceil_div(w.n, BN) <= int64_t(0x7fffffff) && ceil_div(w.n, 64) <= 65535 && ceil_div(m, BM) <= 65535, fn,

@@ -256,10 +256,7 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
         const int64_t n = std::min<int64_t>(SLICE, rows - r0);
         linears({j_head}, h + r0 * D, n, {logits + r0 * V});
     }
-    if (all_rows)
-        for (int64_t r = 0; r < rows; ++r) entropy_and_top1_launch(logits + r * V, V, sig + r, stream);
-    else
-        entropy_and_top1_launch(logits, V, sig, stream);
+    entropy_and_top1_launch(logits, V, sig, stream, all_rows ? rows : 1);
 }
 
 CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinear>& lin,

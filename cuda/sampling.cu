@@ -2,8 +2,8 @@
 // in cpp/src/ops/sampling.cpp:
 //   Z = Σ_j exp(l_j - max l),   entropy = ln Z - Σ_i p_i (l_i - max l),   top-1 prob = 1 / Z,
 //   argmax = the first index holding max l.
-// One block of 1024 threads: the vocab (32k-128k) is one pass of ~100 reads per thread, cheaper
-// than a second launch to merge blocks. The sums are fp64 as on the CPU; NaN counts as -inf.
+// One block of 1024 threads per logit row: the vocab (32k-128k) is one pass of ~100 reads per
+// thread, cheaper than a second launch to merge blocks; a batched step's rows are the grid. The sums are fp64 as on the CPU; NaN counts as -inf.
 #include <cmath>
 
 #include "cuda_backend.h"
@@ -17,9 +17,11 @@ __device__ __forceinline__ float clean(float v) { return isnan(v) ? -INFINITY : 
 }  // namespace
 
 static __global__ void __launch_bounds__(THREADS)
-entropy_and_top1_kernel(const float* __restrict__ logits,  // (vocab)
+entropy_and_top1_kernel(const float* __restrict__ logits_all,  // (rows, vocab)
                         int64_t vocab,
-                        StepSignalsDevice* __restrict__ out) {
+                        StepSignalsDevice* __restrict__ out_all) {        // (rows)
+    const float* logits = logits_all + int64_t(blockIdx.x) * vocab;
+    StepSignalsDevice* out = out_all + blockIdx.x;
     float mx = -INFINITY;
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, clean(logits[i]));
     mx = block_reduce(mx, [](float a, float b) { return fmaxf(a, b); });
@@ -48,8 +50,9 @@ entropy_and_top1_kernel(const float* __restrict__ logits,  // (vocab)
     }
 }
 
-void entropy_and_top1_launch(const float* logits, int64_t vocab, StepSignalsDevice* out, cudaStream_t stream) {
-    entropy_and_top1_kernel<<<1, THREADS, 0, stream>>>(logits, vocab, out);
+void entropy_and_top1_launch(const float* logits, int64_t vocab, StepSignalsDevice* out, cudaStream_t stream,
+                             int64_t rows) {
+    if (rows > 0) entropy_and_top1_kernel<<<unsigned(rows), THREADS, 0, stream>>>(logits, vocab, out);
 }
 
 void entropy_and_top1_cuda(const float* logits, int64_t vocab, float* entropy, float* top1_prob, int64_t* argmax) {

@@ -173,13 +173,14 @@ void attention_launch(const float* q /* (m, H, d) */, const void* k_cache, const
                       int64_t m, const int64_t* positions /* (m) */, int64_t n_heads, int64_t n_kv_heads,
                       int64_t head_dim, int n_splits, float* partial, float* out /* (m, H, d) */,
                       cudaStream_t stream, const int64_t* bases /* (m) */ = nullptr);
-// out: {entropy, top-1 probability, argmax as float bits} of logits (vocab).
+// out (rows): {entropy, top-1 probability, argmax} of each row of logits (rows, vocab).
 struct StepSignalsDevice {
     float entropy;
     float top1_prob;
     int32_t argmax;
 };
-void entropy_and_top1_launch(const float* logits, int64_t vocab, StepSignalsDevice* out, cudaStream_t stream);
+void entropy_and_top1_launch(const float* logits, int64_t vocab, StepSignalsDevice* out, cudaStream_t stream,
+                             int64_t rows = 1);
 
 // ---- shared device helpers -------------------------------------------------------------------------
 

@@ -214,9 +214,9 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
     const int64_t kvdim = Hkv * hd;
     // The kernels launched here directly: a bad launch is named now, not at the next op's check.
     auto launched = [](const char* what) { cuda_check(cudaGetLastError(), std::string("CudaForward (") + what + ")"); };
-    // Split attention's partial buffer holds SLICE x n_splits (row, span) pairs: a longer pass splits
-    // each row's positions into fewer spans (it has T x H blocks besides).
-    const int splits = int(std::max<int64_t>(1, int64_t(n_splits) * SLICE / T));
+    // Split attention's partial buffer holds SLICE x n_splits (row, span) pairs: up to SLICE rows get
+    // n_splits spans each (the decode step), a longer pass fewer (it has T x H blocks besides).
+    const int splits = int(std::clamp<int64_t>(int64_t(n_splits) * SLICE / T, 1, n_splits));
     if (embd_f16)
         embed_kernel<__half><<<unsigned(T), THREADS, 0, stream>>>(static_cast<const __half*>(embd), V, D, tokens_dev(), x);
     else

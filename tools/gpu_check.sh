@@ -105,6 +105,13 @@ for i in range(6):
     eng.set_layer_bits(int(rng.integers(2, 9)))
     logits = eng.decode(int(np.argmax(logits)))
     assert np.isfinite(logits).all()
+# The GEMM prefill (passes of >= 4 rows on it), several sequences and a batched step through the engine.
+import flexquant_rt._core as fcore
+b = fcore.Engine(str(d / "t.fq"), backend="cuda", n_ctx=64, n_seq=3, cuda_gemm_min_rows=4)
+for s_ in range(3):
+    b.eval_seq(s_, rng.integers(0, 320, 5 + 4 * s_).astype(np.int32))
+lg, ent, top1 = b.decode_batch(np.array([2, 0, 1], dtype=np.int32), rng.integers(0, 320, 3).astype(np.int32))
+assert np.isfinite(lg).all() and np.isfinite(ent).all()
 # Odd widths at group 64 (K = 72 and 150: padding words past the last group) through the reference
 # dequantize and the engine.
 convert(HFSource(make_hf_llama(d / "odd", hidden=72, layers=2, heads=3, kv_heads=3, head_dim=24, ffn=150, vocab=333)),

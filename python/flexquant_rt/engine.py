@@ -148,7 +148,7 @@ class Engine:
     def n_ctx(self) -> int:
         return self._eng.n_ctx
 
-    # -- CPU kernel dispatch ----------------------------------------------------------------------
+    # -- kernel dispatch --------------------------------------------------------------------------
     def tune_kernels(self, max_m: int | None = None, repeats: int = 3, save: bool = True) -> list[dict]:
         """Time the kernel families on this machine for every linear shape of the model, bit-width
         and m rows, and run each product on the faster one from now on (prefill, batched decode).

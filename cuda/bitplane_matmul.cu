@@ -673,22 +673,13 @@ void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int
     path = bitplane_cuda_resolve_path(w, path);
     check(w.planes && w.qparams && x && y, fn, "null pointer");
     if (m == 0) return;
-    // Only the first `bits` planes travel: the k-bit view never reads the others.
-    const size_t planes_bytes = size_t(bits) * w.plane_bytes;
-    const size_t qparams_count = size_t(w.n) * w.n_groups() * 2;
+    const DeviceLinear dw(w, bits, fn);
     const size_t ws_bytes = bitplane_matmul_cuda_workspace(w, m, path);
-    DeviceBuffer<uint8_t> planes(planes_bytes, fn);
-    DeviceBuffer<uint16_t> qparams(qparams_count, fn);
     DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
     DeviceBuffer<uint8_t> ws(ws_bytes, fn);
-    upload(planes, w.planes, planes_bytes, fn + " planes");
-    upload(qparams, w.qparams, qparams_count, fn + " qparams");
     upload(xd, x, size_t(m) * w.k, fn + " x");
     poison(yd, size_t(m) * w.n, fn + " y");
-    BitplaneLinear dw = w;
-    dw.planes = planes.get();
-    dw.qparams = qparams.get();
-    bitplane_matmul_cuda_async(dw, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, path, nullptr, tuning);
+    bitplane_matmul_cuda_async(dw.view, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, path, nullptr, tuning);
     download(y, yd, size_t(m) * w.n, fn + " y");
 }
 
@@ -759,14 +750,8 @@ BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits,
         copies = int(std::max<size_t>(2, std::min<size_t>(copies, (size_t(8) << 30) / per_copy)));
     }
 
-    std::vector<std::unique_ptr<DeviceBuffer<uint8_t>>> plane_copies;
-    std::vector<std::unique_ptr<DeviceBuffer<uint16_t>>> qparam_copies;
-    for (int c = 0; c < copies; ++c) {
-        plane_copies.push_back(std::make_unique<DeviceBuffer<uint8_t>>(planes_bytes, fn));
-        qparam_copies.push_back(std::make_unique<DeviceBuffer<uint16_t>>(qparams_count, fn));
-        cuda_check(cudaMemcpy(plane_copies.back()->get(), w.planes, planes_bytes, cudaMemcpyHostToDevice), fn);
-        cuda_check(cudaMemcpy(qparam_copies.back()->get(), w.qparams, qparams_count * 2, cudaMemcpyHostToDevice), fn);
-    }
+    std::vector<std::unique_ptr<DeviceLinear>> weight_copies;
+    for (int c = 0; c < copies; ++c) weight_copies.push_back(std::make_unique<DeviceLinear>(w, bits, fn));
     cuda_check(cudaDeviceSynchronize(), fn + " (uploads complete)");  // the stream below is non-blocking
     const Geometry g = geometry(w);
     const size_t ws_bytes = scratch_bytes(g, m, path);
@@ -782,8 +767,9 @@ BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits,
     const int launches = std::max(copies, 128);
     auto matmul = [&](int i) {
         const int c = i % copies;
-        bitplane_matmul_launch(g, plane_copies[c]->get(), w.plane_bytes, qparam_copies[c]->get(), nullptr, bits,
-                               w.max_bits, m, path, sc, yd.get(), warps, stream.s);
+        const BitplaneLinear& wc = weight_copies[size_t(c)]->view;
+        bitplane_matmul_launch(g, wc.planes, wc.plane_bytes, wc.qparams, nullptr, bits, w.max_bits, m, path, sc,
+                               yd.get(), warps, stream.s);
     };
     const std::vector<double> mm = time_graph(stream.s, launches, reps, fn, matmul);
     const std::vector<double> prep = time_graph(stream.s, launches, reps, fn, [&](int) {

@@ -794,24 +794,16 @@ void bitplane_gemm_cuda(const BitplaneLinear& w, int bits, const float* x, int64
     validate(w, bits, m, kind, act_bits, fn);
     check(w.planes && w.qparams && x && y, fn, "null pointer");
     if (m == 0) return;
-    const size_t planes_bytes = size_t(bits) * w.plane_bytes;
-    const size_t qparams_count = size_t(w.n) * w.n_groups() * 2;
+    const DeviceLinear dw(w, bits, fn);
     const size_t ws_bytes = gemm_scratch_bytes(gemm_geometry(w, m), kind);
-    DeviceBuffer<uint8_t> planes(planes_bytes, fn);
-    DeviceBuffer<uint16_t> qparams(qparams_count, fn);
     DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
     DeviceBuffer<uint8_t> ws(ws_bytes, fn);
-    upload(planes, w.planes, planes_bytes, fn + " planes");
-    upload(qparams, w.qparams, qparams_count, fn + " qparams");
     upload(xd, x, size_t(m) * w.k, fn + " x");
     poison(yd, size_t(m) * w.n, fn + " y");
     // The scratch is poisoned too: a scratch byte the kernels read without having written it shows
     // (NaN fp16 activations; 0xff codes and planes are wrong integers).
     cuda_check(cudaMemset(ws.get(), 0xff, ws_bytes), fn + " (poison workspace)");
-    BitplaneLinear dw = w;
-    dw.planes = planes.get();
-    dw.qparams = qparams.get();
-    bitplane_gemm_cuda_async(dw, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, kind, nullptr, nullptr, act_bits);
+    bitplane_gemm_cuda_async(dw.view, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, kind, nullptr, nullptr, act_bits);
     download(y, yd, size_t(m) * w.n, fn + " y");
 }
 
@@ -819,14 +811,13 @@ void bitplane_unpack_codes_cuda(const BitplaneLinear& w, int bits, int8_t* codes
     const std::string fn = "bitplane_unpack_codes_cuda";
     validate(w, bits, 1, BITPLANE_GEMM_A8, 0, fn);
     check(w.planes && codes, fn, "null pointer");
+    check(w.qparams != nullptr, fn, "null pointer");
     const GemmGeometry g = gemm_geometry(w, 1);
-    const size_t planes_bytes = size_t(bits) * w.plane_bytes;
     const size_t count = size_t(w.n) * size_t(g.k_pad);
-    DeviceBuffer<uint8_t> planes(planes_bytes, fn);
+    const DeviceLinear dw(w, bits, fn);
     DeviceBuffer<int8_t> out(size_t(g.n_alloc) * size_t(g.k_pad), fn);
-    upload(planes, w.planes, planes_bytes, fn + " planes");
     cuda_check(cudaMemset(out.get(), 0x55, count), fn + " (poison)");
-    unpack_launch(g, planes.get(), w.plane_bytes, nullptr, bits, out.get(), nullptr);
+    unpack_launch(g, dw.view.planes, w.plane_bytes, nullptr, bits, out.get(), nullptr);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
     download(codes, out, count, fn + " codes");
 }
@@ -868,18 +859,12 @@ BitplaneGemmTiming bitplane_gemm_cuda_bench(const BitplaneLinear& w, int bits, c
     cudaDeviceProp prop{};
     cuda_check(cudaGetDeviceProperties(&prop, device), fn);
     const size_t planes_bytes = size_t(bits) * w.plane_bytes;
-    const size_t qparams_count = size_t(w.n) * w.n_groups() * 2;
     // Weight copies rotated so that the planes come from HBM, as in a forward pass (>= 4x L2, <= 4 GB).
     const size_t l2 = size_t(std::max(prop.l2CacheSize, 1 << 20));
     const int copies = int(std::clamp<size_t>((4 * l2 + planes_bytes - 1) / planes_bytes, 1,
                                               std::max<size_t>(1, (size_t(4) << 30) / planes_bytes)));
-    std::vector<std::unique_ptr<DeviceBuffer<uint8_t>>> plane_copies;
-    for (int c = 0; c < copies; ++c) {
-        plane_copies.push_back(std::make_unique<DeviceBuffer<uint8_t>>(planes_bytes, fn));
-        upload(*plane_copies.back(), w.planes, planes_bytes, fn + " planes");
-    }
-    DeviceBuffer<uint16_t> qparams(qparams_count, fn);
-    upload(qparams, w.qparams, qparams_count, fn + " qparams");
+    std::vector<std::unique_ptr<DeviceLinear>> weight_copies;
+    for (int c = 0; c < copies; ++c) weight_copies.push_back(std::make_unique<DeviceLinear>(w, bits, fn));
     const GemmGeometry g = gemm_geometry(w, m);
     const size_t ws_bytes = gemm_scratch_bytes(g, kind);
     DeviceBuffer<uint8_t> ws(ws_bytes, fn);
@@ -887,12 +872,7 @@ BitplaneGemmTiming bitplane_gemm_cuda_bench(const BitplaneLinear& w, int bits, c
     upload(xd, x, size_t(m) * w.k, fn + " x");
     cuda_check(cudaDeviceSynchronize(), fn + " (uploads complete)");
     const GemmScratch sc = carve(g, kind, ws.get());
-    auto copy = [&](int i) {
-        BitplaneLinear c = w;
-        c.planes = plane_copies[size_t(i % copies)]->get();
-        c.qparams = qparams.get();
-        return c;
-    };
+    auto copy = [&](int i) -> const BitplaneLinear& { return weight_copies[size_t(i % copies)]->view; };
 
     CudaStream stream(fn);
     const int calls = std::max(copies, 8);
@@ -904,7 +884,7 @@ BitplaneGemmTiming bitplane_gemm_cuda_bench(const BitplaneLinear& w, int bits, c
     t.prepare_us = time_calls(stream.s, calls, reps, fn,
                               [&](int) { prepare_launch(g, xd.get(), kind, act_bits, sc, stream.s); });
     t.gemm_us = time_calls(stream.s, calls, reps, fn, [&](int i) {
-        gemm_launch(g, copy(i).planes, w.plane_bytes, qparams.get(), nullptr, bits, w.max_bits, kind, act_bits, sc,
+        gemm_launch(g, copy(i).planes, w.plane_bytes, copy(i).qparams, nullptr, bits, w.max_bits, kind, act_bits, sc,
                     yd.get(), stream.s);
     });
     t.total_us = time_calls(stream.s, calls, reps, fn, [&](int i) {

@@ -273,6 +273,9 @@ def _core_steps(eng, ids, n_steps, masks=None, more=()):
 def test_gemm_min_rows_is_checked(tiny_fq):
     with pytest.raises(FlexquantError, match="cuda_gemm_min_rows = -1 must be >= 0"):
         core.Engine(str(tiny_fq), cuda_gemm_min_rows=-1)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=f"cuda_gemm_min_rows must be an int >= 0, got {bad!r}"):
+            Engine(tiny_fq, backend="cpu", cuda_gemm_min_rows=bad)
 
 
 @gpu

@@ -185,16 +185,14 @@ def torch_linear_us(n, k, m=1):
     return us, nbytes
 
 
-def random_linear(n, k):
-    """Random planes (every bit pattern is a valid code) and plausible fp16 qparams."""
-    shape = bp.LinearShape(n, k, MAX_BITS, G)
-    planes = rng.integers(0, 256, (MAX_BITS, shape.plane_bytes), dtype=np.uint8)
-    s = rng.uniform(2e-4, 1e-3, (n, shape.n_groups)).astype(np.float16)
-    mn = (-s.astype(np.float32) * 127.5).astype(np.float16)
-    return planes, np.ascontiguousarray(np.stack([s, mn], axis=-1))
-
-
 sys.path.insert(0, "tools")  # run from the repository root
+import bench_ops  # random planes (every bit pattern is a valid code) and fp16 qparams, 8 bits, group 128
+
+
+def random_linear(n, k):
+    return bench_ops.random_linear(rng, n, k)
+
+
 from bench import gpu_copy_bandwidth_gbs  # the same measurement as tools/bench.py --backend cuda
 ceiling = gpu_copy_bandwidth_gbs() / 1e3  # TB/s
 print(f"device: {torch.cuda.get_device_name(0)}, L2 {L2 / 2**20:.0f} MiB, copy bandwidth {ceiling:.2f} TB/s (read + write)")
@@ -278,7 +276,6 @@ import json, sys
 import numpy as np
 import torch
 import flexquant_rt._core as core
-from flexquant_rt import bitplane as bp
 
 out_dir = sys.argv[1]
 rng = np.random.default_rng(0)
@@ -309,12 +306,12 @@ def cuda_time_us(fn, reps=10, calls=5):
     return float(np.median(times))
 
 
+sys.path.insert(0, "tools")  # run from the repository root
+import bench_ops  # random planes (every bit pattern is a valid code) and fp16 qparams, 8 bits, group 128
+
+
 def random_linear(n, k):
-    shape = bp.LinearShape(n, k, MAX_BITS, G)
-    planes = rng.integers(0, 256, (MAX_BITS, shape.plane_bytes), dtype=np.uint8)
-    s = rng.uniform(2e-4, 1e-3, (n, shape.n_groups)).astype(np.float16)
-    mn = (-s.astype(np.float32) * 127.5).astype(np.float16)
-    return planes, np.ascontiguousarray(np.stack([s, mn], axis=-1))
+    return bench_ops.random_linear(rng, n, k)
 
 
 runs = []

@@ -229,6 +229,22 @@ void download(T* host, const DeviceBuffer<T>& d, size_t count, const std::string
     // cudaMemcpy waits for the work on the legacy default stream: a kernel's error surfaces here.
     cuda_check(cudaMemcpy(host, d.get(), count * sizeof(T), cudaMemcpyDeviceToHost), what + " (download)");
 }
+// A device copy of a host bit-plane linear for the test and benchmark entry points: only its first
+// `bits` planes travel (the k-bit view never reads the others), and its group params. `view` is
+// the linear with the device pointers.
+struct DeviceLinear {
+    DeviceBuffer<uint8_t> planes;    // (bits, plane_bytes)
+    DeviceBuffer<uint16_t> qparams;  // (n, n_groups, 2)
+    BitplaneLinear view;
+    DeviceLinear(const BitplaneLinear& w, int bits, const std::string& what)
+        : planes(size_t(bits) * w.plane_bytes, what), qparams(size_t(w.n) * size_t(w.n_groups()) * 2, what), view(w) {
+        upload(planes, w.planes, size_t(bits) * w.plane_bytes, what + " planes");
+        upload(qparams, w.qparams, size_t(w.n) * size_t(w.n_groups()) * 2, what + " qparams");
+        view.planes = planes.get();
+        view.qparams = qparams.get();
+    }
+};
+
 // NaN in every float (all-ones bits): an element a kernel fails to write shows up in the test.
 template <class T>
 void poison(DeviceBuffer<T>& d, size_t count, const std::string& what) {

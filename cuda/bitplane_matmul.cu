@@ -143,10 +143,12 @@ __device__ __forceinline__ int reduce_act_planes(const int (&v)[4], int b3, int 
     return z;
 }
 
-// y[r, 8 rt + i] = Σ_w red[w][r][i] in warp order (deterministic), for rows < n.
+// y[r, 8 rt + i] = Σ_w red[w][r][i] in warp order (deterministic), for rows < n; with accumulate,
+// y[r, 8 rt + i] += that sum (the residual add of the engine's o and down linears, with the same one
+// rounding as a separate add).
 template <int M>
 __device__ __forceinline__ void write_tile(const float (&red)[MAX_WARPS][MAX_M][TILE_N], float* __restrict__ y,
-                                           int64_t n, int64_t rt, int n_warps) {
+                                           int64_t n, int64_t rt, int n_warps, bool accumulate) {
     __syncthreads();
     for (int i = threadIdx.x; i < M * TILE_N; i += blockDim.x) {
         const int r = i / TILE_N, rr = i % TILE_N;
@@ -154,7 +156,7 @@ __device__ __forceinline__ void write_tile(const float (&red)[MAX_WARPS][MAX_M][
         if (row < n) {
             float sum = 0.0f;
             for (int w = 0; w < n_warps; ++w) sum += red[w][r][rr];
-            y[r * n + row] = sum;
+            y[r * n + row] = accumulate ? y[r * n + row] + sum : sum;
         }
     }
 }
@@ -171,17 +173,36 @@ __device__ __forceinline__ void write_tile(const float (&red)[MAX_WARPS][MAX_M][
 // result is exactly W_k · x̂, whose error W_k · (x̂ - x) is that of the weights' own (zero-mean-ish)
 // values. With the exact Σx the error would be s_k · Σ c_k (x̂ - x), where the codes c_k carry the
 // group's offset (mean ~ 2^k / 2): measured 3-5x larger on random weights.
+//
+// FUSE (BitplanePrepareFusion, 0 = none) computes the input from the op before the linear first, in
+// the same launch (a decode step is latency-bound: one launch fewer is ~3-4 µs), and writes it to
+// out too (other kernels read it): RMS_NORM, out = rms_norm(x, aux = weight (k), eps) with the sum
+// and roundings of rms_norm_kernel (cuda_backend.h; each block sums its whole row); SWIGLU,
+// out = silu(x) · aux (aux = up (m, k)) as swiglu_kernel, out may be x.
+template <int FUSE>
 static __global__ void __launch_bounds__(PREP_THREADS)
-bitplane_prepare_tc_kernel(const float* __restrict__ x,   // (m, k)
+bitplane_prepare_tc_kernel(const float* x,                 // (m, k)
                            int64_t k, int n_super, int64_t n_groups, int group_size,
                            uint32_t* __restrict__ xq,      // (m, n_super, 32, 4)
-                           float2* __restrict__ aparams) { // (m, n_groups)
+                           float2* __restrict__ aparams,   // (m, n_groups)
+                           const float* __restrict__ aux, float eps,
+                           float* out) {                   // (m, k), FUSE only
     __shared__ float warp_max[PREP_THREADS / 32];
     __shared__ int warp_qsum[PREP_THREADS / 32];
     const int s = blockIdx.x, r = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t col = int64_t(s) * SUPER_K + threadIdx.x;
-    const float v = col < k ? x[r * k + col] : 0.0f;
+    float v;
+    if (FUSE == BITPLANE_FUSE_RMS_NORM) {
+        const float* xr = x + r * k;
+        const float inv = rms_inv(rms_row_sum_squares(xr, k, rms_vec(x, aux, out, k)), k, eps);
+        v = col < k ? rms_apply(xr[col], inv, aux[col]) : 0.0f;
+    } else if (FUSE == BITPLANE_FUSE_SWIGLU) {
+        v = col < k ? silu_mul(x[r * k + col], aux[r * k + col]) : 0.0f;
+    } else {
+        v = col < k ? x[r * k + col] : 0.0f;
+    }
+    if (FUSE != 0 && col < k) out[r * k + col] = v;
 
     float amax = fabsf(v);
 #pragma unroll
@@ -230,7 +251,8 @@ bitplane_matmul_tc_kernel(const uint8_t* __restrict__ planes,   // (>= bits, pla
                           const float2* __restrict__ aparams,   // (M, n_groups): (scale, Σ x̂)
                           float* __restrict__ y,                // (M, n)
                           int64_t n, int64_t k_pad, int64_t n_groups, int n_super, int last_words,
-                          int group_shift, const int32_t* __restrict__ bits_dev, int bits, int max_bits) {
+                          int group_shift, const int32_t* __restrict__ bits_dev, int bits, int max_bits,
+                          bool accumulate) {
     bits = effective_bits(bits_dev, bits);
     const float scale_mul = view_scale_mul(max_bits, bits), min_mul = view_min_mul(max_bits, bits);
     constexpr int J = (M * L + 1) / 2;                 // mma per weight plane per chunk
@@ -326,7 +348,7 @@ bitplane_matmul_tc_kernel(const uint8_t* __restrict__ planes,   // (>= bits, pla
             if (r < M) red[warp][r][2 * t + b3] = acc[jm];
         }
     }
-    write_tile<M>(red, y, n, rt, n_warps);
+    write_tile<M>(red, y, n, rt, n_warps, accumulate);
 }
 
 // ---- FP32 path -----------------------------------------------------------------------------------
@@ -360,7 +382,8 @@ bitplane_matmul_fp32_kernel(const uint8_t* __restrict__ planes,   // (>= bits, p
                             const float* __restrict__ wsum,       // (M, k_pad / 32)
                             float* __restrict__ y,                // (M, n)
                             int64_t n, int64_t k_pad, int64_t n_groups, int n_super, int last_words,
-                            int words_per_group, const int32_t* __restrict__ bits_dev, int bits, int max_bits) {
+                            int words_per_group, const int32_t* __restrict__ bits_dev, int bits, int max_bits,
+                            bool accumulate) {
     bits = effective_bits(bits_dev, bits);
     const float scale_mul = view_scale_mul(max_bits, bits), min_mul = view_min_mul(max_bits, bits);
     __shared__ float red[MAX_WARPS][MAX_M][TILE_N];
@@ -423,15 +446,15 @@ bitplane_matmul_fp32_kernel(const uint8_t* __restrict__ planes,   // (>= bits, p
 #pragma unroll
         for (int r = 0; r < M; ++r) red[warp][r][g] = acc[r];
     }
-    write_tile<M>(red, y, n, rt, n_warps);
+    write_tile<M>(red, y, n, rt, n_warps, accumulate);
 }
 
 // ---- launchers: raw device pointers, sizes, a stream; no validation ---------------------------------
 
 using TcKernel = void (*)(const uint8_t*, uint64_t, const __half2*, const uint4*, const float2*, float*, int64_t,
-                          int64_t, int64_t, int, int, int, const int32_t*, int, int);
+                          int64_t, int64_t, int, int, int, const int32_t*, int, int, bool);
 using Fp32Kernel = void (*)(const uint8_t*, uint64_t, const __half2*, const float*, const float*, float*, int64_t,
-                            int64_t, int64_t, int, int, int, const int32_t*, int, int);
+                            int64_t, int64_t, int, int, int, const int32_t*, int, int, bool);
 
 template <int M>
 TcKernel tc_kernel_for_l(int L) {
@@ -512,18 +535,19 @@ void bitplane_prepare_launch(const Geometry& g, const float* x, int64_t m, Bitpl
                              cudaStream_t stream) {
     const dim3 grid(unsigned(g.n_super), unsigned(m));
     if (path == BITPLANE_CUDA_TC)
-        bitplane_prepare_tc_kernel<<<grid, PREP_THREADS, 0, stream>>>(x, g.k, g.n_super, g.n_groups, g.group_size,
-                                                                       static_cast<uint32_t*>(sc.acts),
-                                                                       static_cast<float2*>(sc.params));
+        bitplane_prepare_tc_kernel<0><<<grid, PREP_THREADS, 0, stream>>>(x, g.k, g.n_super, g.n_groups, g.group_size,
+                                                                          static_cast<uint32_t*>(sc.acts),
+                                                                          static_cast<float2*>(sc.params), nullptr,
+                                                                          0.0f, nullptr);
     else
         bitplane_prepare_fp32_kernel<<<grid, PREP_THREADS, 0, stream>>>(x, g.k, g.k_pad, static_cast<float*>(sc.acts),
                                                                          static_cast<float*>(sc.params));
 }
 
-// y (m <= 8, n) from the prepared scratch. bits_dev: see effective_bits.
+// y (m <= 8, n) from the prepared scratch (accumulate: y += it). bits_dev: see effective_bits.
 void bitplane_matmul_launch(const Geometry& g, const uint8_t* planes, uint64_t plane_bytes, const uint16_t* qparams,
                             const int32_t* bits_dev, int bits, int max_bits, int64_t m, BitplaneCudaPath path,
-                            const Scratch& sc, float* y, int warps, cudaStream_t stream) {
+                            const Scratch& sc, float* y, int warps, cudaStream_t stream, bool accumulate = false) {
     const auto* qp = reinterpret_cast<const __half2*>(qparams);
     const dim3 grid(unsigned(g.n_tiles)), block(unsigned(32 * warps));
     if (path == BITPLANE_CUDA_TC) {
@@ -532,12 +556,12 @@ void bitplane_matmul_launch(const Geometry& g, const uint8_t* planes, uint64_t p
         tc_kernel(int(m), L)<<<grid, block, 0, stream>>>(planes, plane_bytes, qp, static_cast<const uint4*>(sc.acts),
                                                         static_cast<const float2*>(sc.params), y, g.n, g.k_pad,
                                                         g.n_groups, g.n_super, g.last_words, group_shift, bits_dev,
-                                                        bits, max_bits);
+                                                        bits, max_bits, accumulate);
     } else {
         fp32_kernel(int(m))<<<grid, block, 0, stream>>>(planes, plane_bytes, qp, static_cast<const float*>(sc.acts),
                                                        static_cast<const float*>(sc.params), y, g.n, g.k_pad,
                                                        g.n_groups, g.n_super, g.last_words, g.group_size / 32,
-                                                       bits_dev, bits, max_bits);
+                                                       bits_dev, bits, max_bits, accumulate);
     }
 }
 
@@ -596,7 +620,7 @@ size_t bitplane_matmul_cuda_workspace(const BitplaneLinear& w, int64_t m, Bitpla
 
 void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
                                 void* workspace, size_t workspace_bytes, BitplaneCudaPath path, CUstream_st* stream,
-                                const BitplaneCudaTuning& tuning, const int32_t* bits_dev) {
+                                const BitplaneCudaTuning& tuning, const int32_t* bits_dev, bool accumulate) {
     const std::string fn = "bitplane_matmul_cuda_async";
     validate(w, bits, m, fn);
     path = bitplane_cuda_resolve_path(w, path);
@@ -618,7 +642,7 @@ void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* 
         const Scratch sc = carve(g, mm, path, workspace);
         bitplane_prepare_launch(g, x + r0 * w.k, mm, path, sc, stream);
         bitplane_matmul_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, mm, path, sc,
-                               y + r0 * w.n, warps, stream);
+                               y + r0 * w.n, warps, stream, accumulate);
     }
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
@@ -650,9 +674,32 @@ void bitplane_prepare_cuda_async(const BitplaneLinear& w, const float* x, int64_
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
 
+void bitplane_prepare_fused_cuda_async(const BitplaneLinear& w, BitplanePrepareFusion op, const float* x,
+                                       const float* aux, float eps, int64_t m, float* out, void* workspace,
+                                       size_t workspace_bytes, CUstream_st* stream) {
+    const std::string fn = "bitplane_prepare_fused_cuda_async";
+    check(op == BITPLANE_FUSE_RMS_NORM || op == BITPLANE_FUSE_SWIGLU, fn,
+          "op must be BITPLANE_FUSE_RMS_NORM or BITPLANE_FUSE_SWIGLU, got " + std::to_string(int(op)));
+    const BitplaneCudaPath path = bitplane_cuda_resolve_path(w, BITPLANE_CUDA_TC);  // throws for other group sizes
+    validate_async(w, w.max_bits, m, workspace, workspace_bytes, path, fn);
+    check(x && aux && out, fn, "null pointer");
+    const Geometry g = geometry(w);
+    const Scratch sc = carve(g, m, path, workspace);
+    const dim3 grid(unsigned(g.n_super), unsigned(m));
+    auto* xq = static_cast<uint32_t*>(sc.acts);
+    auto* ap = static_cast<float2*>(sc.params);
+    if (op == BITPLANE_FUSE_RMS_NORM)
+        bitplane_prepare_tc_kernel<BITPLANE_FUSE_RMS_NORM><<<grid, PREP_THREADS, 0, stream>>>(
+            x, g.k, g.n_super, g.n_groups, g.group_size, xq, ap, aux, eps, out);
+    else
+        bitplane_prepare_tc_kernel<BITPLANE_FUSE_SWIGLU><<<grid, PREP_THREADS, 0, stream>>>(
+            x, g.k, g.n_super, g.n_groups, g.group_size, xq, ap, aux, eps, out);
+    cuda_check(cudaGetLastError(), fn + " (kernel launch)");
+}
+
 void bitplane_matmul_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_t m, float* y, const void* workspace,
                                          size_t workspace_bytes, BitplaneCudaPath path, CUstream_st* stream,
-                                         const BitplaneCudaTuning& tuning, const int32_t* bits_dev) {
+                                         const BitplaneCudaTuning& tuning, const int32_t* bits_dev, bool accumulate) {
     const std::string fn = "bitplane_matmul_prepared_cuda_async";
     path = bitplane_cuda_resolve_path(w, path);
     validate_async(w, bits, m, workspace, workspace_bytes, path, fn);
@@ -661,7 +708,7 @@ void bitplane_matmul_prepared_cuda_async(const BitplaneLinear& w, int bits, int6
     const Geometry g = geometry(w);
     bitplane_matmul_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, m, path,
                            carve(g, m, path, const_cast<void*>(workspace)), y, pick_warps(g, tuning.warps_per_block),
-                           stream);
+                           stream, accumulate);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
 

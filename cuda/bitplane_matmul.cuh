@@ -60,11 +60,12 @@ size_t bitplane_matmul_cuda_workspace(const BitplaneLinear& w, int64_t m, Bitpla
 // Any m >= 0 (launched in slices of 8 rows: two launches each, the activation preparation and the
 // product). bits_dev (optional, device int32): the kernels read their bit-width from it when they
 // run, clamped to 2..bits (`bits` planes must be present), so a CUDA graph captured once follows a
-// mask the host rewrites between replays.
+// mask the host rewrites between replays. accumulate: y (m, n) += the product (a fused residual add,
+// the same one rounding as adding afterwards) instead of y = it.
 void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
                                 void* workspace, size_t workspace_bytes, BitplaneCudaPath path,
                                 CUstream_st* stream, const BitplaneCudaTuning& tuning = {},
-                                const int32_t* bits_dev = nullptr);
+                                const int32_t* bits_dev = nullptr, bool accumulate = false);
 
 // The two halves of bitplane_matmul_cuda_async for m <= 8 rows, so that linears reading the same
 // input (q, k and v; gate and up) prepare it once. Prepare x (m, k) into the workspace for linears
@@ -74,7 +75,17 @@ void bitplane_prepare_cuda_async(const BitplaneLinear& w, const float* x, int64_
 void bitplane_matmul_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_t m, float* y,
                                          const void* workspace, size_t workspace_bytes, BitplaneCudaPath path,
                                          CUstream_st* stream, const BitplaneCudaTuning& tuning = {},
-                                         const int32_t* bits_dev = nullptr);
+                                         const int32_t* bits_dev = nullptr, bool accumulate = false);
+
+// bitplane_prepare_cuda_async on the TC path (m <= 8 rows) fused with the op before the linear, one
+// launch instead of two (a decode step is latency-bound). It writes the op's output to `out` (m, k)
+// too, bit for bit what the op's own launch gives, and prepares it:
+//   RMS_NORM: out = rms_norm(x, aux = weight (k), eps)  (rms_norm_launch; out must not be x)
+//   SWIGLU:   out = silu(x) · aux, aux = up (m, k)       (swiglu_launch; out may be x)
+enum BitplanePrepareFusion { BITPLANE_FUSE_RMS_NORM = 1, BITPLANE_FUSE_SWIGLU = 2 };
+void bitplane_prepare_fused_cuda_async(const BitplaneLinear& w, BitplanePrepareFusion op, const float* x,
+                                       const float* aux, float eps, int64_t m, float* out, void* workspace,
+                                       size_t workspace_bytes, CUstream_st* stream);
 
 // Host memory in and out (tests, tools): uploads the first `bits` planes, the qparams and x,
 // runs bitplane_matmul_cuda_async on the current device, downloads y (m, n). Synchronous. The
@@ -126,9 +137,10 @@ size_t bitplane_gemm_cuda_workspace(const BitplaneLinear& w, int64_t m, Bitplane
 // Device-resident product, asynchronous on `stream`: w.planes (>= bits planes), w.qparams, x (m, k)
 // fp32, y (m, n) fp32 and workspace are device pointers. bits_dev as for bitplane_matmul_cuda_async.
 // act_bits: the activation bit-width, 2..8 for B1; A8 takes 8 and A16 16; 0 = the kind's (8, 16, 8).
+// accumulate: y += the product, as for bitplane_matmul_cuda_async.
 void bitplane_gemm_cuda_async(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
                               void* workspace, size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
-                              const int32_t* bits_dev = nullptr, int act_bits = 0);
+                              const int32_t* bits_dev = nullptr, int act_bits = 0, bool accumulate = false);
 
 // The two halves of bitplane_gemm_cuda_async, so that linears reading the same x (q, k and v; gate
 // and up) prepare it once: prepare x (m, k) into the workspace for linears of w's k and group_size,
@@ -139,7 +151,7 @@ void bitplane_gemm_prepare_cuda_async(const BitplaneLinear& w, const float* x, i
                                       int act_bits = 0);
 void bitplane_gemm_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_t m, float* y, void* workspace,
                                        size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
-                                       const int32_t* bits_dev = nullptr, int act_bits = 0);
+                                       const int32_t* bits_dev = nullptr, int act_bits = 0, bool accumulate = false);
 
 // Host memory in and out (tests): uploads, runs on the current device, downloads y (m, n). y and the
 // workspace are filled with NaN / 0xff bytes first, so a missed element or a read of an unwritten

@@ -18,9 +18,10 @@
 //      each plane over 4 bytes ((nib · 0x00204081) & 0x01010101).
 //   2. prepare: x -> x̃ (m_alloc, k_pad) int8 or fp16 with zero K padding, and (a_s, a_z) per (row, group).
 //   3. gemm: 128 x 128 output tiles, 8 warps of 64 x 32, K tiles of 64 (A8) or 32 (A16) bytes of
-//      codes double-buffered through shared memory with cp.async. The mma accumulates within a
-//      group (at most 256 K at a time in int32, so that |Σ| < 2^22 converts to fp32 exactly by the
-//      2^23 + 2^22 trick); the group's scales are applied when it ends, in registers.
+//      codes in a 3-stage cp.async pipeline through shared memory, fragments read with ldmatrix.
+//      The mma accumulates within a group (at most 256 K at a time in int32, so that |Σ| < 2^22
+//      converts to fp32 exactly by the 2^23 + 2^22 trick); the group's scales, loaded when the
+//      group starts, are applied when it ends, in registers.
 // Decoding the planes once per call and not once per output tile is the design choice: at prefill
 // sizes (m ≥ a few hundred) the GEMM is compute-bound and the unpack pass (read k/8 + write 1 byte
 // per weight, once) costs a few % of it, while decoding inside the GEMM would repeat the bit
@@ -39,6 +40,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -134,7 +136,8 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Exact int32 -> fp32 for |v| < 2^22: the mantissa of 1.5 · 2^23 takes v, one add removes it.
 __device__ __forceinline__ float small_int_to_float(int v) {
@@ -250,6 +253,10 @@ gemm_prepare_kernel(const float* __restrict__ x,      // (m, k)
 // ---- 3. the tensor-core GEMM ------------------------------------------------------------------------
 
 // What differs between the two GEMMs: the activation element, the K tile and step, the mma.
+// Shared-memory stages of the K pipeline: two K tiles in flight while one is computed (one block of
+// 8 warps per SM leaves only the pipeline to hide the L2 latency).
+constexpr int STAGES = 3;
+
 struct GemmA8Traits {
     static constexpr bool INT = true;
     static constexpr int BK = 64;              // K per shared-memory tile
@@ -267,6 +274,12 @@ struct GemmA16Traits {
     using Acc = float;
 };
 
+// Dynamic shared memory of gemm_kernel<T>: STAGES x (BM x-tile rows + BN code rows), padded rows.
+template <class T>
+constexpr int gemm_smem_bytes() {
+    return STAGES * (BM * (T::A_ROW + SMEM_PAD) + BN * (T::B_ROW + SMEM_PAD));
+}
+
 __device__ __forceinline__ void mma_tile(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     asm volatile(
         "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -280,7 +293,15 @@ __device__ __forceinline__ void mma_tile(float (&c)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ uint32_t lds32(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// Four 8x8 b16 matrices from shared memory (lanes 8i..8i+7 give the 16-byte row addresses of matrix
+// i); thread t gets 4 bytes 4(t%4).. of row t/4 of each: exactly the s8 and f16 A fragments above
+// (and the s8 B fragment), one instruction instead of four 32-bit loads.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint8_t* p) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
 
 // Two int8 codes (K i, i+1) -> an f16x2 register, lower half = K i. Exact: |ĉ| <= 128.
 __device__ __forceinline__ uint32_t codes_to_half2(const uint8_t* p) {
@@ -298,10 +319,12 @@ static __global__ void __launch_bounds__(THREADS, 1)
 gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
             const float2* __restrict__ aparams, const __half2* __restrict__ qparams,
             const int32_t* __restrict__ bits_dev, int bits, int max_bits,
-            int64_t m, int64_t n, int64_t k_pad, int64_t n_groups, int group_size, float* __restrict__ y) {
+            int64_t m, int64_t n, int64_t k_pad, int64_t n_groups, int group_size, float* __restrict__ y,
+            bool accumulate) {
     constexpr int A_STRIDE = T::A_ROW + SMEM_PAD, B_STRIDE = T::B_ROW + SMEM_PAD;
-    __shared__ __align__(16) uint8_t As[2][BM * A_STRIDE];
-    __shared__ __align__(16) uint8_t Bs[2][BN * B_STRIDE];
+    extern __shared__ __align__(16) uint8_t gemm_smem[];  // gemm_smem_bytes<T>(): A stages, then B stages
+    uint8_t* const As = gemm_smem;
+    uint8_t* const Bs = gemm_smem + STAGES * BM * A_STRIDE;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 2, wn = warp & 3;
@@ -313,23 +336,39 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
     const float min_mul = 0.5f * float((1 << (max_bits - kb)) - 1);
     const float centre = float(1 << (kb - 1));
 
+    // This thread's cp.async chunks: fixed rows and columns of the tile for the whole K loop, so a
+    // tile load is a pointer add (the profile of the first version: ~21 instructions per mma, the
+    // 64-bit address and group arithmetic among them, against ~6 at the tensor-core rate).
+    constexpr int A_PER_ROW = T::A_ROW / 16, B_PER_ROW = T::B_ROW / 16;
+    constexpr int A_ITERS = BM * A_PER_ROW / THREADS, B_ITERS = BN * B_PER_ROW / THREADS;
+    static_assert(A_ITERS * THREADS == BM * A_PER_ROW && B_ITERS * THREADS == BN * B_PER_ROW, "whole tiles");
     const size_t a_row_bytes = size_t(k_pad) * (T::A_ROW / T::BK);  // bytes per x̃ row in global memory
-    const uint8_t* a_g = acts + size_t(row0) * a_row_bytes;
-    const uint8_t* b_g = reinterpret_cast<const uint8_t*>(codes) + size_t(col0) * size_t(k_pad);
-
+    const uint8_t* a_src[A_ITERS];
+    const uint8_t* b_src[B_ITERS];
+    int a_dst[A_ITERS], b_dst[B_ITERS];
+#pragma unroll
+    for (int it = 0; it < A_ITERS; ++it) {
+        const int c = tid + it * THREADS, r = c / A_PER_ROW, q = c % A_PER_ROW;
+        a_src[it] = acts + (size_t(row0) + size_t(r)) * a_row_bytes + q * 16;
+        a_dst[it] = r * A_STRIDE + q * 16;
+    }
+#pragma unroll
+    for (int it = 0; it < B_ITERS; ++it) {
+        const int c = tid + it * THREADS, r = c / B_PER_ROW, q = c % B_PER_ROW;
+        b_src[it] = reinterpret_cast<const uint8_t*>(codes) + (size_t(col0) + size_t(r)) * size_t(k_pad) + q * 16;
+        b_dst[it] = r * B_STRIDE + q * 16;
+    }
     auto load_tile = [&](int stage, int64_t k0) {
-        constexpr int A_CHUNKS = BM * T::A_ROW / 16, A_PER_ROW = T::A_ROW / 16;
-        for (int c = tid; c < A_CHUNKS; c += THREADS) {
-            const int r = c / A_PER_ROW, q = c % A_PER_ROW;
-            cp_async16(&As[stage][r * A_STRIDE + q * 16],
-                       a_g + size_t(r) * a_row_bytes + size_t(k0) * (T::A_ROW / T::BK) + q * 16);
-        }
-        constexpr int B_CHUNKS = BN * T::B_ROW / 16, B_PER_ROW = T::B_ROW / 16;
-        for (int c = tid; c < B_CHUNKS; c += THREADS) {
-            const int r = c / B_PER_ROW, q = c % B_PER_ROW;
-            cp_async16(&Bs[stage][r * B_STRIDE + q * 16], b_g + size_t(r) * size_t(k_pad) + size_t(k0) + q * 16);
-        }
+        const size_t a_off = size_t(k0) * (T::A_ROW / T::BK);
+#pragma unroll
+        for (int it = 0; it < A_ITERS; ++it) cp_async16(As + stage * (BM * A_STRIDE) + a_dst[it], a_src[it] + a_off);
+#pragma unroll
+        for (int it = 0; it < B_ITERS; ++it)
+            cp_async16(Bs + stage * (BN * B_STRIDE) + b_dst[it], b_src[it] + size_t(k0));
     };
+    // ldmatrix row addresses of this lane: A (and A8's B) fragments, see ldsm_x4
+    const int a_lrow = (lane & 7) + 8 * ((lane >> 3) & 1), a_lbyte = 16 * (lane >> 4);
+    const int b_lrow = (lane & 7) + 8 * (lane >> 4), b_lbyte = 16 * ((lane >> 3) & 1);
 
     typename T::Acc part[MT][NT][4];  // the current group's sums
     float acc[MT][NT][4];             // the result
@@ -343,17 +382,37 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
                 acc[i][j][e] = 0.0f;
             }
 
-    // Adds part · a_s · s_k (and, at the group's end, a_z · z_k) of group g into acc, clears part.
-    auto flush = [&](int64_t g, bool group_end) {
-        float a_s[MT][2], a_z[MT][2], s_k[NT][2], z_k[NT][2];
+    // The group parameters of this thread's 8 rows and 8 columns, loaded when the group starts and
+    // used when it ends, so that their latency hides behind its k-steps (a load at the flush itself
+    // stalled all 8 warps of the SM at once).
+    float2 pa[MT][2];
+    __half2 pq[NT][2];
+    auto fetch = [&](int64_t g) {
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int64_t r = row0 + wm * WARP_M + i * 16 + gid + 8 * h;
-                const float2 ap = r < m ? aparams[r * n_groups + g] : make_float2(0.0f, 0.0f);
-                a_s[i][h] = ap.x;
-                a_z[i][h] = ap.y;
+                pa[i][h] = r < m && g < n_groups ? aparams[r * n_groups + g] : make_float2(0.0f, 0.0f);
+            }
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int64_t col = col0 + wn * WARP_N + j * 8 + 2 * tig + c;
+                pq[j][c] = col < n && g < n_groups ? qparams[col * n_groups + g] : __floats2half2_rn(0.0f, 0.0f);
+            }
+    };
+
+    // Adds part · a_s · s_k (and, at the group's end, a_z · z_k) of the fetched group into acc, clears part.
+    auto flush = [&](bool group_end) {
+        float a_s[MT][2], a_z[MT][2], s_k[NT][2], z_k[NT][2];
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                a_s[i][h] = pa[i][h].x;
+                a_z[i][h] = pa[i][h].y;
             }
 #pragma unroll
         for (int j = 0; j < NT; ++j)
@@ -362,7 +421,7 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
                 const int64_t col = col0 + wn * WARP_N + j * 8 + 2 * tig + c;
                 float sk = 0.0f, zk = 0.0f;
                 if (col < n) {
-                    const float2 sm = __half22float2(qparams[col * n_groups + g]);
+                    const float2 sm = __half22float2(pq[j][c]);
                     sk = sm.x * scale_mul;
                     zk = (sm.y + sm.x * min_mul) + sk * centre;
                 }
@@ -384,35 +443,43 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
     };
 
     const int64_t k_tiles = k_pad / T::BK;
-    int steps = 0;  // k-steps accumulated in part since the last flush
-    load_tile(0, 0);
-    cp_async_commit();
+    const int group_steps = group_size / T::KSTEP;  // group_size is a multiple of 32 (the file format)
+    int isteps = 0;   // k-steps accumulated in part since the last flush
+    int gstep = 0;    // k-steps of the current group so far
+    int64_t g_cur = 0;
+    fetch(0);
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < k_tiles) load_tile(st, st * T::BK);
+        cp_async_commit();  // possibly empty: one group per tile, so the counts below hold
+    }
     for (int64_t kt = 0; kt < k_tiles; ++kt) {
-        if (kt + 1 < k_tiles) load_tile(int((kt + 1) & 1), (kt + 1) * T::BK);
-        cp_async_commit();  // possibly empty, so that "all but the newest group" is always tile kt
-        cp_async_wait_1();
+        const int64_t next = kt + STAGES - 1;
+        if (next < k_tiles) load_tile(int(next % STAGES), next * T::BK);
+        cp_async_commit();            // possibly empty, so that "all but the newest STAGES - 1" is tile kt
+        cp_async_wait<STAGES - 1>();  // tile kt has landed (this thread's part; the barrier: all of it)
         __syncthreads();
-        const uint8_t* as = As[kt & 1];
-        const uint8_t* bs = Bs[kt & 1];
+        const uint8_t* as = As + int(kt % STAGES) * (BM * A_STRIDE);
+        const uint8_t* bs = Bs + int(kt % STAGES) * (BN * B_STRIDE);
 #pragma unroll
         for (int ks = 0; ks < T::BK / T::KSTEP; ++ks) {
             uint32_t a[MT][4], b[NT][2];
 #pragma unroll
-            for (int i = 0; i < MT; ++i) {
-                // both layouts: reg0 at (row gid, byte 4tig of the step), reg1 8 rows down, reg2/3 16 bytes on
-                const uint8_t* p = as + (wm * WARP_M + i * 16 + gid) * A_STRIDE + ks * 32 + tig * 4;
-                a[i][0] = lds32(p);
-                a[i][1] = lds32(p + 8 * A_STRIDE);
-                a[i][2] = lds32(p + 16);
-                a[i][3] = lds32(p + 8 * A_STRIDE + 16);
-            }
+            for (int i = 0; i < MT; ++i)
+                ldsm_x4(a[i], as + (wm * WARP_M + i * 16 + a_lrow) * A_STRIDE + ks * 32 + a_lbyte);
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-                const uint8_t* p = bs + (wn * WARP_N + j * 8 + gid) * B_STRIDE + ks * T::KSTEP;
                 if (T::INT) {
-                    b[j][0] = lds32(p + tig * 4);
-                    b[j][1] = lds32(p + tig * 4 + 16);
+                    if (j % 2 == 0) {  // columns j and j + 1: b[j][0], b[j][1], b[j+1][0], b[j+1][1]
+                        uint32_t r4[4];
+                        ldsm_x4(r4, bs + (wn * WARP_N + j * 8 + b_lrow) * B_STRIDE + ks * T::KSTEP + b_lbyte);
+                        b[j][0] = r4[0];
+                        b[j][1] = r4[1];
+                        b[j + 1][0] = r4[2];
+                        b[j + 1][1] = r4[3];
+                    }
                 } else {
+                    const uint8_t* p = bs + (wn * WARP_N + j * 8 + gid) * B_STRIDE + ks * T::KSTEP;
                     b[j][0] = codes_to_half2(p + tig * 2);
                     b[j][1] = codes_to_half2(p + tig * 2 + 8);
                 }
@@ -422,17 +489,20 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
 #pragma unroll
                 for (int j = 0; j < NT; ++j) mma_tile(part[i][j], a[i], b[j]);
 
-            ++steps;
-            const int64_t k_end = kt * T::BK + (ks + 1) * T::KSTEP;  // K consumed so far
-            const bool group_end = k_end % group_size == 0 || k_end == k_pad;
-            if (group_end || (T::INT && steps == MAX_INT_STEPS)) {
-                const int64_t g = (k_end - 1) / group_size;
+            ++isteps;
+            const bool last = kt + 1 == k_tiles && ks + 1 == T::BK / T::KSTEP;
+            const bool group_end = ++gstep == group_steps || last;
+            if (group_end || (T::INT && isteps == MAX_INT_STEPS)) {
                 // Steps wholly in the K padding past the last group only multiplied zeros.
-                if (g < n_groups) flush(g, group_end);
-                steps = 0;
+                if (g_cur < n_groups) flush(group_end);
+                isteps = 0;
+            }
+            if (group_end) {
+                fetch(++g_cur);
+                gstep = 0;
             }
         }
-        __syncthreads();  // the next iteration's loads overwrite the other stage, read two iterations ago
+        __syncthreads();  // the next iteration's load overwrites this stage
     }
 
 #pragma unroll
@@ -443,7 +513,7 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
             for (int e = 0; e < 4; ++e) {
                 const int64_t r = row0 + wm * WARP_M + i * 16 + gid + 8 * (e >> 1);
                 const int64_t col = col0 + wn * WARP_N + j * 8 + 2 * tig + (e & 1);
-                if (r < m && col < n) y[r * n + col] = acc[i][j][e];
+                if (r < m && col < n) y[r * n + col] = accumulate ? y[r * n + col] + acc[i][j][e] : acc[i][j][e];
             }
 }
 
@@ -510,7 +580,8 @@ gemm_b1_kernel(const uint8_t* __restrict__ wplanes, uint64_t plane_bytes,  // (b
                const uint32_t* __restrict__ aplanes,                        // (m_alloc, n_chunks, 8, 8)
                const float2* __restrict__ aparams,                          // (m_alloc, n_groups) (a_s, a_z)
                const int32_t* __restrict__ bits_dev, int bits, int max_bits, int act_bits,
-               int64_t m, int64_t n, int64_t k_pad, int64_t n_groups, int group_size, float* __restrict__ y) {
+               int64_t m, int64_t n, int64_t k_pad, int64_t n_groups, int group_size, float* __restrict__ y,
+            bool accumulate) {
     constexpr int TPM = 16 / A_ROWS;          // tokens per mma
     constexpr int TILES = B1_TOKENS / TPM;    // mma tiles per warp (8 or 4)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -619,7 +690,7 @@ gemm_b1_kernel(const uint8_t* __restrict__ wplanes, uint64_t plane_bytes,  // (b
             const int64_t r = token_of(i, e >> 1);
             const int64_t col = rt * 8 + 2 * t + (e & 1);
             // every lane of the butterfly holds the sum: the lanes of plane 0 store it
-            if (plane == 0 && r < m && col < n) y[r * n + col] = acc[i][e];
+            if (plane == 0 && r < m && col < n) y[r * n + col] = accumulate ? y[r * n + col] + acc[i][e] : acc[i][e];
         }
 }
 
@@ -657,7 +728,7 @@ void prepare_launch(const GemmGeometry& g, const float* x, BitplaneGemmKind kind
 
 void gemm_launch(const GemmGeometry& g, const uint8_t* planes, uint64_t plane_bytes, const uint16_t* qparams,
                  const int32_t* bits_dev, int bits, int max_bits, BitplaneGemmKind kind, int act_bits,
-                 const GemmScratch& sc, float* y, cudaStream_t stream) {
+                 const GemmScratch& sc, float* y, cudaStream_t stream, bool accumulate = false) {
     const auto* qp = reinterpret_cast<const __half2*>(qparams);
     if (kind == BITPLANE_GEMM_B1) {
         // x = token blocks, so the blocks that run together share the weights (L2), y = row tiles
@@ -665,31 +736,48 @@ void gemm_launch(const GemmGeometry& g, const uint8_t* planes, uint64_t plane_by
         if (act_bits <= 4)
             gemm_b1_kernel<4><<<grid, B1_WARPS * 32, 0, stream>>>(planes, plane_bytes, qp, sc.aplanes, sc.aparams,
                                                                   bits_dev, bits, max_bits, act_bits, g.m, g.n, g.k_pad,
-                                                                  g.n_groups, g.group_size, y);
+                                                                  g.n_groups, g.group_size, y, accumulate);
         else
             gemm_b1_kernel<8><<<grid, B1_WARPS * 32, 0, stream>>>(planes, plane_bytes, qp, sc.aplanes, sc.aparams,
                                                                   bits_dev, bits, max_bits, act_bits, g.m, g.n, g.k_pad,
-                                                                  g.n_groups, g.group_size, y);
+                                                                  g.n_groups, g.group_size, y, accumulate);
         return;
     }
     const dim3 grid(unsigned(g.n_alloc / BN), unsigned(g.m_alloc / BM));
     const auto* acts = static_cast<const uint8_t*>(sc.acts);
+    // More than the 48 KB a launch gets without asking: raised once per device and kernel (not a
+    // stream operation, so also fine while a graph is being captured).
+    static std::atomic<uint64_t> smem_raised{0};  // bit d: done on device d (< 64)
+    int dev = 0;
+    cuda_check(cudaGetDevice(&dev), "bitplane_gemm (device)");
+    const uint64_t bit = uint64_t(1) << (dev & 63);
+    if (!(smem_raised.load() & bit)) {
+        cuda_check(cudaFuncSetAttribute(gemm_kernel<GemmA8Traits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        gemm_smem_bytes<GemmA8Traits>()),
+                   "bitplane_gemm (shared memory of the A8 kernel)");
+        cuda_check(cudaFuncSetAttribute(gemm_kernel<GemmA16Traits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        gemm_smem_bytes<GemmA16Traits>()),
+                   "bitplane_gemm (shared memory of the A16 kernel)");
+        smem_raised.fetch_or(bit);
+    }
     if (kind == BITPLANE_GEMM_A8)
-        gemm_kernel<GemmA8Traits><<<grid, THREADS, 0, stream>>>(acts, sc.codes, sc.aparams, qp, bits_dev, bits,
+        gemm_kernel<GemmA8Traits><<<grid, THREADS, gemm_smem_bytes<GemmA8Traits>(), stream>>>(acts, sc.codes, sc.aparams, qp, bits_dev, bits,
                                                                 max_bits, g.m, g.n, g.k_pad, g.n_groups,
-                                                                g.group_size, y);
+                                                                g.group_size, y, accumulate);
     else
-        gemm_kernel<GemmA16Traits><<<grid, THREADS, 0, stream>>>(acts, sc.codes, sc.aparams, qp, bits_dev, bits,
+        gemm_kernel<GemmA16Traits><<<grid, THREADS, gemm_smem_bytes<GemmA16Traits>(), stream>>>(acts, sc.codes, sc.aparams, qp, bits_dev, bits,
                                                                  max_bits, g.m, g.n, g.k_pad, g.n_groups,
-                                                                 g.group_size, y);
+                                                                 g.group_size, y, accumulate);
 }
 
 // All three launches of one product.
 void run_launches(const GemmGeometry& g, const BitplaneLinear& w, const int32_t* bits_dev, int bits, const float* x,
-                  BitplaneGemmKind kind, int act_bits, const GemmScratch& sc, float* y, cudaStream_t stream) {
+                  BitplaneGemmKind kind, int act_bits, const GemmScratch& sc, float* y, cudaStream_t stream,
+                  bool accumulate = false) {
     if (kind != BITPLANE_GEMM_B1) unpack_launch(g, w.planes, w.plane_bytes, bits_dev, bits, sc.codes, stream);
     prepare_launch(g, x, kind, act_bits, sc, stream);
-    gemm_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, kind, act_bits, sc, y, stream);
+    gemm_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, kind, act_bits, sc, y, stream,
+                accumulate);
 }
 
 // ---- validation --------------------------------------------------------------------------------------
@@ -752,13 +840,13 @@ int validate_async(const BitplaneLinear& w, int bits, int64_t m, const void* wor
 
 void bitplane_gemm_cuda_async(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, void* workspace,
                               size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
-                              const int32_t* bits_dev, int act_bits) {
+                              const int32_t* bits_dev, int act_bits, bool accumulate) {
     const std::string fn = "bitplane_gemm_cuda_async";
     act_bits = validate_async(w, bits, m, workspace, workspace_bytes, kind, act_bits, fn);
     if (m == 0) return;
     check(x && y, fn, "null pointer");
     const GemmGeometry g = gemm_geometry(w, m);
-    run_launches(g, w, bits_dev, bits, x, kind, act_bits, carve(g, kind, workspace), y, stream);
+    run_launches(g, w, bits_dev, bits, x, kind, act_bits, carve(g, kind, workspace), y, stream, accumulate);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
 
@@ -776,7 +864,7 @@ void bitplane_gemm_prepare_cuda_async(const BitplaneLinear& w, const float* x, i
 
 void bitplane_gemm_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_t m, float* y, void* workspace,
                                        size_t workspace_bytes, BitplaneGemmKind kind, CUstream_st* stream,
-                                       const int32_t* bits_dev, int act_bits) {
+                                       const int32_t* bits_dev, int act_bits, bool accumulate) {
     const std::string fn = "bitplane_gemm_prepared_cuda_async";
     act_bits = validate_async(w, bits, m, workspace, workspace_bytes, kind, act_bits, fn);
     if (m == 0) return;
@@ -784,7 +872,8 @@ void bitplane_gemm_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_
     const GemmGeometry g = gemm_geometry(w, m);
     const GemmScratch sc = carve(g, kind, workspace);
     if (kind != BITPLANE_GEMM_B1) unpack_launch(g, w.planes, w.plane_bytes, bits_dev, bits, sc.codes, stream);
-    gemm_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, kind, act_bits, sc, y, stream);
+    gemm_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, kind, act_bits, sc, y, stream,
+                accumulate);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
 

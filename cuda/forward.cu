@@ -8,7 +8,7 @@
 //   logits = rms_norm(x, output_norm) Wheadᵀ;  entropy, top-1 probability of softmax(logits)
 //
 // A prompt goes through in passes. With the tensor-core GEMM on (params.gemm_min_rows > 0, the
-// int8-activation path), a pass takes up to max(PREFILL_ROWS = 256, gemm_min_rows) tokens, and
+// int8-activation path), a pass takes up to max(PREFILL_ROWS = 1024, gemm_min_rows) tokens, and
 // each layer linear of a pass of T rows picks its kernel (the dispatcher): the GEMM
 // (bitplane_gemm_cuda_async, cuda/bitplane_matmul_gemm.cu: the same int8 activations as the GEMV,
 // so the same numbers up to fp32 rounding) when T > gemv_max[linear][its bit-width], else the GEMV
@@ -45,7 +45,7 @@ namespace flexquant {
 namespace {
 
 constexpr int64_t SLICE = 8;           // rows per GEMV pass: the bit-plane GEMV kernels take up to 8
-constexpr int64_t PREFILL_ROWS = 256;  // rows per prompt pass when the GEMM is on
+constexpr int64_t PREFILL_ROWS = 1024;  // rows per prompt pass when the GEMM is on (the unpack of the planes is per pass)
 constexpr int64_t MAX_GEMM_ROWS = 4096;  // a larger gemm_min_rows turns the GEMM off (buffers scale with it)
 constexpr int THREADS = 256;
 
@@ -60,6 +60,13 @@ struct Arena {
     }
 };
 
+// Blocks (row, part): a row of a few thousand values split over `row_parts` blocks, so that a decode
+// step's single row is not one block's serial loop (the 4096-wide embedding row: 7.5 µs in one
+// block, 1.8 µs in 16, on an H100).
+dim3 row_parts(int64_t T, int64_t n) {
+    return dim3(unsigned(T), unsigned(std::min<int64_t>((n + THREADS - 1) / THREADS, 16)));
+}
+
 // x (T, D) = embd[tokens] as fp32; ids were checked by the engine, clamped anyway (no OOB read).
 template <class E>
 static __global__ void __launch_bounds__(THREADS)
@@ -67,31 +74,9 @@ embed_kernel(const E* __restrict__ embd, int64_t vocab, int64_t D, const int32_t
              float* __restrict__ x) {
     const int64_t t = blockIdx.x;
     const int64_t id = min(max(int64_t(tokens[t]), int64_t(0)), vocab - 1);
-    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) x[t * D + i] = float(embd[id * D + i]);
+    for (int64_t i = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; i < D; i += int64_t(gridDim.y) * blockDim.x)
+        x[t * D + i] = float(embd[id * D + i]);
 }
-
-// cache[bases[t] + positions[t]] = src[t] for t < T: rows of n = Hkv * d values, fp32 or fp16.
-template <class KV>
-static __global__ void __launch_bounds__(THREADS)
-kv_store_kernel(const float* __restrict__ k, const float* __restrict__ v, int64_t n,
-                const int64_t* __restrict__ positions, const int64_t* __restrict__ bases,
-                KV* __restrict__ k_cache, KV* __restrict__ v_cache) {
-    const int64_t t = blockIdx.x;
-    const int64_t row = (bases[t] + positions[t]) * n;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        k_cache[row + i] = KV(k[t * n + i]);
-        v_cache[row + i] = KV(v[t * n + i]);
-    }
-}
-
-// x += y, elementwise (the residual connections).
-static __global__ void __launch_bounds__(THREADS) add_kernel(float* __restrict__ x, const float* __restrict__ y,
-                                                             int64_t n) {
-    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-        x[i] = __fadd_rn(x[i], y[i]);
-}
-
-unsigned blocks_for(int64_t n) { return unsigned(std::min<int64_t>((n + THREADS - 1) / THREADS, 4096)); }
 
 }  // namespace
 
@@ -116,8 +101,9 @@ struct CudaForward::Impl {
     std::vector<float*> attn_norm, ffn_norm;
     float* inv_freq = nullptr;
     std::vector<void*> k_cache, v_cache;  // n_layers x (n_seq, n_ctx, Hkv, d)
-    float *x = nullptr, *h = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr, *o = nullptr;
+    float *x = nullptr, *h = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr;
     float *g = nullptr, *u = nullptr, *logits = nullptr, *partial = nullptr;
+    unsigned* counters = nullptr;  // (SLICE x n_splits, H) zeros: split attention's finished spans
     void* ws = nullptr;  // the GEMV's scratch (the prepared input of the current linears, <= 8 rows)
     size_t ws_bytes = 0;
     void* ws_gemm = nullptr;  // the GEMM's (codes of one linear, the pass's activations): apart, so
@@ -176,10 +162,13 @@ struct CudaForward::Impl {
     }
     // Linears js, all reading xin (T rows), into ys. xin is prepared once per kernel family (q, k
     // and v; gate and up share it): for the GEMM always, for the GEMV when T <= SLICE (with more rows
-    // the GEMV slices by 8 and prepares each slice).
-    void linears(std::initializer_list<size_t> js, const float* xin, int64_t T, std::initializer_list<float*> ys) {
+    // the GEMV slices by 8 and prepares each slice). accumulate: ys += the products (the residual
+    // adds of o and down, fused into the kernels' stores: two launches fewer per layer).
+    // prepared: the group size the GEMV scratch already holds xin for (fused_prepare), else 0.
+    void linears(std::initializer_list<size_t> js, const float* xin, int64_t T, std::initializer_list<float*> ys,
+                 bool accumulate = false, int prepared = 0) {
         // a prepared input serves linears of the same group size (k is xin's width for all of them)
-        int prepared_g = 0, gemm_prepared_g = 0;
+        int prepared_g = prepared, gemm_prepared_g = 0;
         auto y = ys.begin();
         for (size_t j : js) {
             float* out = *y++;
@@ -189,18 +178,33 @@ struct CudaForward::Impl {
                     bitplane_gemm_prepare_cuda_async(lin[j], xin, T, ws_gemm, ws_gemm_bytes, BITPLANE_GEMM_A8, stream);
                 gemm_prepared_g = g;
                 bitplane_gemm_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws_gemm, ws_gemm_bytes, BITPLANE_GEMM_A8,
-                                                  stream, bits_dev() + j);
+                                                  stream, bits_dev() + j, 0, accumulate);
             } else if (T <= SLICE) {
                 if (prepared_g != g) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, path, stream);
                 prepared_g = g;
                 bitplane_matmul_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws, ws_bytes, path, stream, {},
-                                                    bits_dev() + j);
+                                                    bits_dev() + j, accumulate);
             } else {
                 bitplane_matmul_cuda_async(lin[j], p.bits_cap, xin, T, out, ws, ws_bytes, path, stream, {},
-                                           bits_dev() + j);
+                                           bits_dev() + j, accumulate);
                 prepared_g = 0;  // the slices overwrote the GEMV's prepared input
             }
         }
+    }
+    // out = op(xin, aux) (RMSNorm with weight aux, or SwiGLU with up = aux) for the linears j, ...
+    // reading out next: one fused launch that also prepares out for the GEMV when it will run it
+    // (T <= SLICE, TC path; returns the group size prepared, for linears()), else the op alone (0).
+    int fused_prepare(BitplanePrepareFusion op, const float* xin, const float* aux, int64_t T, float* out, size_t j) {
+        const BitplaneLinear& w = lin[j];
+        if (T <= SLICE && bitplane_cuda_resolve_path(w, path) == BITPLANE_CUDA_TC) {
+            bitplane_prepare_fused_cuda_async(w, op, xin, aux, cfg.rms_norm_eps, T, out, ws, ws_bytes, stream);
+            return w.group_size;
+        }
+        if (op == BITPLANE_FUSE_RMS_NORM)
+            rms_norm_launch(xin, aux, T, w.k, cfg.rms_norm_eps, out, stream);
+        else
+            swiglu_launch(xin, aux, T * w.k, out, stream);
+        return 0;
     }
     // The kernels of one pass of T <= max_rows rows. head: run the LM head, on every row (all_rows,
     // T <= head_rows: logits (T, vocab) and signals (T)) or on the last one (logits row 0, signals 0);
@@ -210,51 +214,41 @@ struct CudaForward::Impl {
 
 void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
     const ModelConfig& c = cfg;
-    const int64_t D = c.hidden, H = c.n_heads, Hkv = c.n_kv_heads, hd = c.head_dim, F = c.ffn, V = c.vocab;
-    const int64_t kvdim = Hkv * hd;
+    const int64_t D = c.hidden, H = c.n_heads, Hkv = c.n_kv_heads, hd = c.head_dim, V = c.vocab;
     // The kernels launched here directly: a bad launch is named now, not at the next op's check.
     auto launched = [](const char* what) { cuda_check(cudaGetLastError(), std::string("CudaForward (") + what + ")"); };
     // Split attention's partial buffer holds SLICE x n_splits (row, span) pairs: up to SLICE rows get
     // n_splits spans each (the decode step), a longer pass fewer (it has T x H blocks besides).
     const int splits = int(std::clamp<int64_t>(int64_t(n_splits) * SLICE / T, 1, n_splits));
     if (embd_f16)
-        embed_kernel<__half><<<unsigned(T), THREADS, 0, stream>>>(static_cast<const __half*>(embd), V, D, tokens_dev(), x);
+        embed_kernel<__half><<<row_parts(T, D), THREADS, 0, stream>>>(static_cast<const __half*>(embd), V, D, tokens_dev(), x);
     else
-        embed_kernel<float><<<unsigned(T), THREADS, 0, stream>>>(static_cast<const float*>(embd), V, D, tokens_dev(), x);
+        embed_kernel<float><<<row_parts(T, D), THREADS, 0, stream>>>(static_cast<const float*>(embd), V, D, tokens_dev(), x);
     launched("embed_kernel");
     for (int64_t l = 0; l < c.n_layers; ++l) {
         const size_t j0 = size_t(l) * LINEARS_PER_LAYER;
-        rms_norm_launch(x, attn_norm[l], T, D, c.rms_norm_eps, h, stream);
-        linears({j0 + 0, j0 + 1, j0 + 2}, h, T, {q, k, v});  // q, k and v read the same h
-        rope_launch(inv_freq, int(hd), q, H, k, Hkv, positions_dev(), T, stream);
-        if (p.kv_f16)
-            kv_store_kernel<__half><<<unsigned(T), THREADS, 0, stream>>>(
-                k, v, kvdim, positions_dev(), bases_dev(), static_cast<__half*>(k_cache[l]), static_cast<__half*>(v_cache[l]));
-        else
-            kv_store_kernel<float><<<unsigned(T), THREADS, 0, stream>>>(
-                k, v, kvdim, positions_dev(), bases_dev(), static_cast<float*>(k_cache[l]), static_cast<float*>(v_cache[l]));
-        launched("kv_store_kernel");
-        attention_launch(q, k_cache[l], v_cache[l], p.kv_f16, T, positions_dev(), H, Hkv, hd, splits, partial, att,
-                         stream, bases_dev());
-        linears({j0 + 3}, att, T, {o});
-        add_kernel<<<blocks_for(T * D), THREADS, 0, stream>>>(x, o, T * D);
-        launched("add_kernel");
+        int pg = fused_prepare(BITPLANE_FUSE_RMS_NORM, x, attn_norm[l], T, h, j0);  // h = rms_norm(x)
+        linears({j0 + 0, j0 + 1, j0 + 2}, h, T, {q, k, v}, false, pg);  // q, k and v read the same h
+        // rotate q and k, and write k and v to the cache rows of this pass
+        rope_kv_store_launch(inv_freq, int(hd), q, H, k, v, Hkv, positions_dev(), bases_dev(), T, p.kv_f16, k_cache[l],
+                             v_cache[l], stream);
+        attention_launch(q, k_cache[l], v_cache[l], p.kv_f16, T, positions_dev(), H, Hkv, hd, splits, partial, counters,
+                         att, stream, bases_dev());
+        linears({j0 + 3}, att, T, {x}, /*accumulate=*/true);  // x += att Woᵀ
 
-        rms_norm_launch(x, ffn_norm[l], T, D, c.rms_norm_eps, h, stream);
-        linears({j0 + 4, j0 + 5}, h, T, {g, u});  // gate and up read the same h
-        swiglu_launch(g, u, T * F, g, stream);
-        linears({j0 + 6}, g, T, {o});
-        add_kernel<<<blocks_for(T * D), THREADS, 0, stream>>>(x, o, T * D);
-        launched("add_kernel");
+        pg = fused_prepare(BITPLANE_FUSE_RMS_NORM, x, ffn_norm[l], T, h, j0 + 4);
+        linears({j0 + 4, j0 + 5}, h, T, {g, u}, false, pg);  // gate and up read the same h
+        pg = fused_prepare(BITPLANE_FUSE_SWIGLU, g, u, T, g, j0 + 6);  // g = silu(g) * u
+        linears({j0 + 6}, g, T, {x}, /*accumulate=*/true, pg);  // x += (silu(gate) * up) Wdownᵀ
     }
     if (!head) return;
     // Only the rows whose logits are wanted go through the LM head (the largest linear).
     const int64_t first = all_rows ? 0 : T - 1, rows = T - first;
-    rms_norm_launch(x + first * D, out_norm, rows, D, c.rms_norm_eps, h, stream);
     const size_t j_head = size_t(n_lin - 1);
+    const int pg = fused_prepare(BITPLANE_FUSE_RMS_NORM, x + first * D, out_norm, rows, h, j_head);
     for (int64_t r0 = 0; r0 < rows; r0 += SLICE) {  // the GEMV, 8 rows per launch
         const int64_t n = std::min<int64_t>(SLICE, rows - r0);
-        linears({j_head}, h + r0 * D, n, {logits + r0 * V});
+        linears({j_head}, h + r0 * D, n, {logits + r0 * V}, false, r0 == 0 ? pg : 0);
     }
     entropy_and_top1_launch(logits, V, sig, stream, all_rows ? rows : 1);
 }
@@ -319,12 +313,15 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     const size_t qdim = size_t(c.n_heads * hd), kvdim = size_t(Hkv * hd);
     const size_t off_x = a.take(R * D * 4), off_h = a.take(R * D * 4), off_q = a.take(R * qdim * 4);
     const size_t off_kx = a.take(R * kvdim * 4), off_vx = a.take(R * kvdim * 4);
-    const size_t off_att = a.take(R * qdim * 4), off_o = a.take(R * D * 4);
+    const size_t off_att = a.take(R * qdim * 4);
     const size_t off_g = a.take(R * F * 4), off_u = a.take(R * F * 4);
     const size_t off_logits = a.take(size_t(e.head_rows) * V * 4);  // the LM head runs on at most head_rows rows
     // split attention for every row of a slice of <= SLICE rows: a prefill slice of a long prompt
     // scans the whole cache
     const size_t off_partial = a.take(SLICE * size_t(c.n_heads) * e.n_splits * (hd + 2) * 4);
+    // a pass splits attention only while rows x splits <= SLICE x n_splits: so many (row, head) counters
+    const size_t counters_bytes = SLICE * size_t(e.n_splits) * size_t(c.n_heads) * sizeof(unsigned);
+    const size_t off_counters = a.take(counters_bytes);
     for (size_t j = 0; j < lin.size(); ++j) {
         e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, e.path));
         // the GEMM's scratch (codes of one linear + the pass's activations); never for the LM head
@@ -386,7 +383,9 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     e.inv_freq = reinterpret_cast<float*>(e.arena + off_freq);
     auto f = [&](size_t off) { return reinterpret_cast<float*>(e.arena + off); };
     e.x = f(off_x), e.h = f(off_h), e.q = f(off_q), e.k = f(off_kx), e.v = f(off_vx), e.att = f(off_att);
-    e.o = f(off_o), e.g = f(off_g), e.u = f(off_u), e.logits = f(off_logits), e.partial = f(off_partial);
+    e.g = f(off_g), e.u = f(off_u), e.logits = f(off_logits), e.partial = f(off_partial);
+    e.counters = reinterpret_cast<unsigned*>(e.arena + off_counters);
+    cuda_check(cudaMemset(e.counters, 0, counters_bytes), fn + " (attention counters)");
     e.ws = e.arena + off_ws;
     e.ws_gemm = e.ws_gemm_bytes ? e.arena + off_ws_gemm : nullptr;
     e.sig = reinterpret_cast<StepSignalsDevice*>(e.arena + off_sig);

@@ -13,9 +13,7 @@ constexpr int THREADS = 256;
 static __global__ void __launch_bounds__(THREADS)
 swiglu_kernel(const float* gate, const float* __restrict__ up, int64_t n, float* out) {  // (n) each
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-        const float g = gate[i];
-        // exp(-g) overflows to inf for g < -88: g / inf = -0, the correct limit.
-        out[i] = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), up[i]);
+        out[i] = silu_mul(gate[i], up[i]);  // cuda_backend.h, shared with the GEMV's fused preparation
     }
 }
 

@@ -412,6 +412,36 @@ def test_synthetic_presets_have_the_real_shapes():
     assert np.array_equal(w, SyntheticSource("llama2-7b", seed=3).load("model.layers.0.mlp.down_proj.weight"))
 
 
+def test_synthetic_layers_override_keeps_the_shapes():
+    full, two = SyntheticSource("llama2-7b").config, SyntheticSource("llama2-7b", n_layers=2).config
+    assert two.n_layers == 2 and full.n_layers == 32
+    assert (two.hidden, two.ffn, two.vocab, two.n_heads) == (full.hidden, full.ffn, full.vocab, full.n_heads)
+    assert two.linear_shapes() == full.linear_shapes()
+    for bad in (0, -1, 2000):
+        with pytest.raises(ValueError, match="n_layers"):
+            SyntheticSource("tiny", n_layers=bad)
+
+
+def test_parallel_writer_writes_the_same_bytes(tmp_path):
+    from flexquant_rt.model_file import write_model
+
+    src = SyntheticSource("tiny", seed=5, n_layers=3)
+    outs = []
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}.fq"
+        write_model(out, src.config, src.tokenizer, src.load, progress=False, source=src.description, workers=workers)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    # a source that fails mid-way under the pool leaves no file behind and names the tensor
+    def bad_load(name):
+        if "layers.2.mlp.down_proj" in name:
+            raise RuntimeError(f"cannot read {name}")
+        return src.load(name)
+    with pytest.raises(RuntimeError, match="layers.2.mlp.down_proj"):
+        write_model(tmp_path / "bad.fq", src.config, src.tokenizer, bad_load, progress=False, workers=3)
+    assert not any(p.name.startswith(".bad.fq") or p.name == "bad.fq" for p in tmp_path.iterdir())
+
+
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "tools" / "convert.py"), *args], capture_output=True,
                           text=True, cwd=cwd)

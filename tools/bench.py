@@ -76,7 +76,7 @@ def gpu_copy_bandwidth_gbs() -> float:
 
 
 def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, backend: str = "cpu",
-           gemm_min_rows: int = 64) -> dict:
+           gemm_min_rows: int = 64, kv_dtype: str = "f32") -> dict:
     """bits 0: a new random mask every step, each linear at 4 or 6 (mean 5), the LM head at 6.
     gemm_min_rows: the CUDA engine's cuda_gemm_min_rows (0: the prompt on the GEMV only)."""
     import numpy as np
@@ -84,7 +84,7 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     import flexquant_rt as fq
 
     eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_prompt + n_decode + 16,
-                    cuda_gemm_min_rows=gemm_min_rows)
+                    cuda_gemm_min_rows=gemm_min_rows, kv_dtype=kv_dtype)
     if eng.backend != backend:
         raise SystemExit(f"asked for backend {backend}, the engine runs on {eng.backend}")
     rng = np.random.default_rng(1)
@@ -212,13 +212,15 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=32, help="decode steps")
     ap.add_argument("--backend", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--batch", type=int, nargs="+", help="batched decode with these batch sizes")
+    ap.add_argument("--kv-dtype", default="f32", choices=("f32", "f16"),
+                    help="KV cache type of the decode tables (f16 halves the attention's reads at long contexts)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         kind, *rest = a.worker
         if kind == "fq":
-            model, bits, threads, n_p, n_d, backend, gemm = rest
-            res = worker(model, int(bits), int(threads), int(n_p), int(n_d), backend, int(gemm))
+            model, bits, threads, n_p, n_d, backend, gemm, kv = rest
+            res = worker(model, int(bits), int(threads), int(n_p), int(n_d), backend, int(gemm), kv)
         elif kind == "batch":
             model, bits, threads, n_p, n_d, b, backend = rest
             res = batch_worker(model, int(bits), int(threads), int(n_p), int(n_d), int(b), backend)
@@ -259,7 +261,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, path in models:
         for bits in a.bits:
-            r = run_worker(["fq", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), "cpu", "0"])
+            r = run_worker(["fq", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), "cpu", "0",
+                            a.kv_dtype])
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if (base and "SmolLM2" in name) else "-"
             print(f"| {name} | {bits} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
@@ -277,9 +280,10 @@ def main_cuda(a, models) -> int:
     85% roofline for each row's bytes per token, and the cost of a new mask every token."""
     bw = gpu_copy_bandwidth_gbs()
     print(f"GPU copy bandwidth (read + write): {bw:.0f} GB/s; prompt {a.prompt} tokens, "
-          f"{a.decode} decode steps (median); roofline = 0.85 x copy BW / bytes per token")
+          f"{a.decode} decode steps (median); KV cache {a.kv_dtype}; roofline = 0.85 x copy BW / bytes per token "
+          "(weights only)")
     print()
-    print("prefill: the prompt in passes of 256 tokens on the tensor-core GEMM (W{k}A8), and, for comparison in the "
+    print("prefill: the prompt in passes of up to 1024 tokens on the tensor-core GEMM (W{k}A8), and, for comparison in the "
           "same run, in 8-token passes on the GEMV (cuda_gemm_min_rows=0)")
     print()
     print("| model | bits | prefill tok/s | prefill tok/s GEMV only | decode tok/s | MB/token | decode GB/s | % of copy BW | "
@@ -288,10 +292,11 @@ def main_cuda(a, models) -> int:
     for name, path in models:
         rows = {}
         for bits in [*a.bits, 0]:
-            r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64"])
+            r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64",
+                                         a.kv_dtype])
             gemv = "-"
             if bits:
-                g = run_worker(["fq", path, str(bits), "1", str(a.prompt), "2", "cuda", "0"])
+                g = run_worker(["fq", path, str(bits), "1", str(a.prompt), "2", "cuda", "0", a.kv_dtype])
                 gemv = f"{g['prefill_tok_s']:.0f}"
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             roof = 0.85 * bw * 1e9 / r["bytes_per_token"]

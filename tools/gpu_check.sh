@@ -7,6 +7,7 @@
 #      ops and whole models against the CPU engine, mask switching through the CUDA graph);
 #   3. runs compute-sanitizer (memcheck, racecheck, initcheck) over a few odd shapes of both GEMV
 #      paths and a short generation on a tiny model through the CUDA engine (graph included);
+#   3b. profiles a decode step kernel by kernel (tools/gpu_profile.py, CUPTI through torch.profiler);
 #   4. benchmarks bitplane_matmul_cuda against torch.nn.functional.linear fp16 (cuBLAS) on the
 #      Llama-2-7B linear shapes, weights rotated past L2, and prints the tables;
 #   5. benchmarks the tensor-core GEMM (bitplane_gemm_cuda, W{k}A8 and W{k}A16) against cuBLAS fp16
@@ -19,20 +20,27 @@
 #      writes with the `gguf` package, which the device machine lacks: carry its wheel in .whl/
 #      (see the device README) and this step installs it into /tmp/site.
 # Logs and bench.json go to $OUT (the device tool's output folder) or /tmp/gpu_check.
+# With --e2e the 7B model is converted in the background from the start (the converter needs only
+# numpy and gguf, not the extension being built), on all cores, while the other steps run.
+# Each step runs under a time limit in seconds (a lent machine gives one call 10 minutes), set by
+# the variables T_BUILD, T_TESTS, T_SANITIZER, T_PROFILE, T_BENCH, T_GEMM, T_E2E; a step past its limit is
+# killed and counts as failed, and the next one runs; DEADLINE (epoch seconds) caps them all.
+# TESTS_K selects tests (pytest -k).
 #
-#   tools/gpu_check.sh [--skip-build] [--skip-tests] [--skip-sanitizer] [--skip-bench] [--skip-gemm] [--e2e]
+#   tools/gpu_check.sh [--skip-build] [--skip-tests] [--skip-sanitizer] [--skip-profile] [--skip-bench] [--skip-gemm] [--e2e]
 set -uo pipefail
 
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp/gpu_check}
 mkdir -p "$LOG"
-BUILD=1 TESTS=1 SANITIZER=1 BENCH=1 GEMM=1 E2E=0
+BUILD=1 TESTS=1 SANITIZER=1 PROFILE=1 BENCH=1 GEMM=1 E2E=0
 for a in "$@"; do
   case "$a" in
     --e2e) E2E=1 ;;
     --skip-build) BUILD=0 ;;
     --skip-tests) TESTS=0 ;;
     --skip-sanitizer) SANITIZER=0 ;;
+    --skip-profile) PROFILE=0 ;;
     --skip-bench) BENCH=0 ;;
     --skip-gemm) GEMM=0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
@@ -41,6 +49,40 @@ done
 export PYTHONUNBUFFERED=1
 status=0
 cd "$(dirname "$0")/.."
+T_BUILD=${T_BUILD:-600} T_TESTS=${T_TESTS:-900} T_SANITIZER=${T_SANITIZER:-900}
+T_BENCH=${T_BENCH:-600} T_GEMM=${T_GEMM:-900} T_E2E=${T_E2E:-1200}
+# limit SECONDS CMD...: rc 124 when killed at the limit, or earlier at DEADLINE (epoch seconds) if set
+limit() {
+  local t=$1; shift
+  if [ -n "${DEADLINE:-}" ]; then
+    local l=$(( DEADLINE - $(date +%s) )); [ $l -lt $t ] && t=$(( l > 1 ? l : 1 ))
+  fi
+  timeout -k 10 "$t" "$@"
+}
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+MODEL=/tmp/gpu_check_llama2-7b.fq  # the --e2e model, converted once, read by every run
+# gguf, which the device machine lacks: the converter (the tests' models, --e2e) writes with it
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ "$E2E" = 1 ]; then
+  if [ ! -f "$MODEL" ]; then
+    # the source package without its __init__ (which loads the extension not yet built)
+    (start=$(date +%s); "$PY" - "$MODEL" >"$LOG/convert.log" 2>&1 <<'EOF'
+import sys, types
+pkg = types.ModuleType("flexquant_rt")
+pkg.__path__ = ["python/flexquant_rt"]
+sys.modules["flexquant_rt"] = pkg
+from flexquant_rt.convert import SyntheticSource, convert
+convert(SyntheticSource("llama2-7b"), sys.argv[1], progress=False)
+EOF
+     rc=$?; echo "converted in $(( $(date +%s) - start )) s, rc $rc" >>"$LOG/convert.log") &
+    CONVERT_PID=$!
+  fi
+fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
 nvcc --version | tail -1
@@ -48,12 +90,15 @@ nvcc --version | tail -1
 if [ "$BUILD" = 1 ]; then
   echo "== build (log: $LOG/build.log)"
   start=$(date +%s)
-  if ! CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install --no-build-isolation --no-deps -v . >"$LOG/build.log" 2>&1; then
+  # FAST_BUILD=1: kernels for sm_90a only (about half the compile time; the H100 runs those)
+  cfg=()
+  [ "${FAST_BUILD:-0}" = 1 ] && cfg=(--config-settings=cmake.define.FLEXQUANT_CUDA_GENCODE=-gencode=arch=compute_90a,code=sm_90a)
+  if ! CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) limit "$T_BUILD" "$PY" -m pip install --no-build-isolation --no-deps -v "${cfg[@]}" . >"$LOG/build.log" 2>&1; then
     tail -60 "$LOG/build.log"
     echo "BUILD FAILED"
     exit 1
   fi
-  echo "built in $(( $(date +%s) - start )) s"
+  stamp "built in $(( $(date +%s) - start )) s"
 fi
 cd /tmp  # import the installed package, not the source tree
 if ! "$PY" -c "import flexquant_rt._core as c, sys; print('cuda_available', c.cuda_available()); sys.exit(0 if c.cuda_available() else 1)"; then
@@ -63,14 +108,18 @@ fi
 cd - >/dev/null
 
 if [ "$TESTS" = 1 ]; then
-  echo "== tests"
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_engine_cuda.py \
-    "tests/test_model_file_cpp.py::test_cuda_dequantize_matches_cpu_exactly" 2>&1 | tee "$LOG/tests.log" | tail -40
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  stamp "== tests"
+  # 8 workers: the CPU reference engine dominates the time; --timeout names a test that hangs
+  limit "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 300 -rfE --tb=short ${TESTS_K:+-k "$TESTS_K"} \
+    tests/test_cuda_ops.py tests/test_engine_cuda.py \
+    "tests/test_model_file_cpp.py::test_cuda_dequantize_matches_cpu_exactly" >"$LOG/tests.log" 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR)|passed|failed" "$LOG/tests.log" | tail -40
+  [ $rc = 0 ] || { echo "tests: rc $rc"; status=1; }
 fi
 
 if [ "$SANITIZER" = 1 ]; then
-  echo "== compute-sanitizer"
+  stamp "== compute-sanitizer"
   cat >"$LOG/sanitize.py" <<'EOF'
 # Both paths on odd shapes (short last super-chunk, N % 8 != 0, m > 8 sliced), buffers sized exactly.
 import numpy as np
@@ -100,7 +149,7 @@ d = pathlib.Path(tempfile.mkdtemp())
 convert(HFSource(make_hf_llama(d / "hf")), d / "t.fq", progress=False)
 eng = Engine(d / "t.fq", backend="cuda")
 assert eng.backend == "cuda"
-logits = eng.forward(rng.integers(0, 320, 11))
+logits = eng.forward(rng.integers(0, 320, 11))[-1]  # (T, vocab): the last row
 for i in range(6):
     eng.set_layer_bits(int(rng.integers(2, 9)))
     logits = eng.decode(int(np.argmax(logits)))
@@ -121,14 +170,14 @@ for name in ("blk.0.attn_q", "blk.0.ffn_down", "output"):
     for bits in (8, 3):
         assert np.array_equal(core.dequantize_cuda(m, name, bits), m.dequantize(name, bits)), (name, bits)
 eng = Engine(d / "odd.fq", backend="cuda")
-logits = eng.forward(rng.integers(0, 333, 9))
+logits = eng.forward(rng.integers(0, 333, 9))[-1]
 for i in range(3):
     logits = eng.decode(int(np.argmax(logits)))
     assert np.isfinite(logits).all()
 print("sanitize script ok")
 EOF
   for tool in memcheck racecheck initcheck; do
-    if compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" "$LOG/sanitize.py" >"$LOG/sanitizer_$tool.log" 2>&1; then
+    if limit "$T_SANITIZER" compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" "$LOG/sanitize.py" >"$LOG/sanitizer_$tool.log" 2>&1; then
       echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitizer_$tool.log" | tail -1)"
     else
       echo "$tool: FAILED"; tail -30 "$LOG/sanitizer_$tool.log"; status=1
@@ -136,9 +185,16 @@ EOF
   done
 fi
 
+if [ "$PROFILE" = 1 ]; then
+  # the decode step kernel by kernel (tools/gpu_profile.py: a 2-layer Llama-2-7B, context 2048)
+  stamp "== decode step profile"
+  limit "${T_PROFILE:-300}" "$PY" tools/gpu_profile.py --layers 2 --bits 8 4 --prompt 2048 2>&1 | tee "$LOG/profile.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
 if [ "$BENCH" = 1 ]; then
-  echo "== benchmark"
-  "$PY" - "$LOG" <<'EOF' 2>&1 | tee "$LOG/bench.log"
+  stamp "== benchmark"
+  limit "$T_BENCH" "$PY" - "$LOG" <<'EOF' 2>&1 | tee "$LOG/bench.log"
 import json, math, sys
 import numpy as np
 import torch
@@ -270,8 +326,8 @@ EOF
 fi
 
 if [ "$GEMM" = 1 ]; then
-  echo "== tensor-core GEMM benchmark"
-  "$PY" - "$LOG" <<'EOF' 2>&1 | tee "$LOG/gemm.log"
+  stamp "== tensor-core GEMM benchmark"
+  limit "$T_GEMM" "$PY" - "$LOG" <<'EOF' 2>&1 | tee "$LOG/gemm.log"
 import json, sys
 import numpy as np
 import torch
@@ -346,13 +402,13 @@ for n, k in SHAPES:
         runs.append(dict(kind="int_mm", n=n, k=k, m=m, total_us=t8))
         tops = 2 * m * n * k / cells[("a8", 8)] / 1e6
         b1 = []
-        for wb, ab in B1:
+        for wb, ab in (B1 if m <= 1024 else ()):  # past that, the B1 rows only cost the run time
             r = core.bitplane_gemm_cuda_bench(planes, qp, n, k, MAX_BITS, G, wb, x, kind="b1", reps=5, act_bits=ab)
             r.update(n=n, k=k, m=m, bits=wb)
             runs.append(r)
             b1.append(f"{r['total_us']:.1f} ({2 * m * n * k / r['gemm_us'] / 1e6:.0f} TOP/s)")
         print(f"| {n}x{k} | {m} | {t16:.1f} | {t8:.1f} | " + " | ".join(f"{cells[c]:.1f}" for c in KINDS) +
-              f" | {t16 / best:.2f}x | {tops:.0f} | {gemv} | " + " | ".join(b1) + " |")
+              f" | {t16 / best:.2f}x | {tops:.0f} | {gemv} | " + " | ".join(b1 or ["-"] * len(B1)) + " |")
     del w16, w8
     torch.cuda.empty_cache()
 
@@ -370,24 +426,27 @@ EOF
 fi
 
 if [ "$E2E" = 1 ]; then
-  echo "== end-to-end decode benchmark (synthetic llama2-7b)"
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  stamp "== end-to-end decode benchmark (synthetic llama2-7b)"
+  e2e_end=$(( $(date +%s) + T_E2E ))
+  left() { local l=$(( e2e_end - $(date +%s) )); echo $(( l > 1 ? l : 1 )); }
+  if [ -n "${CONVERT_PID:-}" ]; then
+    wait "$CONVERT_PID"
+    cat "$LOG/convert.log"
   fi
-  MODEL=/tmp/gpu_check_llama2-7b.fq  # converted once, read by both runs
-  [ -f "$MODEL" ] || "$PY" -c "import sys; from flexquant_rt.convert import SyntheticSource, convert; convert(SyntheticSource('llama2-7b'), sys.argv[1], progress=False)" "$MODEL"
+  [ -f "$MODEL" ] || { echo "no converted model"; status=1; }
   # the measured dispatcher (GEMV or GEMM per shape, bit-width and rows), saved in the user cache
   # where the benchmark's engines pick it up
-  "$PY" -c "import sys; from flexquant_rt.cli import main; sys.exit(main(sys.argv[1:]))" tune "$MODEL" --backend cuda \
+  limit "$(left)" "$PY" -c "import sys; from flexquant_rt.cli import main; sys.exit(main(sys.argv[1:]))" tune "$MODEL" --backend cuda \
     2>&1 | tee "$LOG/e2e_tune.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 6 4 --prompt 2048 --decode 64 2>&1 | tee "$LOG/e2e.log"
+  stamp "tuned"
+  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 6 4 --prompt 2048 --decode 64 2>&1 | tee "$LOG/e2e.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  stamp "decode benchmark done"
   # batched decode on the GPU (several sequences, one pass per step)
-  "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 128 --decode 32 --batch 1 4 16 2>&1 | tee "$LOG/e2e_batch.log"
+  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 128 --decode 32 --batch 1 4 16 2>&1 | tee "$LOG/e2e_batch.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
-echo "gpu_check: $([ $status = 0 ] && echo OK || echo FAILED)"
+stamp "gpu_check: $([ $status = 0 ] && echo OK || echo FAILED)"
 exit $status

@@ -164,14 +164,20 @@ void rms_norm_launch(const float* x /* (m, d) */, const float* w /* (d) */, int6
 void rope_launch(const float* inv_freq /* (d / 2) */, int head_dim, float* q /* (m, H, d) */, int64_t n_heads,
                  float* k /* (m, Hkv, d) */, int64_t n_kv_heads, const int64_t* positions /* (m) */, int64_t m,
                  cudaStream_t stream);
+// rope_launch, then the KV-cache write of the step in the same launch: the rotated k and v rows of
+// token r go to cache row bases[r] + positions[r] of k_cache / v_cache ((rows, n_kv_heads, head_dim),
+// fp16 when kv_f16, else fp32).
+void rope_kv_store_launch(const float* inv_freq, int head_dim, float* q, int64_t n_heads, float* k, const float* v,
+                          int64_t n_kv_heads, const int64_t* positions, const int64_t* bases, int64_t m, bool kv_f16,
+                          void* k_cache, void* v_cache, cudaStream_t stream);
 void swiglu_launch(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
 // Query i sits at positions[i] and sees cache rows bases[i] + 0..positions[i] (device memory, see
 // rope_launch; bases null: 0, one sequence). partial: (m, H, n_splits, head_dim + 2) floats of scratch
-// when n_splits > 1, else unused. head_dim <= ATTENTION_MAX_HEAD_DIM.
+// and counters: (m, H) zeros (left zero) when n_splits > 1, else unused. head_dim <= ATTENTION_MAX_HEAD_DIM.
 constexpr int ATTENTION_MAX_HEAD_DIM = 256;
 void attention_launch(const float* q /* (m, H, d) */, const void* k_cache, const void* v_cache, bool kv_f16,
                       int64_t m, const int64_t* positions /* (m) */, int64_t n_heads, int64_t n_kv_heads,
-                      int64_t head_dim, int n_splits, float* partial, float* out /* (m, H, d) */,
+                      int64_t head_dim, int n_splits, float* partial, unsigned* counters, float* out /* (m, H, d) */,
                       cudaStream_t stream, const int64_t* bases /* (m) */ = nullptr);
 // out (rows): {entropy, top-1 probability, argmax} of each row of logits (rows, vocab).
 struct StepSignalsDevice {
@@ -198,6 +204,54 @@ __device__ __forceinline__ T block_reduce(T v, Op op) {
     v = slots[0];
     for (int w = 1; w < n_warps; ++w) v = op(v, slots[w]);
     return v;
+}
+
+// RMSNorm's pieces, shared by rms_norm_kernel (cuda/rms_norm.cu) and the GEMV's fused norm +
+// activation preparation (cuda/bitplane_matmul.cu), so that both give the same bits.
+// Σ x² of one row xr (d floats) in fp64, every thread of the block gets it: threads 0..255 sum in a
+// fixed order (UNROLL 16-byte loads in flight each when vec: d % 4 == 0 and 16-byte aligned rows),
+// and the threads past 255 of a larger block add zeros, which leave the sum unchanged.
+constexpr int RMS_THREADS = 256, RMS_UNROLL = 4;
+__device__ __forceinline__ double rms_row_sum_squares(const float* xr, int64_t d, bool vec) {
+    double ss = 0.0;
+    if (threadIdx.x < RMS_THREADS) {
+        if (vec) {
+            const int64_t d4 = d / 4;
+            const float4* x4 = reinterpret_cast<const float4*>(xr);
+            for (int64_t base = 0; base < d4; base += int64_t(RMS_THREADS) * RMS_UNROLL) {
+                float4 v[RMS_UNROLL];
+#pragma unroll
+                for (int u = 0; u < RMS_UNROLL; ++u) {
+                    const int64_t i = base + threadIdx.x + u * RMS_THREADS;
+                    v[u] = i < d4 ? x4[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                }
+#pragma unroll
+                for (int u = 0; u < RMS_UNROLL; ++u)
+                    ss += double(v[u].x) * double(v[u].x) + double(v[u].y) * double(v[u].y) +
+                          double(v[u].z) * double(v[u].z) + double(v[u].w) * double(v[u].w);
+            }
+        } else {
+            for (int64_t i = threadIdx.x; i < d; i += RMS_THREADS) ss += double(xr[i]) * double(xr[i]);
+        }
+    }
+    return block_reduce(ss, [](double a, double b) { return a + b; });
+}
+// 1 / sqrt(mean(x²) + eps) with IEEE sqrt and division; y = (x · inv) · w, two roundings.
+__device__ __forceinline__ float rms_inv(double ss, int64_t d, float eps) {
+    const float mean = float(ss / double(d));
+    return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+}
+__device__ __forceinline__ float rms_apply(float x, float inv, float w) { return __fmul_rn(__fmul_rn(x, inv), w); }
+// Whether rms_row_sum_squares may read rows of x (m, d) as float4 (w and y: the other operands).
+__device__ __forceinline__ bool rms_vec(const float* x, const float* w, const float* y, int64_t d) {
+    return d % 4 == 0 &&
+           (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(y)) % 16 == 0;
+}
+
+// SwiGLU's element, shared by swiglu_kernel and the fused preparation: silu(g) · u, silu(g) =
+// g / (1 + exp(-g)) with the accurate expf (exp(-g) = inf for g < -88: g / inf = -0, the limit).
+__device__ __forceinline__ float silu_mul(float g, float u) {
+    return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
 }
 
 // RAII holders of a non-blocking stream and an event, so that an error thrown mid-way (benchmarks,

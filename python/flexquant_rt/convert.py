@@ -35,6 +35,8 @@ class Source:
     config: LlamaConfig
     tokenizer: TokenizerData
     description: str
+    #: load() may be called from several threads at once (the writer then quantizes in parallel)
+    thread_safe: bool = False
 
     def load(self, hf_name: str) -> np.ndarray:
         raise NotImplementedError
@@ -337,15 +339,24 @@ class SyntheticSource(Source):
     """Random weights of realistic scale for a named real shape: linears N(0, 0.02) with a few
     outlier input channels (x8), norms near 1, embedding N(0, 0.02). Deterministic per seed."""
 
-    def __init__(self, name: str, seed: int = 0):
+    thread_safe = True  # every load() draws from its own generator
+
+    def __init__(self, name: str, seed: int = 0, n_layers: int | None = None):
+        """n_layers: fewer (or more) layers of the same shapes than the preset, e.g. to profile
+        one layer's kernels without writing a whole 7B file."""
         if name not in SYNTHETIC_PRESETS:
             raise ModelFileError(f"unknown synthetic model {name!r} (known: {', '.join(SYNTHETIC_PRESETS)})")
-        self.config = LlamaConfig(name=f"synthetic-{name}", **SYNTHETIC_PRESETS[name])
+        preset = dict(SYNTHETIC_PRESETS[name])
+        if n_layers is not None:
+            if not 1 <= n_layers <= 1024:
+                raise ValueError(f"n_layers must be in 1..1024, got {n_layers}")
+            preset["n_layers"] = n_layers
+        self.config = LlamaConfig(name=f"synthetic-{name}", **preset)
         tok = byte_level_tokenizer(self.config.vocab)
         self.config.bos_id = tok.bos_id
         self.config.eos_id = tok.eos_id
         self.tokenizer = tok
-        self.description = f"synthetic:{name}:seed={seed}"
+        self.description = f"synthetic:{name}:seed={seed}" + (f":layers={n_layers}" if n_layers is not None else "")
         self.seed = seed
 
     def load(self, hf_name: str) -> np.ndarray:
@@ -743,9 +754,11 @@ def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_siz
                 views = [k for k in sorted(VIEW_USE) if k <= max_bits]
                 alpha += f", view-aware GPTQ for views {views[0]}..{views[-1]}"
             description += f" [folded input scales, {alpha}, {stats.tokens} calibration tokens]"
+    # a 7B synthetic model takes minutes on one core; the GPTQ quantizer runs torch's own threads
+    workers = min(16, os.cpu_count() or 1) if src.thread_safe and quantize is None else 1
     write_model(out, src.config, src.tokenizer, src.load, max_bits=max_bits, group_size=group_size,
                 embed_dtype=embed_dtype, source=description, progress=progress, transform=transform,
-                quantize=quantize)
+                quantize=quantize, workers=workers)
 
 
 def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike, bits: int, progress: bool = True) -> None:

@@ -70,7 +70,7 @@ class Engine:
     the default n_ctx then shares the cache budget among them).
     kernel_table: "auto" applies the kernel table that tune_kernels() saved for this machine (or GPU),
     thread count and model shapes, if there is one; None keeps the built-in rule; or a table.
-    cuda_gemm_min_rows (CUDA): prompt passes (up to 256 tokens) and batched steps of at least this
+    cuda_gemm_min_rows (CUDA): prompt passes (up to 1024 tokens) and batched steps of at least this
     many rows run on the tensor-core GEMM (the same int8 activations as the GEMV); 0 = never. At its
     default (64) a table saved by tune_kernels() on this GPU takes its place.
     """

@@ -11,6 +11,7 @@ export and tests need the Python reader.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -297,13 +298,15 @@ class _Planned:
     shape: tuple[int, ...]
     dtype: np.dtype
     make: Callable[[], np.ndarray]
+    heavy: bool = False  # a linear's planes: made ahead on the worker threads when there are several
 
 
 def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
                 load: Callable[[str], np.ndarray], *, max_bits: int = 8, group_size: int = 128,
                 embed_dtype: str = "f16", source: str = "", progress: bool = True,
                 transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
-                quantize: Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+                quantize: Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+                workers: int = 1) -> None:
     """Write a model file.
 
     `load(hf_name)` returns a float32 numpy array of the Hugging Face parameter (canonical
@@ -312,6 +315,9 @@ def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
     (file base name, e.g. `blk.0.attn_q`) before it is stored or quantized.
     `quantize(name, w)` (optional) replaces `bitplane.quantize_to_planes` for the linear `name`:
     it returns (planes (max_bits, plane_bytes) uint8, qparams (N, n_groups, 2) float16).
+    `workers` > 1 quantizes that many linears at once on threads (numpy releases the GIL in the
+    heavy parts), written in file order; only for a `load` (and `transform`, `quantize`) that is
+    safe to call from several threads at once.
     """
     import gguf  # lazy: conversion-only dependency
 
@@ -363,7 +369,7 @@ def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
             quantized[lname] = qp
             return planes.view(np.int8)
 
-        plan.append(_Planned(f"{lname}.planes", (max_bits, ls.plane_bytes), np.dtype(np.int8), make_planes))
+        plan.append(_Planned(f"{lname}.planes", (max_bits, ls.plane_bytes), np.dtype(np.int8), make_planes, heavy=True))
         plan.append(_Planned(f"{lname}.qparams", (n, ls.n_groups, 2), np.dtype(np.float16),
                              lambda lname=lname: quantized.pop(lname)))
 
@@ -374,12 +380,23 @@ def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
         w.add_tensor_info(p.name, p.shape, p.dtype, int(np.prod(p.shape)) * p.dtype.itemsize)
 
     bar = _progress(len(plan), f"writing {path.name}", progress)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    ahead: dict[int, Future] = {}  # plan index -> its planes being made on a worker thread
+    heavy = [i for i, p in enumerate(plan) if p.heavy]
     try:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for p in plan:
-            arr = np.ascontiguousarray(p.make())
+        for i, p in enumerate(plan):
+            if pool is not None:
+                # keep `workers + 1` linears in flight past the one being written; a qparams entry
+                # (made here) follows its planes, whose worker has stored it by then
+                for j in heavy:
+                    if len(ahead) > workers or j < i:
+                        continue
+                    if j not in ahead and len(ahead) <= workers:
+                        ahead[j] = pool.submit(plan[j].make)
+            arr = np.ascontiguousarray(ahead.pop(i).result() if i in ahead else p.make())
             if arr.shape != p.shape or arr.dtype != p.dtype:
                 raise ModelFileError(f"internal: tensor {p.name} is {arr.shape} {arr.dtype}, planned {p.shape} {p.dtype}")
             w.write_tensor_data(arr)
@@ -387,10 +404,14 @@ def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
         w.close()
         os.replace(tmp, path)
     except BaseException:
+        for f in ahead.values():
+            f.cancel()
         w.close()
         tmp.unlink(missing_ok=True)
         raise
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
 

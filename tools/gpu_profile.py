@@ -1,0 +1,91 @@
+"""Where a CUDA decode step spends its time, kernel by kernel (needs a GPU and torch).
+
+Converts a synthetic model of a real shape with only a few layers (the per-layer kernels are the
+same as the whole model's; the LM head is the real one), prefills a prompt, then traces decode
+steps with CUPTI through torch.profiler (it records every kernel of the process, the engine's
+CUDA graph nodes included) and prints, per kernel: launches per step, µs per step, share of the
+step. The gap between the wall time of a step and the summed kernel time is what launches,
+dependencies and the host cost.
+
+    python tools/gpu_profile.py [--model llama2-7b] [--layers 2] [--bits 8 4] [--prompt 2048]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama2-7b", help="synthetic preset")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--file", help="an existing model file instead of a synthetic one")
+    ap.add_argument("--kv-dtype", nargs="+", default=["f32"], choices=["f32", "f16"], help="KV cache types to profile")
+    a = ap.parse_args(argv)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import flexquant_rt as fq
+    from flexquant_rt.convert import SyntheticSource, convert
+
+    path = a.file
+    if path is None:
+        path = os.path.join(tempfile.mkdtemp(), f"{a.model}-{a.layers}l.fq")
+        t = time.perf_counter()
+        convert(SyntheticSource(a.model, n_layers=a.layers), path, progress=False)
+        print(f"converted {a.model} with {a.layers} layers in {time.perf_counter() - t:.1f} s")
+    for kv, bits in [(kv, bits) for kv in a.kv_dtype for bits in a.bits]:
+        eng = fq.Engine(path, backend="cuda", n_ctx=a.prompt + a.steps + 32, kv_dtype=kv)
+        eng.set_layer_bits(bits)
+        prompt = np.random.default_rng(0).integers(0, 30000, size=a.prompt).astype(np.int32)
+        eng._eng.eval(prompt)
+        tok = int(np.argmax(eng._eng.logits()))
+        for _ in range(5):  # the graph capture and warm-up
+            eng._eng.eval(np.array([tok], dtype=np.int32))
+        torch.cuda.synchronize()
+        walls = []
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(a.steps):
+                t = time.perf_counter()
+                eng._eng.eval(np.array([tok], dtype=np.int32))
+                walls.append(time.perf_counter() - t)
+        # the trace's kernel records (cat "kernel", dur in µs): every kernel CUPTI saw, graph nodes
+        # and launches from outside torch included
+        trace = os.path.join(tempfile.mkdtemp(), "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = json.load(f)["traceEvents"]
+        per = collections.defaultdict(lambda: [0, 0.0])
+        for ev in events:
+            if ev.get("cat") != "kernel":
+                continue
+            name = ev["name"].replace("(anonymous namespace)::", "").replace("flexquant::", "")
+            name = name.removeprefix("void ").split("(")[0][:90]  # the kernel and its template arguments
+            per[name][0] += 1
+            per[name][1] += float(ev["dur"])
+        total = sum(v[1] for v in per.values()) / a.steps
+        wall = float(np.median(walls)) * 1e6
+        print(f"\n## {a.model} x {a.layers} layers, {bits} bits, KV cache {kv}, context {a.prompt}: "
+              f"step {wall:.0f} µs wall (median), kernels {total:.0f} µs per step, "
+              f"{(wall - total):.0f} µs outside kernels; per layer {total / a.layers:.1f} µs of kernels")
+        print("| kernel | per step | µs per step | µs each | share |")
+        print("|---|---|---|---|---|")
+        for name, (cnt, us) in sorted(per.items(), key=lambda it: -it[1][1]):
+            print(f"| {name} | {cnt / a.steps:.0f} | {us / a.steps:.1f} | {us / cnt:.2f} | {100 * us / a.steps / total:.1f}% |")
+        eng.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

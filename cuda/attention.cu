@@ -9,7 +9,7 @@
 // too few blocks for the GPU, so the positions are split too). Each warp runs an online softmax
 // over runs of P = 4 positions, every 4th run of the span (max m, Σ exp l, Σ exp·V acc), the
 // block merges its warps,
-// and with n_splits > 1 the last block of a (token, head) to finish merges the spans:
+// and with n_splits > 1 a second kernel merges the spans:
 //   M = max_c m_c,   out = Σ_c e^(m_c - M) acc_c / Σ_c e^(m_c - M) l_c.
 // The spans are cut from the length p_i + 1 read at run time, so one captured launch serves every
 // position. A lane holds dims lane + 32j of the head (j < DJ = ceil(d / 32)): one K or V row is
@@ -31,27 +31,6 @@ __device__ __forceinline__ float load_kv(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float load_kv(const __half* p) { return __half2float(*p); }
 }  // namespace
 
-// out (d) = the merge of one (token, head)'s n_splits partial results (n_splits, d + 2), read past L1
-// (other blocks wrote them during this launch):
-//   M = max_c m_c,   out = Σ_c e^(m_c - M) acc_c / Σ_c e^(m_c - M) l_c.
-__device__ __forceinline__ void merge_splits(const float* part, int n_splits, int d, float* out) {
-    float M = -INFINITY;
-    for (int c = 0; c < n_splits; ++c) M = fmaxf(M, __ldcg(part + c * (d + 2) + d));
-    float L = 0.0f;
-    for (int c = 0; c < n_splits; ++c) {
-        const float mc = __ldcg(part + c * (d + 2) + d);
-        if (mc != -INFINITY) L += expf(mc - M) * __ldcg(part + c * (d + 2) + d + 1);
-    }
-    for (int dd = threadIdx.x; dd < d; dd += blockDim.x) {
-        float a = 0.0f;
-        for (int c = 0; c < n_splits; ++c) {
-            const float mc = __ldcg(part + c * (d + 2) + d);
-            if (mc != -INFINITY) a += expf(mc - M) * __ldcg(part + c * (d + 2) + dd);
-        }
-        out[dd] = a / L;
-    }
-}
-
 template <class KV, int DJ>
 static __global__ void __launch_bounds__(WARPS * 32)
 attention_kernel(const float* __restrict__ q,            // (m, H, d)
@@ -61,7 +40,6 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
                  const int64_t* __restrict__ bases,      // (m) cache row of each query's position 0, or null
                  int64_t n_heads, int64_t n_kv_heads, int d, float scale,
                  float* __restrict__ partial,            // (m, H, n_splits, d + 2) when n_splits > 1
-                 unsigned* __restrict__ counters,        // (m, H) zeros, when n_splits > 1
                  float* __restrict__ out) {              // (m, H, d)
     __shared__ float s_m[WARPS], s_l[WARPS];
     __shared__ float s_acc[WARPS][DJ * 32];
@@ -169,18 +147,30 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
             part[d] = M;  // -inf for an empty span
             part[d + 1] = L;
         }
-        // The last of the pair's blocks to finish merges the spans: no second launch (4.4 µs a
-        // layer at decode on an H100). Every thread fences its partial writes before the count.
-        __shared__ bool last;
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) last = atomicAdd(counters + pair, 1u) == unsigned(n_splits - 1);
-        __syncthreads();
-        if (last) {
-            __threadfence();
-            merge_splits(partial + pair * n_splits * (d + 2), n_splits, d, out + pair * d);
-            if (threadIdx.x == 0) counters[pair] = 0;  // zero again for the next launch (graph replays)
+    }
+}
+
+// Block per (token, head): merges the n_splits partial results.
+static __global__ void __launch_bounds__(128)
+attention_merge_kernel(const float* __restrict__ partial,  // (m, H, n_splits, d + 2)
+                       int n_splits, int d,
+                       float* __restrict__ out) {          // (m, H, d)
+    const int64_t pair = blockIdx.x;
+    const float* part = partial + pair * n_splits * (d + 2);
+    float M = -INFINITY;
+    for (int c = 0; c < n_splits; ++c) M = fmaxf(M, part[c * (d + 2) + d]);
+    float L = 0.0f;
+    for (int c = 0; c < n_splits; ++c) {
+        const float mc = part[c * (d + 2) + d];
+        if (mc != -INFINITY) L += expf(mc - M) * part[c * (d + 2) + d + 1];
+    }
+    for (int dd = threadIdx.x; dd < d; dd += blockDim.x) {
+        float a = 0.0f;
+        for (int c = 0; c < n_splits; ++c) {
+            const float mc = part[c * (d + 2) + d];
+            if (mc != -INFINITY) a += expf(mc - M) * part[c * (d + 2) + dd];
         }
+        out[pair * d + dd] = a / L;
     }
 }
 
@@ -188,8 +178,8 @@ namespace {
 
 template <class KV>
 void launch_typed(const float* q, const void* k_cache, const void* v_cache, int64_t m, const int64_t* positions,
-                  const int64_t* bases, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits, float* partial,
-                  unsigned* counters, float* out, cudaStream_t stream) {
+                  const int64_t* bases, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits, float* partial, float* out,
+                  cudaStream_t stream) {
     const float scale = 1.0f / std::sqrt(float(head_dim));  // as the CPU op
     const dim3 grid(unsigned(m * n_heads), unsigned(n_splits));
     const auto* kc = static_cast<const KV*>(k_cache);
@@ -197,27 +187,28 @@ void launch_typed(const float* q, const void* k_cache, const void* v_cache, int6
     const int d = int(head_dim);
     // The one dispatch switch: register arrays need a compile-time DJ.
     switch ((head_dim + 31) / 32) {
-        case 1: attention_kernel<KV, 1><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, counters, out); break;
-        case 2: attention_kernel<KV, 2><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, counters, out); break;
-        case 3: attention_kernel<KV, 3><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, counters, out); break;
-        case 4: attention_kernel<KV, 4><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, counters, out); break;
-        case 5: case 6: attention_kernel<KV, 6><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, counters, out); break;
-        default: attention_kernel<KV, MAX_DJ><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, counters, out); break;
+        case 1: attention_kernel<KV, 1><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 2: attention_kernel<KV, 2><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 3: attention_kernel<KV, 3><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 4: attention_kernel<KV, 4><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
+        case 5: case 6: attention_kernel<KV, 6><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
+        default: attention_kernel<KV, MAX_DJ><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
     }
+    if (n_splits > 1) attention_merge_kernel<<<unsigned(m * n_heads), 128, 0, stream>>>(partial, n_splits, d, out);
 }
 
 }  // namespace
 
 void attention_launch(const float* q, const void* k_cache, const void* v_cache, bool kv_f16, int64_t m,
                       const int64_t* positions, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits,
-                      float* partial, unsigned* counters, float* out, cudaStream_t stream, const int64_t* bases) {
+                      float* partial, float* out, cudaStream_t stream, const int64_t* bases) {
     if (m <= 0) return;
     if (kv_f16)
         launch_typed<__half>(q, k_cache, v_cache, m, positions, bases, n_heads, n_kv_heads, head_dim, n_splits, partial,
-                             counters, out, stream);
+                             out, stream);
     else
         launch_typed<float>(q, k_cache, v_cache, m, positions, bases, n_heads, n_kv_heads, head_dim, n_splits, partial,
-                            counters, out, stream);
+                            out, stream);
 }
 
 void attention_cuda(const float* q, const void* k_cache, const void* v_cache, bool kv_f16, int64_t t_max, int64_t m,
@@ -236,8 +227,6 @@ void attention_cuda(const float* q, const void* k_cache, const void* v_cache, bo
     DeviceBuffer<float> qd(nq, fn), od(nq, fn), part(size_t(m * n_heads) * n_splits * (head_dim + 2), fn);
     DeviceBuffer<uint8_t> kd(cache_bytes, fn), vd(cache_bytes, fn);
     DeviceBuffer<int64_t> pd(size_t(m), fn), bd(size_t(m), fn);
-    DeviceBuffer<unsigned> counters(size_t(m * n_heads), fn);  // zeros: the split blocks count on them
-    cuda_check(cudaMemset(counters.get(), 0, size_t(m * n_heads) * sizeof(unsigned)), fn + " (counters)");
     std::vector<int64_t> pos(static_cast<size_t>(m)), bases(static_cast<size_t>(m), base);
     for (int64_t i = 0; i < m; ++i) pos[size_t(i)] = p0 + i;
     upload(qd, q, nq, fn);
@@ -247,7 +236,7 @@ void attention_cuda(const float* q, const void* k_cache, const void* v_cache, bo
     upload(bd, bases.data(), size_t(m), fn);
     poison(od, nq, fn);
     attention_launch(qd.get(), kd.get(), vd.get(), kv_f16, m, pd.get(), n_heads, n_kv_heads, head_dim, n_splits,
-                     part.get(), counters.get(), od.get(), nullptr, base != 0 ? bd.get() : nullptr);
+                     part.get(), od.get(), nullptr, base != 0 ? bd.get() : nullptr);
     cuda_check(cudaGetLastError(), fn + " (launch)");
     download(out, od, nq, fn);
 }

@@ -103,7 +103,6 @@ struct CudaForward::Impl {
     std::vector<void*> k_cache, v_cache;  // n_layers x (n_seq, n_ctx, Hkv, d)
     float *x = nullptr, *h = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr;
     float *g = nullptr, *u = nullptr, *logits = nullptr, *partial = nullptr;
-    unsigned* counters = nullptr;  // (SLICE x n_splits, H) zeros: split attention's finished spans
     void* ws = nullptr;  // the GEMV's scratch (the prepared input of the current linears, <= 8 rows)
     size_t ws_bytes = 0;
     void* ws_gemm = nullptr;  // the GEMM's (codes of one linear, the pass's activations): apart, so
@@ -232,8 +231,8 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
         // rotate q and k, and write k and v to the cache rows of this pass
         rope_kv_store_launch(inv_freq, int(hd), q, H, k, v, Hkv, positions_dev(), bases_dev(), T, p.kv_f16, k_cache[l],
                              v_cache[l], stream);
-        attention_launch(q, k_cache[l], v_cache[l], p.kv_f16, T, positions_dev(), H, Hkv, hd, splits, partial, counters,
-                         att, stream, bases_dev());
+        attention_launch(q, k_cache[l], v_cache[l], p.kv_f16, T, positions_dev(), H, Hkv, hd, splits, partial, att,
+                         stream, bases_dev());
         linears({j0 + 3}, att, T, {x}, /*accumulate=*/true);  // x += att Woᵀ
 
         pg = fused_prepare(BITPLANE_FUSE_RMS_NORM, x, ffn_norm[l], T, h, j0 + 4);
@@ -319,9 +318,6 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     // split attention for every row of a slice of <= SLICE rows: a prefill slice of a long prompt
     // scans the whole cache
     const size_t off_partial = a.take(SLICE * size_t(c.n_heads) * e.n_splits * (hd + 2) * 4);
-    // a pass splits attention only while rows x splits <= SLICE x n_splits: so many (row, head) counters
-    const size_t counters_bytes = SLICE * size_t(e.n_splits) * size_t(c.n_heads) * sizeof(unsigned);
-    const size_t off_counters = a.take(counters_bytes);
     for (size_t j = 0; j < lin.size(); ++j) {
         e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, e.path));
         // the GEMM's scratch (codes of one linear + the pass's activations); never for the LM head
@@ -384,8 +380,6 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     auto f = [&](size_t off) { return reinterpret_cast<float*>(e.arena + off); };
     e.x = f(off_x), e.h = f(off_h), e.q = f(off_q), e.k = f(off_kx), e.v = f(off_vx), e.att = f(off_att);
     e.g = f(off_g), e.u = f(off_u), e.logits = f(off_logits), e.partial = f(off_partial);
-    e.counters = reinterpret_cast<unsigned*>(e.arena + off_counters);
-    cuda_check(cudaMemset(e.counters, 0, counters_bytes), fn + " (attention counters)");
     e.ws = e.arena + off_ws;
     e.ws_gemm = e.ws_gemm_bytes ? e.arena + off_ws_gemm : nullptr;
     e.sig = reinterpret_cast<StepSignalsDevice*>(e.arena + off_sig);

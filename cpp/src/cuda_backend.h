@@ -173,11 +173,11 @@ void rope_kv_store_launch(const float* inv_freq, int head_dim, float* q, int64_t
 void swiglu_launch(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
 // Query i sits at positions[i] and sees cache rows bases[i] + 0..positions[i] (device memory, see
 // rope_launch; bases null: 0, one sequence). partial: (m, H, n_splits, head_dim + 2) floats of scratch
-// and counters: (m, H) zeros (left zero) when n_splits > 1, else unused. head_dim <= ATTENTION_MAX_HEAD_DIM.
+// when n_splits > 1, else unused. head_dim <= ATTENTION_MAX_HEAD_DIM.
 constexpr int ATTENTION_MAX_HEAD_DIM = 256;
 void attention_launch(const float* q /* (m, H, d) */, const void* k_cache, const void* v_cache, bool kv_f16,
                       int64_t m, const int64_t* positions /* (m) */, int64_t n_heads, int64_t n_kv_heads,
-                      int64_t head_dim, int n_splits, float* partial, unsigned* counters, float* out /* (m, H, d) */,
+                      int64_t head_dim, int n_splits, float* partial, float* out /* (m, H, d) */,
                       cudaStream_t stream, const int64_t* bases /* (m) */ = nullptr);
 // out (rows): {entropy, top-1 probability, argmax} of each row of logits (rows, vocab).
 struct StepSignalsDevice {

@@ -35,8 +35,8 @@
 //   f16 A (16x16):     reg0 row gid, K 2tig, 2tig+1; reg1 row gid+8; reg2/reg3 the same at K+8
 //   f16 B (16x8):      reg0 K 2tig, 2tig+1 of column gid; reg1 K+8
 //   C (16x8, both):    c0, c1 row gid, columns 2tig, 2tig+1; c2, c3 row gid+8
-// Not yet run on a GPU when written (no GPU was lent to that session): tests/test_cuda_ops.py and
-// tools/gpu_check.sh check it against the CPU op.
+// tests/test_cuda_ops.py and tools/gpu_check.sh check it against the CPU op (run on an H100,
+// 2026-11-23; measured speed in docs/kernels.md).
 #include <cuda_fp16.h>
 
 #include <algorithm>

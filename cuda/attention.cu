@@ -64,17 +64,21 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
     // a time waits a memory round trip per position (58 µs a layer at 2048 positions on an H100,
     // 4 warps per block and few blocks per SM at decode), P at a time overlaps P of them.
     float m = -INFINITY, l = 0.0f;
-    for (int64_t tb = t0 + warp * P; tb < t1; tb += WARPS * P) {
-        float kv[P][DJ], s[P];
+    float kv[P][DJ], s[P];
+    // kv = this lane's dims of the cache rows of positions tb .. tb + P - 1 (zeros past t1 or d)
+    auto load_rows = [&](const KV* cache, int64_t tb) {
 #pragma unroll
         for (int u = 0; u < P; ++u) {
             const int64_t row = ((base + tb + u) * n_kv_heads + hk) * d;
 #pragma unroll
             for (int j = 0; j < DJ; ++j) {
                 const int dd = lane + 32 * j;
-                kv[u][j] = (tb + u < t1 && dd < d) ? load_kv(k_cache + row + dd) : 0.0f;
+                kv[u][j] = (tb + u < t1 && dd < d) ? load_kv(cache + row + dd) : 0.0f;
             }
         }
+    };
+    for (int64_t tb = t0 + warp * P; tb < t1; tb += WARPS * P) {
+        load_rows(k_cache, tb);
 #pragma unroll
         for (int u = 0; u < P; ++u) {
             float dot = 0.0f;
@@ -93,15 +97,7 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
             m_new = fmaxf(m_new, s[u]);
         }
         // V rows, then the online-softmax update with the P scores at once
-#pragma unroll
-        for (int u = 0; u < P; ++u) {
-            const int64_t row = ((base + tb + u) * n_kv_heads + hk) * d;
-#pragma unroll
-            for (int j = 0; j < DJ; ++j) {
-                const int dd = lane + 32 * j;
-                kv[u][j] = (tb + u < t1 && dd < d) ? load_kv(v_cache + row + dd) : 0.0f;
-            }
-        }
+        load_rows(v_cache, tb);
         const float corr = expf(m - m_new);  // m = -inf on the first step: 0
         l *= corr;
 #pragma unroll

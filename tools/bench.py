@@ -78,19 +78,33 @@ def gpu_copy_bandwidth_gbs() -> float:
 def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, backend: str = "cpu",
            gemm_min_rows: int = 64, kv_dtype: str = "f32") -> dict:
     """bits 0: a new random mask every step, each linear at 4 or 6 (mean 5), the LM head at 6.
+    bits -1: the FlexQuant controller (4 <-> max_bits on the previous step's entropy) at a budget
+    of 5 bits per weight, its decision, the mask push and the signals inside each timed step, as in
+    generate(); calibrated on the fly (levels 4 only: one prefill per unit) if the file has no profile.
     gemm_min_rows: the CUDA engine's cuda_gemm_min_rows (0: the prompt on the GEMV only)."""
     import numpy as np
 
     import flexquant_rt as fq
 
-    eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_prompt + n_decode + 16,
-                    cuda_gemm_min_rows=gemm_min_rows, kv_dtype=kv_dtype)
+    # the controller's on-the-fly calibration runs 256-token windows
+    n_ctx = max(n_prompt + n_decode + 16, 272 if bits == -1 else 0)
+    eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_ctx, cuda_gemm_min_rows=gemm_min_rows,
+                    kv_dtype=kv_dtype)
     if eng.backend != backend:
         raise SystemExit(f"asked for backend {backend}, the engine runs on {eng.backend}")
     rng = np.random.default_rng(1)
     switching = bits == 0
     masks = [rng.choice([4, 6], size=(eng.n_layers, 7)).astype(np.int32) for _ in range(n_decode)]
-    eng.set_layer_bits(masks[0] if switching else bits, lm_head_bits=6 if switching else bits)
+    ctl = None
+    if bits == -1:
+        from flexquant_rt.controller import calibrate, calibration_text, load_profile, make_controller, text_chunks
+
+        profile = load_profile(eng) or calibrate(eng, text_chunks(eng, calibration_text(), 1, 256), levels=(4,),
+                                                 progress=False)
+        ctl = make_controller(eng, "flexquant", budget_bits=5.0, profile=profile)
+        eng._apply(ctl.mask(None))
+    else:
+        eng.set_layer_bits(masks[0] if switching else bits, lm_head_bits=6 if switching else bits)
     vocab = int(eng.config["vocab"])
     prompt = np.random.default_rng(0).integers(0, min(vocab, 30000), size=n_prompt).astype(np.int32)
     eng.forward(prompt[:8])  # warm-up: page in the weights
@@ -101,20 +115,26 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     eng._eng.eval(prompt)
     t_prefill = time.perf_counter() - t
     tok = int(np.argmax(eng._eng.logits()))
-    times, nbytes = [], []
+    times, nbytes, mean_bits = [], [], []
+    info = eng.step_info(tok) if ctl is not None else None
     for i in range(n_decode):
         t = time.perf_counter()
         if switching:  # the switch is part of the step: its cost shows in the step time
             eng._eng.set_layer_bits(masks[i])
+        if ctl is not None:  # so are the controller's decision and the signals it reads
+            eng._apply(ctl.mask(info))
         eng._eng.eval(np.array([tok], dtype=np.int32))
+        if ctl is not None:
+            info = eng.step_info(tok)
         times.append(time.perf_counter() - t)
-        nbytes.append(eng.bytes_per_token())
+        nbytes.append(eng._eng.last_bytes_per_token())
+        mean_bits.append(eng._last_mean_bits())
         tok = int(np.argmax(eng._eng.logits()))
     step = float(np.median(times))
     return {
         "prefill_tok_s": n_prompt / t_prefill, "decode_tok_s": 1.0 / step, "step_ms": step * 1e3,
-        "bytes_per_token": float(np.mean(nbytes)), "peak_rss_mb": peak_rss_mb(),
-        "device_mb": eng._eng.device_bytes / 1e6,
+        "bytes_per_token": float(np.mean(nbytes)), "mean_bits": float(np.mean(mean_bits)),
+        "peak_rss_mb": peak_rss_mb(), "device_mb": eng._eng.device_bytes / 1e6,
     }
 
 
@@ -277,7 +297,8 @@ def main() -> int:
 
 def main_cuda(a, models) -> int:
     """The GPU table: decode tok/s and GB/s against the copy bandwidth measured in this run, the
-    85% roofline for each row's bytes per token, and the cost of a new mask every token."""
+    85% roofline for each row's bytes per token, the cost of a new mask every token, and the
+    FlexQuant controller at a 5-bit budget (the last row)."""
     bw = gpu_copy_bandwidth_gbs()
     print(f"GPU copy bandwidth (read + write): {bw:.0f} GB/s; prompt {a.prompt} tokens, "
           f"{a.decode} decode steps (median); KV cache {a.kv_dtype}; roofline = 0.85 x copy BW / bytes per token "
@@ -291,16 +312,17 @@ def main_cuda(a, models) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, path in models:
         rows = {}
-        for bits in [*a.bits, 0]:
+        for bits in [*a.bits, 0, -1]:
             r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64",
                                          a.kv_dtype])
             gemv = "-"
-            if bits:
+            if bits > 0:
                 g = run_worker(["fq", path, str(bits), "1", str(a.prompt), "2", "cuda", "0", a.kv_dtype])
                 gemv = f"{g['prefill_tok_s']:.0f}"
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             roof = 0.85 * bw * 1e9 / r["bytes_per_token"]
-            label = str(bits) if bits else "4/6 per token (mean 5)"
+            label = (str(bits) if bits > 0 else "4/6 per token (mean 5)" if bits == 0 else
+                     f"FlexQuant controller, budget 5 (mean {r['mean_bits']:.2f})")
             print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {gemv} | {r['decode_tok_s']:.1f} | "
                   f"{r['bytes_per_token'] / 1e6:.1f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {roof:.0f} | "
                   f"{r['decode_tok_s'] / roof:.2f} | {r['device_mb']:.0f} |")

@@ -1,7 +1,9 @@
 // Rotate-half rotary position embedding (Hugging Face Llama), for i < d/2, f_i = pos * inv_freq[i]:
 //   x[i]       <- x[i] cos f_i - x[i + d/2] sin f_i
 //   x[i + d/2] <- x[i + d/2] cos f_i + x[i] sin f_i
-// on q (m, n_heads, d) and k (m, n_kv_heads, d), in place.
+// on q (m, n_heads, d) and k (m, n_kv_heads, d), in place; rope_kv_store_launch also writes
+//   K cache[bases[r] + pos_r] <- k[r] (rotated),  V cache[bases[r] + pos_r] <- v[r]
+// (the decode step's cache write, fused: one launch fewer per layer).
 //
 // The CUDA twin of cpp/src/ops/rope.cpp, with the same inv_freq table (rope_init, uploaded once):
 // the angle is the fp32 product, its cos/sin are taken in fp64 and rounded to fp32 (as the CPU op

@@ -139,13 +139,14 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
 
 
 def batch_worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, batch: int,
-                 backend: str = "cpu") -> dict:
+                 backend: str = "cpu", kv_dtype: str = "f32") -> dict:
     """Decode steps of `batch` sequences at once (Engine.decode_batch), greedy."""
     import numpy as np
 
     import flexquant_rt as fq
 
-    eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_prompt + n_decode + 16, n_seq=batch)
+    eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_prompt + n_decode + 16, n_seq=batch,
+                    kv_dtype=kv_dtype)
     if eng.backend != backend:
         raise SystemExit(f"backend {backend} asked for, the engine runs on {eng.backend}: {eng._eng.backend_note}")
     eng.set_layer_bits(bits, lm_head_bits=bits)
@@ -174,7 +175,7 @@ def main_batch(a, models) -> int:
     bw = gpu_copy_bandwidth_gbs() if a.backend == "cuda" else copy_bandwidth_gbs()
     print(f"backend {a.backend}, threads: {a.threads}; {'GPU' if a.backend == 'cuda' else 'memory'} copy bandwidth "
           f"(read + write): {bw:.1f} GB/s; "
-          f"prompt {a.prompt} tokens per sequence, {a.decode} batched decode steps (median)")
+          f"prompt {a.prompt} tokens per sequence, {a.decode} batched decode steps (median); KV cache {a.kv_dtype}")
     print()
     print("| model | bits | batch | step ms | decode tok/s (all sequences) | vs batch 1 | weight GB/s | % of copy BW |")
     print("|---|---|---|---|---|---|---|---|")
@@ -183,7 +184,7 @@ def main_batch(a, models) -> int:
             base = None
             for b in a.batch:
                 r = run_worker(["batch", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), str(b),
-                                a.backend])
+                                a.backend, a.kv_dtype])
                 if base is None and b == 1:
                     base = r["decode_tok_s"]
                 gbs = r["bytes_per_token"] / (r["step_ms"] / 1e3) / 1e9  # one weight read per step
@@ -242,8 +243,8 @@ def main() -> int:
             model, bits, threads, n_p, n_d, backend, gemm, kv = rest
             res = worker(model, int(bits), int(threads), int(n_p), int(n_d), backend, int(gemm), kv)
         elif kind == "batch":
-            model, bits, threads, n_p, n_d, b, backend = rest
-            res = batch_worker(model, int(bits), int(threads), int(n_p), int(n_d), int(b), backend)
+            model, bits, threads, n_p, n_d, b, backend, kv = rest
+            res = batch_worker(model, int(bits), int(threads), int(n_p), int(n_d), int(b), backend, kv)
         else:
             gguf, threads, n_p, n_d = rest
             res = llama_cpp_worker(gguf, int(threads), int(n_p), int(n_d))

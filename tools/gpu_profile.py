@@ -39,16 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     import flexquant_rt as fq
     from flexquant_rt.convert import SyntheticSource, convert
 
+    work = tempfile.TemporaryDirectory()  # the synthetic file and the traces, removed at the end
     path = a.file
     if path is None:
-        path = os.path.join(tempfile.mkdtemp(), f"{a.model}-{a.layers}l.fq")
+        path = os.path.join(work.name, f"{a.model}-{a.layers}l.fq")
         t = time.perf_counter()
         convert(SyntheticSource(a.model, n_layers=a.layers), path, progress=False)
         print(f"converted {a.model} with {a.layers} layers in {time.perf_counter() - t:.1f} s")
     for kv, bits in [(kv, bits) for kv in a.kv_dtype for bits in a.bits]:
         eng = fq.Engine(path, backend="cuda", n_ctx=a.prompt + a.steps + 32, kv_dtype=kv)
+        if eng.backend != "cuda":
+            raise SystemExit(f"needs a CUDA GPU: the engine runs on {eng.backend} ({eng._eng.backend_note})")
+        name_of_model = os.path.basename(path) if a.file else a.model
+        n_layers = eng.n_layers
         eng.set_layer_bits(bits)
-        prompt = np.random.default_rng(0).integers(0, 30000, size=a.prompt).astype(np.int32)
+        vocab = int(eng.config["vocab"])
+        prompt = np.random.default_rng(0).integers(0, min(vocab, 30000), size=a.prompt).astype(np.int32)
         eng._eng.eval(prompt)
         tok = int(np.argmax(eng._eng.logits()))
         for _ in range(5):  # the graph capture and warm-up
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 walls.append(time.perf_counter() - t)
         # the trace's kernel records (cat "kernel", dur in µs): every kernel CUPTI saw, graph nodes
         # and launches from outside torch included
-        trace = os.path.join(tempfile.mkdtemp(), "trace.json")
+        trace = os.path.join(work.name, "trace.json")
         prof.export_chrome_trace(trace)
         with open(trace) as f:
             events = json.load(f)["traceEvents"]
@@ -76,14 +82,17 @@ def main(argv: list[str] | None = None) -> int:
             per[name][1] += float(ev["dur"])
         total = sum(v[1] for v in per.values()) / a.steps
         wall = float(np.median(walls)) * 1e6
-        print(f"\n## {a.model} x {a.layers} layers, {bits} bits, KV cache {kv}, context {a.prompt}: "
+        if total <= 0:
+            raise SystemExit("CUPTI recorded no kernels (is this torch built with CUDA, and the engine on the GPU?)")
+        print(f"\n## {name_of_model} x {n_layers} layers, {bits} bits, KV cache {kv}, context {a.prompt}: "
               f"step {wall:.0f} µs wall (median), kernels {total:.0f} µs per step, "
-              f"{(wall - total):.0f} µs outside kernels; per layer {total / a.layers:.1f} µs of kernels")
+              f"{(wall - total):.0f} µs outside kernels; per layer {total / n_layers:.1f} µs of kernels")
         print("| kernel | per step | µs per step | µs each | share |")
         print("|---|---|---|---|---|")
         for name, (cnt, us) in sorted(per.items(), key=lambda it: -it[1][1]):
             print(f"| {name} | {cnt / a.steps:.0f} | {us / a.steps:.1f} | {us / cnt:.2f} | {100 * us / a.steps / total:.1f}% |")
         eng.close()
+    work.cleanup()
     return 0
 
 

@@ -713,7 +713,7 @@ void bitplane_matmul_prepared_cuda_async(const BitplaneLinear& w, int bits, int6
 }
 
 void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
-                          BitplaneCudaPath path, const BitplaneCudaTuning& tuning) {
+                          BitplaneCudaPath path, const BitplaneCudaTuning& tuning, const float* y0) {
     const std::string fn = "bitplane_matmul_cuda";
     validate(w, bits, m, fn);
     validate_tuning(tuning, fn);
@@ -725,9 +725,36 @@ void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int
     DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
     DeviceBuffer<uint8_t> ws(ws_bytes, fn);
     upload(xd, x, size_t(m) * w.k, fn + " x");
-    poison(yd, size_t(m) * w.n, fn + " y");
-    bitplane_matmul_cuda_async(dw.view, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, path, nullptr, tuning);
+    if (y0)
+        upload(yd, y0, size_t(m) * w.n, fn + " y0");
+    else
+        poison(yd, size_t(m) * w.n, fn + " y");
+    bitplane_matmul_cuda_async(dw.view, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, path, nullptr, tuning,
+                               nullptr, y0 != nullptr);
     download(y, yd, size_t(m) * w.n, fn + " y");
+}
+
+void bitplane_matmul_fused_cuda(const BitplaneLinear& w, int bits, BitplanePrepareFusion op, const float* x,
+                                const float* aux, float eps, int64_t m, float* y, float* out) {
+    const std::string fn = "bitplane_matmul_fused_cuda";
+    validate(w, bits, m, fn);
+    check(w.planes && w.qparams && x && aux && y && out, fn, "null pointer");
+    check(m >= 1 && m <= MAX_M, fn, "m must be in 1..8, got " + std::to_string(m));
+    const DeviceLinear dw(w, bits, fn);
+    const size_t ws_bytes = bitplane_matmul_cuda_workspace(w, m, BITPLANE_CUDA_TC);
+    const size_t aux_n = op == BITPLANE_FUSE_RMS_NORM ? size_t(w.k) : size_t(m) * w.k;
+    DeviceBuffer<float> xd(size_t(m) * w.k, fn), ad(aux_n, fn), od(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
+    DeviceBuffer<uint8_t> ws(ws_bytes, fn);
+    upload(xd, x, size_t(m) * w.k, fn + " x");
+    upload(ad, aux, aux_n, fn + " aux");
+    poison(od, size_t(m) * w.k, fn + " out");
+    poison(yd, size_t(m) * w.n, fn + " y");
+    // SwiGLU in place, as the engine runs it (out = x = the gate)
+    float* const o = op == BITPLANE_FUSE_SWIGLU ? xd.get() : od.get();
+    bitplane_prepare_fused_cuda_async(dw.view, op, xd.get(), ad.get(), eps, m, o, ws.get(), ws_bytes, nullptr);
+    bitplane_matmul_prepared_cuda_async(dw.view, bits, m, yd.get(), ws.get(), ws_bytes, BITPLANE_CUDA_TC, nullptr);
+    download(y, yd, size_t(m) * w.n, fn + " y");
+    download(out, op == BITPLANE_FUSE_SWIGLU ? xd : od, size_t(m) * w.k, fn + " out");
 }
 
 // ---- benchmark ---------------------------------------------------------------------------------------

@@ -89,9 +89,17 @@ void bitplane_prepare_fused_cuda_async(const BitplaneLinear& w, BitplanePrepareF
 
 // Host memory in and out (tests, tools): uploads the first `bits` planes, the qparams and x,
 // runs bitplane_matmul_cuda_async on the current device, downloads y (m, n). Synchronous. The
-// device y is filled with NaN before the launch, so an element the kernels miss comes back NaN.
+// device y is filled with NaN before the launch, so an element the kernels miss comes back NaN;
+// with y0 (m, n) it starts as y0 and the product is accumulated into it (accumulate = true).
 void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
-                          BitplaneCudaPath path = BITPLANE_CUDA_AUTO, const BitplaneCudaTuning& tuning = {});
+                          BitplaneCudaPath path = BITPLANE_CUDA_AUTO, const BitplaneCudaTuning& tuning = {},
+                          const float* y0 = nullptr);
+
+// Host memory in and out (tests): bitplane_prepare_fused_cuda_async then the TC GEMV on m <= 8 rows
+// of x (m, k); aux: the norm weight (k) or up (m, k). -> y (m, n) and the op's output out (m, k)
+// (SWIGLU in place, as the engine runs it). Outputs poisoned first.
+void bitplane_matmul_fused_cuda(const BitplaneLinear& w, int bits, BitplanePrepareFusion op, const float* x,
+                                const float* aux, float eps, int64_t m, float* y, float* out);
 
 // Timing of the device-resident product (bitplane_matmul_cuda_bench).
 struct BitplaneCudaTiming {
@@ -155,9 +163,9 @@ void bitplane_gemm_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_
 
 // Host memory in and out (tests): uploads, runs on the current device, downloads y (m, n). y and the
 // workspace are filled with NaN / 0xff bytes first, so a missed element or a read of an unwritten
-// scratch byte shows.
+// scratch byte shows; with y0 (m, n), y starts as y0 and the product is accumulated into it.
 void bitplane_gemm_cuda(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
-                        BitplaneGemmKind kind, int act_bits = 0);
+                        BitplaneGemmKind kind, int act_bits = 0, const float* y0 = nullptr);
 
 // The unpack launch alone (tests): codes (n, k_pad) int8 = c_bits − 2^(bits−1), k_pad = ceil(k/128)·128.
 void bitplane_unpack_codes_cuda(const BitplaneLinear& w, int bits, int8_t* codes);

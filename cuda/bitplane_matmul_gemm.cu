@@ -878,7 +878,7 @@ void bitplane_gemm_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_
 }
 
 void bitplane_gemm_cuda(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
-                        BitplaneGemmKind kind, int act_bits) {
+                        BitplaneGemmKind kind, int act_bits, const float* y0) {
     const std::string fn = "bitplane_gemm_cuda";
     validate(w, bits, m, kind, act_bits, fn);
     check(w.planes && w.qparams && x && y, fn, "null pointer");
@@ -888,11 +888,15 @@ void bitplane_gemm_cuda(const BitplaneLinear& w, int bits, const float* x, int64
     DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
     DeviceBuffer<uint8_t> ws(ws_bytes, fn);
     upload(xd, x, size_t(m) * w.k, fn + " x");
-    poison(yd, size_t(m) * w.n, fn + " y");
+    if (y0)
+        upload(yd, y0, size_t(m) * w.n, fn + " y0");
+    else
+        poison(yd, size_t(m) * w.n, fn + " y");
     // The scratch is poisoned too: a scratch byte the kernels read without having written it shows
     // (NaN fp16 activations; 0xff codes and planes are wrong integers).
     cuda_check(cudaMemset(ws.get(), 0xff, ws_bytes), fn + " (poison workspace)");
-    bitplane_gemm_cuda_async(dw.view, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, kind, nullptr, nullptr, act_bits);
+    bitplane_gemm_cuda_async(dw.view, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, kind, nullptr, nullptr, act_bits,
+                             y0 != nullptr);
     download(y, yd, size_t(m) * w.n, fn + " y");
 }
 

@@ -466,3 +466,49 @@ def test_gemm_b1_bad_arguments():
         call(planes, qparams, n, k, max_bits, 64, 4, x, kind="b1", act_bits=9)
     with pytest.raises(core.FlexquantError, match="act_bits must be 8 \\(or 0\\) for this kind, got 6"):
         call(planes, qparams, n, k, max_bits, 64, 4, x, kind="a8", act_bits=6)
+
+
+# ---- the fused decode-step pieces: the accumulating store and the fused activation preparation ---------
+
+@pytest.mark.parametrize("fn,kind", [("gemv", "tc"), ("gemv", "fp32"), ("gemm", "a8"), ("gemm", "a16"),
+                                     ("gemm", "b1")])
+def test_accumulate_adds_the_product_with_one_rounding(fn, kind):
+    """y0 + x · W_kᵀ as the engine's residual adds run it (o and down store into x): the stored
+    value is y0 plus the product the plain call returns, one fp32 addition, every element."""
+    rng = np.random.default_rng(21)
+    n, k, g, bits = 131, 576, 64, 5
+    codes, qparams, planes = make_linear(rng, n, k, 8, g)
+    for m in ((1, 3, 8) if fn == "gemv" else (1, 17, 130)):
+        x = make_x(rng, m, k)
+        y0 = rng.standard_normal((m, n)).astype(np.float32)
+        if fn == "gemv":
+            plain = core.bitplane_matmul_cuda(planes, qparams, n, k, 8, g, bits, x, path=kind)
+            acc = core.bitplane_matmul_cuda(planes, qparams, n, k, 8, g, bits, x, path=kind, y0=y0)
+        else:
+            plain = core.bitplane_gemm_cuda(planes, qparams, n, k, 8, g, bits, x, kind=kind)
+            acc = core.bitplane_gemm_cuda(planes, qparams, n, k, 8, g, bits, x, kind=kind, y0=y0)
+        np.testing.assert_array_equal(acc, y0 + plain, err_msg=f"{fn} {kind} m={m}")
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu"])
+@pytest.mark.parametrize("k,group_size", [(576, 64), (4096, 128), (1536, 256), (300, 32)])
+def test_fused_preparation_is_the_separate_ops_bit_for_bit(op, k, group_size):
+    """The decode step runs RMSNorm (and SwiGLU) inside the GEMV's int8 preparation: the op's output
+    must be what rms_norm_cuda / swiglu_cuda give, and the product what the TC GEMV gives on it."""
+    rng = np.random.default_rng(22)
+    n, bits = 200, 6
+    codes, qparams, planes = make_linear(rng, n, k, 8, group_size)
+    for m in (1, 5, 8):
+        x = make_x(rng, m, k)
+        if op == "rms_norm":
+            aux = (1.0 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+            ref_out = core.rms_norm_cuda(x, aux, 1e-5)
+        else:
+            aux = rng.standard_normal((m, k)).astype(np.float32)
+            ref_out = core.swiglu_cuda(x.reshape(-1), aux.reshape(-1)).reshape(m, k)
+        y, out = core.bitplane_matmul_fused_cuda(planes, qparams, n, k, 8, group_size, bits, x, op=op, aux=aux,
+                                                 eps=1e-5)
+        np.testing.assert_array_equal(out, ref_out, err_msg=f"{op} output, m={m}")
+        ref_y = core.bitplane_matmul_cuda(planes, qparams, n, k, 8, group_size, bits, ref_out, path="tc")
+        np.testing.assert_array_equal(y, ref_y, err_msg=f"{op} product, m={m}")
+        assert np.isfinite(y).all()

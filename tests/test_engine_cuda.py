@@ -417,3 +417,26 @@ def test_cuda_tune_kernels_measures_applies_and_saves(tiny_fq, tmp_path, monkeyp
             logits[name] = _core_steps(e._eng, ids, 4)
     assert rel_err(logits["gemm"], logits["gemv"]) < 1e-2
     assert (logits["gemm"].argmax(-1) == logits["gemv"].argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.skipif(not core.built_with_cuda(), reason="built without CUDA")
+def test_fused_and_accumulating_entry_points_check_their_arguments():
+    """The bindings' argument checks run before any device work, so they hold without a GPU too."""
+    from flexquant_rt import bitplane as bp
+
+    rng = np.random.default_rng(0)
+    n, k, g = 16, 128, 64
+    codes, qp = bp.quantize(rng.standard_normal((n, k)).astype(np.float32), 8, g)
+    planes = bp.pack_planes(codes, 8)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    with pytest.raises(ValueError, match="op: expected 'rms_norm' or 'swiglu', got 'gelu'"):
+        core.bitplane_matmul_fused_cuda(planes, qp, n, k, 8, g, 4, x, op="gelu", aux=np.ones(k, np.float32))
+    with pytest.raises(ValueError, match=r"aux: .*\(128,\)"):
+        core.bitplane_matmul_fused_cuda(planes, qp, n, k, 8, g, 4, x, op="rms_norm", aux=np.ones(k + 1, np.float32))
+    with pytest.raises(ValueError, match=r"aux: .*\(2, 128\)"):
+        core.bitplane_matmul_fused_cuda(planes, qp, n, k, 8, g, 4, x, op="swiglu", aux=np.ones(k, np.float32))
+    for call in (core.bitplane_matmul_cuda, core.bitplane_gemm_cuda):
+        with pytest.raises(ValueError, match=r"y0: expected shape \(2, 16\), got \(16,\)"):
+            call(planes, qp, n, k, 8, g, 4, x, y0=np.zeros(n, np.float32))
+        with pytest.raises(TypeError, match="y0: expected dtype float32, got float64"):
+            call(planes, qp, n, k, 8, g, 4, x, y0=np.zeros((2, n)))

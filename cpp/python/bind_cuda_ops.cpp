@@ -23,6 +23,7 @@ using flexquant::BitplaneLinear;
 using flexquant_py::expect_dim;
 using flexquant_py::require;
 using flexquant_py::shape_str;
+using F32 = py::array_t<float, py::array::c_style>;
 
 namespace {
 
@@ -75,12 +76,29 @@ int64_t activation_rows(const py::array& x, int64_t k) {
     return x.ndim() == 1 ? 1 : x.shape(0);
 }
 
+// y0 (None, or float32 of x's row shape with n columns): the start of an accumulating product.
+const float* start_rows(const py::object& y0, const py::array& x, int64_t m, int64_t n) {
+    if (y0.is_none()) return nullptr;
+    const py::array a = py::cast<py::array>(y0);
+    if (!a.dtype().is(py::dtype::of<float>()))
+        throw py::type_error("y0: expected dtype float32, got " + std::string(py::str(a.dtype())));
+    if (!(a.flags() & py::array::c_style)) throw py::value_error("y0: must be C-contiguous");
+    const bool ok = x.ndim() == 1 ? (a.ndim() == 1 && a.shape(0) == n)
+                                  : (a.ndim() == 2 && a.shape(0) == m && a.shape(1) == n);
+    if (!ok)
+        throw py::value_error("y0: expected shape " + (x.ndim() == 1 ? "(" + std::to_string(n) + ",)"
+                                                                     : "(" + std::to_string(m) + ", " + std::to_string(n) + ")") +
+                              ", got " + shape_str(a));
+    return static_cast<const float*>(a.data());
+}
+
 py::array_t<float> py_bitplane_matmul_cuda(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
                                            int max_bits, int group_size, int bits, const py::array& x,
-                                           const std::string& path, int warps) {
+                                           const std::string& path, int warps, const py::object& y0) {
     const BitplaneLinear w = linear_view(planes, qparams, n, k, max_bits, group_size, bits);
     const int64_t m = activation_rows(x, k);
     const BitplaneCudaPath p = parse_path(path);
+    const float* y0p = start_rows(y0, x, m, n);
     py::array_t<float> y = x.ndim() == 1 ? py::array_t<float>({n}) : py::array_t<float>({m, n});
     const float* xp = static_cast<const float*>(x.data());
     float* yp = y.mutable_data();
@@ -88,9 +106,43 @@ py::array_t<float> py_bitplane_matmul_cuda(const py::array& planes, const py::ar
     tuning.warps_per_block = warps;
     {
         py::gil_scoped_release nogil;
-        flexquant::bitplane_matmul_cuda(w, bits, xp, m, yp, p, tuning);
+        flexquant::bitplane_matmul_cuda(w, bits, xp, m, yp, p, tuning, y0p);
     }
     return y;
+}
+
+py::tuple py_bitplane_matmul_fused_cuda(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
+                                        int max_bits, int group_size, int bits, const py::array& x,
+                                        const std::string& op, const py::array& aux, float eps) {
+    const BitplaneLinear w = linear_view(planes, qparams, n, k, max_bits, group_size, bits);
+    if (x.ndim() != 2) throw py::value_error("x: expected shape (m, " + std::to_string(k) + "), got " + shape_str(x));
+    const int64_t m = activation_rows(x, k);
+    flexquant::BitplanePrepareFusion fo;
+    if (op == "rms_norm")
+        fo = flexquant::BITPLANE_FUSE_RMS_NORM;
+    else if (op == "swiglu")
+        fo = flexquant::BITPLANE_FUSE_SWIGLU;
+    else
+        throw py::value_error("op: expected 'rms_norm' or 'swiglu', got '" + op + "'");
+    const std::string ashape = fo == flexquant::BITPLANE_FUSE_RMS_NORM
+                                   ? "(" + std::to_string(k) + ",)"
+                                   : "(" + std::to_string(m) + ", " + std::to_string(k) + ")";
+    F32 aa = require<float>(aux, "aux", fo == flexquant::BITPLANE_FUSE_RMS_NORM ? 1 : 2, ashape.c_str());
+    if (fo == flexquant::BITPLANE_FUSE_RMS_NORM) {
+        expect_dim(aa, 0, k, "aux", ashape);
+    } else {
+        expect_dim(aa, 0, m, "aux", ashape);
+        expect_dim(aa, 1, k, "aux", ashape);
+    }
+    F32 y({m, n}), out({m, k});
+    const float* xp = static_cast<const float*>(x.data());
+    float* yp = y.mutable_data();
+    float* op_out = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        flexquant::bitplane_matmul_fused_cuda(w, bits, fo, xp, aa.data(), eps, m, yp, op_out);
+    }
+    return py::make_tuple(y, out);
 }
 
 py::dict py_bitplane_matmul_cuda_bench(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
@@ -129,16 +181,17 @@ flexquant::BitplaneGemmKind parse_kind(const std::string& s) {
 
 py::array_t<float> py_bitplane_gemm_cuda(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
                                          int max_bits, int group_size, int bits, const py::array& x,
-                                         const std::string& kind, int act_bits) {
+                                         const std::string& kind, int act_bits, const py::object& y0) {
     const BitplaneLinear w = linear_view(planes, qparams, n, k, max_bits, group_size, bits);
     const int64_t m = activation_rows(x, k);
     const flexquant::BitplaneGemmKind kd = parse_kind(kind);
+    const float* y0p = start_rows(y0, x, m, n);
     py::array_t<float> y = x.ndim() == 1 ? py::array_t<float>({n}) : py::array_t<float>({m, n});
     const float* xp = static_cast<const float*>(x.data());
     float* yp = y.mutable_data();
     {
         py::gil_scoped_release nogil;
-        flexquant::bitplane_gemm_cuda(w, bits, xp, m, yp, kd, act_bits);
+        flexquant::bitplane_gemm_cuda(w, bits, xp, m, yp, kd, act_bits, y0p);
     }
     return y;
 }
@@ -179,7 +232,6 @@ py::dict py_bitplane_gemm_cuda_bench(const py::array& planes, const py::array& q
     return d;
 }
 
-using F32 = py::array_t<float, py::array::c_style>;
 
 F32 py_rms_norm_cuda(const py::array& x, const py::array& w, float eps) {
     F32 xa = require<float>(x, "x", 2, "(m, d)");
@@ -285,13 +337,21 @@ void bind_cuda_ops(py::module_& m) {
           "The CUDA next-token signals of logits (vocab,) float32 -> (entropy, top1_prob, argmax).");
     m.def("bitplane_matmul_cuda", &py_bitplane_matmul_cuda, py::arg("planes"), py::arg("qparams"), py::arg("n"),
           py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
-          py::arg("path") = "auto", py::arg("warps") = 0,
-          "y = x @ W_bits.T on the current CUDA device: planes (>= bits, plane_bytes) uint8 in the tc8x512\n"
+          py::arg("path") = "auto", py::arg("warps") = 0, py::arg("y0") = py::none(),
+          "y = x @ W_bits.T on the current CUDA device (y = y0 + x @ W_bits.T with y0: the accumulating\n"
+          "store the engine's residual adds use): planes (>= bits, plane_bytes) uint8 in the tc8x512\n"
           "layout, qparams (n, n_groups, 2) float16, x (m, k) or (k,) float32 -> y (m, n) or (n,) float32.\n"
           "Uploads only the first `bits` planes; the device output is filled with NaN before the launch, so\n"
           "an element the kernel missed comes back as NaN. path: 'tc' (int8 activations per group,\n"
           "binary tensor cores; group_size 32..512, powers of two), 'fp32' (fp32 activations, any group\n"
           "size) or 'auto' (tc where it applies). warps: warps per block splitting K (0 = automatic).");
+    m.def("bitplane_matmul_fused_cuda", &py_bitplane_matmul_fused_cuda, py::arg("planes"), py::arg("qparams"),
+          py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
+          py::arg("op"), py::arg("aux"), py::arg("eps") = 1e-5f,
+          "The decode step's fused activation preparation, then the TC GEMV, on x (m <= 8, k): op 'rms_norm'\n"
+          "(aux = the norm weight (k,)) or 'swiglu' (x = gate, aux = up (m, k); in place as the engine runs\n"
+          "it) -> (y (m, n), the op's output (m, k)). Both must equal rms_norm_cuda / swiglu_cuda followed\n"
+          "by bitplane_matmul_cuda(path='tc') bit for bit.");
     m.def("bitplane_matmul_cuda_bench", &py_bitplane_matmul_cuda_bench, py::arg("planes"), py::arg("qparams"),
           py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
           py::arg("path") = "auto", py::arg("copies") = 0, py::arg("reps") = 20, py::arg("warps") = 0,
@@ -303,8 +363,9 @@ void bind_cuda_ops(py::module_& m) {
           "warps_per_block (warps splitting K in a block; `warps` 0 = automatic), bytes (read per matmul).");
     m.def("bitplane_gemm_cuda", &py_bitplane_gemm_cuda, py::arg("planes"), py::arg("qparams"), py::arg("n"),
           py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
-          py::arg("kind") = "a8", py::arg("act_bits") = 0,
-          "y = x @ W_bits.T by the tensor-core GEMM (the many-rows path): arguments as bitplane_matmul_cuda.\n"
+          py::arg("kind") = "a8", py::arg("act_bits") = 0, py::arg("y0") = py::none(),
+          "y = x @ W_bits.T by the tensor-core GEMM (the many-rows path): arguments as bitplane_matmul_cuda\n"
+          "(y0 too).\n"
           "kind 'a8': x quantized per (row, group) to int8 as the 'tc' GEMV does, s8 tensor cores; 'a16': x\n"
           "rounded to float16, f16 tensor cores with fp32 accumulation; 'b1': x quantized per (row, group) to\n"
           "act_bits-bit integers (2..8, as ops.quantize_activations), bit-serial on the binary tensor cores\n"

@@ -725,10 +725,7 @@ void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int
     DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
     DeviceBuffer<uint8_t> ws(ws_bytes, fn);
     upload(xd, x, size_t(m) * w.k, fn + " x");
-    if (y0)
-        upload(yd, y0, size_t(m) * w.n, fn + " y0");
-    else
-        poison(yd, size_t(m) * w.n, fn + " y");
+    start_output(yd, y0, size_t(m) * w.n, fn + " y");
     bitplane_matmul_cuda_async(dw.view, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, path, nullptr, tuning,
                                nullptr, y0 != nullptr);
     download(y, yd, size_t(m) * w.n, fn + " y");

@@ -404,29 +404,17 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
             }
     };
 
-    // Adds part · a_s · s_k (and, at the group's end, a_z · z_k) of the fetched group into acc, clears part.
+    // Adds part · a_s · s_k (and, at the group's end, a_z · z_k) of the fetched group into acc, clears
+    // part. Columns past n fetched zeros, so their s_k and z_k are 0.
     auto flush = [&](bool group_end) {
-        float a_s[MT][2], a_z[MT][2], s_k[NT][2], z_k[NT][2];
-#pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                a_s[i][h] = pa[i][h].x;
-                a_z[i][h] = pa[i][h].y;
-            }
+        float s_k[NT][2], z_k[NT][2];
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-                const int64_t col = col0 + wn * WARP_N + j * 8 + 2 * tig + c;
-                float sk = 0.0f, zk = 0.0f;
-                if (col < n) {
-                    const float2 sm = __half22float2(pq[j][c]);
-                    sk = sm.x * scale_mul;
-                    zk = (sm.y + sm.x * min_mul) + sk * centre;
-                }
-                s_k[j][c] = sk;
-                z_k[j][c] = zk;
+                const float2 sm = __half22float2(pq[j][c]);
+                s_k[j][c] = sm.x * scale_mul;
+                z_k[j][c] = (sm.y + sm.x * min_mul) + s_k[j][c] * centre;
             }
 #pragma unroll
         for (int i = 0; i < MT; ++i)
@@ -435,8 +423,8 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int h = e >> 1, c = e & 1;
-                    float v = acc[i][j][e] + a_s[i][h] * s_k[j][c] * acc_to_float(part[i][j][e]);
-                    if (group_end) v += a_z[i][h] * z_k[j][c];
+                    float v = acc[i][j][e] + pa[i][h].x * s_k[j][c] * acc_to_float(part[i][j][e]);
+                    if (group_end) v += pa[i][h].y * z_k[j][c];
                     acc[i][j][e] = v;
                     part[i][j][e] = 0;
                 }
@@ -888,10 +876,7 @@ void bitplane_gemm_cuda(const BitplaneLinear& w, int bits, const float* x, int64
     DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
     DeviceBuffer<uint8_t> ws(ws_bytes, fn);
     upload(xd, x, size_t(m) * w.k, fn + " x");
-    if (y0)
-        upload(yd, y0, size_t(m) * w.n, fn + " y0");
-    else
-        poison(yd, size_t(m) * w.n, fn + " y");
+    start_output(yd, y0, size_t(m) * w.n, fn + " y");
     // The scratch is poisoned too: a scratch byte the kernels read without having written it shows
     // (NaN fp16 activations; 0xff codes and planes are wrong integers).
     cuda_check(cudaMemset(ws.get(), 0xff, ws_bytes), fn + " (poison workspace)");

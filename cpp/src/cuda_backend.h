@@ -304,6 +304,15 @@ template <class T>
 void poison(DeviceBuffer<T>& d, size_t count, const std::string& what) {
     cuda_check(cudaMemset(d.get(), 0xff, count * sizeof(T)), what + " (poison)");
 }
+// A test entry point's output before the kernels run: y0 (host) when they accumulate onto it, else
+// poison, so that an element they miss shows.
+template <class T>
+void start_output(DeviceBuffer<T>& d, const T* y0, size_t count, const std::string& what) {
+    if (y0)
+        upload(d, y0, count, what + " y0");
+    else
+        poison(d, count, what);
+}
 
 }  // namespace flexquant
 #endif  // __CUDACC__

@@ -382,20 +382,19 @@ def write_model(path: str | os.PathLike, cfg: LlamaConfig, tok: TokenizerData,
     bar = _progress(len(plan), f"writing {path.name}", progress)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     ahead: dict[int, Future] = {}  # plan index -> its planes being made on a worker thread
-    heavy = [i for i, p in enumerate(plan) if p.heavy]
+    heavy = [i for i, p in enumerate(plan) if p.heavy]  # submitted in this order: heavy[:submitted]
+    submitted = 0
     try:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for i, p in enumerate(plan):
             if pool is not None:
-                # keep `workers + 1` linears in flight past the one being written; a qparams entry
-                # (made here) follows its planes, whose worker has stored it by then
-                for j in heavy:
-                    if len(ahead) > workers or j < i:
-                        continue
-                    if j not in ahead and len(ahead) <= workers:
-                        ahead[j] = pool.submit(plan[j].make)
+                # keep `workers + 1` linears in flight from the one being written on; a qparams
+                # entry (made here) follows its planes, whose worker has stored it by then
+                while submitted < len(heavy) and len(ahead) <= workers:
+                    ahead[heavy[submitted]] = pool.submit(plan[heavy[submitted]].make)
+                    submitted += 1
             arr = np.ascontiguousarray(ahead.pop(i).result() if i in ahead else p.make())
             if arr.shape != p.shape or arr.dtype != p.dtype:
                 raise ModelFileError(f"internal: tensor {p.name} is {arr.shape} {arr.dtype}, planned {p.shape} {p.dtype}")

@@ -8,15 +8,16 @@
 // spans of its positions ("flash-decoding": at decode there are only H (token, head) pairs, far
 // too few blocks for the GPU, so the positions are split too). Each warp runs an online softmax
 // over runs of P = 4 positions, every 4th run of the span (max m, Σ exp l, Σ exp·V acc), the
-// block merges its warps,
-// and with n_splits > 1 a second kernel merges the spans:
+// block merges its warps, and with n_splits > 1 a second kernel merges the spans:
 //   M = max_c m_c,   out = Σ_c e^(m_c - M) acc_c / Σ_c e^(m_c - M) l_c.
 // The spans are cut from the length p_i + 1 read at run time, so one captured launch serves every
-// position. A lane holds dims lane + 32j of the head (j < DJ = ceil(d / 32)): one K or V row is
-// one coalesced read per warp.
+// position. A lane holds DJ = ceil(d / 32) dims of the head, so one K or V row is one coalesced
+// read per warp: with VEC (d a multiple of 128) dims 128j + 4·lane + 0..3, one 16-byte (fp32) or
+// 8-byte (fp16) load per lane and 128 dims; else dims lane + 32j, one load per dim.
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "cuda_backend.h"
 
@@ -24,14 +25,30 @@ namespace flexquant {
 
 namespace {
 constexpr int WARPS = 4;
-constexpr int P = 4;  // positions in flight per warp
+constexpr int P = 4;  // positions in flight per warp (their K and V rows: 2P rows)
 constexpr int MAX_DJ = ATTENTION_MAX_HEAD_DIM / 32;
+
+// The head dim of a lane's element e (see the header).
+template <bool VEC>
+__device__ __forceinline__ int dim_of(int e, int lane) {
+    return VEC ? 128 * (e >> 2) + 4 * lane + (e & 3) : lane + 32 * e;
+}
 
 __device__ __forceinline__ float load_kv(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float load_kv(const __half* p) { return __half2float(*p); }
+// 4 consecutive cache values (16-byte aligned fp32, 8-byte aligned fp16) as floats.
+__device__ __forceinline__ float4 load_kv4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ float4 load_kv4(const __half* p) {
+    const uint2 r = __ldg(reinterpret_cast<const uint2*>(p));
+    __half2_raw lo, hi;
+    lo.x = static_cast<unsigned short>(r.x & 0xffffu), lo.y = static_cast<unsigned short>(r.x >> 16);
+    hi.x = static_cast<unsigned short>(r.y & 0xffffu), hi.y = static_cast<unsigned short>(r.y >> 16);
+    const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
 }  // namespace
 
-template <class KV, int DJ>
+template <class KV, int DJ, bool VEC>
 static __global__ void __launch_bounds__(WARPS * 32)
 attention_kernel(const float* __restrict__ q,            // (m, H, d)
                  const KV* __restrict__ k_cache,         // (t_max, Hkv, d)
@@ -41,6 +58,8 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
                  int64_t n_heads, int64_t n_kv_heads, int d, float scale,
                  float* __restrict__ partial,            // (m, H, n_splits, d + 2) when n_splits > 1
                  float* __restrict__ out) {              // (m, H, d)
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
+    static_assert(!VEC || DJ % 4 == 0, "VEC lanes hold 4 dims per 128");
     __shared__ float s_m[WARPS], s_l[WARPS];
     __shared__ float s_acc[WARPS][DJ * 32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -55,35 +74,46 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
 
     float qv[DJ], acc[DJ];
 #pragma unroll
-    for (int j = 0; j < DJ; ++j) {
-        const int dd = lane + 32 * j;
-        qv[j] = dd < d ? q[pair * d + dd] : 0.0f;
-        acc[j] = 0.0f;
+    for (int e = 0; e < DJ; ++e) {
+        const int dd = dim_of<VEC>(e, lane);
+        qv[e] = VEC || dd < d ? q[pair * d + dd] : 0.0f;
+        acc[e] = 0.0f;
     }
-    // P positions per warp and step, their K and V rows loaded before any is used: one position at
-    // a time waits a memory round trip per position (58 µs a layer at 2048 positions on an H100,
-    // 4 warps per block and few blocks per SM at decode), P at a time overlaps P of them.
+    // P positions per warp and step, their K and V rows all loaded before any is used: one
+    // position at a time waits a memory round trip per position (58 µs a layer at 2048 positions
+    // on an H100, 4 warps per block and few blocks per SM at decode), P at a time overlaps P of
+    // them, and V loaded with K (not after the scores) halves the round trips again.
     float m = -INFINITY, l = 0.0f;
-    float kv[P][DJ], s[P];
-    // kv = this lane's dims of the cache rows of positions tb .. tb + P - 1 (zeros past t1 or d)
-    auto load_rows = [&](const KV* cache, int64_t tb) {
+    float kr[P][DJ], vr[P][DJ], s[P];
+    // r = this lane's dims of the cache row of position tb + u (zeros past t1 or d)
+    auto load_row = [&](const KV* cache, int64_t tb, int u, float (&r)[DJ]) {
+        const bool in = tb + u < t1;
+        const KV* row = cache + ((base + tb + u) * n_kv_heads + hk) * d;
+        if (VEC) {
 #pragma unroll
-        for (int u = 0; u < P; ++u) {
-            const int64_t row = ((base + tb + u) * n_kv_heads + hk) * d;
+            for (int j = 0; j < DJ / 4; ++j) {
+                const float4 v = in ? load_kv4(row + 128 * j + 4 * lane) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                r[4 * j] = v.x, r[4 * j + 1] = v.y, r[4 * j + 2] = v.z, r[4 * j + 3] = v.w;
+            }
+        } else {
 #pragma unroll
-            for (int j = 0; j < DJ; ++j) {
-                const int dd = lane + 32 * j;
-                kv[u][j] = (tb + u < t1 && dd < d) ? load_kv(cache + row + dd) : 0.0f;
+            for (int e = 0; e < DJ; ++e) {
+                const int dd = dim_of<VEC>(e, lane);
+                r[e] = in && dd < d ? load_kv(row + dd) : 0.0f;
             }
         }
     };
     for (int64_t tb = t0 + warp * P; tb < t1; tb += WARPS * P) {
-        load_rows(k_cache, tb);
+#pragma unroll
+        for (int u = 0; u < P; ++u) {
+            load_row(k_cache, tb, u, kr[u]);
+            load_row(v_cache, tb, u, vr[u]);
+        }
 #pragma unroll
         for (int u = 0; u < P; ++u) {
             float dot = 0.0f;
 #pragma unroll
-            for (int j = 0; j < DJ; ++j) dot += qv[j] * kv[u][j];
+            for (int e = 0; e < DJ; ++e) dot += qv[e] * kr[u][e];
             s[u] = dot;
         }
 #pragma unroll
@@ -96,18 +126,17 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
             s[u] = tb + u < t1 ? s[u] * scale : -INFINITY;
             m_new = fmaxf(m_new, s[u]);
         }
-        // V rows, then the online-softmax update with the P scores at once
-        load_rows(v_cache, tb);
+        // the online-softmax update with the P scores at once
         const float corr = expf(m - m_new);  // m = -inf on the first step: 0
         l *= corr;
 #pragma unroll
-        for (int j = 0; j < DJ; ++j) acc[j] *= corr;
+        for (int e = 0; e < DJ; ++e) acc[e] *= corr;
 #pragma unroll
         for (int u = 0; u < P; ++u) {
             const float p = expf(s[u] - m_new);  // a position past t1: exp(-inf) = 0
             l += p;
 #pragma unroll
-            for (int j = 0; j < DJ; ++j) acc[j] += p * kv[u][j];
+            for (int e = 0; e < DJ; ++e) acc[e] += p * vr[u][e];
         }
         m = m_new;
     }
@@ -117,7 +146,7 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
         s_l[warp] = l;
     }
 #pragma unroll
-    for (int j = 0; j < DJ; ++j) s_acc[warp][lane + 32 * j] = acc[j];
+    for (int e = 0; e < DJ; ++e) s_acc[warp][dim_of<VEC>(e, lane)] = acc[e];
     __syncthreads();
     float M = -INFINITY;
     for (int w = 0; w < WARPS; ++w) M = fmaxf(M, s_m[w]);
@@ -151,6 +180,7 @@ static __global__ void __launch_bounds__(128)
 attention_merge_kernel(const float* __restrict__ partial,  // (m, H, n_splits, d + 2)
                        int n_splits, int d,
                        float* __restrict__ out) {          // (m, H, d)
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
     const int64_t pair = blockIdx.x;
     const float* part = partial + pair * n_splits * (d + 2);
     float M = -INFINITY;
@@ -181,16 +211,31 @@ void launch_typed(const float* q, const void* k_cache, const void* v_cache, int6
     const auto* kc = static_cast<const KV*>(k_cache);
     const auto* vc = static_cast<const KV*>(v_cache);
     const int d = int(head_dim);
-    // The one dispatch switch: register arrays need a compile-time DJ.
-    switch ((head_dim + 31) / 32) {
-        case 1: attention_kernel<KV, 1><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
-        case 2: attention_kernel<KV, 2><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
-        case 3: attention_kernel<KV, 3><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
-        case 4: attention_kernel<KV, 4><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
-        case 5: case 6: attention_kernel<KV, 6><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
-        default: attention_kernel<KV, MAX_DJ><<<grid, WARPS * 32, 0, stream>>>(q, kc, vc, positions, bases, n_heads, n_kv_heads, d, scale, partial, out); break;
-    }
-    if (n_splits > 1) attention_merge_kernel<<<unsigned(m * n_heads), 128, 0, stream>>>(partial, n_splits, d, out);
+    // The one dispatch switch: register arrays need a compile-time DJ. VEC when every row starts
+    // on a vector boundary: d a multiple of 128 and the caches aligned (arena and cudaMalloc
+    // buffers are 256-byte aligned; a view that is not takes the per-dim loads).
+    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % (4 * sizeof(KV)) == 0; };
+    const bool vec = head_dim % 128 == 0 && aligned(k_cache) && aligned(v_cache);
+#define FQ_ATTENTION(DJ, VEC) \
+    launch_kernel(attention_kernel<KV, DJ, VEC>, grid, dim3(WARPS * 32), 0, stream, q, kc, vc, positions, bases, \
+                  n_heads, n_kv_heads, d, scale, partial, out)
+    if (vec && head_dim == 128)
+        FQ_ATTENTION(4, true);
+    else if (vec && head_dim == 256)
+        FQ_ATTENTION(8, true);
+    else
+        switch ((head_dim + 31) / 32) {
+            case 1: FQ_ATTENTION(1, false); break;
+            case 2: FQ_ATTENTION(2, false); break;
+            case 3: FQ_ATTENTION(3, false); break;
+            case 4: FQ_ATTENTION(4, false); break;
+            case 5: case 6: FQ_ATTENTION(6, false); break;
+            default: FQ_ATTENTION(MAX_DJ, false); break;
+        }
+#undef FQ_ATTENTION
+    if (n_splits > 1)
+        launch_kernel(attention_merge_kernel, dim3(unsigned(m * n_heads)), dim3(128), 0, stream, partial, n_splits, d,
+                      out);
 }
 
 }  // namespace

@@ -113,6 +113,33 @@ __device__ __forceinline__ int effective_bits(const int32_t* bits_dev, int bits)
     return bits_dev ? max(2, min(bits, __ldg(bits_dev))) : bits;
 }
 
+// The linears of one GEMV launch (1..MAX_PARTS: q, k and v, or gate and up, read the same prepared
+// input and share k, the group size and max_bits): their row tiles form one grid, linear i owning
+// blocks [tile0_i, tile0_{i+1}), so the launch's start and tail are paid once, not per linear.
+constexpr int MAX_PARTS = BITPLANE_MAX_MULTI;
+struct GemvPart {
+    const uint8_t* planes;     // (>= bits, plane_bytes) tc8x512
+    const __half2* qparams;    // (n, n_groups): (scale, min)
+    float* y;                  // (M, n)
+    const int32_t* bits_dev;   // its bit-width in device memory, or null (effective_bits)
+    uint64_t plane_bytes;
+    int64_t n;
+    int64_t tile0;             // its first block
+};
+struct GemvParts {
+    GemvPart part[MAX_PARTS];
+    int count;
+};
+// The part block `b` belongs to, picked by selects over the kernel parameters (an indexed read of
+// them would go through local memory).
+__device__ __forceinline__ GemvPart part_of(const GemvParts& parts, int64_t b) {
+    GemvPart pt = parts.part[0];
+#pragma unroll
+    for (int i = 1; i < MAX_PARTS; ++i)
+        if (i < parts.count && b >= parts.part[i].tile0) pt = parts.part[i];
+    return pt;
+}
+
 // s_k = s · scale_mul and m_k = m + s · min_mul (docs/format.md): 2^(B-k) and (2^(B-k) - 1) / 2,
 // exact in fp32 and equal to the host constants of the CPU op and numpy's view_params.
 __device__ __forceinline__ float view_scale_mul(int max_bits, int bits) { return float(1 << (max_bits - bits)); }
@@ -187,6 +214,7 @@ bitplane_prepare_tc_kernel(const float* x,                 // (m, k)
                            float2* __restrict__ aparams,   // (m, n_groups)
                            const float* __restrict__ aux, float eps,
                            float* out) {                   // (m, k), FUSE only
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
     __shared__ float warp_max[PREP_THREADS / 32];
     __shared__ int warp_qsum[PREP_THREADS / 32];
     const int s = blockIdx.x, r = blockIdx.y;
@@ -244,16 +272,17 @@ bitplane_prepare_tc_kernel(const float* x,                 // (m, k)
 // 11008x4096, 4 bits, 2 warps: 17.7 µs against 12.0), so each warp loads, then computes.
 template <int M, int L>
 static __global__ void __launch_bounds__(MAX_WARPS * 32)
-bitplane_matmul_tc_kernel(const uint8_t* __restrict__ planes,   // (>= bits, plane_bytes) tc8x512
-                          uint64_t plane_bytes,
-                          const __half2* __restrict__ qparams,  // (n, n_groups): (scale, min)
+bitplane_matmul_tc_kernel(const GemvParts parts,              // the linears (planes, qparams, y, n)
                           const uint4* __restrict__ xq,         // (M, n_super, 32): activation planes
                           const float2* __restrict__ aparams,   // (M, n_groups): (scale, Σ x̂)
-                          float* __restrict__ y,                // (M, n)
-                          int64_t n, int64_t k_pad, int64_t n_groups, int n_super, int last_words,
-                          int group_shift, const int32_t* __restrict__ bits_dev, int bits, int max_bits,
-                          bool accumulate) {
-    bits = effective_bits(bits_dev, bits);
+                          int64_t k_pad, int64_t n_groups, int n_super, int last_words, int group_shift, int bits,
+                          int max_bits, bool accumulate) {
+    // Under PDL the first planes are loaded before pdl_wait (below): they and the mask in the step
+    // input (bits_dev) are written before the first kernel of a pass, never by the kernel before.
+    pdl_launch_dependents();
+    const GemvPart pt = part_of(parts, blockIdx.x);
+    const int64_t n = pt.n;
+    bits = effective_bits(pt.bits_dev, bits);
     const float scale_mul = view_scale_mul(max_bits, bits), min_mul = view_min_mul(max_bits, bits);
     constexpr int J = (M * L + 1) / 2;                 // mma per weight plane per chunk
     constexpr int NACC = L >= 2 ? M : (M + 1) / 2;    // fp32 accumulators per lane
@@ -263,11 +292,12 @@ bitplane_matmul_tc_kernel(const uint8_t* __restrict__ planes,   // (>= bits, pla
     const int g = lane >> 2, t = lane & 3;
     const int b3 = (g >> 1) & 1, b4 = g >> 2;  // after the butterfly: row parity, slot parity owned
     const int w_g = g == 7 ? -128 : 1 << g;    // weight of activation plane g (two's complement)
-    const int64_t rt = blockIdx.x;
+    const int64_t rt = blockIdx.x - pt.tile0;  // the row tile within its linear
     const int64_t row = rt * TILE_N + 2 * t + b3;  // the output row this lane scales
     const bool row_ok = row < n;
-    const __half2* qrow = qparams + (row_ok ? row : 0) * n_groups;
-    const uint8_t* tile = planes + rt * k_pad;
+    const __half2* qrow = pt.qparams + (row_ok ? row : 0) * n_groups;
+    const uint8_t* tile = pt.planes + rt * k_pad;
+    const uint64_t plane_bytes = pt.plane_bytes;
     // Local group (within the chunk) of this lane's low word (K 32t) and high word (K 128 + 32t).
     const int lg_lo = (t * L) >> 3, lg_hi = ((4 + t) * L) >> 3;
 
@@ -275,10 +305,13 @@ bitplane_matmul_tc_kernel(const uint8_t* __restrict__ planes,   // (>= bits, pla
 #pragma unroll
     for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
 
+    uint4 P[8];
+    if (warp < n_super)
+        load_planes(P, tile + int64_t(warp) * SUPER_K, plane_bytes, bits, warp == n_super - 1 ? last_words : 4, lane);
+    pdl_wait();  // the activations and y come from earlier kernels
     for (int s = warp; s < n_super; s += n_warps) {
         const int W = s == n_super - 1 ? last_words : 4;
-        uint4 P[8];
-        load_planes(P, tile + int64_t(s) * SUPER_K, plane_bytes, bits, W, lane);
+        if (s != warp) load_planes(P, tile + int64_t(s) * SUPER_K, plane_bytes, bits, W, lane);
         uint4 X[M];
 #pragma unroll
         for (int r = 0; r < M; ++r) X[r] = __ldg(xq + (int64_t(r) * n_super + s) * 32 + lane);
@@ -321,7 +354,7 @@ bitplane_matmul_tc_kernel(const uint8_t* __restrict__ planes,   // (>= bits, pla
                 const int64_t grp = L >= 2 ? c * L + (2 * jm) % L + b4 : c >> group_shift;
                 const bool first = L >= 2 || (c & ((int64_t(1) << group_shift) - 1)) == 0;
                 if (row_ok && r < M && grp < n_groups) {
-                    const float2 sm = __half22float2(qrow[grp]);
+                    const float2 sm = __half22float2(__ldg(qrow + grp));  // read-only: the non-coherent path
                     const float2 ap = __ldg(aparams + int64_t(r) * n_groups + grp);
                     const float s_k = sm.x * scale_mul;
                     float term = float(z) * (s_k * ap.x);
@@ -348,7 +381,7 @@ bitplane_matmul_tc_kernel(const uint8_t* __restrict__ planes,   // (>= bits, pla
             if (r < M) red[warp][r][2 * t + b3] = acc[jm];
         }
     }
-    write_tile<M>(red, y, n, rt, n_warps, accumulate);
+    write_tile<M>(red, pt.y, n, rt, n_warps, accumulate);
 }
 
 // ---- FP32 path -----------------------------------------------------------------------------------
@@ -361,6 +394,7 @@ bitplane_prepare_fp32_kernel(const float* __restrict__ x,  // (m, k)
                              int64_t k, int64_t k_pad,
                              float* __restrict__ xp,        // (m, k_pad)
                              float* __restrict__ wsum) {    // (m, k_pad / 32)
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
     const int64_t col = int64_t(blockIdx.x) * SUPER_K + threadIdx.x;
     const int r = blockIdx.y;
     if (col >= k_pad) return;  // whole warps: k_pad is a multiple of 128
@@ -375,24 +409,24 @@ bitplane_prepare_fp32_kernel(const float* __restrict__ x,  // (m, k)
 
 template <int M>
 static __global__ void __launch_bounds__(MAX_WARPS * 32)
-bitplane_matmul_fp32_kernel(const uint8_t* __restrict__ planes,   // (>= bits, plane_bytes) tc8x512
-                            uint64_t plane_bytes,
-                            const __half2* __restrict__ qparams,  // (n, n_groups): (scale, min)
+bitplane_matmul_fp32_kernel(const GemvParts parts,              // the linears (planes, qparams, y, n)
                             const float* __restrict__ xp,         // (M, k_pad) permuted (prepare)
                             const float* __restrict__ wsum,       // (M, k_pad / 32)
-                            float* __restrict__ y,                // (M, n)
-                            int64_t n, int64_t k_pad, int64_t n_groups, int n_super, int last_words,
-                            int words_per_group, const int32_t* __restrict__ bits_dev, int bits, int max_bits,
-                            bool accumulate) {
-    bits = effective_bits(bits_dev, bits);
+                            int64_t k_pad, int64_t n_groups, int n_super, int last_words, int words_per_group,
+                            int bits, int max_bits, bool accumulate) {
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
+    const GemvPart pt = part_of(parts, blockIdx.x);
+    const int64_t n = pt.n;
+    const uint64_t plane_bytes = pt.plane_bytes;
+    bits = effective_bits(pt.bits_dev, bits);
     const float scale_mul = view_scale_mul(max_bits, bits), min_mul = view_min_mul(max_bits, bits);
     __shared__ float red[MAX_WARPS][MAX_M][TILE_N];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int64_t rt = blockIdx.x;
+    const int64_t rt = blockIdx.x - pt.tile0;  // the row tile within its linear
     const int64_t row = rt * TILE_N + g;
     const bool row_ok = row < n;
-    const uint8_t* tile = planes + rt * k_pad;
+    const uint8_t* tile = pt.planes + rt * k_pad;
     const int64_t n_words = k_pad / 32;
 
     float acc[M];
@@ -410,7 +444,7 @@ bitplane_matmul_fp32_kernel(const uint8_t* __restrict__ planes,   // (>= bits, p
             const int64_t grp = wi / words_per_group;
             float s_k = 0.0f, m_k = 0.0f;
             if (row_ok && grp < n_groups) {  // padding words (K >= k) may lie past the last group
-                const float2 sm = __half22float2(qparams[row * n_groups + grp]);
+                const float2 sm = __half22float2(__ldg(pt.qparams + row * n_groups + grp));
                 s_k = sm.x * scale_mul;
                 m_k = sm.y + sm.x * min_mul;
             }
@@ -446,15 +480,14 @@ bitplane_matmul_fp32_kernel(const uint8_t* __restrict__ planes,   // (>= bits, p
 #pragma unroll
         for (int r = 0; r < M; ++r) red[warp][r][g] = acc[r];
     }
-    write_tile<M>(red, y, n, rt, n_warps, accumulate);
+    write_tile<M>(red, pt.y, n, rt, n_warps, accumulate);
 }
 
 // ---- launchers: raw device pointers, sizes, a stream; no validation ---------------------------------
 
-using TcKernel = void (*)(const uint8_t*, uint64_t, const __half2*, const uint4*, const float2*, float*, int64_t,
-                          int64_t, int64_t, int, int, int, const int32_t*, int, int, bool);
-using Fp32Kernel = void (*)(const uint8_t*, uint64_t, const __half2*, const float*, const float*, float*, int64_t,
-                            int64_t, int64_t, int, int, int, const int32_t*, int, int, bool);
+using TcKernel = void (*)(const GemvParts, const uint4*, const float2*, int64_t, int64_t, int, int, int, int, int, bool);
+using Fp32Kernel = void (*)(const GemvParts, const float*, const float*, int64_t, int64_t, int, int, int, int, int,
+                            bool);
 
 template <int M>
 TcKernel tc_kernel_for_l(int L) {
@@ -535,33 +568,45 @@ void bitplane_prepare_launch(const Geometry& g, const float* x, int64_t m, Bitpl
                              cudaStream_t stream) {
     const dim3 grid(unsigned(g.n_super), unsigned(m));
     if (path == BITPLANE_CUDA_TC)
-        bitplane_prepare_tc_kernel<0><<<grid, PREP_THREADS, 0, stream>>>(x, g.k, g.n_super, g.n_groups, g.group_size,
-                                                                          static_cast<uint32_t*>(sc.acts),
-                                                                          static_cast<float2*>(sc.params), nullptr,
-                                                                          0.0f, nullptr);
+        launch_kernel(bitplane_prepare_tc_kernel<0>, grid, dim3(PREP_THREADS), 0, stream, x, g.k, g.n_super, g.n_groups,
+                      g.group_size, static_cast<uint32_t*>(sc.acts), static_cast<float2*>(sc.params),
+                      static_cast<const float*>(nullptr), 0.0f, static_cast<float*>(nullptr));
     else
-        bitplane_prepare_fp32_kernel<<<grid, PREP_THREADS, 0, stream>>>(x, g.k, g.k_pad, static_cast<float*>(sc.acts),
-                                                                         static_cast<float*>(sc.params));
+        launch_kernel(bitplane_prepare_fp32_kernel, grid, dim3(PREP_THREADS), 0, stream, x, g.k, g.k_pad,
+                      static_cast<float*>(sc.acts), static_cast<float*>(sc.params));
 }
 
-// y (m <= 8, n) from the prepared scratch (accumulate: y += it). bits_dev: see effective_bits.
-void bitplane_matmul_launch(const Geometry& g, const uint8_t* planes, uint64_t plane_bytes, const uint16_t* qparams,
-                            const int32_t* bits_dev, int bits, int max_bits, int64_t m, BitplaneCudaPath path,
-                            const Scratch& sc, float* y, int warps, cudaStream_t stream, bool accumulate = false) {
-    const auto* qp = reinterpret_cast<const __half2*>(qparams);
-    const dim3 grid(unsigned(g.n_tiles)), block(unsigned(32 * warps));
+// One linear as the only part of a launch.
+GemvParts single_part(const uint8_t* planes, uint64_t plane_bytes, const uint16_t* qparams, float* y, int64_t n,
+                      const int32_t* bits_dev) {
+    GemvParts parts{};
+    parts.part[0] = {planes, reinterpret_cast<const __half2*>(qparams), y, bits_dev, plane_bytes, n, 0};
+    parts.count = 1;
+    return parts;
+}
+
+// The row tiles of all parts: the launch's grid.
+int64_t total_tiles(const GemvParts& parts) {
+    const GemvPart& last = parts.part[parts.count - 1];
+    return last.tile0 + ceil_div(last.n, TILE_N);
+}
+
+// y_i (m <= 8, n_i) of every part from the prepared scratch (accumulate: y_i += it); g: the
+// geometry the parts share (k, group size). bits_dev: see effective_bits.
+void bitplane_matmul_launch(const Geometry& g, const GemvParts& parts, int bits, int max_bits, int64_t m,
+                            BitplaneCudaPath path, const Scratch& sc, int warps, cudaStream_t stream,
+                            bool accumulate = false) {
+    const dim3 grid(unsigned(total_tiles(parts))), block(unsigned(32 * warps));
     if (path == BITPLANE_CUDA_TC) {
         const int L = g.group_size >= 256 ? 1 : 256 / g.group_size;
         const int group_shift = g.group_size == 512 ? 1 : 0;
-        tc_kernel(int(m), L)<<<grid, block, 0, stream>>>(planes, plane_bytes, qp, static_cast<const uint4*>(sc.acts),
-                                                        static_cast<const float2*>(sc.params), y, g.n, g.k_pad,
-                                                        g.n_groups, g.n_super, g.last_words, group_shift, bits_dev,
-                                                        bits, max_bits, accumulate);
+        launch_kernel(tc_kernel(int(m), L), grid, block, 0, stream, parts, static_cast<const uint4*>(sc.acts),
+                      static_cast<const float2*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
+                      group_shift, bits, max_bits, accumulate);
     } else {
-        fp32_kernel(int(m))<<<grid, block, 0, stream>>>(planes, plane_bytes, qp, static_cast<const float*>(sc.acts),
-                                                       static_cast<const float*>(sc.params), y, g.n, g.k_pad,
-                                                       g.n_groups, g.n_super, g.last_words, g.group_size / 32,
-                                                       bits_dev, bits, max_bits, accumulate);
+        launch_kernel(fp32_kernel(int(m)), grid, block, 0, stream, parts, static_cast<const float*>(sc.acts),
+                      static_cast<const float*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
+                      g.group_size / 32, bits, max_bits, accumulate);
     }
 }
 
@@ -641,8 +686,8 @@ void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* 
         const int64_t mm = std::min<int64_t>(MAX_M, m - r0);
         const Scratch sc = carve(g, mm, path, workspace);
         bitplane_prepare_launch(g, x + r0 * w.k, mm, path, sc, stream);
-        bitplane_matmul_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, mm, path, sc,
-                               y + r0 * w.n, warps, stream, accumulate);
+        bitplane_matmul_launch(g, single_part(w.planes, w.plane_bytes, w.qparams, y + r0 * w.n, w.n, bits_dev), bits,
+                               w.max_bits, mm, path, sc, warps, stream, accumulate);
     }
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
@@ -689,11 +734,11 @@ void bitplane_prepare_fused_cuda_async(const BitplaneLinear& w, BitplanePrepareF
     auto* xq = static_cast<uint32_t*>(sc.acts);
     auto* ap = static_cast<float2*>(sc.params);
     if (op == BITPLANE_FUSE_RMS_NORM)
-        bitplane_prepare_tc_kernel<BITPLANE_FUSE_RMS_NORM><<<grid, PREP_THREADS, 0, stream>>>(
-            x, g.k, g.n_super, g.n_groups, g.group_size, xq, ap, aux, eps, out);
+        launch_kernel(bitplane_prepare_tc_kernel<BITPLANE_FUSE_RMS_NORM>, grid, dim3(PREP_THREADS), 0, stream, x, g.k,
+                      g.n_super, g.n_groups, g.group_size, xq, ap, aux, eps, out);
     else
-        bitplane_prepare_tc_kernel<BITPLANE_FUSE_SWIGLU><<<grid, PREP_THREADS, 0, stream>>>(
-            x, g.k, g.n_super, g.n_groups, g.group_size, xq, ap, aux, eps, out);
+        launch_kernel(bitplane_prepare_tc_kernel<BITPLANE_FUSE_SWIGLU>, grid, dim3(PREP_THREADS), 0, stream, x, g.k,
+                      g.n_super, g.n_groups, g.group_size, xq, ap, aux, eps, out);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
 
@@ -706,10 +751,91 @@ void bitplane_matmul_prepared_cuda_async(const BitplaneLinear& w, int bits, int6
     validate_tuning(tuning, fn);
     check(y != nullptr, fn, "null pointer");
     const Geometry g = geometry(w);
-    bitplane_matmul_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, m, path,
-                           carve(g, m, path, const_cast<void*>(workspace)), y, pick_warps(g, tuning.warps_per_block),
+    bitplane_matmul_launch(g, single_part(w.planes, w.plane_bytes, w.qparams, y, w.n, bits_dev), bits, w.max_bits, m,
+                           path, carve(g, m, path, const_cast<void*>(workspace)), pick_warps(g, tuning.warps_per_block),
                            stream, accumulate);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
+}
+
+void bitplane_matmul_prepared_multi_cuda_async(const BitplaneLinear* ws, int count, int bits, int64_t m,
+                                               float* const* ys, const void* workspace, size_t workspace_bytes,
+                                               BitplaneCudaPath path, CUstream_st* stream,
+                                               const int32_t* const* bits_devs, bool accumulate,
+                                               const BitplaneCudaTuning& tuning) {
+    const std::string fn = "bitplane_matmul_prepared_multi_cuda_async";
+    check(ws != nullptr && ys != nullptr, fn, "null pointer");
+    validate_tuning(tuning, fn);
+    check(count >= 1 && count <= MAX_PARTS, fn,
+          "count must be in 1.." + std::to_string(MAX_PARTS) + ", got " + std::to_string(count));
+    path = bitplane_cuda_resolve_path(ws[0], path);
+    GemvParts parts{};
+    parts.count = count;
+    int64_t tiles = 0;
+    for (int i = 0; i < count; ++i) {
+        const BitplaneLinear& w = ws[i];
+        const std::string li = " (linear " + std::to_string(i) + ")";
+        validate_async(w, bits, m, workspace, workspace_bytes, path, fn + li);
+        check(bitplane_cuda_resolve_path(w, path) == path, fn, "the linears must take the same path" + li);
+        // they read one prepared input: the same columns, groups and code range
+        check(w.k == ws[0].k && w.group_size == ws[0].group_size && w.max_bits == ws[0].max_bits, fn,
+              "linear " + std::to_string(i) + " has k=" + std::to_string(w.k) + ", group_size=" +
+                  std::to_string(w.group_size) + ", max_bits=" + std::to_string(w.max_bits) + "; linear 0 has " +
+                  std::to_string(ws[0].k) + ", " + std::to_string(ws[0].group_size) + ", " +
+                  std::to_string(ws[0].max_bits));
+        check(ys[i] != nullptr, fn, "null pointer" + li);
+        parts.part[i] = {w.planes, reinterpret_cast<const __half2*>(w.qparams), ys[i],
+                         bits_devs ? bits_devs[i] : nullptr, w.plane_bytes, w.n, tiles};
+        tiles += ceil_div(w.n, TILE_N);
+    }
+    check(tiles <= int64_t(0x7fffffff), fn, "linears too large");
+    Geometry g = geometry(ws[0]);
+    g.n_tiles = tiles;  // the warps per block follow the whole grid
+    bitplane_matmul_launch(g, parts, bits, ws[0].max_bits, m, path, carve(g, m, path, const_cast<void*>(workspace)),
+                           pick_warps(g, tuning.warps_per_block), stream, accumulate);
+    cuda_check(cudaGetLastError(), fn + " (kernel launch)");
+}
+
+void bitplane_matmul_multi_cuda(const BitplaneLinear* ws, const int* bits, int count, const float* x, int64_t m,
+                                float* const* ys, BitplaneCudaPath path, const BitplaneCudaTuning& tuning) {
+    const std::string fn = "bitplane_matmul_multi_cuda";
+    check(ws && bits && x && ys, fn, "null pointer");
+    validate_tuning(tuning, fn);
+    check(count >= 1 && count <= MAX_PARTS, fn,
+          "count must be in 1.." + std::to_string(MAX_PARTS) + ", got " + std::to_string(count));
+    check(m >= 1 && m <= MAX_M, fn, "m must be in 1..8, got " + std::to_string(m));
+    int cap = 2;
+    for (int i = 0; i < count; ++i) {
+        validate(ws[i], bits[i], m, fn + " (linear " + std::to_string(i) + ")");
+        check(ws[i].planes && ws[i].qparams && ys[i], fn, "null pointer (linear " + std::to_string(i) + ")");
+        cap = std::max(cap, bits[i]);
+    }
+    for (int i = 0; i < count; ++i)  // every linear holds `cap` planes: the kernel's bits are a cap
+        check(cap <= ws[i].max_bits, fn, "bits[" + std::to_string(i) + "] exceeds max_bits of another linear");
+    path = bitplane_cuda_resolve_path(ws[0], path);
+    std::vector<std::unique_ptr<DeviceLinear>> dws;
+    std::vector<BitplaneLinear> views;
+    std::vector<std::unique_ptr<DeviceBuffer<float>>> yds;
+    std::vector<float*> yptr;
+    for (int i = 0; i < count; ++i) {
+        dws.push_back(std::make_unique<DeviceLinear>(ws[i], cap, fn));
+        views.push_back(dws.back()->view);
+        yds.push_back(std::make_unique<DeviceBuffer<float>>(size_t(m) * ws[i].n, fn));
+        poison(*yds.back(), size_t(m) * ws[i].n, fn + " y");
+        yptr.push_back(yds.back()->get());
+    }
+    DeviceBuffer<int32_t> bd(size_t(count), fn);
+    std::vector<int32_t> b32(bits, bits + count);
+    upload(bd, b32.data(), size_t(count), fn + " bits");
+    std::vector<const int32_t*> bptr;
+    for (int i = 0; i < count; ++i) bptr.push_back(bd.get() + i);
+    const size_t ws_bytes = bitplane_matmul_cuda_workspace(ws[0], m, path);
+    DeviceBuffer<float> xd(size_t(m) * ws[0].k, fn);
+    DeviceBuffer<uint8_t> scratch(ws_bytes, fn);
+    upload(xd, x, size_t(m) * ws[0].k, fn + " x");
+    bitplane_prepare_cuda_async(views[0], xd.get(), m, scratch.get(), ws_bytes, path, nullptr);
+    bitplane_matmul_prepared_multi_cuda_async(views.data(), count, cap, m, yptr.data(), scratch.get(), ws_bytes, path,
+                                              nullptr, bptr.data(), false, tuning);
+    for (int i = 0; i < count; ++i) download(ys[i], *yds[size_t(i)], size_t(m) * ws[i].n, fn + " y");
 }
 
 void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
@@ -839,8 +965,8 @@ BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits,
     auto matmul = [&](int i) {
         const int c = i % copies;
         const BitplaneLinear& wc = weight_copies[size_t(c)]->view;
-        bitplane_matmul_launch(g, wc.planes, wc.plane_bytes, wc.qparams, nullptr, bits, w.max_bits, m, path, sc,
-                               yd.get(), warps, stream.s);
+        bitplane_matmul_launch(g, single_part(wc.planes, wc.plane_bytes, wc.qparams, yd.get(), w.n, nullptr), bits,
+                               w.max_bits, m, path, sc, warps, stream.s);
     };
     const std::vector<double> mm = time_graph(stream.s, launches, reps, fn, matmul);
     const std::vector<double> prep = time_graph(stream.s, launches, reps, fn, [&](int) {

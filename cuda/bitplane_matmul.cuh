@@ -77,6 +77,20 @@ void bitplane_matmul_prepared_cuda_async(const BitplaneLinear& w, int bits, int6
                                          CUstream_st* stream, const BitplaneCudaTuning& tuning = {},
                                          const int32_t* bits_dev = nullptr, bool accumulate = false);
 
+// bitplane_matmul_prepared_cuda_async over `count` (1..BITPLANE_MAX_MULTI) linears ws (count) that
+// read the same prepared input (q, k and v; gate and up: the same k, group_size and max_bits) in ONE
+// launch: their row tiles form one grid, so the launch's start and tail are paid once instead of
+// per linear. ys (count): each linear's y (m, n_i); bits_devs (count, optional, entries may be null):
+// each linear's bit-width in device memory, clamped to 2..bits. The same results, bit for bit, as
+// one bitplane_matmul_prepared_cuda_async per linear with the same warps per block (the automatic
+// choice follows the whole grid, so it may split K differently than for one linear alone).
+constexpr int BITPLANE_MAX_MULTI = 3;
+void bitplane_matmul_prepared_multi_cuda_async(const BitplaneLinear* ws, int count, int bits, int64_t m,
+                                               float* const* ys, const void* workspace, size_t workspace_bytes,
+                                               BitplaneCudaPath path, CUstream_st* stream,
+                                               const int32_t* const* bits_devs = nullptr, bool accumulate = false,
+                                               const BitplaneCudaTuning& tuning = {});
+
 // bitplane_prepare_cuda_async on the TC path (m <= 8 rows) fused with the op before the linear, one
 // launch instead of two (a decode step is latency-bound). It writes the op's output to `out` (m, k)
 // too, bit for bit what the op's own launch gives, and prepares it:
@@ -94,6 +108,13 @@ void bitplane_prepare_fused_cuda_async(const BitplaneLinear& w, BitplanePrepareF
 void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
                           BitplaneCudaPath path = BITPLANE_CUDA_AUTO, const BitplaneCudaTuning& tuning = {},
                           const float* y0 = nullptr);
+
+// Host memory in and out (tests): x (m <= 8, k) prepared once, then the linears ws (count) in one
+// bitplane_matmul_prepared_multi_cuda_async launch, linear i at bits[i] (read from device memory, as
+// the engine's mask) -> ys[i] (m, n_i), each poisoned first.
+void bitplane_matmul_multi_cuda(const BitplaneLinear* ws, const int* bits, int count, const float* x, int64_t m,
+                                float* const* ys, BitplaneCudaPath path = BITPLANE_CUDA_AUTO,
+                                const BitplaneCudaTuning& tuning = {});
 
 // Host memory in and out (tests): bitplane_prepare_fused_cuda_async then the TC GEMV on m <= 8 rows
 // of x (m, k); aux: the norm weight (k) or up (m, k). -> y (m, n) and the op's output out (m, k)

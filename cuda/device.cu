@@ -17,6 +17,11 @@ int cuda_device_count() noexcept {
     return count;
 }
 
+bool& pdl_enabled() {
+    thread_local bool on = false;
+    return on;
+}
+
 std::string cuda_device_name(int device) {
     cudaDeviceProp prop{};
     if (device < 0 || device >= cuda_device_count() || cudaGetDeviceProperties(&prop, device) != cudaSuccess) {

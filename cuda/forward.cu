@@ -33,6 +33,7 @@
 #include <array>
 #include <initializer_list>
 #include <limits>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -72,10 +73,26 @@ template <class E>
 static __global__ void __launch_bounds__(THREADS)
 embed_kernel(const E* __restrict__ embd, int64_t vocab, int64_t D, const int32_t* __restrict__ tokens,
              float* __restrict__ x) {
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
     const int64_t t = blockIdx.x;
     const int64_t id = min(max(int64_t(tokens[t]), int64_t(0)), vocab - 1);
     for (int64_t i = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; i < D; i += int64_t(gridDim.y) * blockDim.x)
         x[t * D + i] = float(embd[id * D + i]);
+}
+
+// Programmatic dependent launch for the passes (cuda_backend.h): FLEXQUANT_CUDA_PDL=1 asks for it,
+// and it needs compute capability 9.0 (Hopper) or newer. Off by default until it is measured to win
+// on the decode step (tools/bench.py --pdl).
+bool pdl_from_env() {
+    const char* v = std::getenv("FLEXQUANT_CUDA_PDL");
+    if (v == nullptr || std::strcmp(v, "1") != 0) return false;
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    return major >= 9;
 }
 
 }  // namespace
@@ -87,6 +104,7 @@ struct CudaForward::Impl {
     int64_t n_lin = 0;  // n_layers * 7 + 1
     int n_splits = 1;   // attention spans at decode
     bool use_gemm = false;     // prompt slices of >= p.gemm_min_rows rows on the tensor-core GEMM
+    bool pdl = false;          // launch the pass's kernels with PDL (pdl_from_env)
     int64_t max_rows = SLICE;  // rows per pass: PREFILL_ROWS with the GEMM, else SLICE
     int64_t head_rows = SLICE; // rows of logits and signals one pass may produce (the batch)
     cudaStream_t stream = nullptr;
@@ -161,13 +179,26 @@ struct CudaForward::Impl {
     }
     // Linears js, all reading xin (T rows), into ys. xin is prepared once per kernel family (q, k
     // and v; gate and up share it): for the GEMM always, for the GEMV when T <= SLICE (with more rows
-    // the GEMV slices by 8 and prepares each slice). accumulate: ys += the products (the residual
-    // adds of o and down, fused into the kernels' stores: two launches fewer per layer).
-    // prepared: the group size the GEMV scratch already holds xin for (fused_prepare), else 0.
+    // the GEMV slices by 8 and prepares each slice), and the GEMV linears that read one prepared
+    // input run in one launch (bitplane_matmul_prepared_multi_cuda_async: q, k and v as one grid).
+    // accumulate: ys += the products (the residual adds of o and down, fused into the kernels'
+    // stores: two launches fewer per layer). prepared: the group size the GEMV scratch already holds
+    // xin for (fused_prepare), else 0.
     void linears(std::initializer_list<size_t> js, const float* xin, int64_t T, std::initializer_list<float*> ys,
                  bool accumulate = false, int prepared = 0) {
         // a prepared input serves linears of the same group size (k is xin's width for all of them)
         int prepared_g = prepared, gemm_prepared_g = 0;
+        // GEMV linears waiting for their one launch: all read the scratch as prepared for prepared_g
+        BitplaneLinear batch[BITPLANE_MAX_MULTI];
+        float* batch_y[BITPLANE_MAX_MULTI];
+        const int32_t* batch_bits[BITPLANE_MAX_MULTI];
+        int n_batch = 0;
+        auto flush = [&] {
+            if (n_batch > 0)
+                bitplane_matmul_prepared_multi_cuda_async(batch, n_batch, p.bits_cap, T, batch_y, ws, ws_bytes, path,
+                                                          stream, batch_bits, accumulate);
+            n_batch = 0;
+        };
         auto y = ys.begin();
         for (size_t j : js) {
             float* out = *y++;
@@ -179,16 +210,22 @@ struct CudaForward::Impl {
                 bitplane_gemm_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws_gemm, ws_gemm_bytes, BITPLANE_GEMM_A8,
                                                   stream, bits_dev() + j, 0, accumulate);
             } else if (T <= SLICE) {
+                const bool joins = n_batch > 0 && n_batch < BITPLANE_MAX_MULTI && batch[0].group_size == g &&
+                                   batch[0].max_bits == lin[j].max_bits;
+                if (!joins) flush();  // (before a new preparation overwrites the scratch it reads)
                 if (prepared_g != g) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, path, stream);
                 prepared_g = g;
-                bitplane_matmul_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws, ws_bytes, path, stream, {},
-                                                    bits_dev() + j, accumulate);
+                batch[n_batch] = lin[j];
+                batch_y[n_batch] = out;
+                batch_bits[n_batch] = bits_dev() + j;
+                ++n_batch;
             } else {
                 bitplane_matmul_cuda_async(lin[j], p.bits_cap, xin, T, out, ws, ws_bytes, path, stream, {},
                                            bits_dev() + j, accumulate);
                 prepared_g = 0;  // the slices overwrote the GEMV's prepared input
             }
         }
+        flush();
     }
     // out = op(xin, aux) (RMSNorm with weight aux, or SwiGLU with up = aux) for the linears j, ...
     // reading out next: one fused launch that also prepares out for the GEMV when it will run it
@@ -212,6 +249,7 @@ struct CudaForward::Impl {
 };
 
 void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
+    const PdlScope pdl_scope(pdl);  // the launches below (and those of the captured graph) carry it
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden, H = c.n_heads, Hkv = c.n_kv_heads, hd = c.head_dim, V = c.vocab;
     // The kernels launched here directly: a bad launch is named now, not at the next op's check.
@@ -220,9 +258,11 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
     // n_splits spans each (the decode step), a longer pass fewer (it has T x H blocks besides).
     const int splits = int(std::clamp<int64_t>(int64_t(n_splits) * SLICE / T, 1, n_splits));
     if (embd_f16)
-        embed_kernel<__half><<<row_parts(T, D), THREADS, 0, stream>>>(static_cast<const __half*>(embd), V, D, tokens_dev(), x);
+        launch_kernel(embed_kernel<__half>, row_parts(T, D), dim3(THREADS), 0, stream, static_cast<const __half*>(embd), V,
+                      D, tokens_dev(), x);
     else
-        embed_kernel<float><<<row_parts(T, D), THREADS, 0, stream>>>(static_cast<const float*>(embd), V, D, tokens_dev(), x);
+        launch_kernel(embed_kernel<float>, row_parts(T, D), dim3(THREADS), 0, stream, static_cast<const float*>(embd), V, D,
+                      tokens_dev(), x);
     launched("embed_kernel");
     for (int64_t l = 0; l < c.n_layers; ++l) {
         const size_t j0 = size_t(l) * LINEARS_PER_LAYER;
@@ -273,8 +313,12 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
         throw Error(fn + ": head_dim = " + std::to_string(hd) + " exceeds " + std::to_string(ATTENTION_MAX_HEAD_DIM));
     if (!(c.n_heads % Hkv == 0)) throw Error(fn + ": n_heads must be a multiple of n_kv_heads");
     e.path = params.fp32_matmul ? BITPLANE_CUDA_FP32 : BITPLANE_CUDA_AUTO;
-    // Spans of >= 256 positions at full context, at most 32 of them (H * 32 blocks already fill a GPU).
-    e.n_splits = int(std::clamp<int64_t>((params.n_ctx + 255) / 256, 1, 32));
+    e.pdl = pdl_from_env();
+    // Spans of >= 128 positions at full context, at most 32 of them (H * 32 blocks already fill a
+    // GPU): each warp's positions are a chain of memory round trips (4 positions per trip), so a
+    // long span is latency-bound before it is bandwidth-bound (spans of 256 measured 30 µs a layer
+    // at 2048 positions, fp32 cache, on the H100: 2.2 TB/s).
+    e.n_splits = int(std::clamp<int64_t>((params.n_ctx + 127) / 128, 1, 32));
     // The GEMM computes with the int8 activations of the GEMV's TC path; where that path does not
     // apply (fp32 reference asked for, or a group size it lacks), prompts stay on the GEMV so that
     // prefill and decode use the same arithmetic.

@@ -20,6 +20,7 @@ rms_norm_kernel(const float* x,                  // (m, d)
                 const float* __restrict__ w,     // (d)
                 int64_t d, float eps,
                 float* y) {                      // (m, d)
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
     const float* xr = x + int64_t(blockIdx.x) * d;
     float* yr = y + int64_t(blockIdx.x) * d;
     const bool vec = rms_vec(x, w, y, d);
@@ -53,7 +54,7 @@ rms_norm_kernel(const float* x,                  // (m, d)
 }
 
 void rms_norm_launch(const float* x, const float* w, int64_t m, int64_t d, float eps, float* y, cudaStream_t stream) {
-    if (m > 0) rms_norm_kernel<<<unsigned(m), THREADS, 0, stream>>>(x, w, d, eps, y);
+    if (m > 0) launch_kernel(rms_norm_kernel, dim3(unsigned(m)), dim3(THREADS), 0, stream, x, w, d, eps, y);
 }
 
 void rms_norm_cuda(const float* x, const float* w, int64_t m, int64_t d, float eps, float* y) {

@@ -38,6 +38,7 @@ rope_kernel(const float* __restrict__ inv_freq,   // (d / 2)
             const float* __restrict__ v,                  // (m, n_kv_heads, 2 half), STORE
             const int64_t* __restrict__ bases,            // (m), STORE
             KV* __restrict__ k_cache, KV* __restrict__ v_cache) {  // (rows, n_kv_heads, 2 half), STORE
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
     const int64_t r = blockIdx.x;
     const int64_t y = blockIdx.y;
     const int64_t d = 2 * int64_t(half);
@@ -73,8 +74,8 @@ void rope_launch(const float* inv_freq, int head_dim, float* q, int64_t n_heads,
     if (m <= 0) return;
     const dim3 grid(unsigned(m), unsigned(n_heads + (k ? n_kv_heads : 0)));
     const unsigned threads = unsigned(std::min(THREADS, (head_dim / 2 + 31) / 32 * 32));
-    rope_kernel<float, false><<<grid, threads, 0, stream>>>(inv_freq, head_dim / 2, q, n_heads, k, n_kv_heads,
-                                                            positions, nullptr, nullptr, nullptr, nullptr);
+    launch_kernel(rope_kernel<float, false>, grid, dim3(threads), 0, stream, inv_freq, head_dim / 2, q, n_heads, k,
+                  n_kv_heads, positions, nullptr, nullptr, static_cast<float*>(nullptr), static_cast<float*>(nullptr));
 }
 
 void rope_kv_store_launch(const float* inv_freq, int head_dim, float* q, int64_t n_heads, float* k, const float* v,
@@ -84,13 +85,11 @@ void rope_kv_store_launch(const float* inv_freq, int head_dim, float* q, int64_t
     const dim3 grid(unsigned(m), unsigned(n_heads + 2 * n_kv_heads));
     const unsigned threads = unsigned(std::min(THREADS, (head_dim / 2 + 31) / 32 * 32));
     if (kv_f16)
-        rope_kernel<__half, true><<<grid, threads, 0, stream>>>(inv_freq, head_dim / 2, q, n_heads, k, n_kv_heads,
-                                                                positions, v, bases, static_cast<__half*>(k_cache),
-                                                                static_cast<__half*>(v_cache));
+        launch_kernel(rope_kernel<__half, true>, grid, dim3(threads), 0, stream, inv_freq, head_dim / 2, q, n_heads, k,
+                      n_kv_heads, positions, v, bases, static_cast<__half*>(k_cache), static_cast<__half*>(v_cache));
     else
-        rope_kernel<float, true><<<grid, threads, 0, stream>>>(inv_freq, head_dim / 2, q, n_heads, k, n_kv_heads,
-                                                               positions, v, bases, static_cast<float*>(k_cache),
-                                                               static_cast<float*>(v_cache));
+        launch_kernel(rope_kernel<float, true>, grid, dim3(threads), 0, stream, inv_freq, head_dim / 2, q, n_heads, k,
+                      n_kv_heads, positions, v, bases, static_cast<float*>(k_cache), static_cast<float*>(v_cache));
 }
 
 void rope_cuda(const float* inv_freq, int head_dim, float* q, int64_t n_heads, float* k, int64_t n_kv_heads,

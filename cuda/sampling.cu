@@ -28,6 +28,7 @@ entropy_and_top1_kernel(const float* __restrict__ logits_all,  // (rows, vocab)
     long long first = vocab;  // the first index at the max (all NaN: 0, as the CPU op)
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x)
         if (clean(logits[i]) == mx) {
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
             first = i;
             break;
         }
@@ -52,7 +53,7 @@ entropy_and_top1_kernel(const float* __restrict__ logits_all,  // (rows, vocab)
 
 void entropy_and_top1_launch(const float* logits, int64_t vocab, StepSignalsDevice* out, cudaStream_t stream,
                              int64_t rows) {
-    if (rows > 0) entropy_and_top1_kernel<<<unsigned(rows), THREADS, 0, stream>>>(logits, vocab, out);
+    if (rows > 0) launch_kernel(entropy_and_top1_kernel, dim3(unsigned(rows)), dim3(THREADS), 0, stream, logits, vocab, out);
 }
 
 void entropy_and_top1_cuda(const float* logits, int64_t vocab, float* entropy, float* top1_prob, int64_t* argmax) {

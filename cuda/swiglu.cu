@@ -12,6 +12,7 @@ constexpr int THREADS = 256;
 
 static __global__ void __launch_bounds__(THREADS)
 swiglu_kernel(const float* gate, const float* __restrict__ up, int64_t n, float* out) {  // (n) each
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
         out[i] = silu_mul(gate[i], up[i]);  // cuda_backend.h, shared with the GEMV's fused preparation
     }
@@ -20,7 +21,7 @@ swiglu_kernel(const float* gate, const float* __restrict__ up, int64_t n, float*
 void swiglu_launch(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream) {
     if (n <= 0) return;
     const int64_t blocks = std::min<int64_t>((n + THREADS - 1) / THREADS, 4096);
-    swiglu_kernel<<<unsigned(blocks), THREADS, 0, stream>>>(gate, up, n, out);
+    launch_kernel(swiglu_kernel, dim3(unsigned(blocks)), dim3(THREADS), 0, stream, gate, up, n, out);
 }
 
 void swiglu_cuda(const float* gate, const float* up, int64_t n, float* out) {

@@ -490,6 +490,33 @@ def test_accumulate_adds_the_product_with_one_rounding(fn, kind):
         np.testing.assert_array_equal(acc, y0 + plain, err_msg=f"{fn} {kind} m={m}")
 
 
+@pytest.mark.parametrize("path,group_size", [("tc", 128), ("tc", 32), ("tc", 512), ("fp32", 96)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_multi_linear_launch_equals_a_launch_each(path, group_size, m):
+    """q, k and v (or gate and up) in one GEMV launch, each linear at its own bit-width read from
+    device memory: at the same warps per block, bit for bit a launch per linear; with the automatic
+    warps (from the whole grid) within the path's tolerance. Narrow k/v (n = 13: GQA, a partial last
+    row tile) sit between wider linears, so block-to-linear mapping and the tile edges are exercised."""
+    rng = np.random.default_rng(m * 7 + group_size)
+    k = 1536 if group_size == 512 else 576
+    ns, bits = [200, 13, 64], [8, 3, 5]
+    lins = [make_linear(rng, n, k, 8, group_size) for n in ns]
+    planes, qps = [lin[2] for lin in lins], [lin[1] for lin in lins]
+    x = make_x(rng, m, k)
+    for warps in (1, 2, 4):
+        ys = core.bitplane_matmul_multi_cuda(planes, qps, ns, k, 8, group_size, bits, x, path=path, warps=warps)
+        for i, y in enumerate(ys):
+            assert y.shape == (m, ns[i]) and np.isfinite(y).all(), f"linear {i}: outputs not written"
+            one = core.bitplane_matmul_cuda(planes[i], qps[i], ns[i], k, 8, group_size, bits[i], x, path=path,
+                                            warps=warps)
+            np.testing.assert_array_equal(y, one, err_msg=f"linear {i}, warps {warps}")
+    ys = core.bitplane_matmul_multi_cuda(planes, qps, ns, k, 8, group_size, bits, x, path=path)
+    for i, y in enumerate(ys):
+        codes, qp, _ = lins[i]
+        exact, plain = REFERENCES[path](codes, qp, x, bits[i], 8, group_size)
+        assert rel_err(y, exact) <= 2 * rel_err(plain, exact) + 1e-6, f"linear {i}"
+
+
 @pytest.mark.parametrize("op", ["rms_norm", "swiglu"])
 @pytest.mark.parametrize("k,group_size", [(576, 64), (4096, 128), (1536, 256), (300, 32)])
 def test_fused_preparation_is_the_separate_ops_bit_for_bit(op, k, group_size):

@@ -107,7 +107,10 @@ def test_swiglu_cuda(n):
 @gpu
 @pytest.mark.parametrize("kv", ["f32", "f16"])
 @pytest.mark.parametrize("m,p0,H,Hkv,d,splits", [(1, 0, 4, 2, 16, 1), (1, 700, 8, 2, 64, 7), (1, 2047, 32, 8, 128, 8),
-                                                  (5, 33, 6, 3, 24, 1), (8, 300, 4, 4, 256, 1), (1, 5, 4, 1, 48, 16)])
+                                                  (5, 33, 6, 3, 24, 1), (8, 300, 4, 4, 256, 1), (1, 5, 4, 1, 48, 16),
+                                                  # d a multiple of 128: the vector loads, with spans and GQA
+                                                  (3, 501, 8, 2, 128, 5), (2, 130, 4, 2, 256, 3), (1, 2, 4, 4, 128, 16),
+                                                  (4, 0, 2, 1, 128, 1), (1, 77, 4, 2, 160, 2)])
 def test_attention_cuda(kv, m, p0, H, Hkv, d, splits):
     rng = np.random.default_rng(p0 + H + d + m)
     dt = np.float32 if kv == "f32" else np.float16
@@ -381,6 +384,62 @@ def test_engine_cuda_batch_rows_equal_solo_steps(tiny_fq):
     assert rel_err(b[1][0][1], ref) < 1e-5
 
 
+@pytest.fixture(scope="module")
+def wide_head_fq(tmp_path_factory):
+    """A tiny model with head_dim 128 (the real models' width), where attention takes its vector loads."""
+    from conftest import make_hf_llama
+    from flexquant_rt.convert import HFSource, convert
+
+    d = tmp_path_factory.mktemp("wide_head")
+    src = make_hf_llama(d / "hf", seed=11, hidden=256, heads=2, kv_heads=1, head_dim=128, ffn=512, vocab=320)
+    convert(HFSource(src), d / "m.fq", progress=False, method="plain")
+    return d / "m.fq"
+
+
+@gpu
+@pytest.mark.parametrize("kv_f16", [False, True])
+def test_engine_cuda_head_dim_128_matches_cpu(wide_head_fq, kv_f16):
+    """head_dim 128 (the vector-load attention) with an fp32 or fp16 cache (the fused RoPE + cache
+    write stores it), over two attention spans (n_ctx 256), against the CPU engine with the same
+    cache type: fp32-activation GEMV, 1e-4 as the other whole-model tests."""
+    cpu = Engine(wide_head_fq, backend="cpu", n_ctx=256, kv_dtype="f16" if kv_f16 else "f32")
+    gpu_eng = Engine(wide_head_fq, backend="cuda")
+    gpu_eng._eng = core.Engine(str(wide_head_fq), n_ctx=256, kv_f16=kv_f16, backend="cuda", cuda_fp32_matmul=True)
+    ids = np.random.default_rng(4).integers(0, 320, 200)
+    a, b = _steps(gpu_eng, ids, 20), _steps(cpu, ids, 20)
+    assert np.isfinite(a).all()
+    assert rel_err(a, b) < 1e-4
+
+
+@gpu
+def test_pdl_launches_give_the_same_bits(tiny_fq, wide_head_fq, monkeypatch):
+    """FLEXQUANT_CUDA_PDL=1 (programmatic dependent launch, sm_90+) changes when the kernels start,
+    not what they compute: prompts on the GEMV and the GEMM, graph-replayed steps under changing
+    masks, and batched steps give the same bits as plain launches."""
+    rng = np.random.default_rng(9)
+    masks = [(rng.integers(2, 9, (2, 7)).astype(np.int32), int(rng.integers(2, 9))) for _ in range(12)]
+
+    def run(path, **kw):
+        eng = Engine(path, backend="cuda")
+        eng._eng = core.Engine(str(path), backend="cuda", n_ctx=128, **kw)
+        ids = np.random.default_rng(1).integers(0, 320, 70)
+        return _steps(eng, ids, 12, masks)
+
+    def batch(path):
+        eng = core.Engine(str(path), backend="cuda", n_ctx=64, n_seq=6, cuda_gemm_min_rows=4)
+        return np.concatenate([r[0] for r in _batch_run(eng, _PROMPTS, _SCHEDULE)])
+
+    cases = [(tiny_fq, {}), (tiny_fq, {"cuda_gemm_min_rows": 16}), (tiny_fq, {"cuda_fp32_matmul": True}),
+             (wide_head_fq, {"kv_f16": True})]
+    monkeypatch.delenv("FLEXQUANT_CUDA_PDL", raising=False)
+    plain = [run(p, **kw) for p, kw in cases] + [batch(tiny_fq)]
+    monkeypatch.setenv("FLEXQUANT_CUDA_PDL", "1")
+    pdl = [run(p, **kw) for p, kw in cases] + [batch(tiny_fq)]
+    for a, b in zip(pdl, plain):
+        assert np.isfinite(a).all()
+        np.testing.assert_array_equal(a, b)
+
+
 @gpu
 def test_generate_batch_on_cuda_equals_generate(tiny_fq):
     with Engine(tiny_fq, backend="cuda", n_seq=3) as eng, Engine(tiny_fq, backend="cuda") as one:
@@ -435,6 +494,15 @@ def test_fused_and_accumulating_entry_points_check_their_arguments():
         core.bitplane_matmul_fused_cuda(planes, qp, n, k, 8, g, 4, x, op="rms_norm", aux=np.ones(k + 1, np.float32))
     with pytest.raises(ValueError, match=r"aux: .*\(2, 128\)"):
         core.bitplane_matmul_fused_cuda(planes, qp, n, k, 8, g, 4, x, op="swiglu", aux=np.ones(k, np.float32))
+    # the one-launch GEMV over several linears
+    with pytest.raises(ValueError, match="one entry per linear, got 2, 2, 2, 1"):
+        core.bitplane_matmul_multi_cuda([planes] * 2, [qp] * 2, [n, n], k, 8, g, [4], x)
+    with pytest.raises(FlexquantError, match="count must be in 1..3, got 4"):
+        core.bitplane_matmul_multi_cuda([planes] * 4, [qp] * 4, [n] * 4, k, 8, g, [4] * 4, x)
+    with pytest.raises(FlexquantError, match=r"bitplane_matmul_multi_cuda \(linear 1\): bits must be in 2..8, got 1"):
+        core.bitplane_matmul_multi_cuda([planes] * 2, [qp] * 2, [n, n], k, 8, g, [4, 1], x)
+    with pytest.raises(FlexquantError, match="m must be in 1..8, got 9"):
+        core.bitplane_matmul_multi_cuda([planes], [qp], [n], k, 8, g, [4], np.ones((9, k), np.float32))
     for call in (core.bitplane_matmul_cuda, core.bitplane_gemm_cuda):
         with pytest.raises(ValueError, match=r"y0: expected shape \(2, 16\), got \(16,\)"):
             call(planes, qp, n, k, 8, g, 4, x, y0=np.zeros(n, np.float32))

@@ -16,7 +16,8 @@
 #   6. (--e2e) converts a synthetic Llama-2-7B here and runs tools/bench.py --backend cuda on it:
 #      prefill tok/s of a 2048-token prompt (GEMM and GEMV-only), decode tok/s at 8/6/4 bits and with
 #      per-token masks, against the roofline (after `flexquant-rt tune --backend cuda` measured the
-#      GEMV/GEMM table); then batched decode of 1, 4 and 16 sequences. The converter
+#      GEMV/GEMM table), each also with programmatic dependent launch (FLEXQUANT_CUDA_PDL=1), then
+#      with an fp16 KV cache; then batched decode of 1, 4 and 16 sequences. The converter
 #      writes with the `gguf` package, which the device machine lacks: carry its wheel in .whl/
 #      (see the device README) and this step installs it into /tmp/site.
 # Logs and bench.json go to $OUT (the device tool's output folder) or /tmp/gpu_check.
@@ -178,6 +179,17 @@ logits = eng.forward(rng.integers(0, 333, 9))[-1]
 for i in range(3):
     logits = eng.decode(int(np.argmax(logits)))
     assert np.isfinite(logits).all()
+# head_dim 128 (attention's vector loads) with an fp16 cache, plain launches and PDL
+import os
+convert(HFSource(make_hf_llama(d / "wide", hidden=256, heads=2, kv_heads=1, head_dim=128, ffn=512)), d / "w.fq",
+        progress=False)
+for pdl in ("0", "1"):
+    os.environ["FLEXQUANT_CUDA_PDL"] = pdl
+    eng = Engine(d / "w.fq", backend="cuda", kv_dtype="f16")
+    logits = eng.forward(rng.integers(0, 320, 140))[-1]
+    for i in range(3):
+        logits = eng.decode(int(np.argmax(logits)))
+        assert np.isfinite(logits).all()
 print("sanitize script ok")
 EOF
   for tool in memcheck racecheck initcheck; do
@@ -192,7 +204,9 @@ fi
 if [ "$PROFILE" = 1 ]; then
   # the decode step kernel by kernel (tools/gpu_profile.py: a 2-layer Llama-2-7B, context 2048)
   stamp "== decode step profile"
-  limit "${T_PROFILE:-300}" "$PY" tools/gpu_profile.py --layers 2 --bits 8 4 --prompt 2048 2>&1 | tee "$LOG/profile.log"
+  # fp32 and fp16 KV cache, plain launches and PDL (FLEXQUANT_CUDA_PDL=1)
+  limit "${T_PROFILE:-300}" "$PY" tools/gpu_profile.py --layers 2 --bits 8 4 --prompt 2048 --kv-dtype f32 f16 --pdl 0 1 \
+    2>&1 | tee "$LOG/profile.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
@@ -453,9 +467,14 @@ if [ "$E2E" = 1 ]; then
     2>&1 | tee "$LOG/e2e_tune.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   stamp "tuned"
-  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 6 4 --prompt 2048 --decode 64 2>&1 | tee "$LOG/e2e.log"
+  # each row also with PDL (--pdl), then the fp16 KV cache (half the attention's reads at 2048)
+  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 6 4 --prompt 2048 --decode 64 --pdl 2>&1 | tee "$LOG/e2e.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   stamp "decode benchmark done"
+  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 2048 --decode 64 --pdl --kv-dtype f16 \
+    2>&1 | tee "$LOG/e2e_f16.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  stamp "fp16-cache decode benchmark done"
   # batched decode on the GPU (several sequences, one pass per step)
   limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 128 --decode 32 --batch 1 4 16 2>&1 | tee "$LOG/e2e_batch.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1

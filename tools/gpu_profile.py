@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--file", help="an existing model file instead of a synthetic one")
     ap.add_argument("--kv-dtype", nargs="+", default=["f32"], choices=["f32", "f16"], help="KV cache types to profile")
+    ap.add_argument("--pdl", nargs="+", type=int, default=[0], choices=[0, 1],
+                    help="FLEXQUANT_CUDA_PDL values to profile (1: programmatic dependent launch; kernels then "
+                         "overlap, so their summed time exceeds the step)")
     a = ap.parse_args(argv)
 
     import torch
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         convert(SyntheticSource(a.model, n_layers=a.layers), path, progress=False)
         print(f"converted {a.model} with {a.layers} layers in {time.perf_counter() - t:.1f} s")
-    for kv, bits in [(kv, bits) for kv in a.kv_dtype for bits in a.bits]:
+    for pdl, kv, bits in [(pdl, kv, bits) for pdl in a.pdl for kv in a.kv_dtype for bits in a.bits]:
+        os.environ["FLEXQUANT_CUDA_PDL"] = str(pdl)  # read when the engine builds its CUDA forward pass
         eng = fq.Engine(path, backend="cuda", n_ctx=a.prompt + a.steps + 32, kv_dtype=kv)
         if eng.backend != "cuda":
             raise SystemExit(f"needs a CUDA GPU: the engine runs on {eng.backend} ({eng._eng.backend_note})")
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = float(np.median(walls)) * 1e6
         if total <= 0:
             raise SystemExit("CUPTI recorded no kernels (is this torch built with CUDA, and the engine on the GPU?)")
-        print(f"\n## {name_of_model} x {n_layers} layers, {bits} bits, KV cache {kv}, context {a.prompt}: "
+        print(f"\n## {name_of_model} x {n_layers} layers, {bits} bits, KV cache {kv}, PDL {pdl}, context {a.prompt}: "
               f"step {wall:.0f} µs wall (median), kernels {total:.0f} µs per step, "
               f"{(wall - total):.0f} µs outside kernels; per layer {total / n_layers:.1f} µs of kernels")
         print("| kernel | per step | µs per step | µs each | share |")

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "../../cuda/bitplane_matmul.cuh"
 #include "array_checks.h"
@@ -143,6 +144,44 @@ py::tuple py_bitplane_matmul_fused_cuda(const py::array& planes, const py::array
         flexquant::bitplane_matmul_fused_cuda(w, bits, fo, xp, aa.data(), eps, m, yp, op_out);
     }
     return py::make_tuple(y, out);
+}
+
+py::list py_bitplane_matmul_multi_cuda(const py::list& planes, const py::list& qparams, const py::list& ns_list,
+                                       int64_t k, int max_bits, int group_size, const py::list& bits_list,
+                                       const py::array& x, const std::string& path, int warps) {
+    std::vector<int64_t> ns;
+    std::vector<int> bits;
+    for (const auto& v : ns_list) ns.push_back(v.cast<int64_t>());
+    for (const auto& v : bits_list) bits.push_back(v.cast<int>());
+    const size_t count = ns.size();
+    if (planes.size() != count || qparams.size() != count || bits.size() != count)
+        throw py::value_error("planes, qparams, ns and bits: expected one entry per linear, got " +
+                              std::to_string(planes.size()) + ", " + std::to_string(qparams.size()) + ", " +
+                              std::to_string(count) + ", " + std::to_string(bits.size()));
+    if (x.ndim() != 2) throw py::value_error("x: expected shape (m, " + std::to_string(k) + "), got " + shape_str(x));
+    const int64_t m = activation_rows(x, k);
+    std::vector<BitplaneLinear> ws;
+    std::vector<py::array> keep;  // the views point into these arrays
+    std::vector<py::array_t<float>> ys;
+    std::vector<float*> yp;
+    for (size_t i = 0; i < count; ++i) {
+        keep.push_back(py::reinterpret_borrow<py::array>(planes[i]));
+        keep.push_back(py::reinterpret_borrow<py::array>(qparams[i]));
+        ws.push_back(linear_view(keep[2 * i], keep[2 * i + 1], ns[i], k, max_bits, group_size, bits[i]));
+        ys.push_back(py::array_t<float>({m, ns[i]}));
+        yp.push_back(ys.back().mutable_data());
+    }
+    const BitplaneCudaPath p = parse_path(path);
+    const float* xp = static_cast<const float*>(x.data());
+    {
+        py::gil_scoped_release nogil;
+        flexquant::BitplaneCudaTuning tuning;
+        tuning.warps_per_block = warps;
+        flexquant::bitplane_matmul_multi_cuda(ws.data(), bits.data(), int(count), xp, m, yp.data(), p, tuning);
+    }
+    py::list out;
+    for (auto& y : ys) out.append(y);
+    return out;
 }
 
 py::dict py_bitplane_matmul_cuda_bench(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
@@ -352,6 +391,14 @@ void bind_cuda_ops(py::module_& m) {
           "(aux = the norm weight (k,)) or 'swiglu' (x = gate, aux = up (m, k); in place as the engine runs\n"
           "it) -> (y (m, n), the op's output (m, k)). Both must equal rms_norm_cuda / swiglu_cuda followed\n"
           "by bitplane_matmul_cuda(path='tc') bit for bit.");
+    m.def("bitplane_matmul_multi_cuda", &py_bitplane_matmul_multi_cuda, py::arg("planes"), py::arg("qparams"),
+          py::arg("ns"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
+          py::arg("path") = "auto", py::arg("warps") = 0,
+          "Several linears reading the same x (m <= 8, k), as the engine's q/k/v and gate/up, in ONE GEMV\n"
+          "launch: planes, qparams, ns (n of each) and bits (each linear's bit-width, read from device memory\n"
+          "as the engine's mask) are lists of 1..3 entries sharing k, max_bits and group_size -> [y_i (m, n_i)].\n"
+          "Equals bitplane_matmul_cuda per linear bit for bit at the same warps (0: automatic, from the whole\n"
+          "grid); outputs poisoned first.");
     m.def("bitplane_matmul_cuda_bench", &py_bitplane_matmul_cuda_bench, py::arg("planes"), py::arg("qparams"),
           py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
           py::arg("path") = "auto", py::arg("copies") = 0, py::arg("reps") = 20, py::arg("warps") = 0,

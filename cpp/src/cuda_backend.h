@@ -118,6 +118,7 @@ private:
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 namespace flexquant {
 
@@ -187,6 +188,68 @@ struct StepSignalsDevice {
 };
 void entropy_and_top1_launch(const float* logits, int64_t vocab, StepSignalsDevice* out, cudaStream_t stream,
                              int64_t rows = 1);
+
+// ---- programmatic dependent launch (PDL, compute capability >= 9.0) ---------------------------------
+//
+// A decode step is a chain of ~15 short kernels per layer, and each one's start (launch, the first
+// memory round trip) waits for the end of the one before. With PDL a kernel may start while the one
+// before it still runs: its blocks do the work that depends on nothing earlier (the GEMV loads its
+// weight planes, which never change) and then wait. Rules, for every kernel launched through
+// launch_kernel:
+//  - pdl_wait() before reading anything an earlier kernel of the stream wrote, and before writing
+//    anything at all (a kernel before it may still read that buffer); it returns once the kernel
+//    before has completed and its writes are visible, which, as every kernel waits, means all
+//    earlier kernels have. Read-only inputs (planes, group params, norm weights) and the step input
+//    block (copied before the first kernel, which waits for the copy) may be read before it.
+//  - pdl_launch_dependents() lets the next kernel start once every block of this one has called it
+//    (or exited): called first thing, so the next kernel's blocks take the multiprocessors as this
+//    one's blocks leave (all of this one's blocks are running by then, so none of them can be
+//    crowded out).
+// Both are no-ops on a launch without the attribute and on devices below sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// The usual start of a kernel with nothing to do before its inputs are ready.
+__device__ __forceinline__ void pdl_begin() {
+    pdl_launch_dependents();
+    pdl_wait();
+}
+
+// Whether launch_kernel on this host thread adds the PDL attribute (cuda/device.cu). Off unless a
+// PdlScope turned it on: the engine's passes, when FLEXQUANT_CUDA_PDL=1 on an sm_90+ device.
+bool& pdl_enabled();
+struct PdlScope {
+    bool before;
+    explicit PdlScope(bool on) : before(pdl_enabled()) { pdl_enabled() = on; }
+    ~PdlScope() { pdl_enabled() = before; }
+    PdlScope(const PdlScope&) = delete;
+    PdlScope& operator=(const PdlScope&) = delete;
+};
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl_enabled(). A bad
+// launch is reported as by <<<>>>: through cudaGetLastError.
+template <class... Params, class... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl_enabled() ? 1 : 0;
+    cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);  // its error stays the last error
+}
 
 // ---- shared device helpers -------------------------------------------------------------------------
 

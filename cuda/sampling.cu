@@ -20,6 +20,7 @@ static __global__ void __launch_bounds__(THREADS)
 entropy_and_top1_kernel(const float* __restrict__ logits_all,  // (rows, vocab)
                         int64_t vocab,
                         StepSignalsDevice* __restrict__ out_all) {        // (rows)
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
     const float* logits = logits_all + int64_t(blockIdx.x) * vocab;
     StepSignalsDevice* out = out_all + blockIdx.x;
     float mx = -INFINITY;
@@ -28,7 +29,6 @@ entropy_and_top1_kernel(const float* __restrict__ logits_all,  // (rows, vocab)
     long long first = vocab;  // the first index at the max (all NaN: 0, as the CPU op)
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x)
         if (clean(logits[i]) == mx) {
-    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
             first = i;
             break;
         }

@@ -501,7 +501,9 @@ def test_multi_linear_launch_equals_a_launch_each(path, group_size, m):
     k = 1536 if group_size == 512 else 576
     ns, bits = [200, 13, 64], [8, 3, 5]
     lins = [make_linear(rng, n, k, 8, group_size) for n in ns]
-    planes, qps = [lin[2] for lin in lins], [lin[1] for lin in lins]
+    # each linear's planes array holds only its own bits[i] planes (all the entry point may read)
+    planes = [np.ascontiguousarray(lin[2][:b]) for lin, b in zip(lins, bits)]
+    qps = [lin[1] for lin in lins]
     x = make_x(rng, m, k)
     for warps in (1, 2, 4):
         ys = core.bitplane_matmul_multi_cuda(planes, qps, ns, k, 8, group_size, bits, x, path=path, warps=warps)

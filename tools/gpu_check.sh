@@ -26,7 +26,7 @@
 # Each step runs under a time limit in seconds (a lent machine gives one call 10 minutes), set by
 # the variables T_BUILD, T_TESTS, T_SANITIZER, T_PROFILE, T_BENCH, T_GEMM, T_E2E; a step past its limit is
 # killed and counts as failed, and the next one runs; DEADLINE (epoch seconds) caps them all.
-# TESTS_K selects tests (pytest -k).
+# TESTS_K selects tests (pytest -k); E2E_MODEL the synthetic preset of --e2e (default llama2-7b).
 #
 #   tools/gpu_check.sh [--skip-build] [--skip-tests] [--skip-sanitizer] [--skip-profile] [--skip-bench] [--skip-gemm] [--e2e]
 set -uo pipefail
@@ -63,7 +63,8 @@ limit() {
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
-MODEL=/tmp/gpu_check_llama2-7b.fq  # the --e2e model, converted once, read by every run
+E2E_MODEL=${E2E_MODEL:-llama2-7b}  # the synthetic preset of --e2e (llama3-8b: ~300 s to convert)
+MODEL=/tmp/gpu_check_$E2E_MODEL.fq  # the --e2e model, converted once, read by every run
 # gguf, which the device machine lacks: the converter (the tests' models, --e2e) writes with it
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -72,13 +73,13 @@ fi
 if [ "$E2E" = 1 ]; then
   if [ ! -f "$MODEL" ]; then
     # the source package without its __init__ (which loads the extension not yet built)
-    (start=$(date +%s); "$PY" - "$MODEL" >"$LOG/convert.log" 2>&1 <<'EOF'
+    (start=$(date +%s); "$PY" - "$MODEL" "$E2E_MODEL" >"$LOG/convert.log" 2>&1 <<'EOF'
 import sys, types
 pkg = types.ModuleType("flexquant_rt")
 pkg.__path__ = ["python/flexquant_rt"]
 sys.modules["flexquant_rt"] = pkg
 from flexquant_rt.convert import SyntheticSource, convert
-convert(SyntheticSource("llama2-7b"), sys.argv[1], progress=False)
+convert(SyntheticSource(sys.argv[2]), sys.argv[1], progress=False)
 EOF
      rc=$?; echo "converted in $(( $(date +%s) - start )) s, rc $rc" >>"$LOG/convert.log") &
     CONVERT_PID=$!
@@ -205,7 +206,7 @@ if [ "$PROFILE" = 1 ]; then
   # the decode step kernel by kernel (tools/gpu_profile.py: a 2-layer Llama-2-7B, context 2048)
   stamp "== decode step profile"
   # fp32 and fp16 KV cache, plain launches and PDL (FLEXQUANT_CUDA_PDL=1)
-  limit "${T_PROFILE:-300}" "$PY" tools/gpu_profile.py --layers 2 --bits 8 4 --prompt 2048 --kv-dtype f32 f16 --pdl 0 1 \
+  limit "${T_PROFILE:-300}" "$PY" tools/gpu_profile.py --layers 2 --bits 8 --prompt 2048 --kv-dtype f32 f16 --pdl 0 1 \
     2>&1 | tee "$LOG/profile.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
@@ -444,7 +445,7 @@ EOF
 fi
 
 if [ "$E2E" = 1 ]; then
-  stamp "== end-to-end decode benchmark (synthetic llama2-7b)"
+  stamp "== end-to-end decode benchmark (synthetic $E2E_MODEL)"
   if [ -n "${CONVERT_PID:-}" ]; then
     # wait for the background conversion, but not past DEADLINE
     while kill -0 "$CONVERT_PID" 2>/dev/null; do

@@ -165,6 +165,9 @@ py::list py_bitplane_matmul_multi_cuda(const py::list& planes, const py::list& q
     std::vector<py::array_t<float>> ys;
     std::vector<float*> yp;
     for (size_t i = 0; i < count; ++i) {
+        if (!py::isinstance<py::array>(planes[i]) || !py::isinstance<py::array>(qparams[i]))
+            throw py::type_error("planes[" + std::to_string(i) + "], qparams[" + std::to_string(i) +
+                                 "]: expected numpy arrays");
         keep.push_back(py::reinterpret_borrow<py::array>(planes[i]));
         keep.push_back(py::reinterpret_borrow<py::array>(qparams[i]));
         ws.push_back(linear_view(keep[2 * i], keep[2 * i + 1], ns[i], k, max_bits, group_size, bits[i]));

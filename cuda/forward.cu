@@ -103,7 +103,10 @@ bool pdl_from_env() {
 struct CudaForward::Impl {
     ModelConfig cfg;
     CudaForwardParams p;
-    BitplaneCudaPath path = BITPLANE_CUDA_AUTO;
+    BitplaneCudaPath path = BITPLANE_CUDA_AUTO;  // the engine's: FP32 with fp32_matmul, else AUTO
+    // Per linear (n_lin): TC (int8 activations) or FP32 (fp32 activations), the engine's path
+    // resolved, then as set_fp32_activations chose (calibration keeps fp32 in sensitive layers).
+    std::vector<BitplaneCudaPath> lin_path;
     int64_t n_lin = 0;  // n_layers * 7 + 1
     int n_splits = 1;   // attention spans at decode
     bool use_gemm = false;     // prompt slices of >= p.gemm_min_rows rows on the tensor-core GEMM
@@ -177,6 +180,7 @@ struct CudaForward::Impl {
     // (the kernels themselves read the bits from device memory).
     bool on_gemm(size_t j, int64_t T) const {
         if (!use_gemm || j + 1 >= size_t(n_lin)) return false;  // the LM head: the GEMV
+        if (lin_path[j] != BITPLANE_CUDA_TC) return false;  // fp32 activations: the GEMM has int8 ones
         const int32_t b = reinterpret_cast<const int32_t*>(in_host + in_bits)[j];
         return T > gemv_max[j][size_t(std::clamp(b, 0, 8))];
     }
@@ -189,8 +193,10 @@ struct CudaForward::Impl {
     // xin for (fused_prepare), else 0.
     void linears(std::initializer_list<size_t> js, const float* xin, int64_t T, std::initializer_list<float*> ys,
                  bool accumulate = false, int prepared = 0) {
-        // a prepared input serves linears of the same group size (k is xin's width for all of them)
+        // a prepared input serves linears of the same group size and path (k is xin's width for all
+        // of them): fused_prepare prepares for the TC path
         int prepared_g = prepared, gemm_prepared_g = 0;
+        BitplaneCudaPath prepared_path = BITPLANE_CUDA_TC;
         // GEMV linears waiting for their one launch: all read the scratch as prepared for prepared_g
         BitplaneLinear batch[BITPLANE_MAX_MULTI];
         float* batch_y[BITPLANE_MAX_MULTI];
@@ -198,8 +204,8 @@ struct CudaForward::Impl {
         int n_batch = 0;
         auto flush = [&] {
             if (n_batch > 0)
-                bitplane_matmul_prepared_multi_cuda_async(batch, n_batch, p.bits_cap, T, batch_y, ws, ws_bytes, path,
-                                                          stream, batch_bits, accumulate);
+                bitplane_matmul_prepared_multi_cuda_async(batch, n_batch, p.bits_cap, T, batch_y, ws, ws_bytes,
+                                                          prepared_path, stream, batch_bits, accumulate);
             n_batch = 0;
         };
         auto y = ys.begin();
@@ -213,17 +219,20 @@ struct CudaForward::Impl {
                 bitplane_gemm_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws_gemm, ws_gemm_bytes, BITPLANE_GEMM_A8,
                                                   stream, bits_dev() + j, 0, accumulate);
             } else if (T <= SLICE) {
-                const bool joins = n_batch > 0 && n_batch < BITPLANE_MAX_MULTI && batch[0].group_size == g &&
+                const BitplaneCudaPath pj = lin_path[j];
+                const bool same_input = prepared_g == g && prepared_path == pj;
+                const bool joins = same_input && n_batch > 0 && n_batch < BITPLANE_MAX_MULTI &&
                                    batch[0].max_bits == lin[j].max_bits;
                 if (!joins) flush();  // (before a new preparation overwrites the scratch it reads)
-                if (prepared_g != g) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, path, stream);
+                if (!same_input) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, pj, stream);
                 prepared_g = g;
+                prepared_path = pj;
                 batch[n_batch] = lin[j];
                 batch_y[n_batch] = out;
                 batch_bits[n_batch] = bits_dev() + j;
                 ++n_batch;
             } else {
-                bitplane_matmul_cuda_async(lin[j], p.bits_cap, xin, T, out, ws, ws_bytes, path, stream, {},
+                bitplane_matmul_cuda_async(lin[j], p.bits_cap, xin, T, out, ws, ws_bytes, lin_path[j], stream, {},
                                            bits_dev() + j, accumulate);
                 prepared_g = 0;  // the slices overwrote the GEMV's prepared input
             }
@@ -235,7 +244,7 @@ struct CudaForward::Impl {
     // (T <= SLICE, TC path; returns the group size prepared, for linears()), else the op alone (0).
     int fused_prepare(BitplanePrepareFusion op, const float* xin, const float* aux, int64_t T, float* out, size_t j) {
         const BitplaneLinear& w = lin[j];
-        if (T <= SLICE && bitplane_cuda_resolve_path(w, path) == BITPLANE_CUDA_TC) {
+        if (T <= SLICE && lin_path[j] == BITPLANE_CUDA_TC) {
             bitplane_prepare_fused_cuda_async(w, op, xin, aux, cfg.rms_norm_eps, T, out, ws, ws_bytes, stream);
             return w.group_size;
         }
@@ -316,6 +325,7 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
         throw Error(fn + ": head_dim = " + std::to_string(hd) + " exceeds " + std::to_string(ATTENTION_MAX_HEAD_DIM));
     if (!(c.n_heads % Hkv == 0)) throw Error(fn + ": n_heads must be a multiple of n_kv_heads");
     e.path = params.fp32_matmul ? BITPLANE_CUDA_FP32 : BITPLANE_CUDA_AUTO;
+    for (const BitplaneLinear& w : lin) e.lin_path.push_back(bitplane_cuda_resolve_path(w, e.path));
     e.pdl = pdl_from_env();
     // Spans of >= 128 positions at full context, at most 32 of them (H * 32 blocks already fill a
     // GPU): each warp's positions are a chain of memory round trips (4 positions per trip), so a
@@ -366,7 +376,10 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     // scans the whole cache
     const size_t off_partial = a.take(SLICE * size_t(c.n_heads) * e.n_splits * (hd + 2) * 4);
     for (size_t j = 0; j < lin.size(); ++j) {
-        e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, e.path));
+        // either path: set_fp32_activations may move a linear to FP32 (the larger scratch)
+        e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, BITPLANE_CUDA_FP32));
+        if (e.lin_path[j] == BITPLANE_CUDA_TC)
+            e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, BITPLANE_CUDA_TC));
         // the GEMM's scratch (codes of one linear + the pass's activations); never for the LM head
         if (e.use_gemm && j + 1 < lin.size())
             e.ws_gemm_bytes = std::max(e.ws_gemm_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A8));
@@ -591,6 +604,33 @@ void CudaForward::reset_gemv_max() {
     std::array<int64_t, 9> rule;
     rule.fill(e.use_gemm ? e.p.gemm_min_rows - 1 : std::numeric_limits<int64_t>::max());
     e.gemv_max.assign(size_t(e.n_lin), rule);
+}
+
+void CudaForward::set_fp32_activations(const std::vector<uint8_t>& fp32) {
+    Impl& e = *impl_;
+    const std::string fn = "CudaForward::set_fp32_activations";
+    if (int64_t(fp32.size()) != e.n_lin)
+        throw Error(fn + ": " + std::to_string(fp32.size()) + " entries, expected n_layers * 7 + 1 = " +
+                    std::to_string(e.n_lin));
+    std::vector<BitplaneCudaPath> next(fp32.size());
+    for (size_t j = 0; j < fp32.size(); ++j) {
+        if (!fp32[j] && (e.p.fp32_matmul || !bitplane_cuda_tc_supports(e.lin[j].group_size)))
+            throw Error(fn + ": linear " + std::to_string(j) + " cannot take int8 activations (" +
+                        (e.p.fp32_matmul ? std::string("the engine was opened with cuda_fp32_matmul")
+                                         : "group size " + std::to_string(e.lin[j].group_size) +
+                                               " is not one of 32, 64, 128, 256, 512") +
+                        ")");
+        next[j] = fp32[j] ? BITPLANE_CUDA_FP32 : BITPLANE_CUDA_TC;
+    }
+    if (next == e.lin_path) return;
+    e.drop_graph();  // the captured step holds each linear's kernel family
+    e.lin_path = next;
+}
+
+std::vector<int32_t> CudaForward::activation_bits() const {
+    std::vector<int32_t> out;
+    for (BitplaneCudaPath p : impl_->lin_path) out.push_back(p == BITPLANE_CUDA_TC ? 8 : 0);
+    return out;
 }
 
 std::vector<std::array<int64_t, 4>> CudaForward::tune(int64_t max_m, int repeats) {

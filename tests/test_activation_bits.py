@@ -132,3 +132,49 @@ def test_calibration_measures_activation_sensitivity(tiny_fq):
     assert (np.asarray(eng._eng.activation_bits) == 0).all()  # calibration leaves fp32 activations behind
     again = Profile.from_json(prof.to_json())
     assert again.extra["act_kl"] == prof.extra["act_kl"]
+
+
+def _act_profile(costs, levels=(8,)):
+    """A calibration profile whose only content that matters: per-unit int8 activation costs."""
+    from flexquant_rt.controller import Profile
+
+    n = len(costs)
+    return Profile(max_bits=8, levels=[4], kl=[[0.1]] * n, weights=[1] * n, entropy_quantiles=[0.0] * 101,
+                   n_tokens=1, seed=0, extra={"act_levels": list(levels), "act_kl": [[c] * len(levels) for c in costs]})
+
+
+def test_sensitive_activation_units_take_the_largest_costs_first():
+    from flexquant_rt.controller import sensitive_activation_units
+
+    prof = _act_profile([0.1, 0.5, 0.2, 0.2])  # layers 0..2, the LM head (unit 3); sum 1.0
+    assert sensitive_activation_units(prof, 0.0) == []
+    assert sensitive_activation_units(prof, 0.5) == [1]
+    assert sensitive_activation_units(prof, 0.6) == [1, 2]  # ties: the lower unit first
+    assert sensitive_activation_units(prof, 0.9) == [1, 2, 3]
+    assert sensitive_activation_units(prof, 1.0) == [0, 1, 2, 3]
+    assert sensitive_activation_units(_act_profile([0.0, 0.0]), 1.0) == []  # nothing to protect
+    with pytest.raises(ValueError, match="share must be in 0..1"):
+        sensitive_activation_units(prof, 1.5)
+    with pytest.raises(ValueError, match="no int8 activation measurements"):
+        sensitive_activation_units(_act_profile([0.1, 0.2], levels=(6,)), 0.5)
+
+
+def test_protect_activations_runs_int8_except_the_sensitive_units(tiny_fq):
+    """On the CPU, protect_activations runs the GPU's arithmetic: int8 activations in every linear
+    but those of the chosen units (here layer 1 and the LM head), bit for bit the same mask set by
+    hand; without a profile it says how to make one."""
+    eng = Engine(tiny_fq, backend="cpu")
+    ids = np.random.default_rng(3).integers(0, 320, 12)
+    units = eng.protect_activations(0.8, profile=_act_profile([0.05, 0.5, 0.45]))
+    assert units == [1, 2]
+    bits = np.asarray(eng._eng.activation_bits)
+    assert (bits[:7] == 8).all() and (bits[7:14] == 0).all() and bits[14] == 0
+    got = eng.forward(ids)
+    manual = np.full((2, 7), 8, dtype=np.int32)
+    manual[1] = 0
+    eng.set_activation_bits(manual, lm_head_bits=0)
+    np.testing.assert_array_equal(eng.forward(ids), got)
+    with pytest.raises(ValueError, match="has no calibration profile: run flexquant-rt calibrate .* --activations 8"):
+        eng.protect_activations()
+    with pytest.raises(ValueError, match="the profile has 3 layers, the model 2"):
+        eng.protect_activations(profile=_act_profile([0.1, 0.1, 0.1, 0.1]))

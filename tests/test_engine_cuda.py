@@ -198,6 +198,37 @@ def test_engine_cuda_tc_path_matches_cpu_with_int8_activations(tiny_fq):
 
 
 @gpu
+def test_engine_cuda_activation_bits_per_linear(tiny_fq):
+    """On the GPU each linear runs int8 activations (8, the TC GEMV, the default) or fp32 (0, the
+    fp32 GEMV): a mix matches the CPU engine running the same mix (int8 tolerance, as the TC test
+    above); all fp32 is bit for bit the engine opened with cuda_fp32_matmul, prompts included (an
+    fp32 linear never takes the int8 GEMM); widths other than 0 and 8 are refused, changing nothing."""
+    mix = np.full((2, 7), 8, dtype=np.int32)
+    mix[1] = 0
+    mix[0, 2] = 0  # one linear of the fused q/k/v launch on the other path
+    ids = np.random.default_rng(2).integers(0, 320, 70)  # 70: a GEMM pass at cuda_gemm_min_rows=16
+    cpu = Engine(tiny_fq, backend="cpu")
+    cpu.set_activation_bits(mix, lm_head_bits=0)
+    gpu_eng = Engine(tiny_fq, backend="cuda", cuda_gemm_min_rows=16)
+    assert (np.asarray(gpu_eng._eng.activation_bits) == 8).all()
+    gpu_eng.set_activation_bits(mix, lm_head_bits=0)
+    assert list(gpu_eng._eng.activation_bits) == list(np.append(mix.reshape(-1), 0))
+    a, b = _steps(gpu_eng, ids, 12), _steps(cpu, ids, 12)
+    assert rel_err(a, b) < 1e-2
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+    with pytest.raises(FlexquantError, match=r"activation bits\[0\] = 6: the CUDA backend runs 8 .* or 0"):
+        gpu_eng.set_activation_bits(6)
+    assert list(gpu_eng._eng.activation_bits) == list(np.append(mix.reshape(-1), 0))
+    fp32 = Engine(tiny_fq, backend="cuda", cuda_gemm_min_rows=16)
+    fp32.set_activation_bits(0)
+    ref = Engine(tiny_fq, backend="cuda")
+    ref._eng = core.Engine(str(tiny_fq), backend="cuda", cuda_fp32_matmul=True)
+    np.testing.assert_array_equal(_steps(fp32, ids, 6), _steps(ref, ids, 6))
+    with pytest.raises(FlexquantError, match="cannot take int8 activations .*cuda_fp32_matmul"):
+        ref.set_activation_bits(8)
+
+
+@gpu
 def test_mask_switching_equals_fresh_run_with_that_history(tiny_fq):
     """Per-token masks through the captured graph equal an uncaptured run with the same history,
     bit for bit, and the CPU engine within the fp32 tolerance."""

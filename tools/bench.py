@@ -82,6 +82,8 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     bits -1: the FlexQuant controller (4 <-> max_bits on the previous step's entropy) at a budget
     of 5 bits per weight, its decision, the mask push and the signals inside each timed step, as in
     generate(); calibrated on the fly (levels 4 only: one prefill per unit) if the file has no profile.
+    bits -2: 8 bits, int8 activations except fp32 ones in the LM head and the last layer (what
+    Engine.protect_activations picked on SmolLM2): the price of the fp32 GEMV there.
     gemm_min_rows: the CUDA engine's cuda_gemm_min_rows (0: the prompt on the GEMV only)."""
     import numpy as np
 
@@ -104,6 +106,11 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
                                                  progress=False)
         ctl = make_controller(eng, "flexquant", budget_bits=5.0, profile=profile)
         eng._apply(ctl.mask(None))
+    elif bits == -2:
+        eng.set_layer_bits(8, lm_head_bits=8)
+        act = np.full((eng.n_layers, 7), 8, dtype=np.int32)
+        act[-1] = 0
+        eng.set_activation_bits(act, lm_head_bits=0)
     else:
         eng.set_layer_bits(masks[0] if switching else bits, lm_head_bits=6 if switching else bits)
     vocab = int(eng.config["vocab"])
@@ -324,7 +331,7 @@ def main_cuda(a, models) -> int:
     print("|---|---|---|---|---|" + pdl_rule + "---|---|---|---|---|---|")
     for name, path in models:
         rows = {}
-        for bits in [*a.bits, 0, -1]:
+        for bits in [*a.bits, 0, -1, -2]:
             r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64",
                                          a.kv_dtype])
             gemv = "-"
@@ -339,7 +346,8 @@ def main_cuda(a, models) -> int:
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             roof = 0.85 * bw * 1e9 / r["bytes_per_token"]
             label = (str(bits) if bits > 0 else "4/6 per token (mean 5)" if bits == 0 else
-                     f"FlexQuant controller, budget 5 (mean {r['mean_bits']:.2f})")
+                     f"FlexQuant controller, budget 5 (mean {r['mean_bits']:.2f})" if bits == -1 else
+                     "8, fp32 activations in the LM head and the last layer")
             print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {gemv} | {r['decode_tok_s']:.1f} |{pdl} "
                   f"{r['bytes_per_token'] / 1e6:.1f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {roof:.0f} | "
                   f"{r['decode_tok_s'] / roof:.2f} | {r['device_mb']:.0f} |")

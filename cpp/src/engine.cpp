@@ -278,6 +278,9 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     e.decode_max.assign(e.lin.size() + 1, dflt);
 
     e.init_backend(params);
+#ifdef FLEXQUANT_HAVE_CUDA
+    if (e.on_gpu()) e.act_bits = e.gpu->activation_bits();  // the GPU's GEMV: int8 (8) or fp32 (0)
+#endif
     if (e.on_gpu()) return;  // the KV cache lives on the GPU
 
     const uint64_t cache_elems = static_cast<uint64_t>(e.n_seq) * e.n_ctx * c.n_kv_heads * c.head_dim;
@@ -520,11 +523,23 @@ void Engine::set_activation_bits(const int32_t* bits, int64_t count) {
             throw Error(cat(where, " = ", b, " must be 0 (fp32) or in 2..8"));
         }
     }
-    bool any = false;
-    for (int64_t i = 0; i < count; ++i) any = any || bits[i] != 0;
-    if (any && e.on_gpu())
-        throw Error("activation bits run on the CPU backend only (the CUDA backend's GEMV quantizes to int8 "
-                    "itself); open the engine with backend CPU");
+    if (e.on_gpu()) {
+#ifdef FLEXQUANT_HAVE_CUDA
+        // The GPU's GEMV has two arithmetics: int8 activations (the tensor-core path) and fp32.
+        std::vector<uint8_t> fp32(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) {
+            const int b = bits[count == 1 ? 0 : i];
+            if (b != 0 && b != 8)
+                throw Error(cat("activation bits[", i, "] = ", b,
+                                ": the CUDA backend runs 8 (int8, the tensor-core GEMV) or 0 (fp32); 2..7 are "
+                                "CPU-only (measurement)"));
+            fp32[static_cast<size_t>(i)] = b == 0;
+        }
+        e.gpu->set_fp32_activations(fp32);  // throws for a linear that cannot take int8, changing nothing
+        e.act_bits = e.gpu->activation_bits();
+#endif
+        return;
+    }
     for (int64_t i = 0; i < n; ++i) e.act_bits[i] = bits[count == 1 ? 0 : i];
 }
 

@@ -255,6 +255,30 @@ def load_profile(engine_or_modelfile) -> Profile | None:
     return None if s is None else Profile.from_json(s)
 
 
+def sensitive_activation_units(profile: Profile, share: float = 0.5) -> list[int]:
+    """The units (layers 0..L-1; L = the LM head) that keep fp32 activations while the others run
+    int8 (the CUDA tensor-core GEMV's arithmetic): the most sensitive first, by the KL that int8
+    activations in that unit alone cost (profile.extra["act_kl"], measured by calibrate(...,
+    activation_levels) with 8 among them), the fewest units whose costs add up to `share` of the sum
+    over all units. share 0: none. Measured on SmolLM2 (docs/activation_precision.md): the LM head
+    and the last layer hold half of it."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in 0..1, got {share!r}")
+    levels = profile.extra.get("act_levels") or []
+    if 8 not in levels:
+        raise ValueError("the calibration profile has no int8 activation measurements "
+                         "(run: flexquant-rt calibrate MODEL --activations 8)")
+    cost = np.maximum(np.asarray(profile.extra["act_kl"], dtype=np.float64)[:, levels.index(8)], 0.0)
+    target = share * float(cost.sum()) * (1.0 - 1e-9)  # (a sum that reaches the share exactly counts)
+    chosen, acc = [], 0.0
+    for u in np.argsort(-cost, kind="stable"):
+        if acc >= target or cost[u] <= 0.0:
+            break
+        chosen.append(int(u))
+        acc += float(cost[u])
+    return sorted(chosen)
+
+
 # ----------------------------------------------------------------------------------------------
 # Allocation
 # ----------------------------------------------------------------------------------------------

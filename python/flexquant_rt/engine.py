@@ -227,12 +227,14 @@ class Engine:
             self._eng.set_lm_head_bits(int(lm_head_bits))
 
     def set_activation_bits(self, bits, lm_head_bits: int | None = None) -> None:
-        """Activation precision per linear from the next step on (CPU backend only).
+        """Activation precision per linear from the next step on.
 
-        bits: an int for every decoder linear, or (n_layers, 7); 0 = fp32 (the default), 2..8 =
-        each linear's input quantized per weight group to symmetric integers of that width and
-        back, as the CUDA tensor-core GEMV does with 8. lm_head_bits: the LM head's (default: an
-        int `bits` applies to it too, an array leaves it at 0).
+        bits: an int for every decoder linear, or (n_layers, 7); lm_head_bits: the LM head's
+        (default: an int `bits` applies to it too, an array leaves it at 0).
+        CPU backend: 0 = fp32 (the default), 2..8 = each linear's input quantized per weight group to
+        symmetric integers of that width and back, as the CUDA tensor-core GEMV does with 8.
+        CUDA backend: 8 = int8 activations on the tensor-core GEMV (its default), 0 = the fp32 GEMV
+        (slower; for the layers where int8 costs the most: see protect_activations).
         """
         n = self.n_layers * 7
         if isinstance(bits, (int, np.integer)):
@@ -246,6 +248,32 @@ class Engine:
             arr = a.reshape(-1).astype(np.int32)
             head = 0 if lm_head_bits is None else int(lm_head_bits)
         self._eng.set_activation_bits(np.append(arr, np.int32(head)).astype(np.int32))
+
+    def protect_activations(self, share: float = 0.5, profile=None) -> list[int]:
+        """Int8 activations (the CUDA tensor-core GEMV's arithmetic) everywhere except the units where
+        the calibration measured int8 to cost the most: those keep fp32 activations (the fewest units
+        holding `share` of the summed per-unit int8 cost; controller.sensitive_activation_units).
+        On the GPU this moves those layers to the fp32 GEMV (slower, more exact); on the CPU it makes
+        the CPU run the GPU's arithmetic (int8 emulated elsewhere), e.g. to measure its quality.
+        profile: a calibration profile with int8 activation measurements (default: the model
+        file's, from `flexquant-rt calibrate --activations 8`). Returns the protected units (layer
+        indices; n_layers = the LM head)."""
+        from .controller import load_profile, sensitive_activation_units
+
+        if profile is None:
+            profile = load_profile(self)
+            if profile is None:
+                raise ValueError(f"{self.path} has no calibration profile: run flexquant-rt calibrate "
+                                 f"{self.path} --activations 8")
+        if profile.n_layers != self.n_layers:
+            raise ValueError(f"the profile has {profile.n_layers} layers, the model {self.n_layers}")
+        units = sensitive_activation_units(profile, share)
+        act = np.full((self.n_layers, 7), 8, dtype=np.int32)
+        for u in units:
+            if u < self.n_layers:
+                act[u, :] = 0
+        self.set_activation_bits(act, lm_head_bits=0 if self.n_layers in units else 8)
+        return units
 
     def layer_bits(self) -> np.ndarray:
         """The current mask, (n_layers, 7)."""

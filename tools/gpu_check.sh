@@ -26,6 +26,8 @@
 # Each step runs under a time limit in seconds (a lent machine gives one call 10 minutes), set by
 # the variables T_BUILD, T_TESTS, T_SANITIZER, T_PROFILE, T_BENCH, T_GEMM, T_E2E; a step past its limit is
 # killed and counts as failed, and the next one runs; DEADLINE (epoch seconds) caps them all.
+# The CUDA compile is skipped when .whl/ holds an archive tools/prebuild_cuda.sh built on the dev
+# machine from the same sources (carry .whl; about 45 s of device time per call).
 # TESTS_K selects tests (pytest -k); E2E_MODEL the synthetic preset of --e2e (default llama2-7b).
 #
 #   tools/gpu_check.sh [--skip-build] [--skip-tests] [--skip-sanitizer] [--skip-profile] [--skip-bench] [--skip-gemm] [--e2e]
@@ -98,7 +100,30 @@ if [ "$BUILD" = 1 ]; then
   # environment variable, read at each configure (CMakeLists.txt), so nothing of it stays cached.
   gencode=""
   [ "${FAST_BUILD:-0}" = 1 ] && gencode="-gencode=arch=compute_90a,code=sm_90a"
-  if ! FLEXQUANT_CUDA_GENCODE="$gencode" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) limit "$T_BUILD" \
+  # .whl/libflexquant_cuda.a (tools/prebuild_cuda.sh on the dev machine, carried with .whl): linked
+  # instead of compiling cuda/*.cu when it was built from these very sources; if that build fails
+  # (a toolchain mismatch), the normal build follows.
+  prebuilt=""
+  if [ -f .whl/libflexquant_cuda.a ]; then
+    if [ "$(cat .whl/libflexquant_cuda.src 2>/dev/null)" = "$(bash tools/cuda_src_hash.sh)" ]; then
+      prebuilt=$PWD/.whl/libflexquant_cuda.a
+    else
+      echo "the prebuilt CUDA archive is stale (its sources changed): compiling"
+    fi
+  fi
+  built=0
+  if [ -n "$prebuilt" ]; then
+    if FLEXQUANT_CUDA_PREBUILT="$prebuilt" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) limit "$T_BUILD" \
+        "$PY" -m pip install --no-build-isolation --no-deps -v . >"$LOG/build.log" 2>&1; then
+      built=1
+      echo "linked the prebuilt CUDA archive"
+    else
+      tail -20 "$LOG/build.log"
+      echo "the build with the prebuilt CUDA archive failed: compiling"
+      rm -rf build/cp*  # scikit-build-core's build dir: configure afresh without the archive
+    fi
+  fi
+  if [ "$built" = 0 ] && ! FLEXQUANT_CUDA_GENCODE="$gencode" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) limit "$T_BUILD" \
       "$PY" -m pip install --no-build-isolation --no-deps -v . >"$LOG/build.log" 2>&1; then
     tail -60 "$LOG/build.log"
     echo "BUILD FAILED"

@@ -178,3 +178,27 @@ def test_protect_activations_runs_int8_except_the_sensitive_units(tiny_fq):
         eng.protect_activations()
     with pytest.raises(ValueError, match="the profile has 3 layers, the model 2"):
         eng.protect_activations(profile=_act_profile([0.1, 0.1, 0.1, 0.1]))
+
+
+def test_calibration_restores_the_engines_activations(tiny_fq):
+    """calibrate() measures activation costs against fp32 activations whatever the engine ran (the
+    GPU runs int8 by default), and gives the engine its activation bits back; input_energy=False
+    (the default where the engine is on the GPU) leaves out the CPU-only input-energy statistics."""
+    from flexquant_rt.controller import calibrate
+
+    rng = np.random.default_rng(4)
+    chunks = [rng.integers(0, 320, 24).tolist() for _ in range(2)]
+    eng = Engine(tiny_fq, backend="cpu")
+    fp32_start = calibrate(eng, chunks, levels=(4,), progress=False, activation_levels=(8,))
+    assert "e_mean" in fp32_start.extra
+    mixed = np.full((2, 7), 8, dtype=np.int32)
+    mixed[1, 3] = 0
+    eng.set_activation_bits(mixed, lm_head_bits=8)
+    before = list(eng._eng.activation_bits)
+    int8_start = calibrate(eng, chunks, levels=(4,), progress=False, activation_levels=(8,), input_energy=False)
+    assert list(eng._eng.activation_bits) == before
+    assert int8_start.extra["act_kl"] == fp32_start.extra["act_kl"]
+    assert "e_mean" not in int8_start.extra
+    # an array keeps the LM head's activation bits unless told otherwise
+    eng.set_activation_bits(np.zeros((2, 7), dtype=np.int32))
+    assert eng._eng.activation_bits[-1] == 8

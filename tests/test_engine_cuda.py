@@ -201,12 +201,13 @@ def test_engine_cuda_tc_path_matches_cpu_with_int8_activations(tiny_fq):
 def test_engine_cuda_activation_bits_per_linear(tiny_fq):
     """On the GPU each linear runs int8 activations (8, the TC GEMV, the default) or fp32 (0, the
     fp32 GEMV): a mix matches the CPU engine running the same mix (int8 tolerance, as the TC test
-    above); all fp32 is bit for bit the engine opened with cuda_fp32_matmul, prompts included (an
-    fp32 linear never takes the int8 GEMM); widths other than 0 and 8 are refused, changing nothing."""
+    above), through forward() (8-row passes) and through eval() (one 70-row pass: the TC linears on
+    the GEMM at cuda_gemm_min_rows=16, the fp32 ones kept off it); all fp32 is bit for bit the engine
+    opened with cuda_fp32_matmul; widths other than 0 and 8 are refused, changing nothing."""
     mix = np.full((2, 7), 8, dtype=np.int32)
     mix[1] = 0
     mix[0, 2] = 0  # one linear of the fused q/k/v launch on the other path
-    ids = np.random.default_rng(2).integers(0, 320, 70)  # 70: a GEMM pass at cuda_gemm_min_rows=16
+    ids = np.random.default_rng(2).integers(0, 320, 70)
     cpu = Engine(tiny_fq, backend="cpu")
     cpu.set_activation_bits(mix, lm_head_bits=0)
     gpu_eng = Engine(tiny_fq, backend="cuda", cuda_gemm_min_rows=16)
@@ -216,7 +217,11 @@ def test_engine_cuda_activation_bits_per_linear(tiny_fq):
     a, b = _steps(gpu_eng, ids, 12), _steps(cpu, ids, 12)
     assert rel_err(a, b) < 1e-2
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
-    with pytest.raises(FlexquantError, match=r"activation bits\[0\] = 6: the CUDA backend runs 8 .* or 0"):
+    for e in (gpu_eng, cpu):  # the prompt as one pass (the GEMM for the int8 linears)
+        e.reset()
+        e._eng.eval(ids.astype(np.int32))
+    assert rel_err(gpu_eng._eng.logits(), cpu._eng.logits()) < 1e-2
+    with pytest.raises(FlexquantError, match=r"activation bits\[0\] \(layer 0, q\) = 6: the CUDA backend runs 8 .* or 0"):
         gpu_eng.set_activation_bits(6)
     assert list(gpu_eng._eng.activation_bits) == list(np.append(mix.reshape(-1), 0))
     fp32 = Engine(tiny_fq, backend="cuda", cuda_gemm_min_rows=16)

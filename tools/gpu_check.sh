@@ -105,10 +105,12 @@ if [ "$BUILD" = 1 ]; then
   # (a toolchain mismatch), the normal build follows.
   prebuilt=""
   if [ -f .whl/libflexquant_cuda.a ]; then
-    if [ "$(cat .whl/libflexquant_cuda.src 2>/dev/null)" = "$(bash tools/cuda_src_hash.sh)" ]; then
+    if [ ! -f .whl/libflexquant_cuda.src ]; then
+      echo "the prebuilt CUDA archive has no source hash beside it: compiling"
+    elif [ "$(cat .whl/libflexquant_cuda.src)" = "$(bash tools/cuda_src_hash.sh)" ]; then
       prebuilt=$PWD/.whl/libflexquant_cuda.a
     else
-      echo "the prebuilt CUDA archive is stale (its sources changed): compiling"
+      echo "the prebuilt CUDA archive is stale (its sources or the nvcc version differ): compiling"
     fi
   fi
   built=0
@@ -123,7 +125,7 @@ if [ "$BUILD" = 1 ]; then
       rm -rf build/cp*  # scikit-build-core's build dir: configure afresh without the archive
     fi
   fi
-  if [ "$built" = 0 ] && ! FLEXQUANT_CUDA_GENCODE="$gencode" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) limit "$T_BUILD" \
+  if [ "$built" = 0 ] && ! FLEXQUANT_CUDA_PREBUILT= FLEXQUANT_CUDA_GENCODE="$gencode" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) limit "$T_BUILD" \
       "$PY" -m pip install --no-build-isolation --no-deps -v . >"$LOG/build.log" 2>&1; then
     tail -60 "$LOG/build.log"
     echo "BUILD FAILED"

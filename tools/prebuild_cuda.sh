@@ -9,10 +9,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=build/prebuilt_cuda
+h=$(bash tools/cuda_src_hash.sh)  # before the build: an edit during it must not get the new hash
 FLEXQUANT_CUDA_GENCODE="-gencode=arch=compute_90a,code=sm_90a" cmake -S . -B "$B" -G Ninja \
   -DCMAKE_BUILD_TYPE=Release -DFLEXQUANT_BUILD_PYTHON=OFF -DFLEXQUANT_BUILD_EXAMPLES=OFF -DFLEXQUANT_CUDA=ON >/dev/null
 cmake --build "$B" --target flexquant_cuda
 mkdir -p .whl
 cp "$B/libflexquant_cuda.a" .whl/libflexquant_cuda.a
-bash tools/cuda_src_hash.sh > .whl/libflexquant_cuda.src
+if [ "$(bash tools/cuda_src_hash.sh)" != "$h" ]; then
+  rm -f .whl/libflexquant_cuda.a .whl/libflexquant_cuda.src
+  echo "the sources changed during the build: rerun" >&2
+  exit 1
+fi
+echo "$h" > .whl/libflexquant_cuda.src
 echo "prebuilt: .whl/libflexquant_cuda.a ($(du -h .whl/libflexquant_cuda.a | cut -f1)), sources $(cat .whl/libflexquant_cuda.src)"

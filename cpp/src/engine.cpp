@@ -513,28 +513,24 @@ void Engine::set_activation_bits(const int32_t* bits, int64_t count) {
     const int64_t n = static_cast<int64_t>(e.lin.size()) + 1;
     if (count != n && count != 1)
         throw Error(cat("activation bits: ", count, " entries; expected 1 (all linears) or n_layers * 7 + 1 = ", n));
+    auto where = [&](int64_t i) {
+        return count == 1 ? std::string("activation bits")
+               : i == n - 1 ? std::string("activation bits[") + std::to_string(i) + "] (lm_head)"
+                            : cat("activation bits[", i, "] (layer ", i / LINEARS_PER_LAYER, ", ",
+                                  kLinearNames[i % LINEARS_PER_LAYER], ")");
+    };
     for (int64_t i = 0; i < count; ++i) {
         const int b = bits[i];
-        if (b != 0 && (b < 2 || b > 8)) {
-            const std::string where = count == 1 ? std::string("activation bits")
-                                      : i == n - 1 ? std::string("activation bits[") + std::to_string(i) + "] (lm_head)"
-                                                   : cat("activation bits[", i, "] (layer ", i / LINEARS_PER_LAYER, ", ",
-                                                         kLinearNames[i % LINEARS_PER_LAYER], ")");
-            throw Error(cat(where, " = ", b, " must be 0 (fp32) or in 2..8"));
-        }
+        if (e.on_gpu() && b != 0 && b != 8)  // the GPU's GEMV: int8 activations (tensor cores) or fp32
+            throw Error(cat(where(i), " = ", b,
+                            ": the CUDA backend runs 8 (int8, the tensor-core GEMV) or 0 (fp32); other widths "
+                            "run on the CPU backend (for measurement)"));
+        if (b != 0 && (b < 2 || b > 8)) throw Error(cat(where(i), " = ", b, " must be 0 (fp32) or in 2..8"));
     }
     if (e.on_gpu()) {
 #ifdef FLEXQUANT_HAVE_CUDA
-        // The GPU's GEMV has two arithmetics: int8 activations (the tensor-core path) and fp32.
         std::vector<uint8_t> fp32(static_cast<size_t>(n));
-        for (int64_t i = 0; i < n; ++i) {
-            const int b = bits[count == 1 ? 0 : i];
-            if (b != 0 && b != 8)
-                throw Error(cat("activation bits[", i, "] = ", b,
-                                ": the CUDA backend runs 8 (int8, the tensor-core GEMV) or 0 (fp32); 2..7 are "
-                                "CPU-only (measurement)"));
-            fp32[static_cast<size_t>(i)] = b == 0;
-        }
+        for (int64_t i = 0; i < n; ++i) fp32[static_cast<size_t>(i)] = bits[count == 1 ? 0 : i] == 0;
         e.gpu->set_fp32_activations(fp32);  // throws for a linear that cannot take int8, changing nothing
         e.act_bits = e.gpu->activation_bits();
 #endif

@@ -131,46 +131,71 @@ def unit_weights(engine) -> list[int]:
 
 
 def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (3, 4, 5, 6, 7),
-              progress: bool = True, seed: int = 0, activation_levels: Sequence[int] = ()) -> Profile:
+              progress: bool = True, seed: int = 0, activation_levels: Sequence[int] = (),
+              input_energy: bool | None = None) -> Profile:
     """Per unit (layer or LM head) and level: the mean KL of the next-token distribution against
-    the max_bits model when only that unit drops to the level. Teacher-forced prefill passes.
+    the max_bits model when only that unit drops to the level. Teacher-forced prefill passes, with
+    the activations the engine runs (fp32 on the CPU by default, int8 on the GPU).
 
-    activation_levels (e.g. (8, 6, 4)): also, per unit and width, the mean KL when only that unit's
-    linears take their inputs as integers of that width (per weight group, Engine.
-    set_activation_bits), weights at max_bits: profile.extra["act_levels"], ["act_kl"] (n_layers
-    + 1, len). This measures which layers tolerate low-precision activations (FlexQ keeps 8-bit
-    activations in sensitive layers by a fixed rule)."""
+    activation_levels (e.g. (8, 6, 4)): also, per unit and width, the mean KL against fp32
+    activations when only that unit's linears take their inputs as integers of that width (per
+    weight group, Engine.set_activation_bits), weights at max_bits: profile.extra["act_levels"],
+    ["act_kl"] (n_layers + 1, len). This measures which layers tolerate low-precision activations
+    (FlexQ keeps 8-bit activations in sensitive layers by a fixed rule). A CUDA engine measures 8
+    only (its GEMV has int8 or fp32 activations). The engine's activation bits are restored after.
+
+    input_energy: also record each linear's input energy and the expected output error energy
+    (profile.extra["e_mean"], for the in-step precision rules); the CPU backend only, which is the
+    default (None: where the engine runs on the CPU)."""
     B = engine.max_bits
     levels = sorted(int(k) for k in levels if 2 <= k < B)
     if not levels:
         raise ValueError(f"no calibration level below max_bits = {B}")
     L = engine.n_layers
     full = np.full((L, 7), B, dtype=np.int32)
+    act_levels = sorted({int(b) for b in activation_levels}, reverse=True)
+    on_gpu = engine.backend == "cuda"
+    if on_gpu and any(b != 8 for b in act_levels):
+        raise ValueError(f"activation levels {act_levels}: a CUDA engine runs int8 (8) or fp32 activations; "
+                         "measure other widths on the CPU backend")
+    if input_energy is None:
+        input_energy = not on_gpu
 
     def run(mask, head_bits):
         engine.set_layer_bits(mask, lm_head_bits=head_bits)
         return [log_softmax(engine.forward(c)) for c in chunks]
 
-    engine._eng.collect_input_energy(True)
+    saved_act = np.asarray(engine._eng.activation_bits, dtype=np.int32)
+    try:
+        return _calibrate(engine, chunks, levels, progress, seed, act_levels, input_energy, full, run, saved_act)
+    finally:
+        engine._eng.set_activation_bits(saved_act)  # what the engine ran before, on either backend
+
+
+def _calibrate(engine, chunks, levels, progress, seed, act_levels, input_energy, full, run, saved_act) -> Profile:
+    B, L = engine.max_bits, engine.n_layers
+    if input_energy:
+        engine._eng.collect_input_energy(True)
     ref = run(full, B)
-    energy = [(e / max(n, 1)) for e, n in engine._eng.input_energy()]  # E_t[h_i²] per linear input
-    engine._eng.collect_input_energy(False)
+    extra = {}
+    if input_energy:
+        energy = [(e / max(n, 1)) for e, n in engine._eng.input_energy()]  # E_t[h_i²] per linear input
+        engine._eng.collect_input_energy(False)
+        # expected output error energy of each linear at each level: Σ_i v_j[k][i] E[h_i²]
+        v = column_error_energy(engine, levels)
+        extra["e_mean"] = [[float(v_j[l] @ energy[j]) for l in range(len(levels))] for j, v_j in enumerate(v)]
     ent = np.concatenate([-(np.exp(r) * r).sum(-1) for r in ref])
-    # expected output error energy of each linear at each level: Σ_i v_j[k][i] E[h_i²]
-    v = column_error_energy(engine, levels)
-    e_mean = [[float(v_j[l] @ energy[j]) for l in range(len(levels))] for j, v_j in enumerate(v)]
     kl = np.zeros((L + 1, len(levels)))
-    act_levels = sorted({int(b) for b in activation_levels}, reverse=True)
     total = (L + 1 + 7) * len(levels) + (L + 1) * len(act_levels)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=total, desc="calibrating", unit="pass")
-    def mean_kl(mask, head):
+    def mean_kl(mask, head, reference=ref):
         out = run(mask, head)
         if bar:
             bar.update(1)
-        return float(np.mean(np.concatenate([kl_rows(r, o) for r, o in zip(ref, out)])))
+        return float(np.mean(np.concatenate([kl_rows(r, o) for r, o in zip(reference, out)])))
 
     for u in range(L + 1):
         for j, k in enumerate(levels):
@@ -190,6 +215,11 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
             mask[:, t] = k
             kl_type[t, j] = mean_kl(mask, B)
     act_kl = np.zeros((L + 1, len(act_levels)))
+    if act_levels:
+        # against fp32 activations everywhere (the engine's own reference already is, unless it ran
+        # integer activations: the GPU's int8 default)
+        engine.set_activation_bits(0)
+        act_ref = ref if not saved_act.any() else run(full, B)
     for u in range(L + 1):
         for j, b in enumerate(act_levels):
             if u < L:
@@ -198,12 +228,11 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
                 engine.set_activation_bits(act, lm_head_bits=0)
             else:
                 engine.set_activation_bits(0, lm_head_bits=b)
-            act_kl[u, j] = mean_kl(full, B)
-    engine.set_activation_bits(0)
+            act_kl[u, j] = mean_kl(full, B, act_ref)
     if bar:
         bar.close()
     engine.set_layer_bits(full, lm_head_bits=B)
-    extra = {"e_mean": e_mean, "kl_type": kl_type.tolist(), "linear_sizes": [int(x) for x in linear_sizes(engine)]}
+    extra.update(kl_type=kl_type.tolist(), linear_sizes=[int(x) for x in linear_sizes(engine)])
     if act_levels:
         extra.update(act_levels=act_levels, act_kl=act_kl.tolist())
     return Profile(max_bits=B, levels=levels, kl=kl.tolist(), weights=unit_weights(engine),
@@ -523,7 +552,8 @@ class InputAware(Controller):
 
     def __init__(self, profile: Profile, budget: float, gain: float = 2.0):
         if profile.extra.get("e_mean") is None:
-            raise ValueError("this calibration profile has no input-energy statistics (recalibrate)")
+            raise ValueError("this calibration profile has no input-energy statistics (recalibrate on the CPU "
+                             "backend: flexquant-rt calibrate)")
         self.profile = profile
         self.budget = float(budget)
         self.bits_min = min(profile.levels)

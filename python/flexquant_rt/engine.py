@@ -230,7 +230,7 @@ class Engine:
         """Activation precision per linear from the next step on.
 
         bits: an int for every decoder linear, or (n_layers, 7); lm_head_bits: the LM head's
-        (default: an int `bits` applies to it too, an array leaves it at 0).
+        (default: an int `bits` applies to it too, an array keeps the head's current value).
         CPU backend: 0 = fp32 (the default), 2..8 = each linear's input quantized per weight group to
         symmetric integers of that width and back, as the CUDA tensor-core GEMV does with 8.
         CUDA backend: 8 = int8 activations on the tensor-core GEMV (its default), 0 = the fp32 GEMV
@@ -246,7 +246,8 @@ class Engine:
                 raise ValueError(f"activation bits must be an int or an integer array of shape ({self.n_layers}, 7), "
                                  f"got {a.dtype} {a.shape}")
             arr = a.reshape(-1).astype(np.int32)
-            head = 0 if lm_head_bits is None else int(lm_head_bits)
+            # (on the GPU a silent 0 would move the largest linear to the slow fp32 GEMV)
+            head = int(self._eng.activation_bits[-1]) if lm_head_bits is None else int(lm_head_bits)
         self._eng.set_activation_bits(np.append(arr, np.int32(head)).astype(np.int32))
 
     def protect_activations(self, share: float = 0.5, profile=None) -> list[int]:

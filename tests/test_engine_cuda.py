@@ -234,6 +234,25 @@ def test_engine_cuda_activation_bits_per_linear(tiny_fq):
 
 
 @gpu
+def test_calibrate_on_the_gpu(tiny_fq):
+    """calibrate() on a CUDA engine (tools/bench.py's controller row calibrates there on the fly):
+    without the CPU-only input-energy statistics, int8 activation costs against fp32 ones, the
+    engine's int8 default given back; widths other than 8 are refused before any pass."""
+    from flexquant_rt.controller import calibrate
+
+    rng = np.random.default_rng(6)
+    chunks = [rng.integers(0, 320, 24).tolist() for _ in range(2)]
+    eng = Engine(tiny_fq, backend="cuda")
+    prof = calibrate(eng, chunks, levels=(4,), progress=False, activation_levels=(8,))
+    assert "e_mean" not in prof.extra
+    act_kl = np.asarray(prof.extra["act_kl"])
+    assert act_kl.shape == (3, 1) and (act_kl > 0).all()
+    assert (np.asarray(eng._eng.activation_bits) == 8).all()
+    with pytest.raises(ValueError, match="a CUDA engine runs int8"):
+        calibrate(eng, chunks, levels=(4,), progress=False, activation_levels=(8, 6))
+
+
+@gpu
 def test_mask_switching_equals_fresh_run_with_that_history(tiny_fq):
     """Per-token masks through the captured graph equal an uncaptured run with the same history,
     bit for bit, and the CPU engine within the fp32 tolerance."""

@@ -139,7 +139,7 @@ def test_attention_cuda(kv, m, p0, H, Hkv, d, splits):
 
 
 @gpu
-@pytest.mark.parametrize("vocab", [1, 320, 49152, 128256])
+@pytest.mark.parametrize("vocab", [1, 320, 1025, 49152, 128256])
 def test_entropy_and_top1_cuda(vocab):
     rng = np.random.default_rng(vocab)
     lg = (rng.standard_normal(vocab) * 3).astype(np.float32)
@@ -150,6 +150,20 @@ def test_entropy_and_top1_cuda(vocab):
     e, t, a = core.entropy_and_top1_cuda(lg)
     assert a == int(np.argmax(lg))
     assert abs(e - ent) <= 1e-5 * max(1.0, abs(ent)) and abs(t - top1) <= 1e-6
+
+
+@gpu
+def test_entropy_and_top1_cuda_nan_and_ties():
+    """NaN counts as -inf (all NaN: argmax 0, as the CPU op); a tie of the max between two threads'
+    elements (indices 5000 and 3000 + 1024 k) and within one thread's elements: the first index wins."""
+    lg = np.full(40000, -1.0, dtype=np.float32)
+    lg[[3000 + 1024 * 7, 5000, 3000 + 1024 * 20]] = 4.0
+    lg[[7, 900]] = np.nan
+    ent, top1 = core.ops.entropy_and_top1(lg)
+    e, t, a = core.entropy_and_top1_cuda(lg)
+    assert a == 5000 and abs(e - ent) <= 1e-5 * max(1.0, abs(ent)) and abs(t - top1) <= 1e-6
+    e, t, a = core.entropy_and_top1_cuda(np.full(3000, np.nan, dtype=np.float32))
+    assert a == 0
 
 
 # ---- GPU: whole models -------------------------------------------------------------------------------

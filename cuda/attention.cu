@@ -175,14 +175,42 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
     }
 }
 
-// Block per (token, head): merges the n_splits partial results.
+// Block per (token, head): merges the n_splits partial results. The spans' maxima and weights
+// e^(m_c - M) go through shared memory (up to MERGE_SMEM spans; more take the same sums from
+// global memory), so the per-dim sums issue their loads back to back instead of re-reading m_c,
+// and the sums run over c in the same order either way.
+constexpr int MERGE_SMEM = 64;
 static __global__ void __launch_bounds__(128)
 attention_merge_kernel(const float* __restrict__ partial,  // (m, H, n_splits, d + 2)
                        int n_splits, int d,
                        float* __restrict__ out) {          // (m, H, d)
     pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
+    __shared__ float s_w[MERGE_SMEM];  // e^(m_c - M), 0 for an empty span (m_c = -inf)
     const int64_t pair = blockIdx.x;
     const float* part = partial + pair * n_splits * (d + 2);
+    if (n_splits <= MERGE_SMEM) {
+        __shared__ float s_m[MERGE_SMEM], s_l[MERGE_SMEM];
+        for (int c = threadIdx.x; c < n_splits; c += blockDim.x) {
+            s_m[c] = part[c * (d + 2) + d];
+            s_l[c] = part[c * (d + 2) + d + 1];
+        }
+        __syncthreads();
+        float M = -INFINITY;
+        for (int c = 0; c < n_splits; ++c) M = fmaxf(M, s_m[c]);
+        for (int c = threadIdx.x; c < n_splits; c += blockDim.x) s_w[c] = s_m[c] != -INFINITY ? expf(s_m[c] - M) : 0.0f;
+        __syncthreads();
+        float L = 0.0f;
+        for (int c = 0; c < n_splits; ++c)
+            if (s_m[c] != -INFINITY) L += s_w[c] * s_l[c];
+        for (int dd = threadIdx.x; dd < d; dd += blockDim.x) {
+            float a = 0.0f;
+#pragma unroll 8
+            for (int c = 0; c < n_splits; ++c)
+                if (s_m[c] != -INFINITY) a += s_w[c] * part[c * (d + 2) + dd];
+            out[pair * d + dd] = a / L;  // L > 0: every query sees at least its own position
+        }
+        return;
+    }
     float M = -INFINITY;
     for (int c = 0; c < n_splits; ++c) M = fmaxf(M, part[c * (d + 2) + d]);
     float L = 0.0f;

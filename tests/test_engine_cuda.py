@@ -110,7 +110,9 @@ def test_swiglu_cuda(n):
                                                   (5, 33, 6, 3, 24, 1), (8, 300, 4, 4, 256, 1), (1, 5, 4, 1, 48, 16),
                                                   # d a multiple of 128: the vector loads, with spans and GQA
                                                   (3, 501, 8, 2, 128, 5), (2, 130, 4, 2, 256, 3), (1, 2, 4, 4, 128, 16),
-                                                  (4, 0, 2, 1, 128, 1), (1, 77, 4, 2, 160, 2)])
+                                                  (4, 0, 2, 1, 128, 1), (1, 77, 4, 2, 160, 2),
+                                                  # more spans than the merge keeps in shared memory
+                                                  (1, 200, 2, 1, 128, 70)])
 def test_attention_cuda(kv, m, p0, H, Hkv, d, splits):
     rng = np.random.default_rng(p0 + H + d + m)
     dt = np.float32 if kv == "f32" else np.float16

@@ -20,6 +20,16 @@ constexpr int THREADS = 1024;
 constexpr int UNROLL = 8;
 
 __device__ __forceinline__ float clean(float v) { return isnan(v) ? -INFINITY : v; }
+
+// v[u] = the cleaned logit at base + u·stride, -inf past vocab: UNROLL loads issued back to back.
+__device__ __forceinline__ void load_batch(const float* logits, int64_t base, int64_t stride, int64_t vocab,
+                                           float (&v)[UNROLL]) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int64_t i = base + u * stride;
+        v[u] = i < vocab ? clean(logits[i]) : -INFINITY;
+    }
+}
 }  // namespace
 
 static __global__ void __launch_bounds__(THREADS)
@@ -35,11 +45,7 @@ entropy_and_top1_kernel(const float* __restrict__ logits_all,  // (rows, vocab)
     long long idx = vocab;
     for (int64_t base = threadIdx.x; base < vocab; base += stride * UNROLL) {
         float v[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int64_t i = base + u * stride;
-            v[u] = i < vocab ? clean(logits[i]) : -INFINITY;
-        }
+        load_batch(logits, base, stride, vocab, v);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int64_t i = base + u * stride;
@@ -58,11 +64,7 @@ entropy_and_top1_kernel(const float* __restrict__ logits_all,  // (rows, vocab)
     if (isfinite(mx)) {
         for (int64_t base = threadIdx.x; base < vocab; base += stride * UNROLL) {
             float v[UNROLL];
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                const int64_t i = base + u * stride;
-                v[u] = i < vocab ? clean(logits[i]) : -INFINITY;
-            }
+            load_batch(logits, base, stride, vocab, v);
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 if (base + u * stride >= vocab) break;

@@ -39,6 +39,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -103,6 +104,23 @@ __device__ __forceinline__ void load_planes(uint4 (&P)[8], const uint8_t* __rest
             }
         }
     }
+}
+
+// Asks L2 for `bytes` (a multiple of 16) at the 16-byte aligned p: the bulk-copy unit fetches them
+// while the warp goes on (cp.async.bulk.prefetch, sm_90; nothing on older GPUs). A hint: no result
+// depends on it.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+// With `on`: lane p < bits asks L2 for plane p of super-chunk s of the row tile (tile: its plane 0),
+// s < n_super: 128 bytes per word of a lane, 4 words (the short last one: last_words).
+__device__ __forceinline__ void prefetch_super_chunk(bool on, const uint8_t* tile, uint64_t plane_bytes, int s,
+                                                     int n_super, int last_words, int bits, int lane) {
+    if (on && s < n_super && lane < bits)
+        prefetch_l2(tile + int64_t(s) * SUPER_K + lane * plane_bytes, 128u * (s == n_super - 1 ? last_words : 4));
 }
 
 // The bit-width a kernel runs at: `bits` (a launch argument), or, when bits_dev is set, the value
@@ -276,7 +294,7 @@ bitplane_matmul_tc_kernel(const GemvParts parts,              // the linears (pl
                           const uint4* __restrict__ xq,         // (M, n_super, 32): activation planes
                           const float2* __restrict__ aparams,   // (M, n_groups): (scale, Σ x̂)
                           int64_t k_pad, int64_t n_groups, int n_super, int last_words, int group_shift, int bits,
-                          int max_bits, bool accumulate) {
+                          int max_bits, bool accumulate, bool prefetch) {
     // Under PDL the first planes are loaded before pdl_wait (below): they and the mask in the step
     // input (bits_dev) are written before the first kernel of a pass, never by the kernel before.
     pdl_launch_dependents();
@@ -308,10 +326,14 @@ bitplane_matmul_tc_kernel(const GemvParts parts,              // the linears (pl
     uint4 P[8];
     if (warp < n_super)
         load_planes(P, tile + int64_t(warp) * SUPER_K, plane_bytes, bits, warp == n_super - 1 ? last_words : 4, lane);
+    prefetch_super_chunk(prefetch, tile, plane_bytes, warp + n_warps, n_super, last_words, bits, lane);
     pdl_wait();  // the activations and y come from earlier kernels
     for (int s = warp; s < n_super; s += n_warps) {
         const int W = s == n_super - 1 ? last_words : 4;
-        if (s != warp) load_planes(P, tile + int64_t(s) * SUPER_K, plane_bytes, bits, W, lane);
+        if (s != warp) {
+            load_planes(P, tile + int64_t(s) * SUPER_K, plane_bytes, bits, W, lane);
+            prefetch_super_chunk(prefetch, tile, plane_bytes, s + n_warps, n_super, last_words, bits, lane);
+        }
         uint4 X[M];
 #pragma unroll
         for (int r = 0; r < M; ++r) X[r] = __ldg(xq + (int64_t(r) * n_super + s) * 32 + lane);
@@ -413,7 +435,7 @@ bitplane_matmul_fp32_kernel(const GemvParts parts,              // the linears (
                             const float* __restrict__ xp,         // (M, k_pad) permuted (prepare)
                             const float* __restrict__ wsum,       // (M, k_pad / 32)
                             int64_t k_pad, int64_t n_groups, int n_super, int last_words, int words_per_group,
-                            int bits, int max_bits, bool accumulate) {
+                            int bits, int max_bits, bool accumulate, bool prefetch) {
     pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
     const GemvPart pt = part_of(parts, blockIdx.x);
     const int64_t n = pt.n;
@@ -437,6 +459,7 @@ bitplane_matmul_fp32_kernel(const GemvParts parts,              // the linears (
         const int W = s == n_super - 1 ? last_words : 4;
         uint4 P[8];
         load_planes(P, tile + int64_t(s) * SUPER_K, plane_bytes, bits, W, lane);
+        prefetch_super_chunk(prefetch, tile, plane_bytes, s + n_warps, n_super, last_words, bits, lane);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             if (j >= W) break;
@@ -485,9 +508,10 @@ bitplane_matmul_fp32_kernel(const GemvParts parts,              // the linears (
 
 // ---- launchers: raw device pointers, sizes, a stream; no validation ---------------------------------
 
-using TcKernel = void (*)(const GemvParts, const uint4*, const float2*, int64_t, int64_t, int, int, int, int, int, bool);
+using TcKernel = void (*)(const GemvParts, const uint4*, const float2*, int64_t, int64_t, int, int, int, int, int, bool,
+                          bool);
 using Fp32Kernel = void (*)(const GemvParts, const float*, const float*, int64_t, int64_t, int, int, int, int, int,
-                            bool);
+                            bool, bool);
 
 template <int M>
 TcKernel tc_kernel_for_l(int L) {
@@ -532,6 +556,16 @@ Fp32Kernel fp32_kernel(int m) {
 // H100 (tools/gpu_check.sh, TC, m = 1, 4 / 8 bits, µs for 1, 2, 4, 8 warps): 4096x4096 13.9, 8.8,
 // 6.7, 7.2 / 15.3, 10.7, 9.2, 9.7; 11008x4096 16.1, 12.0, 12.4, 13.2 / 20.5, 18.6, 18.0, 18.8;
 // 4096x11008 41.2, 21.1, 13.7, 14.9 / 42.7, 24.7, 19.3, 20.3. The rule picks 4, 2, 4.
+// BitplaneCudaTuning::prefetch resolved: -1 is FLEXQUANT_CUDA_PREFETCH=1 (read once per process).
+bool use_prefetch(int prefetch) {
+    if (prefetch >= 0) return prefetch != 0;
+    static const bool from_env = [] {
+        const char* v = std::getenv("FLEXQUANT_CUDA_PREFETCH");
+        return v != nullptr && std::string(v) == "1";
+    }();
+    return from_env;
+}
+
 int pick_warps(const Geometry& g, int warps_per_block) {
     if (warps_per_block > 0) return warps_per_block;
     int device = 0, sms = 0;
@@ -594,7 +628,7 @@ int64_t total_tiles(const GemvParts& parts) {
 // y_i (m <= 8, n_i) of every part from the prepared scratch (accumulate: y_i += it); g: the
 // geometry the parts share (k, group size). bits_dev: see effective_bits.
 void bitplane_matmul_launch(const Geometry& g, const GemvParts& parts, int bits, int max_bits, int64_t m,
-                            BitplaneCudaPath path, const Scratch& sc, int warps, cudaStream_t stream,
+                            BitplaneCudaPath path, const Scratch& sc, int warps, bool prefetch, cudaStream_t stream,
                             bool accumulate = false) {
     const dim3 grid(unsigned(total_tiles(parts))), block(unsigned(32 * warps));
     if (path == BITPLANE_CUDA_TC) {
@@ -602,11 +636,11 @@ void bitplane_matmul_launch(const Geometry& g, const GemvParts& parts, int bits,
         const int group_shift = g.group_size == 512 ? 1 : 0;
         launch_kernel(tc_kernel(int(m), L), grid, block, 0, stream, parts, static_cast<const uint4*>(sc.acts),
                       static_cast<const float2*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
-                      group_shift, bits, max_bits, accumulate);
+                      group_shift, bits, max_bits, accumulate, prefetch);
     } else {
         launch_kernel(fp32_kernel(int(m)), grid, block, 0, stream, parts, static_cast<const float*>(sc.acts),
                       static_cast<const float*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
-                      g.group_size / 32, bits, max_bits, accumulate);
+                      g.group_size / 32, bits, max_bits, accumulate, prefetch);
     }
 }
 
@@ -624,6 +658,8 @@ void validate(const BitplaneLinear& w, int bits, int64_t m, const std::string& f
 void validate_tuning(const BitplaneCudaTuning& tuning, const std::string& fn) {
     check(tuning.warps_per_block >= 0 && tuning.warps_per_block <= MAX_WARPS, fn,
           "warps_per_block must be in 0..16, got " + std::to_string(tuning.warps_per_block));
+    check(tuning.prefetch >= -1 && tuning.prefetch <= 1, fn,
+          "prefetch must be -1 (default), 0 or 1, got " + std::to_string(tuning.prefetch));
 }
 
 }  // namespace
@@ -687,7 +723,7 @@ void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* 
         const Scratch sc = carve(g, mm, path, workspace);
         bitplane_prepare_launch(g, x + r0 * w.k, mm, path, sc, stream);
         bitplane_matmul_launch(g, single_part(w.planes, w.plane_bytes, w.qparams, y + r0 * w.n, w.n, bits_dev), bits,
-                               w.max_bits, mm, path, sc, warps, stream, accumulate);
+                               w.max_bits, mm, path, sc, warps, use_prefetch(tuning.prefetch), stream, accumulate);
     }
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
@@ -753,7 +789,7 @@ void bitplane_matmul_prepared_cuda_async(const BitplaneLinear& w, int bits, int6
     const Geometry g = geometry(w);
     bitplane_matmul_launch(g, single_part(w.planes, w.plane_bytes, w.qparams, y, w.n, bits_dev), bits, w.max_bits, m,
                            path, carve(g, m, path, const_cast<void*>(workspace)), pick_warps(g, tuning.warps_per_block),
-                           stream, accumulate);
+                           use_prefetch(tuning.prefetch), stream, accumulate);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
 
@@ -791,7 +827,7 @@ void bitplane_matmul_prepared_multi_cuda_async(const BitplaneLinear* ws, int cou
     Geometry g = geometry(ws[0]);
     g.n_tiles = tiles;  // the warps per block follow the whole grid
     bitplane_matmul_launch(g, parts, bits, ws[0].max_bits, m, path, carve(g, m, path, const_cast<void*>(workspace)),
-                           pick_warps(g, tuning.warps_per_block), stream, accumulate);
+                           pick_warps(g, tuning.warps_per_block), use_prefetch(tuning.prefetch), stream, accumulate);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
 
@@ -956,6 +992,7 @@ BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits,
     cuda_check(cudaMemcpy(xd.get(), x, size_t(m) * w.k * sizeof(float), cudaMemcpyHostToDevice), fn);
     const Scratch sc = carve(g, m, path, ws.get());
     const int warps = pick_warps(g, tuning.warps_per_block);
+    const bool prefetch = use_prefetch(tuning.prefetch);
 
     CudaStream stream(fn);
     bitplane_prepare_launch(g, xd.get(), m, path, sc, stream.s);  // the matmul-only graph reads this
@@ -965,7 +1002,7 @@ BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits,
         const int c = i % copies;
         const BitplaneLinear& wc = weight_copies[size_t(c)]->view;
         bitplane_matmul_launch(g, single_part(wc.planes, wc.plane_bytes, wc.qparams, yd.get(), w.n, nullptr), bits,
-                               w.max_bits, m, path, sc, warps, stream.s);
+                               w.max_bits, m, path, sc, warps, prefetch, stream.s);
     };
     const std::vector<double> mm = time_graph(stream.s, launches, reps, fn, matmul);
     const std::vector<double> prep = time_graph(stream.s, launches, reps, fn, [&](int) {
@@ -984,6 +1021,7 @@ BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits,
     out.copies = copies;
     out.launches = launches;
     out.warps_per_block = warps;
+    out.prefetch = prefetch ? 1 : 0;
     return out;
 }
 

@@ -37,6 +37,11 @@ enum BitplaneCudaPath {
 // Tuning knobs (tests, benchmarks); the defaults are what the measurements chose.
 struct BitplaneCudaTuning {
   int warps_per_block = 0;  // warps splitting K within a row tile, 1..16; 0: automatic (see the .cu)
+  // 1: each warp asks L2 for the planes of its next super-chunk (one bulk prefetch per plane,
+  // sm_90) before it computes the current one, so two super-chunks per warp are on their way from
+  // HBM instead of one; 0: off; -1: the default, off unless FLEXQUANT_CUDA_PREFETCH=1 (until it is
+  // measured to win). Never changes a result.
+  int prefetch = -1;
 };
 
 // Internal, shared by the GEMV and the GEMM: throws flexquant::Error "<fn>: ..." unless the view is
@@ -131,6 +136,7 @@ struct BitplaneCudaTiming {
   int copies = 0;          // weight copies rotated so that L2 does not serve the planes
   int launches = 0;        // launches per timed graph replay
   int warps_per_block = 0; // the value used
+  int prefetch = 0;        // the value used (0 or 1)
 };
 
 // Uploads `copies` copies of the linear once (0: enough that the bytes read by `copies` calls are

@@ -519,6 +519,30 @@ def test_multi_linear_launch_equals_a_launch_each(path, group_size, m):
         assert rel_err(y, exact) <= 2 * rel_err(plain, exact) + 1e-6, f"linear {i}"
 
 
+@pytest.mark.parametrize("path", ["tc", "fp32"])
+@pytest.mark.parametrize("k", [300, 1536, 4096 + 384])
+def test_l2_prefetch_changes_no_result(path, k):
+    """prefetch=1 (each warp asks L2 for its next super-chunk, the short last one included) is a
+    hint: bit for bit the same products, at every split and bit-width, through the one-linear and the
+    several-linear launch."""
+    rng = np.random.default_rng(k)
+    g = 96 if path == "fp32" else 128
+    codes, qp, planes = make_linear(rng, 77, k, 8, g)
+    x = make_x(rng, 3, k)
+    for bits in (8, 5, 2):
+        for warps in (1, 2, 4):
+            a, b = (core.bitplane_matmul_cuda(planes, qp, 77, k, 8, g, bits, x, path=path, warps=warps, prefetch=pf)
+                    for pf in (0, 1))
+            assert np.isfinite(a).all()
+            np.testing.assert_array_equal(a, b, err_msg=f"bits {bits}, warps {warps}")
+    ys = [core.bitplane_matmul_multi_cuda([planes] * 2, [qp] * 2, [77, 77], k, 8, g, [6, 3], x, path=path, prefetch=pf)
+          for pf in (0, 1)]
+    for a, b in zip(*ys):
+        np.testing.assert_array_equal(a, b)
+    r = core.bitplane_matmul_cuda_bench(planes, qp, 77, k, 8, g, 8, x[:1], path=path, reps=2, prefetch=1)
+    assert r["prefetch"] == 1
+
+
 @pytest.mark.parametrize("op", ["rms_norm", "swiglu"])
 @pytest.mark.parametrize("k,group_size", [(576, 64), (4096, 128), (1536, 256), (300, 32)])
 def test_fused_preparation_is_the_separate_ops_bit_for_bit(op, k, group_size):

@@ -574,6 +574,8 @@ def test_fused_and_accumulating_entry_points_check_their_arguments():
         core.bitplane_matmul_multi_cuda([planes] * 2, [qp] * 2, [n, n], k, 8, g, [4, 1], x)
     with pytest.raises(TypeError, match=r"planes\[1\], qparams\[1\]: expected numpy arrays"):
         core.bitplane_matmul_multi_cuda([planes, [[0]]], [qp] * 2, [n, n], k, 8, g, [4, 4], x)
+    with pytest.raises(FlexquantError, match="prefetch must be -1 \\(default\\), 0 or 1, got 2"):
+        core.bitplane_matmul_cuda(planes, qp, n, k, 8, g, 4, x, prefetch=2)
     with pytest.raises(FlexquantError, match="m must be in 1..8, got 9"):
         core.bitplane_matmul_multi_cuda([planes], [qp], [n], k, 8, g, [4], np.ones((9, k), np.float32))
     for call in (core.bitplane_matmul_cuda, core.bitplane_gemm_cuda):

@@ -7,8 +7,9 @@
 --backend cuda runs the engine on the GPU and compares with the GPU's copy bandwidth (torch, read +
 write counted), adds a row with a new random mask every token (mean 5 bits: layers drawn from
 {4, 6}) to price per-token switching, and prints the roofline: the tok/s that 85% of the copy
-bandwidth allows for the bytes a token reads. --pdl adds each row's decode with programmatic
-dependent launch (FLEXQUANT_CUDA_PDL=1, sm_90+), measured in the same run.
+bandwidth allows for the bytes a token reads. --variant NAME:VAR=VALUE,... adds a column: each
+static-bits row's decode with those environment variables set (FLEXQUANT_CUDA_PDL=1: programmatic
+dependent launch; FLEXQUANT_CUDA_PREFETCH=1: the GEMV's L2 prefetch), measured in the same run.
 
 --batch B ...: batched decode instead (CPU): B sequences of the prompt length in one engine
 (n_seq = B), each step one `decode_batch` pass over all of them; prints the aggregate decode tok/s,
@@ -245,9 +246,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, nargs="+", help="batched decode with these batch sizes")
     ap.add_argument("--kv-dtype", default="f32", choices=("f32", "f16"),
                     help="KV cache type of the decode tables (f16 halves the attention's reads at long contexts)")
-    ap.add_argument("--pdl", action="store_true",
-                    help="--backend cuda: add a column with programmatic dependent launch (FLEXQUANT_CUDA_PDL=1), "
-                         "measured in the same run")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                    help="--backend cuda: add a column NAME: the decode of each static-bits row with these "
+                         "environment variables, measured in the same run (e.g. pdl:FLEXQUANT_CUDA_PDL=1)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -321,14 +322,20 @@ def main_cuda(a, models) -> int:
     print("prefill: the prompt in passes of up to 1024 tokens on the tensor-core GEMM (W{k}A8), and, for comparison in the "
           "same run, in 8-token passes on the GEMV (cuda_gemm_min_rows=0)")
     print()
-    if a.pdl:
-        print("decode tok/s, PDL: the same row with FLEXQUANT_CUDA_PDL=1 (each kernel of the step starts while the one "
-              "before it finishes; the GEMV loads its first planes before it waits)")
+    variants = []
+    for v in a.variant:
+        name, _, assigns = v.partition(":")
+        env = dict(kv.split("=", 1) for kv in assigns.split(",") if "=" in kv)
+        if not name or not env:
+            raise SystemExit(f"--variant {v!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
+        variants.append((name, env))
+        print(f"decode tok/s, {name}: the same static-bits row with {' '.join(f'{k}={x}' for k, x in env.items())}")
+    if variants:
         print()
-    pdl_head, pdl_rule = (" decode tok/s, PDL | PDL / plain |", "---|---|") if a.pdl else ("", "")
-    print("| model | bits | prefill tok/s | prefill tok/s GEMV only | decode tok/s |" + pdl_head +
+    var_head = "".join(f" decode tok/s, {n} | {n} / plain |" for n, _ in variants)
+    print("| model | bits | prefill tok/s | prefill tok/s GEMV only | decode tok/s |" + var_head +
           " MB/token | decode GB/s | % of copy BW | 85% roofline tok/s | vs roofline | GPU MB |")
-    print("|---|---|---|---|---|" + pdl_rule + "---|---|---|---|---|---|")
+    print("|---|---|---|---|---|" + "---|---|" * len(variants) + "---|---|---|---|---|---|")
     for name, path in models:
         rows = {}
         for bits in [*a.bits, 0, -1, -2]:
@@ -338,17 +345,20 @@ def main_cuda(a, models) -> int:
             if bits > 0:
                 g = run_worker(["fq", path, str(bits), "1", str(a.prompt), "2", "cuda", "0", a.kv_dtype])
                 gemv = f"{g['prefill_tok_s']:.0f}"
-            pdl = ""
-            if a.pdl:
-                rp = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64", a.kv_dtype],
-                                env={"FLEXQUANT_CUDA_PDL": "1"})
-                pdl = f" {rp['decode_tok_s']:.1f} | {rp['decode_tok_s'] / r['decode_tok_s']:.3f} |"
+            extra = ""
+            for _, env in variants:
+                if bits > 0:
+                    rv = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64",
+                                     a.kv_dtype], env=env)
+                    extra += f" {rv['decode_tok_s']:.1f} | {rv['decode_tok_s'] / r['decode_tok_s']:.3f} |"
+                else:
+                    extra += " - | - |"
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             roof = 0.85 * bw * 1e9 / r["bytes_per_token"]
             label = (str(bits) if bits > 0 else "4/6 per token (mean 5)" if bits == 0 else
                      f"FlexQuant controller, budget 5 (mean {r['mean_bits']:.2f})" if bits == -1 else
                      "8, fp32 activations in the LM head and the last layer")
-            print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {gemv} | {r['decode_tok_s']:.1f} |{pdl} "
+            print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {gemv} | {r['decode_tok_s']:.1f} |{extra} "
                   f"{r['bytes_per_token'] / 1e6:.1f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {roof:.0f} | "
                   f"{r['decode_tok_s'] / roof:.2f} | {r['device_mb']:.0f} |")
         if 4 in rows and 6 in rows:

@@ -16,8 +16,9 @@
 #   6. (--e2e) converts a synthetic Llama-2-7B here and runs tools/bench.py --backend cuda on it:
 #      prefill tok/s of a 2048-token prompt (GEMM and GEMV-only), decode tok/s at 8/6/4 bits and with
 #      per-token masks, against the roofline (after `flexquant-rt tune --backend cuda` measured the
-#      GEMV/GEMM table), each also with programmatic dependent launch (FLEXQUANT_CUDA_PDL=1), then
-#      with an fp16 KV cache; then batched decode of 1, 4 and 16 sequences. The converter
+#      GEMV/GEMM table), each also with programmatic dependent launch (FLEXQUANT_CUDA_PDL=1), the GEMV's
+#      L2 prefetch (FLEXQUANT_CUDA_PREFETCH=1) and both, then with an fp16 KV cache; then batched
+#      decode of 1, 4 and 16 sequences. The converter
 #      writes with the `gguf` package, which the device machine lacks: carry its wheel in .whl/
 #      (see the device README) and this step installs it into /tmp/site.
 # Logs and bench.json go to $OUT (the device tool's output folder) or /tmp/gpu_check.
@@ -300,9 +301,10 @@ ceiling = gpu_copy_bandwidth_gbs() / 1e3  # TB/s
 print(f"device: {torch.cuda.get_device_name(0)}, L2 {L2 / 2**20:.0f} MiB, copy bandwidth {ceiling:.2f} TB/s (read + write)")
 rows, results = [], {"copy_tbs": ceiling, "device": torch.cuda.get_device_name(0), "runs": []}
 
-def bench(planes, qp, n, k, bits, m, path, warps=0):
+def bench(planes, qp, n, k, bits, m, path, warps=0, prefetch=0):
     x = rng.standard_normal((m, k)).astype(np.float32)
-    r = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, bits, x, path=path, warps=warps)
+    r = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, bits, x, path=path, warps=warps,
+                                        prefetch=prefetch)
     r.update(n=n, k=k, bits=bits, m=m)
     results["runs"].append(r)
     return r
@@ -324,15 +326,18 @@ for n, k in SHAPES:
           f"{100 * fp16_bytes / t_fp16 / 1e6 / ceiling:.0f}% | | |")
 
 WARPS = (1, 2, 4, 8)
-print("\n## tc, m = 1: µs by warps per block (split-K)")
+print("\n## tc, m = 1: µs by warps per block (split-K), without / with the L2 prefetch of each warp's next")
+print("super-chunk (prefetch=1, cp.async.bulk.prefetch; FLEXQUANT_CUDA_PREFETCH=1 in the engine)")
 print("| shape | bits | " + " | ".join(f"{w} warps" for w in WARPS) + " | auto |")
 print("|---|---|" + "---|" * (len(WARPS) + 1))
 for n, k in SHAPES:
     planes, qp = random_linear(n, k)
-    for bits in (4, 8):
-        cells = [f"{bench(planes, qp, n, k, bits, 1, 'tc', w)['matmul_us']:.1f}" for w in WARPS]
-        auto = bench(planes, qp, n, k, bits, 1, "tc")
-        print(f"| {n}x{k} | {bits} | " + " | ".join(cells) + f" | {auto['matmul_us']:.1f} ({auto['warps_per_block']}) |")
+    for bits in (4, 6, 8):
+        cells = []
+        for w in (*WARPS, 0):
+            r0, r1 = (bench(planes, qp, n, k, bits, 1, "tc", w, pf) for pf in (0, 1))
+            cells.append(f"{r0['matmul_us']:.1f} / {r1['matmul_us']:.1f}" + (f" ({r0['warps_per_block']})" if w == 0 else ""))
+        print(f"| {n}x{k} | {bits} | " + " | ".join(cells) + " |")
 
 print("\n## batch m, 11008x4096, bits 4: µs (matmul only)")
 n, k = 11008, 4096
@@ -498,11 +503,16 @@ if [ "$E2E" = 1 ]; then
     2>&1 | tee "$LOG/e2e_tune.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   stamp "tuned"
-  # each row also with PDL (--pdl), then the fp16 KV cache (half the attention's reads at 2048)
-  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 6 4 --prompt 2048 --decode 64 --pdl 2>&1 | tee "$LOG/e2e.log"
+  # each static row also with PDL, the GEMV's L2 prefetch and both (--variant), then the fp16 KV
+  # cache (half the attention's reads at 2048)
+  VARIANTS=(--variant pdl:FLEXQUANT_CUDA_PDL=1 --variant prefetch:FLEXQUANT_CUDA_PREFETCH=1
+            --variant both:FLEXQUANT_CUDA_PDL=1,FLEXQUANT_CUDA_PREFETCH=1)
+  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 6 4 --prompt 2048 --decode 64 "${VARIANTS[@]}" \
+    2>&1 | tee "$LOG/e2e.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   stamp "decode benchmark done"
-  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 2048 --decode 64 --pdl --kv-dtype f16 \
+  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 2048 --decode 64 --kv-dtype f16 \
+    --variant both:FLEXQUANT_CUDA_PDL=1,FLEXQUANT_CUDA_PREFETCH=1 \
     2>&1 | tee "$LOG/e2e_f16.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   stamp "fp16-cache decode benchmark done"

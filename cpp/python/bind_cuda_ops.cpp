@@ -95,7 +95,7 @@ const float* start_rows(const py::object& y0, const py::array& x, int64_t m, int
 
 py::array_t<float> py_bitplane_matmul_cuda(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
                                            int max_bits, int group_size, int bits, const py::array& x,
-                                           const std::string& path, int warps, const py::object& y0) {
+                                           const std::string& path, int warps, const py::object& y0, int prefetch) {
     const BitplaneLinear w = linear_view(planes, qparams, n, k, max_bits, group_size, bits);
     const int64_t m = activation_rows(x, k);
     const BitplaneCudaPath p = parse_path(path);
@@ -105,6 +105,7 @@ py::array_t<float> py_bitplane_matmul_cuda(const py::array& planes, const py::ar
     float* yp = y.mutable_data();
     flexquant::BitplaneCudaTuning tuning;
     tuning.warps_per_block = warps;
+    tuning.prefetch = prefetch;
     {
         py::gil_scoped_release nogil;
         flexquant::bitplane_matmul_cuda(w, bits, xp, m, yp, p, tuning, y0p);
@@ -148,7 +149,7 @@ py::tuple py_bitplane_matmul_fused_cuda(const py::array& planes, const py::array
 
 py::list py_bitplane_matmul_multi_cuda(const py::list& planes, const py::list& qparams, const py::list& ns_list,
                                        int64_t k, int max_bits, int group_size, const py::list& bits_list,
-                                       const py::array& x, const std::string& path, int warps) {
+                                       const py::array& x, const std::string& path, int warps, int prefetch) {
     std::vector<int64_t> ns;
     std::vector<int> bits;
     for (const auto& v : ns_list) ns.push_back(v.cast<int64_t>());
@@ -180,6 +181,7 @@ py::list py_bitplane_matmul_multi_cuda(const py::list& planes, const py::list& q
         py::gil_scoped_release nogil;
         flexquant::BitplaneCudaTuning tuning;
         tuning.warps_per_block = warps;
+        tuning.prefetch = prefetch;
         flexquant::bitplane_matmul_multi_cuda(ws.data(), bits.data(), int(count), xp, m, yp.data(), p, tuning);
     }
     py::list out;
@@ -189,7 +191,7 @@ py::list py_bitplane_matmul_multi_cuda(const py::list& planes, const py::list& q
 
 py::dict py_bitplane_matmul_cuda_bench(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
                                        int max_bits, int group_size, int bits, const py::array& x,
-                                       const std::string& path, int copies, int reps, int warps) {
+                                       const std::string& path, int copies, int reps, int warps, int prefetch) {
     const BitplaneLinear w = linear_view(planes, qparams, n, k, max_bits, group_size, bits);
     const int64_t m = activation_rows(x, k);
     const BitplaneCudaPath p = flexquant::bitplane_cuda_resolve_path(w, parse_path(path));
@@ -199,6 +201,7 @@ py::dict py_bitplane_matmul_cuda_bench(const py::array& planes, const py::array&
         py::gil_scoped_release nogil;
         flexquant::BitplaneCudaTuning tuning;
         tuning.warps_per_block = warps;
+        tuning.prefetch = prefetch;
         t = flexquant::bitplane_matmul_cuda_bench(w, bits, xp, m, p, copies, reps, tuning);
     }
     py::dict d;
@@ -210,6 +213,7 @@ py::dict py_bitplane_matmul_cuda_bench(const py::array& planes, const py::array&
     d["copies"] = t.copies;
     d["launches"] = t.launches;
     d["warps_per_block"] = t.warps_per_block;
+    d["prefetch"] = t.prefetch;
     d["bytes"] = uint64_t(bits) * w.plane_bytes + uint64_t(n) * uint64_t(w.n_groups()) * 4;
     return d;
 }
@@ -379,14 +383,16 @@ void bind_cuda_ops(py::module_& m) {
           "The CUDA next-token signals of logits (vocab,) float32 -> (entropy, top1_prob, argmax).");
     m.def("bitplane_matmul_cuda", &py_bitplane_matmul_cuda, py::arg("planes"), py::arg("qparams"), py::arg("n"),
           py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
-          py::arg("path") = "auto", py::arg("warps") = 0, py::arg("y0") = py::none(),
+          py::arg("path") = "auto", py::arg("warps") = 0, py::arg("y0") = py::none(), py::arg("prefetch") = -1,
           "y = x @ W_bits.T on the current CUDA device (y = y0 + x @ W_bits.T with y0: the accumulating\n"
           "store the engine's residual adds use): planes (>= bits, plane_bytes) uint8 in the tc8x512\n"
           "layout, qparams (n, n_groups, 2) float16, x (m, k) or (k,) float32 -> y (m, n) or (n,) float32.\n"
           "Uploads only the first `bits` planes; the device output is filled with NaN before the launch, so\n"
           "an element the kernel missed comes back as NaN. path: 'tc' (int8 activations per group,\n"
           "binary tensor cores; group_size 32..512, powers of two), 'fp32' (fp32 activations, any group\n"
-          "size) or 'auto' (tc where it applies). warps: warps per block splitting K (0 = automatic).");
+          "size) or 'auto' (tc where it applies). warps: warps per block splitting K (0 = automatic).\n"
+          "prefetch: 1 = each warp asks L2 for its next super-chunk ahead (sm_90), 0 = off, -1 = the default\n"
+          "(FLEXQUANT_CUDA_PREFETCH=1 turns it on); the result is the same either way.");
     m.def("bitplane_matmul_fused_cuda", &py_bitplane_matmul_fused_cuda, py::arg("planes"), py::arg("qparams"),
           py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
           py::arg("op"), py::arg("aux"), py::arg("eps") = 1e-5f,
@@ -396,7 +402,7 @@ void bind_cuda_ops(py::module_& m) {
           "by bitplane_matmul_cuda(path='tc') bit for bit.");
     m.def("bitplane_matmul_multi_cuda", &py_bitplane_matmul_multi_cuda, py::arg("planes"), py::arg("qparams"),
           py::arg("ns"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
-          py::arg("path") = "auto", py::arg("warps") = 0,
+          py::arg("path") = "auto", py::arg("warps") = 0, py::arg("prefetch") = -1,
           "Several linears reading the same x (m <= 8, k), as the engine's q/k/v and gate/up, in ONE GEMV\n"
           "launch: planes, qparams, ns (n of each) and bits (each linear's bit-width, read from device memory\n"
           "as the engine's mask) are lists of 1..3 entries sharing k, max_bits and group_size -> [y_i (m, n_i)].\n"
@@ -405,12 +411,14 @@ void bind_cuda_ops(py::module_& m) {
     m.def("bitplane_matmul_cuda_bench", &py_bitplane_matmul_cuda_bench, py::arg("planes"), py::arg("qparams"),
           py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
           py::arg("path") = "auto", py::arg("copies") = 0, py::arg("reps") = 20, py::arg("warps") = 0,
+          py::arg("prefetch") = -1,
           "Time the device-resident product with x (m <= 8, k): uploads `copies` copies of the first `bits`\n"
           "planes and the qparams once (0: enough to read 4x the L2 size per rotation), replays CUDA graphs\n"
           "of launches rotating over the copies `reps` times, timed with cudaEvents. Returns a dict: path,\n"
           "matmul_us (median per launch, activations already prepared), matmul_min_us, prepare_us (the\n"
           "activation preparation kernel alone), total_us (prepare + matmul), copies, launches,\n"
-          "warps_per_block (warps splitting K in a block; `warps` 0 = automatic), bytes (read per matmul).");
+          "warps_per_block (warps splitting K in a block; `warps` 0 = automatic), prefetch (0 or 1 as used;\n"
+          "see bitplane_matmul_cuda), bytes (read per matmul).");
     m.def("bitplane_gemm_cuda", &py_bitplane_gemm_cuda, py::arg("planes"), py::arg("qparams"), py::arg("n"),
           py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
           py::arg("kind") = "a8", py::arg("act_bits") = 0, py::arg("y0") = py::none(),

@@ -422,6 +422,33 @@ def test_synthetic_layers_override_keeps_the_shapes():
             SyntheticSource("tiny", n_layers=bad)
 
 
+def test_synthetic_random_codes_write_a_model_directly(tmp_path):
+    """random_codes (gpu_check's --e2e model): uniformly random codes and group params of the usual
+    weight scale, written without float weights; deterministic, a working model of the same layout,
+    the file says so in its source."""
+    from flexquant_rt import Engine
+    from flexquant_rt.model_file import ModelReader
+
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"r{i}.fq"
+        convert(SyntheticSource("tiny", seed=4, random_codes=True), out, progress=False)
+        outs.append(out)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    plain = tmp_path / "plain.fq"
+    convert(SyntheticSource("tiny", seed=4), plain, progress=False)
+    assert outs[0].stat().st_size == plain.stat().st_size  # the same tensors and shapes
+    r = ModelReader(outs[0])
+    w = r.dequantize("blk.1.ffn_down", 8)
+    assert w.shape == (64, 176) and np.abs(w).max() < 0.1 and 0.03 < float(np.abs(w).mean()) < 0.05
+    planes, _, n, k = r.linear("blk.1.ffn_down")
+    codes = bitplane.unpack_planes(planes, n, k, 8)
+    assert 110 < float(codes.mean()) < 145  # uniform over 0..255
+    assert "random-codes" in r.field("flexquant.source")
+    with Engine(outs[0], backend="cpu", n_ctx=32) as eng:
+        assert np.isfinite(eng.forward(np.arange(7))).all()
+
+
 def test_parallel_writer_writes_the_same_bytes(tmp_path):
     from flexquant_rt.model_file import write_model
 

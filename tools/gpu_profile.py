@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if path is None:
         path = os.path.join(work.name, f"{a.model}-{a.layers}l.fq")
         t = time.perf_counter()
-        convert(SyntheticSource(a.model, n_layers=a.layers), path, progress=False)
+        convert(SyntheticSource(a.model, n_layers=a.layers, random_codes=True), path, progress=False)
         print(f"converted {a.model} with {a.layers} layers in {time.perf_counter() - t:.1f} s")
     for pdl, kv, bits in [(pdl, kv, bits) for pdl in a.pdl for kv in a.kv_dtype for bits in a.bits]:
         os.environ["FLEXQUANT_CUDA_PDL"] = str(pdl)  # read when the engine builds its CUDA forward pass

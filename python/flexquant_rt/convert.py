@@ -337,11 +337,16 @@ def byte_level_tokenizer(vocab: int) -> TokenizerData:
 
 class SyntheticSource(Source):
     """Random weights of realistic scale for a named real shape: linears N(0, 0.02) with a few
-    outlier input channels (x8), norms near 1, embedding N(0, 0.02). Deterministic per seed."""
+    outlier input channels (x8), norms near 1, embedding N(0, 0.02). Deterministic per seed.
+
+    random_codes: the linears skip the float weights and their quantization: uniformly random codes
+    (random bit planes) with group params of the same scale, written straight to the file
+    (quantize_hook). For speed measurements, where the values do not matter: a 7B file in seconds
+    of random bytes instead of minutes of quantization (tools/gpu_check.sh --e2e)."""
 
     thread_safe = True  # every load() draws from its own generator
 
-    def __init__(self, name: str, seed: int = 0, n_layers: int | None = None):
+    def __init__(self, name: str, seed: int = 0, n_layers: int | None = None, random_codes: bool = False):
         """n_layers: fewer (or more) layers of the same shapes than the preset, e.g. to profile
         one layer's kernels without writing a whole 7B file."""
         if name not in SYNTHETIC_PRESETS:
@@ -356,8 +361,30 @@ class SyntheticSource(Source):
         self.config.bos_id = tok.bos_id
         self.config.eos_id = tok.eos_id
         self.tokenizer = tok
-        self.description = f"synthetic:{name}:seed={seed}" + (f":layers={n_layers}" if n_layers is not None else "")
+        self.description = (f"synthetic:{name}:seed={seed}" + (f":layers={n_layers}" if n_layers is not None else "")
+                            + (":random-codes" if random_codes else ""))
         self.seed = seed
+        self.random_codes = random_codes
+
+    def quantize_hook(self, max_bits: int, group_size: int):
+        """With random_codes: write_model's `quantize(name, w)` (w is a placeholder) -> random planes
+        (max_bits, plane_bytes) uint8 and qparams (n, n_groups, 2) float16: scale s ~ 0.16 / 2^B
+        (x 0.8..1.2 per group), min = -s (2^B - 1) / 2, i.e. weights spread over about ±0.08 like
+        N(0, 0.02) with outliers. None without random_codes (the converter quantizes)."""
+        if not self.random_codes:
+            return None
+        import zlib
+
+        def quantize(name: str, w) -> tuple[np.ndarray, np.ndarray]:
+            n, k = w.shape
+            ls = bitplane.LinearShape(n, k, max_bits, group_size)
+            rng = np.random.default_rng([self.seed, zlib.crc32(name.encode()), 1])
+            planes = np.frombuffer(rng.bytes(max_bits * ls.plane_bytes), dtype=np.uint8).reshape(max_bits, ls.plane_bytes)
+            scale = (0.16 / (1 << max_bits)) * rng.uniform(0.8, 1.2, (n, ls.n_groups)).astype(np.float32)
+            qp = np.stack([scale, -scale * ((1 << max_bits) - 1) / 2], axis=-1).astype(np.float16)
+            return planes, qp
+
+        return quantize
 
     def load(self, hf_name: str) -> np.ndarray:
         import zlib
@@ -369,6 +396,8 @@ class SyntheticSource(Source):
         if hf_name == "model.embed_tokens.weight":
             return 0.02 * rng.standard_normal((cfg.vocab, cfg.hidden), dtype=np.float32)
         n, k = _hf_linear_shape(cfg, hf_name)
+        if self.random_codes:  # quantize_hook makes the codes: a zero-cost placeholder of the shape
+            return np.broadcast_to(np.float32(0.0), (n, k))
         w = rng.standard_normal((n, k), dtype=np.float32)
         w *= np.float32(0.02)
         outliers = rng.choice(k, size=max(1, k // 512), replace=False)
@@ -754,8 +783,14 @@ def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_siz
                 views = [k for k in sorted(VIEW_USE) if k <= max_bits]
                 alpha += f", view-aware GPTQ for views {views[0]}..{views[-1]}"
             description += f" [folded input scales, {alpha}, {stats.tokens} calibration tokens]"
+    hook = getattr(src, "quantize_hook", None)
+    if quantize is None and transform is None and hook is not None:
+        quantize = hook(max_bits, group_size)  # SyntheticSource(random_codes=True): codes made directly
+        fast = quantize is not None
+    else:
+        fast = False
     # a 7B synthetic model takes minutes on one core; the GPTQ quantizer runs torch's own threads
-    workers = min(16, os.cpu_count() or 1) if src.thread_safe and quantize is None else 1
+    workers = min(16, os.cpu_count() or 1) if src.thread_safe and (quantize is None or fast) else 1
     write_model(out, src.config, src.tokenizer, src.load, max_bits=max_bits, group_size=group_size,
                 embed_dtype=embed_dtype, source=description, progress=progress, transform=transform,
                 quantize=quantize, workers=workers)
@@ -829,6 +864,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the calibration run of the source model (then gptq = folded = plain)")
     ap.add_argument("--synthetic", metavar="NAME", help=f"random weights of a real shape: {', '.join(SYNTHETIC_PRESETS)}")
     ap.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
+    ap.add_argument("--random-codes", action="store_true",
+                    help="--synthetic: uniformly random codes written directly, no float weights to quantize "
+                         "(seconds instead of minutes for a 7B file; for speed measurements)")
     ap.add_argument("--export-hf", metavar="DIR", help="export the k-bit view of SRC (.fq) to DIR")
     ap.add_argument("--bits", type=int, help="bit-width of --export-hf")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -844,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
             out = a.out or a.src
             if out is None or (a.out and a.src):
                 ap.error("--synthetic NAME takes exactly one positional argument: OUT.fq")
-            src: Source = SyntheticSource(a.synthetic, a.seed)
+            src: Source = SyntheticSource(a.synthetic, a.seed, random_codes=a.random_codes)
         else:
             if a.src is None or a.out is None:
                 ap.error("SRC and OUT are required")

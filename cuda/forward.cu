@@ -83,7 +83,7 @@ embed_kernel(const E* __restrict__ embd, int64_t vocab, int64_t D, const int32_t
 // Programmatic dependent launch for the passes (cuda_backend.h): FLEXQUANT_CUDA_PDL=1 asks for it,
 // and it needs compute capability 9.0 (Hopper) or newer and kernels built from sm_90+ code (a build
 // for sm_80 alone, JIT-compiled on a Hopper, has no griddepcontrol: its kernels would not wait).
-// Off by default until it is measured to win on the decode step (tools/bench.py --pdl).
+// Off by default until it is measured to win on the decode step (tools/bench.py --variant).
 bool pdl_from_env() {
     const char* v = std::getenv("FLEXQUANT_CUDA_PDL");
     if (v == nullptr || std::strcmp(v, "1") != 0) return false;

@@ -111,7 +111,7 @@ __device__ __forceinline__ void load_planes(uint4 (&P)[8], const uint8_t* __rest
 // depends on it.
 __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes));  // no clobber: a hint
 #endif
 }
 

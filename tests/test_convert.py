@@ -445,6 +445,11 @@ def test_synthetic_random_codes_write_a_model_directly(tmp_path):
     codes = bitplane.unpack_planes(planes, n, k, 8)
     assert 110 < float(codes.mean()) < 145  # uniform over 0..255
     assert "random-codes" in r.field("flexquant.source")
+    # padding codes are 0 (docs/format.md): the 176 columns pad to 256, the 64 rows need none
+    full = bitplane.unpack_planes(planes, 64, 256, 8)
+    assert (full[:, 176:] == 0).all() and full[:, :176].any()
+    with pytest.raises(ValueError, match="random-codes synthetic source takes no calibration"):
+        convert(SyntheticSource("tiny", random_codes=True), tmp_path / "x.fq", progress=False, calibrate=True)
     with Engine(outs[0], backend="cpu", n_ctx=32) as eng:
         assert np.isfinite(eng.forward(np.arange(7))).all()
 

@@ -164,6 +164,9 @@ def test_entropy_and_top1_cuda_nan_and_ties():
     ent, top1 = core.ops.entropy_and_top1(lg)
     e, t, a = core.entropy_and_top1_cuda(lg)
     assert a == 5000 and abs(e - ent) <= 1e-5 * max(1.0, abs(ent)) and abs(t - top1) <= 1e-6
+    lg[5000] = -1.0  # now the max sits only at two indices of one thread: the first of them wins
+    e, t, a = core.entropy_and_top1_cuda(lg)
+    assert a == 3000 + 1024 * 7
     e, t, a = core.entropy_and_top1_cuda(np.full(3000, np.nan, dtype=np.float32))
     assert a == 0
 

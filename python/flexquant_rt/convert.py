@@ -368,18 +368,23 @@ class SyntheticSource(Source):
 
     def quantize_hook(self, max_bits: int, group_size: int):
         """With random_codes: write_model's `quantize(name, w)` (w is a placeholder) -> random planes
-        (max_bits, plane_bytes) uint8 and qparams (n, n_groups, 2) float16: scale s ~ 0.16 / 2^B
-        (x 0.8..1.2 per group), min = -s (2^B - 1) / 2, i.e. weights spread over about ±0.08 like
-        N(0, 0.02) with outliers. None without random_codes (the converter quantizes)."""
+        (max_bits, plane_bytes) uint8 (padding codes 0) and qparams (n, n_groups, 2) float16: scale
+        s ~ 0.16 / 2^B (x 0.8..1.2 per group), min = -s (2^B - 1) / 2, i.e. weights uniform over about
+        ±0.08, the range of N(0, 0.02) with outliers. None without random_codes (the converter quantizes)."""
         if not self.random_codes:
             return None
         import zlib
 
+        masks: dict[tuple[int, int], np.ndarray] = {}  # per shape: the bits of real (row, column) codes
+
         def quantize(name: str, w) -> tuple[np.ndarray, np.ndarray]:
             n, k = w.shape
             ls = bitplane.LinearShape(n, k, max_bits, group_size)
+            if (n, k) not in masks:  # padding codes are 0 (docs/format.md): random bits only inside
+                masks[(n, k)] = bitplane.pack_planes(np.full((n, k), 3, dtype=np.uint8), 2)[0]
             rng = np.random.default_rng([self.seed, zlib.crc32(name.encode()), 1])
-            planes = np.frombuffer(rng.bytes(max_bits * ls.plane_bytes), dtype=np.uint8).reshape(max_bits, ls.plane_bytes)
+            raw = np.frombuffer(rng.bytes(max_bits * ls.plane_bytes), dtype=np.uint8).reshape(max_bits, ls.plane_bytes)
+            planes = raw & masks[(n, k)][None, :]
             scale = (0.16 / (1 << max_bits)) * rng.uniform(0.8, 1.2, (n, ls.n_groups)).astype(np.float32)
             qp = np.stack([scale, -scale * ((1 << max_bits) - 1) / 2], axis=-1).astype(np.float16)
             return planes, qp
@@ -744,6 +749,12 @@ def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_siz
     minimising the output error of the site's linears at the 4-bit view on the calibration
     activations (needs their Grams, which the converter collects itself).
     """
+    if getattr(src, "random_codes", False):
+        # the codes are made directly: nothing to calibrate, fold or search on (the linears' float
+        # weights are placeholders)
+        if stats is not None or calibrate or alpha_search or scale_search:
+            raise ValueError("a random-codes synthetic source takes no calibration, stats or scale search")
+        method = "plain"
     if alpha_search:
         scale_search = scale_search or "weight"
     if scale_search not in (None, "weight", "output"):

@@ -233,6 +233,16 @@ EOF
   done
 fi
 
+if [ "$PROFILE" = 1 ] && command -v cuobjdump >/dev/null; then
+  # the GEMV's L2 prefetch in SASS (m = 1, group 128): each lane passes its own address; if the bulk
+  # prefetch wants a warp-uniform operand the compiler loops over the lanes, which shows here
+  so=$("$PY" -c 'import flexquant_rt._core as c; print(c.__file__)')
+  cuobjdump -sass "$so" 2>/dev/null | awk '/Function : /{if (on) exit} /Function : .*bitplane_matmul_tc_kernelILi1ELi2E/{on=1} on{print}' \
+    >"$LOG/sass_gemv_tc_1_2.txt"
+  echo "SASS of the m=1 TC GEMV: $(wc -l <"$LOG/sass_gemv_tc_1_2.txt") lines, $(grep -c 'UBLKPF' "$LOG/sass_gemv_tc_1_2.txt") bulk prefetches (UBLKPF):"
+  grep -n -B4 -A2 'UBLKPF' "$LOG/sass_gemv_tc_1_2.txt" | head -40
+fi
+
 if [ "$PROFILE" = 1 ]; then
   # the decode step kernel by kernel (tools/gpu_profile.py: a 2-layer Llama-2-7B, context 2048)
   stamp "== decode step profile"

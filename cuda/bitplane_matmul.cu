@@ -115,12 +115,17 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #endif
 }
 
-// With `on`: lane p < bits asks L2 for plane p of super-chunk s of the row tile (tile: its plane 0),
-// s < n_super: 128 bytes per word of a lane, 4 words (the short last one: last_words).
+// With `on`: lane 0 asks L2 for planes 0..bits-1 of super-chunk s of the row tile (tile: its plane
+// 0), s < n_super: 128 bytes per word of a lane, 4 words (the short last one: last_words). One lane
+// with warp-wide addresses, as TMA copies are issued: a bulk prefetch from every lane with its own
+// address may make the compiler serialize the lanes.
 __device__ __forceinline__ void prefetch_super_chunk(bool on, const uint8_t* tile, uint64_t plane_bytes, int s,
                                                      int n_super, int last_words, int bits, int lane) {
-    if (on && s < n_super && lane < bits)
-        prefetch_l2(tile + int64_t(s) * SUPER_K + lane * plane_bytes, 128u * (s == n_super - 1 ? last_words : 4));
+    if (on && s < n_super && lane == 0) {
+        const uint8_t* chunk = tile + int64_t(s) * SUPER_K;
+        const uint32_t bytes = 128u * (s == n_super - 1 ? last_words : 4);
+        for (int p = 0; p < bits; ++p) prefetch_l2(chunk + p * plane_bytes, bytes);
+    }
 }
 
 // The bit-width a kernel runs at: `bits` (a launch argument), or, when bits_dev is set, the value

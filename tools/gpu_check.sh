@@ -234,8 +234,8 @@ EOF
 fi
 
 if [ "$PROFILE" = 1 ] && command -v cuobjdump >/dev/null; then
-  # the GEMV's L2 prefetch in SASS (m = 1, group 128): each lane passes its own address; if the bulk
-  # prefetch wants a warp-uniform operand the compiler loops over the lanes, which shows here
+  # the GEMV's L2 prefetch in SASS (m = 1, group 128): lane 0 issues one bulk prefetch per plane;
+  # whether they became UBLKPF instructions (and no per-lane loop) shows here
   so=$("$PY" -c 'import flexquant_rt._core as c; print(c.__file__)')
   cuobjdump -sass "$so" 2>/dev/null | awk '/Function : /{if (on) exit} /Function : .*bitplane_matmul_tc_kernelILi1ELi2E/{on=1} on{print}' \
     >"$LOG/sass_gemv_tc_1_2.txt"

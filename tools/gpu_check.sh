@@ -67,7 +67,7 @@ limit() {
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
-E2E_MODEL=${E2E_MODEL:-llama2-7b}  # the synthetic preset of --e2e (llama3-8b: ~300 s to convert)
+E2E_MODEL=${E2E_MODEL:-llama2-7b}  # the synthetic preset of --e2e (written with random codes: seconds)
 MODEL=/tmp/gpu_check_$E2E_MODEL.fq  # the --e2e model, converted once, read by every run
 # gguf, which the device machine lacks: the converter (the tests' models, --e2e) writes with it
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -39,7 +39,6 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -564,10 +563,7 @@ Fp32Kernel fp32_kernel(int m) {
 // BitplaneCudaTuning::prefetch resolved: -1 is FLEXQUANT_CUDA_PREFETCH=1 (read once per process).
 bool use_prefetch(int prefetch) {
     if (prefetch >= 0) return prefetch != 0;
-    static const bool from_env = [] {
-        const char* v = std::getenv("FLEXQUANT_CUDA_PREFETCH");
-        return v != nullptr && std::string(v) == "1";
-    }();
+    static const bool from_env = cuda_env_flag("FLEXQUANT_CUDA_PREFETCH");
     return from_env;
 }
 

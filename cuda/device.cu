@@ -2,6 +2,9 @@
 //
 // The CUDA runtime is linked statically, so a CUDA build loads on any machine; whether a driver
 // and a GPU exist is only known here, at run time. Everything GPU-side must be gated on this.
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda_backend.h"
 
 namespace flexquant {
@@ -15,6 +18,11 @@ int cuda_device_count() noexcept {
         return 0;
     }
     return count;
+}
+
+bool cuda_env_flag(const char* name) {
+    const char* v = std::getenv(name);
+    return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
 bool& pdl_enabled() {

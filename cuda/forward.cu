@@ -33,7 +33,6 @@
 #include <array>
 #include <initializer_list>
 #include <limits>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -85,8 +84,7 @@ embed_kernel(const E* __restrict__ embd, int64_t vocab, int64_t D, const int32_t
 // for sm_80 alone, JIT-compiled on a Hopper, has no griddepcontrol: its kernels would not wait).
 // Off by default until it is measured to win on the decode step (tools/bench.py --variant).
 bool pdl_from_env() {
-    const char* v = std::getenv("FLEXQUANT_CUDA_PDL");
-    if (v == nullptr || std::strcmp(v, "1") != 0) return false;
+    if (!cuda_env_flag("FLEXQUANT_CUDA_PDL")) return false;
     int device = 0, major = 0;
     cudaFuncAttributes attr{};
     if (cudaGetDevice(&device) != cudaSuccess ||

@@ -17,6 +17,10 @@
 
 namespace flexquant {
 
+// Whether the environment variable `name` is exactly "1": the CUDA backend's opt-in switches
+// (FLEXQUANT_CUDA_PDL, FLEXQUANT_CUDA_PREFETCH).
+bool cuda_env_flag(const char* name);
+
 // Number of CUDA devices this process can use; 0 when there is no driver or no GPU. Never throws:
 // a CUDA build must run on the CPU on a machine without a GPU.
 int cuda_device_count() noexcept;

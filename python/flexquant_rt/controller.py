@@ -151,8 +151,6 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
     levels = sorted(int(k) for k in levels if 2 <= k < B)
     if not levels:
         raise ValueError(f"no calibration level below max_bits = {B}")
-    L = engine.n_layers
-    full = np.full((L, 7), B, dtype=np.int32)
     act_levels = sorted({int(b) for b in activation_levels}, reverse=True)
     on_gpu = engine.backend == "cuda"
     if on_gpu and any(b != 8 for b in act_levels):
@@ -160,20 +158,22 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
                          "measure other widths on the CPU backend")
     if input_energy is None:
         input_energy = not on_gpu
+    saved_act = np.asarray(engine._eng.activation_bits, dtype=np.int32)
+    try:
+        return _calibrate(engine, chunks, levels, progress, seed, act_levels, input_energy, saved_act)
+    finally:
+        engine._eng.set_activation_bits(saved_act)  # what the engine ran before, on either backend
+
+
+def _calibrate(engine, chunks, levels, progress, seed, act_levels, input_energy, saved_act) -> Profile:
+    """calibrate()'s passes, with the arguments checked; saved_act: the engine's activation bits."""
+    B, L = engine.max_bits, engine.n_layers
+    full = np.full((L, 7), B, dtype=np.int32)
 
     def run(mask, head_bits):
         engine.set_layer_bits(mask, lm_head_bits=head_bits)
         return [log_softmax(engine.forward(c)) for c in chunks]
 
-    saved_act = np.asarray(engine._eng.activation_bits, dtype=np.int32)
-    try:
-        return _calibrate(engine, chunks, levels, progress, seed, act_levels, input_energy, full, run, saved_act)
-    finally:
-        engine._eng.set_activation_bits(saved_act)  # what the engine ran before, on either backend
-
-
-def _calibrate(engine, chunks, levels, progress, seed, act_levels, input_energy, full, run, saved_act) -> Profile:
-    B, L = engine.max_bits, engine.n_layers
     if input_energy:
         engine._eng.collect_input_energy(True)
     ref = run(full, B)

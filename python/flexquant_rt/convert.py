@@ -749,7 +749,8 @@ def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_siz
     minimising the output error of the site's linears at the 4-bit view on the calibration
     activations (needs their Grams, which the converter collects itself).
     """
-    if getattr(src, "random_codes", False):
+    random_codes = getattr(src, "random_codes", False)
+    if random_codes:
         # the codes are made directly: nothing to calibrate, fold or search on (the linears' float
         # weights are placeholders)
         if stats is not None or calibrate or alpha_search or scale_search:
@@ -794,14 +795,10 @@ def convert(src: Source, out: str | os.PathLike, *, max_bits: int = 8, group_siz
                 views = [k for k in sorted(VIEW_USE) if k <= max_bits]
                 alpha += f", view-aware GPTQ for views {views[0]}..{views[-1]}"
             description += f" [folded input scales, {alpha}, {stats.tokens} calibration tokens]"
-    hook = getattr(src, "quantize_hook", None)
-    if quantize is None and transform is None and hook is not None:
-        quantize = hook(max_bits, group_size)  # SyntheticSource(random_codes=True): codes made directly
-        fast = quantize is not None
-    else:
-        fast = False
+    if random_codes:  # (method "plain": no transform, no other quantizer)
+        quantize = src.quantize_hook(max_bits, group_size)
     # a 7B synthetic model takes minutes on one core; the GPTQ quantizer runs torch's own threads
-    workers = min(16, os.cpu_count() or 1) if src.thread_safe and (quantize is None or fast) else 1
+    workers = min(16, os.cpu_count() or 1) if src.thread_safe and (quantize is None or random_codes) else 1
     write_model(out, src.config, src.tokenizer, src.load, max_bits=max_bits, group_size=group_size,
                 embed_dtype=embed_dtype, source=description, progress=progress, transform=transform,
                 quantize=quantize, workers=workers)

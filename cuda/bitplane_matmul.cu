@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "bitplane_matmul.cuh"
+#include "bitplane_mma.cuh"
 #include "cuda_backend.h"
 
 namespace flexquant {
@@ -234,6 +235,7 @@ bitplane_prepare_tc_kernel(const float* x,                 // (m, k)
                            int64_t k, int n_super, int64_t n_groups, int group_size,
                            uint32_t* __restrict__ xq,      // (m, n_super, 32, 4)
                            float2* __restrict__ aparams,   // (m, n_groups)
+                           int8_t* __restrict__ xa,        // (n_chunks, 4, 8, 32): q for the MMA path
                            const float* __restrict__ aux, float eps,
                            float* out) {                   // (m, k), FUSE only
     pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
@@ -283,6 +285,9 @@ bitplane_prepare_tc_kernel(const float* x,                 // (m, k)
     }
     const int j = warp >> 2, t = warp & 3;
     if (lane < 8) xq[((int64_t(r) * n_super + s) * 32 + 4 * lane + t) * 4 + j] = mine;
+    // The same q in the MMA kernel's order (bitplane_mma.cuh), the K padding (q = 0) included: its
+    // codes are not zero there (ĉ8 of code 0 is -128), so the zeros must be here.
+    if (col < ((k + 127) & ~int64_t(127))) xa[mma::xa_index(col, r)] = int8_t(q);
     if (col < k && col % group_size == 0) aparams[r * n_groups + col / group_size] = make_float2(scale, scale * float(qsum));
 }
 
@@ -410,6 +415,104 @@ bitplane_matmul_tc_kernel(const GemvParts parts,              // the linears (pl
     write_tile<M>(red, pt.y, n, rt, n_warps, accumulate);
 }
 
+// ---- MMA path ------------------------------------------------------------------------------------
+
+// d (4) += A · B on the s8 tensor cores (mma m16n8k32, s32 accumulators): A rows 0..7 = the
+// activation rows (a = this lane's 8 bytes of row groupID, bitplane_mma.cuh's K order), rows 8..15
+// zeros; B = b (this lane's codes of column groupID). d0, d1 = C[groupID][2t, 2t+1]; d2, d3 stay 0.
+__device__ __forceinline__ void mma_s8(int (&d)[4], const uint2& a, const uint32_t (&b)[2]) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a.x), "r"(0u), "r"(a.y), "r"(0u), "r"(b[0]), "r"(b[1]));
+}
+
+// The TC path's product (same preparation, same int8 activations, the same exact integer sums per
+// group) on the s8 tensor cores: the codes are decoded from the planes in registers
+// (mma::decode_word: a byte gather and an 8x8 bit transposition, ~6 integer operations per code
+// byte), then one mma per 32 K instead of one b1 mma per weight plane, activation plane row and
+// group. Why: the b1 kernel's work grows with m (M · L / 2 mma per plane per 256 K, plus an
+// activation-plane butterfly per slot), this one's does not (rows 0..7 of the A tile are the m
+// activation rows), so a batched decode step of m rows reads the weights once at about the cost of
+// one row. Group sizes 128, 256, 512 (a step spans 128 K columns: bitplane_mma.cuh).
+// One block = one row tile; its warps split the super-chunks (as the TC kernel: the planes of a
+// super-chunk are loaded before pdl_wait and prefetched the same way). Lane 4g + t owns the outputs
+// (row g of x, weight rows 8 rt + 2t, +1) and adds one mma::group_term per weight group.
+template <int M>
+static __global__ void __launch_bounds__(MAX_WARPS * 32)
+bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (planes, qparams, y, n)
+                           const uint2* __restrict__ xa,         // (n_chunks, 4, 8, 4): 8 bytes of q per lane
+                           const float2* __restrict__ aparams,   // (M, n_groups): (a_s, a_z = a_s · Σq)
+                           int64_t k_pad, int64_t n_groups, int n_super, int last_words, int group_chunk_shift,
+                           int bits, int max_bits, bool accumulate, bool prefetch) {
+    pdl_launch_dependents();
+    const GemvPart pt = part_of(parts, blockIdx.x);
+    const int64_t n = pt.n;
+    bits = effective_bits(pt.bits_dev, bits);
+    const mma::GroupConstants gc = mma::group_constants(max_bits, bits);
+    __shared__ float red[MAX_WARPS][MAX_M][TILE_N];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int64_t rt = blockIdx.x - pt.tile0;  // the row tile within its linear
+    const int64_t row0 = rt * TILE_N + 2 * t;  // this lane's weight rows row0, row0 + 1 (stored if < n)
+    const __half2* q0 = pt.qparams + min(row0, n - 1) * n_groups;
+    const __half2* q1 = pt.qparams + min(row0 + 1, n - 1) * n_groups;
+    const float2* ap = aparams + int64_t(g < M ? g : 0) * n_groups;
+    const uint8_t* tile = pt.planes + rt * k_pad;
+    const uint64_t plane_bytes = pt.plane_bytes;
+    const int64_t last_chunk = k_pad / 128 - 1;
+    const int64_t group_mask = (int64_t(1) << group_chunk_shift) - 1;  // chunks per group - 1
+
+    float acc0 = 0.0f, acc1 = 0.0f;
+    uint4 P[8];
+    if (warp < n_super)
+        load_planes(P, tile + int64_t(warp) * SUPER_K, plane_bytes, bits, warp == n_super - 1 ? last_words : 4, lane);
+    prefetch_super_chunk(prefetch, tile, plane_bytes, warp + n_warps, n_super, last_words, bits, lane);
+    pdl_wait();  // the activations and y come from earlier kernels
+    for (int s = warp; s < n_super; s += n_warps) {
+        const int W = s == n_super - 1 ? last_words : 4;
+        if (s != warp) {
+            load_planes(P, tile + int64_t(s) * SUPER_K, plane_bytes, bits, W, lane);
+            prefetch_super_chunk(prefetch, tile, plane_bytes, s + n_warps, n_super, last_words, bits, lane);
+        }
+#pragma unroll
+        for (int p = 0; p < 8; ++p)  // planes past k are zero bits of ĉ8 (load_planes left them unset)
+            if (p >= bits) P[p] = make_uint4(0u, 0u, 0u, 0u);
+        int d[4] = {0, 0, 0, 0};  // the current group's sums (groups never straddle a super-chunk)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (j >= W) break;
+            const int64_t c = 4 * int64_t(s) + j;  // the 128-column chunk
+            uint2 a[4];
+#pragma unroll
+            for (int qq = 0; qq < 4; ++qq)
+                a[qq] = g < M ? __ldg(xa + ((c * 4 + qq) * mma::ROWS + g) * 4 + t) : make_uint2(0u, 0u);
+            uint32_t u[8], b[4][2];
+#pragma unroll
+            for (int p = 0; p < 8; ++p) u[p] = word_of(P[p], j);
+            mma::decode_word(u, b);
+#pragma unroll
+            for (int qq = 0; qq < 4; ++qq) mma_s8(d, a[qq], b[qq]);
+            if (((c + 1) & group_mask) == 0 || c == last_chunk) {  // the group ends with this chunk
+                const int64_t grp = c >> group_chunk_shift;
+                if (g < M) {
+                    const float2 av = __ldg(ap + grp);
+                    const float2 w0 = __half22float2(__ldg(q0 + grp)), w1 = __half22float2(__ldg(q1 + grp));
+                    acc0 += mma::group_term(d[0], av.x, av.y, w0.x, w0.y, gc);
+                    acc1 += mma::group_term(d[1], av.x, av.y, w1.x, w1.y, gc);
+                }
+                d[0] = d[1] = 0;
+            }
+        }
+    }
+    if (g < M) {
+        red[warp][g][2 * t] = acc0;
+        red[warp][g][2 * t + 1] = acc1;
+    }
+    write_tile<M>(red, pt.y, n, rt, n_warps, accumulate);
+}
+
 // ---- FP32 path -----------------------------------------------------------------------------------
 
 // x (m, k) -> xp (m, k_pad): column 32w + e at slot 32w + 4(e % 8) + e / 8, so that the float4 at
@@ -516,6 +619,8 @@ using TcKernel = void (*)(const GemvParts, const uint4*, const float2*, int64_t,
                           bool);
 using Fp32Kernel = void (*)(const GemvParts, const float*, const float*, int64_t, int64_t, int, int, int, int, int,
                             bool, bool);
+using MmaKernel = void (*)(const GemvParts, const uint2*, const float2*, int64_t, int64_t, int, int, int, int, int,
+                           bool, bool);
 
 template <int M>
 TcKernel tc_kernel_for_l(int L) {
@@ -538,6 +643,19 @@ TcKernel tc_kernel(int m, int L) {
         case 6: return tc_kernel_for_l<6>(L);
         case 7: return tc_kernel_for_l<7>(L);
         default: return tc_kernel_for_l<8>(L);
+    }
+}
+
+MmaKernel mma_kernel(int m) {
+    switch (m) {
+        case 1: return bitplane_matmul_mma_kernel<1>;
+        case 2: return bitplane_matmul_mma_kernel<2>;
+        case 3: return bitplane_matmul_mma_kernel<3>;
+        case 4: return bitplane_matmul_mma_kernel<4>;
+        case 5: return bitplane_matmul_mma_kernel<5>;
+        case 6: return bitplane_matmul_mma_kernel<6>;
+        case 7: return bitplane_matmul_mma_kernel<7>;
+        default: return bitplane_matmul_mma_kernel<8>;
     }
 }
 
@@ -581,31 +699,44 @@ int pick_warps(const Geometry& g, int warps_per_block) {
     return std::min(w, g.n_super);
 }
 
-// Scratch of one launch of m <= 8 rows: [activations][group or word params], each 256-aligned.
+// Scratch of one launch of m <= 8 rows, each part 256-aligned: [activations][group or word params]
+// and, for the int8 paths (TC and MMA share one preparation, so either kernel runs from it), [xa]
+// the same q in the MMA kernel's order (8 row slots x k_pad bytes).
 struct Scratch {
     void* acts;
     void* params;
+    void* xa;  // null for FP32
 };
+bool int8_path(BitplaneCudaPath path) { return path != BITPLANE_CUDA_FP32; }
+size_t acts_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
+    return int8_path(path) ? size_t(m) * g.n_super * SUPER_K  // 32 lanes x 16 bytes
+                           : size_t(m) * g.k_pad * sizeof(float);
+}
+size_t params_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
+    return int8_path(path) ? size_t(m) * g.n_groups * sizeof(float2) : size_t(m) * (g.k_pad / 32) * sizeof(float);
+}
+size_t xa_bytes(const Geometry& g, BitplaneCudaPath path) {
+    return int8_path(path) ? size_t(mma::ROWS) * size_t(g.k_pad) : 0;
+}
 Scratch carve(const Geometry& g, int64_t m, BitplaneCudaPath path, void* ws) {
-    const size_t acts = path == BITPLANE_CUDA_TC ? size_t(m) * g.n_super * SUPER_K  // 32 lanes x 16 bytes
-                                                 : size_t(m) * g.k_pad * sizeof(float);
-    return {ws, static_cast<char*>(ws) + align256(acts)};
+    char* p = static_cast<char*>(ws);
+    char* params = p + align256(acts_bytes(g, m, path));
+    char* xa = params + align256(params_bytes(g, m, path));
+    return {ws, params, int8_path(path) ? xa : nullptr};
 }
 size_t scratch_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
-    const size_t params = path == BITPLANE_CUDA_TC ? size_t(m) * g.n_groups * sizeof(float2)
-                                                   : size_t(m) * (g.k_pad / 32) * sizeof(float);
-    const size_t acts = path == BITPLANE_CUDA_TC ? size_t(m) * g.n_super * SUPER_K : size_t(m) * g.k_pad * sizeof(float);
-    return align256(acts) + align256(params);
+    return align256(acts_bytes(g, m, path)) + align256(params_bytes(g, m, path)) + align256(xa_bytes(g, path));
 }
 
 // x (m <= 8, k) -> the scratch of `path`.
 void bitplane_prepare_launch(const Geometry& g, const float* x, int64_t m, BitplaneCudaPath path, const Scratch& sc,
                              cudaStream_t stream) {
     const dim3 grid(unsigned(g.n_super), unsigned(m));
-    if (path == BITPLANE_CUDA_TC)
+    if (int8_path(path))
         launch_kernel(bitplane_prepare_tc_kernel<0>, grid, dim3(PREP_THREADS), 0, stream, x, g.k, g.n_super, g.n_groups,
                       g.group_size, static_cast<uint32_t*>(sc.acts), static_cast<float2*>(sc.params),
-                      static_cast<const float*>(nullptr), 0.0f, static_cast<float*>(nullptr));
+                      static_cast<int8_t*>(sc.xa), static_cast<const float*>(nullptr), 0.0f,
+                      static_cast<float*>(nullptr));
     else
         launch_kernel(bitplane_prepare_fp32_kernel, grid, dim3(PREP_THREADS), 0, stream, x, g.k, g.k_pad,
                       static_cast<float*>(sc.acts), static_cast<float*>(sc.params));
@@ -638,6 +769,11 @@ void bitplane_matmul_launch(const Geometry& g, const GemvParts& parts, int bits,
         launch_kernel(tc_kernel(int(m), L), grid, block, 0, stream, parts, static_cast<const uint4*>(sc.acts),
                       static_cast<const float2*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
                       group_shift, bits, max_bits, accumulate, prefetch);
+    } else if (path == BITPLANE_CUDA_MMA) {
+        const int group_chunk_shift = g.group_size == 128 ? 0 : g.group_size == 256 ? 1 : 2;
+        launch_kernel(mma_kernel(int(m)), grid, block, 0, stream, parts, static_cast<const uint2*>(sc.xa),
+                      static_cast<const float2*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
+                      group_chunk_shift, bits, max_bits, accumulate, prefetch);
     } else {
         launch_kernel(fp32_kernel(int(m)), grid, block, 0, stream, parts, static_cast<const float*>(sc.acts),
                       static_cast<const float*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
@@ -685,12 +821,19 @@ bool bitplane_cuda_tc_supports(int group_size) {
     return group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256 || group_size == 512;
 }
 
+bool bitplane_cuda_mma_supports(int group_size) {
+    return group_size == 128 || group_size == 256 || group_size == 512;
+}
+
 BitplaneCudaPath bitplane_cuda_resolve_path(const BitplaneLinear& w, BitplaneCudaPath path) {
     if (path == BITPLANE_CUDA_AUTO) return bitplane_cuda_tc_supports(w.group_size) ? BITPLANE_CUDA_TC : BITPLANE_CUDA_FP32;
     if (path == BITPLANE_CUDA_TC && !bitplane_cuda_tc_supports(w.group_size))
         throw Error("bitplane_matmul_cuda: the TC path needs group_size 32, 64, 128, 256 or 512, got " +
                     std::to_string(w.group_size) + " (use the FP32 path)");
-    if (path != BITPLANE_CUDA_TC && path != BITPLANE_CUDA_FP32)
+    if (path == BITPLANE_CUDA_MMA && !bitplane_cuda_mma_supports(w.group_size))
+        throw Error("bitplane_matmul_cuda: the MMA path needs group_size 128, 256 or 512, got " +
+                    std::to_string(w.group_size) + " (use the TC path)");
+    if (path != BITPLANE_CUDA_TC && path != BITPLANE_CUDA_FP32 && path != BITPLANE_CUDA_MMA)
         throw Error("bitplane_matmul_cuda: unknown path " + std::to_string(int(path)));
     return path;
 }
@@ -770,12 +913,13 @@ void bitplane_prepare_fused_cuda_async(const BitplaneLinear& w, BitplanePrepareF
     const dim3 grid(unsigned(g.n_super), unsigned(m));
     auto* xq = static_cast<uint32_t*>(sc.acts);
     auto* ap = static_cast<float2*>(sc.params);
+    auto* xa = static_cast<int8_t*>(sc.xa);
     if (op == BITPLANE_FUSE_RMS_NORM)
         launch_kernel(bitplane_prepare_tc_kernel<BITPLANE_FUSE_RMS_NORM>, grid, dim3(PREP_THREADS), 0, stream, x, g.k,
-                      g.n_super, g.n_groups, g.group_size, xq, ap, aux, eps, out);
+                      g.n_super, g.n_groups, g.group_size, xq, ap, xa, aux, eps, out);
     else
         launch_kernel(bitplane_prepare_tc_kernel<BITPLANE_FUSE_SWIGLU>, grid, dim3(PREP_THREADS), 0, stream, x, g.k,
-                      g.n_super, g.n_groups, g.group_size, xq, ap, aux, eps, out);
+                      g.n_super, g.n_groups, g.group_size, xq, ap, xa, aux, eps, out);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
 }
 
@@ -894,9 +1038,12 @@ void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int
 }
 
 void bitplane_matmul_fused_cuda(const BitplaneLinear& w, int bits, BitplanePrepareFusion op, const float* x,
-                                const float* aux, float eps, int64_t m, float* y, float* out) {
+                                const float* aux, float eps, int64_t m, float* y, float* out, BitplaneCudaPath path) {
     const std::string fn = "bitplane_matmul_fused_cuda";
     validate(w, bits, m, fn);
+    check(path == BITPLANE_CUDA_TC || path == BITPLANE_CUDA_MMA, fn,
+          "path must be TC or MMA (the paths of the int8 preparation), got " + std::to_string(int(path)));
+    path = bitplane_cuda_resolve_path(w, path);
     check(w.planes && w.qparams && x && aux && y && out, fn, "null pointer");
     check(m >= 1 && m <= MAX_M, fn, "m must be in 1..8, got " + std::to_string(m));
     const DeviceLinear dw(w, bits, fn);
@@ -911,7 +1058,7 @@ void bitplane_matmul_fused_cuda(const BitplaneLinear& w, int bits, BitplanePrepa
     // SwiGLU in place, as the engine runs it (out = x = the gate)
     float* const o = op == BITPLANE_FUSE_SWIGLU ? xd.get() : od.get();
     bitplane_prepare_fused_cuda_async(dw.view, op, xd.get(), ad.get(), eps, m, o, ws.get(), ws_bytes, nullptr);
-    bitplane_matmul_prepared_cuda_async(dw.view, bits, m, yd.get(), ws.get(), ws_bytes, BITPLANE_CUDA_TC, nullptr);
+    bitplane_matmul_prepared_cuda_async(dw.view, bits, m, yd.get(), ws.get(), ws_bytes, path, nullptr);
     download(y, yd, size_t(m) * w.n, fn + " y");
     download(out, op == BITPLANE_FUSE_SWIGLU ? xd : od, size_t(m) * w.k, fn + " out");
 }

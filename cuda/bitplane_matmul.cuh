@@ -15,6 +15,11 @@
 //    distance from W_k · x is the int8 quantization of x (~0.5% relative on Gaussian x, a few %
 //    with outliers in a group; tools/gpu_check.sh prints it).
 //    Group sizes 32, 64, 128, 256 and 512 (the groups must tile the 256-column chunks of the mma).
+//  - MMA, "W{k}A8" too: the TC path's preparation and int8 activations (the same exact integer
+//    sums per group; the fp32 epilogue differs in rounding only), but the codes are decoded from the
+//    planes in registers and multiplied on the s8 tensor cores (mma m16n8k32), one mma per 32 K for
+//    all m <= 8 rows at once, so its cost hardly grows with m (batched decode). Group sizes 128, 256
+//    and 512. Layout and arithmetic: cuda/bitplane_mma.cuh. Not yet measured on a GPU: opt-in.
 //  - FP32: fp32 activations, bit-serial on the CUDA cores. Any group size; the accuracy reference.
 #pragma once
 
@@ -32,6 +37,7 @@ enum BitplaneCudaPath {
   BITPLANE_CUDA_AUTO = 0,  // TC when bitplane_cuda_tc_supports(group_size), else FP32
   BITPLANE_CUDA_TC = 1,    // int8 activations, binary tensor cores (W{k}A8)
   BITPLANE_CUDA_FP32 = 2,  // fp32 activations, CUDA cores
+  BITPLANE_CUDA_MMA = 3,   // int8 activations as TC (same preparation), s8 tensor cores (W{k}A8)
 };
 
 // Tuning knobs (tests, benchmarks); the defaults are what the measurements chose.
@@ -52,7 +58,11 @@ void check_bitplane_view(const BitplaneLinear& w, int bits, int64_t m, const std
 // Whether the TC path handles this group size (32, 64, 128, 256, 512).
 bool bitplane_cuda_tc_supports(int group_size);
 
-// The path AUTO resolves to for this linear.
+// Whether the MMA path handles this group size (128, 256, 512).
+bool bitplane_cuda_mma_supports(int group_size);
+
+// The path AUTO resolves to for this linear (TC or FP32; MMA is only taken when asked for). Throws
+// for a path that cannot run this linear's group size.
 BitplaneCudaPath bitplane_cuda_resolve_path(const BitplaneLinear& w, BitplaneCudaPath path);
 
 // Device scratch bytes bitplane_matmul_cuda_async needs for m activation rows (the activations
@@ -121,11 +131,13 @@ void bitplane_matmul_multi_cuda(const BitplaneLinear* ws, const int* bits, int c
                                 float* const* ys, BitplaneCudaPath path = BITPLANE_CUDA_AUTO,
                                 const BitplaneCudaTuning& tuning = {});
 
-// Host memory in and out (tests): bitplane_prepare_fused_cuda_async then the TC GEMV on m <= 8 rows
-// of x (m, k); aux: the norm weight (k) or up (m, k). -> y (m, n) and the op's output out (m, k)
-// (SWIGLU in place, as the engine runs it). Outputs poisoned first.
+// Host memory in and out (tests): bitplane_prepare_fused_cuda_async then the GEMV (path TC or MMA:
+// both read that preparation) on m <= 8 rows of x (m, k); aux: the norm weight (k) or up (m, k).
+// -> y (m, n) and the op's output out (m, k) (SWIGLU in place, as the engine runs it). Outputs
+// poisoned first.
 void bitplane_matmul_fused_cuda(const BitplaneLinear& w, int bits, BitplanePrepareFusion op, const float* x,
-                                const float* aux, float eps, int64_t m, float* y, float* out);
+                                const float* aux, float eps, int64_t m, float* y, float* out,
+                                BitplaneCudaPath path = BITPLANE_CUDA_TC);
 
 // Timing of the device-resident product (bitplane_matmul_cuda_bench).
 struct BitplaneCudaTiming {

@@ -182,6 +182,14 @@ struct CudaForward::Impl {
         const int32_t b = reinterpret_cast<const int32_t*>(in_host + in_bits)[j];
         return T > gemv_max[j][size_t(std::clamp(b, 0, 8))];
     }
+    // The GEMV kernel of a launch of `rows` rows prepared for `path`: the TC path's preparation also
+    // serves the MMA kernel (s8 tensor cores), which runs from p.mma_min_rows rows where the group
+    // size allows it (the sliced call of more than 8 rows launches full slices of 8).
+    BitplaneCudaPath gemv_kernel(BitplaneCudaPath path, int group_size, int64_t rows) const {
+        const bool mma = path == BITPLANE_CUDA_TC && p.mma_min_rows > 0 && rows >= p.mma_min_rows &&
+                         bitplane_cuda_mma_supports(group_size);
+        return mma ? BITPLANE_CUDA_MMA : path;
+    }
     // Linears js, all reading xin (T rows), into ys. xin is prepared once per kernel family (q, k
     // and v; gate and up share it): for the GEMM always, for the GEMV when T <= SLICE (with more rows
     // the GEMV slices by 8 and prepares each slice), and the GEMV linears that read one prepared
@@ -203,7 +211,8 @@ struct CudaForward::Impl {
         auto flush = [&] {
             if (n_batch > 0)
                 bitplane_matmul_prepared_multi_cuda_async(batch, n_batch, p.bits_cap, T, batch_y, ws, ws_bytes,
-                                                          prepared_path, stream, batch_bits, accumulate);
+                                                          gemv_kernel(prepared_path, batch[0].group_size, T), stream,
+                                                          batch_bits, accumulate);
             n_batch = 0;
         };
         auto y = ys.begin();
@@ -230,7 +239,8 @@ struct CudaForward::Impl {
                 batch_bits[n_batch] = bits_dev() + j;
                 ++n_batch;
             } else {
-                bitplane_matmul_cuda_async(lin[j], p.bits_cap, xin, T, out, ws, ws_bytes, lin_path[j], stream, {},
+                bitplane_matmul_cuda_async(lin[j], p.bits_cap, xin, T, out, ws, ws_bytes,
+                                           gemv_kernel(lin_path[j], lin[j].group_size, SLICE), stream, {},
                                            bits_dev() + j, accumulate);
                 prepared_g = 0;  // the slices overwrote the GEMV's prepared input
             }
@@ -330,6 +340,8 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     // long span is latency-bound before it is bandwidth-bound (spans of 256 measured 30 µs a layer
     // at 2048 positions, fp32 cache, on the H100: 2.2 TB/s).
     e.n_splits = int(std::clamp<int64_t>((params.n_ctx + 127) / 128, 1, 32));
+    if (params.mma_min_rows < 0 || params.mma_min_rows > int(SLICE))
+        throw Error(fn + ": mma_min_rows = " + std::to_string(params.mma_min_rows) + " is outside 0..8");
     // The GEMM computes with the int8 activations of the GEMV's TC path; where that path does not
     // apply (fp32 reference asked for, or a group size it lacks), prompts stay on the GEMV so that
     // prefill and decode use the same arithmetic.
@@ -675,8 +687,8 @@ std::vector<std::array<int64_t, 4>> CudaForward::tune(int64_t max_m, int repeats
                         bitplane_gemm_cuda_async(e.lin[j], bits, x.get(), m, y.get(), e.ws_gemm, e.ws_gemm_bytes,
                                                  BITPLANE_GEMM_A8, e.stream);
                     else
-                        bitplane_matmul_cuda_async(e.lin[j], bits, x.get(), m, y.get(), e.ws, e.ws_bytes, e.path,
-                                                   e.stream);
+                        bitplane_matmul_cuda_async(e.lin[j], bits, x.get(), m, y.get(), e.ws, e.ws_bytes,
+                                                   e.gemv_kernel(e.lin_path[j], e.lin[j].group_size, SLICE), e.stream);
                 }
                 cuda_check(cudaEventRecord(stop, e.stream), fn);
                 cuda_check(cudaEventSynchronize(stop), fn + " (timing)");

@@ -229,7 +229,7 @@ def test_bench_worker_times_the_flexquant_controller(tmp_path):
 
     def worker(bits):
         out = subprocess.run([sys.executable, str(bench), "--worker", "fq", str(model), str(bits), "2", "16", "32",
-                              "cpu", "0", "f32"], capture_output=True, text=True, timeout=300)
+                              "cpu", "0", "f32", "0"], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -104,7 +104,7 @@ def reference_tc(codes, qparams, x, bits, max_bits, group_size):
     return reference_act(codes, qparams, x, bits, max_bits, group_size, 8)
 
 
-REFERENCES = {"fp32": reference_fp32, "tc": reference_tc}
+REFERENCES = {"fp32": reference_fp32, "tc": reference_tc, "mma": reference_tc}  # mma: TC's int8 activations
 
 
 def run_and_check(path, codes, qparams, planes, x, bits, max_bits, group_size, what, **tuning):
@@ -565,3 +565,135 @@ def test_fused_preparation_is_the_separate_ops_bit_for_bit(op, k, group_size):
         ref_y = core.bitplane_matmul_cuda(planes, qparams, n, k, 8, group_size, bits, ref_out, path="tc")
         np.testing.assert_array_equal(y, ref_y, err_msg=f"{op} product, m={m}")
         assert np.isfinite(y).all()
+
+
+# ---- the MMA path: the TC path's int8 activations on the s8 tensor cores (cuda/bitplane_mma.cuh) -------
+#
+# Its integer sums per group are exact and equal the TC path's; only the fp32 epilogue differs (the
+# centred form a_s·s·2^(B-8)·I8 + a_z·z_k), so it is held to the TC reference's bound and must agree
+# with the TC kernel to fp32 rounding. tests/test_mma_layout.py checks its data layout on the CPU.
+
+MMA_GROUPS = (128, 256, 512)
+
+
+@pytest.mark.parametrize("group_size", MMA_GROUPS)
+@pytest.mark.parametrize("k", KS + (4096 + 384,))
+def test_mma_matches_reference_and_tc_every_bit_width(group_size, k):
+    rng = np.random.default_rng([k, group_size, 31])
+    n = 13 if k % 3 else 200
+    max_bits = 8 if (k + group_size) % 3 else 6
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    for bits in range(2, max_bits + 1):
+        m = 1 + (3 * bits + k) % 8
+        x = make_x(rng, m, k)
+        y = run_and_check("mma", codes, qparams, planes, x, bits, max_bits, group_size,
+                          f"mma n={n} k={k} G={group_size} bits={bits} m={m}")
+        tc = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, path="tc")
+        assert rel_err(y, tc) < 1e-5, f"bits={bits} m={m}: mma and tc differ by {rel_err(y, tc):.3g}"
+
+
+@pytest.mark.parametrize("group_size", MMA_GROUPS)
+def test_mma_every_m_and_split(group_size):
+    """m = 1..8 per launch (compiled per value), 11 and 17 in slices of 8, any warps per block."""
+    rng = np.random.default_rng([group_size, 37])
+    n, k, max_bits = 200, 4096 + 384, 7
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    for m in list(range(1, 9)) + [11, 17]:
+        bits = 2 + m % (max_bits - 1)
+        x = make_x(rng, m, k)
+        for warps in ((0, 1, 3, 16) if m in (1, 8) else (0,)):
+            run_and_check("mma", codes, qparams, planes, x, bits, max_bits, group_size,
+                          f"mma G={group_size} m={m} bits={bits} warps={warps}", warps=warps)
+
+
+def test_mma_signed_edges():
+    """Codes at both ends of the range and activations at ±127 after quantization: the largest
+    integer sums (|I8| up to 512·127·128), exact in int32 and in fp32."""
+    rng = np.random.default_rng(41)
+    n, k, max_bits = 24, 1536, 8
+    for group_size in MMA_GROUPS:
+        codes = np.where(rng.random((n, k)) < 0.5, 0, 255).astype(np.uint8)
+        codes[:8] = 255
+        codes[8:16] = 0
+        qparams = np.stack([np.full((n, k // group_size), 0.01), np.full((n, k // group_size), -1.28)], -1)
+        qparams = qparams.astype(np.float16)
+        planes = bp.pack_planes(codes, max_bits)
+        x = np.where(rng.random((3, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+        x[0] = 1.0
+        x[1] = -1.0
+        for bits in (8, 5, 2):
+            run_and_check("mma", codes, qparams, planes, x, bits, max_bits, group_size, f"G={group_size} bits={bits}")
+
+
+def test_mma_reads_only_the_first_bits_planes_and_is_deterministic():
+    rng = np.random.default_rng(43)
+    n, k, max_bits, group_size = 200, 1536, 8, 128
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    x = make_x(rng, 5, k)
+    for bits in (2, 5, 7):
+        y = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, path="mma")
+        junk = planes.copy()
+        junk[bits:] = rng.integers(0, 256, junk[bits:].shape, dtype=np.uint8)
+        np.testing.assert_array_equal(
+            core.bitplane_matmul_cuda(junk, qparams, n, k, max_bits, group_size, bits, x, path="mma"), y)
+        np.testing.assert_array_equal(core.bitplane_matmul_cuda(
+            np.ascontiguousarray(planes[:bits]), qparams, n, k, max_bits, group_size, bits, x, path="mma"), y)
+
+
+@pytest.mark.parametrize("group_size", [128, 512])
+def test_mma_multi_launch_accumulate_prefetch(group_size):
+    """The engine's ways of launching it: several linears in one grid (each at its own bits from
+    device memory), the accumulating store, the L2 prefetch hint."""
+    rng = np.random.default_rng(group_size + 47)
+    k = 1536
+    ns, bits = [200, 13, 64], [8, 3, 5]
+    lins = [make_linear(rng, n, k, 8, group_size) for n in ns]
+    planes = [np.ascontiguousarray(lin[2][:b]) for lin, b in zip(lins, bits)]
+    qps = [lin[1] for lin in lins]
+    for m in (1, 3, 8):
+        x = make_x(rng, m, k)
+        for warps in (1, 2):
+            ys = core.bitplane_matmul_multi_cuda(planes, qps, ns, k, 8, group_size, bits, x, path="mma", warps=warps)
+            for i, y in enumerate(ys):
+                one = core.bitplane_matmul_cuda(planes[i], qps[i], ns[i], k, 8, group_size, bits[i], x, path="mma",
+                                                warps=warps)
+                np.testing.assert_array_equal(y, one, err_msg=f"linear {i}, warps {warps}, m {m}")
+                pf = core.bitplane_matmul_cuda(planes[i], qps[i], ns[i], k, 8, group_size, bits[i], x, path="mma",
+                                               warps=warps, prefetch=1)
+                np.testing.assert_array_equal(pf, one, err_msg=f"prefetch, linear {i}")
+        y0 = rng.standard_normal((m, ns[0])).astype(np.float32)
+        plain = core.bitplane_matmul_cuda(planes[0], qps[0], ns[0], k, 8, group_size, bits[0], x, path="mma")
+        acc = core.bitplane_matmul_cuda(planes[0], qps[0], ns[0], k, 8, group_size, bits[0], x, path="mma", y0=y0)
+        np.testing.assert_array_equal(acc, y0 + plain, err_msg=f"accumulate, m {m}")
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu"])
+@pytest.mark.parametrize("k,group_size", [(4096, 128), (1536, 256), (4096 + 384, 512)])
+def test_mma_from_the_fused_preparation(op, k, group_size):
+    """The decode step prepares inside RMSNorm / SwiGLU; the MMA kernel must read that preparation
+    as it reads the plain one (the int8 copy in its order is written by both)."""
+    rng = np.random.default_rng(53)
+    n, bits = 200, 6
+    codes, qparams, planes = make_linear(rng, n, k, 8, group_size)
+    for m in (1, 5, 8):
+        x = make_x(rng, m, k)
+        aux = ((1.0 + 0.1 * rng.standard_normal(k)) if op == "rms_norm" else rng.standard_normal((m, k))).astype(np.float32)
+        y, out = core.bitplane_matmul_fused_cuda(planes, qparams, n, k, 8, group_size, bits, x, op=op, aux=aux,
+                                                 eps=1e-5, path="mma")
+        ref_y = core.bitplane_matmul_cuda(planes, qparams, n, k, 8, group_size, bits, out, path="mma")
+        np.testing.assert_array_equal(y, ref_y, err_msg=f"{op} product, m={m}")
+
+
+def test_mma_bad_arguments():
+    rng = np.random.default_rng(59)
+    n, k = 13, 300
+    codes, qparams, planes = make_linear(rng, n, k, 4, 64)
+    x = make_x(rng, 1, k)
+    assert core.bitplane_cuda_mma_supports(128) and not core.bitplane_cuda_mma_supports(64)
+    with pytest.raises(core.FlexquantError, match="MMA path needs group_size 128, 256 or 512, got 64"):
+        core.bitplane_matmul_cuda(planes, qparams, n, k, 4, 64, 3, x, path="mma")
+    with pytest.raises(core.FlexquantError, match="MMA path needs group_size"):
+        core.bitplane_matmul_multi_cuda([planes], [qparams], [n], k, 4, 64, [3], x, path="mma")
+    with pytest.raises(core.FlexquantError, match="path must be TC or MMA"):
+        core.bitplane_matmul_fused_cuda(planes, qparams, n, k, 4, 64, 3, x, op="rms_norm",
+                                        aux=np.ones(k, np.float32), path="fp32")

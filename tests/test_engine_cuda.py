@@ -355,6 +355,45 @@ def test_gemm_min_rows_is_checked(tiny_fq):
             Engine(tiny_fq, backend="cpu", cuda_gemm_min_rows=bad)
 
 
+def test_mma_min_rows_is_checked(tiny_fq):
+    for bad in (-1, 9):
+        with pytest.raises(FlexquantError, match=f"cuda_mma_min_rows = {bad} must be in 0..8"):
+            core.Engine(str(tiny_fq), cuda_mma_min_rows=bad)
+    for bad in (-1, 9, 2.5, True):
+        with pytest.raises(ValueError, match=f"cuda_mma_min_rows must be an int in 0..8, got {bad!r}"):
+            Engine(tiny_fq, backend="cpu", cuda_mma_min_rows=bad)
+    Engine(tiny_fq, backend="cpu", cuda_mma_min_rows=2).close()  # ignored on the CPU
+
+
+@gpu
+@pytest.mark.parametrize("which", ["tiny", "wide_head"])
+def test_engine_cuda_mma_gemv_matches_the_tc_gemv(tiny_fq, wide_head_fq, which):
+    """cuda_mma_min_rows=1: every GEMV launch (prompt passes of 8 rows, the graph's one-token steps,
+    batched steps) on the s8 tensor-core kernel. Same int8 activations and integer sums as the
+    default binary-tensor-core kernel: the logits agree up to fp32 rounding and the rare int8
+    rounding flip it causes; with the graph and without, bit for bit; per-token masks followed."""
+    path = tiny_fq if which == "tiny" else wide_head_fq
+    rng = np.random.default_rng(17)
+    masks = [(rng.integers(2, 9, (2, 7)).astype(np.int32), int(rng.integers(2, 9))) for _ in range(8)]
+    ids = rng.integers(0, 320, 21)
+    mma = core.Engine(str(path), backend="cuda", n_ctx=128, cuda_gemm_min_rows=0, cuda_mma_min_rows=1)
+    mma_plain = core.Engine(str(path), backend="cuda", n_ctx=128, cuda_gemm_min_rows=0, cuda_mma_min_rows=1,
+                            cuda_graph=False)
+    tc = core.Engine(str(path), backend="cuda", n_ctx=128, cuda_gemm_min_rows=0)
+    a = _core_steps(mma, ids, 8, masks)
+    assert np.isfinite(a).all()
+    np.testing.assert_array_equal(a, _core_steps(mma_plain, ids, 8, masks))
+    b = _core_steps(tc, ids, 8, masks)
+    assert rel_err(a, b) < 1e-2
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+    # batched steps of up to 6 rows
+    batch_mma = core.Engine(str(path), backend="cuda", n_ctx=64, n_seq=6, cuda_gemm_min_rows=0, cuda_mma_min_rows=2)
+    batch_tc = core.Engine(str(path), backend="cuda", n_ctx=64, n_seq=6, cuda_gemm_min_rows=0)
+    for (la, _, _), (lb, _, _) in zip(_batch_run(batch_mma, _PROMPTS, _SCHEDULE), _batch_run(batch_tc, _PROMPTS, _SCHEDULE)):
+        assert np.isfinite(la).all()
+        assert rel_err(la, lb) < 1e-2
+
+
 @gpu
 def test_engine_cuda_gemm_prefill_matches_the_gemv_and_cpu(tiny_fq):
     """A 150-token prompt: one 150-row pass on the tensor-core GEMM (default) against 19 passes of

@@ -78,7 +78,7 @@ def gpu_copy_bandwidth_gbs() -> float:
 
 
 def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, backend: str = "cpu",
-           gemm_min_rows: int = 64, kv_dtype: str = "f32") -> dict:
+           gemm_min_rows: int = 64, kv_dtype: str = "f32", mma_rows: int = 0) -> dict:
     """bits 0: a new random mask every step, each linear at 4 or 6 (mean 5), the LM head at 6.
     bits -1: the FlexQuant controller (4 <-> max_bits on the previous step's entropy) at a budget
     of 5 bits per weight, its decision, the mask push and the signals inside each timed step, as in
@@ -93,7 +93,7 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     # the controller's on-the-fly calibration runs 256-token windows
     n_ctx = max(n_prompt + n_decode + 16, 272 if bits == -1 else 0)
     eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_ctx, cuda_gemm_min_rows=gemm_min_rows,
-                    kv_dtype=kv_dtype)
+                    kv_dtype=kv_dtype, cuda_mma_min_rows=mma_rows)
     if eng.backend != backend:
         raise SystemExit(f"asked for backend {backend}, the engine runs on {eng.backend}")
     rng = np.random.default_rng(1)
@@ -148,14 +148,14 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
 
 
 def batch_worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, batch: int,
-                 backend: str = "cpu", kv_dtype: str = "f32") -> dict:
+                 backend: str = "cpu", kv_dtype: str = "f32", mma_rows: int = 0) -> dict:
     """Decode steps of `batch` sequences at once (Engine.decode_batch), greedy."""
     import numpy as np
 
     import flexquant_rt as fq
 
     eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_prompt + n_decode + 16, n_seq=batch,
-                    kv_dtype=kv_dtype)
+                    kv_dtype=kv_dtype, cuda_mma_min_rows=mma_rows)
     if eng.backend != backend:
         raise SystemExit(f"backend {backend} asked for, the engine runs on {eng.backend}: {eng._eng.backend_note}")
     eng.set_layer_bits(bits, lm_head_bits=bits)
@@ -184,7 +184,8 @@ def main_batch(a, models) -> int:
     bw = gpu_copy_bandwidth_gbs() if a.backend == "cuda" else copy_bandwidth_gbs()
     print(f"backend {a.backend}, threads: {a.threads}; {'GPU' if a.backend == 'cuda' else 'memory'} copy bandwidth "
           f"(read + write): {bw:.1f} GB/s; "
-          f"prompt {a.prompt} tokens per sequence, {a.decode} batched decode steps (median); KV cache {a.kv_dtype}")
+          f"prompt {a.prompt} tokens per sequence, {a.decode} batched decode steps (median); KV cache {a.kv_dtype}"
+          + (f"; GEMV launches of >= {a.mma_rows} rows on the s8 tensor cores (cuda_mma_min_rows)" if a.mma_rows else ""))
     print()
     print("| model | bits | batch | step ms | decode tok/s (all sequences) | vs batch 1 | weight GB/s | % of copy BW |")
     print("|---|---|---|---|---|---|---|---|")
@@ -193,7 +194,7 @@ def main_batch(a, models) -> int:
             base = None
             for b in a.batch:
                 r = run_worker(["batch", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), str(b),
-                                a.backend, a.kv_dtype])
+                                a.backend, a.kv_dtype, str(a.mma_rows)])
                 if base is None and b == 1:
                     base = r["decode_tok_s"]
                 gbs = r["bytes_per_token"] / (r["step_ms"] / 1e3) / 1e9  # one weight read per step
@@ -249,16 +250,19 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                     help="--backend cuda: add a column NAME: the decode of each static-bits row with these "
                          "environment variables, measured in the same run (e.g. pdl:FLEXQUANT_CUDA_PDL=1)")
+    ap.add_argument("--mma-rows", type=int, default=0, choices=range(9), metavar="0..8",
+                    help="--backend cuda: the engines' cuda_mma_min_rows (GEMV launches of at least this many rows "
+                         "on the s8 tensor cores instead of the binary ones; 0 = never)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         kind, *rest = a.worker
         if kind == "fq":
-            model, bits, threads, n_p, n_d, backend, gemm, kv = rest
-            res = worker(model, int(bits), int(threads), int(n_p), int(n_d), backend, int(gemm), kv)
+            model, bits, threads, n_p, n_d, backend, gemm, kv, mma = rest
+            res = worker(model, int(bits), int(threads), int(n_p), int(n_d), backend, int(gemm), kv, int(mma))
         elif kind == "batch":
-            model, bits, threads, n_p, n_d, b, backend, kv = rest
-            res = batch_worker(model, int(bits), int(threads), int(n_p), int(n_d), int(b), backend, kv)
+            model, bits, threads, n_p, n_d, b, backend, kv, mma = rest
+            res = batch_worker(model, int(bits), int(threads), int(n_p), int(n_d), int(b), backend, kv, int(mma))
         else:
             gguf, threads, n_p, n_d = rest
             res = llama_cpp_worker(gguf, int(threads), int(n_p), int(n_d))
@@ -297,7 +301,7 @@ def main() -> int:
     for name, path in models:
         for bits in a.bits:
             r = run_worker(["fq", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), "cpu", "0",
-                            a.kv_dtype])
+                            a.kv_dtype, "0"])
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if (base and "SmolLM2" in name) else "-"
             print(f"| {name} | {bits} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
@@ -317,7 +321,9 @@ def main_cuda(a, models) -> int:
     bw = gpu_copy_bandwidth_gbs()
     print(f"GPU copy bandwidth (read + write): {bw:.0f} GB/s; prompt {a.prompt} tokens, "
           f"{a.decode} decode steps (median); KV cache {a.kv_dtype}; roofline = 0.85 x copy BW / bytes per token "
-          "(weights only)")
+          "(weights only)" + (f"; GEMV launches of >= {a.mma_rows} rows on the s8 tensor cores (cuda_mma_min_rows)"
+                              if a.mma_rows else ""))
+    mma = str(a.mma_rows)
     print()
     print("prefill: the prompt in passes of up to 1024 tokens on the tensor-core GEMM (W{k}A8), and, for comparison in the "
           "same run, in 8-token passes on the GEMV (cuda_gemm_min_rows=0)")
@@ -340,16 +346,16 @@ def main_cuda(a, models) -> int:
         rows = {}
         for bits in [*a.bits, 0, -1, -2]:
             r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64",
-                                         a.kv_dtype])
+                                         a.kv_dtype, mma])
             gemv = "-"
             if bits > 0:
-                g = run_worker(["fq", path, str(bits), "1", str(a.prompt), "2", "cuda", "0", a.kv_dtype])
+                g = run_worker(["fq", path, str(bits), "1", str(a.prompt), "2", "cuda", "0", a.kv_dtype, mma])
                 gemv = f"{g['prefill_tok_s']:.0f}"
             extra = ""
             for _, env in variants:
                 if bits > 0:
                     rv = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64",
-                                     a.kv_dtype], env=env)
+                                     a.kv_dtype, mma], env=env)
                     extra += f" {rv['decode_tok_s']:.1f} | {rv['decode_tok_s'] / r['decode_tok_s']:.3f} |"
                 else:
                     extra += " - | - |"

@@ -18,7 +18,8 @@
 #      per-token masks, against the roofline (after `flexquant-rt tune --backend cuda` measured the
 #      GEMV/GEMM table), each also with programmatic dependent launch (FLEXQUANT_CUDA_PDL=1), the GEMV's
 #      L2 prefetch (FLEXQUANT_CUDA_PREFETCH=1) and both, then with an fp16 KV cache; then batched
-#      decode of 1, 4 and 16 sequences. The converter
+#      decode of 1, 4, 8 and 16 sequences, plain and with every GEMV launch on the s8 tensor cores
+#      (--mma-rows 1: cuda_mma_min_rows). The converter
 #      writes with the `gguf` package, which the device machine lacks: carry its wheel in .whl/
 #      (see the device README) and this step installs it into /tmp/site.
 # Logs and bench.json go to $OUT (the device tool's output folder) or /tmp/gpu_check.
@@ -158,7 +159,7 @@ fi
 if [ "$SANITIZER" = 1 ]; then
   stamp "== compute-sanitizer"
   cat >"$LOG/sanitize.py" <<'EOF'
-# Both paths on odd shapes (short last super-chunk, N % 8 != 0, m > 8 sliced), buffers sized exactly.
+# Every GEMV path on odd shapes (short last super-chunk, N % 8 != 0, m > 8 sliced), buffers sized exactly.
 import numpy as np
 import flexquant_rt._core as core
 from flexquant_rt import bitplane as bp
@@ -168,7 +169,9 @@ for n, k, g, m, bits in [(13, 300, 32, 3, 3), (21, 576, 128, 1, 8), (200, 1536, 
     codes, qp = bp.quantize(rng.standard_normal((n, k)).astype(np.float32), 8, g)
     planes = bp.pack_planes(codes, 8)
     x = rng.standard_normal((m, k)).astype(np.float32)
-    for path in (("tc", "fp32") if core.bitplane_cuda_tc_supports(g) else ("fp32",)):
+    paths = (("tc", "fp32") if core.bitplane_cuda_tc_supports(g) else ("fp32",)) + \
+        (("mma",) if core.bitplane_cuda_mma_supports(g) else ())
+    for path in paths:
         y = core.bitplane_matmul_cuda(np.ascontiguousarray(planes[:bits]), qp, n, k, 8, g, bits, x, path=path)
         assert np.isfinite(y).all()
     for kind in ("a8", "a16"):  # the GEMM: tile edges in m and n, K padding
@@ -215,9 +218,9 @@ for i in range(3):
 import os
 convert(HFSource(make_hf_llama(d / "wide", hidden=256, heads=2, kv_heads=1, head_dim=128, ffn=512)), d / "w.fq",
         progress=False)
-for pdl in ("0", "1"):
+for pdl, mma in (("0", 0), ("1", 0), ("1", 1)):  # and the s8 tensor-core GEMV on every launch
     os.environ["FLEXQUANT_CUDA_PDL"] = pdl
-    eng = Engine(d / "w.fq", backend="cuda", kv_dtype="f16")
+    eng = Engine(d / "w.fq", backend="cuda", kv_dtype="f16", cuda_mma_min_rows=mma)
     logits = eng.forward(rng.integers(0, 320, 140))[-1]
     for i in range(3):
         logits = eng.decode(int(np.argmax(logits)))
@@ -246,8 +249,9 @@ fi
 if [ "$PROFILE" = 1 ]; then
   # the decode step kernel by kernel (tools/gpu_profile.py: a 2-layer Llama-2-7B, context 2048)
   stamp "== decode step profile"
-  # fp32 and fp16 KV cache, plain launches and PDL (FLEXQUANT_CUDA_PDL=1)
-  limit "${T_PROFILE:-300}" "$PY" tools/gpu_profile.py --layers 2 --bits 8 --prompt 2048 --kv-dtype f32 f16 --pdl 0 1 \
+  # fp32 and fp16 KV cache, plain launches and PDL (FLEXQUANT_CUDA_PDL=1), the one-row GEMV on the binary
+  # and on the s8 tensor cores (cuda_mma_min_rows 0 and 1)
+  limit "${T_PROFILE:-300}" "$PY" tools/gpu_profile.py --layers 2 --bits 8 --prompt 2048 --kv-dtype f32 f16 --pdl 0 1 --mma-rows 0 1 \
     2>&1 | tee "$LOG/profile.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
@@ -330,7 +334,7 @@ for n, k in SHAPES:
     t_fp16, fp16_bytes = torch_linear_us(n, k)
     results["runs"].append(dict(path="torch_fp16", n=n, k=k, m=1, matmul_us=t_fp16, bytes=fp16_bytes))
     for bits in (8, 6, 4):
-        for path in ("tc", "fp32"):
+        for path in ("tc", "mma", "fp32"):
             r = bench(planes, qp, n, k, bits, 1, path)
             gbs = r["bytes"] / r["matmul_us"] / 1e3
             print(f"| {n}x{k} | {bits} | {path} | {r['warps_per_block']} | {r['matmul_us']:.1f} | {r['total_us']:.1f} | {gbs:.0f} | "
@@ -352,15 +356,19 @@ for n, k in SHAPES:
             cells.append(f"{r0['matmul_us']:.1f} / {r1['matmul_us']:.1f}" + (f" ({r0['warps_per_block']})" if w == 0 else ""))
         print(f"| {n}x{k} | {bits} | " + " | ".join(cells) + " |")
 
-print("\n## batch m, 11008x4096, bits 4: µs (matmul only)")
-n, k = 11008, 4096
-planes, qp = random_linear(n, k)
-print("| m | tc | fp32 | cuBLAS fp16 |")
-print("|---|---|---|---|")
-for m in (1, 2, 4, 8):
-    t16, _ = torch_linear_us(n, k, m)
-    print(f"| {m} | {bench(planes, qp, n, k, 4, m, 'tc')['matmul_us']:.1f} | "
-          f"{bench(planes, qp, n, k, 4, m, 'fp32')['matmul_us']:.1f} | {t16:.1f} |")
+print("\n## batch m: µs (matmul only); tc = binary tensor cores, mma = s8 tensor cores with the codes decoded in")
+print("registers (cuda_mma_min_rows in the engine); the same int8 activations")
+print("| shape | bits | m | tc | mma | mma / tc | fp32 | cuBLAS fp16 | mma GB/s |")
+print("|---|---|---|---|---|---|---|---|---|")
+for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+    planes, qp = random_linear(n, k)
+    for bits in (4, 8):
+        for m in (1, 2, 4, 8):
+            t16, _ = torch_linear_us(n, k, m)
+            tc, mm = bench(planes, qp, n, k, bits, m, "tc"), bench(planes, qp, n, k, bits, m, "mma")
+            fp = bench(planes, qp, n, k, bits, m, "fp32")["matmul_us"] if (n, k) == (11008, 4096) else float("nan")
+            print(f"| {n}x{k} | {bits} | {m} | {tc['matmul_us']:.1f} | {mm['matmul_us']:.1f} | "
+                  f"{mm['matmul_us'] / tc['matmul_us']:.2f} | {fp:.1f} | {t16:.1f} | {mm['bytes'] / mm['matmul_us'] / 1e3:.0f} |")
 
 print("\n## accuracy, 1024x4096, G 128: rel. error vs the fp64 product with fp32 activations")
 n, k = 1024, 4096
@@ -530,7 +538,11 @@ if [ "$E2E" = 1 ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   stamp "fp16-cache decode benchmark done"
   # batched decode on the GPU (several sequences, one pass per step)
-  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 128 --decode 32 --batch 1 4 16 2>&1 | tee "$LOG/e2e_batch.log"
+  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 128 --decode 32 --batch 1 4 8 16 2>&1 | tee "$LOG/e2e_batch.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # the same with every GEMV launch on the s8 tensor cores (batch 1: the one-row decode on it)
+  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 128 --decode 32 --batch 1 4 8 16 \
+    --mma-rows 1 2>&1 | tee "$LOG/e2e_batch_mma.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 

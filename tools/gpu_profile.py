@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pdl", nargs="+", type=int, default=[0], choices=[0, 1],
                     help="FLEXQUANT_CUDA_PDL values to profile (1: programmatic dependent launch; kernels then "
                          "overlap, so their summed time exceeds the step)")
+    ap.add_argument("--mma-rows", nargs="+", type=int, default=[0], choices=range(9),
+                    help="cuda_mma_min_rows values to profile (1: the one-row GEMV on the s8 tensor cores)")
     a = ap.parse_args(argv)
 
     import torch
@@ -49,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         convert(SyntheticSource(a.model, n_layers=a.layers, random_codes=True), path, progress=False)
         print(f"converted {a.model} with {a.layers} layers in {time.perf_counter() - t:.1f} s")
-    for pdl, kv, bits in [(pdl, kv, bits) for pdl in a.pdl for kv in a.kv_dtype for bits in a.bits]:
+    for pdl, mma, kv, bits in [(pdl, mma, kv, bits) for pdl in a.pdl for mma in a.mma_rows for kv in a.kv_dtype
+                               for bits in a.bits]:
         os.environ["FLEXQUANT_CUDA_PDL"] = str(pdl)  # read when the engine builds its CUDA forward pass
-        eng = fq.Engine(path, backend="cuda", n_ctx=a.prompt + a.steps + 32, kv_dtype=kv)
+        eng = fq.Engine(path, backend="cuda", n_ctx=a.prompt + a.steps + 32, kv_dtype=kv, cuda_mma_min_rows=mma)
         if eng.backend != "cuda":
             raise SystemExit(f"needs a CUDA GPU: the engine runs on {eng.backend} ({eng._eng.backend_note})")
         name_of_model = os.path.basename(path) if a.file else a.model
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = float(np.median(walls)) * 1e6
         if total <= 0:
             raise SystemExit("CUPTI recorded no kernels (is this torch built with CUDA, and the engine on the GPU?)")
-        print(f"\n## {name_of_model} x {n_layers} layers, {bits} bits, KV cache {kv}, PDL {pdl}, context {a.prompt}: "
+        print(f"\n## {name_of_model} x {n_layers} layers, {bits} bits, KV cache {kv}, PDL {pdl}, cuda_mma_min_rows {mma}, context {a.prompt}: "
               f"step {wall:.0f} µs wall (median), kernels {total:.0f} µs per step, "
               f"{(wall - total):.0f} µs outside kernels; per layer {total / n_layers:.1f} µs of kernels")
         print("| kernel | per step | µs per step | µs each | share |")

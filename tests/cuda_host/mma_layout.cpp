@@ -1,0 +1,159 @@
+// Host emulation of one launch of the MMA GEMV (cuda/bitplane_matmul.cu, bitplane_matmul_mma_kernel)
+// built from the same helpers (cuda/bitplane_mma.cuh): every warp, every lane, with the s8 mma
+// computed from the fragment registers as PTX defines them ("Matrix Fragments for
+// mma.m16n8k32", .s8: A row groupID / groupID + 8, B column groupID, C rows groupID / + 8,
+// columns 2·tig, 2·tig + 1). tests/test_mma_layout.py runs it against numpy.
+//
+// usage: mma_layout DIR   with DIR/meta.txt "n k group_size max_bits bits m",
+//   DIR/planes.bin (bits, plane_bytes) u8 (the first `bits` planes, tc8x512), DIR/q.bin (m, k) int8,
+//   DIR/sm.bin (n, n_groups, 2) f32 (s, m), DIR/aparams.bin (m, n_groups, 2) f32 (a_s, a_z)
+// writes DIR/i8.bin (m, n, n_groups) int32 and DIR/y.bin (m, n) f32.
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "bitplane_mma.cuh"
+
+using namespace flexquant;
+
+template <class T>
+std::vector<T> read_file(const std::string& path, size_t count) {
+    std::vector<T> v(count);
+    std::ifstream f(path, std::ios::binary);
+    if (!f.read(reinterpret_cast<char*>(v.data()), std::streamsize(count * sizeof(T))))
+        throw std::runtime_error("cannot read " + path);
+    return v;
+}
+template <class T>
+void write_file(const std::string& path, const std::vector<T>& v) {
+    std::ofstream f(path, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(v.data()), std::streamsize(v.size() * sizeof(T)));
+}
+
+uint8_t byte_of(uint32_t w, int i) { return uint8_t(w >> (8 * i)); }
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::fprintf(stderr, "usage: mma_layout DIR\n");
+        return 2;
+    }
+    const std::string dir = argv[1];
+    int64_t n, k, group_size, max_bits, bits, m;
+    {
+        std::ifstream meta(dir + "/meta.txt");
+        if (!(meta >> n >> k >> group_size >> max_bits >> bits >> m)) throw std::runtime_error("bad meta.txt");
+    }
+    const int64_t k_pad = (k + 127) / 128 * 128, n_tiles = (n + 7) / 8, n_groups = (k + group_size - 1) / group_size;
+    const int64_t plane_bytes = n_tiles * k_pad, n_super = (k_pad + 511) / 512, n_chunks = k_pad / 128;
+    const int last_words = int((k_pad - (n_super - 1) * 512) / 128);
+    const int64_t cpg = group_size / 128;  // chunks per group
+
+    const auto planes = read_file<uint8_t>(dir + "/planes.bin", size_t(bits * plane_bytes));
+    const auto q = read_file<int8_t>(dir + "/q.bin", size_t(m * k));
+    const auto sm = read_file<float>(dir + "/sm.bin", size_t(n * n_groups * 2));
+    const auto ap = read_file<float>(dir + "/aparams.bin", size_t(m * n_groups * 2));
+
+    // The preparation kernel's stores: q[r, col] at xa_index(col, r); K padding columns hold 0.
+    std::vector<int8_t> xa(size_t(n_chunks * 4 * mma::ROWS * 32), int8_t(0x5a));  // rows >= m: never read
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t col = 0; col < k_pad; ++col) xa[size_t(mma::xa_index(col, int(r)))] = col < k ? q[size_t(r * k + col)] : 0;
+
+    std::vector<int32_t> i8_out(size_t(m * n * n_groups), 0);
+    std::vector<float> y(size_t(m * n), 0.0f);
+    const mma::GroupConstants gc = mma::group_constants(int(max_bits), int(bits));
+
+    for (int64_t rt = 0; rt < n_tiles; ++rt) {
+        float acc[32][2] = {};  // per lane: (token g, rows 8rt + 2t, +1)
+        for (int64_t s = 0; s < n_super; ++s) {
+            const int W = s == n_super - 1 ? last_words : 4;
+            // load_planes: lane l's words j of plane p at tile + 512 s + 4 (l W + j)
+            uint32_t P[32][8][4] = {};
+            for (int l = 0; l < 32; ++l)
+                for (int p = 0; p < 8; ++p)
+                    for (int j = 0; j < W; ++j) {
+                        if (p >= bits) continue;  // the kernel zeroes planes p >= bits
+                        const size_t off = size_t(p * plane_bytes + rt * k_pad + s * 512 + 4 * (l * W + j));
+                        P[l][p][j] = uint32_t(planes[off]) | uint32_t(planes[off + 1]) << 8 |
+                                     uint32_t(planes[off + 2]) << 16 | uint32_t(planes[off + 3]) << 24;
+                    }
+            int d[32][4] = {};
+            for (int j = 0; j < W; ++j) {
+                const int64_t c = 4 * s + j;
+                if (c % cpg == 0)
+                    for (auto& dl : d) dl[0] = dl[1] = dl[2] = dl[3] = 0;
+                uint32_t b[32][4][2];
+                for (int l = 0; l < 32; ++l) {
+                    uint32_t u[8];
+                    for (int p = 0; p < 8; ++p) u[p] = P[l][p][j];
+                    mma::decode_word(u, b[l]);
+                }
+                for (int qq = 0; qq < 4; ++qq) {
+                    uint32_t a[32][4];
+                    for (int l = 0; l < 32; ++l) {
+                        const int g = l >> 2, t = l & 3;
+                        uint32_t ax = 0, ay = 0;
+                        if (g < m) {
+                            const int8_t* src = &xa[size_t(mma::xa_index(128 * c + 32 * t + 8 * qq, g))];
+                            for (int e = 0; e < 4; ++e) {
+                                ax |= uint32_t(uint8_t(src[e])) << (8 * e);
+                                ay |= uint32_t(uint8_t(src[4 + e])) << (8 * e);
+                            }
+                        }
+                        a[l][0] = ax;  // row g, logical K 4t..
+                        a[l][1] = 0;   // row g + 8
+                        a[l][2] = ay;  // row g, logical K 16 + 4t..
+                        a[l][3] = 0;
+                    }
+                    // the mma from the fragments alone
+                    int C[16][8] = {};
+                    for (int r = 0; r < 16; ++r)
+                        for (int col = 0; col < 8; ++col) {
+                            int sum = 0;
+                            for (int L = 0; L < 32; ++L) {
+                                const int tp = (L % 16) / 4, e = L % 4;
+                                const uint32_t areg = a[4 * (r % 8) + tp][(r >= 8 ? 1 : 0) + (L >= 16 ? 2 : 0)];
+                                const uint32_t breg = b[4 * col + tp][qq][L >= 16 ? 1 : 0];
+                                sum += int(int8_t(byte_of(areg, e))) * int(int8_t(byte_of(breg, e)));
+                            }
+                            C[r][col] = sum;
+                        }
+                    for (int l = 0; l < 32; ++l) {
+                        const int g = l >> 2, t = l & 3;
+                        d[l][0] += C[g][2 * t];
+                        d[l][1] += C[g][2 * t + 1];
+                        d[l][2] += C[g + 8][2 * t];
+                        d[l][3] += C[g + 8][2 * t + 1];
+                    }
+                }
+                if ((c + 1) % cpg == 0 || c == n_chunks - 1) {  // the group's end
+                    const int64_t grp = c / cpg;
+                    for (int l = 0; l < 32; ++l) {
+                        const int g = l >> 2, t = l & 3;
+                        if (g >= m) continue;
+                        for (int h = 0; h < 2; ++h) {
+                            const int64_t row = rt * 8 + 2 * t + h;
+                            if (row >= n) continue;
+                            i8_out[size_t((g * n + row) * n_groups + grp)] = d[l][h];
+                            const float* smp = &sm[size_t((row * n_groups + grp) * 2)];
+                            const float* app = &ap[size_t((g * n_groups + grp) * 2)];
+                            acc[l][h] += mma::group_term(d[l][h], app[0], app[1], smp[0], smp[1], gc);
+                        }
+                    }
+                }
+            }
+        }
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            for (int h = 0; h < 2; ++h) {
+                const int64_t row = rt * 8 + 2 * t + h;
+                if (g < m && row < n) y[size_t(g * n + row)] = acc[l][h];
+            }
+        }
+    }
+    write_file(dir + "/i8.bin", i8_out);
+    write_file(dir + "/y.bin", y);
+    return 0;
+}

@@ -54,7 +54,8 @@ namespace {
 
 constexpr int TILE_N = 8;        // rows per tile = the 8 columns of the mma's B operand
 constexpr int SUPER_K = 512;     // columns per full super-chunk (4 words per lane)
-constexpr int MAX_M = 8;         // activation rows per launch
+constexpr int MAX_M = 8;         // activation rows per launch (TC, FP32)
+constexpr int MMA_MAX_M = mma::ROWS;  // activation rows per launch of the MMA kernel: 16
 constexpr int MAX_WARPS = 16;    // warps per block (split-K)
 constexpr int AUTO_WARPS_PER_SM = 14;
 constexpr int PREP_THREADS = SUPER_K;  // the preparation kernels: one thread per column of a super-chunk
@@ -196,8 +197,8 @@ __device__ __forceinline__ int reduce_act_planes(const int (&v)[4], int b3, int 
 // y[r, 8 rt + i] = Σ_w red[w][r][i] in warp order (deterministic), for rows < n; with accumulate,
 // y[r, 8 rt + i] += that sum (the residual add of the engine's o and down linears, with the same one
 // rounding as a separate add).
-template <int M>
-__device__ __forceinline__ void write_tile(const float (&red)[MAX_WARPS][MAX_M][TILE_N], float* __restrict__ y,
+template <int M, int R>
+__device__ __forceinline__ void write_tile(const float (&red)[MAX_WARPS][R][TILE_N], float* __restrict__ y,
                                            int64_t n, int64_t rt, int n_warps, bool accumulate) {
     __syncthreads();
     for (int i = threadIdx.x; i < M * TILE_N; i += blockDim.x) {
@@ -417,14 +418,28 @@ bitplane_matmul_tc_kernel(const GemvParts parts,              // the linears (pl
 
 // ---- MMA path ------------------------------------------------------------------------------------
 
-// d (4) += A · B on the s8 tensor cores (mma m16n8k32, s32 accumulators): A rows 0..7 = the
-// activation rows (a = this lane's 8 bytes of row groupID, bitplane_mma.cuh's K order), rows 8..15
-// zeros; B = b (this lane's codes of column groupID). d0, d1 = C[groupID][2t, 2t+1]; d2, d3 stay 0.
-__device__ __forceinline__ void mma_s8(int (&d)[4], const uint2& a, const uint32_t (&b)[2]) {
+// d (4) += A · B on the s8 tensor cores (mma m16n8k32, s32 accumulators): A rows = the activation
+// rows (a = this lane's 16 bytes, bitplane_mma.cuh's K order: .x/.y row groupID, .z/.w row
+// groupID + 8); B = b (this lane's codes of column groupID). d0, d1 = C[groupID][2t, 2t+1],
+// d2, d3 = C[groupID + 8][2t, 2t+1].
+__device__ __forceinline__ void mma_s8(int (&d)[4], const uint4& a, const uint32_t (&b)[2]) {
     asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-        : "r"(a.x), "r"(0u), "r"(a.y), "r"(0u), "r"(b[0]), "r"(b[1]));
+        : "r"(a.x), "r"(a.z), "r"(a.y), "r"(a.w), "r"(b[0]), "r"(b[1]));
+}
+
+// This lane's A fragment of step (c, qq) for an M-row launch: rows g and g + 8 where they exist
+// (< M), zeros elsewhere (their outputs are never stored; unwritten scratch is never read).
+template <int M>
+__device__ __forceinline__ uint4 load_a(const uint4* __restrict__ xa, int64_t c, int qq, int g, int t) {
+    const int64_t i = ((c * 4 + qq) * 8 + g) * 4 + t;
+    if (M > 8 && g + 8 < M) return __ldg(xa + i);
+    if (g < M) {
+        const uint2 lo = __ldg(reinterpret_cast<const uint2*>(xa + i));
+        return make_uint4(lo.x, lo.y, 0u, 0u);
+    }
+    return make_uint4(0u, 0u, 0u, 0u);
 }
 
 // The TC path's product (same preparation, same int8 activations, the same exact integer sums per
@@ -432,16 +447,16 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const uint2& a, const uint32
 // (mma::decode_word: a byte gather and an 8x8 bit transposition, ~6 integer operations per code
 // byte), then one mma per 32 K instead of one b1 mma per weight plane, activation plane row and
 // group. Why: the b1 kernel's work grows with m (M · L / 2 mma per plane per 256 K, plus an
-// activation-plane butterfly per slot), this one's does not (rows 0..7 of the A tile are the m
-// activation rows), so a batched decode step of m rows reads the weights once at about the cost of
-// one row. Group sizes 128, 256, 512 (a step spans 128 K columns: bitplane_mma.cuh).
+// activation-plane butterfly per slot), this one's does not (the 16 rows of the A tile are the m
+// activation rows), so a batched decode step of up to 16 rows reads the weights once at about the
+// cost of one row. Group sizes 128, 256, 512 (a step spans 128 K columns: bitplane_mma.cuh).
 // One block = one row tile; its warps split the super-chunks (as the TC kernel: the planes of a
 // super-chunk are loaded before pdl_wait and prefetched the same way). Lane 4g + t owns the outputs
-// (row g of x, weight rows 8 rt + 2t, +1) and adds one mma::group_term per weight group.
+// (rows g and g + 8 of x, weight rows 8 rt + 2t, +1) and adds one mma::group_term per weight group.
 template <int M>
 static __global__ void __launch_bounds__(MAX_WARPS * 32)
 bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (planes, qparams, y, n)
-                           const uint2* __restrict__ xa,         // (n_chunks, 4, 8, 4): 8 bytes of q per lane
+                           const uint4* __restrict__ xa,         // (n_chunks, 4, 8, 4): rows g, g + 8 per lane
                            const float2* __restrict__ aparams,   // (M, n_groups): (a_s, a_z = a_s · Σq)
                            int64_t k_pad, int64_t n_groups, int n_super, int last_words, int group_chunk_shift,
                            int bits, int max_bits, bool accumulate, bool prefetch) {
@@ -450,7 +465,7 @@ bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (p
     const int64_t n = pt.n;
     bits = effective_bits(pt.bits_dev, bits);
     const mma::GroupConstants gc = mma::group_constants(max_bits, bits);
-    __shared__ float red[MAX_WARPS][MAX_M][TILE_N];
+    __shared__ float red[MAX_WARPS][MMA_MAX_M][TILE_N];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -458,13 +473,14 @@ bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (p
     const int64_t row0 = rt * TILE_N + 2 * t;  // this lane's weight rows row0, row0 + 1 (stored if < n)
     const __half2* q0 = pt.qparams + min(row0, n - 1) * n_groups;
     const __half2* q1 = pt.qparams + min(row0 + 1, n - 1) * n_groups;
-    const float2* ap = aparams + int64_t(g < M ? g : 0) * n_groups;
+    const float2* ap_lo = aparams + int64_t(g < M ? g : 0) * n_groups;          // x row g
+    const float2* ap_hi = aparams + int64_t(g + 8 < M ? g + 8 : 0) * n_groups;  // x row g + 8
     const uint8_t* tile = pt.planes + rt * k_pad;
     const uint64_t plane_bytes = pt.plane_bytes;
     const int64_t last_chunk = k_pad / 128 - 1;
     const int64_t group_mask = (int64_t(1) << group_chunk_shift) - 1;  // chunks per group - 1
 
-    float acc0 = 0.0f, acc1 = 0.0f;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (x row g, g + 8) x (weight row row0, row0 + 1), as d
     uint4 P[8];
     if (warp < n_super)
         load_planes(P, tile + int64_t(warp) * SUPER_K, plane_bytes, bits, warp == n_super - 1 ? last_words : 4, lane);
@@ -484,10 +500,9 @@ bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (p
         for (int j = 0; j < 4; ++j) {
             if (j >= W) break;
             const int64_t c = 4 * int64_t(s) + j;  // the 128-column chunk
-            uint2 a[4];
+            uint4 a[4];
 #pragma unroll
-            for (int qq = 0; qq < 4; ++qq)
-                a[qq] = g < M ? __ldg(xa + ((c * 4 + qq) * mma::ROWS + g) * 4 + t) : make_uint2(0u, 0u);
+            for (int qq = 0; qq < 4; ++qq) a[qq] = load_a<M>(xa, c, qq, g, t);
             uint32_t u[8], b[4][2];
 #pragma unroll
             for (int p = 0; p < 8; ++p) u[p] = word_of(P[p], j);
@@ -497,18 +512,27 @@ bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (p
             if (((c + 1) & group_mask) == 0 || c == last_chunk) {  // the group ends with this chunk
                 const int64_t grp = c >> group_chunk_shift;
                 if (g < M) {
-                    const float2 av = __ldg(ap + grp);
                     const float2 w0 = __half22float2(__ldg(q0 + grp)), w1 = __half22float2(__ldg(q1 + grp));
-                    acc0 += mma::group_term(d[0], av.x, av.y, w0.x, w0.y, gc);
-                    acc1 += mma::group_term(d[1], av.x, av.y, w1.x, w1.y, gc);
+                    const float2 av = __ldg(ap_lo + grp);
+                    acc[0] += mma::group_term(d[0], av.x, av.y, w0.x, w0.y, gc);
+                    acc[1] += mma::group_term(d[1], av.x, av.y, w1.x, w1.y, gc);
+                    if (M > 8 && g + 8 < M) {
+                        const float2 bv = __ldg(ap_hi + grp);
+                        acc[2] += mma::group_term(d[2], bv.x, bv.y, w0.x, w0.y, gc);
+                        acc[3] += mma::group_term(d[3], bv.x, bv.y, w1.x, w1.y, gc);
+                    }
                 }
-                d[0] = d[1] = 0;
+                d[0] = d[1] = d[2] = d[3] = 0;
             }
         }
     }
     if (g < M) {
-        red[warp][g][2 * t] = acc0;
-        red[warp][g][2 * t + 1] = acc1;
+        red[warp][g][2 * t] = acc[0];
+        red[warp][g][2 * t + 1] = acc[1];
+    }
+    if (M > 8 && g + 8 < M) {
+        red[warp][g + 8][2 * t] = acc[2];
+        red[warp][g + 8][2 * t + 1] = acc[3];
     }
     write_tile<M>(red, pt.y, n, rt, n_warps, accumulate);
 }
@@ -619,7 +643,7 @@ using TcKernel = void (*)(const GemvParts, const uint4*, const float2*, int64_t,
                           bool);
 using Fp32Kernel = void (*)(const GemvParts, const float*, const float*, int64_t, int64_t, int, int, int, int, int,
                             bool, bool);
-using MmaKernel = void (*)(const GemvParts, const uint2*, const float2*, int64_t, int64_t, int, int, int, int, int,
+using MmaKernel = void (*)(const GemvParts, const uint4*, const float2*, int64_t, int64_t, int, int, int, int, int,
                            bool, bool);
 
 template <int M>
@@ -655,7 +679,15 @@ MmaKernel mma_kernel(int m) {
         case 5: return bitplane_matmul_mma_kernel<5>;
         case 6: return bitplane_matmul_mma_kernel<6>;
         case 7: return bitplane_matmul_mma_kernel<7>;
-        default: return bitplane_matmul_mma_kernel<8>;
+        case 8: return bitplane_matmul_mma_kernel<8>;
+        case 9: return bitplane_matmul_mma_kernel<9>;
+        case 10: return bitplane_matmul_mma_kernel<10>;
+        case 11: return bitplane_matmul_mma_kernel<11>;
+        case 12: return bitplane_matmul_mma_kernel<12>;
+        case 13: return bitplane_matmul_mma_kernel<13>;
+        case 14: return bitplane_matmul_mma_kernel<14>;
+        case 15: return bitplane_matmul_mma_kernel<15>;
+        default: return bitplane_matmul_mma_kernel<16>;
     }
 }
 
@@ -699,7 +731,7 @@ int pick_warps(const Geometry& g, int warps_per_block) {
     return std::min(w, g.n_super);
 }
 
-// Scratch of one launch of m <= 8 rows, each part 256-aligned: [activations][group or word params]
+// Scratch of one launch of m rows (<= 8; MMA <= 16), each part 256-aligned: [activations][group or word params]
 // and, for the int8 paths (TC and MMA share one preparation, so either kernel runs from it), [xa]
 // the same q in the MMA kernel's order (8 row slots x k_pad bytes).
 struct Scratch {
@@ -728,7 +760,7 @@ size_t scratch_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
     return align256(acts_bytes(g, m, path)) + align256(params_bytes(g, m, path)) + align256(xa_bytes(g, path));
 }
 
-// x (m <= 8, k) -> the scratch of `path`.
+// x (m, k), m <= bitplane_cuda_launch_rows(path) -> the scratch of `path`.
 void bitplane_prepare_launch(const Geometry& g, const float* x, int64_t m, BitplaneCudaPath path, const Scratch& sc,
                              cudaStream_t stream) {
     const dim3 grid(unsigned(g.n_super), unsigned(m));
@@ -757,7 +789,7 @@ int64_t total_tiles(const GemvParts& parts) {
     return last.tile0 + ceil_div(last.n, TILE_N);
 }
 
-// y_i (m <= 8, n_i) of every part from the prepared scratch (accumulate: y_i += it); g: the
+// y_i (m, n_i) (m <= the path's launch rows) of every part from the prepared scratch (accumulate: y_i += it); g: the
 // geometry the parts share (k, group size). bits_dev: see effective_bits.
 void bitplane_matmul_launch(const Geometry& g, const GemvParts& parts, int bits, int max_bits, int64_t m,
                             BitplaneCudaPath path, const Scratch& sc, int warps, bool prefetch, cudaStream_t stream,
@@ -771,7 +803,7 @@ void bitplane_matmul_launch(const Geometry& g, const GemvParts& parts, int bits,
                       group_shift, bits, max_bits, accumulate, prefetch);
     } else if (path == BITPLANE_CUDA_MMA) {
         const int group_chunk_shift = g.group_size == 128 ? 0 : g.group_size == 256 ? 1 : 2;
-        launch_kernel(mma_kernel(int(m)), grid, block, 0, stream, parts, static_cast<const uint2*>(sc.xa),
+        launch_kernel(mma_kernel(int(m)), grid, block, 0, stream, parts, static_cast<const uint4*>(sc.xa),
                       static_cast<const float2*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
                       group_chunk_shift, bits, max_bits, accumulate, prefetch);
     } else {
@@ -790,6 +822,13 @@ void check(bool ok, const std::string& fn, const std::string& what) {
 void validate(const BitplaneLinear& w, int bits, int64_t m, const std::string& fn) {
     check_bitplane_view(w, bits, m, fn);
     check(ceil_div(w.n, TILE_N) <= int64_t(0x7fffffff) && ceil_div(w.k, SUPER_K) <= 65535, fn, "linear too large");
+}
+
+// 1..8 rows per launch (TC, FP32), 1..16 for MMA (the 16 rows of its mma tile).
+void check_launch_rows(int64_t m, BitplaneCudaPath path, const std::string& fn) {
+    const int rows = bitplane_cuda_launch_rows(path);
+    check(m >= 1 && m <= rows, fn,
+          "m must be in 1.." + std::to_string(rows) + " for this path, got " + std::to_string(m));
 }
 
 void validate_tuning(const BitplaneCudaTuning& tuning, const std::string& fn) {
@@ -838,9 +877,11 @@ BitplaneCudaPath bitplane_cuda_resolve_path(const BitplaneLinear& w, BitplaneCud
     return path;
 }
 
+int bitplane_cuda_launch_rows(BitplaneCudaPath path) { return path == BITPLANE_CUDA_MMA ? MMA_MAX_M : MAX_M; }
+
 size_t bitplane_matmul_cuda_workspace(const BitplaneLinear& w, int64_t m, BitplaneCudaPath path) {
     path = bitplane_cuda_resolve_path(w, path);
-    return scratch_bytes(geometry(w), std::min<int64_t>(std::max<int64_t>(m, 1), MAX_M), path);
+    return scratch_bytes(geometry(w), std::min<int64_t>(std::max<int64_t>(m, 1), bitplane_cuda_launch_rows(path)), path);
 }
 
 void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y,
@@ -862,8 +903,9 @@ void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* 
 
     const Geometry g = geometry(w);
     const int warps = pick_warps(g, tuning.warps_per_block);
-    for (int64_t r0 = 0; r0 < m; r0 += MAX_M) {  // the workspace is reused in stream order
-        const int64_t mm = std::min<int64_t>(MAX_M, m - r0);
+    const int64_t rows = bitplane_cuda_launch_rows(path);
+    for (int64_t r0 = 0; r0 < m; r0 += rows) {  // the workspace is reused in stream order
+        const int64_t mm = std::min<int64_t>(rows, m - r0);
         const Scratch sc = carve(g, mm, path, workspace);
         bitplane_prepare_launch(g, x + r0 * w.k, mm, path, sc, stream);
         bitplane_matmul_launch(g, single_part(w.planes, w.plane_bytes, w.qparams, y + r0 * w.n, w.n, bits_dev), bits,
@@ -877,7 +919,7 @@ namespace {
 void validate_async(const BitplaneLinear& w, int bits, int64_t m, const void* workspace, size_t workspace_bytes,
                     BitplaneCudaPath path, const std::string& fn) {
     validate(w, bits, m, fn);
-    check(m >= 1 && m <= MAX_M, fn, "m must be in 1..8, got " + std::to_string(m));
+    check_launch_rows(m, path, fn);
     check(w.planes && w.qparams && workspace, fn, "null pointer");
     check(reinterpret_cast<uintptr_t>(w.planes) % 16 == 0, fn, "planes must be 16-byte aligned");
     check(reinterpret_cast<uintptr_t>(w.qparams) % 4 == 0, fn, "qparams must be 4-byte aligned");
@@ -901,11 +943,13 @@ void bitplane_prepare_cuda_async(const BitplaneLinear& w, const float* x, int64_
 
 void bitplane_prepare_fused_cuda_async(const BitplaneLinear& w, BitplanePrepareFusion op, const float* x,
                                        const float* aux, float eps, int64_t m, float* out, void* workspace,
-                                       size_t workspace_bytes, CUstream_st* stream) {
+                                       size_t workspace_bytes, CUstream_st* stream, BitplaneCudaPath path) {
     const std::string fn = "bitplane_prepare_fused_cuda_async";
     check(op == BITPLANE_FUSE_RMS_NORM || op == BITPLANE_FUSE_SWIGLU, fn,
           "op must be BITPLANE_FUSE_RMS_NORM or BITPLANE_FUSE_SWIGLU, got " + std::to_string(int(op)));
-    const BitplaneCudaPath path = bitplane_cuda_resolve_path(w, BITPLANE_CUDA_TC);  // throws for other group sizes
+    check(path == BITPLANE_CUDA_TC || path == BITPLANE_CUDA_MMA, fn,
+          "path must be TC or MMA (the paths of the int8 preparation), got " + std::to_string(int(path)));
+    path = bitplane_cuda_resolve_path(w, path);  // throws for group sizes the path lacks
     validate_async(w, w.max_bits, m, workspace, workspace_bytes, path, fn);
     check(x && aux && out, fn, "null pointer");
     const Geometry g = geometry(w);
@@ -983,7 +1027,7 @@ void bitplane_matmul_multi_cuda(const BitplaneLinear* ws, const int* bits, int c
     validate_tuning(tuning, fn);
     check(count >= 1 && count <= MAX_PARTS, fn,
           "count must be in 1.." + std::to_string(MAX_PARTS) + ", got " + std::to_string(count));
-    check(m >= 1 && m <= MAX_M, fn, "m must be in 1..8, got " + std::to_string(m));
+    check_launch_rows(m, bitplane_cuda_resolve_path(ws[0], path), fn);
     int cap = 2;  // the launch's bits: a cap; linear i runs at bits[i] <= cap from device memory
     for (int i = 0; i < count; ++i) {
         validate(ws[i], bits[i], m, fn + " (linear " + std::to_string(i) + ")");
@@ -1045,9 +1089,9 @@ void bitplane_matmul_fused_cuda(const BitplaneLinear& w, int bits, BitplanePrepa
           "path must be TC or MMA (the paths of the int8 preparation), got " + std::to_string(int(path)));
     path = bitplane_cuda_resolve_path(w, path);
     check(w.planes && w.qparams && x && aux && y && out, fn, "null pointer");
-    check(m >= 1 && m <= MAX_M, fn, "m must be in 1..8, got " + std::to_string(m));
+    check_launch_rows(m, path, fn);
     const DeviceLinear dw(w, bits, fn);
-    const size_t ws_bytes = bitplane_matmul_cuda_workspace(w, m, BITPLANE_CUDA_TC);
+    const size_t ws_bytes = bitplane_matmul_cuda_workspace(w, m, path);
     const size_t aux_n = op == BITPLANE_FUSE_RMS_NORM ? size_t(w.k) : size_t(m) * w.k;
     DeviceBuffer<float> xd(size_t(m) * w.k, fn), ad(aux_n, fn), od(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
     DeviceBuffer<uint8_t> ws(ws_bytes, fn);
@@ -1057,7 +1101,7 @@ void bitplane_matmul_fused_cuda(const BitplaneLinear& w, int bits, BitplanePrepa
     poison(yd, size_t(m) * w.n, fn + " y");
     // SwiGLU in place, as the engine runs it (out = x = the gate)
     float* const o = op == BITPLANE_FUSE_SWIGLU ? xd.get() : od.get();
-    bitplane_prepare_fused_cuda_async(dw.view, op, xd.get(), ad.get(), eps, m, o, ws.get(), ws_bytes, nullptr);
+    bitplane_prepare_fused_cuda_async(dw.view, op, xd.get(), ad.get(), eps, m, o, ws.get(), ws_bytes, nullptr, path);
     bitplane_matmul_prepared_cuda_async(dw.view, bits, m, yd.get(), ws.get(), ws_bytes, path, nullptr);
     download(y, yd, size_t(m) * w.n, fn + " y");
     download(out, op == BITPLANE_FUSE_SWIGLU ? xd : od, size_t(m) * w.k, fn + " out");
@@ -1112,7 +1156,7 @@ BitplaneCudaTiming bitplane_matmul_cuda_bench(const BitplaneLinear& w, int bits,
     const std::string fn = "bitplane_matmul_cuda_bench";
     validate(w, bits, m, fn);
     path = bitplane_cuda_resolve_path(w, path);
-    check(m >= 1 && m <= MAX_M, fn, "m must be in 1..8, got " + std::to_string(m));
+    check_launch_rows(m, path, fn);
     check(w.planes && w.qparams && x, fn, "null pointer");
     check(reps >= 1 && copies >= 0, fn, "reps must be >= 1 and copies >= 0");
     validate_tuning(tuning, fn);

@@ -18,7 +18,8 @@
 //  - MMA, "W{k}A8" too: the TC path's preparation and int8 activations (the same exact integer
 //    sums per group; the fp32 epilogue differs in rounding only), but the codes are decoded from the
 //    planes in registers and multiplied on the s8 tensor cores (mma m16n8k32), one mma per 32 K for
-//    all m <= 8 rows at once, so its cost hardly grows with m (batched decode). Group sizes 128, 256
+//    all m <= 16 rows at once (16 per launch), so its cost hardly grows with m (batched decode).
+//    Group sizes 128, 256
 //    and 512. Layout and arithmetic: cuda/bitplane_mma.cuh. Not yet measured on a GPU: opt-in.
 //  - FP32: fp32 activations, bit-serial on the CUDA cores. Any group size; the accuracy reference.
 #pragma once
@@ -61,6 +62,10 @@ bool bitplane_cuda_tc_supports(int group_size);
 // Whether the MMA path handles this group size (128, 256, 512).
 bool bitplane_cuda_mma_supports(int group_size);
 
+// Activation rows one launch of this path takes (the async entry points slice larger m): 16 for
+// MMA (the 16 rows of its mma tile), 8 for TC and FP32.
+int bitplane_cuda_launch_rows(BitplaneCudaPath path);
+
 // The path AUTO resolves to for this linear (TC or FP32; MMA is only taken when asked for). Throws
 // for a path that cannot run this linear's group size.
 BitplaneCudaPath bitplane_cuda_resolve_path(const BitplaneLinear& w, BitplaneCudaPath path);
@@ -72,8 +77,8 @@ size_t bitplane_matmul_cuda_workspace(const BitplaneLinear& w, int64_t m, Bitpla
 // Device-resident product, asynchronous on `stream` (nullptr: the legacy default stream).
 // w.planes (>= bits, plane_bytes), w.qparams (n, n_groups, 2), x (m, k) fp32, y (m, n) fp32 and
 // workspace (workspace_bytes >= bitplane_matmul_cuda_workspace(w, m, path)) are device pointers.
-// Any m >= 0 (launched in slices of 8 rows: two launches each, the activation preparation and the
-// product). bits_dev (optional, device int32): the kernels read their bit-width from it when they
+// Any m >= 0 (launched in slices of bitplane_cuda_launch_rows(path) rows: two launches each, the
+// activation preparation and the product). bits_dev (optional, device int32): the kernels read their bit-width from it when they
 // run, clamped to 2..bits (`bits` planes must be present), so a CUDA graph captured once follows a
 // mask the host rewrites between replays. accumulate: y (m, n) += the product (a fused residual add,
 // the same one rounding as adding afterwards) instead of y = it.
@@ -82,7 +87,8 @@ void bitplane_matmul_cuda_async(const BitplaneLinear& w, int bits, const float* 
                                 CUstream_st* stream, const BitplaneCudaTuning& tuning = {},
                                 const int32_t* bits_dev = nullptr, bool accumulate = false);
 
-// The two halves of bitplane_matmul_cuda_async for m <= 8 rows, so that linears reading the same
+// The two halves of bitplane_matmul_cuda_async for m <= bitplane_cuda_launch_rows(path) rows (8; MMA:
+// 16), so that linears reading the same
 // input (q, k and v; gate and up) prepare it once. Prepare x (m, k) into the workspace for linears
 // of w's k and group_size, then run any number of such linears from it (same path and m).
 void bitplane_prepare_cuda_async(const BitplaneLinear& w, const float* x, int64_t m, void* workspace,
@@ -106,15 +112,17 @@ void bitplane_matmul_prepared_multi_cuda_async(const BitplaneLinear* ws, int cou
                                                const int32_t* const* bits_devs = nullptr, bool accumulate = false,
                                                const BitplaneCudaTuning& tuning = {});
 
-// bitplane_prepare_cuda_async on the TC path (m <= 8 rows) fused with the op before the linear, one
-// launch instead of two (a decode step is latency-bound). It writes the op's output to `out` (m, k)
-// too, bit for bit what the op's own launch gives, and prepares it:
+// bitplane_prepare_cuda_async for `path` (TC, m <= 8 rows, or MMA, m <= 16: the same preparation)
+// fused with the op before the linear, one launch instead of two (a decode step is latency-bound).
+// It writes the op's output to `out` (m, k) too, bit for bit what the op's own launch gives, and
+// prepares it:
 //   RMS_NORM: out = rms_norm(x, aux = weight (k), eps)  (rms_norm_launch; out must not be x)
 //   SWIGLU:   out = silu(x) · aux, aux = up (m, k)       (swiglu_launch; out may be x)
 enum BitplanePrepareFusion { BITPLANE_FUSE_RMS_NORM = 1, BITPLANE_FUSE_SWIGLU = 2 };
 void bitplane_prepare_fused_cuda_async(const BitplaneLinear& w, BitplanePrepareFusion op, const float* x,
                                        const float* aux, float eps, int64_t m, float* out, void* workspace,
-                                       size_t workspace_bytes, CUstream_st* stream);
+                                       size_t workspace_bytes, CUstream_st* stream,
+                                       BitplaneCudaPath path = BITPLANE_CUDA_TC);
 
 // Host memory in and out (tests, tools): uploads the first `bits` planes, the qparams and x,
 // runs bitplane_matmul_cuda_async on the current device, downloads y (m, n). Synchronous. The
@@ -124,17 +132,17 @@ void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int
                           BitplaneCudaPath path = BITPLANE_CUDA_AUTO, const BitplaneCudaTuning& tuning = {},
                           const float* y0 = nullptr);
 
-// Host memory in and out (tests): x (m <= 8, k) prepared once, then the linears ws (count) in one
-// bitplane_matmul_prepared_multi_cuda_async launch, linear i at bits[i] (read from device memory, as
-// the engine's mask) -> ys[i] (m, n_i), each poisoned first.
+// Host memory in and out (tests): x (m <= the path's launch rows, k) prepared once, then the
+// linears ws (count) in one bitplane_matmul_prepared_multi_cuda_async launch, linear i at bits[i]
+// (read from device memory, as the engine's mask) -> ys[i] (m, n_i), each poisoned first.
 void bitplane_matmul_multi_cuda(const BitplaneLinear* ws, const int* bits, int count, const float* x, int64_t m,
                                 float* const* ys, BitplaneCudaPath path = BITPLANE_CUDA_AUTO,
                                 const BitplaneCudaTuning& tuning = {});
 
 // Host memory in and out (tests): bitplane_prepare_fused_cuda_async then the GEMV (path TC or MMA:
-// both read that preparation) on m <= 8 rows of x (m, k); aux: the norm weight (k) or up (m, k).
-// -> y (m, n) and the op's output out (m, k) (SWIGLU in place, as the engine runs it). Outputs
-// poisoned first.
+// both read that preparation) on m rows of x (m, k) (<= 8; MMA <= 16); aux: the norm weight (k)
+// or up (m, k). -> y (m, n) and the op's output out (m, k) (SWIGLU in place, as the engine runs
+// it). Outputs poisoned first.
 void bitplane_matmul_fused_cuda(const BitplaneLinear& w, int bits, BitplanePrepareFusion op, const float* x,
                                 const float* aux, float eps, int64_t m, float* y, float* out,
                                 BitplaneCudaPath path = BITPLANE_CUDA_TC);

@@ -22,8 +22,10 @@
 // the same K). The 4 lanes t = 0..3 of a step span 128 columns, so a step never mixes two weight
 // groups only when group_size is a multiple of 128: the path takes 128, 256 and 512.
 //
-// The activations are stored in that order by the preparation kernel (xa_index): a lane's 8 bytes
-// of a step are one 8-byte load, the warp's 256 bytes contiguous.
+// The activations are stored in that order by the preparation kernel (xa_index), up to 16 rows:
+// A rows 0..7 are activation rows r = g (h = 0), rows 8..15 are r = g + 8 (h = 1), and a lane's
+// 16 bytes of a step (row g, then row g + 8) are one 16-byte load, the warp's 512 bytes contiguous
+// (8 bytes when the launch has at most 8 rows).
 //
 // tests/test_mma_layout.py compiles this header on the host and emulates a warp with it against
 // numpy (every lane, the PTX fragment layout, the planes as the converter packs them).
@@ -40,15 +42,16 @@
 namespace flexquant {
 namespace mma {
 
-constexpr int ROWS = 8;  // activation rows per launch (A rows 0..7; rows 8..15 of the mma are zeros)
+constexpr int ROWS = 16;  // activation rows per launch: the 16 A rows of the mma
 
-// Byte offset in the prepared activations xa (n_chunks, 4, ROWS, 32) int8 of activation row r,
-// K column col (< k_pad): chunk c = col / 128, then (qq, r, t, e) as above. Lane 4g + t of step
-// (c, qq) reads the 8 bytes at xa_index(c·128 + 32t + 8qq, g).
+// Byte offset in the prepared activations xa (n_chunks, 4, 8, 4, 2, 8) int8 of activation row
+// r = g + 8h (< 16), K column col (< k_pad): chunk c = col / 128, then (qq, g, t, h, e) as above.
+// Lane 4g + t of step (c, qq) reads the 16 bytes at xa_index(c·128 + 32t + 8qq, g): row g's 8,
+// then row g + 8's.
 FQ_MMA_HD int64_t xa_index(int64_t col, int r) {
     const int64_t c = col >> 7;
     const int in = int(col & 127), t = in >> 5, qq = (in >> 3) & 3, e = in & 7;
-    return (((c * 4 + qq) * ROWS + r) * 4 + t) * 8 + e;
+    return ((((c * 4 + qq) * 8 + (r & 7)) * 4 + t) * 2 + (r >> 3)) * 8 + e;
 }
 
 // __byte_perm(x, y, s) (CUDA Math API): byte i of the result = byte (nibble i of s) of the 8

@@ -44,6 +44,7 @@ namespace flexquant {
 
 namespace {
 
+constexpr int64_t MMA_SLICE = 16;      // rows per launch of the MMA GEMV (cuda_mma_min_rows > 0)
 constexpr int64_t SLICE = 8;           // rows per GEMV pass: the bit-plane GEMV kernels take up to 8
 constexpr int64_t PREFILL_ROWS = 1024;  // rows per prompt pass when the GEMM is on (the unpack of the planes is per pass)
 constexpr int64_t MAX_GEMM_ROWS = 4096;  // a larger gemm_min_rows turns the GEMM off (buffers scale with it)
@@ -125,7 +126,7 @@ struct CudaForward::Impl {
     std::vector<void*> k_cache, v_cache;  // n_layers x (n_seq, n_ctx, Hkv, d)
     float *x = nullptr, *h = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr;
     float *g = nullptr, *u = nullptr, *logits = nullptr, *partial = nullptr;
-    void* ws = nullptr;  // the GEMV's scratch (the prepared input of the current linears, <= 8 rows)
+    void* ws = nullptr;  // the GEMV's scratch (the prepared input of the current linears, <= 8 rows; MMA 16)
     size_t ws_bytes = 0;
     void* ws_gemm = nullptr;  // the GEMM's (codes of one linear, the pass's activations): apart, so
     size_t ws_gemm_bytes = 0; // that a GEMM between two GEMV linears keeps their prepared input
@@ -184,11 +185,19 @@ struct CudaForward::Impl {
     }
     // The GEMV kernel of a launch of `rows` rows prepared for `path`: the TC path's preparation also
     // serves the MMA kernel (s8 tensor cores), which runs from p.mma_min_rows rows where the group
-    // size allows it (the sliced call of more than 8 rows launches full slices of 8).
+    // size allows it.
     BitplaneCudaPath gemv_kernel(BitplaneCudaPath path, int group_size, int64_t rows) const {
         const bool mma = path == BITPLANE_CUDA_TC && p.mma_min_rows > 0 && rows >= p.mma_min_rows &&
                          bitplane_cuda_mma_supports(group_size);
         return mma ? BITPLANE_CUDA_MMA : path;
+    }
+    // The kernel of T rows that do not fit one launch: the sliced call launches full slices first.
+    BitplaneCudaPath gemv_slices_kernel(BitplaneCudaPath path, int group_size, int64_t T) const {
+        return gemv_kernel(path, group_size, std::min<int64_t>(T, MMA_SLICE));
+    }
+    // Rows one GEMV launch takes when T rows come: 16 when they run on the MMA kernel, else 8.
+    int64_t gemv_launch_rows(BitplaneCudaPath path, int group_size, int64_t T) const {
+        return bitplane_cuda_launch_rows(gemv_slices_kernel(path, group_size, T));
     }
     // Linears js, all reading xin (T rows), into ys. xin is prepared once per kernel family (q, k
     // and v; gate and up share it): for the GEMM always, for the GEMV when T <= SLICE (with more rows
@@ -225,13 +234,14 @@ struct CudaForward::Impl {
                 gemm_prepared_g = g;
                 bitplane_gemm_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws_gemm, ws_gemm_bytes, BITPLANE_GEMM_A8,
                                                   stream, bits_dev() + j, 0, accumulate);
-            } else if (T <= SLICE) {
+            } else if (T <= gemv_launch_rows(lin_path[j], g, T)) {
                 const BitplaneCudaPath pj = lin_path[j];
                 const bool same_input = prepared_g == g && prepared_path == pj;
                 const bool joins = same_input && n_batch > 0 && n_batch < BITPLANE_MAX_MULTI &&
                                    batch[0].max_bits == lin[j].max_bits;
                 if (!joins) flush();  // (before a new preparation overwrites the scratch it reads)
-                if (!same_input) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, pj, stream);
+                // (prepared for the kernel that will run: TC and MMA share the preparation, MMA takes 16 rows)
+                if (!same_input) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, gemv_kernel(pj, g, T), stream);
                 prepared_g = g;
                 prepared_path = pj;
                 batch[n_batch] = lin[j];
@@ -240,8 +250,8 @@ struct CudaForward::Impl {
                 ++n_batch;
             } else {
                 bitplane_matmul_cuda_async(lin[j], p.bits_cap, xin, T, out, ws, ws_bytes,
-                                           gemv_kernel(lin_path[j], lin[j].group_size, SLICE), stream, {},
-                                           bits_dev() + j, accumulate);
+                                           gemv_slices_kernel(lin_path[j], g, T), stream, {}, bits_dev() + j,
+                                           accumulate);
                 prepared_g = 0;  // the slices overwrote the GEMV's prepared input
             }
         }
@@ -252,8 +262,9 @@ struct CudaForward::Impl {
     // (T <= SLICE, TC path; returns the group size prepared, for linears()), else the op alone (0).
     int fused_prepare(BitplanePrepareFusion op, const float* xin, const float* aux, int64_t T, float* out, size_t j) {
         const BitplaneLinear& w = lin[j];
-        if (T <= SLICE && lin_path[j] == BITPLANE_CUDA_TC) {
-            bitplane_prepare_fused_cuda_async(w, op, xin, aux, cfg.rms_norm_eps, T, out, ws, ws_bytes, stream);
+        if (lin_path[j] == BITPLANE_CUDA_TC && T <= gemv_launch_rows(BITPLANE_CUDA_TC, w.group_size, T)) {
+            bitplane_prepare_fused_cuda_async(w, op, xin, aux, cfg.rms_norm_eps, T, out, ws, ws_bytes, stream,
+                                              gemv_kernel(BITPLANE_CUDA_TC, w.group_size, T));
             return w.group_size;
         }
         if (op == BITPLANE_FUSE_RMS_NORM)
@@ -305,8 +316,10 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
     const int64_t first = all_rows ? 0 : T - 1, rows = T - first;
     const size_t j_head = size_t(n_lin - 1);
     const int pg = fused_prepare(BITPLANE_FUSE_RMS_NORM, x + first * D, out_norm, rows, h, j_head);
-    for (int64_t r0 = 0; r0 < rows; r0 += SLICE) {  // the GEMV, 8 rows per launch
-        const int64_t n = std::min<int64_t>(SLICE, rows - r0);
+    // the GEMV, 8 rows per launch (16 on the MMA kernel)
+    const int64_t head_step = gemv_launch_rows(lin_path[j_head], lin[j_head].group_size, rows);
+    for (int64_t r0 = 0; r0 < rows; r0 += head_step) {
+        const int64_t n = std::min<int64_t>(head_step, rows - r0);
         linears({j_head}, h + r0 * D, n, {logits + r0 * V}, false, r0 == 0 ? pg : 0);
     }
     entropy_and_top1_launch(logits, V, sig, stream, all_rows ? rows : 1);
@@ -340,8 +353,8 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     // long span is latency-bound before it is bandwidth-bound (spans of 256 measured 30 µs a layer
     // at 2048 positions, fp32 cache, on the H100: 2.2 TB/s).
     e.n_splits = int(std::clamp<int64_t>((params.n_ctx + 127) / 128, 1, 32));
-    if (params.mma_min_rows < 0 || params.mma_min_rows > int(SLICE))
-        throw Error(fn + ": mma_min_rows = " + std::to_string(params.mma_min_rows) + " is outside 0..8");
+    if (params.mma_min_rows < 0 || params.mma_min_rows > int(MMA_SLICE))
+        throw Error(fn + ": mma_min_rows = " + std::to_string(params.mma_min_rows) + " is outside 0..16");
     // The GEMM computes with the int8 activations of the GEMV's TC path; where that path does not
     // apply (fp32 reference asked for, or a group size it lacks), prompts stay on the GEMV so that
     // prefill and decode use the same arithmetic.
@@ -388,8 +401,11 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     for (size_t j = 0; j < lin.size(); ++j) {
         // either path: set_fp32_activations may move a linear to FP32 (the larger scratch)
         e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, BITPLANE_CUDA_FP32));
-        if (e.lin_path[j] == BITPLANE_CUDA_TC)
+        if (e.lin_path[j] == BITPLANE_CUDA_TC) {
             e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, BITPLANE_CUDA_TC));
+            const BitplaneCudaPath mma = e.gemv_kernel(BITPLANE_CUDA_TC, lin[j].group_size, MMA_SLICE);
+            e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], MMA_SLICE, mma));
+        }
         // the GEMM's scratch (codes of one linear + the pass's activations); never for the LM head
         if (e.use_gemm && j + 1 < lin.size())
             e.ws_gemm_bytes = std::max(e.ws_gemm_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A8));
@@ -688,7 +704,8 @@ std::vector<std::array<int64_t, 4>> CudaForward::tune(int64_t max_m, int repeats
                                                  BITPLANE_GEMM_A8, e.stream);
                     else
                         bitplane_matmul_cuda_async(e.lin[j], bits, x.get(), m, y.get(), e.ws, e.ws_bytes,
-                                                   e.gemv_kernel(e.lin_path[j], e.lin[j].group_size, SLICE), e.stream);
+                                                   e.gemv_slices_kernel(e.lin_path[j], e.lin[j].group_size, m),
+                                                   e.stream);
                 }
                 cuda_check(cudaEventRecord(stop, e.stream), fn);
                 cuda_check(cudaEventSynchronize(stop), fn + " (timing)");

@@ -594,14 +594,15 @@ def test_mma_matches_reference_and_tc_every_bit_width(group_size, k):
 
 @pytest.mark.parametrize("group_size", MMA_GROUPS)
 def test_mma_every_m_and_split(group_size):
-    """m = 1..8 per launch (compiled per value), 11 and 17 in slices of 8, any warps per block."""
+    """m = 1..16 per launch (compiled per value; rows 9..16 are the mma tile's lower half), 17 and 35
+    in slices of 16, any warps per block."""
     rng = np.random.default_rng([group_size, 37])
     n, k, max_bits = 200, 4096 + 384, 7
     codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
-    for m in list(range(1, 9)) + [11, 17]:
+    for m in list(range(1, 17)) + [17, 35]:
         bits = 2 + m % (max_bits - 1)
         x = make_x(rng, m, k)
-        for warps in ((0, 1, 3, 16) if m in (1, 8) else (0,)):
+        for warps in ((0, 1, 3, 16) if m in (1, 8, 9, 16) else (0,)):
             run_and_check("mma", codes, qparams, planes, x, bits, max_bits, group_size,
                           f"mma G={group_size} m={m} bits={bits} warps={warps}", warps=warps)
 
@@ -650,7 +651,7 @@ def test_mma_multi_launch_accumulate_prefetch(group_size):
     lins = [make_linear(rng, n, k, 8, group_size) for n in ns]
     planes = [np.ascontiguousarray(lin[2][:b]) for lin, b in zip(lins, bits)]
     qps = [lin[1] for lin in lins]
-    for m in (1, 3, 8):
+    for m in (1, 3, 8, 13, 16):
         x = make_x(rng, m, k)
         for warps in (1, 2):
             ys = core.bitplane_matmul_multi_cuda(planes, qps, ns, k, 8, group_size, bits, x, path="mma", warps=warps)
@@ -675,7 +676,7 @@ def test_mma_from_the_fused_preparation(op, k, group_size):
     rng = np.random.default_rng(53)
     n, bits = 200, 6
     codes, qparams, planes = make_linear(rng, n, k, 8, group_size)
-    for m in (1, 5, 8):
+    for m in (1, 5, 8, 12, 16):
         x = make_x(rng, m, k)
         aux = ((1.0 + 0.1 * rng.standard_normal(k)) if op == "rms_norm" else rng.standard_normal((m, k))).astype(np.float32)
         y, out = core.bitplane_matmul_fused_cuda(planes, qparams, n, k, 8, group_size, bits, x, op=op, aux=aux,
@@ -694,6 +695,8 @@ def test_mma_bad_arguments():
         core.bitplane_matmul_cuda(planes, qparams, n, k, 4, 64, 3, x, path="mma")
     with pytest.raises(core.FlexquantError, match="MMA path needs group_size"):
         core.bitplane_matmul_multi_cuda([planes], [qparams], [n], k, 4, 64, [3], x, path="mma")
+    with pytest.raises(core.FlexquantError, match="m must be in 1..8 for this path, got 9"):
+        core.bitplane_matmul_multi_cuda([planes], [qparams], [n], k, 4, 64, [3], make_x(rng, 9, k), path="tc")
     with pytest.raises(core.FlexquantError, match="path must be TC or MMA"):
         core.bitplane_matmul_fused_cuda(planes, qparams, n, k, 4, 64, 3, x, op="rms_norm",
                                         aux=np.ones(k, np.float32), path="fp32")

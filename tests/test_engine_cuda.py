@@ -356,11 +356,11 @@ def test_gemm_min_rows_is_checked(tiny_fq):
 
 
 def test_mma_min_rows_is_checked(tiny_fq):
-    for bad in (-1, 9):
-        with pytest.raises(FlexquantError, match=f"cuda_mma_min_rows = {bad} must be in 0..8"):
+    for bad in (-1, 17):
+        with pytest.raises(FlexquantError, match=f"cuda_mma_min_rows = {bad} must be in 0..16"):
             core.Engine(str(tiny_fq), cuda_mma_min_rows=bad)
-    for bad in (-1, 9, 2.5, True):
-        with pytest.raises(ValueError, match=f"cuda_mma_min_rows must be an int in 0..8, got {bad!r}"):
+    for bad in (-1, 17, 2.5, True):
+        with pytest.raises(ValueError, match=f"cuda_mma_min_rows must be an int in 0..16, got {bad!r}"):
             Engine(tiny_fq, backend="cpu", cuda_mma_min_rows=bad)
     Engine(tiny_fq, backend="cpu", cuda_mma_min_rows=2).close()  # ignored on the CPU
 
@@ -386,10 +386,12 @@ def test_engine_cuda_mma_gemv_matches_the_tc_gemv(tiny_fq, wide_head_fq, which):
     b = _core_steps(tc, ids, 8, masks)
     assert rel_err(a, b) < 1e-2
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
-    # batched steps of up to 6 rows
-    batch_mma = core.Engine(str(path), backend="cuda", n_ctx=64, n_seq=6, cuda_gemm_min_rows=0, cuda_mma_min_rows=2)
-    batch_tc = core.Engine(str(path), backend="cuda", n_ctx=64, n_seq=6, cuda_gemm_min_rows=0)
-    for (la, _, _), (lb, _, _) in zip(_batch_run(batch_mma, _PROMPTS, _SCHEDULE), _batch_run(batch_tc, _PROMPTS, _SCHEDULE)):
+    # batched steps of 1..20 rows: one MMA launch takes up to 16 (the LM head too), the TC one 8
+    prompts = [np.random.default_rng(200 + s).integers(0, 320, 2 + s) for s in range(20)]
+    sched = [list(range(20)), [7, 3], list(range(12)), list(range(19, 2, -1)), [5]]
+    batch_mma = core.Engine(str(path), backend="cuda", n_ctx=64, n_seq=20, cuda_gemm_min_rows=0, cuda_mma_min_rows=2)
+    batch_tc = core.Engine(str(path), backend="cuda", n_ctx=64, n_seq=20, cuda_gemm_min_rows=0)
+    for (la, _, _), (lb, _, _) in zip(_batch_run(batch_mma, prompts, sched), _batch_run(batch_tc, prompts, sched)):
         assert np.isfinite(la).all()
         assert rel_err(la, lb) < 1e-2
 
@@ -618,7 +620,7 @@ def test_fused_and_accumulating_entry_points_check_their_arguments():
         core.bitplane_matmul_multi_cuda([planes, [[0]]], [qp] * 2, [n, n], k, 8, g, [4, 4], x)
     with pytest.raises(FlexquantError, match="prefetch must be -1 \\(default\\), 0 or 1, got 2"):
         core.bitplane_matmul_cuda(planes, qp, n, k, 8, g, 4, x, prefetch=2)
-    with pytest.raises(FlexquantError, match="m must be in 1..8, got 9"):
+    with pytest.raises(FlexquantError, match="m must be in 1..8 for this path, got 9"):
         core.bitplane_matmul_multi_cuda([planes], [qp], [n], k, 8, g, [4], np.ones((9, k), np.float32))
     for call in (core.bitplane_matmul_cuda, core.bitplane_gemm_cuda):
         with pytest.raises(ValueError, match=r"y0: expected shape \(2, 16\), got \(16,\)"):

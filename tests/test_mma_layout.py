@@ -68,7 +68,7 @@ def _run(emulator, tmp_path, codes, max_bits, group_size, bits, m, q=None, rng=N
 
 
 @pytest.mark.parametrize("n,k,group_size", [(13, 300, 128), (20, 1536, 256), (9, 4096 + 384, 512), (16, 640, 128)])
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 11, 16])
 def test_emulated_warp_gives_the_exact_group_sums(emulator, tmp_path, n, k, group_size, m):
     rng = np.random.default_rng([n, k, group_size, m])
     max_bits = 8 if (k + m) % 2 else 7

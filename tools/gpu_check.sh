@@ -357,18 +357,21 @@ for n, k in SHAPES:
         print(f"| {n}x{k} | {bits} | " + " | ".join(cells) + " |")
 
 print("\n## batch m: µs (matmul only); tc = binary tensor cores, mma = s8 tensor cores with the codes decoded in")
-print("registers (cuda_mma_min_rows in the engine); the same int8 activations")
-print("| shape | bits | m | tc | mma | mma / tc | fp32 | cuBLAS fp16 | mma GB/s |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("registers (cuda_mma_min_rows in the engine); the same int8 activations; the mma kernel takes")
+print("up to 16 rows per launch (tc: 8; its m = 16 is two launches of 8)")
+print("| shape | bits | m | tc | mma | mma / tc | fp32 | cuBLAS fp16 | cuBLAS / mma | mma GB/s |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
     planes, qp = random_linear(n, k)
     for bits in (4, 8):
-        for m in (1, 2, 4, 8):
+        for m in (1, 2, 4, 8, 16):
             t16, _ = torch_linear_us(n, k, m)
-            tc, mm = bench(planes, qp, n, k, bits, m, "tc"), bench(planes, qp, n, k, bits, m, "mma")
-            fp = bench(planes, qp, n, k, bits, m, "fp32")["matmul_us"] if (n, k) == (11008, 4096) else float("nan")
-            print(f"| {n}x{k} | {bits} | {m} | {tc['matmul_us']:.1f} | {mm['matmul_us']:.1f} | "
-                  f"{mm['matmul_us'] / tc['matmul_us']:.2f} | {fp:.1f} | {t16:.1f} | {mm['bytes'] / mm['matmul_us'] / 1e3:.0f} |")
+            tc = bench(planes, qp, n, k, bits, min(m, 8), "tc")["matmul_us"] * (2 if m > 8 else 1)
+            mm = bench(planes, qp, n, k, bits, m, "mma")
+            fp = (bench(planes, qp, n, k, bits, m, "fp32")["matmul_us"] if (n, k) == (11008, 4096) and m <= 8
+                  else float("nan"))
+            print(f"| {n}x{k} | {bits} | {m} | {tc:.1f} | {mm['matmul_us']:.1f} | {mm['matmul_us'] / tc:.2f} | "
+                  f"{fp:.1f} | {t16:.1f} | {t16 / mm['matmul_us']:.2f}x | {mm['bytes'] / mm['matmul_us'] / 1e3:.0f} |")
 
 print("\n## accuracy, 1024x4096, G 128: rel. error vs the fp64 product with fp32 activations")
 n, k = 1024, 4096
@@ -445,8 +448,8 @@ def random_linear(n, k):
 runs = []
 print("## GEMM, group 128: µs per call (unpack + prepare + gemm); baselines timed in the same run")
 print("| N x K | m | cuBLAS fp16 | _int_mm | A8 k=8 | A8 k=6 | A8 k=4 | A16 k=8 | A16 k=4 | fp16 / best | A8 k=8 TOP/s | GEMV tc k=4 | "
-      + " | ".join(f"B1 W{w}A{a}" for w, a in B1) + " |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(B1))
+      "GEMV mma k=4 | fp16 / GEMV mma k=4 | " + " | ".join(f"B1 W{w}A{a}" for w, a in B1) + " |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(B1))
 for n, k in SHAPES:
     planes, qp = random_linear(n, k)
     # both baselines get the weight as a linear layer stores it, (n, k) row-major, used transposed
@@ -469,10 +472,14 @@ for n, k in SHAPES:
             runs.append(r)
             cells[(kind, bits)] = r["total_us"]
         best = min(cells.values())
-        gemv = ""
-        if m <= 64:  # the GEMV takes 8 rows per launch
+        gemv, gemv_mma = "", " | "
+        if m <= 64:  # the GEMV takes 8 rows per launch (tc), 16 (mma)
             g = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, 4, x[: min(m, 8)], path="tc", reps=5)
             gemv = f"{g['total_us'] * ((m + 7) // 8):.1f}"
+            g = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, 4, x[: min(m, 16)], path="mma", reps=5)
+            t_mma = g["total_us"] * ((m + 15) // 16)
+            runs.append(dict(kind="gemv_mma", n=n, k=k, m=m, bits=4, total_us=t_mma))
+            gemv_mma = f"{t_mma:.1f} | {t16 / t_mma:.2f}x"
         runs.append(dict(kind="cublas_fp16", n=n, k=k, m=m, total_us=t16))
         runs.append(dict(kind="int_mm", n=n, k=k, m=m, total_us=t8))
         tops = 2 * m * n * k / cells[("a8", 8)] / 1e6
@@ -483,7 +490,7 @@ for n, k in SHAPES:
             runs.append(r)
             b1.append(f"{r['total_us']:.1f} ({2 * m * n * k / r['gemm_us'] / 1e6:.0f} TOP/s)")
         print(f"| {n}x{k} | {m} | {t16:.1f} | {t8:.1f} | " + " | ".join(f"{cells[c]:.1f}" for c in KINDS) +
-              f" | {t16 / best:.2f}x | {tops:.0f} | {gemv} | " + " | ".join(b1 or ["-"] * len(B1)) + " |")
+              f" | {t16 / best:.2f}x | {tops:.0f} | {gemv} | {gemv_mma} | " + " | ".join(b1 or ["-"] * len(B1)) + " |")
     del w16, w8
     torch.cuda.empty_cache()
 

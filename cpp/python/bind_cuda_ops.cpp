@@ -403,14 +403,14 @@ void bind_cuda_ops(py::module_& m) {
           py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
           py::arg("op"), py::arg("aux"), py::arg("eps") = 1e-5f, py::arg("path") = "tc",
           "The decode step's fused activation preparation, then the GEMV (path 'tc' or 'mma', which read the\n"
-          "same preparation), on x (m <= 8, k): op 'rms_norm'\n"
+          "same preparation), on x (m <= 8, k; mma: 16): op 'rms_norm'\n"
           "(aux = the norm weight (k,)) or 'swiglu' (x = gate, aux = up (m, k); in place as the engine runs\n"
           "it) -> (y (m, n), the op's output (m, k)). Both must equal rms_norm_cuda / swiglu_cuda followed\n"
           "by bitplane_matmul_cuda(path=path) bit for bit.");
     m.def("bitplane_matmul_multi_cuda", &py_bitplane_matmul_multi_cuda, py::arg("planes"), py::arg("qparams"),
           py::arg("ns"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
           py::arg("path") = "auto", py::arg("warps") = 0, py::arg("prefetch") = -1,
-          "Several linears reading the same x (m <= 8, k), as the engine's q/k/v and gate/up, in ONE GEMV\n"
+          "Several linears reading the same x (m <= 8, k; mma: 16), as the engine's q/k/v and gate/up, in ONE GEMV\n"
           "launch: planes, qparams, ns (n of each) and bits (each linear's bit-width, read from device memory\n"
           "as the engine's mask) are lists of 1..3 entries sharing k, max_bits and group_size -> [y_i (m, n_i)].\n"
           "Equals bitplane_matmul_cuda per linear bit for bit at the same warps (0: automatic, from the whole\n"
@@ -419,7 +419,7 @@ void bind_cuda_ops(py::module_& m) {
           py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"),
           py::arg("path") = "auto", py::arg("copies") = 0, py::arg("reps") = 20, py::arg("warps") = 0,
           py::arg("prefetch") = -1,
-          "Time the device-resident product with x (m <= 8, k): uploads `copies` copies of the first `bits`\n"
+          "Time the device-resident product with x (m <= 8, k; mma: 16): uploads `copies` copies of the first `bits`\n"
           "planes and the qparams once (0: enough to read 4x the L2 size per rotation), replays CUDA graphs\n"
           "of launches rotating over the copies `reps` times, timed with cudaEvents. Returns a dict: path,\n"
           "matmul_us (median per launch, activations already prepared), matmul_min_us, prepare_us (the\n"

@@ -86,8 +86,8 @@ void bind_engine(py::module_& m) {
              "(accuracy reference) instead of int8 on the binary tensor cores; cuda_graph: replay decode steps;\n"
              "cuda_gemm_min_rows: prompt passes (up to 256 tokens) of at least this many tokens run on the\n"
              "tensor-core GEMM (same int8 activations), 0 = the GEMV only, in passes of 8. cuda_mma_min_rows:\n"
-             "GEMV launches of at least this many rows (1..8) run on the s8 tensor cores with the codes decoded\n"
-             "in registers (group sizes 128/256/512), 0 = never.")
+             "GEMV launches of at least this many rows (1..16) run on the s8 tensor cores with the codes decoded\n"
+             "in registers, 16 rows per launch (group sizes 128/256/512), 0 = never.")
         .def_property_readonly("backend", [](PyEngine& e) {
             return e.get().backend() == flexquant::Backend::BACKEND_CUDA ? "cuda" : "cpu";
         }, "Where the forward pass runs: 'cpu' or 'cuda'.")

@@ -71,9 +71,10 @@ struct CudaForwardParams {
     bool use_graph = true;     // replay the one-token step from a CUDA graph
     int64_t gemm_min_rows = 64;  // prompt slices of at least this many rows run their linears on the
                                  // tensor-core GEMM (int8 activations, as the GEMV); 0: never
-    int mma_min_rows = 0;  // GEMV launches of at least this many rows (1..8) of the int8 path run the
-                           // MMA kernel (s8 tensor cores, codes decoded in registers) instead of
-                           // the binary tensor cores, for group sizes 128/256/512; 0: never
+    int mma_min_rows = 0;  // GEMV launches of at least this many rows (1..16) of the int8 path run the
+                           // MMA kernel (s8 tensor cores, codes decoded in registers, 16 rows per
+                           // launch) instead of the binary tensor cores (8), for group sizes
+                           // 128/256/512; 0: never
 };
 
 class CudaForward {

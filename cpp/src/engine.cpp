@@ -225,9 +225,9 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     if (params.n_seq < 1 || params.n_seq > 4096) throw Error(cat("n_seq = ", params.n_seq, " is outside 1..4096"));
     if (params.cuda_gemm_min_rows < 0)
         throw Error(cat("cuda_gemm_min_rows = ", params.cuda_gemm_min_rows, " must be >= 0 (0: never use the GEMM)"));
-    if (params.cuda_mma_min_rows < 0 || params.cuda_mma_min_rows > 8)
+    if (params.cuda_mma_min_rows < 0 || params.cuda_mma_min_rows > 16)
         throw Error(cat("cuda_mma_min_rows = ", params.cuda_mma_min_rows,
-                        " must be in 0..8 (0: never use the MMA GEMV; a GEMV launch takes up to 8 rows)"));
+                        " must be in 0..16 (0: never use the MMA GEMV; one launch of it takes up to 16 rows)"));
     e.n_seq = params.n_seq;
     e.past.assign(e.n_seq, 0);
     if (params.n_ctx > 0) {

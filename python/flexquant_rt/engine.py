@@ -73,10 +73,11 @@ class Engine:
     cuda_gemm_min_rows (CUDA): prompt passes (up to 1024 tokens) and batched steps of at least this
     many rows run on the tensor-core GEMM (the same int8 activations as the GEMV); 0 = never. At its
     default (64) a table saved by tune_kernels() on this GPU takes its place.
-    cuda_mma_min_rows (CUDA): GEMV launches (decode and batched steps, up to 8 rows each) of at least
-    this many rows run on the s8 tensor cores with the weight codes decoded in registers, instead of
-    the binary tensor cores whose cost grows with the rows (the same int8 activations and integer
-    sums; group sizes 128, 256, 512); 0 = never, the default until it has been measured on a GPU.
+    cuda_mma_min_rows (CUDA, 0..16): GEMV launches (decode and batched steps) of at least this many
+    rows run on the s8 tensor cores with the weight codes decoded in registers, up to 16 rows per
+    launch, instead of the binary tensor cores whose cost grows with the rows, 8 per launch (the same
+    int8 activations and integer sums; group sizes 128, 256, 512); 0 = never, the default until it
+    has been measured on a GPU.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,
@@ -99,8 +100,8 @@ class Engine:
         if not isinstance(cuda_gemm_min_rows, int) or isinstance(cuda_gemm_min_rows, bool) or cuda_gemm_min_rows < 0:
             raise ValueError(f"cuda_gemm_min_rows must be an int >= 0, got {cuda_gemm_min_rows!r}")
         if not isinstance(cuda_mma_min_rows, int) or isinstance(cuda_mma_min_rows, bool) or \
-                not 0 <= cuda_mma_min_rows <= 8:
-            raise ValueError(f"cuda_mma_min_rows must be an int in 0..8, got {cuda_mma_min_rows!r}")
+                not 0 <= cuda_mma_min_rows <= 16:
+            raise ValueError(f"cuda_mma_min_rows must be an int in 0..16, got {cuda_mma_min_rows!r}")
         if path is None:
             from .default_model import default_model_path
             path = default_model_path()

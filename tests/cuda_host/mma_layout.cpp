@@ -57,7 +57,7 @@ int main(int argc, char** argv) {
     const auto ap = read_file<float>(dir + "/aparams.bin", size_t(m * n_groups * 2));
 
     // The preparation kernel's stores: q[r, col] at xa_index(col, r); K padding columns hold 0.
-    std::vector<int8_t> xa(size_t(n_chunks * 4 * mma::ROWS * 32), int8_t(0x5a));  // rows >= m: never read
+    std::vector<int8_t> xa(size_t(n_chunks * 128 * mma::ROWS), int8_t(0x5a));  // rows >= m: never read
     for (int64_t r = 0; r < m; ++r)
         for (int64_t col = 0; col < k_pad; ++col) xa[size_t(mma::xa_index(col, int(r)))] = col < k ? q[size_t(r * k + col)] : 0;
 
@@ -66,7 +66,7 @@ int main(int argc, char** argv) {
     const mma::GroupConstants gc = mma::group_constants(int(max_bits), int(bits));
 
     for (int64_t rt = 0; rt < n_tiles; ++rt) {
-        float acc[32][2] = {};  // per lane: (token g, rows 8rt + 2t, +1)
+        float acc[32][4] = {};  // per lane: (x rows g, g + 8) x (weight rows 8rt + 2t, +1)
         for (int64_t s = 0; s < n_super; ++s) {
             const int W = s == n_super - 1 ? last_words : 4;
             // load_planes: lane l's words j of plane p at tile + 512 s + 4 (l W + j)
@@ -94,18 +94,17 @@ int main(int argc, char** argv) {
                     uint32_t a[32][4];
                     for (int l = 0; l < 32; ++l) {
                         const int g = l >> 2, t = l & 3;
-                        uint32_t ax = 0, ay = 0;
-                        if (g < m) {
-                            const int8_t* src = &xa[size_t(mma::xa_index(128 * c + 32 * t + 8 * qq, g))];
-                            for (int e = 0; e < 4; ++e) {
-                                ax |= uint32_t(uint8_t(src[e])) << (8 * e);
-                                ay |= uint32_t(uint8_t(src[4 + e])) << (8 * e);
-                            }
-                        }
-                        a[l][0] = ax;  // row g, logical K 4t..
-                        a[l][1] = 0;   // row g + 8
-                        a[l][2] = ay;  // row g, logical K 16 + 4t..
-                        a[l][3] = 0;
+                        // the kernel's one 16-byte load: row g's 8 bytes, then row g + 8's; rows >= m
+                        // are never read (zeros instead)
+                        const int8_t* src = &xa[size_t(mma::xa_index(128 * c + 32 * t + 8 * qq, g))];
+                        uint32_t w[4] = {0, 0, 0, 0};
+                        for (int h = 0; h < 2; ++h)
+                            if (g + 8 * h < m)
+                                for (int e = 0; e < 8; ++e) w[2 * h + e / 4] |= uint32_t(uint8_t(src[8 * h + e])) << (8 * (e % 4));
+                        a[l][0] = w[0];  // row g, logical K 4t..
+                        a[l][1] = w[2];  // row g + 8, logical K 4t..
+                        a[l][2] = w[1];  // row g, logical K 16 + 4t..
+                        a[l][3] = w[3];  // row g + 8, logical K 16 + 4t..
                     }
                     // the mma from the fragments alone
                     int C[16][8] = {};
@@ -132,14 +131,14 @@ int main(int argc, char** argv) {
                     const int64_t grp = c / cpg;
                     for (int l = 0; l < 32; ++l) {
                         const int g = l >> 2, t = l & 3;
-                        if (g >= m) continue;
-                        for (int h = 0; h < 2; ++h) {
-                            const int64_t row = rt * 8 + 2 * t + h;
-                            if (row >= n) continue;
-                            i8_out[size_t((g * n + row) * n_groups + grp)] = d[l][h];
+                        for (int i = 0; i < 4; ++i) {  // d[i]: x row g + 8 (i / 2), weight row 8rt + 2t + i % 2
+                            const int xr = g + 8 * (i >> 1);
+                            const int64_t row = rt * 8 + 2 * t + (i & 1);
+                            if (xr >= m || row >= n) continue;
+                            i8_out[size_t((xr * n + row) * n_groups + grp)] = d[l][i];
                             const float* smp = &sm[size_t((row * n_groups + grp) * 2)];
-                            const float* app = &ap[size_t((g * n_groups + grp) * 2)];
-                            acc[l][h] += mma::group_term(d[l][h], app[0], app[1], smp[0], smp[1], gc);
+                            const float* app = &ap[size_t((xr * n_groups + grp) * 2)];
+                            acc[l][i] += mma::group_term(d[l][i], app[0], app[1], smp[0], smp[1], gc);
                         }
                     }
                 }
@@ -147,9 +146,10 @@ int main(int argc, char** argv) {
         }
         for (int l = 0; l < 32; ++l) {
             const int g = l >> 2, t = l & 3;
-            for (int h = 0; h < 2; ++h) {
-                const int64_t row = rt * 8 + 2 * t + h;
-                if (g < m && row < n) y[size_t(g * n + row)] = acc[l][h];
+            for (int i = 0; i < 4; ++i) {
+                const int xr = g + 8 * (i >> 1);
+                const int64_t row = rt * 8 + 2 * t + (i & 1);
+                if (xr < m && row < n) y[size_t(xr * n + row)] = acc[l][i];
             }
         }
     }

@@ -78,10 +78,11 @@ struct EngineParams {
     // GEMV only, in passes of 8 tokens. Ignored with cuda_fp32_matmul.
     int64_t cuda_gemm_min_rows = 64;
     // CUDA only: GEMV launches (decode steps, batched steps, 8-row prompt passes) of at least this
-    // many activation rows (1..8) run on the s8 tensor cores with the weight codes decoded in
+    // many activation rows (1..16) run on the s8 tensor cores with the weight codes decoded in
     // registers (the same int8 activations and integer sums as the default binary-tensor-core
-    // kernel, whose cost grows with the rows; this one's hardly does). Group sizes 128, 256, 512;
-    // other linears keep the default. 0: never (the default until it is measured on a GPU).
+    // kernel, whose cost grows with the rows; this one's hardly does, and one launch takes 16 rows
+    // where the default takes 8). Group sizes 128, 256, 512; other linears keep the default.
+    // 0: never (the default until it is measured on a GPU).
     int cuda_mma_min_rows = 0;
     // Sequences the engine holds (1..4096), each with its own KV cache of n_ctx tokens; with
     // n_ctx = 0 the budget above is shared by all of them. On the CUDA backend the caches live on

@@ -140,9 +140,15 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
         mean_bits.append(eng._last_mean_bits())
         tok = int(np.argmax(eng._eng.logits()))
     step = float(np.median(times))
+    cfg = eng.config
+    # the K and V rows a decode step reads: every layer's cache up to its position, the mean
+    # position of the timed steps (prompt + half of them)
+    kv_bytes = (2 * int(cfg["n_layers"]) * int(cfg["n_kv_heads"]) * int(cfg["head_dim"]) * (2 if kv_dtype == "f16" else 4)
+                * (n_prompt + n_decode / 2))
     return {
         "prefill_tok_s": n_prompt / t_prefill, "decode_tok_s": 1.0 / step, "step_ms": step * 1e3,
         "bytes_per_token": float(np.mean(nbytes)), "mean_bits": float(np.mean(mean_bits)),
+        "kv_bytes_per_token": float(kv_bytes),
         "peak_rss_mb": peak_rss_mb(), "device_mb": eng._eng.device_bytes / 1e6,
     }
 
@@ -321,7 +327,7 @@ def main_cuda(a, models) -> int:
     bw = gpu_copy_bandwidth_gbs()
     print(f"GPU copy bandwidth (read + write): {bw:.0f} GB/s; prompt {a.prompt} tokens, "
           f"{a.decode} decode steps (median); KV cache {a.kv_dtype}; roofline = 0.85 x copy BW / bytes per token "
-          "(weights only)" + (f"; GEMV launches of >= {a.mma_rows} rows on the s8 tensor cores (cuda_mma_min_rows)"
+          "(weights only, as the issue's goals; 'incl. KV' adds the K and V rows each step reads at this context)" + (f"; GEMV launches of >= {a.mma_rows} rows on the s8 tensor cores (cuda_mma_min_rows)"
                               if a.mma_rows else ""))
     mma = str(a.mma_rows)
     print()
@@ -340,8 +346,9 @@ def main_cuda(a, models) -> int:
         print()
     var_head = "".join(f" decode tok/s, {n} | {n} / plain |" for n, _ in variants)
     print("| model | bits | prefill tok/s | prefill tok/s GEMV only | decode tok/s |" + var_head +
-          " MB/token | decode GB/s | % of copy BW | 85% roofline tok/s | vs roofline | GPU MB |")
-    print("|---|---|---|---|---|" + "---|---|" * len(variants) + "---|---|---|---|---|---|")
+          " MB/token | decode GB/s | % of copy BW | 85% roofline tok/s | vs roofline | KV MB/token |"
+          " vs roofline incl. KV | GPU MB |")
+    print("|---|---|---|---|---|" + "---|---|" * len(variants) + "---|---|---|---|---|---|---|---|")
     for name, path in models:
         rows = {}
         for bits in [*a.bits, 0, -1, -2]:
@@ -361,12 +368,14 @@ def main_cuda(a, models) -> int:
                     extra += " - | - |"
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             roof = 0.85 * bw * 1e9 / r["bytes_per_token"]
+            roof_kv = 0.85 * bw * 1e9 / (r["bytes_per_token"] + r["kv_bytes_per_token"])
             label = (str(bits) if bits > 0 else "4/6 per token (mean 5)" if bits == 0 else
                      f"FlexQuant controller, budget 5 (mean {r['mean_bits']:.2f})" if bits == -1 else
                      "8, fp32 activations in the LM head and the last layer")
             print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {gemv} | {r['decode_tok_s']:.1f} |{extra} "
                   f"{r['bytes_per_token'] / 1e6:.1f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {roof:.0f} | "
-                  f"{r['decode_tok_s'] / roof:.2f} | {r['device_mb']:.0f} |")
+                  f"{r['decode_tok_s'] / roof:.2f} | {r['kv_bytes_per_token'] / 1e6:.1f} | "
+                  f"{r['decode_tok_s'] / roof_kv:.2f} | {r['device_mb']:.0f} |")
         if 4 in rows and 6 in rows:
             # the switching row reads, per token, a mix of 4- and 6-bit linears: its expected step is
             # the byte-weighted mean of the static steps; the excess is what switching costs

@@ -287,8 +287,9 @@ bitplane_prepare_tc_kernel(const float* x,                 // (m, k)
     const int j = warp >> 2, t = warp & 3;
     if (lane < 8) xq[((int64_t(r) * n_super + s) * 32 + 4 * lane + t) * 4 + j] = mine;
     // The same q in the MMA kernel's order (bitplane_mma.cuh), the K padding (q = 0) included: its
-    // codes are not zero there (ĉ8 of code 0 is -128), so the zeros must be here.
-    if (col < ((k + 127) & ~int64_t(127))) xa[mma::xa_index(col, r)] = int8_t(q);
+    // codes are not zero there (ĉ8 of code 0 is -128), so the zeros must be here. (xa is null for
+    // the group sizes the MMA kernel lacks.)
+    if (xa != nullptr && col < ((k + 127) & ~int64_t(127))) xa[mma::xa_index(col, r)] = int8_t(q);
     if (col < k && col % group_size == 0) aparams[r * n_groups + col / group_size] = make_float2(scale, scale * float(qsum));
 }
 
@@ -422,8 +423,9 @@ bitplane_matmul_tc_kernel(const GemvParts parts,              // the linears (pl
 // rows (a = this lane's 16 bytes, bitplane_mma.cuh's K order: .x/.y row groupID, .z/.w row
 // groupID + 8); B = b (this lane's codes of column groupID). d0, d1 = C[groupID][2t, 2t+1],
 // d2, d3 = C[groupID + 8][2t, 2t+1].
+// volatile: .aligned needs every lane; the compiler must not sink an mma into the g < M branches.
 __device__ __forceinline__ void mma_s8(int (&d)[4], const uint4& a, const uint32_t (&b)[2]) {
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
         : "r"(a.x), "r"(a.z), "r"(a.y), "r"(a.w), "r"(b[0]), "r"(b[1]));
@@ -731,9 +733,10 @@ int pick_warps(const Geometry& g, int warps_per_block) {
     return std::min(w, g.n_super);
 }
 
-// Scratch of one launch of m rows (<= 8; MMA <= 16), each part 256-aligned: [activations][group or word params]
-// and, for the int8 paths (TC and MMA share one preparation, so either kernel runs from it), [xa]
-// the same q in the MMA kernel's order (8 row slots x k_pad bytes).
+// Scratch of one launch of m rows (<= 8; MMA <= 16), each part 256-aligned: [activations][group or
+// word params] and, for the int8 paths (TC and MMA share one preparation, so either kernel runs
+// from it) at the group sizes the MMA kernel takes, [xa] the same q in its order (16 row slots x
+// k_pad bytes).
 struct Scratch {
     void* acts;
     void* params;
@@ -747,14 +750,17 @@ size_t acts_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
 size_t params_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
     return int8_path(path) ? size_t(m) * g.n_groups * sizeof(float2) : size_t(m) * (g.k_pad / 32) * sizeof(float);
 }
+bool has_xa(const Geometry& g, BitplaneCudaPath path) {  // the MMA kernel could read this preparation
+    return int8_path(path) && bitplane_cuda_mma_supports(g.group_size);
+}
 size_t xa_bytes(const Geometry& g, BitplaneCudaPath path) {
-    return int8_path(path) ? size_t(mma::ROWS) * size_t(g.k_pad) : 0;
+    return has_xa(g, path) ? size_t(mma::ROWS) * size_t(g.k_pad) : 0;
 }
 Scratch carve(const Geometry& g, int64_t m, BitplaneCudaPath path, void* ws) {
     char* p = static_cast<char*>(ws);
     char* params = p + align256(acts_bytes(g, m, path));
     char* xa = params + align256(params_bytes(g, m, path));
-    return {ws, params, int8_path(path) ? xa : nullptr};
+    return {ws, params, has_xa(g, path) ? xa : nullptr};
 }
 size_t scratch_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
     return align256(acts_bytes(g, m, path)) + align256(params_bytes(g, m, path)) + align256(xa_bytes(g, path));
@@ -811,6 +817,12 @@ void bitplane_matmul_launch(const Geometry& g, const GemvParts& parts, int bits,
                       static_cast<const float*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
                       g.group_size / 32, bits, max_bits, accumulate, prefetch);
     }
+}
+
+// Test entry points fill the scratch with 0xff bytes first (NaN floats, -1 int8), so a byte the
+// kernels read without the preparation having written it shows in the result.
+void poison_scratch(DeviceBuffer<uint8_t>& ws, size_t bytes, const std::string& fn) {
+    cuda_check(cudaMemset(ws.get(), 0xff, bytes), fn + " (poison workspace)");
 }
 
 // ---- validation ----------------------------------------------------------------------------------
@@ -1055,6 +1067,7 @@ void bitplane_matmul_multi_cuda(const BitplaneLinear* ws, const int* bits, int c
     const size_t ws_bytes = bitplane_matmul_cuda_workspace(ws[0], m, path);
     DeviceBuffer<float> xd(size_t(m) * ws[0].k, fn);
     DeviceBuffer<uint8_t> scratch(ws_bytes, fn);
+    poison_scratch(scratch, ws_bytes, fn);
     upload(xd, x, size_t(m) * ws[0].k, fn + " x");
     bitplane_prepare_cuda_async(views[0], xd.get(), m, scratch.get(), ws_bytes, path, nullptr);
     bitplane_matmul_prepared_multi_cuda_async(views.data(), count, cap, m, yptr.data(), scratch.get(), ws_bytes, path,
@@ -1074,6 +1087,7 @@ void bitplane_matmul_cuda(const BitplaneLinear& w, int bits, const float* x, int
     const size_t ws_bytes = bitplane_matmul_cuda_workspace(w, m, path);
     DeviceBuffer<float> xd(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
     DeviceBuffer<uint8_t> ws(ws_bytes, fn);
+    poison_scratch(ws, ws_bytes, fn);
     upload(xd, x, size_t(m) * w.k, fn + " x");
     start_output(yd, y0, size_t(m) * w.n, fn + " y");
     bitplane_matmul_cuda_async(dw.view, bits, xd.get(), m, yd.get(), ws.get(), ws_bytes, path, nullptr, tuning,
@@ -1095,6 +1109,7 @@ void bitplane_matmul_fused_cuda(const BitplaneLinear& w, int bits, BitplanePrepa
     const size_t aux_n = op == BITPLANE_FUSE_RMS_NORM ? size_t(w.k) : size_t(m) * w.k;
     DeviceBuffer<float> xd(size_t(m) * w.k, fn), ad(aux_n, fn), od(size_t(m) * w.k, fn), yd(size_t(m) * w.n, fn);
     DeviceBuffer<uint8_t> ws(ws_bytes, fn);
+    poison_scratch(ws, ws_bytes, fn);
     upload(xd, x, size_t(m) * w.k, fn + " x");
     upload(ad, aux, aux_n, fn + " aux");
     poison(od, size_t(m) * w.k, fn + " out");

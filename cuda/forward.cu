@@ -191,7 +191,8 @@ struct CudaForward::Impl {
                          bitplane_cuda_mma_supports(group_size);
         return mma ? BITPLANE_CUDA_MMA : path;
     }
-    // The kernel of T rows that do not fit one launch: the sliced call launches full slices first.
+    // The kernel of T rows that may not fit one launch: the full slices' (the sliced call runs every
+    // slice, a last partial one too, on the kernel it is given).
     BitplaneCudaPath gemv_slices_kernel(BitplaneCudaPath path, int group_size, int64_t T) const {
         return gemv_kernel(path, group_size, std::min<int64_t>(T, MMA_SLICE));
     }

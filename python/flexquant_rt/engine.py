@@ -121,6 +121,7 @@ class Engine:
         self.n_layers = int(cfg["n_layers"])
         self.max_bits = int(self._eng.max_bits)  # the cap this engine runs under (<= the file's)
         self.eos_id = self.tokenizer.eos_id
+        self._mma_min_rows = cuda_mma_min_rows  # which GEMV kernel tune() times: part of the table's key
         # an explicit cuda_gemm_min_rows is the user's rule: a saved table does not override it
         if kernel_table == "auto" and self.backend == "cuda" and cuda_gemm_min_rows != 64:
             kernel_table = None
@@ -179,14 +180,16 @@ class Engine:
         return self._eng.kernel_table()
 
     def _kernel_key(self) -> str:
-        """What a kernel table depends on: the CPU, its kernel family and the threads (or the GPU),
-        and the shapes."""
+        """What a kernel table depends on: the CPU, its kernel family and the threads (or the GPU and
+        which GEMV kernel runs: cuda_mma_min_rows), and the shapes."""
         import hashlib
         import platform
 
         shapes = sorted({(int(d["n"]), int(d["k"])) for d in self._linear_shapes()})
         if self.backend == "cuda":
             ident = f"cuda|{_core.cuda_device_name()}|{self.max_bits}|{shapes}"
+            if self._mma_min_rows:  # (so that the keys of tables saved before this option stay valid)
+                ident += f"|mma{self._mma_min_rows}"
             return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
         cpu = platform.processor() or platform.machine()

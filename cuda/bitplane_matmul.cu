@@ -42,6 +42,7 @@
 #include <cmath>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bitplane_matmul.cuh"
@@ -419,6 +420,35 @@ bitplane_matmul_tc_kernel(const GemvParts parts,              // the linears (pl
 
 // ---- MMA path ------------------------------------------------------------------------------------
 
+// MMA_A16's preparation: x (m, k) -> xh = fp16(x) (round to nearest) in the MMA order
+// (mma::xa16_index; the K padding columns up to k_pad hold zeros) and aparams (m, n_groups) =
+// (1, Σ fp16(x) over the group, in fp32). Block (s, r), one column per thread; group_size 128, 256
+// or 512 (it divides the block's 512 columns).
+static __global__ void __launch_bounds__(PREP_THREADS)
+bitplane_prepare_a16_kernel(const float* __restrict__ x,    // (m, k)
+                            int64_t k, int64_t n_groups, int group_size,
+                            __half* __restrict__ xh,        // (n_chunks, 4, 8, 4, 2, 8)
+                            float2* __restrict__ aparams) { // (m, n_groups)
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
+    __shared__ float warp_sum[PREP_THREADS / 32];
+    const int s = blockIdx.x, r = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t col = int64_t(s) * SUPER_K + threadIdx.x;
+    const __half h = __float2half_rn(col < k ? x[r * k + col] : 0.0f);
+    if (col < ((k + 127) & ~int64_t(127))) xh[mma::xa16_index(col, r)] = h;
+    float sum = __half2float(h);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL, sum, o);
+    if (lane == 0) warp_sum[warp] = sum;
+    __syncthreads();
+    if (col < k && col % group_size == 0) {
+        const int per_group = group_size / 32;
+        float total = 0.0f;
+        for (int w = warp; w < warp + per_group; ++w) total += warp_sum[w];
+        aparams[r * n_groups + col / group_size] = make_float2(1.0f, total);
+    }
+}
+
 // d (4) += A · B on the s8 tensor cores (mma m16n8k32, s32 accumulators): A rows = the activation
 // rows (a = this lane's 16 bytes, bitplane_mma.cuh's K order: .x/.y row groupID, .z/.w row
 // groupID + 8); B = b (this lane's codes of column groupID). d0, d1 = C[groupID][2t, 2t+1],
@@ -444,6 +474,31 @@ __device__ __forceinline__ uint4 load_a(const uint4* __restrict__ xa, int64_t c,
     return make_uint4(0u, 0u, 0u, 0u);
 }
 
+// The f16 twin of mma_s8 (MMA_A16: fp16 activations, codes as f16, fp32 accumulation), one k16
+// step: a0/a2 row groupID K 2t.. / 2t + 8.., a1/a3 row groupID + 8; b0/b1 column groupID.
+__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                        uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t sub_f16x2(uint32_t a, uint32_t b) {
+    uint32_t r;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+// MMA_A16: this lane's 8 fp16 activations of step (c, qq) of row g (lo) and row g + 8 (hi), zeros
+// for rows >= M (never read).
+template <int M>
+__device__ __forceinline__ void load_a16(const uint4* __restrict__ xa, int64_t c, int qq, int g, int t, uint4& lo,
+                                         uint4& hi) {
+    const int64_t i = (((c * 4 + qq) * 8 + g) * 4 + t) * 2;  // uint4 = 8 halves; rows g, g + 8 adjacent
+    lo = g < M ? __ldg(xa + i) : make_uint4(0u, 0u, 0u, 0u);
+    hi = M > 8 && g + 8 < M ? __ldg(xa + i + 1) : make_uint4(0u, 0u, 0u, 0u);
+}
+
 // The TC path's product (same preparation, same int8 activations, the same exact integer sums per
 // group) on the s8 tensor cores: the codes are decoded from the planes in registers
 // (mma::decode_word: a byte gather and an 8x8 bit transposition, ~6 integer operations per code
@@ -455,10 +510,13 @@ __device__ __forceinline__ uint4 load_a(const uint4* __restrict__ xa, int64_t c,
 // One block = one row tile; its warps split the super-chunks (as the TC kernel: the planes of a
 // super-chunk are loaded before pdl_wait and prefetched the same way). Lane 4g + t owns the outputs
 // (rows g and g + 8 of x, weight rows 8 rt + 2t, +1) and adds one mma::group_term per weight group.
-template <int M>
+// A16 (path MMA_A16, "W{k}A16"): the same loop with fp16 activations (their own preparation,
+// bitplane_prepare_a16_kernel) and the codes converted to f16 (mma::codes_to_half2_biased, exact),
+// two mma m16n8k16 per 32 K with fp32 accumulators; a_s = 1, a_z = Σ fp16(x) per group.
+template <int M, bool A16>
 static __global__ void __launch_bounds__(MAX_WARPS * 32)
 bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (planes, qparams, y, n)
-                           const uint4* __restrict__ xa,         // (n_chunks, 4, 8, 4): rows g, g + 8 per lane
+                           const uint4* __restrict__ xa,         // (n_chunks, 4, 8, 4, 2) x 8 bytes (A16: 16)
                            const float2* __restrict__ aparams,   // (M, n_groups): (a_s, a_z = a_s · Σq)
                            int64_t k_pad, int64_t n_groups, int n_super, int last_words, int group_chunk_shift,
                            int bits, int max_bits, bool accumulate, bool prefetch) {
@@ -497,20 +555,38 @@ bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (p
 #pragma unroll
         for (int p = 0; p < 8; ++p)  // planes past k are zero bits of ĉ8 (load_planes left them unset)
             if (p >= bits) P[p] = make_uint4(0u, 0u, 0u, 0u);
-        int d[4] = {0, 0, 0, 0};  // the current group's sums (groups never straddle a super-chunk)
+        using Acc = typename std::conditional<A16, float, int>::type;
+        Acc d[4] = {0, 0, 0, 0};  // the current group's sums (groups never straddle a super-chunk)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             if (j >= W) break;
             const int64_t c = 4 * int64_t(s) + j;  // the 128-column chunk
-            uint4 a[4];
-#pragma unroll
-            for (int qq = 0; qq < 4; ++qq) a[qq] = load_a<M>(xa, c, qq, g, t);
             uint32_t u[8], b[4][2];
 #pragma unroll
             for (int p = 0; p < 8; ++p) u[p] = word_of(P[p], j);
-            mma::decode_word(u, b);
+            if constexpr (A16) {
+                uint4 lo[4], hi[4];
 #pragma unroll
-            for (int qq = 0; qq < 4; ++qq) mma_s8(d, a[qq], b[qq]);
+                for (int qq = 0; qq < 4; ++qq) load_a16<M>(xa, c, qq, g, t, lo[qq], hi[qq]);
+                mma::decode_word<false>(u, b);
+#pragma unroll
+                for (int qq = 0; qq < 4; ++qq)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {  // K 8qq + 4h .. + 3 of each lane's 32
+                        uint32_t b01, b23;
+                        mma::codes_to_half2_biased(b[qq][h], b01, b23);
+                        mma_f16(d, h ? lo[qq].z : lo[qq].x, h ? hi[qq].z : hi[qq].x, h ? lo[qq].w : lo[qq].y,
+                                h ? hi[qq].w : hi[qq].y, sub_f16x2(b01, mma::HALF2_BIAS),
+                                sub_f16x2(b23, mma::HALF2_BIAS));
+                    }
+            } else {
+                uint4 a[4];
+#pragma unroll
+                for (int qq = 0; qq < 4; ++qq) a[qq] = load_a<M>(xa, c, qq, g, t);
+                mma::decode_word(u, b);
+#pragma unroll
+                for (int qq = 0; qq < 4; ++qq) mma_s8(d, a[qq], b[qq]);
+            }
             if (((c + 1) & group_mask) == 0 || c == last_chunk) {  // the group ends with this chunk
                 const int64_t grp = c >> group_chunk_shift;
                 if (g < M) {
@@ -672,24 +748,25 @@ TcKernel tc_kernel(int m, int L) {
     }
 }
 
+template <bool A16>
 MmaKernel mma_kernel(int m) {
     switch (m) {
-        case 1: return bitplane_matmul_mma_kernel<1>;
-        case 2: return bitplane_matmul_mma_kernel<2>;
-        case 3: return bitplane_matmul_mma_kernel<3>;
-        case 4: return bitplane_matmul_mma_kernel<4>;
-        case 5: return bitplane_matmul_mma_kernel<5>;
-        case 6: return bitplane_matmul_mma_kernel<6>;
-        case 7: return bitplane_matmul_mma_kernel<7>;
-        case 8: return bitplane_matmul_mma_kernel<8>;
-        case 9: return bitplane_matmul_mma_kernel<9>;
-        case 10: return bitplane_matmul_mma_kernel<10>;
-        case 11: return bitplane_matmul_mma_kernel<11>;
-        case 12: return bitplane_matmul_mma_kernel<12>;
-        case 13: return bitplane_matmul_mma_kernel<13>;
-        case 14: return bitplane_matmul_mma_kernel<14>;
-        case 15: return bitplane_matmul_mma_kernel<15>;
-        default: return bitplane_matmul_mma_kernel<16>;
+        case 1: return bitplane_matmul_mma_kernel<1, A16>;
+        case 2: return bitplane_matmul_mma_kernel<2, A16>;
+        case 3: return bitplane_matmul_mma_kernel<3, A16>;
+        case 4: return bitplane_matmul_mma_kernel<4, A16>;
+        case 5: return bitplane_matmul_mma_kernel<5, A16>;
+        case 6: return bitplane_matmul_mma_kernel<6, A16>;
+        case 7: return bitplane_matmul_mma_kernel<7, A16>;
+        case 8: return bitplane_matmul_mma_kernel<8, A16>;
+        case 9: return bitplane_matmul_mma_kernel<9, A16>;
+        case 10: return bitplane_matmul_mma_kernel<10, A16>;
+        case 11: return bitplane_matmul_mma_kernel<11, A16>;
+        case 12: return bitplane_matmul_mma_kernel<12, A16>;
+        case 13: return bitplane_matmul_mma_kernel<13, A16>;
+        case 14: return bitplane_matmul_mma_kernel<14, A16>;
+        case 15: return bitplane_matmul_mma_kernel<15, A16>;
+        default: return bitplane_matmul_mma_kernel<16, A16>;
     }
 }
 
@@ -742,13 +819,14 @@ struct Scratch {
     void* params;
     void* xa;  // null for FP32
 };
-bool int8_path(BitplaneCudaPath path) { return path != BITPLANE_CUDA_FP32; }
+bool int8_path(BitplaneCudaPath path) { return path == BITPLANE_CUDA_TC || path == BITPLANE_CUDA_MMA; }
 size_t acts_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
+    if (path == BITPLANE_CUDA_MMA_A16) return size_t(mma::ROWS) * size_t(g.k_pad) * sizeof(__half);  // 16 row slots
     return int8_path(path) ? size_t(m) * g.n_super * SUPER_K  // 32 lanes x 16 bytes
                            : size_t(m) * g.k_pad * sizeof(float);
 }
 size_t params_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
-    return int8_path(path) ? size_t(m) * g.n_groups * sizeof(float2) : size_t(m) * (g.k_pad / 32) * sizeof(float);
+    return path != BITPLANE_CUDA_FP32 ? size_t(m) * g.n_groups * sizeof(float2) : size_t(m) * (g.k_pad / 32) * sizeof(float);
 }
 bool has_xa(const Geometry& g, BitplaneCudaPath path) {  // the MMA kernel could read this preparation
     return int8_path(path) && bitplane_cuda_mma_supports(g.group_size);
@@ -770,7 +848,10 @@ size_t scratch_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
 void bitplane_prepare_launch(const Geometry& g, const float* x, int64_t m, BitplaneCudaPath path, const Scratch& sc,
                              cudaStream_t stream) {
     const dim3 grid(unsigned(g.n_super), unsigned(m));
-    if (int8_path(path))
+    if (path == BITPLANE_CUDA_MMA_A16)
+        launch_kernel(bitplane_prepare_a16_kernel, grid, dim3(PREP_THREADS), 0, stream, x, g.k, g.n_groups,
+                      g.group_size, static_cast<__half*>(sc.acts), static_cast<float2*>(sc.params));
+    else if (int8_path(path))
         launch_kernel(bitplane_prepare_tc_kernel<0>, grid, dim3(PREP_THREADS), 0, stream, x, g.k, g.n_super, g.n_groups,
                       g.group_size, static_cast<uint32_t*>(sc.acts), static_cast<float2*>(sc.params),
                       static_cast<int8_t*>(sc.xa), static_cast<const float*>(nullptr), 0.0f,
@@ -807,11 +888,12 @@ void bitplane_matmul_launch(const Geometry& g, const GemvParts& parts, int bits,
         launch_kernel(tc_kernel(int(m), L), grid, block, 0, stream, parts, static_cast<const uint4*>(sc.acts),
                       static_cast<const float2*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
                       group_shift, bits, max_bits, accumulate, prefetch);
-    } else if (path == BITPLANE_CUDA_MMA) {
+    } else if (path == BITPLANE_CUDA_MMA || path == BITPLANE_CUDA_MMA_A16) {
         const int group_chunk_shift = g.group_size == 128 ? 0 : g.group_size == 256 ? 1 : 2;
-        launch_kernel(mma_kernel(int(m)), grid, block, 0, stream, parts, static_cast<const uint4*>(sc.xa),
-                      static_cast<const float2*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
-                      group_chunk_shift, bits, max_bits, accumulate, prefetch);
+        const bool a16 = path == BITPLANE_CUDA_MMA_A16;
+        launch_kernel(a16 ? mma_kernel<true>(int(m)) : mma_kernel<false>(int(m)), grid, block, 0, stream, parts,
+                      static_cast<const uint4*>(a16 ? sc.acts : sc.xa), static_cast<const float2*>(sc.params), g.k_pad,
+                      g.n_groups, g.n_super, g.last_words, group_chunk_shift, bits, max_bits, accumulate, prefetch);
     } else {
         launch_kernel(fp32_kernel(int(m)), grid, block, 0, stream, parts, static_cast<const float*>(sc.acts),
                       static_cast<const float*>(sc.params), g.k_pad, g.n_groups, g.n_super, g.last_words,
@@ -881,15 +963,19 @@ BitplaneCudaPath bitplane_cuda_resolve_path(const BitplaneLinear& w, BitplaneCud
     if (path == BITPLANE_CUDA_TC && !bitplane_cuda_tc_supports(w.group_size))
         throw Error("bitplane_matmul_cuda: the TC path needs group_size 32, 64, 128, 256 or 512, got " +
                     std::to_string(w.group_size) + " (use the FP32 path)");
-    if (path == BITPLANE_CUDA_MMA && !bitplane_cuda_mma_supports(w.group_size))
-        throw Error("bitplane_matmul_cuda: the MMA path needs group_size 128, 256 or 512, got " +
-                    std::to_string(w.group_size) + " (use the TC path)");
-    if (path != BITPLANE_CUDA_TC && path != BITPLANE_CUDA_FP32 && path != BITPLANE_CUDA_MMA)
+    if ((path == BITPLANE_CUDA_MMA || path == BITPLANE_CUDA_MMA_A16) && !bitplane_cuda_mma_supports(w.group_size))
+        throw Error(std::string("bitplane_matmul_cuda: the ") + (path == BITPLANE_CUDA_MMA ? "MMA" : "MMA_A16") +
+                    " path needs group_size 128, 256 or 512, got " + std::to_string(w.group_size) +
+                    (path == BITPLANE_CUDA_MMA ? " (use the TC path)" : " (use the FP32 path)"));
+    if (path != BITPLANE_CUDA_TC && path != BITPLANE_CUDA_FP32 && path != BITPLANE_CUDA_MMA &&
+        path != BITPLANE_CUDA_MMA_A16)
         throw Error("bitplane_matmul_cuda: unknown path " + std::to_string(int(path)));
     return path;
 }
 
-int bitplane_cuda_launch_rows(BitplaneCudaPath path) { return path == BITPLANE_CUDA_MMA ? MMA_MAX_M : MAX_M; }
+int bitplane_cuda_launch_rows(BitplaneCudaPath path) {
+    return path == BITPLANE_CUDA_MMA || path == BITPLANE_CUDA_MMA_A16 ? MMA_MAX_M : MAX_M;
+}
 
 size_t bitplane_matmul_cuda_workspace(const BitplaneLinear& w, int64_t m, BitplaneCudaPath path) {
     path = bitplane_cuda_resolve_path(w, path);

@@ -21,6 +21,10 @@
 //    all m <= 16 rows at once (16 per launch), so its cost hardly grows with m (batched decode).
 //    Group sizes 128, 256
 //    and 512. Layout and arithmetic: cuda/bitplane_mma.cuh. Not yet measured on a GPU: opt-in.
+//  - MMA_A16, "W{k}A16": the MMA kernel's loop with the activations rounded to fp16 (their own
+//    preparation) and the codes converted to f16 exactly, mma m16n8k16 with fp32 accumulation:
+//    near-fp32 accuracy at the MMA kernel's cost. Group sizes 128, 256, 512; up to 16 rows a launch.
+//    A kernel and test entry point for now (the engine's activation choices are int8 and fp32).
 //  - FP32: fp32 activations, bit-serial on the CUDA cores. Any group size; the accuracy reference.
 #pragma once
 
@@ -39,6 +43,7 @@ enum BitplaneCudaPath {
   BITPLANE_CUDA_TC = 1,    // int8 activations, binary tensor cores (W{k}A8)
   BITPLANE_CUDA_FP32 = 2,  // fp32 activations, CUDA cores
   BITPLANE_CUDA_MMA = 3,   // int8 activations as TC (same preparation), s8 tensor cores (W{k}A8)
+  BITPLANE_CUDA_MMA_A16 = 4,  // fp16 activations, the MMA kernel's loop on f16 tensor cores (W{k}A16)
 };
 
 // Tuning knobs (tests, benchmarks); the defaults are what the measurements chose.
@@ -63,7 +68,7 @@ bool bitplane_cuda_tc_supports(int group_size);
 bool bitplane_cuda_mma_supports(int group_size);
 
 // Activation rows one launch of this path takes (the async entry points slice larger m): 16 for
-// MMA (the 16 rows of its mma tile), 8 for TC and FP32.
+// MMA and MMA_A16 (the 16 rows of their mma tile), 8 for TC and FP32.
 int bitplane_cuda_launch_rows(BitplaneCudaPath path);
 
 // The path AUTO resolves to for this linear (TC or FP32; MMA is only taken when asked for). Throws

@@ -86,9 +86,10 @@ FQ_MMA_HD void transpose8x8(uint32_t& lo, uint32_t& hi) {
 
 // u[p] = one 32-bit word of plane p (bit b = K column b of the word; 0 for planes p >= k) ->
 // b[qq] = the B fragment (b0, b1) of step qq: ĉ8 of columns 8qq..8qq+3 and 8qq+4..8qq+7, one byte
-// each. First a 4x4 byte transpose gathers byte qq of the 8 planes, plane p at byte 7 − p of hi:lo
+// each (CENTRED; else the top-aligned unsigned code c_k·2^(8−k) = ĉ8 + 128, for the f16 path). First a 4x4 byte transpose gathers byte qq of the 8 planes, plane p at byte 7 − p of hi:lo
 // (so that after the bit transposition plane 0, the MSB, is bit 7 of every code byte); then the
 // bit transposition turns "byte = plane, bit = column" into "byte = column, bit = 7 − plane".
+template <bool CENTRED = true>
 FQ_MMA_HD void decode_word(const uint32_t (&u)[8], uint32_t (&b)[4][2]) {
     uint32_t hi[4], lo[4];
     {
@@ -112,10 +113,26 @@ FQ_MMA_HD void decode_word(const uint32_t (&u)[8], uint32_t (&b)[4][2]) {
 #endif
     for (int qq = 0; qq < 4; ++qq) {
         transpose8x8(lo[qq], hi[qq]);
-        b[qq][0] = lo[qq] ^ 0x80808080u;  // c·2^(8−k) − 128 = ĉ8 as int8, per byte
-        b[qq][1] = hi[qq] ^ 0x80808080u;
+        const uint32_t flip = CENTRED ? 0x80808080u : 0u;  // c·2^(8−k) − 128 = ĉ8 as int8, per byte
+        b[qq][0] = lo[qq] ^ flip;
+        b[qq][1] = hi[qq] ^ flip;
     }
 }
+
+// The f16 path (W{k}A16, mma m16n8k16 with fp32 accumulation): 4 unsigned top-aligned codes u
+// (bytes 0..3) -> two f16x2 registers whose halves are 1024 + u_i (exponent of 1024, the byte in
+// the mantissa: exact). The kernel subtracts 1152 = 1024 + 128 per half (__hsub2), which leaves
+// ĉ8 = u − 128 exactly; the byte-to-half conversion costs one byte permutation per two codes.
+FQ_MMA_HD void codes_to_half2_biased(uint32_t u, uint32_t& h01, uint32_t& h23) {
+    h01 = byte_perm(u, 0x64646464u, 0x5140u);  // bytes u0, 0x64, u1, 0x64
+    h23 = byte_perm(u, 0x64646464u, 0x5342u);  // bytes u2, 0x64, u3, 0x64
+}
+constexpr uint32_t HALF2_BIAS = 0x64806480u;  // f16x2 (1152, 1152)
+
+// Element offset (in halves) of activation row r, column col in the f16 path's prepared x
+// (n_chunks, 4, 8, 4, 2, 8) fp16: the order of xa_index, 2 bytes per element; a lane's step is two
+// 16-byte loads (row g, row g + 8).
+FQ_MMA_HD int64_t xa16_index(int64_t col, int r) { return xa_index(col, r); }
 
 // The fp32 constants of the epilogue for a view of k of B bits: s8_mul = 2^(B−8) (ĉ8 carries
 // 2^(8−k), s_k = s · 2^(B−k)); z_k = (m + s · min_mul) + s · scale_mul · 2^(k−1) with the view's
@@ -133,10 +150,14 @@ FQ_MMA_HD GroupConstants group_constants(int max_bits, int bits) {
     return c;
 }
 
-// One group's contribution to y[r, n]: a_s · (s · s8_mul) · I8 + a_z · z_k.
-FQ_MMA_HD float group_term(int i8, float a_s, float a_z, float s, float m, const GroupConstants& c) {
+// One group's contribution to y[r, n]: a_s · (s · s8_mul) · I8 + a_z · z_k. The f16 path passes
+// its fp32 group sum Σ ĉ8 · fp16(x) as `dot`, a_s = 1 and a_z = Σ fp16(x) over the group.
+FQ_MMA_HD float group_term(float dot, float a_s, float a_z, float s, float m, const GroupConstants& c) {
     const float z_k = (m + s * c.min_mul) + (s * c.scale_mul) * c.centre;
-    return float(i8) * (a_s * (s * c.s8_mul)) + a_z * z_k;
+    return dot * (a_s * (s * c.s8_mul)) + a_z * z_k;
+}
+FQ_MMA_HD float group_term(int i8, float a_s, float a_z, float s, float m, const GroupConstants& c) {
+    return group_term(float(i8), a_s, a_z, s, m, c);
 }
 
 }  // namespace mma

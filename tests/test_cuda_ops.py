@@ -104,7 +104,13 @@ def reference_tc(codes, qparams, x, bits, max_bits, group_size):
     return reference_act(codes, qparams, x, bits, max_bits, group_size, 8)
 
 
-REFERENCES = {"fp32": reference_fp32, "tc": reference_tc, "mma": reference_tc}  # mma: TC's int8 activations
+def reference_fp16_act(codes, qparams, x, bits, max_bits, group_size):
+    """reference_fp32 with the activations rounded to fp16 first (the 'mma_a16' path)."""
+    return reference_fp32(codes, qparams, x.astype(np.float16).astype(np.float32), bits, max_bits, group_size)
+
+
+REFERENCES = {"fp32": reference_fp32, "tc": reference_tc, "mma": reference_tc,  # mma: TC's int8 activations
+              "mma_a16": reference_fp16_act}
 
 
 def run_and_check(path, codes, qparams, planes, x, bits, max_bits, group_size, what, **tuning):
@@ -114,7 +120,10 @@ def run_and_check(path, codes, qparams, planes, x, bits, max_bits, group_size, w
     assert np.isfinite(y).all(), f"{what}: {np.count_nonzero(~np.isfinite(y))} outputs not written (NaN)"
     exact, plain = REFERENCES[path](codes, qparams, x, bits, max_bits, group_size)
     err, base = rel_err(y, exact), rel_err(plain, exact)
-    assert err <= 2 * base + 1e-6, f"{what}: rel err {err:.3g} > 2 x plain fp32 ({base:.3g}) + 1e-6"
+    # mma_a16 sums in fp32 on the tensor cores (their accumulation order, and rounding, are the
+    # hardware's): the GEMM's bound, 4x, as for the f16 GEMM below
+    factor = 4 if path == "mma_a16" else 2
+    assert err <= factor * base + 1e-6, f"{what}: rel err {err:.3g} > {factor} x plain fp32 ({base:.3g}) + 1e-6"
     return y
 
 
@@ -593,7 +602,8 @@ def test_mma_matches_reference_and_tc_every_bit_width(group_size, k):
 
 
 @pytest.mark.parametrize("group_size", MMA_GROUPS)
-def test_mma_every_m_and_split(group_size):
+@pytest.mark.parametrize("path", ["mma", "mma_a16"])
+def test_mma_every_m_and_split(path, group_size):
     """m = 1..16 per launch (compiled per value; rows 9..16 are the mma tile's lower half), 17 and 35
     in slices of 16, any warps per block."""
     rng = np.random.default_rng([group_size, 37])
@@ -603,8 +613,8 @@ def test_mma_every_m_and_split(group_size):
         bits = 2 + m % (max_bits - 1)
         x = make_x(rng, m, k)
         for warps in ((0, 1, 3, 16) if m in (1, 8, 9, 16) else (0,)):
-            run_and_check("mma", codes, qparams, planes, x, bits, max_bits, group_size,
-                          f"mma G={group_size} m={m} bits={bits} warps={warps}", warps=warps)
+            run_and_check(path, codes, qparams, planes, x, bits, max_bits, group_size,
+                          f"{path} G={group_size} m={m} bits={bits} warps={warps}", warps=warps)
 
 
 def test_mma_signed_edges():
@@ -626,23 +636,25 @@ def test_mma_signed_edges():
             run_and_check("mma", codes, qparams, planes, x, bits, max_bits, group_size, f"G={group_size} bits={bits}")
 
 
-def test_mma_reads_only_the_first_bits_planes_and_is_deterministic():
+@pytest.mark.parametrize("path", ["mma", "mma_a16"])
+def test_mma_reads_only_the_first_bits_planes_and_is_deterministic(path):
     rng = np.random.default_rng(43)
     n, k, max_bits, group_size = 200, 1536, 8, 128
     codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
     x = make_x(rng, 5, k)
     for bits in (2, 5, 7):
-        y = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, path="mma")
+        y = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, path=path)
         junk = planes.copy()
         junk[bits:] = rng.integers(0, 256, junk[bits:].shape, dtype=np.uint8)
         np.testing.assert_array_equal(
-            core.bitplane_matmul_cuda(junk, qparams, n, k, max_bits, group_size, bits, x, path="mma"), y)
+            core.bitplane_matmul_cuda(junk, qparams, n, k, max_bits, group_size, bits, x, path=path), y)
         np.testing.assert_array_equal(core.bitplane_matmul_cuda(
-            np.ascontiguousarray(planes[:bits]), qparams, n, k, max_bits, group_size, bits, x, path="mma"), y)
+            np.ascontiguousarray(planes[:bits]), qparams, n, k, max_bits, group_size, bits, x, path=path), y)
 
 
 @pytest.mark.parametrize("group_size", [128, 512])
-def test_mma_multi_launch_accumulate_prefetch(group_size):
+@pytest.mark.parametrize("path", ["mma", "mma_a16"])
+def test_mma_multi_launch_accumulate_prefetch(path, group_size):
     """The engine's ways of launching it: several linears in one grid (each at its own bits from
     device memory), the accumulating store, the L2 prefetch hint."""
     rng = np.random.default_rng(group_size + 47)
@@ -654,17 +666,17 @@ def test_mma_multi_launch_accumulate_prefetch(group_size):
     for m in (1, 3, 8, 13, 16):
         x = make_x(rng, m, k)
         for warps in (1, 2):
-            ys = core.bitplane_matmul_multi_cuda(planes, qps, ns, k, 8, group_size, bits, x, path="mma", warps=warps)
+            ys = core.bitplane_matmul_multi_cuda(planes, qps, ns, k, 8, group_size, bits, x, path=path, warps=warps)
             for i, y in enumerate(ys):
-                one = core.bitplane_matmul_cuda(planes[i], qps[i], ns[i], k, 8, group_size, bits[i], x, path="mma",
+                one = core.bitplane_matmul_cuda(planes[i], qps[i], ns[i], k, 8, group_size, bits[i], x, path=path,
                                                 warps=warps)
                 np.testing.assert_array_equal(y, one, err_msg=f"linear {i}, warps {warps}, m {m}")
-                pf = core.bitplane_matmul_cuda(planes[i], qps[i], ns[i], k, 8, group_size, bits[i], x, path="mma",
+                pf = core.bitplane_matmul_cuda(planes[i], qps[i], ns[i], k, 8, group_size, bits[i], x, path=path,
                                                warps=warps, prefetch=1)
                 np.testing.assert_array_equal(pf, one, err_msg=f"prefetch, linear {i}")
         y0 = rng.standard_normal((m, ns[0])).astype(np.float32)
-        plain = core.bitplane_matmul_cuda(planes[0], qps[0], ns[0], k, 8, group_size, bits[0], x, path="mma")
-        acc = core.bitplane_matmul_cuda(planes[0], qps[0], ns[0], k, 8, group_size, bits[0], x, path="mma", y0=y0)
+        plain = core.bitplane_matmul_cuda(planes[0], qps[0], ns[0], k, 8, group_size, bits[0], x, path=path)
+        acc = core.bitplane_matmul_cuda(planes[0], qps[0], ns[0], k, 8, group_size, bits[0], x, path=path, y0=y0)
         np.testing.assert_array_equal(acc, y0 + plain, err_msg=f"accumulate, m {m}")
 
 
@@ -685,6 +697,24 @@ def test_mma_from_the_fused_preparation(op, k, group_size):
         np.testing.assert_array_equal(y, ref_y, err_msg=f"{op} product, m={m}")
 
 
+@pytest.mark.parametrize("group_size", MMA_GROUPS)
+@pytest.mark.parametrize("k", [300, 4096 + 384])
+def test_mma_a16_matches_fp16_reference_and_beats_int8(group_size, k):
+    """W{k}A16: every bit-width against the fp16-activation reference; and nearer the fp32-activation
+    product than the int8 paths (fp16 keeps 11 bits of each activation, int8 per group about 7)."""
+    rng = np.random.default_rng([k, group_size, 61])
+    n, max_bits = 77, 8
+    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    for bits in range(2, max_bits + 1):
+        m = 1 + (5 * bits + k) % 16
+        x = make_x(rng, m, k)
+        y = run_and_check("mma_a16", codes, qparams, planes, x, bits, max_bits, group_size,
+                          f"mma_a16 k={k} G={group_size} bits={bits} m={m}")
+        exact32, _ = reference_fp32(codes, qparams, x, bits, max_bits, group_size)
+        y8 = core.bitplane_matmul_cuda(planes, qparams, n, k, max_bits, group_size, bits, x, path="mma")
+        assert rel_err(y, exact32) < rel_err(y8, exact32), f"bits={bits}: fp16 activations no nearer than int8"
+
+
 def test_mma_bad_arguments():
     rng = np.random.default_rng(59)
     n, k = 13, 300
@@ -695,6 +725,11 @@ def test_mma_bad_arguments():
         core.bitplane_matmul_cuda(planes, qparams, n, k, 4, 64, 3, x, path="mma")
     with pytest.raises(core.FlexquantError, match="MMA path needs group_size"):
         core.bitplane_matmul_multi_cuda([planes], [qparams], [n], k, 4, 64, [3], x, path="mma")
+    with pytest.raises(core.FlexquantError, match="MMA_A16 path needs group_size 128, 256 or 512, got 64"):
+        core.bitplane_matmul_cuda(planes, qparams, n, k, 4, 64, 3, x, path="mma_a16")
+    with pytest.raises(core.FlexquantError, match="path must be TC or MMA"):
+        core.bitplane_matmul_fused_cuda(planes, qparams, n, k, 4, 64, 3, x, op="rms_norm",
+                                        aux=np.ones(k, np.float32), path="mma_a16")
     with pytest.raises(core.FlexquantError, match="m must be in 1..8 for this path, got 9"):
         core.bitplane_matmul_multi_cuda([planes], [qparams], [n], k, 4, 64, [3], make_x(rng, 9, k), path="tc")
     with pytest.raises(core.FlexquantError, match="path must be TC or MMA"):

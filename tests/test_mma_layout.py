@@ -91,3 +91,46 @@ def test_emulated_warp_gives_the_exact_group_sums(emulator, tmp_path, n, k, grou
         exact = (dots * s_k[None] * ap[:, None, :, 0] + m_k[None] * ap[:, None, :, 1]).sum(-1)
         err = np.abs(y - exact).max() / np.abs(exact).max()
         assert err < 1e-5, (bits, err)
+
+
+@pytest.mark.parametrize("n,k,group_size", [(13, 300, 128), (20, 1536, 256), (9, 4096 + 384, 512)])
+@pytest.mark.parametrize("m", [1, 8, 11, 16])
+def test_emulated_f16_warp_gives_the_group_sums(emulator, tmp_path, n, k, group_size, m):
+    """The f16 kernel (W{k}A16): codes through codes_to_half2_biased and the bias, fp16 activations
+    in xa16's order, the m16n8k16 fragments. Group sums in float64 equal Σ ĉ8 · fp16(x) (each product
+    and these sums exact in float64), and the epilogue gives W_k · fp16(x)."""
+    rng = np.random.default_rng([n, k, group_size, m, 16])
+    max_bits = 8
+    codes = rng.integers(0, 1 << max_bits, size=(n, k)).astype(np.uint8)
+    n_groups = -(-k // group_size)
+    x = (rng.standard_normal((m, k)) * 2).astype(np.float16)
+    xs = np.zeros((m, n_groups * group_size))
+    xs[:, :k] = x.astype(np.float64)
+    sm = np.stack([rng.uniform(0.001, 0.01, (n, n_groups)), rng.uniform(-0.5, 0.5, (n, n_groups))], -1)
+    sm = sm.astype(np.float16).astype(np.float32)
+    ap = np.stack([np.ones((m, n_groups)), xs.reshape(m, n_groups, group_size).sum(-1)], -1).astype(np.float32)
+    for bits in (8, 5, 2):
+        planes = bp.pack_planes(codes, max_bits)[:bits]
+        (tmp_path / "meta.txt").write_text(f"{n} {k} {group_size} {max_bits} {bits} {m}\n")
+        np.ascontiguousarray(planes).tofile(tmp_path / "planes.bin")
+        np.ascontiguousarray(x.view(np.uint16)).tofile(tmp_path / "xh.bin")
+        np.ascontiguousarray(sm).tofile(tmp_path / "sm.bin")
+        np.ascontiguousarray(ap).tofile(tmp_path / "aparams.bin")
+        subprocess.run([str(emulator), str(tmp_path), "a16"], check=True)
+        dots = np.fromfile(tmp_path / "i8.bin", dtype=np.float64).reshape(m, n, n_groups)
+        y = np.fromfile(tmp_path / "y.bin", dtype=np.float32).reshape(m, n)
+        ck = np.zeros((n, n_groups * group_size), dtype=np.int64)
+        ck[:, :k] = codes.astype(np.int64) >> (max_bits - bits)
+        c8 = (ck - (1 << (bits - 1))) << (8 - bits)
+        c8[:, k:] = 0
+        want = np.einsum("ngi,rgi->rng", c8.reshape(n, n_groups, group_size).astype(np.float64),
+                         xs.reshape(m, n_groups, group_size))
+        np.testing.assert_allclose(dots, want, rtol=1e-12, atol=1e-9, err_msg=f"bits={bits}")
+        s, mn = sm[..., 0].astype(np.float64), sm[..., 1].astype(np.float64)
+        s_k = s * 2.0 ** (max_bits - bits)
+        m_k = mn + s * (2.0 ** (max_bits - bits) - 1) / 2
+        exact = (np.einsum("ngi,rgi->rng", ck.reshape(n, n_groups, group_size).astype(np.float64),
+                           xs.reshape(m, n_groups, group_size)) * s_k[None]
+                 + m_k[None] * ap[:, None, :, 1]).sum(-1)
+        err = np.abs(y - exact).max() / np.abs(exact).max()
+        assert err < 1e-5, (bits, err)

@@ -165,12 +165,12 @@ import flexquant_rt._core as core
 from flexquant_rt import bitplane as bp
 rng = np.random.default_rng(0)
 for n, k, g, m, bits in [(13, 300, 32, 3, 3), (21, 576, 128, 1, 8), (200, 1536, 64, 11, 5), (9, 384, 512, 2, 4),
-                         (13, 300, 96, 2, 6)]:
+                         (13, 300, 96, 2, 6), (37, 1664, 256, 13, 6)]:
     codes, qp = bp.quantize(rng.standard_normal((n, k)).astype(np.float32), 8, g)
     planes = bp.pack_planes(codes, 8)
     x = rng.standard_normal((m, k)).astype(np.float32)
     paths = (("tc", "fp32") if core.bitplane_cuda_tc_supports(g) else ("fp32",)) + \
-        (("mma",) if core.bitplane_cuda_mma_supports(g) else ())
+        (("mma", "mma_a16") if core.bitplane_cuda_mma_supports(g) else ())
     for path in paths:
         y = core.bitplane_matmul_cuda(np.ascontiguousarray(planes[:bits]), qp, n, k, 8, g, bits, x, path=path)
         assert np.isfinite(y).all()
@@ -359,8 +359,9 @@ for n, k in SHAPES:
 print("\n## batch m: µs (matmul only); tc = binary tensor cores, mma = s8 tensor cores with the codes decoded in")
 print("registers (cuda_mma_min_rows in the engine); the same int8 activations; the mma kernel takes")
 print("up to 16 rows per launch (tc: 8; its m = 16 is two launches of 8)")
-print("| shape | bits | m | tc | mma | mma / tc | fp32 | cuBLAS fp16 | cuBLAS / mma | mma GB/s |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("mma_a16: the same kernel with fp16 activations (W{k}A16) on the f16 tensor cores")
+print("| shape | bits | m | tc | mma | mma / tc | mma_a16 | fp32 | cuBLAS fp16 | cuBLAS / mma | cuBLAS / mma_a16 | mma GB/s |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
     planes, qp = random_linear(n, k)
     for bits in (4, 8):
@@ -368,10 +369,12 @@ for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
             t16, _ = torch_linear_us(n, k, m)
             tc = bench(planes, qp, n, k, bits, min(m, 8), "tc")["matmul_us"] * (2 if m > 8 else 1)
             mm = bench(planes, qp, n, k, bits, m, "mma")
+            a16 = bench(planes, qp, n, k, bits, m, "mma_a16")["matmul_us"]
             fp = (bench(planes, qp, n, k, bits, m, "fp32")["matmul_us"] if (n, k) == (11008, 4096) and m <= 8
                   else float("nan"))
-            print(f"| {n}x{k} | {bits} | {m} | {tc:.1f} | {mm['matmul_us']:.1f} | {mm['matmul_us'] / tc:.2f} | "
-                  f"{fp:.1f} | {t16:.1f} | {t16 / mm['matmul_us']:.2f}x | {mm['bytes'] / mm['matmul_us'] / 1e3:.0f} |")
+            print(f"| {n}x{k} | {bits} | {m} | {tc:.1f} | {mm['matmul_us']:.1f} | {mm['matmul_us'] / tc:.2f} | {a16:.1f} | "
+                  f"{fp:.1f} | {t16:.1f} | {t16 / mm['matmul_us']:.2f}x | {t16 / a16:.2f}x | "
+                  f"{mm['bytes'] / mm['matmul_us'] / 1e3:.0f} |")
 
 print("\n## accuracy, 1024x4096, G 128: rel. error vs the fp64 product with fp32 activations")
 n, k = 1024, 4096
@@ -448,8 +451,9 @@ def random_linear(n, k):
 runs = []
 print("## GEMM, group 128: µs per call (unpack + prepare + gemm); baselines timed in the same run")
 print("| N x K | m | cuBLAS fp16 | _int_mm | A8 k=8 | A8 k=6 | A8 k=4 | A16 k=8 | A16 k=4 | fp16 / best | A8 k=8 TOP/s | GEMV tc k=4 | "
-      "GEMV mma k=4 | fp16 / GEMV mma k=4 | " + " | ".join(f"B1 W{w}A{a}" for w, a in B1) + " |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(B1))
+      "GEMV mma k=4 | fp16 / GEMV mma k=4 | GEMV mma_a16 k=4 (W4A16) | fp16 / it | "
+      + " | ".join(f"B1 W{w}A{a}" for w, a in B1) + " |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(B1))
 for n, k in SHAPES:
     planes, qp = random_linear(n, k)
     # both baselines get the weight as a linear layer stores it, (n, k) row-major, used transposed
@@ -472,7 +476,7 @@ for n, k in SHAPES:
             runs.append(r)
             cells[(kind, bits)] = r["total_us"]
         best = min(cells.values())
-        gemv, gemv_mma = "", " | "
+        gemv, gemv_mma, gemv_a16 = "", " | ", " | "
         if m <= 64:  # the GEMV takes 8 rows per launch (tc), 16 (mma)
             g = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, 4, x[: min(m, 8)], path="tc", reps=5)
             gemv = f"{g['total_us'] * ((m + 7) // 8):.1f}"
@@ -480,6 +484,11 @@ for n, k in SHAPES:
             t_mma = g["total_us"] * ((m + 15) // 16)
             runs.append(dict(kind="gemv_mma", n=n, k=k, m=m, bits=4, total_us=t_mma))
             gemv_mma = f"{t_mma:.1f} | {t16 / t_mma:.2f}x"
+            g = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, 4, x[: min(m, 16)], path="mma_a16",
+                                                reps=5)
+            t_a16 = g["total_us"] * ((m + 15) // 16)
+            runs.append(dict(kind="gemv_mma_a16", n=n, k=k, m=m, bits=4, total_us=t_a16))
+            gemv_a16 = f"{t_a16:.1f} | {t16 / t_a16:.2f}x"
         runs.append(dict(kind="cublas_fp16", n=n, k=k, m=m, total_us=t16))
         runs.append(dict(kind="int_mm", n=n, k=k, m=m, total_us=t8))
         tops = 2 * m * n * k / cells[("a8", 8)] / 1e6
@@ -490,7 +499,8 @@ for n, k in SHAPES:
             runs.append(r)
             b1.append(f"{r['total_us']:.1f} ({2 * m * n * k / r['gemm_us'] / 1e6:.0f} TOP/s)")
         print(f"| {n}x{k} | {m} | {t16:.1f} | {t8:.1f} | " + " | ".join(f"{cells[c]:.1f}" for c in KINDS) +
-              f" | {t16 / best:.2f}x | {tops:.0f} | {gemv} | {gemv_mma} | " + " | ".join(b1 or ["-"] * len(B1)) + " |")
+              f" | {t16 / best:.2f}x | {tops:.0f} | {gemv} | {gemv_mma} | {gemv_a16} | " + " | ".join(b1 or ["-"] * len(B1))
+              + " |")
     del w16, w8
     torch.cuda.empty_cache()
 

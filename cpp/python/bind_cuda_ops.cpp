@@ -33,11 +33,17 @@ BitplaneCudaPath parse_path(const std::string& s) {
     if (s == "tc") return flexquant::BITPLANE_CUDA_TC;
     if (s == "fp32") return flexquant::BITPLANE_CUDA_FP32;
     if (s == "mma") return flexquant::BITPLANE_CUDA_MMA;
-    throw py::value_error("path: expected 'auto', 'tc', 'mma' or 'fp32', got '" + s + "'");
+    if (s == "mma_a16") return flexquant::BITPLANE_CUDA_MMA_A16;
+    throw py::value_error("path: expected 'auto', 'tc', 'mma', 'mma_a16' or 'fp32', got '" + s + "'");
 }
 
 const char* path_name(BitplaneCudaPath p) {
-    return p == flexquant::BITPLANE_CUDA_TC ? "tc" : p == flexquant::BITPLANE_CUDA_MMA ? "mma" : "fp32";
+    switch (p) {
+        case flexquant::BITPLANE_CUDA_TC: return "tc";
+        case flexquant::BITPLANE_CUDA_MMA: return "mma";
+        case flexquant::BITPLANE_CUDA_MMA_A16: return "mma_a16";
+        default: return "fp32";
+    }
 }
 
 // The linear (host pointers into the numpy arrays) after checking planes and qparams.
@@ -395,8 +401,9 @@ void bind_cuda_ops(py::module_& m) {
           "Uploads only the first `bits` planes; the device output is filled with NaN before the launch, so\n"
           "an element the kernel missed comes back as NaN. path: 'tc' (int8 activations per group,\n"
           "binary tensor cores; group_size 32..512, powers of two), 'mma' (the same int8 activations, the\n"
-          "codes decoded in registers for the s8 tensor cores; group_size 128, 256 or 512), 'fp32' (fp32\n"
-          "activations, any group size) or 'auto' (tc where it applies). warps: warps per block splitting K (0 = automatic).\n"
+          "codes decoded in registers for the s8 tensor cores; group_size 128, 256 or 512), 'mma_a16' (the\n"
+          "same kernel with x rounded to float16 on the f16 tensor cores), 'fp32' (fp32 activations, any\n"
+          "group size) or 'auto' (tc where it applies). warps: warps per block splitting K (0 = automatic).\n"
           "prefetch: 1 = each warp asks L2 for its next super-chunk ahead (sm_90), 0 = off, -1 = the default\n"
           "(FLEXQUANT_CUDA_PREFETCH=1 turns it on); the result is the same either way.");
     m.def("bitplane_matmul_fused_cuda", &py_bitplane_matmul_fused_cuda, py::arg("planes"), py::arg("qparams"),

@@ -4,10 +4,13 @@
 // mma.m16n8k32", .s8: A row groupID / groupID + 8, B column groupID, C rows groupID / + 8,
 // columns 2·tig, 2·tig + 1). tests/test_mma_layout.py runs it against numpy.
 //
-// usage: mma_layout DIR   with DIR/meta.txt "n k group_size max_bits bits m",
+// usage: mma_layout DIR [a16]   with DIR/meta.txt "n k group_size max_bits bits m",
 //   DIR/planes.bin (bits, plane_bytes) u8 (the first `bits` planes, tc8x512), DIR/q.bin (m, k) int8,
 //   DIR/sm.bin (n, n_groups, 2) f32 (s, m), DIR/aparams.bin (m, n_groups, 2) f32 (a_s, a_z)
 // writes DIR/i8.bin (m, n, n_groups) int32 and DIR/y.bin (m, n) f32.
+// With "a16" (the f16 kernel, mma m16n8k16): DIR/xh.bin (m, k) uint16 = the fp16 activations instead
+// of q.bin, and DIR/i8.bin holds the group sums Σ ĉ8 · x as float64 ((m, n, n_groups) f64).
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -35,9 +38,127 @@ void write_file(const std::string& path, const std::vector<T>& v) {
 
 uint8_t byte_of(uint32_t w, int i) { return uint8_t(w >> (8 * i)); }
 
+// IEEE half (bits) -> double, every finite value.
+double half_value(uint16_t h) {
+    const int sign = h >> 15, e = (h >> 10) & 31, f = h & 1023;
+    if (e == 31) throw std::runtime_error("half inf/nan");
+    const double v = e == 0 ? std::ldexp(double(f), -24) : std::ldexp(double(1024 + f), e - 25);
+    return sign ? -v : v;
+}
+double half_of(uint32_t reg, int i) { return half_value(uint16_t(reg >> (16 * i))); }
+
+// The f16 kernel (bitplane_matmul_mma_a16_kernel) for every lane: the same plane words and K order,
+// codes as f16 (codes_to_half2_biased, minus 1152), activations fp16, mma m16n8k16 from its
+// fragments (PTX "Matrix Fragments for mma.m16n8k16", .f16: A row groupID / + 8 (a0, a2 / a1, a3),
+// K 2·tig + (0, 1) in a0/a1 and 2·tig + 8 + (0, 1) in a2/a3; B column groupID, K 2·tig + (0, 1) in
+// b0, + 8 in b1; C as for m16n8k32).
+int run_a16(const std::string& dir, const std::vector<uint8_t>& planes, int64_t n, int64_t k, int64_t group_size,
+            int64_t max_bits, int64_t bits, int64_t m) {
+    const int64_t k_pad = (k + 127) / 128 * 128, n_tiles = (n + 7) / 8, n_groups = (k + group_size - 1) / group_size;
+    const int64_t plane_bytes = n_tiles * k_pad, n_super = (k_pad + 511) / 512, n_chunks = k_pad / 128;
+    const int last_words = int((k_pad - (n_super - 1) * 512) / 128);
+    const int64_t cpg = group_size / 128;
+    const auto xh = read_file<uint16_t>(dir + "/xh.bin", size_t(m * k));
+    const auto sm = read_file<float>(dir + "/sm.bin", size_t(n * n_groups * 2));
+    const auto ap = read_file<float>(dir + "/aparams.bin", size_t(m * n_groups * 2));
+    std::vector<uint16_t> xa(size_t(n_chunks * 128 * mma::ROWS), uint16_t(0x7e00));  // NaN: rows >= m never read
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t col = 0; col < k_pad; ++col) xa[size_t(mma::xa16_index(col, int(r)))] = col < k ? xh[size_t(r * k + col)] : 0;
+    std::vector<double> dots(size_t(m * n * n_groups), 0.0);
+    std::vector<float> y(size_t(m * n), 0.0f);
+    const mma::GroupConstants gc = mma::group_constants(int(max_bits), int(bits));
+    const double bias = half_value(uint16_t(mma::HALF2_BIAS & 0xffff));
+    for (int64_t rt = 0; rt < n_tiles; ++rt) {
+        float acc[32][4] = {};
+        for (int64_t s = 0; s < n_super; ++s) {
+            const int W = s == n_super - 1 ? last_words : 4;
+            uint32_t P[32][8][4] = {};
+            for (int l = 0; l < 32; ++l)
+                for (int p = 0; p < bits; ++p)
+                    for (int j = 0; j < W; ++j) {
+                        const size_t off = size_t(p * plane_bytes + rt * k_pad + s * 512 + 4 * (l * W + j));
+                        P[l][p][j] = uint32_t(planes[off]) | uint32_t(planes[off + 1]) << 8 |
+                                     uint32_t(planes[off + 2]) << 16 | uint32_t(planes[off + 3]) << 24;
+                    }
+            double d[32][4] = {};
+            for (int j = 0; j < W; ++j) {
+                const int64_t c = 4 * s + j;
+                if (c % cpg == 0)
+                    for (auto& dl : d) dl[0] = dl[1] = dl[2] = dl[3] = 0;
+                uint32_t b[32][4][2];
+                for (int l = 0; l < 32; ++l) {
+                    uint32_t u[8];
+                    for (int p = 0; p < 8; ++p) u[p] = P[l][p][j];
+                    mma::decode_word<false>(u, b[l]);
+                }
+                for (int qq = 0; qq < 4; ++qq)
+                    for (int half = 0; half < 2; ++half) {
+                        uint32_t a[32][4], bb[32][2];
+                        for (int l = 0; l < 32; ++l) {
+                            const int g = l >> 2, t = l & 3;
+                            // the kernel's loads: 8 halves of row g, of row g + 8 (rows >= m: zeros)
+                            const uint16_t* src = &xa[size_t(mma::xa16_index(128 * c + 32 * t + 8 * qq, g))];
+                            uint32_t w[2][4] = {};
+                            for (int h = 0; h < 2; ++h)
+                                if (g + 8 * h < m)
+                                    for (int e = 0; e < 4; ++e) w[h][e] = uint32_t(src[8 * h + 2 * e]) | uint32_t(src[8 * h + 2 * e + 1]) << 16;
+                            a[l][0] = w[0][2 * half];      // row g, K 2t, 2t+1
+                            a[l][1] = w[1][2 * half];      // row g + 8
+                            a[l][2] = w[0][2 * half + 1];  // row g, K 2t + 8, +9
+                            a[l][3] = w[1][2 * half + 1];
+                            mma::codes_to_half2_biased(b[l][qq][half], bb[l][0], bb[l][1]);
+                        }
+                        double C[16][8] = {};
+                        for (int r = 0; r < 16; ++r)
+                            for (int col = 0; col < 8; ++col)
+                                for (int L = 0; L < 16; ++L) {
+                                    const int tp = (L % 8) / 2, e = L % 2;
+                                    const double av = half_of(a[4 * (r % 8) + tp][(r >= 8 ? 1 : 0) + (L >= 8 ? 2 : 0)], e);
+                                    const double bv = half_of(bb[4 * col + tp][L >= 8 ? 1 : 0], e) - bias;
+                                    C[r][col] += av * bv;
+                                }
+                        for (int l = 0; l < 32; ++l) {
+                            const int g = l >> 2, t = l & 3;
+                            d[l][0] += C[g][2 * t];
+                            d[l][1] += C[g][2 * t + 1];
+                            d[l][2] += C[g + 8][2 * t];
+                            d[l][3] += C[g + 8][2 * t + 1];
+                        }
+                    }
+                if ((c + 1) % cpg == 0 || c == n_chunks - 1) {
+                    const int64_t grp = c / cpg;
+                    for (int l = 0; l < 32; ++l) {
+                        const int g = l >> 2, t = l & 3;
+                        for (int i = 0; i < 4; ++i) {
+                            const int xr = g + 8 * (i >> 1);
+                            const int64_t row = rt * 8 + 2 * t + (i & 1);
+                            if (xr >= m || row >= n) continue;
+                            dots[size_t((xr * n + row) * n_groups + grp)] = d[l][i];
+                            const float* smp = &sm[size_t((row * n_groups + grp) * 2)];
+                            const float* app = &ap[size_t((xr * n_groups + grp) * 2)];
+                            acc[l][i] += mma::group_term(float(d[l][i]), app[0], app[1], smp[0], smp[1], gc);
+                        }
+                    }
+                }
+            }
+        }
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 4; ++i) {
+                const int xr = g + 8 * (i >> 1);
+                const int64_t row = rt * 8 + 2 * t + (i & 1);
+                if (xr < m && row < n) y[size_t(xr * n + row)] = acc[l][i];
+            }
+        }
+    }
+    write_file(dir + "/i8.bin", dots);
+    write_file(dir + "/y.bin", y);
+    return 0;
+}
+
 int main(int argc, char** argv) {
-    if (argc != 2) {
-        std::fprintf(stderr, "usage: mma_layout DIR\n");
+    if (argc != 2 && argc != 3) {
+        std::fprintf(stderr, "usage: mma_layout DIR [a16]\n");
         return 2;
     }
     const std::string dir = argv[1];
@@ -51,7 +172,9 @@ int main(int argc, char** argv) {
     const int last_words = int((k_pad - (n_super - 1) * 512) / 128);
     const int64_t cpg = group_size / 128;  // chunks per group
 
+    const bool a16 = argc == 3 && std::string(argv[2]) == "a16";
     const auto planes = read_file<uint8_t>(dir + "/planes.bin", size_t(bits * plane_bytes));
+    if (a16) return run_a16(dir, planes, n, k, group_size, max_bits, bits, m);
     const auto q = read_file<int8_t>(dir + "/q.bin", size_t(m * k));
     const auto sm = read_file<float>(dir + "/sm.bin", size_t(n * n_groups * 2));
     const auto ap = read_file<float>(dir + "/aparams.bin", size_t(m * n_groups * 2));

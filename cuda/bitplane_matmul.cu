@@ -130,6 +130,29 @@ __device__ __forceinline__ void prefetch_super_chunk(bool on, const uint8_t* til
     }
 }
 
+// A warp's walk over its super-chunks s = warp, warp + n_warps, ... of the row tile (tile: its plane
+// 0): P holds each one's planes when body(s, W) runs (W: its words per lane). The first is loaded
+// before pdl_wait (weights never come from an earlier kernel, so under PDL the load overlaps the
+// previous kernel's tail), then the wait (the activations and y do); each next one is asked of L2
+// ahead with `prefetch`.
+template <class Body>
+__device__ __forceinline__ void walk_super_chunks(uint4 (&P)[8], const uint8_t* tile, uint64_t plane_bytes, int bits,
+                                                  int n_super, int last_words, int warp, int n_warps, int lane,
+                                                  bool prefetch, Body&& body) {
+    if (warp < n_super)
+        load_planes(P, tile + int64_t(warp) * SUPER_K, plane_bytes, bits, warp == n_super - 1 ? last_words : 4, lane);
+    prefetch_super_chunk(prefetch, tile, plane_bytes, warp + n_warps, n_super, last_words, bits, lane);
+    pdl_wait();
+    for (int s = warp; s < n_super; s += n_warps) {
+        const int W = s == n_super - 1 ? last_words : 4;
+        if (s != warp) {
+            load_planes(P, tile + int64_t(s) * SUPER_K, plane_bytes, bits, W, lane);
+            prefetch_super_chunk(prefetch, tile, plane_bytes, s + n_warps, n_super, last_words, bits, lane);
+        }
+        body(s, W);
+    }
+}
+
 // The bit-width a kernel runs at: `bits` (a launch argument), or, when bits_dev is set, the value
 // in device memory at the time the kernel runs (the engine's CUDA graph reads a mask that the host
 // updates between replays). Clamped to 2..bits: the buffer holds only `bits` planes, so a bad
@@ -336,16 +359,7 @@ bitplane_matmul_tc_kernel(const GemvParts parts,              // the linears (pl
     for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
 
     uint4 P[8];
-    if (warp < n_super)
-        load_planes(P, tile + int64_t(warp) * SUPER_K, plane_bytes, bits, warp == n_super - 1 ? last_words : 4, lane);
-    prefetch_super_chunk(prefetch, tile, plane_bytes, warp + n_warps, n_super, last_words, bits, lane);
-    pdl_wait();  // the activations and y come from earlier kernels
-    for (int s = warp; s < n_super; s += n_warps) {
-        const int W = s == n_super - 1 ? last_words : 4;
-        if (s != warp) {
-            load_planes(P, tile + int64_t(s) * SUPER_K, plane_bytes, bits, W, lane);
-            prefetch_super_chunk(prefetch, tile, plane_bytes, s + n_warps, n_super, last_words, bits, lane);
-        }
+    walk_super_chunks(P, tile, plane_bytes, bits, n_super, last_words, warp, n_warps, lane, prefetch, [&](int s, int W) {
         uint4 X[M];
 #pragma unroll
         for (int r = 0; r < M; ++r) X[r] = __ldg(xq + (int64_t(r) * n_super + s) * 32 + lane);
@@ -397,7 +411,7 @@ bitplane_matmul_tc_kernel(const GemvParts parts,              // the linears (pl
                 }
             }
         }
-    }
+    });
 
     // L >= 2: lanes b4 = 0, 1 hold the two slot parities of the same (r, row): add them. Then one
     // lane per (r, row) (b2 = 0) stores.
@@ -542,16 +556,7 @@ bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (p
 
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (x row g, g + 8) x (weight row row0, row0 + 1), as d
     uint4 P[8];
-    if (warp < n_super)
-        load_planes(P, tile + int64_t(warp) * SUPER_K, plane_bytes, bits, warp == n_super - 1 ? last_words : 4, lane);
-    prefetch_super_chunk(prefetch, tile, plane_bytes, warp + n_warps, n_super, last_words, bits, lane);
-    pdl_wait();  // the activations and y come from earlier kernels
-    for (int s = warp; s < n_super; s += n_warps) {
-        const int W = s == n_super - 1 ? last_words : 4;
-        if (s != warp) {
-            load_planes(P, tile + int64_t(s) * SUPER_K, plane_bytes, bits, W, lane);
-            prefetch_super_chunk(prefetch, tile, plane_bytes, s + n_warps, n_super, last_words, bits, lane);
-        }
+    walk_super_chunks(P, tile, plane_bytes, bits, n_super, last_words, warp, n_warps, lane, prefetch, [&](int s, int W) {
 #pragma unroll
         for (int p = 0; p < 8; ++p)  // planes past k are zero bits of ĉ8 (load_planes left them unset)
             if (p >= bits) P[p] = make_uint4(0u, 0u, 0u, 0u);
@@ -603,7 +608,7 @@ bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (p
                 d[0] = d[1] = d[2] = d[3] = 0;
             }
         }
-    }
+    });
     if (g < M) {
         red[warp][g][2 * t] = acc[0];
         red[warp][g][2 * t + 1] = acc[1];

@@ -62,7 +62,7 @@ def _run(emulator, tmp_path, codes, max_bits, group_size, bits, m, q=None, rng=N
     np.ascontiguousarray(sm).tofile(tmp_path / "sm.bin")
     np.ascontiguousarray(ap).tofile(tmp_path / "aparams.bin")
     subprocess.run([str(emulator), str(tmp_path)], check=True)
-    i8 = np.fromfile(tmp_path / "i8.bin", dtype=np.int32).reshape(m, n, n_groups)
+    i8 = np.fromfile(tmp_path / "sums.bin", dtype=np.float64).reshape(m, n, n_groups)
     y = np.fromfile(tmp_path / "y.bin", dtype=np.float32).reshape(m, n)
     return i8, y, sm, ap, qs
 
@@ -117,7 +117,7 @@ def test_emulated_f16_warp_gives_the_group_sums(emulator, tmp_path, n, k, group_
         np.ascontiguousarray(sm).tofile(tmp_path / "sm.bin")
         np.ascontiguousarray(ap).tofile(tmp_path / "aparams.bin")
         subprocess.run([str(emulator), str(tmp_path), "a16"], check=True)
-        dots = np.fromfile(tmp_path / "i8.bin", dtype=np.float64).reshape(m, n, n_groups)
+        dots = np.fromfile(tmp_path / "sums.bin", dtype=np.float64).reshape(m, n, n_groups)
         y = np.fromfile(tmp_path / "y.bin", dtype=np.float32).reshape(m, n)
         ck = np.zeros((n, n_groups * group_size), dtype=np.int64)
         ck[:, :k] = codes.astype(np.int64) >> (max_bits - bits)

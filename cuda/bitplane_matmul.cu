@@ -260,7 +260,7 @@ bitplane_prepare_tc_kernel(const float* x,                 // (m, k)
                            int64_t k, int n_super, int64_t n_groups, int group_size,
                            uint32_t* __restrict__ xq,      // (m, n_super, 32, 4)
                            float2* __restrict__ aparams,   // (m, n_groups)
-                           int8_t* __restrict__ xa,        // (n_chunks, 4, 8, 32): q for the MMA path
+                           int8_t* __restrict__ xa,        // (n_chunks, 4, 8, 4, 2, 8): q for the MMA path
                            const float* __restrict__ aux, float eps,
                            float* out) {                   // (m, k), FUSE only
     pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
@@ -434,7 +434,7 @@ bitplane_matmul_tc_kernel(const GemvParts parts,              // the linears (pl
 
 // ---- MMA path ------------------------------------------------------------------------------------
 
-// MMA_A16's preparation: x (m, k) -> xh = fp16(x) (round to nearest) in the MMA order
+// MMA_A16's preparation: x (m, k) -> xh = fp16(x) (round to nearest, saturating) in the MMA order
 // (mma::xa16_index; the K padding columns up to k_pad hold zeros) and aparams (m, n_groups) =
 // (1, Σ fp16(x) over the group, in fp32). Block (s, r), one column per thread; group_size 128, 256
 // or 512 (it divides the block's 512 columns).
@@ -448,7 +448,7 @@ bitplane_prepare_a16_kernel(const float* __restrict__ x,    // (m, k)
     const int s = blockIdx.x, r = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t col = int64_t(s) * SUPER_K + threadIdx.x;
-    const __half h = __float2half_rn(col < k ? x[r * k + col] : 0.0f);
+    const __half h = __float2half_rn(mma::fp16_saturate(col < k ? x[r * k + col] : 0.0f));
     if (col < ((k + 127) & ~int64_t(127))) xh[mma::xa16_index(col, r)] = h;
     float sum = __half2float(h);
 #pragma unroll

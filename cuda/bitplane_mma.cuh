@@ -31,6 +31,7 @@
 // numpy (every lane, the PTX fragment layout, the planes as the converter packs them).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -128,6 +129,17 @@ FQ_MMA_HD void codes_to_half2_biased(uint32_t u, uint32_t& h01, uint32_t& h23) {
     h23 = byte_perm(u, 0x64646464u, 0x5342u);  // bytes u2, 0x64, u3, 0x64
 }
 constexpr uint32_t HALF2_BIAS = 0x64806480u;  // f16x2 (1152, 1152)
+
+// fp16 activations saturate at ±65504 (fp16's largest finite value) instead of becoming ±inf, whose
+// products would turn the whole output row into inf or NaN; NaN stays NaN. The CPU emulation
+// (quantize_activations, bits 16) does the same.
+FQ_MMA_HD float fp16_saturate(float v) {
+#if defined(__CUDA_ARCH__)
+    return fabsf(v) > 65504.0f ? copysignf(65504.0f, v) : v;
+#else
+    return std::fabs(v) > 65504.0f ? std::copysign(65504.0f, v) : v;
+#endif
+}
 
 // Element offset (in halves) of activation row r, column col in the f16 path's prepared x
 // (n_chunks, 4, 8, 4, 2, 8) fp16: the order of xa_index, 2 bytes per element; a lane's step is two

@@ -14,7 +14,8 @@
 // so the same numbers up to fp32 rounding) when T > gemv_max[linear][its bit-width], else the GEMV
 // (8 rows per launch). gemv_max is gemm_min_rows - 1 for every linear, or what tune() measured on
 // this GPU (set_gemv_max). The LM head always runs on the GEMV, as does the decode step unless
-// gemm_min_rows is 1. With the GEMM off, or asked for all rows' logits, passes of 8 rows.
+// gemm_min_rows is 1. With the GEMM off, passes of 8 rows (16 where the MMA GEMV may run:
+// cuda_mma_min_rows > 0); asked for all rows' logits, passes of 8 rows.
 //
 // Several sequences (params.n_seq) share one KV cache per layer, sequence s in rows
 // [s · n_ctx, (s + 1) · n_ctx); decode_batch runs one step of several of them as one pass, each row
@@ -103,8 +104,9 @@ struct CudaForward::Impl {
     ModelConfig cfg;
     CudaForwardParams p;
     BitplaneCudaPath path = BITPLANE_CUDA_AUTO;  // the engine's: FP32 with fp32_matmul, else AUTO
-    // Per linear (n_lin): TC (int8 activations) or FP32 (fp32 activations), the engine's path
-    // resolved, then as set_fp32_activations chose (calibration keeps fp32 in sensitive layers).
+    // Per linear (n_lin): TC (int8 activations; MMA kernel per mma_min_rows), MMA_A16 (fp16) or FP32
+    // (fp32 activations), the engine's path resolved, then as set_activation_bits chose (calibration
+    // keeps more precision in sensitive layers).
     std::vector<BitplaneCudaPath> lin_path;
     int64_t n_lin = 0;  // n_layers * 7 + 1
     int n_splits = 1;   // attention spans at decode
@@ -179,9 +181,13 @@ struct CudaForward::Impl {
     // (the kernels themselves read the bits from device memory).
     bool on_gemm(size_t j, int64_t T) const {
         if (!use_gemm || j + 1 >= size_t(n_lin)) return false;  // the LM head: the GEMV
-        if (lin_path[j] != BITPLANE_CUDA_TC) return false;  // fp32 activations: the GEMM has int8 ones
+        if (lin_path[j] == BITPLANE_CUDA_FP32) return false;  // fp32 activations: the GEMMs have int8 or fp16
         const int32_t b = reinterpret_cast<const int32_t*>(in_host + in_bits)[j];
         return T > gemv_max[j][size_t(std::clamp(b, 0, 8))];
+    }
+    // The GEMM of linear j: the activations its GEMV path has (int8: A8, fp16: A16).
+    BitplaneGemmKind gemm_kind(size_t j) const {
+        return lin_path[j] == BITPLANE_CUDA_MMA_A16 ? BITPLANE_GEMM_A16 : BITPLANE_GEMM_A8;
     }
     // The GEMV kernel of a launch of `rows` rows prepared for `path`: the TC path's preparation also
     // serves the MMA kernel (s8 tensor cores), which runs from p.mma_min_rows rows where the group
@@ -212,6 +218,7 @@ struct CudaForward::Impl {
         // a prepared input serves linears of the same group size and path (k is xin's width for all
         // of them): fused_prepare prepares for the TC path
         int prepared_g = prepared, gemm_prepared_g = 0;
+        BitplaneGemmKind gemm_prepared_kind = BITPLANE_GEMM_A8;
         BitplaneCudaPath prepared_path = BITPLANE_CUDA_TC;
         // GEMV linears waiting for their one launch: all read the scratch as prepared for prepared_g
         BitplaneLinear batch[BITPLANE_MAX_MULTI];
@@ -230,10 +237,12 @@ struct CudaForward::Impl {
             float* out = *y++;
             const int g = lin[j].group_size;
             if (on_gemm(j, T)) {
-                if (gemm_prepared_g != g)
-                    bitplane_gemm_prepare_cuda_async(lin[j], xin, T, ws_gemm, ws_gemm_bytes, BITPLANE_GEMM_A8, stream);
+                const BitplaneGemmKind kind = gemm_kind(j);
+                if (gemm_prepared_g != g || gemm_prepared_kind != kind)
+                    bitplane_gemm_prepare_cuda_async(lin[j], xin, T, ws_gemm, ws_gemm_bytes, kind, stream);
                 gemm_prepared_g = g;
-                bitplane_gemm_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws_gemm, ws_gemm_bytes, BITPLANE_GEMM_A8,
+                gemm_prepared_kind = kind;
+                bitplane_gemm_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws_gemm, ws_gemm_bytes, kind,
                                                   stream, bits_dev() + j, 0, accumulate);
             } else if (T <= gemv_launch_rows(lin_path[j], g, T)) {
                 const BitplaneCudaPath pj = lin_path[j];
@@ -362,7 +371,9 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     e.use_gemm = params.gemm_min_rows > 0 && params.gemm_min_rows <= MAX_GEMM_ROWS && !params.fp32_matmul;
     for (const BitplaneLinear& w : lin)
         if (bitplane_cuda_resolve_path(w, e.path) != BITPLANE_CUDA_TC) e.use_gemm = false;
-    e.max_rows = e.use_gemm ? std::max<int64_t>(PREFILL_ROWS, params.gemm_min_rows) : SLICE;
+    // Without the GEMM, passes of one GEMV launch: 16 rows where the MMA kernel may run, else 8.
+    e.max_rows = e.use_gemm ? std::max<int64_t>(PREFILL_ROWS, params.gemm_min_rows)
+                            : params.mma_min_rows > 0 ? MMA_SLICE : SLICE;
     const int64_t R = e.max_rows;
     if (params.n_seq < 1 || params.n_seq > 4096)
         throw Error(fn + ": n_seq = " + std::to_string(params.n_seq) + " is outside 1..4096");
@@ -400,16 +411,23 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     // scans the whole cache
     const size_t off_partial = a.take(SLICE * size_t(c.n_heads) * e.n_splits * (hd + 2) * 4);
     for (size_t j = 0; j < lin.size(); ++j) {
-        // either path: set_fp32_activations may move a linear to FP32 (the larger scratch)
+        // every path set_activation_bits may move a linear to: FP32, TC (and MMA), MMA_A16
         e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, BITPLANE_CUDA_FP32));
         if (e.lin_path[j] == BITPLANE_CUDA_TC) {
             e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, BITPLANE_CUDA_TC));
             const BitplaneCudaPath mma = e.gemv_kernel(BITPLANE_CUDA_TC, lin[j].group_size, MMA_SLICE);
             e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], MMA_SLICE, mma));
         }
-        // the GEMM's scratch (codes of one linear + the pass's activations); never for the LM head
-        if (e.use_gemm && j + 1 < lin.size())
+        const bool fp16_ok = !params.fp32_matmul && bitplane_cuda_mma_supports(lin[j].group_size);
+        if (fp16_ok)
+            e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], MMA_SLICE, BITPLANE_CUDA_MMA_A16));
+        // the GEMM's scratch (codes of one linear + the pass's activations, int8 or fp16); never for
+        // the LM head
+        if (e.use_gemm && j + 1 < lin.size()) {
             e.ws_gemm_bytes = std::max(e.ws_gemm_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A8));
+            if (fp16_ok)
+                e.ws_gemm_bytes = std::max(e.ws_gemm_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A16));
+        }
     }
     const size_t off_ws = a.take(e.ws_bytes);
     const size_t off_ws_gemm = a.take(e.ws_gemm_bytes);
@@ -633,21 +651,29 @@ void CudaForward::reset_gemv_max() {
     e.gemv_max.assign(size_t(e.n_lin), rule);
 }
 
-void CudaForward::set_fp32_activations(const std::vector<uint8_t>& fp32) {
+void CudaForward::set_activation_bits(const std::vector<int32_t>& bits) {
     Impl& e = *impl_;
-    const std::string fn = "CudaForward::set_fp32_activations";
-    if (int64_t(fp32.size()) != e.n_lin)
-        throw Error(fn + ": " + std::to_string(fp32.size()) + " entries, expected n_layers * 7 + 1 = " +
+    const std::string fn = "CudaForward::set_activation_bits";
+    if (int64_t(bits.size()) != e.n_lin)
+        throw Error(fn + ": " + std::to_string(bits.size()) + " entries, expected n_layers * 7 + 1 = " +
                     std::to_string(e.n_lin));
-    std::vector<BitplaneCudaPath> next(fp32.size());
-    for (size_t j = 0; j < fp32.size(); ++j) {
-        if (!fp32[j] && (e.p.fp32_matmul || !bitplane_cuda_tc_supports(e.lin[j].group_size)))
-            throw Error(fn + ": linear " + std::to_string(j) + " cannot take int8 activations (" +
-                        (e.p.fp32_matmul ? std::string("the engine was opened with cuda_fp32_matmul")
-                                         : "group size " + std::to_string(e.lin[j].group_size) +
-                                               " is not one of 32, 64, 128, 256, 512") +
-                        ")");
-        next[j] = fp32[j] ? BITPLANE_CUDA_FP32 : BITPLANE_CUDA_TC;
+    std::vector<BitplaneCudaPath> next(bits.size());
+    for (size_t j = 0; j < bits.size(); ++j) {
+        const int b = bits[j];
+        const int gs = e.lin[j].group_size;
+        const std::string lin = fn + ": linear " + std::to_string(j);
+        if (b != 0 && b != 8 && b != 16)
+            throw Error(lin + ": activation bits " + std::to_string(b) + " (the GPU runs 8, 16 or 0)");
+        if (b != 0 && e.p.fp32_matmul)
+            throw Error(lin + " cannot take " + std::to_string(b) +
+                        "-bit activations (the engine was opened with cuda_fp32_matmul)");
+        if (b == 8 && !bitplane_cuda_tc_supports(gs))
+            throw Error(lin + " cannot take int8 activations (group size " + std::to_string(gs) +
+                        " is not one of 32, 64, 128, 256, 512)");
+        if (b == 16 && !bitplane_cuda_mma_supports(gs))
+            throw Error(lin + " cannot take fp16 activations (group size " + std::to_string(gs) +
+                        " is not one of 128, 256, 512)");
+        next[j] = b == 0 ? BITPLANE_CUDA_FP32 : b == 8 ? BITPLANE_CUDA_TC : BITPLANE_CUDA_MMA_A16;
     }
     if (next == e.lin_path) return;
     e.drop_graph();  // the captured step holds each linear's kernel family
@@ -656,7 +682,8 @@ void CudaForward::set_fp32_activations(const std::vector<uint8_t>& fp32) {
 
 std::vector<int32_t> CudaForward::activation_bits() const {
     std::vector<int32_t> out;
-    for (BitplaneCudaPath p : impl_->lin_path) out.push_back(p == BITPLANE_CUDA_TC ? 8 : 0);
+    for (BitplaneCudaPath p : impl_->lin_path)
+        out.push_back(p == BITPLANE_CUDA_TC ? 8 : p == BITPLANE_CUDA_MMA_A16 ? 16 : 0);
     return out;
 }
 
@@ -702,7 +729,7 @@ std::vector<std::array<int64_t, 4>> CudaForward::tune(int64_t max_m, int repeats
                 for (size_t j : members[s]) {
                     if (gemm)
                         bitplane_gemm_cuda_async(e.lin[j], bits, x.get(), m, y.get(), e.ws_gemm, e.ws_gemm_bytes,
-                                                 BITPLANE_GEMM_A8, e.stream);
+                                                 e.gemm_kind(j), e.stream);
                     else
                         bitplane_matmul_cuda_async(e.lin[j], bits, x.get(), m, y.get(), e.ws, e.ws_bytes,
                                                    e.gemv_slices_kernel(e.lin_path[j], e.lin[j].group_size, m),
@@ -718,14 +745,15 @@ std::vector<std::array<int64_t, 4>> CudaForward::tune(int64_t max_m, int repeats
         };
         for (size_t s = 0; s < shapes.size(); ++s)
             for (int bits = BITS_MIN; bits <= e.p.bits_cap; ++bits) {
-                // The GEMV up to 8 rows (its launch); then m = 16, 32, ... and max_m itself until the
-                // GEMM wins. gemv_max = the last m the GEMV won: above it (untimed rows included)
-                // the GEMM runs.
-                int64_t gemv_max = SLICE;
-                for (int64_t m = 2 * SLICE;; m = std::min(2 * m, max_m)) {
+                // The GEMV up to one launch's rows (8, or 16 on the MMA kernels); then twice that,
+                // four times, ... and max_m itself until the GEMM wins. gemv_max = the last m the
+                // GEMV won: above it (untimed rows included) the GEMM runs.
+                const size_t j0 = members[s].front();
+                const int64_t one_launch = e.gemv_launch_rows(e.lin_path[j0], e.lin[j0].group_size, MMA_SLICE);
+                int64_t gemv_max = std::min(one_launch, max_m);
+                for (int64_t m = std::min(2 * one_launch, max_m); m > gemv_max; m = std::min(2 * m, max_m)) {
                     if (time_ms(s, bits, m, true) < time_ms(s, bits, m, false)) break;
                     gemv_max = m;
-                    if (m == max_m) break;
                 }
                 table.push_back({shapes[s].first, shapes[s].second, bits, gemv_max});
             }

@@ -39,8 +39,21 @@ def test_quantize_activations_bit_exact(bits, m, k, group):
     out = core.ops.quantize_activations(x, group, bits)
     np.testing.assert_array_equal(out, np_quantize(x, group, bits))
     assert len(np.unique(out[1 % m])) <= k  # really quantized: at most 2^bits - 1 levels per group
-    with pytest.raises(ValueError, match="bits in 2..8"):
+    with pytest.raises(ValueError, match="bits in 2..8 or 16"):
         core.ops.quantize_activations(x, group, 9)
+
+
+def test_quantize_activations_16_is_fp16_rounding():
+    """bits = 16: every element to the nearest fp16 (ties to even), no scale: the activations of the
+    CUDA f16 GEMV (path mma_a16)."""
+    rng = np.random.default_rng(16)
+    x = (rng.standard_normal((5, 300)) * np.float32(3.0)).astype(np.float32)
+    x[0, :4] = [65504.0, 1e-8, -0.0, 2.0 ** -24 * 1.5]  # fp16's largest, a flush to 0, -0, a subnormal tie
+    out = core.ops.quantize_activations(x, 128, 16)
+    np.testing.assert_array_equal(out, x.astype(np.float16).astype(np.float32))
+    # beyond fp16's range: saturated at ±65504, not inf; NaN stays NaN
+    big = np.array([[7e4, -1e30, np.nan, 65519.0]], dtype=np.float32)
+    np.testing.assert_array_equal(core.ops.quantize_activations(big, 128, 16), [[65504.0, -65504.0, np.nan, 65504.0]])
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +93,16 @@ def test_engine_activation_bits_match_transformers_with_quantized_inputs(tiny_pa
     ids = np.random.default_rng(0).integers(0, 320, 24).tolist()
     eng = Engine(fq, backend="cpu")
     fp = eng.forward(ids)
+    eng.set_activation_bits(16)  # fp16 activations: within fp16 rounding of transformers' fp32 model
+    assert (np.asarray(eng._eng.activation_bits) == 16).all()
+    h16 = eng.forward(ids)
     eng.set_activation_bits(8)
     assert (np.asarray(eng._eng.activation_bits) == 8).all()
     q8 = eng.forward(ids)
     ref_fp = hf_logits(ref_model, ids, None, 32)
     ref_q8 = hf_logits(ref_model, ids, 8, 32)
+    assert rel_err(h16, ref_fp) < 2e-3
+    assert 10 * rel_err(h16, ref_fp) < rel_err(q8, ref_fp)
     # A rounding boundary crossed differently by the two fp32 computations moves one activation by
     # one step (and, through the KV cache, the later positions a little): so not 1e-5, but the
     # engine's int8 model must be an order of magnitude closer to transformers' int8 model than to
@@ -105,7 +123,7 @@ def test_activation_bits_validation_changes_nothing(tiny_fq):
     eng = Engine(tiny_fq, backend="cpu")
     eng.set_activation_bits(6)
     before = list(eng._eng.activation_bits)
-    with pytest.raises(FlexquantError, match=r"activation bits\[3\] \(layer 0, o\) = 9 must be 0 \(fp32\) or in 2..8"):
+    with pytest.raises(FlexquantError, match=r"activation bits\[3\] \(layer 0, o\) = 9 must be 0 \(fp32\), 16 \(fp16\) or in 2..8"):
         bad = np.full((2, 7), 8, dtype=np.int32)
         bad[0, 3] = 9
         eng.set_activation_bits(bad)
@@ -178,6 +196,12 @@ def test_protect_activations_runs_int8_except_the_sensitive_units(tiny_fq):
         eng.protect_activations()
     with pytest.raises(ValueError, match="the profile has 3 layers, the model 2"):
         eng.protect_activations(profile=_act_profile([0.1, 0.1, 0.1, 0.1]))
+    # fp16 in the protected units instead of fp32
+    assert eng.protect_activations(0.8, profile=_act_profile([0.05, 0.5, 0.45]), bits=16) == [1, 2]
+    bits = np.asarray(eng._eng.activation_bits)
+    assert (bits[:7] == 8).all() and (bits[7:14] == 16).all() and bits[14] == 16
+    with pytest.raises(ValueError, match="bits must be 0 \\(fp32\\) or 16 \\(fp16\\), got 8"):
+        eng.protect_activations(0.8, profile=_act_profile([0.05, 0.5, 0.45]), bits=8)
 
 
 def test_calibration_restores_the_engines_activations(tiny_fq):

@@ -253,6 +253,52 @@ def test_engine_cuda_activation_bits_per_linear(tiny_fq):
 
 
 @gpu
+@pytest.mark.parametrize("which", ["tiny", "wide_head"])
+def test_engine_cuda_fp16_activations_match_cpu(tiny_fq, wide_head_fq, which):
+    """16 = fp16 activations on the f16 tensor cores (MMA_A16 GEMV, up to 16 rows a launch; the A16
+    GEMM for prompt passes): all-fp16 matches the CPU engine's fp16 emulation to fp16 rounding of
+    the activations (a value computed a little differently upstream may round to the neighbouring
+    half), through decode steps (the graph) and one long pass; a mix of 16, 8 and 0 matches the CPU
+    running that mix within the int8 tolerance."""
+    path = tiny_fq if which == "tiny" else wide_head_fq
+    ids = np.random.default_rng(5).integers(0, 320, 70)
+    cpu = Engine(path, backend="cpu")
+    gpu_eng = Engine(path, backend="cuda", cuda_gemm_min_rows=16)
+    for e in (cpu, gpu_eng):
+        e.set_activation_bits(16)
+    assert (np.asarray(gpu_eng._eng.activation_bits) == 16).all()
+    a, b = _steps(gpu_eng, ids, 12), _steps(cpu, ids, 12)
+    assert np.isfinite(a).all()
+    assert rel_err(a, b) < 1e-3
+    for e in (gpu_eng, cpu):  # one 70-row pass: the A16 GEMM
+        e.reset()
+        e._eng.eval(ids.astype(np.int32))
+    assert rel_err(gpu_eng._eng.logits(), cpu._eng.logits()) < 1e-3
+    mix = np.full((2, 7), 16, dtype=np.int32)
+    mix[0, 1] = 8
+    mix[1, 4:] = 0
+    for e in (cpu, gpu_eng):
+        e.set_activation_bits(mix, lm_head_bits=8)
+    assert list(gpu_eng._eng.activation_bits) == list(np.append(mix.reshape(-1), 8))
+    a, b = _steps(gpu_eng, ids, 12), _steps(cpu, ids, 12)
+    assert rel_err(a, b) < 1e-2
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
+@gpu
+def test_engine_cuda_fp16_activations_need_groups_of_128(tmp_path):
+    from conftest import make_hf_llama
+    from flexquant_rt.convert import HFSource, convert
+
+    convert(HFSource(make_hf_llama(tmp_path / "hf")), tmp_path / "g64.fq", progress=False, group_size=64,
+            method="plain")
+    eng = Engine(tmp_path / "g64.fq", backend="cuda")
+    with pytest.raises(FlexquantError, match="linear 0 cannot take fp16 activations \\(group size 64 is not one of 128"):
+        eng.set_activation_bits(16)
+    assert (np.asarray(eng._eng.activation_bits) == 8).all()
+
+
+@gpu
 def test_calibrate_on_the_gpu(tiny_fq):
     """calibrate() on a CUDA engine (tools/bench.py's controller row calibrates there on the fly):
     without the CPU-only input-energy statistics, int8 activation costs against fp32 ones, the

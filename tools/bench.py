@@ -141,10 +141,10 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
         tok = int(np.argmax(eng._eng.logits()))
     step = float(np.median(times))
     cfg = eng.config
-    # the K and V rows a decode step reads: every layer's cache up to its position, the mean
-    # position of the timed steps (prompt + half of them)
+    # the K and V rows a decode step reads: every layer's cache up to its position, the mean over
+    # the timed steps (step i sees n_prompt + 1 + i rows)
     kv_bytes = (2 * int(cfg["n_layers"]) * int(cfg["n_kv_heads"]) * int(cfg["head_dim"]) * (2 if kv_dtype == "f16" else 4)
-                * (n_prompt + n_decode / 2))
+                * (n_prompt + 1 + (n_decode - 1) / 2))
     return {
         "prefill_tok_s": n_prompt / t_prefill, "decode_tok_s": 1.0 / step, "step_ms": step * 1e3,
         "bytes_per_token": float(np.mean(nbytes)), "mean_bits": float(np.mean(mean_bits)),
@@ -256,7 +256,7 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                     help="--backend cuda: add a column NAME: the decode of each static-bits row with these "
                          "environment variables, measured in the same run (e.g. pdl:FLEXQUANT_CUDA_PDL=1)")
-    ap.add_argument("--mma-rows", type=int, default=0, choices=range(9), metavar="0..8",
+    ap.add_argument("--mma-rows", type=int, default=0, choices=range(17), metavar="0..16",
                     help="--backend cuda: the engines' cuda_mma_min_rows (GEMV launches of at least this many rows "
                          "on the s8 tensor cores instead of the binary ones; 0 = never)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)

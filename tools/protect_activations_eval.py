@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What int8 activations (the CUDA tensor-core GEMV's arithmetic) cost, and how much keeping fp32
-activations in the most sensitive units (Engine.protect_activations) wins back, run on the CPU
-(which emulates the GPU's int8 per linear): KL of the next-token distribution against fp32
-activations, on text the calibration did not see.
+or fp16 activations in the most sensitive units (Engine.protect_activations) wins back, run on the
+CPU (which emulates the GPU's int8 and fp16 per linear): KL of the next-token distribution against
+fp32 activations, on text the calibration did not see.
 
     python tools/protect_activations_eval.py [MODEL.fq] [--shares 0.25 0.5 0.75]
 
@@ -48,18 +48,21 @@ def main(argv: list[str] | None = None) -> int:
         return ", ".join("LM head" if u == L else f"layer {u}" for u in units) or "-"
 
     rows = []
+    eng.set_activation_bits(16)
+    rows.append(("fp16 everywhere (the f16 GEMV)", [], kl_now()))
     eng.set_activation_bits(8)
     rows.append(("int8 everywhere (the GPU default)", [], kl_now()))
     for share in a.shares:
-        units = eng.protect_activations(share, profile=prof)
-        rows.append((f"protect_activations({share})", units, kl_now()))
+        for bits in (0, 16):
+            units = eng.protect_activations(share, profile=prof, bits=bits)
+            rows.append((f"protect_activations({share}, bits={bits})", units, kl_now()))
     fixed = [0, L - 1]  # FlexQ keeps 8-bit activations in the first and last layers by rule
     act = np.full((L, 7), 8, dtype=np.int32)
     act[fixed] = 0
     eng.set_activation_bits(act, lm_head_bits=8)
     rows.append(("fixed rule: first and last layer", fixed, kl_now()))
     print(f"\n{eng.path}: KL vs fp32 activations, {len(ev)} x 256 tokens of held-out text\n")
-    print("| activations | fp32 units | KL vs fp32 activations |")
+    print("| activations | protected units | KL vs fp32 activations |")
     print("|---|---|---|")
     for name, units, kl in rows:
         print(f"| {name} | {names(units)} | {kl:.5f} |")

@@ -198,8 +198,8 @@ void bind_engine(py::module_& m) {
              },
              py::arg("bits"),
              "Activation bit-width per linear, (n_layers * 7 + 1,) or (1,): 0 = fp32, 2..8 = symmetric integers\n"
-             "per weight group (the CUDA tensor-core GEMV's int8 is 8). The CUDA backend takes 8 (int8, its\n"
-             "default) or 0 (the fp32 GEMV) per linear.")
+             "per weight group (the CUDA tensor-core GEMV's int8 is 8), 16 = fp16. The CUDA backend takes 8 (int8,\n"
+             "its default), 16 (fp16, the f16 GEMV; group sizes 128/256/512) or 0 (the fp32 GEMV) per linear.")
         .def_property_readonly("activation_bits", [](PyEngine& e) { return e.get().activation_bits(); })
         .def("set_layer_bits",
              [](PyEngine& e, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& mask) {

@@ -111,13 +111,14 @@ public:
     std::vector<std::array<int64_t, 4>> tune(int64_t max_m, int repeats);
     void set_gemv_max(int64_t n, int64_t k, int bits, int64_t gemv_max_m);
     void reset_gemv_max();
-    // Activation precision per linear (n_layers * 7 + 1, LinearKind order, then the LM head): fp32[j]
-    // nonzero runs linear j on the fp32-activation GEMV (FP32 path), zero on int8 activations (TC
-    // path; its group size must allow it, and not with fp32_matmul). Prompts run an fp32 linear on
-    // the GEMV, never the int8 GEMM. A change drops the captured decode graph. Throws naming the
-    // linear; a bad call changes nothing.
-    void set_fp32_activations(const std::vector<uint8_t>& fp32);
-    std::vector<int32_t> activation_bits() const;  // per linear: 8 (int8, TC) or 0 (fp32)
+    // Activation precision per linear (n_layers * 7 + 1, LinearKind order, then the LM head): bits[j]
+    // 8 runs linear j on int8 activations (TC path, or MMA per mma_min_rows; its group size must
+    // allow it, and not with fp32_matmul), 16 on fp16 activations (MMA_A16 path: group sizes 128,
+    // 256, 512; prompts on the A16 GEMM), 0 on the fp32-activation GEMV (FP32 path; prompts never
+    // take a GEMM). A change drops the captured decode graph. Throws naming the linear; a bad call
+    // changes nothing.
+    void set_activation_bits(const std::vector<int32_t>& bits);
+    std::vector<int32_t> activation_bits() const;  // per linear: 8 (int8), 16 (fp16) or 0 (fp32)
     uint64_t device_bytes() const;  // device memory held
     int graph_replays() const;      // one-token steps served from the captured graph so far
 

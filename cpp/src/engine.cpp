@@ -525,17 +525,19 @@ void Engine::set_activation_bits(const int32_t* bits, int64_t count) {
     };
     for (int64_t i = 0; i < count; ++i) {
         const int b = bits[i];
-        if (e.on_gpu() && b != 0 && b != 8)  // the GPU's GEMV: int8 activations (tensor cores) or fp32
+        // the GPU's GEMV: int8 activations (binary or s8 tensor cores), fp16 (f16 tensor cores) or fp32
+        if (e.on_gpu() && b != 0 && b != 8 && b != 16)
             throw Error(cat(where(i), " = ", b,
-                            ": the CUDA backend runs 8 (int8, the tensor-core GEMV) or 0 (fp32); other widths "
-                            "run on the CPU backend (for measurement)"));
-        if (b != 0 && (b < 2 || b > 8)) throw Error(cat(where(i), " = ", b, " must be 0 (fp32) or in 2..8"));
+                            ": the CUDA backend runs 8 (int8, the tensor-core GEMV), 16 (fp16) or 0 (fp32); other "
+                            "widths run on the CPU backend (for measurement)"));
+        if (b != 0 && b != 16 && (b < 2 || b > 8))
+            throw Error(cat(where(i), " = ", b, " must be 0 (fp32), 16 (fp16) or in 2..8"));
     }
     if (e.on_gpu()) {
 #ifdef FLEXQUANT_HAVE_CUDA
-        std::vector<uint8_t> fp32(static_cast<size_t>(n));
-        for (int64_t i = 0; i < n; ++i) fp32[static_cast<size_t>(i)] = bits[count == 1 ? 0 : i] == 0;
-        e.gpu->set_fp32_activations(fp32);  // throws for a linear that cannot take int8, changing nothing
+        std::vector<int32_t> all(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) all[static_cast<size_t>(i)] = bits[count == 1 ? 0 : i];
+        e.gpu->set_activation_bits(all);  // throws for a linear that cannot take them, changing nothing
         e.act_bits = e.gpu->activation_bits();
 #endif
         return;

@@ -141,8 +141,9 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
     activations when only that unit's linears take their inputs as integers of that width (per
     weight group, Engine.set_activation_bits), weights at max_bits: profile.extra["act_levels"],
     ["act_kl"] (n_layers + 1, len). This measures which layers tolerate low-precision activations
-    (FlexQ keeps 8-bit activations in sensitive layers by a fixed rule). A CUDA engine measures 8
-    only (its GEMV has int8 or fp32 activations). The engine's activation bits are restored after.
+    (FlexQ keeps 8-bit activations in sensitive layers by a fixed rule); 16 = fp16 activations. A
+    CUDA engine measures 8 and 16 (its GEMVs have int8, fp16 or fp32 activations). The engine's
+    activation bits are restored after.
 
     input_energy: also record each linear's input energy and the expected output error energy
     (profile.extra["e_mean"], for the in-step precision rules); the CPU backend only, which is the
@@ -153,9 +154,9 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
         raise ValueError(f"no calibration level below max_bits = {B}")
     act_levels = sorted({int(b) for b in activation_levels}, reverse=True)
     on_gpu = engine.backend == "cuda"
-    if on_gpu and any(b != 8 for b in act_levels):
-        raise ValueError(f"activation levels {act_levels}: a CUDA engine runs int8 (8) or fp32 activations; "
-                         "measure other widths on the CPU backend")
+    if on_gpu and any(b not in (8, 16) for b in act_levels):
+        raise ValueError(f"activation levels {act_levels}: a CUDA engine runs int8 (8), fp16 (16) or fp32 "
+                         "activations; measure other widths on the CPU backend")
     if input_energy is None:
         input_energy = not on_gpu
     saved_act = np.asarray(engine._eng.activation_bits, dtype=np.int32)

@@ -244,9 +244,11 @@ class Engine:
         bits: an int for every decoder linear, or (n_layers, 7); lm_head_bits: the LM head's
         (default: an int `bits` applies to it too, an array keeps the head's current value).
         CPU backend: 0 = fp32 (the default), 2..8 = each linear's input quantized per weight group to
-        symmetric integers of that width and back, as the CUDA tensor-core GEMV does with 8.
-        CUDA backend: 8 = int8 activations on the tensor-core GEMV (its default), 0 = the fp32 GEMV
-        (slower; for the layers where int8 costs the most: see protect_activations).
+        symmetric integers of that width and back, as the CUDA tensor-core GEMV does with 8; 16 =
+        rounded to fp16 and back, as the CUDA f16 GEMV does.
+        CUDA backend: 8 = int8 activations on the tensor-core GEMV (its default), 16 = fp16 on the
+        f16 tensor cores (group sizes 128, 256, 512; near fp32 accuracy at about the int8 cost),
+        0 = the fp32 GEMV (slower; for the layers where int8 costs the most: see protect_activations).
         """
         n = self.n_layers * 7
         if isinstance(bits, (int, np.integer)):
@@ -262,15 +264,18 @@ class Engine:
             head = int(self._eng.activation_bits[-1]) if lm_head_bits is None else int(lm_head_bits)
         self._eng.set_activation_bits(np.append(arr, np.int32(head)).astype(np.int32))
 
-    def protect_activations(self, share: float = 0.5, profile=None) -> list[int]:
+    def protect_activations(self, share: float = 0.5, profile=None, bits: int = 0) -> list[int]:
         """Int8 activations (the CUDA tensor-core GEMV's arithmetic) everywhere except the units where
-        the calibration measured int8 to cost the most: those keep fp32 activations (the fewest units
-        holding `share` of the summed per-unit int8 cost; controller.sensitive_activation_units).
-        On the GPU this moves those layers to the fp32 GEMV (slower, more exact); on the CPU it makes
-        the CPU run the GPU's arithmetic (int8 emulated elsewhere), e.g. to measure its quality.
+        the calibration measured int8 to cost the most: those keep `bits` activations, 0 = fp32 or
+        16 = fp16 (the fewest units holding `share` of the summed per-unit int8 cost;
+        controller.sensitive_activation_units). On the GPU this moves those layers to the fp32 GEMV
+        (slower, exact) or the f16 one (about the int8 cost; group sizes 128, 256, 512); on the CPU it
+        makes the CPU run the GPU's arithmetic (emulated), e.g. to measure its quality.
         profile: a calibration profile with int8 activation measurements (default: the model
         file's, from `flexquant-rt calibrate --activations 8`). Returns the protected units (layer
         indices; n_layers = the LM head)."""
+        if bits not in (0, 16):
+            raise ValueError(f"bits must be 0 (fp32) or 16 (fp16), got {bits!r}")
         from .controller import load_profile, sensitive_activation_units
 
         if profile is None:
@@ -284,8 +289,8 @@ class Engine:
         act = np.full((self.n_layers, 7), 8, dtype=np.int32)
         for u in units:
             if u < self.n_layers:
-                act[u, :] = 0
-        self.set_activation_bits(act, lm_head_bits=0 if self.n_layers in units else 8)
+                act[u, :] = bits
+        self.set_activation_bits(act, lm_head_bits=bits if self.n_layers in units else 8)
         return units
 
     def layer_bits(self) -> np.ndarray:

@@ -138,13 +138,15 @@ public:
 
     // ---- activation precision ----
     // bits: count = n_layers * 7 + 1 (every linear in LinearKind order, then the LM head) or 1
-    // (all alike). CPU backend: each 0 (fp32 activations, the default) or 2..8: that linear's input
-    // is first quantized per weight group to symmetric integers of that width and back (as the CUDA
-    // tensor-core GEMV does with 8), so the CPU can run the model the GPU runs and calibration can
-    // measure what low-precision activations cost per layer. CUDA backend: each 8 (int8, the
-    // tensor-core GEMV: the default where the group size allows it) or 0 (fp32 activations, the
-    // fp32 GEMV: for the layers where int8 costs most). Throws naming the entry and value; a bad
-    // call changes nothing.
+    // (all alike). CPU backend: each 0 (fp32 activations, the default), 2..8 (that linear's input
+    // is first quantized per weight group to symmetric integers of that width and back, as the CUDA
+    // tensor-core GEMV does with 8) or 16 (rounded to fp16 and back, as the CUDA f16 GEMV does), so
+    // the CPU can run the model the GPU runs and calibration can measure what low-precision
+    // activations cost per layer. CUDA backend: each 8 (int8, the tensor-core GEMV: the default
+    // where the group size allows it), 16 (fp16 on the f16 tensor cores, near fp32 accuracy at about
+    // the int8 kernel's cost; group sizes 128, 256, 512; prompts run those linears on the f16 GEMM)
+    // or 0 (fp32 activations, the fp32 GEMV). Throws naming the entry and value; a bad call changes
+    // nothing.
     void set_activation_bits(const int32_t* bits, int64_t count);
     std::vector<int32_t> activation_bits() const;  // (n_layers * 7 + 1)
 

@@ -66,7 +66,10 @@ uint64_t bitplane_bytes_at(const BitplaneLinear& w, int bits);
 
 // out (m, k) = x (m, k) quantized to symmetric `bits`-bit integers per row and per group of `group`
 // columns (scale = absmax / (2^(bits-1) - 1), round half to even), dequantized back to fp32: the
-// activations the CUDA tensor-core GEMV runs on (bits = 8). out may equal x. 2 <= bits <= 8.
+// activations the CUDA tensor-core GEMV runs on (bits = 8). bits = 16: each element rounded to fp16
+// (to nearest even, saturating at ±65504; NaN stays NaN) and back, the activations of the CUDA f16
+// GEMV (MMA_A16). out may equal x.
+// bits in 2..8 or 16.
 void quantize_activations(const float* x, int64_t m, int64_t k, int group, int bits, float* out);
 
 // ---- nested_gptq (nested_gptq.cpp) -------------------------------------------------------------

@@ -233,9 +233,10 @@ def test_bench_worker_times_the_flexquant_controller(tmp_path):
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    ctl, static, protected = worker(-1), worker(8), worker(-2)
+    ctl, static, protected, protected16 = worker(-1), worker(8), worker(-2), worker(-3)
     assert static["mean_bits"] == 8.0
-    # the row pricing fp32 activations in the LM head and the last layer: 8-bit weights all the same
-    assert protected["mean_bits"] == 8.0 and protected["bytes_per_token"] == static["bytes_per_token"]
+    # the rows pricing fp32 (fp16) activations in the LM head and the last layer: 8-bit weights all the same
+    for row in (protected, protected16):
+        assert row["mean_bits"] == 8.0 and row["bytes_per_token"] == static["bytes_per_token"]
     assert 4.0 < ctl["mean_bits"] < 8.0  # it went down to 4 bits for some steps, not for all
     assert ctl["bytes_per_token"] < static["bytes_per_token"] and ctl["decode_tok_s"] > 0

@@ -84,7 +84,8 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     of 5 bits per weight, its decision, the mask push and the signals inside each timed step, as in
     generate(); calibrated on the fly (levels 4 only: one prefill per unit) if the file has no profile.
     bits -2: 8 bits, int8 activations except fp32 ones in the LM head and the last layer (what
-    Engine.protect_activations picked on SmolLM2): the price of the fp32 GEMV there.
+    Engine.protect_activations picked on SmolLM2): the price of the fp32 GEMV there. bits -3: the
+    same with fp16 activations there (the f16 GEMV, protect_activations(bits=16)).
     gemm_min_rows: the CUDA engine's cuda_gemm_min_rows (0: the prompt on the GEMV only)."""
     import numpy as np
 
@@ -107,11 +108,11 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
                                                  progress=False)
         ctl = make_controller(eng, "flexquant", budget_bits=5.0, profile=profile)
         eng._apply(ctl.mask(None))
-    elif bits == -2:
+    elif bits in (-2, -3):
         eng.set_layer_bits(8, lm_head_bits=8)
         act = np.full((eng.n_layers, 7), 8, dtype=np.int32)
-        act[-1] = 0
-        eng.set_activation_bits(act, lm_head_bits=0)
+        act[-1] = 0 if bits == -2 else 16
+        eng.set_activation_bits(act, lm_head_bits=int(act[-1, 0]))
     else:
         eng.set_layer_bits(masks[0] if switching else bits, lm_head_bits=6 if switching else bits)
     vocab = int(eng.config["vocab"])
@@ -351,7 +352,7 @@ def main_cuda(a, models) -> int:
     print("|---|---|---|---|---|" + "---|---|" * len(variants) + "---|---|---|---|---|---|---|---|")
     for name, path in models:
         rows = {}
-        for bits in [*a.bits, 0, -1, -2]:
+        for bits in [*a.bits, 0, -1, -2, -3]:
             r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64",
                                          a.kv_dtype, mma])
             gemv = "-"
@@ -371,7 +372,8 @@ def main_cuda(a, models) -> int:
             roof_kv = 0.85 * bw * 1e9 / (r["bytes_per_token"] + r["kv_bytes_per_token"])
             label = (str(bits) if bits > 0 else "4/6 per token (mean 5)" if bits == 0 else
                      f"FlexQuant controller, budget 5 (mean {r['mean_bits']:.2f})" if bits == -1 else
-                     "8, fp32 activations in the LM head and the last layer")
+                     "8, fp32 activations in the LM head and the last layer" if bits == -2 else
+                     "8, fp16 activations in the LM head and the last layer")
             print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {gemv} | {r['decode_tok_s']:.1f} |{extra} "
                   f"{r['bytes_per_token'] / 1e6:.1f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {roof:.0f} | "
                   f"{r['decode_tok_s'] / roof:.2f} | {r['kv_bytes_per_token'] / 1e6:.1f} | "

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| activations | protected units | KL vs fp32 activations |")
     print("|---|---|---|")
     for name, units, kl in rows:
-        print(f"| {name} | {names(units)} | {kl:.5f} |")
+        print(f"| {name} | {names(units)} | {kl:.5f} |" if kl >= 1e-4 else f"| {name} | {names(units)} | {kl:.2e} |")
     return 0
 
 

@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--chunk-len", type=int, default=256, help="tokens per window")
     cal.add_argument("--levels", type=int, nargs="+", default=[3, 4, 5, 6, 7])
     cal.add_argument("--activations", type=int, nargs="*", default=[8, 6, 4],
-                     help="also measure each layer's KL with its activations at these integer widths "
-                          "(per weight group; the CUDA tensor-core GEMV uses 8); none to skip")
+                     help="also measure each layer's KL with its activations at these widths: integers "
+                          "2..8 per weight group (the CUDA tensor-core GEMV uses 8) or 16 (fp16, the CUDA "
+                          "f16 GEMV); none to skip")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--threads", type=int, default=None)
     ev = sub.add_parser("eval", help="evaluate precision policies on held-out text (table, CSV, PNG)")

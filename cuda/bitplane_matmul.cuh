@@ -24,7 +24,7 @@
 //  - MMA_A16, "W{k}A16": the MMA kernel's loop with the activations rounded to fp16 (their own
 //    preparation) and the codes converted to f16 exactly, mma m16n8k16 with fp32 accumulation:
 //    near-fp32 accuracy at the MMA kernel's cost. Group sizes 128, 256, 512; up to 16 rows a launch.
-//    A kernel and test entry point for now (the engine's activation choices are int8 and fp32).
+//    The engine runs it for linears set to 16-bit activations (Engine::set_activation_bits).
 //  - FP32: fp32 activations, bit-serial on the CUDA cores. Any group size; the accuracy reference.
 #pragma once
 

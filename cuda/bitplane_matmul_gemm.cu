@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "bitplane_matmul.cuh"
+#include "bitplane_mma.cuh"
 #include "cuda_backend.h"
 
 namespace flexquant {
@@ -192,8 +193,8 @@ unpack_codes_kernel(const uint8_t* __restrict__ planes,  // (bits, plane_bytes)
 // columns. INT (A8, B1): a_s = absmax / qmax and q = rint(x / a_s) in [-qmax, qmax] (0 for a group of
 // zeros), qmax = 2^(a-1) - 1: the same fp32 operations as the GEMV's bitplane_prepare_tc_kernel
 // (qmax = 127) and the CPU op quantize_activations; a_z = a_s · Σq, so the result is W_k · x̂
-// (x̂ = a_s · q) exactly up to fp32 rounding. A16: x̃ = fp16(x) (round to nearest), a_s = 1,
-// a_z = Σ fp16(x) in fp32. Columns k..k_pad are zeroed, so the codes of the K padding multiply
+// (x̂ = a_s · q) exactly up to fp32 rounding. A16: x̃ = fp16(x) (round to nearest, saturating at
+// ±65504), a_s = 1, a_z = Σ fp16(x) in fp32. Columns k..k_pad are zeroed, so the codes of the K padding multiply
 // zeros, and rows m..m_alloc are all zeros (the GEMM reads whole tiles; nothing it reads is unset).
 template <bool INT>
 static __global__ void __launch_bounds__(PREP_THREADS)
@@ -235,7 +236,7 @@ gemm_prepare_kernel(const float* __restrict__ x,      // (m, k)
         } else {
             float sum = 0.0f;
             for (int64_t c = c0 + lane; c < c1; c += 32) {
-                const __half h = __float2half_rn(xr[c]);
+                const __half h = __float2half_rn(mma::fp16_saturate(xr[c]));  // ±65504, as the GEMV
                 h16[c] = h;
                 sum += __half2float(h);
             }

@@ -11,8 +11,8 @@
 // int8-activation path), a pass takes up to max(PREFILL_ROWS = 1024, gemm_min_rows) tokens, and
 // each layer linear of a pass of T rows picks its kernel (the dispatcher): the GEMM
 // (bitplane_gemm_cuda_async, cuda/bitplane_matmul_gemm.cu: the same int8 activations as the GEMV,
-// so the same numbers up to fp32 rounding) when T > gemv_max[linear][its bit-width], else the GEMV
-// (8 rows per launch). gemv_max is gemm_min_rows - 1 for every linear, or what tune() measured on
+// so the same numbers up to fp32 rounding; the A16 GEMM for a linear set to fp16 activations) when
+// T > gemv_max[linear][its bit-width], else the GEMV (8 rows per launch, 16 on the MMA kernels). gemv_max is gemm_min_rows - 1 for every linear, or what tune() measured on
 // this GPU (set_gemv_max). The LM head always runs on the GEMV, as does the decode step unless
 // gemm_min_rows is 1. With the GEMM off, passes of 8 rows (16 where the MMA GEMV may run:
 // cuda_mma_min_rows > 0); asked for all rows' logits, passes of 8 rows.
@@ -112,7 +112,7 @@ struct CudaForward::Impl {
     int n_splits = 1;   // attention spans at decode
     bool use_gemm = false;     // prompt slices of >= p.gemm_min_rows rows on the tensor-core GEMM
     bool pdl = false;          // launch the pass's kernels with PDL (pdl_from_env)
-    int64_t max_rows = SLICE;  // rows per pass: PREFILL_ROWS with the GEMM, else SLICE
+    int64_t max_rows = SLICE;  // rows per pass: PREFILL_ROWS with the GEMM, else one GEMV launch's (8 or 16)
     int64_t head_rows = SLICE; // rows of logits and signals one pass may produce (the batch)
     cudaStream_t stream = nullptr;
     uint8_t* arena = nullptr;
@@ -207,9 +207,10 @@ struct CudaForward::Impl {
         return bitplane_cuda_launch_rows(gemv_slices_kernel(path, group_size, T));
     }
     // Linears js, all reading xin (T rows), into ys. xin is prepared once per kernel family (q, k
-    // and v; gate and up share it): for the GEMM always, for the GEMV when T <= SLICE (with more rows
-    // the GEMV slices by 8 and prepares each slice), and the GEMV linears that read one prepared
-    // input run in one launch (bitplane_matmul_prepared_multi_cuda_async: q, k and v as one grid).
+    // and v; gate and up share it): for the GEMM always, for the GEMV when T fits one launch (8 rows,
+    // 16 on the MMA kernels; with more rows the GEMV slices and prepares each slice), and the GEMV
+    // linears that read one prepared input run in one launch
+    // (bitplane_matmul_prepared_multi_cuda_async: q, k and v as one grid).
     // accumulate: ys += the products (the residual adds of o and down, fused into the kernels'
     // stores: two launches fewer per layer). prepared: the group size the GEMV scratch already holds
     // xin for (fused_prepare), else 0.
@@ -259,6 +260,7 @@ struct CudaForward::Impl {
                 batch_bits[n_batch] = bits_dev() + j;
                 ++n_batch;
             } else {
+                flush();  // the batch reads the scratch that the slices below overwrite
                 bitplane_matmul_cuda_async(lin[j], p.bits_cap, xin, T, out, ws, ws_bytes,
                                            gemv_slices_kernel(lin_path[j], g, T), stream, {}, bits_dev() + j,
                                            accumulate);
@@ -269,7 +271,8 @@ struct CudaForward::Impl {
     }
     // out = op(xin, aux) (RMSNorm with weight aux, or SwiGLU with up = aux) for the linears j, ...
     // reading out next: one fused launch that also prepares out for the GEMV when it will run it
-    // (T <= SLICE, TC path; returns the group size prepared, for linears()), else the op alone (0).
+    // (TC path, T within one launch; returns the group size prepared, for linears()), else the op
+    // alone (0).
     int fused_prepare(BitplanePrepareFusion op, const float* xin, const float* aux, int64_t T, float* out, size_t j) {
         const BitplaneLinear& w = lin[j];
         if (lin_path[j] == BITPLANE_CUDA_TC && T <= gemv_launch_rows(BITPLANE_CUDA_TC, w.group_size, T)) {
@@ -665,8 +668,8 @@ void CudaForward::set_activation_bits(const std::vector<int32_t>& bits) {
         if (b != 0 && b != 8 && b != 16)
             throw Error(lin + ": activation bits " + std::to_string(b) + " (the GPU runs 8, 16 or 0)");
         if (b != 0 && e.p.fp32_matmul)
-            throw Error(lin + " cannot take " + std::to_string(b) +
-                        "-bit activations (the engine was opened with cuda_fp32_matmul)");
+            throw Error(lin + " cannot take " + (b == 8 ? "int8" : "fp16") +
+                        " activations (the engine was opened with cuda_fp32_matmul)");
         if (b == 8 && !bitplane_cuda_tc_supports(gs))
             throw Error(lin + " cannot take int8 activations (group size " + std::to_string(gs) +
                         " is not one of 32, 64, 128, 256, 512)");

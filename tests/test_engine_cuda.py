@@ -222,7 +222,7 @@ def test_engine_cuda_activation_bits_per_linear(tiny_fq):
     fp32 GEMV): a mix matches the CPU engine running the same mix (int8 tolerance, as the TC test
     above), through forward() (8-row passes) and through eval() (one 70-row pass: the TC linears on
     the GEMM at cuda_gemm_min_rows=16, the fp32 ones kept off it); all fp32 is bit for bit the engine
-    opened with cuda_fp32_matmul; widths other than 0 and 8 are refused, changing nothing."""
+    opened with cuda_fp32_matmul; widths other than 0, 8 and 16 are refused, changing nothing."""
     mix = np.full((2, 7), 8, dtype=np.int32)
     mix[1] = 0
     mix[0, 2] = 0  # one linear of the fused q/k/v launch on the other path
@@ -270,16 +270,27 @@ def test_engine_cuda_fp16_activations_match_cpu(tiny_fq, wide_head_fq, which):
     a, b = _steps(gpu_eng, ids, 12), _steps(cpu, ids, 12)
     assert np.isfinite(a).all()
     assert rel_err(a, b) < 1e-3
+    fp32 = Engine(path, backend="cuda", cuda_gemm_min_rows=16)
+    fp32.set_activation_bits(0)
+    assert rel_err(a, _steps(fp32, ids, 12)) > 1e-5  # really fp16 (~1e-4 off fp32), not the fp32 GEMV
     for e in (gpu_eng, cpu):  # one 70-row pass: the A16 GEMM
         e.reset()
         e._eng.eval(ids.astype(np.int32))
     assert rel_err(gpu_eng._eng.logits(), cpu._eng.logits()) < 1e-3
+    # a mix within q/k/v and gate/up: passes of 70 rows (GEMM A8 and A16 side by side), 12 rows (the
+    # GEMV: 16-row fp16 launches beside 8-row int8 slices of one prepared input), then steps
     mix = np.full((2, 7), 16, dtype=np.int32)
     mix[0, 1] = 8
     mix[1, 4:] = 0
+    mix[1, 5] = 8
     for e in (cpu, gpu_eng):
         e.set_activation_bits(mix, lm_head_bits=8)
     assert list(gpu_eng._eng.activation_bits) == list(np.append(mix.reshape(-1), 8))
+    for n in (70, 12):
+        for e in (gpu_eng, cpu):
+            e.reset()
+            e._eng.eval(ids[:n].astype(np.int32))
+        assert rel_err(gpu_eng._eng.logits(), cpu._eng.logits()) < 1e-2, n
     a, b = _steps(gpu_eng, ids, 12), _steps(cpu, ids, 12)
     assert rel_err(a, b) < 1e-2
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
@@ -302,7 +313,7 @@ def test_engine_cuda_fp16_activations_need_groups_of_128(tmp_path):
 def test_calibrate_on_the_gpu(tiny_fq):
     """calibrate() on a CUDA engine (tools/bench.py's controller row calibrates there on the fly):
     without the CPU-only input-energy statistics, int8 activation costs against fp32 ones, the
-    engine's int8 default given back; widths other than 8 are refused before any pass."""
+    engine's int8 default given back; widths other than 8 and 16 are refused before any pass."""
     from flexquant_rt.controller import calibrate
 
     rng = np.random.default_rng(6)

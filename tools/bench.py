@@ -109,6 +109,8 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
         ctl = make_controller(eng, "flexquant", budget_bits=5.0, profile=profile)
         eng._apply(ctl.mask(None))
     elif bits in (-2, -3):
+        if bits == -3 and backend == "cuda" and int(eng.config["group_size"]) not in (128, 256, 512):
+            return None  # the f16 GEMV takes group sizes 128, 256, 512: no row for this model
         eng.set_layer_bits(8, lm_head_bits=8)
         act = np.full((eng.n_layers, 7), 8, dtype=np.int32)
         act[-1] = 0 if bits == -2 else 16
@@ -355,6 +357,8 @@ def main_cuda(a, models) -> int:
         for bits in [*a.bits, 0, -1, -2, -3]:
             r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64",
                                          a.kv_dtype, mma])
+            if r is None:  # a row this model cannot run (fp16 activations need group size 128, 256, 512)
+                continue
             gemv = "-"
             if bits > 0:
                 g = run_worker(["fq", path, str(bits), "1", str(a.prompt), "2", "cuda", "0", a.kv_dtype, mma])

@@ -93,7 +93,7 @@ struct Engine::Impl {
     double lambda = 0.0;
     std::vector<std::vector<float>> rule_cost;
     std::vector<int32_t> used;  // bits each linear ran at in the last eval
-    std::vector<int32_t> act_bits;  // per linear (n_layers * 7 + 1): 0 = fp32 activations, else 2..8
+    std::vector<int32_t> act_bits;  // per linear (n_layers * 7 + 1): 0 = fp32 activations, 2..8, 16 = fp16
     // kernel dispatch: the table as given, and per linear (n_layers * 7 + 1) and bits its decode_max_m
     std::vector<KernelChoice> kernel_table;
     std::vector<std::array<int64_t, 9>> decode_max;
@@ -282,7 +282,7 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
 
     e.init_backend(params);
 #ifdef FLEXQUANT_HAVE_CUDA
-    if (e.on_gpu()) e.act_bits = e.gpu->activation_bits();  // the GPU's GEMV: int8 (8) or fp32 (0)
+    if (e.on_gpu()) e.act_bits = e.gpu->activation_bits();  // the GPU's GEMV: int8 (8), fp16 (16) or fp32 (0)
 #endif
     if (e.on_gpu()) return;  // the KV cache lives on the GPU
 

@@ -12,8 +12,9 @@
 // each layer linear of a pass of T rows picks its kernel (the dispatcher): the GEMM
 // (bitplane_gemm_cuda_async, cuda/bitplane_matmul_gemm.cu: the same int8 activations as the GEMV,
 // so the same numbers up to fp32 rounding; the A16 GEMM for a linear set to fp16 activations) when
-// T > gemv_max[linear][its bit-width], else the GEMV (8 rows per launch, 16 on the MMA kernels). gemv_max is gemm_min_rows - 1 for every linear, or what tune() measured on
-// this GPU (set_gemv_max). The LM head always runs on the GEMV, as does the decode step unless
+// T > gemv_max[linear][its bit-width], else the GEMV (8 rows per launch, 16 on the MMA kernels).
+// gemv_max is gemm_min_rows - 1 for every linear, or what tune() measured on this GPU
+// (set_gemv_max). The LM head always runs on the GEMV, as does the decode step unless
 // gemm_min_rows is 1. With the GEMM off, passes of 8 rows (16 where the MMA GEMV may run:
 // cuda_mma_min_rows > 0); asked for all rows' logits, passes of 8 rows.
 //

@@ -822,7 +822,7 @@ int pick_warps(const Geometry& g, int warps_per_block) {
 struct Scratch {
     void* acts;
     void* params;
-    void* xa;  // null for FP32
+    void* xa;  // null unless has_xa (the int8 paths at the MMA kernel's group sizes)
 };
 bool int8_path(BitplaneCudaPath path) { return path == BITPLANE_CUDA_TC || path == BITPLANE_CUDA_MMA; }
 size_t acts_bytes(const Geometry& g, int64_t m, BitplaneCudaPath path) {
@@ -928,6 +928,13 @@ void check_launch_rows(int64_t m, BitplaneCudaPath path, const std::string& fn) 
     const int rows = bitplane_cuda_launch_rows(path);
     check(m >= 1 && m <= rows, fn,
           "m must be in 1.." + std::to_string(rows) + " for this path, got " + std::to_string(m));
+}
+
+// The path of an int8 preparation (TC or MMA: both kernels read it), resolved for w's group size.
+BitplaneCudaPath int8_prep_path(const BitplaneLinear& w, BitplaneCudaPath path, const std::string& fn) {
+    check(path == BITPLANE_CUDA_TC || path == BITPLANE_CUDA_MMA, fn,
+          "path must be TC or MMA (the paths of the int8 preparation), got " + std::to_string(int(path)));
+    return bitplane_cuda_resolve_path(w, path);  // throws for group sizes the path lacks
 }
 
 void validate_tuning(const BitplaneCudaTuning& tuning, const std::string& fn) {
@@ -1050,9 +1057,7 @@ void bitplane_prepare_fused_cuda_async(const BitplaneLinear& w, BitplanePrepareF
     const std::string fn = "bitplane_prepare_fused_cuda_async";
     check(op == BITPLANE_FUSE_RMS_NORM || op == BITPLANE_FUSE_SWIGLU, fn,
           "op must be BITPLANE_FUSE_RMS_NORM or BITPLANE_FUSE_SWIGLU, got " + std::to_string(int(op)));
-    check(path == BITPLANE_CUDA_TC || path == BITPLANE_CUDA_MMA, fn,
-          "path must be TC or MMA (the paths of the int8 preparation), got " + std::to_string(int(path)));
-    path = bitplane_cuda_resolve_path(w, path);  // throws for group sizes the path lacks
+    path = int8_prep_path(w, path, fn);
     validate_async(w, w.max_bits, m, workspace, workspace_bytes, path, fn);
     check(x && aux && out, fn, "null pointer");
     const Geometry g = geometry(w);
@@ -1190,9 +1195,7 @@ void bitplane_matmul_fused_cuda(const BitplaneLinear& w, int bits, BitplanePrepa
                                 const float* aux, float eps, int64_t m, float* y, float* out, BitplaneCudaPath path) {
     const std::string fn = "bitplane_matmul_fused_cuda";
     validate(w, bits, m, fn);
-    check(path == BITPLANE_CUDA_TC || path == BITPLANE_CUDA_MMA, fn,
-          "path must be TC or MMA (the paths of the int8 preparation), got " + std::to_string(int(path)));
-    path = bitplane_cuda_resolve_path(w, path);
+    path = int8_prep_path(w, path, fn);
     check(w.planes && w.qparams && x && aux && y && out, fn, "null pointer");
     check_launch_rows(m, path, fn);
     const DeviceLinear dw(w, bits, fn);

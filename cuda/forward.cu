@@ -417,10 +417,9 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     for (size_t j = 0; j < lin.size(); ++j) {
         // every path set_activation_bits may move a linear to: FP32, TC (and MMA), MMA_A16
         e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, BITPLANE_CUDA_FP32));
-        if (e.lin_path[j] == BITPLANE_CUDA_TC) {
-            e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, BITPLANE_CUDA_TC));
-            const BitplaneCudaPath mma = e.gemv_kernel(BITPLANE_CUDA_TC, lin[j].group_size, MMA_SLICE);
-            e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], MMA_SLICE, mma));
+        if (e.lin_path[j] == BITPLANE_CUDA_TC) {  // TC's 8 rows, or MMA's 16 where it may run (a superset)
+            const BitplaneCudaPath int8 = e.gemv_slices_kernel(BITPLANE_CUDA_TC, lin[j].group_size, MMA_SLICE);
+            e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], MMA_SLICE, int8));
         }
         const bool fp16_ok = !params.fp32_matmul && bitplane_cuda_mma_supports(lin[j].group_size);
         if (fp16_ok)

@@ -477,18 +477,16 @@ for n, k in SHAPES:
             cells[(kind, bits)] = r["total_us"]
         best = min(cells.values())
         gemv, gemv_mma, gemv_a16 = "", " | ", " | "
-        if m <= 64:  # the GEMV takes 8 rows per launch (tc), 16 (mma)
+        if m <= 64:  # the GEMV takes 8 rows per launch (tc), 16 (mma, mma_a16): launches x one's time
             g = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, 4, x[: min(m, 8)], path="tc", reps=5)
             gemv = f"{g['total_us'] * ((m + 7) // 8):.1f}"
-            g = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, 4, x[: min(m, 16)], path="mma", reps=5)
-            t_mma = g["total_us"] * ((m + 15) // 16)
-            runs.append(dict(kind="gemv_mma", n=n, k=k, m=m, bits=4, total_us=t_mma))
-            gemv_mma = f"{t_mma:.1f} | {t16 / t_mma:.2f}x"
-            g = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, 4, x[: min(m, 16)], path="mma_a16",
-                                                reps=5)
-            t_a16 = g["total_us"] * ((m + 15) // 16)
-            runs.append(dict(kind="gemv_mma_a16", n=n, k=k, m=m, bits=4, total_us=t_a16))
-            gemv_a16 = f"{t_a16:.1f} | {t16 / t_a16:.2f}x"
+            cols = []
+            for path in ("mma", "mma_a16"):
+                g = core.bitplane_matmul_cuda_bench(planes, qp, n, k, MAX_BITS, G, 4, x[: min(m, 16)], path=path, reps=5)
+                t = g["total_us"] * ((m + 15) // 16)
+                runs.append(dict(kind=f"gemv_{path}", n=n, k=k, m=m, bits=4, total_us=t))
+                cols.append(f"{t:.1f} | {t16 / t:.2f}x")
+            gemv_mma, gemv_a16 = cols
         runs.append(dict(kind="cublas_fp16", n=n, k=k, m=m, total_us=t16))
         runs.append(dict(kind="int_mm", n=n, k=k, m=m, total_us=t8))
         tops = 2 * m * n * k / cells[("a8", 8)] / 1e6

@@ -235,6 +235,13 @@ def test_bench_worker_times_the_flexquant_controller(tmp_path):
 
     ctl, static, protected, protected16 = worker(-1), worker(8), worker(-2), worker(-3)
     assert static["mean_bits"] == 8.0
+    # the K/V rows a step reads, for the roofline with the cache: 2 (K, V) x layers x kv heads x
+    # head_dim x 4 bytes (f32) x the mean cache length of the 32 timed steps (16 + 1 + 31 / 2)
+    from flexquant_rt import Engine
+    with Engine(model, backend="cpu") as eng:
+        c = eng.config
+        per_row = 2 * c["n_layers"] * c["n_kv_heads"] * c["head_dim"] * 4
+    assert static["kv_bytes_per_token"] == per_row * (16 + 1 + 31 / 2)
     # the rows pricing fp32 (fp16) activations in the LM head and the last layer: 8-bit weights all the same
     for row in (protected, protected16):
         assert row["mean_bits"] == 8.0 and row["bytes_per_token"] == static["bytes_per_token"]

@@ -184,7 +184,15 @@ enum BitplaneGemmKind {
     BITPLANE_GEMM_B1 = 3,   // "W{k}A{a}" (W6A6, W6A8, W4A4, ...): x quantized per (row, group) to a-bit
                             // integers (act_bits, as the CPU op quantize_activations), bit-serial on the
                             // binary tensor cores (b1 m16n8k256 AND+POPC) straight from the weight planes
+    BITPLANE_GEMM_A8_WG = 4,  // A8's arithmetic (the same int8 x̂, codes, int32 sums and fp32 steps) on
+                              // Hopper's warpgroup MMA (wgmma m64n128k32 s8, TMA loads, sm_90a only);
+                              // group sizes that are multiples of 128. Not yet run on a GPU: opt-in
+                              // (FLEXQUANT_CUDA_WGMMA=1 for the engine).
 };
+
+// Whether this GPU and build run BITPLANE_GEMM_A8_WG at this group size: compute capability 9.0, a
+// build with sm_90a code, group_size % 128 == 0. Never throws (false without a device).
+bool bitplane_gemm_wgmma_supported(int group_size);
 
 // Whether the B1 GEMM handles this group size (32, 64, 128, 256 or 512).
 bool bitplane_gemm_b1_supports(int group_size);

@@ -38,6 +38,7 @@
 // tests/test_cuda_ops.py and tools/gpu_check.sh check it against the CPU op (run on an H100,
 // 2026-11-23; measured speed in docs/kernels.md).
 #include <cuda_fp16.h>
+#include <cudaTypedefs.h>  // CUtensorMap, PFN_cuTensorMapEncodeTiled (types only: no libcuda link)
 
 #include <algorithm>
 #include <atomic>
@@ -47,6 +48,7 @@
 
 #include "bitplane_matmul.cuh"
 #include "bitplane_mma.cuh"
+#include "bitplane_wgmma.cuh"
 #include "cuda_backend.h"
 
 namespace flexquant {
@@ -83,20 +85,25 @@ GemmGeometry gemm_geometry(const BitplaneLinear& w, int64_t m) {
 }
 
 int act_bytes(BitplaneGemmKind kind) { return kind == BITPLANE_GEMM_A16 ? 2 : 1; }
+bool wgmma_kind(BitplaneGemmKind kind) { return kind == BITPLANE_GEMM_A8_WG; }
 int64_t n_chunks(const GemmGeometry& g) { return ceil_div(g.k_pad, 256); }  // 256-column chunks of the b1 mma
 
 // The workspace, in this order (each part 256-byte aligned):
 //   x̃ (m_alloc, k_pad) int8 or fp16        all kinds (B1: the a-bit integers before slicing)
 //   x planes (m_alloc, n_chunks, 8, 8) u32  B1: bit p of q over the chunk's 8 words of 32 columns
 //   (a_s, a_z) (m_alloc, n_groups) float2
-//   codes (n_alloc, k_pad) int8            A8, A16: the unpacked weights
+//   (a_s, a_z) (n_groups, m_alloc) float2   A8_WG: the same, transposed (a tile's rows of a group in a row)
+//   codes (n_alloc, k_pad) int8            A8, A16, A8_WG: the unpacked weights
+//   (s_k, z_k) (n_groups, n_alloc) float2   A8_WG: the column terms at the call's k
 // The activations come first, so their place depends only on (m, k, group_size, kind): linears that
 // read the same x but differ in n find the prepared x at the same offset.
 struct GemmScratch {
     int8_t* codes;      // null for B1
     void* acts;
-    uint32_t* aplanes;  // null for A8, A16
+    uint32_t* aplanes;  // null for A8, A16, A8_WG
     float2* aparams;
+    float2* aparams_t;  // A8_WG only
+    float2* wparams_t;  // A8_WG only
 };
 
 size_t codes_bytes(const GemmGeometry& g, BitplaneGemmKind kind) {
@@ -105,10 +112,17 @@ size_t codes_bytes(const GemmGeometry& g, BitplaneGemmKind kind) {
 size_t aplanes_bytes(const GemmGeometry& g, BitplaneGemmKind kind) {
     return kind == BITPLANE_GEMM_B1 ? align256(size_t(g.m_alloc) * size_t(n_chunks(g)) * 256) : 0;
 }
+size_t aparams_t_bytes(const GemmGeometry& g, BitplaneGemmKind kind) {
+    return wgmma_kind(kind) ? align256(size_t(g.m_alloc) * size_t(g.n_groups) * sizeof(float2)) : 0;
+}
+size_t wparams_t_bytes(const GemmGeometry& g, BitplaneGemmKind kind) {
+    return wgmma_kind(kind) ? align256(size_t(g.n_alloc) * size_t(g.n_groups) * sizeof(float2)) : 0;
+}
 
 size_t gemm_scratch_bytes(const GemmGeometry& g, BitplaneGemmKind kind) {
     return codes_bytes(g, kind) + align256(size_t(g.m_alloc) * size_t(g.k_pad) * size_t(act_bytes(kind))) +
-           aplanes_bytes(g, kind) + align256(size_t(g.m_alloc) * size_t(g.n_groups) * sizeof(float2));
+           aplanes_bytes(g, kind) + align256(size_t(g.m_alloc) * size_t(g.n_groups) * sizeof(float2)) +
+           aparams_t_bytes(g, kind) + wparams_t_bytes(g, kind);
 }
 
 GemmScratch carve(const GemmGeometry& g, BitplaneGemmKind kind, void* ws) {
@@ -120,7 +134,11 @@ GemmScratch carve(const GemmGeometry& g, BitplaneGemmKind kind, void* ws) {
     p += aplanes_bytes(g, kind);
     s.aparams = reinterpret_cast<float2*>(p);
     p += align256(size_t(g.m_alloc) * size_t(g.n_groups) * sizeof(float2));
+    s.aparams_t = wgmma_kind(kind) ? reinterpret_cast<float2*>(p) : nullptr;
+    p += aparams_t_bytes(g, kind);
     s.codes = kind == BITPLANE_GEMM_B1 ? nullptr : reinterpret_cast<int8_t*>(p);
+    p += codes_bytes(g, kind);
+    s.wparams_t = wgmma_kind(kind) ? reinterpret_cast<float2*>(p) : nullptr;
     return s;
 }
 
@@ -140,10 +158,23 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// Exact int32 -> fp32 for |v| < 2^22: the mantissa of 1.5 · 2^23 takes v, one add removes it.
-__device__ __forceinline__ float small_int_to_float(int v) {
-    return __int_as_float(0x4B400000 + v) - 12582912.0f;
-}
+using wg::small_int_to_float;  // exact int32 -> fp32 for |v| < 2^22 (bitplane_wgmma.cuh)
+
+// The column terms of the A8/A16 GEMMs' fp32 steps, at k of max_bits planes (docs/format.md):
+// s_k = s · 2^(B−k), z_k = m_k + s_k · 2^(k−1), m_k = m + s · (2^(B−k) − 1) / 2. One definition for the
+// mma.sync and the wgmma GEMMs, so that both round alike.
+struct A8WeightTerms {
+    float scale_mul, min_mul, centre;
+    __device__ A8WeightTerms(int kb, int max_bits)
+        : scale_mul(float(1 << (max_bits - kb))),
+          min_mul(0.5f * float((1 << (max_bits - kb)) - 1)),
+          centre(float(1 << (kb - 1))) {}
+    __device__ float2 operator()(__half2 q) const {  // q = (s, m) of one column and group
+        const float2 sm = __half22float2(q);
+        const float s_k = sm.x * scale_mul;
+        return make_float2(s_k, (sm.y + sm.x * min_mul) + s_k * centre);
+    }
+};
 
 // ---- 1. unpack: planes -> centred int8 codes ------------------------------------------------------
 
@@ -196,13 +227,15 @@ unpack_codes_kernel(const uint8_t* __restrict__ planes,  // (bits, plane_bytes)
 // (x̂ = a_s · q) exactly up to fp32 rounding. A16: x̃ = fp16(x) (round to nearest, saturating at
 // ±65504), a_s = 1, a_z = Σ fp16(x) in fp32. Columns k..k_pad are zeroed, so the codes of the K padding multiply
 // zeros, and rows m..m_alloc are all zeros (the GEMM reads whole tiles; nothing it reads is unset).
+// aparams_t, when set (A8_WG), gets (a_s, a_z) transposed too. Grid: m_alloc blocks.
 template <bool INT>
 static __global__ void __launch_bounds__(PREP_THREADS)
 gemm_prepare_kernel(const float* __restrict__ x,      // (m, k)
                     int64_t m, int64_t k, int64_t k_pad, int64_t n_groups, int group_size, int qmax,
                     void* __restrict__ acts,           // (m_alloc, k_pad) int8 (INT) or fp16
-                    float2* __restrict__ aparams) {    // (m_alloc, n_groups)
-    const int64_t r = blockIdx.x;
+                    float2* __restrict__ aparams,      // (m_alloc, n_groups)
+                    float2* __restrict__ aparams_t) {  // (n_groups, m_alloc) or null
+    const int64_t r = blockIdx.x, m_alloc = gridDim.x;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = PREP_THREADS / 32;
     const float* xr = x + r * k;
     int8_t* q8 = static_cast<int8_t*>(acts) + r * k_pad;
@@ -212,7 +245,10 @@ gemm_prepare_kernel(const float* __restrict__ x,      // (m, k)
             if (INT) q8[c] = 0;
             else h16[c] = __float2half_rn(0.0f);
         }
-        for (int64_t g = threadIdx.x; g < n_groups; g += PREP_THREADS) aparams[r * n_groups + g] = make_float2(0.0f, 0.0f);
+        for (int64_t g = threadIdx.x; g < n_groups; g += PREP_THREADS) {
+            aparams[r * n_groups + g] = make_float2(0.0f, 0.0f);
+            if (aparams_t) aparams_t[g * m_alloc + r] = make_float2(0.0f, 0.0f);
+        }
         return;
     }
     const float fqmax = float(qmax);
@@ -232,7 +268,10 @@ gemm_prepare_kernel(const float* __restrict__ x,      // (m, k)
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) qsum += __shfl_xor_sync(FULL, qsum, o);
-            if (lane == 0) aparams[r * n_groups + g] = make_float2(scale, scale * float(qsum));
+            if (lane == 0) {
+                aparams[r * n_groups + g] = make_float2(scale, scale * float(qsum));
+                if (aparams_t) aparams_t[g * m_alloc + r] = make_float2(scale, scale * float(qsum));
+            }
         } else {
             float sum = 0.0f;
             for (int64_t c = c0 + lane; c < c1; c += 32) {
@@ -332,10 +371,7 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
     const int gid = lane >> 2, tig = lane & 3;
     const int64_t row0 = int64_t(blockIdx.y) * BM, col0 = int64_t(blockIdx.x) * BN;
 
-    const int kb = gemm_effective_bits(bits_dev, bits);
-    const float scale_mul = float(1 << (max_bits - kb));
-    const float min_mul = 0.5f * float((1 << (max_bits - kb)) - 1);
-    const float centre = float(1 << (kb - 1));
+    const A8WeightTerms terms(gemm_effective_bits(bits_dev, bits), max_bits);
 
     // This thread's cp.async chunks: fixed rows and columns of the tile for the whole K loop, so a
     // tile load is a pointer add (the profile of the first version: ~21 instructions per mma, the
@@ -413,9 +449,9 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-                const float2 sm = __half22float2(pq[j][c]);
-                s_k[j][c] = sm.x * scale_mul;
-                z_k[j][c] = (sm.y + sm.x * min_mul) + s_k[j][c] * centre;
+                const float2 t = terms(pq[j][c]);
+                s_k[j][c] = t.x;
+                z_k[j][c] = t.y;
             }
 #pragma unroll
         for (int i = 0; i < MT; ++i)
@@ -506,6 +542,229 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
             }
 }
 
+
+// ---- 3b. the warpgroup-MMA GEMM (A8_WG, Hopper sm_90a) ---------------------------------------------
+//
+// The A8 GEMM's arithmetic (same x̃, ĉ, chunks and fp32 expressions as gemm_kernel<GemmA8Traits>) on
+// sm_90a's asynchronous warpgroup MMA; formula, tiling, shared-memory layout and fragment layout in
+// bitplane_wgmma.cuh. The GPU tests compare it with the A8 GEMM and the references.
+//
+// Why: the mma.sync GEMM measured 155 TOP/s at m = 1024 on the H100 (one block of 8 warps per SM,
+// latency-bound), and the goal of 1.6x cuBLAS fp16 (~1,100 TOP/s) is out of mma.sync's reach once the
+// per-group fp32 steps share the issue slots. wgmma runs asynchronously from shared memory, so one
+// warpgroup's fp32 steps overlap the other's tensor-core work, and TMA loads need no thread per byte.
+//
+// A block: a 128 x 128 tile of y, 384 threads. Warpgroup 0 produces (one thread issues the copies;
+// setmaxnreg hands its registers to the others), warpgroups 1 and 2 consume (rows 64(w-1).. of the
+// tile, all 128 columns: 64 int32 sums + 64 fp32 results per thread, up to 232 registers). Per stage
+// the producer loads the x̃ tile (acts, 128 x 128 int8) and the code tile (codes, 128 x 128 int8) by
+// TMA with the 128-byte swizzle, and the stage's group terms of the tile's rows (a_s, a_z) and columns
+// (s_k, z_k) by 1 KB bulk copies from transposed copies, all completing on the stage's `full`
+// barrier; every consumer thread arrives on `empty` when done with the stage. wg::STAGES in flight.
+// Grid (m_alloc / 128, n_alloc / 128): x = row tiles, so the blocks that run together share a code
+// tile through L2 and the codes come from HBM about once.
+
+// acts tiles, code tiles, row terms, column terms, then the 2·STAGES barriers; + 1 KB to align.
+constexpr int WG_SMEM_BYTES = wg::STAGES * (2 * wg::TILE_BYTES + 2 * wg::TERM_BYTES) + 2 * wg::STAGES * 8 + 1024;
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (the sm_90a instructions: only that target's code has them)
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Returns when the barrier's phase of this parity has completed (a fresh barrier counts its phase
+// "before 0", parity 1, as complete).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred P1;\n"
+        "LAB_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@P1 bra DONE;\n"
+        "bra LAB_WAIT;\n"
+        "DONE:\n"
+        "}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// Box (c0 = K byte, c1 = row) of a 2-D tensor map -> shared memory, completing on bar.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) global -> shared, completing on bar.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
+__device__ __forceinline__ uint64_t wg_desc(uint32_t addr) {  // K-major, 128-byte swizzle (see above)
+    return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+// d (64 x 128 int32 over the warpgroup) (+)= A (64 x 32 s8, desc a) · B (128 x 32 s8, desc b)ᵀ;
+// scale_d = 0 starts a fresh sum.
+__device__ __forceinline__ void wgmma_s8_64x128x32(int (&d)[64], uint64_t a, uint64_t b, int scale_d) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p;\n"
+        "}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+          "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+          "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+          "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+          "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+          "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+          "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+          "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+        : "l"(a), "l"(b), "r"(scale_d));
+}
+#endif
+
+// wparams_t (n_groups, n_alloc) float2 = (s_k, z_k) of column c in group g at the kernel's k (zeros for
+// the padding columns n..n_alloc): the column terms the A8 GEMM computes in its flush, transposed so
+// that a tile's 128 columns of one group are 1 KB in a row.
+static __global__ void __launch_bounds__(256)
+wg_column_terms_kernel(const __half2* __restrict__ qparams,  // (n, n_groups) (s, m)
+                       const int32_t* __restrict__ bits_dev, int bits, int max_bits,
+                       int64_t n, int64_t n_alloc, int64_t n_groups,
+                       float2* __restrict__ wparams_t) {    // (n_groups, n_alloc)
+    const int kb = gemm_effective_bits(bits_dev, bits);
+    const A8WeightTerms t(kb, max_bits);
+    const int64_t total = n_groups * n_alloc;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t g = i / n_alloc, c = i % n_alloc;
+        wparams_t[i] = c < n ? t(qparams[c * n_groups + g]) : make_float2(0.0f, 0.0f);
+    }
+}
+
+// One thread in a build or device without sm_90a writes 0 (see bitplane_gemm_wgmma_supported).
+static __global__ void wg_probe_kernel(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    *out = 1;
+#else
+    *out = 0;
+#endif
+}
+
+// Grid (m_alloc / wg::BM, n_alloc / wg::BN), wg::THREADS threads, WG_SMEM_BYTES of dynamic shared memory.
+// tm_acts: acts (m_alloc, k_pad) int8, tm_codes: codes (n_alloc, k_pad) int8, both boxes 128 x 128 with
+// the 128-byte swizzle; aparams_t (n_groups, m_alloc) float2 (a_s, a_z); wparams_t (n_groups, n_alloc)
+// float2 (s_k, z_k); y (m, n) fp32. k_stages = k_pad / 128; group_size a multiple of 128.
+static __global__ void __launch_bounds__(wg::THREADS, 1)
+wg_gemm_kernel(const __grid_constant__ CUtensorMap tm_acts, const __grid_constant__ CUtensorMap tm_codes,
+               const float2* __restrict__ aparams_t, const float2* __restrict__ wparams_t,
+               int64_t m, int64_t n, int64_t m_alloc, int64_t n_alloc, int k_stages, int group_size,
+               float* __restrict__ y, bool accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(1024) uint8_t wg_smem[];
+    // The 128-byte swizzle is a function of the address bits: tiles must start 1,024-byte aligned.
+    const uint32_t base = (smem_u32(wg_smem) + 1023u) & ~1023u;
+    const uint32_t acts_s = base;                                        // [STAGES][128][128] int8, swizzled
+    const uint32_t codes_s = acts_s + wg::STAGES * wg::TILE_BYTES;       // [STAGES][128][128] int8, swizzled
+    const uint32_t rterm_s = codes_s + wg::STAGES * wg::TILE_BYTES;      // [STAGES][128] (a_s, a_z)
+    const uint32_t cterm_s = rterm_s + wg::STAGES * wg::TERM_BYTES;      // [STAGES][128] (s_k, z_k)
+    const uint32_t full_s = cterm_s + wg::STAGES * wg::TERM_BYTES;       // [STAGES] mbarrier
+    const uint32_t empty_s = full_s + wg::STAGES * 8;                    // [STAGES] mbarrier
+    uint8_t* const smem_gen = wg_smem + (base - smem_u32(wg_smem));        // generic pointer of `base`
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t row0 = int64_t(blockIdx.x) * wg::BM, col0 = int64_t(blockIdx.y) * wg::BN;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < wg::STAGES; ++s) {
+            mbar_init(full_s + 8 * s, 1);                // the producer's arrive (+ the bytes it expects)
+            mbar_init(empty_s + 8 * s, wg::CONSUMERS);   // every consumer thread
+        }
+        // the barriers' initialization visible to the other threads and to the TMA unit
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp < 4) {  // ---- the producer warpgroup ----
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (warp == 0 && lane == 0) {
+            constexpr uint32_t STAGE_BYTES = 2 * wg::TILE_BYTES + 2 * wg::TERM_BYTES;
+            for (int s = 0; s < k_stages; ++s) {
+                const int slot = s % wg::STAGES;
+                const uint32_t round = uint32_t(s / wg::STAGES);
+                mbar_wait(empty_s + 8 * slot, (round & 1u) ^ 1u);  // the consumers are done with the slot
+                const uint32_t full = full_s + 8 * slot;
+                mbar_expect_tx(full, STAGE_BYTES);
+                const int64_t g = wg::stage_group(s, group_size);
+                tma_load_2d(acts_s + slot * wg::TILE_BYTES, &tm_acts, s * wg::BK, int32_t(row0), full);
+                tma_load_2d(codes_s + slot * wg::TILE_BYTES, &tm_codes, s * wg::BK, int32_t(col0), full);
+                bulk_load(rterm_s + slot * wg::TERM_BYTES, aparams_t + g * m_alloc + row0, wg::TERM_BYTES, full);
+                bulk_load(cterm_s + slot * wg::TERM_BYTES, wparams_t + g * n_alloc + col0, wg::TERM_BYTES, full);
+            }
+        }
+        return;
+    }
+
+    // ---- the consumers ----
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int wgi = (warp >> 2) - 1, wq = warp & 3;
+    const int row_lo = wgi * wg::WG_ROWS + wg::acc_row(wq, lane, 0);  // this thread's first tile row
+    int part[wg::ACC];
+    float acc[wg::ACC];
+#pragma unroll
+    for (int q = 0; q < wg::ACC; ++q) {
+        part[q] = 0;
+        acc[q] = 0.0f;
+    }
+    int chunk = 0;  // stages summed in part since the last fp32 step
+    for (int s = 0; s < k_stages; ++s) {
+        const int slot = s % wg::STAGES;
+        mbar_wait(full_s + 8 * slot, uint32_t(s / wg::STAGES) & 1u);
+        const uint32_t a_tile = acts_s + slot * wg::TILE_BYTES + wgi * wg::WG_ROWS * wg::BK;  // this warpgroup's rows
+        const uint32_t b_tile = codes_s + slot * wg::TILE_BYTES;
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");  // part was read/written by plain code
+#pragma unroll
+        for (int kk = 0; kk < wg::BK / 32; ++kk)
+            wgmma_s8_64x128x32(part, wg_desc(a_tile + 32 * kk), wg_desc(b_tile + 32 * kk), chunk > 0 || kk > 0);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+        for (int q = 0; q < wg::ACC; ++q) asm volatile("" : "+r"(part[q])::"memory");  // no read of part before the wait
+        ++chunk;
+        const bool group_end = wg::stage_ends_group(s, k_stages, group_size);
+        if (group_end || chunk == wg::CHUNK_STAGES) {
+            const auto* rt = reinterpret_cast<const wg::Term2*>(smem_gen + (rterm_s - base) + slot * wg::TERM_BYTES);
+            const auto* ct = reinterpret_cast<const wg::Term4*>(smem_gen + (cterm_s - base) + slot * wg::TERM_BYTES);
+            wg::flush_chunk(acc, part, rt, ct, row_lo, lane, group_end);
+            chunk = 0;
+        }
+        mbar_arrive(empty_s + 8 * slot);  // this thread's reads of the slot are done (the wgmma's too: waited)
+    }
+
+#pragma unroll
+    for (int q = 0; q < wg::ACC; ++q) {
+        const int64_t r = row0 + wgi * wg::WG_ROWS + wg::acc_row(wq, lane, q);
+        const int64_t col = col0 + wg::acc_col(lane, q);
+        if (r < m && col < n) y[r * n + col] = accumulate ? y[r * n + col] + acc[q] : acc[q];
+    }
+#else
+    __trap();  // never launched: bitplane_gemm_wgmma_supported is false without sm_90a code
+#endif
+}
 
 // ---- 4. the binary-tensor-core GEMM (B1, "W{k}A{a}", FlexQ style) ------------------------------------
 //
@@ -685,6 +944,10 @@ gemm_b1_kernel(const uint8_t* __restrict__ wplanes, uint64_t plane_bytes,  // (b
 
 // ---- launchers --------------------------------------------------------------------------------------
 
+void check(bool ok, const std::string& fn, const std::string& what) {
+    if (!ok) throw Error(fn + ": " + what);
+}
+
 // The planes -> codes launch (A8, A16), and zeros in the code rows n..n_alloc that the GEMM tiles read.
 void unpack_launch(const GemmGeometry& g, const uint8_t* planes, uint64_t plane_bytes, const int32_t* bits_dev,
                    int bits, int8_t* codes, cudaStream_t stream) {
@@ -696,23 +959,92 @@ void unpack_launch(const GemmGeometry& g, const uint8_t* planes, uint64_t plane_
     unpack_codes_kernel<<<blocks, 256, 0, stream>>>(planes, plane_bytes, bits_dev, bits, codes, g.n, g.k_pad);
 }
 
+// What a call prepares from the weights: the codes (A8, A16, A8_WG) and the transposed column terms
+// (A8_WG). Nothing for B1, which reads the planes.
+void weights_launch(const GemmGeometry& g, const uint8_t* planes, uint64_t plane_bytes, const uint16_t* qparams,
+                    const int32_t* bits_dev, int bits, int max_bits, BitplaneGemmKind kind, const GemmScratch& sc,
+                    cudaStream_t stream) {
+    if (kind == BITPLANE_GEMM_B1) return;
+    unpack_launch(g, planes, plane_bytes, bits_dev, bits, sc.codes, stream);
+    if (wgmma_kind(kind)) {
+        const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(g.n_groups * g.n_alloc, 256), int64_t(1) << 16));
+        wg_column_terms_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<const __half2*>(qparams), bits_dev, bits,
+                                                           max_bits, g.n, g.n_alloc, g.n_groups, sc.wparams_t);
+    }
+}
+
 void prepare_launch(const GemmGeometry& g, const float* x, BitplaneGemmKind kind, int act_bits, const GemmScratch& sc,
                     cudaStream_t stream) {
     const unsigned blocks = unsigned(g.m_alloc);  // rows m..m_alloc are zeroed
     if (kind == BITPLANE_GEMM_A16) {
         gemm_prepare_kernel<false><<<blocks, PREP_THREADS, 0, stream>>>(x, g.m, g.k, g.k_pad, g.n_groups, g.group_size,
-                                                                        0, sc.acts, sc.aparams);
+                                                                        0, sc.acts, sc.aparams, nullptr);
         return;
     }
     const int qmax = (1 << (act_bits - 1)) - 1;
     gemm_prepare_kernel<true><<<blocks, PREP_THREADS, 0, stream>>>(x, g.m, g.k, g.k_pad, g.n_groups, g.group_size, qmax,
-                                                                   sc.acts, sc.aparams);
+                                                                   sc.acts, sc.aparams, sc.aparams_t);
     if (kind == BITPLANE_GEMM_B1) {
         const int64_t warps = g.m_alloc * n_chunks(g) * 8;
         const unsigned sblocks = unsigned(std::min<int64_t>(ceil_div(warps, 8), int64_t(1) << 16));
         gemm_slice_kernel<<<sblocks, 256, 0, stream>>>(static_cast<const int8_t*>(sc.acts), g.k_pad, n_chunks(g),
                                                        g.m_alloc, sc.aplanes);
     }
+}
+
+// cuTensorMapEncodeTiled from the driver, found at run time (the engine links no libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult found{};
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+                cudaSuccess ||
+            found != cudaDriverEntryPointSuccess) {
+            cudaGetLastError();
+            fn = nullptr;
+        }
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+    }();
+    return encode;
+}
+
+// A row-major (rows, row_bytes) int8 matrix as TMA sees it: boxes of 128 rows x 128 bytes, 128-byte
+// swizzle (the layout wg_desc describes). rows and row_bytes are multiples of 128, base 256-aligned.
+CUtensorMap tensor_map_128(const void* base, int64_t rows, int64_t row_bytes, const std::string& fn) {
+    const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+    check(encode != nullptr, fn, "the CUDA driver offers no cuTensorMapEncodeTiled (the wgmma GEMM needs CUDA 12+)");
+    CUtensorMap map{};
+    const cuuint64_t dims[2] = {cuuint64_t(row_bytes), cuuint64_t(rows)};
+    const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};  // bytes between rows (dimension 1)
+    const cuuint32_t box[2] = {wg::BK, wg::BM}, elem_strides[2] = {1, 1};
+    const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box,
+                              elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    check(r == CUDA_SUCCESS, fn, "cuTensorMapEncodeTiled failed (CUresult " + std::to_string(int(r)) + ") for a (" +
+                                     std::to_string(rows) + ", " + std::to_string(row_bytes) + ") int8 matrix");
+    return map;
+}
+
+void wg_gemm_launch(const GemmGeometry& g, const GemmScratch& sc, float* y, cudaStream_t stream, bool accumulate) {
+    const std::string fn = "bitplane_gemm (A8_WG)";
+    // (a launch of the trap branch would end the CUDA context: refuse instead)
+    check(bitplane_gemm_wgmma_supported(g.group_size), fn,
+          "BITPLANE_GEMM_A8_WG needs a compute capability 9.0 GPU (Hopper) and a build with sm_90a code");
+    const CUtensorMap tm_acts = tensor_map_128(sc.acts, g.m_alloc, g.k_pad, fn);
+    const CUtensorMap tm_codes = tensor_map_128(sc.codes, g.n_alloc, g.k_pad, fn);
+    static std::atomic<uint64_t> smem_raised{0};  // bit d: done on device d (< 64), as gemm_launch
+    int dev = 0;
+    cuda_check(cudaGetDevice(&dev), fn + " (device)");
+    const uint64_t bit = uint64_t(1) << (dev & 63);
+    if (!(smem_raised.load() & bit)) {
+        cuda_check(cudaFuncSetAttribute(wg_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WG_SMEM_BYTES),
+                   fn + " (shared memory)");
+        smem_raised.fetch_or(bit);
+    }
+    const dim3 grid(unsigned(g.m_alloc / wg::BM), unsigned(g.n_alloc / wg::BN));
+    wg_gemm_kernel<<<grid, wg::THREADS, WG_SMEM_BYTES, stream>>>(tm_acts, tm_codes, sc.aparams_t, sc.wparams_t, g.m, g.n,
+                                                               g.m_alloc, g.n_alloc, int(g.k_pad / wg::BK),
+                                                               g.group_size, y, accumulate);
 }
 
 void gemm_launch(const GemmGeometry& g, const uint8_t* planes, uint64_t plane_bytes, const uint16_t* qparams,
@@ -730,6 +1062,10 @@ void gemm_launch(const GemmGeometry& g, const uint8_t* planes, uint64_t plane_by
             gemm_b1_kernel<8><<<grid, B1_WARPS * 32, 0, stream>>>(planes, plane_bytes, qp, sc.aplanes, sc.aparams,
                                                                   bits_dev, bits, max_bits, act_bits, g.m, g.n, g.k_pad,
                                                                   g.n_groups, g.group_size, y, accumulate);
+        return;
+    }
+    if (wgmma_kind(kind)) {
+        wg_gemm_launch(g, sc, y, stream, accumulate);
         return;
     }
     const dim3 grid(unsigned(g.n_alloc / BN), unsigned(g.m_alloc / BM));
@@ -763,7 +1099,7 @@ void gemm_launch(const GemmGeometry& g, const uint8_t* planes, uint64_t plane_by
 void run_launches(const GemmGeometry& g, const BitplaneLinear& w, const int32_t* bits_dev, int bits, const float* x,
                   BitplaneGemmKind kind, int act_bits, const GemmScratch& sc, float* y, cudaStream_t stream,
                   bool accumulate = false) {
-    if (kind != BITPLANE_GEMM_B1) unpack_launch(g, w.planes, w.plane_bytes, bits_dev, bits, sc.codes, stream);
+    weights_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, kind, sc, stream);
     prepare_launch(g, x, kind, act_bits, sc, stream);
     gemm_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, kind, act_bits, sc, y, stream,
                 accumulate);
@@ -771,14 +1107,11 @@ void run_launches(const GemmGeometry& g, const BitplaneLinear& w, const int32_t*
 
 // ---- validation --------------------------------------------------------------------------------------
 
-void check(bool ok, const std::string& fn, const std::string& what) {
-    if (!ok) throw Error(fn + ": " + what);
-}
-
 // Resolves act_bits 0 to the kind's own (8, 16, 8) and checks everything about the call's shape.
 int validate(const BitplaneLinear& w, int bits, int64_t m, BitplaneGemmKind kind, int act_bits, const std::string& fn) {
-    check(kind == BITPLANE_GEMM_A8 || kind == BITPLANE_GEMM_A16 || kind == BITPLANE_GEMM_B1, fn,
-          "kind must be BITPLANE_GEMM_A8, _A16 or _B1, got " + std::to_string(int(kind)));
+    check(kind == BITPLANE_GEMM_A8 || kind == BITPLANE_GEMM_A16 || kind == BITPLANE_GEMM_B1 ||
+              kind == BITPLANE_GEMM_A8_WG,
+          fn, "kind must be BITPLANE_GEMM_A8, _A16, _B1 or _A8_WG, got " + std::to_string(int(kind)));
     const int natural = kind == BITPLANE_GEMM_A16 ? 16 : 8;
     if (act_bits == 0) act_bits = natural;
     if (kind == BITPLANE_GEMM_B1)
@@ -790,6 +1123,12 @@ int validate(const BitplaneLinear& w, int bits, int64_t m, BitplaneGemmKind kind
     if (kind == BITPLANE_GEMM_B1)
         check(bitplane_gemm_b1_supports(w.group_size), fn,
               "the B1 GEMM needs group_size 32, 64, 128, 256 or 512, got " + std::to_string(w.group_size));
+    if (wgmma_kind(kind)) {
+        check(w.group_size % wg::BK == 0, fn,
+              "the A8_WG GEMM needs a group_size that is a multiple of 128, got " + std::to_string(w.group_size));
+        // (a stage's coordinate is an int32 TMA coordinate; k_stages an int)
+        check(w.k <= int64_t(0x7fffff00), fn, "the A8_WG GEMM takes k up to 2^31 - 256, got " + std::to_string(w.k));
+    }
     // Grid limits: tiles of n in x (2^31 - 1) or y (65535, B1: 64 rows each), m_alloc blocks of the
     // preparation in x, tiles of m in y (65535).
     check(ceil_div(w.n, BN) <= int64_t(0x7fffffff) && ceil_div(w.n, 64) <= 65535 && ceil_div(m, BM) <= 65535, fn,
@@ -803,6 +1142,40 @@ int validate(const BitplaneLinear& w, int bits, int64_t m, BitplaneGemmKind kind
 
 bool bitplane_gemm_b1_supports(int group_size) {
     return group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256 || group_size == 512;
+}
+
+bool bitplane_gemm_wgmma_supported(int group_size) {
+    if (group_size <= 0 || group_size % wg::BK != 0) return false;
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64 ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    // sm_90a code runs on compute capability 9.0 only (a newer GPU would JIT the PTX of another
+    // target, in which the kernel is a trap)
+    if (major != 9 || minor != 0) return false;
+    // Whether the loaded image has the sm_90a kernel (a build for other targets JIT-compiles the
+    // plain PTX): asked of a probe from the same image once per device, so the answer holds for
+    // later calls made while a graph is being captured (the engine asks at construction).
+    static std::atomic<int> known[64];  // 0: not asked yet, 1: yes, 2: no
+    const int k = known[dev].load();
+    if (k != 0) return k == 1;
+    int found = 0;
+    int* d = nullptr;
+    cudaStream_t st = nullptr;
+    const bool ok = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) == cudaSuccess &&
+                    cudaMalloc(&d, sizeof(int)) == cudaSuccess &&
+                    (wg_probe_kernel<<<1, 1, 0, st>>>(d), cudaGetLastError() == cudaSuccess) &&
+                    cudaMemcpyAsync(&found, d, sizeof(int), cudaMemcpyDeviceToHost, st) == cudaSuccess &&
+                    cudaStreamSynchronize(st) == cudaSuccess;
+    if (d) cudaFree(d);
+    if (st) cudaStreamDestroy(st);
+    cudaGetLastError();
+    if (!ok) return false;  // not cached: a failure (e.g. during a capture) may pass
+    known[dev].store(found == 1 ? 1 : 2);
+    return found == 1;
 }
 
 size_t bitplane_gemm_cuda_workspace(const BitplaneLinear& w, int64_t m, BitplaneGemmKind kind) {
@@ -860,7 +1233,7 @@ void bitplane_gemm_prepared_cuda_async(const BitplaneLinear& w, int bits, int64_
     check(y != nullptr, fn, "null pointer");
     const GemmGeometry g = gemm_geometry(w, m);
     const GemmScratch sc = carve(g, kind, workspace);
-    if (kind != BITPLANE_GEMM_B1) unpack_launch(g, w.planes, w.plane_bytes, bits_dev, bits, sc.codes, stream);
+    weights_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, kind, sc, stream);
     gemm_launch(g, w.planes, w.plane_bytes, w.qparams, bits_dev, bits, w.max_bits, kind, act_bits, sc, y, stream,
                 accumulate);
     cuda_check(cudaGetLastError(), fn + " (kernel launch)");
@@ -958,7 +1331,8 @@ BitplaneGemmTiming bitplane_gemm_cuda_bench(const BitplaneLinear& w, int bits, c
     BitplaneGemmTiming t;
     if (kind != BITPLANE_GEMM_B1)
         t.unpack_us = time_calls(stream.s, calls, reps, fn, [&](int i) {
-            unpack_launch(g, copy(i).planes, w.plane_bytes, nullptr, bits, sc.codes, stream.s);
+            weights_launch(g, copy(i).planes, w.plane_bytes, copy(i).qparams, nullptr, bits, w.max_bits, kind, sc,
+                           stream.s);
         });
     t.prepare_us = time_calls(stream.s, calls, reps, fn,
                               [&](int) { prepare_launch(g, xd.get(), kind, act_bits, sc, stream.s); });

@@ -113,6 +113,9 @@ struct CudaForward::Impl {
     int n_splits = 1;   // attention spans at decode
     bool use_gemm = false;     // prompt slices of >= p.gemm_min_rows rows on the tensor-core GEMM
     bool pdl = false;          // launch the pass's kernels with PDL (pdl_from_env)
+    // Per linear: its int8 GEMM runs on the wgmma kernel (BITPLANE_GEMM_A8_WG): FLEXQUANT_CUDA_WGMMA=1,
+    // a Hopper GPU and a group size it takes. Off by default until measured (tools/gpu_check.sh).
+    std::vector<char> lin_wgmma;
     int64_t max_rows = SLICE;  // rows per pass: PREFILL_ROWS with the GEMM, else one GEMV launch's (8 or 16)
     int64_t head_rows = SLICE; // rows of logits and signals one pass may produce (the batch)
     cudaStream_t stream = nullptr;
@@ -188,7 +191,8 @@ struct CudaForward::Impl {
     }
     // The GEMM of linear j: the activations its GEMV path has (int8: A8, fp16: A16).
     BitplaneGemmKind gemm_kind(size_t j) const {
-        return lin_path[j] == BITPLANE_CUDA_MMA_A16 ? BITPLANE_GEMM_A16 : BITPLANE_GEMM_A8;
+        if (lin_path[j] == BITPLANE_CUDA_MMA_A16) return BITPLANE_GEMM_A16;
+        return lin_wgmma[j] ? BITPLANE_GEMM_A8_WG : BITPLANE_GEMM_A8;
     }
     // The GEMV kernel of a launch of `rows` rows prepared for `path`: the TC path's preparation also
     // serves the MMA kernel (s8 tensor cores), which runs from p.mma_min_rows rows where the group
@@ -362,6 +366,10 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     e.path = params.fp32_matmul ? BITPLANE_CUDA_FP32 : BITPLANE_CUDA_AUTO;
     for (const BitplaneLinear& w : lin) e.lin_path.push_back(bitplane_cuda_resolve_path(w, e.path));
     e.pdl = pdl_from_env();
+    // (asked here, before any graph capture: the first answer per device launches a probe)
+    const bool wgmma_asked = cuda_env_flag("FLEXQUANT_CUDA_WGMMA");
+    for (const BitplaneLinear& w : lin)
+        e.lin_wgmma.push_back(wgmma_asked && bitplane_gemm_wgmma_supported(w.group_size) ? 1 : 0);
     // Spans of >= 128 positions at full context, at most 32 of them (H * 32 blocks already fill a
     // GPU): each warp's positions are a chain of memory round trips (4 positions per trip), so a
     // long span is latency-bound before it is bandwidth-bound (spans of 256 measured 30 µs a layer
@@ -428,6 +436,8 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
         // the LM head
         if (e.use_gemm && j + 1 < lin.size()) {
             e.ws_gemm_bytes = std::max(e.ws_gemm_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A8));
+            if (e.lin_wgmma[j])
+                e.ws_gemm_bytes = std::max(e.ws_gemm_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A8_WG));
             if (fp16_ok)
                 e.ws_gemm_bytes = std::max(e.ws_gemm_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A16));
         }

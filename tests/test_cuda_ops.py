@@ -297,6 +297,12 @@ def test_bad_arguments():
 # so the allowed error is 4x that of the plain fp32 evaluation (+ 1e-6), and the GEMM must agree with
 # torch.matmul on the dequantized view and with the CPU op within the same bound.
 
+def skip_unless_gemm_runs(kind, group_size):
+    """'a8_wg' (wgmma) runs on a Hopper GPU with sm_90a code, at group sizes that are multiples of 128."""
+    if kind == "a8_wg" and not core.bitplane_gemm_wgmma_supported(group_size):
+        pytest.skip(f"the wgmma GEMM does not run here at group_size {group_size} (needs sm_90a, G % 128 == 0)")
+
+
 def gemm_reference(kind, codes, qparams, x, bits, max_bits, group_size, act_bits=0):
     if kind == "a16":
         return reference_fp32(codes, qparams, x.astype(np.float16).astype(np.float32), bits, max_bits, group_size)
@@ -314,12 +320,15 @@ def gemm_and_check(kind, codes, qparams, planes, x, bits, max_bits, group_size, 
     return y, exact, base
 
 
-@pytest.mark.parametrize("kind", ["a8", "a16"])
+@pytest.mark.parametrize("kind", ["a8", "a16", "a8_wg"])
 @pytest.mark.parametrize("n,k,group_size", [(13, 300, 32), (200, 576, 64), (200, 1536, 128), (131, 4096, 128),
-                                            (257, 300, 96), (64, 1536, 256), (40, 4096 + 384, 512)])
+                                            (257, 300, 96), (64, 1536, 256), (40, 4096 + 384, 512),
+                                            (13, 300, 128), (130, 640, 384)])
 def test_gemm_every_bit_width(kind, n, k, group_size):
     """Every k in 2..max_bits, m across the tile edges, odd N, K not a multiple of 128, group sizes
-    from 32 to 512 (96: groups that straddle the 128-column padding)."""
+    from 32 to 512 (96: groups that straddle the 128-column padding; 384 with k = 640: a last group
+    of 256 columns, and chunks of 256 + 128 within the first)."""
+    skip_unless_gemm_runs(kind, group_size)
     rng = np.random.default_rng([n, k, group_size, 41 + int(kind == "a8")])
     max_bits = 8 if (n + k) % 2 else 7
     codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
@@ -330,9 +339,10 @@ def test_gemm_every_bit_width(kind, n, k, group_size):
                        f"{kind} n={n} k={k} G={group_size} bits={bits} m={m}")
 
 
-@pytest.mark.parametrize("kind", ["a8", "a16"])
+@pytest.mark.parametrize("kind", ["a8", "a16", "a8_wg"])
 def test_gemm_large_m(kind):
     """A prefill-sized m (2048): many row tiles, every one checked."""
+    skip_unless_gemm_runs(kind, 128)
     rng = np.random.default_rng(43)
     n, k, max_bits, group_size = 136, 1000, 8, 128
     codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
@@ -341,11 +351,12 @@ def test_gemm_large_m(kind):
                        f"{kind} m=2048 bits={bits}")
 
 
-@pytest.mark.parametrize("kind,act_bits", [("a8", 0), ("a16", 0), ("b1", 8), ("b1", 6), ("b1", 4)])
+@pytest.mark.parametrize("kind,act_bits", [("a8", 0), ("a16", 0), ("b1", 8), ("b1", 6), ("b1", 4), ("a8_wg", 0)])
 def test_gemm_signed_edges(kind, act_bits):
     """Codes at 0 and 2^B - 1 (centred: -128 and 127 at 8 bits), activations at ±absmax of their
     group (±qmax, the sign plane set or not): the extremes of every integer the mma sees, over a
     long group (512: the longest int32 run between conversions; B1: two chunks per group)."""
+    skip_unless_gemm_runs(kind, 512)
     rng = np.random.default_rng(47)
     n, k, max_bits, group_size = 72, 2048, 8, 512
     codes = np.where(rng.random((n, k)) < 0.5, 0, 255).astype(np.uint8)
@@ -392,6 +403,42 @@ def test_gemm_a8_equals_the_tc_gemv():
         assert rel_err(gemm, gemv) <= 6 * rel_err(plain, exact) + 1e-6
 
 
+@pytest.mark.parametrize("group_size", [128, 256, 512])
+def test_gemm_a8_wg_equals_the_a8_gemm(group_size):
+    """The wgmma GEMM runs the A8 GEMM's arithmetic (same int8 x̂, codes, int32 chunks and fp32
+    steps), so the two agree to fp32 rounding at most (bit for bit where both kernels' compiled fp32
+    steps round alike: reported, not required), on every shape the tiles can cut."""
+    skip_unless_gemm_runs("a8_wg", group_size)
+    rng = np.random.default_rng(group_size)
+    # (k = 600: K padding in the last stage and a short last group at every group size)
+    for n, k, m in ((131, 4096 + 384, 300), (128, 1536, 128), (7, 600, 1), (300, 2048, 257)):
+        codes, qparams, planes = make_linear(rng, n, k, 8, group_size)
+        x = make_x(rng, m, k)
+        for bits in (8, 5, 2):
+            a8 = core.bitplane_gemm_cuda(planes, qparams, n, k, 8, group_size, bits, x, kind="a8")
+            wg = core.bitplane_gemm_cuda(planes, qparams, n, k, 8, group_size, bits, x, kind="a8_wg")
+            assert np.isfinite(wg).all()
+            exact, plain = reference_act(codes, qparams, x, bits, 8, group_size, 8)
+            assert rel_err(wg, a8) <= 2 * rel_err(plain, exact) + 1e-7, (n, k, m, bits, rel_err(wg, a8))
+
+
+def test_gemm_a8_wg_refuses_what_it_cannot_run():
+    """Group sizes that are not multiples of 128 (and, without sm_90a, every call) get an error naming
+    the cause, never a launch of the kernel's trap branch."""
+    rng = np.random.default_rng(73)
+    n, k = 40, 576
+    codes, qparams, planes = make_linear(rng, n, k, 8, 64)
+    x = make_x(rng, 3, k)
+    with pytest.raises(core.FlexquantError, match="multiple of 128, got 64"):
+        core.bitplane_gemm_cuda(planes, qparams, n, k, 8, 64, 8, x, kind="a8_wg")
+    codes, qparams, planes = make_linear(rng, n, k, 8, 128)
+    if not core.bitplane_gemm_wgmma_supported(128):
+        with pytest.raises(core.FlexquantError, match="needs a compute capability 9.0 GPU"):
+            core.bitplane_gemm_cuda(planes, qparams, n, k, 8, 128, 8, x, kind="a8_wg")
+    # the device still works afterwards
+    gemm_and_check("a8", codes, qparams, planes, x, 8, 8, 128, "a8 after the refusals")
+
+
 def test_gemm_unpack_codes():
     """The unpack launch: centred codes of the first `bits` planes, K padding included (zero bits)."""
     rng = np.random.default_rng(61)
@@ -411,7 +458,10 @@ def test_gemm_reads_only_the_first_bits_planes_and_is_deterministic():
     n, k, max_bits, group_size = 200, 1536, 8, 64
     codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
     x = make_x(rng, 150, k)
-    for kind in ("a8", "a16"):
+    for kind in ("a8", "a16") + (("a8_wg",) if core.bitplane_gemm_wgmma_supported(128) else ()):
+        if kind == "a8_wg":  # (group sizes of 128 multiples)
+            group_size = 128
+            codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
         y = core.bitplane_gemm_cuda(planes, qparams, n, k, max_bits, group_size, 5, x, kind=kind)
         np.testing.assert_array_equal(core.bitplane_gemm_cuda(planes, qparams, n, k, max_bits, group_size, 5, x,
                                                               kind=kind), y)
@@ -429,7 +479,7 @@ def test_gemm_bad_arguments():
     call = core.bitplane_gemm_cuda
     with pytest.raises(core.FlexquantError, match="bits must be in 2..4, got 1"):
         call(planes, qparams, n, k, max_bits, 96, 1, x)
-    with pytest.raises(ValueError, match="kind: expected 'a8', 'a16' or 'b1', got 'a4'"):
+    with pytest.raises(ValueError, match="kind: expected 'a8', 'a16', 'b1' or 'a8_wg', got 'a4'"):
         call(planes, qparams, n, k, max_bits, 96, 3, x, kind="a4")
     with pytest.raises(core.FlexquantError, match="plane_bytes must be"):
         call(np.ascontiguousarray(planes[:, :-128]), qparams, n, k, max_bits, 96, 3, x)
@@ -493,13 +543,14 @@ def test_gemm_b1_bad_arguments():
 # ---- the fused decode-step pieces: the accumulating store and the fused activation preparation ---------
 
 @pytest.mark.parametrize("fn,kind", [("gemv", "tc"), ("gemv", "fp32"), ("gemv", "mma"), ("gemv", "mma_a16"),
-                                     ("gemm", "a8"), ("gemm", "a16"), ("gemm", "b1")])
+                                     ("gemm", "a8"), ("gemm", "a16"), ("gemm", "b1"), ("gemm", "a8_wg")])
 def test_accumulate_adds_the_product_with_one_rounding(fn, kind):
     """y0 + x · W_kᵀ as the engine's residual adds run it (o and down store into x): the stored
     value is y0 plus the product the plain call returns, one fp32 addition, every element."""
     rng = np.random.default_rng(21)
     n, k, bits = 131, 576, 5
-    g = 128 if kind.startswith("mma") else 64  # the MMA kernels' smallest group
+    g = 128 if kind.startswith("mma") or kind == "a8_wg" else 64  # the MMA and wgmma kernels' smallest group
+    skip_unless_gemm_runs(kind, g)
     codes, qparams, planes = make_linear(rng, n, k, 8, g)
     for m in (((1, 3, 8) + ((13, 16) if kind.startswith("mma") else ())) if fn == "gemv" else (1, 17, 130)):
         x = make_x(rng, m, k)

@@ -477,6 +477,26 @@ def test_engine_cuda_gemm_prefill_matches_the_gemv_and_cpu(tiny_fq):
 
 
 @gpu
+def test_engine_cuda_wgmma_gemm_matches_the_a8_gemm(tiny_fq, monkeypatch):
+    """FLEXQUANT_CUDA_WGMMA=1 moves the int8 GEMM (prompt passes of >= cuda_gemm_min_rows rows) to the
+    wgmma kernel on a Hopper GPU: the same arithmetic as the mma.sync GEMM, so the logits of a
+    150-token prompt, a 70-token chunk and greedy steps under changing masks agree to fp32 rounding."""
+    groups = {int(d["group_size"]) for d in Engine(tiny_fq, backend="cpu")._linear_shapes()}
+    if not all(core.bitplane_gemm_wgmma_supported(g) for g in groups):
+        pytest.skip(f"the wgmma GEMM does not run here at group sizes {sorted(groups)}")
+    rng = np.random.default_rng(5)
+    ids, more = rng.integers(0, 320, 150), (rng.integers(0, 320, 70),)
+    masks = [(rng.integers(2, 9, (2, 7)).astype(np.int32), int(rng.integers(2, 9))) for _ in range(4)]
+    monkeypatch.delenv("FLEXQUANT_CUDA_WGMMA", raising=False)
+    a = _core_steps(core.Engine(str(tiny_fq), backend="cuda", n_ctx=256), ids, 4, masks, more)
+    monkeypatch.setenv("FLEXQUANT_CUDA_WGMMA", "1")
+    b = _core_steps(core.Engine(str(tiny_fq), backend="cuda", n_ctx=256), ids, 4, masks, more)
+    assert np.isfinite(b).all()
+    assert rel_err(b, a) < 1e-4, rel_err(b, a)
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.95
+
+
+@gpu
 def test_engine_cuda_gemm_on_every_pass_follows_masks(tiny_fq):
     """cuda_gemm_min_rows=1: every pass, the one-token steps of the CUDA graph included, runs on the
     GEMM, whose k comes from device memory: per-token masks equal a run without the graph bit for bit,

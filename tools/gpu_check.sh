@@ -10,9 +10,9 @@
 #   3b. profiles a decode step kernel by kernel (tools/gpu_profile.py, CUPTI through torch.profiler);
 #   4. benchmarks bitplane_matmul_cuda against torch.nn.functional.linear fp16 (cuBLAS) on the
 #      Llama-2-7B linear shapes, weights rotated past L2, and prints the tables;
-#   5. benchmarks the tensor-core GEMM (bitplane_gemm_cuda, W{k}A8 and W{k}A16) against cuBLAS fp16
-#      (torch.matmul) and torch._int_mm on the Llama-2-7B / Llama-3-8B linear shapes and m from 1 to
-#      4096 (issue 6), and the GEMV at small m;
+#   5. benchmarks the tensor-core GEMM (bitplane_gemm_cuda, W{k}A8 and W{k}A16; W{k}A8 on wgmma,
+#      'a8_wg', where it runs) against cuBLAS fp16 (torch.matmul) and torch._int_mm on the Llama-2-7B /
+#      Llama-3-8B linear shapes and m from 1 to 4096 (issue 6), and the GEMV at small m;
 #   6. (--e2e) converts a synthetic Llama-2-7B here and runs tools/bench.py --backend cuda on it:
 #      prefill tok/s of a 2048-token prompt (GEMM and GEMV-only), decode tok/s at 8/6/4 bits and with
 #      per-token masks, against the roofline (after `flexquant-rt tune --backend cuda` measured the
@@ -174,7 +174,7 @@ for n, k, g, m, bits in [(13, 300, 32, 3, 3), (21, 576, 128, 1, 8), (200, 1536, 
     for path in paths:
         y = core.bitplane_matmul_cuda(np.ascontiguousarray(planes[:bits]), qp, n, k, 8, g, bits, x, path=path)
         assert np.isfinite(y).all()
-    for kind in ("a8", "a16"):  # the GEMM: tile edges in m and n, K padding
+    for kind in ("a8", "a16") + (("a8_wg",) if core.bitplane_gemm_wgmma_supported(g) else ()):  # the GEMMs: tile edges in m and n, K padding
         y = core.bitplane_gemm_cuda(np.ascontiguousarray(planes[:bits]), qp, n, k, 8, g, bits, x, kind=kind)
         assert np.isfinite(y).all()
         y = core.bitplane_gemm_cuda(planes, qp, n, k, 8, g, bits, np.tile(x, (70, 1)), kind=kind)
@@ -419,6 +419,11 @@ G, MAX_BITS = 128, 8
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (28672, 8192)]
 MS = (1, 8, 16, 64, 256, 1024, 4096)
 KINDS = (("a8", 8), ("a8", 6), ("a8", 4), ("a16", 8), ("a16", 4))
+WG = core.bitplane_gemm_wgmma_supported(G)  # the wgmma A8 GEMM (sm_90a): its columns when it runs here
+if WG:
+    KINDS += (("a8_wg", 8), ("a8_wg", 4))
+else:
+    print("(the wgmma GEMM does not run here: no a8_wg columns)")
 # the binary-tensor-core GEMM: (weight bits, activation bits)
 B1 = ((6, 6), (6, 8), (4, 4), (4, 8))
 
@@ -450,10 +455,12 @@ def random_linear(n, k):
 
 runs = []
 print("## GEMM, group 128: µs per call (unpack + prepare + gemm); baselines timed in the same run")
-print("| N x K | m | cuBLAS fp16 | _int_mm | A8 k=8 | A8 k=6 | A8 k=4 | A16 k=8 | A16 k=4 | fp16 / best | A8 k=8 TOP/s | GEMV tc k=4 | "
-      "GEMV mma k=4 | fp16 / GEMV mma k=4 | GEMV mma_a16 k=4 (W4A16) | fp16 / it | "
+print("| N x K | m | cuBLAS fp16 | _int_mm | " + " | ".join(f"{kd.upper()} k={b}" for kd, b in KINDS) +
+      " | fp16 / best | A8 k=8 TOP/s | " + ("A8_WG k=8 TOP/s | fp16 / A8_WG k=8 | " if WG else "") +
+      "GEMV tc k=4 | GEMV mma k=4 | fp16 / GEMV mma k=4 | GEMV mma_a16 k=4 (W4A16) | fp16 / it | "
       + " | ".join(f"B1 W{w}A{a}" for w, a in B1) + " |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(B1))
+print("|---|---|---|---|" + "---|" * len(KINDS) + "---|---|" + ("---|---|" if WG else "") + "---|---|---|---|---|"
+      + "---|" * len(B1))
 for n, k in SHAPES:
     planes, qp = random_linear(n, k)
     # both baselines get the weight as a linear layer stores it, (n, k) row-major, used transposed
@@ -490,6 +497,7 @@ for n, k in SHAPES:
         runs.append(dict(kind="cublas_fp16", n=n, k=k, m=m, total_us=t16))
         runs.append(dict(kind="int_mm", n=n, k=k, m=m, total_us=t8))
         tops = 2 * m * n * k / cells[("a8", 8)] / 1e6
+        wg = f"{2 * m * n * k / cells[('a8_wg', 8)] / 1e6:.0f} | {t16 / cells[('a8_wg', 8)]:.2f}x | " if WG else ""
         b1 = []
         for wb, ab in (B1 if m <= 1024 else ()):  # past that, the B1 rows only cost the run time
             r = core.bitplane_gemm_cuda_bench(planes, qp, n, k, MAX_BITS, G, wb, x, kind="b1", reps=5, act_bits=ab)
@@ -497,7 +505,7 @@ for n, k in SHAPES:
             runs.append(r)
             b1.append(f"{r['total_us']:.1f} ({2 * m * n * k / r['gemm_us'] / 1e6:.0f} TOP/s)")
         print(f"| {n}x{k} | {m} | {t16:.1f} | {t8:.1f} | " + " | ".join(f"{cells[c]:.1f}" for c in KINDS) +
-              f" | {t16 / best:.2f}x | {tops:.0f} | {gemv} | {gemv_mma} | {gemv_a16} | " + " | ".join(b1 or ["-"] * len(B1))
+              f" | {t16 / best:.2f}x | {tops:.0f} | {wg}{gemv} | {gemv_mma} | {gemv_a16} | " + " | ".join(b1 or ["-"] * len(B1))
               + " |")
     del w16, w8
     torch.cuda.empty_cache()
@@ -505,7 +513,7 @@ for n, k in SHAPES:
 print("\n## where the time goes, 11008x4096, m = 1024 (µs): unpack / prepare / gemm")
 planes, qp = random_linear(11008, 4096)
 x = rng.standard_normal((1024, 4096)).astype(np.float32)
-for kind in ("a8", "a16"):
+for kind in ("a8", "a16") + (("a8_wg",) if WG else ()):
     for bits in (8, 4):
         r = core.bitplane_gemm_cuda_bench(planes, qp, 11008, 4096, MAX_BITS, G, bits, x, kind=kind, reps=5)
         print(f"{kind} k={bits}: {r['unpack_us']:.1f} / {r['prepare_us']:.1f} / {r['gemm_us']:.1f} (total {r['total_us']:.1f})")

@@ -233,7 +233,8 @@ flexquant::BitplaneGemmKind parse_kind(const std::string& s) {
     if (s == "a8") return flexquant::BITPLANE_GEMM_A8;
     if (s == "a16") return flexquant::BITPLANE_GEMM_A16;
     if (s == "b1") return flexquant::BITPLANE_GEMM_B1;
-    throw py::value_error("kind: expected 'a8', 'a16' or 'b1', got '" + s + "'");
+    if (s == "a8_wg") return flexquant::BITPLANE_GEMM_A8_WG;
+    throw py::value_error("kind: expected 'a8', 'a16', 'b1' or 'a8_wg', got '" + s + "'");
 }
 
 py::array_t<float> py_bitplane_gemm_cuda(const py::array& planes, const py::array& qparams, int64_t n, int64_t k,
@@ -441,7 +442,8 @@ void bind_cuda_ops(py::module_& m) {
           "kind 'a8': x quantized per (row, group) to int8 as the 'tc' GEMV does, s8 tensor cores; 'a16': x\n"
           "rounded to float16, f16 tensor cores with fp32 accumulation; 'b1': x quantized per (row, group) to\n"
           "act_bits-bit integers (2..8, as ops.quantize_activations), bit-serial on the binary tensor cores\n"
-          "(group_size 32, 64, 128, 256 or 512). act_bits 0: the kind's own (8, 16, 8). Any m; the\n"
+          "(group_size 32, 64, 128, 256 or 512); 'a8_wg': 'a8' on Hopper's wgmma (see\n"
+          "bitplane_gemm_wgmma_supported). act_bits 0: the kind's own (8, 16, 8, 8). Any m; the\n"
           "device output and scratch are poisoned first (NaN / 0xff bytes).");
     m.def("bitplane_unpack_codes_cuda", &py_bitplane_unpack_codes_cuda, py::arg("planes"), py::arg("qparams"),
           py::arg("n"), py::arg("k"), py::arg("max_bits"), py::arg("group_size"), py::arg("bits"),
@@ -453,6 +455,9 @@ void bind_cuda_ops(py::module_& m) {
           "(total; no unpack for 'b1'), the planes rotated over enough copies that they come from HBM. -> dict.");
     m.def("bitplane_gemm_b1_supports", &flexquant::bitplane_gemm_b1_supports, py::arg("group_size"),
           "Whether the 'b1' GEMM handles this group size.");
+    m.def("bitplane_gemm_wgmma_supported", &flexquant::bitplane_gemm_wgmma_supported, py::arg("group_size"),
+          "Whether the 'a8_wg' GEMM (wgmma, sm_90a) runs here at this group size: a compute capability 9.0\n"
+          "GPU, a build with sm_90a code, group_size a multiple of 128.");
     m.def("cuda_device_name", &flexquant::cuda_device_name, py::arg("device") = 0,
           "The name of a CUDA device ('' when there is none).");
     m.def("bitplane_cuda_tc_supports", &flexquant::bitplane_cuda_tc_supports, py::arg("group_size"),

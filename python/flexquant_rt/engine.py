@@ -190,6 +190,8 @@ class Engine:
             ident = f"cuda|{_core.cuda_device_name()}|{self.max_bits}|{shapes}"
             if self._mma_min_rows:  # (so that the keys of tables saved before this option stay valid)
                 ident += f"|mma{self._mma_min_rows}"
+            if os.environ.get("FLEXQUANT_CUDA_WGMMA") == "1":  # the int8 GEMM on wgmma: other crossovers
+                ident += "|wgmma"
             return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
         cpu = platform.processor() or platform.machine()

@@ -184,7 +184,7 @@ enum BitplaneGemmKind {
     BITPLANE_GEMM_B1 = 3,   // "W{k}A{a}" (W6A6, W6A8, W4A4, ...): x quantized per (row, group) to a-bit
                             // integers (act_bits, as the CPU op quantize_activations), bit-serial on the
                             // binary tensor cores (b1 m16n8k256 AND+POPC) straight from the weight planes
-    BITPLANE_GEMM_A8_WG = 4,  // A8's arithmetic (the same int8 x̂, codes, int32 sums and fp32 steps) on
+    BITPLANE_GEMM_A8_WG = 4,  // A8's arithmetic (the same int8 x̂, codes and fp32 expressions) on
                               // Hopper's warpgroup MMA (wgmma m64n128k32 s8, TMA loads, sm_90a only);
                               // group sizes that are multiples of 128. Not yet run on a GPU: opt-in
                               // (FLEXQUANT_CUDA_WGMMA=1 for the engine).

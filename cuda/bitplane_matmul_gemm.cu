@@ -545,9 +545,10 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
 
 // ---- 3b. the warpgroup-MMA GEMM (A8_WG, Hopper sm_90a) ---------------------------------------------
 //
-// The A8 GEMM's arithmetic (same x̃, ĉ, chunks and fp32 expressions as gemm_kernel<GemmA8Traits>) on
-// sm_90a's asynchronous warpgroup MMA; formula, tiling, shared-memory layout and fragment layout in
-// bitplane_wgmma.cuh. The GPU tests compare it with the A8 GEMM and the references.
+// The A8 GEMM's arithmetic (same x̃, ĉ and fp32 expressions as gemm_kernel<GemmA8Traits>; an fp32 step
+// per 128 K, which for groups of 128 are that kernel's steps exactly) on sm_90a's asynchronous
+// warpgroup MMA; formula, tiling, shared-memory layout and fragment layout in bitplane_wgmma.cuh. The
+// GPU tests compare it with the A8 GEMM and the references.
 //
 // Why: the mma.sync GEMM measured 155 TOP/s at m = 1024 on the H100 (one block of 8 warps per SM,
 // latency-bound), and the goal of 1.6x cuBLAS fp16 (~1,100 TOP/s) is out of mma.sync's reach once the
@@ -556,7 +557,7 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
 //
 // A block: a 128 x 128 tile of y, 384 threads. Warpgroup 0 produces (one thread issues the copies;
 // setmaxnreg hands its registers to the others), warpgroups 1 and 2 consume (rows 64(w-1).. of the
-// tile, all 128 columns: 64 int32 sums + 64 fp32 results per thread, up to 232 registers). Per stage
+// tile, all 128 columns: 2 x 64 int32 sums + 64 fp32 results per thread, up to 232 registers). Per stage
 // the producer loads the x̃ tile (acts, 128 x 128 int8) and the code tile (codes, 128 x 128 int8) by
 // TMA with the 128-byte swizzle, and the stage's group terms of the tile's rows (a_s, a_z) and columns
 // (s_k, z_k) by 1 KB bulk copies from transposed copies, all completing on the stage's `full`
@@ -691,7 +692,7 @@ wg_gemm_kernel(const __grid_constant__ CUtensorMap tm_acts, const __grid_constan
     if (threadIdx.x == 0) {
         for (int s = 0; s < wg::STAGES; ++s) {
             mbar_init(full_s + 8 * s, 1);                // the producer's arrive (+ the bytes it expects)
-            mbar_init(empty_s + 8 * s, wg::CONSUMERS);   // every consumer thread
+            mbar_init(empty_s + 8 * s, wg::CONSUMERS / 32);  // lane 0 of every consumer warp
         }
         // the barriers' initialization visible to the other threads and to the TMA unit
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -720,39 +721,73 @@ wg_gemm_kernel(const __grid_constant__ CUtensorMap tm_acts, const __grid_constan
     }
 
     // ---- the consumers ----
+    // Two int32 accumulator sets: stage s's wgmma runs into one while the fp32 step of stage s - 1
+    // reads the other, so a warpgroup's own tensor-core work overlaps its fp32 work (with one set,
+    // both warpgroups, released by the same barrier, would tend to wait and then step together,
+    // leaving the tensor cores idle during the steps). The loop is unrolled by two so that each set
+    // is a fixed register array (a run-time choice would make the compiler wait for both), and shaped
+    // so that the same wgmma is in flight at the top of every turn: with other shapes ptxas serialized
+    // the wgmma (its warning C7514), as it does for any read of a set whose wgmma may still run.
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int wgi = (warp >> 2) - 1, wq = warp & 3;
     const int row_lo = wgi * wg::WG_ROWS + wg::acc_row(wq, lane, 0);  // this thread's first tile row
-    int part[wg::ACC];
+    int part_a[wg::ACC], part_b[wg::ACC];
     float acc[wg::ACC];
 #pragma unroll
     for (int q = 0; q < wg::ACC; ++q) {
-        part[q] = 0;
+        part_a[q] = part_b[q] = 0;
         acc[q] = 0.0f;
     }
-    int chunk = 0;  // stages summed in part since the last fp32 step
-    for (int s = 0; s < k_stages; ++s) {
+    auto pin = [](int(&p)[wg::ACC]) {  // the compiler may not move accesses of p across this point
+#pragma unroll
+        for (int q = 0; q < wg::ACC; ++q) asm volatile("" : "+r"(p[q])::"memory");
+    };
+    // Stage s's products into `into` (a fresh sum).
+    auto issue = [&](int s, int(&into)[wg::ACC]) {
         const int slot = s % wg::STAGES;
         mbar_wait(full_s + 8 * slot, uint32_t(s / wg::STAGES) & 1u);
         const uint32_t a_tile = acts_s + slot * wg::TILE_BYTES + wgi * wg::WG_ROWS * wg::BK;  // this warpgroup's rows
         const uint32_t b_tile = codes_s + slot * wg::TILE_BYTES;
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");  // part was read/written by plain code
+        pin(into);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");  // into was read/written by plain code
 #pragma unroll
         for (int kk = 0; kk < wg::BK / 32; ++kk)
-            wgmma_s8_64x128x32(part, wg_desc(a_tile + 32 * kk), wg_desc(b_tile + 32 * kk), chunk > 0 || kk > 0);
+            wgmma_s8_64x128x32(into, wg_desc(a_tile + 32 * kk), wg_desc(b_tile + 32 * kk), kk > 0);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#pragma unroll
-        for (int q = 0; q < wg::ACC; ++q) asm volatile("" : "+r"(part[q])::"memory");  // no read of part before the wait
-        ++chunk;
-        const bool group_end = wg::stage_ends_group(s, k_stages, group_size);
-        if (group_end || chunk == wg::CHUNK_STAGES) {
-            const auto* rt = reinterpret_cast<const wg::Term2*>(smem_gen + (rterm_s - base) + slot * wg::TERM_BYTES);
-            const auto* ct = reinterpret_cast<const wg::Term4*>(smem_gen + (cterm_s - base) + slot * wg::TERM_BYTES);
-            wg::flush_chunk(acc, part, rt, ct, row_lo, lane, group_end);
-            chunk = 0;
+    };
+    // The fp32 step of stage s from `from` (its wgmma complete), then stage s's slot goes back to the
+    // producer: one arrival per warp once all its lanes are done with the slot.
+    auto step = [&](int s, int(&from)[wg::ACC]) {
+        pin(from);
+        const int slot = s % wg::STAGES;
+        const auto* rt = reinterpret_cast<const wg::Term2*>(smem_gen + (rterm_s - base) + slot * wg::TERM_BYTES);
+        const auto* ct = reinterpret_cast<const wg::Term4*>(smem_gen + (cterm_s - base) + slot * wg::TERM_BYTES);
+        if (wg::stage_ends_group(s, k_stages, group_size))  // (two calls: no per-output select)
+            wg::flush_stage<true>(acc, from, rt, ct, row_lo, lane);
+        else
+            wg::flush_stage<false>(acc, from, rt, ct, row_lo, lane);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty_s + 8 * slot);
+    };
+    // In flight at the top of each turn: stage s in part_a.
+    issue(0, part_a);
+    for (int s = 0;; s += 2) {
+        if (s + 1 >= k_stages) {
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            step(s, part_a);
+            break;
         }
-        mbar_arrive(empty_s + 8 * slot);  // this thread's reads of the slot are done (the wgmma's too: waited)
+        issue(s + 1, part_b);
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // stage s's wgmma done
+        step(s, part_a);
+        if (s + 2 >= k_stages) {
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            step(s + 1, part_b);
+            break;
+        }
+        issue(s + 2, part_a);
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // stage s + 1's
+        step(s + 1, part_b);
     }
 
 #pragma unroll
@@ -997,9 +1032,13 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
     static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
         void* fn = nullptr;
         cudaDriverEntryPointQueryResult found{};
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-                cudaSuccess ||
-            found != cudaDriverEntryPointSuccess) {
+#if CUDART_VERSION >= 12050
+        const cudaError_t err =
+            cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+#else  // (the versioned query is CUDA 12.5+)
+        const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
+#endif
+        if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
             cudaGetLastError();
             fn = nullptr;
         }
@@ -1162,9 +1201,24 @@ bool bitplane_gemm_wgmma_supported(int group_size) {
     static std::atomic<int> known[64];  // 0: not asked yet, 1: yes, 2: no
     const int k = known[dev].load();
     if (k != 0) return k == 1;
+    // setmaxnreg.inc to 232 waits until the block's registers allow it: 384 threads at 168 registers
+    // (what ptxas gives __launch_bounds__(384, 1)) = 40 for the producers + 232 for the consumers.
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, wg_gemm_kernel) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    if (attr.numRegs * wg::THREADS < 40 * 128 + 232 * wg::CONSUMERS) {
+        known[dev].store(2);
+        return false;
+    }
     int found = 0;
     int* d = nullptr;
     cudaStream_t st = nullptr;
+    // relaxed: a capture in progress on another stream of this thread (global mode) would otherwise
+    // forbid the allocation; the probe's stream is not captured
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
     const bool ok = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) == cudaSuccess &&
                     cudaMalloc(&d, sizeof(int)) == cudaSuccess &&
                     (wg_probe_kernel<<<1, 1, 0, st>>>(d), cudaGetLastError() == cudaSuccess) &&
@@ -1172,6 +1226,7 @@ bool bitplane_gemm_wgmma_supported(int group_size) {
                     cudaStreamSynchronize(st) == cudaSuccess;
     if (d) cudaFree(d);
     if (st) cudaStreamDestroy(st);
+    cudaThreadExchangeStreamCaptureMode(&mode);  // back to the caller's mode
     cudaGetLastError();
     if (!ok) return false;  // not cached: a failure (e.g. during a capture) may pass
     known[dev].store(found == 1 ? 1 : 2);

@@ -1,14 +1,15 @@
 // Internal, host and device: the tiling and the fp32 steps of the wgmma GEMM (A8_WG, wg_gemm_kernel
 // in cuda/bitplane_matmul_gemm.cu), the A8 GEMM's arithmetic on Hopper's warpgroup MMA:
 //
-//   part[r, c]  = Σ_{i ∈ chunk} x̃[r, i] · ĉ[c, i]            wgmma.m64n128k32.s32.s8.s8, exact int32
-//   acc[r, c]  += (a_s[r,g] · s_k[c,g]) · part[r, c]          when a chunk ends (its group's end, or 256 K)
+//   part[r, c]  = Σ_{i ∈ stage} x̃[r, i] · ĉ[c, i]            wgmma.m64n128k32.s32.s8.s8, exact int32
+//   acc[r, c]  += (a_s[r,g] · s_k[c,g]) · part[r, c]          after every stage
 //   acc[r, c]  += a_z[r,g] · z_k[c,g]                         when group g ends
 //
-// A block computes a WG_BM x WG_BN tile of y; K moves in stages of WG_BK = 128 bytes. Stage s covers
-// K [128s, 128s + 128), all in group g = 128s / group_size (group sizes are multiples of 128). A chunk
-// is at most two stages (256 K: |Σ| ≤ 256 · 127 · 128 < 2^22, exact through small_int_to_float) and
-// never crosses a group: the same chunks as the mma.sync GEMM's flushes (group end, or 8 k-steps of 32).
+// A block computes a BM x BN tile of y; K moves in stages of BK = 128 bytes. Stage s covers K
+// [128s, 128s + 128), all in group g = 128s / group_size (group sizes are multiples of 128), and its
+// int32 sums (|Σ| ≤ 128 · 128 · 127 < 2^22, exact through small_int_to_float) get their fp32 step at
+// its end. For groups of 128 these are the mma.sync GEMM's chunks and steps, term for term; for wider
+// groups that GEMM sums 256 K in int32 before a step, so the two differ by fp32 rounding there.
 //
 // Shared memory, as TMA writes a 128 x 128-byte box with CU_TENSOR_MAP_SWIZZLE_128B into a
 // 1,024-byte aligned tile and as wgmma reads it through a K-major 128-byte-swizzle descriptor (stride
@@ -43,7 +44,6 @@ constexpr int THREADS = 384;                 // a producer warpgroup + 2 consume
 constexpr int CONSUMERS = 256;
 constexpr int WG_ROWS = 64;                  // rows of the tile per consumer warpgroup
 constexpr int ACC = WG_ROWS * BN / 128;      // accumulator registers per thread (64)
-constexpr int CHUNK_STAGES = 2;              // stages summed in int32 at most between fp32 steps
 constexpr int TILE_BYTES = BM * BK;          // one x̃ or code tile of a stage (16 KB)
 constexpr int TERM_BYTES = BM * 8;           // 128 (float, float) group terms (1 KB)
 static_assert(BM == BN, "one tile size for both operands and both term copies");
@@ -81,13 +81,15 @@ FQ_WG_HD float small_int_to_float(int v) {
 #endif
 }
 
-// One thread's fp32 step at the end of a chunk: acc[q] += (a_s · s_k) · part[q] (+ a_z · z_k at the
+// One thread's fp32 step at the end of a stage: acc[q] += (a_s · s_k) · part[q] (+ a_z · z_k at the
 // group's end) over its 64 registers. rt: the stage's row terms (a_s, a_z) of the tile's 128 rows;
 // ct: its column terms as Term4 pairs (s_k, z_k of column 2i, then of column 2i + 1); row_lo: the
 // thread's first tile row (acc_row(wq, lane, 0) + 64 · warpgroup). The expressions are the mma.sync
-// GEMM's flush, term for term, so that both round alike.
-FQ_WG_HD void flush_chunk(float (&acc)[ACC], const int (&part)[ACC], const Term2* rt, const Term4* ct, int row_lo,
-                          int lane, bool group_end) {
+// GEMM's flush, term for term, so that both round alike. GROUP_END a template argument: a run-time
+// flag costs a select per output.
+template <bool GROUP_END>
+FQ_WG_HD void flush_stage(float (&acc)[ACC], const int (&part)[ACC], const Term2* rt, const Term4* ct, int row_lo,
+                          int lane) {
     const Term2 pa[2] = {rt[row_lo], rt[row_lo + 8]};
     const int tig = lane & 3;
 #if defined(__CUDA_ARCH__)
@@ -103,7 +105,7 @@ FQ_WG_HD void flush_chunk(float (&acc)[ACC], const int (&part)[ACC], const Term2
             const Term2 a = pa[e >> 1];
             const float s_k = (e & 1) ? w.z : w.x, z_k = (e & 1) ? w.w : w.y;
             float v = acc[q] + a.x * s_k * small_int_to_float(part[q]);
-            if (group_end) v += a.y * z_k;
+            if (GROUP_END) v += a.y * z_k;
             acc[q] = v;
         }
     }

@@ -405,9 +405,9 @@ def test_gemm_a8_equals_the_tc_gemv():
 
 @pytest.mark.parametrize("group_size", [128, 256, 512])
 def test_gemm_a8_wg_equals_the_a8_gemm(group_size):
-    """The wgmma GEMM runs the A8 GEMM's arithmetic (same int8 x̂, codes, int32 chunks and fp32
-    steps), so the two agree to fp32 rounding at most (bit for bit where both kernels' compiled fp32
-    steps round alike: reported, not required), on every shape the tiles can cut."""
+    """The wgmma GEMM runs the A8 GEMM's arithmetic (same int8 x̂, codes and fp32 expressions; its
+    fp32 steps come every 128 K, the A8 GEMM's every group or 256 K: the same steps at groups of 128),
+    so the two agree to fp32 rounding, on every shape the tiles can cut."""
     skip_unless_gemm_runs("a8_wg", group_size)
     rng = np.random.default_rng(group_size)
     # (k = 600: K padding in the last stage and a short last group at every group size)

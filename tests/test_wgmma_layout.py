@@ -1,7 +1,7 @@
 """The tiling and fp32 steps of the wgmma GEMM (A8_WG, cuda/bitplane_wgmma.cuh), checked on the CPU:
 tests/cuda_host/wgmma_layout.cpp emulates every block, warp, lane and accumulator register of a launch
-with the header's own helpers (the 128-byte swizzle TMA writes, the stage -> group map, the chunking,
-the accumulator fragment, the fp32 step of a chunk) and the wgmma read through its descriptor as the
+with the header's own helpers (the 128-byte swizzle TMA writes, the stage -> group map, the group
+ends, the accumulator fragment, the fp32 step of a stage) and the wgmma read through its descriptor as the
 PTX ISA describes it. It must give W_k · x̂ = Σ_g a_s·s_k·Σ x̃·ĉ + a_z·z_k. Runs without a GPU (a C++
 compiler suffices), so CI checks the index arithmetic that the GPU tests (tests/test_cuda_ops.py,
 kind 'a8_wg') check end to end on a Hopper GPU.
@@ -39,7 +39,7 @@ def _run(emulator, tmp_path, codes, q, aparams, wterms, group_size):
     wterms.astype(np.float32).tofile(tmp_path / "wterms.bin")
     subprocess.run([str(emulator), str(tmp_path)], check=True)
     y = np.fromfile(tmp_path / "y.bin", dtype=np.float32).reshape(m, n)
-    flushes = np.loadtxt(tmp_path / "flushes.txt", dtype=np.int64, ndmin=1)
+    flushes = np.loadtxt(tmp_path / "flushes.txt", dtype=np.int64, ndmin=1).reshape(-1, 2)
     return y, flushes
 
 
@@ -56,8 +56,8 @@ def _groups(a, group_size):
 def test_emulated_launch_gives_w_times_x(emulator, tmp_path, n, k, group_size, m):
     """Random int8 codes and activations over their whole range (the extremes included), random group
     terms; K padding, a short last group, partial row and column tiles. The result is W_k · x̂ to fp32
-    rounding, and every thread takes one fp32 step per chunk: a group's stages in pairs (the int32 sums
-    never span more than 256 K or two groups)."""
+    rounding, and every thread takes one fp32 step per 128-column stage and adds each group's zero
+    term once."""
     rng = np.random.default_rng([n, k, group_size, m])
     n_groups = -(-k // group_size)
     codes = rng.integers(-128, 128, (n, k))
@@ -76,9 +76,7 @@ def test_emulated_launch_gives_w_times_x(emulator, tmp_path, n, k, group_size, m
     err = np.abs(y - want).max() / np.abs(want).max()
     assert err < 1e-5, err
 
-    k_pad = -(-k // 128) * 128
-    stages_per_group = [len(range(g * group_size, min(k_pad, (g + 1) * group_size), 128)) for g in range(n_groups)]
-    assert (flushes == sum(-(-s // 2) for s in stages_per_group)).all()
+    assert (flushes[:, 0] == -(-k // 128)).all() and (flushes[:, 1] == n_groups).all()
 
 
 def test_one_code_lands_on_its_output(emulator, tmp_path):

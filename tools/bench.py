@@ -7,9 +7,10 @@
 --backend cuda runs the engine on the GPU and compares with the GPU's copy bandwidth (torch, read +
 write counted), adds a row with a new random mask every token (mean 5 bits: layers drawn from
 {4, 6}) to price per-token switching, and prints the roofline: the tok/s that 85% of the copy
-bandwidth allows for the bytes a token reads. --variant NAME:VAR=VALUE,... adds a column: each
-static-bits row's decode with those environment variables set (FLEXQUANT_CUDA_PDL=1: programmatic
-dependent launch; FLEXQUANT_CUDA_PREFETCH=1: the GEMV's L2 prefetch), measured in the same run.
+bandwidth allows for the bytes a token reads. --variant NAME:VAR=VALUE,... adds columns: each
+static-bits row's prefill and decode with those environment variables set (FLEXQUANT_CUDA_PDL=1:
+programmatic dependent launch; FLEXQUANT_CUDA_PREFETCH=1: the GEMV's L2 prefetch;
+FLEXQUANT_CUDA_WGMMA=1: the prompt's int8 GEMM on Hopper's wgmma), measured in the same run.
 
 --batch B ...: batched decode instead (CPU): B sequences of the prompt length in one engine
 (n_seq = B), each step one `decode_batch` pass over all of them; prints the aggregate decode tok/s,
@@ -344,14 +345,14 @@ def main_cuda(a, models) -> int:
         if not name or not env:
             raise SystemExit(f"--variant {v!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
         variants.append((name, env))
-        print(f"decode tok/s, {name}: the same static-bits row with {' '.join(f'{k}={x}' for k, x in env.items())}")
+        print(f"prefill and decode tok/s, {name}: the same static-bits row with {' '.join(f'{k}={x}' for k, x in env.items())}")
     if variants:
         print()
-    var_head = "".join(f" decode tok/s, {n} | {n} / plain |" for n, _ in variants)
+    var_head = "".join(f" prefill tok/s, {n} | {n} / plain | decode tok/s, {n} | {n} / plain |" for n, _ in variants)
     print("| model | bits | prefill tok/s | prefill tok/s GEMV only | decode tok/s |" + var_head +
           " MB/token | decode GB/s | % of copy BW | 85% roofline tok/s | vs roofline | KV MB/token |"
           " vs roofline incl. KV | GPU MB |")
-    print("|---|---|---|---|---|" + "---|---|" * len(variants) + "---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|" + "---|---|---|---|" * len(variants) + "---|---|---|---|---|---|---|---|")
     for name, path in models:
         rows = {}
         for bits in [*a.bits, 0, -1, -2, -3]:
@@ -368,9 +369,10 @@ def main_cuda(a, models) -> int:
                 if bits > 0:
                     rv = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64",
                                      a.kv_dtype, mma], env=env)
-                    extra += f" {rv['decode_tok_s']:.1f} | {rv['decode_tok_s'] / r['decode_tok_s']:.3f} |"
+                    extra += (f" {rv['prefill_tok_s']:.0f} | {rv['prefill_tok_s'] / r['prefill_tok_s']:.3f} |"
+                              f" {rv['decode_tok_s']:.1f} | {rv['decode_tok_s'] / r['decode_tok_s']:.3f} |")
                 else:
-                    extra += " - | - |"
+                    extra += " - | - | - | - |"
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             roof = 0.85 * bw * 1e9 / r["bytes_per_token"]
             roof_kv = 0.85 * bw * 1e9 / (r["bytes_per_token"] + r["kv_bytes_per_token"])

@@ -6,12 +6,15 @@
 //  - wgmma with a K-major 128-byte-swizzle descriptor (start address a, stride byte offset 1,024):
 //    element (row r, K byte kb) of the operand is read at swz(a + (r / 8)·1024 + (r % 8)·128 + kb),
 //    swz(x) = x XOR (((x >> 7) & 7) << 4) on offsets from the 1,024-byte aligned tile;
-//  - the accumulator fragment (acc_row, acc_col) and scale-d = 0 on a chunk's first k-step.
+//  - the accumulator fragment (acc_row, acc_col) and scale-d = 0 on a stage's first k-step.
+// The kernel runs a stage's wgmma while the previous stage's fp32 step runs (two accumulator sets);
+// each thread's steps still come one per stage, in stage order, which is what is emulated here.
 // tests/test_wgmma_layout.py runs it against numpy.
 //
 // usage: wgmma_layout DIR   with DIR/meta.txt "n k group_size m", DIR/codes.bin (n, k) int8 (ĉ),
 //   DIR/q.bin (m, k) int8 (x̃), DIR/aparams.bin (m, n_groups, 2) f32 (a_s, a_z), DIR/wterms.bin
-//   (n, n_groups, 2) f32 (s_k, z_k); writes DIR/y.bin (m, n) f32 and DIR/flushes.txt (fp32 steps per thread).
+//   (n, n_groups, 2) f32 (s_k, z_k); writes DIR/y.bin (m, n) f32 and DIR/flushes.txt (fp32 steps per
+//   thread, then the zero terms it added: groups ended).
 #include <cstdint>
 #include <fstream>
 #include <stdexcept>
@@ -79,8 +82,7 @@ int main(int argc, char** argv) {
     struct Thread {
         int part[wg::ACC];
         float acc[wg::ACC];
-        int chunk;
-        int64_t flushes;
+        int64_t flushes, group_ends;
     };
     std::vector<Thread> threads(wg::CONSUMERS);
     for (int64_t bx = 0; bx < m_alloc / wg::BM; ++bx)
@@ -88,11 +90,10 @@ int main(int argc, char** argv) {
             const int64_t row0 = bx * wg::BM, col0 = by * wg::BN;
             for (Thread& t : threads) {
                 for (int qi = 0; qi < wg::ACC; ++qi) {
-                    t.part[qi] = 0x5a5a5a5a;  // the kernel zeroes them, but scale-d = 0 must not read them
+                    t.part[qi] = 0x5a5a5a5a;  // scale-d = 0 must not read the previous stage's sums
                     t.acc[qi] = 0.0f;
                 }
-                t.chunk = 0;
-                t.flushes = 0;
+                t.flushes = t.group_ends = 0;
             }
             for (int s = 0; s < int(k_stages); ++s) {
                 // the producer: two TMA boxes and two 1 KB bulk copies of group stage_group(s)
@@ -117,7 +118,7 @@ int main(int argc, char** argv) {
                     const int wgi = tid / 128, wq = (tid / 32) % 4, lane = tid % 32;
                     const int a_start = wgi * wg::WG_ROWS * wg::BK;  // this warpgroup's rows of the x̃ tile
                     for (int kk = 0; kk < wg::BK / 32; ++kk) {
-                        const bool scale_d = t.chunk > 0 || kk > 0;
+                        const bool scale_d = kk > 0;
                         for (int qi = 0; qi < wg::ACC; ++qi) {
                             const int r = wg::acc_row(wq, lane, qi), c = wg::acc_col(lane, qi);
                             int sum = 0;
@@ -127,20 +128,21 @@ int main(int argc, char** argv) {
                             t.part[qi] = scale_d ? t.part[qi] + sum : sum;
                         }
                     }
-                    ++t.chunk;
-                    const bool group_end = wg::stage_ends_group(s, int(k_stages), int(group_size));
-                    if (group_end || t.chunk == wg::CHUNK_STAGES) {
-                        const int row_lo = wgi * wg::WG_ROWS + wg::acc_row(wq, lane, 0);
-                        wg::flush_chunk(t.acc, t.part, rt.data(), ct.data(), row_lo, lane, group_end);
-                        t.chunk = 0;
-                        ++t.flushes;
+                    const int row_lo = wgi * wg::WG_ROWS + wg::acc_row(wq, lane, 0);
+                    if (wg::stage_ends_group(s, int(k_stages), int(group_size))) {
+                        wg::flush_stage<true>(t.acc, t.part, rt.data(), ct.data(), row_lo, lane);
+                        ++t.group_ends;
+                    } else {
+                        wg::flush_stage<false>(t.acc, t.part, rt.data(), ct.data(), row_lo, lane);
                     }
+                    ++t.flushes;
                 }
             }
             for (int tid = 0; tid < wg::CONSUMERS; ++tid) {
                 const Thread& t = threads[size_t(tid)];
                 const int wgi = tid / 128, wq = (tid / 32) % 4, lane = tid % 32;
                 flushes.push_back(t.flushes);
+                flushes.push_back(t.group_ends);
                 for (int qi = 0; qi < wg::ACC; ++qi) {
                     const int64_t r = row0 + wgi * wg::WG_ROWS + wg::acc_row(wq, lane, qi);
                     const int64_t c = col0 + wg::acc_col(lane, qi);

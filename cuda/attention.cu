@@ -14,10 +14,16 @@
 // position. A lane holds DJ = ceil(d / 32) dims of the head, so one K or V row is one coalesced
 // read per warp: with VEC (d a multiple of 128) dims 128j + 4·lane + 0..3, one 16-byte (fp32) or
 // 8-byte (fp16) load per lane and 128 dims; else dims lane + 32j, one load per dim.
+//
+// Prefill (attention_prefill_kernel): the m rows of one sequence at consecutive positions, tiled over
+// the queries, so that a tile of 32 queries reads each K and V row once (the per-(token, head) kernel
+// reads a row once per query: a 2048-token prompt read its cache about a thousand times per layer).
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "cuda_backend.h"
 
@@ -175,6 +181,125 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
     }
 }
 
+// ---- prefill: one sequence's consecutive positions, tiled over the queries ---------------------------
+//
+// Block = (tile of PQ = 32 queries q0.., head h): query r sits at position p0 + q0 + r and sees the
+// cache rows base + 0 .. base + p0 + q0 + r. K and V go through shared memory in tiles of PK = 32
+// positions, each loaded once for the 32 queries. Warp w owns queries PROWS·w .. PROWS·w + 7:
+//   scores   lane j: s[r] = (Σ_c q[r, c] · K[t0 + j, c]) · scale, -inf past the query's position
+//            (K rows at a stride of d + 4 floats: the 16-byte reads of 8 lanes hit distinct banks)
+//   softmax  per query across the warp: m' = max(m, max_j s), l = l·e^(m−m') + Σ_j e^(s_j−m'),
+//            o ·= e^(m−m'); the weights e^(s_j−m') go to shared memory (P)
+//   values   lane j: dims 4j .. 4j + 3 of o[r] += Σ_t P[r, t] · V[t0 + t, dims]
+// out = o / l. fp32 math as the CPU op, in another order than the per-token kernel (the GPU tests
+// hold both to the same tolerance). d ≤ 128 and d % 4 == 0 (attention_prefill_supports); cache rows
+// past the tile's last query are not read (zeros in shared memory: a stale or unset row could hold a
+// NaN, and 0 · NaN is NaN).
+constexpr int PQ = 32, PK = 32, PWARPS = 4, PROWS = PQ / PWARPS;
+constexpr int PREFILL_MAX_D = 128;
+
+// Dynamic shared memory of attention_prefill_kernel: Q (PQ, d + 4), K (PK, d + 4), V (PK, d), P (PQ, PK).
+size_t prefill_smem_bytes(int d) { return sizeof(float) * size_t(PQ * (d + 4) + PK * (d + 4) + PK * d + PQ * PK); }
+
+template <class KV>
+static __global__ void __launch_bounds__(PWARPS * 32)
+attention_prefill_kernel(const float* __restrict__ q,     // (m, H, d)
+                         const KV* __restrict__ k_cache,  // (t_max, Hkv, d)
+                         const KV* __restrict__ v_cache,  // (t_max, Hkv, d)
+                         int64_t m, int64_t p0, int64_t base, int64_t n_heads, int64_t n_kv_heads, int d,
+                         float scale,
+                         float* __restrict__ out) {       // (m, H, d)
+    pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
+    extern __shared__ float4 prefill_smem4[];
+    float* const Qs = reinterpret_cast<float*>(prefill_smem4);
+    const int ds = d + 4, d4 = d / 4;
+    float* const Ks = Qs + PQ * ds;
+    float* const Vs = Ks + PK * ds;
+    float* const Ps = Vs + PK * d;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t q0 = int64_t(blockIdx.x) * PQ, h = blockIdx.y, hk = h / (n_heads / n_kv_heads);
+    const int64_t rows = min(int64_t(PQ), m - q0);
+    const int64_t last = p0 + q0 + rows - 1;  // the tile's last query position: the last key any reads
+
+    for (int i = threadIdx.x; i < PQ * d4; i += blockDim.x) {  // the queries (zeros past m)
+        const int r = i / d4, c = 4 * (i % d4);
+        const float4 v = r < rows ? __ldg(reinterpret_cast<const float4*>(q + ((q0 + r) * n_heads + h) * d + c))
+                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        *reinterpret_cast<float4*>(Qs + r * ds + c) = v;
+    }
+    const bool dims = 4 * lane < d;  // this lane's output dims 4·lane .. +3 exist
+    float mrow[PROWS], lrow[PROWS], o[PROWS][4];
+#pragma unroll
+    for (int rr = 0; rr < PROWS; ++rr) {
+        mrow[rr] = -INFINITY;
+        lrow[rr] = 0.0f;
+        o[rr][0] = o[rr][1] = o[rr][2] = o[rr][3] = 0.0f;
+    }
+    for (int64_t t0 = 0; t0 <= last; t0 += PK) {
+        __syncthreads();  // the previous tile's K, V (and, first, nothing) are read; Q is stored
+        for (int i = threadIdx.x; i < PK * d4; i += blockDim.x) {
+            const int r = i / d4, c = 4 * (i % d4);
+            const bool in = t0 + r <= last;
+            const int64_t off = ((base + t0 + r) * n_kv_heads + hk) * d + c;
+            const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            *reinterpret_cast<float4*>(Ks + r * ds + c) = in ? load_kv4(k_cache + off) : zero;
+            *reinterpret_cast<float4*>(Vs + r * d + c) = in ? load_kv4(v_cache + off) : zero;
+        }
+        __syncthreads();
+        float s[PROWS];
+#pragma unroll
+        for (int rr = 0; rr < PROWS; ++rr) s[rr] = 0.0f;
+        for (int c = 0; c < d; c += 4) {
+            const float4 kk = *reinterpret_cast<const float4*>(Ks + lane * ds + c);
+#pragma unroll
+            for (int rr = 0; rr < PROWS; ++rr) {
+                const float4 qq = *reinterpret_cast<const float4*>(Qs + (warp * PROWS + rr) * ds + c);  // broadcast
+                s[rr] += qq.x * kk.x + qq.y * kk.y + qq.z * kk.z + qq.w * kk.w;
+            }
+        }
+#pragma unroll
+        for (int rr = 0; rr < PROWS; ++rr) {
+            const int64_t qpos = p0 + q0 + warp * PROWS + rr;
+            const float sc = t0 + lane <= qpos ? s[rr] * scale : -INFINITY;
+            float mx = sc;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            // finite: tile 0 holds position 0, which every query sees, so mrow is finite after it
+            const float m_new = fmaxf(mrow[rr], mx);
+            const float corr = expf(mrow[rr] - m_new);  // the first tile: e^-inf = 0
+            const float p = expf(sc - m_new);            // a position past the query: 0
+            float ps = p;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, off);
+            lrow[rr] = lrow[rr] * corr + ps;
+            o[rr][0] *= corr, o[rr][1] *= corr, o[rr][2] *= corr, o[rr][3] *= corr;
+            mrow[rr] = m_new;
+            Ps[(warp * PROWS + rr) * PK + lane] = p;
+        }
+        __syncwarp();  // the warp's P rows are written
+        if (dims) {
+            for (int t = 0; t < PK; ++t) {
+                const float4 vv = *reinterpret_cast<const float4*>(Vs + t * d + 4 * lane);
+#pragma unroll
+                for (int rr = 0; rr < PROWS; ++rr) {
+                    const float p = Ps[(warp * PROWS + rr) * PK + t];  // broadcast
+                    o[rr][0] += p * vv.x, o[rr][1] += p * vv.y, o[rr][2] += p * vv.z, o[rr][3] += p * vv.w;
+                }
+            }
+        }
+        __syncwarp();  // P is read before the next tile rewrites it
+    }
+#pragma unroll
+    for (int rr = 0; rr < PROWS; ++rr) {
+        const int r = warp * PROWS + rr;
+        if (r < rows && dims) {
+            const float inv = 1.0f / lrow[rr];  // lrow > 0: every query sees at least its own position
+            *reinterpret_cast<float4*>(out + ((q0 + r) * n_heads + h) * d + 4 * lane) =
+                make_float4(o[rr][0] * inv, o[rr][1] * inv, o[rr][2] * inv, o[rr][3] * inv);
+        }
+    }
+}
+
 // Block per (token, head): merges the n_splits partial results. The spans' maxima and weights
 // e^(m_c - M) go through shared memory (up to MERGE_SMEM spans; more take the same sums from
 // global memory), so the per-dim sums issue their loads back to back instead of re-reading m_c,
@@ -280,9 +405,50 @@ void attention_launch(const float* q, const void* k_cache, const void* v_cache, 
                             out, stream);
 }
 
+bool attention_prefill_supports(int64_t head_dim) { return head_dim <= PREFILL_MAX_D && head_dim % 4 == 0 && head_dim > 0; }
+
+void attention_prefill_launch(const float* q, const void* k_cache, const void* v_cache, bool kv_f16, int64_t m,
+                              int64_t p0, int64_t base, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
+                              cudaStream_t stream) {
+    if (m <= 0) return;
+    const std::string fn = "attention_prefill_launch";
+    if (!attention_prefill_supports(head_dim))
+        throw Error(fn + ": head_dim " + std::to_string(head_dim) + " (the tiled kernel takes multiples of 4 up to 128)");
+    const auto aligned = [](const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; };
+    const size_t kv_align = kv_f16 ? 8 : 16;  // one 4-dim load of a cache row
+    if (!aligned(q, 16) || !aligned(out, 16) || !aligned(k_cache, kv_align) || !aligned(v_cache, kv_align))
+        throw Error(fn + ": q, out and the caches must be aligned for 4-dim loads");
+    const int d = int(head_dim);
+    const size_t smem = prefill_smem_bytes(d);
+    // More than the 48 KB a launch gets without asking at d > 96: raised once per device (not a stream
+    // operation, so also fine while a graph is being captured).
+    static std::atomic<uint64_t> raised{0};  // bit d: done on device d (< 64)
+    int dev = 0;
+    cuda_check(cudaGetDevice(&dev), fn + " (device)");
+    const uint64_t bit = uint64_t(1) << (dev & 63);
+    if (!(raised.load() & bit)) {
+        const int most = int(prefill_smem_bytes(PREFILL_MAX_D));
+        cuda_check(cudaFuncSetAttribute(attention_prefill_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+                   fn + " (shared memory)");
+        cuda_check(cudaFuncSetAttribute(attention_prefill_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+                   fn + " (shared memory)");
+        raised.fetch_or(bit);
+    }
+    const float scale = 1.0f / std::sqrt(float(head_dim));  // as the CPU op
+    const dim3 grid(unsigned((m + PQ - 1) / PQ), unsigned(n_heads));
+    if (kv_f16)
+        launch_kernel(attention_prefill_kernel<__half>, grid, dim3(PWARPS * 32), smem, stream, q,
+                      static_cast<const __half*>(k_cache), static_cast<const __half*>(v_cache), m, p0, base, n_heads,
+                      n_kv_heads, d, scale, out);
+    else
+        launch_kernel(attention_prefill_kernel<float>, grid, dim3(PWARPS * 32), smem, stream, q,
+                      static_cast<const float*>(k_cache), static_cast<const float*>(v_cache), m, p0, base, n_heads,
+                      n_kv_heads, d, scale, out);
+}
+
 void attention_cuda(const float* q, const void* k_cache, const void* v_cache, bool kv_f16, int64_t t_max, int64_t m,
                     int64_t p0, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int n_splits, float* out,
-                    int64_t base) {
+                    int64_t base, bool prefill) {
     const std::string fn = "attention_cuda";
     if (m < 0 || p0 < 0 || base < 0 || base + p0 + m > t_max || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || head_dim <= 0 ||
         head_dim > ATTENTION_MAX_HEAD_DIM || n_splits < 1 || n_splits > 65535 || m * n_heads > 0x7fffffff)
@@ -290,6 +456,9 @@ void attention_cuda(const float* q, const void* k_cache, const void* v_cache, bo
                     std::to_string(t_max) + ", base=" + std::to_string(base) + ", n_heads=" + std::to_string(n_heads) + ", n_kv_heads=" +
                     std::to_string(n_kv_heads) + ", head_dim=" + std::to_string(head_dim) + " (<= " +
                     std::to_string(ATTENTION_MAX_HEAD_DIM) + "), n_splits=" + std::to_string(n_splits));
+    if (prefill && !attention_prefill_supports(head_dim))
+        throw Error(fn + ": the tiled prefill kernel takes head_dim in 4..128, a multiple of 4, got " +
+                    std::to_string(head_dim));
     if (m == 0) return;
     const size_t nq = size_t(m * n_heads * head_dim);
     const size_t cache_bytes = size_t(t_max * n_kv_heads * head_dim) * (kv_f16 ? 2 : 4);
@@ -304,8 +473,12 @@ void attention_cuda(const float* q, const void* k_cache, const void* v_cache, bo
     upload(pd, pos.data(), size_t(m), fn);
     upload(bd, bases.data(), size_t(m), fn);
     poison(od, nq, fn);
-    attention_launch(qd.get(), kd.get(), vd.get(), kv_f16, m, pd.get(), n_heads, n_kv_heads, head_dim, n_splits,
-                     part.get(), od.get(), nullptr, base != 0 ? bd.get() : nullptr);
+    if (prefill)
+        attention_prefill_launch(qd.get(), kd.get(), vd.get(), kv_f16, m, p0, base, n_heads, n_kv_heads, head_dim,
+                                 od.get(), nullptr);
+    else
+        attention_launch(qd.get(), kd.get(), vd.get(), kv_f16, m, pd.get(), n_heads, n_kv_heads, head_dim, n_splits,
+                         part.get(), od.get(), nullptr, base != 0 ? bd.get() : nullptr);
     cuda_check(cudaGetLastError(), fn + " (launch)");
     download(out, od, nq, fn);
 }

@@ -49,7 +49,8 @@ namespace {
 constexpr int64_t MMA_SLICE = 16;      // rows per launch of the MMA GEMV (cuda_mma_min_rows > 0)
 constexpr int64_t SLICE = 8;           // rows per GEMV pass: the bit-plane GEMV kernels take up to 8
 constexpr int64_t PREFILL_ROWS = 1024;  // rows per prompt pass when the GEMM is on (the unpack of the planes is per pass)
-constexpr int64_t MAX_GEMM_ROWS = 4096;  // a larger gemm_min_rows turns the GEMM off (buffers scale with it)
+constexpr int64_t MAX_GEMM_ROWS = 4096;
+constexpr int64_t PREFILL_ATTENTION_ROWS = 64;  // fewer rows: too few tiles to fill the GPU (to be measured)  // a larger gemm_min_rows turns the GEMM off (buffers scale with it)
 constexpr int THREADS = 256;
 
 // A bump allocator over one cudaMalloc: the layout is planned first (sizes only), then allocated
@@ -113,6 +114,11 @@ struct CudaForward::Impl {
     int n_splits = 1;   // attention spans at decode
     bool use_gemm = false;     // prompt slices of >= p.gemm_min_rows rows on the tensor-core GEMM
     bool pdl = false;          // launch the pass's kernels with PDL (pdl_from_env)
+    // Prompt passes of >= PREFILL_ATTENTION_ROWS rows take the tiled attention kernel
+    // (attention_prefill_launch): FLEXQUANT_CUDA_TILED_ATTENTION=1, off by default until measured.
+    bool tiled_attention = false;
+    int64_t pass_p0 = -1;   // the pass being enqueued: one sequence's positions pass_p0.. (-1: any rows)
+    int64_t pass_base = 0;  // and that sequence's first cache row
     // Per linear: its int8 GEMM runs on the wgmma kernel (BITPLANE_GEMM_A8_WG): FLEXQUANT_CUDA_WGMMA=1,
     // a Hopper GPU and a group size it takes. Off by default until measured (tools/gpu_check.sh).
     std::vector<char> lin_wgmma;
@@ -320,8 +326,11 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
         // rotate q and k, and write k and v to the cache rows of this pass
         rope_kv_store_launch(inv_freq, int(hd), q, H, k, v, Hkv, positions_dev(), bases_dev(), T, p.kv_f16, k_cache[l],
                              v_cache[l], stream);
-        attention_launch(q, k_cache[l], v_cache[l], p.kv_f16, T, positions_dev(), H, Hkv, hd, splits, partial, att,
-                         stream, bases_dev());
+        if (tiled_attention && pass_p0 >= 0 && T >= PREFILL_ATTENTION_ROWS && attention_prefill_supports(hd))
+            attention_prefill_launch(q, k_cache[l], v_cache[l], p.kv_f16, T, pass_p0, pass_base, H, Hkv, hd, att, stream);
+        else
+            attention_launch(q, k_cache[l], v_cache[l], p.kv_f16, T, positions_dev(), H, Hkv, hd, splits, partial, att,
+                             stream, bases_dev());
         linears({j0 + 3}, att, T, {x}, /*accumulate=*/true);  // x += att Woᵀ
 
         pg = fused_prepare(BITPLANE_FUSE_RMS_NORM, x, ffn_norm[l], T, h, j0 + 4);
@@ -366,6 +375,7 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     e.path = params.fp32_matmul ? BITPLANE_CUDA_FP32 : BITPLANE_CUDA_AUTO;
     for (const BitplaneLinear& w : lin) e.lin_path.push_back(bitplane_cuda_resolve_path(w, e.path));
     e.pdl = pdl_from_env();
+    e.tiled_attention = cuda_env_flag("FLEXQUANT_CUDA_TILED_ATTENTION");
     // (asked here, before any graph capture: the first answer per device launches a probe)
     const bool wgmma_asked = cuda_env_flag("FLEXQUANT_CUDA_WGMMA");
     for (const BitplaneLinear& w : lin)
@@ -543,6 +553,8 @@ void CudaForward::forward(int seq, const int32_t* tokens, int64_t T, int64_t n_p
         rows = std::min<int64_t>(pass_rows, T - t0);
         const bool last = t0 + rows == T;
         for (int64_t t = 0; t < rows; ++t) e.set_row(t, tokens[t0 + t], n_past + t0 + t, seq);
+        e.pass_p0 = n_past + t0;  // (the captured one-row step never takes the tiled attention)
+        e.pass_base = int64_t(seq) * e.p.n_ctx;
         // The copy reads the pinned block when the stream reaches it: the host must not rewrite the
         // block before then, so each pass waits for the previous one (prefill only; a decode step
         // is one pass).
@@ -618,6 +630,7 @@ void CudaForward::decode_batch(const int32_t* seqs, const int32_t* tokens, const
     for (int64_t r0 = 0; r0 < count; r0 += rows) {
         rows = std::min<int64_t>(e.head_rows, count - r0);
         for (int64_t t = 0; t < rows; ++t) e.set_row(t, tokens[r0 + t], positions[r0 + t], seqs[r0 + t]);
+        e.pass_p0 = -1;  // rows of several sequences
         e.pending = true;
         cuda_check(cudaMemcpyAsync(e.in_dev, e.in_host, e.in_bytes, cudaMemcpyHostToDevice, e.stream), fn + " (step input)");
         e.enqueue(rows, true, true);

@@ -179,6 +179,12 @@ for n, k, g, m, bits in [(13, 300, 32, 3, 3), (21, 576, 128, 1, 8), (200, 1536, 
         assert np.isfinite(y).all()
         y = core.bitplane_gemm_cuda(planes, qp, n, k, 8, g, bits, np.tile(x, (70, 1)), kind=kind)
         assert np.isfinite(y).all()
+# The tiled prefill attention: partial query and key tiles, GQA, both cache types.
+for m_, p0_, H_, Hkv_, d_ in [(45, 31, 4, 2, 128), (70, 130, 3, 3, 36)]:
+    for dt in (np.float32, np.float16):
+        q_ = rng.standard_normal((m_, H_, d_)).astype(np.float32)
+        kc_ = rng.standard_normal((p0_ + m_, Hkv_, d_)).astype(dt)
+        assert np.isfinite(core.attention_cuda(q_, kc_, kc_, p0_, prefill=True)).all()
 # The whole engine on a tiny random model: prefill (two slices), graph capture, replays with masks.
 import tempfile, pathlib, sys
 sys.path.insert(0, "tests")
@@ -201,6 +207,15 @@ for s_ in range(3):
     b.eval_seq(s_, rng.integers(0, 320, 5 + 4 * s_).astype(np.int32))
 lg, ent, top1 = b.decode_batch(np.array([2, 0, 1], dtype=np.int32), rng.integers(0, 320, 3).astype(np.int32))
 assert np.isfinite(lg).all() and np.isfinite(ent).all()
+# A 150-token prompt and a 70-token chunk with the tiled prefill attention and the wgmma GEMM (where
+# the GPU runs it) switched on: passes of >= 64 rows take both.
+import os
+os.environ["FLEXQUANT_CUDA_TILED_ATTENTION"] = "1"
+os.environ["FLEXQUANT_CUDA_WGMMA"] = "1"
+t = fcore.Engine(str(d / "t.fq"), backend="cuda", n_ctx=256)
+assert np.isfinite(t.forward(rng.integers(0, 320, 150).astype(np.int32), False)).all()
+assert np.isfinite(t.forward(rng.integers(0, 320, 70).astype(np.int32), False)).all()
+del os.environ["FLEXQUANT_CUDA_TILED_ATTENTION"], os.environ["FLEXQUANT_CUDA_WGMMA"]
 # Odd widths at group 64 (K = 72 and 150: padding words past the last group) through the reference
 # dequantize and the engine.
 convert(HFSource(make_hf_llama(d / "odd", hidden=72, layers=2, heads=3, kv_heads=3, head_dim=24, ffn=150, vocab=333)),
@@ -550,14 +565,21 @@ if [ "$E2E" = 1 ]; then
     2>&1 | tee "$LOG/e2e_tune.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   stamp "tuned"
-  # each static row also with PDL, the GEMV's L2 prefetch and both (--variant), the prompt's int8
-  # GEMM on wgmma (its prefill column), then the fp16 KV cache (half the attention's reads at 2048)
+  # each static row also with PDL, the GEMV's L2 prefetch and both (--variant), then the prompt's
+  # variants (2 decode steps: their prefill columns), then the fp16 KV cache (half the attention's
+  # reads at 2048)
   VARIANTS=(--variant pdl:FLEXQUANT_CUDA_PDL=1 --variant prefetch:FLEXQUANT_CUDA_PREFETCH=1
-            --variant both:FLEXQUANT_CUDA_PDL=1,FLEXQUANT_CUDA_PREFETCH=1 --variant wgmma:FLEXQUANT_CUDA_WGMMA=1)
+            --variant both:FLEXQUANT_CUDA_PDL=1,FLEXQUANT_CUDA_PREFETCH=1)
   limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 6 4 --prompt 2048 --decode 64 "${VARIANTS[@]}" \
     2>&1 | tee "$LOG/e2e.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   stamp "decode benchmark done"
+  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 2048 --decode 2 \
+    --variant wgmma:FLEXQUANT_CUDA_WGMMA=1 --variant tiled_attention:FLEXQUANT_CUDA_TILED_ATTENTION=1 \
+    --variant both:FLEXQUANT_CUDA_WGMMA=1,FLEXQUANT_CUDA_TILED_ATTENTION=1 \
+    2>&1 | tee "$LOG/e2e_prefill.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  stamp "prefill variants done"
   limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 2048 --decode 64 --kv-dtype f16 \
     --variant both:FLEXQUANT_CUDA_PDL=1,FLEXQUANT_CUDA_PREFETCH=1 \
     2>&1 | tee "$LOG/e2e_f16.log"

@@ -342,7 +342,7 @@ F32 py_swiglu_cuda(const py::array& gate, const py::array& up) {
 }
 
 F32 py_attention_cuda(const py::array& q, const py::array& k_cache, const py::array& v_cache, int64_t p0, int n_splits,
-                      int64_t base) {
+                      int64_t base, bool prefill) {
     F32 qa = require<float>(q, "q", 3, "(m, n_heads, head_dim)");
     const int64_t m = qa.shape(0), H = qa.shape(1), d = qa.shape(2);
     const bool f16 = k_cache.dtype().is(py::dtype("float16"));
@@ -361,7 +361,7 @@ F32 py_attention_cuda(const py::array& q, const py::array& k_cache, const py::ar
     {
         py::gil_scoped_release nogil;
         flexquant::attention_cuda(qa.data(), k_cache.data(), v_cache.data(), f16, t_max, m, p0, H, Hkv, d, n_splits, op,
-                                  base);
+                                  base, prefill);
     }
     return out;
 }
@@ -387,10 +387,11 @@ void bind_cuda_ops(py::module_& m) {
     m.def("swiglu_cuda", &py_swiglu_cuda, py::arg("gate"), py::arg("up"),
           "The CUDA swiglu: silu(gate) * up over (n,) float32.");
     m.def("attention_cuda", &py_attention_cuda, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("p0"),
-          py::arg("n_splits") = 1, py::arg("base") = 0,
+          py::arg("n_splits") = 1, py::arg("base") = 0, py::arg("prefill") = false,
           "The CUDA causal GQA attention of q (m, H, d) float32 at positions p0.. over a cache (t_max, Hkv, d)\n"
           "of float32 or float16, the positions of each (token, head) split into n_splits spans -> (m, H, d).\n"
-          "base: the cache row of position 0 (a sequence's block of a multi-sequence cache).");
+          "base: the cache row of position 0 (a sequence's block of a multi-sequence cache). prefill: the\n"
+          "tiled kernel of a prompt pass instead (head_dim a multiple of 4 up to 128; n_splits unused).");
     m.def("entropy_and_top1_cuda", &py_entropy_and_top1_cuda, py::arg("logits"),
           "The CUDA next-token signals of logits (vocab,) float32 -> (entropy, top1_prob, argmax).");
     m.def("bitplane_matmul_cuda", &py_bitplane_matmul_cuda, py::arg("planes"), py::arg("qparams"), py::arg("n"),

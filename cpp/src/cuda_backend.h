@@ -49,10 +49,11 @@ void swiglu_cuda(const float* gate, const float* up, int64_t n, float* out);
 // fp16 bit patterns (kv_f16), the sequence's position 0 at cache row `base` (one sequence's block of a
 // multi-sequence cache; base > 0 goes through the per-query bases of the kernel). n_splits > 1 cuts
 // the positions of each (token, head) into that many spans and merges them (the decode path); 1
-// takes them all in one block.
+// takes them all in one block. prefill: the tiled kernel of a prompt pass instead
+// (attention_prefill_launch; n_splits unused).
 void attention_cuda(const float* q /* (m, H, d) */, const void* k_cache, const void* v_cache, bool kv_f16,
                     int64_t t_max, int64_t m, int64_t p0, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                    int n_splits, float* out /* (m, H, d) */, int64_t base = 0);
+                    int n_splits, float* out /* (m, H, d) */, int64_t base = 0, bool prefill = false);
 // entropy_and_top1 and argmax (ops.h) of one logit vector (vocab).
 void entropy_and_top1_cuda(const float* logits, int64_t vocab, float* entropy, float* top1_prob, int64_t* argmax);
 
@@ -196,6 +197,14 @@ void attention_launch(const float* q /* (m, H, d) */, const void* k_cache, const
                       int64_t m, const int64_t* positions /* (m) */, int64_t n_heads, int64_t n_kv_heads,
                       int64_t head_dim, int n_splits, float* partial, float* out /* (m, H, d) */,
                       cudaStream_t stream, const int64_t* bases /* (m) */ = nullptr);
+// A prompt pass: the m rows of one sequence at consecutive positions p0 .. p0 + m - 1 (cache rows
+// base + position), tiled over the queries so that each K and V row is read once per 32 queries
+// (attention_launch reads it once per query). head_dim a multiple of 4 up to 128
+// (attention_prefill_supports); positions and base are host values, so no captured graph uses it.
+bool attention_prefill_supports(int64_t head_dim);
+void attention_prefill_launch(const float* q /* (m, H, d) */, const void* k_cache, const void* v_cache, bool kv_f16,
+                              int64_t m, int64_t p0, int64_t base, int64_t n_heads, int64_t n_kv_heads,
+                              int64_t head_dim, float* out /* (m, H, d) */, cudaStream_t stream);
 // out (rows): {entropy, top-1 probability, argmax} of each row of logits (rows, vocab).
 struct StepSignalsDevice {
     float entropy;

@@ -263,6 +263,8 @@ def main() -> int:
     ap.add_argument("--mma-rows", type=int, default=0, choices=range(17), metavar="0..16",
                     help="--backend cuda: the engines' cuda_mma_min_rows (GEMV launches of at least this many rows "
                          "on the s8 tensor cores instead of the binary ones; 0 = never)")
+    ap.add_argument("--static-only", action="store_true",
+                    help="cuda: only the --bits rows (no switching, controller or activation-precision rows)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -355,7 +357,7 @@ def main_cuda(a, models) -> int:
     print("|---|---|---|---|---|" + "---|---|---|---|" * len(variants) + "---|---|---|---|---|---|---|---|")
     for name, path in models:
         rows = {}
-        for bits in [*a.bits, 0, -1, -2, -3]:
+        for bits in [*a.bits] + ([] if a.static_only else [0, -1, -2, -3]):
             r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64",
                                          a.kv_dtype, mma])
             if r is None:  # a row this model cannot run (fp16 activations need group size 128, 256, 512)
@@ -384,7 +386,7 @@ def main_cuda(a, models) -> int:
                   f"{r['bytes_per_token'] / 1e6:.1f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {roof:.0f} | "
                   f"{r['decode_tok_s'] / roof:.2f} | {r['kv_bytes_per_token'] / 1e6:.1f} | "
                   f"{r['decode_tok_s'] / roof_kv:.2f} | {r['device_mb']:.0f} |")
-        if 4 in rows and 6 in rows:
+        if 4 in rows and 6 in rows and rows.get(0) is not None:
             # the switching row reads, per token, a mix of 4- and 6-bit linears: its expected step is
             # the byte-weighted mean of the static steps; the excess is what switching costs
             r4, r6, r0 = rows[4], rows[6], rows[0]

@@ -574,7 +574,7 @@ if [ "$E2E" = 1 ]; then
     2>&1 | tee "$LOG/e2e.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   stamp "decode benchmark done"
-  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 2048 --decode 2 \
+  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 2048 --decode 2 --static-only \
     --variant wgmma:FLEXQUANT_CUDA_WGMMA=1 --variant tiled_attention:FLEXQUANT_CUDA_TILED_ATTENTION=1 \
     --variant both:FLEXQUANT_CUDA_WGMMA=1,FLEXQUANT_CUDA_TILED_ATTENTION=1 \
     2>&1 | tee "$LOG/e2e_prefill.log"

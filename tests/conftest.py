@@ -23,6 +23,25 @@ def smollm2_gguf() -> Path | None:
     return p if p.is_file() else None
 
 
+def host_cxx() -> str | None:
+    """The host C++ compiler the CUDA-layout emulators (tests/cuda_host) are built with."""
+    import os
+    import shutil
+
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def build_host_emulator(out_dir: Path, name: str) -> Path:
+    """Compile tests/cuda_host/NAME.cpp against the cuda/ headers (-Wall -Werror) into out_dir."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    exe = out_dir / name
+    subprocess.run([host_cxx(), "-std=c++17", "-O2", "-Wall", "-Werror", "-I", str(root / "cuda"),
+                    str(root / "tests" / "cuda_host" / f"{name}.cpp"), "-o", str(exe)], check=True)
+    return exe
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     p = smollm2_gguf()

@@ -104,6 +104,22 @@ def test_swiglu_cuda(n):
     assert rel_err(out, ref64) <= 2 * rel_err(cpu, ref64) + 1e-7
 
 
+def attention_ref64(q, kc, vc, p0):
+    """Causal GQA attention of q (m, H, d) at positions p0.. in fp64, on the same (possibly
+    fp16-rounded) cache values kc, vc (t_max, Hkv, d)."""
+    m, H, d = q.shape
+    Hkv = kc.shape[1]
+    k64, v64 = kc.astype(np.float64), vc.astype(np.float64)
+    ref = np.zeros((m, H, d))
+    for i in range(m):
+        for h in range(H):
+            hk = h // (H // Hkv)
+            s = k64[: p0 + i + 1, hk] @ q[i, h].astype(np.float64) / np.sqrt(d)
+            p = np.exp(s - s.max())
+            ref[i, h] = (p / p.sum()) @ v64[: p0 + i + 1, hk]
+    return ref
+
+
 @gpu
 @pytest.mark.parametrize("kv", ["f32", "f16"])
 @pytest.mark.parametrize("m,p0,H,Hkv,d,splits", [(1, 0, 4, 2, 16, 1), (1, 700, 8, 2, 64, 7), (1, 2047, 32, 8, 128, 8),
@@ -121,15 +137,7 @@ def test_attention_cuda(kv, m, p0, H, Hkv, d, splits):
     kc = rng.standard_normal((t_max, Hkv, d)).astype(dt)
     vc = rng.standard_normal((t_max, Hkv, d)).astype(dt)
     cpu = core.ops.attention(q, kc, vc, p0)
-    # fp64 reference on the same (possibly fp16-rounded) cache values
-    k64, v64 = kc.astype(np.float64), vc.astype(np.float64)
-    ref = np.zeros((m, H, d))
-    for i in range(m):
-        for h in range(H):
-            hk = h // (H // Hkv)
-            s = k64[: p0 + i + 1, hk] @ q[i, h].astype(np.float64) / np.sqrt(d)
-            p = np.exp(s - s.max())
-            ref[i, h] = (p / p.sum()) @ v64[: p0 + i + 1, hk]
+    ref = attention_ref64(q, kc, vc, p0)
     out = core.attention_cuda(q, kc, vc, p0, splits)
     assert np.isfinite(out).all()
     assert rel_err(out, ref) <= 2 * rel_err(cpu, ref) + 1e-6
@@ -159,14 +167,7 @@ def test_attention_prefill_cuda(kv, m, p0, H, Hkv, d):
     kc[p0 + m:] = np.nan
     vc[p0 + m:] = np.nan
     cpu = core.ops.attention(q, kc, vc, p0)
-    k64, v64 = kc.astype(np.float64), vc.astype(np.float64)
-    ref = np.zeros((m, H, d))
-    for i in range(m):
-        for h in range(H):
-            hk = h // (H // Hkv)
-            s = k64[: p0 + i + 1, hk] @ q[i, h].astype(np.float64) / np.sqrt(d)
-            p = np.exp(s - s.max())
-            ref[i, h] = (p / p.sum()) @ v64[: p0 + i + 1, hk]
+    ref = attention_ref64(q, kc, vc, p0)
     out = core.attention_cuda(q, kc, vc, p0, prefill=True)
     assert np.isfinite(out).all()
     assert rel_err(out, ref) <= 2 * rel_err(cpu, ref) + 1e-6, (rel_err(out, ref), rel_err(cpu, ref))

@@ -7,27 +7,21 @@ checks the index arithmetic that the GPU tests (tests/test_cuda_ops.py, path 'mm
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flexquant_rt import bitplane as bp
 
-ROOT = Path(__file__).resolve().parents[1]
-CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+from conftest import build_host_emulator, host_cxx
+
+pytestmark = pytest.mark.skipif(host_cxx() is None, reason="no C++ compiler")
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("mma") / "mma_layout"
-    subprocess.run([CXX, "-std=c++17", "-O2", "-Wall", "-Werror", "-I", str(ROOT / "cuda"),
-                    str(ROOT / "tests" / "cuda_host" / "mma_layout.cpp"), "-o", str(exe)], check=True)
-    return exe
+    return build_host_emulator(tmp_path_factory.mktemp("mma"), "mma_layout")
 
 
 def test_transposition_helpers_alone(emulator, tmp_path):

@@ -8,25 +8,19 @@ kind 'a8_wg') check end to end on a Hopper GPU.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+from conftest import build_host_emulator, host_cxx
+
+pytestmark = pytest.mark.skipif(host_cxx() is None, reason="no C++ compiler")
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("wgmma") / "wgmma_layout"
-    subprocess.run([CXX, "-std=c++17", "-O2", "-Wall", "-Werror", "-I", str(ROOT / "cuda"),
-                    str(ROOT / "tests" / "cuda_host" / "wgmma_layout.cpp"), "-o", str(exe)], check=True)
-    return exe
+    return build_host_emulator(tmp_path_factory.mktemp("wgmma"), "wgmma_layout")
 
 
 def _run(emulator, tmp_path, codes, q, aparams, wterms, group_size):

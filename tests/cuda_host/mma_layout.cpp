@@ -21,22 +21,9 @@
 #include <vector>
 
 #include "bitplane_mma.cuh"
+#include "host_io.h"
 
 using namespace flexquant;
-
-template <class T>
-std::vector<T> read_file(const std::string& path, size_t count) {
-    std::vector<T> v(count);
-    std::ifstream f(path, std::ios::binary);
-    if (!f.read(reinterpret_cast<char*>(v.data()), std::streamsize(count * sizeof(T))))
-        throw std::runtime_error("cannot read " + path);
-    return v;
-}
-template <class T>
-void write_file(const std::string& path, const std::vector<T>& v) {
-    std::ofstream f(path, std::ios::binary);
-    f.write(reinterpret_cast<const char*>(v.data()), std::streamsize(v.size() * sizeof(T)));
-}
 
 uint8_t byte_of(uint32_t w, int i) { return uint8_t(w >> (8 * i)); }
 

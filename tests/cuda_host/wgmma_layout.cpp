@@ -22,17 +22,9 @@
 #include <vector>
 
 #include "bitplane_wgmma.cuh"
+#include "host_io.h"
 
 using namespace flexquant;
-
-template <class T>
-std::vector<T> read_file(const std::string& path, size_t count) {
-    std::vector<T> v(count);
-    std::ifstream f(path, std::ios::binary);
-    if (!f.read(reinterpret_cast<char*>(v.data()), std::streamsize(count * sizeof(T))))
-        throw std::runtime_error("cannot read " + path);
-    return v;
-}
 
 // The wgmma unit's address of operand element (row r, K byte kb) from a descriptor start offset.
 int operand_offset(int start, int r, int kb) {
@@ -150,8 +142,7 @@ int main(int argc, char** argv) {
                 }
             }
         }
-    std::ofstream(dir + "/y.bin", std::ios::binary)
-        .write(reinterpret_cast<const char*>(y.data()), std::streamsize(y.size() * sizeof(float)));
+    write_file(dir + "/y.bin", y);
     std::ofstream fl(dir + "/flushes.txt");
     for (int64_t f : flushes) fl << f << "\n";
     return 0;

@@ -187,7 +187,8 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
 // cache rows base + 0 .. base + p0 + q0 + r. K and V go through shared memory in tiles of PK = 32
 // positions, each loaded once for the 32 queries. Warp w owns queries PROWS·w .. PROWS·w + 7:
 //   scores   lane j: s[r] = (Σ_c q[r, c] · K[t0 + j, c]) · scale, -inf past the query's position
-//            (K rows at a stride of d + 4 floats: the 16-byte reads of 8 lanes hit distinct banks)
+//            (K rows at a stride ≡ 4 mod 8 floats, key_stride: the 16-byte reads of 8 lanes hit
+//            distinct banks; the query reads are broadcasts)
 //   softmax  per query across the warp: m' = max(m, max_j s), l = l·e^(m−m') + Σ_j e^(s_j−m'),
 //            o ·= e^(m−m'); the weights e^(s_j−m') go to shared memory (P)
 //   values   lane j: dims 4j .. 4j + 3 of o[r] += Σ_t P[r, t] · V[t0 + t, dims]
@@ -198,8 +199,12 @@ attention_kernel(const float* __restrict__ q,            // (m, H, d)
 constexpr int PQ = 32, PK = 32, PWARPS = 4, PROWS = PQ / PWARPS;
 constexpr int PREFILL_MAX_D = 128;
 
-// Dynamic shared memory of attention_prefill_kernel: Q (PQ, d + 4), K (PK, d + 4), V (PK, d), P (PQ, PK).
-size_t prefill_smem_bytes(int d) { return sizeof(float) * size_t(PQ * (d + 4) + PK * (d + 4) + PK * d + PQ * PK); }
+// The K tile's row stride in floats, ≡ 4 mod 8 (d is a multiple of 4).
+__host__ __device__ constexpr int key_stride(int d) { return d % 8 == 0 ? d + 4 : d; }
+// Dynamic shared memory of attention_prefill_kernel: Q (PQ, d), K (PK, key_stride), V (PK, d), P (PQ, PK).
+static size_t prefill_smem_bytes(int d) {
+    return sizeof(float) * size_t(PQ * d + PK * key_stride(d) + PK * d + PQ * PK);
+}
 
 template <class KV>
 static __global__ void __launch_bounds__(PWARPS * 32)
@@ -211,13 +216,14 @@ attention_prefill_kernel(const float* __restrict__ q,     // (m, H, d)
                          float* __restrict__ out) {       // (m, H, d)
     pdl_begin();  // cuda_backend.h: launched with PDL in the engine's passes
     extern __shared__ float4 prefill_smem4[];
-    float* const Qs = reinterpret_cast<float*>(prefill_smem4);
-    const int ds = d + 4, d4 = d / 4;
-    float* const Ks = Qs + PQ * ds;
-    float* const Vs = Ks + PK * ds;
+    float* const Qs = reinterpret_cast<float*>(prefill_smem4);  // every part starts 16-byte aligned
+    const int ks = key_stride(d), d4 = d / 4;
+    float* const Ks = Qs + PQ * d;
+    float* const Vs = Ks + PK * ks;
     float* const Ps = Vs + PK * d;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t q0 = int64_t(blockIdx.x) * PQ, h = blockIdx.y, hk = h / (n_heads / n_kv_heads);
+    // the last query tiles (the longest prefixes) first, so that the short ones fill the tail
+    const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * PQ, h = blockIdx.y, hk = h / (n_heads / n_kv_heads);
     const int64_t rows = min(int64_t(PQ), m - q0);
     const int64_t last = p0 + q0 + rows - 1;  // the tile's last query position: the last key any reads
 
@@ -225,7 +231,7 @@ attention_prefill_kernel(const float* __restrict__ q,     // (m, H, d)
         const int r = i / d4, c = 4 * (i % d4);
         const float4 v = r < rows ? __ldg(reinterpret_cast<const float4*>(q + ((q0 + r) * n_heads + h) * d + c))
                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        *reinterpret_cast<float4*>(Qs + r * ds + c) = v;
+        *reinterpret_cast<float4*>(Qs + r * d + c) = v;
     }
     const bool dims = 4 * lane < d;  // this lane's output dims 4·lane .. +3 exist
     float mrow[PROWS], lrow[PROWS], o[PROWS][4];
@@ -237,12 +243,13 @@ attention_prefill_kernel(const float* __restrict__ q,     // (m, H, d)
     }
     for (int64_t t0 = 0; t0 <= last; t0 += PK) {
         __syncthreads();  // the previous tile's K, V (and, first, nothing) are read; Q is stored
-        for (int i = threadIdx.x; i < PK * d4; i += blockDim.x) {
+#pragma unroll 4
+        for (int i = threadIdx.x; i < PK * d4; i += blockDim.x) {  // (unrolled: several loads in flight)
             const int r = i / d4, c = 4 * (i % d4);
             const bool in = t0 + r <= last;
             const int64_t off = ((base + t0 + r) * n_kv_heads + hk) * d + c;
             const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            *reinterpret_cast<float4*>(Ks + r * ds + c) = in ? load_kv4(k_cache + off) : zero;
+            *reinterpret_cast<float4*>(Ks + r * ks + c) = in ? load_kv4(k_cache + off) : zero;
             *reinterpret_cast<float4*>(Vs + r * d + c) = in ? load_kv4(v_cache + off) : zero;
         }
         __syncthreads();
@@ -250,11 +257,11 @@ attention_prefill_kernel(const float* __restrict__ q,     // (m, H, d)
 #pragma unroll
         for (int rr = 0; rr < PROWS; ++rr) s[rr] = 0.0f;
         for (int c = 0; c < d; c += 4) {
-            const float4 kk = *reinterpret_cast<const float4*>(Ks + lane * ds + c);
+            const float4 kk = *reinterpret_cast<const float4*>(Ks + lane * ks + c);
 #pragma unroll
             for (int rr = 0; rr < PROWS; ++rr) {
-                const float4 qq = *reinterpret_cast<const float4*>(Qs + (warp * PROWS + rr) * ds + c);  // broadcast
-                s[rr] += qq.x * kk.x + qq.y * kk.y + qq.z * kk.z + qq.w * kk.w;
+                const float4 qq = *reinterpret_cast<const float4*>(Qs + (warp * PROWS + rr) * d + c);  // broadcast
+                s[rr] = fmaf(qq.w, kk.w, fmaf(qq.z, kk.z, fmaf(qq.y, kk.y, fmaf(qq.x, kk.x, s[rr]))));
             }
         }
 #pragma unroll
@@ -278,12 +285,21 @@ attention_prefill_kernel(const float* __restrict__ q,     // (m, H, d)
         }
         __syncwarp();  // the warp's P rows are written
         if (dims) {
-            for (int t = 0; t < PK; ++t) {
-                const float4 vv = *reinterpret_cast<const float4*>(Vs + t * d + 4 * lane);
+            for (int t = 0; t < PK; t += 4) {  // 4 positions: one 16-byte (broadcast) read of each P row
+                float4 vv[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) vv[u] = *reinterpret_cast<const float4*>(Vs + (t + u) * d + 4 * lane);
 #pragma unroll
                 for (int rr = 0; rr < PROWS; ++rr) {
-                    const float p = Ps[(warp * PROWS + rr) * PK + t];  // broadcast
-                    o[rr][0] += p * vv.x, o[rr][1] += p * vv.y, o[rr][2] += p * vv.z, o[rr][3] += p * vv.w;
+                    const float4 p4 = *reinterpret_cast<const float4*>(Ps + (warp * PROWS + rr) * PK + t);
+                    const float pu[4] = {p4.x, p4.y, p4.z, p4.w};
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        o[rr][0] = fmaf(pu[u], vv[u].x, o[rr][0]);
+                        o[rr][1] = fmaf(pu[u], vv[u].y, o[rr][1]);
+                        o[rr][2] = fmaf(pu[u], vv[u].z, o[rr][2]);
+                        o[rr][3] = fmaf(pu[u], vv[u].w, o[rr][3]);
+                    }
                 }
             }
         }

@@ -49,8 +49,10 @@ namespace {
 constexpr int64_t MMA_SLICE = 16;      // rows per launch of the MMA GEMV (cuda_mma_min_rows > 0)
 constexpr int64_t SLICE = 8;           // rows per GEMV pass: the bit-plane GEMV kernels take up to 8
 constexpr int64_t PREFILL_ROWS = 1024;  // rows per prompt pass when the GEMM is on (the unpack of the planes is per pass)
-constexpr int64_t MAX_GEMM_ROWS = 4096;
-constexpr int64_t PREFILL_ATTENTION_ROWS = 64;  // fewer rows: too few tiles to fill the GPU (to be measured)  // a larger gemm_min_rows turns the GEMM off (buffers scale with it)
+constexpr int64_t MAX_GEMM_ROWS = 4096;  // a larger gemm_min_rows turns the GEMM off (buffers scale with it)
+// Prompt passes of at least this many rows take the tiled attention (FLEXQUANT_CUDA_TILED_ATTENTION=1):
+// fewer make too few blocks of 32 queries to fill the GPU (to be measured).
+constexpr int64_t PREFILL_ATTENTION_ROWS = 64;
 constexpr int THREADS = 256;
 
 // A bump allocator over one cudaMalloc: the layout is planned first (sizes only), then allocated
@@ -331,6 +333,7 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
         else
             attention_launch(q, k_cache[l], v_cache[l], p.kv_f16, T, positions_dev(), H, Hkv, hd, splits, partial, att,
                              stream, bases_dev());
+        launched("attention");
         linears({j0 + 3}, att, T, {x}, /*accumulate=*/true);  // x += att Woᵀ
 
         pg = fused_prepare(BITPLANE_FUSE_RMS_NORM, x, ffn_norm[l], T, h, j0 + 4);

@@ -194,23 +194,35 @@ def test_attention_prefill_cuda_refuses_other_head_dims():
 def test_engine_cuda_tiled_prefill_attention(tiny_fq, wide_head_fq, monkeypatch, which, kv_f16):
     """FLEXQUANT_CUDA_TILED_ATTENTION=1: prompt passes of >= 64 rows take the tiled attention kernel.
     The logits of a 150-token prompt (one pass), a 70-token chunk (a pass at n_past = 150: on the
-    GEMM, and with cuda_gemm_min_rows=100 on the GEMV) and greedy steps equal the per-token kernel's
-    to fp32 rounding."""
+    GEMM, and with cuda_gemm_min_rows=100 on the GEMV) and greedy steps match the per-token kernel's;
+    so do those of the same prompt in the second sequence of a two-sequence engine (its cache rows
+    from n_ctx on) after the first sequence took another prompt. The results are not bit for bit the
+    per-token kernel's (another summation order): the tiled kernel did run."""
     path = tiny_fq if which == "tiny" else wide_head_fq
     rng = np.random.default_rng(7)
-    ids, more = rng.integers(0, 320, 150), (rng.integers(0, 320, 70),)
+    ids, more, other = rng.integers(0, 320, 150), (rng.integers(0, 320, 70),), rng.integers(0, 320, 100)
 
     def run(**kw):
         return _core_steps(core.Engine(str(path), backend="cuda", n_ctx=256, kv_f16=kv_f16, **kw), ids, 3, more=more)
 
+    def second_sequence():
+        eng = core.Engine(str(path), backend="cuda", n_ctx=256, kv_f16=kv_f16, n_seq=2)
+        eng.eval_seq(0, other.astype(np.int32))
+        out = []
+        for chunk in (ids, *more):
+            eng.eval_seq(1, np.asarray(chunk, dtype=np.int32))
+            out.append(np.array(eng.logits()))
+        return np.stack(out)
+
     monkeypatch.delenv("FLEXQUANT_CUDA_TILED_ATTENTION", raising=False)
-    plain = [run(), run(cuda_gemm_min_rows=100)]
+    plain = [run(), run(cuda_gemm_min_rows=100), second_sequence()]
     monkeypatch.setenv("FLEXQUANT_CUDA_TILED_ATTENTION", "1")
-    tiled = [run(), run(cuda_gemm_min_rows=100)]
+    tiled = [run(), run(cuda_gemm_min_rows=100), second_sequence()]
     for a, b in zip(tiled, plain):  # (bounds as the GEMM/GEMV test: an fp32 difference can move an
         assert np.isfinite(a).all()  # int8 activation across a rounding boundary downstream)
         assert rel_err(a, b) < 1e-2, rel_err(a, b)
         assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+        assert not np.array_equal(a, b)
 
 
 @gpu

@@ -197,7 +197,8 @@ struct CudaForward::Impl {
         const int32_t b = reinterpret_cast<const int32_t*>(in_host + in_bits)[j];
         return T > gemv_max[j][size_t(std::clamp(b, 0, 8))];
     }
-    // The GEMM of linear j: the activations its GEMV path has (int8: A8, fp16: A16).
+    // The GEMM of linear j: the activations its GEMV path has (int8: A8, or A8_WG on wgmma where
+    // lin_wgmma says so; fp16: A16).
     BitplaneGemmKind gemm_kind(size_t j) const {
         if (lin_path[j] == BITPLANE_CUDA_MMA_A16) return BITPLANE_GEMM_A16;
         return lin_wgmma[j] ? BITPLANE_GEMM_A8_WG : BITPLANE_GEMM_A8;

@@ -429,27 +429,21 @@ void attention_prefill_launch(const float* q, const void* k_cache, const void* v
     if (m <= 0) return;
     const std::string fn = "attention_prefill_launch";
     if (!attention_prefill_supports(head_dim))
-        throw Error(fn + ": head_dim " + std::to_string(head_dim) + " (the tiled kernel takes multiples of 4 up to 128)");
+        throw Error(fn + ": the tiled prefill kernel takes head_dim in 4..128, a multiple of 4, got " +
+                    std::to_string(head_dim));
     const auto aligned = [](const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; };
     const size_t kv_align = kv_f16 ? 8 : 16;  // one 4-dim load of a cache row
     if (!aligned(q, 16) || !aligned(out, 16) || !aligned(k_cache, kv_align) || !aligned(v_cache, kv_align))
         throw Error(fn + ": q, out and the caches must be aligned for 4-dim loads");
     const int d = int(head_dim);
     const size_t smem = prefill_smem_bytes(d);
-    // More than the 48 KB a launch gets without asking at d > 96: raised once per device (not a stream
-    // operation, so also fine while a graph is being captured).
-    static std::atomic<uint64_t> raised{0};  // bit d: done on device d (< 64)
-    int dev = 0;
-    cuda_check(cudaGetDevice(&dev), fn + " (device)");
-    const uint64_t bit = uint64_t(1) << (dev & 63);
-    if (!(raised.load() & bit)) {
-        const int most = int(prefill_smem_bytes(PREFILL_MAX_D));
-        cuda_check(cudaFuncSetAttribute(attention_prefill_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
-                   fn + " (shared memory)");
-        cuda_check(cudaFuncSetAttribute(attention_prefill_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
-                   fn + " (shared memory)");
-        raised.fetch_or(bit);
-    }
+    // (the limit raised to the largest head dim's need, so any d launches)
+    static std::atomic<uint64_t> f32_smem{0}, f16_smem{0};  // devices whose limit is raised
+    const size_t most = prefill_smem_bytes(PREFILL_MAX_D);
+    if (kv_f16)
+        raise_dynamic_smem(attention_prefill_kernel<__half>, most, f16_smem, fn);
+    else
+        raise_dynamic_smem(attention_prefill_kernel<float>, most, f32_smem, fn);
     const float scale = 1.0f / std::sqrt(float(head_dim));  // as the CPU op
     const dim3 grid(unsigned((m + PQ - 1) / PQ), unsigned(n_heads));
     if (kv_f16)
@@ -472,9 +466,6 @@ void attention_cuda(const float* q, const void* k_cache, const void* v_cache, bo
                     std::to_string(t_max) + ", base=" + std::to_string(base) + ", n_heads=" + std::to_string(n_heads) + ", n_kv_heads=" +
                     std::to_string(n_kv_heads) + ", head_dim=" + std::to_string(head_dim) + " (<= " +
                     std::to_string(ATTENTION_MAX_HEAD_DIM) + "), n_splits=" + std::to_string(n_splits));
-    if (prefill && !attention_prefill_supports(head_dim))
-        throw Error(fn + ": the tiled prefill kernel takes head_dim in 4..128, a multiple of 4, got " +
-                    std::to_string(head_dim));
     if (m == 0) return;
     const size_t nq = size_t(m * n_heads * head_dim);
     const size_t cache_bytes = size_t(t_max * n_kv_heads * head_dim) * (kv_f16 ? 2 : 4);

@@ -561,7 +561,7 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
 // the producer loads the x̃ tile (acts, 128 x 128 int8) and the code tile (codes, 128 x 128 int8) by
 // TMA with the 128-byte swizzle, and the stage's group terms of the tile's rows (a_s, a_z) and columns
 // (s_k, z_k) by 1 KB bulk copies from transposed copies, all completing on the stage's `full`
-// barrier; every consumer thread arrives on `empty` when done with the stage. wg::STAGES in flight.
+// barrier; each consumer warp arrives on `empty` when done with the stage. wg::STAGES in flight.
 // Grid (m_alloc / 128, n_alloc / 128): x = row tiles, so the blocks that run together share a code
 // tile through L2 and the codes come from HBM about once.
 
@@ -1071,15 +1071,8 @@ void wg_gemm_launch(const GemmGeometry& g, const GemmScratch& sc, float* y, cuda
           "BITPLANE_GEMM_A8_WG needs a compute capability 9.0 GPU (Hopper) and a build with sm_90a code");
     const CUtensorMap tm_acts = tensor_map_128(sc.acts, g.m_alloc, g.k_pad, fn);
     const CUtensorMap tm_codes = tensor_map_128(sc.codes, g.n_alloc, g.k_pad, fn);
-    static std::atomic<uint64_t> smem_raised{0};  // bit d: done on device d (< 64), as gemm_launch
-    int dev = 0;
-    cuda_check(cudaGetDevice(&dev), fn + " (device)");
-    const uint64_t bit = uint64_t(1) << (dev & 63);
-    if (!(smem_raised.load() & bit)) {
-        cuda_check(cudaFuncSetAttribute(wg_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WG_SMEM_BYTES),
-                   fn + " (shared memory)");
-        smem_raised.fetch_or(bit);
-    }
+    static std::atomic<uint64_t> smem{0};  // devices whose limit is raised
+    raise_dynamic_smem(wg_gemm_kernel, WG_SMEM_BYTES, smem, fn);
     const dim3 grid(unsigned(g.m_alloc / wg::BM), unsigned(g.n_alloc / wg::BN));
     wg_gemm_kernel<<<grid, wg::THREADS, WG_SMEM_BYTES, stream>>>(tm_acts, tm_codes, sc.aparams_t, sc.wparams_t, g.m, g.n,
                                                                g.m_alloc, g.n_alloc, int(g.k_pad / wg::BK),
@@ -1109,21 +1102,12 @@ void gemm_launch(const GemmGeometry& g, const uint8_t* planes, uint64_t plane_by
     }
     const dim3 grid(unsigned(g.n_alloc / BN), unsigned(g.m_alloc / BM));
     const auto* acts = static_cast<const uint8_t*>(sc.acts);
-    // More than the 48 KB a launch gets without asking: raised once per device and kernel (not a
-    // stream operation, so also fine while a graph is being captured).
-    static std::atomic<uint64_t> smem_raised{0};  // bit d: done on device d (< 64)
-    int dev = 0;
-    cuda_check(cudaGetDevice(&dev), "bitplane_gemm (device)");
-    const uint64_t bit = uint64_t(1) << (dev & 63);
-    if (!(smem_raised.load() & bit)) {
-        cuda_check(cudaFuncSetAttribute(gemm_kernel<GemmA8Traits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        gemm_smem_bytes<GemmA8Traits>()),
-                   "bitplane_gemm (shared memory of the A8 kernel)");
-        cuda_check(cudaFuncSetAttribute(gemm_kernel<GemmA16Traits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        gemm_smem_bytes<GemmA16Traits>()),
-                   "bitplane_gemm (shared memory of the A16 kernel)");
-        smem_raised.fetch_or(bit);
-    }
+    static std::atomic<uint64_t> a8_smem{0}, a16_smem{0};  // devices whose limit is raised
+    if (kind == BITPLANE_GEMM_A8)
+        raise_dynamic_smem(gemm_kernel<GemmA8Traits>, gemm_smem_bytes<GemmA8Traits>(), a8_smem, "bitplane_gemm (A8)");
+    else
+        raise_dynamic_smem(gemm_kernel<GemmA16Traits>, gemm_smem_bytes<GemmA16Traits>(), a16_smem,
+                           "bitplane_gemm (A16)");
     if (kind == BITPLANE_GEMM_A8)
         gemm_kernel<GemmA8Traits><<<grid, THREADS, gemm_smem_bytes<GemmA8Traits>(), stream>>>(acts, sc.codes, sc.aparams, qp, bits_dev, bits,
                                                                 max_bits, g.m, g.n, g.k_pad, g.n_groups,

@@ -13,14 +13,14 @@
 //
 // Shared memory, as TMA writes a 128 x 128-byte box with CU_TENSOR_MAP_SWIZZLE_128B into a
 // 1,024-byte aligned tile and as wgmma reads it through a K-major 128-byte-swizzle descriptor (stride
-// byte offset 1,024 between 8-row atoms): byte b of row r sits at wg_swizzle128(r, b), the 16-byte
+// byte offset 1,024 between 8-row atoms): byte b of row r sits at swizzle128(r, b), the 16-byte
 // chunk index XORed with r % 8 (PTX ISA, "Tensor swizzling modes" / "Shared memory matrix layout").
 // The k-th 32-byte step of a row is the descriptor's start address + 32k (the swizzle applies to the
 // address the unit computes, so it is the same function of (r, 32k + b)).
 //
 // Accumulator fragment of wgmma m64nN (PTX ISA, "Register fragments: D" of wgmma .m64nNk32): warp wq
 // (0..3) of the warpgroup holds rows 16wq..16wq+15; with gid = lane / 4, tig = lane % 4, register
-// d[4j + e] is row 16wq + gid + 8·(e / 2), column 8j + 2·tig + (e % 2), j = 0..N/8 - 1 (wg_row, wg_col).
+// d[4j + e] is row 16wq + gid + 8·(e / 2), column 8j + 2·tig + (e % 2), j = 0..N/8 - 1 (acc_row, acc_col).
 //
 // tests/test_wgmma_layout.py compiles this header on the host and emulates every block, warp and
 // register of a launch with it against numpy.

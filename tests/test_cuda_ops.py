@@ -455,13 +455,12 @@ def test_gemm_unpack_codes():
 
 def test_gemm_reads_only_the_first_bits_planes_and_is_deterministic():
     rng = np.random.default_rng(67)
-    n, k, max_bits, group_size = 200, 1536, 8, 64
-    codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    n, k, max_bits = 200, 1536, 8
     x = make_x(rng, 150, k)
-    for kind in ("a8", "a16") + (("a8_wg",) if core.bitplane_gemm_wgmma_supported(128) else ()):
-        if kind == "a8_wg":  # (group sizes of 128 multiples)
-            group_size = 128
-            codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
+    # (the wgmma GEMM takes group sizes that are multiples of 128)
+    kinds = [("a8", 64), ("a16", 64)] + ([("a8_wg", 128)] if core.bitplane_gemm_wgmma_supported(128) else [])
+    for kind, group_size in kinds:
+        codes, qparams, planes = make_linear(rng, n, k, max_bits, group_size)
         y = core.bitplane_gemm_cuda(planes, qparams, n, k, max_bits, group_size, 5, x, kind=kind)
         np.testing.assert_array_equal(core.bitplane_gemm_cuda(planes, qparams, n, k, max_bits, group_size, 5, x,
                                                               kind=kind), y)

@@ -133,6 +133,8 @@ private:
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -274,6 +276,20 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
     cfg.attrs = attr;
     cfg.numAttrs = pdl_enabled() ? 1 : 0;
     cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);  // its error stays the last error
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory (more than the 48 KB a launch gets without
+// asking), once per device: done is the caller's static set of devices (bit d, d < 64). Not a stream
+// operation, so also fine while a graph is being captured.
+template <class... Params>
+void raise_dynamic_smem(void (*kernel)(Params...), size_t bytes, std::atomic<uint64_t>& done, const std::string& what) {
+    int dev = 0;
+    cuda_check(cudaGetDevice(&dev), what + " (device)");
+    const uint64_t bit = uint64_t(1) << (dev & 63);
+    if (done.load() & bit) return;
+    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+               what + " (shared memory)");
+    done.fetch_or(bit);
 }
 
 // ---- shared device helpers -------------------------------------------------------------------------

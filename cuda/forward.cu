@@ -13,10 +13,12 @@
 // (bitplane_gemm_cuda_async, cuda/bitplane_matmul_gemm.cu: the same int8 activations as the GEMV,
 // so the same numbers up to fp32 rounding; the A16 GEMM for a linear set to fp16 activations) when
 // T > gemv_max[linear][its bit-width], else the GEMV (8 rows per launch, 16 on the MMA kernels).
-// gemv_max is gemm_min_rows - 1 for every linear, or what tune() measured on this GPU
-// (set_gemv_max). The LM head always runs on the GEMV, as does the decode step unless
-// gemm_min_rows is 1. With the GEMM off, passes of 8 rows (16 where the MMA GEMV may run:
-// cuda_mma_min_rows > 0); asked for all rows' logits, passes of 8 rows.
+// Without a kernel table gemv_max is gemm_min_rows - 1 for every linear, the int8 GEMM is A8 (A8_WG
+// with FLEXQUANT_CUDA_WGMMA=1) and the GEMV runs MMA from cuda_mma_min_rows rows; a table
+// (set_kernel_table, or what tune() measured and checked on this GPU) sets all three per linear.
+// The LM head always runs on the GEMV, as does the decode step unless gemm_min_rows is 1. With the
+// GEMM off, passes of 8 rows (16 where the MMA GEMV may run: cuda_mma_min_rows > 0); asked for all
+// rows' logits, passes of 8 rows.
 //
 // Several sequences (params.n_seq) share one KV cache per layer, sequence s in rows
 // [s · n_ctx, (s + 1) · n_ctx); decode_batch runs one step of several of them as one pass, each row
@@ -33,9 +35,12 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -108,7 +113,7 @@ struct CudaForward::Impl {
     ModelConfig cfg;
     CudaForwardParams p;
     BitplaneCudaPath path = BITPLANE_CUDA_AUTO;  // the engine's: FP32 with fp32_matmul, else AUTO
-    // Per linear (n_lin): TC (int8 activations; MMA kernel per mma_min_rows), MMA_A16 (fp16) or FP32
+    // Per linear (n_lin): TC (int8 activations; MMA kernel per mma_from), MMA_A16 (fp16) or FP32
     // (fp32 activations), the engine's path resolved, then as set_activation_bits chose (calibration
     // keeps more precision in sensitive layers).
     std::vector<BitplaneCudaPath> lin_path;
@@ -121,9 +126,11 @@ struct CudaForward::Impl {
     bool tiled_attention = false;
     int64_t pass_p0 = -1;   // the pass being enqueued: one sequence's positions pass_p0.. (-1: any rows)
     int64_t pass_base = 0;  // and that sequence's first cache row
-    // Per linear: its int8 GEMM runs on the wgmma kernel (BITPLANE_GEMM_A8_WG): FLEXQUANT_CUDA_WGMMA=1,
-    // a Hopper GPU and a group size it takes. Off by default until measured (tools/gpu_check.sh).
-    std::vector<char> lin_wgmma;
+    // Per linear: whether the wgmma GEMM (BITPLANE_GEMM_A8_WG) can run it (a Hopper GPU, sm_90a code,
+    // a group size it takes), and whether it is the default int8 GEMM (FLEXQUANT_CUDA_WGMMA=1: off
+    // until measured; a kernel table chooses per shape and bit-width).
+    std::vector<char> wgmma_ok;
+    bool wgmma_default = false;
     int64_t max_rows = SLICE;  // rows per pass: PREFILL_ROWS with the GEMM, else one GEMV launch's (8 or 16)
     int64_t head_rows = SLICE; // rows of logits and signals one pass may produce (the batch)
     cudaStream_t stream = nullptr;
@@ -144,8 +151,15 @@ struct CudaForward::Impl {
     size_t ws_bytes = 0;
     void* ws_gemm = nullptr;  // the GEMM's (codes of one linear, the pass's activations): apart, so
     size_t ws_gemm_bytes = 0; // that a GEMM between two GEMV linears keeps their prepared input
-    // Per layer linear and bit-width: the most rows the GEMV takes before the GEMM does.
+    // The dispatcher's choices (set_kernel_table: the defaults, then the table's entries), per layer
+    // linear and bit-width: the most rows the GEMV takes before the GEMM does, and whether that GEMM
+    // is A8_WG (int8 linears); per linear: the rows from which its int8 GEMV launches run the MMA
+    // kernel (0: never).
+    std::vector<KernelChoice> table;
     std::vector<std::array<int64_t, 9>> gemv_max;
+    std::vector<std::array<char, 9>> gemm_wg;
+    std::vector<int> mma_from;
+    void apply_table();
     StepSignalsDevice* sig = nullptr;  // (head_rows)
 
     // step input: tokens (max_rows) int32 | positions (max_rows) int64 | bases (max_rows) int64 (the
@@ -191,34 +205,36 @@ struct CudaForward::Impl {
 
     // The kernel linear j runs on for T rows: the host copy of the step's bits picks the table entry
     // (the kernels themselves read the bits from device memory).
+    size_t host_bits(size_t j) const {
+        return size_t(std::clamp(reinterpret_cast<const int32_t*>(in_host + in_bits)[j], 0, 8));
+    }
     bool on_gemm(size_t j, int64_t T) const {
         if (!use_gemm || j + 1 >= size_t(n_lin)) return false;  // the LM head: the GEMV
         if (lin_path[j] == BITPLANE_CUDA_FP32) return false;  // fp32 activations: the GEMMs have int8 or fp16
-        const int32_t b = reinterpret_cast<const int32_t*>(in_host + in_bits)[j];
-        return T > gemv_max[j][size_t(std::clamp(b, 0, 8))];
+        return T > gemv_max[j][host_bits(j)];
     }
-    // The GEMM of linear j: the activations its GEMV path has (int8: A8, or A8_WG on wgmma where
-    // lin_wgmma says so; fp16: A16).
+    // The GEMM of linear j at the step's bit-width: the activations its GEMV path has (int8: A8, or
+    // A8_WG where gemm_wg says so; fp16: A16).
     BitplaneGemmKind gemm_kind(size_t j) const {
         if (lin_path[j] == BITPLANE_CUDA_MMA_A16) return BITPLANE_GEMM_A16;
-        return lin_wgmma[j] ? BITPLANE_GEMM_A8_WG : BITPLANE_GEMM_A8;
+        return gemm_wg[j][host_bits(j)] ? BITPLANE_GEMM_A8_WG : BITPLANE_GEMM_A8;
     }
-    // The GEMV kernel of a launch of `rows` rows prepared for `path`: the TC path's preparation also
-    // serves the MMA kernel (s8 tensor cores), which runs from p.mma_min_rows rows where the group
-    // size allows it.
-    BitplaneCudaPath gemv_kernel(BitplaneCudaPath path, int group_size, int64_t rows) const {
-        const bool mma = path == BITPLANE_CUDA_TC && p.mma_min_rows > 0 && rows >= p.mma_min_rows &&
-                         bitplane_cuda_mma_supports(group_size);
-        return mma ? BITPLANE_CUDA_MMA : path;
+    // The GEMV kernel of linear j for a launch of `rows` rows: the TC path's preparation also serves
+    // the MMA kernel (s8 tensor cores), which runs from mma_from[j] rows where the group size allows
+    // it. Not a function of the bit-width, so the captured decode step stays valid under any mask.
+    BitplaneCudaPath gemv_kernel(size_t j, int64_t rows) const {
+        const bool mma = lin_path[j] == BITPLANE_CUDA_TC && mma_from[j] > 0 && rows >= mma_from[j] &&
+                         bitplane_cuda_mma_supports(lin[j].group_size);
+        return mma ? BITPLANE_CUDA_MMA : lin_path[j];
     }
     // The kernel of T rows that may not fit one launch: the full slices' (the sliced call runs every
     // slice, a last partial one too, on the kernel it is given).
-    BitplaneCudaPath gemv_slices_kernel(BitplaneCudaPath path, int group_size, int64_t T) const {
-        return gemv_kernel(path, group_size, std::min<int64_t>(T, MMA_SLICE));
+    BitplaneCudaPath gemv_slices_kernel(size_t j, int64_t T) const {
+        return gemv_kernel(j, std::min<int64_t>(T, MMA_SLICE));
     }
-    // Rows one GEMV launch takes when T rows come: 16 when they run on the MMA kernel, else 8.
-    int64_t gemv_launch_rows(BitplaneCudaPath path, int group_size, int64_t T) const {
-        return bitplane_cuda_launch_rows(gemv_slices_kernel(path, group_size, T));
+    // Rows one GEMV launch of linear j takes when T rows come: 16 on the MMA kernel, else 8.
+    int64_t gemv_launch_rows(size_t j, int64_t T) const {
+        return bitplane_cuda_launch_rows(gemv_slices_kernel(j, T));
     }
     // Linears js, all reading xin (T rows), into ys. xin is prepared once per kernel family (q, k
     // and v; gate and up share it): for the GEMM always, for the GEMV when T fits one launch (8 rows,
@@ -234,7 +250,7 @@ struct CudaForward::Impl {
         // of them): fused_prepare prepares for the TC path
         int prepared_g = prepared, gemm_prepared_g = 0;
         BitplaneGemmKind gemm_prepared_kind = BITPLANE_GEMM_A8;
-        BitplaneCudaPath prepared_path = BITPLANE_CUDA_TC;
+        BitplaneCudaPath prepared_path = BITPLANE_CUDA_TC, batch_kernel = BITPLANE_CUDA_TC;
         // GEMV linears waiting for their one launch: all read the scratch as prepared for prepared_g
         BitplaneLinear batch[BITPLANE_MAX_MULTI];
         float* batch_y[BITPLANE_MAX_MULTI];
@@ -243,8 +259,7 @@ struct CudaForward::Impl {
         auto flush = [&] {
             if (n_batch > 0)
                 bitplane_matmul_prepared_multi_cuda_async(batch, n_batch, p.bits_cap, T, batch_y, ws, ws_bytes,
-                                                          gemv_kernel(prepared_path, batch[0].group_size, T), stream,
-                                                          batch_bits, accumulate);
+                                                          batch_kernel, stream, batch_bits, accumulate);
             n_batch = 0;
         };
         auto y = ys.begin();
@@ -259,16 +274,19 @@ struct CudaForward::Impl {
                 gemm_prepared_kind = kind;
                 bitplane_gemm_prepared_cuda_async(lin[j], p.bits_cap, T, out, ws_gemm, ws_gemm_bytes, kind,
                                                   stream, bits_dev() + j, 0, accumulate);
-            } else if (T <= gemv_launch_rows(lin_path[j], g, T)) {
-                const BitplaneCudaPath pj = lin_path[j];
+            } else if (T <= gemv_launch_rows(j, T)) {
+                const BitplaneCudaPath pj = lin_path[j], kj = gemv_kernel(j, T);
                 const bool same_input = prepared_g == g && prepared_path == pj;
+                // (one launch runs one kernel: linears of one shape share it, q and k/v may not)
                 const bool joins = same_input && n_batch > 0 && n_batch < BITPLANE_MAX_MULTI &&
-                                   batch[0].max_bits == lin[j].max_bits;
+                                   batch[0].max_bits == lin[j].max_bits && batch_kernel == kj;
                 if (!joins) flush();  // (before a new preparation overwrites the scratch it reads)
-                // (prepared for the kernel that will run: TC and MMA share the preparation, MMA takes 16 rows)
-                if (!same_input) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, gemv_kernel(pj, g, T), stream);
+                // (prepared for the kernel that will run: TC and MMA share the preparation, MMA takes
+                // 16 rows; for T <= 8 either kernel reads the other's)
+                if (!same_input) bitplane_prepare_cuda_async(lin[j], xin, T, ws, ws_bytes, kj, stream);
                 prepared_g = g;
                 prepared_path = pj;
+                batch_kernel = kj;
                 batch[n_batch] = lin[j];
                 batch_y[n_batch] = out;
                 batch_bits[n_batch] = bits_dev() + j;
@@ -276,7 +294,7 @@ struct CudaForward::Impl {
             } else {
                 flush();  // the batch reads the scratch that the slices below overwrite
                 bitplane_matmul_cuda_async(lin[j], p.bits_cap, xin, T, out, ws, ws_bytes,
-                                           gemv_slices_kernel(lin_path[j], g, T), stream, {}, bits_dev() + j,
+                                           gemv_slices_kernel(j, T), stream, {}, bits_dev() + j,
                                            accumulate);
                 prepared_g = 0;  // the slices overwrote the GEMV's prepared input
             }
@@ -289,9 +307,9 @@ struct CudaForward::Impl {
     // alone (0).
     int fused_prepare(BitplanePrepareFusion op, const float* xin, const float* aux, int64_t T, float* out, size_t j) {
         const BitplaneLinear& w = lin[j];
-        if (lin_path[j] == BITPLANE_CUDA_TC && T <= gemv_launch_rows(BITPLANE_CUDA_TC, w.group_size, T)) {
+        if (lin_path[j] == BITPLANE_CUDA_TC && T <= gemv_launch_rows(j, T)) {
             bitplane_prepare_fused_cuda_async(w, op, xin, aux, cfg.rms_norm_eps, T, out, ws, ws_bytes, stream,
-                                              gemv_kernel(BITPLANE_CUDA_TC, w.group_size, T));
+                                              gemv_kernel(j, T));
             return w.group_size;
         }
         if (op == BITPLANE_FUSE_RMS_NORM)
@@ -348,7 +366,7 @@ void CudaForward::Impl::enqueue(int64_t T, bool head, bool all_rows) {
     const size_t j_head = size_t(n_lin - 1);
     const int pg = fused_prepare(BITPLANE_FUSE_RMS_NORM, x + first * D, out_norm, rows, h, j_head);
     // the GEMV, 8 rows per launch (16 on the MMA kernel)
-    const int64_t head_step = gemv_launch_rows(lin_path[j_head], lin[j_head].group_size, rows);
+    const int64_t head_step = gemv_launch_rows(j_head, rows);
     for (int64_t r0 = 0; r0 < rows; r0 += head_step) {
         const int64_t n = std::min<int64_t>(head_step, rows - r0);
         linears({j_head}, h + r0 * D, n, {logits + r0 * V}, false, r0 == 0 ? pg : 0);
@@ -381,9 +399,8 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     e.pdl = pdl_from_env();
     e.tiled_attention = cuda_env_flag("FLEXQUANT_CUDA_TILED_ATTENTION");
     // (asked here, before any graph capture: the first answer per device launches a probe)
-    const bool wgmma_asked = cuda_env_flag("FLEXQUANT_CUDA_WGMMA");
-    for (const BitplaneLinear& w : lin)
-        e.lin_wgmma.push_back(wgmma_asked && bitplane_gemm_wgmma_supported(w.group_size) ? 1 : 0);
+    e.wgmma_default = cuda_env_flag("FLEXQUANT_CUDA_WGMMA");
+    for (const BitplaneLinear& w : lin) e.wgmma_ok.push_back(bitplane_gemm_wgmma_supported(w.group_size) ? 1 : 0);
     // Spans of >= 128 positions at full context, at most 32 of them (H * 32 blocks already fill a
     // GPU): each warp's positions are a chain of memory round trips (4 positions per trip), so a
     // long span is latency-bound before it is bandwidth-bound (spans of 256 measured 30 µs a layer
@@ -439,9 +456,10 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     for (size_t j = 0; j < lin.size(); ++j) {
         // every path set_activation_bits may move a linear to: FP32, TC (and MMA), MMA_A16
         e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, BITPLANE_CUDA_FP32));
-        if (e.lin_path[j] == BITPLANE_CUDA_TC) {  // TC's 8 rows, or MMA's 16 where it may run (a superset)
-            const BitplaneCudaPath int8 = e.gemv_slices_kernel(BITPLANE_CUDA_TC, lin[j].group_size, MMA_SLICE);
-            e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], MMA_SLICE, int8));
+        if (e.lin_path[j] == BITPLANE_CUDA_TC) {  // TC's 8 rows, and MMA's 16 where a table may choose it
+            e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], SLICE, BITPLANE_CUDA_TC));
+            if (bitplane_cuda_mma_supports(lin[j].group_size))
+                e.ws_bytes = std::max(e.ws_bytes, bitplane_matmul_cuda_workspace(lin[j], MMA_SLICE, BITPLANE_CUDA_MMA));
         }
         const bool fp16_ok = !params.fp32_matmul && bitplane_cuda_mma_supports(lin[j].group_size);
         if (fp16_ok)
@@ -450,7 +468,7 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
         // the LM head
         if (e.use_gemm && j + 1 < lin.size()) {
             e.ws_gemm_bytes = std::max(e.ws_gemm_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A8));
-            if (e.lin_wgmma[j])
+            if (e.wgmma_ok[j])  // (a table may choose it)
                 e.ws_gemm_bytes = std::max(e.ws_gemm_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A8_WG));
             if (fp16_ok)
                 e.ws_gemm_bytes = std::max(e.ws_gemm_bytes, bitplane_gemm_cuda_workspace(lin[j], R, BITPLANE_GEMM_A16));
@@ -458,9 +476,6 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
     }
     const size_t off_ws = a.take(e.ws_bytes);
     const size_t off_ws_gemm = a.take(e.ws_gemm_bytes);
-    std::array<int64_t, 9> rule;  // without a measured table: the GEMM from gemm_min_rows rows
-    rule.fill(e.use_gemm ? params.gemm_min_rows - 1 : std::numeric_limits<int64_t>::max());
-    e.gemv_max.assign(size_t(e.n_lin), rule);
     const size_t off_sig = a.take(size_t(e.head_rows) * sizeof(StepSignalsDevice));
     e.in_pos = (size_t(R) * 4 + 7) / 8 * 8;
     e.in_base = e.in_pos + size_t(R) * 8;
@@ -488,6 +503,7 @@ CudaForward::CudaForward(const ModelFile& model, const std::vector<BitplaneLinea
         cuda_check(cudaMemcpy(e.arena + off, src, bytes, cudaMemcpyHostToDevice), fn + " (upload " + what + ")");
     };
     e.lin = lin;
+    e.apply_table();  // no table yet: the defaults
     for (size_t j = 0; j < lin.size(); ++j) {
         put(off_planes[j], lin[j].planes, size_t(params.bits_cap) * lin[j].plane_bytes, "planes");
         put(off_qp[j], lin[j].qparams, size_t(lin[j].n) * lin[j].n_groups() * 4, "qparams");
@@ -664,21 +680,47 @@ void CudaForward::Impl::drop_graph() {
     graph = nullptr;
 }
 
-void CudaForward::set_gemv_max(int64_t n, int64_t k, int bits, int64_t max_m) {
-    Impl& e = *impl_;
-    if (bits < 0 || bits > 8 || max_m < 0)
-        throw Error("CudaForward::set_gemv_max: bits = " + std::to_string(bits) + ", max_m = " + std::to_string(max_m));
-    e.drop_graph();
-    for (size_t j = 0; j + 1 < size_t(e.n_lin); ++j)
-        if (e.lin[j].n == n && e.lin[j].k == k) e.gemv_max[j][size_t(bits)] = max_m;
+// The defaults, then every entry of the table in order (a later entry for the same linear and
+// bit-width wins). An entry applies to the layer linears of its shape whose activations it is for
+// (act_bits 0: int8 and fp16 alike); the LM head keeps the defaults (it always runs on the GEMV).
+// Never throws: set_kernel_table checked the table, and a kernel a linear cannot run is skipped
+// (a8_wg where wgmma_ok is false, MMA at a group size it lacks: gemv_kernel checks that).
+void CudaForward::Impl::apply_table() {
+    std::array<int64_t, 9> rule;  // without a table entry: the GEMM from gemm_min_rows rows
+    rule.fill(use_gemm ? p.gemm_min_rows - 1 : std::numeric_limits<int64_t>::max());
+    gemv_max.assign(size_t(n_lin), rule);
+    gemm_wg.assign(size_t(n_lin), {});
+    mma_from.assign(size_t(n_lin), p.mma_min_rows);
+    for (size_t j = 0; j < size_t(n_lin); ++j) gemm_wg[j].fill(wgmma_default && wgmma_ok[j] ? 1 : 0);
+    for (const KernelChoice& c : table)
+        for (size_t j = 0; j + 1 < size_t(n_lin); ++j) {
+            const bool int8 = lin_path[j] == BITPLANE_CUDA_TC, fp16 = lin_path[j] == BITPLANE_CUDA_MMA_A16;
+            const bool act = c.act_bits == 0 ? int8 || fp16 : c.act_bits == 8 ? int8 : fp16;
+            if (lin[j].n != c.n || lin[j].k != c.k || !act) continue;
+            gemv_max[j][size_t(c.bits)] = c.decode_max_m;
+            if (int8 && !c.gemm.empty()) gemm_wg[j][size_t(c.bits)] = c.gemm == "a8_wg" && wgmma_ok[j] ? 1 : 0;
+            if (int8 && c.mma_min_rows >= 0) mma_from[j] = c.mma_min_rows;
+        }
 }
 
-void CudaForward::reset_gemv_max() {
+void CudaForward::set_kernel_table(const std::vector<KernelChoice>& table) {
     Impl& e = *impl_;
-    e.drop_graph();
-    std::array<int64_t, 9> rule;
-    rule.fill(e.use_gemm ? e.p.gemm_min_rows - 1 : std::numeric_limits<int64_t>::max());
-    e.gemv_max.assign(size_t(e.n_lin), rule);
+    // (Engine::set_kernel_table checked each entry's fields; here what this GPU and model can run)
+    for (size_t i = 0; i < table.size(); ++i) {
+        const KernelChoice& c = table[i];
+        if (c.gemm != "a8_wg") continue;
+        for (size_t j = 0; j + 1 < size_t(e.n_lin); ++j)
+            if (e.lin[j].n == c.n && e.lin[j].k == c.k && !e.wgmma_ok[j]) {
+                const int gs = e.lin[j].group_size;
+                throw Error("kernel table entry " + std::to_string(i) + ": gemm 'a8_wg' cannot run linear " +
+                            std::to_string(j) + " (" + std::to_string(c.n) + " x " + std::to_string(c.k) + "): " +
+                            (gs % 128 != 0 ? "its group size " + std::to_string(gs) + " is not a multiple of 128"
+                                           : std::string("this GPU or build has no sm_90a wgmma")));
+            }
+    }
+    e.drop_graph();  // the captured step holds the kernel choice
+    e.table = table;
+    e.apply_table();
 }
 
 void CudaForward::set_activation_bits(const std::vector<int32_t>& bits) {
@@ -708,6 +750,7 @@ void CudaForward::set_activation_bits(const std::vector<int32_t>& bits) {
     if (next == e.lin_path) return;
     e.drop_graph();  // the captured step holds each linear's kernel family
     e.lin_path = next;
+    e.apply_table();  // the table's entries are per activation family
 }
 
 std::vector<int32_t> CudaForward::activation_bits() const {
@@ -717,7 +760,15 @@ std::vector<int32_t> CudaForward::activation_bits() const {
     return out;
 }
 
-std::vector<std::array<int64_t, 4>> CudaForward::tune(int64_t max_m, int repeats) {
+// Largest relative L2 error of a row that tune() accepts from a candidate kernel against the
+// reference GEMV. Both compute the same thing: the same exact integer sums per group (int8) or the
+// same fp16 products with fp32 accumulation (fp16), so they differ by the fp32 rounding of per-group
+// terms, about 1e-6 of a row's norm (tests/test_cuda_ops.py bounds a kernel by twice the
+// fp32-against-fp64 error of the same arithmetic). One element wrong by its own size in a row of
+// n >= 2048 outputs is about 1/sqrt(n) >= 0.02 of the row; a missed element stays NaN (poisoned).
+constexpr double TUNE_MAX_ROW_ERROR = 1e-4;
+
+std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
     Impl& e = *impl_;
     const std::string fn = "CudaForward::tune";
     if (!e.use_gemm)
@@ -728,71 +779,194 @@ std::vector<std::array<int64_t, 4>> CudaForward::tune(int64_t max_m, int repeats
                     std::to_string(e.max_rows));
     if (repeats < 1 || repeats > 100) throw Error(fn + ": repeats = " + std::to_string(repeats) + " is outside 1..100");
     e.settle();
-    // The layer linears by shape (the LM head always runs on the GEMV). Each timing runs one shape's
-    // linears of every layer back to back: different weights, so the planes come from HBM as in a
-    // forward pass, not from L2.
-    std::vector<std::pair<int64_t, int64_t>> shapes;
-    std::vector<std::vector<size_t>> members;
+    // The layer linears by shape and activation family (int8: TC path, fp16: MMA_A16; fp32 ones
+    // never take a GEMM; the LM head always runs on the GEMV). Each timing runs a group's linears of
+    // every layer back to back: different weights, so the planes come from HBM as in a forward
+    // pass, not from L2.
+    struct Group {
+        int64_t n, k;
+        BitplaneCudaPath path;  // the reference GEMV: TC or MMA_A16
+        std::vector<size_t> members;
+    };
+    std::vector<Group> groups;
     int64_t max_k = 0, max_n = 0;
     for (size_t j = 0; j + 1 < size_t(e.n_lin); ++j) {
-        const auto key = std::make_pair(e.lin[j].n, e.lin[j].k);
-        const size_t s = size_t(std::find(shapes.begin(), shapes.end(), key) - shapes.begin());
-        if (s == shapes.size()) {
-            shapes.push_back(key);
-            members.emplace_back();
-        }
-        members[s].push_back(j);
+        const BitplaneCudaPath pj = e.lin_path[j];
+        if (pj != BITPLANE_CUDA_TC && pj != BITPLANE_CUDA_MMA_A16) continue;
+        auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
+            return g.n == e.lin[j].n && g.k == e.lin[j].k && g.path == pj;
+        });
+        if (it == groups.end()) it = groups.insert(groups.end(), Group{e.lin[j].n, e.lin[j].k, pj, {}});
+        it->members.push_back(j);
         max_k = std::max(max_k, e.lin[j].k);
         max_n = std::max(max_n, e.lin[j].n);
     }
-    DeviceBuffer<float> x(size_t(max_m * max_k), fn), y(size_t(max_m * max_n), fn);
-    // any finite activations do (the time does not depend on them): bytes 0x3c are 0.0115f
-    cuda_check(cudaMemsetAsync(x.get(), 0x3c, size_t(max_m * max_k) * 4, e.stream), fn);
+    std::vector<KernelChoice> table;
+    if (groups.empty()) {  // every layer linear on fp32 activations: nothing to choose
+        set_kernel_table(table);
+        return table;
+    }
+    // Random activations (a fixed LCG, uniform in [-1, 1)): the correctness checks need values of
+    // both signs everywhere, so that a permutation or a dropped term shows; the timings do not
+    // depend on them.
+    std::vector<float> xh(size_t(max_m * max_k));
+    uint32_t r = 2024u;
+    for (float& v : xh) {
+        r = r * 1664525u + 1013904223u;
+        v = float(r >> 8) / 8388608.0f - 1.0f;
+    }
+    DeviceBuffer<float> x(xh.size(), fn), y(size_t(max_m * max_n), fn), y_ref(size_t(max_m * max_n), fn);
+    cuda_check(cudaMemcpyAsync(x.get(), xh.data(), xh.size() * 4, cudaMemcpyHostToDevice, e.stream), fn + " (x)");
     CudaEvent start_ev(fn), stop_ev(fn);
     cudaEvent_t start = start_ev.e, stop = stop_ev.e;
-    std::vector<std::array<int64_t, 4>> table;
+    // A test hook: FLEXQUANT_CUDA_TUNE_FAULT=<kernel> (mma, a8, a8_wg, a16) corrupts one output
+    // element of that kernel in the correctness check, as a wrong kernel would (the GPU tests use it
+    // to see that the check rejects it).
+    const char* fault_env = std::getenv("FLEXQUANT_CUDA_TUNE_FAULT");
+    const std::string fault = fault_env ? fault_env : "";
+
+    // One product of linear j at `bits` on m rows of x into out: the GEMV kernel `gemv`, or the GEMM `kind`.
+    struct Kernel {
+        bool gemm;
+        BitplaneCudaPath gemv;
+        BitplaneGemmKind kind;
+        const char* name;
+    };
+    auto run = [&](const Kernel& kn, size_t j, int bits, int64_t m, float* out) {
+        if (kn.gemm)
+            bitplane_gemm_cuda_async(e.lin[j], bits, x.get(), m, out, e.ws_gemm, e.ws_gemm_bytes, kn.kind, e.stream);
+        else
+            bitplane_matmul_cuda_async(e.lin[j], bits, x.get(), m, out, e.ws, e.ws_bytes, kn.gemv, e.stream);
+    };
+    auto time_ms = [&](const Kernel& kn, const Group& g, int bits, int64_t m) {
+        float best = std::numeric_limits<float>::max();
+        for (int rep = 0; rep <= repeats; ++rep) {  // rep 0 warms up
+            cuda_check(cudaEventRecord(start, e.stream), fn);
+            for (size_t j : g.members) run(kn, j, bits, m, y.get());
+            cuda_check(cudaEventRecord(stop, e.stream), fn);
+            cuda_check(cudaEventSynchronize(stop), fn + " (timing)");
+            float ms = 0;
+            cuda_check(cudaEventElapsedTime(&ms, start, stop), fn);
+            if (rep > 0) best = std::min(best, ms);
+        }
+        return double(best);
+    };
+    // The largest relative L2 error of a row of `cand` against `ref` on the group's first linear (its
+    // output poisoned with NaN first); +inf if any element is not finite.
+    std::vector<float> got, want;
+    auto row_error = [&](const Kernel& cand, const Kernel& ref, const Group& g, int bits, int64_t m) {
+        const size_t j = g.members.front(), n = size_t(e.lin[j].n), count = size_t(m) * n;
+        run(ref, j, bits, m, y_ref.get());
+        cuda_check(cudaMemsetAsync(y.get(), 0xff, count * 4, e.stream), fn + " (poison)");  // NaN
+        run(cand, j, bits, m, y.get());
+        got.resize(count);
+        want.resize(count);
+        cuda_check(cudaMemcpyAsync(got.data(), y.get(), count * 4, cudaMemcpyDeviceToHost, e.stream), fn);
+        cuda_check(cudaMemcpyAsync(want.data(), y_ref.get(), count * 4, cudaMemcpyDeviceToHost, e.stream), fn);
+        cuda_check(cudaStreamSynchronize(e.stream), fn + " (check)");
+        if (fault == cand.name) got[count - 1] = want[count - 1] + 1.0f + std::fabs(want[count - 1]);
+        double worst = 0;
+        for (size_t row = 0; row < size_t(m); ++row) {
+            double d2 = 0, r2 = 0;
+            for (size_t i = row * n; i < (row + 1) * n; ++i) {
+                if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
+                const double d = double(got[i]) - double(want[i]);
+                d2 += d * d;
+                r2 += double(want[i]) * double(want[i]);
+            }
+            worst = std::max(worst, std::sqrt(d2 / std::max(r2, 1e-30)));
+        }
+        return worst;
+    };
+    // Whether `cand` agrees with `ref` at every bit-width on m rows; else a line for `rejected`.
+    auto agrees = [&](const Kernel& cand, const Kernel& ref, const Group& g, int64_t m, std::string& rejected) {
+        for (int bits = BITS_MIN; bits <= e.p.bits_cap; ++bits) {
+            const double err = row_error(cand, ref, g, bits, m);
+            if (err <= TUNE_MAX_ROW_ERROR) continue;
+            char line[160];
+            std::snprintf(line, sizeof line, "%s%s: row error %.3g > %g at %d bits, %lld rows", rejected.empty() ? "" : "; ",
+                          cand.name, err, TUNE_MAX_ROW_ERROR, bits, static_cast<long long>(m));
+            rejected += line;
+            return false;
+        }
+        return true;
+    };
+
     try {
-        auto time_ms = [&](size_t s, int bits, int64_t m, bool gemm) {
-            float best = std::numeric_limits<float>::max();
-            for (int rep = 0; rep <= repeats; ++rep) {  // rep 0 warms up
-                cuda_check(cudaEventRecord(start, e.stream), fn);
-                for (size_t j : members[s]) {
-                    if (gemm)
-                        bitplane_gemm_cuda_async(e.lin[j], bits, x.get(), m, y.get(), e.ws_gemm, e.ws_gemm_bytes,
-                                                 e.gemm_kind(j), e.stream);
-                    else
-                        bitplane_matmul_cuda_async(e.lin[j], bits, x.get(), m, y.get(), e.ws, e.ws_bytes,
-                                                   e.gemv_slices_kernel(e.lin_path[j], e.lin[j].group_size, m),
-                                                   e.stream);
+        for (const Group& g : groups) {
+            const size_t j0 = g.members.front();
+            const int gs = e.lin[j0].group_size;
+            const bool int8 = g.path == BITPLANE_CUDA_TC;
+            const Kernel ref{false, g.path, BITPLANE_GEMM_A8, int8 ? "tc" : "mma_a16"};
+            std::string rejected;
+            // the GEMV kernel (int8): MMA where it agrees, from the least m at which it wins at every
+            // larger measured m, timed over all bit-widths together (one choice per linear)
+            int mma_from = 0;
+            const Kernel mma{false, BITPLANE_CUDA_MMA, BITPLANE_GEMM_A8, "mma"};
+            if (int8 && bitplane_cuda_mma_supports(gs) && agrees(mma, ref, g, MMA_SLICE, rejected)) {
+                for (int64_t m : {int64_t(16), int64_t(8), int64_t(4), int64_t(2), int64_t(1)}) {
+                    double t_ref = 0, t_mma = 0;
+                    for (int bits = BITS_MIN; bits <= e.p.bits_cap; ++bits) {
+                        t_ref += time_ms(ref, g, bits, m);
+                        t_mma += time_ms(mma, g, bits, m);
+                    }
+                    if (t_mma >= t_ref) break;
+                    mma_from = int(m);
                 }
-                cuda_check(cudaEventRecord(stop, e.stream), fn);
-                cuda_check(cudaEventSynchronize(stop), fn + " (timing)");
-                float ms = 0;
-                cuda_check(cudaEventElapsedTime(&ms, start, stop), fn);
-                if (rep > 0) best = std::min(best, ms);
             }
-            return best;
-        };
-        for (size_t s = 0; s < shapes.size(); ++s)
+            const Kernel gemv = mma_from > 0 ? mma : ref;  // the GEMV of >= 16 rows (slices of 16 or 8)
+            // the GEMM candidates that agree with the GEMV on max_m rows
+            std::vector<Kernel> gemms;
+            const std::vector<Kernel> all =
+                int8 ? std::vector<Kernel>{{true, g.path, BITPLANE_GEMM_A8, "a8"}, {true, g.path, BITPLANE_GEMM_A8_WG, "a8_wg"}}
+                     : std::vector<Kernel>{{true, g.path, BITPLANE_GEMM_A16, "a16"}};
+            // (a8_wg only where every layer linear of the shape can run it, as set_kernel_table asks)
+            bool wg_ok = true;
+            for (size_t j = 0; j + 1 < size_t(e.n_lin); ++j)
+                if (e.lin[j].n == g.n && e.lin[j].k == g.k && !e.wgmma_ok[j]) wg_ok = false;
+            for (const Kernel& kn : all) {
+                if (kn.kind == BITPLANE_GEMM_A8_WG && !wg_ok) continue;  // not on this GPU / group size
+                if (agrees(kn, ref, g, max_m, rejected)) gemms.push_back(kn);
+            }
             for (int bits = BITS_MIN; bits <= e.p.bits_cap; ++bits) {
-                // The GEMV up to one launch's rows (8, or 16 on the MMA kernels); then twice that,
-                // four times, ... and max_m itself until the GEMM wins. gemv_max = the last m the
-                // GEMV won: above it (untimed rows included) the GEMM runs.
-                const size_t j0 = members[s].front();
-                const int64_t one_launch = e.gemv_launch_rows(e.lin_path[j0], e.lin[j0].group_size, MMA_SLICE);
-                int64_t gemv_max = std::min(one_launch, max_m);
-                for (int64_t m = std::min(2 * one_launch, max_m); m > gemv_max; m = std::min(2 * m, max_m)) {
-                    if (time_ms(s, bits, m, true) < time_ms(s, bits, m, false)) break;
-                    gemv_max = m;
+                KernelChoice c;
+                c.n = g.n;
+                c.k = g.k;
+                c.bits = bits;
+                c.act_bits = int8 ? 8 : 16;
+                c.mma_min_rows = int8 ? mma_from : -1;
+                c.rejected = rejected;
+                c.decode_max_m = e.max_rows;  // no GEMM agrees: the GEMV for every pass
+                if (!gemms.empty()) {
+                    // the faster GEMM at max_m rows, then the GEMV up to one launch's rows (8, or 16 on
+                    // the MMA kernel); then twice that, four times, ... and max_m itself until the
+                    // GEMM wins. decode_max_m = the last m the GEMV won: above it (untimed rows
+                    // included) the GEMM runs.
+                    const Kernel* best = &gemms.front();
+                    if (gemms.size() > 1) {
+                        double t_best = std::numeric_limits<double>::max();
+                        for (const Kernel& kn : gemms) {
+                            const double t = time_ms(kn, g, bits, max_m);
+                            if (t < t_best) t_best = t, best = &kn;
+                        }
+                    }
+                    c.gemm = best->name;
+                    const int64_t one_launch = bitplane_cuda_launch_rows(gemv.gemv);
+                    int64_t gemv_max = std::min(one_launch, max_m);
+                    for (int64_t m = std::min(2 * one_launch, max_m); m > gemv_max; m = std::min(2 * m, max_m)) {
+                        if (time_ms(*best, g, bits, m) < time_ms(gemv, g, bits, m)) break;
+                        gemv_max = m;
+                    }
+                    c.decode_max_m = gemv_max;
                 }
-                table.push_back({shapes[s].first, shapes[s].second, bits, gemv_max});
+                table.push_back(c);
             }
+        }
     } catch (...) {
         cudaStreamSynchronize(e.stream);  // nothing of this call still runs when its buffers are freed
         throw;
     }
-    reset_gemv_max();
-    for (const auto& t : table) set_gemv_max(t[0], t[1], int(t[2]), t[3]);
+    set_kernel_table(table);
     return table;
 }
 

@@ -443,6 +443,45 @@ def test_bad_kernel_tables_are_refused_by_entry(tiny_fq):
             Engine(tiny_fq, kernel_table="fast")
 
 
+def test_kernel_tables_with_cuda_kernel_fields(tiny_fq):
+    """The fields that name the CUDA kernels (act_bits, mma_min_rows, gemm, rejected) are checked on
+    every backend, so a table is valid or not wherever it is applied; the CPU keeps and returns them
+    (a CUDA table never loads there: its key names the GPU) and runs as the decode_max_m say."""
+    with Engine(tiny_fq, threads=1, kernel_table=None) as eng:
+        shapes = sorted({(int(d["n"]), int(d["k"])) for d in eng._linear_shapes()})
+        n, k = shapes[0]
+        cuda_like = [dict(n=n, k=k, bits=b, decode_max_m=32, act_bits=8, mma_min_rows=4,
+                          gemm="a8_wg" if b < 5 else "a8", rejected="") for b in range(2, 9)]
+        cuda_like += [dict(n=n, k=k, bits=8, decode_max_m=16, act_bits=16, mma_min_rows=-1, gemm="a16",
+                           rejected="mma: row error 0.3 > 0.0001 at 4 bits, 16 rows")]
+        eng._eng.set_kernel_table(cuda_like)
+        assert eng.kernel_table() == cuda_like
+        # a table without the CUDA fields (as saved before them) is returned without them
+        plain = [dict(n=n, k=k, bits=8, decode_max_m=2)]
+        eng._eng.set_kernel_table(plain)
+        assert eng.kernel_table() == plain
+        good = dict(n=n, k=k, bits=8, decode_max_m=4, act_bits=8, mma_min_rows=2, gemm="a8")
+        for bad, msg in (
+                (dict(good, act_bits=4), "entry 1: act_bits = 4 is not 0, 8 or 16"),
+                (dict(good, mma_min_rows=17), "entry 1: mma_min_rows = 17 is outside -1..16"),
+                (dict(good, act_bits=16, gemm="a16"), "entry 1: mma_min_rows = 2 needs act_bits 8"),
+                (dict(good, mma_min_rows=-1, act_bits=0), "entry 1: gemm 'a8' needs act_bits 8, got 0"),
+                (dict(good, gemm="a16"), "entry 1: gemm 'a16' needs act_bits 16, got 8"),
+                (dict(good, gemm="a4"), "entry 1: gemm = 'a4' is not one of 'a8', 'a8_wg', 'a16'"),
+                (dict(good, bits=5, mma_min_rows=3),
+                 f"entries 0 and 1 (shape {n} x {k}, act_bits 8) disagree on mma_min_rows (2, 3)"),
+                (dict(good, gemm=8), "entry 1: 'gemm' must be a str, got 8"),
+                (dict(good, mma_min_rows="2"), "entry 1: 'mma_min_rows' must be an int, got '2'"),
+                (dict(good, act_bits=True), "entry 1: 'act_bits' must be an int, got True"),
+                (dict(good, act_bits=2 ** 40), "entry 1: 'act_bits' = 1099511627776 is out of range")):
+            with pytest.raises(FlexquantError, match=re.escape(msg)):
+                eng._eng.set_kernel_table([good, bad])
+            assert eng.kernel_table() == plain  # a bad table changes nothing
+        # entries of other shapes or activation families may differ in mma_min_rows
+        eng._eng.set_kernel_table([good, dict(good, act_bits=16, mma_min_rows=-1, gemm="a16"),
+                                   dict(good, n=n + 1, mma_min_rows=9)])
+
+
 def test_tune_command(tiny_fq, tmp_path, monkeypatch, capsys):
     """`flexquant-rt tune` measures and saves the CPU table; --backend cuda without a GPU stops with
     the engine's reason instead of tuning the CPU under a GPU key."""

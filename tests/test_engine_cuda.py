@@ -756,6 +756,71 @@ def test_cuda_tune_kernels_measures_applies_and_saves(tiny_fq, tmp_path, monkeyp
     assert (logits["gemm"].argmax(-1) == logits["gemv"].argmax(-1)).mean() >= 0.8
 
 
+def _wgmma_runs(fq) -> bool:
+    groups = {int(d["group_size"]) for d in Engine(fq, backend="cpu")._linear_shapes()}
+    return all(core.bitplane_gemm_wgmma_supported(g) for g in groups)
+
+
+@gpu
+def test_cuda_tune_kernels_chooses_among_checked_kernels(tiny_fq, tmp_path, monkeypatch):
+    """tune_kernels on CUDA also picks the GEMV kernel (TC, or MMA from mma_min_rows rows) and the
+    int8 GEMM (a8, or a8_wg where it runs) per shape, among the kernels that agree with the reference
+    GEMV here (none is left out on a correct build); a table forcing each choice gives the logits of
+    the default kernels within the int8 tolerance, under changing masks."""
+    monkeypatch.setenv("FLEXQUANT_RT_CACHE", str(tmp_path))
+    wg = _wgmma_runs(tiny_fq)
+    with Engine(tiny_fq, backend="cuda", n_ctx=256, kernel_table=None) as eng:
+        table = eng.tune_kernels(max_m=64, repeats=1, save=False)
+        shapes = {(int(d["n"]), int(d["k"])) for d in eng._linear_shapes()[:-1]}
+    for d in table:
+        assert d["act_bits"] == 8 and d["rejected"] == "", d
+        assert 0 <= d["mma_min_rows"] <= 16
+        assert d["gemm"] in (("a8", "a8_wg") if wg else ("a8",)), d
+    rng = np.random.default_rng(12)
+    # (the prompt and the chunk of 40 on the GEMM, the chunk of 6 and the steps on the GEMV)
+    ids, more = rng.integers(0, 320, 120), (rng.integers(0, 320, 40), rng.integers(0, 320, 6))
+    masks = [(rng.integers(2, 9, (2, 7)).astype(np.int32), int(rng.integers(2, 9))) for _ in range(4)]
+    forced = {}
+    for name, gemm, mma in (("default", "a8", 0), ("mma", "a8", 1), ("wgmma", "a8_wg", 0)):
+        t = [dict(n=n, k=k, bits=b, decode_max_m=8, act_bits=8, mma_min_rows=mma, gemm=gemm)
+             for n, k in shapes for b in range(2, 9)]
+        if gemm == "a8_wg" and not wg:
+            with pytest.raises(FlexquantError, match="gemm 'a8_wg' cannot run linear 0"):
+                Engine(tiny_fq, backend="cuda", n_ctx=256, kernel_table=t)
+            continue
+        with Engine(tiny_fq, backend="cuda", n_ctx=256, kernel_table=t) as e:
+            assert e.kernel_table() == t
+            forced[name] = _core_steps(e._eng, ids, 4, masks, more)
+    for name, got in forced.items():
+        assert np.isfinite(got).all(), name
+        assert rel_err(got, forced["default"]) < 1e-2, (name, rel_err(got, forced["default"]))
+        assert (got.argmax(-1) == forced["default"].argmax(-1)).mean() >= 0.8, name
+
+
+@gpu
+def test_cuda_tune_leaves_out_a_kernel_that_disagrees(tiny_fq, monkeypatch):
+    """The correctness check before the timings: with one output element of a kernel corrupted
+    (FLEXQUANT_CUDA_TUNE_FAULT, the test hook) tune_kernels never chooses that kernel and names it,
+    with the error, in every entry's `rejected`."""
+    wg = _wgmma_runs(tiny_fq)
+    monkeypatch.setenv("FLEXQUANT_CUDA_TUNE_FAULT", "a8")
+    with Engine(tiny_fq, backend="cuda", n_ctx=256, kernel_table=None) as eng:
+        table = eng.tune_kernels(max_m=32, repeats=1, save=False)
+        for d in table:
+            assert "a8: row error" in d["rejected"], d
+            if wg:
+                assert d["gemm"] == "a8_wg", d
+            else:  # no GEMM left: every pass on the GEMV
+                assert d["gemm"] == "" and d["decode_max_m"] >= 1024, d
+        assert eng.kernel_table() == table
+    monkeypatch.setenv("FLEXQUANT_CUDA_TUNE_FAULT", "mma")
+    with Engine(tiny_fq, backend="cuda", n_ctx=256, kernel_table=None) as eng:
+        table = eng.tune_kernels(max_m=32, repeats=1, save=False)
+        for d in table:
+            assert d["mma_min_rows"] == 0 and "mma: row error" in d["rejected"], d
+            assert d["gemm"] in ("a8", "a8_wg")
+
+
 @pytest.mark.skipif(not core.built_with_cuda(), reason="built without CUDA")
 def test_fused_and_accumulating_entry_points_check_their_arguments():
     """The bindings' argument checks run before any device work, so they hold without a GPU too."""

@@ -15,8 +15,8 @@
 #      Llama-3-8B linear shapes and m from 1 to 4096 (issue 6), and the GEMV at small m;
 #   6. (--e2e) converts a synthetic Llama-2-7B here and runs tools/bench.py --backend cuda on it:
 #      prefill tok/s of a 2048-token prompt (GEMM and GEMV-only), decode tok/s at 8/6/4 bits and with
-#      per-token masks, against the roofline (after `flexquant-rt tune --backend cuda` measured the
-#      GEMV/GEMM table), each also with programmatic dependent launch (FLEXQUANT_CUDA_PDL=1), the GEMV's
+#      per-token masks, against the roofline (after `flexquant-rt tune --backend cuda` checked and
+#      measured the GEMV/GEMM table: which kernels agree with the reference, then the fastest), each also with programmatic dependent launch (FLEXQUANT_CUDA_PDL=1), the GEMV's
 #      L2 prefetch (FLEXQUANT_CUDA_PREFETCH=1) and both, then with an fp16 KV cache; then batched
 #      decode of 1, 4, 8 and 16 sequences, plain and with every GEMV launch on the s8 tensor cores
 #      (--mma-rows 1: cuda_mma_min_rows). The converter
@@ -574,7 +574,9 @@ if [ "$E2E" = 1 ]; then
     2>&1 | tee "$LOG/e2e.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   stamp "decode benchmark done"
-  limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 2048 --decode 2 --static-only \
+  # (without the tuned table, which names each shape's GEMM itself: here the environment picks them)
+  mkdir -p /tmp/gc_no_table
+  FLEXQUANT_RT_CACHE=/tmp/gc_no_table limit "$(left)" "$PY" tools/bench.py "$MODEL" --backend cuda --bits 8 4 --prompt 2048 --decode 2 --static-only \
     --variant wgmma:FLEXQUANT_CUDA_WGMMA=1 --variant tiled_attention:FLEXQUANT_CUDA_TILED_ATTENTION=1 \
     --variant both:FLEXQUANT_CUDA_WGMMA=1,FLEXQUANT_CUDA_TILED_ATTENTION=1 \
     2>&1 | tee "$LOG/e2e_prefill.log"

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <memory>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "flexquant/engine.h"
@@ -39,9 +41,36 @@ py::list kernel_table_to_py(const std::vector<flexquant::KernelChoice>& t) {
         d["k"] = c.k;
         d["bits"] = c.bits;
         d["decode_max_m"] = c.decode_max_m;
+        // the CUDA kernel fields only where set (a CPU table stays {n, k, bits, decode_max_m})
+        if (c.act_bits != 0 || c.mma_min_rows != -1 || !c.gemm.empty() || !c.rejected.empty()) {
+            d["act_bits"] = c.act_bits;
+            d["mma_min_rows"] = c.mma_min_rows;
+            d["gemm"] = c.gemm;
+            d["rejected"] = c.rejected;
+        }
         out.append(d);
     }
     return out;
+}
+
+// d[key] into out when present; a value of the wrong type (a hand-edited or damaged table file)
+// is a flexquant::Error naming the entry and the field, not pybind11's bare cast error.
+template <class T>
+void table_field(const py::dict& d, const char* key, size_t i, T& out) {
+    if (!d.contains(key)) return;
+    const py::object v = d[key];
+    const bool ok = std::is_same_v<T, std::string> ? py::isinstance<py::str>(v)
+                                                   : py::isinstance<py::int_>(v) && !py::isinstance<py::bool_>(v);
+    if (!ok)
+        throw flexquant::Error("kernel table entry " + std::to_string(i) + ": '" + key + "' must be " +
+                               (std::is_same_v<T, std::string> ? "a str" : "an int") + ", got " +
+                               py::repr(v).cast<std::string>());
+    try {
+        out = v.cast<T>();
+    } catch (const py::cast_error&) {  // an int beyond T's range
+        throw flexquant::Error("kernel table entry " + std::to_string(i) + ": '" + key + "' = " +
+                               py::repr(v).cast<std::string>() + " is out of range");
+    }
 }
 
 }  // namespace
@@ -160,8 +189,10 @@ void bind_engine(py::module_& m) {
              },
              py::arg("max_m") = 16, py::arg("repeats") = 3,
              "Time the kernel families per linear shape, bit-width and m rows (CPU: decode against GEMM, m = 1..max_m;\n"
-             "CUDA: the GEMV against the tensor-core GEMM, m = 16, 32, .. max(max_m, 16)); apply and return the\n"
-             "table: [{'n', 'k', 'bits', 'decode_max_m'}] (decode kernels / GEMV up to decode_max_m rows, GEMM above).")
+             "CUDA: the GEMV against the tensor-core GEMM, m = 16, 32, .. max(max_m, 16), and which GEMV and GEMM\n"
+             "kernels, among those that agree with the reference on this GPU); apply and return the table:\n"
+             "[{'n', 'k', 'bits', 'decode_max_m'}] (decode kernels / GEMV up to decode_max_m rows, GEMM above; on CUDA\n"
+             "also 'act_bits', 'mma_min_rows', 'gemm', 'rejected').")
         .def("set_kernel_table",
              [](PyEngine& e, const std::vector<py::dict>& table) {
                  std::vector<flexquant::KernelChoice> t;
@@ -171,10 +202,15 @@ void bind_engine(py::module_& m) {
                          if (!d.contains(key))
                              throw flexquant::Error("kernel table entry " + std::to_string(i) + " has no '" + key + "'");
                      flexquant::KernelChoice c;
-                     c.n = d["n"].cast<int64_t>();
-                     c.k = d["k"].cast<int64_t>();
-                     c.bits = d["bits"].cast<int>();
-                     c.decode_max_m = d["decode_max_m"].cast<int64_t>();
+                     table_field(d, "n", i, c.n);
+                     table_field(d, "k", i, c.k);
+                     table_field(d, "bits", i, c.bits);
+                     table_field(d, "decode_max_m", i, c.decode_max_m);
+                     // the CUDA kernel fields are optional (tables saved before them, CPU tables)
+                     table_field(d, "act_bits", i, c.act_bits);
+                     table_field(d, "mma_min_rows", i, c.mma_min_rows);
+                     table_field(d, "gemm", i, c.gemm);
+                     table_field(d, "rejected", i, c.rejected);
                      t.push_back(c);
                  }
                  e.get().set_kernel_table(t);

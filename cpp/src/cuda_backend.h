@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "flexquant/engine.h"  // KernelChoice
 #include "flexquant/error.h"
 #include "flexquant/model_file.h"
 #include "ops/ops.h"
@@ -101,17 +102,30 @@ public:
     // per row over its own sequence. logits (count, vocab), entropy and top1_prob (count).
     void decode_batch(const int32_t* seqs, const int32_t* tokens, const int64_t* positions, int64_t count,
                       const int32_t* bits, float* logits, float* entropy, float* top1_prob);
-    // The dispatcher between the GEMV and the GEMM for the layer linears (the LM head always runs on
-    // the GEMV). Without a table: the GEMM for passes of >= gemm_min_rows rows. tune() measures, per
-    // layer-linear shape (n, k) and bit-width 2..bits_cap, the GEMV against the GEMM at m = 16, 32, ..
-    // and max_m (16..max pass rows; each timing runs the shape's linears of every layer back to back,
-    // so the weights come from HBM) until the GEMM wins, and applies and returns {n, k, bits,
-    // gemv_max_m}: the GEMV up to gemv_max_m rows (the last m it won, at least 8), the GEMM above.
-    // set_gemv_max applies one such entry; reset_gemv_max returns to the gemm_min_rows rule; both
-    // drop the captured decode graph (it holds the kernel choice). Throws when the GEMM is off.
-    std::vector<std::array<int64_t, 4>> tune(int64_t max_m, int repeats);
-    void set_gemv_max(int64_t n, int64_t k, int bits, int64_t gemv_max_m);
-    void reset_gemv_max();
+    // The dispatcher for the layer linears (the LM head always runs on the GEMV). Per linear and
+    // bit-width: the GEMV up to gemv_max rows, the GEMM above; which GEMV kernel (TC or MMA, by
+    // rows) and which GEMM (A8 or A8_WG for int8 activations; A16 for fp16). Without a table: the
+    // GEMM from gemm_min_rows rows, MMA from mma_min_rows, A8_WG where FLEXQUANT_CUDA_WGMMA=1.
+    // tune() measures it per layer-linear shape (n, k) and activation family (int8 or fp16, as
+    // set_activation_bits left the linears), on random input:
+    //  - correctness first: every candidate kernel (MMA GEMV, each GEMM) against the reference GEMV
+    //    (TC, or MMA_A16 for fp16) on the shape's first linear at every bit-width, rows compared by
+    //    relative L2 error (TUNE_MAX_ROW_ERROR); a kernel that disagrees anywhere is left out for
+    //    the shape and named in `rejected`;
+    //  - the GEMV kernel: TC against MMA at m = 1, 2, 4, 8, 16 summed over the bit-widths (one choice
+    //    per linear: the captured decode step holds it); mma_min_rows = the least m from which MMA
+    //    wins at every larger measured m (0: never);
+    //  - per bit-width: the GEMM kernel at max_m rows (the faster), then the GEMV against it at
+    //    m = 16, 32, .. max_m (16..max pass rows) until the GEMM wins: gemv_max = the last m the
+    //    GEMV won (at least one launch's rows).
+    // Each timing runs the shape's linears of every layer back to back (the weights come from HBM).
+    // tune() applies the table and returns it (act_bits 8 or 16, every field set). set_kernel_table
+    // checks a table (Engine::set_kernel_table checked each entry on its own) against this GPU and
+    // these linears (a8_wg where it cannot run: an error naming the entry), then applies it; an
+    // empty table returns to the defaults. Both drop the captured decode graph (it holds the kernel
+    // choice). tune() throws when the GEMM is off.
+    std::vector<KernelChoice> tune(int64_t max_m, int repeats);
+    void set_kernel_table(const std::vector<KernelChoice>& table);
     // Activation precision per linear (n_layers * 7 + 1, LinearKind order, then the LM head): bits[j]
     // 8 runs linear j on int8 activations (TC path, or MMA per mma_min_rows; its group size must
     // allow it, and not with fp32_matmul), 16 on fp16 activations (MMA_A16 path: group sizes 128,

@@ -345,14 +345,47 @@ void Engine::reset_seq(int seq) {
     impl_->check_seq(seq, "reset_seq");
     impl_->past[seq] = 0;
 }
-void Engine::set_kernel_table(const std::vector<KernelChoice>& table) {
-    Impl& e = *impl_;
+// Every entry on its own, then the one rule across entries: the GEMV kernel (mma_min_rows) is
+// chosen per linear, so the entries of one (n, k, act_bits) must agree on it. Both backends check
+// the CUDA fields, so a table is valid or not wherever it is applied.
+static void check_kernel_table(const std::vector<KernelChoice>& table) {
     for (size_t i = 0; i < table.size(); ++i) {
         const KernelChoice& c = table[i];
-        if (c.n <= 0 || c.k <= 0) throw Error(cat("kernel table entry ", i, ": shape ", c.n, " x ", c.k, " is not positive"));
-        if (c.bits < BITS_MIN || c.bits > 8) throw Error(cat("kernel table entry ", i, ": bits = ", c.bits, " is outside ", BITS_MIN, "..8"));
-        if (c.decode_max_m < 0) throw Error(cat("kernel table entry ", i, ": decode_max_m = ", c.decode_max_m, " is negative"));
+        const std::string at = cat("kernel table entry ", i, ": ");
+        if (c.n <= 0 || c.k <= 0) throw Error(cat(at, "shape ", c.n, " x ", c.k, " is not positive"));
+        if (c.bits < BITS_MIN || c.bits > 8) throw Error(cat(at, "bits = ", c.bits, " is outside ", BITS_MIN, "..8"));
+        if (c.decode_max_m < 0) throw Error(cat(at, "decode_max_m = ", c.decode_max_m, " is negative"));
+        if (c.act_bits != 0 && c.act_bits != 8 && c.act_bits != 16)
+            throw Error(cat(at, "act_bits = ", c.act_bits, " is not 0, 8 or 16"));
+        if (c.mma_min_rows < -1 || c.mma_min_rows > 16)
+            throw Error(cat(at, "mma_min_rows = ", c.mma_min_rows, " is outside -1..16"));
+        if (c.mma_min_rows >= 0 && c.act_bits != 8)
+            throw Error(cat(at, "mma_min_rows = ", c.mma_min_rows, " needs act_bits 8 (it picks an int8 GEMV kernel), got ",
+                            c.act_bits));
+        if (!c.gemm.empty()) {
+            const int family = c.gemm == "a8" || c.gemm == "a8_wg" ? 8 : c.gemm == "a16" ? 16 : 0;
+            if (family == 0)
+                throw Error(cat(at, "gemm = '", c.gemm, "' is not one of 'a8', 'a8_wg', 'a16' (or '' for the default)"));
+            if (family != c.act_bits)
+                throw Error(cat(at, "gemm '", c.gemm, "' needs act_bits ", family, ", got ", c.act_bits));
+        }
     }
+    for (size_t i = 0; i < table.size(); ++i)
+        for (size_t j = i + 1; j < table.size(); ++j) {
+            const KernelChoice &a = table[i], &b = table[j];
+            if (a.n == b.n && a.k == b.k && a.act_bits == b.act_bits && a.mma_min_rows != b.mma_min_rows)
+                throw Error(cat("kernel table entries ", i, " and ", j, " (shape ", a.n, " x ", a.k, ", act_bits ", a.act_bits,
+                                ") disagree on mma_min_rows (", a.mma_min_rows, ", ", b.mma_min_rows,
+                                "): the GEMV kernel is chosen per linear, not per bit-width"));
+        }
+}
+
+void Engine::set_kernel_table(const std::vector<KernelChoice>& table) {
+    Impl& e = *impl_;
+    check_kernel_table(table);
+#ifdef FLEXQUANT_HAVE_CUDA
+    if (e.gpu) e.gpu->set_kernel_table(table);  // checks what this GPU can run before it changes anything
+#endif
     std::array<int64_t, 9> dflt;
     dflt.fill(bitplane_decode_max_m);
     e.decode_max.assign(e.lin.size() + 1, dflt);
@@ -361,12 +394,6 @@ void Engine::set_kernel_table(const std::vector<KernelChoice>& table) {
             const BitplaneLinear& w = e.lin_at(j);
             if (w.n == c.n && w.k == c.k) e.decode_max[j][c.bits] = c.decode_max_m;
         }
-#ifdef FLEXQUANT_HAVE_CUDA
-    if (e.gpu) {  // on the GPU: decode_max_m = the rows up to which the GEMV beats the tensor-core GEMM
-        e.gpu->reset_gemv_max();
-        for (const KernelChoice& c : table) e.gpu->set_gemv_max(c.n, c.k, c.bits, c.decode_max_m);
-    }
-#endif
     e.kernel_table = table;
 }
 
@@ -378,9 +405,7 @@ std::vector<KernelChoice> Engine::tune_kernels(int64_t max_m, int repeats) {
     if (repeats < 1 || repeats > 100) throw Error(cat("tune_kernels: repeats = ", repeats, " is outside 1..100"));
 #ifdef FLEXQUANT_HAVE_CUDA
     if (e.gpu) {  // the GEMV against the tensor-core GEMM (CudaForward::tune)
-        std::vector<KernelChoice> table;
-        for (const auto& t : e.gpu->tune(std::max<int64_t>(max_m, 16), repeats))
-            table.push_back(KernelChoice{t[0], t[1], int(t[2]), t[3]});
+        std::vector<KernelChoice> table = e.gpu->tune(std::max<int64_t>(max_m, 16), repeats);
         e.kernel_table = table;  // tune() applied it already
         return table;
     }

@@ -123,16 +123,25 @@ def main(argv: list[str] | None = None) -> int:
                 table = eng.tune_kernels(max_m=a.max_m, repeats=a.repeats)
                 if eng.backend == "cuda":
                     from . import _core
-                    print(f"CUDA kernel table for {eng.path} on {_core.cuda_device_name()} (the GEMV up to the "
-                          f"given rows, the tensor-core GEMM above; default: the GEMM from 64 rows):")
+                    print(f"CUDA kernel table for {eng.path} on {_core.cuda_device_name()} (bits:rows:gemm = the "
+                          f"GEMV up to the given rows, that tensor-core GEMM above; default: the a8 GEMM from 64 rows):")
                 else:
                     print(f"CPU kernel table for {eng.path} on {eng._eng.threads} threads "
                           f"(decode kernels up to the given rows, GEMM above; default 4):")
                 shapes: dict = {}
                 for d in table:
-                    shapes.setdefault((d["n"], d["k"]), []).append(f"{d['bits']}:{d['decode_max_m']}")
-                for (n, k), cells in shapes.items():
-                    print(f"  {n} x {k}: bits:rows " + " ".join(cells))
+                    key = (d["n"], d["k"], d.get("act_bits", 0), d.get("mma_min_rows", -1), d.get("rejected", ""))
+                    cell = f"{d['bits']}:{d['decode_max_m']}" + (f":{d['gemm']}" if d.get("gemm") else "")
+                    shapes.setdefault(key, []).append(cell)
+                for (n, k, act, mma, rejected), cells in shapes.items():
+                    what = f"  {n} x {k}" + (f" (int{act} activations)" if act == 8 else
+                                             " (fp16 activations)" if act == 16 else "")
+                    line = f"{what}: bits:rows " + " ".join(cells)
+                    if act == 8:
+                        line += f"; GEMV on the s8 MMA kernel from {mma} rows" if mma > 0 else "; GEMV on TC"
+                    print(line)
+                    if rejected:
+                        print(f"    left out (disagreed with the reference GEMV): {rejected}")
                 print("saved: engines on this machine with the same threads (or GPU) and shapes use it")
             return 0
         if a.cmd == "calibrate":

@@ -77,7 +77,8 @@ class Engine:
     rows run on the s8 tensor cores with the weight codes decoded in registers, up to 16 rows per
     launch, instead of the binary tensor cores whose cost grows with the rows, 8 per launch (the same
     int8 activations and integer sums; group sizes 128, 256, 512); 0 = never, the default until it
-    has been measured on a GPU.
+    has been measured on a GPU. At its default a table saved by tune_kernels() on this GPU, which
+    chooses per linear shape, takes its place; an explicit value is the user's rule.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,
@@ -121,9 +122,9 @@ class Engine:
         self.n_layers = int(cfg["n_layers"])
         self.max_bits = int(self._eng.max_bits)  # the cap this engine runs under (<= the file's)
         self.eos_id = self.tokenizer.eos_id
-        self._mma_min_rows = cuda_mma_min_rows  # which GEMV kernel tune() times: part of the table's key
-        # an explicit cuda_gemm_min_rows is the user's rule: a saved table does not override it
-        if kernel_table == "auto" and self.backend == "cuda" and cuda_gemm_min_rows != 64:
+        # an explicit cuda_gemm_min_rows or cuda_mma_min_rows is the user's rule: a saved table (which
+        # sets both per linear shape) does not override it
+        if kernel_table == "auto" and self.backend == "cuda" and (cuda_gemm_min_rows != 64 or cuda_mma_min_rows != 0):
             kernel_table = None
         if kernel_table is not None:
             if kernel_table == "auto":
@@ -163,10 +164,15 @@ class Engine:
         """Time the kernel families on this machine for every linear shape of the model, bit-width
         and m rows, and run each product on the faster one from now on (prefill, batched decode).
         CPU: bit-serial decode against dequantize + GEMM, m = 1..max_m (default 16). CUDA: the
-        bit-plane GEMV against the tensor-core GEMM, m = 16, 32, ... up to max_m (default 256).
+        bit-plane GEMV against the tensor-core GEMM, m = 16, 32, ... up to max_m (default 256), and
+        which GEMV (binary tensor cores 'tc', or s8 'mma' from mma_min_rows rows) and which GEMM
+        ('a8' mma.sync or 'a8_wg' wgmma; 'a16' for fp16 activations) per shape and activation
+        family, among the kernels whose results agree with the reference GEMV on random input on
+        this GPU (one that disagrees is never chosen and is named in 'rejected').
         save: keep the table in the user cache, where later engines on this machine (same CPU and
         thread count, or same GPU; same shapes) pick it up. Returns [{'n', 'k', 'bits',
-        'decode_max_m'}]: the decode kernels (GEMV) up to decode_max_m rows, the GEMM above."""
+        'decode_max_m'}]: the decode kernels (GEMV) up to decode_max_m rows, the GEMM above; on CUDA
+        each entry also has 'act_bits' (8 or 16), 'mma_min_rows', 'gemm' and 'rejected'."""
         if max_m is None:
             max_m = 256 if self.backend == "cuda" else 16
         table = self._eng.tune_kernels(int(max_m), int(repeats))
@@ -181,17 +187,15 @@ class Engine:
 
     def _kernel_key(self) -> str:
         """What a kernel table depends on: the CPU, its kernel family and the threads (or the GPU and
-        which GEMV kernel runs: cuda_mma_min_rows), and the shapes."""
+        the bits uploaded), and the shapes."""
         import hashlib
         import platform
 
         shapes = sorted({(int(d["n"]), int(d["k"])) for d in self._linear_shapes()})
         if self.backend == "cuda":
+            # (the table names its GEMV and GEMM kernels, so neither cuda_mma_min_rows nor
+            # FLEXQUANT_CUDA_WGMMA is part of the key)
             ident = f"cuda|{_core.cuda_device_name()}|{self.max_bits}|{shapes}"
-            if self._mma_min_rows:  # (so that the keys of tables saved before this option stay valid)
-                ident += f"|mma{self._mma_min_rows}"
-            if os.environ.get("FLEXQUANT_CUDA_WGMMA") == "1":  # the int8 GEMM on wgmma: other crossovers
-                ident += "|wgmma"
             return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
         cpu = platform.processor() or platform.machine()

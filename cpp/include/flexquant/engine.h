@@ -90,14 +90,29 @@ struct EngineParams {
     int n_seq = 1;
 };
 
-// Which kernel family runs a linear of shape (n outputs, k inputs) at `bits` for m activation rows.
+// Which kernel runs a linear of shape (n outputs, k inputs) at `bits` for m activation rows.
 // CPU: the bit-serial decode kernels for m <= decode_max_m, dequantize-then-GEMM above. CUDA: the
-// bit-plane GEMV (binary tensor cores, 8 rows per launch) for m <= decode_max_m, the s8
-// tensor-core GEMM above (layer linears; the LM head stays on the GEMV).
+// bit-plane GEMV for m <= decode_max_m, the tensor-core GEMM above (layer linears; the LM head stays
+// on the GEMV), and which GEMV and GEMM kernels those are (the fields below; the CPU ignores them).
 struct KernelChoice {
     int64_t n = 0, k = 0;
     int bits = 0;
     int64_t decode_max_m = 4;
+    // CUDA: the linears the entry is for, by activation precision: 8 (int8), 16 (fp16), 0 (any).
+    // The kernel fields below need 8 or 16 (they name kernels of one activation family).
+    int act_bits = 0;
+    // CUDA, act_bits 8: GEMV launches of at least this many rows (1..16) run on the s8 tensor cores
+    // (MMA kernel), fewer on the binary tensor cores (TC); 0: never; -1: as
+    // EngineParams::cuda_mma_min_rows. Chosen per linear, so every entry of one (n, k, act_bits)
+    // must give the same value (the captured decode step holds it while the bit-width changes).
+    int mma_min_rows = -1;
+    // CUDA: the GEMM above decode_max_m rows: "a8" (mma.sync) or "a8_wg" (wgmma, Hopper) for
+    // act_bits 8, "a16" for 16; "": the default ("a8", or "a8_wg" with FLEXQUANT_CUDA_WGMMA=1).
+    std::string gemm;
+    // What tune_kernels() left out for this entry because its results disagreed with the reference
+    // kernel's on this GPU ("" = nothing), e.g. "a8_wg: row error 0.31 > 0.0001 at 4 bits". Kept
+    // with the table for the record; never read back.
+    std::string rejected;
 };
 
 // Cheap signals of the last step's next-token distribution, for a precision controller.
@@ -215,10 +230,17 @@ public:
     // for m <= 4. On the CUDA backend: the GEMV against the GEMM per layer-linear shape and bit-width
     // at m = 16, 32, ... up to max(max_m, 16) (<= 256), each shape's linears of every layer timed
     // back to back with CUDA events; without a table the GEMM runs from cuda_gemm_min_rows rows.
+    // There it also picks the GEMV kernel (TC or MMA, by rows) and the GEMM kernel (a8 or a8_wg) per
+    // shape and activation family, among the kernels whose results agree with the reference's
+    // (the TC or MMA_A16 GEMV) on random input on this GPU: a kernel that disagrees is never chosen
+    // and is named in the entries' `rejected`.
     std::vector<KernelChoice> tune_kernels(int64_t max_m = 16, int repeats = 3);
     // Applies a table (one tune_kernels() returned earlier on this machine): entries for shapes the
     // model lacks are kept but unused; linears without one keep the default. Throws naming a bad
-    // entry (bits outside 2..8, decode_max_m < 0, a non-positive shape); a bad table changes nothing.
+    // entry (bits outside 2..8, decode_max_m < 0, a non-positive shape, act_bits not 0/8/16,
+    // mma_min_rows outside -1..16, an unknown gemm or one of the other activation family, entries
+    // of one shape that disagree on mma_min_rows; on CUDA also a kernel this GPU cannot run for a
+    // linear of the entry's shape); a bad table changes nothing.
     void set_kernel_table(const std::vector<KernelChoice>& table);
     std::vector<KernelChoice> kernel_table() const;
 

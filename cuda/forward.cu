@@ -46,6 +46,7 @@
 
 #include "../cuda/bitplane_matmul.cuh"
 #include "cuda_backend.h"
+#include "kernel_dispatch.h"
 
 namespace flexquant {
 
@@ -151,14 +152,12 @@ struct CudaForward::Impl {
     size_t ws_bytes = 0;
     void* ws_gemm = nullptr;  // the GEMM's (codes of one linear, the pass's activations): apart, so
     size_t ws_gemm_bytes = 0; // that a GEMM between two GEMV linears keeps their prepared input
-    // The dispatcher's choices (set_kernel_table: the defaults, then the table's entries), per layer
-    // linear and bit-width: the most rows the GEMV takes before the GEMM does, and whether that GEMM
-    // is A8_WG (int8 linears); per linear: the rows from which its int8 GEMV launches run the MMA
-    // kernel (0: never).
+    // The dispatcher's choices (set_kernel_table: the defaults, then the table's entries), per linear:
+    // per bit-width the most rows the GEMV takes before the GEMM does and whether that GEMM is A8_WG
+    // (int8 linears); the rows from which its int8 GEMV launches run the MMA kernel (0: never).
     std::vector<KernelChoice> table;
-    std::vector<std::array<int64_t, 9>> gemv_max;
-    std::vector<std::array<char, 9>> gemm_wg;
-    std::vector<int> mma_from;
+    std::vector<dispatch::LinearKernels> kernels;  // (n_lin)
+    std::vector<dispatch::LinearSlot> slots() const;
     void apply_table();
     StepSignalsDevice* sig = nullptr;  // (head_rows)
 
@@ -211,19 +210,20 @@ struct CudaForward::Impl {
     bool on_gemm(size_t j, int64_t T) const {
         if (!use_gemm || j + 1 >= size_t(n_lin)) return false;  // the LM head: the GEMV
         if (lin_path[j] == BITPLANE_CUDA_FP32) return false;  // fp32 activations: the GEMMs have int8 or fp16
-        return T > gemv_max[j][host_bits(j)];
+        return T > kernels[j].gemv_max[host_bits(j)];
     }
     // The GEMM of linear j at the step's bit-width: the activations its GEMV path has (int8: A8, or
     // A8_WG where gemm_wg says so; fp16: A16).
     BitplaneGemmKind gemm_kind(size_t j) const {
         if (lin_path[j] == BITPLANE_CUDA_MMA_A16) return BITPLANE_GEMM_A16;
-        return gemm_wg[j][host_bits(j)] ? BITPLANE_GEMM_A8_WG : BITPLANE_GEMM_A8;
+        return kernels[j].gemm_wg[host_bits(j)] ? BITPLANE_GEMM_A8_WG : BITPLANE_GEMM_A8;
     }
     // The GEMV kernel of linear j for a launch of `rows` rows: the TC path's preparation also serves
     // the MMA kernel (s8 tensor cores), which runs from mma_from[j] rows where the group size allows
     // it. Not a function of the bit-width, so the captured decode step stays valid under any mask.
     BitplaneCudaPath gemv_kernel(size_t j, int64_t rows) const {
-        const bool mma = lin_path[j] == BITPLANE_CUDA_TC && mma_from[j] > 0 && rows >= mma_from[j] &&
+        const int from = kernels[j].mma_from;
+        const bool mma = lin_path[j] == BITPLANE_CUDA_TC && from > 0 && rows >= from &&
                          bitplane_cuda_mma_supports(lin[j].group_size);
         return mma ? BITPLANE_CUDA_MMA : lin_path[j];
     }
@@ -680,44 +680,31 @@ void CudaForward::Impl::drop_graph() {
     graph = nullptr;
 }
 
-// The defaults, then every entry of the table in order (a later entry for the same linear and
-// bit-width wins). An entry applies to the layer linears of its shape whose activations it is for
-// (act_bits 0: int8 and fp16 alike); the LM head keeps the defaults (it always runs on the GEMV).
-// Never throws: set_kernel_table checked the table, and a kernel a linear cannot run is skipped
-// (a8_wg where wgmma_ok is false, MMA at a group size it lacks: gemv_kernel checks that).
+// The table through dispatch::apply (cpp/src/kernel_dispatch.h): the defaults, then each entry on
+// the layer linears of its shape and activation family. Never throws: set_kernel_table checked the
+// table, and a kernel a linear cannot run is skipped (a8_wg where wgmma_ok is false; MMA at a group
+// size it lacks: gemv_kernel checks that).
+std::vector<dispatch::LinearSlot> CudaForward::Impl::slots() const {
+    std::vector<dispatch::LinearSlot> out(static_cast<size_t>(n_lin));
+    for (size_t j = 0; j < size_t(n_lin); ++j) {
+        out[j].n = lin[j].n;
+        out[j].k = lin[j].k;
+        out[j].act_bits = lin_path[j] == BITPLANE_CUDA_TC ? 8 : lin_path[j] == BITPLANE_CUDA_MMA_A16 ? 16 : 0;
+        out[j].wgmma_ok = wgmma_ok[j] != 0;
+        out[j].layer = j + 1 < size_t(n_lin);
+    }
+    return out;
+}
+
 void CudaForward::Impl::apply_table() {
-    std::array<int64_t, 9> rule;  // without a table entry: the GEMM from gemm_min_rows rows
-    rule.fill(use_gemm ? p.gemm_min_rows - 1 : std::numeric_limits<int64_t>::max());
-    gemv_max.assign(size_t(n_lin), rule);
-    gemm_wg.assign(size_t(n_lin), {});
-    mma_from.assign(size_t(n_lin), p.mma_min_rows);
-    for (size_t j = 0; j < size_t(n_lin); ++j) gemm_wg[j].fill(wgmma_default && wgmma_ok[j] ? 1 : 0);
-    for (const KernelChoice& c : table)
-        for (size_t j = 0; j + 1 < size_t(n_lin); ++j) {
-            const bool int8 = lin_path[j] == BITPLANE_CUDA_TC, fp16 = lin_path[j] == BITPLANE_CUDA_MMA_A16;
-            const bool act = c.act_bits == 0 ? int8 || fp16 : c.act_bits == 8 ? int8 : fp16;
-            if (lin[j].n != c.n || lin[j].k != c.k || !act) continue;
-            gemv_max[j][size_t(c.bits)] = c.decode_max_m;
-            if (int8 && !c.gemm.empty()) gemm_wg[j][size_t(c.bits)] = c.gemm == "a8_wg" && wgmma_ok[j] ? 1 : 0;
-            if (int8 && c.mma_min_rows >= 0) mma_from[j] = c.mma_min_rows;
-        }
+    kernels = dispatch::apply(table, slots(), use_gemm ? p.gemm_min_rows : 0, wgmma_default, p.mma_min_rows);
 }
 
 void CudaForward::set_kernel_table(const std::vector<KernelChoice>& table) {
     Impl& e = *impl_;
     // (Engine::set_kernel_table checked each entry's fields; here what this GPU and model can run)
-    for (size_t i = 0; i < table.size(); ++i) {
-        const KernelChoice& c = table[i];
-        if (c.gemm != "a8_wg") continue;
-        for (size_t j = 0; j + 1 < size_t(e.n_lin); ++j)
-            if (e.lin[j].n == c.n && e.lin[j].k == c.k && !e.wgmma_ok[j]) {
-                const int gs = e.lin[j].group_size;
-                throw Error("kernel table entry " + std::to_string(i) + ": gemm 'a8_wg' cannot run linear " +
-                            std::to_string(j) + " (" + std::to_string(c.n) + " x " + std::to_string(c.k) + "): " +
-                            (gs % 128 != 0 ? "its group size " + std::to_string(gs) + " is not a multiple of 128"
-                                           : std::string("this GPU or build has no sm_90a wgmma")));
-            }
-    }
+    const std::string why = dispatch::refusal(table, e.slots(), [&](size_t j) { return e.lin[j].group_size; });
+    if (!why.empty()) throw Error(why);
     e.drop_graph();  // the captured step holds the kernel choice
     e.table = table;
     e.apply_table();
@@ -760,14 +747,8 @@ std::vector<int32_t> CudaForward::activation_bits() const {
     return out;
 }
 
-// Largest relative L2 error of a row that tune() accepts from a candidate kernel against the
-// reference GEMV. Both compute the same thing: the same exact integer sums per group (int8) or the
-// same fp16 products with fp32 accumulation (fp16), so they differ by the fp32 rounding of per-group
-// terms, about 1e-6 of a row's norm (tests/test_cuda_ops.py bounds a kernel by twice the
-// fp32-against-fp64 error of the same arithmetic). One element wrong by its own size in a row of
-// n >= 2048 outputs is about 1/sqrt(n) >= 0.02 of the row; a missed element stays NaN (poisoned).
-constexpr double TUNE_MAX_ROW_ERROR = 1e-4;
-
+// The measurements of dispatch::choose (cpp/src/kernel_dispatch.h, which decides and documents the
+// rules) on this GPU.
 std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
     Impl& e = *impl_;
     const std::string fn = "CudaForward::tune";
@@ -784,8 +765,7 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
     // every layer back to back: different weights, so the planes come from HBM as in a forward
     // pass, not from L2.
     struct Group {
-        int64_t n, k;
-        BitplaneCudaPath path;  // the reference GEMV: TC or MMA_A16
+        dispatch::TuneGroup spec;
         std::vector<size_t> members;
     };
     std::vector<Group> groups;
@@ -793,10 +773,26 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
     for (size_t j = 0; j + 1 < size_t(e.n_lin); ++j) {
         const BitplaneCudaPath pj = e.lin_path[j];
         if (pj != BITPLANE_CUDA_TC && pj != BITPLANE_CUDA_MMA_A16) continue;
+        const bool int8 = pj == BITPLANE_CUDA_TC;
         auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
-            return g.n == e.lin[j].n && g.k == e.lin[j].k && g.path == pj;
+            return g.spec.n == e.lin[j].n && g.spec.k == e.lin[j].k && g.spec.int8 == int8;
         });
-        if (it == groups.end()) it = groups.insert(groups.end(), Group{e.lin[j].n, e.lin[j].k, pj, {}});
+        if (it == groups.end()) {
+            dispatch::TuneGroup spec;
+            spec.n = e.lin[j].n;
+            spec.k = e.lin[j].k;
+            spec.int8 = int8;
+            spec.mma_ok = int8 && bitplane_cuda_mma_supports(e.lin[j].group_size);
+            // (a8_wg only where every layer linear of the shape can run it, as set_kernel_table asks)
+            spec.wgmma_ok = int8;
+            for (size_t i = 0; i + 1 < size_t(e.n_lin); ++i)
+                if (e.lin[i].n == spec.n && e.lin[i].k == spec.k && !e.wgmma_ok[i]) spec.wgmma_ok = false;
+            spec.bits_min = BITS_MIN;
+            spec.bits_max = e.p.bits_cap;
+            spec.max_m = max_m;
+            spec.all_rows = e.max_rows;
+            it = groups.insert(groups.end(), Group{spec, {}});
+        }
         it->members.push_back(j);
         max_k = std::max(max_k, e.lin[j].k);
         max_n = std::max(max_n, e.lin[j].n);
@@ -816,7 +812,8 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
         v = float(r >> 8) / 8388608.0f - 1.0f;
     }
     DeviceBuffer<float> x(xh.size(), fn), y(size_t(max_m * max_n), fn), y_ref(size_t(max_m * max_n), fn);
-    cuda_check(cudaMemcpyAsync(x.get(), xh.data(), xh.size() * 4, cudaMemcpyHostToDevice, e.stream), fn + " (x)");
+    // (synchronous: xh is pageable, and the kernels below read x on e.stream)
+    cuda_check(cudaMemcpy(x.get(), xh.data(), xh.size() * 4, cudaMemcpyHostToDevice), fn + " (x)");
     CudaEvent start_ev(fn), stop_ev(fn);
     cudaEvent_t start = start_ev.e, stop = stop_ev.e;
     // A test hook: FLEXQUANT_CUDA_TUNE_FAULT=<kernel> (mma, a8, a8_wg, a16) corrupts one output
@@ -825,24 +822,27 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
     const char* fault_env = std::getenv("FLEXQUANT_CUDA_TUNE_FAULT");
     const std::string fault = fault_env ? fault_env : "";
 
-    // One product of linear j at `bits` on m rows of x into out: the GEMV kernel `gemv`, or the GEMM `kind`.
-    struct Kernel {
-        bool gemm;
-        BitplaneCudaPath gemv;
-        BitplaneGemmKind kind;
-        const char* name;
+    // One product of linear j at `bits` on m rows of x into out, on the kernel named `kernel`.
+    auto run = [&](const std::string& kernel, size_t j, int bits, int64_t m, float* out) {
+        const BitplaneGemmKind kind = kernel == "a8" ? BITPLANE_GEMM_A8 : kernel == "a8_wg" ? BITPLANE_GEMM_A8_WG
+                                      : kernel == "a16" ? BITPLANE_GEMM_A16 : BitplaneGemmKind(0);
+        if (kind != BitplaneGemmKind(0)) {
+            bitplane_gemm_cuda_async(e.lin[j], bits, x.get(), m, out, e.ws_gemm, e.ws_gemm_bytes, kind, e.stream);
+            return;
+        }
+        const BitplaneCudaPath path = kernel == "tc" ? BITPLANE_CUDA_TC : kernel == "mma" ? BITPLANE_CUDA_MMA
+                                      : kernel == "mma_a16" ? BITPLANE_CUDA_MMA_A16 : BITPLANE_CUDA_AUTO;
+        if (path == BITPLANE_CUDA_AUTO) throw Error(fn + ": no kernel '" + kernel + "'");
+        bitplane_matmul_cuda_async(e.lin[j], bits, x.get(), m, out, e.ws, e.ws_bytes, path, e.stream);
     };
-    auto run = [&](const Kernel& kn, size_t j, int bits, int64_t m, float* out) {
-        if (kn.gemm)
-            bitplane_gemm_cuda_async(e.lin[j], bits, x.get(), m, out, e.ws_gemm, e.ws_gemm_bytes, kn.kind, e.stream);
-        else
-            bitplane_matmul_cuda_async(e.lin[j], bits, x.get(), m, out, e.ws, e.ws_bytes, kn.gemv, e.stream);
-    };
-    auto time_ms = [&](const Kernel& kn, const Group& g, int bits, int64_t m) {
+    const Group* cur = nullptr;  // the group being measured
+    std::vector<float> got, want;
+    dispatch::Probe probe;
+    probe.time = [&](const std::string& kernel, int bits, int64_t m) {
         float best = std::numeric_limits<float>::max();
         for (int rep = 0; rep <= repeats; ++rep) {  // rep 0 warms up
             cuda_check(cudaEventRecord(start, e.stream), fn);
-            for (size_t j : g.members) run(kn, j, bits, m, y.get());
+            for (size_t j : cur->members) run(kernel, j, bits, m, y.get());
             cuda_check(cudaEventRecord(stop, e.stream), fn);
             cuda_check(cudaEventSynchronize(stop), fn + " (timing)");
             float ms = 0;
@@ -851,20 +851,19 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
         }
         return double(best);
     };
-    // The largest relative L2 error of a row of `cand` against `ref` on the group's first linear (its
-    // output poisoned with NaN first); +inf if any element is not finite.
-    std::vector<float> got, want;
-    auto row_error = [&](const Kernel& cand, const Kernel& ref, const Group& g, int bits, int64_t m) {
-        const size_t j = g.members.front(), n = size_t(e.lin[j].n), count = size_t(m) * n;
-        run(ref, j, bits, m, y_ref.get());
+    // on the group's first linear: the reference GEMV into y_ref, the kernel into y (poisoned first)
+    probe.error = [&](const std::string& kernel, int bits, int64_t m) {
+        const size_t j = cur->members.front(), n = size_t(e.lin[j].n), count = size_t(m) * n;
+        run(cur->spec.int8 ? "tc" : "mma_a16", j, bits, m, y_ref.get());
         cuda_check(cudaMemsetAsync(y.get(), 0xff, count * 4, e.stream), fn + " (poison)");  // NaN
-        run(cand, j, bits, m, y.get());
+        run(kernel, j, bits, m, y.get());
         got.resize(count);
         want.resize(count);
+        // (pageable destinations: these copies return when the data is in host memory)
         cuda_check(cudaMemcpyAsync(got.data(), y.get(), count * 4, cudaMemcpyDeviceToHost, e.stream), fn);
         cuda_check(cudaMemcpyAsync(want.data(), y_ref.get(), count * 4, cudaMemcpyDeviceToHost, e.stream), fn);
         cuda_check(cudaStreamSynchronize(e.stream), fn + " (check)");
-        if (fault == cand.name) got[count - 1] = want[count - 1] + 1.0f + std::fabs(want[count - 1]);
+        if (fault == kernel) got[count - 1] = want[count - 1] + 1.0f + std::fabs(want[count - 1]);
         double worst = 0;
         for (size_t row = 0; row < size_t(m); ++row) {
             double d2 = 0, r2 = 0;
@@ -878,89 +877,10 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
         }
         return worst;
     };
-    // Whether `cand` agrees with `ref` at every bit-width on m rows; else a line for `rejected`.
-    auto agrees = [&](const Kernel& cand, const Kernel& ref, const Group& g, int64_t m, std::string& rejected) {
-        for (int bits = BITS_MIN; bits <= e.p.bits_cap; ++bits) {
-            const double err = row_error(cand, ref, g, bits, m);
-            if (err <= TUNE_MAX_ROW_ERROR) continue;
-            char line[160];
-            std::snprintf(line, sizeof line, "%s%s: row error %.3g > %g at %d bits, %lld rows", rejected.empty() ? "" : "; ",
-                          cand.name, err, TUNE_MAX_ROW_ERROR, bits, static_cast<long long>(m));
-            rejected += line;
-            return false;
-        }
-        return true;
-    };
-
     try {
         for (const Group& g : groups) {
-            const size_t j0 = g.members.front();
-            const int gs = e.lin[j0].group_size;
-            const bool int8 = g.path == BITPLANE_CUDA_TC;
-            const Kernel ref{false, g.path, BITPLANE_GEMM_A8, int8 ? "tc" : "mma_a16"};
-            std::string rejected;
-            // the GEMV kernel (int8): MMA where it agrees, from the least m at which it wins at every
-            // larger measured m, timed over all bit-widths together (one choice per linear)
-            int mma_from = 0;
-            const Kernel mma{false, BITPLANE_CUDA_MMA, BITPLANE_GEMM_A8, "mma"};
-            if (int8 && bitplane_cuda_mma_supports(gs) && agrees(mma, ref, g, MMA_SLICE, rejected)) {
-                for (int64_t m : {int64_t(16), int64_t(8), int64_t(4), int64_t(2), int64_t(1)}) {
-                    double t_ref = 0, t_mma = 0;
-                    for (int bits = BITS_MIN; bits <= e.p.bits_cap; ++bits) {
-                        t_ref += time_ms(ref, g, bits, m);
-                        t_mma += time_ms(mma, g, bits, m);
-                    }
-                    if (t_mma >= t_ref) break;
-                    mma_from = int(m);
-                }
-            }
-            const Kernel gemv = mma_from > 0 ? mma : ref;  // the GEMV of >= 16 rows (slices of 16 or 8)
-            // the GEMM candidates that agree with the GEMV on max_m rows
-            std::vector<Kernel> gemms;
-            const std::vector<Kernel> all =
-                int8 ? std::vector<Kernel>{{true, g.path, BITPLANE_GEMM_A8, "a8"}, {true, g.path, BITPLANE_GEMM_A8_WG, "a8_wg"}}
-                     : std::vector<Kernel>{{true, g.path, BITPLANE_GEMM_A16, "a16"}};
-            // (a8_wg only where every layer linear of the shape can run it, as set_kernel_table asks)
-            bool wg_ok = true;
-            for (size_t j = 0; j + 1 < size_t(e.n_lin); ++j)
-                if (e.lin[j].n == g.n && e.lin[j].k == g.k && !e.wgmma_ok[j]) wg_ok = false;
-            for (const Kernel& kn : all) {
-                if (kn.kind == BITPLANE_GEMM_A8_WG && !wg_ok) continue;  // not on this GPU / group size
-                if (agrees(kn, ref, g, max_m, rejected)) gemms.push_back(kn);
-            }
-            for (int bits = BITS_MIN; bits <= e.p.bits_cap; ++bits) {
-                KernelChoice c;
-                c.n = g.n;
-                c.k = g.k;
-                c.bits = bits;
-                c.act_bits = int8 ? 8 : 16;
-                c.mma_min_rows = int8 ? mma_from : -1;
-                c.rejected = rejected;
-                c.decode_max_m = e.max_rows;  // no GEMM agrees: the GEMV for every pass
-                if (!gemms.empty()) {
-                    // the faster GEMM at max_m rows, then the GEMV up to one launch's rows (8, or 16 on
-                    // the MMA kernel); then twice that, four times, ... and max_m itself until the
-                    // GEMM wins. decode_max_m = the last m the GEMV won: above it (untimed rows
-                    // included) the GEMM runs.
-                    const Kernel* best = &gemms.front();
-                    if (gemms.size() > 1) {
-                        double t_best = std::numeric_limits<double>::max();
-                        for (const Kernel& kn : gemms) {
-                            const double t = time_ms(kn, g, bits, max_m);
-                            if (t < t_best) t_best = t, best = &kn;
-                        }
-                    }
-                    c.gemm = best->name;
-                    const int64_t one_launch = bitplane_cuda_launch_rows(gemv.gemv);
-                    int64_t gemv_max = std::min(one_launch, max_m);
-                    for (int64_t m = std::min(2 * one_launch, max_m); m > gemv_max; m = std::min(2 * m, max_m)) {
-                        if (time_ms(*best, g, bits, m) < time_ms(gemv, g, bits, m)) break;
-                        gemv_max = m;
-                    }
-                    c.decode_max_m = gemv_max;
-                }
-                table.push_back(c);
-            }
+            cur = &g;
+            for (KernelChoice& c : dispatch::choose(g.spec, probe)) table.push_back(std::move(c));
         }
     } catch (...) {
         cudaStreamSynchronize(e.stream);  // nothing of this call still runs when its buffers are freed

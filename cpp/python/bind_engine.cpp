@@ -2,6 +2,7 @@
 // Checks dtype/shape of every array argument; all errors surface as FlexquantError (ValueError).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/functional.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "flexquant/engine.h"
+#include "../src/kernel_dispatch.h"
 
 namespace py = pybind11;
 
@@ -73,9 +75,98 @@ void table_field(const py::dict& d, const char* key, size_t i, T& out) {
     }
 }
 
+std::vector<flexquant::KernelChoice> kernel_table_from_py(const std::vector<py::dict>& table) {
+    std::vector<flexquant::KernelChoice> t;
+    for (size_t i = 0; i < table.size(); ++i) {
+        const py::dict& d = table[i];
+        for (const char* key : {"n", "k", "bits", "decode_max_m"})
+            if (!d.contains(key))
+                throw flexquant::Error("kernel table entry " + std::to_string(i) + " has no '" + key + "'");
+        flexquant::KernelChoice c;
+        table_field(d, "n", i, c.n);
+        table_field(d, "k", i, c.k);
+        table_field(d, "bits", i, c.bits);
+        table_field(d, "decode_max_m", i, c.decode_max_m);
+        // the CUDA kernel fields are optional (tables saved before them, CPU tables)
+        table_field(d, "act_bits", i, c.act_bits);
+        table_field(d, "mma_min_rows", i, c.mma_min_rows);
+        table_field(d, "gemm", i, c.gemm);
+        table_field(d, "rejected", i, c.rejected);
+        t.push_back(c);
+    }
+    return t;
+}
+
+// The CUDA dispatcher's decisions (cpp/src/kernel_dispatch.h) with made-up measurements, for the
+// tests: they hold without a GPU.
+std::vector<flexquant::dispatch::LinearSlot> slots_from_py(const std::vector<py::dict>& slots) {
+    std::vector<flexquant::dispatch::LinearSlot> out;
+    for (const py::dict& d : slots) {
+        flexquant::dispatch::LinearSlot s;
+        s.n = d["n"].cast<int64_t>();
+        s.k = d["k"].cast<int64_t>();
+        s.act_bits = d["act_bits"].cast<int>();
+        s.wgmma_ok = d["wgmma_ok"].cast<bool>();
+        s.layer = d["layer"].cast<bool>();
+        out.push_back(s);
+    }
+    return out;
+}
+
+void bind_dispatch(py::module_& m) {
+    namespace dp = flexquant::dispatch;
+    m.attr("DISPATCH_MAX_ROW_ERROR") = dp::MAX_ROW_ERROR;
+    m.def(
+        "_dispatch_choose",
+        [](const py::dict& g, const std::function<double(const std::string&, int, int64_t)>& error,
+           const std::function<double(const std::string&, int, int64_t)>& time) {
+            dp::TuneGroup spec;
+            spec.n = g["n"].cast<int64_t>();
+            spec.k = g["k"].cast<int64_t>();
+            spec.int8 = g["int8"].cast<bool>();
+            spec.mma_ok = g["mma_ok"].cast<bool>();
+            spec.wgmma_ok = g["wgmma_ok"].cast<bool>();
+            spec.bits_min = g["bits_min"].cast<int>();
+            spec.bits_max = g["bits_max"].cast<int>();
+            spec.max_m = g["max_m"].cast<int64_t>();
+            spec.all_rows = g["all_rows"].cast<int64_t>();
+            return kernel_table_to_py(dp::choose(spec, dp::Probe{error, time}));
+        },
+        py::arg("group"), py::arg("error"), py::arg("time"),
+        "Tests: dispatch::choose (the entries tune() makes for one group of linears) with error(kernel, bits, m)\n"
+        "and time(kernel, bits, m) given. group: {n, k, int8, mma_ok, wgmma_ok, bits_min, bits_max, max_m, all_rows}.");
+    m.def(
+        "_dispatch_apply",
+        [](const std::vector<py::dict>& table, const std::vector<py::dict>& slots, int64_t gemm_min_rows,
+           bool wgmma_default, int mma_min_rows) {
+            py::list out;
+            for (const dp::LinearKernels& l : dp::apply(kernel_table_from_py(table), slots_from_py(slots), gemm_min_rows,
+                                                        wgmma_default, mma_min_rows)) {
+                py::dict d;
+                d["gemv_max"] = std::vector<int64_t>(l.gemv_max.begin(), l.gemv_max.end());
+                d["gemm_wg"] = std::vector<bool>(l.gemm_wg.begin(), l.gemm_wg.end());
+                d["mma_from"] = l.mma_from;
+                out.append(d);
+            }
+            return out;
+        },
+        py::arg("table"), py::arg("slots"), py::arg("gemm_min_rows"), py::arg("wgmma_default"), py::arg("mma_min_rows"),
+        "Tests: dispatch::apply: per linear slot {n, k, act_bits, wgmma_ok, layer} -> {gemv_max (9,), gemm_wg (9,),\n"
+        "mma_from}.");
+    m.def(
+        "_dispatch_refusal",
+        [](const std::vector<py::dict>& table, const std::vector<py::dict>& slots, const std::vector<int>& group_sizes) {
+            return dp::refusal(kernel_table_from_py(table), slots_from_py(slots),
+                               [&](size_t j) { return group_sizes.at(j); });
+        },
+        py::arg("table"), py::arg("slots"), py::arg("group_sizes"),
+        "Tests: dispatch::refusal ('' when the table can run on these linears, else why not).");
+}
+
 }  // namespace
 
 void bind_engine(py::module_& m) {
+    bind_dispatch(m);
     py::class_<PyEngine>(m, "Engine",
                          "The C++ engine: forward pass, KV cache and bit mask. Use flexquant_rt.Engine, "
                          "which adds tokenization, chat and the generation loop.")
@@ -195,24 +286,7 @@ void bind_engine(py::module_& m) {
              "also 'act_bits', 'mma_min_rows', 'gemm', 'rejected').")
         .def("set_kernel_table",
              [](PyEngine& e, const std::vector<py::dict>& table) {
-                 std::vector<flexquant::KernelChoice> t;
-                 for (size_t i = 0; i < table.size(); ++i) {
-                     const py::dict& d = table[i];
-                     for (const char* key : {"n", "k", "bits", "decode_max_m"})
-                         if (!d.contains(key))
-                             throw flexquant::Error("kernel table entry " + std::to_string(i) + " has no '" + key + "'");
-                     flexquant::KernelChoice c;
-                     table_field(d, "n", i, c.n);
-                     table_field(d, "k", i, c.k);
-                     table_field(d, "bits", i, c.bits);
-                     table_field(d, "decode_max_m", i, c.decode_max_m);
-                     // the CUDA kernel fields are optional (tables saved before them, CPU tables)
-                     table_field(d, "act_bits", i, c.act_bits);
-                     table_field(d, "mma_min_rows", i, c.mma_min_rows);
-                     table_field(d, "gemm", i, c.gemm);
-                     table_field(d, "rejected", i, c.rejected);
-                     t.push_back(c);
-                 }
+                 const std::vector<flexquant::KernelChoice> t = kernel_table_from_py(table);
                  e.get().set_kernel_table(t);
              },
              py::arg("table"), "Apply a kernel table (as tune_kernels returns).")

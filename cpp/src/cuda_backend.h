@@ -106,24 +106,16 @@ public:
     // bit-width: the GEMV up to gemv_max rows, the GEMM above; which GEMV kernel (TC or MMA, by
     // rows) and which GEMM (A8 or A8_WG for int8 activations; A16 for fp16). Without a table: the
     // GEMM from gemm_min_rows rows, MMA from mma_min_rows, A8_WG where FLEXQUANT_CUDA_WGMMA=1.
-    // tune() measures it per layer-linear shape (n, k) and activation family (int8 or fp16, as
-    // set_activation_bits left the linears), on random input:
-    //  - correctness first: every candidate kernel (MMA GEMV, each GEMM) against the reference GEMV
-    //    (TC, or MMA_A16 for fp16) on the shape's first linear at every bit-width, rows compared by
-    //    relative L2 error (TUNE_MAX_ROW_ERROR); a kernel that disagrees anywhere is left out for
-    //    the shape and named in `rejected`;
-    //  - the GEMV kernel: TC against MMA at m = 1, 2, 4, 8, 16 summed over the bit-widths (one choice
-    //    per linear: the captured decode step holds it); mma_min_rows = the least m from which MMA
-    //    wins at every larger measured m (0: never);
-    //  - per bit-width: the GEMM kernel at max_m rows (the faster), then the GEMV against it at
-    //    m = 16, 32, .. max_m (16..max pass rows) until the GEMM wins: gemv_max = the last m the
-    //    GEMV won (at least one launch's rows).
-    // Each timing runs the shape's linears of every layer back to back (the weights come from HBM).
-    // tune() applies the table and returns it (act_bits 8 or 16, every field set). set_kernel_table
-    // checks a table (Engine::set_kernel_table checked each entry on its own) against this GPU and
-    // these linears (a8_wg where it cannot run: an error naming the entry), then applies it; an
-    // empty table returns to the defaults. Both drop the captured decode graph (it holds the kernel
-    // choice). tune() throws when the GEMM is off.
+    // tune() measures, per layer-linear shape (n, k) and activation family (int8 or fp16, as
+    // set_activation_bits left the linears), on random input, what dispatch::choose
+    // (kernel_dispatch.h: the rules) asks: each candidate kernel's row error against the reference
+    // GEMV on the shape's first linear, then timings of the shape's linears of every layer back to
+    // back (the weights come from HBM). It applies the table and returns it (act_bits 8 or 16,
+    // every field set). set_kernel_table checks a table (Engine::set_kernel_table checked each
+    // entry on its own) against this GPU and these linears (dispatch::refusal: a8_wg where it
+    // cannot run), then applies it (dispatch::apply); an empty table returns to the defaults. Both
+    // drop the captured decode graph (it holds the kernel choice). tune() throws when the GEMM is
+    // off.
     std::vector<KernelChoice> tune(int64_t max_m, int repeats);
     void set_kernel_table(const std::vector<KernelChoice>& table);
     // Activation precision per linear (n_layers * 7 + 1, LinearKind order, then the LM head): bits[j]

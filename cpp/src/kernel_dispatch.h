@@ -1,0 +1,203 @@
+// Internal: the CUDA dispatcher's decisions as plain C++ (no CUDA), so that the CPU build and its
+// tests hold them too (tests/test_kernel_dispatch.py drives them with made-up measurements through
+// the binding). cuda/forward.cu supplies the measurements of the GPU (CudaForward::tune) and applies
+// the table (CudaForward::set_kernel_table).
+//
+// The kernels, by name (the names of KernelChoice::gemm and of `rejected`):
+//   GEMV  "tc"      int8 activations on the binary tensor cores, 8 rows per launch (the reference)
+//         "mma"     int8 activations on the s8 tensor cores, 16 rows per launch
+//         "mma_a16" fp16 activations on the f16 tensor cores, 16 rows per launch (the reference)
+//   GEMM  "a8", "a8_wg" (int8), "a16" (fp16)
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "flexquant/engine.h"  // KernelChoice
+
+namespace flexquant::dispatch {
+
+// Largest relative L2 error of a row accepted from a candidate kernel against the reference GEMV.
+// Both compute the same thing: the same exact integer sums per group (int8) or the same fp16
+// products with fp32 accumulation (fp16), so they differ by the fp32 rounding of per-group terms,
+// about 1e-6 of a row's norm (tests/test_cuda_ops.py bounds a kernel by twice the fp32-against-fp64
+// error of the same arithmetic). One element wrong by its own size in a row of n >= 2048 outputs is
+// about 1/sqrt(n) >= 0.02 of the row; an element a kernel missed stays NaN (its output is poisoned).
+constexpr double MAX_ROW_ERROR = 1e-4;
+
+// Rows one launch of a GEMV kernel takes.
+inline int64_t gemv_launch_rows(const std::string& gemv) { return gemv == "tc" ? 8 : 16; }
+
+// One group of layer linears tune() measures together: one shape and activation family.
+struct TuneGroup {
+    int64_t n = 0, k = 0;
+    bool int8 = true;       // int8 activations (reference "tc"), else fp16 ("mma_a16")
+    bool mma_ok = false;    // int8: the MMA GEMV takes the group size
+    bool wgmma_ok = false;  // int8: a8_wg can run every layer linear of the shape
+    int bits_min = 2, bits_max = 8;
+    int64_t max_m = 256;     // rows of the GEMM checks and of the GEMM choice (tune's max_m, >= 16)
+    int64_t all_rows = 1024; // decode_max_m when no GEMM is accepted: every pass stays on the GEMV
+};
+
+// The measurements, supplied by the caller. error(kernel, bits, m): the largest relative L2 error
+// of a row of `kernel` against the group's reference GEMV on m rows of the same random input
+// (+inf when an element is not finite). time(kernel, bits, m): the time of the group's linears on
+// `kernel` (any unit, the same for all). Each may throw; the exception passes through.
+struct Probe {
+    std::function<double(const std::string&, int, int64_t)> error;
+    std::function<double(const std::string&, int, int64_t)> time;
+};
+
+// Rows at which the GEMV kernels are compared (the decode step, small batches, one MMA launch).
+inline const std::array<int64_t, 5>& mma_rows() {
+    static const std::array<int64_t, 5> rows = {16, 8, 4, 2, 1};  // largest first: see choose()
+    return rows;
+}
+
+// The entries of one group, one per bit-width bits_min..bits_max (act_bits, mma_min_rows, gemm,
+// decode_max_m and rejected all set):
+//  1. correctness: each candidate (int8: "mma" on 16 rows, "a8", "a8_wg" where it runs; fp16:
+//     "a16") against the reference at every bit-width, GEMMs on max_m rows. A candidate over
+//     MAX_ROW_ERROR anywhere is left out, and named with its error in `rejected`.
+//  2. the GEMV kernel, one per linear (the captured decode step holds it while the bits change):
+//     "tc" against "mma" at m = 16, 8, 4, 2, 1, each summed over the bit-widths; mma_min_rows =
+//     the least m from which "mma" wins at every larger measured m (0: never).
+//  3. per bit-width, the GEMM: the faster accepted one on max_m rows; then the GEMV against it at
+//     m = 2·L, 4·L, ... and max_m (L = the GEMV's launch rows) until the GEMM wins: decode_max_m =
+//     the last m the GEMV won (>= min(L, max_m)). No accepted GEMM: decode_max_m = all_rows.
+inline std::vector<KernelChoice> choose(const TuneGroup& g, const Probe& probe) {
+    std::string rejected;
+    auto agrees = [&](const std::string& kernel, int64_t m) {
+        for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {
+            const double err = probe.error(kernel, bits, m);
+            if (err <= MAX_ROW_ERROR) continue;  // (false for NaN too)
+            char line[200];
+            std::snprintf(line, sizeof line, "%s%s: row error %.3g > %g at %d bits, %lld rows",
+                          rejected.empty() ? "" : "; ", kernel.c_str(), err, MAX_ROW_ERROR, bits,
+                          static_cast<long long>(m));
+            rejected += line;
+            return false;
+        }
+        return true;
+    };
+    const std::string ref = g.int8 ? "tc" : "mma_a16";
+    int mma_from = 0;
+    if (g.int8 && g.mma_ok && agrees("mma", 16)) {
+        for (int64_t m : mma_rows()) {
+            double t_ref = 0, t_mma = 0;
+            for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {
+                t_ref += probe.time(ref, bits, m);
+                t_mma += probe.time("mma", bits, m);
+            }
+            if (!(t_mma < t_ref)) break;
+            mma_from = int(m);
+        }
+    }
+    // the GEMV of >= 16 rows (slices of one launch each)
+    const std::string gemv = mma_from > 0 ? "mma" : ref;
+    std::vector<std::string> gemms;
+    for (const char* kn : g.int8 ? std::vector<const char*>{"a8", "a8_wg"} : std::vector<const char*>{"a16"}) {
+        if (std::string(kn) == "a8_wg" && !g.wgmma_ok) continue;
+        if (agrees(kn, g.max_m)) gemms.push_back(kn);
+    }
+    std::vector<KernelChoice> out;
+    for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {
+        KernelChoice c;
+        c.n = g.n;
+        c.k = g.k;
+        c.bits = bits;
+        c.act_bits = g.int8 ? 8 : 16;
+        c.mma_min_rows = g.int8 ? mma_from : -1;
+        c.rejected = rejected;
+        c.decode_max_m = g.all_rows;
+        if (!gemms.empty()) {
+            std::string best = gemms.front();
+            if (gemms.size() > 1) {
+                double t_best = std::numeric_limits<double>::infinity();
+                for (const std::string& kn : gemms) {
+                    const double t = probe.time(kn, bits, g.max_m);
+                    if (t < t_best) t_best = t, best = kn;
+                }
+            }
+            c.gemm = best;
+            const int64_t one_launch = gemv_launch_rows(gemv);
+            int64_t gemv_max = std::min(one_launch, g.max_m);
+            for (int64_t m = std::min(2 * one_launch, g.max_m); m > gemv_max; m = std::min(2 * m, g.max_m)) {
+                if (probe.time(best, bits, m) < probe.time(gemv, bits, m)) break;
+                gemv_max = m;
+            }
+            c.decode_max_m = gemv_max;
+        }
+        out.push_back(c);
+    }
+    return out;
+}
+
+// One linear as the table sees it.
+struct LinearSlot {
+    int64_t n = 0, k = 0;
+    int act_bits = 8;        // its activations: 8 (int8), 16 (fp16), 0 (fp32: never on a GEMM)
+    bool wgmma_ok = false;   // a8_wg can run it
+    bool layer = true;       // a layer linear (false: the LM head, which keeps the defaults)
+};
+
+// What the dispatcher runs for one linear: the GEMV up to gemv_max[bits] rows, above it the GEMM
+// (a8_wg where gemm_wg[bits], for int8); int8 GEMV launches of >= mma_from rows on "mma" (0: never).
+struct LinearKernels {
+    std::array<int64_t, 9> gemv_max{};
+    std::array<char, 9> gemm_wg{};
+    int mma_from = 0;
+};
+
+// The settings of every linear: the defaults (the GEMM from gemm_min_rows rows, gemm_min_rows 0 =
+// never; a8_wg where wgmma_default and it runs; mma_from = mma_min_rows), then each entry of the
+// table in order (a later entry for the same linear and bit-width wins) on the layer linears of its
+// shape whose activations it is for (act_bits 0: int8 and fp16 alike). A kernel a linear cannot run
+// is not set (a8_wg where wgmma_ok is false; the MMA GEMV's group sizes are the caller's check).
+inline std::vector<LinearKernels> apply(const std::vector<KernelChoice>& table, const std::vector<LinearSlot>& lin,
+                                        int64_t gemm_min_rows, bool wgmma_default, int mma_min_rows) {
+    std::vector<LinearKernels> out(lin.size());
+    for (size_t j = 0; j < lin.size(); ++j) {
+        out[j].gemv_max.fill(gemm_min_rows > 0 ? gemm_min_rows - 1 : std::numeric_limits<int64_t>::max());
+        out[j].gemm_wg.fill(wgmma_default && lin[j].wgmma_ok ? 1 : 0);
+        out[j].mma_from = mma_min_rows;
+    }
+    for (const KernelChoice& c : table)
+        for (size_t j = 0; j < lin.size(); ++j) {
+            const LinearSlot& l = lin[j];
+            const bool act = c.act_bits == 0 ? l.act_bits != 0 : c.act_bits == l.act_bits;
+            if (!l.layer || l.n != c.n || l.k != c.k || !act || c.bits < 0 || c.bits > 8) continue;
+            out[j].gemv_max[size_t(c.bits)] = c.decode_max_m;
+            if (l.act_bits == 8 && !c.gemm.empty()) out[j].gemm_wg[size_t(c.bits)] = c.gemm == "a8_wg" && l.wgmma_ok;
+            if (l.act_bits == 8 && c.mma_min_rows >= 0) out[j].mma_from = c.mma_min_rows;
+        }
+    return out;
+}
+
+// "" when every entry can run on these linears, else why not: an a8_wg entry whose shape has a
+// layer linear (of any activations: set_activation_bits may move it to int8 later) that a8_wg
+// cannot run. group_size(j) names the cause.
+inline std::string refusal(const std::vector<KernelChoice>& table, const std::vector<LinearSlot>& lin,
+                           const std::function<int(size_t)>& group_size) {
+    for (size_t i = 0; i < table.size(); ++i) {
+        const KernelChoice& c = table[i];
+        if (c.gemm != "a8_wg") continue;
+        for (size_t j = 0; j < lin.size(); ++j)
+            if (lin[j].layer && lin[j].n == c.n && lin[j].k == c.k && !lin[j].wgmma_ok) {
+                const int gs = group_size(j);
+                return "kernel table entry " + std::to_string(i) + ": gemm 'a8_wg' cannot run linear " +
+                       std::to_string(j) + " (" + std::to_string(c.n) + " x " + std::to_string(c.k) + "): " +
+                       (gs % 128 != 0 ? "its group size " + std::to_string(gs) + " is not a multiple of 128"
+                                      : std::string("this GPU or build has no sm_90a wgmma"));
+            }
+    }
+    return "";
+}
+
+}  // namespace flexquant::dispatch

@@ -183,6 +183,14 @@ struct CudaForward::Impl {
 
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t graph_exec = nullptr;
+    // The captured step's kernel per linear (step_choice at capture): a table may choose the GEMM for
+    // one row at some bit-widths only, or another GEMM, so a mask that changes the choice re-captures.
+    std::vector<char> graph_choice;
+    std::vector<char> step_choice() const {
+        std::vector<char> c(static_cast<size_t>(n_lin));
+        for (size_t j = 0; j < c.size(); ++j) c[j] = on_gemm(j, 1) ? char(1 + int(gemm_kind(j))) : 0;
+        return c;
+    }
     int replays = 0;
     // A call that threw after queuing work may have left a copy of the pinned step input pending:
     // the next call waits for the stream before it rewrites the block. No cost on the normal path.
@@ -582,6 +590,8 @@ void CudaForward::forward(int seq, const int32_t* tokens, int64_t T, int64_t n_p
         cuda_check(cudaMemcpyAsync(e.in_dev, e.in_host, e.in_bytes, cudaMemcpyHostToDevice, e.stream), fn + " (step input)");
         const bool all_rows = all_logits != nullptr;
         if (rows == 1 && !all_rows && e.p.use_graph) {
+            // (tune()'s tables keep one row on the GEMV at every bit-width: this never re-captures)
+            if (e.graph_exec && e.step_choice() != e.graph_choice) e.drop_graph();
             if (!e.graph_exec) {
                 if (e.graph) {  // left by a failed instantiate
                     cudaGraphDestroy(e.graph);
@@ -598,6 +608,7 @@ void CudaForward::forward(int seq, const int32_t* tokens, int64_t T, int64_t n_p
                 }
                 cuda_check(cudaStreamEndCapture(e.stream, &e.graph), fn + " (end capture)");
                 cuda_check(cudaGraphInstantiate(&e.graph_exec, e.graph, 0), fn + " (instantiate)");
+                e.graph_choice = e.step_choice();
             }
             cuda_check(cudaGraphLaunch(e.graph_exec, e.stream), fn + " (graph launch)");
             ++e.replays;
@@ -760,6 +771,9 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
                     std::to_string(e.max_rows));
     if (repeats < 1 || repeats > 100) throw Error(fn + ": repeats = " + std::to_string(repeats) + " is outside 1..100");
     e.settle();
+    // The GEMMs are also checked on this many rows: past two row tiles, the third one partial.
+    constexpr int64_t odd_rows = 300;
+    const int64_t check_m = std::max(max_m, std::min<int64_t>(odd_rows, e.max_rows));
     // The layer linears by shape and activation family (int8: TC path, fp16: MMA_A16; fp32 ones
     // never take a GEMM; the LM head always runs on the GEMV). Each timing runs a group's linears of
     // every layer back to back: different weights, so the planes come from HBM as in a forward
@@ -790,7 +804,8 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
             spec.bits_min = BITS_MIN;
             spec.bits_max = e.p.bits_cap;
             spec.max_m = max_m;
-            spec.all_rows = e.max_rows;
+            spec.odd_rows = std::min<int64_t>(odd_rows, e.max_rows);
+            spec.all_rows = std::max(PREFILL_ROWS, MAX_GEMM_ROWS);  // (>= any engine's max_rows)
             it = groups.insert(groups.end(), Group{spec, {}});
         }
         it->members.push_back(j);
@@ -805,13 +820,13 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
     // Random activations (a fixed LCG, uniform in [-1, 1)): the correctness checks need values of
     // both signs everywhere, so that a permutation or a dropped term shows; the timings do not
     // depend on them.
-    std::vector<float> xh(size_t(max_m * max_k));
+    std::vector<float> xh(size_t(check_m * max_k));
     uint32_t r = 2024u;
     for (float& v : xh) {
         r = r * 1664525u + 1013904223u;
         v = float(r >> 8) / 8388608.0f - 1.0f;
     }
-    DeviceBuffer<float> x(xh.size(), fn), y(size_t(max_m * max_n), fn), y_ref(size_t(max_m * max_n), fn);
+    DeviceBuffer<float> x(xh.size(), fn), y(size_t(check_m * max_n), fn), y_ref(size_t(check_m * max_n), fn);
     // (synchronous: xh is pageable, and the kernels below read x on e.stream)
     cuda_check(cudaMemcpy(x.get(), xh.data(), xh.size() * 4, cudaMemcpyHostToDevice), fn + " (x)");
     CudaEvent start_ev(fn), stop_ev(fn);
@@ -837,12 +852,11 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
     };
     const Group* cur = nullptr;  // the group being measured
     std::vector<float> got, want;
-    dispatch::Probe probe;
-    probe.time = [&](const std::string& kernel, int bits, int64_t m) {
+    auto time_ms = [&](const std::string& kernel, const std::vector<size_t>& js, int bits, int64_t m) {
         float best = std::numeric_limits<float>::max();
         for (int rep = 0; rep <= repeats; ++rep) {  // rep 0 warms up
             cuda_check(cudaEventRecord(start, e.stream), fn);
-            for (size_t j : cur->members) run(kernel, j, bits, m, y.get());
+            for (size_t j : js) run(kernel, j, bits, m, y.get());
             cuda_check(cudaEventRecord(stop, e.stream), fn);
             cuda_check(cudaEventSynchronize(stop), fn + " (timing)");
             float ms = 0;
@@ -851,12 +865,33 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
         }
         return double(best);
     };
+    dispatch::Probe probe;
+    probe.time = [&](const std::string& kernel, int bits, int64_t m) { return time_ms(kernel, cur->members, bits, m); };
+    // the int8 layer linears of the current group's k, timed once per (k, kernel, bits, m)
+    std::vector<std::pair<std::array<int64_t, 4>, double>> family_times;
+    probe.family_time = [&](const std::string& kernel, int bits, int64_t m) {
+        const std::array<int64_t, 4> key = {cur->spec.k, kernel == "mma" ? 1 : 0, bits, m};
+        for (const auto& kv : family_times)
+            if (kv.first == key) return kv.second;
+        std::vector<size_t> js;
+        for (const Group& g : groups)  // (those the MMA kernel can run: choose asks only when this group's can)
+            if (g.spec.int8 && g.spec.mma_ok && g.spec.k == cur->spec.k)
+                js.insert(js.end(), g.members.begin(), g.members.end());
+        const double t = time_ms(kernel, js, bits, m);
+        family_times.push_back({key, t});
+        return t;
+    };
     // on the group's first linear: the reference GEMV into y_ref, the kernel into y (poisoned first)
     probe.error = [&](const std::string& kernel, int bits, int64_t m) {
         const size_t j = cur->members.front(), n = size_t(e.lin[j].n), count = size_t(m) * n;
         run(cur->spec.int8 ? "tc" : "mma_a16", j, bits, m, y_ref.get());
         cuda_check(cudaMemsetAsync(y.get(), 0xff, count * 4, e.stream), fn + " (poison)");  // NaN
-        run(kernel, j, bits, m, y.get());
+        try {
+            run(kernel, j, bits, m, y.get());
+        } catch (...) {  // a refusal (dispatch::choose leaves the kernel out): nothing of it may still run
+            cudaStreamSynchronize(e.stream);
+            throw;
+        }
         got.resize(count);
         want.resize(count);
         // (pageable destinations: these copies return when the data is in host memory)

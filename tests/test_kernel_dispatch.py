@@ -19,7 +19,7 @@ OK = 1e-6  # a correct kernel's row error (fp32 rounding)
 
 def group(**kw):
     g = dict(n=4096, k=4096, int8=True, mma_ok=True, wgmma_ok=True, bits_min=2, bits_max=8, max_m=256,
-             all_rows=1024)
+             odd_rows=300, all_rows=4096)
     g.update(kw)
     return g
 
@@ -41,8 +41,15 @@ class Probe:
         self.calls.append(("time", kernel, bits, m))
         return self.times(kernel, bits, m)
 
+    def family_time(self, kernel, bits, m):
+        self.calls.append(("family_time", kernel, bits, m))
+        return self.times(kernel, bits, m)
+
+    def args(self):
+        return self.error, self.time, self.family_time
+
     def timed(self, kernel):
-        return [c for c in self.calls if c[0] == "time" and c[1] == kernel]
+        return [c for c in self.calls if c[0] in ("time", "family_time") and c[1] == kernel]
 
 
 def gemv_time(kernel, bits, m):
@@ -62,7 +69,7 @@ def times_a(kernel, bits, m):
 
 def test_choose_accepts_correct_kernels_and_picks_the_fastest():
     p = Probe(times=times_a)
-    table = core._dispatch_choose(group(), p.error, p.time)
+    table = core._dispatch_choose(group(), *p.args())
     assert [d["bits"] for d in table] == list(BITS)
     for d in table:
         assert (d["n"], d["k"], d["act_bits"], d["rejected"]) == (4096, 4096, 8, "")
@@ -77,14 +84,19 @@ def test_choose_accepts_correct_kernels_and_picks_the_fastest():
             want = m
         assert d["decode_max_m"] == want, d
     assert {d["decode_max_m"] for d in table} == {16, 32, 64}
-    # every candidate was checked at every bit-width before it was timed: MMA on 16 rows, the
-    # GEMMs on max_m
-    checked = {(c[1], c[2], c[3]) for c in p.calls if c[0] == "error"}
-    assert checked == {(k, b, m) for k, m in (("mma", 16), ("a8", 256), ("a8_wg", 256)) for b in BITS}
-    # (MMA is checked before it is timed; each GEMM before the first timing of any GEMM)
-    assert p.calls.index(("error", "mma", 8, 16)) < min(i for i, c in enumerate(p.calls) if c[0] == "time")
+    # every candidate was checked at every bit-width before it was timed: MMA on every launch size
+    # (1..16 rows), the GEMMs on max_m rows and on odd_rows
+    checked = [(c[1], c[2], c[3]) for c in p.calls if c[0] == "error"]
+    assert sorted(checked) == sorted([("mma", b, m) for b in BITS for m in range(1, 17)] +
+                                     [(k, b, m) for k in ("a8", "a8_wg") for b in BITS for m in (256, 300)])
+    first_timing = min(i for i, c in enumerate(p.calls) if c[0] != "error")
+    assert max(i for i, c in enumerate(p.calls) if c[0] == "error" and c[1] == "mma") < first_timing
     assert max(i for i, c in enumerate(p.calls) if c[0] == "error") < \
         min(i for i, c in enumerate(p.calls) if c[0] == "time" and c[1].startswith("a8"))
+    # the GEMV kernel over the family of the group's k (family_time), the GEMMs over the group (time)
+    assert {c[1] for c in p.calls if c[0] == "family_time"} == {"tc", "mma"}
+    assert {c[3] for c in p.calls if c[0] == "family_time"} == {16, 8, 4}  # (stops at the first loss)
+    assert {c[1] for c in p.calls if c[0] == "time"} == {"a8", "a8_wg", "mma"}
 
 
 def test_choose_tables_pass_the_engine_checks(tiny_fq):
@@ -97,7 +109,7 @@ def test_choose_tables_pass_the_engine_checks(tiny_fq):
                                           (dict(mma_ok=False, wgmma_ok=False), {"a8": math.inf}),
                                           (dict(), {"mma": 0.5, "a8_wg": math.nan}))):
             p = Probe(errors=errors, times=times_a)
-            tables += core._dispatch_choose(group(n=n + i, k=k, **kw), p.error, p.time)
+            tables += core._dispatch_choose(group(n=n + i, k=k, **kw), *p.args())
         eng._eng.set_kernel_table(tables)
         assert eng.kernel_table() == tables
 
@@ -115,20 +127,20 @@ def test_choose_the_mma_rows_need_a_win_at_every_larger_measured_m():
                        ({16: 1, 8: 1, 4: 1, 2: 1, 1: 1}, 1),   # the decode step too
                        ({16: 1, 8: 0, 4: 0, 2: 0, 1: 0}, 16)):
         p = Probe(times=times(wins))
-        table = core._dispatch_choose(group(wgmma_ok=False), p.error, p.time)
+        table = core._dispatch_choose(group(wgmma_ok=False), *p.args())
         assert {d["mma_min_rows"] for d in table} == {want}, wins
         # with the GEMM never winning, the GEMV keeps every measured m (up to max_m)
         assert {d["decode_max_m"] for d in table} == {256}
     # ties go to TC (the reference)
     p = Probe(times=lambda kernel, bits, m: 1.0 if kernel in ("tc", "mma") else 1e9)
-    assert {d["mma_min_rows"] for d in core._dispatch_choose(group(), p.error, p.time)} == {0}
+    assert {d["mma_min_rows"] for d in core._dispatch_choose(group(), *p.args())} == {0}
 
 
 def test_choose_leaves_out_a_kernel_that_disagrees_and_never_times_it():
     lim = core.DISPATCH_MAX_ROW_ERROR
     # MMA off by 0.3 at 5 bits only: no MMA at any bit-width (one choice per linear), never timed
     p = Probe(errors={"mma": lambda bits, m: 0.3 if bits == 5 else OK}, times=times_a)
-    table = core._dispatch_choose(group(), p.error, p.time)
+    table = core._dispatch_choose(group(), *p.args())
     assert {d["mma_min_rows"] for d in table} == {0}
     assert not p.timed("mma")
     assert {d["rejected"] for d in table} == {f"mma: row error 0.3 > {lim:g} at 5 bits, 16 rows"}
@@ -136,12 +148,12 @@ def test_choose_leaves_out_a_kernel_that_disagrees_and_never_times_it():
     assert min(c[3] for c in p.timed("tc")) == 16
     # a8 wrong, a8_wg right: a8_wg everywhere, a8 never timed
     p = Probe(errors={"a8": 2e-3}, times=times_a)
-    table = core._dispatch_choose(group(), p.error, p.time)
+    table = core._dispatch_choose(group(), *p.args())
     assert {d["gemm"] for d in table} == {"a8_wg"} and not p.timed("a8")
     assert all(d["rejected"].startswith("a8: row error 0.002 > ") for d in table)
     # both GEMMs wrong (one with a NaN: an unwritten element): every pass on the GEMV
     p = Probe(errors={"a8": math.inf, "a8_wg": math.nan}, times=times_a)
-    table = core._dispatch_choose(group(all_rows=4096), p.error, p.time)
+    table = core._dispatch_choose(group(all_rows=4096), *p.args())
     for d in table:
         assert (d["gemm"], d["decode_max_m"]) == ("", 4096)
         assert d["rejected"] == f"a8: row error inf > {lim:g} at 2 bits, 256 rows; " \
@@ -149,26 +161,29 @@ def test_choose_leaves_out_a_kernel_that_disagrees_and_never_times_it():
     assert not p.timed("a8") and not p.timed("a8_wg")
     # an error exactly at the limit is accepted
     p = Probe(errors={"a8": lim}, times=times_a)
-    assert all(d["rejected"] == "" for d in core._dispatch_choose(group(), p.error, p.time))
+    assert all(d["rejected"] == "" for d in core._dispatch_choose(group(), *p.args()))
 
 
 def test_choose_offers_only_the_kernels_that_can_run():
     # no MMA (group size), no wgmma (GPU): TC and a8, nothing checked or timed besides them
     p = Probe(times=times_a)
-    table = core._dispatch_choose(group(mma_ok=False, wgmma_ok=False), p.error, p.time)
+    table = core._dispatch_choose(group(mma_ok=False, wgmma_ok=False), *p.args())
     assert {c[1] for c in p.calls} == {"a8", "tc"}
     assert {(d["gemm"], d["mma_min_rows"]) for d in table} == {("a8", 0)}
     # fp16 activations: the A16 GEMM against the MMA_A16 GEMV (16 rows a launch), no mma_min_rows
     p = Probe(times=times_a)
-    table = core._dispatch_choose(group(int8=False), p.error, p.time)
+    table = core._dispatch_choose(group(int8=False), *p.args())
     assert {c[1] for c in p.calls} == {"a16", "mma_a16"}
     assert {(d["act_bits"], d["gemm"], d["mma_min_rows"]) for d in table} == {(16, "a16", -1)}
     assert min(c[3] for c in p.timed("mma_a16")) == 32  # the search starts past one launch
     # bit-widths as asked; max_m below two launches: one comparison at max_m
     p = Probe(times=lambda kernel, bits, m: 1.0 if kernel.startswith("a") else 2.0)
-    table = core._dispatch_choose(group(bits_min=3, bits_max=5, max_m=16, mma_ok=False), p.error, p.time)
+    table = core._dispatch_choose(group(bits_min=3, bits_max=5, max_m=16, mma_ok=False), *p.args())
     assert [d["bits"] for d in table] == [3, 4, 5]
     assert {d["decode_max_m"] for d in table} == {8}  # the GEMM wins at 16: the GEMV keeps one launch
+    # a tie is no win: the GEMV keeps every m
+    p = Probe(times=lambda kernel, bits, m: 1.0)
+    assert {d["decode_max_m"] for d in core._dispatch_choose(group(mma_ok=False), *p.args())} == {256}
 
 
 def slot(n, k, act=8, wg=True, layer=True):
@@ -178,7 +193,7 @@ def slot(n, k, act=8, wg=True, layer=True):
 def test_apply_sets_each_linear_from_its_entries():
     big = 2 ** 63 - 1
     slots = [slot(64, 64), slot(64, 64, act=16), slot(64, 64, act=0), slot(128, 64, wg=False),
-             slot(64, 64, layer=False)]
+             slot(64, 64, layer=False), slot(128, 64, act=0)]
     # the defaults
     for gmr, wgd, mma in ((64, False, 0), (0, True, 3)):
         got = core._dispatch_apply([], slots, gmr, wgd, mma)
@@ -192,7 +207,7 @@ def test_apply_sets_each_linear_from_its_entries():
              dict(n=128, k=64, bits=4, decode_max_m=8, act_bits=0),
              dict(n=128, k=64, bits=4, decode_max_m=24, act_bits=0)]  # a later entry wins
     got = core._dispatch_apply(table, slots, 64, True, 0)
-    int8, fp16, fp32, other, head = got
+    int8, fp16, fp32, other, head, other_fp32 = got
     assert int8["gemv_max"][4] == 32 and int8["gemv_max"][5] == 16 and int8["gemv_max"][6] == 63
     assert int8["gemm_wg"][4] and not int8["gemm_wg"][5] and int8["gemm_wg"][6]  # 6: the default (wgmma_default)
     assert int8["mma_from"] == 2
@@ -200,6 +215,7 @@ def test_apply_sets_each_linear_from_its_entries():
     assert fp32["gemv_max"] == [63] * 9  # fp32 activations: no entry applies
     assert other["gemv_max"][4] == 24 and other["gemm_wg"] == [False] * 9  # a8_wg cannot run it
     assert head["gemv_max"] == [63] * 9 and head["mma_from"] == 0  # the LM head keeps the defaults
+    assert other_fp32["gemv_max"] == [63] * 9  # act_bits 0 means int8 and fp16, never fp32
 
 
 def test_refusal_names_the_linear_and_the_cause():
@@ -213,9 +229,33 @@ def test_refusal_names_the_linear_and_the_cause():
         "kernel table entry 0: gemm 'a8_wg' cannot run linear 1 (128 x 64): this GPU or build has no sm_90a wgmma"
 
 
-def test_probe_errors_pass_through():
+def test_a_kernel_that_cannot_run_is_left_out_and_timing_errors_pass_through():
+    # a check that throws (a kernel refused before it ran: no TMA entry point in the driver, say)
+    # leaves that kernel out with the message; the others stay
+    def error(kernel, bits, m):
+        if kernel == "a8_wg":
+            raise FlexquantError("bitplane_gemm: the CUDA driver offers no cuTensorMapEncodeTiled")
+        return OK
+
+    p = Probe(times=times_a)
+    table = core._dispatch_choose(group(), error, p.time, p.family_time)
+    assert {d["gemm"] for d in table} == {"a8"} and not p.timed("a8_wg")
+    assert {d["rejected"] for d in table} == {
+        "a8_wg: bitplane_gemm: the CUDA driver offers no cuTensorMapEncodeTiled at 2 bits, 256 rows"}
+
     def boom(kernel, bits, m):
         raise FlexquantError(f"device lost at {kernel}")
 
-    with pytest.raises(FlexquantError, match="device lost at mma"):
-        core._dispatch_choose(group(), boom, times_a)
+    for args in ((Probe().error, boom, times_a), (Probe().error, times_a, boom)):
+        with pytest.raises(FlexquantError, match="device lost at"):
+            core._dispatch_choose(group(), *args)
+
+
+def test_numpy_integers_are_table_fields(tiny_fq):
+    import numpy as np
+
+    with Engine(tiny_fq, threads=1, kernel_table=None) as eng:
+        d = eng._linear_shapes()[0]
+        t = [dict(n=np.int64(d["n"]), k=np.int32(d["k"]), bits=np.int8(8), decode_max_m=np.uint16(3))]
+        eng._eng.set_kernel_table(t)
+        assert eng.kernel_table() == [dict(n=int(d["n"]), k=int(d["k"]), bits=8, decode_max_m=3)]

@@ -61,14 +61,18 @@ template <class T>
 void table_field(const py::dict& d, const char* key, size_t i, T& out) {
     if (!d.contains(key)) return;
     const py::object v = d[key];
+    // (integers: any object with __index__, numpy's included, but not bool)
     const bool ok = std::is_same_v<T, std::string> ? py::isinstance<py::str>(v)
-                                                   : py::isinstance<py::int_>(v) && !py::isinstance<py::bool_>(v);
+                                                   : PyIndex_Check(v.ptr()) && !py::isinstance<py::bool_>(v);
     if (!ok)
         throw flexquant::Error("kernel table entry " + std::to_string(i) + ": '" + key + "' must be " +
                                (std::is_same_v<T, std::string> ? "a str" : "an int") + ", got " +
                                py::repr(v).cast<std::string>());
     try {
-        out = v.cast<T>();
+        if constexpr (std::is_same_v<T, std::string>)
+            out = v.cast<T>();
+        else
+            out = py::reinterpret_steal<py::int_>(PyNumber_Index(v.ptr())).template cast<T>();
     } catch (const py::cast_error&) {  // an int beyond T's range
         throw flexquant::Error("kernel table entry " + std::to_string(i) + ": '" + key + "' = " +
                                py::repr(v).cast<std::string>() + " is out of range");
@@ -119,7 +123,8 @@ void bind_dispatch(py::module_& m) {
     m.def(
         "_dispatch_choose",
         [](const py::dict& g, const std::function<double(const std::string&, int, int64_t)>& error,
-           const std::function<double(const std::string&, int, int64_t)>& time) {
+           const std::function<double(const std::string&, int, int64_t)>& time,
+           const std::function<double(const std::string&, int, int64_t)>& family_time) {
             dp::TuneGroup spec;
             spec.n = g["n"].cast<int64_t>();
             spec.k = g["k"].cast<int64_t>();
@@ -129,12 +134,26 @@ void bind_dispatch(py::module_& m) {
             spec.bits_min = g["bits_min"].cast<int>();
             spec.bits_max = g["bits_max"].cast<int>();
             spec.max_m = g["max_m"].cast<int64_t>();
+            spec.odd_rows = g["odd_rows"].cast<int64_t>();
             spec.all_rows = g["all_rows"].cast<int64_t>();
-            return kernel_table_to_py(dp::choose(spec, dp::Probe{error, time}));
+            // a Python exception reaches choose() as the engine's own errors do: flexquant::Error
+            // with the message alone (what() of error_already_set also holds the traceback)
+            using Fn = std::function<double(const std::string&, int, int64_t)>;
+            auto as_engine = [](const Fn& f) -> Fn {
+                return [f](const std::string& kernel, int bits, int64_t m) {
+                    try {
+                        return f(kernel, bits, m);
+                    } catch (py::error_already_set& ex) {
+                        throw flexquant::Error(py::str(ex.value()).cast<std::string>());
+                    }
+                };
+            };
+            return kernel_table_to_py(dp::choose(spec, dp::Probe{as_engine(error), as_engine(time), as_engine(family_time)}));
         },
-        py::arg("group"), py::arg("error"), py::arg("time"),
-        "Tests: dispatch::choose (the entries tune() makes for one group of linears) with error(kernel, bits, m)\n"
-        "and time(kernel, bits, m) given. group: {n, k, int8, mma_ok, wgmma_ok, bits_min, bits_max, max_m, all_rows}.");
+        py::arg("group"), py::arg("error"), py::arg("time"), py::arg("family_time"),
+        "Tests: dispatch::choose (the entries tune() makes for one group of linears) with error, time and\n"
+        "family_time (kernel, bits, m) -> float given. group: {n, k, int8, mma_ok, wgmma_ok, bits_min, bits_max,\n"
+        "max_m, odd_rows, all_rows}.");
     m.def(
         "_dispatch_apply",
         [](const std::vector<py::dict>& table, const std::vector<py::dict>& slots, int64_t gemm_min_rows,

@@ -472,7 +472,12 @@ std::vector<KernelChoice> Engine::tune_kernels(int64_t max_m, int repeats) {
         }
         for (size_t i = 0; i < S; ++i) {
             if (!done[i] && gemm_won[i]) dmax[i] = max_m - 1;
-            table.push_back(KernelChoice{shapes[i].first, shapes[i].second, bits, dmax[i]});
+            KernelChoice c;  // (the CUDA kernel fields keep their defaults: the CPU ignores them)
+            c.n = shapes[i].first;
+            c.k = shapes[i].second;
+            c.bits = bits;
+            c.decode_max_m = dmax[i];
+            table.push_back(c);
         }
     }
     set_kernel_table(table);

@@ -14,6 +14,7 @@
 #include <array>
 #include <cstdint>
 #include <cstdio>
+#include <exception>
 #include <functional>
 #include <limits>
 #include <string>
@@ -41,17 +42,25 @@ struct TuneGroup {
     bool mma_ok = false;    // int8: the MMA GEMV takes the group size
     bool wgmma_ok = false;  // int8: a8_wg can run every layer linear of the shape
     int bits_min = 2, bits_max = 8;
-    int64_t max_m = 256;     // rows of the GEMM checks and of the GEMM choice (tune's max_m, >= 16)
-    int64_t all_rows = 1024; // decode_max_m when no GEMM is accepted: every pass stays on the GEMV
+    int64_t max_m = 256;     // rows of the GEMM choice and of a GEMM check (tune's max_m, >= 16)
+    int64_t odd_rows = 300;  // rows of the other GEMM check: a partial row tile past the first two
+    int64_t all_rows = 4096; // decode_max_m when no GEMM is accepted: more than any pass, so the GEMV
+                             // takes every pass (whatever rows per pass the engine allows)
 };
 
 // The measurements, supplied by the caller. error(kernel, bits, m): the largest relative L2 error
 // of a row of `kernel` against the group's reference GEMV on m rows of the same random input
-// (+inf when an element is not finite). time(kernel, bits, m): the time of the group's linears on
-// `kernel` (any unit, the same for all). Each may throw; the exception passes through.
+// (+inf when an element is not finite); an exception means the kernel cannot run here (it is left
+// out, with the message). time(kernel, bits, m): the time of the group's linears on `kernel` (any
+// unit, the same for all). family_time(kernel, bits, m): the same for every int8 layer linear of
+// the group's k, that is of all the linears that read the same input as this group's (q, k, v, o,
+// gate and up read activations of the hidden size; down those of the FFN size), so that the GEMV
+// kernel is chosen once for the linears that share a launch (the caller may cache it: every group
+// of one k asks the same). Exceptions from time and family_time pass through.
 struct Probe {
     std::function<double(const std::string&, int, int64_t)> error;
     std::function<double(const std::string&, int, int64_t)> time;
+    std::function<double(const std::string&, int, int64_t)> family_time;
 };
 
 // Rows at which the GEMV kernels are compared (the decode step, small batches, one MMA launch).
@@ -62,38 +71,48 @@ inline const std::array<int64_t, 5>& mma_rows() {
 
 // The entries of one group, one per bit-width bits_min..bits_max (act_bits, mma_min_rows, gemm,
 // decode_max_m and rejected all set):
-//  1. correctness: each candidate (int8: "mma" on 16 rows, "a8", "a8_wg" where it runs; fp16:
-//     "a16") against the reference at every bit-width, GEMMs on max_m rows. A candidate over
-//     MAX_ROW_ERROR anywhere is left out, and named with its error in `rejected`.
-//  2. the GEMV kernel, one per linear (the captured decode step holds it while the bits change):
-//     "tc" against "mma" at m = 16, 8, 4, 2, 1, each summed over the bit-widths; mma_min_rows =
-//     the least m from which "mma" wins at every larger measured m (0: never).
+//  1. correctness: each candidate (int8: "mma" on every row count 1..16, each its own code path;
+//     "a8", "a8_wg" where it runs; fp16: "a16") against the reference at every bit-width, GEMMs on
+//     max_m and odd_rows rows. A candidate over MAX_ROW_ERROR anywhere, or that cannot run, is
+//     left out, and named with its error in `rejected`.
+//  2. the GEMV kernel, one per linear (the captured decode step holds it while the bits change) and
+//     the same for every linear of the group's k (they share launches): "tc" against "mma" at
+//     m = 16, 8, 4, 2, 1 over the family (family_time), each summed over the bit-widths;
+//     mma_min_rows = the least m from which "mma" wins at every larger measured m (0: never).
 //  3. per bit-width, the GEMM: the faster accepted one on max_m rows; then the GEMV against it at
 //     m = 2·L, 4·L, ... and max_m (L = the GEMV's launch rows) until the GEMM wins: decode_max_m =
 //     the last m the GEMV won (>= min(L, max_m)). No accepted GEMM: decode_max_m = all_rows.
 inline std::vector<KernelChoice> choose(const TuneGroup& g, const Probe& probe) {
     std::string rejected;
-    auto agrees = [&](const std::string& kernel, int64_t m) {
-        for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {
-            const double err = probe.error(kernel, bits, m);
-            if (err <= MAX_ROW_ERROR) continue;  // (false for NaN too)
-            char line[200];
-            std::snprintf(line, sizeof line, "%s%s: row error %.3g > %g at %d bits, %lld rows",
-                          rejected.empty() ? "" : "; ", kernel.c_str(), err, MAX_ROW_ERROR, bits,
-                          static_cast<long long>(m));
-            rejected += line;
-            return false;
-        }
+    auto agrees = [&](const std::string& kernel, const std::vector<int64_t>& rows) {
+        for (int64_t m : rows)
+            for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {
+                std::string why;
+                try {
+                    const double err = probe.error(kernel, bits, m);
+                    if (err <= MAX_ROW_ERROR) continue;  // (false for NaN too)
+                    char line[160];
+                    std::snprintf(line, sizeof line, "row error %.3g > %g", err, MAX_ROW_ERROR);
+                    why = line;
+                } catch (const std::exception& ex) {  // refused before it ran (e.g. no TMA driver entry)
+                    why = ex.what();
+                }
+                rejected += (rejected.empty() ? "" : "; ") + kernel + ": " + why + " at " + std::to_string(bits) +
+                            " bits, " + std::to_string(m) + " rows";
+                return false;
+            }
         return true;
     };
     const std::string ref = g.int8 ? "tc" : "mma_a16";
     int mma_from = 0;
-    if (g.int8 && g.mma_ok && agrees("mma", 16)) {
+    std::vector<int64_t> every_launch;  // 1..16 rows
+    for (int64_t m = 16; m >= 1; --m) every_launch.push_back(m);
+    if (g.int8 && g.mma_ok && agrees("mma", every_launch)) {
         for (int64_t m : mma_rows()) {
             double t_ref = 0, t_mma = 0;
             for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {
-                t_ref += probe.time(ref, bits, m);
-                t_mma += probe.time("mma", bits, m);
+                t_ref += probe.family_time(ref, bits, m);
+                t_mma += probe.family_time("mma", bits, m);
             }
             if (!(t_mma < t_ref)) break;
             mma_from = int(m);
@@ -104,7 +123,9 @@ inline std::vector<KernelChoice> choose(const TuneGroup& g, const Probe& probe) 
     std::vector<std::string> gemms;
     for (const char* kn : g.int8 ? std::vector<const char*>{"a8", "a8_wg"} : std::vector<const char*>{"a16"}) {
         if (std::string(kn) == "a8_wg" && !g.wgmma_ok) continue;
-        if (agrees(kn, g.max_m)) gemms.push_back(kn);
+        std::vector<int64_t> rows = {g.max_m};
+        if (g.odd_rows != g.max_m) rows.push_back(g.odd_rows);
+        if (agrees(kn, rows)) gemms.push_back(kn);
     }
     std::vector<KernelChoice> out;
     for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {

@@ -239,8 +239,12 @@ public:
     // model lacks are kept but unused; linears without one keep the default. Throws naming a bad
     // entry (bits outside 2..8, decode_max_m < 0, a non-positive shape, act_bits not 0/8/16,
     // mma_min_rows outside -1..16, an unknown gemm or one of the other activation family, entries
-    // of one shape that disagree on mma_min_rows; on CUDA also a kernel this GPU cannot run for a
-    // linear of the entry's shape); a bad table changes nothing.
+    // of one shape that disagree on mma_min_rows; on CUDA also gemm 'a8_wg' where this GPU or a
+    // linear of the entry's shape cannot run it); a bad table changes nothing. (mma_min_rows on a
+    // linear whose group size the MMA kernel lacks is ignored for that linear, as
+    // cuda_mma_min_rows is.) On CUDA the captured one-token step follows the table too: a mask
+    // under which it puts a linear on another kernel than at capture re-captures it (tune()'s
+    // tables keep one row on the GEMV at every bit-width, so they never do).
     void set_kernel_table(const std::vector<KernelChoice>& table);
     std::vector<KernelChoice> kernel_table() const;
 

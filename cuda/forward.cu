@@ -590,7 +590,8 @@ void CudaForward::forward(int seq, const int32_t* tokens, int64_t T, int64_t n_p
         cuda_check(cudaMemcpyAsync(e.in_dev, e.in_host, e.in_bytes, cudaMemcpyHostToDevice, e.stream), fn + " (step input)");
         const bool all_rows = all_logits != nullptr;
         if (rows == 1 && !all_rows && e.p.use_graph) {
-            // (tune()'s tables keep one row on the GEMV at every bit-width: this never re-captures)
+            // (with tune()'s tables one row stays on the GEMV at every bit-width, so this re-captures
+            // only under hand-made tables or gemm_min_rows = 1 with a partial table)
             if (e.graph_exec && e.step_choice() != e.graph_choice) e.drop_graph();
             if (!e.graph_exec) {
                 if (e.graph) {  // left by a failed instantiate
@@ -850,13 +851,15 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
         if (path == BITPLANE_CUDA_AUTO) throw Error(fn + ": no kernel '" + kernel + "'");
         bitplane_matmul_cuda_async(e.lin[j], bits, x.get(), m, out, e.ws, e.ws_bytes, path, e.stream);
     };
-    const Group* cur = nullptr;  // the group being measured
     std::vector<float> got, want;
-    auto time_ms = [&](const std::string& kernel, const std::vector<size_t>& js, int bits, int64_t m) {
+    dispatch::Probe probe;
+    // all the linears of the groups gs, back to back
+    probe.time = [&](const std::vector<size_t>& gs, const std::string& kernel, int bits, int64_t m) {
         float best = std::numeric_limits<float>::max();
         for (int rep = 0; rep <= repeats; ++rep) {  // rep 0 warms up
             cuda_check(cudaEventRecord(start, e.stream), fn);
-            for (size_t j : js) run(kernel, j, bits, m, y.get());
+            for (size_t gi : gs)
+                for (size_t j : groups[gi].members) run(kernel, j, bits, m, y.get());
             cuda_check(cudaEventRecord(stop, e.stream), fn);
             cuda_check(cudaEventSynchronize(stop), fn + " (timing)");
             float ms = 0;
@@ -865,32 +868,21 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
         }
         return double(best);
     };
-    dispatch::Probe probe;
-    probe.time = [&](const std::string& kernel, int bits, int64_t m) { return time_ms(kernel, cur->members, bits, m); };
-    // the int8 layer linears of the current group's k, timed once per (k, kernel, bits, m)
-    std::vector<std::pair<std::array<int64_t, 4>, double>> family_times;
-    probe.family_time = [&](const std::string& kernel, int bits, int64_t m) {
-        const std::array<int64_t, 4> key = {cur->spec.k, kernel == "mma" ? 1 : 0, bits, m};
-        for (const auto& kv : family_times)
-            if (kv.first == key) return kv.second;
-        std::vector<size_t> js;
-        for (const Group& g : groups)  // (those the MMA kernel can run: choose asks only when this group's can)
-            if (g.spec.int8 && g.spec.mma_ok && g.spec.k == cur->spec.k)
-                js.insert(js.end(), g.members.begin(), g.members.end());
-        const double t = time_ms(kernel, js, bits, m);
-        family_times.push_back({key, t});
-        return t;
-    };
-    // on the group's first linear: the reference GEMV into y_ref, the kernel into y (poisoned first)
-    probe.error = [&](const std::string& kernel, int bits, int64_t m) {
-        const size_t j = cur->members.front(), n = size_t(e.lin[j].n), count = size_t(m) * n;
-        run(cur->spec.int8 ? "tc" : "mma_a16", j, bits, m, y_ref.get());
+    // on group gi's first linear: the reference GEMV into y_ref, the kernel into y (poisoned first)
+    probe.error = [&](size_t gi, const std::string& kernel, int bits, int64_t m) {
+        const Group& g = groups[gi];
+        const size_t j = g.members.front(), n = size_t(e.lin[j].n), count = size_t(m) * n;
+        run(g.spec.int8 ? "tc" : "mma_a16", j, bits, m, y_ref.get());
         cuda_check(cudaMemsetAsync(y.get(), 0xff, count * 4, e.stream), fn + " (poison)");  // NaN
         try {
             run(kernel, j, bits, m, y.get());
-        } catch (...) {  // a refusal (dispatch::choose leaves the kernel out): nothing of it may still run
-            cudaStreamSynchronize(e.stream);
-            throw;
+        } catch (const Error& ex) {
+            // Refused by its entry point (validation, or a launch that could not start): the kernel
+            // is left out. A fault of the device (sticky: the stream reports it) ends the tuning.
+            const cudaError_t st = cudaStreamSynchronize(e.stream);
+            cudaGetLastError();
+            if (st != cudaSuccess) throw;
+            throw dispatch::Refused(ex.what());
         }
         got.resize(count);
         want.resize(count);
@@ -913,10 +905,9 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
         return worst;
     };
     try {
-        for (const Group& g : groups) {
-            cur = &g;
-            for (KernelChoice& c : dispatch::choose(g.spec, probe)) table.push_back(std::move(c));
-        }
+        std::vector<dispatch::TuneGroup> specs;
+        for (const Group& g : groups) specs.push_back(g.spec);
+        table = dispatch::choose(specs, probe);
     } catch (...) {
         cudaStreamSynchronize(e.stream);  // nothing of this call still runs when its buffers are freed
         throw;

@@ -122,38 +122,50 @@ void bind_dispatch(py::module_& m) {
     m.attr("DISPATCH_MAX_ROW_ERROR") = dp::MAX_ROW_ERROR;
     m.def(
         "_dispatch_choose",
-        [](const py::dict& g, const std::function<double(const std::string&, int, int64_t)>& error,
-           const std::function<double(const std::string&, int, int64_t)>& time,
-           const std::function<double(const std::string&, int, int64_t)>& family_time) {
-            dp::TuneGroup spec;
-            spec.n = g["n"].cast<int64_t>();
-            spec.k = g["k"].cast<int64_t>();
-            spec.int8 = g["int8"].cast<bool>();
-            spec.mma_ok = g["mma_ok"].cast<bool>();
-            spec.wgmma_ok = g["wgmma_ok"].cast<bool>();
-            spec.bits_min = g["bits_min"].cast<int>();
-            spec.bits_max = g["bits_max"].cast<int>();
-            spec.max_m = g["max_m"].cast<int64_t>();
-            spec.odd_rows = g["odd_rows"].cast<int64_t>();
-            spec.all_rows = g["all_rows"].cast<int64_t>();
-            // a Python exception reaches choose() as the engine's own errors do: flexquant::Error
-            // with the message alone (what() of error_already_set also holds the traceback)
-            using Fn = std::function<double(const std::string&, int, int64_t)>;
-            auto as_engine = [](const Fn& f) -> Fn {
-                return [f](const std::string& kernel, int bits, int64_t m) {
-                    try {
-                        return f(kernel, bits, m);
-                    } catch (py::error_already_set& ex) {
-                        throw flexquant::Error(py::str(ex.value()).cast<std::string>());
-                    }
-                };
+        [](const std::vector<py::dict>& groups, const std::function<double(size_t, const std::string&, int, int64_t)>& error,
+           const std::function<double(const std::vector<size_t>&, const std::string&, int, int64_t)>& time) {
+            std::vector<dp::TuneGroup> specs;
+            for (const py::dict& g : groups) {
+                dp::TuneGroup spec;
+                spec.n = g["n"].cast<int64_t>();
+                spec.k = g["k"].cast<int64_t>();
+                spec.int8 = g["int8"].cast<bool>();
+                spec.mma_ok = g["mma_ok"].cast<bool>();
+                spec.wgmma_ok = g["wgmma_ok"].cast<bool>();
+                spec.bits_min = g["bits_min"].cast<int>();
+                spec.bits_max = g["bits_max"].cast<int>();
+                spec.max_m = g["max_m"].cast<int64_t>();
+                spec.odd_rows = g["odd_rows"].cast<int64_t>();
+                spec.all_rows = g["all_rows"].cast<int64_t>();
+                specs.push_back(spec);
+            }
+            // Python exceptions reach choose() as the GPU's do, with the message alone (what() of
+            // error_already_set also holds the traceback): FlexquantError from error() as a refusal
+            // (the kernel cannot run), anything else as a failure of the measurement.
+            const py::object refusal = py::module_::import("flexquant_rt._core").attr("FlexquantError");
+            dp::Probe probe;
+            probe.error = [&](size_t gi, const std::string& kernel, int bits, int64_t m) {
+                try {
+                    return error(gi, kernel, bits, m);
+                } catch (py::error_already_set& ex) {
+                    const std::string msg = py::str(ex.value()).cast<std::string>();
+                    if (ex.matches(refusal)) throw dp::Refused(msg);
+                    throw flexquant::Error(msg);
+                }
             };
-            return kernel_table_to_py(dp::choose(spec, dp::Probe{as_engine(error), as_engine(time), as_engine(family_time)}));
+            probe.time = [&](const std::vector<size_t>& gs, const std::string& kernel, int bits, int64_t m) {
+                try {
+                    return time(gs, kernel, bits, m);
+                } catch (py::error_already_set& ex) {
+                    throw flexquant::Error(py::str(ex.value()).cast<std::string>());
+                }
+            };
+            return kernel_table_to_py(dp::choose(specs, probe));
         },
-        py::arg("group"), py::arg("error"), py::arg("time"), py::arg("family_time"),
-        "Tests: dispatch::choose (the entries tune() makes for one group of linears) with error, time and\n"
-        "family_time (kernel, bits, m) -> float given. group: {n, k, int8, mma_ok, wgmma_ok, bits_min, bits_max,\n"
-        "max_m, odd_rows, all_rows}.");
+        py::arg("groups"), py::arg("error"), py::arg("time"),
+        "Tests: dispatch::choose (the entries tune() makes) with error(group, kernel, bits, m) and\n"
+        "time(groups, kernel, bits, m) -> float given (FlexquantError from error: the kernel cannot run).\n"
+        "groups: [{n, k, int8, mma_ok, wgmma_ok, bits_min, bits_max, max_m, odd_rows, all_rows}].");
     m.def(
         "_dispatch_apply",
         [](const std::vector<py::dict>& table, const std::vector<py::dict>& slots, int64_t gemm_min_rows,

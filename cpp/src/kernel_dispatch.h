@@ -17,6 +17,7 @@
 #include <exception>
 #include <functional>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -48,19 +49,21 @@ struct TuneGroup {
                              // takes every pass (whatever rows per pass the engine allows)
 };
 
-// The measurements, supplied by the caller. error(kernel, bits, m): the largest relative L2 error
-// of a row of `kernel` against the group's reference GEMV on m rows of the same random input
-// (+inf when an element is not finite); an exception means the kernel cannot run here (it is left
-// out, with the message). time(kernel, bits, m): the time of the group's linears on `kernel` (any
-// unit, the same for all). family_time(kernel, bits, m): the same for every int8 layer linear of
-// the group's k, that is of all the linears that read the same input as this group's (q, k, v, o,
-// gate and up read activations of the hidden size; down those of the FFN size), so that the GEMV
-// kernel is chosen once for the linears that share a launch (the caller may cache it: every group
-// of one k asks the same). Exceptions from time and family_time pass through.
+// A kernel that cannot run here, found before it ran (Probe::error throws it): choose() leaves the
+// kernel out. Any other exception is a failure of the measurement itself and passes through.
+struct Refused : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// The measurements, supplied by the caller, on groups of choose()'s argument by index.
+//   error(g, kernel, bits, m): the largest relative L2 error of a row of `kernel` against group g's
+//     reference GEMV on m rows of the same random input (+inf when an element is not finite), on
+//     one of its linears; throws Refused when the kernel cannot run there.
+//   time(gs, kernel, bits, m): the time of all the linears of the groups gs on `kernel` (any unit,
+//     the same for all).
 struct Probe {
-    std::function<double(const std::string&, int, int64_t)> error;
-    std::function<double(const std::string&, int, int64_t)> time;
-    std::function<double(const std::string&, int, int64_t)> family_time;
+    std::function<double(size_t, const std::string&, int, int64_t)> error;
+    std::function<double(const std::vector<size_t>&, const std::string&, int, int64_t)> time;
 };
 
 // Rows at which the GEMV kernels are compared (the decode step, small batches, one MMA launch).
@@ -69,94 +72,130 @@ inline const std::array<int64_t, 5>& mma_rows() {
     return rows;
 }
 
-// The entries of one group, one per bit-width bits_min..bits_max (act_bits, mma_min_rows, gemm,
-// decode_max_m and rejected all set):
+// The entries of every group, one per group and bit-width bits_min..bits_max in group order
+// (act_bits, mma_min_rows, gemm, decode_max_m and rejected all set):
 //  1. correctness: each candidate (int8: "mma" on every row count 1..16, each its own code path;
 //     "a8", "a8_wg" where it runs; fp16: "a16") against the reference at every bit-width, GEMMs on
-//     max_m and odd_rows rows. A candidate over MAX_ROW_ERROR anywhere, or that cannot run, is
-//     left out, and named with its error in `rejected`.
+//     max_m and odd_rows rows. A candidate over MAX_ROW_ERROR anywhere, or Refused, is left out,
+//     and named with its error in `rejected`.
 //  2. the GEMV kernel, one per linear (the captured decode step holds it while the bits change) and
-//     the same for every linear of the group's k (they share launches): "tc" against "mma" at
-//     m = 16, 8, 4, 2, 1 over the family (family_time), each summed over the bit-widths;
-//     mma_min_rows = the least m from which "mma" wins at every larger measured m (0: never).
-//  3. per bit-width, the GEMM: the faster accepted one on max_m rows; then the GEMV against it at
-//     m = 2·L, 4·L, ... and max_m (L = the GEMV's launch rows) until the GEMM wins: decode_max_m =
-//     the last m the GEMV won (>= min(L, max_m)). No accepted GEMM: decode_max_m = all_rows.
-inline std::vector<KernelChoice> choose(const TuneGroup& g, const Probe& probe) {
-    std::string rejected;
-    auto agrees = [&](const std::string& kernel, const std::vector<int64_t>& rows) {
+//     one for all the int8 groups of one k (their linears read the same input and share launches:
+//     q, k, v; gate, up): "tc" against "mma" over all of them at m = 16, 8, 4, 2, 1, summed over
+//     the bit-widths; mma_min_rows = the least m from which "mma" wins at every larger measured m,
+//     except 16 -> 9 (from 9 rows "tc" takes two launches, which cost about what it loses at 16);
+//     0: never, and for the whole family when "mma" cannot run or was left out in any group of it.
+//  3. per group and bit-width, the GEMM: the faster accepted one on max_m rows; then the GEMV
+//     against it at m = 2·L, 4·L, ... and max_m (L = the GEMV's launch rows) until the GEMM wins:
+//     decode_max_m = the last m the GEMV won (>= min(L, max_m)). No accepted GEMM: all_rows.
+inline std::vector<KernelChoice> choose(const std::vector<TuneGroup>& groups, const Probe& probe) {
+    const size_t G = groups.size();
+    std::vector<std::string> rejected(G);
+    auto note = [&](size_t gi, const std::string& line) { rejected[gi] += (rejected[gi].empty() ? "" : "; ") + line; };
+    auto agrees = [&](size_t gi, const std::string& kernel, const std::vector<int64_t>& rows) {
+        const TuneGroup& g = groups[gi];
         for (int64_t m : rows)
             for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {
                 std::string why;
                 try {
-                    const double err = probe.error(kernel, bits, m);
+                    const double err = probe.error(gi, kernel, bits, m);
                     if (err <= MAX_ROW_ERROR) continue;  // (false for NaN too)
                     char line[160];
                     std::snprintf(line, sizeof line, "row error %.3g > %g", err, MAX_ROW_ERROR);
                     why = line;
-                } catch (const std::exception& ex) {  // refused before it ran (e.g. no TMA driver entry)
+                } catch (const Refused& ex) {  // e.g. a driver without the TMA entry point
                     why = ex.what();
                 }
-                rejected += (rejected.empty() ? "" : "; ") + kernel + ": " + why + " at " + std::to_string(bits) +
-                            " bits, " + std::to_string(m) + " rows";
+                note(gi, kernel + ": " + why + " at " + std::to_string(bits) + " bits, " + std::to_string(m) + " rows");
                 return false;
             }
         return true;
     };
-    const std::string ref = g.int8 ? "tc" : "mma_a16";
-    int mma_from = 0;
-    std::vector<int64_t> every_launch;  // 1..16 rows
+
+    // the GEMV kernel per family of int8 groups of one k
+    std::vector<int64_t> every_launch;  // 16..1 rows
     for (int64_t m = 16; m >= 1; --m) every_launch.push_back(m);
-    if (g.int8 && g.mma_ok && agrees("mma", every_launch)) {
-        for (int64_t m : mma_rows()) {
-            double t_ref = 0, t_mma = 0;
-            for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {
-                t_ref += probe.family_time(ref, bits, m);
-                t_mma += probe.family_time("mma", bits, m);
+    std::vector<char> mma_good(G, 0);
+    for (size_t gi = 0; gi < G; ++gi)
+        if (groups[gi].int8 && groups[gi].mma_ok) mma_good[gi] = agrees(gi, "mma", every_launch);
+    std::vector<int> mma_from(G, 0);
+    std::vector<char> family_done(G, 0);
+    for (size_t gi = 0; gi < G; ++gi) {
+        if (!groups[gi].int8 || family_done[gi]) continue;
+        std::vector<size_t> family;
+        bool all_good = true;
+        for (size_t gj = gi; gj < G; ++gj)
+            if (groups[gj].int8 && groups[gj].k == groups[gi].k) {
+                family.push_back(gj);
+                family_done[gj] = 1;
+                all_good = all_good && mma_good[gj];
             }
-            if (!(t_mma < t_ref)) break;
-            mma_from = int(m);
-        }
-    }
-    // the GEMV of >= 16 rows (slices of one launch each)
-    const std::string gemv = mma_from > 0 ? "mma" : ref;
-    std::vector<std::string> gemms;
-    for (const char* kn : g.int8 ? std::vector<const char*>{"a8", "a8_wg"} : std::vector<const char*>{"a16"}) {
-        if (std::string(kn) == "a8_wg" && !g.wgmma_ok) continue;
-        std::vector<int64_t> rows = {g.max_m};
-        if (g.odd_rows != g.max_m) rows.push_back(g.odd_rows);
-        if (agrees(kn, rows)) gemms.push_back(kn);
-    }
-    std::vector<KernelChoice> out;
-    for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {
-        KernelChoice c;
-        c.n = g.n;
-        c.k = g.k;
-        c.bits = bits;
-        c.act_bits = g.int8 ? 8 : 16;
-        c.mma_min_rows = g.int8 ? mma_from : -1;
-        c.rejected = rejected;
-        c.decode_max_m = g.all_rows;
-        if (!gemms.empty()) {
-            std::string best = gemms.front();
-            if (gemms.size() > 1) {
-                double t_best = std::numeric_limits<double>::infinity();
-                for (const std::string& kn : gemms) {
-                    const double t = probe.time(kn, bits, g.max_m);
-                    if (t < t_best) t_best = t, best = kn;
+        int from = 0;
+        if (all_good) {
+            const TuneGroup& g = groups[gi];
+            for (int64_t m : mma_rows()) {
+                double t_tc = 0, t_mma = 0;
+                for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {
+                    t_tc += probe.time(family, "tc", bits, m);
+                    t_mma += probe.time(family, "mma", bits, m);
                 }
+                if (!(t_mma < t_tc)) break;
+                from = int(m);
             }
-            c.gemm = best;
-            const int64_t one_launch = gemv_launch_rows(gemv);
-            int64_t gemv_max = std::min(one_launch, g.max_m);
-            for (int64_t m = std::min(2 * one_launch, g.max_m); m > gemv_max; m = std::min(2 * m, g.max_m)) {
-                if (probe.time(best, bits, m) < probe.time(gemv, bits, m)) break;
-                gemv_max = m;
-            }
-            c.decode_max_m = gemv_max;
+            if (from == 16) from = 9;
+        } else {
+            for (size_t gj : family)  // (a group whose own check failed has its line already)
+                if (mma_good[gj])
+                    note(gj, "mma: not used, as for every linear of k = " + std::to_string(groups[gj].k) +
+                                 " (they share launches): another shape cannot run it or was left out");
         }
-        out.push_back(c);
+        for (size_t gj : family) mma_from[gj] = from;
     }
+
+    std::vector<KernelChoice> out;
+    for (size_t gi = 0; gi < G; ++gi) {
+        const TuneGroup& g = groups[gi];
+        const std::vector<size_t> self = {gi};
+        // the GEMV of >= 16 rows (slices of one launch each)
+        const std::string gemv = !g.int8 ? "mma_a16" : mma_from[gi] > 0 ? "mma" : "tc";
+        std::vector<std::string> gemms;
+        for (const char* kn : g.int8 ? std::vector<const char*>{"a8", "a8_wg"} : std::vector<const char*>{"a16"}) {
+            if (std::string(kn) == "a8_wg" && !g.wgmma_ok) continue;
+            std::vector<int64_t> rows = {g.max_m};
+            if (g.odd_rows != g.max_m) rows.push_back(g.odd_rows);
+            if (agrees(gi, kn, rows)) gemms.push_back(kn);
+        }
+        for (int bits = g.bits_min; bits <= g.bits_max; ++bits) {
+            KernelChoice c;
+            c.n = g.n;
+            c.k = g.k;
+            c.bits = bits;
+            c.act_bits = g.int8 ? 8 : 16;
+            c.mma_min_rows = g.int8 ? mma_from[gi] : -1;
+            c.decode_max_m = g.all_rows;
+            if (!gemms.empty()) {
+                std::string best = gemms.front();
+                if (gemms.size() > 1) {
+                    double t_best = std::numeric_limits<double>::infinity();
+                    for (const std::string& kn : gemms) {
+                        const double t = probe.time(self, kn, bits, g.max_m);
+                        if (t < t_best) t_best = t, best = kn;
+                    }
+                }
+                c.gemm = best;
+                const int64_t one_launch = gemv_launch_rows(gemv);
+                int64_t gemv_max = std::min(one_launch, g.max_m);
+                for (int64_t m = std::min(2 * one_launch, g.max_m); m > gemv_max; m = std::min(2 * m, g.max_m)) {
+                    if (probe.time(self, best, bits, m) < probe.time(self, gemv, bits, m)) break;
+                    gemv_max = m;
+                }
+                c.decode_max_m = gemv_max;
+            }
+            out.push_back(c);
+        }
+    }
+    for (KernelChoice& c : out)  // (every entry of a group names all that was left out in it)
+        for (size_t gi = 0; gi < G; ++gi)
+            if (groups[gi].n == c.n && groups[gi].k == c.k && groups[gi].int8 == (c.act_bits == 8)) c.rejected = rejected[gi];
     return out;
 }
 

@@ -78,7 +78,8 @@ class Engine:
     launch, instead of the binary tensor cores whose cost grows with the rows, 8 per launch (the same
     int8 activations and integer sums; group sizes 128, 256, 512); 0 = never, the default until it
     has been measured on a GPU. At its default a table saved by tune_kernels() on this GPU, which
-    chooses per linear shape, takes its place; an explicit value is the user's rule.
+    chooses per linear shape, takes its place; any other value is the user's rule, and then no
+    saved table is loaded (its GEMM crossovers included), as for cuda_gemm_min_rows.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,

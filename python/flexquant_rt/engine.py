@@ -177,6 +177,12 @@ class Engine:
         if max_m is None:
             max_m = 256 if self.backend == "cuda" else 16
         table = self._eng.tune_kernels(int(max_m), int(repeats))
+        left_out = sorted({part for d in table for part in d.get("rejected", "").split("; ") if part})
+        if left_out:  # a kernel that computes wrong numbers on this GPU is a bug worth reporting
+            import warnings
+            warnings.warn("tune_kernels left out kernels whose results disagree with the reference on this "
+                          "GPU (they will not run; please report it): " + "; ".join(left_out),
+                          RuntimeWarning, stacklevel=2)
         if save:
             _save_kernel_table(self._kernel_key(), table)
         return table

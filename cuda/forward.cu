@@ -828,8 +828,9 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
         v = float(r >> 8) / 8388608.0f - 1.0f;
     }
     DeviceBuffer<float> x(xh.size(), fn), y(size_t(check_m * max_n), fn), y_ref(size_t(check_m * max_n), fn);
-    // (synchronous: xh is pageable, and the kernels below read x on e.stream)
-    cuda_check(cudaMemcpy(x.get(), xh.data(), xh.size() * 4, cudaMemcpyHostToDevice), fn + " (x)");
+    // (on e.stream, so that the kernels below read x after it: a plain cudaMemcpy from pageable
+    // memory may return before its DMA ends, and e.stream does not wait for the default stream)
+    cuda_check(cudaMemcpyAsync(x.get(), xh.data(), xh.size() * 4, cudaMemcpyHostToDevice, e.stream), fn + " (x)");
     CudaEvent start_ev(fn), stop_ev(fn);
     cudaEvent_t start = start_ev.e, stop = stop_ev.e;
     // A test hook: FLEXQUANT_CUDA_TUNE_FAULT=<kernel> (mma, a8, a8_wg, a16) corrupts one output

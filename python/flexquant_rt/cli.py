@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                         line += f"; GEMV on the s8 MMA kernel from {mma} rows" if mma > 0 else "; GEMV on TC"
                     print(line)
                     if rejected:
-                        print(f"    left out (disagreed with the reference GEMV): {rejected}")
+                        print(f"    left out (disagreed with the reference GEMV, or could not run): {rejected}")
                 print("saved: engines on this machine with the same threads (or GPU) and shapes use it")
             return 0
         if a.cmd == "calibrate":

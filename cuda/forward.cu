@@ -114,7 +114,7 @@ struct CudaForward::Impl {
     ModelConfig cfg;
     CudaForwardParams p;
     BitplaneCudaPath path = BITPLANE_CUDA_AUTO;  // the engine's: FP32 with fp32_matmul, else AUTO
-    // Per linear (n_lin): TC (int8 activations; MMA kernel per mma_from), MMA_A16 (fp16) or FP32
+    // Per linear (n_lin): TC (int8 activations; MMA kernel per kernels[j].mma_from), MMA_A16 (fp16) or FP32
     // (fp32 activations), the engine's path resolved, then as set_activation_bits chose (calibration
     // keeps more precision in sensitive layers).
     std::vector<BitplaneCudaPath> lin_path;
@@ -185,11 +185,17 @@ struct CudaForward::Impl {
     cudaGraphExec_t graph_exec = nullptr;
     // The captured step's kernel per linear (step_choice at capture): a table may choose the GEMM for
     // one row at some bit-widths only, or another GEMM, so a mask that changes the choice re-captures.
+    // Checked per decode step in place (no allocation on that path).
     std::vector<char> graph_choice;
-    std::vector<char> step_choice() const {
-        std::vector<char> c(static_cast<size_t>(n_lin));
-        for (size_t j = 0; j < c.size(); ++j) c[j] = on_gemm(j, 1) ? char(1 + int(gemm_kind(j))) : 0;
-        return c;
+    char step_choice(size_t j) const { return on_gemm(j, 1) ? char(1 + int(gemm_kind(j))) : 0; }
+    void record_graph_choice() {
+        graph_choice.resize(size_t(n_lin));
+        for (size_t j = 0; j < graph_choice.size(); ++j) graph_choice[j] = step_choice(j);
+    }
+    bool graph_choice_stale() const {
+        for (size_t j = 0; j < graph_choice.size(); ++j)
+            if (graph_choice[j] != step_choice(j)) return true;
+        return false;
     }
     int replays = 0;
     // A call that threw after queuing work may have left a copy of the pinned step input pending:
@@ -227,7 +233,7 @@ struct CudaForward::Impl {
         return kernels[j].gemm_wg[host_bits(j)] ? BITPLANE_GEMM_A8_WG : BITPLANE_GEMM_A8;
     }
     // The GEMV kernel of linear j for a launch of `rows` rows: the TC path's preparation also serves
-    // the MMA kernel (s8 tensor cores), which runs from mma_from[j] rows where the group size allows
+    // the MMA kernel (s8 tensor cores), which runs from kernels[j].mma_from rows where the group size allows
     // it. Not a function of the bit-width, so the captured decode step stays valid under any mask.
     BitplaneCudaPath gemv_kernel(size_t j, int64_t rows) const {
         const int from = kernels[j].mma_from;
@@ -592,7 +598,7 @@ void CudaForward::forward(int seq, const int32_t* tokens, int64_t T, int64_t n_p
         if (rows == 1 && !all_rows && e.p.use_graph) {
             // (with tune()'s tables one row stays on the GEMV at every bit-width, so this re-captures
             // only under hand-made tables or gemm_min_rows = 1 with a partial table)
-            if (e.graph_exec && e.step_choice() != e.graph_choice) e.drop_graph();
+            if (e.graph_exec && e.graph_choice_stale()) e.drop_graph();
             if (!e.graph_exec) {
                 if (e.graph) {  // left by a failed instantiate
                     cudaGraphDestroy(e.graph);
@@ -609,7 +615,7 @@ void CudaForward::forward(int seq, const int32_t* tokens, int64_t T, int64_t n_p
                 }
                 cuda_check(cudaStreamEndCapture(e.stream, &e.graph), fn + " (end capture)");
                 cuda_check(cudaGraphInstantiate(&e.graph_exec, e.graph, 0), fn + " (instantiate)");
-                e.graph_choice = e.step_choice();
+                e.record_graph_choice();
             }
             cuda_check(cudaGraphLaunch(e.graph_exec, e.stream), fn + " (graph launch)");
             ++e.replays;
@@ -773,8 +779,8 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
     if (repeats < 1 || repeats > 100) throw Error(fn + ": repeats = " + std::to_string(repeats) + " is outside 1..100");
     e.settle();
     // The GEMMs are also checked on this many rows: past two row tiles, the third one partial.
-    constexpr int64_t odd_rows = 300;
-    const int64_t check_m = std::max(max_m, std::min<int64_t>(odd_rows, e.max_rows));
+    const int64_t odd_rows = std::min<int64_t>(300, e.max_rows);
+    const int64_t check_m = std::max(max_m, odd_rows);
     // The layer linears by shape and activation family (int8: TC path, fp16: MMA_A16; fp32 ones
     // never take a GEMM; the LM head always runs on the GEMV). Each timing runs a group's linears of
     // every layer back to back: different weights, so the planes come from HBM as in a forward
@@ -784,6 +790,7 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
         std::vector<size_t> members;
     };
     std::vector<Group> groups;
+    const std::vector<dispatch::LinearSlot> slots = e.slots();
     int64_t max_k = 0, max_n = 0;
     for (size_t j = 0; j + 1 < size_t(e.n_lin); ++j) {
         const BitplaneCudaPath pj = e.lin_path[j];
@@ -799,13 +806,11 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
             spec.int8 = int8;
             spec.mma_ok = int8 && bitplane_cuda_mma_supports(e.lin[j].group_size);
             // (a8_wg only where every layer linear of the shape can run it, as set_kernel_table asks)
-            spec.wgmma_ok = int8;
-            for (size_t i = 0; i + 1 < size_t(e.n_lin); ++i)
-                if (e.lin[i].n == spec.n && e.lin[i].k == spec.k && !e.wgmma_ok[i]) spec.wgmma_ok = false;
+            spec.wgmma_ok = int8 && dispatch::a8_wg_blocker(slots, spec.n, spec.k) == slots.size();
             spec.bits_min = BITS_MIN;
             spec.bits_max = e.p.bits_cap;
             spec.max_m = max_m;
-            spec.odd_rows = std::min<int64_t>(odd_rows, e.max_rows);
+            spec.odd_rows = odd_rows;
             spec.all_rows = std::max(PREFILL_ROWS, MAX_GEMM_ROWS);  // (>= any engine's max_rows)
             it = groups.insert(groups.end(), Group{spec, {}});
         }

@@ -170,6 +170,7 @@ inline std::vector<KernelChoice> choose(const std::vector<TuneGroup>& groups, co
             c.bits = bits;
             c.act_bits = g.int8 ? 8 : 16;
             c.mma_min_rows = g.int8 ? mma_from[gi] : -1;
+            c.rejected = rejected[gi];  // (complete: the group's checks all ran above)
             c.decode_max_m = g.all_rows;
             if (!gemms.empty()) {
                 std::string best = gemms.front();
@@ -192,9 +193,6 @@ inline std::vector<KernelChoice> choose(const std::vector<TuneGroup>& groups, co
             out.push_back(c);
         }
     }
-    for (KernelChoice& c : out)  // (every entry of a group names all that was left out in it)
-        for (size_t gi = 0; gi < G; ++gi)
-            if (groups[gi].n == c.n && groups[gi].k == c.k && groups[gi].int8 == (c.act_bits == 8)) c.rejected = rejected[gi];
     return out;
 }
 
@@ -239,22 +237,29 @@ inline std::vector<LinearKernels> apply(const std::vector<KernelChoice>& table, 
     return out;
 }
 
+// The first layer linear of shape (n, k), of any activations (set_activation_bits may move it to
+// int8 later), that a8_wg cannot run; lin.size() when there is none. tune() offers a8_wg for a
+// shape only where this finds none, and refusal() refuses a table by the same rule.
+inline size_t a8_wg_blocker(const std::vector<LinearSlot>& lin, int64_t n, int64_t k) {
+    for (size_t j = 0; j < lin.size(); ++j)
+        if (lin[j].layer && lin[j].n == n && lin[j].k == k && !lin[j].wgmma_ok) return j;
+    return lin.size();
+}
+
 // "" when every entry can run on these linears, else why not: an a8_wg entry whose shape has a
-// layer linear (of any activations: set_activation_bits may move it to int8 later) that a8_wg
-// cannot run. group_size(j) names the cause.
+// linear a8_wg_blocker finds. group_size(j) names the cause.
 inline std::string refusal(const std::vector<KernelChoice>& table, const std::vector<LinearSlot>& lin,
                            const std::function<int(size_t)>& group_size) {
     for (size_t i = 0; i < table.size(); ++i) {
         const KernelChoice& c = table[i];
         if (c.gemm != "a8_wg") continue;
-        for (size_t j = 0; j < lin.size(); ++j)
-            if (lin[j].layer && lin[j].n == c.n && lin[j].k == c.k && !lin[j].wgmma_ok) {
-                const int gs = group_size(j);
-                return "kernel table entry " + std::to_string(i) + ": gemm 'a8_wg' cannot run linear " +
-                       std::to_string(j) + " (" + std::to_string(c.n) + " x " + std::to_string(c.k) + "): " +
-                       (gs % 128 != 0 ? "its group size " + std::to_string(gs) + " is not a multiple of 128"
-                                      : std::string("this GPU or build has no sm_90a wgmma"));
-            }
+        const size_t j = a8_wg_blocker(lin, c.n, c.k);
+        if (j == lin.size()) continue;
+        const int gs = group_size(j);
+        return "kernel table entry " + std::to_string(i) + ": gemm 'a8_wg' cannot run linear " + std::to_string(j) +
+               " (" + std::to_string(c.n) + " x " + std::to_string(c.k) + "): " +
+               (gs % 128 != 0 ? "its group size " + std::to_string(gs) + " is not a multiple of 128"
+                              : std::string("this GPU or build has no sm_90a wgmma"));
     }
     return "";
 }

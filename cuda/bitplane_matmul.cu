@@ -201,10 +201,14 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
 // groupID, K [32t, +32) / [128 + 32t, +32); a1/a3 = A row groupID + 8, same K; b0/b1 = B column
 // groupID, K [32t, +32) / [128 + 32t, +32); d0, d1 = C[groupID][2t, 2t+1], d2, d3 = C[groupID+8][..].
 __device__ __forceinline__ void mma_b1(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(FLEXQUANT_SIMT)  // the CPU stand-in for CUDA (tests/cuda_host/simt): the same operands
+    simt::mma_b1(d, a[0], a[1], a[2], a[3], b0, b1);
+#else
     asm("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Σ over the 8 lanes that share t (g = 0..7, lane bits 2..4) of v[2·b4 + b3], where b3, b4 are
@@ -469,10 +473,16 @@ bitplane_prepare_a16_kernel(const float* __restrict__ x,    // (m, k)
 // d2, d3 = C[groupID + 8][2t, 2t+1].
 // volatile: .aligned needs every lane; the compiler must not sink an mma into the g < M branches.
 __device__ __forceinline__ void mma_s8(int (&d)[4], const uint4& a, const uint32_t (&b)[2]) {
+    // the PTX operands a0..a3 (row g K lo, row g + 8 K lo, row g K hi, row g + 8 K hi) in a's order
+    const uint32_t a0 = a.x, a1 = a.z, a2 = a.y, a3 = a.w;
+#if defined(FLEXQUANT_SIMT)  // the CPU stand-in for CUDA (tests/cuda_host/simt): the same operands
+    simt::mma_s8(d, a0, a1, a2, a3, b[0], b[1]);
+#else
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-        : "r"(a.x), "r"(a.z), "r"(a.y), "r"(a.w), "r"(b[0]), "r"(b[1]));
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // This lane's A fragment of step (c, qq) for an M-row launch: rows g and g + 8 where they exist
@@ -492,15 +502,23 @@ __device__ __forceinline__ uint4 load_a(const uint4* __restrict__ xa, int64_t c,
 // step: a0/a2 row groupID K 2t.. / 2t + 8.., a1/a3 row groupID + 8; b0/b1 column groupID.
 __device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                         uint32_t b0, uint32_t b1) {
+#if defined(FLEXQUANT_SIMT)  // the CPU stand-in for CUDA (tests/cuda_host/simt): the same operands
+    simt::mma_f16(d, a0, a1, a2, a3, b0, b1);
+#else
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 __device__ __forceinline__ uint32_t sub_f16x2(uint32_t a, uint32_t b) {
+#if defined(FLEXQUANT_SIMT)
+    return simt::sub_f16x2(a, b);
+#else
     uint32_t r;
     asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
     return r;
+#endif
 }
 
 // MMA_A16: this lane's 8 fp16 activations of step (c, qq) of row g (lo) and row g + 8 (hi), zeros

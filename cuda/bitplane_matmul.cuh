@@ -191,7 +191,8 @@ enum BitplaneGemmKind {
 };
 
 // Whether this GPU and build run BITPLANE_GEMM_A8_WG at this group size: compute capability 9.0, a
-// build with sm_90a code, group_size % 128 == 0. Never throws (false without a device).
+// build with sm_90a code, group_size % 128 == 0, and FLEXQUANT_CUDA_WGMMA_OFF not "1" (an off switch:
+// then neither tune nor a table ever runs it). Never throws (false without a device).
 bool bitplane_gemm_wgmma_supported(int group_size);
 
 // Whether the B1 GEMM handles this group size (32, 64, 128, 256 or 512).

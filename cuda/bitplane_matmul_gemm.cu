@@ -1064,10 +1064,15 @@ CUtensorMap tensor_map_128(const void* base, int64_t rows, int64_t row_bytes, co
     return map;
 }
 
+bool wgmma_supported(int group_size, bool may_probe);  // (below, with bitplane_gemm_wgmma_supported)
+
 void wg_gemm_launch(const GemmGeometry& g, const GemmScratch& sc, float* y, cudaStream_t stream, bool accumulate) {
     const std::string fn = "bitplane_gemm (A8_WG)";
-    // (a launch of the trap branch would end the CUDA context: refuse instead)
-    check(bitplane_gemm_wgmma_supported(g.group_size), fn,
+    // (a launch of the trap branch would end the CUDA context: refuse instead; while `stream` is
+    // being captured, only an answer the engine's construction already cached counts)
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) cudaGetLastError();
+    check(wgmma_supported(g.group_size, capture == cudaStreamCaptureStatusNone), fn,
           "BITPLANE_GEMM_A8_WG needs a compute capability 9.0 GPU (Hopper) and a build with sm_90a code");
     const CUtensorMap tm_acts = tensor_map_128(sc.acts, g.m_alloc, g.k_pad, fn);
     const CUtensorMap tm_codes = tensor_map_128(sc.codes, g.n_alloc, g.k_pad, fn);
@@ -1167,8 +1172,14 @@ bool bitplane_gemm_b1_supports(int group_size) {
     return group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256 || group_size == 512;
 }
 
-bool bitplane_gemm_wgmma_supported(int group_size) {
+bool bitplane_gemm_wgmma_supported(int group_size) { return wgmma_supported(group_size, true); }
+
+namespace {
+// may_probe false: the cached answer only (no probe yet: false). A launch being captured into a
+// graph passes false: the probe's cudaMalloc / cudaFree / synchronization would break the capture.
+bool wgmma_supported(int group_size, bool may_probe) {
     if (group_size <= 0 || group_size % wg::BK != 0) return false;
+    if (cuda_env_flag("FLEXQUANT_CUDA_WGMMA_OFF")) return false;  // the user's (or gpu_check's) off switch
     int dev = 0, major = 0, minor = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64 ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
@@ -1185,6 +1196,7 @@ bool bitplane_gemm_wgmma_supported(int group_size) {
     static std::atomic<int> known[64];  // 0: not asked yet, 1: yes, 2: no
     const int k = known[dev].load();
     if (k != 0) return k == 1;
+    if (!may_probe) return false;
     // setmaxnreg.inc to 232 waits until the block's registers allow it: 384 threads at 168 registers
     // (what ptxas gives __launch_bounds__(384, 1)) = 40 for the producers + 232 for the consumers.
     cudaFuncAttributes attr{};
@@ -1216,6 +1228,7 @@ bool bitplane_gemm_wgmma_supported(int group_size) {
     known[dev].store(found == 1 ? 1 : 2);
     return found == 1;
 }
+}  // namespace
 
 size_t bitplane_gemm_cuda_workspace(const BitplaneLinear& w, int64_t m, BitplaneGemmKind kind) {
     const std::string fn = "bitplane_gemm_cuda_workspace";

@@ -208,6 +208,8 @@ struct CudaForward::Impl {
     void drop_graph();
 
     ~Impl() {
+        // work a throwing call left queued (pending) may still read the buffers freed below
+        if (stream) cudaStreamSynchronize(stream);
         if (graph_exec) cudaGraphExecDestroy(graph_exec);
         if (graph) cudaGraphDestroy(graph);
         if (in_host) cudaFreeHost(in_host);
@@ -878,8 +880,10 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
     probe.error = [&](size_t gi, const std::string& kernel, int bits, int64_t m) {
         const Group& g = groups[gi];
         const size_t j = g.members.front(), n = size_t(e.lin[j].n), count = size_t(m) * n;
+        // both outputs poisoned (NaN): an element either kernel leaves unwritten shows
+        cuda_check(cudaMemsetAsync(y_ref.get(), 0xff, count * 4, e.stream), fn + " (poison)");
         run(g.spec.int8 ? "tc" : "mma_a16", j, bits, m, y_ref.get());
-        cuda_check(cudaMemsetAsync(y.get(), 0xff, count * 4, e.stream), fn + " (poison)");  // NaN
+        cuda_check(cudaMemsetAsync(y.get(), 0xff, count * 4, e.stream), fn + " (poison)");
         try {
             run(kernel, j, bits, m, y.get());
         } catch (const Error& ex) {
@@ -897,6 +901,14 @@ std::vector<KernelChoice> CudaForward::tune(int64_t max_m, int repeats) {
         cuda_check(cudaMemcpyAsync(want.data(), y_ref.get(), count * 4, cudaMemcpyDeviceToHost, e.stream), fn);
         cuda_check(cudaStreamSynchronize(e.stream), fn + " (check)");
         if (fault == kernel) got[count - 1] = want[count - 1] + 1.0f + std::fabs(want[count - 1]);
+        // A reference that is not finite would score every kernel as agreeing (NaN compares false):
+        // it is a broken reference kernel, which ends the tuning instead of deciding anything.
+        for (size_t i = 0; i < count; ++i)
+            if (!std::isfinite(want[i]))
+                throw Error(fn + ": the reference GEMV (" + std::string(g.spec.int8 ? "tc" : "mma_a16") +
+                            ") gave a non-finite output " + std::to_string(want[i]) + " at row " +
+                            std::to_string(i / n) + ", column " + std::to_string(i % n) + " of linear " +
+                            std::to_string(j) + " at " + std::to_string(bits) + " bits");
         double worst = 0;
         for (size_t row = 0; row < size_t(m); ++row) {
             double d2 = 0, r2 = 0;

@@ -163,3 +163,28 @@ def greedy_by_full_forward(eng, prompt: list[int], n_new: int) -> list[int]:
             break
         seq.append(nxt)
     return seq[len(prompt):]
+
+
+# ---- the CUDA ops: on a GPU, and on the CPU stand-in for CUDA (tests/cuda_host/simt) ------------------
+
+@pytest.fixture(scope="session")
+def simt_ops(tmp_path_factory):
+    from simt_ops import SimtOps, build
+
+    cxx = host_cxx()
+    if cxx is None:
+        pytest.skip("no C++ compiler for the CUDA stand-in")
+    return SimtOps(build(cxx, tmp_path_factory.mktemp("simt")))
+
+
+@pytest.fixture(params=["gpu", "simt"])
+def cuda_ops(request):
+    """`_core` on a GPU (skipped without one), or the same entry points run on the CPU stand-in for
+    CUDA (tests/simt_ops.py): the CUDA op tests take this to run in CI too."""
+    import flexquant_rt._core as core
+
+    if request.param == "gpu":
+        if not core.cuda_available():
+            pytest.skip("no CUDA device (or built without CUDA)")
+        return core
+    return request.getfixturevalue("simt_ops")

@@ -62,45 +62,49 @@ def test_cuda_backend_without_gpu_falls_back_with_a_reason(tiny_fq):
         assert Engine(tiny_fq, backend="auto").backend == "cpu"
 
 
-# ---- GPU: the ops -----------------------------------------------------------------------------------
+# ---- the ops: on a GPU, and on the CPU stand-in for CUDA -------------------------------------------
+#
+# Each op test runs twice (the `cuda_ops` fixture, tests/conftest.py): on the GPU (skipped without
+# one) and on tests/cuda_host/simt (the same CUDA sources compiled as C++ for the CPU, each block's
+# threads as fibers; tests/simt_ops.py), so that CI, which has no GPU, runs the index arithmetic,
+# masks, bounds and shared-memory use of these kernels against the CPU ops. The stand-in does not
+# model races or the device math library's ulps; the tolerances below hold for both.
 
-@gpu
+
 @pytest.mark.parametrize("m,d", [(1, 64), (3, 576), (8, 4096), (5, 100)])
-def test_rms_norm_cuda(m, d):
+def test_rms_norm_cuda(cuda_ops, m, d):
     rng = np.random.default_rng(m * d)
     x = (rng.standard_normal((m, d)) * 3 + 0.5).astype(np.float32)
     w = rng.uniform(0.5, 1.5, d).astype(np.float32)
     ref64 = x.astype(np.float64) / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w
     cpu = core.ops.rms_norm(x, w, 1e-5)
-    out = core.rms_norm_cuda(x, w, 1e-5)
+    out = cuda_ops.rms_norm_cuda(x, w, 1e-5)
     assert np.isfinite(out).all()
     assert rel_err(out, ref64) <= 2 * rel_err(cpu, ref64) + 1e-7
 
 
-@gpu
 @pytest.mark.parametrize("m,H,Hkv,d", [(1, 4, 2, 16), (7, 9, 3, 64), (8, 32, 8, 128)])
-def test_rope_cuda(m, H, Hkv, d):
+def test_rope_cuda(cuda_ops, m, H, Hkv, d):
     rng = np.random.default_rng(m + H + d)
     q = rng.standard_normal((m, H, d)).astype(np.float32)
     k = rng.standard_normal((m, Hkv, d)).astype(np.float32)
     pos = rng.integers(0, 5000, m).astype(np.int64)
     inv = core.ops.rope_inv_freq(d, 10000.0)
     qc, kc = core.ops.rope(q, k, pos, 10000.0)
-    qg, kg = core.rope_cuda(inv, q, k, pos)
+    qg, kg = cuda_ops.rope_cuda(inv, q, k, pos)
     # Same fp32 angle, cos/sin from fp64: only the fp64 cos/sin of the two libraries may differ.
     assert rel_err(qg, qc) < 1e-6 and rel_err(kg, kc) < 1e-6
 
 
-@gpu
 @pytest.mark.parametrize("n", [1, 1000, 11008 * 3 + 5])
-def test_swiglu_cuda(n):
+def test_swiglu_cuda(cuda_ops, n):
     rng = np.random.default_rng(n)
     g = (rng.standard_normal(n) * 4).astype(np.float32)
     u = rng.standard_normal(n).astype(np.float32)
     g64 = g.astype(np.float64)
     ref64 = g64 / (1 + np.exp(-g64)) * u
     cpu = core.ops.swiglu(g, u)
-    out = core.swiglu_cuda(g, u)
+    out = cuda_ops.swiglu_cuda(g, u)
     assert rel_err(out, ref64) <= 2 * rel_err(cpu, ref64) + 1e-7
 
 
@@ -120,7 +124,6 @@ def attention_ref64(q, kc, vc, p0):
     return ref
 
 
-@gpu
 @pytest.mark.parametrize("kv", ["f32", "f16"])
 @pytest.mark.parametrize("m,p0,H,Hkv,d,splits", [(1, 0, 4, 2, 16, 1), (1, 700, 8, 2, 64, 7), (1, 2047, 32, 8, 128, 8),
                                                   (5, 33, 6, 3, 24, 1), (8, 300, 4, 4, 256, 1), (1, 5, 4, 1, 48, 16),
@@ -129,7 +132,7 @@ def attention_ref64(q, kc, vc, p0):
                                                   (4, 0, 2, 1, 128, 1), (1, 77, 4, 2, 160, 2),
                                                   # more spans than the merge keeps in shared memory
                                                   (1, 200, 2, 1, 128, 70)])
-def test_attention_cuda(kv, m, p0, H, Hkv, d, splits):
+def test_attention_cuda(cuda_ops, kv, m, p0, H, Hkv, d, splits):
     rng = np.random.default_rng(p0 + H + d + m)
     dt = np.float32 if kv == "f32" else np.float16
     t_max = p0 + m + 3
@@ -138,22 +141,21 @@ def test_attention_cuda(kv, m, p0, H, Hkv, d, splits):
     vc = rng.standard_normal((t_max, Hkv, d)).astype(dt)
     cpu = core.ops.attention(q, kc, vc, p0)
     ref = attention_ref64(q, kc, vc, p0)
-    out = core.attention_cuda(q, kc, vc, p0, splits)
+    out = cuda_ops.attention_cuda(q, kc, vc, p0, splits)
     assert np.isfinite(out).all()
     assert rel_err(out, ref) <= 2 * rel_err(cpu, ref) + 1e-6
     # The same sequence as the second block of a two-sequence cache (rows t_max.. of 2 t_max): the
     # per-query bases of batched decode; the first block holds other values and must not be read.
     other = rng.standard_normal((t_max, Hkv, d)).astype(dt)
-    out2 = core.attention_cuda(q, np.concatenate([other, kc]), np.concatenate([-other, vc]), p0, splits, base=t_max)
+    out2 = cuda_ops.attention_cuda(q, np.concatenate([other, kc]), np.concatenate([-other, vc]), p0, splits, base=t_max)
     np.testing.assert_array_equal(out2, out)
 
 
-@gpu
 @pytest.mark.parametrize("kv", ["f32", "f16"])
 @pytest.mark.parametrize("m,p0,H,Hkv,d", [(1, 0, 4, 2, 16), (31, 5, 4, 1, 64), (32, 0, 8, 2, 128), (33, 700, 4, 4, 128),
                                           (100, 33, 6, 3, 24), (257, 1000, 8, 2, 128), (64, 0, 2, 1, 80),
                                           (70, 130, 4, 2, 4), (45, 31, 3, 3, 36)])
-def test_attention_prefill_cuda(kv, m, p0, H, Hkv, d):
+def test_attention_prefill_cuda(cuda_ops, kv, m, p0, H, Hkv, d):
     """The tiled prefill kernel (one sequence's consecutive positions, 32 queries a block, K/V tiles
     of 32 positions through shared memory) against the fp64 reference, held to the per-token
     kernel's tolerance: query tiles cut at any m, key tiles at any p0, GQA, head dims down to 4 and
@@ -168,25 +170,24 @@ def test_attention_prefill_cuda(kv, m, p0, H, Hkv, d):
     vc[p0 + m:] = np.nan
     cpu = core.ops.attention(q, kc, vc, p0)
     ref = attention_ref64(q, kc, vc, p0)
-    out = core.attention_cuda(q, kc, vc, p0, prefill=True)
+    out = cuda_ops.attention_cuda(q, kc, vc, p0, prefill=True)
     assert np.isfinite(out).all()
     assert rel_err(out, ref) <= 2 * rel_err(cpu, ref) + 1e-6, (rel_err(out, ref), rel_err(cpu, ref))
     # the sequence as the second block of a two-sequence cache: the first block must not be read
     other = np.full((t_max, Hkv, d), np.nan, dtype=dt)
-    out2 = core.attention_cuda(q, np.concatenate([other, kc]), np.concatenate([other, vc]), p0, base=t_max,
+    out2 = cuda_ops.attention_cuda(q, np.concatenate([other, kc]), np.concatenate([other, vc]), p0, base=t_max,
                                prefill=True)
     np.testing.assert_array_equal(out2, out)
 
 
-@gpu
-def test_attention_prefill_cuda_refuses_other_head_dims():
+def test_attention_prefill_cuda_refuses_other_head_dims(cuda_ops):
     q = np.ones((40, 2, 30), np.float32)
     kc = np.ones((50, 2, 30), np.float32)
     with pytest.raises(core.FlexquantError, match="head_dim in 4..128, a multiple of 4, got 30"):
-        core.attention_cuda(q, kc, kc, 0, prefill=True)
+        cuda_ops.attention_cuda(q, kc, kc, 0, prefill=True)
     q, kc = np.ones((40, 2, 256), np.float32), np.ones((50, 2, 256), np.float32)
     with pytest.raises(core.FlexquantError, match="got 256"):
-        core.attention_cuda(q, kc, kc, 0, prefill=True)
+        cuda_ops.attention_cuda(q, kc, kc, 0, prefill=True)
 
 
 @gpu
@@ -225,35 +226,77 @@ def test_engine_cuda_tiled_prefill_attention(tiny_fq, wide_head_fq, monkeypatch,
         assert not np.array_equal(a, b)
 
 
-@gpu
 @pytest.mark.parametrize("vocab", [1, 320, 1025, 49152, 128256])
-def test_entropy_and_top1_cuda(vocab):
+def test_entropy_and_top1_cuda(cuda_ops, vocab):
     rng = np.random.default_rng(vocab)
     lg = (rng.standard_normal(vocab) * 3).astype(np.float32)
     if vocab > 10:
         lg[vocab // 3] = lg.max() + 2  # a clear winner, and a tie after it: the first index wins
         lg[vocab // 2] = lg[vocab // 3]
     ent, top1 = core.ops.entropy_and_top1(lg)
-    e, t, a = core.entropy_and_top1_cuda(lg)
+    e, t, a = cuda_ops.entropy_and_top1_cuda(lg)
     assert a == int(np.argmax(lg))
     assert abs(e - ent) <= 1e-5 * max(1.0, abs(ent)) and abs(t - top1) <= 1e-6
 
 
-@gpu
-def test_entropy_and_top1_cuda_nan_and_ties():
+def test_entropy_and_top1_cuda_nan_and_ties(cuda_ops):
     """NaN counts as -inf (all NaN: argmax 0, as the CPU op); a tie of the max between two threads'
     elements (indices 5000 and 3000 + 1024 k) and within one thread's elements: the first index wins."""
     lg = np.full(40000, -1.0, dtype=np.float32)
     lg[[3000 + 1024 * 7, 5000, 3000 + 1024 * 20]] = 4.0
     lg[[7, 900]] = np.nan
     ent, top1 = core.ops.entropy_and_top1(lg)
-    e, t, a = core.entropy_and_top1_cuda(lg)
+    e, t, a = cuda_ops.entropy_and_top1_cuda(lg)
     assert a == 5000 and abs(e - ent) <= 1e-5 * max(1.0, abs(ent)) and abs(t - top1) <= 1e-6
     lg[5000] = -1.0  # now the max sits only at two indices of one thread: the first of them wins
-    e, t, a = core.entropy_and_top1_cuda(lg)
+    e, t, a = cuda_ops.entropy_and_top1_cuda(lg)
     assert a == 3000 + 1024 * 7
-    e, t, a = core.entropy_and_top1_cuda(np.full(3000, np.nan, dtype=np.float32))
+    e, t, a = cuda_ops.entropy_and_top1_cuda(np.full(3000, np.nan, dtype=np.float32))
     assert a == 0
+
+
+# The engine's launchers that have no host test entry point on the GPU (the whole-model GPU tests
+# cover them there): on the stand-in only.
+
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("H,Hkv,d", [(4, 2, 16), (9, 3, 64), (8, 2, 128)])
+def test_rope_kv_store_on_the_stand_in(simt_ops, kv, H, Hkv, d):
+    """rope_kv_store_launch (the decode step's RoPE fused with the KV-cache write): q and k rotated as
+    the CPU op rotates them; row r's rotated k and its v land in cache row bases[r] + positions[r]
+    (rounded to fp16 for an fp16 cache), and every other cache byte keeps its poison."""
+    rng = np.random.default_rng([H, d, kv == "f16"])
+    m, n_ctx = 5, 40
+    dt = np.float32 if kv == "f32" else np.float16
+    q = rng.standard_normal((m, H, d)).astype(np.float32)
+    k = rng.standard_normal((m, Hkv, d)).astype(np.float32)
+    v = rng.standard_normal((m, Hkv, d)).astype(np.float32)
+    pos = rng.integers(0, n_ctx, m).astype(np.int64)
+    bases = np.arange(m, dtype=np.int64) * n_ctx  # a batched step: one sequence per row
+    kc = np.full((m * n_ctx, Hkv, d), np.nan, dtype=dt)
+    vc = np.full((m * n_ctx, Hkv, d), np.nan, dtype=dt)
+    inv = core.ops.rope_inv_freq(d, 10000.0)
+    qr, kr, kc2, vc2 = simt_ops.rope_kv_store(inv, q, k, v, pos, bases, kc, vc)
+    qc, kcpu = core.ops.rope(q, k, pos, 10000.0)
+    assert rel_err(qr, qc) < 1e-6 and rel_err(kr, kcpu) < 1e-6
+    rows = bases + pos
+    np.testing.assert_array_equal(kc2[rows], kr.astype(dt))
+    np.testing.assert_array_equal(vc2[rows], v.astype(dt))
+    untouched = np.setdiff1d(np.arange(m * n_ctx), rows)
+    assert np.isnan(kc2[untouched]).all() and np.isnan(vc2[untouched]).all()
+
+
+@pytest.mark.parametrize("rows,vocab", [(3, 1025), (2, 49152)])
+def test_step_signals_of_several_rows_on_the_stand_in(simt_ops, rows, vocab):
+    """entropy_and_top1_launch over a batched step's rows (a block per row): each row's signals are
+    the CPU op's of that row alone."""
+    rng = np.random.default_rng([rows, vocab])
+    lg = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    lg[1, vocab // 2] = np.nan
+    out = simt_ops.step_signals(lg)
+    for r in range(rows):
+        ent, top1 = core.ops.entropy_and_top1(lg[r])
+        assert out["argmax"][r] == int(np.nanargmax(lg[r]))
+        assert abs(out["entropy"][r] - ent) <= 1e-5 * max(1.0, abs(ent)) and abs(out["top1"][r] - top1) <= 1e-6
 
 
 # ---- GPU: whole models -------------------------------------------------------------------------------

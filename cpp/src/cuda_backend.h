@@ -136,7 +136,8 @@ private:
 
 }  // namespace flexquant
 
-#ifdef __CUDACC__
+// (FLEXQUANT_SIMT: tests/cuda_host/simt, the CPU stand-in for CUDA the tests build the plain kernels with)
+#if defined(__CUDACC__) || defined(FLEXQUANT_SIMT)
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -425,4 +426,4 @@ void start_output(DeviceBuffer<T>& d, const T* y0, size_t count, const std::stri
 }
 
 }  // namespace flexquant
-#endif  // __CUDACC__
+#endif  // __CUDACC__ || FLEXQUANT_SIMT

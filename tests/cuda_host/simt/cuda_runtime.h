@@ -1,0 +1,484 @@
+// A CPU stand-in for the CUDA runtime and device built-ins, so that the plain-CUDA kernels of cuda/
+// (no inline PTX: attention, RMSNorm, RoPE, SwiGLU, the step signals) run unchanged in CI, which has
+// no GPU. tests/conftest.py (build_simt_ops) compiles those .cu files as C++ against this directory;
+// tests/test_engine_cuda.py runs the same op tests on it as on a GPU.
+//
+// The model of the hardware, and what it does not model:
+//  - Every thread of a block is a fiber with its own stack; the blocks of a grid run one after the
+//    other. A fiber runs until it waits: at __syncthreads (all live threads of the block), at a warp
+//    collective (__shfl_*_sync, __syncwarp, __ballot_sync: all live lanes of its warp of 32). A thread
+//    that has returned counts as arrived. A wait that can never end (a barrier some threads never
+//    reach) stops the process with "simt: deadlock" instead of hanging.
+//  - __shared__ variables are static (one block at a time); dynamic shared memory is a fresh buffer
+//    per block filled with 0xff bytes (NaN as floats), so a read of shared memory the block did not
+//    write shows. cudaMalloc memory is filled with 0xff too.
+//  - Launch checks as the runtime makes them: 1..1024 threads, grid limits, dynamic shared memory
+//    over 48 KB only after cudaFuncSetAttribute raised the kernel's limit (227 KB at most).
+//  - Not modelled: races between threads (the fibers interleave only at waits, so a missing
+//    __syncthreads between a write and another thread's read is NOT caught unless the reader runs
+//    first), memory-model and timing questions, the ulp-level differences of the device math library
+//    (expf here is the host's), inline PTX (files with it are not built). compute-sanitizer on a GPU
+//    covers races; this covers index arithmetic, bounds, masks and what each thread writes.
+#pragma once
+
+#include <math.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// ---- the CUDA keywords --------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__
+#define __shared__ static  // blocks run one at a time (extern __shared__: the builder rewrites it)
+
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+
+// ---- vector types -------------------------------------------------------------------------------
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using uint3 = dim3;
+#define SIMT_VEC2(T, N, A) \
+    struct alignas(A) N { T x, y; }; \
+    inline N make_##N(T x, T y) { return N{x, y}; }
+#define SIMT_VEC4(T, N, A) \
+    struct alignas(A) N { T x, y, z, w; }; \
+    inline N make_##N(T x, T y, T z, T w) { return N{x, y, z, w}; }
+SIMT_VEC2(float, float2, 8)
+SIMT_VEC4(float, float4, 16)
+SIMT_VEC2(int, int2, 8)
+SIMT_VEC4(int, int4, 16)
+SIMT_VEC2(unsigned, uint2, 8)
+SIMT_VEC4(unsigned, uint4, 16)
+SIMT_VEC2(double, double2, 16)
+SIMT_VEC4(signed char, char4, 4)
+SIMT_VEC4(unsigned char, uchar4, 4)
+#undef SIMT_VEC2
+#undef SIMT_VEC4
+
+// ---- the fiber scheduler ------------------------------------------------------------------------
+// The block's coordinates and the launch's shape: plain variables, as one block runs at a time.
+inline dim3 blockIdx, blockDim, gridDim;
+
+namespace simt {
+
+[[noreturn]] inline void fatal(const std::string& what) {
+    std::fprintf(stderr, "simt: %s\n", what.c_str());
+    std::fflush(stderr);
+    std::_Exit(3);  // no unwinding across fiber stacks
+}
+
+struct Fiber {
+    void* sp = nullptr;
+    dim3 tid;
+    int lane = 0, warp = 0;
+    bool done = false;
+};
+
+struct Warp {
+    int live = 0, arrived = 0;
+    unsigned gen = 0;
+    uint64_t slot[32] = {};
+    uint32_t frag[32][8] = {};  // the lanes' operand registers of a warp-wide mma (mma.h)
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+    int live = 0, arrived = 0;
+    unsigned gen = 0;
+    int cur = -1;
+    void* sched_sp = nullptr;
+    std::function<void()> body;
+    std::vector<unsigned char> dyn_smem;  // + 1,024 bytes of alignment slack
+    uint64_t progress = 0;                // arrivals, releases, ends: a pass without any is a deadlock
+};
+
+inline Block* g_block = nullptr;  // the block running now
+inline Block*& current_block() { return g_block; }
+// Defined once, in simt.cpp.
+void run_block(Block& b);  // runs b.body on every fiber of b until all have returned
+void yield();              // back to the scheduler; resumes at the next pass
+
+inline Fiber& fiber() {
+    Block* b = current_block();
+    if (b == nullptr || b->cur < 0) fatal("a device built-in was called outside a kernel");
+    return b->fibers[size_t(b->cur)];
+}
+
+// __syncthreads: every live thread of the block.
+inline void block_barrier() {
+    Block& b = *current_block();
+    const unsigned gen = b.gen;
+    ++b.progress;
+    if (++b.arrived == b.live) {
+        b.arrived = 0;
+        ++b.gen;
+        return;
+    }
+    while (b.gen == gen) yield();
+}
+
+// A warp collective: every live lane of the caller's warp.
+inline void warp_barrier() {
+    Block& b = *current_block();
+    Warp& w = b.warps[size_t(fiber().warp)];
+    const unsigned gen = w.gen;
+    ++b.progress;
+    if (++w.arrived == w.live) {
+        w.arrived = 0;
+        ++w.gen;
+        return;
+    }
+    while (w.gen == gen) yield();
+}
+
+template <class T>
+inline uint64_t to_bits(T v) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffles move up to 8 bytes");
+    uint64_t u = 0;
+    std::memcpy(&u, &v, sizeof(T));
+    return u;
+}
+template <class T>
+inline T from_bits(uint64_t u) {
+    T v;
+    std::memcpy(&v, &u, sizeof(T));
+    return v;
+}
+
+inline void check_mask(unsigned mask, const char* fn) {
+    const int lane = fiber().lane;
+    if (!(mask >> lane & 1u)) fatal(std::string(fn) + ": the calling lane " + std::to_string(lane) + " is not in the mask");
+}
+
+// Lane src's v, for every lane of the warp (src < 0: the caller's own value).
+template <class T>
+inline T exchange(unsigned mask, T v, int src, const char* fn) {
+    check_mask(mask, fn);
+    Block& b = *current_block();
+    Fiber& f = fiber();
+    Warp& w = b.warps[size_t(f.warp)];
+    w.slot[f.lane] = to_bits(v);
+    warp_barrier();
+    T r = v;
+    if (src >= 0) {
+        const size_t idx = size_t(f.warp) * 32 + size_t(src);
+        if (!(mask >> src & 1u) || idx >= b.fibers.size() || b.fibers[idx].done)
+            fatal(std::string(fn) + ": lane " + std::to_string(f.lane) + " reads lane " + std::to_string(src) +
+                  ", which is not in the mask or has returned");
+        r = from_bits<T>(w.slot[src]);
+    }
+    warp_barrier();  // the slots are read before the next collective rewrites them
+    return r;
+}
+
+inline unsigned char* dynamic_smem() {
+    Block* b = current_block();
+    auto p = reinterpret_cast<uintptr_t>(b->dyn_smem.data());
+    return reinterpret_cast<unsigned char*>((p + 1023) & ~uintptr_t(1023));
+}
+
+}  // namespace simt
+
+#define threadIdx (::simt::fiber().tid)
+constexpr int warpSize = 32;
+
+inline void __syncthreads() { simt::block_barrier(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    simt::check_mask(mask, "__syncwarp");
+    simt::warp_barrier();
+}
+template <class T>
+inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+    const int lane = simt::fiber().lane;
+    return simt::exchange(mask, v, (lane & ~(width - 1)) + (src & (width - 1)), "__shfl_sync");
+}
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    const int lane = simt::fiber().lane, src = lane ^ lane_mask;
+    // a source outside the caller's group of `width` lanes: the caller's own value (CUDA's rule)
+    return simt::exchange(mask, v, (src & ~(width - 1)) == (lane & ~(width - 1)) ? src : -1, "__shfl_xor_sync");
+}
+template <class T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    const int lane = simt::fiber().lane, src = lane + int(delta);
+    return simt::exchange(mask, v, (src & ~(width - 1)) == (lane & ~(width - 1)) ? src : -1, "__shfl_down_sync");
+}
+template <class T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    const int lane = simt::fiber().lane, src = lane - int(delta);
+    return simt::exchange(mask, v, src >= (lane & ~(width - 1)) ? src : -1, "__shfl_up_sync");
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    simt::check_mask(mask, "__ballot_sync");
+    simt::Block& b = *simt::current_block();
+    simt::Fiber& f = simt::fiber();
+    simt::Warp& w = b.warps[size_t(f.warp)];
+    w.slot[f.lane] = pred != 0;
+    simt::warp_barrier();
+    unsigned r = 0;
+    for (int l = 0; l < 32; ++l)
+        if ((mask >> l & 1u) && w.slot[l]) r |= 1u << l;
+    simt::warp_barrier();
+    return r;
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == (mask & __ballot_sync(mask, 1)); }
+
+// ---- loads, stores, atomics (the fibers never interleave inside one) -----------------------------
+template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldcs(const T* p) { return *p; }
+template <class T> inline T __ldcg(const T* p) { return *p; }
+template <class T> inline T __ldlu(const T* p) { return *p; }
+template <class T> inline void __stcs(T* p, T v) { *p = v; }
+template <class T> inline void __stcg(T* p, T v) { *p = v; }
+template <class T> inline T atomicAdd(T* p, T v) { const T o = *p; *p = o + v; return o; }
+template <class T> inline T atomicMax(T* p, T v) { const T o = *p; *p = std::max(o, v); return o; }
+template <class T> inline T atomicMin(T* p, T v) { const T o = *p; *p = std::min(o, v); return o; }
+template <class T> inline T atomicExch(T* p, T v) { const T o = *p; *p = v; return o; }
+template <class T> inline T atomicCAS(T* p, T cmp, T v) { const T o = *p; if (o == cmp) *p = v; return o; }
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+
+// ---- arithmetic intrinsics (IEEE round to nearest: this file is compiled with -ffp-contract=off) ----
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __expf(float a) { return std::exp(a); }
+inline float __logf(float a) { return std::log(a); }
+inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
+inline float __saturatef(float a) { return a < 0.0f ? 0.0f : (a > 1.0f ? 1.0f : a); }
+inline int __float2int_rn(float a) { return int(std::nearbyint(a)); }
+inline float __int_as_float(int v) { return simt::from_bits<float>(uint32_t(v)); }
+inline int __float_as_int(float v) { return int(uint32_t(simt::to_bits(v))); }
+inline float __uint_as_float(unsigned v) { return simt::from_bits<float>(v); }
+inline unsigned __float_as_uint(float v) { return unsigned(simt::to_bits(v)); }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
+inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(unsigned(v)); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline unsigned __brev(unsigned v) {
+    unsigned r = 0;
+    for (int i = 0; i < 32; ++i) r |= (v >> i & 1u) << (31 - i);
+    return r;
+}
+// CUDA's integer min / max overloads (mixed operand types: their common type).
+template <class A, class B>
+inline typename std::common_type<A, B>::type min(A a, B b) {
+    using C = typename std::common_type<A, B>::type;
+    return C(a) < C(b) ? C(a) : C(b);
+}
+template <class A, class B>
+inline typename std::common_type<A, B>::type max(A a, B b) {
+    using C = typename std::common_type<A, B>::type;
+    return C(a) < C(b) ? C(b) : C(a);
+}
+
+// ---- the runtime API (synchronous: streams and events are tokens) ---------------------------------
+enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorInsufficientDriver = 35,
+    cudaErrorNoDevice = 100,
+    cudaErrorNotSupported = 801,
+};
+enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
+struct CUstream_st {};
+struct CUevent_st {};
+using cudaStream_t = CUstream_st*;
+using cudaEvent_t = CUevent_st*;
+constexpr unsigned cudaStreamNonBlocking = 1;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 5 };
+struct cudaLaunchAttributeValue {
+    int programmaticStreamSerializationAllowed;
+};
+struct cudaLaunchAttribute {
+    cudaLaunchAttributeID id;
+    cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+    dim3 gridDim, blockDim;
+    size_t dynamicSmemBytes;
+    cudaStream_t stream;
+    cudaLaunchAttribute* attrs;
+    unsigned numAttrs;
+};
+enum cudaDeviceAttr {
+    cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+    cudaDevAttrMultiProcessorCount = 16,
+    cudaDevAttrComputeCapabilityMajor = 75,
+    cudaDevAttrComputeCapabilityMinor = 76,
+    cudaDevAttrL2CacheSize = 38,
+};
+// CUDA graphs are not modelled: capture reports cudaErrorNotSupported (only the benchmarks use them).
+struct CUgraph_st {};
+struct CUgraphExec_st {};
+using cudaGraph_t = CUgraph_st*;
+using cudaGraphExec_t = CUgraphExec_st*;
+enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed };
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone, cudaStreamCaptureStatusActive, cudaStreamCaptureStatusInvalidated };
+struct cudaDeviceProp {
+    char name[256];
+    int major, minor, multiProcessorCount, l2CacheSize;
+    size_t totalGlobalMem, sharedMemPerBlock, sharedMemPerBlockOptin;
+};
+
+namespace simt {
+inline cudaError_t g_last_error = cudaSuccess;
+inline cudaError_t& last_error() { return g_last_error; }
+inline cudaError_t fail(cudaError_t e) {
+    last_error() = e;
+    return e;
+}
+inline std::map<const void*, int> g_smem_limits;  // kernel -> raised dynamic shared memory limit
+inline std::map<const void*, int>& smem_limits() { return g_smem_limits; }
+constexpr size_t SMEM_DEFAULT = 48 * 1024, SMEM_MAX = 232448;  // an H100's limits
+}  // namespace simt
+
+inline const char* cudaGetErrorString(cudaError_t e) {
+    switch (e) {
+        case cudaSuccess: return "no error";
+        case cudaErrorInvalidValue: return "invalid argument (simt)";
+        case cudaErrorMemoryAllocation: return "out of memory (simt)";
+        case cudaErrorInvalidConfiguration: return "invalid configuration argument (simt)";
+        case cudaErrorNotSupported: return "operation not supported (simt: no CUDA graphs)";
+        default: return "error (simt)";
+    }
+}
+inline cudaError_t cudaGetLastError() {
+    const cudaError_t e = simt::last_error();
+    simt::last_error() = cudaSuccess;
+    return e;
+}
+inline cudaError_t cudaPeekAtLastError() { return simt::last_error(); }
+inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : simt::fail(cudaErrorInvalidValue); }
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
+    if (d != 0) return simt::fail(cudaErrorInvalidValue);
+    *p = cudaDeviceProp{};
+    std::snprintf(p->name, sizeof p->name, "simt (CPU stand-in for an sm_90 GPU)");
+    p->major = 9, p->minor = 0, p->multiProcessorCount = 132, p->l2CacheSize = 50 << 20;
+    p->totalGlobalMem = size_t(80) << 30, p->sharedMemPerBlock = simt::SMEM_DEFAULT;
+    p->sharedMemPerBlockOptin = simt::SMEM_MAX;
+    return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
+    if (d != 0) return simt::fail(cudaErrorInvalidValue);
+    switch (a) {
+        case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = int(simt::SMEM_MAX); break;
+        case cudaDevAttrMultiProcessorCount: *v = 132; break;
+        case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
+        case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
+        case cudaDevAttrL2CacheSize: *v = 50 << 20; break;
+        default: return simt::fail(cudaErrorInvalidValue);
+    }
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0.0f; return cudaSuccess; }
+inline cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode) { return simt::fail(cudaErrorNotSupported); }
+inline cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t*) { return simt::fail(cudaErrorNotSupported); }
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* s) {
+    *s = cudaStreamCaptureStatusNone;
+    return cudaSuccess;
+}
+inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t*, cudaGraph_t, unsigned long long = 0) { return simt::fail(cudaErrorNotSupported); }
+inline cudaError_t cudaGraphLaunch(cudaGraphExec_t, cudaStream_t) { return simt::fail(cudaErrorNotSupported); }
+inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t) { return cudaSuccess; }
+inline cudaError_t cudaGraphDestroy(cudaGraph_t) { return cudaSuccess; }
+template <class T>
+inline cudaError_t cudaMalloc(T** p, size_t bytes) {
+    void* q = std::aligned_alloc(256, std::max<size_t>(256, (bytes + 255) / 256 * 256));
+    if (q == nullptr) return simt::fail(cudaErrorMemoryAllocation);
+    std::memset(q, 0xff, bytes);  // uninitialized device memory: NaN as floats
+    *p = static_cast<T*>(q);
+    return cudaSuccess;
+}
+inline cudaError_t cudaFree(void* p) { std::free(p); return cudaSuccess; }
+inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind) {
+    if (n) std::memmove(dst, src, n);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind k, cudaStream_t = nullptr) {
+    return cudaMemcpy(dst, src, n, k);
+}
+inline cudaError_t cudaMemset(void* p, int v, size_t n) { std::memset(p, v, n); return cudaSuccess; }
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) { return cudaMemset(p, v, n); }
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = new CUstream_st; return cudaSuccess; }
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) { delete s; return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = new CUevent_st; return cudaSuccess; }
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
+inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned = 0) { return cudaSuccess; }
+template <class F>
+inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
+    if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || size_t(value) > simt::SMEM_MAX)
+        return simt::fail(cudaErrorInvalidValue);
+    simt::smem_limits()[reinterpret_cast<const void*>(kernel)] = value;
+    return cudaSuccess;
+}
+
+// The kernel on every block of the grid, one block at a time, its arguments converted to the
+// kernel's parameter types as a launch does. A bad configuration launches nothing and becomes the
+// last error, as on a GPU.
+template <class... Params, class... Args>
+inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(Params...), Args&&... args) {
+    const dim3 g = cfg->gridDim, t = cfg->blockDim;
+    const uint64_t threads = uint64_t(t.x) * t.y * t.z;
+    if (threads == 0 || threads > 1024 || t.z > 64 || g.x == 0 || g.y == 0 || g.z == 0 || g.y > 65535 ||
+        g.z > 65535 || g.x > 0x7fffffffu)
+        return simt::fail(cudaErrorInvalidConfiguration);
+    size_t limit = simt::SMEM_DEFAULT;
+    const auto it = simt::smem_limits().find(reinterpret_cast<const void*>(kernel));
+    if (it != simt::smem_limits().end()) limit = std::max(limit, size_t(it->second));
+    if (cfg->dynamicSmemBytes > limit) return simt::fail(cudaErrorInvalidValue);
+    const std::tuple<typename std::decay<Params>::type...> params(std::forward<Args>(args)...);
+    simt::Block b;
+    b.body = [&] { std::apply(kernel, params); };
+    gridDim = g;
+    blockDim = t;
+    for (unsigned z = 0; z < g.z; ++z)
+        for (unsigned y = 0; y < g.y; ++y)
+            for (unsigned x = 0; x < g.x; ++x) {
+                blockIdx = dim3(x, y, z);
+                b.dyn_smem.assign(cfg->dynamicSmemBytes + 1024, 0xff);
+                simt::run_block(b);
+            }
+    return cudaSuccess;
+}
+
+#include <initializer_list>
+
+#include "fp16.h"
+#include "mma.h"  // the warp-wide tensor-core instructions the kernels wrap

@@ -1,0 +1,199 @@
+// The plain-CUDA decode ops (cuda/attention.cu, rms_norm.cu, rope.cu, swiglu.cu, sampling.cu),
+// compiled as C++ against the CPU stand-in for CUDA (tests/cuda_host/simt), driven from files:
+// tests/test_engine_cuda.py runs the GPU op tests on it (the `simt` backend of its `cuda_ops`).
+// The ops run through the same host entry points as on a GPU (flexquant::attention_cuda etc.), or
+// through the engine's launchers where only the engine calls them (rope_kv_store_launch, the step
+// signals of several rows): device memory is host memory here.
+//
+// usage: simt_ops DIR   DIR/meta.txt: "OP int ..." (below); inputs DIR/<name>.bin, outputs the same.
+//   rms_norm m d eps_bits      x (m, d) f32, w (d) f32                       -> y (m, d)
+//   rope m H Hkv d             inv (d/2) f32, q (m, H, d), k (m, Hkv, d), pos (m) i64 -> q, k rotated
+//   rope_kv m H Hkv d f16 rows inv, q, k, v (m, Hkv, d), pos, bases (m) i64, kc, vc (rows, Hkv, d) f32
+//                              or f16 bits -> q, k, kc, vc
+//   swiglu n                   g, u (n) f32                                  -> out (n)
+//   attention f16 t_max m p0 H Hkv d splits base prefill   q (m, H, d) f32, kc, vc (t_max, Hkv, d) -> out
+//   signals rows vocab         logits (rows, vocab) f32 -> out (rows) {f32 entropy, f32 top1, i32 argmax}
+//   gemv n k max_bits group_size bits m path warps prefetch n_planes plane_bytes has_y0
+//                              planes (n_planes, plane_bytes) u8, qparams (n, n_groups, 2) u16, x (m, k)
+//                              f32, y0 (m, n) f32 when has_y0 -> y (m, n)   (bitplane_matmul_cuda)
+//   fused n k max_bits group_size bits m op path eps_bits n_planes plane_bytes
+//                              planes, qparams, x, aux (k) or (m, k) -> y (m, n), out (m, k)
+//   multi count k max_bits group_size m path warps prefetch, then per linear i: n_i bits_i n_planes_i
+//                              plane_bytes_i; planes<i>, qparams<i>, x -> y<i> (m, n_i)
+// A flexquant::Error goes to stderr as "error: <message>" with exit status 2.
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "bitplane_matmul.cuh"
+#include "cuda_backend.h"
+#include "host_io.h"
+
+using namespace flexquant;
+
+namespace {
+
+std::string g_dir;
+template <class T>
+std::vector<T> in(const std::string& name, size_t count) {
+    return read_file<T>(g_dir + "/" + name + ".bin", count);
+}
+template <class T>
+void out(const std::string& name, const std::vector<T>& v) {
+    write_file(g_dir + "/" + name + ".out", v);
+}
+
+void run(const std::string& op, const std::vector<int64_t>& a) {
+    auto need = [&](size_t n) {
+        if (a.size() != n) throw std::runtime_error(op + ": expected " + std::to_string(n) + " numbers");
+    };
+    if (op == "rms_norm") {
+        need(3);
+        const int64_t m = a[0], d = a[1];
+        float eps;
+        const auto eps_bits = uint32_t(a[2]);
+        std::memcpy(&eps, &eps_bits, 4);
+        auto x = in<float>("x", size_t(m * d)), w = in<float>("w", size_t(d));
+        std::vector<float> y(static_cast<size_t>(m * d));
+        rms_norm_cuda(x.data(), w.data(), m, d, eps, y.data());
+        out("y", y);
+    } else if (op == "rope") {
+        need(4);
+        const int64_t m = a[0], H = a[1], Hkv = a[2], d = a[3];
+        auto inv = in<float>("inv", size_t(d / 2));
+        auto q = in<float>("q", size_t(m * H * d)), k = in<float>("k", size_t(m * Hkv * d));
+        auto pos = in<int64_t>("pos", size_t(m));
+        rope_cuda(inv.data(), int(d), q.data(), H, k.data(), Hkv, pos.data(), m);
+        out("q", q);
+        out("k", k);
+    } else if (op == "rope_kv") {
+        need(6);
+        const int64_t m = a[0], H = a[1], Hkv = a[2], d = a[3], rows = a[5];
+        const bool f16 = a[4] != 0;
+        const size_t cache_bytes = size_t(rows * Hkv * d) * (f16 ? 2 : 4);
+        auto inv = in<float>("inv", size_t(d / 2));
+        auto q = in<float>("q", size_t(m * H * d)), k = in<float>("k", size_t(m * Hkv * d));
+        auto v = in<float>("v", size_t(m * Hkv * d));
+        auto pos = in<int64_t>("pos", size_t(m)), bases = in<int64_t>("bases", size_t(m));
+        auto kc = in<uint8_t>("kc", cache_bytes), vc = in<uint8_t>("vc", cache_bytes);
+        rope_kv_store_launch(inv.data(), int(d), q.data(), H, k.data(), v.data(), Hkv, pos.data(), bases.data(), m, f16,
+                             kc.data(), vc.data(), nullptr);
+        cuda_check(cudaGetLastError(), "rope_kv_store_launch");
+        out("q", q);
+        out("k", k);
+        out("kc", kc);
+        out("vc", vc);
+    } else if (op == "swiglu") {
+        need(1);
+        const int64_t n = a[0];
+        auto g = in<float>("g", size_t(n)), u = in<float>("u", size_t(n));
+        std::vector<float> o(static_cast<size_t>(n));
+        swiglu_cuda(g.data(), u.data(), n, o.data());
+        out("out", o);
+    } else if (op == "attention") {
+        need(10);
+        const bool f16 = a[0] != 0, prefill = a[9] != 0;
+        const int64_t t_max = a[1], m = a[2], p0 = a[3], H = a[4], Hkv = a[5], d = a[6], base = a[8];
+        const size_t cache_bytes = size_t(t_max * Hkv * d) * (f16 ? 2 : 4);
+        auto q = in<float>("q", size_t(m * H * d));
+        auto kc = in<uint8_t>("kc", cache_bytes), vc = in<uint8_t>("vc", cache_bytes);
+        std::vector<float> o(static_cast<size_t>(m * H * d));
+        attention_cuda(q.data(), kc.data(), vc.data(), f16, t_max, m, p0, H, Hkv, d, int(a[7]), o.data(), base, prefill);
+        out("out", o);
+    } else if (op == "signals") {
+        need(2);
+        const int64_t rows = a[0], vocab = a[1];
+        auto lg = in<float>("logits", size_t(rows * vocab));
+        std::vector<StepSignalsDevice> o(static_cast<size_t>(rows));
+        std::memset(o.data(), 0xff, o.size() * sizeof(StepSignalsDevice));  // poisoned, as a test entry point does
+        entropy_and_top1_launch(lg.data(), vocab, o.data(), nullptr, rows);
+        cuda_check(cudaGetLastError(), "entropy_and_top1_launch");
+        out("out", o);
+    } else if (op == "gemv" || op == "fused") {
+        const bool fused = op == "fused";
+        need(fused ? 11 : 12);
+        BitplaneLinear w;
+        w.n = a[0], w.k = a[1], w.max_bits = int(a[2]), w.group_size = int(a[3]);
+        const int bits = int(a[4]);
+        const int64_t m = a[5], n_planes = a[9], plane_bytes = a[10];
+        auto planes = in<uint8_t>("planes", size_t(n_planes * plane_bytes));
+        auto qp = in<uint16_t>("qparams", size_t(w.n * w.n_groups() * 2));
+        auto x = in<float>("x", size_t(m * w.k));
+        w.planes = planes.data(), w.plane_bytes = uint64_t(plane_bytes), w.qparams = qp.data();
+        std::vector<float> y(static_cast<size_t>(m * w.n));
+        if (!fused) {
+            BitplaneCudaTuning tuning;
+            tuning.warps_per_block = int(a[7]);
+            tuning.prefetch = int(a[8]);
+            std::vector<float> y0;
+            if (a[11]) y0 = in<float>("y0", size_t(m * w.n));
+            bitplane_matmul_cuda(w, bits, x.data(), m, y.data(), BitplaneCudaPath(a[6]), tuning, a[11] ? y0.data() : nullptr);
+        } else {
+            const auto fo = BitplanePrepareFusion(a[6]);
+            float eps;
+            const auto eps_bits = uint32_t(a[8]);
+            std::memcpy(&eps, &eps_bits, 4);
+            auto aux = in<float>("aux", size_t(fo == BITPLANE_FUSE_RMS_NORM ? w.k : m * w.k));
+            std::vector<float> o(static_cast<size_t>(m * w.k));
+            bitplane_matmul_fused_cuda(w, bits, fo, x.data(), aux.data(), eps, m, y.data(), o.data(),
+                                       BitplaneCudaPath(a[7]));
+            out("out", o);
+        }
+        out("y", y);
+    } else if (op == "multi") {
+        if (a.size() < 8) throw std::runtime_error("multi: expected at least 8 numbers");
+        const int count = int(a[0]);
+        need(size_t(8 + 4 * count));
+        const int64_t m = a[4];
+        std::vector<std::vector<uint8_t>> planes(static_cast<size_t>(count));
+        std::vector<std::vector<uint16_t>> qps(static_cast<size_t>(count));
+        std::vector<std::vector<float>> ys(static_cast<size_t>(count));
+        std::vector<BitplaneLinear> ws(static_cast<size_t>(count));
+        std::vector<int> bits(static_cast<size_t>(count));
+        std::vector<float*> yp;
+        for (int i = 0; i < count; ++i) {
+            const int64_t* li = &a[size_t(8 + 4 * i)];
+            BitplaneLinear& w = ws[size_t(i)];
+            w.n = li[0], w.k = a[1], w.max_bits = int(a[2]), w.group_size = int(a[3]);
+            bits[size_t(i)] = int(li[1]);
+            planes[size_t(i)] = in<uint8_t>("planes" + std::to_string(i), size_t(li[2] * li[3]));
+            qps[size_t(i)] = in<uint16_t>("qparams" + std::to_string(i), size_t(w.n * w.n_groups() * 2));
+            w.planes = planes[size_t(i)].data(), w.plane_bytes = uint64_t(li[3]), w.qparams = qps[size_t(i)].data();
+            ys[size_t(i)].resize(size_t(m * w.n));
+            yp.push_back(ys[size_t(i)].data());
+        }
+        auto x = in<float>("x", size_t(m * a[1]));
+        BitplaneCudaTuning tuning;
+        tuning.warps_per_block = int(a[6]);
+        tuning.prefetch = int(a[7]);
+        bitplane_matmul_multi_cuda(ws.data(), bits.data(), count, x.data(), m, yp.data(), BitplaneCudaPath(a[5]), tuning);
+        for (int i = 0; i < count; ++i) out("y" + std::to_string(i), ys[size_t(i)]);
+    } else {
+        throw std::runtime_error("unknown op " + op);
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::cerr << "usage: simt_ops DIR\n";
+        return 1;
+    }
+    g_dir = argv[1];
+    std::ifstream meta(g_dir + "/meta.txt");
+    std::string op;
+    meta >> op;
+    std::vector<int64_t> a;
+    for (int64_t v; meta >> v;) a.push_back(v);
+    try {
+        run(op, a);
+    } catch (const Error& e) {
+        std::cerr << "error: " << e.what() << "\n";
+        return 2;
+    }
+    return 0;
+}

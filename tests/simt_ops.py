@@ -1,0 +1,169 @@
+"""The CUDA decode ops run on the CPU stand-in for CUDA (tests/cuda_host/simt): the CUDA sources of
+attention, RMSNorm, RoPE, SwiGLU, the step signals and the bit-plane GEMV (all its paths: TC, FP32,
+MMA, MMA_A16, the multi-linear launch, the fused preparations) compiled as C++, each block's threads
+as fibers, the tensor-core instructions computed from the PTX ISA's fragment layouts
+(tests/cuda_host/simt/cuda_runtime.h and mma.h say what is modelled and what is not).
+
+`SimtOps` has the signatures of the `_core.*_cuda` test entry points, so tests/test_engine_cuda.py
+runs the same op tests on a GPU and, in CI (no GPU), on this stand-in. Built once per session
+with the host C++ compiler (about 10 s on 2 cores).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+import flexquant_rt._core as core
+
+ROOT = Path(__file__).resolve().parents[1]
+# cuda/<stem>.cu: the plain kernels, and the GEMV, whose tensor-core instructions have a FLEXQUANT_SIMT
+# branch (tests/cuda_host/simt/mma.h computes them from the PTX ISA's fragment layouts)
+SOURCES = ("device", "rms_norm", "rope", "swiglu", "sampling", "attention", "bitplane_matmul")
+PATHS = {"auto": 0, "tc": 1, "fp32": 2, "mma": 3, "mma_a16": 4}  # BitplaneCudaPath
+# extern __shared__ T name[];  ->  the stand-in's dynamic shared memory of the running block
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\[\];")
+
+
+def build(cxx: str, out_dir: Path) -> Path:
+    """Compile the CUDA sources, the fiber scheduler and the driver (tests/cuda_host/simt_ops.cpp)."""
+    inc = ["-I", str(ROOT / "tests/cuda_host/simt"), "-I", str(ROOT / "tests/cuda_host"), "-I", str(ROOT / "cpp/include"),
+           "-I", str(ROOT / "cpp/src"), "-I", str(ROOT / "cuda")]
+    # -ffp-contract=off: the kernels' separate multiplies and adds stay separate, as nvcc's _rn
+    # intrinsics and the CPU ops keep them
+    flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+             "-DFLEXQUANT_SIMT", *inc, "-include", "cuda_runtime.h"]
+    units = []
+    for stem in SOURCES:
+        text = (ROOT / "cuda" / f"{stem}.cu").read_text()
+        text = _EXTERN_SHARED.sub(r"\1* const \2 = reinterpret_cast<\1*>(::simt::dynamic_smem());", text)
+        src = out_dir / f"{stem}.cu.cpp"
+        src.write_text(f'#line 1 "cuda/{stem}.cu"\n' + text)  # (the rewrite keeps every line where it was)
+        units.append(src)
+    units += [ROOT / "tests/cuda_host/simt/simt.cpp", ROOT / "tests/cuda_host/simt_ops.cpp"]
+
+    def compile_one(src: Path) -> Path:
+        obj = out_dir / (src.name + ".o")
+        r = subprocess.run([cxx, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"compiling {src.name} for the CUDA stand-in failed:\n{r.stderr[-4000:]}")
+        return obj
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        objs = list(pool.map(compile_one, units))
+    exe = out_dir / "simt_ops"
+    subprocess.run([cxx, *map(str, objs), "-o", str(exe)], check=True)
+    return exe
+
+
+class SimtOps:
+    """The `_core.*_cuda` op entry points, run on the CPU stand-in for CUDA."""
+
+    name = "simt"
+
+    def __init__(self, exe: Path):
+        self.exe = exe
+
+    def _run(self, op: str, nums, inputs: dict, outputs: dict) -> dict:
+        with tempfile.TemporaryDirectory(prefix="simt_") as d:
+            d = Path(d)
+            (d / "meta.txt").write_text(op + " " + " ".join(str(int(v)) for v in nums))
+            for name, arr in inputs.items():
+                np.ascontiguousarray(arr).tofile(d / f"{name}.bin")
+            r = subprocess.run([str(self.exe), str(d)], capture_output=True, text=True, timeout=600)
+            if r.returncode == 2 and r.stderr.startswith("error: "):
+                raise core.FlexquantError(r.stderr[len("error: "):].strip())
+            if r.returncode:
+                raise RuntimeError(f"simt_ops {op} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+            return {name: np.fromfile(d / f"{name}.out", dtype=dt).reshape(shape)
+                    for name, (dt, shape) in outputs.items()}
+
+    def rms_norm_cuda(self, x, w, eps):
+        m, d = x.shape
+        eps_bits = np.array([eps], np.float32).view(np.uint32)[0]
+        return self._run("rms_norm", (m, d, eps_bits), {"x": x, "w": w}, {"y": (np.float32, (m, d))})["y"]
+
+    def rope_cuda(self, inv_freq, q, k, positions):
+        m, H, d = q.shape
+        Hkv = k.shape[1]
+        r = self._run("rope", (m, H, Hkv, d), {"inv": inv_freq, "q": q, "k": k, "pos": positions.astype(np.int64)},
+                      {"q": (np.float32, q.shape), "k": (np.float32, k.shape)})
+        return r["q"], r["k"]
+
+    def rope_kv_store(self, inv_freq, q, k, v, positions, bases, k_cache, v_cache):
+        """rope_kv_store_launch, the engine's fused RoPE + cache write: -> q, k rotated, the caches."""
+        m, H, d = q.shape
+        Hkv = k.shape[1]
+        f16 = k_cache.dtype == np.float16
+        r = self._run("rope_kv", (m, H, Hkv, d, int(f16), k_cache.shape[0]),
+                      {"inv": inv_freq, "q": q, "k": k, "v": v, "pos": positions.astype(np.int64),
+                       "bases": bases.astype(np.int64), "kc": k_cache, "vc": v_cache},
+                      {"q": (np.float32, q.shape), "k": (np.float32, k.shape), "kc": (k_cache.dtype, k_cache.shape),
+                       "vc": (v_cache.dtype, v_cache.shape)})
+        return r["q"], r["k"], r["kc"], r["vc"]
+
+    def swiglu_cuda(self, gate, up):
+        return self._run("swiglu", (gate.shape[0],), {"g": gate, "u": up}, {"out": (np.float32, gate.shape)})["out"]
+
+    def attention_cuda(self, q, k_cache, v_cache, p0, n_splits=1, base=0, prefill=False):
+        m, H, d = q.shape
+        t_max, Hkv = k_cache.shape[:2]
+        return self._run("attention", (k_cache.dtype == np.float16, t_max, m, p0, H, Hkv, d, n_splits, base, prefill),
+                         {"q": q, "kc": k_cache, "vc": v_cache}, {"out": (np.float32, q.shape)})["out"]
+
+    def step_signals(self, logits):
+        """entropy_and_top1_launch over the rows of logits (rows, vocab): the batched step's signals."""
+        rows, vocab = logits.shape
+        dt = np.dtype([("entropy", np.float32), ("top1", np.float32), ("argmax", np.int32)])
+        return self._run("signals", (rows, vocab), {"logits": logits}, {"out": (dt, (rows,))})["out"]
+
+    def entropy_and_top1_cuda(self, logits):
+        s = self.step_signals(logits.reshape(1, -1))[0]
+        return float(s["entropy"]), float(s["top1"]), int(s["argmax"])
+
+    # ---- the bit-plane GEMV (cuda/bitplane_matmul.cu) ----
+
+    @staticmethod
+    def _linear(planes, qparams):
+        return {"planes": np.ascontiguousarray(planes, np.uint8), "qparams": np.ascontiguousarray(qparams).view(np.uint16)}
+
+    def bitplane_matmul_cuda(self, planes, qparams, n, k, max_bits, group_size, bits, x, path="auto", warps=0,
+                             y0=None, prefetch=-1):
+        x2 = np.atleast_2d(x)
+        m = x2.shape[0]
+        inputs = {**self._linear(planes, qparams), "x": x2}
+        if y0 is not None:
+            inputs["y0"] = np.atleast_2d(y0)
+        y = self._run("gemv", (n, k, max_bits, group_size, bits, m, PATHS[path], warps, prefetch, planes.shape[0],
+                               planes.shape[1], y0 is not None), inputs, {"y": (np.float32, (m, n))})["y"]
+        return y[0] if x.ndim == 1 else y
+
+    def bitplane_matmul_fused_cuda(self, planes, qparams, n, k, max_bits, group_size, bits, x, op, aux, eps=1e-5,
+                                   path="tc"):
+        m = x.shape[0]
+        eps_bits = np.array([eps], np.float32).view(np.uint32)[0]
+        r = self._run("fused", (n, k, max_bits, group_size, bits, m, {"rms_norm": 1, "swiglu": 2}[op], PATHS[path],
+                                eps_bits, planes.shape[0], planes.shape[1]),
+                      {**self._linear(planes, qparams), "x": x, "aux": aux},
+                      {"y": (np.float32, (m, n)), "out": (np.float32, (m, k))})
+        return r["y"], r["out"]
+
+    def bitplane_matmul_multi_cuda(self, planes, qparams, ns, k, max_bits, group_size, bits, x, path="auto", warps=0,
+                                   prefetch=-1):
+        m = x.shape[0]
+        nums = [len(ns), k, max_bits, group_size, m, PATHS[path], warps, prefetch]
+        inputs = {"x": x}
+        for i, (p, q, n, b) in enumerate(zip(planes, qparams, ns, bits)):
+            nums += [n, b, p.shape[0], p.shape[1]]
+            lin = self._linear(p, q)
+            inputs[f"planes{i}"], inputs[f"qparams{i}"] = lin["planes"], lin["qparams"]
+        r = self._run("multi", nums, inputs, {f"y{i}": (np.float32, (m, n)) for i, n in enumerate(ns)})
+        return [r[f"y{i}"] for i in range(len(ns))]
+
+    @staticmethod
+    def bitplane_cuda_mma_supports(group_size):
+        return group_size in (128, 256, 512)

@@ -150,6 +150,12 @@ __device__ __forceinline__ int gemm_effective_bits(const int32_t* bits_dev, int 
     return bits_dev ? max(2, min(bits, __ldg(bits_dev))) : bits;
 }
 
+#if defined(FLEXQUANT_SIMT)  // the CPU stand-in for CUDA (tests/cuda_host/simt): a copy that is done at once
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) { simt::copy16(smem, gmem); }
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
@@ -157,6 +163,7 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#endif
 
 using wg::small_int_to_float;  // exact int32 -> fp32 for |v| < 2^22 (bitplane_wgmma.cuh)
 
@@ -321,26 +328,38 @@ constexpr int gemm_smem_bytes() {
 }
 
 __device__ __forceinline__ void mma_tile(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(FLEXQUANT_SIMT)  // the CPU stand-in for CUDA (tests/cuda_host/simt): the same operands
+    simt::mma_s8(c, a[0], a[1], a[2], a[3], b[0], b[1]);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 __device__ __forceinline__ void mma_tile(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(FLEXQUANT_SIMT)
+    simt::mma_f16(c, a[0], a[1], a[2], a[3], b[0], b[1]);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // Four 8x8 b16 matrices from shared memory (lanes 8i..8i+7 give the 16-byte row addresses of matrix
 // i); thread t gets 4 bytes 4(t%4).. of row t/4 of each: exactly the s8 and f16 A fragments above
 // (and the s8 B fragment), one instruction instead of four 32-bit loads.
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint8_t* p) {
+#if defined(FLEXQUANT_SIMT)  // the CPU stand-in for CUDA (tests/cuda_host/simt)
+    simt::ldmatrix_x4(r, p);
+#else
     const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
+#endif
 }
 
 // Two int8 codes (K i, i+1) -> an f16x2 register, lower half = K i. Exact: |ĉ| <= 128.
@@ -849,11 +868,15 @@ gemm_slice_kernel(const int8_t* __restrict__ q, int64_t k_pad, int64_t chunks, i
 }
 
 __device__ __forceinline__ void mma_b1(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(FLEXQUANT_SIMT)  // the CPU stand-in for CUDA (tests/cuda_host/simt): the same operands
+    simt::mma_b1(c, a[0], a[1], a[2], a[3], b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 template <int A_ROWS>

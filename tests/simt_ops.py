@@ -23,10 +23,13 @@ import flexquant_rt._core as core
 ROOT = Path(__file__).resolve().parents[1]
 # cuda/<stem>.cu: the plain kernels, and the GEMV, whose tensor-core instructions have a FLEXQUANT_SIMT
 # branch (tests/cuda_host/simt/mma.h computes them from the PTX ISA's fragment layouts)
-SOURCES = ("device", "rms_norm", "rope", "swiglu", "sampling", "attention", "bitplane_matmul")
+SOURCES = ("device", "rms_norm", "rope", "swiglu", "sampling", "attention", "bitplane_matmul", "bitplane_matmul_gemm")
 PATHS = {"auto": 0, "tc": 1, "fp32": 2, "mma": 3, "mma_a16": 4}  # BitplaneCudaPath
+KINDS = {"a8": 1, "a16": 2, "b1": 3, "a8_wg": 4}  # BitplaneGemmKind
 # extern __shared__ T name[];  ->  the stand-in's dynamic shared memory of the running block
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\[\];")
+# kernel<<<grid, block, smem, stream>>>(  ->  simt_launch(kernel, grid, block, smem, stream)(
+_TRIPLE_CHEVRON = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 
 
 def build(cxx: str, out_dir: Path) -> Path:
@@ -35,12 +38,15 @@ def build(cxx: str, out_dir: Path) -> Path:
            "-I", str(ROOT / "cpp/src"), "-I", str(ROOT / "cuda")]
     # -ffp-contract=off: the kernels' separate multiplies and adds stay separate, as nvcc's _rn
     # intrinsics and the CPU ops keep them
-    flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+    # -fno-strict-aliasing: kernels read registers through other types, as nvcc allows
+    flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+             "-Wno-psabi",
              "-DFLEXQUANT_SIMT", *inc, "-include", "cuda_runtime.h"]
     units = []
     for stem in SOURCES:
         text = (ROOT / "cuda" / f"{stem}.cu").read_text()
         text = _EXTERN_SHARED.sub(r"\1* const \2 = reinterpret_cast<\1*>(::simt::dynamic_smem());", text)
+        text = _TRIPLE_CHEVRON.sub(lambda m: f"simt_launch({m.group(1)}, {m.group(2)})(", text)
         src = out_dir / f"{stem}.cu.cpp"
         src.write_text(f'#line 1 "cuda/{stem}.cu"\n' + text)  # (the rewrite keeps every line where it was)
         units.append(src)
@@ -167,3 +173,26 @@ class SimtOps:
     @staticmethod
     def bitplane_cuda_mma_supports(group_size):
         return group_size in (128, 256, 512)
+
+    # ---- the tensor-core GEMM (cuda/bitplane_matmul_gemm.cu: A8, A16 and B1; the wgmma one never runs) ----
+
+    def bitplane_gemm_cuda(self, planes, qparams, n, k, max_bits, group_size, bits, x, kind="a8", act_bits=0, y0=None):
+        x2 = np.atleast_2d(x)
+        m = x2.shape[0]
+        if kind not in KINDS:
+            raise ValueError(f"kind: expected 'a8', 'a16', 'b1' or 'a8_wg', got '{kind}'")
+        inputs = {**self._linear(planes, qparams), "x": x2}
+        if y0 is not None:
+            inputs["y0"] = np.atleast_2d(y0)
+        y = self._run("gemm", (n, k, max_bits, group_size, bits, m, KINDS[kind], act_bits, planes.shape[0],
+                               planes.shape[1], y0 is not None), inputs, {"y": (np.float32, (m, n))})["y"]
+        return y[0] if x.ndim == 1 else y
+
+    def bitplane_unpack_codes_cuda(self, planes, qparams, n, k, max_bits, group_size, bits):
+        k_pad = -(-k // 128) * 128
+        return self._run("unpack", (n, k, max_bits, group_size, bits, planes.shape[0], planes.shape[1]),
+                         self._linear(planes, qparams), {"codes": (np.int8, (n, k_pad))})["codes"]
+
+    @staticmethod
+    def bitplane_gemm_wgmma_supported(group_size):
+        return False  # the stand-in has no sm_90a code (its probe kernel reports so)

@@ -18,6 +18,9 @@
 //                              f32, y0 (m, n) f32 when has_y0 -> y (m, n)   (bitplane_matmul_cuda)
 //   fused n k max_bits group_size bits m op path eps_bits n_planes plane_bytes
 //                              planes, qparams, x, aux (k) or (m, k) -> y (m, n), out (m, k)
+//   gemm n k max_bits group_size bits m kind act_bits n_planes plane_bytes has_y0
+//                              planes, qparams, x (m, k), y0 when has_y0 -> y (m, n)  (bitplane_gemm_cuda)
+//   unpack n k max_bits group_size bits n_planes plane_bytes   planes, qparams -> codes (n, k_pad) i8
 //   multi count k max_bits group_size m path warps prefetch, then per linear i: n_i bits_i n_planes_i
 //                              plane_bytes_i; planes<i>, qparams<i>, x -> y<i> (m, n_i)
 // A flexquant::Error goes to stderr as "error: <message>" with exit status 2.
@@ -143,6 +146,29 @@ void run(const std::string& op, const std::vector<int64_t>& a) {
             out("out", o);
         }
         out("y", y);
+    } else if (op == "gemm" || op == "unpack") {
+        const bool gemm = op == "gemm";
+        need(gemm ? 11 : 7);
+        BitplaneLinear w;
+        w.n = a[0], w.k = a[1], w.max_bits = int(a[2]), w.group_size = int(a[3]);
+        const int bits = int(a[4]);
+        const int64_t n_planes = gemm ? a[8] : a[5], plane_bytes = gemm ? a[9] : a[6];
+        auto planes = in<uint8_t>("planes", size_t(n_planes * plane_bytes));
+        auto qp = in<uint16_t>("qparams", size_t(w.n * w.n_groups() * 2));
+        w.planes = planes.data(), w.plane_bytes = uint64_t(plane_bytes), w.qparams = qp.data();
+        if (gemm) {
+            const int64_t m = a[5];
+            auto x = in<float>("x", size_t(m * w.k));
+            std::vector<float> y(static_cast<size_t>(m * w.n)), y0;
+            if (a[10]) y0 = in<float>("y0", size_t(m * w.n));
+            bitplane_gemm_cuda(w, bits, x.data(), m, y.data(), BitplaneGemmKind(a[6]), int(a[7]),
+                               a[10] ? y0.data() : nullptr);
+            out("y", y);
+        } else {
+            std::vector<int8_t> codes(static_cast<size_t>(w.n * ((w.k + 127) / 128 * 128)));
+            bitplane_unpack_codes_cuda(w, bits, codes.data());
+            out("codes", codes);
+        }
     } else if (op == "multi") {
         if (a.size() < 8) throw std::runtime_error("multi: expected at least 8 numbers");
         const int count = int(a[0]);

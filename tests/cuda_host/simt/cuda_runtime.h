@@ -258,6 +258,7 @@ template <class T> inline T atomicMax(T* p, T v) { const T o = *p; *p = std::max
 template <class T> inline T atomicMin(T* p, T v) { const T o = *p; *p = std::min(o, v); return o; }
 template <class T> inline T atomicExch(T* p, T v) { const T o = *p; *p = v; return o; }
 template <class T> inline T atomicCAS(T* p, T cmp, T v) { const T o = *p; if (o == cmp) *p = v; return o; }
+[[noreturn]] inline void __trap() { simt::fatal("__trap() in a kernel"); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
 
@@ -282,6 +283,16 @@ inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
 inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(unsigned(v)); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
+inline unsigned __vsub4(unsigned a, unsigned b) {  // per byte, modulo 256
+    unsigned r = 0;
+    for (int i = 0; i < 4; ++i) r |= (((a >> (8 * i)) - (b >> (8 * i))) & 0xffu) << (8 * i);
+    return r;
+}
+inline unsigned __vadd4(unsigned a, unsigned b) {
+    unsigned r = 0;
+    for (int i = 0; i < 4; ++i) r |= (((a >> (8 * i)) + (b >> (8 * i))) & 0xffu) << (8 * i);
+    return r;
+}
 inline unsigned __brev(unsigned v) {
     unsigned r = 0;
     for (int i = 0; i < 32; ++i) r |= (v >> i & 1u) << (31 - i);
@@ -403,6 +414,16 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
     }
     return cudaSuccess;
 }
+struct cudaFuncAttributes {
+    int numRegs, maxThreadsPerBlock;
+    size_t sharedSizeBytes;
+};
+template <class F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F*) {
+    *a = cudaFuncAttributes{0, 1024, 0};  // (no registers here: a kernel that asks for them is refused)
+    return cudaSuccess;
+}
+inline cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode*) { return cudaSuccess; }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0.0f; return cudaSuccess; }
 inline cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode) { return simt::fail(cudaErrorNotSupported); }
 inline cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t*) { return simt::fail(cudaErrorNotSupported); }
@@ -482,3 +503,20 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
 
 #include "fp16.h"
 #include "mma.h"  // the warp-wide tensor-core instructions the kernels wrap
+
+// kernel<<<grid, block, smem, stream>>>(args...): tests/simt_ops.py rewrites it to
+// simt_launch(kernel, grid, block, smem, stream)(args...), a launch like launch_kernel's.
+template <class... Params>
+struct SimtLaunch {
+    void (*kernel)(Params...);
+    cudaLaunchConfig_t cfg;
+    template <class... Args>
+    void operator()(Args&&... args) const {
+        cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+    }
+};
+template <class... Params>
+inline SimtLaunch<Params...> simt_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem = 0,
+                                         cudaStream_t stream = nullptr) {
+    return SimtLaunch<Params...>{kernel, cudaLaunchConfig_t{grid, block, smem, stream, nullptr, 0}};
+}

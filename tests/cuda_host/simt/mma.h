@@ -93,3 +93,25 @@ inline uint32_t sub_f16x2(uint32_t a, uint32_t b) {
 }
 
 }  // namespace simt
+
+namespace simt {
+
+// cp.async.cg 16 bytes: the stand-in copies at once (commit and wait are then nothing to do).
+inline void copy16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
+
+// ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8i..8i+7 give the 16-byte row addresses of matrix i (row
+// j from lane 8i + j); lane t receives, of each matrix i, the 4 bytes 4·(t % 4).. of row t / 4.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+    Block& b = *current_block();
+    Fiber& f = fiber();
+    Warp& w = b.warps[size_t(f.warp)];
+    if (w.live != 32) fatal("ldmatrix with " + std::to_string(w.live) + " live lanes (needs 32)");
+    if (reinterpret_cast<uintptr_t>(row) % 16) fatal("ldmatrix: a row address that is not 16-byte aligned");
+    w.slot[f.lane] = reinterpret_cast<uintptr_t>(row);
+    warp_barrier();
+    for (int i = 0; i < 4; ++i)
+        std::memcpy(&r[i], reinterpret_cast<const char*>(uintptr_t(w.slot[8 * i + f.lane / 4])) + 4 * (f.lane % 4), 4);
+    warp_barrier();
+}
+
+}  // namespace simt

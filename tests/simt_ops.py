@@ -10,6 +10,7 @@ with the host C++ compiler (about 10 s on 2 cores).
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
@@ -30,6 +31,91 @@ KINDS = {"a8": 1, "a16": 2, "b1": 3, "a8_wg": 4}  # BitplaneGemmKind
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\[\];")
 # kernel<<<grid, block, smem, stream>>>(  ->  simt_launch(kernel, grid, block, smem, stream)(
 _TRIPLE_CHEVRON = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+
+
+def _rewrite(stem: str, out_dir: Path) -> Path:
+    """cuda/<stem>.cu as C++ for the stand-in: extern __shared__ and <<<>>> launches rewritten."""
+    text = (ROOT / "cuda" / f"{stem}.cu").read_text()
+    text = _EXTERN_SHARED.sub(r"\1* const \2 = reinterpret_cast<\1*>(::simt::dynamic_smem());", text)
+    text = _TRIPLE_CHEVRON.sub(lambda m: f"simt_launch({m.group(1)}, {m.group(2)})(", text)
+    src = out_dir / f"{stem}.cu.cpp"
+    src.write_text(f'#line 1 "cuda/{stem}.cu"\n' + text)  # (the rewrites keep every line where it was)
+    return src
+
+
+def _compile_all(jobs, what: str) -> None:
+    """jobs: [(command, source name)], compiled in parallel; raises naming the first that failed."""
+    def one(job):
+        cmd, name = job
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"compiling {name} for {what} failed:\n{r.stderr[-4000:]}")
+
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        list(pool.map(one, jobs))
+
+
+def _simt_flags(extra=()) -> list[str]:
+    inc = ["-I", str(ROOT / "tests/cuda_host/simt"), "-I", str(ROOT / "tests/cuda_host"), "-I", str(ROOT / "cpp/include"),
+           "-I", str(ROOT / "cpp/src"), "-I", str(ROOT / "cuda")]
+    # -ffp-contract=off: the kernels' separate multiplies and adds stay separate, as nvcc's _rn
+    # intrinsics and the CPU ops keep them; -fno-strict-aliasing: kernels read registers through
+    # other types, as nvcc allows
+    return ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+            "-Wno-psabi", "-DFLEXQUANT_SIMT", *inc, "-include", "cuda_runtime.h", *extra]
+
+
+ENGINE_SOURCES = ("model_file", "engine", "ops/dequantize", "thread_pool", "cpu_features", "ops/bitplane_matmul",
+                  "ops/bitplane_matmul_avx2", "ops/rms_norm", "ops/rope", "ops/attention", "ops/swiglu", "ops/sampling",
+                  "ops/quantize_activations", "ops/nested_gptq", "tokenizer", "chat_template", "text_engine")
+BINDING_SOURCES = ("bindings", "bind_engine", "bind_ops", "bind_text", "bind_cuda_ops")
+CUDA_SOURCES = ("device", "dequantize", "bitplane_matmul", "bitplane_matmul_gemm", "rms_norm", "rope", "attention",
+                "swiglu", "sampling", "forward")
+
+
+def build_package(cxx: str, out_dir: Path) -> Path:
+    """The whole package with the stand-in as its CUDA backend: the engine and the bindings compiled
+    as CMakeLists.txt compiles them (FLEXQUANT_HAVE_CUDA), cuda/*.cu on the stand-in, linked into
+    out_dir/flexquant_rt/_core beside a copy of python/flexquant_rt. With out_dir on PYTHONPATH,
+    `Engine(path, backend="cuda")` runs the CUDA forward pass (cuda/forward.cu: graphs, GEMV and GEMM
+    dispatch, batches, tune) on the CPU. Needs pybind11 and the Python headers; ICU if present."""
+    import shutil
+    import sysconfig
+
+    import pybind11
+
+    pkg = out_dir / "flexquant_rt"
+    shutil.copytree(ROOT / "python" / "flexquant_rt", pkg, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("_core*", "__pycache__"))
+    objs, jobs = [], []
+    pic = ["-fPIC"]
+    for stem in CUDA_SOURCES:
+        src = _rewrite(stem, out_dir)
+        objs.append(out_dir / f"{stem}.cu.o")
+        jobs.append(([cxx, *_simt_flags(pic), "-c", str(src), "-o", str(objs[-1])], f"cuda/{stem}.cu"))
+    objs.append(out_dir / "simt.o")
+    jobs.append(([cxx, *_simt_flags(pic), "-c", str(ROOT / "tests/cuda_host/simt/simt.cpp"), "-o", str(objs[-1])],
+                 "simt.cpp"))
+    icu = subprocess.run(["pkg-config", "--libs", "icu-uc", "icu-i18n"], capture_output=True, text=True) \
+        if shutil.which("pkg-config") else None
+    have_icu = icu is not None and icu.returncode == 0
+    engine_flags = ["-std=c++17", "-O2", "-DNDEBUG", *pic, "-DFLEXQUANT_HAVE_CUDA=1",
+                    *(["-DFLEXQUANT_HAVE_ICU=1"] if have_icu else []),
+                    "-I", str(ROOT / "cpp/include"), "-I", str(ROOT / "cpp/src")]
+    for stem in ENGINE_SOURCES:
+        objs.append(out_dir / (stem.replace("/", "_") + ".o"))
+        jobs.append(([cxx, *engine_flags, "-c", str(ROOT / "cpp/src" / f"{stem}.cpp"), "-o", str(objs[-1])],
+                     f"cpp/src/{stem}.cpp"))
+    py_inc = ["-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"]]
+    for stem in BINDING_SOURCES:
+        objs.append(out_dir / f"py_{stem}.o")
+        jobs.append(([cxx, *engine_flags, *py_inc, "-fvisibility=hidden", "-c", str(ROOT / "cpp/python" / f"{stem}.cpp"),
+                      "-o", str(objs[-1])], f"cpp/python/{stem}.cpp"))
+    _compile_all(jobs, "the engine on the CUDA stand-in")
+    so = pkg / ("_core" + sysconfig.get_config_var("EXT_SUFFIX"))
+    libs = icu.stdout.split() if have_icu else []
+    subprocess.run([cxx, "-shared", *map(str, objs), "-o", str(so), *libs, "-lpthread"], check=True)
+    return out_dir
 
 
 def build(cxx: str, out_dir: Path) -> Path:

@@ -219,9 +219,18 @@ def test_engine_cuda_tiled_prefill_attention(tiny_fq, wide_head_fq, monkeypatch,
     plain = [run(), run(cuda_gemm_min_rows=100), second_sequence()]
     monkeypatch.setenv("FLEXQUANT_CUDA_TILED_ATTENTION", "1")
     tiled = [run(), run(cuda_gemm_min_rows=100), second_sequence()]
-    for a, b in zip(tiled, plain):  # (bounds as the GEMM/GEMV test: an fp32 difference can move an
-        assert np.isfinite(a).all()  # int8 activation across a rounding boundary downstream)
-        assert rel_err(a, b) < 1e-2, rel_err(a, b)
+    # The reference: the CPU engine with the same int8 activations. An fp32 difference in attention
+    # (another summation order) can move an int8 activation across a rounding boundary downstream,
+    # so tiled and plain differ by about the int8 path's own distance from the CPU engine (1.2-1.4%
+    # on the wide model, measured on the CPU stand-in for CUDA): the tiled kernel may be no farther
+    # from the reference than the per-token kernel is, with a margin.
+    cpu = core.Engine(str(path), backend="cpu", n_ctx=256, kv_f16=kv_f16)
+    cpu.set_activation_bits(np.array([8], dtype=np.int32))
+    ref = _core_steps(cpu, ids, 3, more=more)
+    for a, b in zip(tiled, plain):
+        r = ref[: len(a)]  # (the second sequence: the prompt and the chunk, no steps)
+        assert np.isfinite(a).all()
+        assert rel_err(a, r) <= 1.25 * rel_err(b, r) + 2e-3, (rel_err(a, r), rel_err(b, r))
         assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
         assert not np.array_equal(a, b)
 

@@ -1,5 +1,6 @@
-// The plain-CUDA decode ops (cuda/attention.cu, rms_norm.cu, rope.cu, swiglu.cu, sampling.cu),
-// compiled as C++ against the CPU stand-in for CUDA (tests/cuda_host/simt), driven from files:
+// The CUDA ops (cuda/attention.cu, rms_norm.cu, rope.cu, swiglu.cu, sampling.cu, the GEMV of
+// bitplane_matmul.cu and the GEMMs of bitplane_matmul_gemm.cu), compiled as C++ against the CPU
+// stand-in for CUDA (tests/cuda_host/simt), driven from files:
 // tests/test_engine_cuda.py runs the GPU op tests on it (the `simt` backend of its `cuda_ops`).
 // The ops run through the same host entry points as on a GPU (flexquant::attention_cuda etc.), or
 // through the engine's launchers where only the engine calls them (rope_kv_store_launch, the step
@@ -47,6 +48,22 @@ std::vector<T> in(const std::string& name, size_t count) {
 template <class T>
 void out(const std::string& name, const std::vector<T>& v) {
     write_file(g_dir + "/" + name + ".out", v);
+}
+
+// A linear from DIR/planes<suffix>.bin (n_planes, plane_bytes) and DIR/qparams<suffix>.bin (n, n_groups, 2).
+struct HostLinear {
+    std::vector<uint8_t> planes;
+    std::vector<uint16_t> qparams;
+    BitplaneLinear w;
+};
+HostLinear read_linear(const std::string& suffix, int64_t n, int64_t k, int64_t max_bits, int64_t group_size,
+                       int64_t n_planes, int64_t plane_bytes) {
+    HostLinear h;
+    h.w.n = n, h.w.k = k, h.w.max_bits = int(max_bits), h.w.group_size = int(group_size);
+    h.planes = in<uint8_t>("planes" + suffix, size_t(n_planes * plane_bytes));
+    h.qparams = in<uint16_t>("qparams" + suffix, size_t(n * h.w.n_groups() * 2));
+    h.w.planes = h.planes.data(), h.w.plane_bytes = uint64_t(plane_bytes), h.w.qparams = h.qparams.data();
+    return h;  // (moving the vectors keeps their buffers, so w stays valid)
 }
 
 void run(const std::string& op, const std::vector<int64_t>& a) {
@@ -118,14 +135,11 @@ void run(const std::string& op, const std::vector<int64_t>& a) {
     } else if (op == "gemv" || op == "fused") {
         const bool fused = op == "fused";
         need(fused ? 11 : 12);
-        BitplaneLinear w;
-        w.n = a[0], w.k = a[1], w.max_bits = int(a[2]), w.group_size = int(a[3]);
+        const HostLinear h = read_linear("", a[0], a[1], a[2], a[3], a[9], a[10]);
+        const BitplaneLinear& w = h.w;
         const int bits = int(a[4]);
-        const int64_t m = a[5], n_planes = a[9], plane_bytes = a[10];
-        auto planes = in<uint8_t>("planes", size_t(n_planes * plane_bytes));
-        auto qp = in<uint16_t>("qparams", size_t(w.n * w.n_groups() * 2));
+        const int64_t m = a[5];
         auto x = in<float>("x", size_t(m * w.k));
-        w.planes = planes.data(), w.plane_bytes = uint64_t(plane_bytes), w.qparams = qp.data();
         std::vector<float> y(static_cast<size_t>(m * w.n));
         if (!fused) {
             BitplaneCudaTuning tuning;
@@ -149,13 +163,9 @@ void run(const std::string& op, const std::vector<int64_t>& a) {
     } else if (op == "gemm" || op == "unpack") {
         const bool gemm = op == "gemm";
         need(gemm ? 11 : 7);
-        BitplaneLinear w;
-        w.n = a[0], w.k = a[1], w.max_bits = int(a[2]), w.group_size = int(a[3]);
+        const HostLinear h = read_linear("", a[0], a[1], a[2], a[3], gemm ? a[8] : a[5], gemm ? a[9] : a[6]);
+        const BitplaneLinear& w = h.w;
         const int bits = int(a[4]);
-        const int64_t n_planes = gemm ? a[8] : a[5], plane_bytes = gemm ? a[9] : a[6];
-        auto planes = in<uint8_t>("planes", size_t(n_planes * plane_bytes));
-        auto qp = in<uint16_t>("qparams", size_t(w.n * w.n_groups() * 2));
-        w.planes = planes.data(), w.plane_bytes = uint64_t(plane_bytes), w.qparams = qp.data();
         if (gemm) {
             const int64_t m = a[5];
             auto x = in<float>("x", size_t(m * w.k));
@@ -174,23 +184,19 @@ void run(const std::string& op, const std::vector<int64_t>& a) {
         const int count = int(a[0]);
         need(size_t(8 + 4 * count));
         const int64_t m = a[4];
-        std::vector<std::vector<uint8_t>> planes(static_cast<size_t>(count));
-        std::vector<std::vector<uint16_t>> qps(static_cast<size_t>(count));
+        std::vector<HostLinear> lins;
+        std::vector<BitplaneLinear> ws;
         std::vector<std::vector<float>> ys(static_cast<size_t>(count));
-        std::vector<BitplaneLinear> ws(static_cast<size_t>(count));
-        std::vector<int> bits(static_cast<size_t>(count));
+        std::vector<int> bits;
         std::vector<float*> yp;
         for (int i = 0; i < count; ++i) {
             const int64_t* li = &a[size_t(8 + 4 * i)];
-            BitplaneLinear& w = ws[size_t(i)];
-            w.n = li[0], w.k = a[1], w.max_bits = int(a[2]), w.group_size = int(a[3]);
-            bits[size_t(i)] = int(li[1]);
-            planes[size_t(i)] = in<uint8_t>("planes" + std::to_string(i), size_t(li[2] * li[3]));
-            qps[size_t(i)] = in<uint16_t>("qparams" + std::to_string(i), size_t(w.n * w.n_groups() * 2));
-            w.planes = planes[size_t(i)].data(), w.plane_bytes = uint64_t(li[3]), w.qparams = qps[size_t(i)].data();
-            ys[size_t(i)].resize(size_t(m * w.n));
+            lins.push_back(read_linear(std::to_string(i), li[0], a[1], a[2], a[3], li[2], li[3]));
+            bits.push_back(int(li[1]));
+            ys[size_t(i)].resize(size_t(m * li[0]));
             yp.push_back(ys[size_t(i)].data());
         }
+        for (const HostLinear& h : lins) ws.push_back(h.w);
         auto x = in<float>("x", size_t(m * a[1]));
         BitplaneCudaTuning tuning;
         tuning.warps_per_block = int(a[6]);

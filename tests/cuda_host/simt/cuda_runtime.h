@@ -1,11 +1,13 @@
-// A CPU stand-in for the CUDA runtime and device built-ins, so that the plain-CUDA kernels of cuda/
-// (no inline PTX: attention, RMSNorm, RoPE, SwiGLU, the step signals) run unchanged in CI, which has
-// no GPU. tests/conftest.py (build_simt_ops) compiles those .cu files as C++ against this directory;
-// tests/test_engine_cuda.py runs the same op tests on it as on a GPU.
+// A CPU stand-in for the CUDA runtime and device built-ins, so that the CUDA code of cuda/ runs in CI,
+// which has no GPU. tests/simt_ops.py compiles the .cu files as C++ against this directory (force-
+// included; extern __shared__ and <<<>>> rewritten), where each piece of inline PTX it models has a
+// FLEXQUANT_SIMT branch calling mma.h here. tests/test_cuda_ops.py and tests/test_engine_cuda.py run
+// their op tests on it (the `cuda_ops` fixture), and tests/test_simt_engine.py the whole CUDA engine
+// (cuda/forward.cu) through a build of the package with this as its CUDA backend.
 //
 // The model of the hardware, and what it does not model:
 //  - Every thread of a block is a fiber with its own stack; the blocks of a grid run one after the
-//    other. A fiber runs until it waits: at __syncthreads (all live threads of the block), at a warp
+//    other, on the host thread that launched them (streams are synchronous; a capture records). A fiber runs until it waits: at __syncthreads (all live threads of the block), at a warp
 //    collective (__shfl_*_sync, __syncwarp, __ballot_sync: all live lanes of its warp of 32). A thread
 //    that has returned counts as arrived. A wait that can never end (a barrier some threads never
 //    reach) stops the process with "simt: deadlock" instead of hanging.
@@ -17,8 +19,12 @@
 //  - Not modelled: races between threads (the fibers interleave only at waits, so a missing
 //    __syncthreads between a write and another thread's read is NOT caught unless the reader runs
 //    first), memory-model and timing questions, the ulp-level differences of the device math library
-//    (expf here is the host's), inline PTX (files with it are not built). compute-sanitizer on a GPU
-//    covers races; this covers index arithmetic, bounds, masks and what each thread writes.
+//    (expf here is the host's), the PTX it has no branch for (the wgmma GEMM's: its probe reports no
+//    sm_90a code, so it never runs), programmatic dependent launch (griddepcontrol is a no-op).
+//    compute-sanitizer on a GPU covers races; this covers index arithmetic, bounds, masks, what each
+//    thread writes, and the host code's launches, captures and bookkeeping.
+//  - CUDA graphs: a capture records its stream's launches, copies and sets; a graph launch replays
+//    them. A synchronization on the captured stream invalidates the capture, as the runtime does.
 #pragma once
 
 #include <math.h>
@@ -78,7 +84,7 @@ SIMT_VEC4(unsigned char, uchar4, 4)
 
 // ---- the fiber scheduler ------------------------------------------------------------------------
 // The block's coordinates and the launch's shape: plain variables, as one block runs at a time.
-inline dim3 blockIdx, blockDim, gridDim;
+inline thread_local dim3 blockIdx, blockDim, gridDim;
 
 namespace simt {
 
@@ -114,7 +120,7 @@ struct Block {
     uint64_t progress = 0;                // arrivals, releases, ends: a pass without any is a deadlock
 };
 
-inline Block* g_block = nullptr;  // the block running now
+inline thread_local Block* g_block = nullptr;  // the block running now (on this host thread)
 inline Block*& current_block() { return g_block; }
 // Defined once, in simt.cpp.
 void run_block(Block& b);  // runs b.body on every fiber of b until all have returned
@@ -126,31 +132,26 @@ inline Fiber& fiber() {
     return b->fibers[size_t(b->cur)];
 }
 
+// Arrive at a barrier of `live` threads (arrived, gen: its state) and wait until all have arrived.
+inline void barrier(int& arrived, const int& live, unsigned& gen) {
+    const unsigned mine = gen;
+    ++current_block()->progress;
+    if (++arrived == live) {
+        arrived = 0;
+        ++gen;
+        return;
+    }
+    while (gen == mine) yield();
+}
 // __syncthreads: every live thread of the block.
 inline void block_barrier() {
     Block& b = *current_block();
-    const unsigned gen = b.gen;
-    ++b.progress;
-    if (++b.arrived == b.live) {
-        b.arrived = 0;
-        ++b.gen;
-        return;
-    }
-    while (b.gen == gen) yield();
+    barrier(b.arrived, b.live, b.gen);
 }
-
 // A warp collective: every live lane of the caller's warp.
 inline void warp_barrier() {
-    Block& b = *current_block();
-    Warp& w = b.warps[size_t(fiber().warp)];
-    const unsigned gen = w.gen;
-    ++b.progress;
-    if (++w.arrived == w.live) {
-        w.arrived = 0;
-        ++w.gen;
-        return;
-    }
-    while (w.gen == gen) yield();
+    Warp& w = current_block()->warps[size_t(fiber().warp)];
+    barrier(w.arrived, w.live, w.gen);
 }
 
 template <class T>
@@ -318,7 +319,10 @@ enum cudaError_t {
     cudaErrorInvalidConfiguration = 9,
     cudaErrorInsufficientDriver = 35,
     cudaErrorNoDevice = 100,
+    cudaErrorIllegalState = 401,
     cudaErrorNotSupported = 801,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureInvalidated = 901,
 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
 struct CUstream_st {};
@@ -349,9 +353,14 @@ enum cudaDeviceAttr {
     cudaDevAttrComputeCapabilityMinor = 76,
     cudaDevAttrL2CacheSize = 38,
 };
-// CUDA graphs are not modelled: capture reports cudaErrorNotSupported (only the benchmarks use them).
-struct CUgraph_st {};
-struct CUgraphExec_st {};
+// CUDA graphs: a capture records the stream's launches, copies and sets in order; a launch of the
+// instantiated graph replays them (with the pointers and arguments of the capture, as on a GPU).
+struct CUgraph_st {
+    std::vector<std::function<void()>> ops;
+};
+struct CUgraphExec_st {
+    std::vector<std::function<void()>> ops;
+};
 using cudaGraph_t = CUgraph_st*;
 using cudaGraphExec_t = CUgraphExec_st*;
 enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed };
@@ -363,7 +372,7 @@ struct cudaDeviceProp {
 };
 
 namespace simt {
-inline cudaError_t g_last_error = cudaSuccess;
+inline thread_local cudaError_t g_last_error = cudaSuccess;  // per host thread, as CUDA's
 inline cudaError_t& last_error() { return g_last_error; }
 inline cudaError_t fail(cudaError_t e) {
     last_error() = e;
@@ -380,7 +389,10 @@ inline const char* cudaGetErrorString(cudaError_t e) {
         case cudaErrorInvalidValue: return "invalid argument (simt)";
         case cudaErrorMemoryAllocation: return "out of memory (simt)";
         case cudaErrorInvalidConfiguration: return "invalid configuration argument (simt)";
-        case cudaErrorNotSupported: return "operation not supported (simt: no CUDA graphs)";
+        case cudaErrorNotSupported: return "operation not supported (simt)";
+        case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing (simt)";
+        case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture (simt)";
+        case cudaErrorIllegalState: return "the stream is not capturing (simt)";
         default: return "error (simt)";
     }
 }
@@ -417,24 +429,77 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
 struct cudaFuncAttributes {
     int numRegs, maxThreadsPerBlock;
     size_t sharedSizeBytes;
+    int ptxVersion, binaryVersion;
 };
 template <class F>
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F*) {
-    *a = cudaFuncAttributes{0, 1024, 0};  // (no registers here: a kernel that asks for them is refused)
+    *a = cudaFuncAttributes{0, 1024, 0, 0, 0};  // (no registers, no PTX: sm_90 features are refused)
     return cudaSuccess;
 }
 inline cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode*) { return cudaSuccess; }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0.0f; return cudaSuccess; }
-inline cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode) { return simt::fail(cudaErrorNotSupported); }
-inline cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t*) { return simt::fail(cudaErrorNotSupported); }
-inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* s) {
-    *s = cudaStreamCaptureStatusNone;
+namespace simt {
+inline thread_local cudaStream_t g_capture_stream = nullptr;  // the stream being captured (one per thread here)
+inline thread_local cudaGraph_t g_capture = nullptr;
+inline thread_local bool g_capture_broken = false;  // a call that a capture forbids was made: EndCapture fails
+inline bool capturing(cudaStream_t s) { return g_capture != nullptr && s == g_capture_stream; }
+// Work on stream s: recorded while s is captured, else done now (streams are synchronous here).
+template <class F>
+inline cudaError_t enqueue(cudaStream_t s, F&& f) {
+    if (capturing(s))
+        g_capture->ops.emplace_back(std::forward<F>(f));
+    else
+        f();
     return cudaSuccess;
 }
-inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t*, cudaGraph_t, unsigned long long = 0) { return simt::fail(cudaErrorNotSupported); }
-inline cudaError_t cudaGraphLaunch(cudaGraphExec_t, cudaStream_t) { return simt::fail(cudaErrorNotSupported); }
-inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t) { return cudaSuccess; }
-inline cudaError_t cudaGraphDestroy(cudaGraph_t) { return cudaSuccess; }
+// A call that waits for the host (a synchronization) on a stream being captured: the capture is
+// invalidated, as the runtime does.
+inline cudaError_t forbid_in_capture(cudaStream_t s) {
+    if (!capturing(s)) return cudaSuccess;
+    g_capture_broken = true;
+    return fail(cudaErrorStreamCaptureUnsupported);
+}
+}  // namespace simt
+inline cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
+    if (s == nullptr || simt::g_capture != nullptr) return simt::fail(cudaErrorStreamCaptureUnsupported);
+    simt::g_capture_stream = s;
+    simt::g_capture = new CUgraph_st;
+    simt::g_capture_broken = false;
+    return cudaSuccess;
+}
+inline cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g) {
+    if (!simt::capturing(s)) return simt::fail(cudaErrorIllegalState);
+    *g = simt::g_capture;
+    simt::g_capture = nullptr;
+    simt::g_capture_stream = nullptr;
+    if (simt::g_capture_broken) {
+        delete *g;
+        *g = nullptr;
+        return simt::fail(cudaErrorStreamCaptureInvalidated);
+    }
+    return cudaSuccess;
+}
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* st) {
+    *st = simt::capturing(s) ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+    return cudaSuccess;
+}
+inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long = 0) {
+    if (g == nullptr) return simt::fail(cudaErrorInvalidValue);
+    *e = new CUgraphExec_st{g->ops};
+    return cudaSuccess;
+}
+inline cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
+    if (e == nullptr) return simt::fail(cudaErrorInvalidValue);
+    return simt::enqueue(s, [ops = e->ops] {
+        for (const auto& op : ops) op();
+    });
+}
+inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) { delete e; return cudaSuccess; }
+inline cudaError_t cudaGraphDestroy(cudaGraph_t g) { delete g; return cudaSuccess; }
+inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total) {
+    *total = size_t(80) << 30, *free_bytes = size_t(64) << 30;
+    return cudaSuccess;
+}
 template <class T>
 inline cudaError_t cudaMalloc(T** p, size_t bytes) {
     void* q = std::aligned_alloc(256, std::max<size_t>(256, (bytes + 255) / 256 * 256));
@@ -448,19 +513,31 @@ inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKi
     if (n) std::memmove(dst, src, n);
     return cudaSuccess;
 }
-inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind k, cudaStream_t = nullptr) {
-    return cudaMemcpy(dst, src, n, k);
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind, cudaStream_t s = nullptr) {
+    return simt::enqueue(s, [=] {
+        if (n) std::memmove(dst, src, n);
+    });
 }
 inline cudaError_t cudaMemset(void* p, int v, size_t n) { std::memset(p, v, n); return cudaSuccess; }
-inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) { return cudaMemset(p, v, n); }
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s = nullptr) {
+    return simt::enqueue(s, [=] { std::memset(p, v, n); });
+}
+template <class T>
+inline cudaError_t cudaMallocHost(T** p, size_t bytes) {
+    *p = static_cast<T*>(std::aligned_alloc(256, std::max<size_t>(256, (bytes + 255) / 256 * 256)));
+    return *p ? cudaSuccess : simt::fail(cudaErrorMemoryAllocation);
+}
+inline cudaError_t cudaFreeHost(void* p) { std::free(p); return cudaSuccess; }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = new CUstream_st; return cudaSuccess; }
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) { delete s; return cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t s) { return simt::forbid_in_capture(s); }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = new CUevent_st; return cudaSuccess; }
 inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
 inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) {
+    return simt::g_capture != nullptr && simt::g_capture_stream ? simt::forbid_in_capture(simt::g_capture_stream) : cudaSuccess;
+}
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned = 0) { return cudaSuccess; }
 template <class F>
 inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
@@ -484,19 +561,21 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
     const auto it = simt::smem_limits().find(reinterpret_cast<const void*>(kernel));
     if (it != simt::smem_limits().end()) limit = std::max(limit, size_t(it->second));
     if (cfg->dynamicSmemBytes > limit) return simt::fail(cudaErrorInvalidValue);
-    const std::tuple<typename std::decay<Params>::type...> params(std::forward<Args>(args)...);
-    simt::Block b;
-    b.body = [&] { std::apply(kernel, params); };
-    gridDim = g;
-    blockDim = t;
-    for (unsigned z = 0; z < g.z; ++z)
-        for (unsigned y = 0; y < g.y; ++y)
-            for (unsigned x = 0; x < g.x; ++x) {
-                blockIdx = dim3(x, y, z);
-                b.dyn_smem.assign(cfg->dynamicSmemBytes + 1024, 0xff);
-                simt::run_block(b);
-            }
-    return cudaSuccess;
+    std::tuple<typename std::decay<Params>::type...> params(std::forward<Args>(args)...);
+    const size_t smem = cfg->dynamicSmemBytes;
+    return simt::enqueue(cfg->stream, [kernel, params = std::move(params), g, t, smem] {
+        simt::Block b;
+        b.body = [&] { std::apply(kernel, params); };
+        gridDim = g;
+        blockDim = t;
+        for (unsigned z = 0; z < g.z; ++z)
+            for (unsigned y = 0; y < g.y; ++y)
+                for (unsigned x = 0; x < g.x; ++x) {
+                    blockIdx = dim3(x, y, z);
+                    b.dyn_smem.assign(smem + 1024, 0xff);
+                    simt::run_block(b);
+                }
+    });
 }
 
 #include <initializer_list>

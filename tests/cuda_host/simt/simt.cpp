@@ -15,7 +15,7 @@ namespace simt {
 namespace {
 
 constexpr size_t STACK = 128 * 1024;  // per fiber: the kernels' locals are registers on a GPU
-std::vector<std::unique_ptr<char[]>> g_stacks;  // reused by every launch
+thread_local std::vector<std::unique_ptr<char[]>> g_stacks;  // reused by every launch of the thread
 
 #if defined(__x86_64__)
 // Saves the callee-saved registers, MXCSR and the x87 control word on the current stack, stores the
@@ -51,7 +51,7 @@ simt_switch:
     .size simt_switch, .-simt_switch
 )");
 #else
-std::vector<ucontext_t> g_ctx;  // fiber i at i, the scheduler last
+thread_local std::vector<ucontext_t> g_ctx;  // fiber i at i, the scheduler last
 #endif
 
 [[noreturn]] void fiber_main() {

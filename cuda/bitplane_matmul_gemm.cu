@@ -150,11 +150,11 @@ __device__ __forceinline__ int gemm_effective_bits(const int32_t* bits_dev, int 
     return bits_dev ? max(2, min(bits, __ldg(bits_dev))) : bits;
 }
 
-#if defined(FLEXQUANT_SIMT)  // the CPU stand-in for CUDA (tests/cuda_host/simt): a copy that is done at once
+#if defined(FLEXQUANT_SIMT)  // the CPU stand-in for CUDA (tests/cuda_host/simt): done at the wait
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) { simt::copy16(smem, gmem); }
-__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_commit() { simt::cp_commit(); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void cp_async_wait() { simt::cp_wait(N); }
 #else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -1094,9 +1094,12 @@ void wg_gemm_launch(const GemmGeometry& g, const GemmScratch& sc, float* y, cuda
     // (a launch of the trap branch would end the CUDA context: refuse instead; while `stream` is
     // being captured, only an answer the engine's construction already cached counts)
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) cudaGetLastError();
-    check(wgmma_supported(g.group_size, capture == cudaStreamCaptureStatusNone), fn,
-          "BITPLANE_GEMM_A8_WG needs a compute capability 9.0 GPU (Hopper) and a build with sm_90a code");
+    const cudaError_t query = cudaStreamIsCapturing(stream, &capture);
+    if (query != cudaSuccess) cudaGetLastError();  // (a failed query: no probe either)
+    const bool may_probe = query == cudaSuccess && capture == cudaStreamCaptureStatusNone;
+    check(wgmma_supported(g.group_size, may_probe), fn,
+          "BITPLANE_GEMM_A8_WG needs a compute capability 9.0 GPU (Hopper) and a build with sm_90a code (and "
+          "FLEXQUANT_CUDA_WGMMA_OFF unset)");
     const CUtensorMap tm_acts = tensor_map_128(sc.acts, g.m_alloc, g.k_pad, fn);
     const CUtensorMap tm_codes = tensor_map_128(sc.codes, g.n_alloc, g.k_pad, fn);
     static std::atomic<uint64_t> smem{0};  // devices whose limit is raised

@@ -1,12 +1,12 @@
-"""The CUDA decode ops run on the CPU stand-in for CUDA (tests/cuda_host/simt): the CUDA sources of
-attention, RMSNorm, RoPE, SwiGLU, the step signals and the bit-plane GEMV (all its paths: TC, FP32,
-MMA, MMA_A16, the multi-linear launch, the fused preparations) compiled as C++, each block's threads
-as fibers, the tensor-core instructions computed from the PTX ISA's fragment layouts
-(tests/cuda_host/simt/cuda_runtime.h and mma.h say what is modelled and what is not).
+"""The CUDA code run on the CPU stand-in for CUDA (tests/cuda_host/simt): the CUDA sources compiled
+as C++, each block's threads as fibers, the tensor-core instructions computed from the PTX ISA's
+fragment layouts (tests/cuda_host/simt/cuda_runtime.h and mma.h say what is modelled and what is not).
 
-`SimtOps` has the signatures of the `_core.*_cuda` test entry points, so tests/test_engine_cuda.py
-runs the same op tests on a GPU and, in CI (no GPU), on this stand-in. Built once per session
-with the host C++ compiler (about 10 s on 2 cores).
+- `build` + `SimtOps`: the ops (attention, RMSNorm, RoPE, SwiGLU, the step signals, every GEMV path,
+  the a8/a16/b1 GEMMs) through tests/cuda_host/simt_ops.cpp, with the signatures of the
+  `_core.*_cuda` test entry points, so the op tests run on a GPU and, in CI, here (about 15 s to build).
+- `build_package`: the whole package with the stand-in as its CUDA backend (tests/test_simt_engine.py;
+  about a minute to build on 2 cores).
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ import numpy as np
 import flexquant_rt._core as core
 
 ROOT = Path(__file__).resolve().parents[1]
-# cuda/<stem>.cu: the plain kernels, and the GEMV, whose tensor-core instructions have a FLEXQUANT_SIMT
-# branch (tests/cuda_host/simt/mma.h computes them from the PTX ISA's fragment layouts)
+# cuda/<stem>.cu for the op driver: the plain kernels, the GEMV and the GEMMs, whose tensor-core
+# instructions have a FLEXQUANT_SIMT branch (tests/cuda_host/simt/mma.h computes them from the PTX
+# ISA's fragment layouts)
 SOURCES = ("device", "rms_norm", "rope", "swiglu", "sampling", "attention", "bitplane_matmul", "bitplane_matmul_gemm")
 PATHS = {"auto": 0, "tc": 1, "fp32": 2, "mma": 3, "mma_a16": 4}  # BitplaneCudaPath
 KINDS = {"a8": 1, "a16": 2, "b1": 3, "a8_wg": 4}  # BitplaneGemmKind
@@ -120,33 +121,11 @@ def build_package(cxx: str, out_dir: Path) -> Path:
 
 def build(cxx: str, out_dir: Path) -> Path:
     """Compile the CUDA sources, the fiber scheduler and the driver (tests/cuda_host/simt_ops.cpp)."""
-    inc = ["-I", str(ROOT / "tests/cuda_host/simt"), "-I", str(ROOT / "tests/cuda_host"), "-I", str(ROOT / "cpp/include"),
-           "-I", str(ROOT / "cpp/src"), "-I", str(ROOT / "cuda")]
-    # -ffp-contract=off: the kernels' separate multiplies and adds stay separate, as nvcc's _rn
-    # intrinsics and the CPU ops keep them
-    # -fno-strict-aliasing: kernels read registers through other types, as nvcc allows
-    flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-             "-Wno-psabi",
-             "-DFLEXQUANT_SIMT", *inc, "-include", "cuda_runtime.h"]
-    units = []
-    for stem in SOURCES:
-        text = (ROOT / "cuda" / f"{stem}.cu").read_text()
-        text = _EXTERN_SHARED.sub(r"\1* const \2 = reinterpret_cast<\1*>(::simt::dynamic_smem());", text)
-        text = _TRIPLE_CHEVRON.sub(lambda m: f"simt_launch({m.group(1)}, {m.group(2)})(", text)
-        src = out_dir / f"{stem}.cu.cpp"
-        src.write_text(f'#line 1 "cuda/{stem}.cu"\n' + text)  # (the rewrite keeps every line where it was)
-        units.append(src)
+    units = [_rewrite(stem, out_dir) for stem in SOURCES]
     units += [ROOT / "tests/cuda_host/simt/simt.cpp", ROOT / "tests/cuda_host/simt_ops.cpp"]
-
-    def compile_one(src: Path) -> Path:
-        obj = out_dir / (src.name + ".o")
-        r = subprocess.run([cxx, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"compiling {src.name} for the CUDA stand-in failed:\n{r.stderr[-4000:]}")
-        return obj
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        objs = list(pool.map(compile_one, units))
+    objs = [out_dir / (src.name + ".o") for src in units]
+    _compile_all([([cxx, *_simt_flags(), "-c", str(src), "-o", str(obj)], src.name) for src, obj in zip(units, objs)],
+                 "the CUDA stand-in")
     exe = out_dir / "simt_ops"
     subprocess.run([cxx, *map(str, objs), "-o", str(exe)], check=True)
     return exe

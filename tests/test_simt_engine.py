@@ -55,10 +55,11 @@ def test_cuda_engine_tests_pass_on_the_stand_in(simt_package, tmp_path):
                         str(tests / "test_engine_cuda.py"), f"{tests / 'test_cuda_ops.py'}::test_bad_arguments",
                         f"{tests / 'test_cuda_ops.py'}::test_gemm_bad_arguments",
                         f"{tests / 'test_model_file_cpp.py'}::test_cuda_dequantize_matches_cpu_exactly",
-                        "-k", "not simt and not stand_in and not gpu-"],
-                       env=env, cwd=ROOT, capture_output=True, text=True)
+                        "-k", "not simt and not stand_in and not gpu- and not gpu]"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)  # (a hang fails, not hangs)
     tail = r.stdout[-6000:] + r.stderr[-2000:]
     assert r.returncode == 0, "CUDA engine tests on the stand-in failed:\n" + tail
     passed = re.search(r"(\d+) passed", r.stdout)
-    # the tests ran (44 when written; a couple skip: the wgmma GEMM, the no-GPU fallback)
-    assert passed and int(passed.group(1)) >= 35, tail
+    # the tests ran: 42 selected when written, of which 2 skip here (the wgmma GEMM, the no-GPU
+    # fallback); fewer passing means tests stopped running on the stand-in
+    assert passed and int(passed.group(1)) >= 40, tail

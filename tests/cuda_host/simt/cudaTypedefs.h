@@ -1,6 +1,6 @@
 // CPU stand-in for <cudaTypedefs.h> (see cuda_runtime.h here): the tensor-map types the wgmma GEMM's
 // host code names. The stand-in has no driver: the encoder is never found, and the wgmma GEMM never
-// runs (its probe reports no sm_90a code).
+// runs (its availability check fails: cudaFuncGetAttributes reports no registers).
 #pragma once
 
 #include "cuda_runtime.h"

@@ -11,16 +11,20 @@
 //    collective (__shfl_*_sync, __syncwarp, __ballot_sync: all live lanes of its warp of 32). A thread
 //    that has returned counts as arrived. A wait that can never end (a barrier some threads never
 //    reach) stops the process with "simt: deadlock" instead of hanging.
-//  - __shared__ variables are static (one block at a time); dynamic shared memory is a fresh buffer
-//    per block filled with 0xff bytes (NaN as floats), so a read of shared memory the block did not
-//    write shows. cudaMalloc memory is filled with 0xff too.
+//  - __shared__ variables are statics in a section of their own (one block at a time), filled with
+//    0xff bytes (NaN as floats) before each block, as is the dynamic shared memory, so a read of shared
+//    memory the block did not write shows. cudaMalloc and cudaMallocHost memory start as 0xff too.
+//  - cp.async copies are done at the cp.async.wait_group that covers them, not when issued.
+//  - Warp collectives check that every live lane is at the same one, and .aligned ones (mma,
+//    ldmatrix) that all 32 lanes are there.
 //  - Launch checks as the runtime makes them: 1..1024 threads, grid limits, dynamic shared memory
 //    over 48 KB only after cudaFuncSetAttribute raised the kernel's limit (227 KB at most).
 //  - Not modelled: races between threads (the fibers interleave only at waits, so a missing
 //    __syncthreads between a write and another thread's read is NOT caught unless the reader runs
 //    first), memory-model and timing questions, the ulp-level differences of the device math library
-//    (expf here is the host's), the PTX it has no branch for (the wgmma GEMM's: its probe reports no
-//    sm_90a code, so it never runs), programmatic dependent launch (griddepcontrol is a no-op).
+//    (expf here is the host's), the PTX it has no branch for (the wgmma GEMM's: its availability
+//    check fails, cudaFuncGetAttributes reporting no registers, so it never runs; the sm_90 L2
+//    prefetch), programmatic dependent launch (griddepcontrol is a no-op), timing (events read 0 ms).
 //    compute-sanitizer on a GPU covers races; this covers index arithmetic, bounds, masks, what each
 //    thread writes, and the host code's launches, captures and bookkeeping.
 //  - CUDA graphs: a capture records its stream's launches, copies and sets; a graph launch replays
@@ -35,6 +39,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <map>
 #include <string>
@@ -52,7 +57,9 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __grid_constant__
-#define __shared__ static  // blocks run one at a time (extern __shared__: the builder rewrites it)
+// Blocks run one at a time, so __shared__ variables are statics, kept in their own section so that
+// run_block can fill them with 0xff bytes before each block (extern __shared__: the builder rewrites it).
+#define __shared__ static __attribute__((section("simt_smem")))
 
 using std::isfinite;
 using std::isinf;
@@ -99,11 +106,16 @@ struct Fiber {
     dim3 tid;
     int lane = 0, warp = 0;
     bool done = false;
+    // cp.async: the copies issued since the last commit, and the committed groups not yet waited for
+    // (done in cp.async.wait_group, not before: a read of their destination before the wait shows)
+    std::vector<std::pair<void*, const void*>> cp_open;
+    std::deque<std::vector<std::pair<void*, const void*>>> cp_groups;
 };
 
 struct Warp {
     int live = 0, arrived = 0;
     unsigned gen = 0;
+    const char* at[32] = {};  // the collective each lane waits at (all must be at the same one)
     uint64_t slot[32] = {};
     uint32_t frag[32][8] = {};  // the lanes' operand registers of a warp-wide mma (mma.h)
 };
@@ -148,9 +160,20 @@ inline void block_barrier() {
     Block& b = *current_block();
     barrier(b.arrived, b.live, b.gen);
 }
-// A warp collective: every live lane of the caller's warp.
-inline void warp_barrier() {
-    Warp& w = current_block()->warps[size_t(fiber().warp)];
+// A warp collective `what`: every live lane of the caller's warp, all at the same collective (lanes
+// at different ones would exchange each other's values on a GPU, or hang).
+inline void warp_barrier(const char* what = "__syncwarp") {
+    Block& b = *current_block();
+    const Fiber& f = fiber();
+    Warp& w = b.warps[size_t(f.warp)];
+    w.at[f.lane] = what;
+    if (w.arrived + 1 == w.live)  // the last to arrive: the others wait, their collective recorded
+        for (int l = 0; l < 32; ++l) {
+            const size_t i = size_t(f.warp) * 32 + size_t(l);
+            if (i < b.fibers.size() && !b.fibers[i].done && std::strcmp(w.at[l], what) != 0)
+                fatal("warp " + std::to_string(f.warp) + ": lane " + std::to_string(f.lane) + " is at " + what +
+                      " while lane " + std::to_string(l) + " is at " + w.at[l]);
+        }
     barrier(w.arrived, w.live, w.gen);
 }
 
@@ -181,7 +204,7 @@ inline T exchange(unsigned mask, T v, int src, const char* fn) {
     Fiber& f = fiber();
     Warp& w = b.warps[size_t(f.warp)];
     w.slot[f.lane] = to_bits(v);
-    warp_barrier();
+    warp_barrier(fn);
     T r = v;
     if (src >= 0) {
         const size_t idx = size_t(f.warp) * 32 + size_t(src);
@@ -190,7 +213,7 @@ inline T exchange(unsigned mask, T v, int src, const char* fn) {
                   ", which is not in the mask or has returned");
         r = from_bits<T>(w.slot[src]);
     }
-    warp_barrier();  // the slots are read before the next collective rewrites them
+    warp_barrier(fn);  // the slots are read before the next collective rewrites them
     return r;
 }
 
@@ -237,11 +260,11 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     simt::Fiber& f = simt::fiber();
     simt::Warp& w = b.warps[size_t(f.warp)];
     w.slot[f.lane] = pred != 0;
-    simt::warp_barrier();
+    simt::warp_barrier("__ballot_sync");
     unsigned r = 0;
     for (int l = 0; l < 32; ++l)
         if ((mask >> l & 1u) && w.slot[l]) r |= 1u << l;
-    simt::warp_barrier();
+    simt::warp_barrier("__ballot_sync");
     return r;
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
@@ -525,7 +548,9 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s = nu
 template <class T>
 inline cudaError_t cudaMallocHost(T** p, size_t bytes) {
     *p = static_cast<T*>(std::aligned_alloc(256, std::max<size_t>(256, (bytes + 255) / 256 * 256)));
-    return *p ? cudaSuccess : simt::fail(cudaErrorMemoryAllocation);
+    if (*p == nullptr) return simt::fail(cudaErrorMemoryAllocation);
+    std::memset(static_cast<void*>(*p), 0xff, bytes);  // uninitialized, as cudaMalloc's
+    return cudaSuccess;
 }
 inline cudaError_t cudaFreeHost(void* p) { std::free(p); return cudaSuccess; }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = new CUstream_st; return cudaSuccess; }

@@ -25,7 +25,9 @@ inline Warp& mma_gather(const char* fn, std::initializer_list<uint32_t> regs) {
     if (w.live != 32) fatal(std::string(fn) + ": an .aligned mma with " + std::to_string(w.live) + " live lanes (needs 32)");
     int i = 0;
     for (uint32_t r : regs) w.frag[f.lane][i++] = r;
-    warp_barrier();
+    warp_barrier(fn);
+    // (again after the wait: lanes that returned while the others waited also let it open)
+    if (w.live != 32) fatal(std::string(fn) + ": an .aligned mma with " + std::to_string(w.live) + " live lanes (needs 32)");
     return w;
 }
 
@@ -44,7 +46,7 @@ inline void mma_b1(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t 
             }
         d[e] += sum;
     }
-    warp_barrier();
+    warp_barrier("mma (done)");
 }
 
 // m16n8k32 .s8: d[row, col] += Σ_K A[row, K] · B[K, col], signed bytes, int32.
@@ -61,7 +63,7 @@ inline void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t 
         }
         d[e] += sum;
     }
-    warp_barrier();
+    warp_barrier("mma (done)");
 }
 
 // m16n8k16 .f16 -> .f32: d[row, col] += Σ_K A[row, K] · B[K, col].
@@ -78,7 +80,7 @@ inline void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32
         }
         d[e] = float(sum);
     }
-    warp_barrier();
+    warp_barrier("mma (done)");
 }
 
 // sub.rn.f16x2: each 16-bit half a - b rounded to the nearest fp16 (exact in fp64, then one rounding
@@ -96,8 +98,21 @@ inline uint32_t sub_f16x2(uint32_t a, uint32_t b) {
 
 namespace simt {
 
-// cp.async.cg 16 bytes: the stand-in copies at once (commit and wait are then nothing to do).
-inline void copy16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
+// cp.async.cg 16 bytes, commit_group, wait_group N: a copy is done when its group is waited for, not
+// before, so a kernel that reads shared memory before the wait reads the poison.
+inline void copy16(void* dst, const void* src) { fiber().cp_open.emplace_back(dst, src); }
+inline void cp_commit() {
+    Fiber& f = fiber();
+    f.cp_groups.push_back(std::move(f.cp_open));
+    f.cp_open.clear();
+}
+inline void cp_wait(size_t pending) {
+    Fiber& f = fiber();
+    while (f.cp_groups.size() > pending) {
+        for (const auto& c : f.cp_groups.front()) std::memcpy(c.first, c.second, 16);
+        f.cp_groups.pop_front();
+    }
+}
 
 // ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8i..8i+7 give the 16-byte row addresses of matrix i (row
 // j from lane 8i + j); lane t receives, of each matrix i, the 4 bytes 4·(t % 4).. of row t / 4.
@@ -108,10 +123,11 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
     if (w.live != 32) fatal("ldmatrix with " + std::to_string(w.live) + " live lanes (needs 32)");
     if (reinterpret_cast<uintptr_t>(row) % 16) fatal("ldmatrix: a row address that is not 16-byte aligned");
     w.slot[f.lane] = reinterpret_cast<uintptr_t>(row);
-    warp_barrier();
+    warp_barrier("ldmatrix");
+    if (w.live != 32) fatal("ldmatrix with " + std::to_string(w.live) + " live lanes (needs 32)");
     for (int i = 0; i < 4; ++i)
         std::memcpy(&r[i], reinterpret_cast<const char*>(uintptr_t(w.slot[8 * i + f.lane / 4])) + 4 * (f.lane % 4), 4);
-    warp_barrier();
+    warp_barrier("ldmatrix (done)");
 }
 
 }  // namespace simt

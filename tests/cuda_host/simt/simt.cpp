@@ -11,6 +11,12 @@
 #include <ucontext.h>
 #endif
 
+// The __shared__ variables (cuda_runtime.h puts them in this section): the linker's bounds of it.
+extern "C" {
+extern char __start_simt_smem[] __attribute__((weak));
+extern char __stop_simt_smem[] __attribute__((weak));
+}
+
 namespace simt {
 namespace {
 
@@ -130,6 +136,9 @@ void run_block(Block& b) {
         makecontext(&g_ctx[i], reinterpret_cast<void (*)()>(&fiber_main), 0);
     }
 #endif
+    // shared memory is not initialized on a GPU: a block that reads what it did not write reads NaN
+    const auto lo = reinterpret_cast<uintptr_t>(&__start_simt_smem[0]), hi = reinterpret_cast<uintptr_t>(&__stop_simt_smem[0]);
+    if (lo != 0 && hi > lo) std::memset(&__start_simt_smem[0], 0xff, size_t(hi - lo));
     b.live = int(n);
     b.arrived = 0;
     b.gen = 0;

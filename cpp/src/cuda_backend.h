@@ -136,7 +136,7 @@ private:
 
 }  // namespace flexquant
 
-// (FLEXQUANT_SIMT: tests/cuda_host/simt, the CPU stand-in for CUDA the tests build the plain kernels with)
+// (FLEXQUANT_SIMT: tests/cuda_host/simt, the CPU stand-in for CUDA that the tests build cuda/ with)
 #if defined(__CUDACC__) || defined(FLEXQUANT_SIMT)
 #include <cuda_runtime.h>
 

@@ -145,14 +145,19 @@ inline Fiber& fiber() {
 }
 
 // Arrive at a barrier of `live` threads (arrived, gen: its state) and wait until all have arrived.
+// Opens a barrier whose `live` threads have all arrived (a thread that returns lowers `live`, and
+// may be the one that completes it); returns whether it opened.
+inline bool open_if_complete(int& arrived, int live, unsigned& gen) {
+    if (arrived == 0 || arrived != live) return false;
+    arrived = 0;
+    ++gen;
+    return true;
+}
 inline void barrier(int& arrived, const int& live, unsigned& gen) {
     const unsigned mine = gen;
     ++current_block()->progress;
-    if (++arrived == live) {
-        arrived = 0;
-        ++gen;
-        return;
-    }
+    ++arrived;
+    if (open_if_complete(arrived, live, gen)) return;
     while (gen == mine) yield();
 }
 // __syncthreads: every live thread of the block.
@@ -268,7 +273,7 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     return r;
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
-inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == (mask & __ballot_sync(mask, 1)); }
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }  // (every lane of mask takes part)
 
 // ---- loads, stores, atomics (the fibers never interleave inside one) -----------------------------
 template <class T> inline T __ldg(const T* p) { return *p; }
@@ -560,9 +565,7 @@ inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = new CUevent_st; return cudaSuccess; }
 inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
 inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) {
-    return simt::g_capture != nullptr && simt::g_capture_stream ? simt::forbid_in_capture(simt::g_capture_stream) : cudaSuccess;
-}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return simt::forbid_in_capture(simt::g_capture_stream); }
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned = 0) { return cudaSuccess; }
 template <class F>
 inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {

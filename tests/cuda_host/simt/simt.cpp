@@ -68,16 +68,10 @@ thread_local std::vector<ucontext_t> g_ctx;  // fiber i at i, the scheduler last
     ++b.progress;
     // A returned thread counts as arrived at every barrier its block or warp waits on.
     --b.live;
-    if (b.arrived > 0 && b.arrived == b.live) {
-        b.arrived = 0;
-        ++b.gen;
-    }
+    open_if_complete(b.arrived, b.live, b.gen);
     Warp& w = b.warps[size_t(f.warp)];
     --w.live;
-    if (w.arrived > 0 && w.arrived == w.live) {
-        w.arrived = 0;
-        ++w.gen;
-    }
+    open_if_complete(w.arrived, w.live, w.gen);
     yield();
     fatal("a returned fiber was resumed");
 }

@@ -196,6 +196,15 @@ class SimtOps:
         s = self.step_signals(logits.reshape(1, -1))[0]
         return float(s["entropy"]), float(s["top1"]), int(s["argmax"])
 
+    def selftest(self, name: str):
+        """Runs one of the driver's rule-breaking kernels: -> (exit status, stderr, out (64) f32 or None)."""
+        names = ("deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async")
+        with tempfile.TemporaryDirectory(prefix="simt_") as d:
+            (Path(d) / "meta.txt").write_text(f"selftest {names.index(name)}")
+            r = subprocess.run([str(self.exe), d], capture_output=True, text=True, timeout=60)
+            out = Path(d) / "out.out"
+            return r.returncode, r.stderr, np.fromfile(out, dtype=np.float32) if out.exists() else None
+
     # ---- the bit-plane GEMV (cuda/bitplane_matmul.cu) ----
 
     @staticmethod

@@ -267,6 +267,30 @@ def test_entropy_and_top1_cuda_nan_and_ties(cuda_ops):
     assert a == 0
 
 
+# The stand-in's own checks: kernels that break a rule on purpose must be stopped (a GPU would hang or
+# pair the wrong lanes) or read the poison, else the stand-in's passes would mean less.
+
+@pytest.mark.parametrize("name,message", [
+    ("deadlock", "simt: deadlock in block (0, 0, 0): 32 threads wait forever"),
+    ("mixed_collectives", "is at __ballot_sync while lane 0 is at __shfl_xor_sync"),
+    ("partial_mma", "an .aligned mma with 16 live lanes (needs 32)"),
+])
+def test_stand_in_stops_a_kernel_that_breaks_a_rule(simt_ops, name, message):
+    rc, err, out = simt_ops.selftest(name)
+    assert rc == 3 and message in err and out is None, (rc, err)
+
+
+def test_stand_in_poisons_shared_memory_and_lands_cp_async_at_its_wait(simt_ops):
+    rc, err, out = simt_ops.selftest("shared_poison")
+    assert rc == 0, err
+    np.testing.assert_array_equal(out[:32], 1.0)  # block 0 reads what it wrote
+    assert np.isnan(out[32:]).all()  # block 1 wrote nothing: not block 0's values, the poison
+    rc, err, out = simt_ops.selftest("cp_async")
+    assert rc == 0, err
+    assert np.isnan(out[:32]).all()  # read before cp.async.wait_group: not landed
+    np.testing.assert_array_equal(out[32:], np.arange(32) * 4.0)  # after it: the source
+
+
 # The engine's launchers that have no host test entry point on the GPU (the whole-model GPU tests
 # cover them there): on the stand-in only.
 

@@ -22,6 +22,8 @@
 //   gemm n k max_bits group_size bits m kind act_bits n_planes plane_bytes has_y0
 //                              planes, qparams, x (m, k), y0 when has_y0 -> y (m, n)  (bitplane_gemm_cuda)
 //   unpack n k max_bits group_size bits n_planes plane_bytes   planes, qparams -> codes (n, k_pad) i8
+//   selftest T                 the stand-in's own checks (T: 0 deadlock, 1 mixed collectives, 2 an mma
+//                              with lanes missing, 3 shared-memory poison, 4 cp.async) -> out (64) f32
 //   multi count k max_bits group_size m path warps prefetch, then per linear i: n_i bits_i n_planes_i
 //                              plane_bytes_i; planes<i>, qparams<i>, x -> y<i> (m, n_i)
 // A flexquant::Error goes to stderr as "error: <message>" with exit status 2.
@@ -41,6 +43,53 @@ using namespace flexquant;
 namespace {
 
 std::string g_dir;
+
+// ---- the stand-in's own checks (op "selftest NAME"): kernels that break a rule on purpose ----------
+// A GPU would hang, pair wrong lanes or read garbage; the stand-in must say so (or show the poison).
+__global__ void st_deadlock() {  // half the warp at __syncthreads, the other half at __syncwarp
+    if (threadIdx.x < 16)
+        __syncthreads();
+    else
+        __syncwarp();
+}
+__global__ void st_mixed_collectives(int* out) {  // lanes at two different warp collectives
+    out[threadIdx.x] = threadIdx.x < 16 ? __shfl_xor_sync(0xffffffffu, int(threadIdx.x), 1)
+                                        : int(__ballot_sync(0xffffffffu, 1));
+}
+__global__ void st_partial_mma(int* out) {  // an .aligned mma after the upper half-warp returned
+    if (threadIdx.x >= 16) return;
+    int d[4] = {0, 0, 0, 0};
+    simt::mma_s8(d, 1u, 1u, 1u, 1u, 1u, 1u);
+    out[threadIdx.x] = d[0];
+}
+__global__ void st_shared_poison(float* out) {  // block 0 writes its shared memory, block 1 does not
+    __shared__ float s[32];
+    if (blockIdx.x == 0) s[threadIdx.x] = 1.0f;
+    __syncthreads();
+    out[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
+}
+__global__ void st_cp_async(const float* src, float* out) {  // before its wait a copy has not landed
+    float* const tile = reinterpret_cast<float*>(::simt::dynamic_smem());
+    simt::copy16(tile + 4 * threadIdx.x, src + 4 * threadIdx.x);
+    simt::cp_commit();
+    out[threadIdx.x] = tile[4 * threadIdx.x];  // too early
+    simt::cp_wait(0);
+    out[32 + threadIdx.x] = tile[4 * threadIdx.x];
+}
+
+void selftest(const std::string& name) {
+    std::vector<float> f(64, 0.0f), src(128);
+    std::vector<int> i(32, 0);
+    for (size_t k = 0; k < src.size(); ++k) src[k] = float(k);
+    if (name == "deadlock") launch_kernel(st_deadlock, dim3(1), dim3(32), 0, nullptr);
+    if (name == "mixed_collectives") launch_kernel(st_mixed_collectives, dim3(1), dim3(32), 0, nullptr, i.data());
+    if (name == "partial_mma") launch_kernel(st_partial_mma, dim3(1), dim3(32), 0, nullptr, i.data());
+    if (name == "shared_poison") launch_kernel(st_shared_poison, dim3(2), dim3(32), 0, nullptr, f.data());
+    if (name == "cp_async") launch_kernel(st_cp_async, dim3(1), dim3(32), 512, nullptr, src.data(), f.data());
+    cuda_check(cudaGetLastError(), "selftest " + name);
+    write_file(g_dir + "/out.out", f);
+}
+
 template <class T>
 std::vector<T> in(const std::string& name, size_t count) {
     return read_file<T>(g_dir + "/" + name + ".bin", count);
@@ -203,6 +252,11 @@ void run(const std::string& op, const std::vector<int64_t>& a) {
         tuning.prefetch = int(a[7]);
         bitplane_matmul_multi_cuda(ws.data(), bits.data(), count, x.data(), m, yp.data(), BitplaneCudaPath(a[5]), tuning);
         for (int i = 0; i < count; ++i) out("y" + std::to_string(i), ys[size_t(i)]);
+    } else if (op == "selftest") {
+        static const char* names[] = {"deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async"};
+        need(1);
+        if (a[0] < 0 || a[0] >= 5) throw std::runtime_error("selftest: no test " + std::to_string(a[0]));
+        selftest(names[a[0]]);
     } else {
         throw std::runtime_error("unknown op " + op);
     }

@@ -587,9 +587,36 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
 // acts tiles, code tiles, row terms, column terms, then the 2·STAGES barriers; + 1 KB to align.
 constexpr int WG_SMEM_BYTES = wg::STAGES * (2 * wg::TILE_BYTES + 2 * wg::TERM_BYTES) + 2 * wg::STAGES * 8 + 1024;
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (the sm_90a instructions: only that target's code has them)
+// The sm_90a instructions: only that target's code has them, and the CPU stand-in for CUDA
+// (tests/cuda_host/simt/hopper.h), which models each of them from the PTX ISA.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FLEXQUANT_SIMT)
+#define FQ_WGMMA_CODE 1
+#endif
+
+#if defined(FQ_WGMMA_CODE)
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 
+#if defined(FLEXQUANT_SIMT)  // the CPU stand-in: the same operands, the instructions as hopper.h models them
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) { simt::mbar_init(bar, count); }
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) { simt::mbar_arrive(bar, bytes); }
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) { simt::mbar_arrive(bar, 0); }
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) { simt::mbar_wait(bar, parity); }
+__device__ __forceinline__ void fence_barrier_init() {}  // (the stand-in's barriers are visible at once)
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1, uint32_t bar) {
+    simt::tma_load_2d(dst, map, c0, c1, bar);
+}
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+    simt::bulk_load(dst, src, bytes, bar);
+}
+template <uint32_t N>
+__device__ __forceinline__ void setmaxnreg_dec() { simt::setmaxnreg(N, false); }
+template <uint32_t N>
+__device__ __forceinline__ void setmaxnreg_inc() { simt::setmaxnreg(N, true); }
+__device__ __forceinline__ void wgmma_fence() { simt::wgmma_fence(); }
+__device__ __forceinline__ void wgmma_commit() { simt::wgmma_commit(); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { simt::wgmma_wait(N); }
+#else
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
@@ -614,6 +641,11 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
         "r"(parity)
         : "memory");
 }
+// The barriers' initialization visible to the other threads and to the TMA unit.
+__device__ __forceinline__ void fence_barrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
 // Box (c0 = K byte, c1 = row) of a 2-D tensor map -> shared memory, completing on bar.
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1, uint32_t bar) {
     asm volatile(
@@ -627,6 +659,18 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
                  "l"(src), "r"(bytes), "r"(bar)
                  : "memory");
 }
+// The warpgroup's registers per thread, down (giving them to the block's pool) or up (waiting for them).
+template <uint32_t N>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N) : "memory"); }
+template <uint32_t N>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N) : "memory"); }
+// Before a batch of wgmma: the accumulators were read or written by plain code.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Until at most N committed groups of this warpgroup's wgmma are still running.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+#endif
 
 __device__ __forceinline__ uint64_t wg_desc(uint32_t addr) {  // K-major, 128-byte swizzle (see above)
     return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
@@ -635,6 +679,9 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t addr) {  // K-major, 128-by
 // d (64 x 128 int32 over the warpgroup) (+)= A (64 x 32 s8, desc a) · B (128 x 32 s8, desc b)ᵀ;
 // scale_d = 0 starts a fresh sum.
 __device__ __forceinline__ void wgmma_s8_64x128x32(int (&d)[64], uint64_t a, uint64_t b, int scale_d) {
+#if defined(FLEXQUANT_SIMT)
+    simt::wgmma_s8(d, 128, a, b, scale_d != 0);
+#else
     asm volatile(
         "{\n"
         ".reg .pred p;\n"
@@ -655,8 +702,9 @@ __device__ __forceinline__ void wgmma_s8_64x128x32(int (&d)[64], uint64_t a, uin
           "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
           "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
         : "l"(a), "l"(b), "r"(scale_d));
-}
 #endif
+}
+#endif  // FQ_WGMMA_CODE
 
 // wparams_t (n_groups, n_alloc) float2 = (s_k, z_k) of column c in group g at the kernel's k (zeros for
 // the padding columns n..n_alloc): the column terms the A8 GEMM computes in its flush, transposed so
@@ -677,7 +725,7 @@ wg_column_terms_kernel(const __half2* __restrict__ qparams,  // (n, n_groups) (s
 
 // One thread in a build or device without sm_90a writes 0 (see bitplane_gemm_wgmma_supported).
 static __global__ void wg_probe_kernel(int* out) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(FQ_WGMMA_CODE)
     *out = 1;
 #else
     *out = 0;
@@ -693,7 +741,7 @@ wg_gemm_kernel(const __grid_constant__ CUtensorMap tm_acts, const __grid_constan
                const float2* __restrict__ aparams_t, const float2* __restrict__ wparams_t,
                int64_t m, int64_t n, int64_t m_alloc, int64_t n_alloc, int k_stages, int group_size,
                float* __restrict__ y, bool accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(FQ_WGMMA_CODE)
     extern __shared__ __align__(1024) uint8_t wg_smem[];
     // The 128-byte swizzle is a function of the address bits: tiles must start 1,024-byte aligned.
     const uint32_t base = (smem_u32(wg_smem) + 1023u) & ~1023u;
@@ -713,14 +761,12 @@ wg_gemm_kernel(const __grid_constant__ CUtensorMap tm_acts, const __grid_constan
             mbar_init(full_s + 8 * s, 1);                // the producer's arrive (+ the bytes it expects)
             mbar_init(empty_s + 8 * s, wg::CONSUMERS / 32);  // lane 0 of every consumer warp
         }
-        // the barriers' initialization visible to the other threads and to the TMA unit
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        fence_barrier_init();
     }
     __syncthreads();
 
     if (warp < 4) {  // ---- the producer warpgroup ----
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        setmaxnreg_dec<40>();
         if (warp == 0 && lane == 0) {
             constexpr uint32_t STAGE_BYTES = 2 * wg::TILE_BYTES + 2 * wg::TERM_BYTES;
             for (int s = 0; s < k_stages; ++s) {
@@ -747,7 +793,7 @@ wg_gemm_kernel(const __grid_constant__ CUtensorMap tm_acts, const __grid_constan
     // is a fixed register array (a run-time choice would make the compiler wait for both), and shaped
     // so that the same wgmma is in flight at the top of every turn: with other shapes ptxas serialized
     // the wgmma (its warning C7514), as it does for any read of a set whose wgmma may still run.
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    setmaxnreg_inc<232>();
     const int wgi = (warp >> 2) - 1, wq = warp & 3;
     const int row_lo = wgi * wg::WG_ROWS + wg::acc_row(wq, lane, 0);  // this thread's first tile row
     int part_a[wg::ACC], part_b[wg::ACC];
@@ -768,11 +814,11 @@ wg_gemm_kernel(const __grid_constant__ CUtensorMap tm_acts, const __grid_constan
         const uint32_t a_tile = acts_s + slot * wg::TILE_BYTES + wgi * wg::WG_ROWS * wg::BK;  // this warpgroup's rows
         const uint32_t b_tile = codes_s + slot * wg::TILE_BYTES;
         pin(into);
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");  // into was read/written by plain code
+        wgmma_fence();  // into was read/written by plain code
 #pragma unroll
         for (int kk = 0; kk < wg::BK / 32; ++kk)
             wgmma_s8_64x128x32(into, wg_desc(a_tile + 32 * kk), wg_desc(b_tile + 32 * kk), kk > 0);
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        wgmma_commit();
     };
     // The fp32 step of stage s from `from` (its wgmma complete), then stage s's slot goes back to the
     // producer: one arrival per warp once all its lanes are done with the slot.
@@ -792,20 +838,20 @@ wg_gemm_kernel(const __grid_constant__ CUtensorMap tm_acts, const __grid_constan
     issue(0, part_a);
     for (int s = 0;; s += 2) {
         if (s + 1 >= k_stages) {
-            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            wgmma_wait<0>();
             step(s, part_a);
             break;
         }
         issue(s + 1, part_b);
-        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // stage s's wgmma done
+        wgmma_wait<1>();  // stage s's wgmma done
         step(s, part_a);
         if (s + 2 >= k_stages) {
-            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            wgmma_wait<0>();
             step(s + 1, part_b);
             break;
         }
         issue(s + 2, part_a);
-        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // stage s + 1's
+        wgmma_wait<1>();  // stage s + 1's
         step(s + 1, part_b);
     }
 

@@ -29,7 +29,7 @@ SOURCES = ("device", "rms_norm", "rope", "swiglu", "sampling", "attention", "bit
 PATHS = {"auto": 0, "tc": 1, "fp32": 2, "mma": 3, "mma_a16": 4}  # BitplaneCudaPath
 KINDS = {"a8": 1, "a16": 2, "b1": 3, "a8_wg": 4}  # BitplaneGemmKind
 # extern __shared__ T name[];  ->  the stand-in's dynamic shared memory of the running block
-_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\[\];")
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\((\d+)\)\s+)?(\w+)\s+(\w+)\[\];")
 # kernel<<<grid, block, smem, stream>>>(  ->  simt_launch(kernel, grid, block, smem, stream)(
 _TRIPLE_CHEVRON = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 
@@ -37,7 +37,8 @@ _TRIPLE_CHEVRON = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s
 def _rewrite(stem: str, out_dir: Path) -> Path:
     """cuda/<stem>.cu as C++ for the stand-in: extern __shared__ and <<<>>> launches rewritten."""
     text = (ROOT / "cuda" / f"{stem}.cu").read_text()
-    text = _EXTERN_SHARED.sub(r"\1* const \2 = reinterpret_cast<\1*>(::simt::dynamic_smem());", text)
+    text = _EXTERN_SHARED.sub(lambda m: f"{m[2]}* const {m[3]} = reinterpret_cast<{m[2]}*>(::simt::dynamic_smem({m[1] or 16}));",
+                              text)
     text = _TRIPLE_CHEVRON.sub(lambda m: f"simt_launch({m.group(1)}, {m.group(2)})(", text)
     src = out_dir / f"{stem}.cu.cpp"
     src.write_text(f'#line 1 "cuda/{stem}.cu"\n' + text)  # (the rewrites keep every line where it was)
@@ -198,12 +199,19 @@ class SimtOps:
 
     def selftest(self, name: str):
         """Runs one of the driver's rule-breaking kernels: -> (exit status, stderr, out (64) f32 or None)."""
-        names = ("deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async")
+        return self.selftest_files(name)[:3]
+
+    def selftest_files(self, name: str):
+        """-> (exit status, stderr, out (64) f32 or None, {a, b, d} of the sm_90 tests (those written))."""
+        names = ("deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async",
+                 "wgmma", "wgmma_partial", "wgmma_touched", "tma_early", "setmaxnreg_over", "mbar_short")
         with tempfile.TemporaryDirectory(prefix="simt_") as d:
             (Path(d) / "meta.txt").write_text(f"selftest {names.index(name)}")
             r = subprocess.run([str(self.exe), d], capture_output=True, text=True, timeout=60)
             out = Path(d) / "out.out"
-            return r.returncode, r.stderr, np.fromfile(out, dtype=np.float32) if out.exists() else None
+            files = {n: np.fromfile(Path(d) / f"{n}.out", dtype=dt) for n, dt in (("a", np.int8), ("b", np.int8), ("d", np.int32))
+                     if (Path(d) / f"{n}.out").exists()}
+            return r.returncode, r.stderr, np.fromfile(out, dtype=np.float32) if out.exists() else None, files
 
     # ---- the bit-plane GEMV (cuda/bitplane_matmul.cu) ----
 
@@ -248,7 +256,7 @@ class SimtOps:
     def bitplane_cuda_mma_supports(group_size):
         return group_size in (128, 256, 512)
 
-    # ---- the tensor-core GEMM (cuda/bitplane_matmul_gemm.cu: A8, A16 and B1; the wgmma one never runs) ----
+    # ---- the tensor-core GEMMs (cuda/bitplane_matmul_gemm.cu: A8, A16, B1 and the wgmma A8_WG) ----
 
     def bitplane_gemm_cuda(self, planes, qparams, n, k, max_bits, group_size, bits, x, kind="a8", act_bits=0, y0=None):
         x2 = np.atleast_2d(x)
@@ -267,6 +275,6 @@ class SimtOps:
         return self._run("unpack", (n, k, max_bits, group_size, bits, planes.shape[0], planes.shape[1]),
                          self._linear(planes, qparams), {"codes": (np.int8, (n, k_pad))})["codes"]
 
-    @staticmethod
-    def bitplane_gemm_wgmma_supported(group_size):
-        return False  # the stand-in has no sm_90a code (its probe kernel reports so)
+    def bitplane_gemm_wgmma_supported(self, group_size):
+        """The host code's answer (its probe kernel runs on the stand-in, whose hopper.h models wgmma)."""
+        return bool(self._run("wgmma_supported", (group_size,), {}, {"out": (np.int32, (1,))})["out"][0])

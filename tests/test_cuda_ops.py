@@ -24,7 +24,9 @@ gpu = pytest.mark.skipif(not core.cuda_available(), reason="no CUDA device (or b
 # The GEMV tests take `cuda_ops` (tests/conftest.py): they run on the GPU and on the CPU stand-in for
 # CUDA (tests/cuda_host/simt: the same sources, each block's threads as fibers, the tensor-core
 # instructions from the PTX ISA's fragment layouts), so CI checks the GEMV kernels' indexing and
-# arithmetic without a GPU. The GEMMs (TMA, cp.async, ldmatrix, wgmma) run on a GPU only.
+# arithmetic without a GPU. The GEMMs too: cp.async and ldmatrix (tests/cuda_host/simt/mma.h), and
+# for the wgmma GEMM mbarrier, TMA, wgmma and setmaxnreg (hopper.h), as the stand-in models them
+# from the PTX ISA; a Hopper GPU remains the judge of that model.
 
 KS = (128, 300, 576, 1536, 4096)
 NS = (13, 200)
@@ -434,9 +436,10 @@ def test_gemm_a8_wg_equals_the_a8_gemm(cuda_ops, group_size):
             assert rel_err(wg, a8) <= 2 * rel_err(plain, exact) + 1e-7, (n, k, m, bits, rel_err(wg, a8))
 
 
-def test_gemm_a8_wg_refuses_what_it_cannot_run(cuda_ops):
-    """Group sizes that are not multiples of 128 (and, without sm_90a, every call) get an error naming
-    the cause, never a launch of the kernel's trap branch."""
+def test_gemm_a8_wg_refuses_what_it_cannot_run(cuda_ops, monkeypatch):
+    """Group sizes that are not multiples of 128 (and, without sm_90a or with the off switch
+    FLEXQUANT_CUDA_WGMMA_OFF=1, every call) get an error naming the cause, never a launch of the
+    kernel's trap branch."""
     rng = np.random.default_rng(73)
     n, k = 40, 576
     codes, qparams, planes = make_linear(rng, n, k, 8, 64)
@@ -444,9 +447,13 @@ def test_gemm_a8_wg_refuses_what_it_cannot_run(cuda_ops):
     with pytest.raises(core.FlexquantError, match="multiple of 128, got 64"):
         cuda_ops.bitplane_gemm_cuda(planes, qparams, n, k, 8, 64, 8, x, kind="a8_wg")
     codes, qparams, planes = make_linear(rng, n, k, 8, 128)
+    if cuda_ops is not core:  # (the stand-in runs each op in a fresh process, which reads the switch)
+        monkeypatch.setenv("FLEXQUANT_CUDA_WGMMA_OFF", "1")
+        assert not cuda_ops.bitplane_gemm_wgmma_supported(128)
     if not cuda_ops.bitplane_gemm_wgmma_supported(128):
         with pytest.raises(core.FlexquantError, match="needs a compute capability 9.0 GPU"):
             cuda_ops.bitplane_gemm_cuda(planes, qparams, n, k, 8, 128, 8, x, kind="a8_wg")
+    monkeypatch.delenv("FLEXQUANT_CUDA_WGMMA_OFF", raising=False)
     # the device still works afterwards
     gemm_and_check(cuda_ops, "a8", codes, qparams, planes, x, 8, 8, 128, "a8 after the refusals")
 

@@ -274,6 +274,10 @@ def test_entropy_and_top1_cuda_nan_and_ties(cuda_ops):
     ("deadlock", "simt: deadlock in block (0, 0, 0): 32 threads wait forever"),
     ("mixed_collectives", "is at __ballot_sync while lane 0 is at __shfl_xor_sync"),
     ("partial_mma", "an .aligned mma with 16 live lanes (needs 32)"),
+    ("wgmma_partial", "wgmma.fence: a .sync.aligned warpgroup instruction that threads of warpgroup 0 returned"),
+    ("wgmma_touched", "plain code changed the accumulators of a wgmma in flight"),
+    ("setmaxnreg_over", "simt: deadlock in block (0, 0, 0): 384 threads wait forever"),
+    ("mbar_short", "simt: deadlock in block (0, 0, 0): 128 threads wait forever"),
 ])
 def test_stand_in_stops_a_kernel_that_breaks_a_rule(simt_ops, name, message):
     rc, err, out = simt_ops.selftest(name)
@@ -289,6 +293,24 @@ def test_stand_in_poisons_shared_memory_and_lands_cp_async_at_its_wait(simt_ops)
     assert rc == 0, err
     assert np.isnan(out[:32]).all()  # read before cp.async.wait_group: not landed
     np.testing.assert_array_equal(out[32:], np.arange(32) * 4.0)  # after it: the source
+
+
+def test_stand_in_wgmma_and_tma_give_the_matrix_product(simt_ops):
+    """The stand-in's model of sm_90 (hopper.h) on its own: TMA boxes with the 128-byte swizzle (one
+    reaching past its matrix: zeros there), read by four wgmma m64n128k32 steps through descriptors
+    built from the ISA's fields, give A · Bᵀ in the ISA's accumulator layout, every element written
+    (the first step overwrites what the registers held); a TMA destination read before its barrier's
+    wait holds the poison, after it the data."""
+    rc, err, out, f = simt_ops.selftest_files("wgmma")
+    assert rc == 0, err
+    a = np.zeros((64, 128), np.int64)
+    a[:50] = f["a"].reshape(50, 128)
+    b = f["b"].reshape(128, 128).astype(np.int64)
+    assert a.min() == -128 and a.max() == 127 and b.min() == -128 and b.max() == 127
+    np.testing.assert_array_equal(f["d"].reshape(64, 128), a @ b.T)
+    rc, err, out, f = simt_ops.selftest_files("tma_early")
+    assert rc == 0, err
+    assert out[0] == -1.0 and out[1] == f["b"][0] == -128  # (0xff: the poison; B's first byte)
 
 
 # The engine's launchers that have no host test entry point on the GPU (the whole-model GPU tests

@@ -8,9 +8,10 @@ pass, its captured decode step, its GEMV and GEMM dispatch, batched decode and `
 the GPU tests of tests/test_engine_cuda.py run against the CPU engine without a GPU. The op tests of
 that file already run on the stand-in (their `simt` variants); here they are left out.
 
-Not modelled (cuda_runtime.h there): races and the memory model, the device math library's ulps, the
-wgmma GEMM (sm_90a inline PTX; its tests skip), timing. A GPU run remains the proof; this catches
-index, dispatch, capture and bookkeeping bugs before one.
+The wgmma GEMM runs too (hopper.h there models mbarrier, TMA, wgmma and setmaxnreg), so the engine's
+FLEXQUANT_CUDA_WGMMA=1 prefill and `tune`'s a8_wg candidates are exercised. Not modelled
+(cuda_runtime.h there): the memory model, the device math library's ulps, timing. A GPU run remains
+the proof; this catches index, dispatch, capture and bookkeeping bugs before one.
 """
 from __future__ import annotations
 
@@ -60,6 +61,6 @@ def test_cuda_engine_tests_pass_on_the_stand_in(simt_package, tmp_path):
     tail = r.stdout[-6000:] + r.stderr[-2000:]
     assert r.returncode == 0, "CUDA engine tests on the stand-in failed:\n" + tail
     passed = re.search(r"(\d+) passed", r.stdout)
-    # the tests ran: 42 selected when written, of which 2 skip here (the wgmma GEMM, the no-GPU
-    # fallback); fewer passing means tests stopped running on the stand-in
-    assert passed and int(passed.group(1)) >= 40, tail
+    # the tests ran: 42 selected when written, of which 1 skips here (the no-GPU fallback); fewer
+    # passing means tests stopped running on the stand-in
+    assert passed and int(passed.group(1)) >= 41, tail

@@ -22,8 +22,13 @@
 //   gemm n k max_bits group_size bits m kind act_bits n_planes plane_bytes has_y0
 //                              planes, qparams, x (m, k), y0 when has_y0 -> y (m, n)  (bitplane_gemm_cuda)
 //   unpack n k max_bits group_size bits n_planes plane_bytes   planes, qparams -> codes (n, k_pad) i8
+//   wgmma_supported G          -> out (1) i32: bitplane_gemm_wgmma_supported(G), the host code's probe
 //   selftest T                 the stand-in's own checks (T: 0 deadlock, 1 mixed collectives, 2 an mma
-//                              with lanes missing, 3 shared-memory poison, 4 cp.async) -> out (64) f32
+//                              with lanes missing, 3 shared-memory poison, 4 cp.async; sm_90: 5 TMA + wgmma
+//                              against A · Bᵀ, 6 a wgmma half the warpgroup skips, 7 accumulators changed
+//                              in flight, 8 a TMA destination read before and after the wait, 9
+//                              setmaxnreg past the register file, 10 an mbarrier wait that never ends)
+//                              -> out (64) f32; 5..10 also a (50, 128) i8, b (128, 128) i8, d (64, 128) i32
 //   multi count k max_bits group_size m path warps prefetch, then per linear i: n_i bits_i n_planes_i
 //                              plane_bytes_i; planes<i>, qparams<i>, x -> y<i> (m, n_i)
 // A flexquant::Error goes to stderr as "error: <message>" with exit status 2.
@@ -77,7 +82,123 @@ __global__ void st_cp_async(const float* src, float* out) {  // before its wait 
     out[32 + threadIdx.x] = tile[4 * threadIdx.x];
 }
 
+// sm_90 (hopper.h). One warpgroup TMA-loads A (50 x 128 int8 in memory, a box of 64 rows: rows 50..63
+// out of bounds) and B (128 x 128) with the 128-byte swizzle, then runs 4 wgmma m64n128k32 steps along
+// K (the descriptors' start + 32 k) into accumulators that start at 7 (the first step overwrites):
+// out (64, 128) int32 = A · Bᵀ, A's rows past 50 zeros. The descriptors are built here from the ISA's
+// fields, not with the GEMM's helpers.
+constexpr int ST_A_ROWS = 50;
+__device__ uint64_t st_desc(uint32_t addr) {  // K-major, stride byte offset 1,024, 128-byte swizzle
+    return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+__global__ void st_wgmma(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtensorMap tb, int* out) {
+    uint8_t* const smem = reinterpret_cast<uint8_t*>(::simt::dynamic_smem(1024));
+    const uint32_t a_s = uint32_t(__cvta_generic_to_shared(smem)), b_s = a_s + 64 * 128, bar = b_s + 128 * 128;
+    if (threadIdx.x == 0) {
+        simt::mbar_init(bar, 1);
+        simt::mbar_arrive(bar, 64 * 128 + 128 * 128);
+        simt::tma_load_2d(a_s, &ta, 0, 0, bar);
+        simt::tma_load_2d(b_s, &tb, 0, 0, bar);
+    }
+    __syncthreads();
+    simt::mbar_wait(bar, 0);
+    int d[64];
+    for (int q = 0; q < 64; ++q) d[q] = 7;
+    simt::wgmma_fence();
+    for (int kk = 0; kk < 4; ++kk) simt::wgmma_s8(d, 128, st_desc(a_s + 32 * kk), st_desc(b_s + 32 * kk), kk > 0);
+    simt::wgmma_commit();
+    simt::wgmma_wait(0);
+    const int w = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+    for (int q = 0; q < 64; ++q)  // (PTX ISA, wgmma "Register fragments: D")
+        out[(16 * w + lane / 4 + 8 * (q % 4 / 2)) * 128 + 8 * (q / 4) + 2 * (lane % 4) + q % 2] = d[q];
+}
+// Rule breakers: a wgmma that half the warpgroup skips; accumulators changed while their wgmma is in
+// flight; three warpgroups that all raise their registers to 256 (the register file cannot give
+// them: a GPU waits forever too).
+__global__ void st_wgmma_partial(int* out) {
+    if (threadIdx.x >= 64) return;
+    int d[64] = {};
+    simt::wgmma_fence();
+    out[threadIdx.x] = d[0];
+}
+__global__ void st_wgmma_touched(const __grid_constant__ CUtensorMap tb, int* out) {
+    uint8_t* const smem = reinterpret_cast<uint8_t*>(::simt::dynamic_smem(1024));
+    const uint32_t b_s = uint32_t(__cvta_generic_to_shared(smem)), bar = b_s + 128 * 128;
+    if (threadIdx.x == 0) {
+        simt::mbar_init(bar, 1);
+        simt::mbar_arrive(bar, 128 * 128);
+        simt::tma_load_2d(b_s, &tb, 0, 0, bar);
+    }
+    __syncthreads();
+    simt::mbar_wait(bar, 0);
+    int d[64] = {};
+    simt::wgmma_fence();
+    simt::wgmma_s8(d, 128, st_desc(b_s), st_desc(b_s), false);
+    simt::wgmma_commit();
+    d[5] += 1;  // too early
+    simt::wgmma_wait(0);
+    out[threadIdx.x] = d[5];
+}
+// TMA's destination read before the wait (the poison) and after it (B's first byte); with `extra`,
+// the barrier expects that many bytes more than the copy brings, and its wait never ends.
+__global__ void st_tma_early(const __grid_constant__ CUtensorMap tb, float* out, uint32_t extra) {
+    uint8_t* const smem = reinterpret_cast<uint8_t*>(::simt::dynamic_smem(1024));
+    const uint32_t b_s = uint32_t(__cvta_generic_to_shared(smem)), bar = b_s + 128 * 128;
+    if (threadIdx.x == 0) {
+        simt::mbar_init(bar, 1);
+        simt::mbar_arrive(bar, 128 * 128 + extra);
+        simt::tma_load_2d(b_s, &tb, 0, 0, bar);
+        out[0] = float(int8_t(smem[0]));  // too early
+    }
+    __syncthreads();
+    simt::mbar_wait(bar, 0);
+    if (threadIdx.x == 0) out[1] = float(int8_t(smem[0]));
+}
+__global__ void st_setmaxnreg_over() {
+    simt::setmaxnreg(256, true);
+}
+
+// A row-major (rows, 128) int8 matrix as TMA boxes of box_rows x 128 bytes, 128-byte swizzle.
+CUtensorMap st_map(const int8_t* base, uint64_t rows, uint32_t box_rows) {
+    CUtensorMap m{};
+    const cuuint64_t dims[2] = {128, rows}, strides[1] = {128};
+    const cuuint32_t box[2] = {128, box_rows}, es[2] = {1, 1};
+    const CUresult r = simt::encode_tensor_map_tiled(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(base), dims,
+                                                     strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                                     CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) throw std::runtime_error("selftest: cuTensorMapEncodeTiled failed");
+    return m;
+}
+
 void selftest(const std::string& name) {
+    if (name == "wgmma" || name == "wgmma_partial" || name == "wgmma_touched" || name == "tma_early" ||
+        name == "mbar_short" || name == "setmaxnreg_over") {
+        std::vector<int8_t> a(ST_A_ROWS * 128), b(128 * 128);
+        uint32_t x = 12345;  // every int8 value, the extremes included
+        for (auto& v : a) v = int8_t((x = x * 1664525u + 1013904223u) >> 24);
+        for (auto& v : b) v = int8_t((x = x * 1664525u + 1013904223u) >> 24);
+        a[0] = -128, a[1] = 127, b[0] = -128, b[1] = -128;
+        std::vector<int> d(64 * 128, int(0x80000000));
+        std::vector<float> f(64, 0.0f);
+        const CUtensorMap ta = st_map(a.data(), ST_A_ROWS, 64), tb = st_map(b.data(), 128, 128);
+        const size_t smem = 64 * 128 + 128 * 128 + 64;
+        cuda_check(cudaFuncSetAttribute(st_wgmma, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "selftest");
+        cuda_check(cudaFuncSetAttribute(st_wgmma_touched, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "selftest");
+        cuda_check(cudaFuncSetAttribute(st_tma_early, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "selftest");
+        if (name == "wgmma") launch_kernel(st_wgmma, dim3(1), dim3(128), smem, nullptr, ta, tb, d.data());
+        if (name == "wgmma_partial") launch_kernel(st_wgmma_partial, dim3(1), dim3(128), 0, nullptr, d.data());
+        if (name == "wgmma_touched") launch_kernel(st_wgmma_touched, dim3(1), dim3(128), smem, nullptr, tb, d.data());
+        if (name == "tma_early" || name == "mbar_short")
+            launch_kernel(st_tma_early, dim3(1), dim3(128), smem, nullptr, tb, f.data(), name == "tma_early" ? 0u : 16u);
+        if (name == "setmaxnreg_over") launch_kernel(st_setmaxnreg_over, dim3(1), dim3(384), 0, nullptr);
+        cuda_check(cudaGetLastError(), "selftest " + name);
+        write_file(g_dir + "/a.out", a);
+        write_file(g_dir + "/b.out", b);
+        write_file(g_dir + "/d.out", d);
+        write_file(g_dir + "/out.out", f);
+        return;
+    }
     std::vector<float> f(64, 0.0f), src(128);
     std::vector<int> i(32, 0);
     for (size_t k = 0; k < src.size(); ++k) src[k] = float(k);
@@ -228,6 +349,9 @@ void run(const std::string& op, const std::vector<int64_t>& a) {
             bitplane_unpack_codes_cuda(w, bits, codes.data());
             out("codes", codes);
         }
+    } else if (op == "wgmma_supported") {
+        need(1);
+        out("out", std::vector<int32_t>{bitplane_gemm_wgmma_supported(int(a[0])) ? 1 : 0});
     } else if (op == "multi") {
         if (a.size() < 8) throw std::runtime_error("multi: expected at least 8 numbers");
         const int count = int(a[0]);
@@ -253,9 +377,11 @@ void run(const std::string& op, const std::vector<int64_t>& a) {
         bitplane_matmul_multi_cuda(ws.data(), bits.data(), count, x.data(), m, yp.data(), BitplaneCudaPath(a[5]), tuning);
         for (int i = 0; i < count; ++i) out("y" + std::to_string(i), ys[size_t(i)]);
     } else if (op == "selftest") {
-        static const char* names[] = {"deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async"};
+        static const char* names[] = {"deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async",
+                                      "wgmma", "wgmma_partial", "wgmma_touched", "tma_early", "setmaxnreg_over",
+                                      "mbar_short"};
         need(1);
-        if (a[0] < 0 || a[0] >= 5) throw std::runtime_error("selftest: no test " + std::to_string(a[0]));
+        if (a[0] < 0 || a[0] >= 11) throw std::runtime_error("selftest: no test " + std::to_string(a[0]));
         selftest(names[a[0]]);
     } else {
         throw std::runtime_error("unknown op " + op);

@@ -1,21 +1,12 @@
-// CPU stand-in for <cudaTypedefs.h> (see cuda_runtime.h here): the tensor-map types the wgmma GEMM's
-// host code names. The stand-in has no driver: the encoder is never found, and the wgmma GEMM never
-// runs (its availability check fails: cudaFuncGetAttributes reports no registers).
+// CPU stand-in for <cudaTypedefs.h> (see cuda_runtime.h here): the driver entry point the wgmma GEMM's
+// host code looks up, cuTensorMapEncodeTiled, which the stand-in provides (hopper.h: the tensor-map
+// types, the encoder with the driver's argument checks, and the TMA copies that read its maps).
 #pragma once
+
+#include <cstring>
 
 #include "cuda_runtime.h"
 
-using cuuint32_t = uint32_t;
-using cuuint64_t = uint64_t;
-enum CUresult { CUDA_SUCCESS = 0 };
-struct alignas(64) CUtensorMap {
-    uint64_t opaque[16];
-};
-enum CUtensorMapDataType { CU_TENSOR_MAP_DATA_TYPE_UINT8 = 0 };
-enum CUtensorMapInterleave { CU_TENSOR_MAP_INTERLEAVE_NONE = 0 };
-enum CUtensorMapSwizzle { CU_TENSOR_MAP_SWIZZLE_128B = 3 };
-enum CUtensorMapL2promotion { CU_TENSOR_MAP_L2_PROMOTION_L2_256B = 3 };
-enum CUtensorMapFloatOOBfill { CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0 };
 using PFN_cuTensorMapEncodeTiled_v12000 = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                                                        const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
                                                        const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
@@ -23,9 +14,11 @@ using PFN_cuTensorMapEncodeTiled_v12000 = CUresult (*)(CUtensorMap*, CUtensorMap
 enum cudaDriverEntryPointQueryResult { cudaDriverEntryPointSuccess = 0, cudaDriverEntryPointSymbolNotFound = 1 };
 constexpr unsigned long long cudaEnableDefault = 0;
 #define CUDART_VERSION 12080
-inline cudaError_t cudaGetDriverEntryPointByVersion(const char*, void** fn, unsigned, unsigned long long,
+inline cudaError_t cudaGetDriverEntryPointByVersion(const char* name, void** fn, unsigned version, unsigned long long,
                                                     cudaDriverEntryPointQueryResult* found) {
-    *fn = nullptr;
-    *found = cudaDriverEntryPointSymbolNotFound;
+    const bool known = std::strcmp(name, "cuTensorMapEncodeTiled") == 0 && version >= 12000;
+    const PFN_cuTensorMapEncodeTiled_v12000 encode = &simt::encode_tensor_map_tiled;
+    *fn = known ? reinterpret_cast<void*>(encode) : nullptr;
+    *found = known ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
     return cudaSuccess;
 }

@@ -7,7 +7,8 @@
 //
 // The model of the hardware, and what it does not model:
 //  - Every thread of a block is a fiber with its own stack; the blocks of a grid run one after the
-//    other, on the host thread that launched them (streams are synchronous; a capture records). A fiber runs until it waits: at __syncthreads (all live threads of the block), at a warp
+//    other, on the host thread that launched them (streams are synchronous; a capture records). A
+//    fiber runs until it waits: at __syncthreads (all live threads of the block), at a warp
 //    collective (__shfl_*_sync, __syncwarp, __ballot_sync: all live lanes of its warp of 32). A thread
 //    that has returned counts as arrived. A wait that can never end (a barrier some threads never
 //    reach) stops the process with "simt: deadlock" instead of hanging.
@@ -18,13 +19,15 @@
 //  - Warp collectives check that every live lane is at the same one, and .aligned ones (mma,
 //    ldmatrix) that all 32 lanes are there.
 //  - Launch checks as the runtime makes them: 1..1024 threads, grid limits, dynamic shared memory
-//    over 48 KB only after cudaFuncSetAttribute raised the kernel's limit (227 KB at most).
+//    over 48 KB only after cudaFuncSetAttribute raised the kernel's limit (227 KB at most). The
+//    dynamic shared memory starts at its declared alignment (16 by default), no more aligned than that.
+//  - sm_90's asynchronous instructions of the wgmma GEMM (mbarrier, TMA through tensor maps, wgmma,
+//    setmaxnreg): hopper.h, which says what it models.
 //  - Not modelled: races between threads (the fibers interleave only at waits, so a missing
 //    __syncthreads between a write and another thread's read is NOT caught unless the reader runs
 //    first), memory-model and timing questions, the ulp-level differences of the device math library
-//    (expf here is the host's), the PTX it has no branch for (the wgmma GEMM's: its availability
-//    check fails, cudaFuncGetAttributes reporting no registers, so it never runs; the sm_90 L2
-//    prefetch), programmatic dependent launch (griddepcontrol is a no-op), timing (events read 0 ms).
+//    (expf here is the host's), the PTX it has no branch for (the sm_90 L2 prefetch), programmatic
+//    dependent launch (griddepcontrol is a no-op), timing (events read 0 ms).
 //    compute-sanitizer on a GPU covers races; this covers index arithmetic, bounds, masks, what each
 //    thread writes, and the host code's launches, captures and bookkeeping.
 //  - CUDA graphs: a capture records its stream's launches, copies and sets; a graph launch replays
@@ -101,6 +104,14 @@ namespace simt {
     std::_Exit(3);  // no unwinding across fiber stacks
 }
 
+// wgmma.mma_async as issued (hopper.h): d (N/2 int32 per thread) (+)= A (64 x 32, desc a) · B (N x 32, desc b)ᵀ.
+struct WgmmaOp {
+    int* d;
+    int n;
+    uint64_t a, b;
+    bool accumulate;
+};
+
 struct Fiber {
     void* sp = nullptr;
     dim3 tid;
@@ -110,6 +121,35 @@ struct Fiber {
     // (done in cp.async.wait_group, not before: a read of their destination before the wait shows)
     std::vector<std::pair<void*, const void*>> cp_open;
     std::deque<std::vector<std::pair<void*, const void*>>> cp_groups;
+    // wgmma (hopper.h): the products issued since the last commit, the committed groups not yet
+    // waited for (done in wgmma.wait_group, not before), and whether a wgmma.fence opened this batch
+    std::vector<WgmmaOp> wg_open;
+    std::deque<std::vector<WgmmaOp>> wg_groups;
+    bool wg_fenced = false;
+    // accumulators with wgmma in flight: their contents as the last of those left them (plain code
+    // may not touch them until the wait that completes them), and how many are still in flight
+    std::map<int*, std::pair<std::vector<int>, int>> wg_inflight;
+};
+
+// A warpgroup (4 warps, 128 threads): its .sync.aligned collectives (wgmma, setmaxnreg) and the
+// registers per thread setmaxnreg gave it.
+struct WarpGroup {
+    int live = 0, arrived = 0;
+    unsigned gen = 0;
+    const char* at[128] = {};
+    unsigned full_gen = 0;  // the last generation that opened with all 128 threads arrived
+    int regs = 0;
+};
+
+// An mbarrier (hopper.h), kept by its shared-memory address: arrivals still expected in the current
+// phase, the transaction bytes still expected, the phases completed, and the bulk copies that will
+// complete on it (done when a thread next tests the barrier: a read of their destination before the
+// wait shows).
+struct MBarrier {
+    uint32_t count = 0, pending = 0;
+    int64_t tx = 0;
+    uint32_t phase = 0;
+    std::vector<std::pair<std::function<void()>, uint32_t>> copies;  // (the copy, its bytes)
 };
 
 struct Warp {
@@ -128,8 +168,16 @@ struct Block {
     int cur = -1;
     void* sched_sp = nullptr;
     std::function<void()> body;
-    std::vector<unsigned char> dyn_smem;  // + 1,024 bytes of alignment slack
-    uint64_t progress = 0;                // arrivals, releases, ends: a pass without any is a deadlock
+    std::vector<unsigned char> dyn_smem;  // + 2,048 bytes: the window's alignment and the declared one
+    // The .shared window (hopper.h): shared address a is smem_window + a; the dynamic shared memory
+    // (dyn_bytes) starts at shared address dyn_offset, its declared alignment (at least 16: what a GPU
+    // guarantees, no more, so a kernel that needs more must align it itself)
+    unsigned char* smem_window = nullptr;
+    size_t dyn_bytes = 0, dyn_offset = 0;
+    std::vector<WarpGroup> groups;
+    int reg_pool = 0;                    // registers of the SM's file no warpgroup holds (setmaxnreg)
+    std::map<uint32_t, MBarrier> mbars;  // by shared address
+    uint64_t progress = 0;               // arrivals, releases, ends: a pass without any is a deadlock
 };
 
 inline thread_local Block* g_block = nullptr;  // the block running now (on this host thread)
@@ -222,10 +270,14 @@ inline T exchange(unsigned mask, T v, int src, const char* fn) {
     return r;
 }
 
-inline unsigned char* dynamic_smem() {
+// extern __shared__ __align__(align) T name[] (tests/simt_ops.py rewrites the declaration to this).
+inline unsigned char* dynamic_smem(size_t align = 16) {
     Block* b = current_block();
-    auto p = reinterpret_cast<uintptr_t>(b->dyn_smem.data());
-    return reinterpret_cast<unsigned char*>((p + 1023) & ~uintptr_t(1023));
+    if (align < 16) align = 16;
+    if (align > 1024 || (align & (align - 1))) fatal("extern __shared__ aligned to " + std::to_string(align) + " (the stand-in models up to 1,024)");
+    if (b->dyn_offset != 0 && b->dyn_offset != align) fatal("two declarations of the dynamic shared memory with different alignments");
+    b->dyn_offset = align;
+    return b->smem_window + align;
 }
 
 }  // namespace simt
@@ -459,9 +511,16 @@ struct cudaFuncAttributes {
     size_t sharedSizeBytes;
     int ptxVersion, binaryVersion;
 };
+namespace simt {
+// Registers per thread at launch, for every kernel: the stand-in allocates none, and reports what
+// ptxas gives a __launch_bounds__(384, 1) kernel (65,536 / 384, down to a multiple of 8), the wgmma
+// GEMM's: its host code checks that setmaxnreg can be satisfied, and hopper.h's setmaxnreg models the
+// block's register file from it.
+constexpr int REGS_AT_LAUNCH = 168, REGISTER_FILE = 65536;
+}  // namespace simt
 template <class F>
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F*) {
-    *a = cudaFuncAttributes{0, 1024, 0, 0, 0};  // (no registers, no PTX: sm_90 features are refused)
+    *a = cudaFuncAttributes{simt::REGS_AT_LAUNCH, 1024, 0, 90, 90};
     return cudaSuccess;
 }
 inline cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode*) { return cudaSuccess; }
@@ -600,7 +659,11 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
             for (unsigned y = 0; y < g.y; ++y)
                 for (unsigned x = 0; x < g.x; ++x) {
                     blockIdx = dim3(x, y, z);
-                    b.dyn_smem.assign(smem + 1024, 0xff);
+                    b.dyn_smem.assign(smem + 2048, 0xff);
+                    const auto p = reinterpret_cast<uintptr_t>(b.dyn_smem.data());
+                    b.smem_window = reinterpret_cast<unsigned char*>((p + 1023) & ~uintptr_t(1023));
+                    b.dyn_bytes = smem;
+                    b.dyn_offset = 0;
                     simt::run_block(b);
                 }
     });
@@ -609,7 +672,8 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
 #include <initializer_list>
 
 #include "fp16.h"
-#include "mma.h"  // the warp-wide tensor-core instructions the kernels wrap
+#include "mma.h"     // the warp-wide tensor-core instructions the kernels wrap
+#include "hopper.h"  // sm_90's asynchronous ones: mbarrier, TMA, wgmma, setmaxnreg
 
 // kernel<<<grid, block, smem, stream>>>(args...): tests/simt_ops.py rewrites it to
 // simt_launch(kernel, grid, block, smem, stream)(args...), a launch like launch_kernel's.

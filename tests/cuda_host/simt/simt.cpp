@@ -64,6 +64,8 @@ thread_local std::vector<ucontext_t> g_ctx;  // fiber i at i, the scheduler last
     Block& b = *current_block();
     b.body();
     Fiber& f = b.fibers[size_t(b.cur)];
+    if (!f.wg_open.empty() || !f.wg_groups.empty())
+        fatal("thread " + std::to_string(b.cur) + " returned with wgmma issued but not waited for (wgmma.wait_group)");
     f.done = true;
     ++b.progress;
     // A returned thread counts as arrived at every barrier its block or warp waits on.
@@ -72,6 +74,9 @@ thread_local std::vector<ucontext_t> g_ctx;  // fiber i at i, the scheduler last
     Warp& w = b.warps[size_t(f.warp)];
     --w.live;
     open_if_complete(w.arrived, w.live, w.gen);
+    WarpGroup& g = b.groups[size_t(f.warp / 4)];
+    --g.live;
+    open_if_complete(g.arrived, g.live, g.gen);
     yield();
     fatal("a returned fiber was resumed");
 }
@@ -110,12 +115,17 @@ void run_block(Block& b) {
     while (g_stacks.size() < n) g_stacks.emplace_back(new char[STACK]);
     b.fibers.assign(n, Fiber{});
     b.warps.assign((n + 31) / 32, Warp{});
+    b.groups.assign((n + 127) / 128, WarpGroup{});
+    for (WarpGroup& g : b.groups) g.regs = REGS_AT_LAUNCH;
+    b.reg_pool = REGISTER_FILE - REGS_AT_LAUNCH * 32 * int(b.warps.size());  // (negative: setmaxnreg.inc waits forever)
+    b.mbars.clear();
     for (size_t i = 0; i < n; ++i) {
         Fiber& f = b.fibers[i];
         f.tid = dim3(unsigned(i % t.x), unsigned(i / t.x % t.y), unsigned(i / (size_t(t.x) * t.y)));
         f.lane = int(i % 32);
         f.warp = int(i / 32);
         ++b.warps[i / 32].live;
+        ++b.groups[i / 128].live;
 #if defined(__x86_64__)
         f.sp = fresh_stack(g_stacks[i].get());
 #endif
@@ -160,6 +170,10 @@ void run_block(Block& b) {
                   std::to_string(b.arrived) + " arrived; threads:" + who + ")");
         }
     }
+    for (const auto& m : b.mbars)
+        if (!m.second.copies.empty())
+            fatal("block (" + std::to_string(blockIdx.x) + ", " + std::to_string(blockIdx.y) + ", " + std::to_string(blockIdx.z) +
+                  ") ended with bulk copies in flight on the mbarrier at shared address " + hex(m.first));
     b.cur = -1;
     current_block() = nullptr;
 }

@@ -1,0 +1,407 @@
+// sm_90's asynchronous instructions in the CPU stand-in for CUDA (cuda_runtime.h here), as the wgmma
+// GEMM (wg_gemm_kernel, cuda/bitplane_matmul_gemm.cu) uses them, each written from the PTX ISA and
+// the driver API's documentation, not from the kernel's helpers (cuda/bitplane_wgmma.cuh), so that
+// a kernel that puts a byte or a register in the wrong place gets a wrong product:
+//
+//  - The .shared window: shared address a is the block's window + a; the dynamic shared memory starts
+//    at its declared alignment (at least 16). Every address an instruction below takes is checked
+//    against the dynamic shared memory.
+//  - mbarrier (init, arrive, arrive.expect_tx, try_wait.parity): a phase completes when its expected
+//    arrivals have arrived and its transaction count is back to 0; try_wait.parity(P) is true once
+//    the phase of parity P has completed (a fresh barrier's phase "before 0", parity 1, has).
+//  - Bulk copies (cp.async.bulk, and cp.async.bulk.tensor through a tensor map that this file's
+//    cuTensorMapEncodeTiled encodes with the driver's checks): they complete on their mbarrier when a
+//    thread next tests it, not when issued, so a read of their destination before the wait shows.
+//    TMA writes its box densely, inner dimension first, out-of-bounds elements as zeros, and with
+//    CU_TENSOR_MAP_SWIZZLE_128B XORs the 16-byte chunk bits [4, 7) of each shared address with bits
+//    [7, 10) (the swizzle is a function of the address: boxes must be 1,024-byte aligned here).
+//  - wgmma.mma_async .s32.s8.s8 (m64nNk32): A (64 x 32 bytes) and B (N x 32 bytes), both K-major,
+//    read through their matrix descriptors (start address >> 4 in bits 0-13, stride byte offset >> 4
+//    in bits 32-45, swizzle mode in bits 62-63; the 128-byte swizzle only): row r's byte k at
+//    start + (r / 8)·SBO + (r % 8)·128 + k, swizzled as TMA writes it. D, N/2 int32 per thread: warp w
+//    of the warpgroup holds rows 16w..16w+15; register 4j + e of lane l is row 16w + l/4 + 8·(e/2),
+//    column 8j + 2·(l%4) + e%2. The products are done at the wgmma.wait_group that covers them, from
+//    shared memory as it is then; accumulators that plain code changes in between are an error.
+//    A wgmma.fence must open each batch (stricter than the ISA, which needs it only when plain code
+//    touched the registers: the kernels fence every batch).
+//  - setmaxnreg.inc / .dec: the warpgroup's registers per thread, from the block's register file
+//    (65,536, REGS_AT_LAUNCH per thread at launch); an increase waits until other warpgroups' decreases
+//    left enough, as on a GPU (one that never can is reported as a deadlock).
+//  - Every instruction here that is .sync.aligned checks that all 128 threads of the warpgroup are at
+//    the same one.
+//  Not modelled: clusters (.shared::cluster is the block's own shared memory), multicast, the 32- and
+//  64-byte swizzles, interleaved tensor maps, element strides, im2col, TMA stores, the fp16/bf16/fp8
+//  wgmma, and the memory ordering the fences provide (a fence is a no-op here).
+#pragma once
+
+namespace simt {
+
+// ---- the .shared window ---------------------------------------------------------------------------
+
+[[noreturn]] inline void fatal_at(const char* who, const std::string& what) { fatal(std::string(who) + ": " + what); }
+
+inline std::string hex(uint64_t v) {
+    char s[24];
+    std::snprintf(s, sizeof s, "0x%llx", static_cast<unsigned long long>(v));
+    return s;
+}
+
+// The host bytes of shared addresses [a, a + n), which must lie in the block's dynamic shared memory.
+inline unsigned char* shared_bytes(uint64_t a, uint64_t n, const char* who) {
+    const Block& b = *current_block();
+    if (b.dyn_offset == 0) fatal_at(who, "shared address " + hex(a) + " in a kernel without dynamic shared memory");
+    if (a < b.dyn_offset || a + n > b.dyn_offset + b.dyn_bytes)
+        fatal_at(who, "shared addresses [" + hex(a) + ", " + hex(a + n) + ") outside the dynamic shared memory [" +
+                          hex(b.dyn_offset) + ", " + hex(b.dyn_offset + b.dyn_bytes) + ")");
+    return b.smem_window + a;
+}
+
+}  // namespace simt
+
+// A generic pointer into the block's dynamic shared memory -> its shared address.
+inline size_t __cvta_generic_to_shared(const void* p) {
+    const simt::Block& b = *simt::current_block();
+    const auto* c = static_cast<const unsigned char*>(p);
+    if (b.dyn_offset == 0 || c < b.smem_window + b.dyn_offset || c > b.smem_window + b.dyn_offset + b.dyn_bytes)
+        simt::fatal("__cvta_generic_to_shared: a pointer outside the dynamic shared memory (the stand-in maps only it)");
+    return size_t(c - b.smem_window);
+}
+
+// ---- tensor maps (the driver's cuTensorMapEncodeTiled; <cudaTypedefs.h> names the function type) ----
+using cuuint32_t = uint32_t;
+using cuuint64_t = uint64_t;
+enum CUresult { CUDA_SUCCESS = 0, CUDA_ERROR_INVALID_VALUE = 1 };
+struct alignas(64) CUtensorMap {
+    uint64_t opaque[16];
+};
+enum CUtensorMapDataType {
+    CU_TENSOR_MAP_DATA_TYPE_UINT8 = 0, CU_TENSOR_MAP_DATA_TYPE_UINT16, CU_TENSOR_MAP_DATA_TYPE_UINT32,
+    CU_TENSOR_MAP_DATA_TYPE_INT32, CU_TENSOR_MAP_DATA_TYPE_UINT64, CU_TENSOR_MAP_DATA_TYPE_INT64,
+    CU_TENSOR_MAP_DATA_TYPE_FLOAT16, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, CU_TENSOR_MAP_DATA_TYPE_FLOAT64,
+    CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+};
+enum CUtensorMapInterleave { CU_TENSOR_MAP_INTERLEAVE_NONE = 0, CU_TENSOR_MAP_INTERLEAVE_16B, CU_TENSOR_MAP_INTERLEAVE_32B };
+enum CUtensorMapSwizzle {
+    CU_TENSOR_MAP_SWIZZLE_NONE = 0, CU_TENSOR_MAP_SWIZZLE_32B, CU_TENSOR_MAP_SWIZZLE_64B, CU_TENSOR_MAP_SWIZZLE_128B,
+};
+enum CUtensorMapL2promotion {
+    CU_TENSOR_MAP_L2_PROMOTION_NONE = 0, CU_TENSOR_MAP_L2_PROMOTION_L2_64B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+    CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+};
+enum CUtensorMapFloatOOBfill { CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0, CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA };
+
+namespace simt {
+
+// What the stand-in keeps in a CUtensorMap's 128 opaque bytes.
+struct TensorMap {
+    uint32_t magic;
+    uint8_t rank, elem, swizzle, interleave;
+    uint64_t base;
+    uint64_t dims[5];
+    uint64_t strides[4];  // bytes between consecutive indices of dimensions 1.. (dimension 0: elem)
+    uint16_t box[5];
+    uint8_t elem_strides[5];
+};
+static_assert(sizeof(TensorMap) <= sizeof(CUtensorMap), "a tensor map fits the opaque bytes");
+constexpr uint32_t TENSOR_MAP_MAGIC = 0x544d4150;  // "TMAP"
+
+// cuTensorMapEncodeTiled with the checks its documentation lists (an invalid argument:
+// CUDA_ERROR_INVALID_VALUE, the map untouched).
+inline CUresult encode_tensor_map_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank, void* base,
+                                        const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
+                                        const cuuint32_t* elem_strides, CUtensorMapInterleave interleave,
+                                        CUtensorMapSwizzle swizzle, CUtensorMapL2promotion promotion,
+                                        CUtensorMapFloatOOBfill fill) {
+    static const uint8_t sizes[] = {1, 2, 4, 4, 8, 8, 2, 4, 8, 2};
+    if (map == nullptr || unsigned(type) > CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 || rank < 1 || rank > 5 ||
+        unsigned(interleave) > CU_TENSOR_MAP_INTERLEAVE_32B || unsigned(swizzle) > CU_TENSOR_MAP_SWIZZLE_128B ||
+        unsigned(promotion) > CU_TENSOR_MAP_L2_PROMOTION_L2_256B || unsigned(fill) > CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (interleave != CU_TENSOR_MAP_INTERLEAVE_NONE && rank < 3) return CUDA_ERROR_INVALID_VALUE;
+    const uint64_t align = interleave == CU_TENSOR_MAP_INTERLEAVE_32B ? 32 : 16;
+    if (reinterpret_cast<uintptr_t>(base) % align) return CUDA_ERROR_INVALID_VALUE;
+    const uint32_t elem = sizes[type];
+    TensorMap t{};
+    t.magic = TENSOR_MAP_MAGIC;
+    t.rank = uint8_t(rank), t.elem = uint8_t(elem), t.swizzle = uint8_t(swizzle), t.interleave = uint8_t(interleave);
+    t.base = reinterpret_cast<uintptr_t>(base);
+    for (uint32_t i = 0; i < rank; ++i) {
+        if (dims[i] == 0 || dims[i] > (uint64_t(1) << 32)) return CUDA_ERROR_INVALID_VALUE;
+        if (box[i] == 0 || box[i] > 256) return CUDA_ERROR_INVALID_VALUE;
+        if (elem_strides[i] == 0 || elem_strides[i] > 8) return CUDA_ERROR_INVALID_VALUE;
+        if (i + 1 < rank && (strides[i] % align || strides[i] >= (uint64_t(1) << 40))) return CUDA_ERROR_INVALID_VALUE;
+        t.dims[i] = dims[i], t.box[i] = uint16_t(box[i]), t.elem_strides[i] = uint8_t(elem_strides[i]);
+        if (i + 1 < rank) t.strides[i] = strides[i];
+    }
+    if (interleave == CU_TENSOR_MAP_INTERLEAVE_NONE) {
+        const uint64_t inner = uint64_t(box[0]) * elem;
+        if (inner % 16) return CUDA_ERROR_INVALID_VALUE;  // the inner box dimension: a multiple of 16 bytes
+        static const uint64_t span[] = {0, 32, 64, 128};
+        if (swizzle != CU_TENSOR_MAP_SWIZZLE_NONE && inner > span[swizzle]) return CUDA_ERROR_INVALID_VALUE;
+    }
+    *map = CUtensorMap{};
+    std::memcpy(map, &t, sizeof t);
+    return CUDA_SUCCESS;
+}
+
+// ---- warpgroup collectives ------------------------------------------------------------------------
+
+// A .sync.aligned warpgroup instruction `what`: all 128 threads of the caller's warpgroup, all at it.
+inline WarpGroup& warpgroup_collective(const char* what) {
+    Block& b = *current_block();
+    const Fiber& f = fiber();
+    const int gi = f.warp / 4, t = f.warp % 4 * 32 + f.lane;
+    WarpGroup& g = b.groups[size_t(gi)];
+    auto need_all = [&] {
+        if (g.live != 128)
+            fatal(std::string(what) + ": a .sync.aligned warpgroup instruction with " + std::to_string(g.live) +
+                  " live threads in warpgroup " + std::to_string(gi) + " (needs 128)");
+    };
+    need_all();
+    const unsigned mine = g.gen;
+    g.at[t] = what;
+    if (g.arrived + 1 == g.live) {  // the last to arrive: every thread of the warpgroup must be at `what`
+        for (int l = 0; l < 128; ++l)
+            if (std::strcmp(g.at[l], what) != 0)
+                fatal("warpgroup " + std::to_string(gi) + ": thread " + std::to_string(t) + " is at " + what +
+                      " while thread " + std::to_string(l) + " is at " + g.at[l]);
+        if (g.live == 128) g.full_gen = mine + 1;
+    }
+    barrier(g.arrived, g.live, g.gen);
+    if (g.full_gen != mine + 1)  // it opened because threads returned while the others waited
+        fatal(std::string(what) + ": a .sync.aligned warpgroup instruction that threads of warpgroup " +
+              std::to_string(gi) + " returned instead of executing (needs all 128)");
+    return g;
+}
+
+// ---- setmaxnreg -----------------------------------------------------------------------------------
+
+inline void setmaxnreg(uint32_t n, bool inc) {
+    const char* what = inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
+    if (n < 24 || n > 256 || n % 8) fatal_at(what, "register count " + std::to_string(n) + " (24..256, a multiple of 8)");
+    WarpGroup& g = warpgroup_collective(what);
+    Block& b = *current_block();
+    const Fiber& f = fiber();
+    if (f.warp % 4 == 0 && f.lane == 0) {  // once for the warpgroup
+        if (inc ? int(n) < g.regs : int(n) > g.regs)
+            fatal_at(what, "from " + std::to_string(g.regs) + " to " + std::to_string(n) + " registers per thread");
+        const int delta = (int(n) - g.regs) * 128;
+        while (b.reg_pool < delta) yield();  // an increase waits for other warpgroups' decreases
+        b.reg_pool -= delta;
+        g.regs = int(n);
+        ++b.progress;
+    }
+    warpgroup_collective(inc ? "setmaxnreg.inc (done)" : "setmaxnreg.dec (done)");
+}
+
+// ---- mbarrier -------------------------------------------------------------------------------------
+
+inline MBarrier& mbarrier(uint32_t bar, const char* who) {
+    Block& b = *current_block();
+    const auto it = b.mbars.find(bar);
+    if (it == b.mbars.end()) fatal_at(who, "no mbarrier was initialized at shared address " + hex(bar));
+    return it->second;
+}
+
+inline void mbar_complete_if_done(MBarrier& m) {
+    if (m.pending == 0 && m.tx == 0) {
+        ++m.phase;
+        m.pending = m.count;
+        ++current_block()->progress;
+    }
+}
+
+inline void mbar_init(uint32_t bar, uint32_t count) {
+    shared_bytes(bar, 8, "mbarrier.init");
+    if (bar % 8) fatal_at("mbarrier.init", "shared address " + hex(bar) + " is not 8-byte aligned");
+    if (count == 0 || count >= (1u << 20)) fatal_at("mbarrier.init", "expected count " + std::to_string(count) + " (1..2^20 - 1)");
+    Block& b = *current_block();
+    const auto it = b.mbars.find(bar);
+    if (it != b.mbars.end() && !it->second.copies.empty())
+        fatal_at("mbarrier.init", "the mbarrier at " + hex(bar) + " has bulk copies in flight");
+    MBarrier m;
+    m.count = m.pending = count;
+    b.mbars[bar] = std::move(m);
+}
+
+// arrive (expect_tx = 0) or arrive.expect_tx: the transaction bytes expected first, then one arrival.
+inline void mbar_arrive(uint32_t bar, uint32_t expect_tx) {
+    MBarrier& m = mbarrier(bar, expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive");
+    m.tx += expect_tx;
+    --m.pending;
+    ++current_block()->progress;
+    mbar_complete_if_done(m);
+}
+
+// mbarrier.try_wait.parity: whether the phase of this parity has completed. The bulk copies that
+// complete on the barrier are done now (the first test after their issue).
+inline bool mbar_test_parity(uint32_t bar, uint32_t parity) {
+    MBarrier& m = mbarrier(bar, "mbarrier.try_wait.parity");
+    if (!m.copies.empty()) {
+        auto copies = std::move(m.copies);
+        m.copies.clear();
+        for (auto& c : copies) {
+            c.first();
+            m.tx -= c.second;
+        }
+        ++current_block()->progress;
+        mbar_complete_if_done(m);
+    }
+    return (m.phase & 1u) != (parity & 1u);
+}
+
+inline void mbar_wait(uint32_t bar, uint32_t parity) {
+    while (!mbar_test_parity(bar, parity)) yield();  // (a wait that never ends: a deadlock, reported)
+}
+
+// ---- bulk copies ------------------------------------------------------------------------------------
+
+// A copy into shared [dst, dst + bytes) must not overwrite an mbarrier.
+inline void check_no_barrier(uint32_t dst, uint64_t bytes, const char* who) {
+    const Block& b = *current_block();
+    const auto it = b.mbars.lower_bound(dst >= 7 ? dst - 7 : 0);
+    if (it != b.mbars.end() && it->first < dst + bytes)
+        fatal_at(who, "the destination [" + hex(dst) + ", " + hex(dst + bytes) + ") overwrites the mbarrier at " + hex(it->first));
+}
+
+// cp.async.bulk.shared.global.mbarrier::complete_tx::bytes [dst], [src], bytes, [bar]
+inline void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+    const char* who = "cp.async.bulk";
+    if (bytes == 0 || bytes % 16 || dst % 16 || reinterpret_cast<uintptr_t>(src) % 16)
+        fatal_at(who, std::to_string(bytes) + " bytes from " + hex(reinterpret_cast<uintptr_t>(src)) + " to " + hex(dst) +
+                          " (sizes and addresses: multiples of 16)");
+    unsigned char* d = shared_bytes(dst, bytes, who);
+    check_no_barrier(dst, bytes, who);
+    mbarrier(bar, who).copies.emplace_back([d, src, bytes] { std::memcpy(d, src, bytes); }, bytes);
+}
+
+// cp.async.bulk.tensor.Nd.shared.global.tile.mbarrier::complete_tx::bytes [dst], [map, {c...}], [bar]
+inline void tma_load(uint32_t dst, const CUtensorMap* map, const int32_t* coords, int rank, uint32_t bar) {
+    const char* who = "cp.async.bulk.tensor";
+    TensorMap t;
+    std::memcpy(&t, map, sizeof t);
+    if (t.magic != TENSOR_MAP_MAGIC) fatal_at(who, "a tensor map that cuTensorMapEncodeTiled did not encode");
+    if (t.rank != rank) fatal_at(who, "a ." + std::to_string(rank) + "d copy through a rank-" + std::to_string(t.rank) + " tensor map");
+    if (t.interleave != CU_TENSOR_MAP_INTERLEAVE_NONE) fatal_at(who, "interleaved tensor maps are not modelled");
+    if (t.swizzle != CU_TENSOR_MAP_SWIZZLE_NONE && t.swizzle != CU_TENSOR_MAP_SWIZZLE_128B)
+        fatal_at(who, "the 32- and 64-byte swizzles are not modelled");
+    uint64_t total = t.elem;
+    for (int i = 0; i < rank; ++i) {
+        if (t.elem_strides[i] != 1) fatal_at(who, "element strides are not modelled");
+        total *= t.box[i];
+    }
+    const bool swz = t.swizzle == CU_TENSOR_MAP_SWIZZLE_128B;
+    if (dst % 128) fatal_at(who, "shared address " + hex(dst) + " is not 128-byte aligned");
+    if (swz && (dst % 1024 || uint64_t(t.box[0]) * t.elem != 128))
+        fatal_at(who, "the 128-byte swizzle into " + hex(dst) + " with a " + std::to_string(t.box[0] * t.elem) +
+                          "-byte inner box (modelled: 1,024-byte aligned boxes of 128-byte rows)");
+    unsigned char* window = shared_bytes(dst, total, who) - dst;
+    check_no_barrier(dst, total, who);
+    std::vector<int64_t> c(coords, coords + rank);
+    auto copy = [window, dst, total, t, c] {
+        const int r = t.rank;
+        int64_t idx[5] = {0, 0, 0, 0, 0};
+        for (uint64_t o = 0; o < total; o += t.elem) {  // box elements in order, dimension 0 fastest
+            bool inside = true;
+            uint64_t src = t.base;
+            for (int i = 0; i < r; ++i) {
+                const int64_t g = c[size_t(i)] + idx[i];
+                inside = inside && g >= 0 && uint64_t(g) < t.dims[i];
+                src += uint64_t(g) * (i == 0 ? t.elem : t.strides[i - 1]);
+            }
+            uint64_t a = dst + o;
+            if (t.swizzle == CU_TENSOR_MAP_SWIZZLE_128B) a ^= ((a >> 7) & 7) << 4;
+            if (inside)
+                std::memcpy(window + a, reinterpret_cast<const void*>(src), t.elem);
+            else
+                std::memset(window + a, 0, t.elem);  // out of bounds: zeros
+            for (int i = 0; i < r && ++idx[i] == t.box[i]; ++i) idx[i] = 0;
+        }
+    };
+    mbarrier(bar, who).copies.emplace_back(copy, uint32_t(total));
+}
+
+inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1, uint32_t bar) {
+    const int32_t c[2] = {c0, c1};
+    tma_load(dst, map, c, 2, bar);
+}
+
+// ---- wgmma ----------------------------------------------------------------------------------------
+
+// Row r's 32 bytes [k0, k0 + 32) of a K-major operand through its matrix descriptor.
+inline void wgmma_operand_row(uint64_t desc, int r, int8_t (&out)[32], const char* who) {
+    const uint32_t start = uint32_t(desc & 0x3FFF) << 4, sbo = uint32_t(desc >> 32 & 0x3FFF) << 4;
+    const unsigned base_offset = unsigned(desc >> 49 & 7), mode = unsigned(desc >> 62);
+    if (mode != 1) fatal_at(who, "descriptor swizzle mode " + std::to_string(mode) + " (the stand-in models the 128-byte swizzle, mode 1)");
+    if (base_offset != 0 || (start & 0x380) != 0)
+        fatal_at(who, "a descriptor whose start " + hex(start) + " is not in the first row of a 1,024-byte swizzle atom (base offset not modelled)");
+    if ((start & 127) + 32 > 128) fatal_at(who, "a K step at " + hex(start) + " that crosses a 128-byte swizzle row");
+    const uint32_t row = start + uint32_t(r >> 3) * sbo + uint32_t(r & 7) * 128;
+    const unsigned char* p = shared_bytes(row & ~127u, 128, who) - (row & ~127u);
+    for (uint32_t k = 0; k < 32; ++k) {
+        const uint32_t a = row + k;
+        out[k] = int8_t(p[a ^ ((a >> 7 & 7) << 4)]);
+    }
+}
+
+inline void wgmma_execute(Fiber& f, const WgmmaOp& op) {
+    const char* who = "wgmma.mma_async";
+    auto& flight = f.wg_inflight[op.d];
+    const int regs = op.n / 2;
+    if (!std::equal(op.d, op.d + regs, flight.first.begin()))
+        fatal_at(who, "plain code changed the accumulators of a wgmma in flight (before the wgmma.wait_group that completes it)");
+    const int wq = f.warp % 4, gid = f.lane >> 2, tig = f.lane & 3;
+    int8_t a[2][32], b[32];
+    wgmma_operand_row(op.a, 16 * wq + gid, a[0], who);
+    wgmma_operand_row(op.a, 16 * wq + gid + 8, a[1], who);
+    for (int j = 0; j < op.n / 8; ++j)
+        for (int c = 0; c < 2; ++c) {
+            wgmma_operand_row(op.b, 8 * j + 2 * tig + c, b, who);
+            for (int h = 0; h < 2; ++h) {
+                int sum = 0;
+                for (int k = 0; k < 32; ++k) sum += int(a[h][k]) * int(b[k]);
+                int& d = op.d[4 * j + 2 * h + c];
+                d = op.accumulate ? d + sum : sum;
+            }
+        }
+    std::copy(op.d, op.d + regs, flight.first.begin());
+    if (--flight.second == 0) f.wg_inflight.erase(op.d);
+}
+
+inline void wgmma_fence() {
+    warpgroup_collective("wgmma.fence");
+    fiber().wg_fenced = true;
+}
+
+// wgmma.mma_async.sync.aligned.m64n{n}k32.s32.s8.s8 d, desc_a, desc_b, (accumulate ? 1 : 0)
+inline void wgmma_s8(int* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+    warpgroup_collective("wgmma.mma_async");
+    Fiber& f = fiber();
+    if (!f.wg_fenced) fatal("wgmma.mma_async: a batch without a wgmma.fence before it");
+    auto it = f.wg_inflight.find(d);
+    if (it == f.wg_inflight.end())
+        f.wg_inflight.emplace(d, std::make_pair(std::vector<int>(d, d + n / 2), 1));
+    else
+        ++it->second.second;
+    f.wg_open.push_back(WgmmaOp{d, n, desc_a, desc_b, accumulate});
+}
+
+inline void wgmma_commit() {
+    warpgroup_collective("wgmma.commit_group");
+    Fiber& f = fiber();
+    f.wg_groups.push_back(std::move(f.wg_open));
+    f.wg_open.clear();
+    f.wg_fenced = false;
+}
+
+// wgmma.wait_group N: the committed groups but the newest N are done (in order).
+inline void wgmma_wait(size_t pending) {
+    warpgroup_collective("wgmma.wait_group");
+    Fiber& f = fiber();
+    while (f.wg_groups.size() > pending) {
+        for (const WgmmaOp& op : f.wg_groups.front()) wgmma_execute(f, op);
+        f.wg_groups.pop_front();
+    }
+}
+
+}  // namespace simt

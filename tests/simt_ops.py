@@ -7,6 +7,9 @@ fragment layouts (tests/cuda_host/simt/cuda_runtime.h and mma.h say what is mode
   `_core.*_cuda` test entry points, so the op tests run on a GPU and, in CI, here (about 15 s to build).
 - `build_package`: the whole package with the stand-in as its CUDA backend (tests/test_simt_engine.py;
   about a minute to build on 2 cores).
+- `build(..., race_check=True)` + `SimtOps(exe, race_check=True)`: the same ops under ThreadSanitizer,
+  each fiber a thread to it, so races between a block's threads are reported (`RaceReport`;
+  tests/test_simt_racecheck.py).
 """
 from __future__ import annotations
 
@@ -120,16 +123,28 @@ def build_package(cxx: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def build(cxx: str, out_dir: Path) -> Path:
-    """Compile the CUDA sources, the fiber scheduler and the driver (tests/cuda_host/simt_ops.cpp)."""
+# The race-checking build: ThreadSanitizer over the fibers (cuda_runtime.h says which orderings the
+# stand-in declares); a report stops the run (exit status 66).
+RACE_FLAGS = ("-fsanitize=thread", "-g")
+TSAN_OPTIONS = "halt_on_error=1:exitcode=66:history_size=4"
+
+
+def build(cxx: str, out_dir: Path, race_check: bool = False) -> Path:
+    """Compile the CUDA sources, the fiber scheduler and the driver (tests/cuda_host/simt_ops.cpp);
+    race_check: with ThreadSanitizer (tests/test_simt_racecheck.py)."""
+    extra = RACE_FLAGS if race_check else ()
     units = [_rewrite(stem, out_dir) for stem in SOURCES]
     units += [ROOT / "tests/cuda_host/simt/simt.cpp", ROOT / "tests/cuda_host/simt_ops.cpp"]
     objs = [out_dir / (src.name + ".o") for src in units]
-    _compile_all([([cxx, *_simt_flags(), "-c", str(src), "-o", str(obj)], src.name) for src, obj in zip(units, objs)],
+    _compile_all([([cxx, *_simt_flags(extra), "-c", str(src), "-o", str(obj)], src.name) for src, obj in zip(units, objs)],
                  "the CUDA stand-in")
     exe = out_dir / "simt_ops"
-    subprocess.run([cxx, *map(str, objs), "-o", str(exe)], check=True)
+    subprocess.run([cxx, *extra, *map(str, objs), "-o", str(exe)], check=True)
     return exe
+
+
+class RaceReport(RuntimeError):
+    """ThreadSanitizer reported a race in a kernel run on the race-checking build."""
 
 
 class SimtOps:
@@ -137,8 +152,15 @@ class SimtOps:
 
     name = "simt"
 
-    def __init__(self, exe: Path):
+    def __init__(self, exe: Path, race_check: bool = False):
         self.exe = exe
+        self.env = dict(os.environ, TSAN_OPTIONS=TSAN_OPTIONS) if race_check else None
+
+    def _exec(self, d: Path, what: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        r = subprocess.run([str(self.exe), str(d)], capture_output=True, text=True, timeout=timeout, env=self.env)
+        if "WARNING: ThreadSanitizer" in r.stderr:  # the report's head: the two accesses and their stacks
+            raise RaceReport(f"simt_ops {what}: {r.stderr.strip()[:6000]}")
+        return r
 
     def _run(self, op: str, nums, inputs: dict, outputs: dict) -> dict:
         with tempfile.TemporaryDirectory(prefix="simt_") as d:
@@ -146,7 +168,7 @@ class SimtOps:
             (d / "meta.txt").write_text(op + " " + " ".join(str(int(v)) for v in nums))
             for name, arr in inputs.items():
                 np.ascontiguousarray(arr).tofile(d / f"{name}.bin")
-            r = subprocess.run([str(self.exe), str(d)], capture_output=True, text=True, timeout=600)
+            r = self._exec(d, op)
             if r.returncode == 2 and r.stderr.startswith("error: "):
                 raise core.FlexquantError(r.stderr[len("error: "):].strip())
             if r.returncode:
@@ -204,10 +226,11 @@ class SimtOps:
     def selftest_files(self, name: str):
         """-> (exit status, stderr, out (64) f32 or None, {a, b, d} of the sm_90 tests (those written))."""
         names = ("deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async",
-                 "wgmma", "wgmma_partial", "wgmma_touched", "tma_early", "setmaxnreg_over", "mbar_short")
+                 "wgmma", "wgmma_partial", "wgmma_touched", "tma_early", "setmaxnreg_over", "mbar_short",
+                 "race_free", "race_block", "race_warp")
         with tempfile.TemporaryDirectory(prefix="simt_") as d:
             (Path(d) / "meta.txt").write_text(f"selftest {names.index(name)}")
-            r = subprocess.run([str(self.exe), d], capture_output=True, text=True, timeout=60)
+            r = self._exec(Path(d), f"selftest {name}", timeout=60)
             out = Path(d) / "out.out"
             files = {n: np.fromfile(Path(d) / f"{n}.out", dtype=dt) for n, dt in (("a", np.int8), ("b", np.int8), ("d", np.int32))
                      if (Path(d) / f"{n}.out").exists()}

@@ -27,7 +27,8 @@
 //                              with lanes missing, 3 shared-memory poison, 4 cp.async; sm_90: 5 TMA + wgmma
 //                              against A · Bᵀ, 6 a wgmma half the warpgroup skips, 7 accumulators changed
 //                              in flight, 8 a TMA destination read before and after the wait, 9
-//                              setmaxnreg past the register file, 10 an mbarrier wait that never ends)
+//                              setmaxnreg past the register file, 10 an mbarrier wait that never ends;
+//                              races: 11 none, 12 without __syncthreads, 13 within a warp)
 //                              -> out (64) f32; 5..10 also a (50, 128) i8, b (128, 128) i8, d (64, 128) i32
 //   multi count k max_bits group_size m path warps prefetch, then per linear i: n_i bits_i n_planes_i
 //                              plane_bytes_i; planes<i>, qparams<i>, x -> y<i> (m, n_i)
@@ -80,6 +81,34 @@ __global__ void st_cp_async(const float* src, float* out) {  // before its wait 
     out[threadIdx.x] = tile[4 * threadIdx.x];  // too early
     simt::cp_wait(0);
     out[32 + threadIdx.x] = tile[4 * threadIdx.x];
+}
+
+// Races (for the -fsanitize=thread build, tests/test_simt_racecheck.py): thread 32 reads what thread 0
+// wrote to shared memory with no __syncthreads between (race_block); lane 1 reads lane 0's write after
+// a shuffle, which orders no memory (race_warp); the same exchanges ordered by __syncthreads,
+// __syncwarp and atomics (race_free: no report).
+__global__ void st_race(int mode, float* out) {
+    __shared__ float s[64];
+    __shared__ int count;
+    if (threadIdx.x == 0) {
+        s[0] = 1.0f;
+        count = 0;
+    }
+    if (mode != 1) __syncthreads();
+    if (threadIdx.x == 32) out[0] = s[0];
+    if (mode == 0) {
+        __syncthreads();
+        atomicAdd(&count, 1);
+        if (threadIdx.x < 32) s[1 + threadIdx.x] = float(threadIdx.x);
+        __syncwarp();
+        if (threadIdx.x < 32) out[1 + threadIdx.x] = s[1 + (threadIdx.x + 1) % 32];
+        __syncthreads();
+        if (threadIdx.x == 0) out[33] = float(count);
+    } else if (mode == 2) {
+        if (threadIdx.x < 32) s[1 + threadIdx.x] = float(threadIdx.x);
+        const float v = __shfl_sync(0xffffffffu, 1.0f, 0);
+        if (threadIdx.x < 32) out[1 + threadIdx.x] = v * s[1 + (threadIdx.x + 1) % 32];
+    }
 }
 
 // sm_90 (hopper.h). One warpgroup TMA-loads A (50 x 128 int8 in memory, a box of 64 rows: rows 50..63
@@ -206,6 +235,8 @@ void selftest(const std::string& name) {
     if (name == "mixed_collectives") launch_kernel(st_mixed_collectives, dim3(1), dim3(32), 0, nullptr, i.data());
     if (name == "partial_mma") launch_kernel(st_partial_mma, dim3(1), dim3(32), 0, nullptr, i.data());
     if (name == "shared_poison") launch_kernel(st_shared_poison, dim3(2), dim3(32), 0, nullptr, f.data());
+    if (name == "race_free" || name == "race_block" || name == "race_warp")
+        launch_kernel(st_race, dim3(1), dim3(64), 0, nullptr, name == "race_free" ? 0 : name == "race_block" ? 1 : 2, f.data());
     if (name == "cp_async") launch_kernel(st_cp_async, dim3(1), dim3(32), 512, nullptr, src.data(), f.data());
     cuda_check(cudaGetLastError(), "selftest " + name);
     write_file(g_dir + "/out.out", f);
@@ -379,9 +410,9 @@ void run(const std::string& op, const std::vector<int64_t>& a) {
     } else if (op == "selftest") {
         static const char* names[] = {"deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async",
                                       "wgmma", "wgmma_partial", "wgmma_touched", "tma_early", "setmaxnreg_over",
-                                      "mbar_short"};
+                                      "mbar_short", "race_free", "race_block", "race_warp"};
         need(1);
-        if (a[0] < 0 || a[0] >= 11) throw std::runtime_error("selftest: no test " + std::to_string(a[0]));
+        if (a[0] < 0 || a[0] >= 14) throw std::runtime_error("selftest: no test " + std::to_string(a[0]));
         selftest(names[a[0]]);
     } else {
         throw std::runtime_error("unknown op " + op);

@@ -23,13 +23,16 @@
 //    dynamic shared memory starts at its declared alignment (16 by default), no more aligned than that.
 //  - sm_90's asynchronous instructions of the wgmma GEMM (mbarrier, TMA through tensor maps, wgmma,
 //    setmaxnreg): hopper.h, which says what it models.
-//  - Not modelled: races between threads (the fibers interleave only at waits, so a missing
-//    __syncthreads between a write and another thread's read is NOT caught unless the reader runs
-//    first), memory-model and timing questions, the ulp-level differences of the device math library
-//    (expf here is the host's), the PTX it has no branch for (the sm_90 L2 prefetch), programmatic
-//    dependent launch (griddepcontrol is a no-op), timing (events read 0 ms).
-//    compute-sanitizer on a GPU covers races; this covers index arithmetic, bounds, masks, what each
-//    thread writes, and the host code's launches, captures and bookkeeping.
+//  - Races between the threads of a block: not by running the stand-in (the fibers interleave only
+//    at waits), but by building it with -fsanitize=thread (tests/test_simt_racecheck.py; "race
+//    detection" below says what orderings it declares): ThreadSanitizer then reports two accesses
+//    that no CUDA ordering separates, whatever order the fibers ran in, as compute-sanitizer's
+//    racecheck does on a GPU. Races between blocks are out of its reach (blocks run in order).
+//  - Not modelled: the memory model's weaker orderings (fences are no-ops), the ulp-level
+//    differences of the device math library (expf here is the host's), the PTX it has no branch for
+//    (the sm_90 L2 prefetch), programmatic dependent launch (griddepcontrol is a no-op), timing
+//    (events read 0 ms). This covers index arithmetic, bounds, masks, what each thread writes, and
+//    the host code's launches, captures and bookkeeping.
 //  - CUDA graphs: a capture records its stream's launches, copies and sets; a graph launch replays
 //    them. A synchronization on the captured stream invalidates the capture, as the runtime does.
 #pragma once
@@ -92,6 +95,62 @@ SIMT_VEC4(unsigned char, uchar4, 4)
 #undef SIMT_VEC2
 #undef SIMT_VEC4
 
+// ---- race detection (the build with -fsanitize=thread of tests/test_simt_racecheck.py) ------------
+// ThreadSanitizer sees each fiber as a thread of its own (its fiber API: simt.cpp), the switches
+// between fibers order nothing, and the stand-in declares the orderings CUDA gives, so a kernel's
+// accesses to shared and global memory that no such ordering separates are reported as races (what
+// compute-sanitizer's racecheck finds on a GPU): __syncthreads and __syncwarp (every arrival before
+// every departure); an mbarrier arrival before the wait that sees its phase complete; a bulk copy's
+// issue before its completion, and that before the waits on its barrier; the host before a block's
+// threads and those before the host. Shuffles, ballots, mma and ldmatrix exchange registers but
+// order no memory, so they declare nothing. The stand-in's own bookkeeping, which every fiber
+// touches (barrier counts, the warps' exchange slots), is left out of the detection (Internal).
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+extern "C" {
+void AnnotateIgnoreReadsBegin(const char* file, int line);
+void AnnotateIgnoreReadsEnd(const char* file, int line);
+void AnnotateIgnoreWritesBegin(const char* file, int line);
+void AnnotateIgnoreWritesEnd(const char* file, int line);
+void __tsan_read_range(void* addr, unsigned long size);
+void __tsan_write_range(void* addr, unsigned long size);
+}
+#define SIMT_NO_TSAN __attribute__((no_sanitize_thread))
+namespace simt {
+struct Internal {  // within its scope, this fiber's reads and writes are not checked
+    Internal() {
+        AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+        AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+    }
+    ~Internal() {
+        AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+        AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+    }
+    Internal(const Internal&) = delete;
+    Internal& operator=(const Internal&) = delete;
+};
+// What this fiber did so far happens before what any fiber does after a later ordered_after(sync).
+inline void ordered_before(const void* sync) { __tsan_release(const_cast<void*>(sync)); }
+inline void ordered_after(const void* sync) { __tsan_acquire(const_cast<void*>(sync)); }
+// An asynchronous copy or product (cp.async, TMA, wgmma) may read and write its operands at any time
+// from its issue to its wait; the stand-in does the work at the wait, and declares the accesses at
+// the issue too, so that a kernel that reuses a buffer too early is reported.
+inline void async_read(const void* p, size_t n) { __tsan_read_range(const_cast<void*>(p), n); }
+inline void async_write(void* p, size_t n) { __tsan_write_range(p, n); }
+}  // namespace simt
+#else
+#define SIMT_NO_TSAN
+namespace simt {
+struct Internal {
+    Internal() {}  // (user-provided: no unused-variable warning)
+};
+inline void ordered_before(const void*) {}
+inline void ordered_after(const void*) {}
+inline void async_read(const void*, size_t) {}
+inline void async_write(void*, size_t) {}
+}  // namespace simt
+#endif
+
 // ---- the fiber scheduler ------------------------------------------------------------------------
 // The block's coordinates and the launch's shape: plain variables, as one block runs at a time.
 inline thread_local dim3 blockIdx, blockDim, gridDim;
@@ -117,6 +176,7 @@ struct Fiber {
     dim3 tid;
     int lane = 0, warp = 0;
     bool done = false;
+    void* tsan = nullptr;  // its ThreadSanitizer fiber (a -fsanitize=thread build)
     // cp.async: the copies issued since the last commit, and the committed groups not yet waited for
     // (done in cp.async.wait_group, not before: a read of their destination before the wait shows)
     std::vector<std::pair<void*, const void*>> cp_open;
@@ -150,11 +210,13 @@ struct MBarrier {
     int64_t tx = 0;
     uint32_t phase = 0;
     std::vector<std::pair<std::function<void()>, uint32_t>> copies;  // (the copy, its bytes)
+    char order[2] = {};  // race checking: the orderings of the phases, by parity
 };
 
 struct Warp {
     int live = 0, arrived = 0;
     unsigned gen = 0;
+    char order[2] = {};  // race checking: __syncwarp's orderings, by the parity of gen
     const char* at[32] = {};  // the collective each lane waits at (all must be at the same one)
     uint64_t slot[32] = {};
     uint32_t frag[32][8] = {};  // the lanes' operand registers of a warp-wide mma (mma.h)
@@ -165,6 +227,9 @@ struct Block {
     std::vector<Warp> warps;
     int live = 0, arrived = 0;
     unsigned gen = 0;
+    // Race checking: __syncthreads' orderings, one per parity of gen, so that a thread that passes a
+    // barrier late is not ordered after what the others did after it (another generation's arrivals)
+    char order[2] = {};
     int cur = -1;
     void* sched_sp = nullptr;
     std::function<void()> body;
@@ -178,15 +243,16 @@ struct Block {
     int reg_pool = 0;                    // registers of the SM's file no warpgroup holds (setmaxnreg)
     std::map<uint32_t, MBarrier> mbars;  // by shared address
     uint64_t progress = 0;               // arrivals, releases, ends: a pass without any is a deadlock
+    void* tsan_host = nullptr;           // the scheduler's ThreadSanitizer fiber (its address: the launch's ordering)
 };
 
 inline thread_local Block* g_block = nullptr;  // the block running now (on this host thread)
-inline Block*& current_block() { return g_block; }
+SIMT_NO_TSAN inline Block* current_block() { return g_block; }  // (set by run_block only)
 // Defined once, in simt.cpp.
 void run_block(Block& b);  // runs b.body on every fiber of b until all have returned
 void yield();              // back to the scheduler; resumes at the next pass
 
-inline Fiber& fiber() {
+SIMT_NO_TSAN inline Fiber& fiber() {
     Block* b = current_block();
     if (b == nullptr || b->cur < 0) fatal("a device built-in was called outside a kernel");
     return b->fibers[size_t(b->cur)];
@@ -196,12 +262,14 @@ inline Fiber& fiber() {
 // Opens a barrier whose `live` threads have all arrived (a thread that returns lowers `live`, and
 // may be the one that completes it); returns whether it opened.
 inline bool open_if_complete(int& arrived, int live, unsigned& gen) {
+    Internal internal;
     if (arrived == 0 || arrived != live) return false;
     arrived = 0;
     ++gen;
     return true;
 }
 inline void barrier(int& arrived, const int& live, unsigned& gen) {
+    Internal internal;
     const unsigned mine = gen;
     ++current_block()->progress;
     ++arrived;
@@ -211,11 +279,19 @@ inline void barrier(int& arrived, const int& live, unsigned& gen) {
 // __syncthreads: every live thread of the block.
 inline void block_barrier() {
     Block& b = *current_block();
+    unsigned g;
+    {
+        Internal internal;
+        g = b.gen;
+    }
+    ordered_before(&b.order[g & 1]);
     barrier(b.arrived, b.live, b.gen);
+    ordered_after(&b.order[g & 1]);
 }
 // A warp collective `what`: every live lane of the caller's warp, all at the same collective (lanes
 // at different ones would exchange each other's values on a GPU, or hang).
 inline void warp_barrier(const char* what = "__syncwarp") {
+    Internal internal;
     Block& b = *current_block();
     const Fiber& f = fiber();
     Warp& w = b.warps[size_t(f.warp)];
@@ -252,6 +328,7 @@ inline void check_mask(unsigned mask, const char* fn) {
 // Lane src's v, for every lane of the warp (src < 0: the caller's own value).
 template <class T>
 inline T exchange(unsigned mask, T v, int src, const char* fn) {
+    Internal internal;
     check_mask(mask, fn);
     Block& b = *current_block();
     Fiber& f = fiber();
@@ -272,6 +349,7 @@ inline T exchange(unsigned mask, T v, int src, const char* fn) {
 
 // extern __shared__ __align__(align) T name[] (tests/simt_ops.py rewrites the declaration to this).
 inline unsigned char* dynamic_smem(size_t align = 16) {
+    Internal internal;
     Block* b = current_block();
     if (align < 16) align = 16;
     if (align > 1024 || (align & (align - 1))) fatal("extern __shared__ aligned to " + std::to_string(align) + " (the stand-in models up to 1,024)");
@@ -288,7 +366,15 @@ constexpr int warpSize = 32;
 inline void __syncthreads() { simt::block_barrier(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
     simt::check_mask(mask, "__syncwarp");
+    const simt::Warp& w = simt::current_block()->warps[size_t(simt::fiber().warp)];
+    unsigned g;
+    {
+        simt::Internal internal;
+        g = w.gen;
+    }
+    simt::ordered_before(&w.order[g & 1]);
     simt::warp_barrier();
+    simt::ordered_after(&w.order[g & 1]);
 }
 template <class T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
@@ -312,6 +398,7 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
     return simt::exchange(mask, v, src >= (lane & ~(width - 1)) ? src : -1, "__shfl_up_sync");
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
+    simt::Internal internal;
     simt::check_mask(mask, "__ballot_sync");
     simt::Block& b = *simt::current_block();
     simt::Fiber& f = simt::fiber();
@@ -327,18 +414,32 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }  // (every lane of mask takes part)
 
-// ---- loads, stores, atomics (the fibers never interleave inside one) -----------------------------
+// ---- loads, stores, atomics (the fibers never interleave inside one; atomics as the compiler's
+// relaxed atomics, which a race detector knows) ----------------------------------------------------
 template <class T> inline T __ldg(const T* p) { return *p; }
 template <class T> inline T __ldcs(const T* p) { return *p; }
 template <class T> inline T __ldcg(const T* p) { return *p; }
 template <class T> inline T __ldlu(const T* p) { return *p; }
 template <class T> inline void __stcs(T* p, T v) { *p = v; }
 template <class T> inline void __stcg(T* p, T v) { *p = v; }
-template <class T> inline T atomicAdd(T* p, T v) { const T o = *p; *p = o + v; return o; }
-template <class T> inline T atomicMax(T* p, T v) { const T o = *p; *p = std::max(o, v); return o; }
-template <class T> inline T atomicMin(T* p, T v) { const T o = *p; *p = std::min(o, v); return o; }
-template <class T> inline T atomicExch(T* p, T v) { const T o = *p; *p = v; return o; }
-template <class T> inline T atomicCAS(T* p, T cmp, T v) { const T o = *p; if (o == cmp) *p = v; return o; }
+namespace simt {
+template <class T, class F>  // *p = f(*p), atomically; returns the old value
+inline T atomic_update(T* p, F f) {
+    T o = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange_n(p, &o, f(o), false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+    return o;
+}
+template <class F>  // floats through their bits
+inline float atomic_update(float* p, F f) {
+    auto* u = reinterpret_cast<uint32_t*>(p);
+    return from_bits<float>(atomic_update(u, [&](uint32_t o) { return uint32_t(to_bits(f(from_bits<float>(o)))); }));
+}
+}  // namespace simt
+template <class T> inline T atomicAdd(T* p, T v) { return simt::atomic_update(p, [v](T o) { return T(o + v); }); }
+template <class T> inline T atomicMax(T* p, T v) { return simt::atomic_update(p, [v](T o) { return std::max(o, v); }); }
+template <class T> inline T atomicMin(T* p, T v) { return simt::atomic_update(p, [v](T o) { return std::min(o, v); }); }
+template <class T> inline T atomicExch(T* p, T v) { return simt::atomic_update(p, [v](T) { return v; }); }
+template <class T> inline T atomicCAS(T* p, T cmp, T v) { return simt::atomic_update(p, [cmp, v](T o) { return o == cmp ? v : o; }); }
 [[noreturn]] inline void __trap() { simt::fatal("__trap() in a kernel"); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}

@@ -48,6 +48,7 @@ inline std::string hex(uint64_t v) {
 
 // The host bytes of shared addresses [a, a + n), which must lie in the block's dynamic shared memory.
 inline unsigned char* shared_bytes(uint64_t a, uint64_t n, const char* who) {
+    Internal internal;
     const Block& b = *current_block();
     if (b.dyn_offset == 0) fatal_at(who, "shared address " + hex(a) + " in a kernel without dynamic shared memory");
     if (a < b.dyn_offset || a + n > b.dyn_offset + b.dyn_bytes)
@@ -60,6 +61,7 @@ inline unsigned char* shared_bytes(uint64_t a, uint64_t n, const char* who) {
 
 // A generic pointer into the block's dynamic shared memory -> its shared address.
 inline size_t __cvta_generic_to_shared(const void* p) {
+    simt::Internal internal;
     const simt::Block& b = *simt::current_block();
     const auto* c = static_cast<const unsigned char*>(p);
     if (b.dyn_offset == 0 || c < b.smem_window + b.dyn_offset || c > b.smem_window + b.dyn_offset + b.dyn_bytes)
@@ -148,6 +150,7 @@ inline CUresult encode_tensor_map_tiled(CUtensorMap* map, CUtensorMapDataType ty
 
 // A .sync.aligned warpgroup instruction `what`: all 128 threads of the caller's warpgroup, all at it.
 inline WarpGroup& warpgroup_collective(const char* what) {
+    Internal internal;
     Block& b = *current_block();
     const Fiber& f = fiber();
     const int gi = f.warp / 4, t = f.warp % 4 * 32 + f.lane;
@@ -180,6 +183,7 @@ inline void setmaxnreg(uint32_t n, bool inc) {
     const char* what = inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
     if (n < 24 || n > 256 || n % 8) fatal_at(what, "register count " + std::to_string(n) + " (24..256, a multiple of 8)");
     WarpGroup& g = warpgroup_collective(what);
+    Internal internal;
     Block& b = *current_block();
     const Fiber& f = fiber();
     if (f.warp % 4 == 0 && f.lane == 0) {  // once for the warpgroup
@@ -197,6 +201,7 @@ inline void setmaxnreg(uint32_t n, bool inc) {
 // ---- mbarrier -------------------------------------------------------------------------------------
 
 inline MBarrier& mbarrier(uint32_t bar, const char* who) {
+    Internal internal;
     Block& b = *current_block();
     const auto it = b.mbars.find(bar);
     if (it == b.mbars.end()) fatal_at(who, "no mbarrier was initialized at shared address " + hex(bar));
@@ -204,6 +209,7 @@ inline MBarrier& mbarrier(uint32_t bar, const char* who) {
 }
 
 inline void mbar_complete_if_done(MBarrier& m) {
+    Internal internal;
     if (m.pending == 0 && m.tx == 0) {
         ++m.phase;
         m.pending = m.count;
@@ -215,6 +221,7 @@ inline void mbar_init(uint32_t bar, uint32_t count) {
     shared_bytes(bar, 8, "mbarrier.init");
     if (bar % 8) fatal_at("mbarrier.init", "shared address " + hex(bar) + " is not 8-byte aligned");
     if (count == 0 || count >= (1u << 20)) fatal_at("mbarrier.init", "expected count " + std::to_string(count) + " (1..2^20 - 1)");
+    Internal internal;
     Block& b = *current_block();
     const auto it = b.mbars.find(bar);
     if (it != b.mbars.end() && !it->second.copies.empty())
@@ -227,6 +234,13 @@ inline void mbar_init(uint32_t bar, uint32_t count) {
 // arrive (expect_tx = 0) or arrive.expect_tx: the transaction bytes expected first, then one arrival.
 inline void mbar_arrive(uint32_t bar, uint32_t expect_tx) {
     MBarrier& m = mbarrier(bar, expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive");
+    uint32_t phase;
+    {
+        Internal internal;
+        phase = m.phase;
+    }
+    ordered_before(&m.order[phase & 1]);  // this thread's work, before the waits that see the phase complete
+    Internal internal;
     m.tx += expect_tx;
     --m.pending;
     ++current_block()->progress;
@@ -237,17 +251,33 @@ inline void mbar_arrive(uint32_t bar, uint32_t expect_tx) {
 // complete on the barrier are done now (the first test after their issue).
 inline bool mbar_test_parity(uint32_t bar, uint32_t parity) {
     MBarrier& m = mbarrier(bar, "mbarrier.try_wait.parity");
-    if (!m.copies.empty()) {
-        auto copies = std::move(m.copies);
+    std::vector<std::pair<std::function<void()>, uint32_t>> copies;
+    {
+        Internal internal;
+        copies = std::move(m.copies);
         m.copies.clear();
-        for (auto& c : copies) {
-            c.first();
-            m.tx -= c.second;
+    }
+    if (!copies.empty()) {
+        ordered_after(&m.copies);  // their issue, before the copies
+        for (auto& c : copies) c.first();  // (shared and global memory: checked)
+        uint32_t phase;
+        {
+            Internal internal;
+            phase = m.phase;
         }
+        ordered_before(&m.order[phase & 1]);  // the copies, before the waits that see the phase complete
+        Internal internal;
+        for (auto& c : copies) m.tx -= c.second;
         ++current_block()->progress;
         mbar_complete_if_done(m);
     }
-    return (m.phase & 1u) != (parity & 1u);
+    bool done;
+    {
+        Internal internal;
+        done = (m.phase & 1u) != (parity & 1u);
+    }
+    if (done) ordered_after(&m.order[parity & 1]);
+    return done;
 }
 
 inline void mbar_wait(uint32_t bar, uint32_t parity) {
@@ -258,6 +288,7 @@ inline void mbar_wait(uint32_t bar, uint32_t parity) {
 
 // A copy into shared [dst, dst + bytes) must not overwrite an mbarrier.
 inline void check_no_barrier(uint32_t dst, uint64_t bytes, const char* who) {
+    Internal internal;
     const Block& b = *current_block();
     const auto it = b.mbars.lower_bound(dst >= 7 ? dst - 7 : 0);
     if (it != b.mbars.end() && it->first < dst + bytes)
@@ -272,7 +303,14 @@ inline void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t ba
                           " (sizes and addresses: multiples of 16)");
     unsigned char* d = shared_bytes(dst, bytes, who);
     check_no_barrier(dst, bytes, who);
-    mbarrier(bar, who).copies.emplace_back([d, src, bytes] { std::memcpy(d, src, bytes); }, bytes);
+    async_read(src, bytes);
+    async_write(d, bytes);
+    MBarrier& m = mbarrier(bar, who);
+    {
+        Internal internal;
+        m.copies.emplace_back([d, src, bytes] { std::memcpy(d, src, bytes); }, bytes);
+    }
+    ordered_before(&m.copies);
 }
 
 // cp.async.bulk.tensor.Nd.shared.global.tile.mbarrier::complete_tx::bytes [dst], [map, {c...}], [bar]
@@ -318,7 +356,13 @@ inline void tma_load(uint32_t dst, const CUtensorMap* map, const int32_t* coords
             for (int i = 0; i < r && ++idx[i] == t.box[i]; ++i) idx[i] = 0;
         }
     };
-    mbarrier(bar, who).copies.emplace_back(copy, uint32_t(total));
+    async_write(window + dst, total);
+    MBarrier& m = mbarrier(bar, who);
+    {
+        Internal internal;
+        m.copies.emplace_back(copy, uint32_t(total));
+    }
+    ordered_before(&m.copies);
 }
 
 inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1, uint32_t bar) {
@@ -329,7 +373,8 @@ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_
 // ---- wgmma ----------------------------------------------------------------------------------------
 
 // Row r's 32 bytes [k0, k0 + 32) of a K-major operand through its matrix descriptor.
-inline void wgmma_operand_row(uint64_t desc, int r, int8_t (&out)[32], const char* who) {
+// Returns the host address of the 128-byte swizzle row the bytes lie in.
+inline const unsigned char* wgmma_operand_row(uint64_t desc, int r, int8_t (&out)[32], const char* who) {
     const uint32_t start = uint32_t(desc & 0x3FFF) << 4, sbo = uint32_t(desc >> 32 & 0x3FFF) << 4;
     const unsigned base_offset = unsigned(desc >> 49 & 7), mode = unsigned(desc >> 62);
     if (mode != 1) fatal_at(who, "descriptor swizzle mode " + std::to_string(mode) + " (the stand-in models the 128-byte swizzle, mode 1)");
@@ -342,6 +387,7 @@ inline void wgmma_operand_row(uint64_t desc, int r, int8_t (&out)[32], const cha
         const uint32_t a = row + k;
         out[k] = int8_t(p[a ^ ((a >> 7 & 7) << 4)]);
     }
+    return p + (row & ~127u);
 }
 
 inline void wgmma_execute(Fiber& f, const WgmmaOp& op) {
@@ -378,6 +424,13 @@ inline void wgmma_s8(int* d, int n, uint64_t desc_a, uint64_t desc_b, bool accum
     warpgroup_collective("wgmma.mma_async");
     Fiber& f = fiber();
     if (!f.wg_fenced) fatal("wgmma.mma_async: a batch without a wgmma.fence before it");
+    {  // the operand rows this thread's registers need, read from now until the wait (race checking)
+        const int wq = f.warp % 4, gid = f.lane >> 2, tig = f.lane & 3;
+        int8_t row[32];
+        for (int h = 0; h < 2; ++h) async_read(wgmma_operand_row(desc_a, 16 * wq + gid + 8 * h, row, "wgmma.mma_async"), 128);
+        for (int j = 0; j < n / 8; ++j)
+            for (int c = 0; c < 2; ++c) async_read(wgmma_operand_row(desc_b, 8 * j + 2 * tig + c, row, "wgmma.mma_async"), 128);
+    }
     auto it = f.wg_inflight.find(d);
     if (it == f.wg_inflight.end())
         f.wg_inflight.emplace(d, std::make_pair(std::vector<int>(d, d + n / 2), 1));

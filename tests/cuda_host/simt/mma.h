@@ -33,6 +33,7 @@ inline Warp& mma_gather(const char* fn, std::initializer_list<uint32_t> regs) {
 
 // m16n8k256 .b1 AND + POPC: d[row, col] += Σ_K popc(A[row, K] AND B[K, col]).
 inline void mma_b1(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    Internal internal;  // (registers only: the lanes' operands in the warp's table)
     const Warp& w = mma_gather("mma.m16n8k256.b1", {a0, a1, a2, a3, b0, b1});
     const int lane = fiber().lane, gid = lane >> 2, tig = lane & 3;
     for (int e = 0; e < 4; ++e) {
@@ -51,6 +52,7 @@ inline void mma_b1(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t 
 
 // m16n8k32 .s8: d[row, col] += Σ_K A[row, K] · B[K, col], signed bytes, int32.
 inline void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    Internal internal;  // (registers only: the lanes' operands in the warp's table)
     const Warp& w = mma_gather("mma.m16n8k32.s8", {a0, a1, a2, a3, b0, b1});
     const int lane = fiber().lane, gid = lane >> 2, tig = lane & 3;
     auto byte = [](uint32_t r, int i) { return int(int8_t(uint8_t(r >> (8 * i)))); };
@@ -68,6 +70,7 @@ inline void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t 
 
 // m16n8k16 .f16 -> .f32: d[row, col] += Σ_K A[row, K] · B[K, col].
 inline void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    Internal internal;  // (registers only: the lanes' operands in the warp's table)
     const Warp& w = mma_gather("mma.m16n8k16.f16", {a0, a1, a2, a3, b0, b1});
     const int lane = fiber().lane, gid = lane >> 2, tig = lane & 3;
     auto half = [](uint32_t r, int i) { return double(flexquant::fp16_to_fp32(uint16_t(r >> (16 * i)))); };
@@ -100,7 +103,11 @@ namespace simt {
 
 // cp.async.cg 16 bytes, commit_group, wait_group N: a copy is done when its group is waited for, not
 // before, so a kernel that reads shared memory before the wait reads the poison.
-inline void copy16(void* dst, const void* src) { fiber().cp_open.emplace_back(dst, src); }
+inline void copy16(void* dst, const void* src) {
+    async_read(src, 16);
+    async_write(dst, 16);
+    fiber().cp_open.emplace_back(dst, src);
+}
 inline void cp_commit() {
     Fiber& f = fiber();
     f.cp_groups.push_back(std::move(f.cp_open));
@@ -122,11 +129,15 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
     Warp& w = b.warps[size_t(f.warp)];
     if (w.live != 32) fatal("ldmatrix with " + std::to_string(w.live) + " live lanes (needs 32)");
     if (reinterpret_cast<uintptr_t>(row) % 16) fatal("ldmatrix: a row address that is not 16-byte aligned");
-    w.slot[f.lane] = reinterpret_cast<uintptr_t>(row);
-    warp_barrier("ldmatrix");
-    if (w.live != 32) fatal("ldmatrix with " + std::to_string(w.live) + " live lanes (needs 32)");
-    for (int i = 0; i < 4; ++i)
-        std::memcpy(&r[i], reinterpret_cast<const char*>(uintptr_t(w.slot[8 * i + f.lane / 4])) + 4 * (f.lane % 4), 4);
+    const char* rows[4];
+    {
+        Internal internal;  // (the row addresses through the warp's slots)
+        w.slot[f.lane] = reinterpret_cast<uintptr_t>(row);
+        warp_barrier("ldmatrix");
+        if (w.live != 32) fatal("ldmatrix with " + std::to_string(w.live) + " live lanes (needs 32)");
+        for (int i = 0; i < 4; ++i) rows[i] = reinterpret_cast<const char*>(uintptr_t(w.slot[8 * i + f.lane / 4]));
+    }
+    for (int i = 0; i < 4; ++i) std::memcpy(&r[i], rows[i] + 4 * (f.lane % 4), 4);  // (shared memory: checked)
     warp_barrier("ldmatrix (done)");
 }
 

@@ -62,21 +62,33 @@ thread_local std::vector<ucontext_t> g_ctx;  // fiber i at i, the scheduler last
 
 [[noreturn]] void fiber_main() {
     Block& b = *current_block();
+    ordered_after(&b.tsan_host);  // the host's work before the launch (run_block)
     b.body();
-    Fiber& f = b.fibers[size_t(b.cur)];
-    if (!f.wg_open.empty() || !f.wg_groups.empty())
-        fatal("thread " + std::to_string(b.cur) + " returned with wgmma issued but not waited for (wgmma.wait_group)");
-    f.done = true;
-    ++b.progress;
-    // A returned thread counts as arrived at every barrier its block or warp waits on.
-    --b.live;
-    open_if_complete(b.arrived, b.live, b.gen);
-    Warp& w = b.warps[size_t(f.warp)];
-    --w.live;
-    open_if_complete(w.arrived, w.live, w.gen);
-    WarpGroup& g = b.groups[size_t(f.warp / 4)];
-    --g.live;
-    open_if_complete(g.arrived, g.live, g.gen);
+    Fiber& f = fiber();
+    // A returned thread's work is ordered before the barriers its block and warp open from now on.
+    unsigned bg, wg;
+    {
+        Internal internal;
+        bg = b.gen, wg = b.warps[size_t(f.warp)].gen;
+    }
+    ordered_before(&b.order[bg & 1]);
+    ordered_before(&b.warps[size_t(f.warp)].order[wg & 1]);
+    {
+        Internal internal;
+        if (!f.wg_open.empty() || !f.wg_groups.empty())
+            fatal("thread " + std::to_string(b.cur) + " returned with wgmma issued but not waited for (wgmma.wait_group)");
+        f.done = true;
+        ++b.progress;
+        // A returned thread counts as arrived at every barrier its block or warp waits on.
+        --b.live;
+        open_if_complete(b.arrived, b.live, b.gen);
+        Warp& w = b.warps[size_t(f.warp)];
+        --w.live;
+        open_if_complete(w.arrived, w.live, w.gen);
+        WarpGroup& g = b.groups[size_t(f.warp / 4)];
+        --g.live;
+        open_if_complete(g.arrived, g.live, g.gen);
+    }
     yield();
     fatal("a returned fiber was resumed");
 }
@@ -100,8 +112,13 @@ void* fresh_stack(char* base) {
 
 }  // namespace
 
-void yield() {
+SIMT_NO_TSAN void yield() {
     Block& b = *current_block();
+#if defined(__SANITIZE_THREAD__)
+    // a returned thread's switch orders its work before the host's; a waiting thread's, nothing
+    const unsigned flags = b.fibers[size_t(b.cur)].done ? 0 : __tsan_switch_to_fiber_no_sync;
+    __tsan_switch_to_fiber(b.tsan_host, flags);
+#endif
 #if defined(__x86_64__)
     simt_switch(&b.fibers[size_t(b.cur)].sp, b.sched_sp);
 #else
@@ -143,16 +160,27 @@ void run_block(Block& b) {
     // shared memory is not initialized on a GPU: a block that reads what it did not write reads NaN
     const auto lo = reinterpret_cast<uintptr_t>(&__start_simt_smem[0]), hi = reinterpret_cast<uintptr_t>(&__stop_simt_smem[0]);
     if (lo != 0 && hi > lo) std::memset(&__start_simt_smem[0], 0xff, size_t(hi - lo));
+#if defined(__SANITIZE_THREAD__)
+    b.tsan_host = __tsan_get_current_fiber();
+    for (Fiber& f : b.fibers) f.tsan = __tsan_create_fiber(0);
+#endif
     b.live = int(n);
     b.arrived = 0;
     b.gen = 0;
     b.progress = 0;
-    current_block() = &b;
+    g_block = &b;
+    ordered_before(&b.tsan_host);  // (the last of the host's work before the threads start)
     while (b.live > 0) {
         const uint64_t before = b.progress;
         for (size_t i = 0; i < n; ++i) {
             if (b.fibers[i].done) continue;
             b.cur = int(i);
+#if defined(__SANITIZE_THREAD__)
+            // (no ordering: a sync here would also pass on what the block's returned threads did;
+            // fiber_main orders the host's work before the launch. After this call ThreadSanitizer
+            // counts what runs as the fiber's: nothing more here)
+            __tsan_switch_to_fiber(b.fibers[i].tsan, __tsan_switch_to_fiber_no_sync);
+#endif
 #if defined(__x86_64__)
             simt_switch(&b.sched_sp, b.fibers[i].sp);
 #else
@@ -174,8 +202,11 @@ void run_block(Block& b) {
         if (!m.second.copies.empty())
             fatal("block (" + std::to_string(blockIdx.x) + ", " + std::to_string(blockIdx.y) + ", " + std::to_string(blockIdx.z) +
                   ") ended with bulk copies in flight on the mbarrier at shared address " + hex(m.first));
+#if defined(__SANITIZE_THREAD__)
+    for (Fiber& f : b.fibers) __tsan_destroy_fiber(f.tsan);
+#endif
     b.cur = -1;
-    current_block() = nullptr;
+    g_block = nullptr;
 }
 
 }  // namespace simt

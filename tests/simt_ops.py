@@ -227,7 +227,7 @@ class SimtOps:
         """-> (exit status, stderr, out (64) f32 or None, {a, b, d} of the sm_90 tests (those written))."""
         names = ("deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async",
                  "wgmma", "wgmma_partial", "wgmma_touched", "tma_early", "setmaxnreg_over", "mbar_short",
-                 "race_free", "race_block", "race_warp")
+                 "race_free", "race_block", "race_warp", "wgmma_smem_changed", "race_copy")
         with tempfile.TemporaryDirectory(prefix="simt_") as d:
             (Path(d) / "meta.txt").write_text(f"selftest {names.index(name)}")
             r = self._exec(Path(d), f"selftest {name}", timeout=60)

@@ -276,6 +276,7 @@ def test_entropy_and_top1_cuda_nan_and_ties(cuda_ops):
     ("partial_mma", "an .aligned mma with 16 live lanes (needs 32)"),
     ("wgmma_partial", "wgmma.fence: a .sync.aligned warpgroup instruction that threads of warpgroup 0 returned"),
     ("wgmma_touched", "plain code changed the accumulators of a wgmma in flight"),
+    ("wgmma_smem_changed", "shared memory a wgmma in flight reads changed between its issue and its wait"),
     ("setmaxnreg_over", "simt: deadlock in block (0, 0, 0): 384 threads wait forever"),
     ("mbar_short", "simt: deadlock in block (0, 0, 0): 128 threads wait forever"),
 ])

@@ -57,18 +57,22 @@ def race_ops(tmp_path_factory):
 
 
 def test_race_check_reports_races_and_only_races(race_ops):
-    """A kernel that reads another thread's shared-memory write with no __syncthreads between, and one
-    that relies on a shuffle to publish shared memory within a warp, are reported (with the line of the
-    racing access); the same exchanges ordered by __syncthreads, __syncwarp and atomics are not."""
+    """A kernel that reads another thread's shared-memory write with no __syncthreads between, one
+    that relies on a shuffle to publish shared memory within a warp, and one that reads a bulk copy's
+    destination before waiting on its barrier (the copy may land any time until then) are reported
+    (with the line of the racing access); the same exchanges ordered by __syncthreads, __syncwarp and
+    atomics are not."""
     from simt_ops import RaceReport
 
     rc, err, out, _ = race_ops.selftest_files("race_free")
     assert rc == 0, err
     assert out[0] == 1.0 and out[33] == 64.0  # (thread 0's write seen; 64 atomic increments)
     np.testing.assert_array_equal(out[1:33], (np.arange(32) + 1) % 32)
-    for name in ("race_block", "race_warp"):
+    for name in ("race_block", "race_warp", "race_copy"):
         with pytest.raises(RaceReport, match=r"(?s)WARNING: ThreadSanitizer: data race.*st_race"):
             race_ops.selftest_files(name)
+    rc, err, out, _ = race_ops.selftest_files("wgmma")  # (the copies and the wgmma ordered: no report)
+    assert rc == 0, err
 
 
 def test_race_check_of_the_sm90_model(race_ops):

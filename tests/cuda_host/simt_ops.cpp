@@ -28,7 +28,8 @@
 //                              against A · Bᵀ, 6 a wgmma half the warpgroup skips, 7 accumulators changed
 //                              in flight, 8 a TMA destination read before and after the wait, 9
 //                              setmaxnreg past the register file, 10 an mbarrier wait that never ends;
-//                              races: 11 none, 12 without __syncthreads, 13 within a warp)
+//                              races: 11 none, 12 without __syncthreads, 13 within a warp; 14 a wgmma
+//                              operand changed in flight; 15 a bulk copy's destination read early)
 //                              -> out (64) f32; 5..10 also a (50, 128) i8, b (128, 128) i8, d (64, 128) i32
 //   multi count k max_bits group_size m path warps prefetch, then per linear i: n_i bits_i n_planes_i
 //                              plane_bytes_i; planes<i>, qparams<i>, x -> y<i> (m, n_i)
@@ -111,6 +112,25 @@ __global__ void st_race(int mode, float* out) {
     }
 }
 
+// A bulk copy's destination read by another thread after the issue (a __syncthreads after it) but
+// before the wait: the copy may land at any time until the wait (race_copy, a race).
+__global__ void st_race_copy(const float* src, float* out) {
+    uint8_t* const smem = reinterpret_cast<uint8_t*>(::simt::dynamic_smem(128));
+    const uint32_t bar = uint32_t(__cvta_generic_to_shared(smem)), dst = bar + 128;
+    if (threadIdx.x == 0) simt::mbar_init(bar, 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        simt::mbar_arrive(bar, 256);
+        simt::bulk_load(dst, src, 256, bar);
+    }
+    __syncthreads();
+    if (threadIdx.x == 1) {
+        out[0] = reinterpret_cast<const float*>(smem + 128)[0];  // too early
+        simt::mbar_wait(bar, 0);
+        out[1] = reinterpret_cast<const float*>(smem + 128)[0];
+    }
+}
+
 // sm_90 (hopper.h). One warpgroup TMA-loads A (50 x 128 int8 in memory, a box of 64 rows: rows 50..63
 // out of bounds) and B (128 x 128) with the 128-byte swizzle, then runs 4 wgmma m64n128k32 steps along
 // K (the descriptors' start + 32 k) into accumulators that start at 7 (the first step overwrites):
@@ -141,8 +161,8 @@ __global__ void st_wgmma(const __grid_constant__ CUtensorMap ta, const __grid_co
     for (int q = 0; q < 64; ++q)  // (PTX ISA, wgmma "Register fragments: D")
         out[(16 * w + lane / 4 + 8 * (q % 4 / 2)) * 128 + 8 * (q / 4) + 2 * (lane % 4) + q % 2] = d[q];
 }
-// Rule breakers: a wgmma that half the warpgroup skips; accumulators changed while their wgmma is in
-// flight; three warpgroups that all raise their registers to 256 (the register file cannot give
+// Rule breakers: a wgmma that half the warpgroup skips; accumulators (or an operand in shared memory)
+// changed while their wgmma is in flight; three warpgroups that all raise their registers to 256 (the register file cannot give
 // them: a GPU waits forever too).
 __global__ void st_wgmma_partial(int* out) {
     if (threadIdx.x >= 64) return;
@@ -150,7 +170,7 @@ __global__ void st_wgmma_partial(int* out) {
     simt::wgmma_fence();
     out[threadIdx.x] = d[0];
 }
-__global__ void st_wgmma_touched(const __grid_constant__ CUtensorMap tb, int* out) {
+__global__ void st_wgmma_touched(const __grid_constant__ CUtensorMap tb, int* out, int operand) {
     uint8_t* const smem = reinterpret_cast<uint8_t*>(::simt::dynamic_smem(1024));
     const uint32_t b_s = uint32_t(__cvta_generic_to_shared(smem)), bar = b_s + 128 * 128;
     if (threadIdx.x == 0) {
@@ -164,7 +184,8 @@ __global__ void st_wgmma_touched(const __grid_constant__ CUtensorMap tb, int* ou
     simt::wgmma_fence();
     simt::wgmma_s8(d, 128, st_desc(b_s), st_desc(b_s), false);
     simt::wgmma_commit();
-    d[5] += 1;  // too early
+    if (!operand) d[5] += 1;                                   // too early: the accumulators
+    if (operand && threadIdx.x == 0) smem[0] = uint8_t(smem[0] + 1);  // too early: an operand
     simt::wgmma_wait(0);
     out[threadIdx.x] = d[5];
 }
@@ -202,7 +223,7 @@ CUtensorMap st_map(const int8_t* base, uint64_t rows, uint32_t box_rows) {
 
 void selftest(const std::string& name) {
     if (name == "wgmma" || name == "wgmma_partial" || name == "wgmma_touched" || name == "tma_early" ||
-        name == "mbar_short" || name == "setmaxnreg_over") {
+        name == "mbar_short" || name == "setmaxnreg_over" || name == "wgmma_smem_changed") {
         std::vector<int8_t> a(ST_A_ROWS * 128), b(128 * 128);
         uint32_t x = 12345;  // every int8 value, the extremes included
         for (auto& v : a) v = int8_t((x = x * 1664525u + 1013904223u) >> 24);
@@ -217,7 +238,8 @@ void selftest(const std::string& name) {
         cuda_check(cudaFuncSetAttribute(st_tma_early, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "selftest");
         if (name == "wgmma") launch_kernel(st_wgmma, dim3(1), dim3(128), smem, nullptr, ta, tb, d.data());
         if (name == "wgmma_partial") launch_kernel(st_wgmma_partial, dim3(1), dim3(128), 0, nullptr, d.data());
-        if (name == "wgmma_touched") launch_kernel(st_wgmma_touched, dim3(1), dim3(128), smem, nullptr, tb, d.data());
+        if (name == "wgmma_touched" || name == "wgmma_smem_changed")
+            launch_kernel(st_wgmma_touched, dim3(1), dim3(128), smem, nullptr, tb, d.data(), int(name == "wgmma_smem_changed"));
         if (name == "tma_early" || name == "mbar_short")
             launch_kernel(st_tma_early, dim3(1), dim3(128), smem, nullptr, tb, f.data(), name == "tma_early" ? 0u : 16u);
         if (name == "setmaxnreg_over") launch_kernel(st_setmaxnreg_over, dim3(1), dim3(384), 0, nullptr);
@@ -237,6 +259,7 @@ void selftest(const std::string& name) {
     if (name == "shared_poison") launch_kernel(st_shared_poison, dim3(2), dim3(32), 0, nullptr, f.data());
     if (name == "race_free" || name == "race_block" || name == "race_warp")
         launch_kernel(st_race, dim3(1), dim3(64), 0, nullptr, name == "race_free" ? 0 : name == "race_block" ? 1 : 2, f.data());
+    if (name == "race_copy") launch_kernel(st_race_copy, dim3(1), dim3(32), 512, nullptr, src.data(), f.data());
     if (name == "cp_async") launch_kernel(st_cp_async, dim3(1), dim3(32), 512, nullptr, src.data(), f.data());
     cuda_check(cudaGetLastError(), "selftest " + name);
     write_file(g_dir + "/out.out", f);
@@ -410,9 +433,9 @@ void run(const std::string& op, const std::vector<int64_t>& a) {
     } else if (op == "selftest") {
         static const char* names[] = {"deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async",
                                       "wgmma", "wgmma_partial", "wgmma_touched", "tma_early", "setmaxnreg_over",
-                                      "mbar_short", "race_free", "race_block", "race_warp"};
+                                      "mbar_short", "race_free", "race_block", "race_warp", "wgmma_smem_changed", "race_copy"};
         need(1);
-        if (a[0] < 0 || a[0] >= 14) throw std::runtime_error("selftest: no test " + std::to_string(a[0]));
+        if (a[0] < 0 || a[0] >= 16) throw std::runtime_error("selftest: no test " + std::to_string(a[0]));
         selftest(names[a[0]]);
     } else {
         throw std::runtime_error("unknown op " + op);

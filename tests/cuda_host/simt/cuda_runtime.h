@@ -48,6 +48,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -103,8 +104,9 @@ SIMT_VEC4(unsigned char, uchar4, 4)
 // every departure); an mbarrier arrival before the wait that sees its phase complete; a bulk copy's
 // issue before its completion, and that before the waits on its barrier; the host before a block's
 // threads and those before the host. Shuffles, ballots, mma and ldmatrix exchange registers but
-// order no memory, so they declare nothing. The stand-in's own bookkeeping, which every fiber
-// touches (barrier counts, the warps' exchange slots), is left out of the detection (Internal).
+// order no memory, so they declare nothing. Deferred copies run on their issuer's copy engine (a
+// fiber of its own: as_copy_engine). The stand-in's own bookkeeping, which every fiber touches
+// (barrier counts, the warps' exchange slots, pending copies), is left out of the detection (Internal).
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
 extern "C" {
@@ -132,11 +134,13 @@ struct Internal {  // within its scope, this fiber's reads and writes are not ch
 // What this fiber did so far happens before what any fiber does after a later ordered_after(sync).
 inline void ordered_before(const void* sync) { __tsan_release(const_cast<void*>(sync)); }
 inline void ordered_after(const void* sync) { __tsan_acquire(const_cast<void*>(sync)); }
-// An asynchronous copy or product (cp.async, TMA, wgmma) may read and write its operands at any time
-// from its issue to its wait; the stand-in does the work at the wait, and declares the accesses at
-// the issue too, so that a kernel that reuses a buffer too early is reported.
-inline void async_read(const void* p, size_t n) { __tsan_read_range(const_cast<void*>(p), n); }
-inline void async_write(void* p, size_t n) { __tsan_write_range(p, n); }
+// Accesses the stand-in makes on a thread's behalf, declared as that thread's: an asynchronous copy
+// or product (cp.async, TMA, wgmma) may read and write its operands at any time from its issue to
+// its wait, so they are declared at the issue too (a kernel that reuses a buffer too early is
+// reported); ldmatrix's rows are read by the lanes that give their addresses.
+inline void declare_read(const void* p, size_t n) { __tsan_read_range(const_cast<void*>(p), n); }
+inline void declare_write(void* p, size_t n) { __tsan_write_range(p, n); }
+
 }  // namespace simt
 #else
 #define SIMT_NO_TSAN
@@ -146,10 +150,49 @@ struct Internal {
 };
 inline void ordered_before(const void*) {}
 inline void ordered_after(const void*) {}
-inline void async_read(const void*, size_t) {}
-inline void async_write(void*, size_t) {}
+inline void declare_read(const void*, size_t) {}
+inline void declare_write(void*, size_t) {}
 }  // namespace simt
+
 #endif
+
+namespace simt {
+// A copy the stand-in makes later than its issue (cp.async, bulk copies, TMA), as plain data (the copy
+// engine reads it uninstrumented: it is the stand-in's bookkeeping). `issued`: an ordering object of
+// its own that the issuing thread releases at the issue (race checking).
+struct PendingCopy {
+    unsigned char* dst = nullptr;        // plain: bytes from src to dst
+    const unsigned char* src = nullptr;
+    uint32_t bytes = 0;
+    bool tensor = false;                 // TMA: the box at coords of the tensor map (hopper.h) into the
+    uint32_t dst_addr = 0;               // shared address dst_addr of the window
+    unsigned char* window = nullptr;
+    int32_t coords[5] = {};
+    unsigned char map[128] = {};
+    int issuer = 0;
+    std::shared_ptr<char> issued = std::make_shared<char>(0);
+};
+inline void perform_copy(const PendingCopy& c);  // hopper.h (SIMT_NO_TSAN: it declares its accesses)
+
+// Does copy c as the copy engine of the thread that issued it (`engine`, a ThreadSanitizer fiber of its
+// own): ordered after the copy's issue and before `landed`, and after nothing else, so the thread
+// that happens to complete it inherits none of the issuer's work, and its own reads of the
+// destination before its wait race with the copy. (The engine runs on the current thread's stack:
+// nothing here is instrumented, perform_copy declares what it touches.)
+SIMT_NO_TSAN inline void as_copy_engine(void* engine, const PendingCopy& c, const void* landed) {
+#if defined(__SANITIZE_THREAD__)
+    void* const me = __tsan_get_current_fiber();
+    __tsan_switch_to_fiber(engine, __tsan_switch_to_fiber_no_sync);
+    __tsan_acquire(c.issued.get());
+    perform_copy(c);
+    __tsan_release(const_cast<void*>(landed));
+    __tsan_switch_to_fiber(me, __tsan_switch_to_fiber_no_sync);
+#else
+    (void)engine, (void)landed;
+    perform_copy(c);
+#endif
+}
+}  // namespace simt
 
 // ---- the fiber scheduler ------------------------------------------------------------------------
 // The block's coordinates and the launch's shape: plain variables, as one block runs at a time.
@@ -169,6 +212,7 @@ struct WgmmaOp {
     int n;
     uint64_t a, b;
     bool accumulate;
+    std::vector<int8_t> rows;  // the operand rows this thread's registers need, as read at the issue
 };
 
 struct Fiber {
@@ -176,11 +220,13 @@ struct Fiber {
     dim3 tid;
     int lane = 0, warp = 0;
     bool done = false;
-    void* tsan = nullptr;  // its ThreadSanitizer fiber (a -fsanitize=thread build)
+    void* tsan = nullptr;    // its ThreadSanitizer fiber (a -fsanitize=thread build)
+    void* engine = nullptr;  // and that of its copy engine (as_copy_engine)
     // cp.async: the copies issued since the last commit, and the committed groups not yet waited for
     // (done in cp.async.wait_group, not before: a read of their destination before the wait shows)
-    std::vector<std::pair<void*, const void*>> cp_open;
-    std::deque<std::vector<std::pair<void*, const void*>>> cp_groups;
+    std::vector<PendingCopy> cp_open;
+    std::deque<std::vector<PendingCopy>> cp_groups;
+    char cp_landed = 0;  // race checking: the copies of a cp.async.wait_group, before the thread's next step
     // wgmma (hopper.h): the products issued since the last commit, the committed groups not yet
     // waited for (done in wgmma.wait_group, not before), and whether a wgmma.fence opened this batch
     std::vector<WgmmaOp> wg_open;
@@ -197,6 +243,7 @@ struct WarpGroup {
     int live = 0, arrived = 0;
     unsigned gen = 0;
     const char* at[128] = {};
+    uint64_t operands[128][3] = {};  // each thread's operands of the instruction (all must agree)
     unsigned full_gen = 0;  // the last generation that opened with all 128 threads arrived
     int regs = 0;
 };
@@ -209,7 +256,7 @@ struct MBarrier {
     uint32_t count = 0, pending = 0;
     int64_t tx = 0;
     uint32_t phase = 0;
-    std::vector<std::pair<std::function<void()>, uint32_t>> copies;  // (the copy, its bytes)
+    std::vector<PendingCopy> copies;
     char order[2] = {};  // race checking: the orderings of the phases, by parity
 };
 
@@ -240,7 +287,7 @@ struct Block {
     unsigned char* smem_window = nullptr;
     size_t dyn_bytes = 0, dyn_offset = 0;
     std::vector<WarpGroup> groups;
-    int reg_pool = 0;                    // registers of the SM's file no warpgroup holds (setmaxnreg)
+    int reg_pool = 0;                    // the block's pool of registers setmaxnreg.dec released (.inc takes from it)
     std::map<uint32_t, MBarrier> mbars;  // by shared address
     uint64_t progress = 0;               // arrivals, releases, ends: a pass without any is a deadlock
     void* tsan_host = nullptr;           // the scheduler's ThreadSanitizer fiber (its address: the launch's ordering)
@@ -366,6 +413,7 @@ constexpr int warpSize = 32;
 inline void __syncthreads() { simt::block_barrier(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
     simt::check_mask(mask, "__syncwarp");
+    if (mask != 0xffffffffu) simt::fatal("__syncwarp with a partial mask is not modelled (the stand-in syncs every live lane)");
     const simt::Warp& w = simt::current_block()->warps[size_t(simt::fiber().warp)];
     unsigned g;
     {
@@ -423,16 +471,21 @@ template <class T> inline T __ldlu(const T* p) { return *p; }
 template <class T> inline void __stcs(T* p, T v) { *p = v; }
 template <class T> inline void __stcg(T* p, T v) { *p = v; }
 namespace simt {
-template <class T, class F>  // *p = f(*p), atomically; returns the old value
+template <class T, class F>  // *p = f(*p), atomically (through T's bits: floats, halves too); returns the old value
 inline T atomic_update(T* p, F f) {
-    T o = __atomic_load_n(p, __ATOMIC_RELAXED);
-    while (!__atomic_compare_exchange_n(p, &o, f(o), false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
-    return o;
-}
-template <class F>  // floats through their bits
-inline float atomic_update(float* p, F f) {
-    auto* u = reinterpret_cast<uint32_t*>(p);
-    return from_bits<float>(atomic_update(u, [&](uint32_t o) { return uint32_t(to_bits(f(from_bits<float>(o)))); }));
+    using U = typename std::conditional<sizeof(T) == 2, uint16_t,
+                                        typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type>::type;
+    static_assert(sizeof(T) == sizeof(U), "atomics on 2, 4 or 8 bytes");
+    auto* u = reinterpret_cast<U*>(p);
+    U o = __atomic_load_n(u, __ATOMIC_RELAXED);
+    for (;;) {
+        T old, val;
+        std::memcpy(&old, &o, sizeof(T));
+        val = f(old);
+        U n;
+        std::memcpy(&n, &val, sizeof(T));
+        if (__atomic_compare_exchange_n(u, &o, n, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return old;
+    }
 }
 }  // namespace simt
 template <class T> inline T atomicAdd(T* p, T v) { return simt::atomic_update(p, [v](T o) { return T(o + v); }); }
@@ -615,9 +668,9 @@ struct cudaFuncAttributes {
 namespace simt {
 // Registers per thread at launch, for every kernel: the stand-in allocates none, and reports what
 // ptxas gives a __launch_bounds__(384, 1) kernel (65,536 / 384, down to a multiple of 8), the wgmma
-// GEMM's: its host code checks that setmaxnreg can be satisfied, and hopper.h's setmaxnreg models the
-// block's register file from it.
-constexpr int REGS_AT_LAUNCH = 168, REGISTER_FILE = 65536;
+// GEMM's: its host code checks that setmaxnreg can be satisfied, and hopper.h's setmaxnreg starts
+// every warpgroup there.
+constexpr int REGS_AT_LAUNCH = 168;
 }  // namespace simt
 template <class F>
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F*) {

@@ -20,15 +20,16 @@
 //    in bits 32-45, swizzle mode in bits 62-63; the 128-byte swizzle only): row r's byte k at
 //    start + (r / 8)·SBO + (r % 8)·128 + k, swizzled as TMA writes it. D, N/2 int32 per thread: warp w
 //    of the warpgroup holds rows 16w..16w+15; register 4j + e of lane l is row 16w + l/4 + 8·(e/2),
-//    column 8j + 2·(l%4) + e%2. The products are done at the wgmma.wait_group that covers them, from
-//    shared memory as it is then; accumulators that plain code changes in between are an error.
-//    A wgmma.fence must open each batch (stricter than the ISA, which needs it only when plain code
-//    touched the registers: the kernels fence every batch).
-//  - setmaxnreg.inc / .dec: the warpgroup's registers per thread, from the block's register file
-//    (65,536, REGS_AT_LAUNCH per thread at launch); an increase waits until other warpgroups' decreases
-//    left enough, as on a GPU (one that never can is reported as a deadlock).
+//    column 8j + 2·(l%4) + e%2. The operands are read at the issue and the products done at the
+//    wgmma.wait_group that covers them: shared memory they read that changes in between, and
+//    accumulators that plain code changes in between, are errors. N must be one the ISA allows for
+//    s8, and the descriptors' reserved bits 0. A wgmma.fence must open each batch (stricter than the
+//    ISA, which needs it only when plain code touched the registers: the kernels fence every batch).
+//  - setmaxnreg.inc / .dec: the warpgroup's registers per thread (REGS_AT_LAUNCH at launch), moved to
+//    and from the block's pool (PTX ISA: per CTA, holding what .dec released); an increase waits until
+//    the pool has enough, as on a GPU (one that never can is reported as a deadlock).
 //  - Every instruction here that is .sync.aligned checks that all 128 threads of the warpgroup are at
-//    the same one.
+//    the same one, with the same operands (wgmma's descriptors, N and scale-d).
 //  Not modelled: clusters (.shared::cluster is the block's own shared memory), multicast, the 32- and
 //  64-byte swizzles, interleaved tensor maps, element strides, im2col, TMA stores, the fp16/bf16/fp8
 //  wgmma, and the memory ordering the fences provide (a fence is a no-op here).
@@ -148,8 +149,9 @@ inline CUresult encode_tensor_map_tiled(CUtensorMap* map, CUtensorMapDataType ty
 
 // ---- warpgroup collectives ------------------------------------------------------------------------
 
-// A .sync.aligned warpgroup instruction `what`: all 128 threads of the caller's warpgroup, all at it.
-inline WarpGroup& warpgroup_collective(const char* what) {
+// A .sync.aligned warpgroup instruction `what`: all 128 threads of the caller's warpgroup, all at it,
+// with the same `operands` (3 values; none: zeros).
+inline WarpGroup& warpgroup_collective(const char* what, const uint64_t* operands = nullptr) {
     Internal internal;
     Block& b = *current_block();
     const Fiber& f = fiber();
@@ -163,11 +165,18 @@ inline WarpGroup& warpgroup_collective(const char* what) {
     need_all();
     const unsigned mine = g.gen;
     g.at[t] = what;
+    for (int i = 0; i < 3; ++i) g.operands[t][i] = operands ? operands[i] : 0;
     if (g.arrived + 1 == g.live) {  // the last to arrive: every thread of the warpgroup must be at `what`
-        for (int l = 0; l < 128; ++l)
+        for (int l = 0; l < 128; ++l) {
             if (std::strcmp(g.at[l], what) != 0)
                 fatal("warpgroup " + std::to_string(gi) + ": thread " + std::to_string(t) + " is at " + what +
                       " while thread " + std::to_string(l) + " is at " + g.at[l]);
+            for (int i = 0; i < 3; ++i)
+                if (g.operands[l][i] != g.operands[t][i])
+                    fatal(std::string(what) + ": warpgroup " + std::to_string(gi) + "'s threads " + std::to_string(l) +
+                          " and " + std::to_string(t) + " give operand " + std::to_string(i) + " as " +
+                          hex(g.operands[l][i]) + " and " + hex(g.operands[t][i]) + " (it must be the same)");
+        }
         if (g.live == 128) g.full_gen = mine + 1;
     }
     barrier(g.arrived, g.live, g.gen);
@@ -190,7 +199,7 @@ inline void setmaxnreg(uint32_t n, bool inc) {
         if (inc ? int(n) < g.regs : int(n) > g.regs)
             fatal_at(what, "from " + std::to_string(g.regs) + " to " + std::to_string(n) + " registers per thread");
         const int delta = (int(n) - g.regs) * 128;
-        while (b.reg_pool < delta) yield();  // an increase waits for other warpgroups' decreases
+        while (b.reg_pool < delta) yield();  // an increase waits until decreases left enough in the pool
         b.reg_pool -= delta;
         g.regs = int(n);
         ++b.progress;
@@ -208,6 +217,8 @@ inline MBarrier& mbarrier(uint32_t bar, const char* who) {
     return it->second;
 }
 
+constexpr int64_t TX_LIMIT = (int64_t(1) << 20) - 1;  // the transaction count's range: ±(2^20 - 1)
+
 inline void mbar_complete_if_done(MBarrier& m) {
     Internal internal;
     if (m.pending == 0 && m.tx == 0) {
@@ -217,10 +228,16 @@ inline void mbar_complete_if_done(MBarrier& m) {
     }
 }
 
+// The barrier's 8 bytes in shared memory: init writes them, arrive and test_wait access them
+// atomically, so that a thread using a barrier that no ordering puts after its initialization, or
+// plain code writing over it, is a race (race checking).
+inline uint64_t* mbar_word(uint32_t bar) { return reinterpret_cast<uint64_t*>(shared_bytes(bar, 8, "mbarrier")); }
+
 inline void mbar_init(uint32_t bar, uint32_t count) {
     shared_bytes(bar, 8, "mbarrier.init");
     if (bar % 8) fatal_at("mbarrier.init", "shared address " + hex(bar) + " is not 8-byte aligned");
     if (count == 0 || count >= (1u << 20)) fatal_at("mbarrier.init", "expected count " + std::to_string(count) + " (1..2^20 - 1)");
+    *mbar_word(bar) = 0;  // (a plain store: the race checker's memset interception misses races with atomics)
     Internal internal;
     Block& b = *current_block();
     const auto it = b.mbars.find(bar);
@@ -234,6 +251,7 @@ inline void mbar_init(uint32_t bar, uint32_t count) {
 // arrive (expect_tx = 0) or arrive.expect_tx: the transaction bytes expected first, then one arrival.
 inline void mbar_arrive(uint32_t bar, uint32_t expect_tx) {
     MBarrier& m = mbarrier(bar, expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive");
+    __atomic_fetch_add(mbar_word(bar), uint64_t(0), __ATOMIC_RELAXED);
     uint32_t phase;
     {
         Internal internal;
@@ -241,7 +259,10 @@ inline void mbar_arrive(uint32_t bar, uint32_t expect_tx) {
     }
     ordered_before(&m.order[phase & 1]);  // this thread's work, before the waits that see the phase complete
     Internal internal;
+    const char* who = expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive";
+    if (m.pending == 0) fatal_at(who, "the mbarrier at " + hex(bar) + " expects no more arrivals in its phase");
     m.tx += expect_tx;
+    if (m.tx > TX_LIMIT) fatal_at(who, "the mbarrier at " + hex(bar) + " expects " + std::to_string(m.tx) + " bytes (at most 2^20 - 1)");
     --m.pending;
     ++current_block()->progress;
     mbar_complete_if_done(m);
@@ -251,23 +272,24 @@ inline void mbar_arrive(uint32_t bar, uint32_t expect_tx) {
 // complete on the barrier are done now (the first test after their issue).
 inline bool mbar_test_parity(uint32_t bar, uint32_t parity) {
     MBarrier& m = mbarrier(bar, "mbarrier.try_wait.parity");
-    std::vector<std::pair<std::function<void()>, uint32_t>> copies;
+    (void)__atomic_load_n(mbar_word(bar), __ATOMIC_RELAXED);
+    std::vector<PendingCopy> copies;
+    uint32_t phase;
     {
         Internal internal;
         copies = std::move(m.copies);
         m.copies.clear();
+        phase = m.phase;
     }
     if (!copies.empty()) {
-        ordered_after(&m.copies);  // their issue, before the copies
-        for (auto& c : copies) c.first();  // (shared and global memory: checked)
-        uint32_t phase;
-        {
-            Internal internal;
-            phase = m.phase;
-        }
-        ordered_before(&m.order[phase & 1]);  // the copies, before the waits that see the phase complete
+        Block& b = *current_block();
+        // each by its issuer's copy engine: after its issue, before the waits that see the phase complete
+        for (auto& c : copies)
+            as_copy_engine(b.fibers[size_t(c.issuer)].engine, c, &m.order[phase & 1]);
         Internal internal;
-        for (auto& c : copies) m.tx -= c.second;
+        for (auto& c : copies) m.tx -= c.bytes;
+        std::vector<PendingCopy>().swap(copies);  // (freed here: the records' bookkeeping is the stand-in's)
+        if (m.tx < -TX_LIMIT) fatal_at("mbarrier complete_tx", "the mbarrier at " + hex(bar) + " got " + std::to_string(-m.tx) + " bytes more than expected (at most 2^20 - 1)");
         ++current_block()->progress;
         mbar_complete_if_done(m);
     }
@@ -295,6 +317,16 @@ inline void check_no_barrier(uint32_t dst, uint64_t bytes, const char* who) {
         fatal_at(who, "the destination [" + hex(dst) + ", " + hex(dst + bytes) + ") overwrites the mbarrier at " + hex(it->first));
 }
 
+// A bulk copy issued by this thread, to complete on the mbarrier at bar.
+inline void issue_copy(uint32_t bar, PendingCopy c, const char* who) {
+    MBarrier& m = mbarrier(bar, who);
+    Block& b = *current_block();
+    ordered_before(c.issued.get());
+    Internal internal;
+    c.issuer = b.cur;
+    m.copies.push_back(std::move(c));
+}
+
 // cp.async.bulk.shared.global.mbarrier::complete_tx::bytes [dst], [src], bytes, [bar]
 inline void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
     const char* who = "cp.async.bulk";
@@ -303,14 +335,13 @@ inline void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t ba
                           " (sizes and addresses: multiples of 16)");
     unsigned char* d = shared_bytes(dst, bytes, who);
     check_no_barrier(dst, bytes, who);
-    async_read(src, bytes);
-    async_write(d, bytes);
-    MBarrier& m = mbarrier(bar, who);
-    {
-        Internal internal;
-        m.copies.emplace_back([d, src, bytes] { std::memcpy(d, src, bytes); }, bytes);
-    }
-    ordered_before(&m.copies);
+    declare_read(src, bytes);
+    declare_write(d, bytes);
+    PendingCopy c;
+    c.dst = d;
+    c.src = static_cast<const unsigned char*>(src);
+    c.bytes = bytes;
+    issue_copy(bar, std::move(c), who);
 }
 
 // cp.async.bulk.tensor.Nd.shared.global.tile.mbarrier::complete_tx::bytes [dst], [map, {c...}], [bar]
@@ -335,34 +366,49 @@ inline void tma_load(uint32_t dst, const CUtensorMap* map, const int32_t* coords
                           "-byte inner box (modelled: 1,024-byte aligned boxes of 128-byte rows)");
     unsigned char* window = shared_bytes(dst, total, who) - dst;
     check_no_barrier(dst, total, who);
-    std::vector<int64_t> c(coords, coords + rank);
-    auto copy = [window, dst, total, t, c] {
-        const int r = t.rank;
-        int64_t idx[5] = {0, 0, 0, 0, 0};
-        for (uint64_t o = 0; o < total; o += t.elem) {  // box elements in order, dimension 0 fastest
-            bool inside = true;
-            uint64_t src = t.base;
-            for (int i = 0; i < r; ++i) {
-                const int64_t g = c[size_t(i)] + idx[i];
-                inside = inside && g >= 0 && uint64_t(g) < t.dims[i];
-                src += uint64_t(g) * (i == 0 ? t.elem : t.strides[i - 1]);
-            }
-            uint64_t a = dst + o;
-            if (t.swizzle == CU_TENSOR_MAP_SWIZZLE_128B) a ^= ((a >> 7) & 7) << 4;
-            if (inside)
-                std::memcpy(window + a, reinterpret_cast<const void*>(src), t.elem);
-            else
-                std::memset(window + a, 0, t.elem);  // out of bounds: zeros
-            for (int i = 0; i < r && ++idx[i] == t.box[i]; ++i) idx[i] = 0;
-        }
-    };
-    async_write(window + dst, total);
-    MBarrier& m = mbarrier(bar, who);
-    {
-        Internal internal;
-        m.copies.emplace_back(copy, uint32_t(total));
+    PendingCopy pc;
+    pc.tensor = true;
+    pc.window = window;
+    pc.dst_addr = dst;
+    pc.bytes = uint32_t(total);
+    std::memcpy(pc.coords, coords, sizeof(int32_t) * size_t(rank));
+    std::memcpy(pc.map, map, sizeof pc.map);
+    declare_write(window + dst, total);
+    issue_copy(bar, std::move(pc), who);
+}
+
+// Does a pending copy, as the copy engine (as_copy_engine): uninstrumented, declaring what it writes
+// and reads. TMA: the box in order, dimension 0 fastest; out-of-bounds elements are zeros; the
+// 128-byte swizzle XORs address bits [4, 7) with bits [7, 10).
+SIMT_NO_TSAN inline void perform_copy(const PendingCopy& c) {
+    if (!c.tensor) {
+        declare_read(c.src, c.bytes);
+        declare_write(c.dst, c.bytes);
+        std::memcpy(c.dst, c.src, c.bytes);
+        return;
     }
-    ordered_before(&m.copies);
+    TensorMap t;
+    std::memcpy(&t, c.map, sizeof t);
+    declare_write(c.window + c.dst_addr, c.bytes);
+    int64_t idx[5] = {0, 0, 0, 0, 0};
+    for (uint64_t o = 0; o < c.bytes; o += t.elem) {
+        bool inside = true;
+        uint64_t src = t.base;
+        for (int i = 0; i < t.rank; ++i) {
+            const int64_t g = c.coords[i] + idx[i];
+            inside = inside && g >= 0 && uint64_t(g) < t.dims[i];
+            src += uint64_t(g) * (i == 0 ? t.elem : t.strides[i - 1]);
+        }
+        uint64_t a = c.dst_addr + o;
+        if (t.swizzle == CU_TENSOR_MAP_SWIZZLE_128B) a ^= ((a >> 7) & 7) << 4;
+        if (inside) {
+            declare_read(reinterpret_cast<const void*>(src), t.elem);
+            std::memcpy(c.window + a, reinterpret_cast<const void*>(src), t.elem);
+        } else {
+            std::memset(c.window + a, 0, t.elem);
+        }
+        for (int i = 0; i < t.rank && ++idx[i] == t.box[i]; ++i) idx[i] = 0;
+    }
 }
 
 inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1, uint32_t bar) {
@@ -375,6 +421,9 @@ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_
 // Row r's 32 bytes [k0, k0 + 32) of a K-major operand through its matrix descriptor.
 // Returns the host address of the 128-byte swizzle row the bytes lie in.
 inline const unsigned char* wgmma_operand_row(uint64_t desc, int r, int8_t (&out)[32], const char* who) {
+    // reserved: bits 14-15, 30-31 and 52-61 (bits 46-48 too on sm_90, left unchecked: later targets use them)
+    constexpr uint64_t RESERVED = (uint64_t(3) << 14) | (uint64_t(3) << 30) | (uint64_t(0x3FF) << 52);
+    if (desc & RESERVED) fatal_at(who, "descriptor " + hex(desc) + " sets reserved bits");
     const uint32_t start = uint32_t(desc & 0x3FFF) << 4, sbo = uint32_t(desc >> 32 & 0x3FFF) << 4;
     const unsigned base_offset = unsigned(desc >> 49 & 7), mode = unsigned(desc >> 62);
     if (mode != 1) fatal_at(who, "descriptor swizzle mode " + std::to_string(mode) + " (the stand-in models the 128-byte swizzle, mode 1)");
@@ -390,24 +439,42 @@ inline const unsigned char* wgmma_operand_row(uint64_t desc, int r, int8_t (&out
     return p + (row & ~127u);
 }
 
+// The operand rows thread f's registers need, 32 bytes each: A rows 16w + l/4 and + 8, then B rows
+// 8j + 2·(l%4) + c for j < N/8, c < 2. declare: also declares them read (race checking: at the issue).
+inline std::vector<int8_t> wgmma_rows(const Fiber& f, const WgmmaOp& op, bool declare) {
+    const char* who = "wgmma.mma_async";
+    const int wq = f.warp % 4, gid = f.lane >> 2, tig = f.lane & 3;
+    std::vector<int8_t> rows(size_t(2 + op.n / 4) * 32);
+    auto row = [&](size_t i) -> int8_t(&)[32] { return *reinterpret_cast<int8_t(*)[32]>(rows.data() + 32 * i); };
+    for (int h = 0; h < 2; ++h) {
+        const unsigned char* p = wgmma_operand_row(op.a, 16 * wq + gid + 8 * h, row(size_t(h)), who);
+        if (declare) declare_read(p, 128);
+    }
+    for (int j = 0; j < op.n / 8; ++j)
+        for (int c = 0; c < 2; ++c) {
+            const unsigned char* p = wgmma_operand_row(op.b, 8 * j + 2 * tig + c, row(size_t(2 + 2 * j + c)), who);
+            if (declare) declare_read(p, 128);
+        }
+    return rows;
+}
+
 inline void wgmma_execute(Fiber& f, const WgmmaOp& op) {
     const char* who = "wgmma.mma_async";
     auto& flight = f.wg_inflight[op.d];
     const int regs = op.n / 2;
     if (!std::equal(op.d, op.d + regs, flight.first.begin()))
         fatal_at(who, "plain code changed the accumulators of a wgmma in flight (before the wgmma.wait_group that completes it)");
-    const int wq = f.warp % 4, gid = f.lane >> 2, tig = f.lane & 3;
-    int8_t a[2][32], b[32];
-    wgmma_operand_row(op.a, 16 * wq + gid, a[0], who);
-    wgmma_operand_row(op.a, 16 * wq + gid + 8, a[1], who);
+    if (wgmma_rows(f, op, false) != op.rows)  // (a GPU may read them at any time from the issue to the wait)
+        fatal_at(who, "shared memory a wgmma in flight reads changed between its issue and its wait");
+    const int8_t* a = op.rows.data();
     for (int j = 0; j < op.n / 8; ++j)
         for (int c = 0; c < 2; ++c) {
-            wgmma_operand_row(op.b, 8 * j + 2 * tig + c, b, who);
+            const int8_t* b = a + 32 * (2 + 2 * j + c);
             for (int h = 0; h < 2; ++h) {
-                int sum = 0;
-                for (int k = 0; k < 32; ++k) sum += int(a[h][k]) * int(b[k]);
+                uint32_t sum = 0;  // (int32 arithmetic wraps, as the tensor core's)
+                for (int k = 0; k < 32; ++k) sum += uint32_t(int(a[32 * h + k]) * int(b[k]));
                 int& d = op.d[4 * j + 2 * h + c];
-                d = op.accumulate ? d + sum : sum;
+                d = int(op.accumulate ? uint32_t(d) + sum : sum);
             }
         }
     std::copy(op.d, op.d + regs, flight.first.begin());
@@ -421,22 +488,20 @@ inline void wgmma_fence() {
 
 // wgmma.mma_async.sync.aligned.m64n{n}k32.s32.s8.s8 d, desc_a, desc_b, (accumulate ? 1 : 0)
 inline void wgmma_s8(int* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-    warpgroup_collective("wgmma.mma_async");
+    const uint64_t operands[3] = {desc_a, desc_b, uint64_t(n) << 1 | uint64_t(accumulate)};
+    warpgroup_collective("wgmma.mma_async", operands);
+    if (!(n == 8 || n == 16 || n == 24 || (n % 16 == 0 && n >= 32 && n <= 256)))
+        fatal_at("wgmma.mma_async", "N = " + std::to_string(n) + " (s8: 8, 16, 24, or a multiple of 16 from 32 to 256)");
     Fiber& f = fiber();
     if (!f.wg_fenced) fatal("wgmma.mma_async: a batch without a wgmma.fence before it");
-    {  // the operand rows this thread's registers need, read from now until the wait (race checking)
-        const int wq = f.warp % 4, gid = f.lane >> 2, tig = f.lane & 3;
-        int8_t row[32];
-        for (int h = 0; h < 2; ++h) async_read(wgmma_operand_row(desc_a, 16 * wq + gid + 8 * h, row, "wgmma.mma_async"), 128);
-        for (int j = 0; j < n / 8; ++j)
-            for (int c = 0; c < 2; ++c) async_read(wgmma_operand_row(desc_b, 8 * j + 2 * tig + c, row, "wgmma.mma_async"), 128);
-    }
+    WgmmaOp op{d, n, desc_a, desc_b, accumulate, {}};
+    op.rows = wgmma_rows(f, op, true);
     auto it = f.wg_inflight.find(d);
     if (it == f.wg_inflight.end())
         f.wg_inflight.emplace(d, std::make_pair(std::vector<int>(d, d + n / 2), 1));
     else
         ++it->second.second;
-    f.wg_open.push_back(WgmmaOp{d, n, desc_a, desc_b, accumulate});
+    f.wg_open.push_back(std::move(op));
 }
 
 inline void wgmma_commit() {

@@ -104,9 +104,15 @@ namespace simt {
 // cp.async.cg 16 bytes, commit_group, wait_group N: a copy is done when its group is waited for, not
 // before, so a kernel that reads shared memory before the wait reads the poison.
 inline void copy16(void* dst, const void* src) {
-    async_read(src, 16);
-    async_write(dst, 16);
-    fiber().cp_open.emplace_back(dst, src);
+    declare_read(src, 16);
+    declare_write(dst, 16);
+    Fiber& f = fiber();
+    PendingCopy c;
+    c.dst = static_cast<unsigned char*>(dst);
+    c.src = static_cast<const unsigned char*>(src);
+    c.bytes = 16;
+    ordered_before(c.issued.get());
+    f.cp_open.push_back(std::move(c));
 }
 inline void cp_commit() {
     Fiber& f = fiber();
@@ -115,10 +121,13 @@ inline void cp_commit() {
 }
 inline void cp_wait(size_t pending) {
     Fiber& f = fiber();
+    if (f.cp_groups.size() <= pending) return;
     while (f.cp_groups.size() > pending) {
-        for (const auto& c : f.cp_groups.front()) std::memcpy(c.first, c.second, 16);
+        for (const auto& c : f.cp_groups.front())
+            as_copy_engine(f.engine, c, &f.cp_landed);
         f.cp_groups.pop_front();
     }
+    ordered_after(&f.cp_landed);
 }
 
 // ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8i..8i+7 give the 16-byte row addresses of matrix i (row
@@ -129,15 +138,13 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
     Warp& w = b.warps[size_t(f.warp)];
     if (w.live != 32) fatal("ldmatrix with " + std::to_string(w.live) + " live lanes (needs 32)");
     if (reinterpret_cast<uintptr_t>(row) % 16) fatal("ldmatrix: a row address that is not 16-byte aligned");
-    const char* rows[4];
-    {
-        Internal internal;  // (the row addresses through the warp's slots)
-        w.slot[f.lane] = reinterpret_cast<uintptr_t>(row);
-        warp_barrier("ldmatrix");
-        if (w.live != 32) fatal("ldmatrix with " + std::to_string(w.live) + " live lanes (needs 32)");
-        for (int i = 0; i < 4; ++i) rows[i] = reinterpret_cast<const char*>(uintptr_t(w.slot[8 * i + f.lane / 4]));
-    }
-    for (int i = 0; i < 4; ++i) std::memcpy(&r[i], rows[i] + 4 * (f.lane % 4), 4);  // (shared memory: checked)
+    declare_read(row, 16);  // (the row is read for the lane that gives its address)
+    Internal internal;      // (the exchange of the row addresses and bytes: the stand-in's)
+    w.slot[f.lane] = reinterpret_cast<uintptr_t>(row);
+    warp_barrier("ldmatrix");
+    if (w.live != 32) fatal("ldmatrix with " + std::to_string(w.live) + " live lanes (needs 32)");
+    for (int i = 0; i < 4; ++i)
+        std::memcpy(&r[i], reinterpret_cast<const char*>(uintptr_t(w.slot[8 * i + f.lane / 4])) + 4 * (f.lane % 4), 4);
     warp_barrier("ldmatrix (done)");
 }
 

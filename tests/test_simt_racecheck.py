@@ -33,8 +33,8 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.machine
 
 
 def _tsan_works(cxx: str, tmp) -> bool:
-    """Whether this compiler's ThreadSanitizer builds and runs a program here (some kernels' address
-    layouts defeat it)."""
+    """Whether this compiler's ThreadSanitizer builds and runs a program here (some Linux kernels'
+    mmap/ASLR layouts defeat it)."""
     src = tmp / "t.cpp"
     src.write_text("#include <sanitizer/tsan_interface.h>\nint main() { __tsan_destroy_fiber(__tsan_create_fiber(0)); }\n")
     exe = tmp / "t"
@@ -69,10 +69,8 @@ def test_race_check_reports_races_and_only_races(race_ops):
     assert out[0] == 1.0 and out[33] == 64.0  # (thread 0's write seen; 64 atomic increments)
     np.testing.assert_array_equal(out[1:33], (np.arange(32) + 1) % 32)
     for name in ("race_block", "race_warp", "race_copy"):
-        with pytest.raises(RaceReport, match=r"(?s)WARNING: ThreadSanitizer: data race.*st_race"):
+        with pytest.raises(RaceReport, match=r"(?s)WARNING: ThreadSanitizer: data race.*st_race.*simt_ops\.cpp:\d+"):
             race_ops.selftest_files(name)
-    rc, err, out, _ = race_ops.selftest_files("wgmma")  # (the copies and the wgmma ordered: no report)
-    assert rc == 0, err
 
 
 def test_race_check_of_the_sm90_model(race_ops):

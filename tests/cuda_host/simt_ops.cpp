@@ -27,10 +27,11 @@
 //                              with lanes missing, 3 shared-memory poison, 4 cp.async; sm_90: 5 TMA + wgmma
 //                              against A · Bᵀ, 6 a wgmma half the warpgroup skips, 7 accumulators changed
 //                              in flight, 8 a TMA destination read before and after the wait, 9
-//                              setmaxnreg past the register file, 10 an mbarrier wait that never ends;
-//                              races: 11 none, 12 without __syncthreads, 13 within a warp; 14 a wgmma
-//                              operand changed in flight; 15 a bulk copy's destination read early)
-//                              -> out (64) f32; 5..10 also a (50, 128) i8, b (128, 128) i8, d (64, 128) i32
+//                              setmaxnreg.inc with nothing released before it, 10 an mbarrier wait that
+//                              never ends; races: 11 none, 12 without __syncthreads, 13 within a warp;
+//                              14 a wgmma operand changed in flight; 15 a bulk copy's destination read
+//                              early) -> out (64) f32; 5..10 and 14 also a (50, 128) i8, b (128, 128) i8,
+//                              d (64, 128) i32
 //   multi count k max_bits group_size m path warps prefetch, then per linear i: n_i bits_i n_planes_i
 //                              plane_bytes_i; planes<i>, qparams<i>, x -> y<i> (m, n_i)
 // A flexquant::Error goes to stderr as "error: <message>" with exit status 2.
@@ -173,8 +174,8 @@ __device__ uint32_t st_issue_b(const CUtensorMap& tb, uint8_t* smem, uint32_t ex
     return bar;
 }
 // Rule breakers: a wgmma that half the warpgroup skips; accumulators (or an operand in shared memory)
-// changed while their wgmma is in flight; three warpgroups that all raise their registers to 256
-// (the pool cannot give them: a GPU waits forever too).
+// changed while their wgmma is in flight; a warpgroup that raises its registers with no decrease
+// before it (the block's pool holds only what decreases released: a GPU waits forever too).
 __global__ void st_wgmma_partial(int* out) {
     if (threadIdx.x >= 64) return;
     int d[64] = {};
@@ -234,16 +235,13 @@ void selftest(const std::string& name) {
         std::vector<float> f(64, 0.0f);
         const CUtensorMap ta = st_map(a.data(), ST_A_ROWS, 64), tb = st_map(b.data(), 128, 128);
         const size_t smem = 64 * 128 + 128 * 128 + 64;
-        cuda_check(cudaFuncSetAttribute(st_wgmma, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "selftest");
-        cuda_check(cudaFuncSetAttribute(st_wgmma_touched, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "selftest");
-        cuda_check(cudaFuncSetAttribute(st_tma_early, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "selftest");
         if (name == "wgmma") launch_kernel(st_wgmma, dim3(1), dim3(128), smem, nullptr, ta, tb, d.data());
         if (name == "wgmma_partial") launch_kernel(st_wgmma_partial, dim3(1), dim3(128), 0, nullptr, d.data());
         if (name == "wgmma_touched" || name == "wgmma_smem_changed")
             launch_kernel(st_wgmma_touched, dim3(1), dim3(128), smem, nullptr, tb, d.data(), int(name == "wgmma_smem_changed"));
         if (name == "tma_early" || name == "mbar_short")
             launch_kernel(st_tma_early, dim3(1), dim3(128), smem, nullptr, tb, f.data(), name == "tma_early" ? 0u : 16u);
-        if (name == "setmaxnreg_over") launch_kernel(st_setmaxnreg_over, dim3(1), dim3(384), 0, nullptr);
+        if (name == "setmaxnreg_over") launch_kernel(st_setmaxnreg_over, dim3(1), dim3(128), 0, nullptr);
         cuda_check(cudaGetLastError(), "selftest " + name);
         write_file(g_dir + "/a.out", a);
         write_file(g_dir + "/b.out", b);

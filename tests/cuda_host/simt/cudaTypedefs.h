@@ -3,8 +3,6 @@
 // types, the encoder with the driver's argument checks, and the TMA copies that read its maps).
 #pragma once
 
-#include <cstring>
-
 #include "cuda_runtime.h"
 
 using PFN_cuTensorMapEncodeTiled_v12000 = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,

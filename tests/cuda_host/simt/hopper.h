@@ -32,7 +32,8 @@
 //    the same one, with the same operands (wgmma's descriptors, N and scale-d).
 //  Not modelled: clusters (.shared::cluster is the block's own shared memory), multicast, the 32- and
 //  64-byte swizzles, interleaved tensor maps, element strides, im2col, TMA stores, the fp16/bf16/fp8
-//  wgmma, and the memory ordering the fences provide (a fence is a no-op here).
+//  wgmma, and the memory ordering the memory fences provide (fence.proxy.async and
+//  fence.mbarrier_init are no-ops here; wgmma.fence is checked, above).
 #pragma once
 
 namespace simt {
@@ -191,7 +192,8 @@ inline WarpGroup& warpgroup_collective(const char* what, const uint64_t* operand
 inline void setmaxnreg(uint32_t n, bool inc) {
     const char* what = inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
     if (n < 24 || n > 256 || n % 8) fatal_at(what, "register count " + std::to_string(n) + " (24..256, a multiple of 8)");
-    WarpGroup& g = warpgroup_collective(what);
+    const uint64_t operands[3] = {n, 0, 0};
+    WarpGroup& g = warpgroup_collective(what, operands);
     Internal internal;
     Block& b = *current_block();
     const Fiber& f = fiber();
@@ -499,6 +501,9 @@ inline void wgmma_s8(int* d, int n, uint64_t desc_a, uint64_t desc_b, bool accum
     auto it = f.wg_inflight.find(d);
     if (it == f.wg_inflight.end())
         f.wg_inflight.emplace(d, std::make_pair(std::vector<int>(d, d + n / 2), 1));
+    else if (it->second.first.size() != size_t(n / 2))
+        fatal_at("wgmma.mma_async", "accumulators in flight with another N (" + std::to_string(2 * it->second.first.size()) +
+                                        ", now " + std::to_string(n) + ")");
     else
         ++it->second.second;
     f.wg_open.push_back(std::move(op));

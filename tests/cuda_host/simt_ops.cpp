@@ -434,7 +434,7 @@ void run(const std::string& op, const std::vector<int64_t>& a) {
                                       "wgmma", "wgmma_partial", "wgmma_touched", "tma_early", "setmaxnreg_over",
                                       "mbar_short", "race_free", "race_block", "race_warp", "wgmma_smem_changed", "race_copy"};
         need(1);
-        if (a[0] < 0 || a[0] >= 16) throw std::runtime_error("selftest: no test " + std::to_string(a[0]));
+        if (a[0] < 0 || a[0] >= int64_t(sizeof names / sizeof *names)) throw std::runtime_error("selftest: no test " + std::to_string(a[0]));
         selftest(names[a[0]]);
     } else {
         throw std::runtime_error("unknown op " + op);

@@ -323,17 +323,19 @@ inline void barrier(int& arrived, const int& live, unsigned& gen) {
     if (open_if_complete(arrived, live, gen)) return;
     while (gen == mine) yield();
 }
+// Race checking: the ordering object of the current generation (or mbarrier phase) `gen`, one per
+// parity, so that a thread that passes late is not ordered after another generation's arrivals.
+inline const void* order_of(const char (&order)[2], const unsigned& gen) {
+    Internal internal;  // (gen: the stand-in's state)
+    return &order[gen & 1];
+}
 // __syncthreads: every live thread of the block.
 inline void block_barrier() {
     Block& b = *current_block();
-    unsigned g;
-    {
-        Internal internal;
-        g = b.gen;
-    }
-    ordered_before(&b.order[g & 1]);
+    const void* const order = order_of(b.order, b.gen);
+    ordered_before(order);
     barrier(b.arrived, b.live, b.gen);
-    ordered_after(&b.order[g & 1]);
+    ordered_after(order);
 }
 // A warp collective `what`: every live lane of the caller's warp, all at the same collective (lanes
 // at different ones would exchange each other's values on a GPU, or hang).
@@ -415,14 +417,10 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
     simt::check_mask(mask, "__syncwarp");
     if (mask != 0xffffffffu) simt::fatal("__syncwarp with a partial mask is not modelled (the stand-in syncs every live lane)");
     const simt::Warp& w = simt::current_block()->warps[size_t(simt::fiber().warp)];
-    unsigned g;
-    {
-        simt::Internal internal;
-        g = w.gen;
-    }
-    simt::ordered_before(&w.order[g & 1]);
+    const void* const order = simt::order_of(w.order, w.gen);
+    simt::ordered_before(order);
     simt::warp_barrier();
-    simt::ordered_after(&w.order[g & 1]);
+    simt::ordered_after(order);
 }
 template <class T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {

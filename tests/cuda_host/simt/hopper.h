@@ -233,13 +233,12 @@ inline void mbar_complete_if_done(MBarrier& m) {
 // The barrier's 8 bytes in shared memory: init writes them, arrive and test_wait access them
 // atomically, so that a thread using a barrier that no ordering puts after its initialization, or
 // plain code writing over it, is a race (race checking).
-inline uint64_t* mbar_word(uint32_t bar) { return reinterpret_cast<uint64_t*>(shared_bytes(bar, 8, "mbarrier")); }
+inline uint64_t* mbar_word(uint32_t bar, const char* who) { return reinterpret_cast<uint64_t*>(shared_bytes(bar, 8, who)); }
 
 inline void mbar_init(uint32_t bar, uint32_t count) {
-    shared_bytes(bar, 8, "mbarrier.init");
     if (bar % 8) fatal_at("mbarrier.init", "shared address " + hex(bar) + " is not 8-byte aligned");
     if (count == 0 || count >= (1u << 20)) fatal_at("mbarrier.init", "expected count " + std::to_string(count) + " (1..2^20 - 1)");
-    *mbar_word(bar) = 0;  // (a plain store: the race checker's memset interception misses races with atomics)
+    *mbar_word(bar, "mbarrier.init") = 0;  // (a plain store: the race checker's memset interception misses races with atomics)
     Internal internal;
     Block& b = *current_block();
     const auto it = b.mbars.find(bar);
@@ -252,16 +251,11 @@ inline void mbar_init(uint32_t bar, uint32_t count) {
 
 // arrive (expect_tx = 0) or arrive.expect_tx: the transaction bytes expected first, then one arrival.
 inline void mbar_arrive(uint32_t bar, uint32_t expect_tx) {
-    MBarrier& m = mbarrier(bar, expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive");
-    __atomic_fetch_add(mbar_word(bar), uint64_t(0), __ATOMIC_RELAXED);
-    uint32_t phase;
-    {
-        Internal internal;
-        phase = m.phase;
-    }
-    ordered_before(&m.order[phase & 1]);  // this thread's work, before the waits that see the phase complete
-    Internal internal;
     const char* who = expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive";
+    MBarrier& m = mbarrier(bar, who);
+    __atomic_fetch_add(mbar_word(bar, who), uint64_t(0), __ATOMIC_RELAXED);
+    ordered_before(order_of(m.order, m.phase));  // this thread's work, before the waits that see the phase complete
+    Internal internal;
     if (m.pending == 0) fatal_at(who, "the mbarrier at " + hex(bar) + " expects no more arrivals in its phase");
     m.tx += expect_tx;
     if (m.tx > TX_LIMIT) fatal_at(who, "the mbarrier at " + hex(bar) + " expects " + std::to_string(m.tx) + " bytes (at most 2^20 - 1)");
@@ -273,21 +267,20 @@ inline void mbar_arrive(uint32_t bar, uint32_t expect_tx) {
 // mbarrier.try_wait.parity: whether the phase of this parity has completed. The bulk copies that
 // complete on the barrier are done now (the first test after their issue).
 inline bool mbar_test_parity(uint32_t bar, uint32_t parity) {
-    MBarrier& m = mbarrier(bar, "mbarrier.try_wait.parity");
-    (void)__atomic_load_n(mbar_word(bar), __ATOMIC_RELAXED);
+    const char* who = "mbarrier.try_wait.parity";
+    MBarrier& m = mbarrier(bar, who);
+    (void)__atomic_load_n(mbar_word(bar, who), __ATOMIC_RELAXED);
     std::vector<PendingCopy> copies;
-    uint32_t phase;
     {
         Internal internal;
         copies = std::move(m.copies);
         m.copies.clear();
-        phase = m.phase;
     }
     if (!copies.empty()) {
         Block& b = *current_block();
         // each by its issuer's copy engine: after its issue, before the waits that see the phase complete
-        for (auto& c : copies)
-            as_copy_engine(b.fibers[size_t(c.issuer)].engine, c, &m.order[phase & 1]);
+        const void* const landed = order_of(m.order, m.phase);
+        for (auto& c : copies) as_copy_engine(b.fibers[size_t(c.issuer)].engine, c, landed);
         Internal internal;
         for (auto& c : copies) m.tx -= c.bytes;
         std::vector<PendingCopy>().swap(copies);  // (freed here: the records' bookkeeping is the stand-in's)

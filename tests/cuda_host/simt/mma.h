@@ -121,7 +121,6 @@ inline void cp_commit() {
 }
 inline void cp_wait(size_t pending) {
     Fiber& f = fiber();
-    if (f.cp_groups.size() <= pending) return;
     while (f.cp_groups.size() > pending) {
         for (const auto& c : f.cp_groups.front())
             as_copy_engine(f.engine, c, &f.cp_landed);

@@ -73,13 +73,9 @@ thread_local std::vector<ucontext_t> g_ctx;  // fiber i at i, the scheduler last
     b.body();
     Fiber& f = fiber();
     // A returned thread's work is ordered before the barriers its block and warp open from now on.
-    unsigned bg, wg;
-    {
-        Internal internal;
-        bg = b.gen, wg = b.warps[size_t(f.warp)].gen;
-    }
-    ordered_before(&b.order[bg & 1]);
-    ordered_before(&b.warps[size_t(f.warp)].order[wg & 1]);
+    const Warp& fw = b.warps[size_t(f.warp)];
+    ordered_before(order_of(b.order, b.gen));
+    ordered_before(order_of(fw.order, fw.gen));
     {
         Internal internal;
         if (!f.wg_open.empty() || !f.wg_groups.empty())

@@ -321,6 +321,20 @@ struct GemmA16Traits {
     using Acc = float;
 };
 
+// The tile row of 16-byte chunk c (of PER_ROW per row) that the GEMM's cp.async copies. A 16-byte
+// access is served 8 lanes at a time, and 8 chunks span 2 rows of 64 bytes (4 of 32): consecutive
+// rows, SMEM_PAD apart, would share 4 banks (stride 80 bytes: banks 0-15, then 20-31 and 0-3), a 2-way
+// conflict on every store. Within each group of 8 rows, lanes 8p..8p+7 take rows p, p + PER_ROW, ...
+// instead: row r starts at bank 4·((r·(PER_ROW + 1)) mod 8), so those rows cover the 32 banks once
+// (rows p and p + 4 of 64 bytes, or p, p + 2, p + 4, p + 6 of 32 bytes). Each row is still read whole
+// from global memory (full sectors). tests/test_simt_traffic.py measures the stores conflict-free.
+template <int PER_ROW>
+__device__ __forceinline__ int chunk_row(int c) {
+    static_assert(PER_ROW == 2 || PER_ROW == 4 || PER_ROW == 8, "rows of 32, 64 or 128 bytes");
+    const int in_group = c % (8 * PER_ROW);  // the chunks of 8 rows
+    return c / (8 * PER_ROW) * 8 + in_group / 8 + (in_group % 8) / PER_ROW * PER_ROW;
+}
+
 // Dynamic shared memory of gemm_kernel<T>: STAGES x (BM x-tile rows + BN code rows), padded rows.
 template <class T>
 constexpr int gemm_smem_bytes() {
@@ -404,13 +418,13 @@ gemm_kernel(const uint8_t* __restrict__ acts, const int8_t* __restrict__ codes,
     int a_dst[A_ITERS], b_dst[B_ITERS];
 #pragma unroll
     for (int it = 0; it < A_ITERS; ++it) {
-        const int c = tid + it * THREADS, r = c / A_PER_ROW, q = c % A_PER_ROW;
+        const int c = tid + it * THREADS, r = chunk_row<A_PER_ROW>(c), q = c % A_PER_ROW;
         a_src[it] = acts + (size_t(row0) + size_t(r)) * a_row_bytes + q * 16;
         a_dst[it] = r * A_STRIDE + q * 16;
     }
 #pragma unroll
     for (int it = 0; it < B_ITERS; ++it) {
-        const int c = tid + it * THREADS, r = c / B_PER_ROW, q = c % B_PER_ROW;
+        const int c = tid + it * THREADS, r = chunk_row<B_PER_ROW>(c), q = c % B_PER_ROW;
         b_src[it] = reinterpret_cast<const uint8_t*>(codes) + (size_t(col0) + size_t(r)) * size_t(k_pad) + q * 16;
         b_dst[it] = r * B_STRIDE + q * 16;
     }

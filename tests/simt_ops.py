@@ -10,6 +10,9 @@ fragment layouts (tests/cuda_host/simt/cuda_runtime.h and mma.h say what is mode
 - `build(..., race_check=True)` + `SimtOps(exe, race_check=True)`: the same ops under ThreadSanitizer,
   each fiber a thread to it, so races between a block's threads are reported (`RaceReport`;
   tests/test_simt_racecheck.py).
+- `build(..., traffic=True)` + `SimtOps(exe, traffic=True)`, `build_package(..., traffic=True)`: the
+  kernels' memory traffic, launch by launch (`Traffic`; tests/cuda_host/simt/traffic.cpp,
+  tests/test_simt_traffic.py, tools/kernel_traffic.py).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import re
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +82,14 @@ CUDA_SOURCES = ("device", "dequantize", "bitplane_matmul", "bitplane_matmul_gemm
                 "swiglu", "sampling", "forward")
 
 
-def build_package(cxx: str, out_dir: Path) -> Path:
+def build_package(cxx: str, out_dir: Path, traffic: bool = False) -> Path:
     """The whole package with the stand-in as its CUDA backend: the engine and the bindings compiled
     as CMakeLists.txt compiles them (FLEXQUANT_HAVE_CUDA), cuda/*.cu on the stand-in, linked into
     out_dir/flexquant_rt/_core beside a copy of python/flexquant_rt. With out_dir on PYTHONPATH,
     `Engine(path, backend="cuda")` runs the CUDA forward pass (cuda/forward.cu: graphs, GEMV and GEMM
-    dispatch, batches, tune) on the CPU. Needs pybind11 and the Python headers; ICU if present."""
+    dispatch, batches, tune) on the CPU. Needs pybind11 and the Python headers; ICU if present.
+    traffic: the kernels measure their memory traffic (tests/cuda_host/simt/traffic.cpp): each launch's
+    record goes to $SIMT_TRAFFIC_OUT, and `traffic_mark(text)` writes a line of the caller's between them."""
     import shutil
     import sysconfig
 
@@ -94,13 +100,16 @@ def build_package(cxx: str, out_dir: Path) -> Path:
                     ignore=shutil.ignore_patterns("_core*", "__pycache__"))
     objs, jobs = [], []
     pic = ["-fPIC"]
+    kernel_flags = [*pic, *TRAFFIC_FLAGS] if traffic else pic
+    runtime_flags = [*pic, "-DSIMT_TRAFFIC", "-g"] if traffic else pic
     for stem in CUDA_SOURCES:
         src = _rewrite(stem, out_dir)
         objs.append(out_dir / f"{stem}.cu.o")
-        jobs.append(([cxx, *_simt_flags(pic), "-c", str(src), "-o", str(objs[-1])], f"cuda/{stem}.cu"))
-    objs.append(out_dir / "simt.o")
-    jobs.append(([cxx, *_simt_flags(pic), "-c", str(ROOT / "tests/cuda_host/simt/simt.cpp"), "-o", str(objs[-1])],
-                 "simt.cpp"))
+        jobs.append(([cxx, *_simt_flags(kernel_flags), "-c", str(src), "-o", str(objs[-1])], f"cuda/{stem}.cu"))
+    for stem in ("simt", "traffic") if traffic else ("simt",):
+        objs.append(out_dir / f"{stem}.o")
+        jobs.append(([cxx, *_simt_flags(runtime_flags), "-c", str(ROOT / f"tests/cuda_host/simt/{stem}.cpp"), "-o",
+                      str(objs[-1])], f"{stem}.cpp"))
     icu = subprocess.run(["pkg-config", "--libs", "icu-uc", "icu-i18n"], capture_output=True, text=True) \
         if shutil.which("pkg-config") else None
     have_icu = icu is not None and icu.returncode == 0
@@ -127,19 +136,28 @@ def build_package(cxx: str, out_dir: Path) -> Path:
 # stand-in declares); a report stops the run (exit status 66).
 RACE_FLAGS = ("-fsanitize=thread", "-g")
 TSAN_OPTIONS = "halt_on_error=1:exitcode=66:history_size=4"
+# The traffic-measuring build: the compiler's ThreadSanitizer hooks at every access, answered by
+# tests/cuda_host/simt/traffic.cpp instead of ThreadSanitizer (which is not linked). No SRA and no
+# vectorizing, so that a load of the source stays one access of its size (a uint4: 16 bytes).
+TRAFFIC_FLAGS = ("-fsanitize=thread", "-DSIMT_TRAFFIC", "-fno-tree-sra", "-fno-tree-vectorize", "-g")
 
 
-def build(cxx: str, out_dir: Path, race_check: bool = False) -> Path:
+def build(cxx: str, out_dir: Path, race_check: bool = False, traffic: bool = False) -> Path:
     """Compile the CUDA sources, the fiber scheduler and the driver (tests/cuda_host/simt_ops.cpp);
-    race_check: with ThreadSanitizer (tests/test_simt_racecheck.py)."""
-    extra = RACE_FLAGS if race_check else ()
-    units = [_rewrite(stem, out_dir) for stem in SOURCES]
-    units += [ROOT / "tests/cuda_host/simt/simt.cpp", ROOT / "tests/cuda_host/simt_ops.cpp"]
-    objs = [out_dir / (src.name + ".o") for src in units]
-    _compile_all([([cxx, *_simt_flags(extra), "-c", str(src), "-o", str(obj)], src.name) for src, obj in zip(units, objs)],
-                 "the CUDA stand-in")
+    race_check: with ThreadSanitizer (tests/test_simt_racecheck.py); traffic: measuring each launch's
+    memory traffic (tests/test_simt_traffic.py, `Traffic`)."""
+    assert not (race_check and traffic)
+    extra = RACE_FLAGS if race_check else TRAFFIC_FLAGS if traffic else ()
+    units = [_rewrite(stem, out_dir) for stem in SOURCES] + [ROOT / "tests/cuda_host/simt_ops.cpp"]
+    jobs = [([cxx, *_simt_flags(extra), "-c", str(src), "-o", str(out_dir / (src.name + ".o"))], src.name) for src in units]
+    # the scheduler and the traffic hooks themselves are not instrumented
+    plain = ["-DSIMT_TRAFFIC", "-g"] if traffic else list(extra)
+    runtime = [ROOT / "tests/cuda_host/simt/simt.cpp"] + ([ROOT / "tests/cuda_host/simt/traffic.cpp"] if traffic else [])
+    jobs += [([cxx, *_simt_flags(plain), "-c", str(src), "-o", str(out_dir / (src.name + ".o"))], src.name) for src in runtime]
+    _compile_all(jobs, "the CUDA stand-in")
     exe = out_dir / "simt_ops"
-    subprocess.run([cxx, *extra, *map(str, objs), "-o", str(exe)], check=True)
+    link = [] if traffic else list(extra)
+    subprocess.run([cxx, *link, *(str(out_dir / (src.name + ".o")) for src in units + runtime), "-o", str(exe)], check=True)
     return exe
 
 
@@ -147,17 +165,182 @@ class RaceReport(RuntimeError):
     """ThreadSanitizer reported a race in a kernel run on the race-checking build."""
 
 
+@dataclass
+class AllocTraffic:
+    """One allocation's traffic in one launch (tests/cuda_host/simt/traffic.cpp says how it is counted)."""
+    id: int
+    host: bool           # cudaMallocHost memory (read over the bus), else device memory
+    size: int            # bytes
+    read_sectors: int    # distinct 32-byte sectors read (each fetched once: a DRAM lower bound)
+    written_sectors: int
+    requests: int        # warp requests (and TMA copies) that touched it
+    req_bytes: int       # the distinct bytes those requests asked for, request by request
+    req_sectors: int     # the sectors they touched, request by request (L1/L2 transactions)
+    read_ranges: list    # [(first sector, end sector)] read
+    written_ranges: list
+
+    @property
+    def efficiency(self) -> float:
+        """Bytes asked for / bytes of the sectors the requests touched (1.0: fully coalesced)."""
+        return self.req_bytes / (32 * self.req_sectors) if self.req_sectors else 1.0
+
+    def read_bytes_set(self) -> np.ndarray:
+        """A boolean per byte of the allocation: inside a sector that was read."""
+        m = np.zeros((self.size + 31) // 32, bool)
+        for lo, hi in self.read_ranges:
+            m[lo:hi] = True
+        return np.repeat(m, 32)[:self.size]
+
+
+@dataclass
+class SiteTraffic:
+    """One access site (a load or store of the source, in one call context) in one launch."""
+    pc: int
+    callers: tuple       # the two innermost call sites (0: none)
+    stack: int
+    space: str           # "g" global, "s" shared, "c" a TMA copy (all of a launch's together)
+    write: bool
+    requests: int
+    bytes: int           # asked for by the lanes (a broadcast counts once per lane)
+    distinct: int        # global: the distinct bytes, request by request
+    units: int           # global: sectors touched, request by request; shared: wavefronts
+    ideal: int           # shared: the wavefronts without bank conflicts (one per phase)
+    where: str = ""      # file:line (Traffic.symbolize)
+
+    @property
+    def efficiency(self) -> float:
+        """global: distinct bytes / bytes of the sectors touched (1.0: fully coalesced)."""
+        return self.distinct / (32 * self.units) if self.units else 1.0
+
+
+@dataclass
+class Launch:
+    kernel_addr: int
+    grid: tuple
+    block: tuple
+    allocs: dict = field(default_factory=dict)   # id -> AllocTraffic
+    sites: list = field(default_factory=list)
+    kernel: str = ""
+
+    def dram_bytes(self, write: bool = False) -> int:
+        """Bytes of the distinct sectors read (written) in device memory."""
+        return 32 * sum(a.written_sectors if write else a.read_sectors for a in self.allocs.values() if not a.host)
+
+    def bank_conflict_factor(self, sites=None) -> float:
+        """Shared-memory wavefronts / the conflict-free ones (1.0: no bank conflicts)."""
+        sh = [s for s in (sites if sites is not None else self.sites) if s.space == "s" and s.ideal]
+        return sum(s.units for s in sh) / sum(s.ideal for s in sh) if sh else 1.0
+
+
+class Traffic:
+    """The launches of one run of the traffic-measuring build, parsed from $SIMT_TRAFFIC_OUT."""
+
+    def __init__(self, path: Path):
+        self.launches: list[Launch] = []
+        self.marks: list[tuple[int, str]] = []  # (launches before it, text): traffic_mark's lines
+        self.object = ""
+        cur = None
+        for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+            f = line.split()
+            if f[0] == "object":
+                self.object = line[len("object "):]
+            elif f[0] == "mark":
+                self.marks.append((len(self.launches), line[len("mark "):]))
+            elif f[0] == "launch":
+                cur = Launch(int(f[1], 16), tuple(map(int, f[2:5])), tuple(map(int, f[5:8])))
+                self.launches.append(cur)
+            elif f[0] == "alloc":
+                r, w = f.index("R"), f.index("W")
+                rng = lambda xs: [tuple(map(int, x.split("-"))) for x in xs]  # noqa: E731
+                a = AllocTraffic(int(f[1]), f[2] == "host", *map(int, f[3:9]), rng(f[r + 1:w]), rng(f[w + 1:]))
+                cur.allocs[a.id] = a
+            elif f[0] == "site":
+                cur.sites.append(SiteTraffic(int(f[1], 16), (int(f[2], 16), int(f[3], 16)), int(f[4], 16), f[5],
+                                             f[6] == "w", *map(int, f[7:12])))
+        self.symbolize()
+
+    def symbolize(self) -> None:
+        """Kernel names and the source lines of the sites (addr2line on the object's debug info): the
+        innermost frame in cuda/ of the site, else of its call sites (a helper not inlined), else the
+        site's own."""
+        import shutil
+
+        pcs = {la.kernel_addr for la in self.launches}
+        for la in self.launches:
+            for s in la.sites:
+                pcs |= {a - 1 for a in (s.pc, *s.callers) if a}
+        if not pcs or not self.object or shutil.which("addr2line") is None:
+            return
+        out = subprocess.run(["addr2line", "-a", "-f", "-C", "-i", "-e", self.object, *map(hex, sorted(pcs))],
+                             capture_output=True, text=True).stdout.splitlines()
+        frames: dict[int, list] = {}  # address -> [(function, file:line)], innermost first
+        cur = None
+        for line in out:
+            if line.startswith("0x") and all(c in "0123456789abcdefx" for c in line):
+                cur = frames.setdefault(int(line, 16), [])
+            elif cur is not None:
+                if cur and cur[-1][1] is None:
+                    cur[-1] = (cur[-1][0], line.split(" (")[0])
+                else:
+                    cur.append((line, None))
+
+        def ours(addr):
+            return [f for _, f in frames.get(addr - 1, []) if f and "/cuda/" in f and "cuda_host" not in f]
+
+        for la in self.launches:
+            fr = frames.get(la.kernel_addr, [])
+            name = fr[0][0].replace("(anonymous namespace)::", "").replace("flexquant::", "") if fr else hex(la.kernel_addr)
+            la.kernel = name.removeprefix("void ").split("(")[0]  # e.g. bitplane_matmul_tc_kernel<8, 2>
+            for s in la.sites:
+                if not s.pc:
+                    s.where = "TMA"
+                    continue
+                chain = ours(s.pc) + [f for c in s.callers if c for f in ours(c)]
+                chain = [c for i, c in enumerate(chain) if c not in chain[:i]][:2]
+                own = [f for _, f in frames.get(s.pc - 1, []) if f]
+                if not chain:
+                    s.where = own[0] if own else "?"
+                    continue
+                short = ["cuda/" + c.rsplit("/cuda/", 1)[1] for c in chain]
+                # the innermost line in cuda/, and the one it is called from (a helper's caller)
+                s.where = short[0] + (f" < {short[1].split(':')[-1] if short[1].split(':')[0] == short[0].split(':')[0] else short[1]}"
+                                      if len(short) > 1 else "")
+
+    def by_kernel(self, name: str) -> list[Launch]:
+        return [la for la in self.launches if name in la.kernel]
+
+    def after_mark(self, text: str) -> list[Launch]:
+        """The launches between the mark `text` and the next mark (or the end)."""
+        for i, (at, t) in enumerate(self.marks):
+            if t == text:
+                end = self.marks[i + 1][0] if i + 1 < len(self.marks) else len(self.launches)
+                return self.launches[at:end]
+        raise KeyError(f"no mark {text!r} (marks: {[t for _, t in self.marks]})")
+
+
+def traffic_mark(text: str) -> None:
+    """A mark between the launches' records, from a process running the traffic-measuring package."""
+    import ctypes
+
+    ctypes.CDLL(core.__file__).simt_traffic_mark(text.encode())
+
+
 class SimtOps:
     """The `_core.*_cuda` op entry points, run on the CPU stand-in for CUDA."""
 
     name = "simt"
 
-    def __init__(self, exe: Path, race_check: bool = False):
+    def __init__(self, exe: Path, race_check: bool = False, traffic: bool = False):
         self.exe = exe
         self.env = dict(os.environ, TSAN_OPTIONS=TSAN_OPTIONS) if race_check else None
+        self.measure_traffic = traffic
+        self.traffic: Traffic | None = None  # the last op's launches (a traffic-measuring build)
 
     def _exec(self, d: Path, what: str, timeout: int = 600) -> subprocess.CompletedProcess:
-        r = subprocess.run([str(self.exe), str(d)], capture_output=True, text=True, timeout=timeout, env=self.env)
+        env = dict(os.environ, SIMT_TRAFFIC_OUT=str(d / "traffic.txt")) if self.measure_traffic else self.env
+        r = subprocess.run([str(self.exe), str(d)], capture_output=True, text=True, timeout=timeout, env=env)
+        if self.measure_traffic:
+            self.traffic = Traffic(d / "traffic.txt")
         if "WARNING: ThreadSanitizer" in r.stderr:  # the report's head: the two accesses and their stacks
             raise RaceReport(f"simt_ops {what}: {r.stderr.strip()[:6000]}")
         return r
@@ -225,11 +408,8 @@ class SimtOps:
 
     def selftest_files(self, name: str):
         """-> (exit status, stderr, out (64) f32 or None, {a, b, d} of the sm_90 tests (those written))."""
-        names = ("deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async",
-                 "wgmma", "wgmma_partial", "wgmma_touched", "tma_early", "setmaxnreg_over", "mbar_short",
-                 "race_free", "race_block", "race_warp", "wgmma_smem_changed", "race_copy")
         with tempfile.TemporaryDirectory(prefix="simt_") as d:
-            (Path(d) / "meta.txt").write_text(f"selftest {names.index(name)}")
+            (Path(d) / "meta.txt").write_text(f"selftest {name}")  # (simt_ops.cpp's main lists the names)
             r = self._exec(Path(d), f"selftest {name}", timeout=60)
             out = Path(d) / "out.out"
             files = {n: np.fromfile(Path(d) / f"{n}.out", dtype=dt) for n, dt in (("a", np.int8), ("b", np.int8), ("d", np.int32))

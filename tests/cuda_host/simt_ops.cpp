@@ -23,22 +23,24 @@
 //                              planes, qparams, x (m, k), y0 when has_y0 -> y (m, n)  (bitplane_gemm_cuda)
 //   unpack n k max_bits group_size bits n_planes plane_bytes   planes, qparams -> codes (n, k_pad) i8
 //   wgmma_supported G          -> out (1) i32: bitplane_gemm_wgmma_supported(G), the host code's probe
-//   selftest T                 the stand-in's own checks (T: 0 deadlock, 1 mixed collectives, 2 an mma
-//                              with lanes missing, 3 shared-memory poison, 4 cp.async; sm_90: 5 TMA + wgmma
-//                              against A · Bᵀ, 6 a wgmma half the warpgroup skips, 7 accumulators changed
-//                              in flight, 8 a TMA destination read before and after the wait, 9
-//                              setmaxnreg.inc with nothing released before it, 10 an mbarrier wait that
-//                              never ends; races: 11 none, 12 without __syncthreads, 13 within a warp;
-//                              14 a wgmma operand changed in flight; 15 a bulk copy's destination read
-//                              early) -> out (64) f32; 5..10 and 14 also a (50, 128) i8, b (128, 128) i8,
-//                              d (64, 128) i32
+//   selftest NAME              the stand-in's own checks (names in main: deadlock, mixed collectives, an
+//                              mma with lanes missing, shared-memory poison, cp.async; sm_90: TMA + wgmma
+//                              against A · Bᵀ, a wgmma half the warpgroup skips, accumulators changed in
+//                              flight, a TMA destination read before and after the wait, setmaxnreg.inc
+//                              with nothing released before it, an mbarrier wait that never ends, a
+//                              wgmma operand changed in flight; races: none, without __syncthreads,
+//                              within a warp, a bulk copy's destination read early; traffic: the
+//                              meter's known answers) -> out (64) f32 (traffic: (11, 32)); the sm_90
+//                              ones also a (50, 128) i8, b (128, 128) i8, d (64, 128) i32
 //   multi count k max_bits group_size m path warps prefetch, then per linear i: n_i bits_i n_planes_i
 //                              plane_bytes_i; planes<i>, qparams<i>, x -> y<i> (m, n_i)
 // A flexquant::Error goes to stderr as "error: <message>" with exit status 2.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -130,6 +132,50 @@ __global__ void st_race_copy(const float* src, float* out) {
         simt::mbar_wait(bar, 0);
         out[1] = reinterpret_cast<const float*>(smem + 128)[0];
     }
+}
+
+// Known answers for the traffic meter (the traffic-measuring build, tests/test_simt_traffic.py): one
+// warp, one launch per mode, each with one access pattern to global or shared memory (and the
+// coalesced store of its result to out).
+//   global: 0 coalesced floats, 1 floats 8 apart, 2 one float for all lanes, 3 a uint4 per lane,
+//           4 the lower half-warp only;
+//   shared: 5 consecutive words, 6 words 32 apart (one bank), 7 words 2 apart, 8 one word for all,
+//           9 a float4 per lane, consecutive, 10 float4s 32 words apart.
+constexpr int ST_TRAFFIC_MODES = 11;
+__global__ void st_traffic(int mode, const float* src, float* out) {
+    __shared__ __align__(16) float s[32 * 36];
+    const int t = int(threadIdx.x);
+    for (int i = t; i < 32 * 36; i += 32) s[i] = float(i);
+    __syncthreads();
+    float v = 0.0f;
+    switch (mode) {
+        case 0: v = src[t]; break;
+        case 1: v = src[8 * t]; break;
+        case 2: v = src[0]; break;
+        case 3: {
+            const uint4 u = reinterpret_cast<const uint4*>(src)[t];
+            v = __uint_as_float(u.x) + __uint_as_float(u.y) + __uint_as_float(u.z) + __uint_as_float(u.w);
+            break;
+        }
+        case 4:
+            if (t < 16) v = src[t];
+            break;
+        case 5: v = s[t]; break;
+        case 6: v = s[32 * t]; break;
+        case 7: v = s[2 * t]; break;
+        case 8: v = s[0]; break;
+        case 9: {
+            const float4 f = reinterpret_cast<const float4*>(s)[t];
+            v = f.x + f.y + f.z + f.w;
+            break;
+        }
+        case 10: {
+            const float4 f = reinterpret_cast<const float4*>(s)[8 * t];
+            v = f.x + f.y + f.z + f.w;
+            break;
+        }
+    }
+    out[32 * mode + t] = v;
 }
 
 // sm_90 (hopper.h). One warpgroup TMA-loads A (50 x 128 int8 in memory, a box of 64 rows: rows 50..63
@@ -260,6 +306,19 @@ void selftest(const std::string& name) {
         launch_kernel(st_race, dim3(1), dim3(64), 0, nullptr, name == "race_free" ? 0 : name == "race_block" ? 1 : 2, f.data());
     if (name == "race_copy") launch_kernel(st_race_copy, dim3(1), dim3(32), 512, nullptr, src.data(), f.data());
     if (name == "cp_async") launch_kernel(st_cp_async, dim3(1), dim3(32), 512, nullptr, src.data(), f.data());
+    if (name == "traffic") {  // device memory, so that the meter counts it as global
+        float *src_d = nullptr, *out_d = nullptr;
+        cuda_check(cudaMalloc(&src_d, 1024 * sizeof(float)), "selftest traffic");
+        cuda_check(cudaMalloc(&out_d, 32 * ST_TRAFFIC_MODES * sizeof(float)), "selftest traffic");
+        std::vector<float> host(1024);
+        for (size_t k = 0; k < host.size(); ++k) host[k] = float(k);
+        cuda_check(cudaMemcpy(src_d, host.data(), 1024 * sizeof(float), cudaMemcpyHostToDevice), "selftest traffic");
+        for (int mode = 0; mode < ST_TRAFFIC_MODES; ++mode) launch_kernel(st_traffic, dim3(1), dim3(32), 0, nullptr, mode, src_d, out_d);
+        f.resize(32 * ST_TRAFFIC_MODES);
+        cuda_check(cudaMemcpy(f.data(), out_d, f.size() * sizeof(float), cudaMemcpyDeviceToHost), "selftest traffic");
+        cudaFree(src_d);
+        cudaFree(out_d);
+    }
     cuda_check(cudaGetLastError(), "selftest " + name);
     write_file(g_dir + "/out.out", f);
 }
@@ -429,13 +488,6 @@ void run(const std::string& op, const std::vector<int64_t>& a) {
         tuning.prefetch = int(a[7]);
         bitplane_matmul_multi_cuda(ws.data(), bits.data(), count, x.data(), m, yp.data(), BitplaneCudaPath(a[5]), tuning);
         for (int i = 0; i < count; ++i) out("y" + std::to_string(i), ys[size_t(i)]);
-    } else if (op == "selftest") {
-        static const char* names[] = {"deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async",
-                                      "wgmma", "wgmma_partial", "wgmma_touched", "tma_early", "setmaxnreg_over",
-                                      "mbar_short", "race_free", "race_block", "race_warp", "wgmma_smem_changed", "race_copy"};
-        need(1);
-        if (a[0] < 0 || a[0] >= int64_t(sizeof names / sizeof *names)) throw std::runtime_error("selftest: no test " + std::to_string(a[0]));
-        selftest(names[a[0]]);
     } else {
         throw std::runtime_error("unknown op " + op);
     }
@@ -453,8 +505,20 @@ int main(int argc, char** argv) {
     std::string op;
     meta >> op;
     std::vector<int64_t> a;
-    for (int64_t v; meta >> v;) a.push_back(v);
     try {
+        if (op == "selftest") {
+            std::string name;
+            meta >> name;
+            static const char* names[] = {"deadlock", "mixed_collectives", "partial_mma", "shared_poison", "cp_async",
+                                          "wgmma", "wgmma_partial", "wgmma_touched", "tma_early", "setmaxnreg_over",
+                                          "mbar_short", "race_free", "race_block", "race_warp", "wgmma_smem_changed",
+                                          "race_copy", "traffic"};
+            if (std::find(std::begin(names), std::end(names), name) == std::end(names))
+                throw std::runtime_error("selftest: no test " + name);
+            selftest(name);
+            return 0;
+        }
+        for (int64_t v; meta >> v;) a.push_back(v);
         run(op, a);
     } catch (const Error& e) {
         std::cerr << "error: " << e.what() << "\n";

@@ -28,6 +28,10 @@
 //    detection" below says what orderings it declares): ThreadSanitizer then reports two accesses
 //    that no CUDA ordering separates, whatever order the fibers ran in, as compute-sanitizer's
 //    racecheck does on a GPU. Races between blocks are out of its reach (blocks run in order).
+//  - Memory traffic: not by running the stand-in either, but by its traffic-measuring build
+//    (SIMT_TRAFFIC, traffic.cpp: the compiler's hook at every access of the kernels): the sectors of
+//    device memory each launch reads and writes, the coalescing of each warp request, the bank
+//    conflicts of each shared-memory request (tests/test_simt_traffic.py, tools/kernel_traffic.py).
 //  - Not modelled: the memory model's weaker orderings (fences are no-ops), the ulp-level
 //    differences of the device math library (expf here is the host's), the PTX it has no branch for
 //    (the sm_90 L2 prefetch), programmatic dependent launch (griddepcontrol is a no-op), timing
@@ -107,7 +111,20 @@ SIMT_VEC4(unsigned char, uchar4, 4)
 // order no memory, so they declare nothing. Deferred copies run on their issuer's copy engine (a
 // fiber of its own: as_copy_engine). The stand-in's own bookkeeping, which every fiber touches
 // (barrier counts, the warps' exchange slots, pending copies), is left out of the detection (Internal).
+// SIMT_RACE: the race-checking build. The traffic-measuring build (SIMT_TRAFFIC, traffic.cpp) also
+// compiles the kernels with -fsanitize=thread, for the compiler's hook at every load and store, but
+// links traffic.cpp's hooks instead of ThreadSanitizer.
+#if defined(__SANITIZE_THREAD__) && !defined(SIMT_TRAFFIC)
+#define SIMT_RACE 1
+#else
+#define SIMT_RACE 0
+#endif
 #if defined(__SANITIZE_THREAD__)
+#define SIMT_NO_TSAN __attribute__((no_sanitize_thread))
+#else
+#define SIMT_NO_TSAN
+#endif
+#if SIMT_RACE
 #include <sanitizer/tsan_interface.h>
 extern "C" {
 void AnnotateIgnoreReadsBegin(const char* file, int line);
@@ -117,7 +134,6 @@ void AnnotateIgnoreWritesEnd(const char* file, int line);
 void __tsan_read_range(void* addr, unsigned long size);
 void __tsan_write_range(void* addr, unsigned long size);
 }
-#define SIMT_NO_TSAN __attribute__((no_sanitize_thread))
 namespace simt {
 struct Internal {  // within its scope, this fiber's reads and writes are not checked
     Internal() {
@@ -142,8 +158,33 @@ inline void declare_read(const void* p, size_t n) { __tsan_read_range(const_cast
 inline void declare_write(void* p, size_t n) { __tsan_write_range(p, n); }
 
 }  // namespace simt
+#elif defined(SIMT_TRAFFIC)
+// The traffic-measuring build (traffic.cpp): the stand-in's bookkeeping is not the kernel's traffic
+// (Internal), and the accesses it makes on a thread's behalf (cp.async, bulk copies, TMA, ldmatrix)
+// are counted as that thread's, where it declares them.
+extern "C" {
+void simt_traffic_ignore(int delta);
+void simt_traffic_declare(const void* p, size_t n, int write);
+void simt_traffic_launch(const void* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz);
+void simt_traffic_launch_end();
+void simt_traffic_block(int begin);
+void simt_traffic_alloc(const void* p, size_t bytes, int host);
+void simt_traffic_free(const void* p);
+void simt_traffic_copy_engine(int begin, int tensor);
+}
+namespace simt {
+struct Internal {
+    Internal() { simt_traffic_ignore(1); }
+    ~Internal() { simt_traffic_ignore(-1); }
+    Internal(const Internal&) = delete;
+    Internal& operator=(const Internal&) = delete;
+};
+inline void ordered_before(const void*) {}
+inline void ordered_after(const void*) {}
+inline void declare_read(const void* p, size_t n) { simt_traffic_declare(p, n, 0); }
+inline void declare_write(void* p, size_t n) { simt_traffic_declare(p, n, 1); }
+}  // namespace simt
 #else
-#define SIMT_NO_TSAN
 namespace simt {
 struct Internal {
     Internal() {}  // (user-provided: no unused-variable warning)
@@ -154,6 +195,11 @@ inline void declare_read(const void*, size_t) {}
 inline void declare_write(void*, size_t) {}
 }  // namespace simt
 
+#endif
+#if defined(SIMT_TRAFFIC)
+#define SIMT_TRAFFIC_HOOK(call) call
+#else
+#define SIMT_TRAFFIC_HOOK(call) ((void)0)
 #endif
 
 namespace simt {
@@ -180,7 +226,7 @@ inline void perform_copy(const PendingCopy& c);  // hopper.h (SIMT_NO_TSAN: it d
 // destination before its wait race with the copy. (The engine runs on the current thread's stack:
 // nothing here is instrumented, perform_copy declares what it touches.)
 SIMT_NO_TSAN inline void as_copy_engine(void* engine, const PendingCopy& c, const void* landed) {
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_RACE
     void* const me = __tsan_get_current_fiber();
     __tsan_switch_to_fiber(engine, __tsan_switch_to_fiber_no_sync);
     __tsan_acquire(c.issued.get());
@@ -189,7 +235,9 @@ SIMT_NO_TSAN inline void as_copy_engine(void* engine, const PendingCopy& c, cons
     __tsan_switch_to_fiber(me, __tsan_switch_to_fiber_no_sync);
 #else
     (void)engine, (void)landed;
+    SIMT_TRAFFIC_HOOK(simt_traffic_copy_engine(1, c.tensor));
     perform_copy(c);
+    SIMT_TRAFFIC_HOOK(simt_traffic_copy_engine(0, c.tensor));
 #endif
 }
 }  // namespace simt
@@ -744,10 +792,15 @@ inline cudaError_t cudaMalloc(T** p, size_t bytes) {
     void* q = std::aligned_alloc(256, std::max<size_t>(256, (bytes + 255) / 256 * 256));
     if (q == nullptr) return simt::fail(cudaErrorMemoryAllocation);
     std::memset(q, 0xff, bytes);  // uninitialized device memory: NaN as floats
+    SIMT_TRAFFIC_HOOK(simt_traffic_alloc(q, bytes, 0));
     *p = static_cast<T*>(q);
     return cudaSuccess;
 }
-inline cudaError_t cudaFree(void* p) { std::free(p); return cudaSuccess; }
+inline cudaError_t cudaFree(void* p) {
+    SIMT_TRAFFIC_HOOK(simt_traffic_free(p));
+    std::free(p);
+    return cudaSuccess;
+}
 inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind) {
     if (n) std::memmove(dst, src, n);
     return cudaSuccess;
@@ -766,9 +819,14 @@ inline cudaError_t cudaMallocHost(T** p, size_t bytes) {
     *p = static_cast<T*>(std::aligned_alloc(256, std::max<size_t>(256, (bytes + 255) / 256 * 256)));
     if (*p == nullptr) return simt::fail(cudaErrorMemoryAllocation);
     std::memset(static_cast<void*>(*p), 0xff, bytes);  // uninitialized, as cudaMalloc's
+    SIMT_TRAFFIC_HOOK(simt_traffic_alloc(*p, bytes, 1));
     return cudaSuccess;
 }
-inline cudaError_t cudaFreeHost(void* p) { std::free(p); return cudaSuccess; }
+inline cudaError_t cudaFreeHost(void* p) {
+    SIMT_TRAFFIC_HOOK(simt_traffic_free(p));
+    std::free(p);
+    return cudaSuccess;
+}
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = new CUstream_st; return cudaSuccess; }
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) { delete s; return cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) { return simt::forbid_in_capture(s); }
@@ -807,6 +865,7 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
         b.body = [&] { std::apply(kernel, params); };
         gridDim = g;
         blockDim = t;
+        SIMT_TRAFFIC_HOOK(simt_traffic_launch(reinterpret_cast<const void*>(kernel), g.x, g.y, g.z, t.x, t.y, t.z));
         for (unsigned z = 0; z < g.z; ++z)
             for (unsigned y = 0; y < g.y; ++y)
                 for (unsigned x = 0; x < g.x; ++x) {
@@ -818,6 +877,7 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
                     b.dyn_offset = 0;
                     simt::run_block(b);
                 }
+        SIMT_TRAFFIC_HOOK(simt_traffic_launch_end());
     });
 }
 

@@ -427,6 +427,7 @@ inline const unsigned char* wgmma_operand_row(uint64_t desc, int r, int8_t (&out
     if ((start & 127) + 32 > 128) fatal_at(who, "a K step at " + hex(start) + " that crosses a 128-byte swizzle row");
     const uint32_t row = start + uint32_t(r >> 3) * sbo + uint32_t(r & 7) * 128;
     const unsigned char* p = shared_bytes(row & ~127u, 128, who) - (row & ~127u);
+    Internal internal;  // (the stand-in computing the product: the operand reads are declared at the issue)
     for (uint32_t k = 0; k < 32; ++k) {
         const uint32_t a = row + k;
         out[k] = int8_t(p[a ^ ((a >> 7 & 7) << 4)]);

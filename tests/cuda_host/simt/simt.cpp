@@ -22,7 +22,7 @@ namespace {
 
 constexpr size_t STACK = 128 * 1024;  // per fiber: the kernels' locals are registers on a GPU
 thread_local std::vector<std::unique_ptr<char[]>> g_stacks;  // reused by every launch of the thread
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_RACE
 // ThreadSanitizer fibers for thread i of a block and for its copy engine, reused by every block (a
 // block's threads are ordered after the previous block's anyway, and creating them costs).
 thread_local std::vector<void*> g_tsan_threads, g_tsan_engines;
@@ -117,7 +117,7 @@ void* fresh_stack(char* base) {
 
 SIMT_NO_TSAN void yield() {
     Block& b = *current_block();
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_RACE
     // a returned thread's switch orders its work before the host's; a waiting thread's, nothing
     const unsigned flags = b.fibers[size_t(b.cur)].done ? 0 : __tsan_switch_to_fiber_no_sync;
     __tsan_switch_to_fiber(b.tsan_host, flags);
@@ -163,7 +163,7 @@ void run_block(Block& b) {
     // shared memory is not initialized on a GPU: a block that reads what it did not write reads NaN
     const auto lo = reinterpret_cast<uintptr_t>(&__start_simt_smem[0]), hi = reinterpret_cast<uintptr_t>(&__stop_simt_smem[0]);
     if (lo != 0 && hi > lo) std::memset(&__start_simt_smem[0], 0xff, size_t(hi - lo));
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_RACE
     b.tsan_host = __tsan_get_current_fiber();
     while (g_tsan_threads.size() < n) {
         g_tsan_threads.push_back(__tsan_create_fiber(0));
@@ -176,6 +176,7 @@ void run_block(Block& b) {
     b.gen = 0;
     b.progress = 0;
     g_block = &b;
+    SIMT_TRAFFIC_HOOK(simt_traffic_block(1));
     ordered_before(&b.tsan_host);  // (the last of the host's work before the threads start)
     while (b.live > 0) {
         const uint64_t before = b.progress;
@@ -185,7 +186,7 @@ void run_block(Block& b) {
 #if defined(__x86_64__)
             void* const sp = b.fibers[i].sp;  // (read before the fiber switch below)
 #endif
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_RACE
             // (no ordering: a sync here would also pass on what the block's returned threads did;
             // fiber_main orders the host's work before the launch. After this call ThreadSanitizer
             // counts what runs as the fiber's: no instrumented access until the switch)
@@ -213,6 +214,7 @@ void run_block(Block& b) {
             fatal("block (" + std::to_string(blockIdx.x) + ", " + std::to_string(blockIdx.y) + ", " + std::to_string(blockIdx.z) +
                   ") ended with bulk copies in flight on the mbarrier at shared address " + hex(m.first));
     b.cur = -1;
+    SIMT_TRAFFIC_HOOK(simt_traffic_block(0));
     g_block = nullptr;
 }
 

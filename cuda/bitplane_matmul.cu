@@ -557,7 +557,7 @@ bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (p
     const int64_t n = pt.n;
     bits = effective_bits(pt.bits_dev, bits);
     const mma::GroupConstants gc = mma::group_constants(max_bits, bits);
-    __shared__ float red[MAX_WARPS][MMA_MAX_M][TILE_N];
+    __shared__ __align__(16) float red[MAX_WARPS][MMA_MAX_M][TILE_N];  // (8-byte aligned pairs: the stores below)
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -627,14 +627,11 @@ bitplane_matmul_mma_kernel(const GemvParts parts,              // the linears (p
             }
         }
     });
-    if (g < M) {
-        red[warp][g][2 * t] = acc[0];
-        red[warp][g][2 * t + 1] = acc[1];
-    }
-    if (M > 8 && g + 8 < M) {
-        red[warp][g + 8][2 * t] = acc[2];
-        red[warp][g + 8][2 * t + 1] = acc[3];
-    }
+    // Each lane's two outputs as one 8-byte store: lanes g and g + 4 of 4-byte stores would share a
+    // bank (words 8g + 2t, 32 apart), a 2-way conflict once M > 4; 8-byte stores are served 16 lanes
+    // at a time, and 16 lanes cover 32 consecutive words (tests/test_simt_traffic.py measures it).
+    if (g < M) *reinterpret_cast<float2*>(&red[warp][g][2 * t]) = make_float2(acc[0], acc[1]);
+    if (M > 8 && g + 8 < M) *reinterpret_cast<float2*>(&red[warp][g + 8][2 * t]) = make_float2(acc[2], acc[3]);
     write_tile<M>(red, pt.y, n, rt, n_warps, accumulate);
 }
 

@@ -41,14 +41,46 @@ _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\((\d+)\)\s+)?(\
 _TRIPLE_CHEVRON = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 
 
-def _rewrite(stem: str, out_dir: Path) -> Path:
-    """cuda/<stem>.cu as C++ for the stand-in: extern __shared__ and <<<>>> launches rewritten."""
-    text = (ROOT / "cuda" / f"{stem}.cu").read_text()
+# __shared__ [__align__(n)] T a[N]..., b...;  ->  T (&a)[N]... = ::simt::static_shared<T[N]...>(key, n); ...
+_STATIC_SHARED = re.compile(r"(?<![\w])__shared__\s+(?:__align__\((\d+)\)\s+)?([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s+([^;()]+);")
+_DECLARATOR = re.compile(r"\s*([A-Za-z_]\w*)\s*((?:\[[^\]]+\]\s*)*)$")
+
+
+def _static_shared(m: re.Match, name: str) -> str:
+    """One __shared__ declaration (of one or more variables) as references into the block's static
+    shared memory (cuda_runtime.h, static_shared). The key: the declaration's place."""
+    import zlib
+
+    line = m.string.count("\n", 0, m.start()) + 1
+    out = []
+    for i, decl in enumerate(m[3].split(",")):
+        d = _DECLARATOR.match(decl)
+        if d is None:
+            raise ValueError(f"{name}:{line}: a __shared__ declaration the stand-in's builder cannot read: {m[0]!r}")
+        dims = d[2].replace(" ", "")
+        key = zlib.crc32(f"{name}:{line}:{i}".encode()) & 0x7FFFFFFF
+        ref = f"(&{d[1]}){dims}" if dims else f"&{d[1]}"
+        out.append(f"{m[2]} {ref} = ::simt::static_shared<{m[2]}{dims}>({key}u, {m[1] or 0});")
+    return " ".join(out)
+
+
+def _rewrite_text(text: str, name: str) -> str:
+    """CUDA source as C++ for the stand-in: extern __shared__ (the dynamic shared memory), __shared__
+    (the static one: GCC ignores a section attribute on a template's static) and <<<>>> launches
+    rewritten, every line kept where it was."""
     text = _EXTERN_SHARED.sub(lambda m: f"{m[2]}* const {m[3]} = reinterpret_cast<{m[2]}*>(::simt::dynamic_smem({m[1] or 16}));",
                               text)
-    text = _TRIPLE_CHEVRON.sub(lambda m: f"simt_launch({m.group(1)}, {m.group(2)})(", text)
+    text = _STATIC_SHARED.sub(lambda m: _static_shared(m, name), text)
+    return _TRIPLE_CHEVRON.sub(lambda m: f"simt_launch({m.group(1)}, {m.group(2)})(", text)
+
+
+def _rewrite(stem: str, out_dir: Path) -> Path:
+    """cuda/<stem>.cu as C++ for the stand-in (_rewrite_text), and cpp/src/cuda_backend.h, whose device
+    helpers declare __shared__ too (out_dir comes first on the include path)."""
+    (out_dir / "cuda_backend.h").write_text('#line 1 "cpp/src/cuda_backend.h"\n' +
+                                            _rewrite_text((ROOT / "cpp/src/cuda_backend.h").read_text(), "cpp/src/cuda_backend.h"))
     src = out_dir / f"{stem}.cu.cpp"
-    src.write_text(f'#line 1 "cuda/{stem}.cu"\n' + text)  # (the rewrites keep every line where it was)
+    src.write_text(f'#line 1 "cuda/{stem}.cu"\n' + _rewrite_text((ROOT / "cuda" / f"{stem}.cu").read_text(), f"cuda/{stem}.cu"))
     return src
 
 
@@ -64,9 +96,10 @@ def _compile_all(jobs, what: str) -> None:
         list(pool.map(one, jobs))
 
 
-def _simt_flags(extra=()) -> list[str]:
-    inc = ["-I", str(ROOT / "tests/cuda_host/simt"), "-I", str(ROOT / "tests/cuda_host"), "-I", str(ROOT / "cpp/include"),
-           "-I", str(ROOT / "cpp/src"), "-I", str(ROOT / "cuda")]
+def _simt_flags(out_dir: Path, extra=()) -> list[str]:
+    # out_dir first: its rewritten cuda_backend.h (_rewrite) before cpp/src's
+    inc = ["-I", str(out_dir), "-I", str(ROOT / "tests/cuda_host/simt"), "-I", str(ROOT / "tests/cuda_host"),
+           "-I", str(ROOT / "cpp/include"), "-I", str(ROOT / "cpp/src"), "-I", str(ROOT / "cuda")]
     # -ffp-contract=off: the kernels' separate multiplies and adds stay separate, as nvcc's _rn
     # intrinsics and the CPU ops keep them; -fno-strict-aliasing: kernels read registers through
     # other types, as nvcc allows
@@ -105,10 +138,10 @@ def build_package(cxx: str, out_dir: Path, traffic: bool = False) -> Path:
     for stem in CUDA_SOURCES:
         src = _rewrite(stem, out_dir)
         objs.append(out_dir / f"{stem}.cu.o")
-        jobs.append(([cxx, *_simt_flags(kernel_flags), "-c", str(src), "-o", str(objs[-1])], f"cuda/{stem}.cu"))
+        jobs.append(([cxx, *_simt_flags(out_dir, kernel_flags), "-c", str(src), "-o", str(objs[-1])], f"cuda/{stem}.cu"))
     for stem in ("simt", "traffic") if traffic else ("simt",):
         objs.append(out_dir / f"{stem}.o")
-        jobs.append(([cxx, *_simt_flags(runtime_flags), "-c", str(ROOT / f"tests/cuda_host/simt/{stem}.cpp"), "-o",
+        jobs.append(([cxx, *_simt_flags(out_dir, runtime_flags), "-c", str(ROOT / f"tests/cuda_host/simt/{stem}.cpp"), "-o",
                       str(objs[-1])], f"{stem}.cpp"))
     icu = subprocess.run(["pkg-config", "--libs", "icu-uc", "icu-i18n"], capture_output=True, text=True) \
         if shutil.which("pkg-config") else None
@@ -139,7 +172,8 @@ TSAN_OPTIONS = "halt_on_error=1:exitcode=66:history_size=4"
 # The traffic-measuring build: the compiler's ThreadSanitizer hooks at every access, answered by
 # tests/cuda_host/simt/traffic.cpp instead of ThreadSanitizer (which is not linked). No SRA and no
 # vectorizing, so that a load of the source stays one access of its size (a uint4: 16 bytes).
-TRAFFIC_FLAGS = ("-fsanitize=thread", "-DSIMT_TRAFFIC", "-fno-tree-sra", "-fno-tree-vectorize", "-g")
+TRAFFIC_FLAGS = ("-fsanitize=thread", "-DSIMT_TRAFFIC", "-fno-tree-sra", "-fno-tree-vectorize",
+                 "-fno-tree-loop-distribute-patterns", "-g")  # (the last: no loop turned into a memcpy the hooks miss)
 
 
 def build(cxx: str, out_dir: Path, race_check: bool = False, traffic: bool = False) -> Path:
@@ -149,11 +183,11 @@ def build(cxx: str, out_dir: Path, race_check: bool = False, traffic: bool = Fal
     assert not (race_check and traffic)
     extra = RACE_FLAGS if race_check else TRAFFIC_FLAGS if traffic else ()
     units = [_rewrite(stem, out_dir) for stem in SOURCES] + [ROOT / "tests/cuda_host/simt_ops.cpp"]
-    jobs = [([cxx, *_simt_flags(extra), "-c", str(src), "-o", str(out_dir / (src.name + ".o"))], src.name) for src in units]
+    jobs = [([cxx, *_simt_flags(out_dir, extra), "-c", str(src), "-o", str(out_dir / (src.name + ".o"))], src.name) for src in units]
     # the scheduler and the traffic hooks themselves are not instrumented
     plain = ["-DSIMT_TRAFFIC", "-g"] if traffic else list(extra)
     runtime = [ROOT / "tests/cuda_host/simt/simt.cpp"] + ([ROOT / "tests/cuda_host/simt/traffic.cpp"] if traffic else [])
-    jobs += [([cxx, *_simt_flags(plain), "-c", str(src), "-o", str(out_dir / (src.name + ".o"))], src.name) for src in runtime]
+    jobs += [([cxx, *_simt_flags(out_dir, plain), "-c", str(src), "-o", str(out_dir / (src.name + ".o"))], src.name) for src in runtime]
     _compile_all(jobs, "the CUDA stand-in")
     exe = out_dir / "simt_ops"
     link = [] if traffic else list(extra)
@@ -218,6 +252,7 @@ class Launch:
     kernel_addr: int
     grid: tuple
     block: tuple
+    mixed: int = 0       # lanes grouped into a request across a barrier: the grouping's self-check (0)
     allocs: dict = field(default_factory=dict)   # id -> AllocTraffic
     sites: list = field(default_factory=list)
     kernel: str = ""
@@ -232,6 +267,18 @@ class Launch:
         return sum(s.units for s in sh) / sum(s.ideal for s in sh) if sh else 1.0
 
 
+def _strip_parameters(name: str) -> str:
+    """f<(Kind)1>(int, float*) -> f<(Kind)1>: the demangled name without its parameter list."""
+    if not name.endswith(")"):
+        return name
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            return name[:i]
+    return name
+
+
 class Traffic:
     """The launches of one run of the traffic-measuring build, parsed from $SIMT_TRAFFIC_OUT."""
 
@@ -239,25 +286,33 @@ class Traffic:
         self.launches: list[Launch] = []
         self.marks: list[tuple[int, str]] = []  # (launches before it, text): traffic_mark's lines
         self.object = ""
-        cur = None
-        for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
-            f = line.split()
-            if f[0] == "object":
-                self.object = line[len("object "):]
-            elif f[0] == "mark":
-                self.marks.append((len(self.launches), line[len("mark "):]))
-            elif f[0] == "launch":
-                cur = Launch(int(f[1], 16), tuple(map(int, f[2:5])), tuple(map(int, f[5:8])))
-                self.launches.append(cur)
-            elif f[0] == "alloc":
-                r, w = f.index("R"), f.index("W")
-                rng = lambda xs: [tuple(map(int, x.split("-"))) for x in xs]  # noqa: E731
-                a = AllocTraffic(int(f[1]), f[2] == "host", *map(int, f[3:9]), rng(f[r + 1:w]), rng(f[w + 1:]))
-                cur.allocs[a.id] = a
-            elif f[0] == "site":
-                cur.sites.append(SiteTraffic(int(f[1], 16), (int(f[2], 16), int(f[3], 16)), int(f[4], 16), f[5],
-                                             f[6] == "w", *map(int, f[7:12])))
+        lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+        for i, line in enumerate(lines):
+            try:
+                self._parse(line)
+            except (ValueError, IndexError, AttributeError) as e:
+                raise ValueError(f"{path}:{i + 1}: a traffic record this parser cannot read ({e}): {line[:200]!r}") from e
         self.symbolize()
+
+    def _parse(self, line: str) -> None:
+        f = line.split()
+        cur = self.launches[-1] if self.launches else None
+        if f[0] == "object":
+            self.object = line[len("object "):]
+        elif f[0] == "mark":
+            self.marks.append((len(self.launches), line[len("mark "):]))
+        elif f[0] == "launch":
+            self.launches.append(Launch(int(f[1], 16), tuple(map(int, f[2:5])), tuple(map(int, f[5:8])), int(f[8])))
+        elif f[0] == "alloc":
+            r, w = f.index("R"), f.index("W")
+            rng = lambda xs: [tuple(map(int, x.split("-"))) for x in xs]  # noqa: E731
+            a = AllocTraffic(int(f[1]), f[2] == "host", *map(int, f[3:9]), rng(f[r + 1:w]), rng(f[w + 1:]))
+            cur.allocs[a.id] = a
+        elif f[0] == "site":
+            cur.sites.append(SiteTraffic(int(f[1], 16), (int(f[2], 16), int(f[3], 16)), int(f[4], 16), f[5],
+                                         f[6] == "w", *map(int, f[7:12])))
+        elif f[0] != "end":
+            raise ValueError(f"unknown record {f[0]!r}")
 
     def symbolize(self) -> None:
         """Kernel names and the source lines of the sites (addr2line on the object's debug info): the
@@ -269,8 +324,11 @@ class Traffic:
         for la in self.launches:
             for s in la.sites:
                 pcs |= {a - 1 for a in (s.pc, *s.callers) if a}
-        if not pcs or not self.object or shutil.which("addr2line") is None:
+        if not pcs:
             return
+        if not self.object or shutil.which("addr2line") is None:
+            raise RuntimeError("Traffic: the kernels cannot be named " +
+                               ("(no addr2line: binutils)" if self.object else "(the record names no object)"))
         out = subprocess.run(["addr2line", "-a", "-f", "-C", "-i", "-e", self.object, *map(hex, sorted(pcs))],
                              capture_output=True, text=True).stdout.splitlines()
         frames: dict[int, list] = {}  # address -> [(function, file:line)], innermost first
@@ -290,7 +348,9 @@ class Traffic:
         for la in self.launches:
             fr = frames.get(la.kernel_addr, [])
             name = fr[0][0].replace("(anonymous namespace)::", "").replace("flexquant::", "") if fr else hex(la.kernel_addr)
-            la.kernel = name.removeprefix("void ").split("(")[0]  # e.g. bitplane_matmul_tc_kernel<8, 2>
+            if not fr:
+                raise RuntimeError(f"Traffic: addr2line found no function at {hex(la.kernel_addr)} in {self.object}")
+            la.kernel = _strip_parameters(name.removeprefix("void "))  # e.g. bitplane_matmul_tc_kernel<8, 2>
             for s in la.sites:
                 if not s.pc:
                     s.where = "TMA"
@@ -407,7 +467,8 @@ class SimtOps:
         return self.selftest_files(name)[:3]
 
     def selftest_files(self, name: str):
-        """-> (exit status, stderr, out (64) f32 or None, {a, b, d} of the sm_90 tests (those written))."""
+        """-> (exit status, stderr, out f32 or None (64; traffic: 12 x 32), {a, b, d} of the sm_90 tests
+        (those written))."""
         with tempfile.TemporaryDirectory(prefix="simt_") as d:
             (Path(d) / "meta.txt").write_text(f"selftest {name}")  # (simt_ops.cpp's main lists the names)
             r = self._exec(Path(d), f"selftest {name}", timeout=60)

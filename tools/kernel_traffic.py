@@ -135,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--package", help="a traffic-measuring package built before (its directory); default: build one")
+    ap.add_argument("--cxx", default=os.environ.get("CXX", "g++"), help="the host compiler: GCC (its -fsanitize=thread hooks)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         worker(a.worker, a.bits, a.prompt)
         return 0
     with tempfile.TemporaryDirectory(prefix="kernel_traffic_") as d:
-        pkg = Path(a.package) if a.package else build(Path(d) / "pkg")
+        pkg = Path(a.package) if a.package else build(Path(d) / "pkg", a.cxx)
         model = Path(a.file) if a.file else Path(d) / f"{a.model}.fq"
         if not a.file:
             from flexquant_rt.convert import SyntheticSource, convert

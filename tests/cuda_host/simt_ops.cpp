@@ -30,7 +30,7 @@
 //                              with nothing released before it, an mbarrier wait that never ends, a
 //                              wgmma operand changed in flight; races: none, without __syncthreads,
 //                              within a warp, a bulk copy's destination read early; traffic: the
-//                              meter's known answers) -> out (64) f32 (traffic: (11, 32)); the sm_90
+//                              meter's known answers) -> out (64) f32 (traffic: (12, 32)); the sm_90
 //                              ones also a (50, 128) i8, b (128, 128) i8, d (64, 128) i32
 //   multi count k max_bits group_size m path warps prefetch, then per linear i: n_i bits_i n_planes_i
 //                              plane_bytes_i; planes<i>, qparams<i>, x -> y<i> (m, n_i)
@@ -140,8 +140,11 @@ __global__ void st_race_copy(const float* src, float* out) {
 //   global: 0 coalesced floats, 1 floats 8 apart, 2 one float for all lanes, 3 a uint4 per lane,
 //           4 the lower half-warp only;
 //   shared: 5 consecutive words, 6 words 32 apart (one bank), 7 words 2 apart, 8 one word for all,
-//           9 a float4 per lane, consecutive, 10 float4s 32 words apart.
-constexpr int ST_TRAFFIC_MODES = 11;
+//           9 a float4 per lane, consecutive, 10 float4s 32 words apart;
+//   11: odd and even lanes load in different iterations of a loop with a __syncwarp: a GPU issues
+//       two requests, which the meter's grouping by count cannot tell apart; its self-check counts
+//       the 16 lanes grouped across the barrier.
+constexpr int ST_TRAFFIC_MODES = 12;
 __global__ void st_traffic(int mode, const float* src, float* out) {
     __shared__ __align__(16) float s[32 * 36];
     const int t = int(threadIdx.x);
@@ -174,6 +177,12 @@ __global__ void st_traffic(int mode, const float* src, float* out) {
             v = f.x + f.y + f.z + f.w;
             break;
         }
+        case 11:
+            for (int it = 0; it < 2; ++it) {
+                if (t % 2 == it) v = src[t];
+                __syncwarp();
+            }
+            break;
     }
     out[32 * mode + t] = v;
 }
@@ -523,6 +532,9 @@ int main(int argc, char** argv) {
     } catch (const Error& e) {
         std::cerr << "error: " << e.what() << "\n";
         return 2;
+    } catch (const std::exception& e) {  // the driver's own (a bad op or argument count)
+        std::cerr << "simt_ops: " << e.what() << "\n";
+        return 1;
     }
     return 0;
 }

@@ -12,9 +12,10 @@
 //    collective (__shfl_*_sync, __syncwarp, __ballot_sync: all live lanes of its warp of 32). A thread
 //    that has returned counts as arrived. A wait that can never end (a barrier some threads never
 //    reach) stops the process with "simt: deadlock" instead of hanging.
-//  - __shared__ variables are statics in a section of their own (one block at a time), filled with
-//    0xff bytes (NaN as floats) before each block, as is the dynamic shared memory, so a read of shared
-//    memory the block did not write shows. cudaMalloc and cudaMallocHost memory start as 0xff too.
+//  - A kernel's __shared__ variables are carved from the block's static shared memory at their first
+//    use (the builder rewrites each declaration to simt::static_shared), filled with 0xff bytes (NaN
+//    as floats) before each block, as is the dynamic shared memory, so a read of shared memory the
+//    block did not write shows. cudaMalloc and cudaMallocHost memory start as 0xff too.
 //  - cp.async copies are done at the cp.async.wait_group that covers them, not when issued.
 //  - Warp collectives check that every live lane is at the same one, and .aligned ones (mma,
 //    ldmatrix) that all 32 lanes are there.
@@ -68,8 +69,11 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __grid_constant__
-// Blocks run one at a time, so __shared__ variables are statics, kept in their own section so that
-// run_block can fill them with 0xff bytes before each block (extern __shared__: the builder rewrites it).
+// The kernels' __shared__ declarations are rewritten by the builder (tests/simt_ops.py) to
+// simt::static_shared: the block's static shared memory, filled with 0xff bytes before each block
+// (extern __shared__: its dynamic shared memory). Elsewhere (the driver's self-test kernels), blocks
+// run one at a time, so __shared__ variables are statics in a section of their own that run_block
+// fills the same way. (Not in templates: GCC ignores the section of a template's static.)
 #define __shared__ static __attribute__((section("simt_smem")))
 
 using std::isfinite;
@@ -198,8 +202,19 @@ inline void declare_write(void*, size_t) {}
 #endif
 #if defined(SIMT_TRAFFIC)
 #define SIMT_TRAFFIC_HOOK(call) call
+namespace simt {
+// Accesses that the race checker must see but that are not the kernel's traffic: the mbarrier's word
+// (its polls depend on the stand-in's scheduling), the stand-in reading wgmma operands to compute the
+// product (declared once at the issue).
+using TrafficIgnore = Internal;
+}  // namespace simt
 #else
 #define SIMT_TRAFFIC_HOOK(call) ((void)0)
+namespace simt {
+struct TrafficIgnore {
+    TrafficIgnore() {}  // (user-provided: no unused-variable warning)
+};
+}  // namespace simt
 #endif
 
 namespace simt {
@@ -328,6 +343,12 @@ struct Block {
     int cur = -1;
     void* sched_sp = nullptr;
     std::function<void()> body;
+    // The static shared memory (static_shared): STATIC_SMEM bytes at static_base, 1,024-aligned; the
+    // offsets given to the declarations so far (by their key) and the bytes they take
+    std::vector<unsigned char> static_area;
+    unsigned char* static_base = nullptr;
+    std::map<uint32_t, size_t> static_offsets;
+    size_t static_used = 0;
     std::vector<unsigned char> dyn_smem;  // + 2,048 bytes: the window's alignment and the declared one
     // The .shared window (hopper.h): shared address a is smem_window + a; the dynamic shared memory
     // (dyn_bytes) starts at shared address dyn_offset, its declared alignment (at least 16: what a GPU
@@ -442,6 +463,27 @@ inline T exchange(unsigned mask, T v, int src, const char* fn) {
     }
     warp_barrier(fn);  // the slots are read before the next collective rewrites them
     return r;
+}
+
+constexpr size_t STATIC_SMEM = 48 * 1024;  // a kernel's static shared memory at most (CUDA's limit)
+
+// __shared__ __align__(align) T name; (T: the array type, for an array) as the builder rewrites it:
+// T& name = simt::static_shared<T>(key, align), key telling the declarations apart. Every thread of
+// the block gets the same bytes, carved from the block's static shared memory at the first use.
+template <class T>
+inline T& static_shared(uint32_t key, size_t align) {
+    Internal internal;
+    Block& b = *current_block();
+    auto it = b.static_offsets.find(key);
+    if (it == b.static_offsets.end()) {
+        align = std::max(std::max(align, alignof(T)), size_t(16));
+        const size_t off = (b.static_used + align - 1) / align * align;
+        if (off + sizeof(T) > STATIC_SMEM)
+            fatal("__shared__ variables of " + std::to_string(off + sizeof(T)) + " bytes (at most 48 KB)");
+        it = b.static_offsets.emplace(key, off).first;
+        b.static_used = off + sizeof(T);
+    }
+    return *reinterpret_cast<T*>(b.static_base + it->second);
 }
 
 // extern __shared__ __align__(align) T name[] (tests/simt_ops.py rewrites the declaration to this).

@@ -238,7 +238,10 @@ inline uint64_t* mbar_word(uint32_t bar, const char* who) { return reinterpret_c
 inline void mbar_init(uint32_t bar, uint32_t count) {
     if (bar % 8) fatal_at("mbarrier.init", "shared address " + hex(bar) + " is not 8-byte aligned");
     if (count == 0 || count >= (1u << 20)) fatal_at("mbarrier.init", "expected count " + std::to_string(count) + " (1..2^20 - 1)");
-    *mbar_word(bar, "mbarrier.init") = 0;  // (a plain store: the race checker's memset interception misses races with atomics)
+    {
+        TrafficIgnore traffic_ignore;
+        *mbar_word(bar, "mbarrier.init") = 0;  // (a plain store: the race checker's memset interception misses races with atomics)
+    }
     Internal internal;
     Block& b = *current_block();
     const auto it = b.mbars.find(bar);
@@ -253,7 +256,10 @@ inline void mbar_init(uint32_t bar, uint32_t count) {
 inline void mbar_arrive(uint32_t bar, uint32_t expect_tx) {
     const char* who = expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive";
     MBarrier& m = mbarrier(bar, who);
-    __atomic_fetch_add(mbar_word(bar, who), uint64_t(0), __ATOMIC_RELAXED);
+    {
+        TrafficIgnore traffic_ignore;
+        __atomic_fetch_add(mbar_word(bar, who), uint64_t(0), __ATOMIC_RELAXED);
+    }
     ordered_before(order_of(m.order, m.phase));  // this thread's work, before the waits that see the phase complete
     Internal internal;
     if (m.pending == 0) fatal_at(who, "the mbarrier at " + hex(bar) + " expects no more arrivals in its phase");
@@ -269,7 +275,10 @@ inline void mbar_arrive(uint32_t bar, uint32_t expect_tx) {
 inline bool mbar_test_parity(uint32_t bar, uint32_t parity) {
     const char* who = "mbarrier.try_wait.parity";
     MBarrier& m = mbarrier(bar, who);
-    (void)__atomic_load_n(mbar_word(bar, who), __ATOMIC_RELAXED);
+    {
+        TrafficIgnore traffic_ignore;
+        (void)__atomic_load_n(mbar_word(bar, who), __ATOMIC_RELAXED);
+    }
     std::vector<PendingCopy> copies;
     {
         Internal internal;
@@ -427,7 +436,7 @@ inline const unsigned char* wgmma_operand_row(uint64_t desc, int r, int8_t (&out
     if ((start & 127) + 32 > 128) fatal_at(who, "a K step at " + hex(start) + " that crosses a 128-byte swizzle row");
     const uint32_t row = start + uint32_t(r >> 3) * sbo + uint32_t(r & 7) * 128;
     const unsigned char* p = shared_bytes(row & ~127u, 128, who) - (row & ~127u);
-    Internal internal;  // (the stand-in computing the product: the operand reads are declared at the issue)
+    TrafficIgnore traffic_ignore;  // (the stand-in computing the product: the operand reads are declared at the issue)
     for (uint32_t k = 0; k < 32; ++k) {
         const uint32_t a = row + k;
         out[k] = int8_t(p[a ^ ((a >> 7 & 7) << 4)]);

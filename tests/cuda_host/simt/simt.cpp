@@ -163,6 +163,15 @@ void run_block(Block& b) {
     // shared memory is not initialized on a GPU: a block that reads what it did not write reads NaN
     const auto lo = reinterpret_cast<uintptr_t>(&__start_simt_smem[0]), hi = reinterpret_cast<uintptr_t>(&__stop_simt_smem[0]);
     if (lo != 0 && hi > lo) std::memset(&__start_simt_smem[0], 0xff, size_t(hi - lo));
+    if (b.static_area.empty()) {
+        b.static_area.assign(STATIC_SMEM + 1024, 0xff);
+        const auto p = reinterpret_cast<uintptr_t>(b.static_area.data());
+        b.static_base = reinterpret_cast<unsigned char*>((p + 1023) & ~uintptr_t(1023));
+    } else {
+        std::memset(b.static_base, 0xff, b.static_used);  // (what the previous block used)
+    }
+    b.static_offsets.clear();
+    b.static_used = 0;
 #if SIMT_RACE
     b.tsan_host = __tsan_get_current_fiber();
     while (g_tsan_threads.size() < n) {

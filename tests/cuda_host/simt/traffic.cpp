@@ -14,7 +14,10 @@
 //
 // A warp's request: the accesses of one instruction by the lanes of a warp. Lanes run one after the
 // other here, so the n-th execution of an access site (its code address and its call stack) by each
-// lane of a warp is taken as one instruction, which is what a converged warp issues.
+// lane of a warp is taken as one instruction, which is what a converged warp issues. (A limit: lanes
+// that reach a site in different iterations of a loop, one lane skipping an iteration the others run,
+// are grouped by count, not by iteration; and an access outside device and shared memory does not
+// advance its site's count. The kernels measured here take their sites in step.)
 //  - global: the 32-byte sectors a request touches (an L1 / L2 transaction each); a coalesced
 //    request touches only sectors it uses in full.
 //  - shared: the bank conflicts. A request of n bytes per lane is served in phases of 128 bytes (32
@@ -23,10 +26,12 @@
 //    Requests wider than 16 bytes per lane (bulk copies, TMA, wgmma's operands) are not lane
 //    accesses and are counted as bytes only.
 //  - the sectors of each allocation a launch read and wrote (the unique ones: a DRAM lower bound,
-//    each sector fetched once, with the L2 serving repeats within the launch).
+//    each sector fetched once, with the L2 serving repeats within the launch), up to the allocation's
+//    end as cudaMalloc rounds it (256 bytes). A request counts towards the allocation of its first
+//    lane; TMA copies towards the allocation they read.
 //
 // Output: one record per launch, appended to the file $SIMT_TRAFFIC_OUT (tests/simt_ops.py parses it):
-//   launch <kernel, relative address> <grid x y z> <block x y z>
+//   launch <kernel, relative address> <grid x y z> <block x y z> <lanes grouped across a barrier>
 //   alloc <id> <dev|host> <bytes> <sectors read> <sectors written> <requests> <bytes requested>
 //         <sectors of the requests> R <ranges of sectors read: lo-hi ...> W <ranges written>
 //   site <code address> <its two innermost call sites> <call stack hash> <g|s|c: global, shared,
@@ -36,11 +41,13 @@
 // Code addresses are relative to the object they lie in (named on the first line, "object PATH"),
 // for addr2line.
 #include <dlfcn.h>
+#include <link.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <map>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -55,13 +62,23 @@ extern char __stop_simt_smem[] __attribute__((weak));
 namespace {
 
 struct Alloc {
-    uintptr_t lo = 0, hi = 0;
+    uintptr_t lo = 0, hi = 0;  // [lo, hi): the allocation as cudaMalloc rounds it (256 bytes), which a kernel may read
+    uint64_t size = 0;         // the bytes asked for
     int id = 0;
     bool host = false;
     std::vector<uint64_t> rd, wr;  // sectors touched by this launch (bitmaps; empty until touched)
     uint64_t requests = 0, req_bytes = 0, req_sectors = 0;
 };
-std::map<uintptr_t, Alloc> g_allocs;  // by first byte
+// The hooks run before this file's globals would be constructed (other files' static initializers
+// are instrumented) and after they would be destroyed (their destructors too): the state with
+// constructors is made at first use and never destroyed.
+template <class T, int Tag>  // (Tag: one object per use, not per type)
+T& leaked() {
+    static T* const p = new T();
+    return *p;
+}
+std::map<uintptr_t, Alloc>& allocs() { return leaked<std::map<uintptr_t, Alloc>, 1>(); }  // by first byte
+std::mutex& allocs_lock() { return leaked<std::mutex, 2>(); }  // (an engine thread may allocate while another launches)
 int g_next_alloc = 0;
 
 struct FiberState {
@@ -70,8 +87,12 @@ struct FiberState {
     int ignore = 0;               // open Internal scopes
     std::unordered_map<uint64_t, uint32_t> seen;  // access site -> executions so far
 };
-std::vector<FiberState> g_fibers;  // of the running block, by thread index
-FiberState g_host;                 // outside a block
+std::vector<FiberState>& fibers() { return leaked<std::vector<FiberState>, 3>(); }  // of the running block, by thread index
+FiberState& host_state() {  // outside a block: per host thread
+    thread_local FiberState* h = nullptr;
+    if (h == nullptr) h = new FiberState;
+    return *h;
+}
 
 struct Lane {
     uintptr_t a;
@@ -81,6 +102,7 @@ struct Lane {
 struct Request {
     char space = 0;  // 'g' or 's'
     bool write = false;
+    uint64_t gen = 0;  // the block's and the warp's barrier generations at the first lane
     Alloc* alloc = nullptr;
     uint64_t site = 0;
     std::vector<Lane> lanes;
@@ -88,7 +110,8 @@ struct Request {
 struct KeyHash {
     size_t operator()(const std::pair<uint64_t, uint64_t>& k) const { return size_t(k.first * 0x9E3779B97F4A7C15ull ^ k.second); }
 };
-std::unordered_map<std::pair<uint64_t, uint64_t>, Request, KeyHash> g_requests;  // (site, warp + execution)
+using Requests = std::unordered_map<std::pair<uint64_t, uint64_t>, Request, KeyHash>;
+Requests& requests() { return leaked<Requests, 4>(); }  // by (site, warp + execution)
 
 struct Site {
     uintptr_t pc = 0;
@@ -98,16 +121,17 @@ struct Site {
     bool write = false;
     uint64_t requests = 0, bytes = 0, distinct = 0, units = 0, ideal = 0;
 };
-std::map<uint64_t, Site> g_sites;  // of this launch, by site key
+std::map<uint64_t, Site>& sites() { return leaked<std::map<uint64_t, Site>, 5>(); }  // of this launch, by site key
 
 bool g_active = false;
-std::string g_launch;           // the record's first line
+uint64_t g_mixed = 0;           // lanes grouped into a request across a barrier (the grouping's self-check)
+std::string& launch_line() { return leaked<std::string, 6>(); }  // the record's first line
 int g_copy = -1;                // in the copy engine: -1 no, 0 a plain copy, 1 a TMA copy
-std::vector<uint64_t> g_copy_sectors;
+std::vector<uint64_t>& copy_sectors() { return leaked<std::vector<uint64_t>, 7>(); }
 Alloc* g_copy_alloc = nullptr;
 uint64_t g_copy_bytes = 0;
 uintptr_t g_base = 0;           // load address of the object this file is in
-std::string g_object;
+std::string& object_path() { return leaked<std::string, 8>(); }
 bool g_object_written = false;
 
 // The hooks use the standard library, whose templates the instrumented code instantiates too (the
@@ -124,25 +148,30 @@ uint64_t mix(uint64_t h, uint64_t v) {
     return h * 0xFF51AFD7ED558CCDull;
 }
 
+bool g_base_found = false;
 void find_base() {
-    if (g_base) return;
+    if (g_base_found) return;
+    g_base_found = true;
     Dl_info info{};
     if (dladdr(reinterpret_cast<void*>(&find_base), &info) && info.dli_fbase) {
-        g_base = reinterpret_cast<uintptr_t>(info.dli_fbase);
-        g_object = info.dli_fname ? info.dli_fname : "";
+        // addr2line takes offsets in a position-independent object, addresses in a fixed one
+        const auto* elf = static_cast<const ElfW(Ehdr)*>(info.dli_fbase);
+        g_base = elf->e_type == ET_EXEC ? 0 : reinterpret_cast<uintptr_t>(info.dli_fbase);
+        object_path() = info.dli_fname ? info.dli_fname : "";
     }
 }
 uintptr_t rel(uintptr_t pc) { return pc - g_base; }
 
 FiberState& state() {
     simt::Block* b = simt::current_block();
-    if (b == nullptr || b->cur < 0 || size_t(b->cur) >= g_fibers.size()) return g_host;
-    return g_fibers[size_t(b->cur)];
+    if (b == nullptr || b->cur < 0 || size_t(b->cur) >= fibers().size()) return host_state();
+    return fibers()[size_t(b->cur)];
 }
 
 Alloc* find_alloc(uintptr_t a) {
-    auto it = g_allocs.upper_bound(a);
-    if (it == g_allocs.begin()) return nullptr;
+    const std::lock_guard<std::mutex> lock(allocs_lock());  // (the Alloc stays: it is freed on the launching thread)
+    auto it = allocs().upper_bound(a);
+    if (it == allocs().begin()) return nullptr;
     --it;
     return a < it->second.hi ? &it->second : nullptr;
 }
@@ -151,6 +180,8 @@ bool in_shared(uintptr_t a) {
     const auto lo = reinterpret_cast<uintptr_t>(&__start_simt_smem[0]), hi = reinterpret_cast<uintptr_t>(&__stop_simt_smem[0]);
     if (lo != 0 && a >= lo && a < hi) return true;
     const simt::Block* b = simt::current_block();
+    const auto st = reinterpret_cast<uintptr_t>(b->static_base);
+    if (st != 0 && a >= st && a < st + simt::STATIC_SMEM) return true;
     const auto d = reinterpret_cast<uintptr_t>(b->dyn_smem.data());
     return a >= d && a < d + b->dyn_smem.size();
 }
@@ -162,7 +193,8 @@ void mark(Alloc& al, uintptr_t a, size_t n, bool write) {
     for (uintptr_t s = (a - al.lo) / 32; s <= (end - 1 - al.lo) / 32; ++s) bits[s / 64] |= uint64_t(1) << (s % 64);
 }
 
-void access(uintptr_t a, size_t n, bool write, uintptr_t pc, bool declared) {
+// rmw: an atomic read-modify-write (one request, its sectors read and written)
+void access(uintptr_t a, size_t n, bool write, uintptr_t pc, bool declared, bool rmw = false) {
     if (!g_active || n == 0 || t_busy) return;
     const Busy busy;
     simt::Block* b = simt::current_block();
@@ -175,28 +207,31 @@ void access(uintptr_t a, size_t n, bool write, uintptr_t pc, bool declared) {
         mark(*al, a, n, false);
         g_copy_alloc = al;
         g_copy_bytes += n;
-        for (uintptr_t s = a / 32; s <= (a + n - 1) / 32; ++s) g_copy_sectors.push_back(s);
+        for (uintptr_t s = a / 32; s <= (a + n - 1) / 32; ++s) copy_sectors().push_back(s);
         return;
     }
     Alloc* al = find_alloc(a);
     const char space = al != nullptr ? 'g' : (in_shared(a) ? 's' : 0);
     if (space == 0) return;  // a register (the fiber's stack) or the stand-in's own state
     if (al != nullptr) mark(*al, a, n, write);
+    if (al != nullptr && rmw) mark(*al, a, n, false);
     const uint64_t site = mix(mix(f.hash, pc), uint64_t(write) << 1 | uint64_t(space == 's'));
     const uint32_t nth = f.seen[site]++;
     const simt::Fiber& fb = b->fibers[size_t(b->cur)];
-    Request& r = g_requests[{site, uint64_t(fb.warp) << 32 | nth}];
+    Request& r = requests()[{site, uint64_t(fb.warp) << 32 | nth}];
+    const uint64_t gen = uint64_t(b->gen) << 32 | b->warps[size_t(fb.warp)].gen;
     if (r.lanes.empty()) {
-        r.space = space, r.write = write, r.alloc = al, r.site = site;
-        Site& s = g_sites[site];
+        r.space = space, r.write = write, r.alloc = al, r.site = site, r.gen = gen;
+        Site& s = sites()[site];
         s.pc = rel(pc), s.stack = f.hash, s.space = space, s.write = write;
         for (size_t i = 0; i < 2 && i < f.stack.size(); ++i) s.callers[i] = rel(f.stack[f.stack.size() - 1 - i].second);
     }
+    if (r.gen != gen) ++g_mixed;  // a lane at the site's n-th execution after a barrier the first was before
     r.lanes.push_back(Lane{a, uint32_t(n), uint32_t(fb.lane)});
 }
 
 void finish_request(const Request& r) {
-    Site& s = g_sites[r.site];
+    Site& s = sites()[r.site];
     ++s.requests;
     uint32_t widest = 0;
     for (const Lane& l : r.lanes) s.bytes += l.n, widest = std::max(widest, l.n);
@@ -265,16 +300,17 @@ void write_record() {
     FILE* out = path ? std::fopen(path, "a") : nullptr;
     if (out == nullptr) return;
     if (!g_object_written) {
-        std::fprintf(out, "object %s\n", g_object.c_str());
+        std::fprintf(out, "object %s\n", object_path().c_str());
         g_object_written = true;
     }
-    std::fprintf(out, "%s\n", g_launch.c_str());
-    for (auto& kv : g_allocs) {
+    std::fprintf(out, "%s %llu\n", launch_line().c_str(), static_cast<unsigned long long>(g_mixed));
+    const std::lock_guard<std::mutex> lock(allocs_lock());
+    for (auto& kv : allocs()) {
         Alloc& al = kv.second;
         if (al.rd.empty() && al.wr.empty() && al.requests == 0) continue;
         const uint64_t sectors = (al.hi - al.lo + 31) / 32;
         std::fprintf(out, "alloc %d %s %llu %llu %llu %llu %llu %llu R", al.id, al.host ? "host" : "dev",
-                     static_cast<unsigned long long>(al.hi - al.lo), static_cast<unsigned long long>(popcount(al.rd)),
+                     static_cast<unsigned long long>(al.size), static_cast<unsigned long long>(popcount(al.rd)),
                      static_cast<unsigned long long>(popcount(al.wr)), static_cast<unsigned long long>(al.requests),
                      static_cast<unsigned long long>(al.req_bytes), static_cast<unsigned long long>(al.req_sectors));
         ranges(out, al.rd, sectors);
@@ -284,7 +320,7 @@ void write_record() {
         al.rd.clear(), al.wr.clear();
         al.requests = al.req_bytes = al.req_sectors = 0;
     }
-    for (const auto& kv : g_sites) {
+    for (const auto& kv : sites()) {
         const Site& s = kv.second;
         std::fprintf(out, "site %llx %llx %llx %llx %c %c %llu %llu %llu %llu %llu\n", static_cast<unsigned long long>(s.pc),
                      static_cast<unsigned long long>(s.callers[0]), static_cast<unsigned long long>(s.callers[1]),
@@ -315,8 +351,9 @@ void simt_traffic_launch(const void* kernel, unsigned gx, unsigned gy, unsigned 
     char line[256];
     std::snprintf(line, sizeof line, "launch %llx %u %u %u %u %u %u",
                   static_cast<unsigned long long>(rel(reinterpret_cast<uintptr_t>(kernel))), gx, gy, gz, bx, by, bz);
-    g_launch = line;
-    g_sites.clear();
+    launch_line() = line;
+    sites().clear();
+    g_mixed = 0;
     g_active = true;
 }
 void simt_traffic_launch_end() {
@@ -327,36 +364,39 @@ void simt_traffic_launch_end() {
 void simt_traffic_block(int begin) {
     const Busy busy;
     if (begin) {
-        g_fibers.assign(simt::current_block()->fibers.size(), FiberState{});
-        g_requests.clear();
+        fibers().assign(simt::current_block()->fibers.size(), FiberState{});
+        requests().clear();
         return;
     }
-    for (const auto& kv : g_requests) finish_request(kv.second);
-    g_requests.clear();
-    g_fibers.clear();
+    for (const auto& kv : requests()) finish_request(kv.second);
+    requests().clear();
+    fibers().clear();
 }
 void simt_traffic_alloc(const void* p, size_t bytes, int host) {
     const Busy busy;
     const auto lo = reinterpret_cast<uintptr_t>(p);
-    Alloc& al = g_allocs[lo];
+    const std::lock_guard<std::mutex> lock(allocs_lock());
+    Alloc& al = allocs()[lo];
     al = Alloc{};
-    al.lo = lo, al.hi = lo + std::max<size_t>(bytes, 1), al.id = g_next_alloc++, al.host = host != 0;
+    al.lo = lo, al.hi = lo + std::max<size_t>(256, (bytes + 255) / 256 * 256), al.size = bytes;
+    al.id = g_next_alloc++, al.host = host != 0;
 }
 void simt_traffic_free(const void* p) {
     const Busy busy;
-    g_allocs.erase(reinterpret_cast<uintptr_t>(p));
+    const std::lock_guard<std::mutex> lock(allocs_lock());
+    allocs().erase(reinterpret_cast<uintptr_t>(p));
 }
 void simt_traffic_copy_engine(int begin, int tensor) {
     const Busy busy;
     if (begin) {
         g_copy = tensor ? 1 : 0;
-        g_copy_sectors.clear(), g_copy_alloc = nullptr, g_copy_bytes = 0;
+        copy_sectors().clear(), g_copy_alloc = nullptr, g_copy_bytes = 0;
         return;
     }
     if (g_copy == 1 && g_copy_alloc != nullptr && g_active) {
-        std::sort(g_copy_sectors.begin(), g_copy_sectors.end());
-        const uint64_t count = uint64_t(std::unique(g_copy_sectors.begin(), g_copy_sectors.end()) - g_copy_sectors.begin());
-        Site& s = g_sites[0];  // one site for every TMA copy of the launch
+        std::sort(copy_sectors().begin(), copy_sectors().end());
+        const uint64_t count = uint64_t(std::unique(copy_sectors().begin(), copy_sectors().end()) - copy_sectors().begin());
+        Site& s = sites()[0];  // one site for every TMA copy of the launch
         s.space = 'c';
         ++s.requests, s.bytes += g_copy_bytes, s.distinct += g_copy_bytes, s.units += count;
         ++g_copy_alloc->requests, g_copy_alloc->req_bytes += g_copy_bytes, g_copy_alloc->req_sectors += count;
@@ -414,7 +454,7 @@ void __tsan_vptr_read(void**) {}
 void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 void __tsan_atomic_signal_fence(int) {}
 
-// Atomics: done (one thread runs at a time, so plainly) and counted as a read and a write.
+// Atomics: done, and counted as one access (a read-modify-write: its sectors read and written).
 #define SIMT_ATOMICS(BITS, T)                                                                                                 \
     T __tsan_atomic##BITS##_load(const volatile T* p, int) {                                                                 \
         access(reinterpret_cast<uintptr_t>(p), sizeof(T), false, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false); \
@@ -425,23 +465,23 @@ void __tsan_atomic_signal_fence(int) {}
         __atomic_store_n(p, v, __ATOMIC_SEQ_CST);                                                                            \
     }                                                                                                                        \
     int __tsan_atomic##BITS##_compare_exchange_strong(volatile T* p, T* expected, T v, int, int) {                           \
-        access(reinterpret_cast<uintptr_t>(p), sizeof(T), true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false); \
+        access(reinterpret_cast<uintptr_t>(p), sizeof(T), true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false, true); \
         return __atomic_compare_exchange_n(p, expected, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                       \
     }                                                                                                                        \
     int __tsan_atomic##BITS##_compare_exchange_weak(volatile T* p, T* expected, T v, int, int) {                             \
-        access(reinterpret_cast<uintptr_t>(p), sizeof(T), true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false); \
+        access(reinterpret_cast<uintptr_t>(p), sizeof(T), true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false, true); \
         return __atomic_compare_exchange_n(p, expected, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                       \
     }                                                                                                                        \
     T __tsan_atomic##BITS##_fetch_add(volatile T* p, T v, int) {                                                             \
-        access(reinterpret_cast<uintptr_t>(p), sizeof(T), true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false); \
+        access(reinterpret_cast<uintptr_t>(p), sizeof(T), true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false, true); \
         return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);                                                                   \
     }                                                                                                                        \
     T __tsan_atomic##BITS##_fetch_or(volatile T* p, T v, int) {                                                              \
-        access(reinterpret_cast<uintptr_t>(p), sizeof(T), true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false); \
+        access(reinterpret_cast<uintptr_t>(p), sizeof(T), true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false, true); \
         return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);                                                                    \
     }                                                                                                                        \
     T __tsan_atomic##BITS##_exchange(volatile T* p, T v, int) {                                                              \
-        access(reinterpret_cast<uintptr_t>(p), sizeof(T), true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false); \
+        access(reinterpret_cast<uintptr_t>(p), sizeof(T), true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false, true); \
         return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);                                                                  \
     }
 SIMT_ATOMICS(8, uint8_t)

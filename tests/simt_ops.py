@@ -60,7 +60,7 @@ def _static_shared(m: re.Match, name: str) -> str:
         dims = d[2].replace(" ", "")
         key = zlib.crc32(f"{name}:{line}:{i}".encode()) & 0x7FFFFFFF
         ref = f"(&{d[1]}){dims}" if dims else f"&{d[1]}"
-        out.append(f"{m[2]} {ref} = ::simt::static_shared<{m[2]}{dims}>({key}u, {m[1] or 0});")
+        out.append(f"{m[2]} {ref} = ::simt::static_shared<{m[2]}{dims}>(__PRETTY_FUNCTION__, {key}u, {m[1] or 0});")
     return " ".join(out)
 
 
@@ -68,10 +68,16 @@ def _rewrite_text(text: str, name: str) -> str:
     """CUDA source as C++ for the stand-in: extern __shared__ (the dynamic shared memory), __shared__
     (the static one: GCC ignores a section attribute on a template's static) and <<<>>> launches
     rewritten, every line kept where it was."""
+    lines = text.count("\n")
     text = _EXTERN_SHARED.sub(lambda m: f"{m[2]}* const {m[3]} = reinterpret_cast<{m[2]}*>(::simt::dynamic_smem({m[1] or 16}));",
                               text)
     text = _STATIC_SHARED.sub(lambda m: _static_shared(m, name), text)
-    return _TRIPLE_CHEVRON.sub(lambda m: f"simt_launch({m.group(1)}, {m.group(2)})(", text)
+    text = _TRIPLE_CHEVRON.sub(lambda m: f"simt_launch({m.group(1)}, {m.group(2)})(", text)
+    # a declaration the patterns missed would fall back to a plain static (not poisoned in a template)
+    left = [i + 1 for i, ln in enumerate(text.splitlines()) if re.search(r"\b__shared__\b", ln.split("//")[0])]
+    if left or text.count("\n") != lines:
+        raise ValueError(f"{name}: the stand-in's builder left __shared__ at lines {left} or moved lines")
+    return text
 
 
 def _rewrite(stem: str, out_dir: Path) -> Path:

@@ -347,7 +347,7 @@ struct Block {
     // offsets given to the declarations so far (by their key) and the bytes they take
     std::vector<unsigned char> static_area;
     unsigned char* static_base = nullptr;
-    std::map<uint32_t, size_t> static_offsets;
+    std::map<std::pair<const char*, uint32_t>, std::pair<size_t, size_t>> static_offsets;  // -> offset, bytes
     size_t static_used = 0;
     std::vector<unsigned char> dyn_smem;  // + 2,048 bytes: the window's alignment and the declared one
     // The .shared window (hopper.h): shared address a is smem_window + a; the dynamic shared memory
@@ -468,22 +468,27 @@ inline T exchange(unsigned mask, T v, int src, const char* fn) {
 constexpr size_t STATIC_SMEM = 48 * 1024;  // a kernel's static shared memory at most (CUDA's limit)
 
 // __shared__ __align__(align) T name; (T: the array type, for an array) as the builder rewrites it:
-// T& name = simt::static_shared<T>(key, align), key telling the declarations apart. Every thread of
-// the block gets the same bytes, carved from the block's static shared memory at the first use.
+// T& name = simt::static_shared<T>(__PRETTY_FUNCTION__, key, align). The function's name (one per
+// template instantiation, which on a GPU has arrays of its own) and the declaration's key tell the
+// variables apart. Every thread of the block gets the same bytes, carved from the block's static
+// shared memory at the first use.
 template <class T>
-inline T& static_shared(uint32_t key, size_t align) {
+inline T& static_shared(const char* function, uint32_t key, size_t align) {
     Internal internal;
     Block& b = *current_block();
-    auto it = b.static_offsets.find(key);
+    auto it = b.static_offsets.find({function, key});
     if (it == b.static_offsets.end()) {
         align = std::max(std::max(align, alignof(T)), size_t(16));
         const size_t off = (b.static_used + align - 1) / align * align;
         if (off + sizeof(T) > STATIC_SMEM)
             fatal("__shared__ variables of " + std::to_string(off + sizeof(T)) + " bytes (at most 48 KB)");
-        it = b.static_offsets.emplace(key, off).first;
+        it = b.static_offsets.emplace(std::make_pair(function, key), std::make_pair(off, sizeof(T))).first;
         b.static_used = off + sizeof(T);
+    } else if (it->second.second != sizeof(T)) {
+        fatal(std::string("a __shared__ declaration of ") + function + " taken as " + std::to_string(sizeof(T)) +
+              " and " + std::to_string(it->second.second) + " bytes");
     }
-    return *reinterpret_cast<T*>(b.static_base + it->second);
+    return *reinterpret_cast<T*>(b.static_base + it->second.first);
 }
 
 // extern __shared__ __align__(align) T name[] (tests/simt_ops.py rewrites the declaration to this).

@@ -80,14 +80,17 @@ def _rewrite_text(text: str, name: str) -> str:
     return text
 
 
-def _rewrite(stem: str, out_dir: Path) -> Path:
-    """cuda/<stem>.cu as C++ for the stand-in (_rewrite_text), and cpp/src/cuda_backend.h, whose device
-    helpers declare __shared__ too (out_dir comes first on the include path)."""
-    (out_dir / "cuda_backend.h").write_text('#line 1 "cpp/src/cuda_backend.h"\n' +
-                                            _rewrite_text((ROOT / "cpp/src/cuda_backend.h").read_text(), "cpp/src/cuda_backend.h"))
-    src = out_dir / f"{stem}.cu.cpp"
-    src.write_text(f'#line 1 "cuda/{stem}.cu"\n' + _rewrite_text((ROOT / "cuda" / f"{stem}.cu").read_text(), f"cuda/{stem}.cu"))
-    return src
+def _rewrite(sources: list[str], out_dir: Path) -> list[Path]:
+    """The sources (paths under the repository) as C++ for the stand-in (_rewrite_text) in out_dir, and
+    cpp/src/cuda_backend.h, whose device helpers declare __shared__ too (out_dir comes first on the
+    include path) -> the rewritten sources."""
+    out = []
+    for rel in ["cpp/src/cuda_backend.h", *sources]:
+        name = Path(rel).name
+        dst = out_dir / (name + ".cpp" if name.endswith(".cu") else name)
+        dst.write_text(f'#line 1 "{rel}"\n' + _rewrite_text((ROOT / rel).read_text(), rel))
+        out.append(dst)
+    return out[1:]
 
 
 def _compile_all(jobs, what: str) -> None:
@@ -141,8 +144,7 @@ def build_package(cxx: str, out_dir: Path, traffic: bool = False) -> Path:
     pic = ["-fPIC"]
     kernel_flags = [*pic, *TRAFFIC_FLAGS] if traffic else pic
     runtime_flags = [*pic, "-DSIMT_TRAFFIC", "-g"] if traffic else pic
-    for stem in CUDA_SOURCES:
-        src = _rewrite(stem, out_dir)
+    for stem, src in zip(CUDA_SOURCES, _rewrite([f"cuda/{stem}.cu" for stem in CUDA_SOURCES], out_dir)):
         objs.append(out_dir / f"{stem}.cu.o")
         jobs.append(([cxx, *_simt_flags(out_dir, kernel_flags), "-c", str(src), "-o", str(objs[-1])], f"cuda/{stem}.cu"))
     for stem in ("simt", "traffic") if traffic else ("simt",):
@@ -188,7 +190,7 @@ def build(cxx: str, out_dir: Path, race_check: bool = False, traffic: bool = Fal
     memory traffic (tests/test_simt_traffic.py, `Traffic`)."""
     assert not (race_check and traffic)
     extra = RACE_FLAGS if race_check else TRAFFIC_FLAGS if traffic else ()
-    units = [_rewrite(stem, out_dir) for stem in SOURCES] + [ROOT / "tests/cuda_host/simt_ops.cpp"]
+    units = _rewrite([f"cuda/{stem}.cu" for stem in SOURCES] + ["tests/cuda_host/simt_ops.cpp"], out_dir)
     jobs = [([cxx, *_simt_flags(out_dir, extra), "-c", str(src), "-o", str(out_dir / (src.name + ".o"))], src.name) for src in units]
     # the scheduler and the traffic hooks themselves are not instrumented
     plain = ["-DSIMT_TRAFFIC", "-g"] if traffic else list(extra)
@@ -223,13 +225,6 @@ class AllocTraffic:
     def efficiency(self) -> float:
         """Bytes asked for / bytes of the sectors the requests touched (1.0: fully coalesced)."""
         return self.req_bytes / (32 * self.req_sectors) if self.req_sectors else 1.0
-
-    def read_bytes_set(self) -> np.ndarray:
-        """A boolean per byte of the allocation: inside a sector that was read."""
-        m = np.zeros((self.size + 31) // 32, bool)
-        for lo, hi in self.read_ranges:
-            m[lo:hi] = True
-        return np.repeat(m, 32)[:self.size]
 
 
 @dataclass
@@ -353,9 +348,9 @@ class Traffic:
 
         for la in self.launches:
             fr = frames.get(la.kernel_addr, [])
-            name = fr[0][0].replace("(anonymous namespace)::", "").replace("flexquant::", "") if fr else hex(la.kernel_addr)
             if not fr:
                 raise RuntimeError(f"Traffic: addr2line found no function at {hex(la.kernel_addr)} in {self.object}")
+            name = fr[0][0].replace("(anonymous namespace)::", "").replace("flexquant::", "")
             la.kernel = _strip_parameters(name.removeprefix("void "))  # e.g. bitplane_matmul_tc_kernel<8, 2>
             for s in la.sites:
                 if not s.pc:
@@ -371,9 +366,6 @@ class Traffic:
                 # the innermost line in cuda/, and the one it is called from (a helper's caller)
                 s.where = short[0] + (f" < {short[1].split(':')[-1] if short[1].split(':')[0] == short[0].split(':')[0] else short[1]}"
                                       if len(short) > 1 else "")
-
-    def by_kernel(self, name: str) -> list[Launch]:
-        return [la for la in self.launches if name in la.kernel]
 
     def after_mark(self, text: str) -> list[Launch]:
         """The launches between the mark `text` and the next mark (or the end)."""

@@ -69,12 +69,10 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __grid_constant__
-// The kernels' __shared__ declarations are rewritten by the builder (tests/simt_ops.py) to
-// simt::static_shared: the block's static shared memory, filled with 0xff bytes before each block
-// (extern __shared__: its dynamic shared memory). Elsewhere (the driver's self-test kernels), blocks
-// run one at a time, so __shared__ variables are statics in a section of their own that run_block
-// fills the same way. (Not in templates: GCC ignores the section of a template's static.)
-#define __shared__ static __attribute__((section("simt_smem")))
+// __shared__ is not defined: the builder (tests/simt_ops.py) rewrites every declaration to
+// simt::static_shared, the block's static shared memory, filled with 0xff bytes before each block
+// (extern __shared__: its dynamic shared memory). (A static with a section of its own, filled by
+// run_block, would not do: GCC ignores the section of a template's static.)
 
 using std::isfinite;
 using std::isinf;

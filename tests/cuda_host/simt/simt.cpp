@@ -11,12 +11,6 @@
 #include <ucontext.h>
 #endif
 
-// The __shared__ variables (cuda_runtime.h puts them in this section): the linker's bounds of it.
-extern "C" {
-extern char __start_simt_smem[] __attribute__((weak));
-extern char __stop_simt_smem[] __attribute__((weak));
-}
-
 namespace simt {
 namespace {
 
@@ -161,8 +155,6 @@ void run_block(Block& b) {
     }
 #endif
     // shared memory is not initialized on a GPU: a block that reads what it did not write reads NaN
-    const auto lo = reinterpret_cast<uintptr_t>(&__start_simt_smem[0]), hi = reinterpret_cast<uintptr_t>(&__stop_simt_smem[0]);
-    if (lo != 0 && hi > lo) std::memset(&__start_simt_smem[0], 0xff, size_t(hi - lo));
     if (b.static_area.empty()) {
         b.static_area.assign(STATIC_SMEM + 1024, 0xff);
         const auto p = reinterpret_cast<uintptr_t>(b.static_area.data());

@@ -54,11 +54,6 @@
 
 #include "cuda_runtime.h"
 
-extern "C" {
-extern char __start_simt_smem[] __attribute__((weak));
-extern char __stop_simt_smem[] __attribute__((weak));
-}
-
 namespace {
 
 struct Alloc {
@@ -177,8 +172,6 @@ Alloc* find_alloc(uintptr_t a) {
 }
 
 bool in_shared(uintptr_t a) {
-    const auto lo = reinterpret_cast<uintptr_t>(&__start_simt_smem[0]), hi = reinterpret_cast<uintptr_t>(&__stop_simt_smem[0]);
-    if (lo != 0 && a >= lo && a < hi) return true;
     const simt::Block* b = simt::current_block();
     const auto st = reinterpret_cast<uintptr_t>(b->static_base);
     if (st != 0 && a >= st && a < st + simt::STATIC_SMEM) return true;

@@ -765,3 +765,25 @@ def test_mma_bad_arguments(cuda_ops):
     with pytest.raises(core.FlexquantError, match="path must be TC or MMA"):
         cuda_ops.bitplane_matmul_fused_cuda(planes, qparams, n, k, 4, 64, 3, x, op="rms_norm",
                                         aux=np.ones(k, np.float32), path="fp32")
+
+
+def test_stand_in_builder_rewrites_every_shared_declaration():
+    """The stand-in's builder (tests/simt_ops.py) turns each __shared__ declaration into references into
+    the block's static shared memory, one key per variable, every line kept in place, and refuses a
+    source where a declaration it cannot read would stay a plain (unpoisoned) static."""
+    from simt_ops import _rewrite_text
+
+    src = ("template <int N> __global__ void k() {\n"
+           "    __shared__ __align__(16) float a[N][4], b[2];  // two at once\n"
+           "    __shared__ int count;\n"
+           "}\n")
+    out = _rewrite_text(src, "x.cu")
+    assert out.count("\n") == src.count("\n") and "__shared__" not in out.split("//")[0]
+    line = out.splitlines()[1]
+    assert "float (&a)[N][4] = ::simt::static_shared<float[N][4]>(__PRETTY_FUNCTION__, " in line and ", 16);" in line
+    assert "float (&b)[2] = ::simt::static_shared<float[2]>(__PRETTY_FUNCTION__, " in line
+    assert "int &count = ::simt::static_shared<int>(__PRETTY_FUNCTION__, " in out.splitlines()[2]
+    keys = [int(k) for k in __import__("re").findall(r"__PRETTY_FUNCTION__, (\d+)u", out)]
+    assert len(keys) == 3 and len(set(keys)) == 3
+    with pytest.raises(ValueError, match="x.cu: the stand-in's builder left __shared__ at lines \\[2\\]"):
+        _rewrite_text("void f() {\n    __shared__ float buf[(4)];\n}\n", "x.cu")

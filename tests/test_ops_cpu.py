@@ -287,7 +287,7 @@ def attention_reference(q, kc, vc, p0):
 
 
 @pytest.mark.parametrize("m,p0", [(1, 0), (1, 37), (6, 0), (7, 20), (1, 700), (3, 530)])
-@pytest.mark.parametrize("H,Hkv,d", [(6, 2, 64), (4, 4, 40), (3, 1, 36), (2, 1, 128)])
+@pytest.mark.parametrize("H,Hkv,d", [(6, 2, 64), (4, 4, 40), (3, 1, 36), (2, 1, 128), (4, 2, 200)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_attention_matches_reference(kernels, m, p0, H, Hkv, d, dtype):
     rng = np.random.default_rng(m * 100 + p0 + d)

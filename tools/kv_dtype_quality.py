@@ -8,7 +8,9 @@ evaluation half of Python's pydoc topics, controller.calibration_text) token by 
 forced, at the same bit-width. Per token: KL(fp32 cache || fp16 cache) of the next-token
 distributions, whether their top-1 agree, the largest log-probability difference; per engine: the
 perplexity and the decode time (the two engines alternate token by token, so machine noise hits
-both alike). With no model, the default model (SmolLM2-135M-Instruct). Not a test.
+both alike; each has its own thread pool, whose workers spin briefly after a call, which slows
+both a little: --threads 1 avoids it). With no model, the default model (SmolLM2-135M-Instruct).
+Not a test.
 """
 from __future__ import annotations
 

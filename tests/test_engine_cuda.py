@@ -29,8 +29,8 @@ gpu = pytest.mark.skipif(not core.cuda_available(), reason="no CUDA device (or b
 # ---- CPU: the bit-width cap and the fallback --------------------------------------------------------
 
 def test_max_bits_caps_the_mask_and_matches_the_full_file(tiny_fq):
-    full = Engine(tiny_fq, backend="cpu")
-    capped = Engine(tiny_fq, backend="cpu", max_bits=6)
+    full = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
+    capped = Engine(tiny_fq, backend="cpu", kv_dtype="f32", max_bits=6)
     assert full.max_bits == 8 and capped.max_bits == 6
     assert (capped.layer_bits() == 6).all() and capped.lm_head_bits == 6
     with pytest.raises(FlexquantError, match=r"= 7 is outside 2..6 \(the engine's max_bits; the file holds 8\)"):
@@ -55,7 +55,7 @@ def test_cuda_backend_without_gpu_falls_back_with_a_reason(tiny_fq):
     with pytest.warns(RuntimeWarning, match="backend CUDA: .*running on the CPU"):
         eng = Engine(tiny_fq, backend="cuda")
     assert eng.backend == "cpu" and eng._eng.device_bytes == 0
-    ref = Engine(tiny_fq, backend="cpu")
+    ref = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
     assert eng.generate([1, 2, 3], max_new_tokens=8) == ref.generate([1, 2, 3], max_new_tokens=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "auto" picks the CPU silently
@@ -373,7 +373,7 @@ def _steps(eng, ids, n_steps, masks=None):
 @gpu
 @pytest.mark.parametrize("bits", [8, 6, 4, 3])
 def test_engine_cuda_fp32_path_matches_cpu(tiny_fq, bits):
-    cpu = Engine(tiny_fq, backend="cpu")
+    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
     gpu_eng = Engine(tiny_fq, backend="cuda")
     gpu_eng._eng = core.Engine(str(tiny_fq), backend="cuda", cuda_fp32_matmul=True)
     assert gpu_eng.backend == "cuda" and gpu_eng._eng.device_bytes > 0
@@ -393,7 +393,7 @@ def test_engine_cuda_tc_path_matches_cpu_with_int8_activations(tiny_fq):
     the two must agree up to fp32 rounding and the rare rounding-boundary flip it causes (one flip
     moves the later positions by up to ~1e-2 on this tiny model through the KV cache: the budget
     of the CPU against transformers there)."""
-    cpu = Engine(tiny_fq, backend="cpu")
+    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
     cpu.set_activation_bits(8)
     tc = Engine(tiny_fq, backend="cuda")
     ids = np.random.default_rng(1).integers(0, 320, 20)
@@ -413,7 +413,7 @@ def test_engine_cuda_activation_bits_per_linear(tiny_fq):
     mix[1] = 0
     mix[0, 2] = 0  # one linear of the fused q/k/v launch on the other path
     ids = np.random.default_rng(2).integers(0, 320, 70)
-    cpu = Engine(tiny_fq, backend="cpu")
+    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
     cpu.set_activation_bits(mix, lm_head_bits=0)
     gpu_eng = Engine(tiny_fq, backend="cuda", cuda_gemm_min_rows=16)
     assert (np.asarray(gpu_eng._eng.activation_bits) == 8).all()
@@ -448,7 +448,7 @@ def test_engine_cuda_fp16_activations_match_cpu(tiny_fq, wide_head_fq, which):
     running that mix within the int8 tolerance."""
     path = tiny_fq if which == "tiny" else wide_head_fq
     ids = np.random.default_rng(5).integers(0, 320, 70)
-    cpu = Engine(path, backend="cpu")
+    cpu = Engine(path, backend="cpu", kv_dtype="f32")
     gpu_eng = Engine(path, backend="cuda", cuda_gemm_min_rows=16)
     for e in (cpu, gpu_eng):
         e.set_activation_bits(16)
@@ -525,7 +525,7 @@ def test_mask_switching_equals_fresh_run_with_that_history(tiny_fq):
     graph._eng = core.Engine(str(tiny_fq), backend="cuda", cuda_fp32_matmul=True, cuda_graph=True)
     plain = Engine(tiny_fq, backend="cuda")
     plain._eng = core.Engine(str(tiny_fq), backend="cuda", cuda_fp32_matmul=True, cuda_graph=False)
-    cpu = Engine(tiny_fq, backend="cpu")
+    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
     a = _steps(graph, ids, 10, masks)
     b = _steps(plain, ids, 10, masks)
     c = _steps(cpu, ids, 10, masks)
@@ -561,8 +561,8 @@ def test_engine_cuda_smollm2_shape(tmp_path):
 
     path = tmp_path / "smol.fq"
     convert(SyntheticSource("smollm2-135m", seed=3), path, progress=False)
-    cpu = Engine(path, backend="cpu", n_ctx=256)
-    gpu_eng = Engine(path, backend="cpu", n_ctx=256)
+    cpu = Engine(path, backend="cpu", kv_dtype="f32", n_ctx=256)
+    gpu_eng = Engine(path, backend="cpu", kv_dtype="f32", n_ctx=256)
     gpu_eng._eng = core.Engine(str(path), n_ctx=256, backend="cuda", cuda_fp32_matmul=True)
     ids = np.random.default_rng(0).integers(0, 49152, 40)
     for bits in (8, 5):
@@ -651,7 +651,7 @@ def test_engine_cuda_gemm_prefill_matches_the_gemv_and_cpu(tiny_fq):
     more = (rng.integers(0, 320, 30), rng.integers(0, 320, 70))
     gemm = core.Engine(str(tiny_fq), backend="cuda", n_ctx=256)
     gemv = core.Engine(str(tiny_fq), backend="cuda", n_ctx=256, cuda_gemm_min_rows=0)
-    cpu = Engine(tiny_fq, backend="cpu", n_ctx=256)
+    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32", n_ctx=256)
     cpu.set_activation_bits(8)
     assert gemm.backend == "cuda" and gemv.backend == "cuda"
     a, b = _core_steps(gemm, ids, 4, more=more), _core_steps(gemv, ids, 4, more=more)
@@ -745,7 +745,7 @@ def test_engine_cuda_decode_batch_matches_cpu(tiny_fq):
     stepped in changing subsets and orders, against the CPU engine's decode_batch: logits within
     1e-4 (the fp32 tolerance of the single-sequence test), entropy and top-1 too."""
     gpu_eng = core.Engine(str(tiny_fq), backend="cuda", n_ctx=64, n_seq=6, cuda_fp32_matmul=True)
-    cpu = core.Engine(str(tiny_fq), backend="cpu", n_ctx=64, n_seq=6)
+    cpu = core.Engine(str(tiny_fq), backend="cpu", kv_f16=False, n_ctx=64, n_seq=6)
     assert gpu_eng.backend == "cuda" and gpu_eng.backend_note == ""
     a, b = _batch_run(gpu_eng, _PROMPTS, _SCHEDULE), _batch_run(cpu, _PROMPTS, _SCHEDULE)
     for (la, ea, ta), (lb, eb, tb) in zip(a, b):

@@ -34,6 +34,13 @@ import time
 from pathlib import Path
 
 
+def kv_label(a) -> str:
+    """The KV cache type the engines of this run use: --kv-dtype, or the engine's default for auto."""
+    if a.kv_dtype != "auto":
+        return a.kv_dtype
+    return ("f32" if a.backend == "cuda" else "f16") + " (the engine's default)"
+
+
 def copy_bandwidth_gbs() -> float:
     """Memory copy bandwidth, read + write bytes counted (as the GPU copy figure)."""
     import numpy as np
@@ -79,7 +86,7 @@ def gpu_copy_bandwidth_gbs() -> float:
 
 
 def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, backend: str = "cpu",
-           gemm_min_rows: int = 64, kv_dtype: str = "f32", mma_rows: int = 0) -> dict:
+           gemm_min_rows: int = 64, kv_dtype: str = "auto", mma_rows: int = 0) -> dict:
     """bits 0: a new random mask every step, each linear at 4 or 6 (mean 5), the LM head at 6.
     bits -1: the FlexQuant controller (4 <-> max_bits on the previous step's entropy) at a budget
     of 5 bits per weight, its decision, the mask push and the signals inside each timed step, as in
@@ -147,7 +154,8 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     cfg = eng.config
     # the K and V rows a decode step reads: every layer's cache up to its position, the mean over
     # the timed steps (step i sees n_prompt + 1 + i rows)
-    kv_bytes = (2 * int(cfg["n_layers"]) * int(cfg["n_kv_heads"]) * int(cfg["head_dim"]) * (2 if kv_dtype == "f16" else 4)
+    kv_elt = 2 if eng.kv_dtype == "f16" else 4  # (kv_dtype "auto" resolved by the engine)
+    kv_bytes = (2 * int(cfg["n_layers"]) * int(cfg["n_kv_heads"]) * int(cfg["head_dim"]) * kv_elt
                 * (n_prompt + 1 + (n_decode - 1) / 2))
     return {
         "prefill_tok_s": n_prompt / t_prefill, "decode_tok_s": 1.0 / step, "step_ms": step * 1e3,
@@ -158,7 +166,7 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
 
 
 def batch_worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, batch: int,
-                 backend: str = "cpu", kv_dtype: str = "f32", mma_rows: int = 0) -> dict:
+                 backend: str = "cpu", kv_dtype: str = "auto", mma_rows: int = 0) -> dict:
     """Decode steps of `batch` sequences at once (Engine.decode_batch), greedy."""
     import numpy as np
 
@@ -194,7 +202,7 @@ def main_batch(a, models) -> int:
     bw = gpu_copy_bandwidth_gbs() if a.backend == "cuda" else copy_bandwidth_gbs()
     print(f"backend {a.backend}, threads: {a.threads}; {'GPU' if a.backend == 'cuda' else 'memory'} copy bandwidth "
           f"(read + write): {bw:.1f} GB/s; "
-          f"prompt {a.prompt} tokens per sequence, {a.decode} batched decode steps (median); KV cache {a.kv_dtype}"
+          f"prompt {a.prompt} tokens per sequence, {a.decode} batched decode steps (median); KV cache {kv_label(a)}"
           + (f"; GEMV launches of >= {a.mma_rows} rows on the s8 tensor cores (cuda_mma_min_rows)" if a.mma_rows else ""))
     print()
     print("| model | bits | batch | step ms | decode tok/s (all sequences) | vs batch 1 | weight GB/s | % of copy BW |")
@@ -255,8 +263,9 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=32, help="decode steps")
     ap.add_argument("--backend", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--batch", type=int, nargs="+", help="batched decode with these batch sizes")
-    ap.add_argument("--kv-dtype", default="f32", choices=("f32", "f16"),
-                    help="KV cache type of the decode tables (f16 halves the attention's reads at long contexts)")
+    ap.add_argument("--kv-dtype", default="auto", choices=("auto", "f32", "f16"),
+                    help="KV cache type of the decode tables (f16 halves the attention's reads at long contexts; "
+                         "auto: the engine's default, f16 on the CPU and f32 on CUDA)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                     help="--backend cuda: add a column NAME: the decode of each static-bits row with these "
                          "environment variables, measured in the same run (e.g. pdl:FLEXQUANT_CUDA_PDL=1)")
@@ -301,7 +310,7 @@ def main() -> int:
         return main_cuda(a, models)
     bw = copy_bandwidth_gbs()
     print(f"threads: {a.threads}; memory copy bandwidth (read + write): {bw:.1f} GB/s; "
-          f"prompt {a.prompt} tokens, {a.decode} decode steps (median)")
+          f"prompt {a.prompt} tokens, {a.decode} decode steps (median); KV cache {kv_label(a)}")
     base = None
     try:
         base = run_worker(["llama", str(smollm2_gguf_path()), str(a.threads), str(a.prompt), str(a.decode)])
@@ -332,7 +341,7 @@ def main_cuda(a, models) -> int:
     FlexQuant controller at a 5-bit budget (the last row)."""
     bw = gpu_copy_bandwidth_gbs()
     print(f"GPU copy bandwidth (read + write): {bw:.0f} GB/s; prompt {a.prompt} tokens, "
-          f"{a.decode} decode steps (median); KV cache {a.kv_dtype}; roofline = 0.85 x copy BW / bytes per token "
+          f"{a.decode} decode steps (median); KV cache {kv_label(a)}; roofline = 0.85 x copy BW / bytes per token "
           "(weights only, as the issue's goals; 'incl. KV' adds the K and V rows each step reads at this context)" + (f"; GEMV launches of >= {a.mma_rows} rows on the s8 tensor cores (cuda_mma_min_rows)"
                               if a.mma_rows else ""))
     mma = str(a.mma_rows)

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -201,13 +202,15 @@ void bind_engine(py::module_& m) {
     py::class_<PyEngine>(m, "Engine",
                          "The C++ engine: forward pass, KV cache and bit mask. Use flexquant_rt.Engine, "
                          "which adds tokenization, chat and the generation loop.")
-        .def(py::init([](const std::string& path, int64_t n_ctx, int threads, bool kv_f16, const std::string& backend,
+        .def(py::init([](const std::string& path, int64_t n_ctx, int threads, std::optional<bool> kv_f16, const std::string& backend,
                          int max_bits, bool cuda_fp32_matmul, bool cuda_graph, int n_seq, int64_t cuda_gemm_min_rows,
                          int cuda_mma_min_rows) {
                  flexquant::EngineParams p;
                  p.n_ctx = n_ctx;
                  p.n_threads = threads;
-                 p.kv_dtype = kv_f16 ? flexquant::KvDType::KV_F16 : flexquant::KvDType::KV_F32;
+                 p.kv_dtype = !kv_f16 ? flexquant::KvDType::KV_AUTO
+                              : *kv_f16 ? flexquant::KvDType::KV_F16
+                                        : flexquant::KvDType::KV_F32;
                  if (backend == "auto") p.backend = flexquant::Backend::BACKEND_AUTO;
                  else if (backend == "cpu") p.backend = flexquant::Backend::BACKEND_CPU;
                  else if (backend == "cuda") p.backend = flexquant::Backend::BACKEND_CUDA;
@@ -226,12 +229,13 @@ void bind_engine(py::module_& m) {
                  e->model = e->eng->model();
                  return e;
              }),
-             py::arg("path"), py::arg("n_ctx") = 0, py::arg("threads") = 0, py::arg("kv_f16") = false,
+             py::arg("path"), py::arg("n_ctx") = 0, py::arg("threads") = 0, py::arg("kv_f16") = py::none(),
              py::arg("backend") = "cpu", py::arg("max_bits") = 0, py::arg("cuda_fp32_matmul") = false,
              py::arg("cuda_graph") = true, py::arg("n_seq") = 1, py::arg("cuda_gemm_min_rows") = 64,
              py::arg("cuda_mma_min_rows") = 0,
              "Open a model file. n_ctx=0: the model's context capped by a 4 GiB KV budget (shared by the n_seq\n"
              "sequences); threads=0: all cores; n_seq: sequences held, each with its own KV cache (decode_batch).\n"
+             "kv_f16: an fp16 (True) or fp32 (False) KV cache; None: fp16 on the CPU, fp32 on CUDA.\n"
              "backend: 'cpu', 'cuda' or 'auto'; max_bits: the highest bit-width allowed (0 = the file's); the\n"
              "CUDA backend uploads only that many planes. cuda_fp32_matmul: fp32 activations in the CUDA GEMV\n"
              "(accuracy reference) instead of int8 on the binary tensor cores; cuda_graph: replay decode steps;\n"
@@ -246,6 +250,9 @@ void bind_engine(py::module_& m) {
                                "Why an asked-for CUDA backend is not used ('' when it is, or was not asked for).")
         .def_property_readonly("max_bits", [](PyEngine& e) { return e.get().max_bits(); },
                                "The highest bit-width this engine runs (its max_bits, or the file's).")
+        .def_property_readonly("kv_dtype", [](PyEngine& e) {
+            return e.get().kv_dtype() == flexquant::KvDType::KV_F16 ? "f16" : "f32";
+        }, "The KV cache's element type: 'f16' or 'f32' (kv_f16 resolved).")
         .def_property_readonly("device_bytes", [](PyEngine& e) { return e.get().device_bytes(); },
                                "GPU memory held by the CUDA backend (0 on the CPU).")
         .def("close", [](PyEngine& e) { e.eng.reset(); }, "Free the KV cache and the model mapping.")

@@ -210,6 +210,20 @@ uint64_t Engine::Impl::bytes_at(const std::vector<int32_t>& b) const {
     return total;
 }
 
+namespace {
+
+// Whether the engine runs on the GPU: CUDA or auto asked for, a CUDA build and a device present.
+bool gpu_backend_wanted(const EngineParams& params) {
+#ifdef FLEXQUANT_HAVE_CUDA
+    return params.backend != Backend::BACKEND_CPU && cuda_device_count() > 0;
+#else
+    (void)params;
+    return false;
+#endif
+}
+
+}  // namespace
+
 Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& params)
     : impl_(new Impl(params.n_threads)) {
     Impl& e = *impl_;
@@ -217,9 +231,12 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     e.model = std::move(model);
     e.cfg = &e.model->config();
     const ModelConfig& c = *e.cfg;
-    e.kv_dtype = params.kv_dtype;
+    // KV_AUTO: fp32 where the engine will run on the GPU (init_backend's rule), fp16 on the CPU.
+    e.kv_dtype = params.kv_dtype != KvDType::KV_AUTO ? params.kv_dtype
+                 : gpu_backend_wanted(params)     ? KvDType::KV_F32
+                                                  : KvDType::KV_F16;
 
-    const uint64_t elt = params.kv_dtype == KvDType::KV_F16 ? 2 : 4;
+    const uint64_t elt = e.kv_dtype == KvDType::KV_F16 ? 2 : 4;
     const uint64_t per_token = 2ull * c.n_layers * c.n_kv_heads * c.head_dim * elt;
     if (params.n_ctx < 0) throw Error("n_ctx = " + std::to_string(params.n_ctx) + " must be >= 0");
     if (params.n_seq < 1 || params.n_seq > 4096) throw Error(cat("n_seq = ", params.n_seq, " is outside 1..4096"));
@@ -299,13 +316,17 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
 }
 
 void Engine::Impl::init_backend(const EngineParams& params) {
-    if (params.backend == Backend::BACKEND_CPU) return;
-#ifdef FLEXQUANT_HAVE_CUDA
-    if (cuda_device_count() == 0) {
+    if (!gpu_backend_wanted(params)) {
         if (params.backend == Backend::BACKEND_CUDA)
+#ifdef FLEXQUANT_HAVE_CUDA
             backend_note = "backend CUDA: no CUDA device is available (no GPU or no driver); running on the CPU";
+#else
+            backend_note = "backend CUDA: this build has no CUDA backend (nvcc was not found when it was built); "
+                           "running on the CPU";
+#endif
         return;
     }
+#ifdef FLEXQUANT_HAVE_CUDA
     CudaForwardParams cp;
     cp.bits_cap = bits_cap;
     cp.n_ctx = n_ctx;
@@ -319,10 +340,6 @@ void Engine::Impl::init_backend(const EngineParams& params) {
     all.push_back(head);
     gpu.reset(new CudaForward(*model, all, rope.inv_freq, cp));  // throws with the reason (e.g. memory)
     backend = Backend::BACKEND_CUDA;
-#else
-    if (params.backend == Backend::BACKEND_CUDA)
-        backend_note = "backend CUDA: this build has no CUDA backend (nvcc was not found when it was built); "
-                       "running on the CPU";
 #endif
 }
 
@@ -495,6 +512,7 @@ uint64_t Engine::bytes_per_token_at(const int32_t* bits, int64_t count) const {
 int Engine::n_threads() const { return impl_->pool.num_threads(); }
 Backend Engine::backend() const { return impl_->backend; }
 const std::string& Engine::backend_note() const { return impl_->backend_note; }
+KvDType Engine::kv_dtype() const { return impl_->kv_dtype; }
 int Engine::max_bits() const { return impl_->bits_cap; }
 uint64_t Engine::device_bytes() const {
 #ifdef FLEXQUANT_HAVE_CUDA

@@ -55,7 +55,7 @@ class GenerationStats:
 class Engine:
     """A model loaded for generation.
 
-    Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="f32", max_bits=None, n_seq=1,
+    Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="auto", max_bits=None, n_seq=1,
            kernel_table="auto", cuda_gemm_min_rows=64, cuda_mma_min_rows=0)
 
     path: a .fq model file (tools/convert.py makes one); None = the default model
@@ -64,6 +64,9 @@ class Engine:
     RuntimeWarning that says why; `engine.backend` tells where it runs) or "auto" (for now the CPU:
     the CUDA decode path has not yet been verified on a GPU). n_ctx: KV-cache length (default: the model's
     context, capped by a 4 GiB cache budget). threads: CPU threads (default: all cores).
+    kv_dtype: the KV cache's element type, "f16", "f32" or "auto": fp16 on the CPU (half the memory,
+    faster at long contexts, next-token KL about 6e-7 against fp32 on SmolLM2: docs/kernels.md),
+    fp32 on CUDA until the fp16 cache is timed on a GPU. `engine.kv_dtype` says which one runs.
     max_bits: the highest bit-width this engine may run (default: the file's); the CUDA backend
     uploads only that many bit planes, so max_bits=6 of an 8-bit file holds 6/8 of the code bytes.
     n_seq: sequences held at once, each with its own KV cache (generate_batch decodes them together;
@@ -83,14 +86,14 @@ class Engine:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,
-                 threads: int | None = None, kv_dtype: str = "f32", max_bits: int | None = None, n_seq: int = 1,
+                 threads: int | None = None, kv_dtype: str = "auto", max_bits: int | None = None, n_seq: int = 1,
                  kernel_table="auto", cuda_gemm_min_rows: int = 64, cuda_mma_min_rows: int = 0):
         if backend not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown backend {backend!r} (expected 'auto', 'cpu' or 'cuda')")
         if max_bits is not None and (not isinstance(max_bits, (int, np.integer)) or isinstance(max_bits, bool)):
             raise ValueError(f"max_bits must be an int, got {max_bits!r}")
-        if kv_dtype not in ("f32", "f16"):
-            raise ValueError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
+        if kv_dtype not in ("auto", "f32", "f16"):
+            raise ValueError(f"kv_dtype must be 'auto', 'f32' or 'f16', got {kv_dtype!r}")
         if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx <= 0):
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
         if threads is not None and (not isinstance(threads, int) or threads <= 0):
@@ -111,7 +114,8 @@ class Engine:
         # "auto" is the CPU until the CUDA decode path has been verified on a GPU (tools/gpu_check.sh);
         # then it becomes the C++ engine's own "auto" (the GPU when present).
         core_backend = "cpu" if backend == "auto" else backend
-        self._eng = _core.Engine(self.path, n_ctx or 0, threads or 0, kv_dtype == "f16", backend=core_backend,
+        kv_f16 = None if kv_dtype == "auto" else kv_dtype == "f16"  # None: the C++ engine's rule
+        self._eng = _core.Engine(self.path, n_ctx or 0, threads or 0, kv_f16, backend=core_backend,
                                  max_bits=int(max_bits or 0), n_seq=n_seq, cuda_gemm_min_rows=cuda_gemm_min_rows,
                                  cuda_mma_min_rows=cuda_mma_min_rows)
         if self._eng.backend_note:
@@ -159,6 +163,11 @@ class Engine:
     @property
     def n_ctx(self) -> int:
         return self._eng.n_ctx
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's element type: "f16" or "f32" (kv_dtype="auto" resolved)."""
+        return self._eng.kv_dtype
 
     # -- kernel dispatch --------------------------------------------------------------------------
     def tune_kernels(self, max_m: int | None = None, repeats: int = 3, save: bool = True) -> list[dict]:

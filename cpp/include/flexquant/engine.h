@@ -47,7 +47,11 @@
 
 namespace flexquant {
 
-enum class KvDType { KV_F32, KV_F16 };
+// The KV cache's element type. KV_AUTO: fp16 on the CPU, fp32 on CUDA. On the CPU the fp16 cache
+// holds half the bytes, decodes faster at long contexts and changes the next-token distribution by a
+// KL of about 6e-7 (SmolLM2 on held-out text; tools/kv_dtype_quality.py, docs/kernels.md). On CUDA
+// fp32 stays the default until the fp16 cache has been timed on a GPU.
+enum class KvDType { KV_AUTO, KV_F32, KV_F16 };
 
 // Where the forward pass runs. BACKEND_AUTO: CUDA when the build has it and a GPU is present,
 // else the CPU. BACKEND_CUDA asked for explicitly on a build or machine without CUDA falls back to
@@ -61,7 +65,7 @@ struct EngineParams {
     int64_t n_ctx = 0;
     uint64_t kv_budget_bytes = 4ull << 30;
     int n_threads = 0;  // CPU threads; 0 = all cores
-    KvDType kv_dtype = KvDType::KV_F32;
+    KvDType kv_dtype = KvDType::KV_AUTO;
     Backend backend = Backend::BACKEND_CPU;
     // The highest bit-width this engine may run (BITS_MIN..the file's max_bits; 0 = the file's).
     // The CUDA backend uploads only that many planes of each linear: max_bits = 6 of an 8-bit file
@@ -138,6 +142,7 @@ public:
     Backend backend() const;            // BACKEND_CPU or BACKEND_CUDA: where eval() runs
     const std::string& backend_note() const;  // why an asked-for CUDA backend is not used ("" if it is)
     int max_bits() const;               // the bit-width cap (EngineParams::max_bits resolved)
+    KvDType kv_dtype() const;           // KV_F32 or KV_F16 (EngineParams::kv_dtype resolved)
     uint64_t device_bytes() const;      // GPU memory held by the CUDA backend (0 on the CPU)
 
     // ---- precision ----

@@ -55,7 +55,8 @@ def test_cuda_backend_without_gpu_falls_back_with_a_reason(tiny_fq):
     with pytest.warns(RuntimeWarning, match="backend CUDA: .*running on the CPU"):
         eng = Engine(tiny_fq, backend="cuda")
     assert eng.backend == "cpu" and eng._eng.device_bytes == 0
-    ref = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
+    ref = Engine(tiny_fq, backend="cpu")
+    assert eng.kv_dtype == ref.kv_dtype == "f16"  # the fallback is the CPU engine, its default cache too
     assert eng.generate([1, 2, 3], max_new_tokens=8) == ref.generate([1, 2, 3], max_new_tokens=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "auto" picks the CPU silently

@@ -129,7 +129,7 @@ struct Engine::Impl {
 #endif
     }
     // Opens the CUDA backend or records why not (then the CPU runs the model).
-    void init_backend(const EngineParams& params);
+    void init_backend(const EngineParams& params, bool on_gpu);
 
     void check_seq(int seq, const char* what) const {
         if (seq < 0 || seq >= n_seq) throw Error(cat(what, ": sequence ", seq, " is outside 0..", n_seq - 1));
@@ -231,10 +231,12 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     e.model = std::move(model);
     e.cfg = &e.model->config();
     const ModelConfig& c = *e.cfg;
-    // KV_AUTO: fp32 where the engine will run on the GPU (init_backend's rule), fp16 on the CPU.
+    // Where the engine runs is decided once, here: KV_AUTO and init_backend both follow it.
+    // KV_AUTO: fp32 on the GPU, fp16 on the CPU.
+    const bool on_gpu = gpu_backend_wanted(params);
     e.kv_dtype = params.kv_dtype != KvDType::KV_AUTO ? params.kv_dtype
-                 : gpu_backend_wanted(params)     ? KvDType::KV_F32
-                                                  : KvDType::KV_F16;
+                 : on_gpu                          ? KvDType::KV_F32
+                                                   : KvDType::KV_F16;
 
     const uint64_t elt = e.kv_dtype == KvDType::KV_F16 ? 2 : 4;
     const uint64_t per_token = 2ull * c.n_layers * c.n_kv_heads * c.head_dim * elt;
@@ -297,7 +299,7 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     dflt.fill(bitplane_decode_max_m);
     e.decode_max.assign(e.lin.size() + 1, dflt);
 
-    e.init_backend(params);
+    e.init_backend(params, on_gpu);
 #ifdef FLEXQUANT_HAVE_CUDA
     if (e.on_gpu()) e.act_bits = e.gpu->activation_bits();  // the GPU's GEMV: int8 (8), fp16 (16) or fp32 (0)
 #endif
@@ -315,8 +317,8 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     }
 }
 
-void Engine::Impl::init_backend(const EngineParams& params) {
-    if (!gpu_backend_wanted(params)) {
+void Engine::Impl::init_backend(const EngineParams& params, bool on_gpu) {
+    if (!on_gpu) {
         if (params.backend == Backend::BACKEND_CUDA)
 #ifdef FLEXQUANT_HAVE_CUDA
             backend_note = "backend CUDA: no CUDA device is available (no GPU or no driver); running on the CPU";

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -201,10 +202,13 @@ constexpr int64_t kRowBlock = 32;
 // 2.1 instead of 2.4 ms for 30 SmolLM2 layers at 2K positions (fp32: no change, 2.8 ms).
 template <typename KV>
 inline void prefetch_rows(const KV* K, int64_t stride, int64_t n, int64_t d) {
-    const int64_t bytes = d * static_cast<int64_t>(sizeof(KV));
-    for (int64_t t = 0; t < n; ++t)
-        for (int64_t b = 0; b < bytes; b += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(K + t * stride) + b, _MM_HINT_T0);
+    for (int64_t t = 0; t < n; ++t) {
+        // every 64-byte line the row touches, from the one holding its first byte
+        const uintptr_t row = reinterpret_cast<uintptr_t>(K + t * stride);
+        const uintptr_t end = row + static_cast<uintptr_t>(d) * sizeof(KV);
+        for (uintptr_t line = row & ~uintptr_t(63); line < end; line += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+    }
 }
 
 template <typename KV>

@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 
 
-def kv_label(a) -> str:
-    """The KV cache type the engines of this run use: --kv-dtype, or the engine's default for auto."""
-    if a.kv_dtype != "auto":
-        return a.kv_dtype
-    return ("f32" if a.backend == "cuda" else "f16") + " (the engine's default)"
+def print_kv_caches(a, results) -> None:
+    """The KV cache type the engines of this run ran with, as they report it (--kv-dtype auto is
+    resolved by the engine)."""
+    seen = sorted({r["kv_dtype"] for r in results if r and "kv_dtype" in r})
+    print(f"KV cache: {', '.join(seen) or '-'} (--kv-dtype {a.kv_dtype})")
 
 
 def copy_bandwidth_gbs() -> float:
@@ -161,7 +161,7 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
         "prefill_tok_s": n_prompt / t_prefill, "decode_tok_s": 1.0 / step, "step_ms": step * 1e3,
         "bytes_per_token": float(np.mean(nbytes)), "mean_bits": float(np.mean(mean_bits)),
         "kv_bytes_per_token": float(kv_bytes),
-        "peak_rss_mb": peak_rss_mb(), "device_mb": eng._eng.device_bytes / 1e6,
+        "peak_rss_mb": peak_rss_mb(), "device_mb": eng._eng.device_bytes / 1e6, "kv_dtype": eng.kv_dtype,
     }
 
 
@@ -195,30 +195,33 @@ def batch_worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: i
         toks = logits.argmax(axis=1).astype(np.int32)
     step = float(np.median(times))
     return {"step_ms": step * 1e3, "decode_tok_s": batch / step, "bytes_per_token": float(eng.bytes_per_token()),
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "kv_dtype": eng.kv_dtype}
 
 
 def main_batch(a, models) -> int:
     bw = gpu_copy_bandwidth_gbs() if a.backend == "cuda" else copy_bandwidth_gbs()
     print(f"backend {a.backend}, threads: {a.threads}; {'GPU' if a.backend == 'cuda' else 'memory'} copy bandwidth "
           f"(read + write): {bw:.1f} GB/s; "
-          f"prompt {a.prompt} tokens per sequence, {a.decode} batched decode steps (median); KV cache {kv_label(a)}"
+          f"prompt {a.prompt} tokens per sequence, {a.decode} batched decode steps (median); KV cache {a.kv_dtype}"
           + (f"; GEMV launches of >= {a.mma_rows} rows on the s8 tensor cores (cuda_mma_min_rows)" if a.mma_rows else ""))
     print()
     print("| model | bits | batch | step ms | decode tok/s (all sequences) | vs batch 1 | weight GB/s | % of copy BW |")
     print("|---|---|---|---|---|---|---|---|")
+    results = []
     for name, path in models:
         for bits in a.bits:
             base = None
             for b in a.batch:
                 r = run_worker(["batch", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), str(b),
                                 a.backend, a.kv_dtype, str(a.mma_rows)])
+                results.append(r)
                 if base is None and b == 1:
                     base = r["decode_tok_s"]
                 gbs = r["bytes_per_token"] / (r["step_ms"] / 1e3) / 1e9  # one weight read per step
                 ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
                 print(f"| {name} | {bits} | {b} | {r['step_ms']:.2f} | {r['decode_tok_s']:.1f} | {ratio} | "
                       f"{gbs:.2f} | {100 * gbs / bw:.0f}% |")
+    print_kv_caches(a, results)
     return 0
 
 
@@ -310,7 +313,7 @@ def main() -> int:
         return main_cuda(a, models)
     bw = copy_bandwidth_gbs()
     print(f"threads: {a.threads}; memory copy bandwidth (read + write): {bw:.1f} GB/s; "
-          f"prompt {a.prompt} tokens, {a.decode} decode steps (median); KV cache {kv_label(a)}")
+          f"prompt {a.prompt} tokens, {a.decode} decode steps (median)")
     base = None
     try:
         base = run_worker(["llama", str(smollm2_gguf_path()), str(a.threads), str(a.prompt), str(a.decode)])
@@ -319,10 +322,12 @@ def main() -> int:
     print()
     print("| model | bits | prefill tok/s | decode tok/s | MB/token | decode GB/s | % of copy BW | peak RSS MB | decode vs llama.cpp Q4_1 |")
     print("|---|---|---|---|---|---|---|---|---|")
+    results = []
     for name, path in models:
         for bits in a.bits:
             r = run_worker(["fq", path, str(bits), str(a.threads), str(a.prompt), str(a.decode), "cpu", "0",
                             a.kv_dtype, "0"])
+            results.append(r)
             gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
             ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if (base and "SmolLM2" in name) else "-"
             print(f"| {name} | {bits} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
@@ -332,6 +337,7 @@ def main() -> int:
               f"{base['decode_tok_s']:.1f} | - | - | - | {base['peak_rss_mb']:.0f} | 1.00x |")
     else:
         print("(llama-cpp-python is not installed: no llama.cpp baseline in this run)")
+    print_kv_caches(a, results)
     return 0
 
 
@@ -341,7 +347,7 @@ def main_cuda(a, models) -> int:
     FlexQuant controller at a 5-bit budget (the last row)."""
     bw = gpu_copy_bandwidth_gbs()
     print(f"GPU copy bandwidth (read + write): {bw:.0f} GB/s; prompt {a.prompt} tokens, "
-          f"{a.decode} decode steps (median); KV cache {kv_label(a)}; roofline = 0.85 x copy BW / bytes per token "
+          f"{a.decode} decode steps (median); KV cache {a.kv_dtype}; roofline = 0.85 x copy BW / bytes per token "
           "(weights only, as the issue's goals; 'incl. KV' adds the K and V rows each step reads at this context)" + (f"; GEMV launches of >= {a.mma_rows} rows on the s8 tensor cores (cuda_mma_min_rows)"
                               if a.mma_rows else ""))
     mma = str(a.mma_rows)
@@ -364,11 +370,13 @@ def main_cuda(a, models) -> int:
           " MB/token | decode GB/s | % of copy BW | 85% roofline tok/s | vs roofline | KV MB/token |"
           " vs roofline incl. KV | GPU MB |")
     print("|---|---|---|---|---|" + "---|---|---|---|" * len(variants) + "---|---|---|---|---|---|---|---|")
+    results = []
     for name, path in models:
         rows = {}
         for bits in [*a.bits] + ([] if a.static_only else [0, -1, -2, -3]):
             r = rows[bits] = run_worker(["fq", path, str(bits), "1", str(a.prompt), str(a.decode), "cuda", "64",
                                          a.kv_dtype, mma])
+            results.append(r)
             if r is None:  # a row this model cannot run (fp16 activations need group size 128, 256, 512)
                 continue
             gemv = "-"
@@ -403,6 +411,7 @@ def main_cuda(a, models) -> int:
             expect = r4["step_ms"] + f * (r6["step_ms"] - r4["step_ms"])
             print(f"\n{name}: per-token mask switch: step {r0['step_ms']:.3f} ms vs {expect:.3f} ms interpolated from the "
                   f"static 4- and 6-bit steps: {100 * (r0['step_ms'] / expect - 1):+.1f}% of a step")
+    print_kv_caches(a, results)
     return 0
 
 

@@ -29,8 +29,8 @@ gpu = pytest.mark.skipif(not core.cuda_available(), reason="no CUDA device (or b
 # ---- CPU: the bit-width cap and the fallback --------------------------------------------------------
 
 def test_max_bits_caps_the_mask_and_matches_the_full_file(tiny_fq):
-    full = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
-    capped = Engine(tiny_fq, backend="cpu", kv_dtype="f32", max_bits=6)
+    full = Engine(tiny_fq, backend="cpu", kv_dtype="f32", cpu_activations="f32")
+    capped = Engine(tiny_fq, backend="cpu", kv_dtype="f32", cpu_activations="f32", max_bits=6)
     assert full.max_bits == 8 and capped.max_bits == 6
     assert (capped.layer_bits() == 6).all() and capped.lm_head_bits == 6
     with pytest.raises(FlexquantError, match=r"= 7 is outside 2..6 \(the engine's max_bits; the file holds 8\)"):
@@ -225,7 +225,7 @@ def test_engine_cuda_tiled_prefill_attention(tiny_fq, wide_head_fq, monkeypatch,
     # so tiled and plain differ by about the int8 path's own distance from the CPU engine (1.2-1.4%
     # on the wide model, measured on the CPU stand-in for CUDA): the tiled kernel may be no farther
     # from the reference than the per-token kernel is, with a margin.
-    cpu = core.Engine(str(path), backend="cpu", n_ctx=256, kv_f16=kv_f16)
+    cpu = core.Engine(str(path), backend="cpu", n_ctx=256, kv_f16=kv_f16, cpu_activations="f32")
     cpu.set_activation_bits(np.array([8], dtype=np.int32))
     ref = _core_steps(cpu, ids, 3, more=more)
     # the greedy steps read the same tokens on both sides (else the step rows compare other inputs)
@@ -374,7 +374,7 @@ def _steps(eng, ids, n_steps, masks=None):
 @gpu
 @pytest.mark.parametrize("bits", [8, 6, 4, 3])
 def test_engine_cuda_fp32_path_matches_cpu(tiny_fq, bits):
-    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
+    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32", cpu_activations="f32")
     gpu_eng = Engine(tiny_fq, backend="cuda")
     gpu_eng._eng = core.Engine(str(tiny_fq), backend="cuda", cuda_fp32_matmul=True)
     assert gpu_eng.backend == "cuda" and gpu_eng._eng.device_bytes > 0
@@ -394,7 +394,7 @@ def test_engine_cuda_tc_path_matches_cpu_with_int8_activations(tiny_fq):
     the two must agree up to fp32 rounding and the rare rounding-boundary flip it causes (one flip
     moves the later positions by up to ~1e-2 on this tiny model through the KV cache: the budget
     of the CPU against transformers there)."""
-    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
+    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32", cpu_activations="f32")
     cpu.set_activation_bits(8)
     tc = Engine(tiny_fq, backend="cuda")
     ids = np.random.default_rng(1).integers(0, 320, 20)
@@ -414,7 +414,7 @@ def test_engine_cuda_activation_bits_per_linear(tiny_fq):
     mix[1] = 0
     mix[0, 2] = 0  # one linear of the fused q/k/v launch on the other path
     ids = np.random.default_rng(2).integers(0, 320, 70)
-    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
+    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32", cpu_activations="f32")
     cpu.set_activation_bits(mix, lm_head_bits=0)
     gpu_eng = Engine(tiny_fq, backend="cuda", cuda_gemm_min_rows=16)
     assert (np.asarray(gpu_eng._eng.activation_bits) == 8).all()
@@ -449,7 +449,7 @@ def test_engine_cuda_fp16_activations_match_cpu(tiny_fq, wide_head_fq, which):
     running that mix within the int8 tolerance."""
     path = tiny_fq if which == "tiny" else wide_head_fq
     ids = np.random.default_rng(5).integers(0, 320, 70)
-    cpu = Engine(path, backend="cpu", kv_dtype="f32")
+    cpu = Engine(path, backend="cpu", kv_dtype="f32", cpu_activations="f32")
     gpu_eng = Engine(path, backend="cuda", cuda_gemm_min_rows=16)
     for e in (cpu, gpu_eng):
         e.set_activation_bits(16)
@@ -526,7 +526,7 @@ def test_mask_switching_equals_fresh_run_with_that_history(tiny_fq):
     graph._eng = core.Engine(str(tiny_fq), backend="cuda", cuda_fp32_matmul=True, cuda_graph=True)
     plain = Engine(tiny_fq, backend="cuda")
     plain._eng = core.Engine(str(tiny_fq), backend="cuda", cuda_fp32_matmul=True, cuda_graph=False)
-    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32")
+    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32", cpu_activations="f32")
     a = _steps(graph, ids, 10, masks)
     b = _steps(plain, ids, 10, masks)
     c = _steps(cpu, ids, 10, masks)
@@ -562,8 +562,8 @@ def test_engine_cuda_smollm2_shape(tmp_path):
 
     path = tmp_path / "smol.fq"
     convert(SyntheticSource("smollm2-135m", seed=3), path, progress=False)
-    cpu = Engine(path, backend="cpu", kv_dtype="f32", n_ctx=256)
-    gpu_eng = Engine(path, backend="cpu", kv_dtype="f32", n_ctx=256)
+    cpu = Engine(path, backend="cpu", kv_dtype="f32", cpu_activations="f32", n_ctx=256)
+    gpu_eng = Engine(path, backend="cpu", kv_dtype="f32", cpu_activations="f32", n_ctx=256)
     gpu_eng._eng = core.Engine(str(path), n_ctx=256, backend="cuda", cuda_fp32_matmul=True)
     ids = np.random.default_rng(0).integers(0, 49152, 40)
     for bits in (8, 5):
@@ -652,7 +652,7 @@ def test_engine_cuda_gemm_prefill_matches_the_gemv_and_cpu(tiny_fq):
     more = (rng.integers(0, 320, 30), rng.integers(0, 320, 70))
     gemm = core.Engine(str(tiny_fq), backend="cuda", n_ctx=256)
     gemv = core.Engine(str(tiny_fq), backend="cuda", n_ctx=256, cuda_gemm_min_rows=0)
-    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32", n_ctx=256)
+    cpu = Engine(tiny_fq, backend="cpu", kv_dtype="f32", cpu_activations="f32", n_ctx=256)
     cpu.set_activation_bits(8)
     assert gemm.backend == "cuda" and gemv.backend == "cuda"
     a, b = _core_steps(gemm, ids, 4, more=more), _core_steps(gemv, ids, 4, more=more)
@@ -746,7 +746,7 @@ def test_engine_cuda_decode_batch_matches_cpu(tiny_fq):
     stepped in changing subsets and orders, against the CPU engine's decode_batch: logits within
     1e-4 (the fp32 tolerance of the single-sequence test), entropy and top-1 too."""
     gpu_eng = core.Engine(str(tiny_fq), backend="cuda", n_ctx=64, n_seq=6, cuda_fp32_matmul=True)
-    cpu = core.Engine(str(tiny_fq), backend="cpu", kv_f16=False, n_ctx=64, n_seq=6)
+    cpu = core.Engine(str(tiny_fq), backend="cpu", kv_f16=False, n_ctx=64, n_seq=6, cpu_activations="f32")
     assert gpu_eng.backend == "cuda" and gpu_eng.backend_note == ""
     a, b = _batch_run(gpu_eng, _PROMPTS, _SCHEDULE), _batch_run(cpu, _PROMPTS, _SCHEDULE)
     for (la, ea, ta), (lb, eb, tb) in zip(a, b):
@@ -800,7 +800,7 @@ def test_engine_cuda_head_dim_128_matches_cpu(wide_head_fq, kv_f16):
     """head_dim 128 (the vector-load attention) with an fp32 or fp16 cache (the fused RoPE + cache
     write stores it), over two attention spans (n_ctx 256), against the CPU engine with the same
     cache type: fp32-activation GEMV, 1e-4 as the other whole-model tests."""
-    cpu = Engine(wide_head_fq, backend="cpu", n_ctx=256, kv_dtype="f16" if kv_f16 else "f32")
+    cpu = Engine(wide_head_fq, backend="cpu", n_ctx=256, kv_dtype="f16" if kv_f16 else "f32", cpu_activations="f32")
     gpu_eng = Engine(wide_head_fq, backend="cuda")
     gpu_eng._eng = core.Engine(str(wide_head_fq), n_ctx=256, kv_f16=kv_f16, backend="cuda", cuda_fp32_matmul=True)
     ids = np.random.default_rng(4).integers(0, 320, 200)

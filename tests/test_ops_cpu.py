@@ -1,6 +1,6 @@
 """The CPU ops (flexquant_rt._core.ops) against numpy, torch and transformers references.
 
-Every kernel family this CPU can run ('portable', 'avx2', 'gfni') is tested: the fixture `kernels`
+Every kernel family this CPU can run ('portable', 'avx2', 'gfni', 'avx512') is tested: the fixture `kernels`
 selects each in turn. Inputs are fresh random values (never zeros); shapes are deliberately awkward
 (N not a multiple of 8, K not a multiple of 128, group sizes that split super-chunks).
 """
@@ -84,6 +84,98 @@ def test_bitplane_matmul_matches_reference(linear, kernels, path):
     assert worst < 1e-5
 
 
+def round_i16_reference(x: np.ndarray, group: int) -> np.ndarray:
+    """x̂ of act='i16' in numpy's fp32 arithmetic: s = absmax / 32767 per row and group, s * rint(x / s)."""
+    out = np.empty_like(x)
+    for i in range(0, x.shape[1], group):
+        blk = x[:, i:i + group]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            amax = np.nanmax(np.abs(blk), axis=1, keepdims=True) if np.isnan(blk).any() else np.abs(blk).max(1, keepdims=True)
+            s = (amax / np.float32(32767)).astype(np.float32)
+            q = np.where(s > 0, np.clip(np.rint(blk / np.where(s > 0, s, 1)), -32767, 32767), 0).astype(np.float32)
+            out[:, i:i + group] = np.where(np.isfinite(blk), s * q, blk)
+    return out
+
+
+def test_round_activations_i16_matches_numpy_bit_for_bit(kernels):
+    rng = np.random.default_rng(11)
+    for m, k, g in [(1, 576, 128), (3, 300, 32), (2, 1000, 96), (5, 17, 64)]:
+        # magnitudes spread over many decades per row, so that groups have very different scales
+        x = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-3, 3, (m, k))).astype(np.float32)
+        x[0, : min(g, k) // 2] *= 1e3  # one outlier-heavy group
+        np.testing.assert_array_equal(ops.round_activations_i16(x, g), round_i16_reference(x, g))
+    # ties: x / s lands on .5 exactly (s = 1 when absmax is 32767): half to even, as rint
+    x = np.array([[32767.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.0]], np.float32)
+    np.testing.assert_array_equal(ops.round_activations_i16(x, 32), [[32767, 0, 2, 2, -0, -2, -2, 3]])
+    # a group of zeros stays zero; NaN and inf are kept (they must show in y)
+    x = np.zeros((1, 64), np.float32)
+    x[0, 40] = np.nan
+    x[0, 50] = -np.inf
+    y = ops.round_activations_i16(x, 32)
+    assert (y[0, :32] == 0).all() and np.isnan(y[0, 40]) and y[0, 50] == -np.inf
+    with pytest.raises(ValueError, match="group"):
+        ops.round_activations_i16(np.ones((1, 8), np.float32), 0)
+
+
+@pytest.mark.parametrize("path", ["decode", "gemm"])
+def test_bitplane_matmul_i16_matches_reference(linear, kernels, path):
+    """act='i16': y = x̂ · W_kᵀ, whichever kernel runs (the AVX-512 one multiplies the int16 codes)."""
+    n, k, g, b = linear["n"], linear["k"], linear["g"], linear["b"]
+    rng = np.random.default_rng(8)
+    for bits in range(2, b + 1):
+        ref_w = linear["views"][bits]
+        for m in MATMUL_M:
+            x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100.0, (m, 1))).astype(np.float32)
+            xh = round_i16_reference(x, g)
+            ref = xh.astype(np.float64) @ ref_w.T
+            y = ops.bitplane_matmul(linear["planes"], linear["qparams"], n, k, b, g, bits, x, path, act="i16")
+            assert y.shape == (m, n) and y.dtype == np.float32
+            err = rel_err(y, ref)
+            base = rel_err(xh @ ref_w.astype(np.float32).T, ref)  # a plain fp32 product of the same x̂
+            assert err < max(1e-5, 4 * base), f"bits={bits} m={m}: rel err {err:.2e} (fp32 baseline {base:.2e})"
+            # and x̂ is close to x: the rounding is 2^-16 of a group's largest |x|
+            assert rel_err(y, x.astype(np.float64) @ ref_w.T) < 1e-4
+
+
+def test_bitplane_matmul_i16_kernels_agree():
+    """The AVX-512 integer kernel against the fp32 kernels on x̂, per element (not only in norm)."""
+    if "avx512" not in KERNELS:
+        pytest.skip("this CPU has no AVX-512 VNNI: the int16 kernel cannot run here")
+    prev = ops.get_cpu_kernels()
+    rng = np.random.default_rng(9)
+    try:
+        for n, k, g in [(37, 1664, 128), (20, 896, 64), (11, 384, 32), (9, 2000, 256)]:
+            planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
+            for m in (1, 4, 6):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                ys = {}
+                for kind in ("avx512", "gfni"):
+                    ops.set_cpu_kernels(kind)
+                    ys[kind] = ops.bitplane_matmul(planes, qparams, n, k, 8, g, 6, x, "decode", act="i16")
+                np.testing.assert_allclose(ys["avx512"], ys["gfni"], rtol=1e-5, atol=1e-5 * np.abs(ys["gfni"]).max())
+    finally:
+        ops.set_cpu_kernels(prev)
+
+
+@pytest.mark.parametrize("path", ["decode", "gemm"])
+def test_bitplane_matmul_i16_nonfinite_input_shows(kernels, path):
+    n, k, g, b = 24, 640, 128, 8
+    rng = np.random.default_rng(10)
+    planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), b, g)
+    for bad in (np.nan, np.inf):
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        x[1, 300] = bad
+        y = ops.bitplane_matmul(planes, qparams, n, k, b, g, 6, x, path, act="i16")
+        assert np.isfinite(y[0]).all(), "a clean row must stay clean"
+        assert not np.isfinite(y[1]).any(), f"{bad} in the input vanished from some outputs"
+
+
+def test_bitplane_matmul_bad_act_is_named():
+    planes, qparams = bitplane.quantize_to_planes(np.ones((8, 128), np.float32), 8, 128)
+    with pytest.raises(ValueError, match="'bf16'"):
+        ops.bitplane_matmul(planes, qparams, 8, 128, 8, 128, 8, np.ones(128, np.float32), act="bf16")
+
+
 def test_bitplane_matmul_vector_input(linear, kernels):
     n, k, g, b = linear["n"], linear["k"], linear["g"], linear["b"]
     x = np.random.default_rng(1).standard_normal(k).astype(np.float32)
@@ -92,33 +184,37 @@ def test_bitplane_matmul_vector_input(linear, kernels):
     assert rel_err(y, linear["views"][b] @ x.astype(np.float64)) < 1e-5
 
 
+@pytest.mark.parametrize("act", ["f32", "i16"])
 @pytest.mark.parametrize("path", ["decode", "gemm"])
-def test_bitplane_matmul_reads_only_the_first_k_planes(linear, kernels, path):
+def test_bitplane_matmul_reads_only_the_first_k_planes(linear, kernels, path, act):
     n, k, g, b = linear["n"], linear["k"], linear["g"], linear["b"]
     x = np.random.default_rng(2).standard_normal((3, k)).astype(np.float32)
     for bits in range(2, b + 1):
-        want = ops.bitplane_matmul(linear["planes"], linear["qparams"], n, k, b, g, bits, x, path)
+        want = ops.bitplane_matmul(linear["planes"], linear["qparams"], n, k, b, g, bits, x, path, act=act)
         # Only `bits` planes passed: anything past them would be out of bounds.
         head = np.ascontiguousarray(linear["planes"][:bits])
-        np.testing.assert_array_equal(ops.bitplane_matmul(head, linear["qparams"], n, k, b, g, bits, x, path), want)
+        np.testing.assert_array_equal(
+            ops.bitplane_matmul(head, linear["qparams"], n, k, b, g, bits, x, path, act=act), want)
         # Garbage in the unused planes changes nothing.
         poisoned = linear["planes"].copy()
         poisoned[bits:] = np.random.default_rng(bits).integers(0, 256, poisoned[bits:].shape, dtype=np.uint8)
-        np.testing.assert_array_equal(ops.bitplane_matmul(poisoned, linear["qparams"], n, k, b, g, bits, x, path), want)
+        np.testing.assert_array_equal(
+            ops.bitplane_matmul(poisoned, linear["qparams"], n, k, b, g, bits, x, path, act=act), want)
 
 
 def test_bitplane_matmul_same_result_on_any_thread_count(kernels, threads):
     n, k, g, b = 203, 1100, 64, 8
     rng = np.random.default_rng(3)
     planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), b, g)
-    for m, path in [(1, "decode"), (3, "decode"), (9, "gemm")]:
+    for m, path, act in [(1, "decode", "f32"), (3, "decode", "f32"), (9, "gemm", "f32"), (1, "decode", "i16"),
+                         (6, "decode", "i16"), (9, "gemm", "i16")]:
         x = rng.standard_normal((m, k)).astype(np.float32)
         results = []
         for t in [1, 2, 3, 5]:
             ops.set_num_threads(t)
             assert ops.get_num_threads() == t
-            results.append(ops.bitplane_matmul(planes, qparams, n, k, b, g, 5, x, path))
-        results.append(ops.bitplane_matmul(planes, qparams, n, k, b, g, 5, x, path, threaded=False))
+            results.append(ops.bitplane_matmul(planes, qparams, n, k, b, g, 5, x, path, act=act))
+        results.append(ops.bitplane_matmul(planes, qparams, n, k, b, g, 5, x, path, threaded=False, act=act))
         for r in results[1:]:
             np.testing.assert_array_equal(r, results[0])
 

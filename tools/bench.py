@@ -39,6 +39,13 @@ def print_kv_caches(a, results) -> None:
     resolved by the engine)."""
     seen = sorted({r["kv_dtype"] for r in results if r and "kv_dtype" in r})
     print(f"KV cache: {', '.join(seen) or '-'} (--kv-dtype {a.kv_dtype})")
+    if a.backend == "cpu":
+        print(f"CPU matmul activations: {a.cpu_activations} (--cpu-activations)")
+
+
+def CPU_ACT() -> str:
+    """--cpu-activations, handed to the worker processes through their environment."""
+    return os.environ.get("FLEXQUANT_BENCH_CPU_ACTIVATIONS", "i16")
 
 
 def copy_bandwidth_gbs() -> float:
@@ -102,7 +109,7 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     # the controller's on-the-fly calibration runs 256-token windows
     n_ctx = max(n_prompt + n_decode + 16, 272 if bits == -1 else 0)
     eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_ctx, cuda_gemm_min_rows=gemm_min_rows,
-                    kv_dtype=kv_dtype, cuda_mma_min_rows=mma_rows)
+                    kv_dtype=kv_dtype, cuda_mma_min_rows=mma_rows, cpu_activations=CPU_ACT())
     if eng.backend != backend:
         raise SystemExit(f"asked for backend {backend}, the engine runs on {eng.backend}")
     rng = np.random.default_rng(1)
@@ -173,7 +180,7 @@ def batch_worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: i
     import flexquant_rt as fq
 
     eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_prompt + n_decode + 16, n_seq=batch,
-                    kv_dtype=kv_dtype, cuda_mma_min_rows=mma_rows)
+                    kv_dtype=kv_dtype, cuda_mma_min_rows=mma_rows, cpu_activations=CPU_ACT())
     if eng.backend != backend:
         raise SystemExit(f"backend {backend} asked for, the engine runs on {eng.backend}: {eng._eng.backend_note}")
     eng.set_layer_bits(bits, lm_head_bits=bits)
@@ -269,6 +276,9 @@ def main() -> int:
     ap.add_argument("--kv-dtype", default="auto", choices=("auto", "f32", "f16"),
                     help="KV cache type of the decode tables (f16 halves the attention's reads at long contexts; "
                          "auto: the engine's default, f16 on the CPU and f32 on CUDA)")
+    ap.add_argument("--cpu-activations", default="i16", choices=("i16", "f32"),
+                    help="CPU: what the bit-plane matmuls multiply: int16-rounded activations (the engine's "
+                         "default; integer products on AVX-512 VNNI) or fp32 ones")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                     help="--backend cuda: add a column NAME: the decode of each static-bits row with these "
                          "environment variables, measured in the same run (e.g. pdl:FLEXQUANT_CUDA_PDL=1)")
@@ -293,6 +303,7 @@ def main() -> int:
         print(json.dumps(res))
         return 0
 
+    os.environ["FLEXQUANT_BENCH_CPU_ACTIVATIONS"] = a.cpu_activations  # the workers inherit it
     from flexquant_rt.default_model import default_model_path, smollm2_gguf_path
 
     models = [(Path(m).stem, m) for m in a.models]

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Decode-step benchmark of the CPU bit-plane matmul against a numpy fp32 matvec of the same shape.
 
-    python tools/bench_ops.py [--threads 1 2] [--bits 8 6 4] [--kernels gfni|avx2|portable] [--seconds 0.3]
+    python tools/bench_ops.py [--threads 1 2] [--bits 8 6 4] [--act f32 i16]
+                              [--kernels avx512|gfni|avx2|portable] [--seconds 0.3]
 
 For each thread count a fresh process runs with numpy's BLAS limited to the same number of threads
 (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS) and the ops pool set to it, so both
@@ -16,7 +17,9 @@ sides of every ratio are measured in the same process, on the same machine state
 
 Shapes: SmolLM2-135M (hidden 576, ffn 1536, 9 heads x 64, 3 KV heads, vocab 49152) and one
 Llama-2-7B layer (4096x4096, 11008x4096, 4096x11008). Weights are random: timing does not depend
-on the values. Not a test: nothing asserts on time.
+on the values. --act: the activations the product runs on, each measured in the same process: f32
+(as given) and i16 (rounded to int16 per group: the engine's CPU default; the AVX-512 kernel
+multiplies integers). Not a test: nothing asserts on time.
 """
 from __future__ import annotations
 
@@ -44,7 +47,13 @@ def random_linear(rng, n, k):
     import numpy as np
 
     n_pad, k_pad = -(-n // 8) * 8, -(-k // 128) * 128
-    planes = rng.integers(0, 256, (MAX_BITS, n_pad * k_pad // 8), dtype=np.uint8)
+    # 64-byte aligned, as the model file's tensors are (numpy's large arrays start 16 bytes past a
+    # page, where every 64-byte load of the AVX-512 kernel would straddle two cache lines)
+    size = MAX_BITS * n_pad * k_pad // 8
+    buf = np.empty(size + 64, np.uint8)
+    off = -buf.ctypes.data % 64
+    planes = buf[off:off + size].reshape(MAX_BITS, n_pad * k_pad // 8)
+    planes[...] = rng.integers(0, 256, planes.shape, dtype=np.uint8)
     ng = -(-k // GROUP)
     qp = np.stack([rng.uniform(1e-3, 1e-2, (n, ng)), rng.uniform(-1.0, 0.0, (n, ng))], -1).astype(np.float16)
     return planes, qp
@@ -67,7 +76,7 @@ def best_time(fn, seconds):
     return best
 
 
-def child(threads: int, bits_list, seconds: float, kernels: str | None) -> dict:
+def child(threads: int, bits_list, acts, seconds: float, kernels: str | None) -> dict:
     import numpy as np
 
     import flexquant_rt._core as core
@@ -86,15 +95,16 @@ def child(threads: int, bits_list, seconds: float, kernels: str | None) -> dict:
         lins = [lin] + [random_linear(rng, n, k) for _ in range(copies - 1)]
         row = dict(name=name, n=n, k=k, bits={})
         for bits in bits_list:
-            it = iter(range(1 << 62))
-            nbytes = ops.bitplane_bytes_at(lin[0].shape[1], n, k, GROUP, bits)
+            for act in acts:
+                it = iter(range(1 << 62))
+                nbytes = ops.bitplane_bytes_at(lin[0].shape[1], n, k, GROUP, bits)
 
-            def call():
-                p, q = lins[next(it) % copies]
-                ops.bitplane_matmul(p, q, n, k, MAX_BITS, GROUP, bits, x)
+                def call():
+                    p, q = lins[next(it) % copies]
+                    ops.bitplane_matmul(p, q, n, k, MAX_BITS, GROUP, bits, x, act=act)
 
-            t = best_time(call, seconds)
-            row["bits"][bits] = dict(us=t * 1e6, gbs=nbytes / t / 1e9)
+                t = best_time(call, seconds)
+                row["bits"][f"{bits}/{act}"] = dict(us=t * 1e6, gbs=nbytes / t / 1e9)
         del lins
         w = rng.standard_normal((n, k), dtype=np.float32)
         copies = max(1, min(64, -(-COLD_BYTES // w.nbytes)))
@@ -111,13 +121,14 @@ def child(threads: int, bits_list, seconds: float, kernels: str | None) -> dict:
     xs = {K: rng.standard_normal(K).astype(np.float32) for _, K in step}
     for bits in bits_list:
         nbytes = sum(ops.bitplane_bytes_at(p.shape[1], N, K, GROUP, bits) for (p, _), (N, K) in zip(lins, step))
+        for act in acts:
 
-        def token():
-            for (p, q), (N, K) in zip(lins, step):
-                ops.bitplane_matmul(p, q, N, K, MAX_BITS, GROUP, bits, xs[K])
+            def token():
+                for (p, q), (N, K) in zip(lins, step):
+                    ops.bitplane_matmul(p, q, N, K, MAX_BITS, GROUP, bits, xs[K], act=act)
 
-        t = best_time(token, max(seconds * 3, 0.5))
-        out["token"][bits] = dict(ms=t * 1e3, gbs=nbytes / t / 1e9)
+            t = best_time(token, max(seconds * 3, 0.5))
+            out["token"][f"{bits}/{act}"] = dict(ms=t * 1e3, gbs=nbytes / t / 1e9)
     del lins
     ws = [rng.standard_normal((N, K), dtype=np.float32) for N, K in step]
 
@@ -134,19 +145,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
-    ap.add_argument("--kernels", choices=["gfni", "avx2", "portable"], default=None,
+    ap.add_argument("--act", nargs="+", choices=["f32", "i16"], default=["f32", "i16"],
+                    help="activations: f32 as given, i16 rounded per group (default: both)")
+    ap.add_argument("--kernels", choices=["avx512", "gfni", "avx2", "portable"], default=None,
                     help="cap the kernel family (default: the best this CPU has)")
     ap.add_argument("--seconds", type=float, default=0.3, help="measuring time per configuration")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child is not None:
-        print(json.dumps(child(a.child, a.bits, a.seconds, a.kernels)))
+        print(json.dumps(child(a.child, a.bits, a.act, a.seconds, a.kernels)))
         return
 
     results = []
     for t in a.threads:
         env = dict(os.environ, OPENBLAS_NUM_THREADS=str(t), OMP_NUM_THREADS=str(t), MKL_NUM_THREADS=str(t))
-        cmd = [sys.executable, __file__, "--child", str(t), "--seconds", str(a.seconds), "--bits", *map(str, a.bits)]
+        cmd = [sys.executable, __file__, "--child", str(t), "--seconds", str(a.seconds), "--bits", *map(str, a.bits),
+               "--act", *a.act]
         if a.kernels:
             cmd += ["--kernels", a.kernels]
         res = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
@@ -154,30 +168,33 @@ def main() -> None:
 
     print(f"bit-plane decode matmul (M = 1) vs numpy fp32 matvec; kernels: {results[0]['kernels']}; "
           f"GB/s = bytes the product reads / time")
-    head = f"{'shape':<16}{'N x K':>13}  {'k':>3}"
+    head = f"{'shape':<16}{'N x K':>13}  {'k':>3} {'act':>4}"
     for r in results:
         head += f" | {r['threads']} thr: {'us':>7} {'GB/s':>6} {'fp32 us':>8} {'GB/s':>6} {'x':>5}"
     print(head)
     print("-" * len(head))
     for i, row in enumerate(results[0]["shapes"]):
         for bits in a.bits:
-            line = f"{row['name']:<16}{row['n']:>6} x {row['k']:<5} {bits:>3}"
-            for r in results:
-                s = r["shapes"][i]
-                b, npy = s["bits"][str(bits)] if str(bits) in s["bits"] else s["bits"][bits], s["numpy"]
-                line += (f" | {'':6} {b['us']:7.0f} {b['gbs']:6.1f} {npy['us']:8.0f} {npy['gbs']:6.1f} "
-                         f"{npy['us'] / b['us']:5.2f}")
-            print(line)
+            for act in a.act:
+                line = f"{row['name']:<16}{row['n']:>6} x {row['k']:<5} {bits:>3} {act:>4}"
+                for r in results:
+                    s = r["shapes"][i]
+                    b, npy = s["bits"][f"{bits}/{act}"], s["numpy"]
+                    line += (f" | {'':6} {b['us']:7.0f} {b['gbs']:6.1f} {npy['us']:8.0f} {npy['gbs']:6.1f} "
+                             f"{npy['us'] / b['us']:5.2f}")
+                print(line)
     print()
     print("SmolLM2-135M, matmuls of one decode step (30 layers x 7 linears + LM head, separate weights)")
     for r in results:
         tok = r["token"]
         npy = tok["numpy"]
-        parts = []
-        for bits in a.bits:
-            b = tok[str(bits)] if str(bits) in tok else tok[bits]
-            parts.append(f"k={bits}: {b['ms']:6.2f} ms ({b['gbs']:5.1f} GB/s, {npy['ms'] / b['ms']:4.2f}x)")
-        print(f"  {r['threads']} thread(s): fp32 numpy {npy['ms']:6.2f} ms ({npy['gbs']:5.1f} GB/s) | " + " | ".join(parts))
+        print(f"  {r['threads']} thread(s): fp32 numpy {npy['ms']:6.2f} ms ({npy['gbs']:5.1f} GB/s)")
+        for act in a.act:
+            parts = []
+            for bits in a.bits:
+                b = tok[f"{bits}/{act}"]
+                parts.append(f"k={bits}: {b['ms']:6.2f} ms ({b['gbs']:5.1f} GB/s, {npy['ms'] / b['ms']:4.2f}x)")
+            print(f"    act {act}: " + " | ".join(parts))
 
 
 if __name__ == "__main__":

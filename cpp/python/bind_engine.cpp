@@ -204,8 +204,11 @@ void bind_engine(py::module_& m) {
                          "which adds tokenization, chat and the generation loop.")
         .def(py::init([](const std::string& path, int64_t n_ctx, int threads, std::optional<bool> kv_f16, const std::string& backend,
                          int max_bits, bool cuda_fp32_matmul, bool cuda_graph, int n_seq, int64_t cuda_gemm_min_rows,
-                         int cuda_mma_min_rows) {
+                         int cuda_mma_min_rows, const std::string& cpu_activations) {
                  flexquant::EngineParams p;
+                 if (cpu_activations == "i16") p.cpu_activations = flexquant::CpuActivations::ACT_I16;
+                 else if (cpu_activations == "f32") p.cpu_activations = flexquant::CpuActivations::ACT_F32;
+                 else throw flexquant::Error("cpu_activations = '" + cpu_activations + "': expected 'i16' or 'f32'");
                  p.n_ctx = n_ctx;
                  p.n_threads = threads;
                  p.kv_dtype = !kv_f16 ? flexquant::KvDType::KV_AUTO
@@ -232,7 +235,7 @@ void bind_engine(py::module_& m) {
              py::arg("path"), py::arg("n_ctx") = 0, py::arg("threads") = 0, py::arg("kv_f16") = py::none(),
              py::arg("backend") = "cpu", py::arg("max_bits") = 0, py::arg("cuda_fp32_matmul") = false,
              py::arg("cuda_graph") = true, py::arg("n_seq") = 1, py::arg("cuda_gemm_min_rows") = 64,
-             py::arg("cuda_mma_min_rows") = 0,
+             py::arg("cuda_mma_min_rows") = 0, py::arg("cpu_activations") = "i16",
              "Open a model file. n_ctx=0: the model's context capped by a 4 GiB KV budget (shared by the n_seq\n"
              "sequences); threads=0: all cores; n_seq: sequences held, each with its own KV cache (decode_batch).\n"
              "kv_f16: an fp16 (True) or fp32 (False) KV cache; None: fp16 on the CPU, fp32 on CUDA.\n"
@@ -242,7 +245,9 @@ void bind_engine(py::module_& m) {
              "cuda_gemm_min_rows: prompt passes (up to 256 tokens) of at least this many tokens run on the\n"
              "tensor-core GEMM (same int8 activations), 0 = the GEMV only, in passes of 8. cuda_mma_min_rows:\n"
              "GEMV launches of at least this many rows (1..16) run on the s8 tensor cores with the codes decoded\n"
-             "in registers, 16 rows per launch (group sizes 128/256/512), 0 = never.")
+             "in registers, 16 rows per launch (group sizes 128/256/512), 0 = never. cpu_activations (CPU):\n"
+             "'i16' rounds each linear's input per group to int16 (the AVX-512 VNNI kernel multiplies\n"
+             "integers), 'f32' multiplies it as given (the accuracy reference).")
         .def_property_readonly("backend", [](PyEngine& e) {
             return e.get().backend() == flexquant::Backend::BACKEND_CUDA ? "cuda" : "cpu";
         }, "Where the forward pass runs: 'cpu' or 'cuda'.")
@@ -253,6 +258,9 @@ void bind_engine(py::module_& m) {
         .def_property_readonly("kv_dtype", [](PyEngine& e) {
             return e.get().kv_dtype() == flexquant::KvDType::KV_F16 ? "f16" : "f32";
         }, "The KV cache's element type: 'f16' or 'f32' (kv_f16 resolved).")
+        .def_property_readonly("cpu_activations", [](PyEngine& e) {
+            return e.get().cpu_activations() == flexquant::CpuActivations::ACT_I16 ? "i16" : "f32";
+        }, "What the CPU's bit-plane matmuls multiply: 'i16' or 'f32' activations.")
         .def_property_readonly("device_bytes", [](PyEngine& e) { return e.get().device_bytes(); },
                                "GPU memory held by the CUDA backend (0 on the CPU).")
         .def("close", [](PyEngine& e) { e.eng.reset(); }, "Free the KV cache and the model mapping.")

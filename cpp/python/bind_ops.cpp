@@ -62,7 +62,8 @@ RopeParams rope_params(int head_dim, float theta, const std::string& scaling, fl
 
 py::array_t<float> py_bitplane_matmul(const py::array& planes_a, const py::array& qparams_a, int64_t n, int64_t k,
                                       int max_bits, int group_size, int bits, const py::array& x_a,
-                                      const std::string& path, bool threaded) {
+                                      const std::string& path, bool threaded, const std::string& act) {
+    if (act != "f32" && act != "i16") throw py::value_error("act: expected 'f32' or 'i16', got '" + act + "'");
     auto planes = require<uint8_t>(planes_a, "planes", 2, "(max_bits, plane_bytes)");
     if (!py::isinstance<py::array>(qparams_a) || (qparams_a.dtype().kind() != 'f' && qparams_a.dtype().kind() != 'u') ||
         qparams_a.itemsize() != 2)
@@ -97,7 +98,8 @@ py::array_t<float> py_bitplane_matmul(const py::array& planes_a, const py::array
     {
         py::gil_scoped_release nogil;
         try {
-            bitplane_matmul(w, bits, x.data(), m, y.mutable_data(), threaded ? &ops_pool() : nullptr, p);
+            bitplane_matmul(w, bits, x.data(), m, y.mutable_data(), threaded ? &ops_pool() : nullptr, p,
+                            act == "i16" ? BITPLANE_ACT_I16 : BITPLANE_ACT_F32);
         } catch (const std::invalid_argument& e) {
             py::gil_scoped_acquire gil;
             throw py::value_error(e.what());
@@ -261,38 +263,43 @@ void bind_ops(py::module_& parent) {
             std::vector<std::string> out{"portable"};
             if (f.avx2) out.push_back("avx2");
             if (f.gfni) out.push_back("gfni");
+            if (f.avx512) out.push_back("avx512");
             return out;
         },
-        "Kernel families this CPU can run: 'portable', 'avx2' (AVX2+FMA+F16C), 'gfni' (avx2 + GFNI).");
+        "Kernel families this CPU can run: 'portable', 'avx2' (AVX2+FMA+F16C), 'gfni' (avx2 + GFNI),\n"
+        "'avx512' (gfni + AVX-512 F/BW/DQ/VL/VNNI: the int16-activation decode kernel).");
     m.def(
         "get_cpu_kernels",
         [] {
             const CpuFeatures& f = cpu_features();
-            return std::string(f.gfni ? "gfni" : f.avx2 ? "avx2" : "portable");
+            return std::string(f.avx512 ? "avx512" : f.gfni ? "gfni" : f.avx2 ? "avx2" : "portable");
         },
         "The kernel family in use.");
     m.def(
         "set_cpu_kernels",
         [](const std::string& kind) {
-            if (kind != "gfni" && kind != "avx2" && kind != "portable")
-                throw py::value_error("kind: expected 'gfni', 'avx2' or 'portable', got '" + kind + "'");
+            if (kind != "avx512" && kind != "gfni" && kind != "avx2" && kind != "portable")
+                throw py::value_error("kind: expected 'avx512', 'gfni', 'avx2' or 'portable', got '" + kind + "'");
             CpuFeatures f;
             f.avx2 = kind != "portable";
-            f.gfni = kind == "gfni";
+            f.gfni = kind == "gfni" || kind == "avx512";
+            f.avx512 = kind == "avx512";
             set_cpu_features(f);
             const CpuFeatures& now = cpu_features();
-            return std::string(now.gfni ? "gfni" : now.avx2 ? "avx2" : "portable");
+            return std::string(now.avx512 ? "avx512" : now.gfni ? "gfni" : now.avx2 ? "avx2" : "portable");
         },
         py::arg("kind"),
-        "Use at most this kernel family ('gfni', 'avx2' or 'portable'; the CPU may allow less); returns\n"
-        "the family in effect.");
+        "Use at most this kernel family ('avx512', 'gfni', 'avx2' or 'portable'; the CPU may allow less);\n"
+        "returns the family in effect.");
 
     m.def("bitplane_matmul", &py_bitplane_matmul, py::arg("planes"), py::arg("qparams"), py::arg("n"), py::arg("k"),
           py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"), py::arg("path") = "auto",
-          py::arg("threaded") = true,
+          py::arg("threaded") = true, py::arg("act") = "f32",
           "y = x @ W_bits.T for a bit-plane linear: planes (>= bits, plane_bytes) uint8 in the tc8x512 layout,\n"
           "qparams (n, n_groups, 2) float16, x (m, k) or (k,) float32 -> y (m, n) or (n,) float32.\n"
-          "Reads only the first `bits` planes. path: 'auto', 'decode' (bit-serial) or 'gemm' (dequantize + GEMM).");
+          "Reads only the first `bits` planes. path: 'auto', 'decode' (bit-serial) or 'gemm' (dequantize + GEMM).\n"
+          "act: 'f32' (x as given) or 'i16' (x rounded per row and weight group to int16, x̂ = s * q with\n"
+          "s = absmax / 32767; y = x̂ @ W_bits.T, on integer products with the 'avx512' kernels).");
     m.def(
         "bitplane_bytes_at",
         [](uint64_t plane_bytes, int64_t n, int64_t k, int group_size, int bits) {
@@ -329,6 +336,22 @@ void bind_ops(py::module_& parent) {
           "Causal GQA of q (m, n_heads, d) at positions p0.. over caches (t_max, n_kv_heads, d) float32 or\n"
           "float16 holding positions 0..p0+m-1; returns (m, n_heads, d) float32.");
     m.def("swiglu", &py_swiglu, py::arg("gate"), py::arg("up"), "silu(gate) * up, float32, same shapes.");
+    m.def(
+        "round_activations_i16",
+        [](const py::array& x_a, int group) {
+            auto x = require<float>(x_a, "x", 2, "(m, k)");
+            py::array_t<float> out({x.shape(0), x.shape(1)});
+            try {
+                py::gil_scoped_release nogil;
+                bitplane_round_i16(x.data(), x.shape(0), x.shape(1), group, out.mutable_data());
+            } catch (const std::invalid_argument& e) {
+                throw py::value_error(e.what());
+            }
+            return out;
+        },
+        py::arg("x"), py::arg("group"),
+        "x̂: x (m, k) float32 rounded to int16 per row and group of `group` columns (s = absmax / 32767,\n"
+        "x̂ = s * rint(x / s)), what bitplane_matmul(..., act='i16') multiplies; NaN and inf are kept.");
     m.def("quantize_activations", &py_quantize_activations, py::arg("x"), py::arg("group"), py::arg("bits"),
           "x (m, k) float32 quantized to symmetric `bits`-bit integers per row and group of `group` columns\n"
           "(scale = absmax / (2^(bits-1) - 1), round half to even) and back: the CUDA tensor-core GEMV's\n"

@@ -2,7 +2,8 @@
 //
 // SIMD kernels are compiled with per-function target attributes, so the library itself runs on
 // any x86-64; these flags pick the kernel at run time. FLEXQUANT_CPU in the environment caps what
-// is used: `portable` (no SIMD kernels) or `avx2` (no GFNI), for tests and for measuring speed-ups.
+// is used: `portable` (no SIMD kernels), `avx2` (no GFNI) or `gfni` (no AVX-512), for tests and for
+// measuring speed-ups.
 #pragma once
 
 // The SIMD kernels exist on x86 only; elsewhere every kernel is the portable one.
@@ -15,6 +16,7 @@ namespace flexquant {
 struct CpuFeatures {
     bool avx2 = false;  // AVX2 + FMA + F16C: what the *_avx2 kernels use
     bool gfni = false;  // GFNI on top of avx2 (Ice Lake, Zen 4 and later): 8x8 bit transposes
+    bool avx512 = false;  // AVX-512 F/BW/DQ/VL/VNNI on top of gfni: the int16-activation decode kernel
 };
 
 // Detected once; then the same answer every call.

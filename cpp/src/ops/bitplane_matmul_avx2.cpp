@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "ops/ops.h"
@@ -287,6 +288,46 @@ void decode_tiles(const Job& j, int64_t t0, int64_t t1) {
 }
 
 }  // namespace
+
+void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat) {
+    const int64_t n_groups = (k + group - 1) / group;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 qmax = _mm256_set1_ps(32767.0f), qmin = _mm256_set1_ps(-32767.0f);
+    const __m256 big = _mm256_set1_ps(3.40282347e38f);  // FLT_MAX: |x| <= it <=> x finite
+    for (int64_t r = 0; r < m; ++r) {
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
+            const float* xr = x + r * k;
+            float* out = xhat + r * k;
+            // max_ps returns its second operand when either is NaN: NaN never wins, as std::max(amax, |x|)
+            __m256 am = _mm256_setzero_ps();
+            int64_t i = i0;
+            for (; i + 8 <= i1; i += 8) am = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xr + i), abs_mask), am);
+            alignas(32) float lanes[8];
+            _mm256_store_ps(lanes, am);
+            float amax = 0.0f;
+            for (float v : lanes) amax = std::max(amax, v);
+            for (; i < i1; ++i) amax = std::max(amax, std::fabs(xr[i]));
+            const float scale = amax / 32767.0f;
+            const __m256 sv = _mm256_set1_ps(scale);
+            const bool any = scale > 0.0f;
+            for (i = i0; i + 8 <= i1; i += 8) {
+                const __m256 xv = _mm256_loadu_ps(xr + i);
+                __m256 v = _mm256_setzero_ps();
+                if (any) {  // max(NaN, -qmax) = -qmax, as std::max(-qmax, NaN)
+                    v = _mm256_round_ps(_mm256_div_ps(xv, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    v = _mm256_min_ps(_mm256_max_ps(v, qmin), qmax);
+                }
+                const __m256 finite = _mm256_cmp_ps(_mm256_and_ps(xv, abs_mask), big, _CMP_LE_OQ);
+                _mm256_storeu_ps(out + i, _mm256_blendv_ps(xv, _mm256_mul_ps(sv, v), finite));
+            }
+            for (; i < i1; ++i) {
+                const float v = any ? std::min(32767.0f, std::max(-32767.0f, std::nearbyint(xr[i] / scale))) : 0.0f;
+                out[i] = std::isfinite(xr[i]) ? scale * v : xr[i];
+            }
+        }
+    }
+}
 
 void decode_tiles_avx2(const Job& j, int64_t t0, int64_t t1) {
     switch (j.bits) {

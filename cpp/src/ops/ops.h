@@ -50,6 +50,17 @@ enum BitplaneMatmulPath {
 };
 constexpr int64_t bitplane_decode_max_m = 4;
 
+// The activations bitplane_matmul multiplies with. F32: x as given. I16: x rounded per row and per
+// weight group to symmetric int16, x̂ = s · q, s = absmax_g(x) / 32767, q = rint(x / s) (fp32 ops,
+// round half to even, as quantize_activations): y is then x̂ · W_kᵀ (the min term uses Σ x̂ too).
+// Every kernel computes that; with AVX-512 VNNI the decode kernel multiplies q by the integer codes
+// exactly (vpdpwssd) instead of converting every code to fp32, which is what makes it faster. The
+// rounding is 2^-16 of a group's largest |x|: below the fp16 KV cache's (docs/kernels.md).
+enum BitplaneActivations {
+    BITPLANE_ACT_F32 = 0,
+    BITPLANE_ACT_I16 = 1,
+};
+
 // y (m, n) = x (m, k) . W_bitsᵀ, W_bits the `bits`-bit view (2 <= bits <= max_bits):
 //   y[r, n] = Σ_g s_k[n,g] Σ_{i∈g} c_k[n,i] x[r,i] + m_k[n,g] Σ_{i∈g} x[r,i]
 // reading only the first `bits` planes and the qparams. Scratch is allocated per call (x permuted
@@ -57,7 +68,12 @@ constexpr int64_t bitplane_decode_max_m = 4;
 // the portable decode path). Threads split the row tiles of 8 outputs. Throws
 // std::invalid_argument on an inconsistent view (plane_bytes, group_size, bits).
 void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, ThreadPool* pool,
-                     BitplaneMatmulPath path = BITPLANE_PATH_AUTO);
+                     BitplaneMatmulPath path = BITPLANE_PATH_AUTO, BitplaneActivations act = BITPLANE_ACT_F32);
+
+// xhat (m, k) = x̂, the int16 rounding of x (m, k) per row and group of `group` columns that
+// bitplane_matmul multiplies with BITPLANE_ACT_I16 (non-finite elements kept as they are). xhat
+// may equal x.
+void bitplane_round_i16(const float* x, int64_t m, int64_t k, int group, float* xhat);
 
 // Bytes the k-bit product reads from the weight: bits * plane_bytes + n * n_groups * 4.
 uint64_t bitplane_bytes_at(const BitplaneLinear& w, int bits);
@@ -212,6 +228,10 @@ enum WordOrder {
                              // bitplane_matmul_avx2.cpp; the other words (the 4 last ones of a short
                              // last super-chunk) in DWORD order, and again after k_pad in the order
                              // of the kernel that decodes them for two rows at once
+    WORD_ORDER_I16 = 3,      // the int16 activations of the AVX-512 kernel (x_stride = n_super * 512):
+                             // per super-chunk s and step v = 0..3, 128 slots 64h + 32e + 8L + i <-
+                             // bit 16h + 2i + e of word 4L + v of the row's words (zero slots where a
+                             // short super-chunk has no such word); built from the step tables below
 };
 
 // One call's shared state: geometry plus the activations in the order the kernel reads them.
@@ -225,6 +245,13 @@ struct Job {
     const double* xsum;         // (m, n_groups) Σ_{i∈g} x[r, i]
     const int32_t* word_group;  // (k_pad / 32) group of each stored word (clamped to n_groups - 1)
     float* y;                   // (m, n)
+    // The AVX-512 int16 kernel only (WORD_ORDER_I16): step (s, v) lane L is the row's word 4L + v of
+    // super-chunk s, index 16s + 4v + L of the step tables.
+    const int16_t* xi;            // (m, n_super * 512) int16 activations q
+    const float* xscale;          // (m, n_groups) their scales s
+    const int32_t* step_base;     // (n_super * 16) K index of the word's bit 0; -1 where there is no word
+    const int32_t* step_group;    // (n_super * 16) its group (lane 0's where there is no word: its codes are 0)
+    const uint8_t* step_uniform;  // (n_super * 4) 1 where the 4 lanes of a step share one group
 };
 
 // Byte offset, inside one plane, of row tile rt's super-chunk s; row g's words then start at
@@ -242,6 +269,15 @@ void decode_tiles_avx2(const Job& j, int64_t t0, int64_t t1);  // xp in WORD_ORD
 void gemm_tiles_avx2(const Job& j, int64_t t0, int64_t t1);    // xp in WORD_ORDER_DWORD
 void decode_tiles_gfni(const Job& j, int64_t t0, int64_t t1);  // xp in WORD_ORDER_GFNI, scaled
 void gemm_tiles_gfni(const Job& j, int64_t t0, int64_t t1);    // xp in WORD_ORDER_GFNI
+// x̂ (m, k): BITPLANE_ACT_I16's rounding of x (m, k) per row and group, vectorized (a prompt runs it
+// over every input of every linear); bit for bit bitplane_matmul.cpp's scalar loop.
+void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat);
+// bitplane_matmul_avx512.cpp: decode on int16 activations (xi, xscale and the step tables; xp
+// unused), and their preparation: x (m, k) -> xi, xscale and xsum (m, n_groups) = s Σ q (fp64).
+// q_tmp: k_pad int16 of scratch.
+void decode_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1);
+void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
+                        double* xsum);
 
 }  // namespace bitplane_detail
 

@@ -1,0 +1,286 @@
+// AVX-512 decode kernel of y (m, n) = x̂ (m, k) · W_kᵀ over a bit-plane linear on int16 activations
+// (BITPLANE_ACT_I16, ops.h; formula and layout: bitplane_matmul.cpp, docs/format.md):
+//
+//   y[r, n] = Σ_g s_k[n,g] · xs[r,g] · Σ_{i∈g} c_k[n,i] q[r,i]  +  m_k[n,g] · Σ_{i∈g} x̂[r,i]
+//
+// with x̂ = xs · q, q int16. Compiled for AVX-512 F/BW/DQ/VL/VNNI + GFNI by the pragma below and only
+// called when cpu_features().avx512 says so.
+//
+// Why it is faster than the fp32 GFNI kernel (bitplane_matmul_avx2.cpp): that one converts every
+// code to fp32 (an and, a cvtdq2ps and an FMA per 8 codes); here the codes stay integers and one
+// vpdpwssd multiplies 32 of them by 32 int16 activations and adds the pairs into 16 int32 sums. Per
+// 128 weights of a row that is ~19 instructions instead of ~80.
+//
+// One batch is a whole super-chunk row (16 words; fewer in a short last super-chunk, masked to
+// zero): the 64 bytes of each plane are transposed as in the GFNI kernel, so that 128-bit lane L of
+// the codes of step v holds word 4L + v of the row. The integer sums of a step (64 weights of each
+// of 4 words, per lane) are exact: |Σ| <= 8 * 255 * 32767 < 2^31. They become fp32 once per step and
+// are scaled there by s_k · xs of their word's group (a lane may have its own group).
+
+#include "cpu_features.h"
+
+#ifdef FLEXQUANT_X86
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "ops/ops.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,gfni,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")
+// GCC 12's AVX-512 headers start their reductions from _mm512_undefined_*(), which
+// -Wmaybe-uninitialized reports at every use
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#define FQ_INLINE inline __attribute__((always_inline))
+
+namespace flexquant {
+namespace bitplane_detail {
+
+namespace {
+
+// Per-thread scratch (kernels never nest): grown, never shrunk.
+float* scratch512(size_t n) {
+    thread_local std::vector<float> buf;
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
+}
+
+// Per-row parameters of row tile rt: swx (8, m, n_groups) = s_k[g, group] · 2^(k-8) · xs[r, group]
+// (the factor of a step's int32 sums) and bias (8, m) = Σ_g m_k[g] Σ_{i∈g} x̂[r, i] (fp64 sums).
+// Rows past N get zeros. 16 groups at a time: done per tile, in scalar code it cost about as much as
+// the tile's products.
+void tile_params_i16(const Job& j, int64_t rt, float* swx, float* bias) {
+    const int shift = j.w->max_bits - j.bits;
+    // The codes come out shifted left by 8 - k (as in the GFNI kernel); 2^(k-8) undoes it, exactly.
+    const __m512 smul = _mm512_set1_ps(static_cast<float>(1 << shift) / static_cast<float>(1 << (8 - j.bits)));
+    const __m512 mmul = _mm512_set1_ps(static_cast<float>(((1 << shift) - 1) / 2.0));
+    const int64_t ng = j.n_groups;
+    for (int g = 0; g < 8; ++g) {
+        const int64_t n = rt * 8 + g;
+        float* out = swx + g * j.m * ng;
+        if (n >= j.w->n) {
+            std::fill(out, out + j.m * ng, 0.0f);
+            std::fill(bias + g * j.m, bias + (g + 1) * j.m, 0.0f);
+            continue;
+        }
+        const uint16_t* qp = j.w->qparams + n * ng * 2;
+        for (int64_t r = 0; r < j.m; ++r) {
+            const float* xs = j.xscale + r * ng;
+            const double* xsum = j.xsum + r * ng;
+            __m512d acc = _mm512_setzero_pd();
+            for (int64_t g0 = 0; g0 < ng; g0 += 16) {
+                const int64_t cnt = std::min<int64_t>(16, ng - g0);
+                const __mmask16 live = static_cast<__mmask16>((1u << cnt) - 1);
+                // (scale, min) fp16 pairs as 32-bit lanes: scale in the low half, min in the high one
+                const __m512i pairs = _mm512_maskz_loadu_epi32(live, qp + 2 * g0);
+                const __m512 sc = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(pairs));
+                const __m512 mn = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(pairs, 16)));
+                _mm512_mask_storeu_ps(out + r * ng + g0, live,
+                                      _mm512_mul_ps(_mm512_mul_ps(sc, smul), _mm512_maskz_loadu_ps(live, xs + g0)));
+                const __m512 mk = _mm512_add_ps(mn, _mm512_mul_ps(sc, mmul));  // zeros past cnt
+                acc = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(mk)),
+                                      _mm512_maskz_loadu_pd(static_cast<__mmask8>(live), xsum + g0), acc);
+                acc = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(mk, 1)),
+                                      _mm512_maskz_loadu_pd(static_cast<__mmask8>(live >> 8), xsum + g0 + 8), acc);
+            }
+            bias[g * j.m + r] = static_cast<float>(_mm512_reduce_add_pd(acc));
+        }
+    }
+}
+
+// The first two transpose stages of the GFNI kernel (unpack_planes), on 4 lanes: B[i] and B[4 + i]
+// hold, per 128-bit lane, planes 0-3 and 4-7 of byte positions 4i .. 4i+3 (word i of the lane), one
+// dword per position.
+// W: the super-chunk's words per lane (16 W bytes per plane of the row), the lanes past it zero.
+template <int BITS>
+FQ_INLINE __m512i load_plane(const uint8_t* p, int W) {
+    // Masked loads only for W = 3: from memory they ran ~1.7x slower at 8 bits than plain ones.
+    switch (W) {
+        case 4: return _mm512_loadu_si512(p);
+        case 1: return _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        case 2: return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        default: return _mm512_maskz_loadu_epi8((__mmask64(1) << 48) - 1, p);
+    }
+}
+
+template <int BITS>
+FQ_INLINE void transpose_planes512(const uint8_t* p, uint64_t pb, int W, __m512i B[8]) {
+    const __m512i z = _mm512_setzero_si512();
+    __m512i P[8], A[8];
+    for (int i = 0; i < 8; ++i) P[i] = i < BITS ? load_plane<BITS>(p + i * pb, W) : z;
+    for (int i = 0; i < 4; ++i) {
+        A[2 * i] = 2 * i < BITS ? _mm512_unpacklo_epi8(P[2 * i], P[2 * i + 1]) : z;
+        A[2 * i + 1] = 2 * i < BITS ? _mm512_unpackhi_epi8(P[2 * i], P[2 * i + 1]) : z;
+    }
+    for (int i = 0; i < 2; ++i) {
+        const bool any = 4 * i < BITS;
+        B[4 * i + 0] = any ? _mm512_unpacklo_epi16(A[4 * i], A[4 * i + 2]) : z;
+        B[4 * i + 1] = any ? _mm512_unpackhi_epi16(A[4 * i], A[4 * i + 2]) : z;
+        B[4 * i + 2] = any ? _mm512_unpacklo_epi16(A[4 * i + 1], A[4 * i + 3]) : z;
+        B[4 * i + 3] = any ? _mm512_unpackhi_epi16(A[4 * i + 1], A[4 * i + 3]) : z;
+    }
+}
+
+// Rows r0 .. r0 + M - 1 of the activations against the 8 weight rows of tile rt.
+template <int BITS, int M>
+void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const float* swx, const float* bias) {
+    const uint64_t pb = j.w->plane_bytes;
+    const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
+    const __m512i sel = _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ull));
+    const __m512i low = _mm512_set1_epi16(0x00ff);
+    const __m512i lane_of = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc[8][M];
+    for (int g = 0; g < 8; ++g)
+        for (int r = 0; r < M; ++r) acc[g][r] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < j.n_super; ++s) {
+        const int W = super_words(j, s);  // bytes per row and plane: 16 W
+        const uint8_t* sb = j.w->planes + super_offset(j, rt, s);
+        for (int g = 0; g < rows; ++g) {
+            __m512i B[8];
+            transpose_planes512<BITS>(sb + 16 * W * g, pb, W, B);
+            // The row's sums of this super-chunk stay in registers, in two chains (v even / odd):
+            // adding each step into acc[g] (memory: g is not unrolled) made one long chain of
+            // load-FMA-store per row and ran no faster than the fp32 kernel.
+            __m512 part[2][M];
+            for (int r = 0; r < M; ++r) part[0][r] = part[1][r] = _mm512_setzero_ps();
+            for (int v = 0; v < 4; ++v) {
+                const int32_t* lane_group = j.step_group + 16 * s + 4 * v;
+                const bool uniform = j.step_uniform[4 * s + v];
+                // c0 / c1: weights 0-15 / 16-31 of word 4L + v in lane L, one code byte each
+                const __m512i c0 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpacklo_epi32(B[v], B[4 + v]), 0);
+                const __m512i c1 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpackhi_epi32(B[v], B[4 + v]), 0);
+                const __m512i e0 = _mm512_and_si512(c0, low), o0 = _mm512_srli_epi16(c0, 8);
+                const __m512i e1 = _mm512_and_si512(c1, low), o1 = _mm512_srli_epi16(c1, 8);
+                for (int r = 0; r < M; ++r) {
+                    const int16_t* x = j.xi + (r0 + r) * j.x_stride + (4 * s + v) * 128;
+                    __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), e0, _mm512_loadu_si512(x));
+                    p = _mm512_dpwssd_epi32(p, o0, _mm512_loadu_si512(x + 32));
+                    p = _mm512_dpwssd_epi32(p, e1, _mm512_loadu_si512(x + 64));
+                    p = _mm512_dpwssd_epi32(p, o1, _mm512_loadu_si512(x + 96));
+                    // the factor of each lane's word: one group for all 4 unless G < 128 or a short
+                    // super-chunk
+                    const float* f = swx + (g * j.m + r0 + r) * j.n_groups;
+                    const __m512 sc = uniform ? _mm512_set1_ps(f[lane_group[0]])
+                                              : _mm512_permutexvar_ps(lane_of, _mm512_castps128_ps512(_mm_setr_ps(
+                                                    f[lane_group[0]], f[lane_group[1]], f[lane_group[2]],
+                                                    f[lane_group[3]])));
+                    part[v % 2][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, part[v % 2][r]);
+                }
+            }
+            for (int r = 0; r < M; ++r) acc[g][r] = _mm512_add_ps(acc[g][r], _mm512_add_ps(part[0][r], part[1][r]));
+        }
+    }
+    for (int g = 0; g < rows; ++g)
+        for (int r = 0; r < M; ++r)
+            j.y[(r0 + r) * j.w->n + rt * 8 + g] = _mm512_reduce_add_ps(acc[g][r]) + bias[g * j.m + r0 + r];
+}
+
+template <int BITS>
+void decode_tiles_i16(const Job& j, int64_t t0, int64_t t1) {
+    float* swx = scratch512(8 * j.m * j.n_groups + 8 * j.m);
+    float* bias = swx + 8 * j.m * j.n_groups;
+    for (int64_t rt = t0; rt < t1; ++rt) {
+        tile_params_i16(j, rt, swx, bias);
+        // Up to 4 activation rows per pass over the planes (the unrolled kernels); more rows (a
+        // forced decode path) take several passes.
+        for (int64_t r0 = 0; r0 < j.m; r0 += 4) {
+            switch (std::min<int64_t>(4, j.m - r0)) {
+                case 1: decode_tile_i16<BITS, 1>(j, rt, r0, swx, bias); break;
+                case 2: decode_tile_i16<BITS, 2>(j, rt, r0, swx, bias); break;
+                case 3: decode_tile_i16<BITS, 3>(j, rt, r0, swx, bias); break;
+                default: decode_tile_i16<BITS, 4>(j, rt, r0, swx, bias); break;
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
+                        double* xsum) {
+    const int group = j.w->group_size;
+    const __m512 qmax = _mm512_set1_ps(32767.0f), qmin = _mm512_set1_ps(-32767.0f);
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    // word bits 16h + 2i + e -> position 16h + 8e + i: the (h, e) quarters are the 4 slices of 8
+    // slots a word fills (WORD_ORDER_I16)
+    alignas(64) int16_t idx[32];
+    for (int h = 0; h < 2; ++h)
+        for (int e = 0; e < 2; ++e)
+            for (int i = 0; i < 8; ++i) idx[16 * h + 8 * e + i] = static_cast<int16_t>(16 * h + 2 * i + e);
+    const __m512i perm = _mm512_load_si512(idx);
+    std::fill(q_tmp + k, q_tmp + j.k_pad, int16_t(0));
+    for (int64_t r = 0; r < j.m; ++r) {
+        const float* xr = x + r * k;
+        for (int64_t g = 0; g < j.n_groups; ++g) {
+            const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
+            // absmax; NaN never wins a max_ps with it second (as std::max in quantize_i16), and
+            // a non-finite element makes the group's sum NaN so that y shows it
+            __m512 amax = _mm512_setzero_ps();
+            __mmask16 bad = 0;
+            for (int64_t i = i0; i < i1; i += 16) {
+                const __mmask16 live = i1 - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (i1 - i)) - 1);
+                const __m512 v = _mm512_maskz_loadu_ps(live, xr + i);
+                amax = _mm512_max_ps(_mm512_and_ps(v, abs_mask), amax);
+                bad |= _mm512_mask_fpclass_ps_mask(live, v, 0x99);  // QNaN, SNaN, +inf, -inf
+            }
+            const float scale = _mm512_reduce_max_ps(amax) / 32767.0f;
+            xscale[r * j.n_groups + g] = scale;
+            __m512i qsum = _mm512_setzero_si512();
+            const __m512 sv = _mm512_set1_ps(scale);
+            for (int64_t i = i0; i < i1; i += 16) {
+                const __mmask16 live = i1 - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (i1 - i)) - 1);
+                __m512i q = _mm512_setzero_si512();
+                if (scale > 0.0f) {
+                    // x / s (IEEE), to nearest even, clamped: quantize_i16's fp32 operations
+                    const __m512 t = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(live, xr + i), sv),
+                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    q = _mm512_cvtps_epi32(_mm512_min_ps(qmax, _mm512_max_ps(qmin, t)));
+                    q = _mm512_maskz_mov_epi32(live, q);
+                }
+                qsum = _mm512_add_epi32(qsum, q);
+                _mm256_mask_storeu_epi16(q_tmp + i, live, _mm512_cvtsepi32_epi16(q));
+            }
+            xsum[r * j.n_groups + g] = bad ? std::numeric_limits<double>::quiet_NaN()
+                                           : static_cast<double>(scale) * _mm512_reduce_add_epi32(qsum);
+        }
+        // q_tmp (natural K order) -> the slots of every step's words
+        int16_t* out = xi + r * j.x_stride;
+        for (int64_t s = 0; s < j.n_super; ++s)
+            for (int v = 0; v < 4; ++v)
+                for (int L = 0; L < 4; ++L) {
+                    const int32_t base = j.step_base[16 * s + 4 * v + L];
+                    const __m512i w = base >= 0 ? _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(q_tmp + base))
+                                                : _mm512_setzero_si512();
+                    int16_t* blk = out + (4 * s + v) * 128 + 8 * L;
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk), _mm512_castsi512_si128(w));
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 32), _mm512_extracti32x4_epi32(w, 1));
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 64), _mm512_extracti32x4_epi32(w, 2));
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 96), _mm512_extracti32x4_epi32(w, 3));
+                }
+    }
+}
+
+void decode_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1) {
+    switch (j.bits) {
+        case 2: return decode_tiles_i16<2>(j, t0, t1);
+        case 3: return decode_tiles_i16<3>(j, t0, t1);
+        case 4: return decode_tiles_i16<4>(j, t0, t1);
+        case 5: return decode_tiles_i16<5>(j, t0, t1);
+        case 6: return decode_tiles_i16<6>(j, t0, t1);
+        case 7: return decode_tiles_i16<7>(j, t0, t1);
+        default: return decode_tiles_i16<8>(j, t0, t1);
+    }
+}
+
+}  // namespace bitplane_detail
+}  // namespace flexquant
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+#endif  // FLEXQUANT_X86

@@ -170,6 +170,17 @@ def test_bitplane_matmul_i16_nonfinite_input_shows(kernels, path):
         assert not np.isfinite(y[1]).any(), f"{bad} in the input vanished from some outputs"
 
 
+def test_bitplane_matmul_i16_one_group_over_a_long_row(kernels):
+    """A group of 65,568 inputs (one group per row): Σ q of a group passes 2^31 and must not wrap."""
+    n, k = 8, 65568
+    rng = np.random.default_rng(12)
+    planes, qparams = bitplane.quantize_to_planes((1.0 + 0.02 * rng.standard_normal((n, k))).astype(np.float32), 8, k)
+    x = np.ones((1, k), np.float32)
+    y = ops.bitplane_matmul(planes, qparams, n, k, 8, k, 8, x, "decode", act="i16")
+    ref = round_i16_reference(x, k).astype(np.float64) @ bitplane.dequantize_planes(planes, qparams, n, k, 8, 8, k).T
+    assert rel_err(y, ref) < 1e-5
+
+
 def test_bitplane_matmul_bad_act_is_named():
     planes, qparams = bitplane.quantize_to_planes(np.ones((8, 128), np.float32), 8, 128)
     with pytest.raises(ValueError, match="'bf16'"):

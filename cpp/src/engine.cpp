@@ -62,9 +62,10 @@ struct Engine::Impl {
     std::vector<int64_t> past;  // (n_seq): tokens in each sequence's KV cache
     KvDType kv_dtype = KvDType::KV_F32;
     CpuActivations cpu_act = CpuActivations::ACT_I16;
-    // the bit-plane matmuls' activations where act_bits is 0 (cpu_act)
-    BitplaneActivations matmul_act() const {
-        return cpu_act == CpuActivations::ACT_I16 ? BITPLANE_ACT_I16 : BITPLANE_ACT_F32;
+    // What linear j's bit-plane matmul multiplies: cpu_act where its act_bits is 0; else the input
+    // already rounded as asked (quantize_activations), exactly, with nothing on top.
+    BitplaneActivations matmul_act(size_t j) const {
+        return act_bits[j] == 0 && cpu_act == CpuActivations::ACT_I16 ? BITPLANE_ACT_I16 : BITPLANE_ACT_F32;
     }
     int bits_cap = 0;  // EngineParams::max_bits resolved
     ThreadPool pool;
@@ -198,14 +199,13 @@ void Engine::Impl::linear(size_t j, const float* x, int64_t T, float* y) {
         b = best_all;
     }
     used[j] = b;
-    BitplaneActivations act = matmul_act();
     if (act_bits[j] != 0) {
         if (xq.size() < static_cast<size_t>(T * K)) xq.resize(static_cast<size_t>(T * K));
         quantize_activations(x, T, K, w.group_size, act_bits[j], xq.data());
         x = xq.data();
-        act = BITPLANE_ACT_F32;  // exactly the rounding asked for, nothing on top
     }
-    bitplane_matmul(w, b, x, T, y, &pool, T <= decode_max[j][b] ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM, act);
+    bitplane_matmul(w, b, x, T, y, &pool, T <= decode_max[j][b] ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM,
+                    matmul_act(j));
 }
 
 uint64_t Engine::Impl::bytes_at(const std::vector<int32_t>& b) const {
@@ -467,7 +467,7 @@ std::vector<KernelChoice> Engine::tune_kernels(int64_t max_m, int repeats) {
         std::fill(per_shape.begin(), per_shape.end(), 0.0);
         for (size_t j = 0; j < n_lin; ++j) {
             const auto t0 = std::chrono::steady_clock::now();
-            bitplane_matmul(e.lin_at(j), bits, x.data(), m, y.data(), &e.pool, path, e.matmul_act());
+            bitplane_matmul(e.lin_at(j), bits, x.data(), m, y.data(), &e.pool, path, e.matmul_act(j));
             per_shape[shape_of[j]] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         }
     };

@@ -234,7 +234,8 @@ class Engine:
                 cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
         except OSError:
             pass
-        ident = f"{cpu}|{_core.ops.get_cpu_kernels()}|{self._eng.threads}|{shapes}"
+        # the activations change which kernel is faster (int16 ones move the decode/GEMM crossover up)
+        ident = f"{cpu}|{_core.ops.get_cpu_kernels()}|{self._eng.threads}|{self._eng.cpu_activations}|{shapes}"
         return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
     def _linear_shapes(self) -> list[dict]:

@@ -59,8 +59,10 @@ enum class KvDType { KV_AUTO, KV_F32, KV_F16 };
 // that on AVX-512 VNNI CPUs the decode kernel multiplies integers: one-token matmuls ran 1.3-4.6x
 // faster than on fp32 activations on a 2-core test machine (the lower bits gaining most), decode
 // 1.3x (SmolLM2) to 2.1x (a Llama-2-7B shape), for a next-token KL of about 4e-8 on SmolLM2
-// (tools/numerics_quality.py, docs/kernels.md). Other CPUs compute the same products on fp32 at
-// their old speed. ACT_F32: the input as given (the accuracy reference). The CUDA backend ignores it.
+// (tools/numerics_quality.py, docs/kernels.md). Other CPUs compute the same numbers with the fp32
+// kernels on the rounded input: one vectorized pass over each input more, and no gain (the numbers
+// do not depend on the CPU). ACT_F32: the input as given (the accuracy reference). The CUDA backend
+// ignores it.
 enum class CpuActivations { ACT_I16, ACT_F32 };
 
 // Where the forward pass runs. BACKEND_AUTO: CUDA when the build has it and a GPU is present,

@@ -230,7 +230,7 @@ void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp,
             }
             const float scale = _mm512_reduce_max_ps(amax) / 32767.0f;
             xscale[r * j.n_groups + g] = scale;
-            __m512i qsum = _mm512_setzero_si512();
+            int64_t qsum = 0;  // Σ q: int32 lanes would wrap for groups of 65,568 and more
             const __m512 sv = _mm512_set1_ps(scale);
             for (int64_t i = i0; i < i1; i += 16) {
                 const __mmask16 live = i1 - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (i1 - i)) - 1);
@@ -242,11 +242,11 @@ void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp,
                     q = _mm512_cvtps_epi32(_mm512_min_ps(qmax, _mm512_max_ps(qmin, t)));
                     q = _mm512_maskz_mov_epi32(live, q);
                 }
-                qsum = _mm512_add_epi32(qsum, q);
+                qsum += _mm512_reduce_add_epi32(q);  // |Σ| <= 16 * 32767 here (a NaN row: xsum is NaN below)
                 _mm256_mask_storeu_epi16(q_tmp + i, live, _mm512_cvtsepi32_epi16(q));
             }
             xsum[r * j.n_groups + g] = bad ? std::numeric_limits<double>::quiet_NaN()
-                                           : static_cast<double>(scale) * _mm512_reduce_add_epi32(qsum);
+                                           : static_cast<double>(scale) * static_cast<double>(qsum);
         }
         // q_tmp (natural K order) -> the slots of every step's words
         int16_t* out = xi + r * j.x_stride;

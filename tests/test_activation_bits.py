@@ -91,7 +91,8 @@ def hf_logits(model, ids, act_bits: int | None, group: int):
 def test_engine_activation_bits_match_transformers_with_quantized_inputs(tiny_pair):
     fq, ref_model = tiny_pair
     ids = np.random.default_rng(0).integers(0, 320, 24).tolist()
-    eng = Engine(fq, backend="cpu", kv_dtype="f32")  # transformers' fp32 cache: the activations alone differ
+    # transformers' fp32 math (cache and activations): the activation bits alone differ
+    eng = Engine(fq, backend="cpu", kv_dtype="f32", cpu_activations="f32")
     fp = eng.forward(ids)
     eng.set_activation_bits(16)  # fp16 activations: within fp16 rounding of transformers' fp32 model
     assert (np.asarray(eng._eng.activation_bits) == 16).all()
@@ -124,7 +125,8 @@ def test_activation_bits_validation_changes_nothing(tiny_fq):
     eng = Engine(tiny_fq, backend="cpu")
     eng.set_activation_bits(6)
     before = list(eng._eng.activation_bits)
-    with pytest.raises(FlexquantError, match=r"activation bits\[3\] \(layer 0, o\) = 9 must be 0 \(fp32\), 16 \(fp16\) or in 2..8"):
+    with pytest.raises(FlexquantError, match=r"activation bits\[3\] \(layer 0, o\) = 9 must be 0 "
+                                             r"\(the default activations\), 16 \(fp16\) or in 2..8"):
         bad = np.full((2, 7), 8, dtype=np.int32)
         bad[0, 3] = 9
         eng.set_activation_bits(bad)
@@ -201,7 +203,7 @@ def test_protect_activations_runs_int8_except_the_sensitive_units(tiny_fq):
     assert eng.protect_activations(0.8, profile=_act_profile([0.05, 0.5, 0.45]), bits=16) == [1, 2]
     bits = np.asarray(eng._eng.activation_bits)
     assert (bits[:7] == 8).all() and (bits[7:14] == 16).all() and bits[14] == 16
-    with pytest.raises(ValueError, match="bits must be 0 \\(fp32\\) or 16 \\(fp16\\), got 8"):
+    with pytest.raises(ValueError, match="bits must be 0 \\(the default activations\\) or 16 \\(fp16\\), got 8"):
         eng.protect_activations(0.8, profile=_act_profile([0.05, 0.5, 0.45]), bits=8)
 
 

@@ -52,7 +52,7 @@ def test_decode_batch_matches_transformers_per_sequence(gqa_pair, bits, kv_dtype
     transformers gives that sequence alone."""
     fq, refs = gqa_pair
     rng = np.random.default_rng(bits)
-    with Engine(fq, threads=2, n_seq=6, kv_dtype=kv_dtype) as eng:
+    with Engine(fq, threads=2, n_seq=6, kv_dtype=kv_dtype, cpu_activations="f32") as eng:
         eng.set_layer_bits(bits, lm_head_bits=bits)
         V = eng.config["vocab"]
         seqs = [rng.integers(0, V, size=int(n)).tolist() for n in (3, 17, 1, 40, 9, 25)]
@@ -381,7 +381,7 @@ def test_kernel_table_decides_the_kernel_and_keeps_the_results(gqa_pair):
     fq, refs = gqa_pair
     ids = list(range(7, 17))
     # the fp32 cache, as transformers': the kernels' rounding is what is compared
-    with Engine(fq, threads=2, kernel_table=None, kv_dtype="f32") as eng:
+    with Engine(fq, threads=2, kernel_table=None, kv_dtype="f32", cpu_activations="f32") as eng:
         eng.set_layer_bits(8, lm_head_bits=8)
         shapes = {(int(d["n"]), int(d["k"])) for d in eng._linear_shapes()}
         base = eng.forward(ids)

@@ -39,8 +39,9 @@ def print_kv_caches(a, results) -> None:
     resolved by the engine)."""
     seen = sorted({r["kv_dtype"] for r in results if r and "kv_dtype" in r})
     print(f"KV cache: {', '.join(seen) or '-'} (--kv-dtype {a.kv_dtype})")
+    acts = sorted({r["cpu_activations"] for r in results if r and "cpu_activations" in r})
     if a.backend == "cpu":
-        print(f"CPU matmul activations: {a.cpu_activations} (--cpu-activations)")
+        print(f"CPU matmul activations: {', '.join(acts) or '-'} (--cpu-activations {a.cpu_activations})")
 
 
 def CPU_ACT() -> str:
@@ -169,6 +170,7 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
         "bytes_per_token": float(np.mean(nbytes)), "mean_bits": float(np.mean(mean_bits)),
         "kv_bytes_per_token": float(kv_bytes),
         "peak_rss_mb": peak_rss_mb(), "device_mb": eng._eng.device_bytes / 1e6, "kv_dtype": eng.kv_dtype,
+        "cpu_activations": eng.cpu_activations,
     }
 
 
@@ -202,7 +204,7 @@ def batch_worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: i
         toks = logits.argmax(axis=1).astype(np.int32)
     step = float(np.median(times))
     return {"step_ms": step * 1e3, "decode_tok_s": batch / step, "bytes_per_token": float(eng.bytes_per_token()),
-            "peak_rss_mb": peak_rss_mb(), "kv_dtype": eng.kv_dtype}
+            "peak_rss_mb": peak_rss_mb(), "kv_dtype": eng.kv_dtype, "cpu_activations": eng.cpu_activations}
 
 
 def main_batch(a, models) -> int:

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from flexquant_rt import Engine
     from flexquant_rt.controller import calibrate, calibration_text, kl_rows, load_profile, log_softmax, text_chunks
 
-    eng = Engine(a.model, backend="cpu", n_ctx=512)
+    eng = Engine(a.model, backend="cpu", n_ctx=512, cpu_activations="f32")  # its reference: fp32
     L = eng.n_layers
     prof = load_profile(eng)
     if prof is None or 8 not in (prof.extra.get("act_levels") or []):

@@ -351,7 +351,8 @@ void bind_ops(py::module_& parent) {
         },
         py::arg("x"), py::arg("group"),
         "x̂: x (m, k) float32 rounded to int16 per row and group of `group` columns (s = absmax / 32767,\n"
-        "x̂ = s * rint(x / s)), what bitplane_matmul(..., act='i16') multiplies; NaN and inf are kept.");
+        "x̂ = s * rint(x / s)), what bitplane_matmul(..., act='i16') multiplies. NaN and inf are kept\n"
+        "(an inf makes its group's scale inf, so the group's finite elements become NaN).");
     m.def("quantize_activations", &py_quantize_activations, py::arg("x"), py::arg("group"), py::arg("bits"),
           "x (m, k) float32 quantized to symmetric `bits`-bit integers per row and group of `group` columns\n"
           "(scale = absmax / (2^(bits-1) - 1), round half to even) and back: the CUDA tensor-core GEMV's\n"

@@ -99,7 +99,8 @@ struct Engine::Impl {
     double lambda = 0.0;
     std::vector<std::vector<float>> rule_cost;
     std::vector<int32_t> used;  // bits each linear ran at in the last eval
-    std::vector<int32_t> act_bits;  // per linear (n_layers * 7 + 1): 0 = fp32 activations, 2..8, 16 = fp16
+    std::vector<int32_t> act_bits;  // per linear (n_layers * 7 + 1): 0 = the default (CPU: cpu_act; CUDA:
+                                    // fp32), 2..8, 16 = fp16
     // kernel dispatch: the table as given, and per linear (n_layers * 7 + 1) and bits its decode_max_m
     std::vector<KernelChoice> kernel_table;
     std::vector<std::array<int64_t, 9>> decode_max;
@@ -592,7 +593,7 @@ void Engine::set_activation_bits(const int32_t* bits, int64_t count) {
                             ": the CUDA backend runs 8 (int8, the tensor-core GEMV), 16 (fp16) or 0 (fp32); other "
                             "widths run on the CPU backend (for measurement)"));
         if (b != 0 && b != 16 && (b < 2 || b > 8))
-            throw Error(cat(where(i), " = ", b, " must be 0 (fp32), 16 (fp16) or in 2..8"));
+            throw Error(cat(where(i), " = ", b, " must be 0 (the default activations), 16 (fp16) or in 2..8"));
     }
     if (e.on_gpu()) {
 #ifdef FLEXQUANT_HAVE_CUDA

@@ -135,7 +135,8 @@ def calibrate(engine, chunks: Sequence[Sequence[int]], levels: Sequence[int] = (
               input_energy: bool | None = None) -> Profile:
     """Per unit (layer or LM head) and level: the mean KL of the next-token distribution against
     the max_bits model when only that unit drops to the level. Teacher-forced prefill passes, with
-    the activations the engine runs (fp32 on the CPU by default, int8 on the GPU).
+    the activations the engine runs (on the CPU its cpu_activations, int16-rounded by default; int8
+    on the GPU).
 
     activation_levels (e.g. (8, 6, 4)): also, per unit and width, the mean KL against fp32
     activations when only that unit's linears take their inputs as integers of that width (per
@@ -217,8 +218,9 @@ def _calibrate(engine, chunks, levels, progress, seed, act_levels, input_energy,
             kl_type[t, j] = mean_kl(mask, B)
     act_kl = np.zeros((L + 1, len(act_levels)))
     if act_levels:
-        # against fp32 activations everywhere (the engine's own reference already is, unless it ran
-        # integer activations: the GPU's int8 default)
+        # against the default activations everywhere (fp32 on the GPU; the CPU engine's
+        # cpu_activations, int16 within a KL of 4e-8 of fp32 by default); the engine's own reference
+        # already is, unless it ran int8 activations (the GPU's default)
         engine.set_activation_bits(0)
         act_ref = ref if not saved_act.any() else run(full, B)
     for u in range(L + 1):

@@ -72,7 +72,7 @@ class Engine:
     n_seq: sequences held at once, each with its own KV cache (generate_batch decodes them together;
     the default n_ctx then shares the cache budget among them).
     kernel_table: "auto" applies the kernel table that tune_kernels() saved for this machine (or GPU),
-    thread count and model shapes, if there is one; None keeps the built-in rule; or a table.
+    thread count, cpu_activations and model shapes, if there is one; None keeps the built-in rule; or a table.
     cuda_gemm_min_rows (CUDA): prompt passes (up to 1024 tokens) and batched steps of at least this
     many rows run on the tensor-core GEMM (the same int8 activations as the GEMV); 0 = never. At its
     default (64) a table saved by tune_kernels() on this GPU takes its place.
@@ -193,8 +193,8 @@ class Engine:
         ('a8' mma.sync or 'a8_wg' wgmma; 'a16' for fp16 activations) per shape and activation
         family, among the kernels whose results agree with the reference GEMV on random input on
         this GPU (one that disagrees is never chosen and is named in 'rejected').
-        save: keep the table in the user cache, where later engines on this machine (same CPU and
-        thread count, or same GPU; same shapes) pick it up. Returns [{'n', 'k', 'bits',
+        save: keep the table in the user cache, where later engines on this machine (same CPU,
+        kernel family, thread count and cpu_activations, or same GPU; same shapes) pick it up. Returns [{'n', 'k', 'bits',
         'decode_max_m'}]: the decode kernels (GEMV) up to decode_max_m rows, the GEMM above; on CUDA
         each entry also has 'act_bits' (8 or 16), 'mma_min_rows', 'gemm' and 'rejected'."""
         if max_m is None:
@@ -304,8 +304,8 @@ class Engine:
 
     def protect_activations(self, share: float = 0.5, profile=None, bits: int = 0) -> list[int]:
         """Int8 activations (the CUDA tensor-core GEMV's arithmetic) everywhere except the units where
-        the calibration measured int8 to cost the most: those keep `bits` activations, 0 = fp32 or
-        16 = fp16 (the fewest units holding `share` of the summed per-unit int8 cost;
+        the calibration measured int8 to cost the most: those keep `bits` activations, 0 = the
+        default ones (fp32 on the GPU; on the CPU the engine's cpu_activations) or 16 = fp16 (the fewest units holding `share` of the summed per-unit int8 cost;
         controller.sensitive_activation_units). On the GPU this moves those layers to the fp32 GEMV
         (slower, exact) or the f16 one (about the int8 cost; group sizes 128, 256, 512); on the CPU it
         makes the CPU run the GPU's arithmetic (emulated), e.g. to measure its quality.
@@ -313,7 +313,7 @@ class Engine:
         file's, from `flexquant-rt calibrate --activations 8`). Returns the protected units (layer
         indices; n_layers = the LM head)."""
         if bits not in (0, 16):
-            raise ValueError(f"bits must be 0 (fp32) or 16 (fp16), got {bits!r}")
+            raise ValueError(f"bits must be 0 (the default activations) or 16 (fp16), got {bits!r}")
         from .controller import load_profile, sensitive_activation_units
 
         if profile is None:

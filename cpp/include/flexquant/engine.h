@@ -56,7 +56,7 @@ enum class KvDType { KV_AUTO, KV_F32, KV_F16 };
 // CPU backend: what the bit-plane matmuls multiply the weights with (for the linears whose
 // activation bits are 0, the default; set_activation_bits below). ACT_I16: each linear's input
 // rounded per row and weight group to int16 (a step of 1/32767 of the group's largest value), so
-// that on AVX-512 VNNI CPUs the decode kernel multiplies integers: one-token matmuls ran 1.3-4.6x
+// that on AVX-512 VNNI CPUs the decode kernel multiplies integers: one-token matmuls ran 1.2-2.9x
 // faster than on fp32 activations on a 2-core test machine (the lower bits gaining most), decode
 // 1.3x (SmolLM2) to 2.1x (a Llama-2-7B shape), for a next-token KL of about 4e-8 on SmolLM2
 // (tools/numerics_quality.py, docs/kernels.md). Other CPUs compute the same numbers with the fp32

@@ -11,11 +11,11 @@
 // vpdpwssd multiplies 32 of them by 32 int16 activations and adds the pairs into 16 int32 sums. Per
 // 128 weights of a row that is ~19 instructions instead of ~80.
 //
-// One batch is a whole super-chunk row (16 words; fewer in a short last super-chunk, masked to
-// zero): the 64 bytes of each plane are transposed as in the GFNI kernel, so that 128-bit lane L of
-// the codes of step v holds word 4L + v of the row. The integer sums of a step (64 weights of each
-// of 4 words, per lane) are exact: |Σ| <= 8 * 255 * 32767 < 2^31. They become fp32 once per step and
-// are scaled there by s_k · xs of their word's group (a lane may have its own group).
+// One batch is a whole super-chunk row (16 words; fewer in a short last super-chunk, zeros past
+// them): the 64 bytes of each plane are transposed as in the GFNI kernel, so that 128-bit lane L of
+// the codes of step v holds word 4L + v of the row (32 weights). The integer sums of a step (8
+// products per int32 lane) are exact: |Σ| <= 8 * 255 * 32767 < 2^31. They become fp32 once per step
+// and are scaled there by s_k · xs of their word's group (a lane may have its own group).
 
 #include "cpu_features.h"
 

@@ -65,7 +65,8 @@ enum BitplaneActivations {
 //   y[r, n] = Σ_g s_k[n,g] Σ_{i∈g} c_k[n,i] x[r,i] + m_k[n,g] Σ_{i∈g} x[r,i]
 // reading only the first `bits` planes and the qparams. Scratch is allocated per call (x permuted
 // to the plane layout's order: m * (ceil(k/128)*128 + 256) floats at most, plus a lookup table on
-// the portable decode path). Threads split the row tiles of 8 outputs. Throws
+// the portable decode path; with BITPLANE_ACT_I16 also x̂, m * k floats, or on the AVX-512 kernel
+// m * ceil(k/512)*512 int16 instead of both). Threads split the row tiles of 8 outputs. Throws
 // std::invalid_argument on an inconsistent view (plane_bytes, group_size, bits).
 void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, ThreadPool* pool,
                      BitplaneMatmulPath path = BITPLANE_PATH_AUTO, BitplaneActivations act = BITPLANE_ACT_F32);

@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 
-def print_kv_caches(a, results) -> None:
-    """The KV cache type the engines of this run ran with, as they report it (--kv-dtype auto is
-    resolved by the engine)."""
+def print_engine_numerics(a, results) -> None:
+    """The KV cache type and the CPU matmul activations the engines of this run ran with, as they
+    report them (--kv-dtype auto is resolved by the engine)."""
     seen = sorted({r["kv_dtype"] for r in results if r and "kv_dtype" in r})
     print(f"KV cache: {', '.join(seen) or '-'} (--kv-dtype {a.kv_dtype})")
     acts = sorted({r["cpu_activations"] for r in results if r and "cpu_activations" in r})
@@ -44,7 +44,7 @@ def print_kv_caches(a, results) -> None:
         print(f"CPU matmul activations: {', '.join(acts) or '-'} (--cpu-activations {a.cpu_activations})")
 
 
-def CPU_ACT() -> str:
+def cpu_activations_arg() -> str:
     """--cpu-activations, handed to the worker processes through their environment."""
     return os.environ.get("FLEXQUANT_BENCH_CPU_ACTIVATIONS", "i16")
 
@@ -110,7 +110,7 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     # the controller's on-the-fly calibration runs 256-token windows
     n_ctx = max(n_prompt + n_decode + 16, 272 if bits == -1 else 0)
     eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_ctx, cuda_gemm_min_rows=gemm_min_rows,
-                    kv_dtype=kv_dtype, cuda_mma_min_rows=mma_rows, cpu_activations=CPU_ACT())
+                    kv_dtype=kv_dtype, cuda_mma_min_rows=mma_rows, cpu_activations=cpu_activations_arg())
     if eng.backend != backend:
         raise SystemExit(f"asked for backend {backend}, the engine runs on {eng.backend}")
     rng = np.random.default_rng(1)
@@ -182,7 +182,7 @@ def batch_worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: i
     import flexquant_rt as fq
 
     eng = fq.Engine(model, threads=threads, backend=backend, n_ctx=n_prompt + n_decode + 16, n_seq=batch,
-                    kv_dtype=kv_dtype, cuda_mma_min_rows=mma_rows, cpu_activations=CPU_ACT())
+                    kv_dtype=kv_dtype, cuda_mma_min_rows=mma_rows, cpu_activations=cpu_activations_arg())
     if eng.backend != backend:
         raise SystemExit(f"backend {backend} asked for, the engine runs on {eng.backend}: {eng._eng.backend_note}")
     eng.set_layer_bits(bits, lm_head_bits=bits)
@@ -230,7 +230,7 @@ def main_batch(a, models) -> int:
                 ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
                 print(f"| {name} | {bits} | {b} | {r['step_ms']:.2f} | {r['decode_tok_s']:.1f} | {ratio} | "
                       f"{gbs:.2f} | {100 * gbs / bw:.0f}% |")
-    print_kv_caches(a, results)
+    print_engine_numerics(a, results)
     return 0
 
 
@@ -350,7 +350,7 @@ def main() -> int:
               f"{base['decode_tok_s']:.1f} | - | - | - | {base['peak_rss_mb']:.0f} | 1.00x |")
     else:
         print("(llama-cpp-python is not installed: no llama.cpp baseline in this run)")
-    print_kv_caches(a, results)
+    print_engine_numerics(a, results)
     return 0
 
 
@@ -424,7 +424,7 @@ def main_cuda(a, models) -> int:
             expect = r4["step_ms"] + f * (r6["step_ms"] - r4["step_ms"])
             print(f"\n{name}: per-token mask switch: step {r0['step_ms']:.3f} ms vs {expect:.3f} ms interpolated from the "
                   f"static 4- and 6-bit steps: {100 * (r0['step_ms'] / expect - 1):+.1f}% of a step")
-    print_kv_caches(a, results)
+    print_engine_numerics(a, results)
     return 0
 
 

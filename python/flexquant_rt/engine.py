@@ -72,7 +72,8 @@ class Engine:
     n_seq: sequences held at once, each with its own KV cache (generate_batch decodes them together;
     the default n_ctx then shares the cache budget among them).
     kernel_table: "auto" applies the kernel table that tune_kernels() saved for this machine (or GPU),
-    thread count, cpu_activations and model shapes, if there is one; None keeps the built-in rule; or a table.
+    thread count, cpu_activations and model shapes, if there is one; None keeps the built-in rule; or
+    a table.
     cuda_gemm_min_rows (CUDA): prompt passes (up to 1024 tokens) and batched steps of at least this
     many rows run on the tensor-core GEMM (the same int8 activations as the GEMV); 0 = never. At its
     default (64) a table saved by tune_kernels() on this GPU takes its place.
@@ -86,8 +87,9 @@ class Engine:
     cpu_activations (CPU): "i16" rounds each linear's input per row and weight group to int16 (a step
     of 1/32767 of the group's largest value; next-token KL about 4e-8 against "f32" on SmolLM2:
     docs/kernels.md), which lets CPUs with AVX-512 VNNI run the decode matmuls on integers (decode
-    1.3x faster on SmolLM2, 1.8-2.1x on a Llama-2-7B shape, 2 cores); other CPUs compute the same
-    numbers at the old speed. "f32" multiplies the input as given (the accuracy reference).
+    1.3x faster on SmolLM2, 1.8-2.1x on a Llama-2-7B shape, 2 cores); other CPUs round the same way
+    and multiply with their fp32 kernels, gaining nothing. "f32" multiplies the input as given (the
+    accuracy reference).
     `engine.cpu_activations` says which one runs.
     """
 
@@ -194,8 +196,8 @@ class Engine:
         family, among the kernels whose results agree with the reference GEMV on random input on
         this GPU (one that disagrees is never chosen and is named in 'rejected').
         save: keep the table in the user cache, where later engines on this machine (same CPU,
-        kernel family, thread count and cpu_activations, or same GPU; same shapes) pick it up. Returns [{'n', 'k', 'bits',
-        'decode_max_m'}]: the decode kernels (GEMV) up to decode_max_m rows, the GEMM above; on CUDA
+        kernel family, thread count and cpu_activations, or same GPU; same shapes) pick it up.
+        Returns [{'n', 'k', 'bits', 'decode_max_m'}]: the decode kernels (GEMV) up to decode_max_m rows, the GEMM above; on CUDA
         each entry also has 'act_bits' (8 or 16), 'mma_min_rows', 'gemm' and 'rejected'."""
         if max_m is None:
             max_m = 256 if self.backend == "cuda" else 16
@@ -305,7 +307,8 @@ class Engine:
     def protect_activations(self, share: float = 0.5, profile=None, bits: int = 0) -> list[int]:
         """Int8 activations (the CUDA tensor-core GEMV's arithmetic) everywhere except the units where
         the calibration measured int8 to cost the most: those keep `bits` activations, 0 = the
-        default ones (fp32 on the GPU; on the CPU the engine's cpu_activations) or 16 = fp16 (the fewest units holding `share` of the summed per-unit int8 cost;
+        default ones (fp32 on the GPU; on the CPU the engine's cpu_activations) or 16 = fp16 (the
+        fewest units holding `share` of the summed per-unit int8 cost;
         controller.sensitive_activation_units). On the GPU this moves those layers to the fp32 GEMV
         (slower, exact) or the f16 one (about the int8 cost; group sizes 128, 256, 512); on the CPU it
         makes the CPU run the GPU's arithmetic (emulated), e.g. to measure its quality.

@@ -182,19 +182,14 @@ void bitplane_round_i16(const float* x, int64_t m, int64_t k, int group, float* 
     if (cpu_features().avx2) return quantize_i16_avx2(x, m, k, group, xhat);
 #endif
     const int64_t n_groups = (k + group - 1) / group;
-    const float qmax = 32767.0f;
     for (int64_t r = 0; r < m; ++r) {
         for (int64_t g = 0; g < n_groups; ++g) {
             const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
             const float* xr = x + r * k;
             float amax = 0.0f;
             for (int64_t i = i0; i < i1; ++i) amax = std::max(amax, std::fabs(xr[i]));  // NaN never wins
-            const float scale = amax / qmax;
-            for (int64_t i = i0; i < i1; ++i) {
-                const float v = scale > 0.0f ? std::min(qmax, std::max(-qmax, std::nearbyint(xr[i] / scale))) : 0.0f;
-                // NaN and inf stay in x̂: a non-finite input must show in y
-                xhat[r * k + i] = std::isfinite(xr[i]) ? scale * v : xr[i];
-            }
+            const float scale = amax / 32767.0f;
+            for (int64_t i = i0; i < i1; ++i) xhat[r * k + i] = round_i16(xr[i], scale);
         }
     }
 }

@@ -321,10 +321,7 @@ void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* x
                 const __m256 finite = _mm256_cmp_ps(_mm256_and_ps(xv, abs_mask), big, _CMP_LE_OQ);
                 _mm256_storeu_ps(out + i, _mm256_blendv_ps(xv, _mm256_mul_ps(sv, v), finite));
             }
-            for (; i < i1; ++i) {
-                const float v = any ? std::min(32767.0f, std::max(-32767.0f, std::nearbyint(xr[i] / scale))) : 0.0f;
-                out[i] = std::isfinite(xr[i]) ? scale * v : xr[i];
-            }
+            for (; i < i1; ++i) out[i] = round_i16(xr[i], scale);
         }
     }
 }

@@ -14,6 +14,8 @@
 // do not depend on the thread count.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -270,8 +272,15 @@ void decode_tiles_avx2(const Job& j, int64_t t0, int64_t t1);  // xp in WORD_ORD
 void gemm_tiles_avx2(const Job& j, int64_t t0, int64_t t1);    // xp in WORD_ORDER_DWORD
 void decode_tiles_gfni(const Job& j, int64_t t0, int64_t t1);  // xp in WORD_ORDER_GFNI, scaled
 void gemm_tiles_gfni(const Job& j, int64_t t0, int64_t t1);    // xp in WORD_ORDER_GFNI
+// One element of BITPLANE_ACT_I16's rounding, given its group's scale s = absmax / 32767: the scalar
+// loop (bitplane_round_i16) and the vector kernels' tails use this, the vector bodies the same ops.
+// NaN and inf stay: a non-finite input must show in y.
+inline float round_i16(float x, float s) {
+    const float q = s > 0.0f ? std::min(32767.0f, std::max(-32767.0f, std::nearbyint(x / s))) : 0.0f;
+    return std::isfinite(x) ? s * q : x;
+}
 // x̂ (m, k): BITPLANE_ACT_I16's rounding of x (m, k) per row and group, vectorized (a prompt runs it
-// over every input of every linear); bit for bit bitplane_matmul.cpp's scalar loop.
+// over every input of every linear); bit for bit bitplane_round_i16's scalar loop.
 void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat);
 // bitplane_matmul_avx512.cpp: decode on int16 activations (xi, xscale and the step tables; xp
 // unused), and their preparation: x (m, k) -> xi, xscale and xsum (m, n_groups) = s Σ q (fp64).

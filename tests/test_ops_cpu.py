@@ -137,26 +137,49 @@ def test_bitplane_matmul_i16_matches_reference(linear, kernels, path):
             assert rel_err(y, x.astype(np.float64) @ ref_w.T) < 1e-4
 
 
-def test_bitplane_matmul_i16_kernels_agree():
-    """The AVX-512 integer kernel against the fp32 kernels on x̂, per element (not only in norm)."""
+@pytest.mark.parametrize("path", ["decode", "gemm"])
+def test_bitplane_matmul_i16_kernels_agree(path):
+    """The AVX-512 integer kernels against the fp32 kernels on x̂, per element (not only in norm).
+
+    The GEMM takes activation rows 16 at a time, 3 blocks per pass: m from 1 to 100 covers one to
+    seven blocks, passes of 1, 2 and 3 blocks, full last blocks and last blocks with 2 to 15 empty
+    rows."""
     if "avx512" not in KERNELS:
-        pytest.skip("this CPU has no AVX-512 VNNI: the int16 kernel cannot run here")
+        pytest.skip("this CPU has no AVX-512 VNNI: the int16 kernels cannot run here")
     prev = ops.get_cpu_kernels()
     rng = np.random.default_rng(9)
+    rows = (1, 4, 6) if path == "decode" else (1, 6, 16, 17, 33, 48, 50, 100)
     try:
-        for n, k, g in [(37, 1664, 128), (20, 896, 64), (11, 384, 32), (9, 2000, 256)]:
+        for n, k, g in [(37, 1664, 128), (20, 896, 64), (11, 384, 32), (9, 2000, 256), (16, 1408, 96)]:
             planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
-            for m in (1, 4, 6):
-                x = rng.standard_normal((m, k)).astype(np.float32)
-                ys = {}
-                for kind in ("avx512", "gfni"):
-                    ops.set_cpu_kernels(kind)
-                    ys[kind] = ops.bitplane_matmul(planes, qparams, n, k, 8, g, 6, x, "decode", act="i16")
-                np.testing.assert_allclose(ys["avx512"], ys["gfni"], rtol=1e-5, atol=1e-5 * np.abs(ys["gfni"]).max())
-                # and it is the integer kernel that ran: its sums round differently from the fp32 kernel's
-                assert not np.array_equal(ys["avx512"], ys["gfni"])
+            for m in rows:
+                x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100.0, (m, 1))).astype(np.float32)
+                for bits in (8, 5, 2):
+                    ys = {}
+                    for kind in ("avx512", "gfni"):
+                        ops.set_cpu_kernels(kind)
+                        ys[kind] = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, path, act="i16")
+                    np.testing.assert_allclose(ys["avx512"], ys["gfni"], rtol=1e-5,
+                                               atol=1e-5 * np.abs(ys["gfni"]).max(), err_msg=f"m={m} bits={bits}")
+                    # and it is the integer kernel that ran: its sums round differently from the fp32 kernel's
+                    assert not np.array_equal(ys["avx512"], ys["gfni"])
     finally:
         ops.set_cpu_kernels(prev)
+
+
+def test_bitplane_matmul_i16_gemm_over_several_chunks_of_rows(kernels):
+    """A long K: the GEMM's activations are taken in chunks of a few MiB (each decodes the weights
+    again), so 200 rows of K = 20,000 pass in several chunks; every row against numpy."""
+    n, k, g = 12, 20000, 128
+    rng = np.random.default_rng(13)
+    planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
+    x = rng.standard_normal((200, k)).astype(np.float32)
+    y = ops.bitplane_matmul(planes, qparams, n, k, 8, g, 7, x, "gemm", act="i16")
+    xh = round_i16_reference(x, g)
+    ref = xh.astype(np.float64) @ bitplane.dequantize_planes(planes, qparams, n, k, 7, 8, g).T
+    base = rel_err(xh @ bitplane.dequantize_planes(planes, qparams, n, k, 7, 8, g).T, ref)
+    for r in range(0, 200, 40):  # per row band: a chunk computed wrong or not at all shows
+        assert rel_err(y[r:r + 40], ref[r:r + 40]) < max(1e-5, 4 * base), r
 
 
 @pytest.mark.parametrize("path", ["decode", "gemm"])
@@ -178,9 +201,10 @@ def test_bitplane_matmul_i16_one_group_over_a_long_row(kernels):
     rng = np.random.default_rng(12)
     planes, qparams = bitplane.quantize_to_planes((1.0 + 0.02 * rng.standard_normal((n, k))).astype(np.float32), 8, k)
     x = np.ones((1, k), np.float32)
-    y = ops.bitplane_matmul(planes, qparams, n, k, 8, k, 8, x, "decode", act="i16")
     ref = round_i16_reference(x, k).astype(np.float64) @ bitplane.dequantize_planes(planes, qparams, n, k, 8, 8, k).T
-    assert rel_err(y, ref) < 1e-5
+    for path in ("decode", "gemm"):
+        y = ops.bitplane_matmul(planes, qparams, n, k, 8, k, 8, x, path, act="i16")
+        assert rel_err(y, ref) < 1e-5, path
 
 
 def test_bitplane_matmul_bad_act_is_named():

@@ -12,7 +12,9 @@
 //    (bitplane_matmul_avx2.cpp) turn the k planes of a row's words into byte codes (vpshufb per
 //    plane, or one GFNI 8x8 bit transpose for all planes) and multiply them with the activations.
 //  - gemm (larger m): 8 rows are dequantized to fp32 once and dotted with all m activation rows, so
-//    the decode cost is paid once per call instead of once per activation row.
+//    the decode cost is paid once per call instead of once per activation row. On int16 activations
+//    with AVX-512 VNNI (bitplane_matmul_avx512.cpp) the rows become int16 codes instead, multiplied
+//    by 16 activation rows at a time with vpdpwssd.
 // Both walk the planes in their stored order: the activations are permuted once per call to match
 // the layout's word order (word (t, j) of a super-chunk covers K 512s + 128j + 32t).
 
@@ -42,6 +44,14 @@ void check(bool ok, const std::string& what) {
 
 int64_t ceil_to(int64_t x, int64_t m) {
     return (x + m - 1) / m * m;
+}
+
+// n zeroed elements of v starting at a 64-byte boundary (the AVX-512 kernels' aligned loads).
+template <typename T>
+T* aligned64(std::vector<T>& v, size_t n) {
+    v.assign(n + 64 / sizeof(T), T(0));
+    const size_t off = (64 - reinterpret_cast<uintptr_t>(v.data()) % 64) % 64;
+    return v.data() + off / sizeof(T);
 }
 
 // K index of bit 0 of stored word w (per row: 16 words per full super-chunk, word o = t*W + j of
@@ -105,9 +115,10 @@ struct Layout {
     std::vector<int32_t> src;         // (x_stride) slot_sources; K indices >= k mark zero padding (empty
                                       // for WORD_ORDER_I16, whose x_stride is n_super * 512)
     std::vector<int32_t> word_group;  // (k_pad / 32) group of each stored word, clamped to n_groups - 1
-    // WORD_ORDER_I16 only: Job::step_base, step_group, step_uniform
+    // WORD_ORDER_I16 only: Job::step_base, step_group, step_uniform, and the GEMM's Job::seg
     std::vector<int32_t> step_base, step_group;
     std::vector<uint8_t> step_uniform;
+    std::vector<int32_t> gemm_seg;
 };
 
 std::shared_ptr<const Layout> layout_for(int64_t k, int group_size, WordOrder order) {
@@ -143,6 +154,21 @@ std::shared_ptr<const Layout> layout_for(int64_t k, int group_size, WordOrder or
                     if (4 * L + v >= words) gr[L] = gr[0];
                 l->step_uniform[4 * s + v] = gr[0] == gr[1] && gr[0] == gr[2] && gr[0] == gr[3];
             }
+        }
+        // The GEMM's words in their order (Job::xt), cut into runs of one group of at most 8 words
+        int32_t pos = 0;
+        for (int64_t s = 0; s < n_super; ++s) {
+            const int64_t W = std::min<int64_t>(4, (k_pad - s * 512) / 128);
+            for (int v = 0; v < 4; ++v)
+                for (int64_t L = 0; L < W; ++L, ++pos) {
+                    const int32_t g = l->step_group[16 * s + 4 * v + L];
+                    std::vector<int32_t>& sg = l->gemm_seg;
+                    const size_t n = sg.size();
+                    if (n && sg[n - 1] == g && sg[n - 2] < 8 && sg[n - 3] + sg[n - 2] == pos)
+                        ++sg[n - 2];
+                    else
+                        sg.insert(sg.end(), {pos, 1, g});
+                }
         }
     } else {
         l->src = slot_sources(k_pad, order);
@@ -384,27 +410,53 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
     const bool avx2 = cpu_features().avx2, gfni = cpu_features().gfni;
     if (path == BITPLANE_PATH_AUTO) path = m <= bitplane_decode_max_m ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM;
 
-    // int16 activations: the AVX-512 decode kernel multiplies q itself; every other kernel runs on x̂
-    // as fp32 (the same products, each rounded to fp32)
-    const bool i16_kernel = act == BITPLANE_ACT_I16 && cpu_features().avx512 && path == BITPLANE_PATH_DECODE;
+    // int16 activations: the AVX-512 kernels multiply q themselves; every other kernel runs on x̂ as
+    // fp32 (the same products, each rounded to fp32)
+    const bool i16_avx512 = act == BITPLANE_ACT_I16 && cpu_features().avx512;
+    const bool i16_kernel = i16_avx512 && path == BITPLANE_PATH_DECODE;
+    const bool i16_gemm = i16_avx512 && path == BITPLANE_PATH_GEMM;
     std::vector<float> xscale, xhat;
-    if (act == BITPLANE_ACT_I16 && !i16_kernel) {
+    if (act == BITPLANE_ACT_I16 && !i16_avx512) {
         xhat.resize(static_cast<size_t>(m * w.k));
         bitplane_round_i16(x, m, w.k, w.group_size, xhat.data());
         x = xhat.data();
     }
 
-    const WordOrder order = i16_kernel ? WORD_ORDER_I16
+    const WordOrder order = i16_avx512 ? WORD_ORDER_I16
                             : gfni     ? WORD_ORDER_GFNI
                             : avx2     ? WORD_ORDER_DWORD
                                        : WORD_ORDER_NATURAL;
     const std::shared_ptr<const Layout> layout = layout_for(w.k, w.group_size, order);
-    j.x_stride = i16_kernel ? j.n_super * 512 : static_cast<int64_t>(layout->src.size());
+    j.x_stride = i16_avx512 ? j.n_super * 512 : static_cast<int64_t>(layout->src.size());
     j.word_group = layout->word_group.data();
     std::vector<float> xp;
     std::vector<int16_t> xi, q_tmp;
-    std::vector<double> xsum(static_cast<size_t>(m) * j.n_groups, 0.0);
-    if (i16_kernel) {
+    std::vector<double> xsum(static_cast<size_t>(i16_gemm ? 0 : m) * j.n_groups, 0.0);
+    std::vector<int32_t> xt_buf;
+    std::vector<float> xst_buf;
+    std::vector<double> xsumt_buf;
+    if (i16_gemm) {
+#ifdef FLEXQUANT_X86
+        j.step_base = layout->step_base.data();
+        j.n_blocks = (m + 15) / 16;
+        const int64_t block_bytes = k_pad * 32;  // (n_words, 16, 16) int32
+        // a chunk's activations (a few MiB) stay in cache while every weight tile passes over them
+        j.block_chunk = std::max<int64_t>(3, (int64_t(4) << 20) / block_bytes / 3 * 3);
+        j.seg = layout->gemm_seg.data();
+        j.n_seg = static_cast<int64_t>(layout->gemm_seg.size() / 3);
+        int32_t* xt = aligned64(xt_buf, static_cast<size_t>(j.n_blocks * k_pad * 8));
+        float* xst = aligned64(xst_buf, static_cast<size_t>(j.n_blocks * j.n_groups * 16));
+        double* xsumt = aligned64(xsumt_buf, static_cast<size_t>(j.n_blocks * j.n_groups * 16));
+        auto prepare = [&](int64_t b0, int64_t b1) { prepare_i16_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt); };
+        if (pool)
+            pool->parallel_for(j.n_blocks, 1, prepare);
+        else
+            prepare(0, j.n_blocks);
+        j.xt = xt;
+        j.xst = xst;
+        j.xsumt = xsumt;
+#endif
+    } else if (i16_kernel) {
 #ifdef FLEXQUANT_X86
         j.step_base = layout->step_base.data();
         j.step_group = layout->step_group.data();
@@ -426,7 +478,7 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
     // Group sums in fp64: the min term multiplies them by m_k, which can be large next to the
     // scale term (a group far from zero), so their rounding would show in y. (The int16 kernel's
     // came from its preparation.)
-    for (int64_t r = 0; r < (i16_kernel ? 0 : m); ++r)
+    for (int64_t r = 0; r < (i16_avx512 ? 0 : m); ++r)
         for (int64_t gr = 0; gr < j.n_groups; ++gr) {
             // 4 partial sums: one fp64 add chain would cost ~4 cycles per element.
             double acc[4] = {0.0, 0.0, 0.0, 0.0};
@@ -456,6 +508,7 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
             if (gfni) return decode_tiles_gfni(j, t0, t1);
             if (avx2) return decode_tiles_avx2(j, t0, t1);
         } else {
+            if (i16_gemm) return gemm_tiles_i16_avx512(j, t0, t1);
             if (gfni) return gemm_tiles_gfni(j, t0, t1);
             if (avx2) return gemm_tiles_avx2(j, t0, t1);
         }

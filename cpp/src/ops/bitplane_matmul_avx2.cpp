@@ -327,27 +327,11 @@ void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* x
 }
 
 void decode_tiles_avx2(const Job& j, int64_t t0, int64_t t1) {
-    switch (j.bits) {
-        case 2: return decode_tiles<2>(j, t0, t1);
-        case 3: return decode_tiles<3>(j, t0, t1);
-        case 4: return decode_tiles<4>(j, t0, t1);
-        case 5: return decode_tiles<5>(j, t0, t1);
-        case 6: return decode_tiles<6>(j, t0, t1);
-        case 7: return decode_tiles<7>(j, t0, t1);
-        default: return decode_tiles<8>(j, t0, t1);
-    }
+    with_bits(j.bits, [&](auto bits) { decode_tiles<decltype(bits)::value>(j, t0, t1); });
 }
 
 void gemm_tiles_avx2(const Job& j, int64_t t0, int64_t t1) {
-    switch (j.bits) {
-        case 2: return gemm_tiles<2>(j, t0, t1);
-        case 3: return gemm_tiles<3>(j, t0, t1);
-        case 4: return gemm_tiles<4>(j, t0, t1);
-        case 5: return gemm_tiles<5>(j, t0, t1);
-        case 6: return gemm_tiles<6>(j, t0, t1);
-        case 7: return gemm_tiles<7>(j, t0, t1);
-        default: return gemm_tiles<8>(j, t0, t1);
-    }
+    with_bits(j.bits, [&](auto bits) { gemm_tiles<decltype(bits)::value>(j, t0, t1); });
 }
 
 }  // namespace bitplane_detail
@@ -589,27 +573,11 @@ void gemm_tiles_gfni_bits(const Job& j, int64_t t0, int64_t t1) {
 }  // namespace
 
 void decode_tiles_gfni(const Job& j, int64_t t0, int64_t t1) {
-    switch (j.bits) {
-        case 2: return decode_tiles_gfni_bits<2>(j, t0, t1);
-        case 3: return decode_tiles_gfni_bits<3>(j, t0, t1);
-        case 4: return decode_tiles_gfni_bits<4>(j, t0, t1);
-        case 5: return decode_tiles_gfni_bits<5>(j, t0, t1);
-        case 6: return decode_tiles_gfni_bits<6>(j, t0, t1);
-        case 7: return decode_tiles_gfni_bits<7>(j, t0, t1);
-        default: return decode_tiles_gfni_bits<8>(j, t0, t1);
-    }
+    with_bits(j.bits, [&](auto bits) { decode_tiles_gfni_bits<decltype(bits)::value>(j, t0, t1); });
 }
 
 void gemm_tiles_gfni(const Job& j, int64_t t0, int64_t t1) {
-    switch (j.bits) {
-        case 2: return gemm_tiles_gfni_bits<2>(j, t0, t1);
-        case 3: return gemm_tiles_gfni_bits<3>(j, t0, t1);
-        case 4: return gemm_tiles_gfni_bits<4>(j, t0, t1);
-        case 5: return gemm_tiles_gfni_bits<5>(j, t0, t1);
-        case 6: return gemm_tiles_gfni_bits<6>(j, t0, t1);
-        case 7: return gemm_tiles_gfni_bits<7>(j, t0, t1);
-        default: return gemm_tiles_gfni_bits<8>(j, t0, t1);
-    }
+    with_bits(j.bits, [&](auto bits) { gemm_tiles_gfni_bits<decltype(bits)::value>(j, t0, t1); });
 }
 
 }  // namespace bitplane_detail

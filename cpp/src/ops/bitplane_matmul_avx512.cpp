@@ -1,5 +1,5 @@
-// AVX-512 decode kernel of y (m, n) = x̂ (m, k) · W_kᵀ over a bit-plane linear on int16 activations
-// (BITPLANE_ACT_I16, ops.h; formula and layout: bitplane_matmul.cpp, docs/format.md):
+// AVX-512 decode and GEMM kernels of y (m, n) = x̂ (m, k) · W_kᵀ over a bit-plane linear on int16
+// activations (BITPLANE_ACT_I16, ops.h; formula and layout: bitplane_matmul.cpp, docs/format.md):
 //
 //   y[r, n] = Σ_g s_k[n,g] · xs[r,g] · Σ_{i∈g} c_k[n,i] q[r,i]  +  m_k[n,g] · Σ_{i∈g} x̂[r,i]
 //
@@ -16,6 +16,11 @@
 // the codes of step v holds word 4L + v of the row (32 weights). The integer sums of a step (8
 // products per int32 lane) are exact: |Σ| <= 8 * 255 * 32767 < 2^31. They become fp32 once per step
 // and are scaled there by s_k · xs of their word's group (a lane may have its own group).
+//
+// The GEMM (many rows: prompts, batches; gemm_block_i16) decodes a tile's 8 rows once to int16
+// codes and turns the product around: a vector holds 16 activation rows' pairs of one K pair, a
+// broadcast holds one weight row's pair, and each vpdpwssd adds 16 rows x 2 products. The fp32 GEMM
+// (bitplane_matmul_avx2.cpp) does 8 multiply-adds per FMA; this one does 32 per instruction.
 
 #include "cpu_features.h"
 
@@ -201,54 +206,69 @@ void decode_tiles_i16(const Job& j, int64_t t0, int64_t t1) {
 
 }  // namespace
 
-void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
-                        double* xsum) {
-    const int group = j.w->group_size;
-    const __m512 qmax = _mm512_set1_ps(32767.0f), qmin = _mm512_set1_ps(-32767.0f);
-    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    // word bits 16h + 2i + e -> position 16h + 8e + i: the (h, e) quarters are the 4 slices of 8
-    // slots a word fills (WORD_ORDER_I16)
+namespace {
+
+// Word bits 16h + 2i + e -> position 16h + 8e + i of a permuted word: the order in which both the
+// decode kernel's slots (WORD_ORDER_I16, in 8-slot quarters) and the GEMM's pairs hold a word.
+__m512i word_permutation() {
     alignas(64) int16_t idx[32];
     for (int h = 0; h < 2; ++h)
         for (int e = 0; e < 2; ++e)
             for (int i = 0; i < 8; ++i) idx[16 * h + 8 * e + i] = static_cast<int16_t>(16 * h + 2 * i + e);
-    const __m512i perm = _mm512_load_si512(idx);
-    std::fill(q_tmp + k, q_tmp + j.k_pad, int16_t(0));
-    for (int64_t r = 0; r < j.m; ++r) {
-        const float* xr = x + r * k;
-        for (int64_t g = 0; g < j.n_groups; ++g) {
-            const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
-            // absmax; NaN never wins a max_ps with it second (as std::max in quantize_i16), and
-            // a non-finite element makes the group's sum NaN so that y shows it
-            __m512 amax = _mm512_setzero_ps();
-            __mmask16 bad = 0;
-            for (int64_t i = i0; i < i1; i += 16) {
-                const __mmask16 live = i1 - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (i1 - i)) - 1);
-                const __m512 v = _mm512_maskz_loadu_ps(live, xr + i);
-                amax = _mm512_max_ps(_mm512_and_ps(v, abs_mask), amax);
-                bad |= _mm512_mask_fpclass_ps_mask(live, v, 0x99);  // QNaN, SNaN, +inf, -inf
-            }
-            const float scale = _mm512_reduce_max_ps(amax) / 32767.0f;
-            xscale[r * j.n_groups + g] = scale;
-            int64_t qsum = 0;  // Σ q: int32 lanes would wrap for groups of 65,568 and more
-            const __m512 sv = _mm512_set1_ps(scale);
-            for (int64_t i = i0; i < i1; i += 16) {
-                const __mmask16 live = i1 - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (i1 - i)) - 1);
-                __m512i q = _mm512_setzero_si512();
-                if (scale > 0.0f) {
-                    // x / s (IEEE), to nearest even, clamped: quantize_i16's fp32 operations
-                    const __m512 t = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(live, xr + i), sv),
-                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                    q = _mm512_cvtps_epi32(_mm512_min_ps(qmax, _mm512_max_ps(qmin, t)));
-                    q = _mm512_maskz_mov_epi32(live, q);
-                }
-                qsum += _mm512_reduce_add_epi32(q);  // |Σ| <= 16 * 32767 here (a NaN row: xsum is NaN below)
-                _mm256_mask_storeu_epi16(q_tmp + i, live, _mm512_cvtsepi32_epi16(q));
-            }
-            xsum[r * j.n_groups + g] = bad ? std::numeric_limits<double>::quiet_NaN()
-                                           : static_cast<double>(scale) * static_cast<double>(qsum);
+    return _mm512_load_si512(idx);
+}
+
+// One row xr (k) -> q_tmp (k_pad; natural K order, zeros past k), and per group its scale s and
+// Σ x̂ = s Σ q (fp64; NaN when the group holds a NaN or inf, so that y shows it), written at
+// xscale[g * stride] and xsum[g * stride].
+void quantize_row_i16(const float* xr, int64_t k, int64_t k_pad, int group, int64_t n_groups, int16_t* q_tmp,
+                      float* xscale, double* xsum, int64_t stride) {
+    const __m512 qmax = _mm512_set1_ps(32767.0f), qmin = _mm512_set1_ps(-32767.0f);
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    std::fill(q_tmp + k, q_tmp + k_pad, int16_t(0));
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
+        // absmax; NaN never wins a max_ps with it second (as std::max in quantize_i16)
+        __m512 amax = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int64_t i = i0; i < i1; i += 16) {
+            const __mmask16 live = i1 - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (i1 - i)) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(live, xr + i);
+            amax = _mm512_max_ps(_mm512_and_ps(v, abs_mask), amax);
+            bad |= _mm512_mask_fpclass_ps_mask(live, v, 0x99);  // QNaN, SNaN, +inf, -inf
         }
-        // q_tmp (natural K order) -> the slots of every step's words
+        const float scale = _mm512_reduce_max_ps(amax) / 32767.0f;
+        xscale[g * stride] = scale;
+        int64_t qsum = 0;  // Σ q: int32 lanes would wrap for groups of 65,568 and more
+        const __m512 sv = _mm512_set1_ps(scale);
+        for (int64_t i = i0; i < i1; i += 16) {
+            const __mmask16 live = i1 - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (i1 - i)) - 1);
+            __m512i q = _mm512_setzero_si512();
+            if (scale > 0.0f) {
+                // x / s (IEEE), to nearest even, clamped: quantize_i16's fp32 operations
+                const __m512 t = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(live, xr + i), sv),
+                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q = _mm512_cvtps_epi32(_mm512_min_ps(qmax, _mm512_max_ps(qmin, t)));
+                q = _mm512_maskz_mov_epi32(live, q);
+            }
+            qsum += _mm512_reduce_add_epi32(q);  // |Σ| <= 16 * 32767 here (a NaN row: xsum is NaN below)
+            _mm256_mask_storeu_epi16(q_tmp + i, live, _mm512_cvtsepi32_epi16(q));
+        }
+        xsum[g * stride] = bad ? std::numeric_limits<double>::quiet_NaN()
+                               : static_cast<double>(scale) * static_cast<double>(qsum);
+    }
+}
+
+}  // namespace
+
+void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
+                        double* xsum) {
+    const __m512i perm = word_permutation();
+    for (int64_t r = 0; r < j.m; ++r) {
+        quantize_row_i16(x + r * k, k, j.k_pad, j.w->group_size, j.n_groups, q_tmp, xscale + r * j.n_groups,
+                         xsum + r * j.n_groups, 1);
+        // q_tmp (natural K order) -> the slots of every step's words: quarter 2h + e of a permuted
+        // word goes to slots 64h + 32e + 8L .. + 7
         int16_t* out = xi + r * j.x_stride;
         for (int64_t s = 0; s < j.n_super; ++s)
             for (int v = 0; v < 4; ++v)
@@ -265,16 +285,206 @@ void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp,
     }
 }
 
-void decode_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1) {
-    switch (j.bits) {
-        case 2: return decode_tiles_i16<2>(j, t0, t1);
-        case 3: return decode_tiles_i16<3>(j, t0, t1);
-        case 4: return decode_tiles_i16<4>(j, t0, t1);
-        case 5: return decode_tiles_i16<5>(j, t0, t1);
-        case 6: return decode_tiles_i16<6>(j, t0, t1);
-        case 7: return decode_tiles_i16<7>(j, t0, t1);
-        default: return decode_tiles_i16<8>(j, t0, t1);
+void prepare_i16_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt,
+                             float* xst, double* xsumt) {
+    const __m512i perm = word_permutation();
+    const __m512i pair_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(16));
+    thread_local std::vector<int16_t> q_buf;
+    if (q_buf.size() < static_cast<size_t>(j.k_pad)) q_buf.resize(static_cast<size_t>(j.k_pad));
+    int16_t* q_tmp = q_buf.data();
+    const int64_t nw = j.k_pad / 32, ng = j.n_groups;
+    for (int64_t r = b0 * 16; r < std::min(j.m, b1 * 16); ++r) {
+        const int64_t b = r / 16, lane = r % 16;
+        quantize_row_i16(x + r * k, k, j.k_pad, j.w->group_size, ng, q_tmp, xst + b * ng * 16 + lane,
+                         xsumt + b * ng * 16 + lane, 16);
+        // the row's 16 pairs of each word go to lane `lane` of 16 consecutive 64-byte vectors
+        int32_t* out = xt + b * nw * 256 + lane;
+        for (int64_t s = 0; s < j.n_super; ++s) {
+            const int W = super_words(j, s);
+            for (int v = 0; v < 4; ++v)
+                for (int L = 0; L < W; ++L) {
+                    const __m512i w = _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(q_tmp + j.step_base[16 * s + 4 * v + L]));
+                    _mm512_i32scatter_epi32(out + (16 * s + v * W + L) * 256, pair_at, w, 4);
+                }
+        }
     }
+}
+
+namespace {
+
+// Codes of the 8 rows of tile rt as int16, wbuf (8, k_pad): row g's word pos (as Job::xt) at
+// g * k_pad + 32 pos, its 32 codes permuted as word_permutation() permutes the activations, so
+// that int32 pair t of a word multiplies pair t of xt. Codes come shifted left by 8 - k.
+template <int BITS>
+void tile_codes_i16(const Job& j, int64_t rt, int16_t* wbuf) {
+    const uint64_t pb = j.w->plane_bytes;
+    const __m512i sel = _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ull));
+    const __m512i low = _mm512_set1_epi16(0x00ff);
+    for (int64_t s = 0; s < j.n_super; ++s) {
+        const int W = super_words(j, s);
+        const uint8_t* sb = j.w->planes + super_offset(j, rt, s);
+        for (int g = 0; g < 8; ++g) {  // rows past N are the layout's zero padding
+            __m512i B[8];
+            transpose_planes512<BITS>(sb + 16 * W * g, pb, W, B);
+            int16_t* out = wbuf + g * j.k_pad + (16 * s) * 32;
+            for (int v = 0; v < 4; ++v) {
+                const __m512i c0 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpacklo_epi32(B[v], B[4 + v]), 0);
+                const __m512i c1 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpackhi_epi32(B[v], B[4 + v]), 0);
+                // 128-bit lane L of e0, o0, e1, o1: bits 2i, 2i + 1, 16 + 2i, 17 + 2i of word 4L + v;
+                // a 4 x 4 transpose of the lanes gathers each word's 32 codes into one vector
+                const __m512i e0 = _mm512_and_si512(c0, low), o0 = _mm512_srli_epi16(c0, 8);
+                const __m512i e1 = _mm512_and_si512(c1, low), o1 = _mm512_srli_epi16(c1, 8);
+                const __m512i t0 = _mm512_shuffle_i64x2(e0, o0, 0x44), t1 = _mm512_shuffle_i64x2(e0, o0, 0xee);
+                const __m512i t2 = _mm512_shuffle_i64x2(e1, o1, 0x44), t3 = _mm512_shuffle_i64x2(e1, o1, 0xee);
+                const __m512i word[4] = {_mm512_shuffle_i64x2(t0, t2, 0x88), _mm512_shuffle_i64x2(t0, t2, 0xdd),
+                                         _mm512_shuffle_i64x2(t1, t3, 0x88), _mm512_shuffle_i64x2(t1, t3, 0xdd)};
+                for (int L = 0; L < W; ++L) _mm512_storeu_si512(out + (v * W + L) * 32, word[L]);
+            }
+        }
+    }
+}
+
+// Tile rt's factors: sk (8, n_groups) = s_k · 2^(k-8) (undoes the codes' shift, exactly) and
+// mk (8, n_groups) = m_k; zeros for rows past N.
+void tile_factors_i16(const Job& j, int64_t rt, float* sk, float* mk) {
+    const int shift = j.w->max_bits - j.bits;
+    const float smul = static_cast<float>(1 << shift) / static_cast<float>(1 << (8 - j.bits));
+    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
+    const int64_t ng = j.n_groups;
+    for (int g = 0; g < 8; ++g) {
+        const int64_t n = rt * 8 + g;
+        if (n >= j.w->n) {
+            std::fill(sk + g * ng, sk + (g + 1) * ng, 0.0f);
+            std::fill(mk + g * ng, mk + (g + 1) * ng, 0.0f);
+            continue;
+        }
+        const uint16_t* qp = j.w->qparams + n * ng * 2;
+        for (int64_t gr = 0; gr < ng; ++gr) {
+            const float sc = fp16_to_fp32(qp[2 * gr]), mn = fp16_to_fp32(qp[2 * gr + 1]);
+            sk[g * ng + gr] = sc * smul;
+            mk[g * ng + gr] = mn + sc * mmul;
+        }
+    }
+}
+
+// acc += the pairwise products of a and b (vpdpwssd), in asm: with the intrinsic, GCC 12 copied each
+// loop-carried accumulator of gemm_block_i16 to another register and back around its vpdpwssd, and
+// stored it to the stack on every pass.
+FQ_INLINE void dpwssd_(__m512i& acc, __m512i a, __m512i b) {
+    asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+}
+
+// y of rows 16 b0 .. 16 (b0 + MB) - 1 (those < m) and the 8 outputs of tile rt. 8 x MB int32
+// accumulators (24 zmm at MB = 3) hold a run of words of one group: per pair t, MB vectors of 16
+// rows' activation pairs and 8 broadcast weight pairs make 8 MB vpdpwssd. A run has at most 8 words,
+// 256 products per int32 lane: |Σ| <= 256 * 255 * 32767 < 2^31, exact. Each run is then scaled to
+// fp32 by s_k · s of its group.
+template <int MB>
+void gemm_block_i16(const Job& j, int64_t rt, int64_t b0, const int16_t* wbuf, const float* sk, const float* mk) {
+    const int64_t nw = j.k_pad / 32, ng = j.n_groups, half = j.k_pad / 2;
+    const int32_t* wp = reinterpret_cast<const int32_t*>(wbuf);  // (8, k_pad / 2) pairs of codes
+    const int32_t* xb = j.xt + b0 * nw * 256;
+    alignas(64) float facc[8][3][16];  // (8, MB, 16) used
+    for (int g = 0; g < 8; ++g)
+        for (int b = 0; b < MB; ++b) _mm512_store_ps(facc[g][b], _mm512_setzero_ps());
+    for (int64_t sg = 0; sg < j.n_seg; ++sg) {
+        const int64_t p0 = 16 * static_cast<int64_t>(j.seg[3 * sg]), p1 = p0 + 16 * j.seg[3 * sg + 1];
+        const int64_t grp = j.seg[3 * sg + 2];
+        // Named accumulators acc<g><b>, not an array: GCC kept an acc[8][MB] array (and even 8
+        // per-row arrays) on the stack, loaded and stored around every vpdpwssd.
+#define FQ_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define FQ_ZERO(g) __m512i acc##g##0 = zero, acc##g##1 = zero, acc##g##2 = zero;
+        const __m512i zero = _mm512_setzero_si512();
+        FQ_ROWS(FQ_ZERO)
+        for (int64_t p = p0; p < p1; ++p) {
+            const __m512i a0 = _mm512_load_si512(xb + p * 16);
+            const __m512i a1 = MB > 1 ? _mm512_load_si512(xb + nw * 256 + p * 16) : zero;
+            const __m512i a2 = MB > 2 ? _mm512_load_si512(xb + 2 * nw * 256 + p * 16) : zero;
+#define FQ_MAC(g)                                                             \
+    {                                                                         \
+        const __m512i wv = _mm512_set1_epi32(wp[g * half + p]);               \
+        dpwssd_(acc##g##0, a0, wv);                                           \
+        if (MB > 1) dpwssd_(acc##g##1, a1, wv);                               \
+        if (MB > 2) dpwssd_(acc##g##2, a2, wv);                               \
+    }
+            FQ_ROWS(FQ_MAC)
+        }
+        const __m512 xs0 = _mm512_load_ps(j.xst + (b0 * ng + grp) * 16);
+        const __m512 xs1 = MB > 1 ? _mm512_load_ps(j.xst + ((b0 + 1) * ng + grp) * 16) : _mm512_setzero_ps();
+        const __m512 xs2 = MB > 2 ? _mm512_load_ps(j.xst + ((b0 + 2) * ng + grp) * 16) : _mm512_setzero_ps();
+#define FQ_FLUSH1(g, b)                                                                                     \
+    _mm512_store_ps(facc[g][b], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc##g##b), _mm512_mul_ps(sg, xs##b),    \
+                                                _mm512_load_ps(facc[g][b])));
+#define FQ_FLUSH(g)                                          \
+    {                                                        \
+        const __m512 sg = _mm512_set1_ps(sk[g * ng + grp]);  \
+        FQ_FLUSH1(g, 0)                                      \
+        if (MB > 1) FQ_FLUSH1(g, 1)                          \
+        if (MB > 2) FQ_FLUSH1(g, 2)                          \
+    }
+        FQ_ROWS(FQ_FLUSH)
+#undef FQ_FLUSH
+#undef FQ_FLUSH1
+#undef FQ_MAC
+#undef FQ_ZERO
+#undef FQ_ROWS
+    }
+    // + the min term Σ_g m_k Σ x̂ (fp64, as the decode kernels), then the rows' outputs
+    const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
+    for (int b = 0; b < MB; ++b) {
+        const int64_t r0 = (b0 + b) * 16;
+        const int live = static_cast<int>(std::min<int64_t>(16, j.m - r0));
+        if (live <= 0) break;
+        const double* xsum = j.xsumt + (b0 + b) * ng * 16;
+        for (int g = 0; g < rows; ++g) {
+            __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+            for (int64_t gr = 0; gr < ng; ++gr) {
+                const __m512d m = _mm512_set1_pd(mk[g * ng + gr]);
+                lo = _mm512_fmadd_pd(m, _mm512_load_pd(xsum + gr * 16), lo);
+                hi = _mm512_fmadd_pd(m, _mm512_load_pd(xsum + gr * 16 + 8), hi);
+            }
+            alignas(64) float out[16];
+            const __m512 bias = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+            _mm512_store_ps(out, _mm512_add_ps(_mm512_load_ps(facc[g][b]), bias));
+            float* y = j.y + r0 * j.w->n + rt * 8 + g;
+            for (int i = 0; i < live; ++i) y[i * j.w->n] = out[i];
+        }
+    }
+}
+
+template <int BITS>
+void gemm_tiles_i16(const Job& j, int64_t t0, int64_t t1) {
+    thread_local std::vector<int16_t> codes;
+    if (codes.size() < static_cast<size_t>(8 * j.k_pad)) codes.resize(static_cast<size_t>(8 * j.k_pad));
+    float* sk = scratch512(16 * j.n_groups);
+    float* mk = sk + 8 * j.n_groups;
+    // Chunks of blocks outer: a tile is decoded once per chunk, and the chunk's activations stay
+    // in cache while every tile of the range passes over them.
+    for (int64_t c0 = 0; c0 < j.n_blocks; c0 += j.block_chunk) {
+        const int64_t c1 = std::min(j.n_blocks, c0 + j.block_chunk);
+        for (int64_t rt = t0; rt < t1; ++rt) {
+            tile_codes_i16<BITS>(j, rt, codes.data());
+            tile_factors_i16(j, rt, sk, mk);
+            for (int64_t b = c0; b < c1; b += 3) {
+                switch (std::min<int64_t>(3, c1 - b)) {
+                    case 1: gemm_block_i16<1>(j, rt, b, codes.data(), sk, mk); break;
+                    case 2: gemm_block_i16<2>(j, rt, b, codes.data(), sk, mk); break;
+                    default: gemm_block_i16<3>(j, rt, b, codes.data(), sk, mk); break;
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void gemm_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1) {
+    with_bits(j.bits, [&](auto bits) { gemm_tiles_i16<decltype(bits)::value>(j, t0, t1); });
+}
+
+void decode_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1) {
+    with_bits(j.bits, [&](auto bits) { decode_tiles_i16<decltype(bits)::value>(j, t0, t1); });
 }
 
 }  // namespace bitplane_detail

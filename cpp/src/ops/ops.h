@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "fp16.h"
@@ -48,16 +49,17 @@ struct BitplaneLinear {
 enum BitplaneMatmulPath {
     BITPLANE_PATH_AUTO = 0,
     BITPLANE_PATH_DECODE = 1,  // bit-serial straight from the planes, re-read per activation row
-    BITPLANE_PATH_GEMM = 2,    // dequantize 8 rows to fp32 once, then a dot-product micro-kernel
+    BITPLANE_PATH_GEMM = 2,    // decode 8 rows once (to fp32, or to int16 codes for the AVX-512
+                               // int16 GEMM), then a micro-kernel over all the activation rows
 };
 constexpr int64_t bitplane_decode_max_m = 4;
 
 // The activations bitplane_matmul multiplies with. F32: x as given. I16: x rounded per row and per
 // weight group to symmetric int16, x̂ = s · q, s = absmax_g(x) / 32767, q = rint(x / s) (fp32 ops,
 // round half to even, as quantize_activations): y is then x̂ · W_kᵀ (the min term uses Σ x̂ too).
-// Every kernel computes that; with AVX-512 VNNI the decode kernel multiplies q by the integer codes
-// exactly (vpdpwssd) instead of converting every code to fp32, which is what makes it faster. The
-// rounding is 2^-16 of a group's largest |x|: below the fp16 KV cache's (docs/kernels.md).
+// Every kernel computes that; with AVX-512 VNNI the decode and GEMM kernels multiply q by the integer
+// codes exactly (vpdpwssd) instead of converting every code to fp32, which is what makes them
+// faster. The rounding is 2^-16 of a group's largest |x|: below the fp16 KV cache's (docs/kernels.md).
 enum BitplaneActivations {
     BITPLANE_ACT_F32 = 0,
     BITPLANE_ACT_I16 = 1,
@@ -67,8 +69,9 @@ enum BitplaneActivations {
 //   y[r, n] = Σ_g s_k[n,g] Σ_{i∈g} c_k[n,i] x[r,i] + m_k[n,g] Σ_{i∈g} x[r,i]
 // reading only the first `bits` planes and the qparams. Scratch is allocated per call (x permuted
 // to the plane layout's order: m * (ceil(k/128)*128 + 256) floats at most, plus a lookup table on
-// the portable decode path; with BITPLANE_ACT_I16 also x̂, m * k floats, or on the AVX-512 kernel
-// m * ceil(k/512)*512 int16 instead of both). Threads split the row tiles of 8 outputs. Throws
+// the portable decode path; with BITPLANE_ACT_I16 also x̂, m * k floats, or on the AVX-512 kernels
+// instead of both m * ceil(k/512)*512 int16 (decode) or ceil(m/16)*16 * ceil(k/128)*128 int16 and
+// 3 * ceil(m/16)*16 * n_groups floats (GEMM)). Threads split the row tiles of 8 outputs. Throws
 // std::invalid_argument on an inconsistent view (plane_bytes, group_size, bits).
 void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, ThreadPool* pool,
                      BitplaneMatmulPath path = BITPLANE_PATH_AUTO, BitplaneActivations act = BITPLANE_ACT_F32);
@@ -237,6 +240,21 @@ enum WordOrder {
                              // short super-chunk has no such word); built from the step tables below
 };
 
+// f(std::integral_constant<int, bits>) for bits in 2..8 (8 above): the kernels are templates on the
+// bit-width, instantiated once per width.
+template <typename F>
+inline void with_bits(int bits, F&& f) {
+    switch (bits) {
+        case 2: return f(std::integral_constant<int, 2>{});
+        case 3: return f(std::integral_constant<int, 3>{});
+        case 4: return f(std::integral_constant<int, 4>{});
+        case 5: return f(std::integral_constant<int, 5>{});
+        case 6: return f(std::integral_constant<int, 6>{});
+        case 7: return f(std::integral_constant<int, 7>{});
+        default: return f(std::integral_constant<int, 8>{});
+    }
+}
+
 // One call's shared state: geometry plus the activations in the order the kernel reads them.
 struct Job {
     const BitplaneLinear* w;
@@ -255,6 +273,17 @@ struct Job {
     const int32_t* step_base;     // (n_super * 16) K index of the word's bit 0; -1 where there is no word
     const int32_t* step_group;    // (n_super * 16) its group (lane 0's where there is no word: its codes are 0)
     const uint8_t* step_uniform;  // (n_super * 4) 1 where the 4 lanes of a step share one group
+    // The AVX-512 int16 GEMM only (gemm_tiles_i16_avx512): its words in the order (s, v, L < W) of the
+    // step tables, pos = 16 s + v W + L (n_words = k_pad / 32 of them, the missing lanes of a short
+    // super-chunk left out), and the activations of 16 rows at a time as the pairs the weights' pairs
+    // multiply: xt[b][pos][t][lane] = the int16 pair t of word pos of row 16 b + lane (zeros past m).
+    const int32_t* xt;      // (n_blocks, n_words, 16, 16) pairs of int16 q
+    const float* xst;       // (n_blocks, n_groups, 16) their scales s (0 past m)
+    const double* xsumt;    // (n_blocks, n_groups, 16) Σ x̂ per group (0 past m)
+    int64_t n_blocks;       // ceil(m / 16)
+    int64_t block_chunk;    // blocks that share one decode of a weight tile (their xt stays in cache)
+    const int32_t* seg;     // (n_seg, 3) runs of words of one group: first pos, count (<= 8), group
+    int64_t n_seg;
 };
 
 // Byte offset, inside one plane, of row tile rt's super-chunk s; row g's words then start at
@@ -284,10 +313,15 @@ inline float round_i16(float x, float s) {
 void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat);
 // bitplane_matmul_avx512.cpp: decode on int16 activations (xi, xscale and the step tables; xp
 // unused), and their preparation: x (m, k) -> xi, xscale and xsum (m, n_groups) = s Σ q (fp64).
-// q_tmp: k_pad int16 of scratch.
+// q_tmp: k_pad int16 of scratch. The rounding is the same everywhere (bitplane_round_i16).
 void decode_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1);
 void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
                         double* xsum);
+// The GEMM on int16 activations (many rows: prompts, batches): its preparation of blocks [b0, b1) of
+// 16 rows, x (m, k) -> xt, xst, xsumt (zero-initialized by the caller), and the tiles [t0, t1).
+void prepare_i16_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt,
+                             float* xst, double* xsumt);
+void gemm_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1);
 
 }  // namespace bitplane_detail
 

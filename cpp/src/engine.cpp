@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <type_traits>
 
@@ -797,6 +798,14 @@ void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs,
     grow(g, T * F);
     grow(u, T * F);
 
+    // Row-wise ops of a prompt or batch on the pool (one row runs on the caller: a decode step's
+    // norms are too small to share). The rows are independent, so the results do not change.
+    auto rows = [&](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+        if (n > 1)
+            pool.parallel_for(n, std::max<int64_t>(1, n / (4 * pool.num_threads())), fn);
+        else
+            fn(0, n);
+    };
     for (int64_t t = 0; t < T; ++t) {
         float* row = x.data() + t * D;
         if (embd_f16) {
@@ -808,7 +817,9 @@ void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs,
     }
     for (int64_t l = 0; l < c.n_layers; ++l) {
         const size_t j0 = static_cast<size_t>(l) * LINEARS_PER_LAYER;
-        rms_norm(x.data(), attn_norm[l], T, D, c.rms_norm_eps, h.data());
+        rows(T, [&](int64_t t0, int64_t t1) {
+            rms_norm(x.data() + t0 * D, attn_norm[l], t1 - t0, D, c.rms_norm_eps, h.data() + t0 * D);
+        });
         linear(j0 + 0, h.data(), T, q.data());
         linear(j0 + 1, h.data(), T, kx.data());
         linear(j0 + 2, h.data(), T, vx.data());
@@ -816,10 +827,8 @@ void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs,
         for (int64_t t = 0; t < T; ++t) {
             const uint64_t off = kv_offset(seqs[t], pos[t]);
             if (kv_dtype == KvDType::KV_F16) {
-                for (int64_t i = 0; i < kvdim; ++i) {
-                    k16[l][off + i] = fp32_to_fp16(kx[t * kvdim + i]);
-                    v16[l][off + i] = fp32_to_fp16(vx[t * kvdim + i]);
-                }
+                to_f16(kx.data() + t * kvdim, kvdim, k16[l].get() + off);
+                to_f16(vx.data() + t * kvdim, kvdim, v16[l].get() + off);
             } else {
                 std::memcpy(k32[l].get() + off, kx.data() + t * kvdim, kvdim * 4);
                 std::memcpy(v32[l].get() + off, vx.data() + t * kvdim, kvdim * 4);
@@ -840,10 +849,14 @@ void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs,
         linear(j0 + 3, att.data(), T, o.data());
         for (int64_t i = 0; i < T * D; ++i) x[i] += o[i];
 
-        rms_norm(x.data(), ffn_norm[l], T, D, c.rms_norm_eps, h.data());
+        rows(T, [&](int64_t t0, int64_t t1) {
+            rms_norm(x.data() + t0 * D, ffn_norm[l], t1 - t0, D, c.rms_norm_eps, h.data() + t0 * D);
+        });
         linear(j0 + 4, h.data(), T, g.data());
         linear(j0 + 5, h.data(), T, u.data());
-        swiglu(g.data(), u.data(), T * F, g.data());
+        rows(T, [&](int64_t t0, int64_t t1) {
+            swiglu(g.data() + t0 * F, u.data() + t0 * F, (t1 - t0) * F, g.data() + t0 * F);
+        });
         linear(j0 + 6, g.data(), T, o.data());
         for (int64_t i = 0; i < T * D; ++i) x[i] += o[i];
     }

@@ -46,10 +46,14 @@ int64_t ceil_to(int64_t x, int64_t m) {
     return (x + m - 1) / m * m;
 }
 
-// n zeroed elements of v starting at a 64-byte boundary (the AVX-512 kernels' aligned loads).
+// n elements of v starting at a 64-byte boundary (the AVX-512 kernels' aligned loads), zeroed
+// if `zero`.
 template <typename T>
-T* aligned64(std::vector<T>& v, size_t n) {
-    v.assign(n + 64 / sizeof(T), T(0));
+T* aligned64(std::vector<T>& v, size_t n, bool zero = true) {
+    if (zero)
+        v.assign(n + 64 / sizeof(T), T(0));
+    else if (v.size() < n + 64 / sizeof(T))
+        v.resize(n + 64 / sizeof(T));
     const size_t off = (64 - reinterpret_cast<uintptr_t>(v.data()) % 64) % 64;
     return v.data() + off / sizeof(T);
 }
@@ -432,7 +436,9 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
     std::vector<float> xp;
     std::vector<int16_t> xi, q_tmp;
     std::vector<double> xsum(static_cast<size_t>(i16_gemm ? 0 : m) * j.n_groups, 0.0);
-    std::vector<int32_t> xt_buf;
+    // kept per calling thread: a prompt's activations are up to tens of MiB, which a fresh vector
+    // would clear (and page in) on every call
+    thread_local std::vector<int32_t> xt_buf;
     std::vector<float> xst_buf;
     std::vector<double> xsumt_buf;
     if (i16_gemm) {
@@ -444,7 +450,7 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
         j.block_chunk = std::max<int64_t>(3, (int64_t(4) << 20) / block_bytes / 3 * 3);
         j.seg = layout->gemm_seg.data();
         j.n_seg = static_cast<int64_t>(layout->gemm_seg.size() / 3);
-        int32_t* xt = aligned64(xt_buf, static_cast<size_t>(j.n_blocks * k_pad * 8));
+        int32_t* xt = aligned64(xt_buf, static_cast<size_t>(j.n_blocks * k_pad * 8), /*zero=*/false);
         float* xst = aligned64(xst_buf, static_cast<size_t>(j.n_blocks * j.n_groups * 16));
         double* xsumt = aligned64(xsumt_buf, static_cast<size_t>(j.n_blocks * j.n_groups * 16));
         auto prepare = [&](int64_t b0, int64_t b1) { prepare_i16_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt); };

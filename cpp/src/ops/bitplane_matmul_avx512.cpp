@@ -294,10 +294,14 @@ void prepare_i16_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0
     if (q_buf.size() < static_cast<size_t>(j.k_pad)) q_buf.resize(static_cast<size_t>(j.k_pad));
     int16_t* q_tmp = q_buf.data();
     const int64_t nw = j.k_pad / 32, ng = j.n_groups;
-    for (int64_t r = b0 * 16; r < std::min(j.m, b1 * 16); ++r) {
+    for (int64_t r = b0 * 16; r < b1 * 16; ++r) {
         const int64_t b = r / 16, lane = r % 16;
-        quantize_row_i16(x + r * k, k, j.k_pad, j.w->group_size, ng, q_tmp, xst + b * ng * 16 + lane,
-                         xsumt + b * ng * 16 + lane, 16);
+        if (r < j.m) {
+            quantize_row_i16(x + r * k, k, j.k_pad, j.w->group_size, ng, q_tmp, xst + b * ng * 16 + lane,
+                             xsumt + b * ng * 16 + lane, 16);
+        } else {  // the last block's empty lanes: zeros (xt is not cleared; xst and xsumt are)
+            std::fill(q_tmp, q_tmp + j.k_pad, int16_t(0));
+        }
         // the row's 16 pairs of each word go to lane `lane` of 16 consecutive 64-byte vectors
         int32_t* out = xt + b * nw * 256 + lane;
         for (int64_t s = 0; s < j.n_super; ++s) {

@@ -168,6 +168,10 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
 void attention_f16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache, int64_t m, int64_t p0,
                    int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out, ThreadPool* pool);
 
+// The fp16 KV cache's rounding of x (n): out[i] = fp32_to_fp16(x[i]) (nearest even, overflow to inf;
+// F16C where the CPU has it, which may keep a NaN's payload where fp32_to_fp16 makes it 0x7e00).
+void to_f16(const float* x, int64_t n, uint16_t* out);
+
 // ---- swiglu (swiglu.cpp) ------------------------------------------------------------------------
 
 // out (n) = silu(gate) * up, silu(g) = g / (1 + exp(-g)). out may equal gate or up.
@@ -318,7 +322,8 @@ void decode_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1);
 void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
                         double* xsum);
 // The GEMM on int16 activations (many rows: prompts, batches): its preparation of blocks [b0, b1) of
-// 16 rows, x (m, k) -> xt, xst, xsumt (zero-initialized by the caller), and the tiles [t0, t1).
+// 16 rows, x (m, k) -> xt (every element written, zeros for rows past m), xst, xsumt (zeroed by the
+// caller), and the tiles [t0, t1).
 void prepare_i16_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt,
                              float* xst, double* xsumt);
 void gemm_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1);

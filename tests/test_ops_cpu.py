@@ -139,13 +139,17 @@ def test_bitplane_matmul_i16_matches_reference(linear, kernels, path):
 
 @pytest.mark.parametrize("path", ["decode", "gemm"])
 def test_bitplane_matmul_i16_kernels_agree(path):
-    """The AVX-512 integer kernels against the fp32 kernels on x̂, per element (not only in norm).
+    """The integer kernels against an fp32 kernel on the same x̂, per element (not only in norm).
 
-    The GEMM takes activation rows 16 at a time, 3 blocks per pass: m from 1 to 100 covers one to
-    seven blocks, passes of 1, 2 and 3 blocks, full last blocks and last blocks with 2 to 15 empty
-    rows."""
-    if "avx512" not in KERNELS:
-        pytest.skip("this CPU has no AVX-512 VNNI: the int16 kernels cannot run here")
+    Integer kernels: the AVX-512 decode; the GEMMs of 'avx512' (16 rows per vector) and of 'gfni' and
+    'avx2' (8 rows). They take the rows in blocks, 3 (AVX-512) or 2 (AVX2) blocks per pass: m from 1 to
+    100 covers one to thirteen blocks, passes of every size, full last blocks and last blocks with
+    empty rows."""
+    integer = ["avx512"] if path == "decode" else ["avx512", "gfni", "avx2"]
+    integer = [kind for kind in integer if kind in KERNELS]
+    if not integer:
+        pytest.skip(f"this CPU has none of {integer}: no integer {path} kernel runs here")
+    reference = "gfni" if path == "decode" else "portable"
     prev = ops.get_cpu_kernels()
     rng = np.random.default_rng(9)
     rows = (1, 4, 6) if path == "decode" else (1, 6, 16, 17, 33, 48, 50, 100)
@@ -156,13 +160,15 @@ def test_bitplane_matmul_i16_kernels_agree(path):
                 x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100.0, (m, 1))).astype(np.float32)
                 for bits in (8, 5, 2):
                     ys = {}
-                    for kind in ("avx512", "gfni"):
+                    for kind in [reference, *integer]:
                         ops.set_cpu_kernels(kind)
                         ys[kind] = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, path, act="i16")
-                    np.testing.assert_allclose(ys["avx512"], ys["gfni"], rtol=1e-5,
-                                               atol=1e-5 * np.abs(ys["gfni"]).max(), err_msg=f"m={m} bits={bits}")
-                    # and it is the integer kernel that ran: its sums round differently from the fp32 kernel's
-                    assert not np.array_equal(ys["avx512"], ys["gfni"])
+                    for kind in integer:
+                        np.testing.assert_allclose(ys[kind], ys[reference], rtol=1e-5,
+                                                   atol=1e-5 * np.abs(ys[reference]).max(),
+                                                   err_msg=f"{kind}: m={m} bits={bits}")
+                        # and it is an integer kernel that ran: its sums round differently from fp32 ones
+                        assert not np.array_equal(ys[kind], ys[reference]), f"{kind}: m={m} bits={bits}"
     finally:
         ops.set_cpu_kernels(prev)
 

@@ -123,7 +123,18 @@ struct Layout {
     std::vector<int32_t> step_base, step_group;
     std::vector<uint8_t> step_uniform;
     std::vector<int32_t> gemm_seg;
+    // every order: the int16 GEMM's runs over K's words in natural order (AVX2)
+    std::vector<int32_t> natural_seg;
 };
+
+// Job::seg: runs of consecutive words (in the GEMM's order) of one group, at most 8 words each.
+void add_to_runs(std::vector<int32_t>& seg, int32_t pos, int32_t group) {
+    const size_t n = seg.size();
+    if (n && seg[n - 1] == group && seg[n - 2] < 8 && seg[n - 3] + seg[n - 2] == pos)
+        ++seg[n - 2];
+    else
+        seg.insert(seg.end(), {pos, 1, group});
+}
 
 std::shared_ptr<const Layout> layout_for(int64_t k, int group_size, WordOrder order) {
     static std::mutex mutex;
@@ -164,19 +175,14 @@ std::shared_ptr<const Layout> layout_for(int64_t k, int group_size, WordOrder or
         for (int64_t s = 0; s < n_super; ++s) {
             const int64_t W = std::min<int64_t>(4, (k_pad - s * 512) / 128);
             for (int v = 0; v < 4; ++v)
-                for (int64_t L = 0; L < W; ++L, ++pos) {
-                    const int32_t g = l->step_group[16 * s + 4 * v + L];
-                    std::vector<int32_t>& sg = l->gemm_seg;
-                    const size_t n = sg.size();
-                    if (n && sg[n - 1] == g && sg[n - 2] < 8 && sg[n - 3] + sg[n - 2] == pos)
-                        ++sg[n - 2];
-                    else
-                        sg.insert(sg.end(), {pos, 1, g});
-                }
+                for (int64_t L = 0; L < W; ++L, ++pos) add_to_runs(l->gemm_seg, pos, l->step_group[16 * s + 4 * v + L]);
         }
     } else {
         l->src = slot_sources(k_pad, order);
     }
+    for (int64_t w = 0; w < k_pad / 32; ++w)
+        add_to_runs(l->natural_seg, static_cast<int32_t>(w),
+                    static_cast<int32_t>(std::min<int64_t>(32 * w / group_size, n_groups - 1)));
     if (cache.size() >= 64) cache.clear();  // bound the memory if shapes keep changing
     cache.emplace(key, l);
     return l;
@@ -419,8 +425,9 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
     const bool i16_avx512 = act == BITPLANE_ACT_I16 && cpu_features().avx512;
     const bool i16_kernel = i16_avx512 && path == BITPLANE_PATH_DECODE;
     const bool i16_gemm = i16_avx512 && path == BITPLANE_PATH_GEMM;
+    const bool i16_gemm_avx2 = act == BITPLANE_ACT_I16 && !i16_avx512 && avx2 && path == BITPLANE_PATH_GEMM;
     std::vector<float> xscale, xhat;
-    if (act == BITPLANE_ACT_I16 && !i16_avx512) {
+    if (act == BITPLANE_ACT_I16 && !i16_avx512 && !i16_gemm_avx2) {
         xhat.resize(static_cast<size_t>(m * w.k));
         bitplane_round_i16(x, m, w.k, w.group_size, xhat.data());
         x = xhat.data();
@@ -435,25 +442,33 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
     j.word_group = layout->word_group.data();
     std::vector<float> xp;
     std::vector<int16_t> xi, q_tmp;
-    std::vector<double> xsum(static_cast<size_t>(i16_gemm ? 0 : m) * j.n_groups, 0.0);
+    std::vector<double> xsum(static_cast<size_t>(i16_gemm || i16_gemm_avx2 ? 0 : m) * j.n_groups, 0.0);
     // kept per calling thread: a prompt's activations are up to tens of MiB, which a fresh vector
     // would clear (and page in) on every call
     thread_local std::vector<int32_t> xt_buf;
     std::vector<float> xst_buf;
     std::vector<double> xsumt_buf;
-    if (i16_gemm) {
+    if (i16_gemm || i16_gemm_avx2) {
 #ifdef FLEXQUANT_X86
+        const int64_t R = i16_gemm ? 16 : 8;  // activation rows per vector
+        const int64_t per_pass = i16_gemm ? 3 : 2;  // blocks per pass of the micro-kernel
         j.step_base = layout->step_base.data();
-        j.n_blocks = (m + 15) / 16;
-        const int64_t block_bytes = k_pad * 32;  // (n_words, 16, 16) int32
+        j.n_blocks = (m + R - 1) / R;
+        const int64_t block_bytes = k_pad * 2 * R;  // (k_pad / 2, R) int32
         // a chunk's activations (a few MiB) stay in cache while every weight tile passes over them
-        j.block_chunk = std::max<int64_t>(3, (int64_t(4) << 20) / block_bytes / 3 * 3);
-        j.seg = layout->gemm_seg.data();
-        j.n_seg = static_cast<int64_t>(layout->gemm_seg.size() / 3);
-        int32_t* xt = aligned64(xt_buf, static_cast<size_t>(j.n_blocks * k_pad * 8), /*zero=*/false);
-        float* xst = aligned64(xst_buf, static_cast<size_t>(j.n_blocks * j.n_groups * 16));
-        double* xsumt = aligned64(xsumt_buf, static_cast<size_t>(j.n_blocks * j.n_groups * 16));
-        auto prepare = [&](int64_t b0, int64_t b1) { prepare_i16_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt); };
+        j.block_chunk = std::max<int64_t>(per_pass, (int64_t(4) << 20) / block_bytes / per_pass * per_pass);
+        const std::vector<int32_t>& seg = i16_gemm ? layout->gemm_seg : layout->natural_seg;
+        j.seg = seg.data();
+        j.n_seg = static_cast<int64_t>(seg.size() / 3);
+        int32_t* xt = aligned64(xt_buf, static_cast<size_t>(j.n_blocks * k_pad / 2 * R), /*zero=*/false);
+        float* xst = aligned64(xst_buf, static_cast<size_t>(j.n_blocks * j.n_groups * R));
+        double* xsumt = aligned64(xsumt_buf, static_cast<size_t>(j.n_blocks * j.n_groups * R));
+        auto prepare = [&](int64_t b0, int64_t b1) {
+            if (i16_gemm)
+                prepare_i16_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt);
+            else
+                prepare_i16_gemm_avx2(j, x, w.k, b0, b1, xt, xst, xsumt);
+        };
         if (pool)
             pool->parallel_for(j.n_blocks, 1, prepare);
         else
@@ -484,7 +499,7 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
     // Group sums in fp64: the min term multiplies them by m_k, which can be large next to the
     // scale term (a group far from zero), so their rounding would show in y. (The int16 kernel's
     // came from its preparation.)
-    for (int64_t r = 0; r < (i16_avx512 ? 0 : m); ++r)
+    for (int64_t r = 0; r < (i16_avx512 || i16_gemm_avx2 ? 0 : m); ++r)
         for (int64_t gr = 0; gr < j.n_groups; ++gr) {
             // 4 partial sums: one fp64 add chain would cost ~4 cycles per element.
             double acc[4] = {0.0, 0.0, 0.0, 0.0};
@@ -515,6 +530,7 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
             if (avx2) return decode_tiles_avx2(j, t0, t1);
         } else {
             if (i16_gemm) return gemm_tiles_i16_avx512(j, t0, t1);
+            if (i16_gemm_avx2) return gemm_tiles_i16_avx2(j, t0, t1);
             if (gfni) return gemm_tiles_gfni(j, t0, t1);
             if (avx2) return gemm_tiles_avx2(j, t0, t1);
         }

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "ops/ops.h"
@@ -287,6 +288,158 @@ void decode_tiles(const Job& j, int64_t t0, int64_t t1) {
     }
 }
 
+// ---- the int16 GEMM (BITPLANE_ACT_I16 on CPUs without AVX-512) ----------------------------------
+//
+// As the AVX-512 one (bitplane_matmul_avx512.cpp: gemm_block_i16), on 8 activation rows per ymm:
+// a tile's 8 rows are decoded once to int16 codes in natural K order (word_codes, widened), and
+// each vpmaddwd multiplies one weight row's broadcast pair of codes with 8 rows' pairs of q and
+// adds the two products; vpaddd accumulates. 16 multiply-adds per 2 instructions, where the fp32
+// GEMM does 8 per FMA, and they issue on more ports.
+
+// Codes of tile rt's 8 rows, wbuf (8, k_pad) int16, natural K order (c_k, unshifted).
+template <int BITS>
+void tile_codes_natural(const Job& j, int64_t rt, int16_t* wbuf) {
+    const uint64_t pb = j.w->plane_bytes;
+    for (int64_t s = 0; s < j.n_super; ++s) {
+        const int W = super_words(j, s);
+        const uint8_t* sb = j.w->planes + super_offset(j, rt, s);
+        for (int g = 0; g < 8; ++g) {  // rows past N are the layout's zero padding
+            const uint8_t* rb = sb + 16 * W * g;
+            for (int o = 0; o < 4 * W; ++o) {
+                // word o = t W + jj covers K 512 s + 128 jj + 32 t
+                const int64_t base = 512 * s + 128 * (o % W) + 32 * (o / W);
+                const __m256i c = word_codes<BITS>(rb + 4 * o, pb);
+                int16_t* out = wbuf + g * j.k_pad + base;
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c)));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16),
+                                    _mm256_cvtepu8_epi16(_mm256_extracti128_si256(c, 1)));
+            }
+        }
+    }
+}
+
+// Tile rt's factors: sk (8, n_groups) = s_k, mk (8, n_groups) = m_k; zeros for rows past N.
+void tile_factors_natural(const Job& j, int64_t rt, float* sk, float* mk) {
+    const int shift = j.w->max_bits - j.bits;
+    const float smul = static_cast<float>(1 << shift);
+    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
+    const int64_t ng = j.n_groups;
+    for (int g = 0; g < 8; ++g) {
+        const int64_t n = rt * 8 + g;
+        if (n >= j.w->n) {
+            std::fill(sk + g * ng, sk + (g + 1) * ng, 0.0f);
+            std::fill(mk + g * ng, mk + (g + 1) * ng, 0.0f);
+            continue;
+        }
+        const uint16_t* qp = j.w->qparams + n * ng * 2;
+        for (int64_t gr = 0; gr < ng; ++gr) {
+            const float sc = _cvtsh_ss(qp[2 * gr]), mn = _cvtsh_ss(qp[2 * gr + 1]);
+            sk[g * ng + gr] = sc * smul;
+            mk[g * ng + gr] = mn + sc * mmul;
+        }
+    }
+}
+
+// acc += the pairwise products of a and b (vpmaddwd, vpaddd), in asm: with the intrinsics GCC 12
+// computed all 8 products first, then copied every accumulator to another register and back and
+// spilled one, in a loop of 16 ymm registers.
+FQ_INLINE void madd_acc(__m256i& acc, __m256i a, __m256i b) {
+    __m256i t;
+    asm("vpmaddwd %[b], %[a], %[t]\n\tvpaddd %[t], %[acc], %[acc]"
+        : [acc] "+x"(acc), [t] "=&x"(t)
+        : [a] "x"(a), [b] "x"(b));
+}
+
+// y of rows 8 b0 .. 8 (b0 + MB) - 1 (those < m) and outputs g0 .. g0 + 3 of tile rt: 4 x MB int32
+// accumulators per run of words of one group (at most 8 words: |Σ| <= 256 * 255 * 32767 < 2^31),
+// then scaled to fp32 by s_k · s of the group.
+template <int MB>
+void gemm_block_i16_avx2(const Job& j, int64_t rt, int g0, int64_t b0, const int16_t* wbuf, const float* sk,
+                         const float* mk) {
+    const int64_t half = j.k_pad / 2, ng = j.n_groups;
+    const int32_t* wp = reinterpret_cast<const int32_t*>(wbuf) + g0 * half;  // (4, k_pad / 2) pairs
+    const int32_t* xb = j.xt + b0 * half * 8;
+    alignas(32) float facc[4][2][8];
+    for (int g = 0; g < 4; ++g)
+        for (int b = 0; b < MB; ++b) _mm256_store_ps(facc[g][b], _mm256_setzero_ps());
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t sg = 0; sg < j.n_seg; ++sg) {
+        const int64_t p0 = 16 * static_cast<int64_t>(j.seg[3 * sg]), p1 = p0 + 16 * j.seg[3 * sg + 1];
+        const int64_t grp = j.seg[3 * sg + 2];
+        // named accumulators (see gemm_block_i16 in the AVX-512 file)
+        __m256i a00 = zero, a01 = zero, a10 = zero, a11 = zero, a20 = zero, a21 = zero, a30 = zero, a31 = zero;
+        for (int64_t p = p0; p < p1; ++p) {
+            const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + p * 8));
+            const __m256i x1 = MB > 1 ? _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + (half + p) * 8)) : zero;
+#define FQ_MAC(g)                                                                     \
+    {                                                                                 \
+        const __m256i wv = _mm256_set1_epi32(wp[g * half + p]);                       \
+        madd_acc(a##g##0, x0, wv);                                                    \
+        if (MB > 1) madd_acc(a##g##1, x1, wv);                                        \
+    }
+            FQ_MAC(0) FQ_MAC(1) FQ_MAC(2) FQ_MAC(3)
+#undef FQ_MAC
+        }
+        const __m256 xs0 = _mm256_load_ps(j.xst + (b0 * ng + grp) * 8);
+        const __m256 xs1 = MB > 1 ? _mm256_load_ps(j.xst + ((b0 + 1) * ng + grp) * 8) : _mm256_setzero_ps();
+#define FQ_FLUSH1(g, b)                                                                                   \
+    _mm256_store_ps(facc[g][b], _mm256_fmadd_ps(_mm256_cvtepi32_ps(a##g##b), _mm256_mul_ps(sg, xs##b),    \
+                                                _mm256_load_ps(facc[g][b])));
+#define FQ_FLUSH(g)                                               \
+    {                                                             \
+        const __m256 sg = _mm256_set1_ps(sk[(g0 + g) * ng + grp]); \
+        FQ_FLUSH1(g, 0)                                           \
+        if (MB > 1) FQ_FLUSH1(g, 1)                               \
+    }
+        FQ_FLUSH(0) FQ_FLUSH(1) FQ_FLUSH(2) FQ_FLUSH(3)
+#undef FQ_FLUSH
+#undef FQ_FLUSH1
+    }
+    // + the min term Σ_g m_k Σ x̂ (fp64), then the rows' outputs
+    const int rows = static_cast<int>(std::min<int64_t>(4, j.w->n - rt * 8 - g0));
+    for (int b = 0; b < MB; ++b) {
+        const int64_t r0 = (b0 + b) * 8;
+        const int live = static_cast<int>(std::min<int64_t>(8, j.m - r0));
+        const double* xsum = j.xsumt + (b0 + b) * ng * 8;
+        for (int g = 0; g < rows; ++g) {
+            __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+            for (int64_t gr = 0; gr < ng; ++gr) {
+                const __m256d m = _mm256_set1_pd(mk[(g0 + g) * ng + gr]);
+                lo = _mm256_fmadd_pd(m, _mm256_load_pd(xsum + gr * 8), lo);
+                hi = _mm256_fmadd_pd(m, _mm256_load_pd(xsum + gr * 8 + 4), hi);
+            }
+            alignas(32) float out[8];
+            const __m256 bias = _mm256_setr_m128(_mm256_cvtpd_ps(lo), _mm256_cvtpd_ps(hi));
+            _mm256_store_ps(out, _mm256_add_ps(_mm256_load_ps(facc[g][b]), bias));
+            float* y = j.y + r0 * j.w->n + rt * 8 + g0 + g;
+            for (int i = 0; i < live; ++i) y[i * j.w->n] = out[i];
+        }
+    }
+}
+
+template <int BITS>
+void gemm_tiles_i16(const Job& j, int64_t t0, int64_t t1) {
+    thread_local std::vector<int16_t> codes;
+    if (codes.size() < static_cast<size_t>(8 * j.k_pad)) codes.resize(static_cast<size_t>(8 * j.k_pad));
+    float* sk = scratch(16 * j.n_groups);
+    float* mk = sk + 8 * j.n_groups;
+    // chunks of blocks outer, as the AVX-512 GEMM: a chunk's activations stay in cache
+    for (int64_t c0 = 0; c0 < j.n_blocks; c0 += j.block_chunk) {
+        const int64_t c1 = std::min(j.n_blocks, c0 + j.block_chunk);
+        for (int64_t rt = t0; rt < t1; ++rt) {
+            tile_codes_natural<BITS>(j, rt, codes.data());
+            tile_factors_natural(j, rt, sk, mk);
+            for (int g0 = 0; g0 < 8 && rt * 8 + g0 < j.w->n; g0 += 4)
+                for (int64_t b = c0; b < c1; b += 2) {
+                    if (c1 - b >= 2)
+                        gemm_block_i16_avx2<2>(j, rt, g0, b, codes.data(), sk, mk);
+                    else
+                        gemm_block_i16_avx2<1>(j, rt, g0, b, codes.data(), sk, mk);
+                }
+        }
+    }
+}
+
 }  // namespace
 
 void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat) {
@@ -324,6 +477,87 @@ void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* x
             for (; i < i1; ++i) out[i] = round_i16(xr[i], scale);
         }
     }
+}
+
+void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt,
+                           float* xst, double* xsumt) {
+    const int group = j.w->group_size;
+    const int64_t ng = j.n_groups, half = j.k_pad / 2;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 qmax = _mm256_set1_ps(32767.0f), qmin = _mm256_set1_ps(-32767.0f);
+    const __m256 big = _mm256_set1_ps(3.40282347e38f);  // FLT_MAX: |x| <= it <=> x finite
+    thread_local std::vector<int32_t> q_buf;  // (k_pad) q, one per int32 (natural K order)
+    if (q_buf.size() < static_cast<size_t>(j.k_pad)) q_buf.resize(static_cast<size_t>(j.k_pad));
+    int32_t* q = q_buf.data();
+    for (int64_t r = b0 * 8; r < b1 * 8; ++r) {
+        const int64_t b = r / 8, lane = r % 8;
+        std::fill(q, q + j.k_pad, 0);
+        if (r < j.m) {
+            const float* xr = x + r * k;
+            for (int64_t g = 0; g < ng; ++g) {
+                const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
+                // as quantize_i16_avx2 (max_ps: NaN never wins), and a non-finite element makes
+                // the group's sum NaN so that y shows it
+                __m256 am = _mm256_setzero_ps();
+                bool bad = false;
+                int64_t i = i0;
+                for (; i + 8 <= i1; i += 8) {
+                    const __m256 v = _mm256_loadu_ps(xr + i);
+                    am = _mm256_max_ps(_mm256_and_ps(v, abs_mask), am);
+                    bad |= _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v, abs_mask), big, _CMP_NLE_UQ)) != 0;
+                }
+                alignas(32) float lanes[8];
+                _mm256_store_ps(lanes, am);
+                float amax = 0.0f;
+                for (float v : lanes) amax = std::max(amax, v);
+                for (; i < i1; ++i) {
+                    amax = std::max(amax, std::fabs(xr[i]));
+                    bad |= !std::isfinite(xr[i]);
+                }
+                const float scale = amax / 32767.0f;
+                int64_t qsum = 0;
+                if (scale > 0.0f) {
+                    const __m256 sv = _mm256_set1_ps(scale);
+                    __m256i acc = _mm256_setzero_si256();  // |Σ| <= group / 8 * 32767 per lane: int32 is
+                    int64_t n_acc = 0;                     // emptied every 2^15 vectors
+                    for (i = i0; i + 8 <= i1; i += 8) {
+                        const __m256 t = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + i), sv),
+                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                        const __m256i qi = _mm256_cvtps_epi32(_mm256_min_ps(qmax, _mm256_max_ps(qmin, t)));
+                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), qi);
+                        acc = _mm256_add_epi32(acc, qi);
+                        if (++n_acc == (1 << 15)) {
+                            alignas(32) int32_t t32[8];
+                            _mm256_store_si256(reinterpret_cast<__m256i*>(t32), acc);
+                            for (int32_t v : t32) qsum += v;
+                            acc = _mm256_setzero_si256();
+                            n_acc = 0;
+                        }
+                    }
+                    alignas(32) int32_t t32[8];
+                    _mm256_store_si256(reinterpret_cast<__m256i*>(t32), acc);
+                    for (int32_t v : t32) qsum += v;
+                    for (; i < i1; ++i) {
+                        const float t = std::nearbyint(xr[i] / scale);
+                        q[i] = static_cast<int32_t>(std::min(32767.0f, std::max(-32767.0f, t)));
+                        qsum += q[i];
+                    }
+                }
+                xst[(b * ng + g) * 8 + lane] = scale;
+                xsumt[(b * ng + g) * 8 + lane] =
+                    bad ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(scale) * static_cast<double>(qsum);
+            }
+        }
+        // pairs (q[2p], q[2p+1]) as int16 in one int32, to lane `lane` of pair p's vector
+        int32_t* out = xt + b * half * 8 + lane;
+        for (int64_t p = 0; p < half; ++p)
+            out[p * 8] = static_cast<int32_t>(static_cast<uint16_t>(q[2 * p])) |
+                         static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(q[2 * p + 1])) << 16);
+    }
+}
+
+void gemm_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1) {
+    with_bits(j.bits, [&](auto bits) { gemm_tiles_i16<decltype(bits)::value>(j, t0, t1); });
 }
 
 void decode_tiles_avx2(const Job& j, int64_t t0, int64_t t1) {

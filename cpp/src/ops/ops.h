@@ -277,17 +277,19 @@ struct Job {
     const int32_t* step_base;     // (n_super * 16) K index of the word's bit 0; -1 where there is no word
     const int32_t* step_group;    // (n_super * 16) its group (lane 0's where there is no word: its codes are 0)
     const uint8_t* step_uniform;  // (n_super * 4) 1 where the 4 lanes of a step share one group
-    // The AVX-512 int16 GEMM only (gemm_tiles_i16_avx512): its words in the order (s, v, L < W) of the
-    // step tables, pos = 16 s + v W + L (n_words = k_pad / 32 of them, the missing lanes of a short
-    // super-chunk left out), and the activations of 16 rows at a time as the pairs the weights' pairs
-    // multiply: xt[b][pos][t][lane] = the int16 pair t of word pos of row 16 b + lane (zeros past m).
-    const int32_t* xt;      // (n_blocks, n_words, 16, 16) pairs of int16 q
-    const float* xst;       // (n_blocks, n_groups, 16) their scales s (0 past m)
-    const double* xsumt;    // (n_blocks, n_groups, 16) Σ x̂ per group (0 past m)
-    int64_t n_blocks;       // ceil(m / 16)
+    // The int16 GEMMs only (gemm_tiles_i16_*): the activations of R rows at a time (R = 16 on
+    // AVX-512, 8 on AVX2) as the pairs of int16 that the weights' pairs of codes multiply:
+    // xt[b][pair][lane] = pair `pair` of row R b + lane (zeros past m). The pairs are the K pairs
+    // (2p, 2p + 1) on AVX2. On AVX-512 they follow the words in the order (s, v, L < W) of the step
+    // tables, pos = 16 s + v W + L (the missing lanes of a short super-chunk left out), 16 pairs per
+    // word, in the order word_permutation() gives a word's 32 values (bitplane_matmul_avx512.cpp).
+    const int32_t* xt;      // (n_blocks, k_pad / 2, R) pairs of int16 q
+    const float* xst;       // (n_blocks, n_groups, R) their scales s (0 past m)
+    const double* xsumt;    // (n_blocks, n_groups, R) Σ x̂ per group (0 past m)
+    int64_t n_blocks;       // ceil(m / R)
     int64_t block_chunk;    // blocks that share one decode of a weight tile (their xt stays in cache)
-    const int32_t* seg;     // (n_seg, 3) runs of words of one group: first pos, count (<= 8), group
-    int64_t n_seg;
+    const int32_t* seg;     // (n_seg, 3) runs of words (32 K, in xt's order) of one group: first
+    int64_t n_seg;          // word, count (<= 8), group
 };
 
 // Byte offset, inside one plane, of row tile rt's super-chunk s; row g's words then start at
@@ -315,6 +317,11 @@ inline float round_i16(float x, float s) {
 // x̂ (m, k): BITPLANE_ACT_I16's rounding of x (m, k) per row and group, vectorized (a prompt runs it
 // over every input of every linear); bit for bit bitplane_round_i16's scalar loop.
 void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat);
+// The int16 GEMM on AVX2 (CPUs without AVX-512): blocks [b0, b1) of 8 rows of x (m, k) -> xt, xst,
+// xsumt (as prepare_i16_gemm_avx512; natural K pairs), and the tiles [t0, t1).
+void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt, float* xst,
+                           double* xsumt);
+void gemm_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1);
 // bitplane_matmul_avx512.cpp: decode on int16 activations (xi, xscale and the step tables; xp
 // unused), and their preparation: x (m, k) -> xi, xscale and xsum (m, n_groups) = s Σ q (fp64).
 // q_tmp: k_pad int16 of scratch. The rounding is the same everywhere (bitplane_round_i16).

@@ -86,10 +86,11 @@ class Engine:
     saved table is loaded (its GEMM crossovers included), as for cuda_gemm_min_rows.
     cpu_activations (CPU): "i16" rounds each linear's input per row and weight group to int16 (a step
     of 1/32767 of the group's largest value; next-token KL about 4e-8 against "f32" on SmolLM2:
-    docs/kernels.md), which lets CPUs with AVX-512 VNNI run the decode matmuls on integers (decode
-    1.3x faster on SmolLM2, 1.8-2.1x on a Llama-2-7B shape, 2 cores); other CPUs round the same way
-    and multiply with their fp32 kernels, gaining nothing. "f32" multiplies the input as given (the
-    accuracy reference).
+    docs/kernels.md), which lets the kernels multiply integers: decoding on CPUs with AVX-512 VNNI
+    (1.3x faster on SmolLM2, 1.7-1.9x on a Llama-2-7B shape, 2 cores), prompts and batches on every
+    CPU with AVX2 (prompts 2.7-3.6x with AVX-512, 1.6-1.7x with AVX2 alone). Elsewhere the same
+    rounding runs on the fp32 kernels. "f32" multiplies the input as given (the accuracy
+    reference).
     `engine.cpu_activations` says which one runs.
     """
 

@@ -56,13 +56,13 @@ enum class KvDType { KV_AUTO, KV_F32, KV_F16 };
 // CPU backend: what the bit-plane matmuls multiply the weights with (for the linears whose
 // activation bits are 0, the default; set_activation_bits below). ACT_I16: each linear's input
 // rounded per row and weight group to int16 (a step of 1/32767 of the group's largest value), so
-// that on AVX-512 VNNI CPUs the decode kernel multiplies integers: one-token matmuls ran 1.2-2.9x
-// faster than on fp32 activations on a 2-core test machine (the lower bits gaining most), decode
-// 1.3x (SmolLM2) to 2.1x (a Llama-2-7B shape), for a next-token KL of about 4e-8 on SmolLM2
-// (tools/numerics_quality.py, docs/kernels.md). Other CPUs compute the same numbers with the fp32
-// kernels on the rounded input: one vectorized pass over each input more, and no gain (the numbers
-// do not depend on the CPU). ACT_F32: the input as given (the accuracy reference). The CUDA backend
-// ignores it.
+// that the kernels multiply integers: the decode kernel on AVX-512 VNNI CPUs, the GEMM of prompts and
+// batches on those and on AVX2 ones. On a 2-core AVX-512 test machine decode ran 1.3x (SmolLM2) to
+// 1.9x (a Llama-2-7B shape) faster than on fp32 activations and prompts 2.7x to 3.6x (AVX2 alone:
+// prompts 1.6-1.7x), for a next-token KL of about 4e-8 on SmolLM2 (tools/numerics_quality.py,
+// docs/kernels.md). Other paths compute the same numbers with the fp32 kernels on the rounded input
+// (the numbers do not depend on the CPU). ACT_F32: the input as given (the accuracy reference). The
+// CUDA backend ignores it.
 enum class CpuActivations { ACT_I16, ACT_F32 };
 
 // Where the forward pass runs. BACKEND_AUTO: CUDA when the build has it and a GPU is present,

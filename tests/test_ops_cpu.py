@@ -425,8 +425,12 @@ def attention_reference(q, kc, vc, p0):
     return out
 
 
-@pytest.mark.parametrize("m,p0", [(1, 0), (1, 37), (6, 0), (7, 20), (1, 700), (3, 530)])
-@pytest.mark.parametrize("H,Hkv,d", [(6, 2, 64), (4, 4, 40), (3, 1, 36), (2, 1, 128), (4, 2, 200)])
+# m >= 8 runs the prompt path on AVX2 (blocks of tokens x blocks of 64 keys): 9 and 40 tokens from
+# position 0 or 13, and 130 after 300 cached positions (several token blocks, partial key blocks).
+@pytest.mark.parametrize("m,p0", [(1, 0), (1, 37), (6, 0), (7, 20), (1, 700), (3, 530), (9, 0), (40, 13),
+                                  (130, 300)])
+@pytest.mark.parametrize("H,Hkv,d", [(6, 2, 64), (4, 4, 40), (3, 1, 36), (2, 1, 128), (4, 2, 200), (9, 3, 64),
+                                     (8, 1, 16)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_attention_matches_reference(kernels, m, p0, H, Hkv, d, dtype):
     rng = np.random.default_rng(m * 100 + p0 + d)
@@ -448,9 +452,10 @@ def test_attention_matches_reference(kernels, m, p0, H, Hkv, d, dtype):
     np.testing.assert_array_equal(out, single)
 
 
-def test_attention_same_result_on_any_thread_count(threads):
+@pytest.mark.parametrize("m", [2, 45])
+def test_attention_same_result_on_any_thread_count(threads, m):
     rng = np.random.default_rng(11)
-    q = rng.standard_normal((2, 8, 64)).astype(np.float32)
+    q = rng.standard_normal((m, 8, 64)).astype(np.float32)
     kc = rng.standard_normal((900, 2, 64)).astype(np.float32)
     vc = rng.standard_normal((900, 2, 64)).astype(np.float32)
     outs = []

@@ -12,7 +12,11 @@
 // not depend on it) and each task keeps its partial softmax (max, Σ exp, Σ exp · V); a second
 // pass merges the spans (as flash-decoding does):
 //   M = max_c mx_c,   out = Σ_c e^(mx_c - M) o_c / Σ_c e^(mx_c - M) sum_c.
-// Otherwise (prefill) every task takes all positions.
+// Otherwise every task takes all positions. A prompt (m >= kPromptRows on AVX2) goes another way:
+// a task is a block of tokens x one KV head, multiplied with blocks of 64 keys as a small GEMM
+// (attend_block below), so that each K and V row is widened to fp32 once for ~64 query vectors
+// instead of once per head and token. Its results round differently from the per-token path (other
+// summation orders), within fp32's rounding of the same formula.
 //
 // The dot products and the V accumulation are AVX2 (F16C for the fp16 cache) where available,
 // portable loops otherwise; the exponentials use the shared vectorized exp (sampling.cpp). A decode
@@ -70,6 +74,11 @@ inline float to_f32(uint16_t v) {
 // K[t] = K + t·stride (V the same). Portable loops here, AVX2 (F16C) below.
 template <typename KV>
 struct SpanPortable {
+    static float max(const float* s, int64_t n) {  // NaN ignored
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
+        return m;
+    }
     static void scores(const float* q, const KV* K, int64_t stride, int64_t n, int64_t G, int64_t d, float scale,
                        float* s) {
         for (int64_t t = 0; t < n; ++t)
@@ -212,8 +221,24 @@ inline void prefetch_block(const KV* K, int64_t stride, int64_t t0, int64_t n, i
     }
 }
 
+// The largest of s (n), NaN ignored (as std::max(m, s[t]) in a loop: max_ps returns its second
+// operand when either is NaN); -inf for n = 0. Eight lanes: one chain of maxss costs its latency
+// per element, and was 16% of a 2K-token prompt's attention (prompt path below).
+inline float max_avx2(const float* s, int64_t n) {
+    __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) m8 = _mm256_max_ps(_mm256_loadu_ps(s + t), m8);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m8);
+    float m = lanes[0];
+    for (int l = 1; l < 8; ++l) m = std::max(m, lanes[l]);
+    for (; t < n; ++t) m = std::max(m, s[t]);
+    return m;
+}
+
 template <typename KV>
 struct SpanAvx2 {
+    static float max(const float* s, int64_t n) { return max_avx2(s, n); }
     static void scores(const float* q, const KV* K, int64_t stride, int64_t n, int64_t G, int64_t d, float scale,
                        float* s) {
         for (int64_t t0 = 0; t0 < n; t0 += kRowBlock) {
@@ -232,6 +257,180 @@ struct SpanAvx2 {
     }
 };
 
+// ---- prompts: blocks of queries against blocks of keys ----------------------------------------
+//
+// A prompt's query rows are many, so a task takes a block of consecutive tokens (all G heads of one
+// KV head: nv = tokens · G query vectors) and multiplies it with the keys as a small GEMM: a block
+// of kKeyBlock keys is widened to fp32 and transposed once (kt, (d, kKeyBlock)), then 4 query vectors
+// x 16 keys accumulate in 8 registers, a broadcast of q[e] times 16 keys' element e per FMA pair: no
+// reductions, and the widening is shared by every query vector of the block. The V sums go the
+// same way over fp32 blocks of V rows: 4 vectors x 16 dims per register tile. Per query vector the
+// softmax is the decode path's (max, exp_scaled, divide at the end).
+constexpr int64_t kKeyBlock = 64;
+constexpr int64_t kPromptRows = 8;  // from this many query tokens on, the prompt path
+
+// The 8 x 8 transpose of r[0..8) (rows) in place: r[c] lane j <- old r[j] lane c.
+inline void transpose8(__m256 r[8]) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// kt (d, kKeyBlock) = the n <= kKeyBlock rows K[t] = K + t·stride as fp32 columns, zeros past n.
+template <typename KV>
+void keys_transposed(const KV* K, int64_t stride, int64_t n, int64_t d, float* kt) {
+    for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 8)
+        for (int64_t e = 0; e < d; e += 8) {
+            __m256 r[8];
+            for (int j = 0; j < 8; ++j) r[j] = j0 + j < n ? load8(K + (j0 + j) * stride + e) : _mm256_setzero_ps();
+            transpose8(r);
+            for (int c = 0; c < 8; ++c) _mm256_storeu_ps(kt + (e + c) * kKeyBlock + j0, r[c]);
+        }
+}
+
+// s[v][0 .. 16) = scale · q[v] · the 16 keys at column j0 of kt, for NV query vectors.
+template <int NV>
+inline void scores_tile(const float* const* q, const float* kt, int64_t d, float scale, float* const* s) {
+    __m256 a[NV][2];
+    for (int v = 0; v < NV; ++v) a[v][0] = a[v][1] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; ++e) {
+        const __m256 b0 = _mm256_loadu_ps(kt + e * kKeyBlock), b1 = _mm256_loadu_ps(kt + e * kKeyBlock + 8);
+        for (int v = 0; v < NV; ++v) {
+            const __m256 qe = _mm256_broadcast_ss(q[v] + e);
+            a[v][0] = _mm256_fmadd_ps(qe, b0, a[v][0]);
+            a[v][1] = _mm256_fmadd_ps(qe, b1, a[v][1]);
+        }
+    }
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int v = 0; v < NV; ++v) {
+        _mm256_storeu_ps(s[v], _mm256_mul_ps(a[v][0], sc));
+        _mm256_storeu_ps(s[v] + 8, _mm256_mul_ps(a[v][1], sc));
+    }
+}
+
+// o[v][c .. c + 8 DW) += Σ_{t < n} p[v][t] · vb[t][c ..] for NV vectors; vb (n, d) fp32 rows.
+template <int NV, int DW>
+inline void values_tile(const float* const* p, const float* vb, int64_t n, int64_t d, int64_t c, float* const* o) {
+    __m256 a[NV][DW];
+    for (int v = 0; v < NV; ++v)
+        for (int w = 0; w < DW; ++w) a[v][w] = _mm256_loadu_ps(o[v] + c + 8 * w);
+    for (int64_t t = 0; t < n; ++t) {
+        __m256 b[DW];
+        for (int w = 0; w < DW; ++w) b[w] = _mm256_loadu_ps(vb + t * d + c + 8 * w);
+        for (int v = 0; v < NV; ++v) {
+            const __m256 pv = _mm256_broadcast_ss(p[v] + t);
+            for (int w = 0; w < DW; ++w) a[v][w] = _mm256_fmadd_ps(pv, b[w], a[v][w]);
+        }
+    }
+    for (int v = 0; v < NV; ++v)
+        for (int w = 0; w < DW; ++w) _mm256_storeu_ps(o[v] + c + 8 * w, a[v][w]);
+}
+
+template <int NV>
+inline void values_tiles(const float* const* p, const float* vb, int64_t n, int64_t d, float* const* o) {
+    int64_t c = 0;
+    for (; c + 16 <= d; c += 16) values_tile<NV, 2>(p, vb, n, d, c, o);
+    if (c < d) values_tile<NV, 1>(p, vb, n, d, c, o);  // d is a multiple of 8
+}
+
+// One task of the prompt path: tokens [i0, i1) x KV head hk. Scratch: s (nv, t_pad), kt (d,
+// kKeyBlock), vb (kKeyBlock, d), o (nv, d).
+template <typename KV>
+void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::vector<float>& scratch) {
+    const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim, stride = a.n_kv_heads * d;
+    const int64_t nv = (i1 - i0) * G, t_max = a.p0 + i1, t_pad = (t_max + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    scratch.resize(static_cast<size_t>(nv * t_pad + 2 * kKeyBlock * d + nv * d));
+    float* S = scratch.data();
+    float* kt = S + nv * t_pad;
+    float* vb = kt + kKeyBlock * d;
+    float* O = vb + kKeyBlock * d;
+    const KV* K = static_cast<const KV*>(a.k_cache) + hk * d;
+    const KV* V = static_cast<const KV*>(a.v_cache) + hk * d;
+    // vector v = token i0 + v / G, head hk G + v % G: the group's heads are contiguous in q
+    auto qv = [&](int64_t v) { return a.q + ((i0 + v / G) * a.n_heads + hk * G) * d + (v % G) * d; };
+    auto keys_of = [&](int64_t v) { return a.p0 + i0 + v / G + 1; };  // causal: positions < this
+
+    // scores, every vector against every key block up to t_max (masked below)
+    for (int64_t t0 = 0; t0 < t_max; t0 += kKeyBlock) {
+        keys_transposed(K + t0 * stride, stride, std::min(kKeyBlock, t_max - t0), d, kt);
+        for (int64_t j0 = 0; j0 < kKeyBlock && t0 + j0 < t_max; j0 += 16) {
+            for (int64_t v0 = 0; v0 < nv; v0 += 4) {
+                const float* q[4];
+                float* s[4];
+                const int NV = static_cast<int>(std::min<int64_t>(4, nv - v0));
+                for (int v = 0; v < NV; ++v) {
+                    q[v] = qv(v0 + v);
+                    s[v] = S + (v0 + v) * t_pad + t0 + j0;
+                }
+                switch (NV) {
+                    case 4: scores_tile<4>(q, kt + j0, d, scale, s); break;
+                    case 3: scores_tile<3>(q, kt + j0, d, scale, s); break;
+                    case 2: scores_tile<2>(q, kt + j0, d, scale, s); break;
+                    default: scores_tile<1>(q, kt + j0, d, scale, s); break;
+                }
+            }
+        }
+    }
+    // softmax numerators per vector over its own positions; zeros after them (never summed: the V
+    // sums stop at each vector's positions)
+    std::vector<float> sums(static_cast<size_t>(nv));
+    for (int64_t v = 0; v < nv; ++v) {
+        float* sv = S + v * t_pad;
+        const int64_t n = keys_of(v);
+        const float m = max_avx2(sv, n);
+        sums[v] = static_cast<float>(ops_detail::exp_scaled(sv, n, 1.0f, m, sv));
+    }
+    // V sums: per block of V rows (fp32), 4 vectors at a time over the rows all 4 attend to, then
+    // each vector alone over the rows only it attends to (a later token's)
+    std::fill(O, O + nv * d, 0.0f);
+    for (int64_t t0 = 0; t0 < t_max; t0 += kKeyBlock) {
+        const int64_t nb = std::min(kKeyBlock, t_max - t0);
+        for (int64_t t = 0; t < nb; ++t)
+            for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(vb + t * d + e, load8(V + (t0 + t) * stride + e));
+        for (int64_t v0 = 0; v0 < nv; v0 += 4) {
+            const int NV = static_cast<int>(std::min<int64_t>(4, nv - v0));
+            const float* p[4];
+            float* o[4];
+            for (int v = 0; v < NV; ++v) {
+                p[v] = S + (v0 + v) * t_pad + t0;
+                o[v] = O + (v0 + v) * d;
+            }
+            // vectors in order of token: the first one attends to the fewest positions
+            const int64_t common = std::min(nb, std::max<int64_t>(0, keys_of(v0) - t0));
+            switch (NV) {
+                case 4: values_tiles<4>(p, vb, common, d, o); break;
+                case 3: values_tiles<3>(p, vb, common, d, o); break;
+                case 2: values_tiles<2>(p, vb, common, d, o); break;
+                default: values_tiles<1>(p, vb, common, d, o); break;
+            }
+            for (int v = 0; v < NV; ++v) {
+                const int64_t own = std::min(nb, std::max<int64_t>(0, keys_of(v0 + v) - t0));
+                const float* tail = p[v] + common;
+                if (own > common) values_tiles<1>(&tail, vb + common * d, own - common, d, &o[v]);
+            }
+        }
+    }
+    for (int64_t v = 0; v < nv; ++v) {
+        float* out = a.out + ((i0 + v / G) * a.n_heads + hk * G + v % G) * d;
+        const float inv = 1.0f / sums[v];
+        for (int64_t e = 0; e < d; ++e) out[e] = O[v * d + e] * inv;
+    }
+}
+
 #pragma GCC pop_options
 #endif  // FLEXQUANT_X86
 
@@ -249,8 +448,7 @@ void attend_span(const AttnArgs& a, const Task& tk, float* mx, float* sum, float
     Span::scores(q, K, stride, n, G, d, scale, scores.data());
     for (int64_t g = 0; g < G; ++g) {  // scores -> exp(s - max), in place
         float* s = scores.data() + g * n;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
+        const float m = Span::max(s, n);
         mx[g] = m;
         sum[g] = static_cast<float>(ops_detail::exp_scaled(s, n, 1.0f, m, s));
     }
@@ -275,6 +473,28 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
             std::to_string(a.n_heads) + ", n_kv_heads=" + std::to_string(a.n_kv_heads));
     if (a.m == 0) return;
     const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim;
+    [[maybe_unused]] const bool simd = cpu_features().avx2 && d % 8 == 0;
+#ifdef FLEXQUANT_X86
+    if (simd && a.m >= kPromptRows) {
+        // A prompt: tasks of (a block of tokens, one KV head), about 64 query vectors each; a fixed
+        // split, so the result does not depend on the thread count.
+        const int64_t tokens = std::max<int64_t>(4, 64 / G);
+        const int64_t n_blocks = (a.m + tokens - 1) / tokens, n_tasks = n_blocks * a.n_kv_heads;
+        auto body = [&](int64_t b, int64_t e) {
+            thread_local std::vector<float> scratch;
+            for (int64_t k = b; k < e; ++k) {
+                // later blocks attend to more positions: take them first so the threads end together
+                const int64_t blk = n_blocks - 1 - k / a.n_kv_heads, hk = k % a.n_kv_heads;
+                attend_block<KV>(a, blk * tokens, std::min(a.m, (blk + 1) * tokens), hk, scratch);
+            }
+        };
+        if (pool)
+            pool->parallel_for(n_tasks, 1, body);
+        else
+            body(0, n_tasks);
+        return;
+    }
+#endif
     // Split the positions only when the (token, KV head) pairs are too few to share among threads.
     // A fixed rule, not one on the thread count, so that the result does not depend on it.
     const int64_t span = a.m * a.n_kv_heads >= 16 ? std::numeric_limits<int64_t>::max() : kSpan;
@@ -291,7 +511,6 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
     first.back() = static_cast<int64_t>(tasks.size());
     std::vector<float> partial(tasks.size() * G * (d + 2));
 
-    [[maybe_unused]] const bool simd = cpu_features().avx2 && d % 8 == 0;
     auto body = [&](int64_t b, int64_t e) {
 #ifdef FLEXQUANT_X86
         if (simd) return run_tasks<KV, SpanAvx2<KV>>(a, tasks, partial.data(), b, e);

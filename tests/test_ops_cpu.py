@@ -154,10 +154,13 @@ def test_bitplane_matmul_i16_kernels_agree(path):
     rng = np.random.default_rng(9)
     rows = (1, 4, 6) if path == "decode" else (1, 6, 16, 17, 33, 48, 50, 100)
     try:
-        for n, k, g in [(37, 1664, 128), (20, 896, 64), (11, 384, 32), (9, 2000, 256), (16, 1408, 96)]:
+        # K = 1664 / 896 / 384 / 2000 / 1408 / 768: last super-chunks of 1, 3, 3, 4, 3 and 2 words per lane
+        for n, k, g in [(37, 1664, 128), (20, 896, 64), (11, 384, 32), (9, 2000, 256), (16, 1408, 96),
+                        (13, 768, 128)]:
             planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
             for m in rows:
                 x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100.0, (m, 1))).astype(np.float32)
+                xh = round_i16_reference(x, g)
                 for bits in (8, 5, 2):
                     ys = {}
                     for kind in [reference, *integer]:
@@ -167,8 +170,12 @@ def test_bitplane_matmul_i16_kernels_agree(path):
                         np.testing.assert_allclose(ys[kind], ys[reference], rtol=1e-5,
                                                    atol=1e-5 * np.abs(ys[reference]).max(),
                                                    err_msg=f"{kind}: m={m} bits={bits}")
-                        # and it is an integer kernel that ran: its sums round differently from fp32 ones
+                        # and it is an integer kernel that ran: its sums round differently from the fp32
+                        # kernels' on the same x̂, the reference's and this family's own
                         assert not np.array_equal(ys[kind], ys[reference]), f"{kind}: m={m} bits={bits}"
+                        ops.set_cpu_kernels(kind)
+                        own_f32 = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, xh, path, act="f32")
+                        assert not np.array_equal(ys[kind], own_f32), f"{kind}: m={m} bits={bits}"
     finally:
         ops.set_cpu_kernels(prev)
 
@@ -193,12 +200,16 @@ def test_bitplane_matmul_i16_nonfinite_input_shows(kernels, path):
     n, k, g, b = 24, 640, 128, 8
     rng = np.random.default_rng(10)
     planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), b, g)
-    for bad in (np.nan, np.inf):
-        x = rng.standard_normal((2, k)).astype(np.float32)
-        x[1, 300] = bad
+    # the GEMMs hold 8 or 16 rows per vector: bad rows at the first, last and middle lanes of blocks
+    m, bad_rows = (2, [1]) if path == "decode" else (40, [1, 7, 8, 15, 16, 39])
+    for bad in (np.nan, np.inf, -np.inf):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        for i, r in enumerate(bad_rows):
+            x[r, [300, 0, 639, 127][i % 4]] = bad
         y = ops.bitplane_matmul(planes, qparams, n, k, b, g, 6, x, path, act="i16")
-        assert np.isfinite(y[0]).all(), "a clean row must stay clean"
-        assert not np.isfinite(y[1]).any(), f"{bad} in the input vanished from some outputs"
+        clean = [r for r in range(m) if r not in bad_rows]
+        assert np.isfinite(y[clean]).all(), "a clean row must stay clean"
+        assert not np.isfinite(y[bad_rows]).any(), f"{bad} in the input vanished from some outputs"
 
 
 def test_bitplane_matmul_i16_one_group_over_a_long_row(kernels):
@@ -325,17 +336,33 @@ def test_rms_norm_matches_transformers(shape):
     assert rel_err(y, ref64) < 1e-6
 
 
-def test_swiglu_matches_torch():
+def test_swiglu_matches_torch(kernels):
     import torch
 
     rng = np.random.default_rng(5)
-    g = (rng.standard_normal((3, 1536)) * 4).astype(np.float32)
-    g[0, :4] = [-100.0, -89.0, 89.0, 100.0]  # exp overflow on either side
-    u = rng.standard_normal((3, 1536)).astype(np.float32)
+    g = (rng.standard_normal((3, 1533)) * 4).astype(np.float32)  # n % 8 = 5: a tail on the vector path
+    g[0, :8] = [-100.0, -89.0, 89.0, 100.0, -3e38, -1e30, 3e38, -88.5]  # exp overflow on either side
+    g[2, -3:] = [-95.0, 1e30, -1e38]  # and in the tail
+    u = rng.standard_normal((3, 1533)).astype(np.float32)
     ref = (torch.nn.functional.silu(torch.from_numpy(g)) * torch.from_numpy(u)).numpy()
     y = ops.swiglu(g, u)
     assert np.all(np.isfinite(y))
     np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-7)
+    # -inf: -inf * sigmoid(-inf) = -inf * 0 is NaN, as torch; +inf and NaN pass through
+    special = ops.swiglu(np.array([[-np.inf, np.inf, np.nan, 1.0]], np.float32), np.ones((1, 4), np.float32))
+    want = (torch.nn.functional.silu(torch.tensor([[-np.inf, np.inf, np.nan, 1.0]]))).numpy()
+    np.testing.assert_allclose(special, want, rtol=2e-6, equal_nan=True)
+
+
+def test_swiglu_does_not_depend_on_where_a_call_starts(kernels):
+    """The engine splits a prompt's rows among threads: any split must give the same values."""
+    rng = np.random.default_rng(6)
+    g = (rng.standard_normal(1203) * 6).astype(np.float32)
+    u = rng.standard_normal(1203).astype(np.float32)
+    whole = ops.swiglu(g, u)
+    for cuts in ([150, 301, 700], [1, 2, 3, 997], [8, 16, 1200]):
+        parts = np.concatenate([ops.swiglu(a, b) for a, b in zip(np.split(g, cuts), np.split(u, cuts))])
+        np.testing.assert_array_equal(parts, whole)
 
 
 # ---- rope ---------------------------------------------------------------------------------------
@@ -430,7 +457,7 @@ def attention_reference(q, kc, vc, p0):
 @pytest.mark.parametrize("m,p0", [(1, 0), (1, 37), (6, 0), (7, 20), (1, 700), (3, 530), (9, 0), (40, 13),
                                   (130, 300)])
 @pytest.mark.parametrize("H,Hkv,d", [(6, 2, 64), (4, 4, 40), (3, 1, 36), (2, 1, 128), (4, 2, 200), (9, 3, 64),
-                                     (8, 1, 16)])
+                                     (8, 1, 16), (17, 1, 8)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_attention_matches_reference(kernels, m, p0, H, Hkv, d, dtype):
     rng = np.random.default_rng(m * 100 + p0 + d)

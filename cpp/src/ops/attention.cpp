@@ -385,8 +385,8 @@ void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::ve
             }
         }
     }
-    // softmax numerators per vector over its own positions; zeros after them (never summed: the V
-    // sums stop at each vector's positions)
+    // softmax numerators per vector over its own positions (the raw scores after them are never
+    // read: the V sums stop at each vector's positions)
     std::vector<float> sums(static_cast<size_t>(nv));
     for (int64_t v = 0; v < nv; ++v) {
         float* sv = S + v * t_pad;
@@ -475,10 +475,16 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
     const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim;
     [[maybe_unused]] const bool simd = cpu_features().avx2 && d % 8 == 0;
 #ifdef FLEXQUANT_X86
-    if (simd && a.m >= kPromptRows) {
-        // A prompt: tasks of (a block of tokens, one KV head), about 64 query vectors each; a fixed
-        // split, so the result does not depend on the thread count.
-        const int64_t tokens = std::max<int64_t>(4, 64 / G);
+    if (simd && a.m >= kPromptRows && a.m * a.n_kv_heads >= 16) {
+        // A prompt: tasks of (a block of tokens, one KV head), about 64 query vectors each, fewer
+        // where that would leave under 32 tasks (a short chunk on a long cache: the threads need
+        // work) or make a task's scores (vectors x positions) pass 1M floats (4 MiB of scratch per
+        // thread). A rule on the shapes alone, so the result does not depend on the thread count.
+        // Fewer than 16 (token, KV head) pairs take the per-token path, which splits the positions.
+        const int64_t t_all = a.p0 + a.m;
+        int64_t tokens = std::max<int64_t>(4, 64 / G);
+        tokens = std::min(tokens, std::max<int64_t>(1, a.m * a.n_kv_heads / 32));
+        tokens = std::min(tokens, std::max<int64_t>(1, (int64_t(1) << 20) / (G * (t_all + kKeyBlock))));
         const int64_t n_blocks = (a.m + tokens - 1) / tokens, n_tasks = n_blocks * a.n_kv_heads;
         auto body = [&](int64_t b, int64_t e) {
             thread_local std::vector<float> scratch;

@@ -13,8 +13,9 @@
 //    plane, or one GFNI 8x8 bit transpose for all planes) and multiply them with the activations.
 //  - gemm (larger m): 8 rows are dequantized to fp32 once and dotted with all m activation rows, so
 //    the decode cost is paid once per call instead of once per activation row. On int16 activations
-//    with AVX-512 VNNI (bitplane_matmul_avx512.cpp) the rows become int16 codes instead, multiplied
-//    by 16 activation rows at a time with vpdpwssd.
+//    the rows become int16 codes instead, multiplied by 16 activation rows at a time with vpdpwssd
+//    on AVX-512 VNNI (bitplane_matmul_avx512.cpp), by 8 with vpmaddwd on AVX2
+//    (bitplane_matmul_avx2.cpp).
 // Both walk the planes in their stored order: the activations are permuted once per call to match
 // the layout's word order (word (t, j) of a super-chunk covers K 512s + 128j + 32t).
 
@@ -226,6 +227,27 @@ void bitplane_round_i16(const float* x, int64_t m, int64_t k, int group, float* 
             for (int64_t i = i0; i < i1; ++i) amax = std::max(amax, std::fabs(xr[i]));  // NaN never wins
             const float scale = amax / 32767.0f;
             for (int64_t i = i0; i < i1; ++i) xhat[r * k + i] = round_i16(xr[i], scale);
+        }
+    }
+}
+
+void bitplane_detail::tile_factors(const Job& j, int64_t rt, float code_scale, float* sk, float* mk) {
+    const int shift = j.w->max_bits - j.bits;
+    const float smul = static_cast<float>(1 << shift) * code_scale;
+    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
+    const int64_t ng = j.n_groups;
+    for (int g = 0; g < 8; ++g) {
+        const int64_t n = rt * 8 + g;
+        if (n >= j.w->n) {
+            std::fill(sk + g * ng, sk + (g + 1) * ng, 0.0f);
+            std::fill(mk + g * ng, mk + (g + 1) * ng, 0.0f);
+            continue;
+        }
+        const uint16_t* qp = j.w->qparams + n * ng * 2;
+        for (int64_t gr = 0; gr < ng; ++gr) {
+            const float sc = fp16_to_fp32(qp[2 * gr]), mn = fp16_to_fp32(qp[2 * gr + 1]);
+            sk[g * ng + gr] = sc * smul;
+            mk[g * ng + gr] = mn + sc * mmul;
         }
     }
 }

@@ -85,6 +85,12 @@ float* scratch(size_t n) {
     return buf.data();
 }
 
+int16_t* codes_scratch(size_t n) {  // the int16 GEMM's tile codes, one buffer for every bit-width
+    thread_local std::vector<int16_t> buf;
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
+}
+
 FQ_INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -318,34 +324,12 @@ void tile_codes_natural(const Job& j, int64_t rt, int16_t* wbuf) {
     }
 }
 
-// Tile rt's factors: sk (8, n_groups) = s_k, mk (8, n_groups) = m_k; zeros for rows past N.
-void tile_factors_natural(const Job& j, int64_t rt, float* sk, float* mk) {
-    const int shift = j.w->max_bits - j.bits;
-    const float smul = static_cast<float>(1 << shift);
-    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
-    const int64_t ng = j.n_groups;
-    for (int g = 0; g < 8; ++g) {
-        const int64_t n = rt * 8 + g;
-        if (n >= j.w->n) {
-            std::fill(sk + g * ng, sk + (g + 1) * ng, 0.0f);
-            std::fill(mk + g * ng, mk + (g + 1) * ng, 0.0f);
-            continue;
-        }
-        const uint16_t* qp = j.w->qparams + n * ng * 2;
-        for (int64_t gr = 0; gr < ng; ++gr) {
-            const float sc = _cvtsh_ss(qp[2 * gr]), mn = _cvtsh_ss(qp[2 * gr + 1]);
-            sk[g * ng + gr] = sc * smul;
-            mk[g * ng + gr] = mn + sc * mmul;
-        }
-    }
-}
-
 // acc += the pairwise products of a and b (vpmaddwd, vpaddd), in asm: with the intrinsics GCC 12
 // computed all 8 products first, then copied every accumulator to another register and back and
 // spilled one, in a loop of 16 ymm registers.
 FQ_INLINE void madd_acc(__m256i& acc, __m256i a, __m256i b) {
     __m256i t;
-    asm("vpmaddwd %[b], %[a], %[t]\n\tvpaddd %[t], %[acc], %[acc]"
+    asm("vpmaddwd {%[b], %[a], %[t]|%[t], %[a], %[b]}\n\tvpaddd {%[t], %[acc], %[acc]|%[acc], %[acc], %[t]}"
         : [acc] "+x"(acc), [t] "=&x"(t)
         : [a] "x"(a), [b] "x"(b));
 }
@@ -383,11 +367,11 @@ void gemm_block_i16_avx2(const Job& j, int64_t rt, int g0, int64_t b0, const int
         const __m256 xs0 = _mm256_load_ps(j.xst + (b0 * ng + grp) * 8);
         const __m256 xs1 = MB > 1 ? _mm256_load_ps(j.xst + ((b0 + 1) * ng + grp) * 8) : _mm256_setzero_ps();
 #define FQ_FLUSH1(g, b)                                                                                   \
-    _mm256_store_ps(facc[g][b], _mm256_fmadd_ps(_mm256_cvtepi32_ps(a##g##b), _mm256_mul_ps(sg, xs##b),    \
+    _mm256_store_ps(facc[g][b], _mm256_fmadd_ps(_mm256_cvtepi32_ps(a##g##b), _mm256_mul_ps(skv, xs##b),    \
                                                 _mm256_load_ps(facc[g][b])));
 #define FQ_FLUSH(g)                                               \
     {                                                             \
-        const __m256 sg = _mm256_set1_ps(sk[(g0 + g) * ng + grp]); \
+        const __m256 skv = _mm256_set1_ps(sk[(g0 + g) * ng + grp]); \
         FQ_FLUSH1(g, 0)                                           \
         if (MB > 1) FQ_FLUSH1(g, 1)                               \
     }
@@ -419,22 +403,21 @@ void gemm_block_i16_avx2(const Job& j, int64_t rt, int g0, int64_t b0, const int
 
 template <int BITS>
 void gemm_tiles_i16(const Job& j, int64_t t0, int64_t t1) {
-    thread_local std::vector<int16_t> codes;
-    if (codes.size() < static_cast<size_t>(8 * j.k_pad)) codes.resize(static_cast<size_t>(8 * j.k_pad));
+    int16_t* codes = codes_scratch(static_cast<size_t>(8 * j.k_pad));
     float* sk = scratch(16 * j.n_groups);
     float* mk = sk + 8 * j.n_groups;
     // chunks of blocks outer, as the AVX-512 GEMM: a chunk's activations stay in cache
     for (int64_t c0 = 0; c0 < j.n_blocks; c0 += j.block_chunk) {
         const int64_t c1 = std::min(j.n_blocks, c0 + j.block_chunk);
         for (int64_t rt = t0; rt < t1; ++rt) {
-            tile_codes_natural<BITS>(j, rt, codes.data());
-            tile_factors_natural(j, rt, sk, mk);
+            tile_codes_natural<BITS>(j, rt, codes);
+            tile_factors(j, rt, 1.0f, sk, mk);
             for (int g0 = 0; g0 < 8 && rt * 8 + g0 < j.w->n; g0 += 4)
                 for (int64_t b = c0; b < c1; b += 2) {
                     if (c1 - b >= 2)
-                        gemm_block_i16_avx2<2>(j, rt, g0, b, codes.data(), sk, mk);
+                        gemm_block_i16_avx2<2>(j, rt, g0, b, codes, sk, mk);
                     else
-                        gemm_block_i16_avx2<1>(j, rt, g0, b, codes.data(), sk, mk);
+                        gemm_block_i16_avx2<1>(j, rt, g0, b, codes, sk, mk);
                 }
         }
     }

@@ -54,6 +54,11 @@ float* scratch512(size_t n) {
     if (buf.size() < n) buf.resize(n);
     return buf.data();
 }
+int16_t* codes_scratch(size_t n) {  // a GEMM tile's int16 codes, one buffer for every bit-width
+    thread_local std::vector<int16_t> buf;
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
+}
 
 // Per-row parameters of row tile rt: swx (8, m, n_groups) = s_k[g, group] · 2^(k-8) · xs[r, group]
 // (the factor of a step's int32 sums) and bias (8, m) = Σ_g m_k[g] Σ_{i∈g} x̂[r, i] (fp64 sums).
@@ -249,7 +254,9 @@ void quantize_row_i16(const float* xr, int64_t k, int64_t k_pad, int group, int6
                 const __m512 t = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(live, xr + i), sv),
                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 q = _mm512_cvtps_epi32(_mm512_min_ps(qmax, _mm512_max_ps(qmin, t)));
-                q = _mm512_maskz_mov_epi32(live, q);
+                // lanes past k, and NaN's INT_MIN (its group's sum is NaN anyway): 0, so that the
+                // reduction below adds only in-range values
+                q = _mm512_maskz_mov_epi32(live & ~_mm512_fpclass_ps_mask(_mm512_maskz_loadu_ps(live, xr + i), 0x99), q);
             }
             qsum += _mm512_reduce_add_epi32(q);  // |Σ| <= 16 * 32767 here (a NaN row: xsum is NaN below)
             _mm256_mask_storeu_epi16(q_tmp + i, live, _mm512_cvtsepi32_epi16(q));
@@ -349,34 +356,11 @@ void tile_codes_i16(const Job& j, int64_t rt, int16_t* wbuf) {
     }
 }
 
-// Tile rt's factors: sk (8, n_groups) = s_k · 2^(k-8) (undoes the codes' shift, exactly) and
-// mk (8, n_groups) = m_k; zeros for rows past N.
-void tile_factors_i16(const Job& j, int64_t rt, float* sk, float* mk) {
-    const int shift = j.w->max_bits - j.bits;
-    const float smul = static_cast<float>(1 << shift) / static_cast<float>(1 << (8 - j.bits));
-    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
-    const int64_t ng = j.n_groups;
-    for (int g = 0; g < 8; ++g) {
-        const int64_t n = rt * 8 + g;
-        if (n >= j.w->n) {
-            std::fill(sk + g * ng, sk + (g + 1) * ng, 0.0f);
-            std::fill(mk + g * ng, mk + (g + 1) * ng, 0.0f);
-            continue;
-        }
-        const uint16_t* qp = j.w->qparams + n * ng * 2;
-        for (int64_t gr = 0; gr < ng; ++gr) {
-            const float sc = fp16_to_fp32(qp[2 * gr]), mn = fp16_to_fp32(qp[2 * gr + 1]);
-            sk[g * ng + gr] = sc * smul;
-            mk[g * ng + gr] = mn + sc * mmul;
-        }
-    }
-}
-
 // acc += the pairwise products of a and b (vpdpwssd), in asm: with the intrinsic, GCC 12 copied each
 // loop-carried accumulator of gemm_block_i16 to another register and back around its vpdpwssd, and
 // stored it to the stack on every pass.
 FQ_INLINE void dpwssd_(__m512i& acc, __m512i a, __m512i b) {
-    asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    asm("vpdpwssd {%2, %1, %0|%0, %1, %2}" : "+v"(acc) : "v"(a), "v"(b));  // AT&T | Intel syntax
 }
 
 // y of rows 16 b0 .. 16 (b0 + MB) - 1 (those < m) and the 8 outputs of tile rt. 8 x MB int32
@@ -396,7 +380,7 @@ void gemm_block_i16(const Job& j, int64_t rt, int64_t b0, const int16_t* wbuf, c
         const int64_t p0 = 16 * static_cast<int64_t>(j.seg[3 * sg]), p1 = p0 + 16 * j.seg[3 * sg + 1];
         const int64_t grp = j.seg[3 * sg + 2];
         // Named accumulators acc<g><b>, not an array: GCC kept an acc[8][MB] array (and even 8
-        // per-row arrays) on the stack, loaded and stored around every vpdpwssd.
+        // per-row arrays) on the stack, loaded and stored around every vpdpwssd, asm or not.
 #define FQ_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 #define FQ_ZERO(g) __m512i acc##g##0 = zero, acc##g##1 = zero, acc##g##2 = zero;
         const __m512i zero = _mm512_setzero_si512();
@@ -418,11 +402,11 @@ void gemm_block_i16(const Job& j, int64_t rt, int64_t b0, const int16_t* wbuf, c
         const __m512 xs1 = MB > 1 ? _mm512_load_ps(j.xst + ((b0 + 1) * ng + grp) * 16) : _mm512_setzero_ps();
         const __m512 xs2 = MB > 2 ? _mm512_load_ps(j.xst + ((b0 + 2) * ng + grp) * 16) : _mm512_setzero_ps();
 #define FQ_FLUSH1(g, b)                                                                                     \
-    _mm512_store_ps(facc[g][b], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc##g##b), _mm512_mul_ps(sg, xs##b),    \
+    _mm512_store_ps(facc[g][b], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc##g##b), _mm512_mul_ps(skv, xs##b),    \
                                                 _mm512_load_ps(facc[g][b])));
 #define FQ_FLUSH(g)                                          \
     {                                                        \
-        const __m512 sg = _mm512_set1_ps(sk[g * ng + grp]);  \
+        const __m512 skv = _mm512_set1_ps(sk[g * ng + grp]); \
         FQ_FLUSH1(g, 0)                                      \
         if (MB > 1) FQ_FLUSH1(g, 1)                          \
         if (MB > 2) FQ_FLUSH1(g, 2)                          \
@@ -459,8 +443,7 @@ void gemm_block_i16(const Job& j, int64_t rt, int64_t b0, const int16_t* wbuf, c
 
 template <int BITS>
 void gemm_tiles_i16(const Job& j, int64_t t0, int64_t t1) {
-    thread_local std::vector<int16_t> codes;
-    if (codes.size() < static_cast<size_t>(8 * j.k_pad)) codes.resize(static_cast<size_t>(8 * j.k_pad));
+    int16_t* codes = codes_scratch(static_cast<size_t>(8 * j.k_pad));
     float* sk = scratch512(16 * j.n_groups);
     float* mk = sk + 8 * j.n_groups;
     // Chunks of blocks outer: a tile is decoded once per chunk, and the chunk's activations stay
@@ -468,13 +451,14 @@ void gemm_tiles_i16(const Job& j, int64_t t0, int64_t t1) {
     for (int64_t c0 = 0; c0 < j.n_blocks; c0 += j.block_chunk) {
         const int64_t c1 = std::min(j.n_blocks, c0 + j.block_chunk);
         for (int64_t rt = t0; rt < t1; ++rt) {
-            tile_codes_i16<BITS>(j, rt, codes.data());
-            tile_factors_i16(j, rt, sk, mk);
+            tile_codes_i16<BITS>(j, rt, codes);
+            // codes shifted left by 8 - k: 2^(k-8) undoes it, exactly
+            tile_factors(j, rt, 1.0f / static_cast<float>(1 << (8 - BITS)), sk, mk);
             for (int64_t b = c0; b < c1; b += 3) {
                 switch (std::min<int64_t>(3, c1 - b)) {
-                    case 1: gemm_block_i16<1>(j, rt, b, codes.data(), sk, mk); break;
-                    case 2: gemm_block_i16<2>(j, rt, b, codes.data(), sk, mk); break;
-                    default: gemm_block_i16<3>(j, rt, b, codes.data(), sk, mk); break;
+                    case 1: gemm_block_i16<1>(j, rt, b, codes, sk, mk); break;
+                    case 2: gemm_block_i16<2>(j, rt, b, codes, sk, mk); break;
+                    default: gemm_block_i16<3>(j, rt, b, codes, sk, mk); break;
                 }
             }
         }

@@ -69,9 +69,11 @@ enum BitplaneActivations {
 //   y[r, n] = Σ_g s_k[n,g] Σ_{i∈g} c_k[n,i] x[r,i] + m_k[n,g] Σ_{i∈g} x[r,i]
 // reading only the first `bits` planes and the qparams. Scratch is allocated per call (x permuted
 // to the plane layout's order: m * (ceil(k/128)*128 + 256) floats at most, plus a lookup table on
-// the portable decode path; with BITPLANE_ACT_I16 also x̂, m * k floats, or on the AVX-512 kernels
-// instead of both m * ceil(k/512)*512 int16 (decode) or ceil(m/16)*16 * ceil(k/128)*128 int16 and
-// 3 * ceil(m/16)*16 * n_groups floats (GEMM)). Threads split the row tiles of 8 outputs. Throws
+// the portable decode path; with BITPLANE_ACT_I16 also x̂, m * k floats, or instead of both
+// m * ceil(k/512)*512 int16 on the AVX-512 decode kernel). The int16 GEMMs (AVX-512, AVX2) keep
+// their activations, R * ceil(m/R) * ceil(k/128)*128 int16 (R = 16 or 8 rows per vector), in a
+// buffer per calling thread that grows and is kept (a 2,048-token prompt of K = 14,336: 59 MB), plus
+// 3 * R * ceil(m/R) * n_groups floats per call. Threads split the row tiles of 8 outputs. Throws
 // std::invalid_argument on an inconsistent view (plane_bytes, group_size, bits).
 void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, ThreadPool* pool,
                      BitplaneMatmulPath path = BITPLANE_PATH_AUTO, BitplaneActivations act = BITPLANE_ACT_F32);
@@ -175,6 +177,9 @@ void to_f16(const float* x, int64_t n, uint16_t* out);
 // ---- swiglu (swiglu.cpp) ------------------------------------------------------------------------
 
 // out (n) = silu(gate) * up, silu(g) = g / (1 + exp(-g)). out may equal gate or up.
+// On AVX2 8 at a time, as g · e^g / (1 + e^g) for g < 0 (the same value; exp(-g) would overflow),
+// within ~2e-7 relative of the scalar formula; each element's value does not depend on where the
+// call's range starts.
 void swiglu(const float* gate, const float* up, int64_t n, float* out);
 
 // ---- sampling (sampling.cpp) ---------------------------------------------------------------------
@@ -301,6 +306,11 @@ inline int super_words(const Job& j, int64_t s) {
     const int64_t rest = (j.k_pad - s * 512) / 128;
     return static_cast<int>(rest < 4 ? rest : 4);
 }
+
+// The int16 GEMMs' per-tile factors (bitplane_matmul.cpp): sk (8, n_groups) = s_k · code_scale (the
+// codes' own scale: 2^(k-8) for codes shifted left by 8 - k, else 1; exact), mk (8, n_groups) = m_k;
+// zeros for rows past N.
+void tile_factors(const Job& j, int64_t rt, float code_scale, float* sk, float* mk);
 
 // AVX2 kernels over row tiles [t0, t1) (bitplane_matmul_avx2.cpp); the caller has checked the CPU.
 void decode_tiles_avx2(const Job& j, int64_t t0, int64_t t1);  // xp in WORD_ORDER_DWORD, scaled

@@ -76,8 +76,8 @@ def test_prefill_and_decode_match_transformers(model_pair, bits, numerics):
             steps.append(eng.decode(t)[None])
         inc = np.concatenate(steps)
         assert rel_err(inc, ref) < tol
-        # prompt and decode run different kernels: with int16 activations one multiplies integers,
-        # the other x̂ in fp32, and the fp16 cache turns their rounding apart into 2^-11 steps
+        # prompt and decode run different kernels (the GEMM and the decode kernel, the blocked and the
+        # per-token attention) whose sums round apart, and the fp16 cache turns that into 2^-11 steps
         assert rel_err(inc, full) < (1e-5 if exact else 1e-4)
         assert eng.n_past == len(ids)
 

@@ -60,10 +60,10 @@ RopeParams rope_params(int head_dim, float theta, const std::string& scaling, fl
     return p;
 }
 
-py::array_t<float> py_bitplane_matmul(const py::array& planes_a, const py::array& qparams_a, int64_t n, int64_t k,
-                                      int max_bits, int group_size, int bits, const py::array& x_a,
-                                      const std::string& path, bool threaded, const std::string& act) {
-    if (act != "f32" && act != "i16") throw py::value_error("act: expected 'f32' or 'i16', got '" + act + "'");
+// A BitplaneLinear view of (planes, qparams) after checking their dtypes and shapes; the arrays
+// must outlive it.
+BitplaneLinear linear_view(const py::array& planes_a, const py::array& qparams_a, int64_t n, int64_t k, int max_bits,
+                           int group_size, int bits) {
     auto planes = require<uint8_t>(planes_a, "planes", 2, "(max_bits, plane_bytes)");
     if (!py::isinstance<py::array>(qparams_a) || (qparams_a.dtype().kind() != 'f' && qparams_a.dtype().kind() != 'u') ||
         qparams_a.itemsize() != 2)
@@ -86,6 +86,14 @@ py::array_t<float> py_bitplane_matmul(const py::array& planes_a, const py::array
     w.planes = planes.data();
     w.plane_bytes = static_cast<uint64_t>(planes.shape(1));
     w.qparams = static_cast<const uint16_t*>(qparams_a.data());
+    return w;
+}
+
+py::array_t<float> py_bitplane_matmul(const py::array& planes_a, const py::array& qparams_a, int64_t n, int64_t k,
+                                      int max_bits, int group_size, int bits, const py::array& x_a,
+                                      const std::string& path, bool threaded, const std::string& act) {
+    if (act != "f32" && act != "i16") throw py::value_error("act: expected 'f32' or 'i16', got '" + act + "'");
+    const BitplaneLinear w = linear_view(planes_a, qparams_a, n, k, max_bits, group_size, bits);
     const bool vec = x_a.ndim() == 1;
     auto x = require<float>(x_a, "x", -1, "");
     if (!(x.ndim() == 1 || x.ndim() == 2))
@@ -106,6 +114,52 @@ py::array_t<float> py_bitplane_matmul(const py::array& planes_a, const py::array
         }
     }
     return y;
+}
+
+// linears: (planes, qparams, n) per linear, all of K = k inputs; bits: one per linear.
+py::list py_bitplane_matmul_multi(const py::list& linears, int64_t k, int max_bits, int group_size,
+                                  const std::vector<int>& bits, const py::array& x_a, const std::string& path,
+                                  const std::string& act) {
+    if (act != "f32" && act != "i16") throw py::value_error("act: expected 'f32' or 'i16', got '" + act + "'");
+    const size_t count = linears.size();
+    if (count == 0 || bits.size() != count)
+        throw py::value_error("bits: expected one per linear (" + std::to_string(count) + "), got " +
+                              std::to_string(bits.size()));
+    std::vector<BitplaneLinear> views;
+    std::vector<py::array> keep;  // the arrays the views point into
+    for (size_t i = 0; i < count; ++i) {
+        const py::tuple t = linears[i].cast<py::tuple>();
+        if (t.size() != 3) throw py::value_error("linears: expected (planes, qparams, n) tuples");
+        keep.push_back(t[0].cast<py::array>());
+        keep.push_back(t[1].cast<py::array>());
+        views.push_back(linear_view(keep[keep.size() - 2], keep.back(), t[2].cast<int64_t>(), k, max_bits, group_size,
+                                    bits[i]));
+    }
+    auto x = require<float>(x_a, "x", 2, "(m, k)");
+    expect_dim(x, 1, k, "x", "(m, " + std::to_string(k) + ")");
+    const int64_t m = x.shape(0);
+    std::vector<py::array_t<float>> ys;
+    std::vector<const BitplaneLinear*> ws;
+    std::vector<float*> yp;
+    for (size_t i = 0; i < count; ++i) {
+        ys.emplace_back(std::vector<py::ssize_t>{m, views[i].n});
+        ws.push_back(&views[i]);
+        yp.push_back(ys.back().mutable_data());
+    }
+    const BitplaneMatmulPath p = parse_path(path);
+    {
+        py::gil_scoped_release nogil;
+        try {
+            bitplane_matmul_multi(ws.data(), bits.data(), static_cast<int>(count), x.data(), m, yp.data(),
+                                  &ops_pool(), p, act == "i16" ? BITPLANE_ACT_I16 : BITPLANE_ACT_F32);
+        } catch (const std::invalid_argument& e) {
+            py::gil_scoped_acquire gil;
+            throw py::value_error(e.what());
+        }
+    }
+    py::list out;
+    for (auto& y : ys) out.append(y);
+    return out;
 }
 
 py::array_t<float> py_rms_norm(const py::array& x_a, const py::array& w_a, float eps) {
@@ -292,6 +346,10 @@ void bind_ops(py::module_& parent) {
         "Use at most this kernel family ('avx512', 'gfni', 'avx2' or 'portable'; the CPU may allow less);\n"
         "returns the family in effect.");
 
+    m.def("bitplane_matmul_multi", &py_bitplane_matmul_multi, py::arg("linears"), py::arg("k"), py::arg("max_bits"),
+          py::arg("group_size"), py::arg("bits"), py::arg("x"), py::arg("path") = "auto", py::arg("act") = "f32",
+          "[x @ W_i.T for each linear]: linears a list of (planes, qparams, n) sharing k, bits one per linear;\n"
+          "one call prepares x once for all of them (what the engine does for q, k, v and for gate, up).");
     m.def("bitplane_matmul", &py_bitplane_matmul, py::arg("planes"), py::arg("qparams"), py::arg("n"), py::arg("k"),
           py::arg("max_bits"), py::arg("group_size"), py::arg("bits"), py::arg("x"), py::arg("path") = "auto",
           py::arg("threaded") = true, py::arg("act") = "f32",

@@ -155,7 +155,10 @@ struct Engine::Impl {
     }
     // Runs linear j (index into lin, or lin.size() for the LM head) on x (T, K) -> y (T, N) at
     // the mask's bits or, with rules, at the bits its input asks for; records them in `used`.
-    void linear(size_t j, const float* x, int64_t T, float* y);
+    void linear(size_t j, const float* x, int64_t T, float* y) { linears(j, 1, x, T, &y); }
+    // Linears j0 .. j0 + count - 1 on the same input x (T, K) -> ys[i]: one bitplane_matmul_multi call
+    // when they run the same way (kernel path, activations), else one call each; the same results.
+    void linears(size_t j0, int count, const float* x, int64_t T, float* const* ys);
     const BitplaneLinear& lin_at(size_t j) const { return j < lin.size() ? lin[j] : head; }
     // The mask's bits of every linear, then the LM head's (n_layers * 7 + 1), as `used` orders them.
     std::vector<int32_t> mask_bits() const {
@@ -166,48 +169,70 @@ struct Engine::Impl {
     uint64_t bytes_at(const std::vector<int32_t>& b) const;
 };
 
-void Engine::Impl::linear(size_t j, const float* x, int64_t T, float* y) {
-    const BitplaneLinear& w = lin_at(j);
-    const int64_t K = w.k;
-    if (collect) {
-        std::vector<double>& e = energy[j];
-        for (int64_t t = 0; t < T; ++t)
-            for (int64_t i = 0; i < K; ++i) e[i] += static_cast<double>(x[t * K + i]) * x[t * K + i];
-        energy_n[j] += T;
-    }
-    int b = j < lin.size() ? bits[j] : head_bits;
-    if (rules) {
-        // predicted loss of each level: one pass over the input energy per level (levels * K
-        // flops: under 1.5% of the N * K matrix-vector product for N >= 500)
-        const int levels = rule_max - rule_min + 1;
-        const float* cost = rule_cost[j].data();
-        int best_all = rule_min;
-        for (int64_t t = 0; t < T; ++t) {
-            const float* h = x + t * K;
-            double best = 0.0;
-            int best_k = rule_min;
-            for (int l = 0; l < levels; ++l) {
-                const float* c = cost + static_cast<int64_t>(l) * K;
-                double acc = 0.0;
-                for (int64_t i = 0; i < K; ++i) acc += static_cast<double>(c[i]) * h[i] * h[i];
-                const double total = acc + lambda * static_cast<double>(w.n) * static_cast<double>(w.k) * (rule_min + l);
-                if (l == 0 || total < best) {
-                    best = total;
-                    best_k = rule_min + l;
-                }
-            }
-            best_all = std::max(best_all, best_k);
+void Engine::Impl::linears(size_t j0, int count, const float* x, int64_t T, float* const* ys) {
+    int b_of[8];
+    if (count < 1 || count > 8) throw Error(cat("linears: count = ", count, " must be in 1..8"));
+    for (int i = 0; i < count; ++i) {
+        const size_t j = j0 + i;
+        const BitplaneLinear& w = lin_at(j);
+        const int64_t K = w.k;
+        if (collect) {
+            std::vector<double>& e = energy[j];
+            for (int64_t t = 0; t < T; ++t)
+                for (int64_t k = 0; k < K; ++k) e[k] += static_cast<double>(x[t * K + k]) * x[t * K + k];
+            energy_n[j] += T;
         }
-        b = best_all;
+        int b = j < lin.size() ? bits[j] : head_bits;
+        if (rules) {
+            // predicted loss of each level: one pass over the input energy per level (levels * K
+            // flops: under 1.5% of the N * K matrix-vector product for N >= 500)
+            const int levels = rule_max - rule_min + 1;
+            const float* cost = rule_cost[j].data();
+            int best_all = rule_min;
+            for (int64_t t = 0; t < T; ++t) {
+                const float* h = x + t * K;
+                double best = 0.0;
+                int best_k = rule_min;
+                for (int l = 0; l < levels; ++l) {
+                    const float* c = cost + static_cast<int64_t>(l) * K;
+                    double acc = 0.0;
+                    for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(c[k]) * h[k] * h[k];
+                    const double total =
+                        acc + lambda * static_cast<double>(w.n) * static_cast<double>(w.k) * (rule_min + l);
+                    if (l == 0 || total < best) {
+                        best = total;
+                        best_k = rule_min + l;
+                    }
+                }
+                best_all = std::max(best_all, best_k);
+            }
+            b = best_all;
+        }
+        used[j] = b;
+        b_of[i] = b;
     }
-    used[j] = b;
-    if (act_bits[j] != 0) {
-        if (xq.size() < static_cast<size_t>(T * K)) xq.resize(static_cast<size_t>(T * K));
-        quantize_activations(x, T, K, w.group_size, act_bits[j], xq.data());
-        x = xq.data();
+    auto path_of = [&](int i) { return T <= decode_max[j0 + i][b_of[i]] ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM; };
+    bool together = count > 1;
+    for (int i = 0; i < count && together; ++i)
+        together = act_bits[j0 + i] == 0 && path_of(i) == path_of(0) && matmul_act(j0 + i) == matmul_act(j0) &&
+                   lin_at(j0 + i).k == lin_at(j0).k && lin_at(j0 + i).group_size == lin_at(j0).group_size;
+    if (together) {
+        const BitplaneLinear* ws[8];
+        for (int i = 0; i < count; ++i) ws[i] = &lin_at(j0 + i);
+        bitplane_matmul_multi(ws, b_of, count, x, T, ys, &pool, path_of(0), matmul_act(j0));
+        return;
     }
-    bitplane_matmul(w, b, x, T, y, &pool, T <= decode_max[j][b] ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM,
-                    matmul_act(j));
+    for (int i = 0; i < count; ++i) {
+        const size_t j = j0 + i;
+        const BitplaneLinear& w = lin_at(j);
+        const float* xi = x;
+        if (act_bits[j] != 0) {
+            if (xq.size() < static_cast<size_t>(T * w.k)) xq.resize(static_cast<size_t>(T * w.k));
+            quantize_activations(x, T, w.k, w.group_size, act_bits[j], xq.data());
+            xi = xq.data();
+        }
+        bitplane_matmul(w, b_of[i], xi, T, ys[i], &pool, path_of(i), matmul_act(j));
+    }
 }
 
 uint64_t Engine::Impl::bytes_at(const std::vector<int32_t>& b) const {
@@ -820,9 +845,8 @@ void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs,
         rows(T, [&](int64_t t0, int64_t t1) {
             rms_norm(x.data() + t0 * D, attn_norm[l], t1 - t0, D, c.rms_norm_eps, h.data() + t0 * D);
         });
-        linear(j0 + 0, h.data(), T, q.data());
-        linear(j0 + 1, h.data(), T, kx.data());
-        linear(j0 + 2, h.data(), T, vx.data());
+        float* qkv[3] = {q.data(), kx.data(), vx.data()};
+        linears(j0 + 0, 3, h.data(), T, qkv);
         rope_(rope, q.data(), H, kx.data(), Hkv, pos, T);
         for (int64_t t = 0; t < T; ++t) {
             const uint64_t off = kv_offset(seqs[t], pos[t]);
@@ -852,8 +876,8 @@ void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs,
         rows(T, [&](int64_t t0, int64_t t1) {
             rms_norm(x.data() + t0 * D, ffn_norm[l], t1 - t0, D, c.rms_norm_eps, h.data() + t0 * D);
         });
-        linear(j0 + 4, h.data(), T, g.data());
-        linear(j0 + 5, h.data(), T, u.data());
+        float* gate_up[2] = {g.data(), u.data()};
+        linears(j0 + 4, 2, h.data(), T, gate_up);
         rows(T, [&](int64_t t0, int64_t t1) {
             swiglu(g.data() + t0 * F, u.data() + t0 * F, (t1 - t0) * F, g.data() + t0 * F);
         });

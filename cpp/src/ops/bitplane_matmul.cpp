@@ -414,6 +414,13 @@ uint64_t bitplane_bytes_at(const BitplaneLinear& w, int bits) {
 
 void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, ThreadPool* pool,
                      BitplaneMatmulPath path, BitplaneActivations act) {
+    const BitplaneLinear* ws[1] = {&w};
+    bitplane_matmul_multi(ws, &bits, 1, x, m, &y, pool, path, act);
+}
+
+namespace {
+
+void check_view(const BitplaneLinear& w, int bits) {
     check(w.n > 0 && w.k > 0, "n and k must be positive, got n=" + std::to_string(w.n) + ", k=" + std::to_string(w.k));
     check(w.max_bits >= 2 && w.max_bits <= 8, "max_bits must be in 2..8, got " + std::to_string(w.max_bits));
     check(w.group_size > 0 && w.group_size % 32 == 0,
@@ -424,7 +431,27 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
     check(w.plane_bytes == static_cast<uint64_t>(n_pad * k_pad / 8),
           "plane_bytes must be " + std::to_string(n_pad * k_pad / 8) + " for n=" + std::to_string(w.n) +
               ", k=" + std::to_string(w.k) + ", got " + std::to_string(w.plane_bytes));
-    check(w.planes && w.qparams && x && y, "null pointer");
+    check(w.planes && w.qparams, "null pointer");
+}
+
+}  // namespace
+
+void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, int count, const float* x, int64_t m,
+                           float* const* ys, ThreadPool* pool, BitplaneMatmulPath path, BitplaneActivations act) {
+    check(count >= 1 && ws && bits_of && ys, "need at least one linear, got count=" + std::to_string(count));
+    for (int i = 0; i < count; ++i) {
+        check(ws[i] != nullptr && ys[i] != nullptr, "null pointer");
+        check_view(*ws[i], bits_of[i]);
+        check(ws[i]->k == ws[0]->k && ws[i]->group_size == ws[0]->group_size,
+              "the linears of one call must share k and group_size, got k=" + std::to_string(ws[i]->k) +
+                  ", group_size=" + std::to_string(ws[i]->group_size) + " after k=" + std::to_string(ws[0]->k) +
+                  ", group_size=" + std::to_string(ws[0]->group_size));
+    }
+    const BitplaneLinear& w = *ws[0];
+    const int bits = bits_of[0];
+    float* y = ys[0];
+    const int64_t n_pad = ceil_to(w.n, 8), k_pad = ceil_to(w.k, 128);
+    check(x != nullptr, "null pointer");
     check(m >= 0, "m must be >= 0");
     check(act == BITPLANE_ACT_F32 || act == BITPLANE_ACT_I16, "act must be F32 or I16, got " + std::to_string(act));
     if (m == 0) return;
@@ -541,31 +568,49 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
         build_luts(xp.data(), m, k_pad, j.x_stride, lut.data());
     }
 
+    // One job per linear: the activations above are shared, the weights and outputs are each one's.
+    std::vector<Job> jobs(static_cast<size_t>(count), j);
+    std::vector<int64_t> first(static_cast<size_t>(count) + 1, 0);  // global index of each one's tile 0
+    for (int i = 0; i < count; ++i) {
+        jobs[i].w = ws[i];
+        jobs[i].bits = bits_of[i];
+        jobs[i].n_tiles = ceil_to(ws[i]->n, 8) / 8;
+        jobs[i].y = ys[i];
+        first[i + 1] = first[i] + jobs[i].n_tiles;
+    }
+    const int64_t n_tiles = first[count];
+
     const int threads = pool ? pool->num_threads() : 1;
     // A few chunks per thread so that a slow thread does not hold up the call.
-    const int64_t grain = std::max<int64_t>(1, j.n_tiles / (threads * 4));
-    auto body = [&](int64_t t0, int64_t t1) {
+    const int64_t grain = std::max<int64_t>(1, n_tiles / (threads * 4));
+    auto tiles = [&](const Job& jb, int64_t t0, int64_t t1) {
 #ifdef FLEXQUANT_X86
         if (path == BITPLANE_PATH_DECODE) {
-            if (i16_kernel) return decode_tiles_i16_avx512(j, t0, t1);
-            if (gfni) return decode_tiles_gfni(j, t0, t1);
-            if (avx2) return decode_tiles_avx2(j, t0, t1);
+            if (i16_kernel) return decode_tiles_i16_avx512(jb, t0, t1);
+            if (gfni) return decode_tiles_gfni(jb, t0, t1);
+            if (avx2) return decode_tiles_avx2(jb, t0, t1);
         } else {
-            if (i16_gemm) return gemm_tiles_i16_avx512(j, t0, t1);
-            if (i16_gemm_avx2) return gemm_tiles_i16_avx2(j, t0, t1);
-            if (gfni) return gemm_tiles_gfni(j, t0, t1);
-            if (avx2) return gemm_tiles_avx2(j, t0, t1);
+            if (i16_gemm) return gemm_tiles_i16_avx512(jb, t0, t1);
+            if (i16_gemm_avx2) return gemm_tiles_i16_avx2(jb, t0, t1);
+            if (gfni) return gemm_tiles_gfni(jb, t0, t1);
+            if (avx2) return gemm_tiles_avx2(jb, t0, t1);
         }
 #endif
         if (path == BITPLANE_PATH_DECODE)
-            decode_tiles_portable(j, lut.data(), t0, t1);
+            decode_tiles_portable(jb, lut.data(), t0, t1);
         else
-            gemm_tiles_portable(j, t0, t1);
+            gemm_tiles_portable(jb, t0, t1);
+    };
+    auto body = [&](int64_t t0, int64_t t1) {  // global tiles [t0, t1): the parts of each linear's
+        for (int i = 0; i < count; ++i) {
+            const int64_t a = std::max(t0, first[i]), b = std::min(t1, first[i + 1]);
+            if (a < b) tiles(jobs[i], a - first[i], b - first[i]);
+        }
     };
     if (pool)
-        pool->parallel_for(j.n_tiles, grain, body);
+        pool->parallel_for(n_tiles, grain, body);
     else
-        body(0, j.n_tiles);
+        body(0, n_tiles);
 }
 
 }  // namespace flexquant

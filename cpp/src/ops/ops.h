@@ -78,6 +78,14 @@ enum BitplaneActivations {
 void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t m, float* y, ThreadPool* pool,
                      BitplaneMatmulPath path = BITPLANE_PATH_AUTO, BitplaneActivations act = BITPLANE_ACT_F32);
 
+// The same for `count` linears that read the same x (q, k and v; gate and up): ys[i] (m, ws[i]->n) =
+// x · W_i,bits[i]ᵀ, exactly what one bitplane_matmul per linear gives. The activations are prepared
+// once and one parallel_for runs every linear's tiles; for a decode step's small linears those are
+// a large part of a call. The linears must share k and group_size.
+void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits, int count, const float* x, int64_t m,
+                           float* const* ys, ThreadPool* pool, BitplaneMatmulPath path = BITPLANE_PATH_AUTO,
+                           BitplaneActivations act = BITPLANE_ACT_F32);
+
 // xhat (m, k) = x̂, the int16 rounding of x (m, k) per row and group of `group` columns that
 // bitplane_matmul multiplies with BITPLANE_ACT_I16 (non-finite elements kept as they are). xhat
 // may equal x.

@@ -226,26 +226,34 @@ def test_bitplane_matmul_i16_one_group_over_a_long_row(kernels):
 
 @pytest.mark.parametrize("act", ["f32", "i16"])
 @pytest.mark.parametrize("path", ["decode", "gemm"])
-def test_bitplane_matmul_multi_equals_one_call_per_linear(kernels, path, act):
+def test_bitplane_matmul_multi_equals_one_call_per_linear(kernels, threads, path, act):
     """q, k, v (or gate, up) in one call: the same bits as one bitplane_matmul each, whatever their
-    sizes and bit-widths; tiles of one linear may share a thread's chunk with another's."""
+    sizes and bit-widths, on 1 to 16 threads (with few threads a thread's chunk of tiles spans two
+    linears)."""
     k, g = 640, 64
     rng = np.random.default_rng(14)
     lins = []
     for n in (37, 8, 130):
         planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
         lins.append((planes, qparams, n))
-    for m in (1, 3, 21):
-        x = rng.standard_normal((m, k)).astype(np.float32)
-        bits = [8, 3, 5]
-        ys = ops.bitplane_matmul_multi(lins, k, 8, g, bits, x, path, act=act)
-        for (planes, qparams, n), b, y in zip(lins, bits, ys):
-            np.testing.assert_array_equal(y, ops.bitplane_matmul(planes, qparams, n, k, 8, g, b, x, path, act=act))
+    for t in (1, 2, 3, 16):
+        ops.set_num_threads(t)
+        for m in (1, 3, 21):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            bits = [8, 3, 5]
+            ys = ops.bitplane_matmul_multi(lins, k, 8, g, bits, x, path, act=act)
+            for (planes, qparams, n), b, y in zip(lins, bits, ys):
+                want = ops.bitplane_matmul(planes, qparams, n, k, 8, g, b, x, path, act=act)
+                np.testing.assert_array_equal(y, want, err_msg=f"threads={t} m={m}")
     other = bitplane.quantize_to_planes(rng.standard_normal((8, 128)).astype(np.float32), 8, g)
     with pytest.raises(ValueError, match="qparams: expected shape"):  # a linear of another K
         ops.bitplane_matmul_multi([lins[0], (*other, 8)], k, 8, g, [8, 8], x, path, act=act)
     with pytest.raises(ValueError, match="one per linear"):
         ops.bitplane_matmul_multi(lins, k, 8, g, [8, 8], x, path, act=act)
+    with pytest.raises(ValueError, match="at least one"):
+        ops.bitplane_matmul_multi([], k, 8, g, [], x, path, act=act)
+    with pytest.raises(TypeError, match=r"linears\[1\]"):
+        ops.bitplane_matmul_multi([lins[0], (lins[1][0], lins[1][1], "8")], k, 8, g, [8, 8], x, path, act=act)
 
 
 def test_bitplane_matmul_bad_act_is_named():

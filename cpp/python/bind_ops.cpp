@@ -122,14 +122,20 @@ py::list py_bitplane_matmul_multi(const py::list& linears, int64_t k, int max_bi
                                   const std::string& act) {
     if (act != "f32" && act != "i16") throw py::value_error("act: expected 'f32' or 'i16', got '" + act + "'");
     const size_t count = linears.size();
-    if (count == 0 || bits.size() != count)
+    if (count == 0) throw py::value_error("linears: need at least one (planes, qparams, n)");
+    if (bits.size() != count)
         throw py::value_error("bits: expected one per linear (" + std::to_string(count) + "), got " +
                               std::to_string(bits.size()));
     std::vector<BitplaneLinear> views;
     std::vector<py::array> keep;  // the arrays the views point into
+    views.reserve(count);
     for (size_t i = 0; i < count; ++i) {
-        const py::tuple t = linears[i].cast<py::tuple>();
-        if (t.size() != 3) throw py::value_error("linears: expected (planes, qparams, n) tuples");
+        const std::string at = "linears[" + std::to_string(i) + "]";
+        if (!py::isinstance<py::sequence>(linears[i]) || py::len(linears[i]) != 3)
+            throw py::type_error(at + ": expected (planes, qparams, n)");
+        const py::sequence t = linears[i].cast<py::sequence>();
+        if (!py::isinstance<py::array>(t[0]) || !py::isinstance<py::array>(t[1]) || !py::isinstance<py::int_>(t[2]))
+            throw py::type_error(at + ": expected (planes: ndarray, qparams: ndarray, n: int)");
         keep.push_back(t[0].cast<py::array>());
         keep.push_back(t[1].cast<py::array>());
         views.push_back(linear_view(keep[keep.size() - 2], keep.back(), t[2].cast<int64_t>(), k, max_bits, group_size,

@@ -272,7 +272,9 @@ inline void with_bits(int bits, F&& f) {
     }
 }
 
-// One call's shared state: geometry plus the activations in the order the kernel reads them.
+// One linear's job in a call: its weights, bit-width, tiles and output (w, bits, n_tiles, y), and the
+// call's shared geometry and activations in the order the kernel reads them (the same in every job of
+// a bitplane_matmul_multi call, whose linears share k and group_size).
 struct Job {
     const BitplaneLinear* w;
     int bits;

@@ -423,6 +423,33 @@ void gemm_tiles_i16(const Job& j, int64_t t0, int64_t t1) {
     }
 }
 
+// The largest |x| of xr[i0, i1), as std::max(amax, |x|) element by element (max_ps returns its second
+// operand when either is NaN: NaN never wins); with `bad`, also whether any element is NaN or inf.
+// The group scale of BITPLANE_ACT_I16's rounding: quantize_i16_avx2 and prepare_i16_gemm_avx2.
+float group_absmax(const float* xr, int64_t i0, int64_t i1, bool* bad) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 big = _mm256_set1_ps(3.40282347e38f);  // FLT_MAX: |x| <= it <=> x finite
+    __m256 am = _mm256_setzero_ps();
+    __m256 nonfinite = _mm256_setzero_ps();
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xr + i), abs_mask);
+        am = _mm256_max_ps(a, am);
+        if (bad) nonfinite = _mm256_or_ps(nonfinite, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, am);
+    float amax = 0.0f;
+    for (float v : lanes) amax = std::max(amax, v);
+    bool any_bad = _mm256_movemask_ps(nonfinite) != 0;
+    for (; i < i1; ++i) {
+        amax = std::max(amax, std::fabs(xr[i]));
+        any_bad |= !std::isfinite(xr[i]);
+    }
+    if (bad) *bad = any_bad;
+    return amax;
+}
+
 }  // namespace
 
 void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat) {
@@ -435,16 +462,8 @@ void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* x
             const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
             const float* xr = x + r * k;
             float* out = xhat + r * k;
-            // max_ps returns its second operand when either is NaN: NaN never wins, as std::max(amax, |x|)
-            __m256 am = _mm256_setzero_ps();
-            int64_t i = i0;
-            for (; i + 8 <= i1; i += 8) am = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xr + i), abs_mask), am);
-            alignas(32) float lanes[8];
-            _mm256_store_ps(lanes, am);
-            float amax = 0.0f;
-            for (float v : lanes) amax = std::max(amax, v);
-            for (; i < i1; ++i) amax = std::max(amax, std::fabs(xr[i]));
-            const float scale = amax / 32767.0f;
+            const float scale = group_absmax(xr, i0, i1, nullptr) / 32767.0f;
+            int64_t i;
             const __m256 sv = _mm256_set1_ps(scale);
             const bool any = scale > 0.0f;
             for (i = i0; i + 8 <= i1; i += 8) {
@@ -466,9 +485,7 @@ void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, 
                            float* xst, double* xsumt) {
     const int group = j.w->group_size;
     const int64_t ng = j.n_groups, half = j.k_pad / 2;
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 qmax = _mm256_set1_ps(32767.0f), qmin = _mm256_set1_ps(-32767.0f);
-    const __m256 big = _mm256_set1_ps(3.40282347e38f);  // FLT_MAX: |x| <= it <=> x finite
     thread_local std::vector<int32_t> q_buf;  // (k_pad) q, one per int32 (natural K order)
     if (q_buf.size() < static_cast<size_t>(j.k_pad)) q_buf.resize(static_cast<size_t>(j.k_pad));
     int32_t* q = q_buf.data();
@@ -479,26 +496,11 @@ void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, 
             const float* xr = x + r * k;
             for (int64_t g = 0; g < ng; ++g) {
                 const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
-                // as quantize_i16_avx2 (max_ps: NaN never wins), and a non-finite element makes
-                // the group's sum NaN so that y shows it
-                __m256 am = _mm256_setzero_ps();
+                // a non-finite element makes the group's sum NaN, so that y shows it
                 bool bad = false;
-                int64_t i = i0;
-                for (; i + 8 <= i1; i += 8) {
-                    const __m256 v = _mm256_loadu_ps(xr + i);
-                    am = _mm256_max_ps(_mm256_and_ps(v, abs_mask), am);
-                    bad |= _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v, abs_mask), big, _CMP_NLE_UQ)) != 0;
-                }
-                alignas(32) float lanes[8];
-                _mm256_store_ps(lanes, am);
-                float amax = 0.0f;
-                for (float v : lanes) amax = std::max(amax, v);
-                for (; i < i1; ++i) {
-                    amax = std::max(amax, std::fabs(xr[i]));
-                    bad |= !std::isfinite(xr[i]);
-                }
-                const float scale = amax / 32767.0f;
+                const float scale = group_absmax(xr, i0, i1, &bad) / 32767.0f;
                 int64_t qsum = 0;
+                int64_t i;
                 if (scale > 0.0f) {
                     const __m256 sv = _mm256_set1_ps(scale);
                     __m256i acc = _mm256_setzero_si256();  // |Σ| <= group / 8 * 32767 per lane: int32 is

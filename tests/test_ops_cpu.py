@@ -488,8 +488,10 @@ def attention_reference(q, kc, vc, p0):
 # position 0 or 13, and 130 after 300 cached positions (several token blocks, partial key blocks).
 @pytest.mark.parametrize("m,p0", [(1, 0), (1, 37), (6, 0), (7, 20), (1, 700), (3, 530), (9, 0), (40, 13),
                                   (130, 300)])
+# Group sizes H / Hkv of 1 to 17: the AVX2 decode kernels take up to 4 heads per pass (3, 4, 5 = 4 + 1,
+# 8 = 4 + 4, 17 = 4 x 4 + 1), with their own row and column tiles per pass.
 @pytest.mark.parametrize("H,Hkv,d", [(6, 2, 64), (4, 4, 40), (3, 1, 36), (2, 1, 128), (4, 2, 200), (9, 3, 64),
-                                     (8, 1, 16), (17, 1, 8)])
+                                     (8, 1, 16), (17, 1, 8), (8, 2, 24), (10, 2, 40)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_attention_matches_reference(kernels, m, p0, H, Hkv, d, dtype):
     rng = np.random.default_rng(m * 100 + p0 + d)
@@ -509,6 +511,11 @@ def test_attention_matches_reference(kernels, m, p0, H, Hkv, d, dtype):
     assert rel_err(out, ref) < max(2e-6, 4 * base)
     single = ops.attention(q, kc, vc, p0, threaded=False)
     np.testing.assert_array_equal(out, single)
+    # The engine's head-major cache (n_kv_heads, t_max, d): the same rows at other addresses, so the
+    # same operations and the same result, bit for bit.
+    heads = ops.attention(q, np.ascontiguousarray(kc.transpose(1, 0, 2)), np.ascontiguousarray(vc.transpose(1, 0, 2)),
+                          p0, layout="heads")
+    np.testing.assert_array_equal(heads, out)
 
 
 @pytest.mark.parametrize("m", [2, 45])
@@ -534,6 +541,14 @@ def test_attention_rejects_bad_arguments():
         ops.attention(np.ones((2, 3, 8), np.float32), kc, kc, 0)
     with pytest.raises(TypeError, match="v_cache"):
         ops.attention(q, kc, kc.astype(np.float16), 0)
+    # head-major caches (n_kv_heads, t_max, d): the layout names the axes that are checked
+    kh = np.ones((2, 3, 8), np.float32)
+    with pytest.raises(ValueError, match=r"k_cache: expected shape \(n_kv_heads, t_max >= 4, 8\)"):
+        ops.attention(q, kh, kh, 2, layout="heads")
+    with pytest.raises(ValueError, match="v_cache.*both the same"):
+        ops.attention(q[:1], kh, np.ones((2, 4, 8), np.float32), 2, layout="heads")
+    with pytest.raises(ValueError, match="layout: expected 'tokens' or 'heads', got 'rows'"):
+        ops.attention(q, kc, kc, 0, layout="rows")
 
 
 # ---- sampling -----------------------------------------------------------------------------------

@@ -214,18 +214,26 @@ py::tuple py_rope(const py::array& q_a, const py::object& k_o, const py::array& 
 }
 
 py::array_t<float> py_attention(const py::array& q_a, const py::array& kc_a, const py::array& vc_a, int64_t p0,
-                                bool threaded) {
+                                bool threaded, const std::string& layout) {
     auto q = require<float>(q_a, "q", 3, "(m, n_heads, head_dim)");
     const int64_t m = q.shape(0), h = q.shape(1), d = q.shape(2);
+    if (layout != "tokens" && layout != "heads")
+        throw py::value_error("layout: expected 'tokens' or 'heads', got '" + layout + "'");
+    const bool heads = layout == "heads";  // (n_kv_heads, t_max, head_dim), else (t_max, n_kv_heads, head_dim)
+    const int t_axis = heads ? 1 : 0, h_axis = heads ? 0 : 1;
     const bool f16 = kc_a.dtype().kind() == 'f' && kc_a.itemsize() == 2;
     if (kc_a.ndim() != 3 || vc_a.ndim() != 3)
-        throw py::value_error("k_cache, v_cache: expected shape (t_max, n_kv_heads, head_dim)");
-    const int64_t hkv = kc_a.shape(1);
-    const std::string cshape = "(t_max >= " + std::to_string(p0 + m) + ", n_kv_heads, " + std::to_string(d) + ")";
+        throw py::value_error(std::string("k_cache, v_cache: expected shape ") +
+                              (heads ? "(n_kv_heads, t_max, head_dim)" : "(t_max, n_kv_heads, head_dim)"));
+    const int64_t hkv = kc_a.shape(h_axis), t_max = kc_a.shape(t_axis);
+    const std::string tdim = "t_max >= " + std::to_string(p0 + m);
+    const std::string cshape = heads ? "(n_kv_heads, " + tdim + ", " + std::to_string(d) + ")"
+                                     : "(" + tdim + ", n_kv_heads, " + std::to_string(d) + ")";
     for (const py::array* c : {&kc_a, &vc_a}) {
         const char* name = c == &kc_a ? "k_cache" : "v_cache";
-        if (c->shape(0) < p0 + m || c->shape(1) != hkv || c->shape(2) != d)
-            throw py::value_error(std::string(name) + ": expected shape " + cshape + ", got " + shape_str(*c));
+        if (c->shape(t_axis) < p0 + m || c->shape(t_axis) != t_max || c->shape(h_axis) != hkv || c->shape(2) != d)
+            throw py::value_error(std::string(name) + ": expected shape " + cshape + " (both the same), got " +
+                                  shape_str(*c));
         if (!(c->flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
         const bool ok = f16 ? (c->dtype().kind() == 'f' && c->itemsize() == 2) : c->dtype().is(py::dtype::of<float>());
         if (!ok)
@@ -234,15 +242,16 @@ py::array_t<float> py_attention(const py::array& q_a, const py::array& kc_a, con
     }
     if (p0 < 0) throw py::value_error("p0: must be >= 0");
     if (hkv <= 0 || h % hkv) throw py::value_error("n_heads must be a multiple of n_kv_heads");
+    const KvStrides kv = heads ? KvStrides::head_major(t_max, d) : KvStrides::token_major(hkv, d);
     py::array_t<float> out(std::vector<py::ssize_t>{m, h, d});
     ThreadPool* pool = threaded ? &ops_pool() : nullptr;
     py::gil_scoped_release nogil;
     if (f16)
         attention_f16(q.data(), static_cast<const uint16_t*>(kc_a.data()), static_cast<const uint16_t*>(vc_a.data()), m,
-                      p0, h, hkv, d, out.mutable_data(), pool);
+                      p0, h, hkv, d, kv, out.mutable_data(), pool);
     else
         attention(q.data(), static_cast<const float*>(kc_a.data()), static_cast<const float*>(vc_a.data()), m, p0, h,
-                  hkv, d, out.mutable_data(), pool);
+                  hkv, d, kv, out.mutable_data(), pool);
     return out;
 }
 
@@ -396,9 +405,10 @@ void bind_ops(py::module_& parent) {
         py::arg("low_freq_factor") = 1.0f, py::arg("high_freq_factor") = 4.0f, py::arg("original_max_position") = 8192,
         "The (head_dim/2,) float32 inverse frequencies rope uses.");
     m.def("attention", &py_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("p0"),
-          py::arg("threaded") = true,
-          "Causal GQA of q (m, n_heads, d) at positions p0.. over caches (t_max, n_kv_heads, d) float32 or\n"
-          "float16 holding positions 0..p0+m-1; returns (m, n_heads, d) float32.");
+          py::arg("threaded") = true, py::arg("layout") = "tokens",
+          "Causal GQA of q (m, n_heads, d) at positions p0.. over caches float32 or float16 holding\n"
+          "positions 0..p0+m-1: (t_max, n_kv_heads, d) with layout='tokens', (n_kv_heads, t_max, d) with\n"
+          "layout='heads' (the engine's). Returns (m, n_heads, d) float32.");
     m.def("swiglu", &py_swiglu, py::arg("gate"), py::arg("up"), "silu(gate) * up, float32, same shapes.");
     m.def(
         "round_activations_i16",

@@ -89,7 +89,8 @@ struct Engine::Impl {
     std::vector<int32_t> bits;  // (n_layers, 7)
     int head_bits = 0;
 
-    // KV cache: per layer (n_seq, n_ctx, n_kv_heads, head_dim), fp32 or fp16 bit patterns.
+    // KV cache: per layer (n_seq, n_kv_heads, n_ctx, head_dim), fp32 or fp16 bit patterns. Head-major
+    // (KvStrides::head_major, ops.h): a decode step reads each KV head's rows as one stream.
     // Allocated without initialisation so untouched positions (and sequences) cost no memory.
     std::vector<std::unique_ptr<float[]>> k32, v32;
     std::vector<std::unique_ptr<uint16_t[]>> k16, v16;
@@ -150,8 +151,9 @@ struct Engine::Impl {
     // pos[t]. prefill: all rows are one sequence at consecutive positions (one causal attention
     // block); else each row attends to its own sequence alone (batched decode). Leaves x (T, D).
     void layers(const int32_t* tokens, int64_t T, const int32_t* seqs, const int64_t* pos, bool prefill);
-    uint64_t kv_offset(int seq, int64_t pos) const {
-        return (static_cast<uint64_t>(seq) * n_ctx + pos) * cfg->n_kv_heads * cfg->head_dim;
+    // Element offset of K[pos] of KV head hk of sequence seq in a layer's cache (V the same).
+    uint64_t kv_offset(int seq, int64_t hk, int64_t pos) const {
+        return ((static_cast<uint64_t>(seq) * cfg->n_kv_heads + hk) * n_ctx + pos) * cfg->head_dim;
     }
     // Runs linear j (index into lin, or lin.size() for the LM head) on x (T, K) -> y (T, N) at
     // the mask's bits or, with rules, at the bits its input asks for; records them in `used`.
@@ -848,27 +850,31 @@ void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs,
         float* qkv[3] = {q.data(), kx.data(), vx.data()};
         linears(j0 + 0, 3, h.data(), T, qkv);
         rope_(rope, q.data(), H, kx.data(), Hkv, pos, T);
-        for (int64_t t = 0; t < T; ++t) {
-            const uint64_t off = kv_offset(seqs[t], pos[t]);
-            if (kv_dtype == KvDType::KV_F16) {
-                to_f16(kx.data() + t * kvdim, kvdim, k16[l].get() + off);
-                to_f16(vx.data() + t * kvdim, kvdim, v16[l].get() + off);
-            } else {
-                std::memcpy(k32[l].get() + off, kx.data() + t * kvdim, kvdim * 4);
-                std::memcpy(v32[l].get() + off, vx.data() + t * kvdim, kvdim * 4);
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t hk = 0; hk < Hkv; ++hk) {
+                const uint64_t off = kv_offset(seqs[t], hk, pos[t]);
+                const float* kh = kx.data() + t * kvdim + hk * hd;
+                const float* vh = vx.data() + t * kvdim + hk * hd;
+                if (kv_dtype == KvDType::KV_F16) {
+                    to_f16(kh, hd, k16[l].get() + off);
+                    to_f16(vh, hd, v16[l].get() + off);
+                } else {
+                    std::memcpy(k32[l].get() + off, kh, hd * 4);
+                    std::memcpy(v32[l].get() + off, vh, hd * 4);
+                }
             }
-        }
         // Prefill: one causal block over the sequence's cache. Batched decode: each row over its
         // own sequence's cache (their lengths differ).
         const int64_t blocks = prefill ? 1 : T, m = prefill ? T : 1;
         for (int64_t b = 0; b < blocks; ++b) {
-            const uint64_t base = kv_offset(seqs[b], 0);
+            const uint64_t base = kv_offset(seqs[b], 0, 0);
+            const KvStrides kv = KvStrides::head_major(n_ctx, hd);
             float* out = att.data() + b * qdim;
             const float* qb = q.data() + b * qdim;
             if (kv_dtype == KvDType::KV_F16)
-                attention_f16(qb, k16[l].get() + base, v16[l].get() + base, m, pos[b], H, Hkv, hd, out, &pool);
+                attention_f16(qb, k16[l].get() + base, v16[l].get() + base, m, pos[b], H, Hkv, hd, kv, out, &pool);
             else
-                attention(qb, k32[l].get() + base, v32[l].get() + base, m, pos[b], H, Hkv, hd, out, &pool);
+                attention(qb, k32[l].get() + base, v32[l].get() + base, m, pos[b], H, Hkv, hd, kv, out, &pool);
         }
         linear(j0 + 3, att.data(), T, o.data());
         for (int64_t i = 0; i < T * D; ++i) x[i] += o[i];

@@ -1,8 +1,9 @@
 // Causal grouped-query attention of m new tokens at positions p0 .. p0+m-1 over a KV cache:
 //   s_t      = q[i, h] · K[t, h / (H / Hkv)] / sqrt(d)               t = 0 .. p0 + i
 //   out[i,h] = Σ_t softmax(s)_t · V[t, h / (H / Hkv)]
-// q (m, H, d); K, V cache (t_max, Hkv, d) fp32 or fp16; out (m, H, d). fp32 math; the softmax
-// subtracts the max.
+// q (m, H, d); K, V cache: rows K[t, hk] (d) at k_cache + hk·kv.head + t·kv.row, fp32 or fp16
+// (KvStrides, ops.h: the engine's cache is head-major, each KV head's rows one stream); out (m, H, d).
+// fp32 math; the softmax subtracts the max.
 //
 // One task = one token, one KV head (all H / Hkv query heads of its group, so that the AVX2 kernels
 // read each K and V row from memory once for the group, not once per head) and one span of
@@ -20,9 +21,10 @@
 //
 // The dot products and the V accumulation are AVX2 (F16C for the fp16 cache) where available,
 // portable loops otherwise; the exponentials use the shared vectorized exp (sampling.cpp). A decode
-// step reads the whole cache, so the AVX2 kernels are written for memory-level throughput: 8 rows'
-// dot products at a time (8 independent FMA chains, one reduction), the V sums held in registers
-// over blocks of rows, and each block's rows read from memory once for all the group's heads.
+// step reads the whole cache, so the AVX2 kernels are written for memory-level throughput: tiles of
+// rows x heads of dot products (up to 12 independent FMA chains, reduced 8 at a time), the V sums
+// held in registers over blocks of rows, and each row read from memory and widened to fp32 once for
+// up to 4 of the group's heads.
 
 #include <algorithm>
 #include <cmath>
@@ -53,6 +55,7 @@ struct AttnArgs {
     const void* k_cache;
     const void* v_cache;
     int64_t m, p0, n_heads, n_kv_heads, head_dim;
+    KvStrides kv;  // K[t, hk] at k_cache + hk·kv.head + t·kv.row (V the same)
     float* out;
 };
 
@@ -100,28 +103,13 @@ struct SpanPortable {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
+#define FQ_ATTN_INLINE inline __attribute__((always_inline))
+
 inline __m256 load8(const float* p) {
     return _mm256_loadu_ps(p);
 }
 inline __m256 load8(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-// q (d) · k (d), d a multiple of 8 (checked by the caller): the rows a block of 8 leaves over.
-template <typename KV>
-float dot_avx2(const float* q, const KV* k, int64_t d) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t e = 0;
-    for (; e + 16 <= d; e += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), load8(k + e), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + e + 8), load8(k + e + 8), a1);
-    }
-    if (e < d) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), load8(k + e), a0);
-    const __m256 v = _mm256_add_ps(a0, a1);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 // Lane r of the result = the sum of the 8 lanes of a_r: 6 horizontal adds and 2 lane swaps for
@@ -134,82 +122,104 @@ inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m25
     return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-// s (n) = scale · q (d) · K[t] for the n rows K[t] = K + t·stride (d a multiple of 8). Eight rows
-// at a time, each with its own accumulator: the 8 FMA chains run side by side and one hsum8
-// reduces them, instead of one latency-bound reduction per row. The last n % 8 rows one by one.
-template <typename KV>
-void scores_avx2(const float* q, const KV* K, int64_t stride, int64_t n, int64_t d, float scale, float* s) {
-    const __m256 sc = _mm256_set1_ps(scale);
-    int64_t t = 0;
-    for (; t + 8 <= n; t += 8) {
-        const KV* k = K + t * stride;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        for (int64_t e = 0; e < d; e += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + e);
-            a0 = _mm256_fmadd_ps(qv, load8(k + e), a0);
-            a1 = _mm256_fmadd_ps(qv, load8(k + stride + e), a1);
-            a2 = _mm256_fmadd_ps(qv, load8(k + 2 * stride + e), a2);
-            a3 = _mm256_fmadd_ps(qv, load8(k + 3 * stride + e), a3);
-            a4 = _mm256_fmadd_ps(qv, load8(k + 4 * stride + e), a4);
-            a5 = _mm256_fmadd_ps(qv, load8(k + 5 * stride + e), a5);
-            a6 = _mm256_fmadd_ps(qv, load8(k + 6 * stride + e), a6);
-            a7 = _mm256_fmadd_ps(qv, load8(k + 7 * stride + e), a7);
-        }
-        _mm256_storeu_ps(s + t, _mm256_mul_ps(hsum8(a0, a1, a2, a3, a4, a5, a6, a7), sc));
-    }
-    for (; t < n; ++t) s[t] = dot_avx2(q, K + t * stride, d) * scale;
-}
-
-// o (8R) += Σ_t p[t] · V[t][0 .. 8R) over n rows V[t] = V + t·stride: the 8R sums stay in R
-// registers for all n rows (one load and one store of o per call, not per row). Per element the
-// same FMAs in the same order as a row-by-row o += p[t] · V[t].
-template <int R, typename KV>
-void weighted_rows_avx2(const float* p, const KV* V, int64_t stride, int64_t n, float* o) {
-    __m256 acc[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_loadu_ps(o + 8 * r);
-    for (int64_t t = 0; t < n; ++t) {
-        const __m256 pv = _mm256_set1_ps(p[t]);
-        const KV* v = V + t * stride;
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(pv, load8(v + 8 * r), acc[r]);
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) _mm256_storeu_ps(o + 8 * r, acc[r]);
-}
-
-// o (d) += Σ_t p[t] · V[t] (d a multiple of 8), 64 dims (8 registers) at a time.
-template <typename KV>
-void weighted_sum_avx2(const float* p, const KV* V, int64_t stride, int64_t n, int64_t d, float* o) {
-    for (int64_t c = 0; c < d; c += 64) {
-        switch (std::min<int64_t>(8, (d - c) / 8)) {
-            case 1: weighted_rows_avx2<1>(p, V + c, stride, n, o + c); break;
-            case 2: weighted_rows_avx2<2>(p, V + c, stride, n, o + c); break;
-            case 3: weighted_rows_avx2<3>(p, V + c, stride, n, o + c); break;
-            case 4: weighted_rows_avx2<4>(p, V + c, stride, n, o + c); break;
-            case 5: weighted_rows_avx2<5>(p, V + c, stride, n, o + c); break;
-            case 6: weighted_rows_avx2<6>(p, V + c, stride, n, o + c); break;
-            case 7: weighted_rows_avx2<7>(p, V + c, stride, n, o + c); break;
-            case 8: weighted_rows_avx2<8>(p, V + c, stride, n, o + c); break;
-            default:  // 1..7 dims left over: d is not a multiple of 8, which attention_impl rules out
-                throw std::logic_error("attention: head_dim " + std::to_string(d) + " is not a multiple of 8");
-        }
-    }
-}
-
 // The scores and the V sums of attend_span (below) for the AVX2 kernels. Positions go in blocks
-// of kRowBlock: a block's K (or V) rows are read from memory for the first head of the group and
-// from L1 for the others. Two alternatives were measured slower (30 SmolLM2 layers, 2K positions):
-// widening an fp16 block to fp32 once for all the heads instead of once per head (3.2 against
-// 2.3 ms), and computing up to 4 heads at once so that each row is loaded and widened once
-// (fp16 2.6 against 2.5 ms, fp32 4.3 against 3.2).
+// of kRowBlock (prefetched one block ahead). Each K or V element is loaded and widened to fp32 once
+// for several of the group's heads (heads_scores, heads_values): the widening (vcvtph2ps) of an fp16
+// cache, done once per head, had been the bottleneck of a decode step at long contexts (13 GB/s per
+// core against the fp32 cache's 19).
 constexpr int64_t kRowBlock = 32;
 
+// Heads per pass of heads_scores and heads_values: up to 4, so that the register tiles below fit
+// AVX2's 16 registers.
+inline int64_t heads_per_pass(int64_t left) {
+    return left >= 4 ? 4 : left;
+}
+
+// The R x GC dot products of rows K[t + r] with the GC query vectors q + g·d, in acc[r][g] (8 lanes
+// each, summed by the caller): per 8 elements one widening and GC FMAs (q from L1 as the FMA's
+// memory operand), R·GC independent chains.
+template <int GC, int R, typename KV>
+FQ_ATTN_INLINE void dot_tile(const float* q, const KV* k, int64_t stride, int64_t d, __m256 acc[R][GC]) {
+    for (int r = 0; r < R; ++r)
+        for (int g = 0; g < GC; ++g) acc[r][g] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; e += 8)
+        for (int r = 0; r < R; ++r) {
+            const __m256 kv = load8(k + r * stride + e);
+            for (int g = 0; g < GC; ++g) acc[r][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + e), kv, acc[r][g]);
+        }
+}
+
+// s[g·ns + t] = scale · q_g · K[t] for GC heads (q: GC vectors of d) and the n rows K[t] =
+// K + t·stride. R = 12 / GC rows at a time (12 accumulators), the rest one by one; each sum is
+// reduced by hsum8, so that a row's score does not depend on where its tile starts.
+template <int GC, typename KV>
+void heads_scores(const float* q, const KV* K, int64_t stride, int64_t n, int64_t d, float scale, float* s,
+                  int64_t ns) {
+    constexpr int R = 12 / GC > 8 ? 8 : 12 / GC;
+    const __m256 sc = _mm256_set1_ps(scale);
+    const __m256 z = _mm256_setzero_ps();
+    alignas(32) float lanes[8];
+    // sums (count <= 8 vectors) -> lanes[i] = scale · Σ of vector i
+    auto reduce = [&](const __m256* v, int count) {
+        __m256 x[8];
+        for (int i = 0; i < 8; ++i) x[i] = i < count ? v[i] : z;
+        _mm256_store_ps(lanes, _mm256_mul_ps(hsum8(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]), sc));
+    };
+    int64_t t = 0;
+    for (; t + R <= n; t += R) {
+        __m256 acc[R][GC];
+        dot_tile<GC, R>(q, K + t * stride, stride, d, acc);
+        const __m256* flat = &acc[0][0];  // row-major: vector r·GC + g
+        for (int i0 = 0; i0 < R * GC; i0 += 8) {
+            const int count = R * GC - i0 < 8 ? R * GC - i0 : 8;
+            reduce(flat + i0, count);
+            for (int i = 0; i < count; ++i) s[((i0 + i) % GC) * ns + t + (i0 + i) / GC] = lanes[i];
+        }
+    }
+    for (; t < n; ++t) {
+        __m256 acc[1][GC];
+        dot_tile<GC, 1>(q, K + t * stride, stride, d, acc);
+        reduce(&acc[0][0], GC);
+        for (int g = 0; g < GC; ++g) s[g * ns + t] = lanes[g];
+    }
+}
+
+// o[g·d + c .. + 8 DW) += Σ_t p[g·np + t] · V[t][c ..] for GC heads over n rows V[t] = V + t·stride:
+// the GC x DW sums stay in registers for all n rows, and each row's elements are widened once for
+// the GC heads. Per element the same FMAs in the same order as a row-by-row o += p[t] · V[t].
+template <int GC, int DW, typename KV>
+FQ_ATTN_INLINE void values_rows(const float* p, int64_t np, const KV* V, int64_t stride, int64_t n, int64_t c,
+                                int64_t d, float* o) {
+    __m256 acc[GC][DW];
+    for (int g = 0; g < GC; ++g)
+        for (int w = 0; w < DW; ++w) acc[g][w] = _mm256_loadu_ps(o + g * d + c + 8 * w);
+    for (int64_t t = 0; t < n; ++t) {
+        const KV* v = V + t * stride + c;
+        for (int w = 0; w < DW; ++w) {
+            const __m256 vv = load8(v + 8 * w);
+            for (int g = 0; g < GC; ++g)
+                acc[g][w] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * np + t), vv, acc[g][w]);
+        }
+    }
+    for (int g = 0; g < GC; ++g)
+        for (int w = 0; w < DW; ++w) _mm256_storeu_ps(o + g * d + c + 8 * w, acc[g][w]);
+}
+
+// All d elements (a multiple of 8) of heads_values' sums, DW = 12 / GC registers per head at a
+// time (at most 8), the rest 8 at a time.
+template <int GC, typename KV>
+void heads_values(const float* p, int64_t np, const KV* V, int64_t stride, int64_t n, int64_t d, float* o) {
+    constexpr int DW = 12 / GC > 8 ? 8 : 12 / GC;
+    int64_t c = 0;
+    for (; c + 8 * DW <= d; c += 8 * DW) values_rows<GC, DW>(p, np, V, stride, n, c, d, o);
+    for (; c < d; c += 8) values_rows<GC, 1>(p, np, V, stride, n, c, d, o);
+}
+
 // Asks for the block of rows [t0, min(t0 + kRowBlock, n)) at K (K + t·stride, d values each) to be
-// brought into the cache: the next block's, while the current one is computed (none past n). A KV
-// head's rows are strided (the other heads' rows lie between them), and the hardware prefetcher
-// alone kept the fp16 cache at 20 GB/s; with this, 2.1 instead of 2.4 ms for 30 SmolLM2 layers at
-// 2K positions (fp32: no change, 2.8 ms).
+// brought into the cache: the next block's, while the current one is computed (none past n). On the
+// token-major layout (a KV head's rows strided by the other heads') the hardware prefetcher alone
+// kept an fp16 cache at 20 GB/s, and this gained ~12%. On the engine's head-major layout the rows are
+// one stream, and with or without it measured the same (within 3%, 4K-8K positions).
 template <typename KV>
 inline void prefetch_block(const KV* K, int64_t stride, int64_t t0, int64_t n, int64_t d) {
     for (int64_t t = t0; t < std::min(t0 + kRowBlock, n); ++t) {
@@ -244,7 +254,19 @@ struct SpanAvx2 {
         for (int64_t t0 = 0; t0 < n; t0 += kRowBlock) {
             const int64_t nb = std::min(kRowBlock, n - t0);
             prefetch_block(K, stride, t0 + kRowBlock, n, d);
-            for (int64_t g = 0; g < G; ++g) scores_avx2(q + g * d, K + t0 * stride, stride, nb, d, scale, s + g * n + t0);
+            for (int64_t g = 0; g < G;) {
+                const int64_t gc = heads_per_pass(G - g);
+                const float* qg = q + g * d;
+                const KV* Kb = K + t0 * stride;
+                float* sg = s + g * n + t0;
+                switch (gc) {
+                    case 4: heads_scores<4>(qg, Kb, stride, nb, d, scale, sg, n); break;
+                    case 3: heads_scores<3>(qg, Kb, stride, nb, d, scale, sg, n); break;
+                    case 2: heads_scores<2>(qg, Kb, stride, nb, d, scale, sg, n); break;
+                    default: heads_scores<1>(qg, Kb, stride, nb, d, scale, sg, n); break;
+                }
+                g += gc;
+            }
         }
     }
     static void weighted_sums(const float* p, const KV* V, int64_t stride, int64_t n, int64_t G, int64_t d, float* o) {
@@ -252,7 +274,19 @@ struct SpanAvx2 {
         for (int64_t t0 = 0; t0 < n; t0 += kRowBlock) {
             const int64_t nb = std::min(kRowBlock, n - t0);
             prefetch_block(V, stride, t0 + kRowBlock, n, d);
-            for (int64_t g = 0; g < G; ++g) weighted_sum_avx2(p + g * n + t0, V + t0 * stride, stride, nb, d, o + g * d);
+            for (int64_t g = 0; g < G;) {
+                const int64_t gc = heads_per_pass(G - g);
+                const float* pg = p + g * n + t0;
+                const KV* Vb = V + t0 * stride;
+                float* og = o + g * d;
+                switch (gc) {
+                    case 4: heads_values<4>(pg, n, Vb, stride, nb, d, og); break;
+                    case 3: heads_values<3>(pg, n, Vb, stride, nb, d, og); break;
+                    case 2: heads_values<2>(pg, n, Vb, stride, nb, d, og); break;
+                    default: heads_values<1>(pg, n, Vb, stride, nb, d, og); break;
+                }
+                g += gc;
+            }
         }
     }
 };
@@ -350,7 +384,7 @@ inline void values_tiles(const float* const* p, const float* vb, int64_t n, int6
 // kKeyBlock), vb (kKeyBlock, d), o (nv, d).
 template <typename KV>
 void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::vector<float>& scratch) {
-    const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim, stride = a.n_kv_heads * d;
+    const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim, stride = a.kv.row;
     const int64_t nv = (i1 - i0) * G, t_max = a.p0 + i1, t_pad = (t_max + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     scratch.resize(static_cast<size_t>(nv * t_pad + 2 * kKeyBlock * d + nv * d));
@@ -358,8 +392,8 @@ void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::ve
     float* kt = S + nv * t_pad;
     float* vb = kt + kKeyBlock * d;
     float* O = vb + kKeyBlock * d;
-    const KV* K = static_cast<const KV*>(a.k_cache) + hk * d;
-    const KV* V = static_cast<const KV*>(a.v_cache) + hk * d;
+    const KV* K = static_cast<const KV*>(a.k_cache) + hk * a.kv.head;
+    const KV* V = static_cast<const KV*>(a.v_cache) + hk * a.kv.head;
     // vector v = token i0 + v / G, head hk G + v % G: the group's heads are contiguous in q
     auto qv = [&](int64_t v) { return a.q + ((i0 + v / G) * a.n_heads + hk * G) * d + (v % G) * d; };
     auto keys_of = [&](int64_t v) { return a.p0 + i0 + v / G + 1; };  // causal: positions < this
@@ -439,11 +473,11 @@ void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::ve
 template <typename KV, typename Span>
 void attend_span(const AttnArgs& a, const Task& tk, float* mx, float* sum, float* o, std::vector<float>& scores) {
     const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim, n = tk.t1 - tk.t0;
-    const int64_t stride = a.n_kv_heads * d;
+    const int64_t stride = a.kv.row;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     const float* q = a.q + (tk.i * a.n_heads + tk.hk * G) * d;  // the group's G heads, contiguous
-    const KV* K = static_cast<const KV*>(a.k_cache) + tk.t0 * stride + tk.hk * d;
-    const KV* V = static_cast<const KV*>(a.v_cache) + tk.t0 * stride + tk.hk * d;
+    const KV* K = static_cast<const KV*>(a.k_cache) + tk.t0 * stride + tk.hk * a.kv.head;
+    const KV* V = static_cast<const KV*>(a.v_cache) + tk.t0 * stride + tk.hk * a.kv.head;
     scores.resize(G * n);
     Span::scores(q, K, stride, n, G, d, scale, scores.data());
     for (int64_t g = 0; g < G; ++g) {  // scores -> exp(s - max), in place
@@ -557,13 +591,13 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
 }  // namespace
 
 void attention(const float* q, const float* k_cache, const float* v_cache, int64_t m, int64_t p0, int64_t n_heads,
-               int64_t n_kv_heads, int64_t head_dim, float* out, ThreadPool* pool) {
-    attention_impl<float>({q, k_cache, v_cache, m, p0, n_heads, n_kv_heads, head_dim, out}, pool);
+               int64_t n_kv_heads, int64_t head_dim, KvStrides kv, float* out, ThreadPool* pool) {
+    attention_impl<float>({q, k_cache, v_cache, m, p0, n_heads, n_kv_heads, head_dim, kv, out}, pool);
 }
 
 void attention_f16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache, int64_t m, int64_t p0,
-                   int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out, ThreadPool* pool) {
-    attention_impl<uint16_t>({q, k_cache, v_cache, m, p0, n_heads, n_kv_heads, head_dim, out}, pool);
+                   int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, KvStrides kv, float* out, ThreadPool* pool) {
+    attention_impl<uint16_t>({q, k_cache, v_cache, m, p0, n_heads, n_kv_heads, head_dim, kv, out}, pool);
 }
 
 #ifdef FLEXQUANT_X86

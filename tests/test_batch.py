@@ -44,7 +44,7 @@ def _hf_last(model, ids):
         return model(torch.tensor([ids])).logits[0, -1].numpy()
 
 
-@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16", "q8"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_decode_batch_matches_transformers_per_sequence(gqa_pair, bits, kv_dtype):
     """Sequences of different lengths, stepped in changing subsets and orders (batch sizes 1..6, so
@@ -59,7 +59,7 @@ def test_decode_batch_matches_transformers_per_sequence(gqa_pair, bits, kv_dtype
         for s, ids in enumerate(seqs):
             eng._eng.eval_seq(s, np.asarray(ids, dtype=np.int32))
             assert eng._eng.n_past_seq(s) == len(ids)
-        tol = LOGIT_RTOL if kv_dtype == "f32" else 3e-3
+        tol = {"f32": LOGIT_RTOL, "f16": 3e-3, "q8": 1.5e-2}[kv_dtype]  # q8: 4.9e-3 at most, measured
         for step, subset in enumerate([[0, 1, 2, 3, 4, 5], [5, 3, 1], [2], [4, 0, 2, 1, 3], [1, 0]]):
             toks = rng.integers(0, V, size=len(subset))
             logits, ent, top1 = eng._eng.decode_batch(np.asarray(subset, np.int32), toks.astype(np.int32))

@@ -518,6 +518,120 @@ def test_attention_matches_reference(kernels, m, p0, H, Hkv, d, dtype):
     np.testing.assert_array_equal(heads, out)
 
 
+def q8_reference(x):
+    """numpy's q8 rounding of x (rows, d): blocks of 32 values of a row (the last one shorter), scale
+    = max |x| / 127 in fp32, codes = x / scale to nearest even; 0 for a zero block; a NaN scale and
+    zero codes for a block holding NaN or inf."""
+    rows, d = x.shape
+    nb = -(-d // 32)
+    codes = np.zeros((rows, d), np.int8)
+    scales = np.zeros((rows, nb), np.float32)
+    for b in range(nb):
+        blk = x[:, 32 * b:32 * b + 32]
+        finite = np.all(np.isfinite(blk), axis=1)
+        s = np.abs(np.where(np.isfinite(blk), blk, 0)).max(1) / np.float32(127)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = np.clip(np.rint(blk / s[:, None]), -127, 127)
+        c[~finite | (s == 0)] = 0
+        codes[:, 32 * b:32 * b + 32] = c.astype(np.int8)
+        scales[:, b] = np.where(finite, s, np.float32(np.nan))
+    return codes, scales
+
+
+@pytest.mark.parametrize("d", [64, 40, 8])
+def test_quantize_kv_q8_matches_numpy(d):
+    """The q8 cache's rounding, block by block of 32 values (d = 40: a block of 8 ends each row)."""
+    rng = np.random.default_rng(21 + d)
+    x = (rng.standard_normal((40, d)) * rng.uniform(0.01, 30, (40, 1))).astype(np.float32)
+    x[3] = 0.0
+    x[5, 7] = np.nan
+    x[6, d - 1] = -np.inf
+    x[7, :8] = np.arange(-4, 4, dtype=np.float32) + np.float32(0.5)  # with 127 in the block: scale 1,
+    x[7, 0] = 127.0                                                  # and ties k + 1/2 to even
+    codes, scales = ops.quantize_kv_q8(x)
+    want_c, want_s = q8_reference(x)
+    assert codes.dtype == np.int8 and scales.dtype == np.float32 and scales.shape == want_s.shape
+    np.testing.assert_array_equal(codes, want_c)
+    np.testing.assert_array_equal(scales, want_s)  # NaN where numpy has NaN
+    assert scales[7, 0] == 1.0 and list(codes[7, 1:8]) == [-2, -2, 0, 0, 2, 2, 4]
+    assert np.isnan(scales[5, 0]) and np.isnan(scales[6, -1]) and scales[3].max() == 0
+    live = np.isfinite(scales) & (scales > 0)  # every other block reaches ±127
+    nb = scales.shape[1]
+    amax = np.array([[np.abs(codes[r, 32 * b:32 * b + 32]).max() for b in range(nb)] for r in range(40)])
+    assert np.all(amax[live] == 127)
+
+
+def q8_caches(k, v, layout):
+    """Token-major float caches (t, Hkv, d) -> the op's q8 arguments in `layout`, and the dequantized
+    float32 caches (token-major) that they stand for."""
+    t, hkv, d = k.shape
+    out, deq = [], []
+    for c in (k, v):
+        codes, scales = ops.quantize_kv_q8(np.ascontiguousarray(c, np.float32).reshape(-1, d))
+        codes, scales = codes.reshape(t, hkv, d), scales.reshape(t, hkv, -1)
+        per_value = np.repeat(scales, 32, axis=2)[..., :d]
+        deq.append((codes.astype(np.float32) * per_value).astype(np.float32))
+        if layout == "heads":
+            codes, scales = np.ascontiguousarray(codes.transpose(1, 0, 2)), np.ascontiguousarray(scales.transpose(1, 0, 2))
+        out += [codes, scales]
+    return out, deq
+
+
+@pytest.mark.parametrize("m,p0", [(1, 0), (1, 37), (7, 20), (1, 700), (3, 530), (9, 0), (40, 13), (130, 300)])
+@pytest.mark.parametrize("H,Hkv,d", [(6, 2, 64), (3, 1, 36), (9, 3, 64), (17, 1, 8), (10, 2, 40)])
+@pytest.mark.parametrize("layout", ["tokens", "heads"])
+def test_attention_q8_matches_the_dequantized_cache(kernels, m, p0, H, Hkv, d, layout):
+    """A q8 cache (int8 codes, a scale per row) gives the attention of its dequantized rows, within
+    fp32 rounding, on the decode and the prompt paths; rows past the positions are never read."""
+    rng = np.random.default_rng(m * 7 + p0 + d + H)
+    t_max = p0 + m + 5
+    q = rng.standard_normal((m, H, d)).astype(np.float32)
+    k = rng.standard_normal((t_max, Hkv, d)) * 2
+    v = rng.standard_normal((t_max, Hkv, d))
+    (kc, ks, vc, vs), (kd, vd) = q8_caches(k, v, layout)
+    # poison the rows past p0 + m - 1: a NaN scale would show in the output if they were read
+    for sc in (ks, vs):
+        if layout == "heads":
+            sc[:, p0 + m:] = np.nan
+        else:
+            sc[p0 + m:] = np.nan
+    assert kc.dtype == np.int8 and ks.shape[-1] == -(-d // 32)
+    ref = attention_reference(q, kd, vd, p0)
+    out = ops.attention(q, kc, vc, p0, layout=layout, k_scale=ks, v_scale=vs)
+    assert out.shape == (m, H, d) and np.all(np.isfinite(out))
+    base = rel_err(attention_reference(q, kd, vd, p0).astype(np.float32), ref)
+    # The AVX2 decode kernel multiplies integers: each query vector rounded to int16 (a step of
+    # max |q| / 32767), so it is held to the reference on those queries; the prompt path and the
+    # portable kernel use q itself.
+    sq = np.abs(q).max(-1, keepdims=True) / np.float32(32767)
+    ref_q16 = attention_reference(np.rint(q / sq) * sq, kd, vd, p0)
+    assert min(rel_err(out, ref), rel_err(out, ref_q16)) < max(2e-6, 4 * base)
+    np.testing.assert_array_equal(out, ops.attention(q, kc, vc, p0, threaded=False, layout=layout, k_scale=ks,
+                                                     v_scale=vs))
+    # and it is the fp32 cache's attention to within the rounding of int8 codes (random rows: the
+    # worst case, no outliers to spare; real text: tools/numerics_quality.py)
+    exact = attention_reference(q, k, v, p0)
+    assert 0 < rel_err(out, exact) < 0.03
+
+
+def test_attention_q8_rejects_bad_scales():
+    q = np.ones((1, 4, 8), np.float32)
+    kc = np.ones((3, 2, 8), np.int8)
+    sc = np.ones((3, 2, 1), np.float32)
+    with pytest.raises(ValueError, match="int8 caches need k_scale and v_scale"):
+        ops.attention(q, kc, kc, 2)
+    with pytest.raises(ValueError, match="k_scale, v_scale: only for int8 caches"):
+        ops.attention(q, kc.astype(np.float32), kc.astype(np.float32), 2, k_scale=sc, v_scale=sc)
+    with pytest.raises(ValueError, match=r"v_scale: expected shape \(3, 2, 1\), got \(3, 2, 2\)"):
+        ops.attention(q, kc, kc, 2, k_scale=sc, v_scale=np.ones((3, 2, 2), np.float32))
+    with pytest.raises(ValueError, match=r"k_scale: expected shape \(3, 2, 1\), got \(3, 2\)"):
+        ops.attention(q, kc, kc, 2, k_scale=sc[..., 0], v_scale=sc)
+    with pytest.raises(TypeError, match="k_scale: expected dtype float32"):
+        ops.attention(q, kc, kc, 2, k_scale=sc.astype(np.float64), v_scale=sc)
+    with pytest.raises(TypeError, match="v_cache: expected dtype float32, float16 or int8"):
+        ops.attention(q, kc, kc.astype(np.float32), 2, k_scale=sc, v_scale=sc)
+
+
 @pytest.mark.parametrize("m", [2, 45])
 def test_attention_same_result_on_any_thread_count(threads, m):
     rng = np.random.default_rng(11)

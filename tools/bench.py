@@ -162,8 +162,9 @@ def worker(model: str, bits: int, threads: int, n_prompt: int, n_decode: int, ba
     cfg = eng.config
     # the K and V rows a decode step reads: every layer's cache up to its position, the mean over
     # the timed steps (step i sees n_prompt + 1 + i rows)
-    kv_elt = 2 if eng.kv_dtype == "f16" else 4  # (kv_dtype "auto" resolved by the engine)
-    kv_bytes = (2 * int(cfg["n_layers"]) * int(cfg["n_kv_heads"]) * int(cfg["head_dim"]) * kv_elt
+    hd = int(cfg["head_dim"])  # bytes of a row (kv_dtype "auto" resolved by the engine): q8 codes and a scale
+    row = {"f16": 2 * hd, "q8": hd + 4 * -(-hd // 32)}.get(eng.kv_dtype, 4 * hd)
+    kv_bytes = (2 * int(cfg["n_layers"]) * int(cfg["n_kv_heads"]) * row
                 * (n_prompt + 1 + (n_decode - 1) / 2))
     return {
         "prefill_tok_s": n_prompt / t_prefill, "decode_tok_s": 1.0 / step, "step_ms": step * 1e3,
@@ -275,9 +276,9 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=32, help="decode steps")
     ap.add_argument("--backend", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--batch", type=int, nargs="+", help="batched decode with these batch sizes")
-    ap.add_argument("--kv-dtype", default="auto", choices=("auto", "f32", "f16"),
-                    help="KV cache type of the decode tables (f16 halves the attention's reads at long contexts; "
-                         "auto: the engine's default, f16 on the CPU and f32 on CUDA)")
+    ap.add_argument("--kv-dtype", default="auto", choices=("auto", "f32", "f16", "q8"),
+                    help="KV cache type of the decode tables (f16 halves the attention's reads at long contexts, "
+                         "q8 (CPU) halves them again; auto: the engine's default, f16 on the CPU and f32 on CUDA)")
     ap.add_argument("--cpu-activations", default="i16", choices=("i16", "f32"),
                     help="CPU: what the bit-plane matmuls multiply: int16-rounded activations (the engine's "
                          "default; integer products on AVX-512 VNNI) or fp32 ones")

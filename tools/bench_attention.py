@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""Decode-step benchmark of the CPU attention op over a KV cache of fp32 and of fp16.
+"""Decode-step benchmark of the CPU attention op over a KV cache of fp32, fp16 or q8.
 
     python tools/bench_attention.py [--positions 256 1024 2048] [--threads 2] [--repeats 9]
-                                    [--layout heads tokens]
+                                    [--layout heads tokens] [--cache float32 float16 q8]
 
 One query token attends to `positions` cache rows in each of 30 layers (SmolLM2-135M's attention:
 9 query heads, 3 KV heads, head_dim 64). Each layer has its own cache, so the rows come from memory
 as in a decode step, not from the cache of the previous call. Printed per cache layout and dtype:
 the time for all the layers (best of --repeats) and the cache bytes read over it (K and V rows up to
-the query's position). Layouts: `heads` (n_kv_heads, t, head_dim), the engine's, where each KV
+the query's position; for q8 the int8 codes and their scales, one float32 per 32 values). Layouts: `heads` (n_kv_heads, t, head_dim), the engine's, where each KV
 head's rows are contiguous; `tokens` (t, n_kv_heads, head_dim), where they are strided. Values are
 random: timing does not depend on them. Not a test.
 """
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="the ops pool's threads (default: all cores)")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--layout", nargs="+", choices=["heads", "tokens"], default=["heads", "tokens"])
+    ap.add_argument("--cache", nargs="+", choices=["float32", "float16", "q8"], default=["float32", "float16", "q8"])
     a = ap.parse_args()
 
     from flexquant_rt import _core
@@ -42,19 +43,26 @@ def main() -> None:
           f"{ops.get_num_threads()} threads, kernels {ops.get_cpu_kernels()}, best of {a.repeats}")
     print("| positions | layout | cache | ms (all layers) | GB/s read |")
     print("|---|---|---|---|---|")
-    for T, layout, dt in itertools.product(a.positions, a.layout, (np.float32, np.float16)):
+    for T, layout, cache in itertools.product(a.positions, a.layout, a.cache):
         shape = (KV_HEADS, T, HEAD_DIM) if layout == "heads" else (T, KV_HEADS, HEAD_DIM)
-        ks = [rng.standard_normal(shape).astype(dt) for _ in range(LAYERS)]
-        vs = [rng.standard_normal(shape).astype(dt) for _ in range(LAYERS)]
+        layers = []  # per layer: the op's cache arguments
+        for _ in range(LAYERS):
+            k, v = rng.standard_normal(shape), rng.standard_normal(shape)
+            if cache == "q8":  # int8 codes and a float32 scale per 32 values (the engine's q8 cache)
+                (kc, ks), (vc, vs) = (ops.quantize_kv_q8(x.astype(np.float32).reshape(-1, HEAD_DIM)) for x in (k, v))
+                layers.append(dict(k_cache=kc.reshape(shape), v_cache=vc.reshape(shape),
+                                   k_scale=ks.reshape(shape[:2] + (-1,)), v_scale=vs.reshape(shape[:2] + (-1,))))
+            else:
+                dt = np.float32 if cache == "float32" else np.float16
+                layers.append(dict(k_cache=k.astype(dt), v_cache=v.astype(dt)))
         best = float("inf")
         for _ in range(a.repeats):
             t = time.perf_counter()
-            for k, v in zip(ks, vs):
-                ops.attention(q, k, v, T - 1, layout=layout)
+            for args in layers:
+                ops.attention(q, p0=T - 1, layout=layout, **args)
             best = min(best, time.perf_counter() - t)
-        nbytes = LAYERS * 2 * T * KV_HEADS * HEAD_DIM * np.dtype(dt).itemsize
-        print(f"| {T} | {layout} | {np.dtype(dt).name} | {best * 1e3:.2f} | {nbytes / best / 1e9:.1f} |")
-
+        nbytes = sum(x.nbytes for args in layers for x in args.values())
+        print(f"| {T} | {layout} | {cache} | {best * 1e3:.2f} | {nbytes / best / 1e9:.1f} |")
 
 if __name__ == "__main__":
     main()

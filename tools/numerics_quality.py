@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""What the CPU's fast numerics cost in accuracy and gain in speed: the fp16 KV cache and int16
-activations in the matmuls, each against fp32.
+"""What the CPU's fast numerics cost in accuracy and gain in speed: the fp16 and q8 KV caches and
+int16 activations in the matmuls, each against fp32.
 
     python tools/numerics_quality.py [MODEL.fq] [--chunks 2] [--len 512] [--bits 8] [--threads N]
 
@@ -21,7 +21,8 @@ import argparse
 
 import numpy as np
 
-SETTINGS = [("f32", "f32"), ("f16", "f32"), ("f32", "i16"), ("f16", "i16")]  # (KV cache, activations)
+SETTINGS = [("f32", "f32"), ("f16", "f32"), ("f32", "i16"), ("f16", "i16"), ("q8", "f32"),
+            ("q8", "i16")]  # (KV cache, activations)
 
 
 def main() -> None:

@@ -202,7 +202,7 @@ void bind_engine(py::module_& m) {
     py::class_<PyEngine>(m, "Engine",
                          "The C++ engine: forward pass, KV cache and bit mask. Use flexquant_rt.Engine, "
                          "which adds tokenization, chat and the generation loop.")
-        .def(py::init([](const std::string& path, int64_t n_ctx, int threads, std::optional<bool> kv_f16, const std::string& backend,
+        .def(py::init([](const std::string& path, int64_t n_ctx, int threads, const std::string& kv_dtype, const std::string& backend,
                          int max_bits, bool cuda_fp32_matmul, bool cuda_graph, int n_seq, int64_t cuda_gemm_min_rows,
                          int cuda_mma_min_rows, const std::string& cpu_activations) {
                  flexquant::EngineParams p;
@@ -211,9 +211,11 @@ void bind_engine(py::module_& m) {
                  else throw flexquant::Error("cpu_activations = '" + cpu_activations + "': expected 'i16' or 'f32'");
                  p.n_ctx = n_ctx;
                  p.n_threads = threads;
-                 p.kv_dtype = !kv_f16 ? flexquant::KvDType::KV_AUTO
-                              : *kv_f16 ? flexquant::KvDType::KV_F16
-                                        : flexquant::KvDType::KV_F32;
+                 if (kv_dtype == "auto") p.kv_dtype = flexquant::KvDType::KV_AUTO;
+                 else if (kv_dtype == "f32") p.kv_dtype = flexquant::KvDType::KV_F32;
+                 else if (kv_dtype == "f16") p.kv_dtype = flexquant::KvDType::KV_F16;
+                 else if (kv_dtype == "q8") p.kv_dtype = flexquant::KvDType::KV_Q8;
+                 else throw flexquant::Error("kv_dtype = '" + kv_dtype + "': expected 'auto', 'f32', 'f16' or 'q8'");
                  if (backend == "auto") p.backend = flexquant::Backend::BACKEND_AUTO;
                  else if (backend == "cpu") p.backend = flexquant::Backend::BACKEND_CPU;
                  else if (backend == "cuda") p.backend = flexquant::Backend::BACKEND_CUDA;
@@ -232,13 +234,14 @@ void bind_engine(py::module_& m) {
                  e->model = e->eng->model();
                  return e;
              }),
-             py::arg("path"), py::arg("n_ctx") = 0, py::arg("threads") = 0, py::arg("kv_f16") = py::none(),
+             py::arg("path"), py::arg("n_ctx") = 0, py::arg("threads") = 0, py::arg("kv_dtype") = "auto",
              py::arg("backend") = "cpu", py::arg("max_bits") = 0, py::arg("cuda_fp32_matmul") = false,
              py::arg("cuda_graph") = true, py::arg("n_seq") = 1, py::arg("cuda_gemm_min_rows") = 64,
              py::arg("cuda_mma_min_rows") = 0, py::arg("cpu_activations") = "i16",
              "Open a model file. n_ctx=0: the model's context capped by a 4 GiB KV budget (shared by the n_seq\n"
              "sequences); threads=0: all cores; n_seq: sequences held, each with its own KV cache (decode_batch).\n"
-             "kv_f16: an fp16 (True) or fp32 (False) KV cache; None: fp16 on the CPU, fp32 on CUDA.\n"
+             "kv_dtype: the KV cache, 'f32', 'f16', 'q8' (CPU: int8 codes, a scale per 32) or 'auto' (fp16 on\n"
+             "the CPU, fp32 on CUDA).\n"
              "backend: 'cpu', 'cuda' or 'auto'; max_bits: the highest bit-width allowed (0 = the file's); the\n"
              "CUDA backend uploads only that many planes. cuda_fp32_matmul: fp32 activations in the CUDA GEMV\n"
              "(accuracy reference) instead of int8 on the binary tensor cores; cuda_graph: replay decode steps;\n"
@@ -256,8 +259,9 @@ void bind_engine(py::module_& m) {
         .def_property_readonly("max_bits", [](PyEngine& e) { return e.get().max_bits(); },
                                "The highest bit-width this engine runs (its max_bits, or the file's).")
         .def_property_readonly("kv_dtype", [](PyEngine& e) {
-            return e.get().kv_dtype() == flexquant::KvDType::KV_F16 ? "f16" : "f32";
-        }, "The KV cache's element type: 'f16' or 'f32' (kv_f16 resolved).")
+            const flexquant::KvDType t = e.get().kv_dtype();
+            return t == flexquant::KvDType::KV_F16 ? "f16" : t == flexquant::KvDType::KV_Q8 ? "q8" : "f32";
+        }, "The KV cache's element type: 'f16', 'f32' or 'q8' (kv_dtype 'auto' resolved).")
         .def_property_readonly("cpu_activations", [](PyEngine& e) {
             return e.get().cpu_activations() == flexquant::CpuActivations::ACT_I16 ? "i16" : "f32";
         }, "What the CPU's bit-plane matmuls multiply: 'i16' or 'f32' activations.")

@@ -11,6 +11,7 @@
 
 #include <memory>
 #include <stdexcept>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -214,7 +215,8 @@ py::tuple py_rope(const py::array& q_a, const py::object& k_o, const py::array& 
 }
 
 py::array_t<float> py_attention(const py::array& q_a, const py::array& kc_a, const py::array& vc_a, int64_t p0,
-                                bool threaded, const std::string& layout) {
+                                bool threaded, const std::string& layout, const std::optional<py::array>& k_scale_a,
+                                const std::optional<py::array>& v_scale_a) {
     auto q = require<float>(q_a, "q", 3, "(m, n_heads, head_dim)");
     const int64_t m = q.shape(0), h = q.shape(1), d = q.shape(2);
     if (layout != "tokens" && layout != "heads")
@@ -222,6 +224,7 @@ py::array_t<float> py_attention(const py::array& q_a, const py::array& kc_a, con
     const bool heads = layout == "heads";  // (n_kv_heads, t_max, head_dim), else (t_max, n_kv_heads, head_dim)
     const int t_axis = heads ? 1 : 0, h_axis = heads ? 0 : 1;
     const bool f16 = kc_a.dtype().kind() == 'f' && kc_a.itemsize() == 2;
+    const bool q8 = kc_a.dtype().is(py::dtype::of<int8_t>());
     if (kc_a.ndim() != 3 || vc_a.ndim() != 3)
         throw py::value_error(std::string("k_cache, v_cache: expected shape ") +
                               (heads ? "(n_kv_heads, t_max, head_dim)" : "(t_max, n_kv_heads, head_dim)"));
@@ -235,10 +238,29 @@ py::array_t<float> py_attention(const py::array& q_a, const py::array& kc_a, con
             throw py::value_error(std::string(name) + ": expected shape " + cshape + " (both the same), got " +
                                   shape_str(*c));
         if (!(c->flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
-        const bool ok = f16 ? (c->dtype().kind() == 'f' && c->itemsize() == 2) : c->dtype().is(py::dtype::of<float>());
+        const bool ok = f16  ? (c->dtype().kind() == 'f' && c->itemsize() == 2)
+                        : q8 ? c->dtype().is(py::dtype::of<int8_t>())
+                             : c->dtype().is(py::dtype::of<float>());
         if (!ok)
-            throw py::type_error(std::string(name) + ": expected dtype float32 or float16 (both the same), got " +
+            throw py::type_error(std::string(name) + ": expected dtype float32, float16 or int8 (both the same), got " +
                                  std::string(py::str(c->dtype())));
+    }
+    // q8: the block scales, shaped as the caches with q8_blocks(d) in place of d
+    if (q8 != (k_scale_a.has_value() && v_scale_a.has_value()) || (!q8 && (k_scale_a || v_scale_a)))
+        throw py::value_error(q8 ? "int8 caches need k_scale and v_scale (float32, one per 32 values of a row)"
+                                 : "k_scale, v_scale: only for int8 caches");
+    py::array_t<float> k_scale, v_scale;
+    if (q8) {
+        const int64_t nb = q8_blocks(d);
+        const std::string sshape = "(" + std::to_string(kc_a.shape(0)) + ", " + std::to_string(kc_a.shape(1)) + ", " +
+                                   std::to_string(nb) + ")";
+        for (const py::array* c : {&*k_scale_a, &*v_scale_a}) {
+            const char* name = c == &*k_scale_a ? "k_scale" : "v_scale";
+            auto a = require<float>(*c, name, 3, sshape.c_str());
+            if (a.shape(0) != kc_a.shape(0) || a.shape(1) != kc_a.shape(1) || a.shape(2) != nb)
+                throw py::value_error(std::string(name) + ": expected shape " + sshape + ", got " + shape_str(a));
+            (c == &*k_scale_a ? k_scale : v_scale) = a;
+        }
     }
     if (p0 < 0) throw py::value_error("p0: must be >= 0");
     if (hkv <= 0 || h % hkv) throw py::value_error("n_heads must be a multiple of n_kv_heads");
@@ -249,6 +271,10 @@ py::array_t<float> py_attention(const py::array& q_a, const py::array& kc_a, con
     if (f16)
         attention_f16(q.data(), static_cast<const uint16_t*>(kc_a.data()), static_cast<const uint16_t*>(vc_a.data()), m,
                       p0, h, hkv, d, kv, out.mutable_data(), pool);
+    else if (q8)
+        attention_q8(q.data(), static_cast<const int8_t*>(kc_a.data()), k_scale.data(),
+                     static_cast<const int8_t*>(vc_a.data()), v_scale.data(), m, p0, h, hkv, d, kv, out.mutable_data(),
+                     pool);
     else
         attention(q.data(), static_cast<const float*>(kc_a.data()), static_cast<const float*>(vc_a.data()), m, p0, h,
                   hkv, d, kv, out.mutable_data(), pool);
@@ -405,10 +431,30 @@ void bind_ops(py::module_& parent) {
         py::arg("low_freq_factor") = 1.0f, py::arg("high_freq_factor") = 4.0f, py::arg("original_max_position") = 8192,
         "The (head_dim/2,) float32 inverse frequencies rope uses.");
     m.def("attention", &py_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("p0"),
-          py::arg("threaded") = true, py::arg("layout") = "tokens",
-          "Causal GQA of q (m, n_heads, d) at positions p0.. over caches float32 or float16 holding\n"
+          py::arg("threaded") = true, py::arg("layout") = "tokens", py::arg("k_scale") = py::none(),
+          py::arg("v_scale") = py::none(),
+          "Causal GQA of q (m, n_heads, d) at positions p0.. over caches float32, float16 or int8 holding\n"
           "positions 0..p0+m-1: (t_max, n_kv_heads, d) with layout='tokens', (n_kv_heads, t_max, d) with\n"
-          "layout='heads' (the engine's). Returns (m, n_heads, d) float32.");
+          "layout='heads' (the engine's). int8 caches (q8) come with k_scale and v_scale, float32, one per\n"
+          "32 values of a row (the caches' shape with ceil(d / 32) for d): value = scale * code. Returns\n"
+          "(m, n_heads, d) float32.");
+    m.def(
+        "quantize_kv_q8",
+        [](const py::array& x_a) {
+            auto x = require<float>(x_a, "x", 2, "(rows, head_dim)");
+            const int64_t rows = x.shape(0), d = x.shape(1);
+            py::array_t<int8_t> codes(std::vector<py::ssize_t>{rows, d});
+            py::array_t<float> scales(std::vector<py::ssize_t>{rows, q8_blocks(d)});
+            {
+                py::gil_scoped_release nogil;
+                quantize_rows_q8(x.data(), rows, d, codes.mutable_data(), scales.mutable_data());
+            }
+            return py::make_tuple(codes, scales);
+        },
+        py::arg("x"),
+        "The q8 KV cache's rounding of x (rows, head_dim) float32: (codes int8 (rows, head_dim), scales\n"
+        "float32 (rows, ceil(head_dim / 32))), per block of 32 values of a row scale = max |x| / 127 and\n"
+        "codes = x / scale to nearest even (NaN scale for a block with NaN or inf).");
     m.def("swiglu", &py_swiglu, py::arg("gate"), py::arg("up"), "silu(gate) * up, float32, same shapes.");
     m.def(
         "round_activations_i16",

@@ -94,6 +94,9 @@ struct Engine::Impl {
     // Allocated without initialisation so untouched positions (and sequences) cost no memory.
     std::vector<std::unique_ptr<float[]>> k32, v32;
     std::vector<std::unique_ptr<uint16_t[]>> k16, v16;
+    // KV_Q8: int8 codes in the same layout, and fp32 scales (n_seq, n_kv_heads, n_ctx, q8_blocks)
+    std::vector<std::unique_ptr<int8_t[]>> k8, v8;
+    std::vector<std::unique_ptr<float[]>> k8_scale, v8_scale;
 
     // in-step rules: per linear (n_layers * 7, then the LM head) a (levels, K) cost table
     bool rules = false;
@@ -273,12 +276,19 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     e.kv_dtype = params.kv_dtype != KvDType::KV_AUTO ? params.kv_dtype
                  : on_gpu                          ? KvDType::KV_F32
                                                    : KvDType::KV_F16;
+    if (e.kv_dtype != KvDType::KV_F32 && e.kv_dtype != KvDType::KV_F16 && e.kv_dtype != KvDType::KV_Q8)
+        throw Error(cat("kv_dtype = ", static_cast<int>(params.kv_dtype), " is not KV_AUTO, KV_F32, KV_F16 or KV_Q8"));
+    if (on_gpu && e.kv_dtype == KvDType::KV_Q8)
+        throw Error("kv_dtype q8: the CUDA backend has no int8 KV cache; use f16 or f32 there, or the CPU backend");
     if (params.cpu_activations != CpuActivations::ACT_I16 && params.cpu_activations != CpuActivations::ACT_F32)
         throw Error(cat("cpu_activations = ", static_cast<int>(params.cpu_activations), " is not ACT_I16 or ACT_F32"));
     e.cpu_act = params.cpu_activations;
 
-    const uint64_t elt = e.kv_dtype == KvDType::KV_F16 ? 2 : 4;
-    const uint64_t per_token = 2ull * c.n_layers * c.n_kv_heads * c.head_dim * elt;
+    // bytes of one KV head's row (a q8 row: its codes and its scale)
+    const uint64_t row_bytes = e.kv_dtype == KvDType::KV_Q8   ? c.head_dim + 4 * q8_blocks(c.head_dim)
+                               : e.kv_dtype == KvDType::KV_F16 ? 2 * c.head_dim
+                                                               : 4 * c.head_dim;
+    const uint64_t per_token = 2ull * c.n_layers * c.n_kv_heads * row_bytes;
     if (params.n_ctx < 0) throw Error("n_ctx = " + std::to_string(params.n_ctx) + " must be >= 0");
     if (params.n_seq < 1 || params.n_seq > 4096) throw Error(cat("n_seq = ", params.n_seq, " is outside 1..4096"));
     if (params.cuda_gemm_min_rows < 0)
@@ -349,6 +359,11 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
         if (e.kv_dtype == KvDType::KV_F16) {
             e.k16.emplace_back(new uint16_t[cache_elems]);
             e.v16.emplace_back(new uint16_t[cache_elems]);
+        } else if (e.kv_dtype == KvDType::KV_Q8) {
+            e.k8.emplace_back(new int8_t[cache_elems]);
+            e.v8.emplace_back(new int8_t[cache_elems]);
+            e.k8_scale.emplace_back(new float[cache_elems / c.head_dim * q8_blocks(c.head_dim)]);
+            e.v8_scale.emplace_back(new float[cache_elems / c.head_dim * q8_blocks(c.head_dim)]);
         } else {
             e.k32.emplace_back(new float[cache_elems]);
             e.v32.emplace_back(new float[cache_elems]);
@@ -858,6 +873,10 @@ void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs,
                 if (kv_dtype == KvDType::KV_F16) {
                     to_f16(kh, hd, k16[l].get() + off);
                     to_f16(vh, hd, v16[l].get() + off);
+                } else if (kv_dtype == KvDType::KV_Q8) {
+                    const uint64_t soff = off / hd * q8_blocks(hd);
+                    quantize_rows_q8(kh, 1, hd, k8[l].get() + off, k8_scale[l].get() + soff);
+                    quantize_rows_q8(vh, 1, hd, v8[l].get() + off, v8_scale[l].get() + soff);
                 } else {
                     std::memcpy(k32[l].get() + off, kh, hd * 4);
                     std::memcpy(v32[l].get() + off, vh, hd * 4);
@@ -873,6 +892,9 @@ void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs,
             const float* qb = q.data() + b * qdim;
             if (kv_dtype == KvDType::KV_F16)
                 attention_f16(qb, k16[l].get() + base, v16[l].get() + base, m, pos[b], H, Hkv, hd, kv, out, &pool);
+            else if (kv_dtype == KvDType::KV_Q8)
+                attention_q8(qb, k8[l].get() + base, k8_scale[l].get() + base / hd * q8_blocks(hd), v8[l].get() + base,
+                             v8_scale[l].get() + base / hd * q8_blocks(hd), m, pos[b], H, Hkv, hd, kv, out, &pool);
             else
                 attention(qb, k32[l].get() + base, v32[l].get() + base, m, pos[b], H, Hkv, hd, kv, out, &pool);
         }

@@ -64,9 +64,11 @@ class Engine:
     RuntimeWarning that says why; `engine.backend` tells where it runs) or "auto" (for now the CPU:
     the CUDA decode path has not yet been verified on a GPU). n_ctx: KV-cache length (default: the model's
     context, capped by a 4 GiB cache budget). threads: CPU threads (default: all cores).
-    kv_dtype: the KV cache's element type, "f16", "f32" or "auto": fp16 on the CPU (half the memory,
-    faster at long contexts, next-token KL about 6e-7 against fp32 on SmolLM2: docs/kernels.md),
-    fp32 on CUDA until the fp16 cache is timed on a GPU. `engine.kv_dtype` says which one runs.
+    kv_dtype: the KV cache's element type, "f16", "f32", "q8" or "auto": fp16 on the CPU (half the
+    memory, faster at long contexts, next-token KL about 6e-7 against fp32 on SmolLM2: docs/kernels.md),
+    fp32 on CUDA until the fp16 cache is timed on a GPU. "q8" (CPU only): int8 codes and a scale per
+    32 values (as llama.cpp's q8_0), 0.56 of the fp16 cache's memory and reads, for long contexts
+    (its accuracy cost: docs/kernels.md). `engine.kv_dtype` says which one runs.
     max_bits: the highest bit-width this engine may run (default: the file's); the CUDA backend
     uploads only that many bit planes, so max_bits=6 of an 8-bit file holds 6/8 of the code bytes.
     n_seq: sequences held at once, each with its own KV cache (generate_batch decodes them together;
@@ -102,8 +104,8 @@ class Engine:
             raise ValueError(f"unknown backend {backend!r} (expected 'auto', 'cpu' or 'cuda')")
         if max_bits is not None and (not isinstance(max_bits, (int, np.integer)) or isinstance(max_bits, bool)):
             raise ValueError(f"max_bits must be an int, got {max_bits!r}")
-        if kv_dtype not in ("auto", "f32", "f16"):
-            raise ValueError(f"kv_dtype must be 'auto', 'f32' or 'f16', got {kv_dtype!r}")
+        if kv_dtype not in ("auto", "f32", "f16", "q8"):
+            raise ValueError(f"kv_dtype must be 'auto', 'f32', 'f16' or 'q8', got {kv_dtype!r}")
         if cpu_activations not in ("i16", "f32"):
             raise ValueError(f"cpu_activations must be 'i16' or 'f32', got {cpu_activations!r}")
         if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx <= 0):
@@ -126,8 +128,7 @@ class Engine:
         # "auto" is the CPU until the CUDA decode path has been verified on a GPU (tools/gpu_check.sh);
         # then it becomes the C++ engine's own "auto" (the GPU when present).
         core_backend = "cpu" if backend == "auto" else backend
-        kv_f16 = None if kv_dtype == "auto" else kv_dtype == "f16"  # None: the C++ engine's rule
-        self._eng = _core.Engine(self.path, n_ctx or 0, threads or 0, kv_f16, backend=core_backend,
+        self._eng = _core.Engine(self.path, n_ctx or 0, threads or 0, kv_dtype, backend=core_backend,
                                  max_bits=int(max_bits or 0), n_seq=n_seq, cuda_gemm_min_rows=cuda_gemm_min_rows,
                                  cuda_mma_min_rows=cuda_mma_min_rows, cpu_activations=cpu_activations)
         if self._eng.backend_note:
@@ -178,7 +179,7 @@ class Engine:
 
     @property
     def kv_dtype(self) -> str:
-        """The KV cache's element type: "f16" or "f32" (kv_dtype="auto" resolved)."""
+        """The KV cache's element type: "f16", "f32" or "q8" (kv_dtype="auto" resolved)."""
         return self._eng.kv_dtype
 
     @property

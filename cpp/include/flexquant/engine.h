@@ -51,7 +51,10 @@ namespace flexquant {
 // holds half the bytes, decodes faster at long contexts and changes the next-token distribution by a
 // KL of about 6e-7 (SmolLM2 on held-out text; tools/numerics_quality.py, docs/kernels.md). On CUDA
 // fp32 stays the default until the fp16 cache has been timed on a GPU.
-enum class KvDType { KV_AUTO, KV_F32, KV_F16 };
+// KV_Q8 (CPU only; the CUDA backend refuses it): int8 codes and one fp32 scale per 32 values (max
+// |x| / 127, as llama.cpp's q8_0), 36 bytes per 32 values: 0.56 of the fp16 cache's memory and
+// reads, for long contexts. What it costs in accuracy: docs/kernels.md (stop 26).
+enum class KvDType { KV_AUTO, KV_F32, KV_F16, KV_Q8 };
 
 // CPU backend: what the bit-plane matmuls multiply the weights with (for the linears whose
 // activation bits are 0, the default; set_activation_bits below). ACT_I16: each linear's input
@@ -155,7 +158,7 @@ public:
     Backend backend() const;            // BACKEND_CPU or BACKEND_CUDA: where eval() runs
     const std::string& backend_note() const;  // why an asked-for CUDA backend is not used ("" if it is)
     int max_bits() const;               // the bit-width cap (EngineParams::max_bits resolved)
-    KvDType kv_dtype() const;           // KV_F32 or KV_F16 (EngineParams::kv_dtype resolved)
+    KvDType kv_dtype() const;           // KV_F32, KV_F16 or KV_Q8 (EngineParams::kv_dtype resolved)
     CpuActivations cpu_activations() const;  // EngineParams::cpu_activations
     uint64_t device_bytes() const;      // GPU memory held by the CUDA backend (0 on the CPU)
 

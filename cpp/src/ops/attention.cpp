@@ -32,6 +32,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_features.h"
@@ -57,7 +58,33 @@ struct AttnArgs {
     int64_t m, p0, n_heads, n_kv_heads, head_dim;
     KvStrides kv;  // K[t, hk] at k_cache + hk·kv.head + t·kv.row (V the same)
     float* out;
+    // int8 caches: the scales of row (t, hk), one per kQ8Block codes, from
+    // k_scale[(hk·kv.head + t·kv.row) / head_dim · q8_blocks] (V the same); null for the others
+    const float* k_scale = nullptr;
+    const float* v_scale = nullptr;
 };
+
+// n rows of a KV head's cache: row t at p + t·stride, and for a q8 cache its scales, block b of row t
+// at sc[t·sc_stride + b] (sc null for fp32 and fp16 caches).
+template <typename KV>
+struct Rows {
+    const KV* p;
+    int64_t stride;
+    const float* sc = nullptr;
+    int64_t sc_stride = 0;
+    Rows from(int64_t t) const { return {p + t * stride, stride, sc ? sc + t * sc_stride : nullptr, sc_stride}; }
+    Rows cols(int64_t c) const { return {p + c, stride, sc ? sc + c / kQ8Block : nullptr, sc_stride}; }
+    // element e of row t as fp32 (a q8 code times its block's scale)
+    float at(int64_t t, int64_t e) const;
+};
+
+// The rows of KV head hk from position t0 in cache `cache` with scales `scale` (q8).
+template <typename KV>
+Rows<KV> rows_of(const AttnArgs& a, const void* cache, const float* scale, int64_t hk, int64_t t0) {
+    const int64_t first = hk * a.kv.head + t0 * a.kv.row, nb = q8_blocks(a.head_dim);
+    return {static_cast<const KV*>(cache) + first, a.kv.row, scale ? scale + first / a.head_dim * nb : nullptr,
+            a.kv.row / a.head_dim * nb};
+}
 
 struct Task {
     int64_t i, hk, t0, t1;  // token, KV head, positions [t0, t1)
@@ -65,16 +92,22 @@ struct Task {
 
 // ---- a span's scores and V sums, in a portable and an AVX2 version ---------------------------------
 
-inline float to_f32(float v) {
-    return v;
+template <>
+float Rows<float>::at(int64_t t, int64_t e) const {
+    return p[t * stride + e];
 }
-inline float to_f32(uint16_t v) {
-    return fp16_to_fp32(v);
+template <>
+float Rows<uint16_t>::at(int64_t t, int64_t e) const {
+    return fp16_to_fp32(p[t * stride + e]);
+}
+template <>
+float Rows<int8_t>::at(int64_t t, int64_t e) const {
+    return sc[t * sc_stride + e / kQ8Block] * static_cast<float>(p[t * stride + e]);
 }
 
 // The two halves of a span (attend_span below) on the G query heads of one KV head: the scores
-// s (G, n) = scale · q_g · K[t], and the V sums o (G, d) = Σ_t p[g][t] · V[t], over n rows
-// K[t] = K + t·stride (V the same). Portable loops here, AVX2 (F16C) below.
+// s (G, n) = scale · q_g · K[t], and the V sums o (G, d) = Σ_t p[g][t] · V[t], over n rows K[t]
+// (Rows; V the same). Portable loops here, AVX2 (F16C) below.
 template <typename KV>
 struct SpanPortable {
     static float max(const float* s, int64_t n) {  // NaN ignored
@@ -82,20 +115,19 @@ struct SpanPortable {
         for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
         return m;
     }
-    static void scores(const float* q, const KV* K, int64_t stride, int64_t n, int64_t G, int64_t d, float scale,
-                       float* s) {
+    static void scores(const float* q, const Rows<KV>& K, int64_t n, int64_t G, int64_t d, float scale, float* s) {
         for (int64_t t = 0; t < n; ++t)
             for (int64_t g = 0; g < G; ++g) {
                 float acc = 0.0f;
-                for (int64_t e = 0; e < d; ++e) acc += q[g * d + e] * to_f32(K[t * stride + e]);
+                for (int64_t e = 0; e < d; ++e) acc += q[g * d + e] * K.at(t, e);
                 s[g * n + t] = acc * scale;
             }
     }
-    static void weighted_sums(const float* p, const KV* V, int64_t stride, int64_t n, int64_t G, int64_t d, float* o) {
+    static void weighted_sums(const float* p, const Rows<KV>& V, int64_t n, int64_t G, int64_t d, float* o) {
         std::fill(o, o + G * d, 0.0f);
         for (int64_t g = 0; g < G; ++g)
             for (int64_t t = 0; t < n; ++t)
-                for (int64_t e = 0; e < d; ++e) o[g * d + e] += p[g * n + t] * to_f32(V[t * stride + e]);
+                for (int64_t e = 0; e < d; ++e) o[g * d + e] += p[g * n + t] * V.at(t, e);
     }
 };
 
@@ -110,6 +142,17 @@ inline __m256 load8(const float* p) {
 }
 inline __m256 load8(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+// Elements e .. e + 7 of row t (e a multiple of 8, so all in one q8 block) as fp32: a q8 cache's
+// codes times their block's scale, in the widening, where the decode kernels share it among heads.
+template <typename KV>
+FQ_ATTN_INLINE __m256 load8(const Rows<KV>& r, int64_t t, int64_t e) {
+    const __m256 v = load8(r.p + t * r.stride + e);
+    if constexpr (std::is_same_v<KV, int8_t>) return _mm256_mul_ps(v, _mm256_set1_ps(r.sc[t * r.sc_stride + e / kQ8Block]));
+    return v;
 }
 
 // Lane r of the result = the sum of the 8 lanes of a_r: 6 horizontal adds and 2 lane swaps for
@@ -138,67 +181,106 @@ inline int64_t heads_per_pass(int64_t left) {
 // The R x GC dot products of rows K[t + r] with the GC query vectors q + g·d, in acc[r][g] (8 lanes
 // each, summed by the caller): per 8 elements one widening and GC FMAs (q from L1 as the FMA's
 // memory operand), R·GC independent chains.
-template <int GC, int R, typename KV>
-FQ_ATTN_INLINE void dot_tile(const float* q, const KV* k, int64_t stride, int64_t d, __m256 acc[R][GC]) {
-    for (int r = 0; r < R; ++r)
-        for (int g = 0; g < GC; ++g) acc[r][g] = _mm256_setzero_ps();
-    for (int64_t e = 0; e < d; e += 8)
-        for (int r = 0; r < R; ++r) {
-            const __m256 kv = load8(k + r * stride + e);
-            for (int g = 0; g < GC; ++g) acc[r][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + e), kv, acc[r][g]);
-        }
-}
-
-// s[g·ns + t] = scale · q_g · K[t] for GC heads (q: GC vectors of d) and the n rows K[t] =
-// K + t·stride. R = 12 / GC rows at a time (12 accumulators), the rest one by one; each sum is
-// reduced by hsum8, so that a row's score does not depend on where its tile starts.
 template <int GC, typename KV>
-void heads_scores(const float* q, const KV* K, int64_t stride, int64_t n, int64_t d, float scale, float* s,
-                  int64_t ns) {
-    constexpr int R = 12 / GC > 8 ? 8 : 12 / GC;
-    const __m256 sc = _mm256_set1_ps(scale);
+struct DotFloat {
+    static constexpr int kAcc = 12;  // accumulators of a tile (R rows x GC heads)
+    const float* q;
+    Rows<KV> k;
+    int64_t d;
+    template <int R>
+    FQ_ATTN_INLINE void operator()(int64_t t, __m256 (&acc)[R][GC]) const {
+        const Rows<KV> kt = k.from(t);
+        for (int r = 0; r < R; ++r)
+            for (int g = 0; g < GC; ++g) acc[r][g] = _mm256_setzero_ps();
+        for (int64_t e = 0; e < d; e += 8)
+            for (int r = 0; r < R; ++r) {
+                const __m256 kv = load8(kt, r, e);
+                for (int g = 0; g < GC; ++g)
+                    acc[r][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + e), kv, acc[r][g]);
+            }
+    }
+};
+
+// The same on a q8 cache (d a multiple of kQ8Block), with integer products: q16 holds the GC query
+// vectors rounded to int16 (scaled by 1 / their own scale, applied by the caller), the codes are
+// widened to int16 once for the GC heads, vpmaddwd adds the products in pairs, and each block's
+// int32 sum (|Σ| <= 32 · 127 · 32767 < 2^31, exact) becomes fp32 times the block's scale. Widening
+// the codes to fp32 and scaling them instead ran slower than the fp16 cache (17 GB/s).
+template <int GC>
+struct DotQ8 {
+    static constexpr int kAcc = 9;  // the codes, their scale and the products need 5 more registers
+    const int16_t* q16;
+    Rows<int8_t> k;
+    int64_t d;
+    template <int R>
+    FQ_ATTN_INLINE void operator()(int64_t t, __m256 (&acc)[R][GC]) const {
+        const Rows<int8_t> kt = k.from(t);
+        for (int r = 0; r < R; ++r)
+            for (int g = 0; g < GC; ++g) acc[r][g] = _mm256_setzero_ps();
+        for (int64_t e = 0; e < d; e += kQ8Block)
+            for (int r = 0; r < R; ++r) {
+                const int8_t* c = kt.p + r * kt.stride + e;
+                const __m256i c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+                const __m256i c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)));
+                const __m256 sc = _mm256_set1_ps(kt.sc[r * kt.sc_stride + e / kQ8Block]);
+                for (int g = 0; g < GC; ++g) {
+                    const int16_t* qg = q16 + g * d + e;
+                    const __m256i p = _mm256_add_epi32(
+                        _mm256_madd_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg))),
+                        _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + 16))));
+                    acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, acc[r][g]);
+                }
+            }
+    }
+};
+
+// s[g·ns + t] = f[g] · Σ (the dot tile's sums) for GC heads and n rows. R = Dot::kAcc / GC rows at a
+// time, the rest one by one; each sum is reduced by hsum8, so that a row's score does
+// not depend on where its tile starts.
+template <int GC, typename Dot>
+void heads_scores(const Dot& dot, int64_t n, const float* f, float* s, int64_t ns) {
+    constexpr int R = Dot::kAcc / GC > 8 ? 8 : Dot::kAcc / GC;
     const __m256 z = _mm256_setzero_ps();
     alignas(32) float lanes[8];
-    // sums (count <= 8 vectors) -> lanes[i] = scale · Σ of vector i
+    // sums (count <= 8 vectors) -> lanes[i] = Σ of vector i
     auto reduce = [&](const __m256* v, int count) {
         __m256 x[8];
         for (int i = 0; i < 8; ++i) x[i] = i < count ? v[i] : z;
-        _mm256_store_ps(lanes, _mm256_mul_ps(hsum8(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]), sc));
+        _mm256_store_ps(lanes, hsum8(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]));
     };
     int64_t t = 0;
     for (; t + R <= n; t += R) {
         __m256 acc[R][GC];
-        dot_tile<GC, R>(q, K + t * stride, stride, d, acc);
+        dot(t, acc);
         const __m256* flat = &acc[0][0];  // row-major: vector r·GC + g
         for (int i0 = 0; i0 < R * GC; i0 += 8) {
             const int count = R * GC - i0 < 8 ? R * GC - i0 : 8;
             reduce(flat + i0, count);
-            for (int i = 0; i < count; ++i) s[((i0 + i) % GC) * ns + t + (i0 + i) / GC] = lanes[i];
+            for (int i = 0; i < count; ++i) s[((i0 + i) % GC) * ns + t + (i0 + i) / GC] = lanes[i] * f[(i0 + i) % GC];
         }
     }
     for (; t < n; ++t) {
         __m256 acc[1][GC];
-        dot_tile<GC, 1>(q, K + t * stride, stride, d, acc);
+        dot(t, acc);
         reduce(&acc[0][0], GC);
-        for (int g = 0; g < GC; ++g) s[g * ns + t] = lanes[g];
+        for (int g = 0; g < GC; ++g) s[g * ns + t] = lanes[g] * f[g];
     }
 }
 
-// o[g·d + c .. + 8 DW) += Σ_t p[g·np + t] · V[t][c ..] for GC heads over n rows V[t] = V + t·stride:
-// the GC x DW sums stay in registers for all n rows, and each row's elements are widened once for
-// the GC heads. Per element the same FMAs in the same order as a row-by-row o += p[t] · V[t].
-template <int GC, int DW, typename KV>
-FQ_ATTN_INLINE void values_rows(const float* p, int64_t np, const KV* V, int64_t stride, int64_t n, int64_t c,
-                                int64_t d, float* o) {
+// o[g·d + c .. + 8 DW) += Σ_t wt(g, t, c + 8w) · V[t][c + 8w ..] for GC heads over n rows V[t] (V:
+// columns c..): the GC x DW sums stay in registers for all n rows, and each row's elements are
+// widened once for the GC heads. wt(g, t, column) is the weight: p[g][t] (fp32, fp16), or p[g][t]
+// times the q8 scale of the column's block (folded into the weight, so that the codes are only
+// widened). Per element the same FMAs in the same order as a row-by-row o += p[t] · V[t].
+template <int GC, int DW, typename KV, typename Weight>
+FQ_ATTN_INLINE void values_rows(const Weight& wt, const Rows<KV>& V, int64_t n, int64_t c, int64_t d, float* o) {
     __m256 acc[GC][DW];
     for (int g = 0; g < GC; ++g)
         for (int w = 0; w < DW; ++w) acc[g][w] = _mm256_loadu_ps(o + g * d + c + 8 * w);
     for (int64_t t = 0; t < n; ++t) {
-        const KV* v = V + t * stride + c;
         for (int w = 0; w < DW; ++w) {
-            const __m256 vv = load8(v + 8 * w);
-            for (int g = 0; g < GC; ++g)
-                acc[g][w] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * np + t), vv, acc[g][w]);
+            const __m256 vv = load8(V.p + t * V.stride + 8 * w);
+            for (int g = 0; g < GC; ++g) acc[g][w] = _mm256_fmadd_ps(_mm256_set1_ps(wt(g, t, c + 8 * w)), vv, acc[g][w]);
         }
     }
     for (int g = 0; g < GC; ++g)
@@ -207,12 +289,34 @@ FQ_ATTN_INLINE void values_rows(const float* p, int64_t np, const KV* V, int64_t
 
 // All d elements (a multiple of 8) of heads_values' sums, DW = 12 / GC registers per head at a
 // time (at most 8), the rest 8 at a time.
-template <int GC, typename KV>
-void heads_values(const float* p, int64_t np, const KV* V, int64_t stride, int64_t n, int64_t d, float* o) {
+template <int GC, typename KV, typename Weight>
+void heads_values(const Weight& wt, const Rows<KV>& V, int64_t n, int64_t d, float* o) {
     constexpr int DW = 12 / GC > 8 ? 8 : 12 / GC;
     int64_t c = 0;
-    for (; c + 8 * DW <= d; c += 8 * DW) values_rows<GC, DW>(p, np, V, stride, n, c, d, o);
-    for (; c < d; c += 8) values_rows<GC, 1>(p, np, V, stride, n, c, d, o);
+    for (; c + 8 * DW <= d; c += 8 * DW) values_rows<GC, DW>(wt, V.cols(c), n, c, d, o);
+    for (; c < d; c += 8) values_rows<GC, 1>(wt, V.cols(c), n, c, d, o);
+}
+
+// The V sums on a q8 cache: o[g·d + c .. + 32) += Σ_t p[g·np + t] · vs[t][c / 32] · V[t][c ..] for
+// GC <= 3 heads and one block of 32 columns (V: columns c..): per row the GC weights are multiplied
+// by the block's scale in registers, and the codes are only widened (4 x 8, shared by the heads).
+template <int GC>
+FQ_ATTN_INLINE void values_block_q8(const float* p, int64_t np, const Rows<int8_t>& V, int64_t n, float* o, int64_t d) {
+    static_assert(GC <= 3, "3 heads x 4 registers of sums, with the weights and a row, fill AVX2's 16");
+    __m256 acc[GC][4];
+    for (int g = 0; g < GC; ++g)
+        for (int w = 0; w < 4; ++w) acc[g][w] = _mm256_loadu_ps(o + g * d + 8 * w);
+    for (int64_t t = 0; t < n; ++t) {
+        const __m256 sc = _mm256_set1_ps(V.sc[t * V.sc_stride]);
+        __m256 wg[GC];
+        for (int g = 0; g < GC; ++g) wg[g] = _mm256_mul_ps(_mm256_broadcast_ss(p + g * np + t), sc);
+        for (int w = 0; w < 4; ++w) {
+            const __m256 vv = load8(V.p + t * V.stride + 8 * w);
+            for (int g = 0; g < GC; ++g) acc[g][w] = _mm256_fmadd_ps(wg[g], vv, acc[g][w]);
+        }
+    }
+    for (int g = 0; g < GC; ++g)
+        for (int w = 0; w < 4; ++w) _mm256_storeu_ps(o + g * d + 8 * w, acc[g][w]);
 }
 
 // Asks for the block of rows [t0, min(t0 + kRowBlock, n)) at K (K + t·stride, d values each) to be
@@ -221,10 +325,10 @@ void heads_values(const float* p, int64_t np, const KV* V, int64_t stride, int64
 // kept an fp16 cache at 20 GB/s, and this gained ~12%. On the engine's head-major layout the rows are
 // one stream, and with or without it measured the same (within 3%, 4K-8K positions).
 template <typename KV>
-inline void prefetch_block(const KV* K, int64_t stride, int64_t t0, int64_t n, int64_t d) {
+inline void prefetch_block(const Rows<KV>& K, int64_t t0, int64_t n, int64_t d) {
     for (int64_t t = t0; t < std::min(t0 + kRowBlock, n); ++t) {
         // every 64-byte line the row touches, from the one holding its first byte
-        const uintptr_t row = reinterpret_cast<uintptr_t>(K + t * stride);
+        const uintptr_t row = reinterpret_cast<uintptr_t>(K.p + t * K.stride);
         const uintptr_t end = row + static_cast<uintptr_t>(d) * sizeof(KV);
         for (uintptr_t line = row & ~uintptr_t(63); line < end; line += 64)
             _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
@@ -246,44 +350,125 @@ inline float max_avx2(const float* s, int64_t n) {
     return m;
 }
 
+// heads_scores / heads_values for the GC heads of a pass, GC = 4, 3, 2 or 1 at run time.
+template <template <int> class Make, typename... A>
+void per_pass(int64_t gc, A&&... args) {
+    switch (gc) {
+        case 4: Make<4>::run(args...); break;
+        case 3: Make<3>::run(args...); break;
+        case 2: Make<2>::run(args...); break;
+        default: Make<1>::run(args...); break;
+    }
+}
+
+// The query vectors of the G heads rounded to int16 for DotQ8: q16 (G, d) = q / sq[g] to nearest,
+// sq[g] = max |q_g| / 32767 (0 for a zero vector, whose scores are then 0). A NaN or inf in q: sq
+// NaN, so the scores show it.
+inline void round_queries_i16(const float* q, int64_t G, int64_t d, int16_t* q16, float* sq) {
+    for (int64_t g = 0; g < G; ++g) {
+        const float* qg = q + g * d;
+        float amax = 0.0f;
+        bool finite = true;
+        for (int64_t e = 0; e < d; ++e) {
+            finite = finite && std::isfinite(qg[e]);
+            amax = std::max(amax, std::fabs(qg[e]));
+        }
+        const float sc = amax / 32767.0f;
+        sq[g] = finite ? sc : std::numeric_limits<float>::quiet_NaN();
+        for (int64_t e = 0; e < d; ++e)
+            q16[g * d + e] = static_cast<int16_t>(finite && sc > 0.0f ? std::nearbyint(qg[e] / sc) : 0.0f);
+    }
+}
+
 template <typename KV>
 struct SpanAvx2 {
+    template <int GC>
+    struct FloatScores {
+        static void run(const float* q, const Rows<KV>& K, int64_t n, int64_t d, const float* f, float* s, int64_t ns) {
+            heads_scores<GC>(DotFloat<GC, KV>{q, K, d}, n, f, s, ns);
+        }
+    };
+    template <int GC>
+    struct Q8Scores {
+        static void run(const int16_t* q16, const Rows<int8_t>& K, int64_t n, int64_t d, const float* f, float* s,
+                        int64_t ns) {
+            heads_scores<GC>(DotQ8<GC>{q16, K, d}, n, f, s, ns);
+        }
+    };
+    template <int GC>
+    struct Values {
+        template <typename Weight>
+        static void run(const Weight& wt, const Rows<KV>& V, int64_t n, int64_t d, float* o) {
+            heads_values<GC>(wt, V, n, d, o);
+        }
+    };
+
     static float max(const float* s, int64_t n) { return max_avx2(s, n); }
-    static void scores(const float* q, const KV* K, int64_t stride, int64_t n, int64_t G, int64_t d, float scale,
-                       float* s) {
+    static void scores(const float* q, const Rows<KV>& K, int64_t n, int64_t G, int64_t d, float scale, float* s) {
+        // q8 (d a multiple of the block): integer products on the queries rounded to int16
+        constexpr bool q8 = std::is_same_v<KV, int8_t>;
+        const bool q8_int = q8 && d % kQ8Block == 0;
+        thread_local std::vector<int16_t> q16;
+        thread_local std::vector<float> f;  // per head: the factor of its sums
+        f.assign(static_cast<size_t>(G), scale);
+        if (q8_int) {
+            q16.resize(static_cast<size_t>(G * d));
+            round_queries_i16(q, G, d, q16.data(), f.data());
+            for (int64_t g = 0; g < G; ++g) f[g] *= scale;
+        }
         for (int64_t t0 = 0; t0 < n; t0 += kRowBlock) {
             const int64_t nb = std::min(kRowBlock, n - t0);
-            prefetch_block(K, stride, t0 + kRowBlock, n, d);
+            prefetch_block(K, t0 + kRowBlock, n, d);
             for (int64_t g = 0; g < G;) {
                 const int64_t gc = heads_per_pass(G - g);
-                const float* qg = q + g * d;
-                const KV* Kb = K + t0 * stride;
                 float* sg = s + g * n + t0;
-                switch (gc) {
-                    case 4: heads_scores<4>(qg, Kb, stride, nb, d, scale, sg, n); break;
-                    case 3: heads_scores<3>(qg, Kb, stride, nb, d, scale, sg, n); break;
-                    case 2: heads_scores<2>(qg, Kb, stride, nb, d, scale, sg, n); break;
-                    default: heads_scores<1>(qg, Kb, stride, nb, d, scale, sg, n); break;
+                if constexpr (q8) {
+                    if (q8_int) {
+                        per_pass<Q8Scores>(gc, q16.data() + g * d, K.from(t0), nb, d, f.data() + g, sg, n);
+                        g += gc;
+                        continue;
+                    }
                 }
+                per_pass<FloatScores>(gc, q + g * d, K.from(t0), nb, d, f.data() + g, sg, n);
                 g += gc;
             }
         }
     }
-    static void weighted_sums(const float* p, const KV* V, int64_t stride, int64_t n, int64_t G, int64_t d, float* o) {
+    static void weighted_sums(const float* p, const Rows<KV>& V, int64_t n, int64_t G, int64_t d, float* o) {
         std::fill(o, o + G * d, 0.0f);
         for (int64_t t0 = 0; t0 < n; t0 += kRowBlock) {
             const int64_t nb = std::min(kRowBlock, n - t0);
-            prefetch_block(V, stride, t0 + kRowBlock, n, d);
+            prefetch_block(V, t0 + kRowBlock, n, d);
+            if constexpr (std::is_same_v<KV, int8_t>) {
+                if (d % kQ8Block == 0) {  // per block of 32 columns, up to 3 heads a pass
+                    for (int64_t g = 0; g < G;) {
+                        const int64_t gc = std::min<int64_t>(3, G - g);
+                        for (int64_t c = 0; c < d; c += kQ8Block) {
+                            const float* pg = p + g * n + t0;
+                            const Rows<int8_t> Vb = V.from(t0).cols(c);
+                            float* og = o + g * d + c;
+                            if (gc == 3) values_block_q8<3>(pg, n, Vb, nb, og, d);
+                            else if (gc == 2) values_block_q8<2>(pg, n, Vb, nb, og, d);
+                            else values_block_q8<1>(pg, n, Vb, nb, og, d);
+                        }
+                        g += gc;
+                    }
+                    continue;
+                }
+            }
             for (int64_t g = 0; g < G;) {
                 const int64_t gc = heads_per_pass(G - g);
-                const float* pg = p + g * n + t0;
-                const KV* Vb = V + t0 * stride;
                 float* og = o + g * d;
-                switch (gc) {
-                    case 4: heads_values<4>(pg, n, Vb, stride, nb, d, og); break;
-                    case 3: heads_values<3>(pg, n, Vb, stride, nb, d, og); break;
-                    case 2: heads_values<2>(pg, n, Vb, stride, nb, d, og); break;
-                    default: heads_values<1>(pg, n, Vb, stride, nb, d, og); break;
+                const float* p0 = p + g * n + t0;
+                if constexpr (std::is_same_v<KV, int8_t>) {  // d not a multiple of 32: scale each weight
+                    const Rows<int8_t> Vb = V.from(t0);
+                    auto wt = [p0, n, Vb](int gi, int64_t t, int64_t col) {
+                        return p0[gi * n + t] * Vb.sc[t * Vb.sc_stride + col / kQ8Block];
+                    };
+                    per_pass<Values>(gc, wt, Vb, nb, d, og);
+                } else {
+                    auto wt = [p0, n](int gi, int64_t t, int64_t) { return p0[gi * n + t]; };
+                    per_pass<Values>(gc, wt, V.from(t0), nb, d, og);
                 }
                 g += gc;
             }
@@ -323,13 +508,13 @@ inline void transpose8(__m256 r[8]) {
     r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// kt (d, kKeyBlock) = the n <= kKeyBlock rows K[t] = K + t·stride as fp32 columns, zeros past n.
+// kt (d, kKeyBlock) = the n <= kKeyBlock rows K[t] as fp32 columns, zeros past n.
 template <typename KV>
-void keys_transposed(const KV* K, int64_t stride, int64_t n, int64_t d, float* kt) {
+void keys_transposed(const Rows<KV>& K, int64_t n, int64_t d, float* kt) {
     for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 8)
         for (int64_t e = 0; e < d; e += 8) {
             __m256 r[8];
-            for (int j = 0; j < 8; ++j) r[j] = j0 + j < n ? load8(K + (j0 + j) * stride + e) : _mm256_setzero_ps();
+            for (int j = 0; j < 8; ++j) r[j] = j0 + j < n ? load8(K, j0 + j, e) : _mm256_setzero_ps();
             transpose8(r);
             for (int c = 0; c < 8; ++c) _mm256_storeu_ps(kt + (e + c) * kKeyBlock + j0, r[c]);
         }
@@ -381,10 +566,11 @@ inline void values_tiles(const float* const* p, const float* vb, int64_t n, int6
 }
 
 // One task of the prompt path: tokens [i0, i1) x KV head hk. Scratch: s (nv, t_pad), kt (d,
-// kKeyBlock), vb (kKeyBlock, d), o (nv, d).
+// kKeyBlock), vb (kKeyBlock, d), o (nv, d). A q8 cache's rows are scaled as they are widened (kt,
+// vb), so the products are those of the dequantized rows.
 template <typename KV>
 void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::vector<float>& scratch) {
-    const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim, stride = a.kv.row;
+    const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim;
     const int64_t nv = (i1 - i0) * G, t_max = a.p0 + i1, t_pad = (t_max + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     scratch.resize(static_cast<size_t>(nv * t_pad + 2 * kKeyBlock * d + nv * d));
@@ -392,15 +578,14 @@ void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::ve
     float* kt = S + nv * t_pad;
     float* vb = kt + kKeyBlock * d;
     float* O = vb + kKeyBlock * d;
-    const KV* K = static_cast<const KV*>(a.k_cache) + hk * a.kv.head;
-    const KV* V = static_cast<const KV*>(a.v_cache) + hk * a.kv.head;
+    const Rows<KV> K = rows_of<KV>(a, a.k_cache, a.k_scale, hk, 0), V = rows_of<KV>(a, a.v_cache, a.v_scale, hk, 0);
     // vector v = token i0 + v / G, head hk G + v % G: the group's heads are contiguous in q
     auto qv = [&](int64_t v) { return a.q + ((i0 + v / G) * a.n_heads + hk * G) * d + (v % G) * d; };
     auto keys_of = [&](int64_t v) { return a.p0 + i0 + v / G + 1; };  // causal: positions < this
 
     // scores, every vector against every key block up to t_max (masked below)
     for (int64_t t0 = 0; t0 < t_max; t0 += kKeyBlock) {
-        keys_transposed(K + t0 * stride, stride, std::min(kKeyBlock, t_max - t0), d, kt);
+        keys_transposed(K.from(t0), std::min(kKeyBlock, t_max - t0), d, kt);
         for (int64_t j0 = 0; j0 < kKeyBlock && t0 + j0 < t_max; j0 += 16) {
             for (int64_t v0 = 0; v0 < nv; v0 += 4) {
                 const float* q[4];
@@ -434,7 +619,7 @@ void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::ve
     for (int64_t t0 = 0; t0 < t_max; t0 += kKeyBlock) {
         const int64_t nb = std::min(kKeyBlock, t_max - t0);
         for (int64_t t = 0; t < nb; ++t)
-            for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(vb + t * d + e, load8(V + (t0 + t) * stride + e));
+            for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(vb + t * d + e, load8(V, t0 + t, e));
         for (int64_t v0 = 0; v0 < nv; v0 += 4) {
             const int NV = static_cast<int>(std::min<int64_t>(4, nv - v0));
             const float* p[4];
@@ -473,20 +658,19 @@ void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::ve
 template <typename KV, typename Span>
 void attend_span(const AttnArgs& a, const Task& tk, float* mx, float* sum, float* o, std::vector<float>& scores) {
     const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim, n = tk.t1 - tk.t0;
-    const int64_t stride = a.kv.row;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     const float* q = a.q + (tk.i * a.n_heads + tk.hk * G) * d;  // the group's G heads, contiguous
-    const KV* K = static_cast<const KV*>(a.k_cache) + tk.t0 * stride + tk.hk * a.kv.head;
-    const KV* V = static_cast<const KV*>(a.v_cache) + tk.t0 * stride + tk.hk * a.kv.head;
+    const Rows<KV> K = rows_of<KV>(a, a.k_cache, a.k_scale, tk.hk, tk.t0);
+    const Rows<KV> V = rows_of<KV>(a, a.v_cache, a.v_scale, tk.hk, tk.t0);
     scores.resize(G * n);
-    Span::scores(q, K, stride, n, G, d, scale, scores.data());
+    Span::scores(q, K, n, G, d, scale, scores.data());
     for (int64_t g = 0; g < G; ++g) {  // scores -> exp(s - max), in place
         float* s = scores.data() + g * n;
         const float m = Span::max(s, n);
         mx[g] = m;
         sum[g] = static_cast<float>(ops_detail::exp_scaled(s, n, 1.0f, m, s));
     }
-    Span::weighted_sums(scores.data(), V, stride, n, G, d, o);
+    Span::weighted_sums(scores.data(), V, n, G, d, o);
 }
 
 template <typename KV, typename Span>
@@ -600,6 +784,20 @@ void attention_f16(const float* q, const uint16_t* k_cache, const uint16_t* v_ca
     attention_impl<uint16_t>({q, k_cache, v_cache, m, p0, n_heads, n_kv_heads, head_dim, kv, out}, pool);
 }
 
+void attention_q8(const float* q, const int8_t* k_cache, const float* k_scale, const int8_t* v_cache,
+                  const float* v_scale, int64_t m, int64_t p0, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                  KvStrides kv, float* out, ThreadPool* pool) {
+    if (!k_scale || !v_scale) throw std::invalid_argument("attention_q8: null scales");
+    if (head_dim <= 0 || kv.row % head_dim || kv.head % head_dim)
+        throw std::invalid_argument("attention_q8: the cache's strides must be multiples of head_dim " +
+                                    std::to_string(head_dim) + ", got row=" + std::to_string(kv.row) +
+                                    ", head=" + std::to_string(kv.head));
+    AttnArgs a{q, k_cache, v_cache, m, p0, n_heads, n_kv_heads, head_dim, kv, out};
+    a.k_scale = k_scale;
+    a.v_scale = v_scale;
+    attention_impl<int8_t>(a, pool);
+}
+
 #ifdef FLEXQUANT_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -615,6 +813,31 @@ int64_t to_f16_f16c(const float* x, int64_t n, uint16_t* out) {
 }  // namespace
 #pragma GCC pop_options
 #endif
+
+// Per block of kQ8Block values of a row (the last one may be shorter): scale = max |x| / 127 and
+// codes = x / scale rounded to nearest even (|code| <= 127), in fp32 as numpy computes them; an
+// all-zero block has scale 0 and zero codes, and a block holding a NaN or an infinity gets a NaN
+// scale, so that attention shows it as the fp32 cache would.
+void quantize_rows_q8(const float* x, int64_t rows, int64_t d, int8_t* codes, float* scales) {
+    const int64_t nb = q8_blocks(d);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t i0 = b * kQ8Block, i1 = std::min(d, i0 + kQ8Block);
+            const float* xr = x + r * d;
+            float amax = 0.0f;
+            bool finite = true;
+            for (int64_t i = i0; i < i1; ++i) {
+                finite = finite && std::isfinite(xr[i]);
+                amax = std::max(amax, std::fabs(xr[i]));
+            }
+            const float scale = amax / 127.0f;
+            scales[r * nb + b] = finite ? scale : std::numeric_limits<float>::quiet_NaN();
+            for (int64_t i = i0; i < i1; ++i) {
+                const float c = finite && scale > 0.0f ? std::nearbyint(xr[i] / scale) : 0.0f;
+                codes[r * d + i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, c)));
+            }
+        }
+}
 
 // A prompt stores (tokens, 2 Hkv d) values per layer: one at a time in software that cost ~4% of a
 // SmolLM2 prefill.

@@ -191,6 +191,28 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
 void attention_f16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache, int64_t m, int64_t p0,
                    int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, KvStrides kv, float* out, ThreadPool* pool);
 
+// A q8 KV cache: int8 codes, and one fp32 scale per block of kQ8Block consecutive values of a row
+// (the last block of a row may be shorter), as llama.cpp's q8_0: 36 bytes per 32 values. Blocks of
+// 32 rather than one scale per row because a key row's few large channels set its scale: on SmolLM2
+// one scale per 64-value row gave a next-token KL of 8.4e-4 against the fp32 cache, blocks of 32
+// 4.2e-4 (keys 8.5e-4 of it alone, values 3.4e-5).
+constexpr int64_t kQ8Block = 32;
+inline int64_t q8_blocks(int64_t head_dim) {
+    return (head_dim + kQ8Block - 1) / kQ8Block;
+}
+
+// The same over a q8 cache: the codes at `kv` as above, and the scales of row (t, hk) at
+// k_scale + (hk·kv.head + t·kv.row) / head_dim · q8_blocks(head_dim) (V the same; the strides are
+// multiples of head_dim): K[t, hk][e] = scale[e / kQ8Block] · code[e]. fp32 math on those values.
+void attention_q8(const float* q, const int8_t* k_cache, const float* k_scale, const int8_t* v_cache,
+                  const float* v_scale, int64_t m, int64_t p0, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                  KvStrides kv, float* out, ThreadPool* pool);
+
+// The q8 KV cache's rounding of x (rows, d): per block of kQ8Block values of a row, scales (rows,
+// q8_blocks(d)) = max |x| / 127, and codes (rows, d) = x / scale to nearest even, within ±127 (a zero
+// block: scale 0; a block with NaN or inf: scale NaN).
+void quantize_rows_q8(const float* x, int64_t rows, int64_t d, int8_t* codes, float* scales);
+
 // The fp16 KV cache's rounding of x (n): out[i] = fp32_to_fp16(x[i]) (nearest even, overflow to inf;
 // F16C where the CPU has it, which may keep a NaN's payload where fp32_to_fp16 makes it 0x7e00).
 void to_f16(const float* x, int64_t n, uint16_t* out);

@@ -140,7 +140,7 @@ def test_kv_cache_f16_is_close_to_f32(tiny_fq):
 
 
 def test_kv_cache_q8(tiny_fq):
-    """The q8 cache (int8 codes, a scale per row): logits near the fp32 cache's on the prompt path and
+    """The q8 cache (int8 codes, a scale per 32 values): logits near the fp32 cache's on the prompt path and
     token by token, the two paths agreeing with each other as on the fp32 cache (both read the same
     quantized rows), and on a CUDA device a clear refusal (it has no int8 cache)."""
     from flexquant_rt import _core
@@ -174,7 +174,7 @@ def test_kv_dtype_auto_is_f16_on_the_cpu(tiny_fq):
         np.testing.assert_array_equal(auto.forward(ids), f16.forward(ids))  # auto is that cache itself
     with pytest.raises(ValueError, match="kv_dtype must be 'auto', 'f32', 'f16' or 'q8', got 'bf16'"):
         Engine(tiny_fq, kv_dtype="bf16")
-    # the C++ engine's own rule (EngineParams::kv_dtype = KV_AUTO) through the binding: None is auto,
+    # the C++ engine's own rule (EngineParams::kv_dtype = KV_AUTO) through the binding: 'auto',
     # resolved by where the engine really runs (an asked-for CUDA backend without a GPU runs on the CPU)
     assert _core.Engine(str(tiny_fq), backend="cpu").kv_dtype == "f16"
     for kv in ("f32", "f16", "q8"):

@@ -205,10 +205,10 @@ def test_engine_cuda_tiled_prefill_attention(tiny_fq, wide_head_fq, monkeypatch,
     ids, more, other = rng.integers(0, 320, 150), (rng.integers(0, 320, 70),), rng.integers(0, 320, 100)
 
     def run(**kw):
-        return _core_steps(core.Engine(str(path), backend="cuda", n_ctx=256, kv_f16=kv_f16, **kw), ids, 3, more=more)
+        return _core_steps(core.Engine(str(path), backend="cuda", n_ctx=256, kv_dtype="f16" if kv_f16 else "f32", **kw), ids, 3, more=more)
 
     def second_sequence():
-        eng = core.Engine(str(path), backend="cuda", n_ctx=256, kv_f16=kv_f16, n_seq=2)
+        eng = core.Engine(str(path), backend="cuda", n_ctx=256, kv_dtype="f16" if kv_f16 else "f32", n_seq=2)
         eng.eval_seq(0, other.astype(np.int32))
         out = []
         for chunk in (ids, *more):
@@ -225,7 +225,7 @@ def test_engine_cuda_tiled_prefill_attention(tiny_fq, wide_head_fq, monkeypatch,
     # so tiled and plain differ by about the int8 path's own distance from the CPU engine (1.2-1.4%
     # on the wide model, measured on the CPU stand-in for CUDA): the tiled kernel may be no farther
     # from the reference than the per-token kernel is, with a margin.
-    cpu = core.Engine(str(path), backend="cpu", n_ctx=256, kv_f16=kv_f16, cpu_activations="f32")
+    cpu = core.Engine(str(path), backend="cpu", n_ctx=256, kv_dtype="f16" if kv_f16 else "f32", cpu_activations="f32")
     cpu.set_activation_bits(np.array([8], dtype=np.int32))
     ref = _core_steps(cpu, ids, 3, more=more)
     # the greedy steps read the same tokens on both sides (else the step rows compare other inputs)
@@ -746,7 +746,7 @@ def test_engine_cuda_decode_batch_matches_cpu(tiny_fq):
     stepped in changing subsets and orders, against the CPU engine's decode_batch: logits within
     1e-4 (the fp32 tolerance of the single-sequence test), entropy and top-1 too."""
     gpu_eng = core.Engine(str(tiny_fq), backend="cuda", n_ctx=64, n_seq=6, cuda_fp32_matmul=True)
-    cpu = core.Engine(str(tiny_fq), backend="cpu", kv_f16=False, n_ctx=64, n_seq=6, cpu_activations="f32")
+    cpu = core.Engine(str(tiny_fq), backend="cpu", kv_dtype="f32", n_ctx=64, n_seq=6, cpu_activations="f32")
     assert gpu_eng.backend == "cuda" and gpu_eng.backend_note == ""
     a, b = _batch_run(gpu_eng, _PROMPTS, _SCHEDULE), _batch_run(cpu, _PROMPTS, _SCHEDULE)
     for (la, ea, ta), (lb, eb, tb) in zip(a, b):
@@ -802,7 +802,7 @@ def test_engine_cuda_head_dim_128_matches_cpu(wide_head_fq, kv_f16):
     cache type: fp32-activation GEMV, 1e-4 as the other whole-model tests."""
     cpu = Engine(wide_head_fq, backend="cpu", n_ctx=256, kv_dtype="f16" if kv_f16 else "f32", cpu_activations="f32")
     gpu_eng = Engine(wide_head_fq, backend="cuda")
-    gpu_eng._eng = core.Engine(str(wide_head_fq), n_ctx=256, kv_f16=kv_f16, backend="cuda", cuda_fp32_matmul=True)
+    gpu_eng._eng = core.Engine(str(wide_head_fq), n_ctx=256, kv_dtype="f16" if kv_f16 else "f32", backend="cuda", cuda_fp32_matmul=True)
     ids = np.random.default_rng(4).integers(0, 320, 200)
     a, b = _steps(gpu_eng, ids, 20), _steps(cpu, ids, 20)
     assert np.isfinite(a).all()
@@ -828,7 +828,7 @@ def test_pdl_launches_give_the_same_bits(tiny_fq, wide_head_fq, monkeypatch):
         return np.concatenate([r[0] for r in _batch_run(eng, _PROMPTS, _SCHEDULE)])
 
     cases = [(tiny_fq, {}), (tiny_fq, {"cuda_gemm_min_rows": 16}), (tiny_fq, {"cuda_fp32_matmul": True}),
-             (wide_head_fq, {"kv_f16": True})]
+             (wide_head_fq, {"kv_dtype": "f16"})]
     monkeypatch.delenv("FLEXQUANT_CUDA_PDL", raising=False)
     plain = [run(p, **kw) for p, kw in cases] + [batch(tiny_fq)]
     monkeypatch.setenv("FLEXQUANT_CUDA_PDL", "1")
@@ -836,6 +836,19 @@ def test_pdl_launches_give_the_same_bits(tiny_fq, wide_head_fq, monkeypatch):
     for a, b in zip(pdl, plain):
         assert np.isfinite(a).all()
         np.testing.assert_array_equal(a, b)
+
+
+@gpu
+def test_kv_q8_is_refused_on_cuda(tiny_fq):
+    """The q8 KV cache is the CPU's: asked for on the CUDA backend, a clear error (no fallback that
+    would quietly run elsewhere), and the explicit CUDA caches still open."""
+    with pytest.raises(FlexquantError, match="kv_dtype q8: the CUDA backend has no int8 KV cache"):
+        core.Engine(str(tiny_fq), backend="cuda", kv_dtype="q8")
+    with pytest.raises(ValueError, match="kv_dtype q8: the CUDA backend has no int8 KV cache"):
+        Engine(tiny_fq, backend="cuda", kv_dtype="q8")
+    for kv in ("f16", "f32"):
+        with Engine(tiny_fq, backend="cuda", kv_dtype=kv) as eng:
+            assert (eng.backend, eng.kv_dtype) == ("cuda", kv)
 
 
 @gpu

@@ -581,8 +581,9 @@ def q8_caches(k, v, layout):
 @pytest.mark.parametrize("H,Hkv,d", [(6, 2, 64), (3, 1, 36), (9, 3, 64), (17, 1, 8), (10, 2, 40)])
 @pytest.mark.parametrize("layout", ["tokens", "heads"])
 def test_attention_q8_matches_the_dequantized_cache(kernels, m, p0, H, Hkv, d, layout):
-    """A q8 cache (int8 codes, a scale per row) gives the attention of its dequantized rows, within
-    fp32 rounding, on the decode and the prompt paths; rows past the positions are never read."""
+    """A q8 cache (int8 codes, a scale per 32 values) gives the attention of its dequantized rows,
+    within fp32 rounding (of int16-rounded queries on the AVX2 decode path), on the decode and the
+    prompt paths; rows past the positions are never read."""
     rng = np.random.default_rng(m * 7 + p0 + d + H)
     t_max = p0 + m + 5
     q = rng.standard_normal((m, H, d)).astype(np.float32)

@@ -1,9 +1,10 @@
 // Causal grouped-query attention of m new tokens at positions p0 .. p0+m-1 over a KV cache:
 //   s_t      = q[i, h] · K[t, h / (H / Hkv)] / sqrt(d)               t = 0 .. p0 + i
 //   out[i,h] = Σ_t softmax(s)_t · V[t, h / (H / Hkv)]
-// q (m, H, d); K, V cache: rows K[t, hk] (d) at k_cache + hk·kv.head + t·kv.row, fp32 or fp16
+// q (m, H, d); K, V cache: rows K[t, hk] (d) at k_cache + hk·kv.head + t·kv.row, fp32, fp16 or q8
 // (KvStrides, ops.h: the engine's cache is head-major, each KV head's rows one stream); out (m, H, d).
-// fp32 math; the softmax subtracts the max.
+// fp32 math (on a q8 cache the AVX2 decode path multiplies int16-rounded queries with the codes);
+// the softmax subtracts the max.
 //
 // One task = one token, one KV head (all H / Hkv query heads of its group, so that the AVX2 kernels
 // read each K and V row from memory once for the group, not once per head) and one span of
@@ -205,7 +206,9 @@ struct DotFloat {
 // vectors rounded to int16 (scaled by 1 / their own scale, applied by the caller), the codes are
 // widened to int16 once for the GC heads, vpmaddwd adds the products in pairs, and each block's
 // int32 sum (|Σ| <= 32 · 127 · 32767 < 2^31, exact) becomes fp32 times the block's scale. Widening
-// the codes to fp32 and scaling them instead ran slower than the fp16 cache (17 GB/s).
+// the codes to fp32 and scaling them instead ran slower than the fp16 cache (17 GB/s). The sums are
+// in units of the query's scale (applied at the end), up to 32767x the dot product: they overflow
+// fp32 only for keys beyond ~1e34, where the fp32 cache's products would be near overflow too.
 template <int GC>
 struct DotQ8 {
     static constexpr int kAcc = 9;  // the codes, their scale and the products need 5 more registers
@@ -375,8 +378,10 @@ inline void round_queries_i16(const float* q, int64_t G, int64_t d, int16_t* q16
         }
         const float sc = amax / 32767.0f;
         sq[g] = finite ? sc : std::numeric_limits<float>::quiet_NaN();
+        // clamped: with a subnormal scale (max |q| < 4e-34) q / sc can pass 32767
         for (int64_t e = 0; e < d; ++e)
-            q16[g * d + e] = static_cast<int16_t>(finite && sc > 0.0f ? std::nearbyint(qg[e] / sc) : 0.0f);
+            q16[g * d + e] = static_cast<int16_t>(
+                finite && sc > 0.0f ? std::min(32767.0f, std::max(-32767.0f, std::nearbyint(qg[e] / sc))) : 0.0f);
     }
 }
 

@@ -170,9 +170,9 @@ void rope_apply_(const float* cos, const float* sin, float* x, int64_t m, int64_
 // (V the same).
 //  - token-major (t_max, n_kv_heads, head_dim): row = n_kv_heads·head_dim, head = head_dim;
 //  - head-major (n_kv_heads, t_cap, head_dim), the engine's: row = head_dim, head = t_cap·head_dim.
-//    A KV head's rows are then one sequential stream, which a decode step reads about 1.5x faster
-//    than the token-major cache's strided rows (SmolLM2's shapes, 4K-8K positions: 30-34 against
-//    20 GB/s on an fp16 cache, 2 threads): the hardware prefetchers follow it.
+//    A KV head's rows are then one sequential stream, which a decode step reads 1.7-1.8x faster
+//    than the token-major cache's strided rows (SmolLM2's shapes, 4K-8K positions, fp16 cache, 2
+//    threads: 36-38 against 20-21 GB/s, docs/kernels.md): the hardware prefetchers follow it.
 struct KvStrides {
     int64_t row, head;
     static KvStrides token_major(int64_t n_kv_heads, int64_t head_dim) { return {n_kv_heads * head_dim, head_dim}; }
@@ -203,7 +203,9 @@ inline int64_t q8_blocks(int64_t head_dim) {
 
 // The same over a q8 cache: the codes at `kv` as above, and the scales of row (t, hk) at
 // k_scale + (hk·kv.head + t·kv.row) / head_dim · q8_blocks(head_dim) (V the same; the strides are
-// multiples of head_dim): K[t, hk][e] = scale[e / kQ8Block] · code[e]. fp32 math on those values.
+// multiples of head_dim): K[t, hk][e] = scale[e / kQ8Block] · code[e]. fp32 math on those values,
+// except that the AVX2 decode path (head_dim a multiple of 32) rounds each query vector to int16
+// (a step of max |q| / 32767) and multiplies integers.
 void attention_q8(const float* q, const int8_t* k_cache, const float* k_scale, const int8_t* v_cache,
                   const float* v_scale, int64_t m, int64_t p0, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
                   KvStrides kv, float* out, ThreadPool* pool);

@@ -548,6 +548,9 @@ def test_quantize_kv_q8_matches_numpy(d):
     x[6, d - 1] = -np.inf
     x[7, :8] = np.arange(-4, 4, dtype=np.float32) + np.float32(0.5)  # with 127 in the block: scale 1,
     x[7, 0] = 127.0                                                  # and ties k + 1/2 to even
+    # subnormal values: the scale is subnormal too, and max |x| = 1.88e-43 over its rounded scale
+    # (1.4e-45) is 134: the codes are clamped to ±127 (numpy's rint then clip)
+    x[8] = (np.linspace(-1, 1, d) * 1.88e-43).astype(np.float32)
     codes, scales = ops.quantize_kv_q8(x)
     want_c, want_s = q8_reference(x)
     assert codes.dtype == np.int8 and scales.dtype == np.float32 and scales.shape == want_s.shape
@@ -555,6 +558,7 @@ def test_quantize_kv_q8_matches_numpy(d):
     np.testing.assert_array_equal(scales, want_s)  # NaN where numpy has NaN
     assert scales[7, 0] == 1.0 and list(codes[7, 1:8]) == [-2, -2, 0, 0, 2, 2, 4]
     assert np.isnan(scales[5, 0]) and np.isnan(scales[6, -1]) and scales[3].max() == 0
+    assert 0 < scales[8, 0] < np.finfo(np.float32).tiny and np.abs(codes[8]).max() == 127
     live = np.isfinite(scales) & (scales > 0)  # every other block reaches ±127
     nb = scales.shape[1]
     amax = np.array([[np.abs(codes[r, 32 * b:32 * b + 32]).max() for b in range(nb)] for r in range(40)])

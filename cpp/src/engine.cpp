@@ -158,6 +158,8 @@ struct Engine::Impl {
     uint64_t kv_offset(int seq, int64_t hk, int64_t pos) const {
         return ((static_cast<uint64_t>(seq) * cfg->n_kv_heads + hk) * n_ctx + pos) * cfg->head_dim;
     }
+    // The offset of the q8 scales of the row at element offset off (one per kQ8Block values).
+    uint64_t q8_scale_offset(uint64_t off) const { return off / cfg->head_dim * q8_blocks(cfg->head_dim); }
     // Runs linear j (index into lin, or lin.size() for the LM head) on x (T, K) -> y (T, N) at
     // the mask's bits or, with rules, at the bits its input asks for; records them in `used`.
     void linear(size_t j, const float* x, int64_t T, float* y) { linears(j, 1, x, T, &y); }
@@ -362,8 +364,8 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
         } else if (e.kv_dtype == KvDType::KV_Q8) {
             e.k8.emplace_back(new int8_t[cache_elems]);
             e.v8.emplace_back(new int8_t[cache_elems]);
-            e.k8_scale.emplace_back(new float[cache_elems / c.head_dim * q8_blocks(c.head_dim)]);
-            e.v8_scale.emplace_back(new float[cache_elems / c.head_dim * q8_blocks(c.head_dim)]);
+            e.k8_scale.emplace_back(new float[e.q8_scale_offset(cache_elems)]);
+            e.v8_scale.emplace_back(new float[e.q8_scale_offset(cache_elems)]);
         } else {
             e.k32.emplace_back(new float[cache_elems]);
             e.v32.emplace_back(new float[cache_elems]);
@@ -874,9 +876,8 @@ void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs,
                     to_f16(kh, hd, k16[l].get() + off);
                     to_f16(vh, hd, v16[l].get() + off);
                 } else if (kv_dtype == KvDType::KV_Q8) {
-                    const uint64_t soff = off / hd * q8_blocks(hd);
-                    quantize_rows_q8(kh, 1, hd, k8[l].get() + off, k8_scale[l].get() + soff);
-                    quantize_rows_q8(vh, 1, hd, v8[l].get() + off, v8_scale[l].get() + soff);
+                    quantize_rows_q8(kh, 1, hd, k8[l].get() + off, k8_scale[l].get() + q8_scale_offset(off));
+                    quantize_rows_q8(vh, 1, hd, v8[l].get() + off, v8_scale[l].get() + q8_scale_offset(off));
                 } else {
                     std::memcpy(k32[l].get() + off, kh, hd * 4);
                     std::memcpy(v32[l].get() + off, vh, hd * 4);
@@ -893,8 +894,8 @@ void Engine::Impl::layers(const int32_t* tokens, int64_t T, const int32_t* seqs,
             if (kv_dtype == KvDType::KV_F16)
                 attention_f16(qb, k16[l].get() + base, v16[l].get() + base, m, pos[b], H, Hkv, hd, kv, out, &pool);
             else if (kv_dtype == KvDType::KV_Q8)
-                attention_q8(qb, k8[l].get() + base, k8_scale[l].get() + base / hd * q8_blocks(hd), v8[l].get() + base,
-                             v8_scale[l].get() + base / hd * q8_blocks(hd), m, pos[b], H, Hkv, hd, kv, out, &pool);
+                attention_q8(qb, k8[l].get() + base, k8_scale[l].get() + q8_scale_offset(base), v8[l].get() + base,
+                             v8_scale[l].get() + q8_scale_offset(base), m, pos[b], H, Hkv, hd, kv, out, &pool);
             else
                 attention(qb, k32[l].get() + base, v32[l].get() + base, m, pos[b], H, Hkv, hd, kv, out, &pool);
         }

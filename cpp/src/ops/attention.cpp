@@ -48,6 +48,27 @@ namespace flexquant {
 
 namespace {
 
+// x (n) -> codes (n) = x / scale rounded to nearest even, within ±qmax, with scale = max |x| / qmax
+// returned, in fp32 as numpy computes them: the q8 cache's rounding of a block (qmax 127) and the
+// q8 decode kernel's of a query vector (32767). All zeros: scale 0 and zero codes. A NaN or an
+// infinity: a NaN scale (so that attention shows it, as the fp32 cache would) and zero codes. The
+// clamp matters only for a subnormal scale (max |x| < ~1e-36 against 127), where x / scale can pass
+// qmax.
+template <typename T>
+float round_symmetric(const float* x, int64_t n, float qmax, T* codes) {
+    float amax = 0.0f;
+    bool finite = true;
+    for (int64_t i = 0; i < n; ++i) {
+        finite = finite && std::isfinite(x[i]);
+        amax = std::max(amax, std::fabs(x[i]));
+    }
+    const float scale = amax / qmax;
+    for (int64_t i = 0; i < n; ++i)
+        codes[i] = static_cast<T>(finite && scale > 0.0f ? std::min(qmax, std::max(-qmax, std::nearbyint(x[i] / scale)))
+                                                         : 0.0f);
+    return finite ? scale : std::numeric_limits<float>::quiet_NaN();
+}
+
 // Positions per task when one token's positions are split (decode): enough work per task to
 // amortize it, small enough that 2K positions give 8 tasks per KV head.
 constexpr int64_t kSpan = 256;
@@ -368,21 +389,7 @@ void per_pass(int64_t gc, A&&... args) {
 // sq[g] = max |q_g| / 32767 (0 for a zero vector, whose scores are then 0). A NaN or inf in q: sq
 // NaN, so the scores show it.
 inline void round_queries_i16(const float* q, int64_t G, int64_t d, int16_t* q16, float* sq) {
-    for (int64_t g = 0; g < G; ++g) {
-        const float* qg = q + g * d;
-        float amax = 0.0f;
-        bool finite = true;
-        for (int64_t e = 0; e < d; ++e) {
-            finite = finite && std::isfinite(qg[e]);
-            amax = std::max(amax, std::fabs(qg[e]));
-        }
-        const float sc = amax / 32767.0f;
-        sq[g] = finite ? sc : std::numeric_limits<float>::quiet_NaN();
-        // clamped: with a subnormal scale (max |q| < 4e-34) q / sc can pass 32767
-        for (int64_t e = 0; e < d; ++e)
-            q16[g * d + e] = static_cast<int16_t>(
-                finite && sc > 0.0f ? std::min(32767.0f, std::max(-32767.0f, std::nearbyint(qg[e] / sc))) : 0.0f);
-    }
+    for (int64_t g = 0; g < G; ++g) sq[g] = round_symmetric(q + g * d, d, 32767.0f, q16 + g * d);
 }
 
 template <typename KV>
@@ -819,28 +826,13 @@ int64_t to_f16_f16c(const float* x, int64_t n, uint16_t* out) {
 #pragma GCC pop_options
 #endif
 
-// Per block of kQ8Block values of a row (the last one may be shorter): scale = max |x| / 127 and
-// codes = x / scale rounded to nearest even (|code| <= 127), in fp32 as numpy computes them; an
-// all-zero block has scale 0 and zero codes, and a block holding a NaN or an infinity gets a NaN
-// scale, so that attention shows it as the fp32 cache would.
+// Per block of kQ8Block values of a row (the last one may be shorter): round_symmetric to ±127.
 void quantize_rows_q8(const float* x, int64_t rows, int64_t d, int8_t* codes, float* scales) {
     const int64_t nb = q8_blocks(d);
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t b = 0; b < nb; ++b) {
-            const int64_t i0 = b * kQ8Block, i1 = std::min(d, i0 + kQ8Block);
-            const float* xr = x + r * d;
-            float amax = 0.0f;
-            bool finite = true;
-            for (int64_t i = i0; i < i1; ++i) {
-                finite = finite && std::isfinite(xr[i]);
-                amax = std::max(amax, std::fabs(xr[i]));
-            }
-            const float scale = amax / 127.0f;
-            scales[r * nb + b] = finite ? scale : std::numeric_limits<float>::quiet_NaN();
-            for (int64_t i = i0; i < i1; ++i) {
-                const float c = finite && scale > 0.0f ? std::nearbyint(xr[i] / scale) : 0.0f;
-                codes[r * d + i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, c)));
-            }
+            const int64_t i0 = r * d + b * kQ8Block, len = std::min(kQ8Block, d - b * kQ8Block);
+            scales[r * nb + b] = round_symmetric(x + i0, len, 127.0f, codes + i0);
         }
 }
 

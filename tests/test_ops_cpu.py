@@ -141,18 +141,19 @@ def test_bitplane_matmul_i16_matches_reference(linear, kernels, path):
 def test_bitplane_matmul_i16_kernels_agree(path):
     """The integer kernels against an fp32 kernel on the same x̂, per element (not only in norm).
 
-    Integer kernels: the AVX-512 decode; the GEMMs of 'avx512' (16 rows per vector) and of 'gfni' and
-    'avx2' (8 rows). They take the rows in blocks, 3 (AVX-512) or 2 (AVX2) blocks per pass: m from 1 to
-    100 covers one to thirteen blocks, passes of every size, full last blocks and last blocks with
-    empty rows."""
-    integer = ["avx512"] if path == "decode" else ["avx512", "gfni", "avx2"]
-    integer = [kind for kind in integer if kind in KERNELS]
+    Integer kernels: every SIMD family's. The decodes of 'avx512', 'gfni' and 'avx2' (the last two
+    differ in how they transpose the planes' bits: GFNI, or shifts) take up to 4 rows per pass; the
+    GEMMs of 'avx512' (16 rows per vector) and of 'gfni' and 'avx2' (8 rows) take the rows in blocks, 3
+    (AVX-512) or 2 (AVX2) blocks per pass: m from 1 to 100 covers one to thirteen blocks, passes of
+    every size, full last blocks and last blocks with empty rows. The reference is the portable
+    kernels' fp32 product of x̂."""
+    integer = [kind for kind in ["avx512", "gfni", "avx2"] if kind in KERNELS]
     if not integer:
-        pytest.skip(f"this CPU has none of {integer}: no integer {path} kernel runs here")
-    reference = "gfni" if path == "decode" else "portable"
+        pytest.skip("this CPU has no AVX2: only the portable kernels run here")
+    reference = "portable"
     prev = ops.get_cpu_kernels()
     rng = np.random.default_rng(9)
-    rows = (1, 4, 6) if path == "decode" else (1, 6, 16, 17, 33, 48, 50, 100)
+    rows = (1, 2, 3, 4, 6) if path == "decode" else (1, 6, 16, 17, 33, 48, 50, 100)
     try:
         # K = 1664 / 896 / 384 / 2000 / 1408 / 768: last super-chunks of 1, 3, 3, 4, 3 and 2 words per lane
         for n, k, g in [(37, 1664, 128), (20, 896, 64), (11, 384, 32), (9, 2000, 256), (16, 1408, 96),
@@ -176,6 +177,30 @@ def test_bitplane_matmul_i16_kernels_agree(path):
                         ops.set_cpu_kernels(kind)
                         own_f32 = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, xh, path, act="f32")
                         assert not np.array_equal(ys[kind], own_f32), f"{kind}: m={m} bits={bits}"
+    finally:
+        ops.set_cpu_kernels(prev)
+
+
+def test_bitplane_matmul_i16_decode_shift_transpose_equals_gfni():
+    """At 7 and 8 bits the 'avx2' int16 decode transposes the planes' bits with shifts (three delta
+    swaps), the 'gfni' one with gf2p8affineqb; the rest of the two kernels is the same code, so their
+    outputs must agree bit for bit. Random planes (all 8 bits of every byte vary), every row count of a
+    pass, K with full and short last super-chunks."""
+    if not {"avx2", "gfni"} <= set(KERNELS):
+        pytest.skip("this CPU has no GFNI: only one of the two transposes runs here")
+    prev = ops.get_cpu_kernels()
+    rng = np.random.default_rng(14)
+    try:
+        for n, k, g in [(19, 1664, 128), (16, 896, 32), (9, 2048, 64)]:
+            planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
+            for m in (1, 2, 3, 4, 5):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                for bits in (8, 7):
+                    ys = []
+                    for kind in ("gfni", "avx2"):
+                        ops.set_cpu_kernels(kind)
+                        ys.append(ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, "decode", act="i16"))
+                    np.testing.assert_array_equal(ys[1], ys[0], err_msg=f"n={n} k={k} g={g} m={m} bits={bits}")
     finally:
         ops.set_cpu_kernels(prev)
 

@@ -20,6 +20,10 @@ from .tokenizer import Tokenizer
 
 FlexquantError = _core.FlexquantError
 
+# Part of a saved CPU kernel table's key (Engine._kernel_key): bumped when the CPU kernels change
+# which path wins. 2: int16 decode kernels on AVX2 and AVX2+GFNI CPUs (they used to run fp32).
+_CPU_KERNELS_REVISION = 2
+
 
 @dataclass
 class StepInfo:
@@ -238,8 +242,10 @@ class Engine:
                 cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
         except OSError:
             pass
-        # the activations change which kernel is faster (int16 ones move the decode/GEMM crossover up)
-        ident = f"{cpu}|{_core.ops.get_cpu_kernels()}|{self._eng.threads}|{self._eng.cpu_activations}|{shapes}"
+        # the activations change which kernel is faster (int16 ones move the decode/GEMM crossover up),
+        # and so does a new kernel: _CPU_KERNELS_REVISION keeps tables measured on older ones from loading
+        ident = (f"{cpu}|{_core.ops.get_cpu_kernels()}|{self._eng.threads}|{self._eng.cpu_activations}|{shapes}"
+                 f"|r{_CPU_KERNELS_REVISION}")
         return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
     def _linear_shapes(self) -> list[dict]:

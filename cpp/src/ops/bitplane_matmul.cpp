@@ -9,8 +9,10 @@
 //  - decode (m <= bitplane_decode_max_m): straight from the planes, re-read per activation row. The
 //    portable kernel looks up each plane byte in a 256-entry table of partial sums of the 8
 //    activations it covers (built once per call, shared by all rows and planes); the SIMD kernels
-//    (bitplane_matmul_avx2.cpp) turn the k planes of a row's words into byte codes (vpshufb per
-//    plane, or one GFNI 8x8 bit transpose for all planes) and multiply them with the activations.
+//    turn the k planes of a row's words into byte codes (vpshufb per plane, or one 8x8 bit
+//    transpose for all planes: GFNI, or shifts) and multiply them with the activations: as fp32
+//    (bitplane_matmul_avx2.cpp), or as int16 on int16 activations (bitplane_matmul_avx512.cpp with
+//    vpdpwssd, bitplane_matmul_avx2_i16.cpp with vpmaddwd).
 //  - gemm (larger m): 8 rows are dequantized to fp32 once and dotted with all m activation rows, so
 //    the decode cost is paid once per call instead of once per activation row. On int16 activations
 //    the rows become int16 codes instead, multiplied by 16 activation rows at a time with vpdpwssd
@@ -469,25 +471,26 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     const bool avx2 = cpu_features().avx2, gfni = cpu_features().gfni;
     if (path == BITPLANE_PATH_AUTO) path = m <= bitplane_decode_max_m ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM;
 
-    // int16 activations: the AVX-512 kernels multiply q themselves; every other kernel runs on x̂ as
-    // fp32 (the same products, each rounded to fp32)
+    // int16 activations: the SIMD kernels multiply q themselves; the portable ones run on x̂ as fp32
+    // (the same products, each rounded to fp32)
     const bool i16_avx512 = act == BITPLANE_ACT_I16 && cpu_features().avx512;
-    const bool i16_kernel = i16_avx512 && path == BITPLANE_PATH_DECODE;
+    const bool i16_avx2 = act == BITPLANE_ACT_I16 && !i16_avx512 && avx2;
+    const bool i16_kernel = (i16_avx512 || i16_avx2) && path == BITPLANE_PATH_DECODE;  // xi, WORD_ORDER_I16
     const bool i16_gemm = i16_avx512 && path == BITPLANE_PATH_GEMM;
-    const bool i16_gemm_avx2 = act == BITPLANE_ACT_I16 && !i16_avx512 && avx2 && path == BITPLANE_PATH_GEMM;
+    const bool i16_gemm_avx2 = i16_avx2 && path == BITPLANE_PATH_GEMM;
     std::vector<float> xscale, xhat;
-    if (act == BITPLANE_ACT_I16 && !i16_avx512 && !i16_gemm_avx2) {
+    if (act == BITPLANE_ACT_I16 && !i16_avx512 && !i16_avx2) {
         xhat.resize(static_cast<size_t>(m * w.k));
         bitplane_round_i16(x, m, w.k, w.group_size, xhat.data());
         x = xhat.data();
     }
 
-    const WordOrder order = i16_avx512 ? WORD_ORDER_I16
-                            : gfni     ? WORD_ORDER_GFNI
+    const WordOrder order = i16_avx512 || i16_kernel ? WORD_ORDER_I16
+                            : gfni                   ? WORD_ORDER_GFNI
                             : avx2     ? WORD_ORDER_DWORD
                                        : WORD_ORDER_NATURAL;
     const std::shared_ptr<const Layout> layout = layout_for(w.k, w.group_size, order);
-    j.x_stride = i16_avx512 ? j.n_super * 512 : static_cast<int64_t>(layout->src.size());
+    j.x_stride = order == WORD_ORDER_I16 ? j.n_super * 512 : static_cast<int64_t>(layout->src.size());
     j.word_group = layout->word_group.data();
     std::vector<float> xp;
     std::vector<int16_t> xi, q_tmp;
@@ -534,7 +537,10 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
         xi.resize(static_cast<size_t>(m) * j.x_stride);
         q_tmp.resize(static_cast<size_t>(k_pad));
         xscale.resize(static_cast<size_t>(m * j.n_groups));
-        prepare_i16_avx512(j, x, w.k, q_tmp.data(), xi.data(), xscale.data(), xsum.data());
+        if (i16_avx512)
+            prepare_i16_avx512(j, x, w.k, q_tmp.data(), xi.data(), xscale.data(), xsum.data());
+        else
+            prepare_i16_avx2(j, x, w.k, q_tmp.data(), xi.data(), xscale.data(), xsum.data());
         j.xi = xi.data();
         j.xscale = xscale.data();
 #endif
@@ -548,7 +554,7 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     // Group sums in fp64: the min term multiplies them by m_k, which can be large next to the
     // scale term (a group far from zero), so their rounding would show in y. (The int16 kernel's
     // came from its preparation.)
-    for (int64_t r = 0; r < (i16_avx512 || i16_gemm_avx2 ? 0 : m); ++r)
+    for (int64_t r = 0; r < (i16_avx512 || i16_avx2 ? 0 : m); ++r)
         for (int64_t gr = 0; gr < j.n_groups; ++gr) {
             // 4 partial sums: one fp64 add chain would cost ~4 cycles per element.
             double acc[4] = {0.0, 0.0, 0.0, 0.0};
@@ -586,7 +592,9 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     auto tiles = [&](const Job& jb, int64_t t0, int64_t t1) {
 #ifdef FLEXQUANT_X86
         if (path == BITPLANE_PATH_DECODE) {
-            if (i16_kernel) return decode_tiles_i16_avx512(jb, t0, t1);
+            if (i16_kernel && i16_avx512) return decode_tiles_i16_avx512(jb, t0, t1);
+            if (i16_kernel && gfni) return decode_tiles_i16_gfni(jb, t0, t1);
+            if (i16_kernel) return decode_tiles_i16_avx2(jb, t0, t1);
             if (gfni) return decode_tiles_gfni(jb, t0, t1);
             if (avx2) return decode_tiles_avx2(jb, t0, t1);
         } else {

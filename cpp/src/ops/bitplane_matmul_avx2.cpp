@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -481,63 +482,77 @@ void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* x
     }
 }
 
+// One row xr (k) -> q (k_pad int16, natural K order, zeros past k), and per group its scale s =
+// absmax / 32767 and Σ x̂ = s Σ q (fp64; NaN when the group holds a NaN or inf, so that y shows it),
+// written at xscale[g * stride] and xsum[g * stride]. The rounding of bitplane_round_i16. The int16
+// GEMM's and decode's preparation.
+void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group, int64_t n_groups, int16_t* q,
+                           float* xscale, double* xsum, int64_t stride) {
+    const __m256 qmax = _mm256_set1_ps(32767.0f), qmin = _mm256_set1_ps(-32767.0f);
+    std::fill(q + k, q + k_pad, int16_t(0));
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
+        bool bad = false;
+        const float scale = group_absmax(xr, i0, i1, &bad) / 32767.0f;
+        int64_t qsum = 0;
+        int64_t i = i0;
+        if (scale > 0.0f) {
+            const __m256 sv = _mm256_set1_ps(scale);
+            __m256i acc = _mm256_setzero_si256();  // |Σ| < 2^15 · 32767 per lane between flushes
+            int64_t n_acc = 0;
+            auto flush = [&] {
+                alignas(32) int32_t t[8];
+                _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc);
+                for (int32_t v : t) qsum += v;
+                acc = _mm256_setzero_si256();
+                n_acc = 0;
+            };
+            for (; i + 8 <= i1; i += 8) {
+                // max(qmin, NaN) is NaN, which converts to INT_MIN and packs to -32768: a NaN group's
+                // q are garbage, and its Σ x̂ is NaN
+                const __m256 t = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + i), sv),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                const __m256i qi = _mm256_cvtps_epi32(_mm256_min_ps(qmax, _mm256_max_ps(qmin, t)));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                                 _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1)));
+                acc = _mm256_add_epi32(acc, qi);
+                if (++n_acc == (1 << 15)) flush();
+            }
+            flush();
+            for (; i < i1; ++i) {
+                const float t = std::nearbyint(xr[i] / scale);
+                q[i] = static_cast<int16_t>(std::min(32767.0f, std::max(-32767.0f, t)));
+                qsum += q[i];
+            }
+        } else {
+            std::fill(q + i0, q + i1, int16_t(0));
+        }
+        xscale[g * stride] = scale;
+        xsum[g * stride] =
+            bad ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(scale) * static_cast<double>(qsum);
+    }
+}
+
 void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt,
                            float* xst, double* xsumt) {
-    const int group = j.w->group_size;
     const int64_t ng = j.n_groups, half = j.k_pad / 2;
-    const __m256 qmax = _mm256_set1_ps(32767.0f), qmin = _mm256_set1_ps(-32767.0f);
-    thread_local std::vector<int32_t> q_buf;  // (k_pad) q, one per int32 (natural K order)
+    thread_local std::vector<int16_t> q_buf;  // (k_pad) q (natural K order)
     if (q_buf.size() < static_cast<size_t>(j.k_pad)) q_buf.resize(static_cast<size_t>(j.k_pad));
-    int32_t* q = q_buf.data();
+    int16_t* q = q_buf.data();
     for (int64_t r = b0 * 8; r < b1 * 8; ++r) {
         const int64_t b = r / 8, lane = r % 8;
-        std::fill(q, q + j.k_pad, 0);
-        if (r < j.m) {
-            const float* xr = x + r * k;
-            for (int64_t g = 0; g < ng; ++g) {
-                const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
-                // a non-finite element makes the group's sum NaN, so that y shows it
-                bool bad = false;
-                const float scale = group_absmax(xr, i0, i1, &bad) / 32767.0f;
-                int64_t qsum = 0;
-                int64_t i;
-                if (scale > 0.0f) {
-                    const __m256 sv = _mm256_set1_ps(scale);
-                    __m256i acc = _mm256_setzero_si256();  // |Σ| <= group / 8 * 32767 per lane: int32 is
-                    int64_t n_acc = 0;                     // emptied every 2^15 vectors
-                    for (i = i0; i + 8 <= i1; i += 8) {
-                        const __m256 t = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + i), sv),
-                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                        const __m256i qi = _mm256_cvtps_epi32(_mm256_min_ps(qmax, _mm256_max_ps(qmin, t)));
-                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), qi);
-                        acc = _mm256_add_epi32(acc, qi);
-                        if (++n_acc == (1 << 15)) {
-                            alignas(32) int32_t t32[8];
-                            _mm256_store_si256(reinterpret_cast<__m256i*>(t32), acc);
-                            for (int32_t v : t32) qsum += v;
-                            acc = _mm256_setzero_si256();
-                            n_acc = 0;
-                        }
-                    }
-                    alignas(32) int32_t t32[8];
-                    _mm256_store_si256(reinterpret_cast<__m256i*>(t32), acc);
-                    for (int32_t v : t32) qsum += v;
-                    for (; i < i1; ++i) {
-                        const float t = std::nearbyint(xr[i] / scale);
-                        q[i] = static_cast<int32_t>(std::min(32767.0f, std::max(-32767.0f, t)));
-                        qsum += q[i];
-                    }
-                }
-                xst[(b * ng + g) * 8 + lane] = scale;
-                xsumt[(b * ng + g) * 8 + lane] =
-                    bad ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(scale) * static_cast<double>(qsum);
-            }
-        }
-        // pairs (q[2p], q[2p+1]) as int16 in one int32, to lane `lane` of pair p's vector
+        if (r < j.m)
+            quantize_row_i16_avx2(x + r * k, k, j.k_pad, j.w->group_size, ng, q, xst + b * ng * 8 + lane,
+                                  xsumt + b * ng * 8 + lane, 8);
+        else  // the last block's empty lanes: zeros (xst and xsumt were zeroed by the caller)
+            std::fill(q, q + j.k_pad, int16_t(0));
+        // pairs (q[2p], q[2p+1]) as one int32, to lane `lane` of pair p's vector
         int32_t* out = xt + b * half * 8 + lane;
-        for (int64_t p = 0; p < half; ++p)
-            out[p * 8] = static_cast<int32_t>(static_cast<uint16_t>(q[2 * p])) |
-                         static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(q[2 * p + 1])) << 16);
+        for (int64_t p = 0; p < half; ++p) {
+            int32_t pair;
+            std::memcpy(&pair, q + 2 * p, 4);
+            out[p * 8] = pair;
+        }
     }
 }
 

@@ -288,7 +288,8 @@ enum WordOrder {
                              // bitplane_matmul_avx2.cpp; the other words (the 4 last ones of a short
                              // last super-chunk) in DWORD order, and again after k_pad in the order
                              // of the kernel that decodes them for two rows at once
-    WORD_ORDER_I16 = 3,      // the int16 activations of the AVX-512 kernel (x_stride = n_super * 512):
+    WORD_ORDER_I16 = 3,      // the int16 activations of the decode kernels on int16 activations (AVX-512
+                             // and AVX2; x_stride = n_super * 512):
                              // per super-chunk s and step v = 0..3, 128 slots 64h + 32e + 8L + i <-
                              // bit 16h + 2i + e of word 4L + v of the row's words (zero slots where a
                              // short super-chunk has no such word); built from the step tables below
@@ -322,7 +323,7 @@ struct Job {
     const double* xsum;         // (m, n_groups) Σ_{i∈g} x[r, i]
     const int32_t* word_group;  // (k_pad / 32) group of each stored word (clamped to n_groups - 1)
     float* y;                   // (m, n)
-    // The AVX-512 int16 kernel only (WORD_ORDER_I16): step (s, v) lane L is the row's word 4L + v of
+    // The int16 decode kernels only (WORD_ORDER_I16): step (s, v) lane L is the row's word 4L + v of
     // super-chunk s, index 16s + 4v + L of the step tables.
     const int16_t* xi;            // (m, n_super * 512) int16 activations q
     const float* xscale;          // (m, n_groups) their scales s
@@ -379,6 +380,16 @@ void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* x
 void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt, float* xst,
                            double* xsumt);
 void gemm_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1);
+// bitplane_matmul_avx2_i16.cpp: decode on int16 activations without AVX-512 (the same xi, xscale,
+// xsum and step tables as decode_tiles_i16_avx512), by 8x8 bit transposes in shifts (AVX2) or with
+// GFNI; and their preparation, as prepare_i16_avx512. quantize_row_i16_avx2: one row x (k) -> q
+// (k_pad int16, natural K order, zeros past k) and per group xscale, xsum at [g * stride].
+void decode_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1);
+void decode_tiles_i16_gfni(const Job& j, int64_t t0, int64_t t1);
+void prepare_i16_avx2(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
+                      double* xsum);
+void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group, int64_t n_groups, int16_t* q,
+                           float* xscale, double* xsum, int64_t stride);
 // bitplane_matmul_avx512.cpp: decode on int16 activations (xi, xscale and the step tables; xp
 // unused), and their preparation: x (m, k) -> xi, xscale and xsum (m, n_groups) = s Σ q (fp64).
 // q_tmp: k_pad int16 of scratch. The rounding is the same everywhere (bitplane_round_i16).

@@ -1,0 +1,330 @@
+// AVX2 decode kernels of y (m, n) = x̂ (m, k) · W_kᵀ over a bit-plane linear on int16 activations
+// (BITPLANE_ACT_I16, ops.h; formula and layout: bitplane_matmul.cpp, docs/format.md), for CPUs
+// without AVX-512 VNNI:
+//
+//   y[r, n] = Σ_g s_k[n,g] · xs[r,g] · Σ_{i∈g} c_k[n,i] q[r,i]  +  m_k[n,g] · Σ_{i∈g} x̂[r,i]
+//
+// with x̂ = xs · q, q int16. The AVX2 counterpart of decode_tile_i16 (bitplane_matmul_avx512.cpp),
+// on the same activation layout (WORD_ORDER_I16), in two variants that differ only in how a row's
+// planes become codes:
+//  - gfni (compiled for avx2+gfni): gf2p8affineqb transposes each 8x8 bit block, as the fp32 GFNI
+//    kernel does;
+//  - shifts (plain AVX2): the same transpose in three delta swaps of 6 instructions (Hacker's
+//    Delight 7-3), the planes fed in reverse byte order so that the result is bit for bit the
+//    GFNI one. The fp32 AVX2 kernel's per-plane byte masks (word_codes) cost 6 instructions per
+//    plane and 32 weights, 48 at 8 bits; the transpose costs 18 for all planes.
+// Both then keep the codes integers: c = c_k << (8 - k) as bytes, split into even and odd bytes
+// (int16), and vpmaddwd multiplies 16 codes by 16 int16 activations into 8 int32 pair sums; the fp32
+// kernels spent an and, a convert and an FMA per 8 codes. The int32 sums of one step (8 products per
+// lane, |Σ| <= 8 · 255 · 32767 < 2^31) are exact and become fp32 once per step, times s_k · 2^(k-8)
+// · xs of their word's group.
+//
+// A batch is 8 consecutive stored words of a row (32 bytes of each plane): 128-bit lane h holds
+// words 4h .. 4h + 3 of the batch, and step v takes word v of each lane, i.e. the words 4L + v of
+// WORD_ORDER_I16 with L = 2b + h for batch b. A short last super-chunk of 1 or 3 words per lane leaves
+// 4 words per row after its batches: those are decoded for two rows at once, one per lane, on
+// activations broadcast to both lanes.
+
+#include "cpu_features.h"
+
+#ifdef FLEXQUANT_X86
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "ops/ops.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+#define FQ_INLINE inline __attribute__((always_inline))
+
+namespace flexquant {
+namespace bitplane_detail {
+
+namespace {
+
+float* scratch_i16(size_t n) {  // per thread (kernels never nest): grown, never shrunk
+    thread_local std::vector<float> buf;
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
+}
+
+FQ_INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// [a x4 | b x4]
+FQ_INLINE __m256 lanes_of(float a, float b) {
+    return _mm256_setr_m128(_mm_set1_ps(a), _mm_set1_ps(b));
+}
+
+// Per 64-bit lane, the 8x8 bit transpose: bit j of byte i <-> bit i of byte j (three delta swaps).
+FQ_INLINE __m256i transpose_bits(__m256i x) {
+    const __m256i m1 = _mm256_set1_epi64x(0x00AA00AA00AA00AALL);
+    const __m256i m2 = _mm256_set1_epi64x(0x0000CCCC0000CCCCLL);
+    const __m256i m3 = _mm256_set1_epi64x(0x00000000F0F0F0F0LL);
+    __m256i t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 7)), m1);
+    x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 7)));
+    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 14)), m2);
+    x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 14)));
+    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 28)), m3);
+    return _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 28)));
+}
+
+// Σ over 4 vpmaddwd of (codes, activations) pairs: 8 int32 sums of 8 products each.
+FQ_INLINE __m256i madd4(__m256i e0, __m256i o0, __m256i e1, __m256i o1, __m256i x0, __m256i x1, __m256i x2,
+                        __m256i x3) {
+    const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(e0, x0), _mm256_madd_epi16(o0, x1));
+    const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(e1, x2), _mm256_madd_epi16(o1, x3));
+    return _mm256_add_epi32(a, b);
+}
+
+}  // namespace
+
+void prepare_i16_avx2(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
+                      double* xsum) {
+    // per 128-bit lane of 8 int16: evens to the low qword, odds to the high one
+    const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12,
+                                           13, 2, 3, 6, 7, 10, 11, 14, 15);
+    for (int64_t r = 0; r < j.m; ++r) {
+        quantize_row_i16_avx2(x + r * k, k, j.k_pad, j.w->group_size, j.n_groups, q_tmp, xscale + r * j.n_groups,
+                              xsum + r * j.n_groups, 1);
+        // q_tmp -> WORD_ORDER_I16: slot 64h + 32e + 8L + i of step (s, v) <- bit 16h + 2i + e of word
+        // 4L + v
+        int16_t* out = xi + r * j.x_stride;
+        for (int64_t s = 0; s < j.n_super; ++s)
+            for (int v = 0; v < 4; ++v)
+                for (int L = 0; L < 4; ++L) {
+                    const int32_t base = j.step_base[16 * s + 4 * v + L];
+                    int16_t* blk = out + (4 * s + v) * 128 + 8 * L;
+                    for (int h = 0; h < 2; ++h) {
+                        __m256i w = _mm256_setzero_si256();
+                        if (base >= 0) {
+                            w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q_tmp + base + 16 * h));
+                            // [evens 0-7 | odds 0-7 | evens 8-15 | odds 8-15] -> [evens | odds]
+                            w = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(w, split), 0xd8);
+                        }
+                        _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 64 * h), _mm256_castsi256_si128(w));
+                        _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 64 * h + 32), _mm256_extracti128_si256(w, 1));
+                    }
+                }
+    }
+}
+
+namespace {
+
+// Per-row factors of row tile rt: swx (8, m, n_groups) = s_k[g, group] · 2^(k-8) · xs[r, group] (the
+// factor of a step's int32 sums; the 2^(k-8) undoes the codes' << (8 - k), exactly; without it where
+// the codes are not `shifted`) and bias (8, m) = Σ_g m_k[g] Σ_{i∈g} x̂[r, i] (fp64 sums). Rows past N
+// get zeros. 8 groups at a time with F16C, straight from the fp16 pairs for every activation row: in
+// scalar code (or through a scratch row of s_k, whose 256-bit stores the 128-bit loads after them
+// could not take from the store buffer) this cost half as much as a small tile's products.
+void tile_params_i16_avx2(const Job& j, int64_t rt, bool shifted, float* swx, float* bias) {
+    const int shift = j.w->max_bits - j.bits;
+    const float smul = static_cast<float>(1 << shift) / static_cast<float>(shifted ? 1 << (8 - j.bits) : 1);
+    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
+    const __m256 smulv = _mm256_set1_ps(smul), mmulv = _mm256_set1_ps(mmul);
+    // per 128-bit lane of 4 (scale, min) pairs: scales to the low qword, mins to the high one
+    const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12,
+                                           13, 2, 3, 6, 7, 10, 11, 14, 15);
+    const int64_t ng = j.n_groups;
+    for (int g = 0; g < 8; ++g) {
+        const int64_t n = rt * 8 + g;
+        float* out = swx + g * j.m * ng;
+        if (n >= j.w->n) {
+            std::fill(out, out + j.m * ng, 0.0f);
+            std::fill(bias + g * j.m, bias + (g + 1) * j.m, 0.0f);
+            continue;
+        }
+        const uint16_t* qp = j.w->qparams + n * ng * 2;
+        for (int64_t r = 0; r < j.m; ++r) {
+            const float* xs = j.xscale + r * ng;
+            const double* xsum = j.xsum + r * ng;
+            float* o = out + r * ng;
+            __m256d acc = _mm256_setzero_pd();
+            int64_t gr = 0;
+            for (; gr + 8 <= ng; gr += 8) {
+                const __m256i pairs = _mm256_permute4x64_epi64(
+                    _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp + 2 * gr)), split),
+                    0xd8);
+                const __m256 sc = _mm256_cvtph_ps(_mm256_castsi256_si128(pairs));
+                const __m256 mk = _mm256_add_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(pairs, 1)),
+                                                _mm256_mul_ps(sc, mmulv));
+                _mm256_storeu_ps(o + gr, _mm256_mul_ps(_mm256_mul_ps(sc, smulv), _mm256_loadu_ps(xs + gr)));
+                acc = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(mk)), _mm256_loadu_pd(xsum + gr), acc);
+                acc = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(mk, 1)), _mm256_loadu_pd(xsum + gr + 4),
+                                      acc);
+            }
+            alignas(32) double t[4];
+            _mm256_store_pd(t, acc);
+            double b = (t[0] + t[1]) + (t[2] + t[3]);
+            for (; gr < ng; ++gr) {
+                const float sc = _cvtsh_ss(qp[2 * gr]), mn = _cvtsh_ss(qp[2 * gr + 1]);
+                o[gr] = sc * smul * xs[gr];
+                b += static_cast<double>(mn + sc * mmul) * xsum[gr];
+            }
+            bias[g * j.m + r] = static_cast<float>(b);
+        }
+    }
+}
+
+// The variants' driver: tile params, then up to 4 activation rows per pass over the planes (more
+// rows, a forced decode path, take several passes).
+template <int BITS, template <int, int> class Kernel>
+void decode_tiles_i16_with(const Job& j, int64_t t0, int64_t t1) {
+    float* swx = scratch_i16(8 * j.m * j.n_groups + 8 * j.m);
+    float* bias = swx + 8 * j.m * j.n_groups;
+    for (int64_t rt = t0; rt < t1; ++rt) {
+        tile_params_i16_avx2(j, rt, Kernel<BITS, 1>::shifted, swx, bias);
+        for (int64_t r0 = 0; r0 < j.m; r0 += 4) {
+            switch (std::min<int64_t>(4, j.m - r0)) {
+                case 1: Kernel<BITS, 1>::run(j, rt, r0, swx, bias); break;
+                case 2: Kernel<BITS, 2>::run(j, rt, r0, swx, bias); break;
+                case 3: Kernel<BITS, 3>::run(j, rt, r0, swx, bias); break;
+                default: Kernel<BITS, 4>::run(j, rt, r0, swx, bias); break;
+            }
+        }
+    }
+}
+
+// 0xff in byte i where bit i of the 32-bit word at p is set.
+FQ_INLINE __m256i plane_mask(const uint8_t* p) {
+    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                                          3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+    int32_t w;
+    std::memcpy(&w, p, 4);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(w), shuf), bit), bit);
+}
+
+// The byte masks variant (CPUs without GFNI, few bits): each stored word's 32 codes c_k, byte i =
+// weight i, built plane by plane, c = 2c - mask (Horner, MSB first): 5 ALU ops per plane and word,
+// so the cost falls with k. Steps v outer, lanes inner: the W words 4L + v of a step cover one
+// 128-weight block, so where the step has one group (G >= 128) their int32 sums (W · 4 products per
+// lane, |Σ| <= 16 · 255 · 32767 < 2^31) become fp32 once.
+template <int BITS, int M>
+struct WordKernel {
+    static constexpr bool shifted = false;
+    static void run(const Job& j, int64_t rt, int64_t r0, const float* swx, const float* bias) {
+        const uint64_t pb = j.w->plane_bytes;
+        const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
+        const int64_t ng = j.n_groups;
+        const __m256i low = _mm256_set1_epi16(0x00ff);
+        __m256 acc[8][M];
+        for (int g = 0; g < 8; ++g)
+            for (int r = 0; r < M; ++r) acc[g][r] = _mm256_setzero_ps();
+        for (int64_t s = 0; s < j.n_super; ++s) {
+            const int W = super_words(j, s);
+            const uint8_t* sb = j.w->planes + super_offset(j, rt, s);
+            const int32_t* step_group = j.step_group + 16 * s;
+            const int16_t* xs = j.xi + r0 * j.x_stride + 4 * s * 128;
+            for (int g = 0; g < rows; ++g) {
+                const uint8_t* rb = sb + 16 * W * g;
+                const float* f = swx + (g * j.m + r0) * ng;
+                // the row's sums of this super-chunk in registers (acc[g] is indexed at run time:
+                // memory, and with G = 32 every word would load, FMA and store it)
+                __m256 part[M];
+                for (int r = 0; r < M; ++r) part[r] = _mm256_setzero_ps();
+                for (int v = 0; v < 4; ++v) {
+                    const bool uniform = j.step_uniform[4 * s + v];
+                    __m256i p[M];
+                    for (int r = 0; r < M; ++r) p[r] = _mm256_setzero_si256();
+                    for (int L = 0; L < W; ++L) {
+                        const uint8_t* wp = rb + 4 * (4 * L + v);
+                        __m256i c = _mm256_sub_epi8(_mm256_setzero_si256(), plane_mask(wp));
+                        for (int i = 1; i < BITS; ++i) c = _mm256_sub_epi8(_mm256_add_epi8(c, c), plane_mask(wp + i * pb));
+                        // int16 lane i: weight 2i (e) / 2i + 1 (o); slots 64h + 32e + 8L + i hold weight
+                        // 16h + 2i + e of the word
+                        const __m256i e = _mm256_and_si256(c, low), o = _mm256_srli_epi16(c, 8);
+                        for (int r = 0; r < M; ++r) {
+                            const int16_t* x = xs + r * j.x_stride + v * 128 + 8 * L;
+                            const __m256i xe = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(x + 64),
+                                                                   reinterpret_cast<const __m128i*>(x));
+                            const __m256i xo = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(x + 96),
+                                                                   reinterpret_cast<const __m128i*>(x + 32));
+                            p[r] = _mm256_add_epi32(
+                                p[r], _mm256_add_epi32(_mm256_madd_epi16(e, xe), _mm256_madd_epi16(o, xo)));
+                        }
+                        if (!uniform) {  // this word's own group
+                            const int32_t gr = step_group[4 * v + L];
+                            for (int r = 0; r < M; ++r) {
+                                part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[r * ng + gr]),
+                                                          part[r]);
+                                p[r] = _mm256_setzero_si256();
+                            }
+                        }
+                    }
+                    if (uniform) {
+                        const int32_t gr = step_group[4 * v];
+                        for (int r = 0; r < M; ++r)
+                            part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[r * ng + gr]), part[r]);
+                    }
+                }
+                for (int r = 0; r < M; ++r) acc[g][r] = _mm256_add_ps(acc[g][r], part[r]);
+            }
+        }
+        for (int g = 0; g < rows; ++g)
+            for (int r = 0; r < M; ++r)
+                j.y[(r0 + r) * j.w->n + rt * 8 + g] = hsum8(acc[g][r]) + bias[g * j.m + r0 + r];
+    }
+};
+
+}  // namespace
+
+// ---- the shifts variant -----------------------------------------------------------------------------
+
+namespace i16_shifts {
+#define FQ_I16_GFNI 0
+#include "ops/bitplane_matmul_avx2_i16.inc"
+#undef FQ_I16_GFNI
+}  // namespace i16_shifts
+
+// Measured on 4096 x 4096 (one row, 2 threads, AMD EPYC capped to AVX2), µs at 8 / 7 / 6 / 4 / 2 bits:
+// byte masks 1027 / 896 / 795 / 590 / 397, shifts 812 / 814 / 791 / 756 / 739 (fp32 kernel: 1234 at
+// 8 bits, 781 at 4). The shifts' transpose costs the same whatever k; the masks' cost falls with k.
+void decode_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1) {
+    with_bits(j.bits, [&](auto bits) {
+        constexpr int B = decltype(bits)::value;
+        if constexpr (B >= 7)
+            decode_tiles_i16_with<B, i16_shifts::Kernel>(j, t0, t1);
+        else
+            decode_tiles_i16_with<B, WordKernel>(j, t0, t1);
+    });
+}
+
+}  // namespace bitplane_detail
+}  // namespace flexquant
+
+#pragma GCC pop_options
+
+// ---- the GFNI variant -------------------------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,gfni")
+
+namespace flexquant {
+namespace bitplane_detail {
+
+namespace i16_gfni {
+#define FQ_I16_GFNI 1
+#include "ops/bitplane_matmul_avx2_i16.inc"
+#undef FQ_I16_GFNI
+}  // namespace i16_gfni
+
+void decode_tiles_i16_gfni(const Job& j, int64_t t0, int64_t t1) {
+    with_bits(j.bits, [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_gfni::Kernel>(j, t0, t1); });
+}
+
+}  // namespace bitplane_detail
+}  // namespace flexquant
+
+#pragma GCC pop_options
+
+#endif  // FLEXQUANT_X86

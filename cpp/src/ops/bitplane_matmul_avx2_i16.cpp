@@ -47,12 +47,6 @@ namespace bitplane_detail {
 
 namespace {
 
-float* scratch_i16(size_t n) {  // per thread (kernels never nest): grown, never shrunk
-    thread_local std::vector<float> buf;
-    if (buf.size() < n) buf.resize(n);
-    return buf.data();
-}
-
 FQ_INLINE float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -118,42 +112,65 @@ void prepare_i16_avx2(const Job& j, const float* x, int64_t k, int16_t* q_tmp, i
     }
 }
 
-namespace {
-
-// Per-row factors of row tile rt: swx (8, m, n_groups) = s_k[g, group] · 2^(k-8) · xs[r, group] (the
-// factor of a step's int32 sums; the 2^(k-8) undoes the codes' << (8 - k), exactly; without it where
-// the codes are not `shifted`) and bias (8, m) = Σ_g m_k[g] Σ_{i∈g} x̂[r, i] (fp64 sums). Rows past N
-// get zeros. 8 groups at a time with F16C, straight from the fp16 pairs for every activation row: in
-// scalar code (or through a scratch row of s_k, whose 256-bit stores the 128-bit loads after them
-// could not take from the store buffer) this cost half as much as a small tile's products.
-void tile_params_i16_avx2(const Job& j, int64_t rt, bool shifted, float* swx, float* bias) {
+// The factors are computed per tile, 8 groups at a time with F16C, straight from the fp16 pairs.
+// Measured on the way (perf, SmolLM2 decode): in scalar code they cost half as much as a small
+// tile's products; through a scratch row (s_k, or the min term's products) they stalled on loads
+// that the store buffer could not forward (256-bit stores read back by 128-bit or misaligned loads),
+// and took up to a quarter of the decode. Here every row is whole vectors: the last one reads its
+// pairs with a masked load (a row of 5 groups is one vector), and xs and Σ x̂ are zero past
+// n_groups, so the extra lanes add nothing.
+TileFactorsI16::TileFactorsI16(const Job& j, float code_scale) : j_(j) {
     const int shift = j.w->max_bits - j.bits;
-    const float smul = static_cast<float>(1 << shift) / static_cast<float>(shifted ? 1 << (8 - j.bits) : 1);
-    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
-    const __m256 smulv = _mm256_set1_ps(smul), mmulv = _mm256_set1_ps(mmul);
-    // per 128-bit lane of 4 (scale, min) pairs: scales to the low qword, mins to the high one
+    smul_ = static_cast<float>(1 << shift) * code_scale;
+    mmul_ = static_cast<float>(((1 << shift) - 1) / 2.0);
+    const int64_t ng = j.n_groups;
+    stride_ = (ng + 7) / 8 * 8;
+    thread_local std::vector<float> f_buf;
+    thread_local std::vector<double> d_buf;
+    const size_t nf = static_cast<size_t>(8 * j.m * stride_ + 8 * j.m + j.m * stride_);
+    if (f_buf.size() < nf) f_buf.resize(nf);
+    if (d_buf.size() < static_cast<size_t>(j.m * stride_)) d_buf.resize(static_cast<size_t>(j.m * stride_));
+    swx_ = f_buf.data();
+    bias_ = swx_ + 8 * j.m * stride_;
+    xs_pad_ = bias_ + 8 * j.m;
+    xsum_pad_ = d_buf.data();
+    for (int64_t r = 0; r < j.m; ++r) {
+        std::copy(j.xscale + r * ng, j.xscale + (r + 1) * ng, xs_pad_ + r * stride_);
+        std::fill(xs_pad_ + r * stride_ + ng, xs_pad_ + (r + 1) * stride_, 0.0f);
+        std::copy(j.xsum + r * ng, j.xsum + (r + 1) * ng, xsum_pad_ + r * stride_);
+        std::fill(xsum_pad_ + r * stride_ + ng, xsum_pad_ + (r + 1) * stride_, 0.0);
+    }
+}
+
+void TileFactorsI16::compute(int64_t rt) {
+    const Job& j = j_;
+    const __m256 smulv = _mm256_set1_ps(smul_), mmulv = _mm256_set1_ps(mmul_);
+    // per 128-bit lane of 4 (scale, min) fp16 pairs: scales to the low qword, mins to the high one
     const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12,
                                            13, 2, 3, 6, 7, 10, 11, 14, 15);
-    const int64_t ng = j.n_groups;
+    const int64_t ng = j.n_groups, fs = stride_;
+    // the pairs past n_groups in a row's last vector: not loaded (the next row's, or past the end)
+    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(ng % 8 ? ng % 8 : 8)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
     for (int g = 0; g < 8; ++g) {
-        const int64_t n = rt * 8 + g;
-        float* out = swx + g * j.m * ng;
-        if (n >= j.w->n) {
-            std::fill(out, out + j.m * ng, 0.0f);
-            std::fill(bias + g * j.m, bias + (g + 1) * j.m, 0.0f);
+        float* out = swx_ + g * j.m * fs;
+        if (g >= rows) {
+            std::fill(out, out + j.m * fs, 0.0f);
+            std::fill(bias_ + g * j.m, bias_ + (g + 1) * j.m, 0.0f);
             continue;
         }
-        const uint16_t* qp = j.w->qparams + n * ng * 2;
+        const uint16_t* qp = j.w->qparams + (rt * 8 + g) * ng * 2;
         for (int64_t r = 0; r < j.m; ++r) {
-            const float* xs = j.xscale + r * ng;
-            const double* xsum = j.xsum + r * ng;
-            float* o = out + r * ng;
+            const float* xs = xs_pad_ + r * fs;
+            const double* xsum = xsum_pad_ + r * fs;
+            float* o = out + r * fs;
             __m256d acc = _mm256_setzero_pd();
-            int64_t gr = 0;
-            for (; gr + 8 <= ng; gr += 8) {
-                const __m256i pairs = _mm256_permute4x64_epi64(
-                    _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp + 2 * gr)), split),
-                    0xd8);
+            for (int64_t gr = 0; gr < fs; gr += 8) {
+                const int* src = reinterpret_cast<const int*>(qp + 2 * gr);
+                const __m256i raw = gr + 8 <= ng ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                                                 : _mm256_maskload_epi32(src, tail);
+                const __m256i pairs = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(raw, split), 0xd8);
                 const __m256 sc = _mm256_cvtph_ps(_mm256_castsi256_si128(pairs));
                 const __m256 mk = _mm256_add_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(pairs, 1)),
                                                 _mm256_mul_ps(sc, mmulv));
@@ -162,33 +179,28 @@ void tile_params_i16_avx2(const Job& j, int64_t rt, bool shifted, float* swx, fl
                 acc = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(mk, 1)), _mm256_loadu_pd(xsum + gr + 4),
                                       acc);
             }
-            alignas(32) double t[4];
-            _mm256_store_pd(t, acc);
-            double b = (t[0] + t[1]) + (t[2] + t[3]);
-            for (; gr < ng; ++gr) {
-                const float sc = _cvtsh_ss(qp[2 * gr]), mn = _cvtsh_ss(qp[2 * gr + 1]);
-                o[gr] = sc * smul * xs[gr];
-                b += static_cast<double>(mn + sc * mmul) * xsum[gr];
-            }
-            bias[g * j.m + r] = static_cast<float>(b);
+            const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
+            bias_[g * j.m + r] = static_cast<float>(_mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h))));
         }
     }
 }
+
+namespace {
 
 // The variants' driver: tile params, then up to 4 activation rows per pass over the planes (more
 // rows, a forced decode path, take several passes).
 template <int BITS, template <int, int> class Kernel>
 void decode_tiles_i16_with(const Job& j, int64_t t0, int64_t t1) {
-    float* swx = scratch_i16(8 * j.m * j.n_groups + 8 * j.m);
-    float* bias = swx + 8 * j.m * j.n_groups;
+    // codes shifted left by 8 - k (the transposes' output) need 2^(k-8); the byte masks' do not
+    TileFactorsI16 f(j, Kernel<BITS, 1>::shifted ? 1.0f / static_cast<float>(1 << (8 - BITS)) : 1.0f);
     for (int64_t rt = t0; rt < t1; ++rt) {
-        tile_params_i16_avx2(j, rt, Kernel<BITS, 1>::shifted, swx, bias);
+        f.compute(rt);
         for (int64_t r0 = 0; r0 < j.m; r0 += 4) {
             switch (std::min<int64_t>(4, j.m - r0)) {
-                case 1: Kernel<BITS, 1>::run(j, rt, r0, swx, bias); break;
-                case 2: Kernel<BITS, 2>::run(j, rt, r0, swx, bias); break;
-                case 3: Kernel<BITS, 3>::run(j, rt, r0, swx, bias); break;
-                default: Kernel<BITS, 4>::run(j, rt, r0, swx, bias); break;
+                case 1: Kernel<BITS, 1>::run(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
+                case 2: Kernel<BITS, 2>::run(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
+                case 3: Kernel<BITS, 3>::run(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
+                default: Kernel<BITS, 4>::run(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
             }
         }
     }
@@ -212,10 +224,9 @@ FQ_INLINE __m256i plane_mask(const uint8_t* p) {
 template <int BITS, int M>
 struct WordKernel {
     static constexpr bool shifted = false;
-    static void run(const Job& j, int64_t rt, int64_t r0, const float* swx, const float* bias) {
+    static void run(const Job& j, int64_t rt, int64_t r0, const float* swx, int64_t fs, const float* bias) {
         const uint64_t pb = j.w->plane_bytes;
         const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
-        const int64_t ng = j.n_groups;
         const __m256i low = _mm256_set1_epi16(0x00ff);
         __m256 acc[8][M];
         for (int g = 0; g < 8; ++g)
@@ -227,7 +238,7 @@ struct WordKernel {
             const int16_t* xs = j.xi + r0 * j.x_stride + 4 * s * 128;
             for (int g = 0; g < rows; ++g) {
                 const uint8_t* rb = sb + 16 * W * g;
-                const float* f = swx + (g * j.m + r0) * ng;
+                const float* f = swx + (g * j.m + r0) * fs;
                 // the row's sums of this super-chunk in registers (acc[g] is indexed at run time:
                 // memory, and with G = 32 every word would load, FMA and store it)
                 __m256 part[M];
@@ -255,7 +266,7 @@ struct WordKernel {
                         if (!uniform) {  // this word's own group
                             const int32_t gr = step_group[4 * v + L];
                             for (int r = 0; r < M; ++r) {
-                                part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[r * ng + gr]),
+                                part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[r * fs + gr]),
                                                           part[r]);
                                 p[r] = _mm256_setzero_si256();
                             }
@@ -264,7 +275,7 @@ struct WordKernel {
                     if (uniform) {
                         const int32_t gr = step_group[4 * v];
                         for (int r = 0; r < M; ++r)
-                            part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[r * ng + gr]), part[r]);
+                            part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[r * fs + gr]), part[r]);
                     }
                 }
                 for (int r = 0; r < M; ++r) acc[g][r] = _mm256_add_ps(acc[g][r], part[r]);

@@ -60,49 +60,6 @@ int16_t* codes_scratch(size_t n) {  // a GEMM tile's int16 codes, one buffer for
     return buf.data();
 }
 
-// Per-row parameters of row tile rt: swx (8, m, n_groups) = s_k[g, group] · 2^(k-8) · xs[r, group]
-// (the factor of a step's int32 sums) and bias (8, m) = Σ_g m_k[g] Σ_{i∈g} x̂[r, i] (fp64 sums).
-// Rows past N get zeros. 16 groups at a time: done per tile, in scalar code it cost about as much as
-// the tile's products.
-void tile_params_i16(const Job& j, int64_t rt, float* swx, float* bias) {
-    const int shift = j.w->max_bits - j.bits;
-    // The codes come out shifted left by 8 - k (as in the GFNI kernel); 2^(k-8) undoes it, exactly.
-    const __m512 smul = _mm512_set1_ps(static_cast<float>(1 << shift) / static_cast<float>(1 << (8 - j.bits)));
-    const __m512 mmul = _mm512_set1_ps(static_cast<float>(((1 << shift) - 1) / 2.0));
-    const int64_t ng = j.n_groups;
-    for (int g = 0; g < 8; ++g) {
-        const int64_t n = rt * 8 + g;
-        float* out = swx + g * j.m * ng;
-        if (n >= j.w->n) {
-            std::fill(out, out + j.m * ng, 0.0f);
-            std::fill(bias + g * j.m, bias + (g + 1) * j.m, 0.0f);
-            continue;
-        }
-        const uint16_t* qp = j.w->qparams + n * ng * 2;
-        for (int64_t r = 0; r < j.m; ++r) {
-            const float* xs = j.xscale + r * ng;
-            const double* xsum = j.xsum + r * ng;
-            __m512d acc = _mm512_setzero_pd();
-            for (int64_t g0 = 0; g0 < ng; g0 += 16) {
-                const int64_t cnt = std::min<int64_t>(16, ng - g0);
-                const __mmask16 live = static_cast<__mmask16>((1u << cnt) - 1);
-                // (scale, min) fp16 pairs as 32-bit lanes: scale in the low half, min in the high one
-                const __m512i pairs = _mm512_maskz_loadu_epi32(live, qp + 2 * g0);
-                const __m512 sc = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(pairs));
-                const __m512 mn = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(pairs, 16)));
-                _mm512_mask_storeu_ps(out + r * ng + g0, live,
-                                      _mm512_mul_ps(_mm512_mul_ps(sc, smul), _mm512_maskz_loadu_ps(live, xs + g0)));
-                const __m512 mk = _mm512_add_ps(mn, _mm512_mul_ps(sc, mmul));  // zeros past cnt
-                acc = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(mk)),
-                                      _mm512_maskz_loadu_pd(static_cast<__mmask8>(live), xsum + g0), acc);
-                acc = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(mk, 1)),
-                                      _mm512_maskz_loadu_pd(static_cast<__mmask8>(live >> 8), xsum + g0 + 8), acc);
-            }
-            bias[g * j.m + r] = static_cast<float>(_mm512_reduce_add_pd(acc));
-        }
-    }
-}
-
 // The first two transpose stages of the GFNI kernel (unpack_planes), on 4 lanes: B[i] and B[4 + i]
 // hold, per 128-bit lane, planes 0-3 and 4-7 of byte positions 4i .. 4i+3 (word i of the lane), one
 // dword per position.
@@ -136,9 +93,10 @@ FQ_INLINE void transpose_planes512(const uint8_t* p, uint64_t pb, int W, __m512i
     }
 }
 
-// Rows r0 .. r0 + M - 1 of the activations against the 8 weight rows of tile rt.
+// Rows r0 .. r0 + M - 1 of the activations against the 8 weight rows of tile rt; swx (row stride fs)
+// and bias from TileFactorsI16.
 template <int BITS, int M>
-void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const float* swx, const float* bias) {
+void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const float* swx, int64_t fs, const float* bias) {
     const uint64_t pb = j.w->plane_bytes;
     const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
     const __m512i sel = _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ull));
@@ -174,7 +132,7 @@ void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const float* swx, con
                     p = _mm512_dpwssd_epi32(p, o1, _mm512_loadu_si512(x + 96));
                     // the factor of each lane's word: one group for all 4 unless G < 128 or a short
                     // super-chunk
-                    const float* f = swx + (g * j.m + r0 + r) * j.n_groups;
+                    const float* f = swx + (g * j.m + r0 + r) * fs;
                     const __m512 sc = uniform ? _mm512_set1_ps(f[lane_group[0]])
                                               : _mm512_permutexvar_ps(lane_of, _mm512_castps128_ps512(_mm_setr_ps(
                                                     f[lane_group[0]], f[lane_group[1]], f[lane_group[2]],
@@ -192,18 +150,18 @@ void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const float* swx, con
 
 template <int BITS>
 void decode_tiles_i16(const Job& j, int64_t t0, int64_t t1) {
-    float* swx = scratch512(8 * j.m * j.n_groups + 8 * j.m);
-    float* bias = swx + 8 * j.m * j.n_groups;
+    // The codes come out shifted left by 8 - k (as in the GFNI kernel); 2^(k-8) undoes it, exactly.
+    TileFactorsI16 f(j, 1.0f / static_cast<float>(1 << (8 - BITS)));
     for (int64_t rt = t0; rt < t1; ++rt) {
-        tile_params_i16(j, rt, swx, bias);
+        f.compute(rt);
         // Up to 4 activation rows per pass over the planes (the unrolled kernels); more rows (a
         // forced decode path) take several passes.
         for (int64_t r0 = 0; r0 < j.m; r0 += 4) {
             switch (std::min<int64_t>(4, j.m - r0)) {
-                case 1: decode_tile_i16<BITS, 1>(j, rt, r0, swx, bias); break;
-                case 2: decode_tile_i16<BITS, 2>(j, rt, r0, swx, bias); break;
-                case 3: decode_tile_i16<BITS, 3>(j, rt, r0, swx, bias); break;
-                default: decode_tile_i16<BITS, 4>(j, rt, r0, swx, bias); break;
+                case 1: decode_tile_i16<BITS, 1>(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
+                case 2: decode_tile_i16<BITS, 2>(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
+                case 3: decode_tile_i16<BITS, 3>(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
+                default: decode_tile_i16<BITS, 4>(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
             }
         }
     }

@@ -355,6 +355,30 @@ inline int super_words(const Job& j, int64_t s) {
     return static_cast<int>(rest < 4 ? rest : 4);
 }
 
+// The int16 decode kernels' per-tile factors (bitplane_matmul_avx2_i16.cpp, AVX2 + F16C; the AVX-512
+// kernel uses them too). compute(rt) fills, for row tile rt, swx (8, m, stride) = s_k[g, group] ·
+// code_scale · xs[r, group] (the factor of a step's int32 sums; code_scale undoes the codes' own
+// shift) and bias (8, m) = Σ_g m_k[g] Σ_{i∈g} x̂[r, i] (fp64 sums); zeros for rows past N. stride is
+// n_groups rounded up to 8, so that every row is whole vectors. One per call of a decode_tiles_* on
+// its thread: the buffers are per-thread scratch.
+class TileFactorsI16 {
+  public:
+    TileFactorsI16(const Job& j, float code_scale);
+    void compute(int64_t rt);
+    const float* swx() const { return swx_; }
+    const float* bias() const { return bias_; }
+    int64_t stride() const { return stride_; }
+
+  private:
+    const Job& j_;
+    float smul_, mmul_;
+    int64_t stride_;
+    float* swx_;
+    float* bias_;
+    float* xs_pad_;      // (m, stride) xs, zeros past n_groups
+    double* xsum_pad_;   // (m, stride) Σ x̂ per group, zeros past n_groups
+};
+
 // The int16 GEMMs' per-tile factors (bitplane_matmul.cpp): sk (8, n_groups) = s_k · code_scale (the
 // codes' own scale: 2^(k-8) for codes shifted left by 8 - k, else 1; exact), mk (8, n_groups) = m_k;
 // zeros for rows past N.

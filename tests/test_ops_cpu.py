@@ -184,8 +184,9 @@ def test_bitplane_matmul_i16_kernels_agree(path):
 def test_bitplane_matmul_i16_decode_shift_transpose_equals_gfni():
     """At 7 and 8 bits the 'avx2' int16 decode transposes the planes' bits with shifts (three delta
     swaps), the 'gfni' one with gf2p8affineqb; the rest of the two kernels is the same code, so their
-    outputs must agree bit for bit. Random planes (all 8 bits of every byte vary), every row count of a
-    pass, K with full and short last super-chunks."""
+    outputs must agree bit for bit. So must the 'gfni' one with and without AVX-VNNI (vpdpwssd, or
+    vpmaddwd and vpaddd: the same exact int32 sums). Random planes (all 8 bits of every byte vary),
+    every row count of a pass, K with full and short last super-chunks."""
     if not {"avx2", "gfni"} <= set(KERNELS):
         pytest.skip("this CPU has no GFNI: only one of the two transposes runs here")
     prev = ops.get_cpu_kernels()
@@ -197,10 +198,12 @@ def test_bitplane_matmul_i16_decode_shift_transpose_equals_gfni():
                 x = rng.standard_normal((m, k)).astype(np.float32)
                 for bits in (8, 7):
                     ys = []
-                    for kind in ("gfni", "avx2"):
-                        ops.set_cpu_kernels(kind)
+                    for kind, vnni in (("gfni", True), ("avx2", True), ("gfni", False)):
+                        ops.set_cpu_kernels(kind, avxvnni=vnni)
                         ys.append(ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, "decode", act="i16"))
-                    np.testing.assert_array_equal(ys[1], ys[0], err_msg=f"n={n} k={k} g={g} m={m} bits={bits}")
+                    for i, what in ((1, "shifts"), (2, "gfni without AVX-VNNI")):
+                        np.testing.assert_array_equal(ys[i], ys[0],
+                                                      err_msg=f"{what}: n={n} k={k} g={g} m={m} bits={bits}")
     finally:
         ops.set_cpu_kernels(prev)
 

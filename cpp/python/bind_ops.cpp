@@ -372,20 +372,22 @@ void bind_ops(py::module_& parent) {
         "The kernel family in use.");
     m.def(
         "set_cpu_kernels",
-        [](const std::string& kind) {
+        [](const std::string& kind, bool avxvnni) {
             if (kind != "avx512" && kind != "gfni" && kind != "avx2" && kind != "portable")
                 throw py::value_error("kind: expected 'avx512', 'gfni', 'avx2' or 'portable', got '" + kind + "'");
             CpuFeatures f;
             f.avx2 = kind != "portable";
             f.gfni = kind == "gfni" || kind == "avx512";
             f.avx512 = kind == "avx512";
+            f.avxvnni = f.avx2 && avxvnni;  // where the CPU has it (it is no family of its own)
             set_cpu_features(f);
             const CpuFeatures& now = cpu_features();
             return std::string(now.avx512 ? "avx512" : now.gfni ? "gfni" : now.avx2 ? "avx2" : "portable");
         },
-        py::arg("kind"),
+        py::arg("kind"), py::arg("avxvnni") = true,
         "Use at most this kernel family ('avx512', 'gfni', 'avx2' or 'portable'; the CPU may allow less);\n"
-        "returns the family in effect.");
+        "returns the family in effect. avxvnni=False leaves AVX-VNNI out (the 'gfni' int16 decode then\n"
+        "multiplies with vpmaddwd, as on CPUs without it), for tests.");
 
     m.def("bitplane_matmul_multi", &py_bitplane_matmul_multi, py::arg("linears"), py::arg("k"), py::arg("max_bits"),
           py::arg("group_size"), py::arg("bits"), py::arg("x"), py::arg("path") = "auto", py::arg("act") = "f32",

@@ -14,6 +14,7 @@ CpuFeatures detect_cpu_features() {
     f.avx512 = f.gfni && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512dq") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    f.avxvnni = f.avx2 && __builtin_cpu_supports("avxvnni");
 #endif
     return f;
 }
@@ -22,7 +23,7 @@ namespace {
 CpuFeatures initial_features() {
     CpuFeatures f = detect_cpu_features();
     const char* env = std::getenv("FLEXQUANT_CPU");
-    if (env && std::strcmp(env, "portable") == 0) f.avx2 = f.gfni = f.avx512 = false;
+    if (env && std::strcmp(env, "portable") == 0) f.avx2 = f.gfni = f.avx512 = f.avxvnni = false;
     if (env && std::strcmp(env, "avx2") == 0) f.gfni = f.avx512 = false;
     if (env && std::strcmp(env, "gfni") == 0) f.avx512 = false;
     return f;
@@ -44,6 +45,7 @@ CpuFeatures set_cpu_features(const CpuFeatures& f) {
     current().avx2 = f.avx2 && allowed.avx2;  // never enable what the CPU lacks
     current().gfni = f.gfni && f.avx2 && allowed.gfni;
     current().avx512 = f.avx512 && current().gfni && allowed.avx512;
+    current().avxvnni = f.avxvnni && current().avx2 && allowed.avxvnni;
     return old;
 }
 

@@ -17,6 +17,8 @@ struct CpuFeatures {
     bool avx2 = false;  // AVX2 + FMA + F16C: what the *_avx2 kernels use
     bool gfni = false;  // GFNI on top of avx2 (Ice Lake, Zen 4 and later): 8x8 bit transposes
     bool avx512 = false;  // AVX-512 F/BW/DQ/VL/VNNI on top of gfni: the int16-activation decode kernel
+    bool avxvnni = false;  // AVX-VNNI (VEX vpdpwssd, Alder Lake and later) on top of avx2: the AVX2 int16
+                           // decode kernel's multiply-adds with GFNI; no family of its own
 };
 
 // Detected once; then the same answer every call.

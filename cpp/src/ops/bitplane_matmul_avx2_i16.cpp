@@ -293,7 +293,9 @@ struct WordKernel {
 
 namespace i16_shifts {
 #define FQ_I16_GFNI 0
+#define FQ_I16_VNNI 0
 #include "ops/bitplane_matmul_avx2_i16.inc"
+#undef FQ_I16_VNNI
 #undef FQ_I16_GFNI
 }  // namespace i16_shifts
 
@@ -325,12 +327,41 @@ namespace bitplane_detail {
 
 namespace i16_gfni {
 #define FQ_I16_GFNI 1
+#define FQ_I16_VNNI 0
 #include "ops/bitplane_matmul_avx2_i16.inc"
+#undef FQ_I16_VNNI
 #undef FQ_I16_GFNI
 }  // namespace i16_gfni
 
+}  // namespace bitplane_detail
+}  // namespace flexquant
+
+#pragma GCC pop_options
+
+// ---- the GFNI variant with AVX-VNNI ------------------------------------------------------------------
+// vpdpwssd multiplies and adds in one instruction: 4096 x 4096, one row, 271 -> 249 µs at 8 bits and
+// 225 -> 207 at 4 on this machine (AMD EPYC capped to the gfni family).
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,gfni,avxvnni")
+
+namespace flexquant {
+namespace bitplane_detail {
+
+namespace i16_gfni_vnni {
+#define FQ_I16_GFNI 1
+#define FQ_I16_VNNI 1
+#include "ops/bitplane_matmul_avx2_i16.inc"
+#undef FQ_I16_VNNI
+#undef FQ_I16_GFNI
+}  // namespace i16_gfni_vnni
+
 void decode_tiles_i16_gfni(const Job& j, int64_t t0, int64_t t1) {
-    with_bits(j.bits, [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_gfni::Kernel>(j, t0, t1); });
+    if (cpu_features().avxvnni)
+        with_bits(j.bits,
+                  [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_gfni_vnni::Kernel>(j, t0, t1); });
+    else
+        with_bits(j.bits, [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_gfni::Kernel>(j, t0, t1); });
 }
 
 }  // namespace bitplane_detail

@@ -146,7 +146,8 @@ def test_bitplane_matmul_i16_kernels_agree(path):
     GEMMs of 'avx512' (16 rows per vector) and of 'gfni' and 'avx2' (8 rows) take the rows in blocks, 3
     (AVX-512) or 2 (AVX2) blocks per pass: m from 1 to 100 covers one to thirteen blocks, passes of
     every size, full last blocks and last blocks with empty rows. The reference is the portable
-    kernels' fp32 product of x̂."""
+    kernels' fp32 product of x̂. The GFNI decode uses AVX-VNNI where the CPU has it; without it the
+    outputs must be the same bits (and are, trivially, for the kernels that never use it)."""
     integer = [kind for kind in ["avx512", "gfni", "avx2"] if kind in KERNELS]
     if not integer:
         pytest.skip("this CPU has no AVX2: only the portable kernels run here")
@@ -177,6 +178,12 @@ def test_bitplane_matmul_i16_kernels_agree(path):
                         ops.set_cpu_kernels(kind)
                         own_f32 = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, xh, path, act="f32")
                         assert not np.array_equal(ys[kind], own_f32), f"{kind}: m={m} bits={bits}"
+                        if kind != "avx512":
+                            # AVX-VNNI (where the CPU has it) or vpmaddwd + vpaddd: the same exact int32 sums
+                            ops.set_cpu_kernels(kind, avxvnni=False)
+                            plain = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, path, act="i16")
+                            np.testing.assert_array_equal(plain, ys[kind],
+                                                          err_msg=f"{kind} without AVX-VNNI: m={m} bits={bits}")
     finally:
         ops.set_cpu_kernels(prev)
 

@@ -37,33 +37,12 @@
 // The helpers are inlined into the GFNI kernels too (compiled for a superset of this target).
 #define FQ_INLINE inline __attribute__((always_inline))
 
+#include "ops/bitplane_matmul_avx2.h"
+
 namespace flexquant {
 namespace bitplane_detail {
 
 namespace {
-
-FQ_INLINE uint32_t load_u32(const uint8_t* p) {
-    uint32_t v;
-    std::memcpy(&v, p, 4);
-    return v;
-}
-
-// 0xff in byte i where bit i of the word at p is set.
-FQ_INLINE __m256i expand_plane(const uint8_t* p) {
-    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
-                                          3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
-    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(load_u32(p))), shuf);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
-}
-
-// The 32 k-bit codes of word o of a row, its planes at p, p + pb, ...
-template <int BITS>
-FQ_INLINE __m256i word_codes(const uint8_t* p, uint64_t pb) {
-    __m256i c = _mm256_sub_epi8(_mm256_setzero_si256(), expand_plane(p));
-    for (int i = 1; i < BITS; ++i) c = _mm256_sub_epi8(_mm256_add_epi8(c, c), expand_plane(p + i * pb));
-    return c;
-}
 
 // Codes as floats, byte q of each dword (q = 0..3), scaled by 2^(8q) for q = 1, 2.
 struct CodeFloats {
@@ -90,13 +69,6 @@ int16_t* codes_scratch(size_t n) {  // the int16 GEMM's tile codes, one buffer f
     thread_local std::vector<int16_t> buf;
     if (buf.size() < n) buf.resize(n);
     return buf.data();
-}
-
-FQ_INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 // Per-row view parameters of a tile (as tile_params_portable, F16C conversions): scale (8,
@@ -622,11 +594,6 @@ FQ_INLINE void batch_codes(const __m256i B[8], int v, __m256i c[2]) {
     const __m256i sel = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
     c[0] = _mm256_gf2p8affine_epi64_epi8(sel, _mm256_unpacklo_epi32(B[v], B[4 + v]), 0);
     c[1] = _mm256_gf2p8affine_epi64_epi8(sel, _mm256_unpackhi_epi32(B[v], B[4 + v]), 0);
-}
-
-// [a x4 | b x4]: the scales of the two words that share a register.
-FQ_INLINE __m256 lane_pair(float a, float b) {
-    return _mm256_setr_m128(_mm_set1_ps(a), _mm_set1_ps(b));
 }
 
 // Σ codes · x over one register pair of codes (64 weights) for M activation rows into d; xb points

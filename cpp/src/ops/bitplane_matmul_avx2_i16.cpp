@@ -42,22 +42,12 @@
 
 #define FQ_INLINE inline __attribute__((always_inline))
 
+#include "ops/bitplane_matmul_avx2.h"
+
 namespace flexquant {
 namespace bitplane_detail {
 
 namespace {
-
-FQ_INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-// [a x4 | b x4]
-FQ_INLINE __m256 lanes_of(float a, float b) {
-    return _mm256_setr_m128(_mm_set1_ps(a), _mm_set1_ps(b));
-}
 
 // Per 64-bit lane, the 8x8 bit transpose: bit j of byte i <-> bit i of byte j (three delta swaps).
 FQ_INLINE __m256i transpose_bits(__m256i x) {
@@ -92,23 +82,18 @@ void prepare_i16_avx2(const Job& j, const float* x, int64_t k, int16_t* q_tmp, i
                               xsum + r * j.n_groups, 1);
         // q_tmp -> WORD_ORDER_I16: slot 64h + 32e + 8L + i of step (s, v) <- bit 16h + 2i + e of word
         // 4L + v
-        int16_t* out = xi + r * j.x_stride;
-        for (int64_t s = 0; s < j.n_super; ++s)
-            for (int v = 0; v < 4; ++v)
-                for (int L = 0; L < 4; ++L) {
-                    const int32_t base = j.step_base[16 * s + 4 * v + L];
-                    int16_t* blk = out + (4 * s + v) * 128 + 8 * L;
-                    for (int h = 0; h < 2; ++h) {
-                        __m256i w = _mm256_setzero_si256();
-                        if (base >= 0) {
-                            w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q_tmp + base + 16 * h));
-                            // [evens 0-7 | odds 0-7 | evens 8-15 | odds 8-15] -> [evens | odds]
-                            w = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(w, split), 0xd8);
-                        }
-                        _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 64 * h), _mm256_castsi256_si128(w));
-                        _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 64 * h + 32), _mm256_extracti128_si256(w, 1));
-                    }
+        for_each_i16_word(j, xi + r * j.x_stride, [&](int32_t base, int16_t* blk) {
+            for (int h = 0; h < 2; ++h) {
+                __m256i w = _mm256_setzero_si256();
+                if (base >= 0) {
+                    w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q_tmp + base + 16 * h));
+                    // [evens 0-7 | odds 0-7 | evens 8-15 | odds 8-15] -> [evens | odds]
+                    w = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(w, split), 0xd8);
                 }
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 64 * h), _mm256_castsi256_si128(w));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 64 * h + 32), _mm256_extracti128_si256(w, 1));
+            }
+        });
     }
 }
 
@@ -206,16 +191,6 @@ void decode_tiles_i16_with(const Job& j, int64_t t0, int64_t t1) {
     }
 }
 
-// 0xff in byte i where bit i of the 32-bit word at p is set.
-FQ_INLINE __m256i plane_mask(const uint8_t* p) {
-    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
-                                          3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
-    int32_t w;
-    std::memcpy(&w, p, 4);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(w), shuf), bit), bit);
-}
-
 // The byte masks variant (CPUs without GFNI, few bits): each stored word's 32 codes c_k, byte i =
 // weight i, built plane by plane, c = 2c - mask (Horner, MSB first): 5 ALU ops per plane and word,
 // so the cost falls with k. Steps v outer, lanes inner: the W words 4L + v of a step cover one
@@ -248,9 +223,7 @@ struct WordKernel {
                     __m256i p[M];
                     for (int r = 0; r < M; ++r) p[r] = _mm256_setzero_si256();
                     for (int L = 0; L < W; ++L) {
-                        const uint8_t* wp = rb + 4 * (4 * L + v);
-                        __m256i c = _mm256_sub_epi8(_mm256_setzero_si256(), plane_mask(wp));
-                        for (int i = 1; i < BITS; ++i) c = _mm256_sub_epi8(_mm256_add_epi8(c, c), plane_mask(wp + i * pb));
+                        const __m256i c = word_codes<BITS>(rb + 4 * (4 * L + v), pb);
                         // int16 lane i: weight 2i (e) / 2i + 1 (o); slots 64h + 32e + 8L + i hold weight
                         // 16h + 2i + e of the word
                         const __m256i e = _mm256_and_si256(c, low), o = _mm256_srli_epi16(c, 8);
@@ -283,7 +256,7 @@ struct WordKernel {
         }
         for (int g = 0; g < rows; ++g)
             for (int r = 0; r < M; ++r)
-                j.y[(r0 + r) * j.w->n + rt * 8 + g] = hsum8(acc[g][r]) + bias[g * j.m + r0 + r];
+                j.y[(r0 + r) * j.w->n + rt * 8 + g] = hsum(acc[g][r]) + bias[g * j.m + r0 + r];
     }
 };
 

@@ -40,6 +40,9 @@
 // -Wmaybe-uninitialized reports at every use
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// and _mm512_extracti32x4_epi32 from _mm_undefined_si128(), which -Wuninitialized reports once it is
+// inlined into a lambda (prepare_i16_avx512)
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #define FQ_INLINE inline __attribute__((always_inline))
 
@@ -234,19 +237,14 @@ void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp,
                          xsum + r * j.n_groups, 1);
         // q_tmp (natural K order) -> the slots of every step's words: quarter 2h + e of a permuted
         // word goes to slots 64h + 32e + 8L .. + 7
-        int16_t* out = xi + r * j.x_stride;
-        for (int64_t s = 0; s < j.n_super; ++s)
-            for (int v = 0; v < 4; ++v)
-                for (int L = 0; L < 4; ++L) {
-                    const int32_t base = j.step_base[16 * s + 4 * v + L];
-                    const __m512i w = base >= 0 ? _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(q_tmp + base))
-                                                : _mm512_setzero_si512();
-                    int16_t* blk = out + (4 * s + v) * 128 + 8 * L;
-                    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk), _mm512_castsi512_si128(w));
-                    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 32), _mm512_extracti32x4_epi32(w, 1));
-                    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 64), _mm512_extracti32x4_epi32(w, 2));
-                    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 96), _mm512_extracti32x4_epi32(w, 3));
-                }
+        for_each_i16_word(j, xi + r * j.x_stride, [&](int32_t base, int16_t* blk) {
+            const __m512i w = base >= 0 ? _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(q_tmp + base))
+                                        : _mm512_setzero_si512();
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(blk), _mm512_castsi512_si128(w));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 32), _mm512_extracti32x4_epi32(w, 1));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 64), _mm512_extracti32x4_epi32(w, 2));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 96), _mm512_extracti32x4_epi32(w, 3));
+        });
     }
 }
 

@@ -355,6 +355,17 @@ inline int super_words(const Job& j, int64_t s) {
     return static_cast<int>(rest < 4 ? rest : 4);
 }
 
+// The words of one activation row in WORD_ORDER_I16 (xi + r * x_stride): f(base, blk) for each step
+// (s, v) and lane L, base = the K index of the word's bit 0 (-1 where a short super-chunk has no such
+// word) and blk = its slots, 8 per quarter 2h + e, the quarters 32 apart. The int16 decode's
+// preparations (prepare_i16_avx512, prepare_i16_avx2) fill them.
+template <typename F>
+inline void for_each_i16_word(const Job& j, int16_t* row, F&& f) {
+    for (int64_t s = 0; s < j.n_super; ++s)
+        for (int v = 0; v < 4; ++v)
+            for (int L = 0; L < 4; ++L) f(j.step_base[16 * s + 4 * v + L], row + (4 * s + v) * 128 + 8 * L);
+}
+
 // The int16 decode kernels' per-tile factors (bitplane_matmul_avx2_i16.cpp, AVX2 + F16C; the AVX-512
 // kernel uses them too). compute(rt) fills, for row tile rt, swx (8, m, stride) = s_k[g, group] ·
 // code_scale · xs[r, group] (the factor of a step's int32 sums; code_scale undoes the codes' own

@@ -362,7 +362,11 @@ void bind_ops(py::module_& parent) {
             return out;
         },
         "Kernel families this CPU can run: 'portable', 'avx2' (AVX2+FMA+F16C), 'gfni' (avx2 + GFNI),\n"
-        "'avx512' (gfni + AVX-512 F/BW/DQ/VL/VNNI: the int16-activation decode kernel).");
+        "'avx512' (gfni + AVX-512 F/BW/DQ/VL/VNNI). AVX-VNNI is no family: see cpu_has_avxvnni.");
+    m.def(
+        "cpu_has_avxvnni", [] { return detect_cpu_features().avxvnni; },
+        "Whether this CPU (and this build's compiler) has AVX-VNNI, which the 'gfni' int16 decode uses\n"
+        "where present (set_cpu_kernels(kind, avxvnni=False) leaves it out).");
     m.def(
         "get_cpu_kernels",
         [] {
@@ -400,7 +404,7 @@ void bind_ops(py::module_& parent) {
           "qparams (n, n_groups, 2) float16, x (m, k) or (k,) float32 -> y (m, n) or (n,) float32.\n"
           "Reads only the first `bits` planes. path: 'auto', 'decode' (bit-serial) or 'gemm' (dequantize + GEMM).\n"
           "act: 'f32' (x as given) or 'i16' (x rounded per row and weight group to int16, x̂ = s * q with\n"
-          "s = absmax / 32767; y = x̂ @ W_bits.T, on integer products with the 'avx512' kernels).");
+          "s = absmax / 32767; y = x̂ @ W_bits.T, on integer products with the SIMD kernels).");
     m.def(
         "bitplane_bytes_at",
         [](uint64_t plane_bytes, int64_t n, int64_t k, int group_size, int bits) {

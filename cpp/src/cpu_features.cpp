@@ -14,7 +14,9 @@ CpuFeatures detect_cpu_features() {
     f.avx512 = f.gfni && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512dq") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#ifdef FLEXQUANT_AVXVNNI
     f.avxvnni = f.avx2 && __builtin_cpu_supports("avxvnni");
+#endif
 #endif
     return f;
 }

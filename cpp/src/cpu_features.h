@@ -9,6 +9,11 @@
 // The SIMD kernels exist on x86 only; elsewhere every kernel is the portable one.
 #if defined(__x86_64__) || defined(__i386__)
 #define FLEXQUANT_X86 1
+// AVX-VNNI (target "avxvnni", __builtin_cpu_supports("avxvnni")) needs GCC 11 or clang 12; older
+// compilers build without the kernel variant that uses it.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define FLEXQUANT_AVXVNNI 1
+#endif
 #endif
 
 namespace flexquant {

@@ -5,14 +5,16 @@
 //   y[r, n] = Σ_g s_k[n,g] · xs[r,g] · Σ_{i∈g} c_k[n,i] q[r,i]  +  m_k[n,g] · Σ_{i∈g} x̂[r,i]
 //
 // with x̂ = xs · q, q int16. The AVX2 counterpart of decode_tile_i16 (bitplane_matmul_avx512.cpp),
-// on the same activation layout (WORD_ORDER_I16), in two variants that differ only in how a row's
-// planes become codes:
+// on the same activation layout (WORD_ORDER_I16). Kernel (bitplane_matmul_avx2_i16.inc) comes in
+// variants that differ only in how a row's planes become codes, and in the multiply-add:
 //  - gfni (compiled for avx2+gfni): gf2p8affineqb transposes each 8x8 bit block, as the fp32 GFNI
-//    kernel does;
-//  - shifts (plain AVX2): the same transpose in three delta swaps of 6 instructions (Hacker's
-//    Delight 7-3), the planes fed in reverse byte order so that the result is bit for bit the
-//    GFNI one. The fp32 AVX2 kernel's per-plane byte masks (word_codes) cost 6 instructions per
-//    plane and 32 weights, 48 at 8 bits; the transpose costs 18 for all planes.
+//    kernel does; with AVX-VNNI, a third compilation multiplies and adds with vpdpwssd;
+//  - shifts (plain AVX2, 7 and 8 bits): the same transpose in three delta swaps of 6 instructions
+//    (Hacker's Delight 7-3), the planes fed in reverse byte order so that the result is bit for bit
+//    the GFNI one. Per-plane byte masks (word_codes) cost 5 ALU ops and a load per plane and 32
+//    weights, 40 at 8 bits; the transpose costs 18 for all planes.
+// WordKernel (plain AVX2 below 7 bits) builds the codes with those byte masks: their cost falls with
+// k, the transpose's does not.
 // Both then keep the codes integers: c = c_k << (8 - k) as bytes, split into even and odd bytes
 // (int16), and vpmaddwd multiplies 16 codes by 16 int16 activations into 8 int32 pair sums; the fp32
 // kernels spent an and, a convert and an FMA per 8 codes. The int32 sums of one step (8 products per
@@ -306,14 +308,25 @@ namespace i16_gfni {
 #undef FQ_I16_GFNI
 }  // namespace i16_gfni
 
+// Defined here, not in the avxvnni region: the path without it must not be compiled where the
+// compiler may use AVX-VNNI (it runs on GFNI CPUs without it).
+void decode_tiles_i16_gfni(const Job& j, int64_t t0, int64_t t1) {
+#ifdef FLEXQUANT_AVXVNNI
+    if (cpu_features().avxvnni) return decode_tiles_i16_gfni_vnni(j, t0, t1);
+#endif
+    with_bits(j.bits, [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_gfni::Kernel>(j, t0, t1); });
+}
+
 }  // namespace bitplane_detail
 }  // namespace flexquant
 
 #pragma GCC pop_options
 
+#ifdef FLEXQUANT_AVXVNNI
+
 // ---- the GFNI variant with AVX-VNNI ------------------------------------------------------------------
-// vpdpwssd multiplies and adds in one instruction: 4096 x 4096, one row, 271 -> 249 µs at 8 bits and
-// 225 -> 207 at 4 on this machine (AMD EPYC capped to the gfni family).
+// vpdpwssd multiplies and adds in one instruction: 4096 x 4096, one row, 262-296 -> 241-263 µs at 8
+// bits and 228-230 -> 208-211 at 4 on this machine (AMD EPYC capped to the gfni family).
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,gfni,avxvnni")
@@ -329,17 +342,16 @@ namespace i16_gfni_vnni {
 #undef FQ_I16_GFNI
 }  // namespace i16_gfni_vnni
 
-void decode_tiles_i16_gfni(const Job& j, int64_t t0, int64_t t1) {
-    if (cpu_features().avxvnni)
-        with_bits(j.bits,
-                  [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_gfni_vnni::Kernel>(j, t0, t1); });
-    else
-        with_bits(j.bits, [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_gfni::Kernel>(j, t0, t1); });
+void decode_tiles_i16_gfni_vnni(const Job& j, int64_t t0, int64_t t1) {
+    with_bits(j.bits,
+              [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_gfni_vnni::Kernel>(j, t0, t1); });
 }
 
 }  // namespace bitplane_detail
 }  // namespace flexquant
 
 #pragma GCC pop_options
+
+#endif  // FLEXQUANT_AVXVNNI
 
 #endif  // FLEXQUANT_X86

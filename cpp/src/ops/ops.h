@@ -57,9 +57,9 @@ constexpr int64_t bitplane_decode_max_m = 4;
 // The activations bitplane_matmul multiplies with. F32: x as given. I16: x rounded per row and per
 // weight group to symmetric int16, x̂ = s · q, s = absmax_g(x) / 32767, q = rint(x / s) (fp32 ops,
 // round half to even, as quantize_activations): y is then x̂ · W_kᵀ (the min term uses Σ x̂ too).
-// Every kernel computes that; with AVX-512 VNNI the decode and GEMM kernels multiply q by the integer
-// codes exactly (vpdpwssd) instead of converting every code to fp32, which is what makes them
-// faster. The rounding is 2^-16 of a group's largest |x|: below the fp16 KV cache's (docs/kernels.md).
+// Every kernel computes that; the SIMD decode and GEMM kernels (AVX-512 VNNI, AVX2) multiply q by
+// the integer codes exactly (vpdpwssd, vpmaddwd) instead of converting every code to fp32, which is
+// what makes them faster; the portable ones multiply x̂ in fp32. The rounding is 2^-16 of a group's largest |x|: below the fp16 KV cache's (docs/kernels.md).
 enum BitplaneActivations {
     BITPLANE_ACT_F32 = 0,
     BITPLANE_ACT_I16 = 1,
@@ -70,7 +70,7 @@ enum BitplaneActivations {
 // reading only the first `bits` planes and the qparams. Scratch is allocated per call (x permuted
 // to the plane layout's order: m * (ceil(k/128)*128 + 256) floats at most, plus a lookup table on
 // the portable decode path; with BITPLANE_ACT_I16 also x̂, m * k floats, or instead of both
-// m * ceil(k/512)*512 int16 on the AVX-512 decode kernel). The int16 GEMMs (AVX-512, AVX2) keep
+// m * ceil(k/512)*512 int16 on the int16 decode kernels). The int16 GEMMs (AVX-512, AVX2) keep
 // their activations, R * ceil(m/R) * ceil(k/128)*128 int16 (R = 16 or 8 rows per vector), in a
 // buffer per calling thread that grows and is kept (a 2,048-token prompt of K = 14,336: 59 MB), plus
 // 3 * R * ceil(m/R) * n_groups floats per call. Threads split the row tiles of 8 outputs. Throws
@@ -359,8 +359,10 @@ inline int super_words(const Job& j, int64_t s) {
 // (s, v) and lane L, base = the K index of the word's bit 0 (-1 where a short super-chunk has no such
 // word) and blk = its slots, 8 per quarter 2h + e, the quarters 32 apart. The int16 decode's
 // preparations (prepare_i16_avx512, prepare_i16_avx2) fill them.
+// Always inlined: it has no target of its own, so it could not inline the caller's AVX2 or AVX-512
+// lambda; inlined into the caller, the lambda is inlined there.
 template <typename F>
-inline void for_each_i16_word(const Job& j, int16_t* row, F&& f) {
+inline __attribute__((always_inline)) void for_each_i16_word(const Job& j, int16_t* row, F&& f) {
     for (int64_t s = 0; s < j.n_super; ++s)
         for (int v = 0; v < 4; ++v)
             for (int L = 0; L < 4; ++L) f(j.step_base[16 * s + 4 * v + L], row + (4 * s + v) * 128 + 8 * L);
@@ -421,6 +423,10 @@ void gemm_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1);
 // (k_pad int16, natural K order, zeros past k) and per group xscale, xsum at [g * stride].
 void decode_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1);
 void decode_tiles_i16_gfni(const Job& j, int64_t t0, int64_t t1);
+// decode_tiles_i16_gfni's variant with AVX-VNNI (builds with FLEXQUANT_AVXVNNI only); it calls it.
+// Declared here, outside any target region: GCC would take a declaration inside one for another
+// version of the function.
+void decode_tiles_i16_gfni_vnni(const Job& j, int64_t t0, int64_t t1);
 void prepare_i16_avx2(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
                       double* xsum);
 void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group, int64_t n_groups, int16_t* q,

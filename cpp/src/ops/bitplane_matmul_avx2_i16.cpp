@@ -15,11 +15,11 @@
 //    weights, 40 at 8 bits; the transpose costs 18 for all planes.
 // WordKernel (plain AVX2 below 7 bits) builds the codes with those byte masks: their cost falls with
 // k, the transpose's does not.
-// Both then keep the codes integers: c = c_k << (8 - k) as bytes, split into even and odd bytes
-// (int16), and vpmaddwd multiplies 16 codes by 16 int16 activations into 8 int32 pair sums; the fp32
-// kernels spent an and, a convert and an FMA per 8 codes. The int32 sums of one step (8 products per
-// lane, |Σ| <= 8 · 255 · 32767 < 2^31) are exact and become fp32 once per step, times s_k · 2^(k-8)
-// · xs of their word's group.
+// All keep the codes integers: bytes (c_k << (8 - k) from the transposes, c_k from the masks), split
+// into even and odd bytes (int16), and vpmaddwd multiplies 16 codes by 16 int16 activations into 8
+// int32 pair sums; the fp32 kernels spent an and, a convert and an FMA per 8 codes. The int32 sums of
+// one step (8 products per lane, |Σ| <= 8 · 255 · 32767 < 2^31) are exact and become fp32 once per
+// step, times s_k · xs of their word's group (and 2^(k-8) for shifted codes).
 //
 // A batch is 8 consecutive stored words of a row (32 bytes of each plane): 128-bit lane h holds
 // words 4h .. 4h + 3 of the batch, and step v takes word v of each lane, i.e. the words 4L + v of

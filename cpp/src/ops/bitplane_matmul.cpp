@@ -487,8 +487,8 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
 
     const WordOrder order = i16_avx512 || i16_kernel ? WORD_ORDER_I16
                             : gfni                   ? WORD_ORDER_GFNI
-                            : avx2     ? WORD_ORDER_DWORD
-                                       : WORD_ORDER_NATURAL;
+                            : avx2                   ? WORD_ORDER_DWORD
+                                                     : WORD_ORDER_NATURAL;
     const std::shared_ptr<const Layout> layout = layout_for(w.k, w.group_size, order);
     j.x_stride = order == WORD_ORDER_I16 ? j.n_super * 512 : static_cast<int64_t>(layout->src.size());
     j.word_group = layout->word_group.data();

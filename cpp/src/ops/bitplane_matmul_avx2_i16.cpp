@@ -64,6 +64,14 @@ FQ_INLINE __m256i transpose_bits(__m256i x) {
     return _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 28)));
 }
 
+// 16 int16 activations at p; and 8 of them in both 128-bit lanes (the two-row tail).
+FQ_INLINE __m256i load_x(const int16_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+FQ_INLINE __m256i load_x_both_lanes(const int16_t* p) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // Σ over 4 vpmaddwd of (codes, activations) pairs: 8 int32 sums of 8 products each.
 FQ_INLINE __m256i madd4(__m256i e0, __m256i o0, __m256i e1, __m256i o1, __m256i x0, __m256i x1, __m256i x2,
                         __m256i x3) {
@@ -250,7 +258,8 @@ struct WordKernel {
                     if (uniform) {
                         const int32_t gr = step_group[4 * v];
                         for (int r = 0; r < M; ++r)
-                            part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[r * fs + gr]), part[r]);
+                            part[r] =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[r * fs + gr]), part[r]);
                     }
                 }
                 for (int r = 0; r < M; ++r) acc[g][r] = _mm256_add_ps(acc[g][r], part[r]);

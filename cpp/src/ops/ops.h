@@ -59,7 +59,8 @@ constexpr int64_t bitplane_decode_max_m = 4;
 // round half to even, as quantize_activations): y is then x̂ · W_kᵀ (the min term uses Σ x̂ too).
 // Every kernel computes that; the SIMD decode and GEMM kernels (AVX-512 VNNI, AVX2) multiply q by
 // the integer codes exactly (vpdpwssd, vpmaddwd) instead of converting every code to fp32, which is
-// what makes them faster; the portable ones multiply x̂ in fp32. The rounding is 2^-16 of a group's largest |x|: below the fp16 KV cache's (docs/kernels.md).
+// what makes them faster; the portable ones multiply x̂ in fp32. The rounding is 2^-16 of a group's
+// largest |x|: below the fp16 KV cache's (docs/kernels.md).
 enum BitplaneActivations {
     BITPLANE_ACT_F32 = 0,
     BITPLANE_ACT_I16 = 1,

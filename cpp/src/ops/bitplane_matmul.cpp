@@ -122,9 +122,10 @@ struct Layout {
     std::vector<int32_t> src;         // (x_stride) slot_sources; K indices >= k mark zero padding (empty
                                       // for WORD_ORDER_I16, whose x_stride is n_super * 512)
     std::vector<int32_t> word_group;  // (k_pad / 32) group of each stored word, clamped to n_groups - 1
-    // WORD_ORDER_I16 only: Job::step_base, step_group, step_uniform, and the GEMM's Job::seg
+    // WORD_ORDER_I16 only: Job::step_base, step_group, step_uniform, super_lane_const, and the GEMM's
+    // Job::seg
     std::vector<int32_t> step_base, step_group;
-    std::vector<uint8_t> step_uniform;
+    std::vector<uint8_t> step_uniform, super_lane_const;
     std::vector<int32_t> gemm_seg;
     // every order: the int16 GEMM's runs over K's words in natural order (AVX2)
     std::vector<int32_t> natural_seg;
@@ -156,6 +157,7 @@ std::shared_ptr<const Layout> layout_for(int64_t k, int group_size, WordOrder or
         l->step_base.assign(n_super * 16, -1);
         l->step_group.assign(n_super * 16, 0);
         l->step_uniform.assign(n_super * 4, 1);
+        l->super_lane_const.assign(n_super, 1);
         for (int64_t s = 0; s < n_super; ++s) {
             const int64_t words = 4 * std::min<int64_t>(4, (k_pad - s * 512) / 128);
             for (int v = 0; v < 4; ++v) {
@@ -172,6 +174,12 @@ std::shared_ptr<const Layout> layout_for(int64_t k, int group_size, WordOrder or
                     if (4 * L + v >= words) gr[L] = gr[0];
                 l->step_uniform[4 * s + v] = gr[0] == gr[1] && gr[0] == gr[2] && gr[0] == gr[3];
             }
+            // every lane in one group over the 4 steps (G a multiple of 128 puts a lane's 128 weights
+            // in one group): the decode may then sum a lane's int32 products over the super-chunk
+            bool same = true;
+            for (int v = 1; v < 4; ++v)
+                for (int L = 0; L < 4; ++L) same = same && l->step_group[16 * s + 4 * v + L] == l->step_group[16 * s + L];
+            l->super_lane_const[s] = same;
         }
         // The GEMM's words in their order (Job::xt), cut into runs of one group of at most 8 words
         int32_t pos = 0;
@@ -534,6 +542,7 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
         j.step_base = layout->step_base.data();
         j.step_group = layout->step_group.data();
         j.step_uniform = layout->step_uniform.data();
+        j.super_lane_const = layout->super_lane_const.data();
         xi.resize(static_cast<size_t>(m) * j.x_stride);
         q_tmp.resize(static_cast<size_t>(k_pad));
         xscale.resize(static_cast<size_t>(m * j.n_groups));

@@ -114,36 +114,65 @@ void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const float* swx, int
         for (int g = 0; g < rows; ++g) {
             __m512i B[8];
             transpose_planes512<BITS>(sb + 16 * W * g, pb, W, B);
-            // The row's sums of this super-chunk stay in registers, in two chains (v even / odd):
-            // adding each step into acc[g] (memory: g is not unrolled) made one long chain of
-            // load-FMA-store per row and ran no faster than the fp32 kernel.
-            __m512 part[2][M];
-            for (int r = 0; r < M; ++r) part[0][r] = part[1][r] = _mm512_setzero_ps();
-            for (int v = 0; v < 4; ++v) {
-                const int32_t* lane_group = j.step_group + 16 * s + 4 * v;
-                const bool uniform = j.step_uniform[4 * s + v];
-                // c0 / c1: weights 0-15 / 16-31 of word 4L + v in lane L, one code byte each
+            // step v's codes: c0 / c1 = weights 0-15 / 16-31 of word 4L + v in lane L, one code byte
+            // each; e / o their even / odd bytes as int16
+            const auto codes = [&](int v, __m512i& e0, __m512i& o0, __m512i& e1, __m512i& o1) {
                 const __m512i c0 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpacklo_epi32(B[v], B[4 + v]), 0);
                 const __m512i c1 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpackhi_epi32(B[v], B[4 + v]), 0);
-                const __m512i e0 = _mm512_and_si512(c0, low), o0 = _mm512_srli_epi16(c0, 8);
-                const __m512i e1 = _mm512_and_si512(c1, low), o1 = _mm512_srli_epi16(c1, 8);
-                for (int r = 0; r < M; ++r) {
-                    const int16_t* x = j.xi + (r0 + r) * j.x_stride + (4 * s + v) * 128;
-                    __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), e0, _mm512_loadu_si512(x));
-                    p = _mm512_dpwssd_epi32(p, o0, _mm512_loadu_si512(x + 32));
-                    p = _mm512_dpwssd_epi32(p, e1, _mm512_loadu_si512(x + 64));
-                    p = _mm512_dpwssd_epi32(p, o1, _mm512_loadu_si512(x + 96));
-                    // the factor of each lane's word: one group for all 4 unless G < 128 or a short
-                    // super-chunk
-                    const float* f = swx + (g * j.m + r0 + r) * fs;
-                    const __m512 sc = uniform ? _mm512_set1_ps(f[lane_group[0]])
-                                              : _mm512_permutexvar_ps(lane_of, _mm512_castps128_ps512(_mm_setr_ps(
-                                                    f[lane_group[0]], f[lane_group[1]], f[lane_group[2]],
-                                                    f[lane_group[3]])));
-                    part[v % 2][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, part[v % 2][r]);
+                e0 = _mm512_and_si512(c0, low), o0 = _mm512_srli_epi16(c0, 8);
+                e1 = _mm512_and_si512(c1, low), o1 = _mm512_srli_epi16(c1, 8);
+            };
+            // the 8 products per int32 lane of step v for row r, added to p
+            const auto dot = [&](int v, int r, __m512i p, __m512i e0, __m512i o0, __m512i e1, __m512i o1) {
+                const int16_t* x = j.xi + (r0 + r) * j.x_stride + (4 * s + v) * 128;
+                p = _mm512_dpwssd_epi32(p, e0, _mm512_loadu_si512(x));
+                p = _mm512_dpwssd_epi32(p, o0, _mm512_loadu_si512(x + 32));
+                p = _mm512_dpwssd_epi32(p, e1, _mm512_loadu_si512(x + 64));
+                return _mm512_dpwssd_epi32(p, o1, _mm512_loadu_si512(x + 96));
+            };
+            // the factor of each lane's word for row r: one group for all 4 unless G < 128 or a short
+            // super-chunk
+            const auto factor = [&](int v, int r) {
+                const int32_t* lane_group = j.step_group + 16 * s + 4 * v;
+                const float* f = swx + (g * j.m + r0 + r) * fs;
+                return j.step_uniform[4 * s + v]
+                           ? _mm512_set1_ps(f[lane_group[0]])
+                           : _mm512_permutexvar_ps(lane_of, _mm512_castps128_ps512(_mm_setr_ps(
+                                                                f[lane_group[0]], f[lane_group[1]],
+                                                                f[lane_group[2]], f[lane_group[3]])));
+            };
+            __m512 sum[M];
+            if (j.super_lane_const[s]) {
+                // Each lane's 4 words are in one group (G a multiple of 128): its products are summed
+                // in int32 over the whole super-chunk, 32 per lane, |Σ| <= 32 * 255 * 32768 < 2^31, so
+                // exactly, and become fp32 and are scaled once instead of once per step. Each step's
+                // vpdpwssd chain starts from zero (the steps' chains overlap) and a vpaddd adds it.
+                __m512i ip[M];
+                for (int r = 0; r < M; ++r) ip[r] = _mm512_setzero_si512();
+                for (int v = 0; v < 4; ++v) {
+                    __m512i e0, o0, e1, o1;
+                    codes(v, e0, o0, e1, o1);
+                    for (int r = 0; r < M; ++r)
+                        ip[r] = _mm512_add_epi32(ip[r], dot(v, r, _mm512_setzero_si512(), e0, o0, e1, o1));
                 }
+                for (int r = 0; r < M; ++r) sum[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(ip[r]), factor(0, r));
+            } else {
+                // The row's sums of this super-chunk stay in registers, in two chains (v even / odd):
+                // adding each step into acc[g] (memory: g is not unrolled) made one long chain of
+                // load-FMA-store per row and ran no faster than the fp32 kernel.
+                __m512 part[2][M];
+                for (int r = 0; r < M; ++r) part[0][r] = part[1][r] = _mm512_setzero_ps();
+                for (int v = 0; v < 4; ++v) {
+                    __m512i e0, o0, e1, o1;
+                    codes(v, e0, o0, e1, o1);
+                    for (int r = 0; r < M; ++r) {
+                        const __m512i p = dot(v, r, _mm512_setzero_si512(), e0, o0, e1, o1);
+                        part[v % 2][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), factor(v, r), part[v % 2][r]);
+                    }
+                }
+                for (int r = 0; r < M; ++r) sum[r] = _mm512_add_ps(part[0][r], part[1][r]);
             }
-            for (int r = 0; r < M; ++r) acc[g][r] = _mm512_add_ps(acc[g][r], _mm512_add_ps(part[0][r], part[1][r]));
+            for (int r = 0; r < M; ++r) acc[g][r] = _mm512_add_ps(acc[g][r], sum[r]);
         }
     }
     for (int g = 0; g < rows; ++g)

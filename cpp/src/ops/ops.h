@@ -331,6 +331,7 @@ struct Job {
     const int32_t* step_base;     // (n_super * 16) K index of the word's bit 0; -1 where there is no word
     const int32_t* step_group;    // (n_super * 16) its group (lane 0's where there is no word: its codes are 0)
     const uint8_t* step_uniform;  // (n_super * 4) 1 where the 4 lanes of a step share one group
+    const uint8_t* super_lane_const;  // (n_super) 1 where each lane's group is the same in all 4 steps
     // The int16 GEMMs only (gemm_tiles_i16_*): the activations of R rows at a time (R = 16 on
     // AVX-512, 8 on AVX2) as the pairs of int16 that the weights' pairs of codes multiply:
     // xt[b][pair][lane] = pair `pair` of row R b + lane (zeros past m). The pairs are the K pairs

@@ -107,76 +107,85 @@ void prepare_i16_avx2(const Job& j, const float* x, int64_t k, int16_t* q_tmp, i
     }
 }
 
-// The factors are computed per tile, 8 groups at a time with F16C, straight from the fp16 pairs.
-// Measured on the way (perf, SmolLM2 decode): in scalar code they cost half as much as a small
-// tile's products; through a scratch row (s_k, or the min term's products) they stalled on loads
-// that the store buffer could not forward (256-bit stores read back by 128-bit or misaligned loads),
-// and took up to a quarter of the decode. Here every row is whole vectors: the last one reads its
-// pairs with a masked load (a row of 5 groups is one vector), and xs and Σ x̂ are zero past
-// n_groups, so the extra lanes add nothing.
+// The factors are computed per tile, one group at a time for all 8 rows of the tile: the 8 rows'
+// (scale, min) pairs of 8 groups are loaded a row per vector and transposed (a gather per group
+// instead was 15-20% slower at K = 4096, one row), F16C converts them, and
+// each activation row then costs a multiply and a store for swx and two fp64 FMAs for the bias, per
+// group. The layout follows: swx (m, n_groups, 8) and bias (m, 8) hold a group's 8 rows side by side.
+// Measured (perf, SmolLM2 decode, AVX-512): the previous per-row form (8 groups of one row per
+// vector, a horizontal sum per row) took 12-14% of a decode step at 4 and 8 bits, as much per group
+// and row as a 4-bit tile's products; most of it was per row and tile, not per group.
 TileFactorsI16::TileFactorsI16(const Job& j, float code_scale) : j_(j) {
     const int shift = j.w->max_bits - j.bits;
     smul_ = static_cast<float>(1 << shift) * code_scale;
     mmul_ = static_cast<float>(((1 << shift) - 1) / 2.0);
     const int64_t ng = j.n_groups;
-    stride_ = (ng + 7) / 8 * 8;
     thread_local std::vector<float> f_buf;
     thread_local std::vector<double> d_buf;
-    const size_t nf = static_cast<size_t>(8 * j.m * stride_ + 8 * j.m + j.m * stride_);
+    const size_t nf = static_cast<size_t>(8 * j.m * ng + 8 * j.m + 8 * ng);
     if (f_buf.size() < nf) f_buf.resize(nf);
-    if (d_buf.size() < static_cast<size_t>(j.m * stride_)) d_buf.resize(static_cast<size_t>(j.m * stride_));
+    if (d_buf.size() < static_cast<size_t>(8 * ng)) d_buf.resize(static_cast<size_t>(8 * ng));
     swx_ = f_buf.data();
-    bias_ = swx_ + 8 * j.m * stride_;
-    xs_pad_ = bias_ + 8 * j.m;
-    xsum_pad_ = d_buf.data();
-    for (int64_t r = 0; r < j.m; ++r) {
-        std::copy(j.xscale + r * ng, j.xscale + (r + 1) * ng, xs_pad_ + r * stride_);
-        std::fill(xs_pad_ + r * stride_ + ng, xs_pad_ + (r + 1) * stride_, 0.0f);
-        std::copy(j.xsum + r * ng, j.xsum + (r + 1) * ng, xsum_pad_ + r * stride_);
-        std::fill(xsum_pad_ + r * stride_ + ng, xsum_pad_ + (r + 1) * stride_, 0.0);
-    }
+    bias_ = swx_ + 8 * j.m * ng;
+    sk_ = bias_ + 8 * j.m;
+    mk_ = d_buf.data();
 }
 
 void TileFactorsI16::compute(int64_t rt) {
     const Job& j = j_;
+    const int64_t ng = j.n_groups;
     const __m256 smulv = _mm256_set1_ps(smul_), mmulv = _mm256_set1_ps(mmul_);
     // per 128-bit lane of 4 (scale, min) fp16 pairs: scales to the low qword, mins to the high one
     const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12,
                                            13, 2, 3, 6, 7, 10, 11, 14, 15);
-    const int64_t ng = j.n_groups, fs = stride_;
-    // the pairs past n_groups in a row's last vector: not loaded (the next row's, or past the end)
-    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(ng % 8 ? ng % 8 : 8)),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
-    for (int g = 0; g < 8; ++g) {
-        float* out = swx_ + g * j.m * fs;
-        if (g >= rows) {
-            std::fill(out, out + j.m * fs, 0.0f);
-            std::fill(bias_ + g * j.m, bias_ + (g + 1) * j.m, 0.0f);
-            continue;
+    // a (scale, min) pair is one int32: pair (row g, group gr) of the tile at g ng + gr
+    const int* pairs = reinterpret_cast<const int*>(j.w->qparams + rt * 8 * ng * 2);
+    for (int64_t gr0 = 0; gr0 < ng; gr0 += 8) {
+        // 8 groups of the 8 rows, one row per vector (rows past N and groups past n_groups not loaded,
+        // 0), transposed to one group per vector
+        const int n8 = static_cast<int>(std::min<int64_t>(8, ng - gr0));
+        const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256i R[8], T[8];
+        for (int g = 0; g < 8; ++g)
+            R[g] = g >= rows ? _mm256_setzero_si256()
+                   : n8 == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + g * ng + gr0))
+                             : _mm256_maskload_epi32(pairs + g * ng + gr0, tail);
+        for (int h = 0; h < 2; ++h) {
+            const __m256i t0 = _mm256_unpacklo_epi32(R[4 * h], R[4 * h + 1]);
+            const __m256i t1 = _mm256_unpackhi_epi32(R[4 * h], R[4 * h + 1]);
+            const __m256i t2 = _mm256_unpacklo_epi32(R[4 * h + 2], R[4 * h + 3]);
+            const __m256i t3 = _mm256_unpackhi_epi32(R[4 * h + 2], R[4 * h + 3]);
+            // T[4h + c], per 128-bit lane: rows 4h .. 4h+3 of groups c and c + 4
+            T[4 * h + 0] = _mm256_unpacklo_epi64(t0, t2);
+            T[4 * h + 1] = _mm256_unpackhi_epi64(t0, t2);
+            T[4 * h + 2] = _mm256_unpacklo_epi64(t1, t3);
+            T[4 * h + 3] = _mm256_unpackhi_epi64(t1, t3);
         }
-        const uint16_t* qp = j.w->qparams + (rt * 8 + g) * ng * 2;
-        for (int64_t r = 0; r < j.m; ++r) {
-            const float* xs = xs_pad_ + r * fs;
-            const double* xsum = xsum_pad_ + r * fs;
-            float* o = out + r * fs;
-            __m256d acc = _mm256_setzero_pd();
-            for (int64_t gr = 0; gr < fs; gr += 8) {
-                const int* src = reinterpret_cast<const int*>(qp + 2 * gr);
-                const __m256i raw = gr + 8 <= ng ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
-                                                 : _mm256_maskload_epi32(src, tail);
-                const __m256i pairs = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(raw, split), 0xd8);
-                const __m256 sc = _mm256_cvtph_ps(_mm256_castsi256_si128(pairs));
-                const __m256 mk = _mm256_add_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(pairs, 1)),
-                                                _mm256_mul_ps(sc, mmulv));
-                _mm256_storeu_ps(o + gr, _mm256_mul_ps(_mm256_mul_ps(sc, smulv), _mm256_loadu_ps(xs + gr)));
-                acc = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(mk)), _mm256_loadu_pd(xsum + gr), acc);
-                acc = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(mk, 1)), _mm256_loadu_pd(xsum + gr + 4),
-                                      acc);
-            }
-            const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
-            bias_[g * j.m + r] = static_cast<float>(_mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h))));
+        for (int c = 0; c < n8; ++c) {
+            const __m256i raw = c < 4 ? _mm256_permute2x128_si256(T[c], T[4 + c], 0x20)
+                                      : _mm256_permute2x128_si256(T[c - 4], T[c], 0x31);
+            const __m256i sm = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(raw, split), 0xd8);
+            const __m256 sc = _mm256_cvtph_ps(_mm256_castsi256_si128(sm));
+            const __m256 mk = _mm256_add_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(sm, 1)), _mm256_mul_ps(sc, mmulv));
+            const int64_t gr = gr0 + c;
+            _mm256_storeu_ps(sk_ + 8 * gr, _mm256_mul_ps(sc, smulv));
+            _mm256_storeu_pd(mk_ + 8 * gr, _mm256_cvtps_pd(_mm256_castps256_ps128(mk)));
+            _mm256_storeu_pd(mk_ + 8 * gr + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(mk, 1)));
         }
+    }
+    for (int64_t r = 0; r < j.m; ++r) {
+        const float* xs = j.xscale + r * ng;
+        const double* xsum = j.xsum + r * ng;
+        float* out = swx_ + r * ng * 8;
+        __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();  // bias of rows 0-3, 4-7 (fp64)
+        for (int64_t gr = 0; gr < ng; ++gr) {
+            _mm256_storeu_ps(out + 8 * gr, _mm256_mul_ps(_mm256_loadu_ps(sk_ + 8 * gr), _mm256_set1_ps(xs[gr])));
+            const __m256d xv = _mm256_set1_pd(xsum[gr]);
+            lo = _mm256_fmadd_pd(_mm256_loadu_pd(mk_ + 8 * gr), xv, lo);
+            hi = _mm256_fmadd_pd(_mm256_loadu_pd(mk_ + 8 * gr + 4), xv, hi);
+        }
+        _mm256_storeu_ps(bias_ + 8 * r, _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)));
     }
 }
 
@@ -192,10 +201,10 @@ void decode_tiles_i16_with(const Job& j, int64_t t0, int64_t t1) {
         f.compute(rt);
         for (int64_t r0 = 0; r0 < j.m; r0 += 4) {
             switch (std::min<int64_t>(4, j.m - r0)) {
-                case 1: Kernel<BITS, 1>::run(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
-                case 2: Kernel<BITS, 2>::run(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
-                case 3: Kernel<BITS, 3>::run(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
-                default: Kernel<BITS, 4>::run(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
+                case 1: Kernel<BITS, 1>::run(j, rt, r0, f); break;
+                case 2: Kernel<BITS, 2>::run(j, rt, r0, f); break;
+                case 3: Kernel<BITS, 3>::run(j, rt, r0, f); break;
+                default: Kernel<BITS, 4>::run(j, rt, r0, f); break;
             }
         }
     }
@@ -209,7 +218,7 @@ void decode_tiles_i16_with(const Job& j, int64_t t0, int64_t t1) {
 template <int BITS, int M>
 struct WordKernel {
     static constexpr bool shifted = false;
-    static void run(const Job& j, int64_t rt, int64_t r0, const float* swx, int64_t fs, const float* bias) {
+    static void run(const Job& j, int64_t rt, int64_t r0, const TileFactorsI16& tf) {
         const uint64_t pb = j.w->plane_bytes;
         const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
         const __m256i low = _mm256_set1_epi16(0x00ff);
@@ -223,7 +232,7 @@ struct WordKernel {
             const int16_t* xs = j.xi + r0 * j.x_stride + 4 * s * 128;
             for (int g = 0; g < rows; ++g) {
                 const uint8_t* rb = sb + 16 * W * g;
-                const float* f = swx + (g * j.m + r0) * fs;
+                const float* f = tf.row(r0, g);  // row r0 + r's at f + r n_groups 8
                 // the row's sums of this super-chunk in registers (acc[g] is indexed at run time:
                 // memory, and with G = 32 every word would load, FMA and store it)
                 __m256 part[M];
@@ -249,7 +258,7 @@ struct WordKernel {
                         if (!uniform) {  // this word's own group
                             const int32_t gr = step_group[4 * v + L];
                             for (int r = 0; r < M; ++r) {
-                                part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[r * fs + gr]),
+                                part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[(r * j.n_groups + gr) * 8]),
                                                           part[r]);
                                 p[r] = _mm256_setzero_si256();
                             }
@@ -259,7 +268,7 @@ struct WordKernel {
                         const int32_t gr = step_group[4 * v];
                         for (int r = 0; r < M; ++r)
                             part[r] =
-                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[r * fs + gr]), part[r]);
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[(r * j.n_groups + gr) * 8]), part[r]);
                     }
                 }
                 for (int r = 0; r < M; ++r) acc[g][r] = _mm256_add_ps(acc[g][r], part[r]);
@@ -267,7 +276,7 @@ struct WordKernel {
         }
         for (int g = 0; g < rows; ++g)
             for (int r = 0; r < M; ++r)
-                j.y[(r0 + r) * j.w->n + rt * 8 + g] = hsum(acc[g][r]) + bias[g * j.m + r0 + r];
+                j.y[(r0 + r) * j.w->n + rt * 8 + g] = hsum(acc[g][r]) + tf.bias()[(r0 + r) * 8 + g];
     }
 };
 

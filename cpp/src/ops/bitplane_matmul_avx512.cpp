@@ -96,10 +96,10 @@ FQ_INLINE void transpose_planes512(const uint8_t* p, uint64_t pb, int W, __m512i
     }
 }
 
-// Rows r0 .. r0 + M - 1 of the activations against the 8 weight rows of tile rt; swx (row stride fs)
-// and bias from TileFactorsI16.
+// Rows r0 .. r0 + M - 1 of the activations against the 8 weight rows of tile rt; factors and bias
+// from TileFactorsI16.
 template <int BITS, int M>
-void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const float* swx, int64_t fs, const float* bias) {
+void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const TileFactorsI16& tf) {
     const uint64_t pb = j.w->plane_bytes;
     const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
     const __m512i sel = _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ull));
@@ -134,12 +134,12 @@ void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const float* swx, int
             // super-chunk
             const auto factor = [&](int v, int r) {
                 const int32_t* lane_group = j.step_group + 16 * s + 4 * v;
-                const float* f = swx + (g * j.m + r0 + r) * fs;
+                const float* f = tf.row(r0 + r, g);
                 return j.step_uniform[4 * s + v]
-                           ? _mm512_set1_ps(f[lane_group[0]])
+                           ? _mm512_set1_ps(f[8 * lane_group[0]])
                            : _mm512_permutexvar_ps(lane_of, _mm512_castps128_ps512(_mm_setr_ps(
-                                                                f[lane_group[0]], f[lane_group[1]],
-                                                                f[lane_group[2]], f[lane_group[3]])));
+                                                                f[8 * lane_group[0]], f[8 * lane_group[1]],
+                                                                f[8 * lane_group[2]], f[8 * lane_group[3]])));
             };
             __m512 sum[M];
             if (j.super_lane_const[s]) {
@@ -177,7 +177,7 @@ void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const float* swx, int
     }
     for (int g = 0; g < rows; ++g)
         for (int r = 0; r < M; ++r)
-            j.y[(r0 + r) * j.w->n + rt * 8 + g] = _mm512_reduce_add_ps(acc[g][r]) + bias[g * j.m + r0 + r];
+            j.y[(r0 + r) * j.w->n + rt * 8 + g] = _mm512_reduce_add_ps(acc[g][r]) + tf.bias()[(r0 + r) * 8 + g];
 }
 
 template <int BITS>
@@ -190,10 +190,10 @@ void decode_tiles_i16(const Job& j, int64_t t0, int64_t t1) {
         // forced decode path) take several passes.
         for (int64_t r0 = 0; r0 < j.m; r0 += 4) {
             switch (std::min<int64_t>(4, j.m - r0)) {
-                case 1: decode_tile_i16<BITS, 1>(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
-                case 2: decode_tile_i16<BITS, 2>(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
-                case 3: decode_tile_i16<BITS, 3>(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
-                default: decode_tile_i16<BITS, 4>(j, rt, r0, f.swx(), f.stride(), f.bias()); break;
+                case 1: decode_tile_i16<BITS, 1>(j, rt, r0, f); break;
+                case 2: decode_tile_i16<BITS, 2>(j, rt, r0, f); break;
+                case 3: decode_tile_i16<BITS, 3>(j, rt, r0, f); break;
+                default: decode_tile_i16<BITS, 4>(j, rt, r0, f); break;
             }
         }
     }

@@ -371,27 +371,27 @@ inline __attribute__((always_inline)) void for_each_i16_word(const Job& j, int16
 }
 
 // The int16 decode kernels' per-tile factors (bitplane_matmul_avx2_i16.cpp, AVX2 + F16C; the AVX-512
-// kernel uses them too). compute(rt) fills, for row tile rt, swx (8, m, stride) = s_k[g, group] ·
-// code_scale · xs[r, group] (the factor of a step's int32 sums; code_scale undoes the codes' own
-// shift) and bias (8, m) = Σ_g m_k[g] Σ_{i∈g} x̂[r, i] (fp64 sums); zeros for rows past N. stride is
-// n_groups rounded up to 8, so that every row is whole vectors. One per call of a decode_tiles_* on
-// its thread: the buffers are per-thread scratch.
+// kernel uses them too). compute(rt) fills, for row tile rt, swx (m, n_groups, 8): factor(swx, r,
+// group, g) = s_k[g, group] · code_scale · xs[r, group] (the factor of a step's int32 sums; code_scale
+// undoes the codes' own shift), and bias (m, 8): bias[8 r + g] = Σ_group m_k[g, group] Σ_{i∈group}
+// x̂[r, i] (fp64 sums); zeros for rows g past N. One per call of a decode_tiles_* on its thread: the
+// buffers are per-thread scratch.
 class TileFactorsI16 {
   public:
     TileFactorsI16(const Job& j, float code_scale);
     void compute(int64_t rt);
     const float* swx() const { return swx_; }
     const float* bias() const { return bias_; }
-    int64_t stride() const { return stride_; }
+    // the factors of activation row r and tile row g: its group gr's at [8 gr]
+    const float* row(int64_t r, int g) const { return swx_ + r * j_.n_groups * 8 + g; }
 
   private:
     const Job& j_;
     float smul_, mmul_;
-    int64_t stride_;
     float* swx_;
     float* bias_;
-    float* xs_pad_;      // (m, stride) xs, zeros past n_groups
-    double* xsum_pad_;   // (m, stride) Σ x̂ per group, zeros past n_groups
+    float* sk_;   // (n_groups, 8) the tile's s_k · 2^shift · code_scale
+    double* mk_;  // (n_groups, 8) and m_k
 };
 
 // The int16 GEMMs' per-tile factors (bitplane_matmul.cpp): sk (8, n_groups) = s_k · code_scale (the

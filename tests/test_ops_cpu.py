@@ -554,6 +554,31 @@ def test_attention_matches_reference(kernels, m, p0, H, Hkv, d, dtype):
     np.testing.assert_array_equal(heads, out)
 
 
+@pytest.mark.parametrize("m,p0", [(9, 0), (40, 13), (130, 300)])
+@pytest.mark.parametrize("H,Hkv,d", [(9, 3, 64), (2, 1, 128), (4, 2, 200), (8, 2, 24), (10, 2, 40), (6, 2, 48)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_attention_prompt_path_avx512_equals_avx2(m, p0, H, Hkv, d, dtype):
+    """The prompt path's tiles on AVX-512 (32 keys x 4 query vectors per score tile, 16-lane output
+    tiles, an AVX2 tile for the last 8 dims where d is not a multiple of 16) sum the same products in
+    the same order per lane as the AVX2 tiles: the same bits."""
+    if "avx512" not in KERNELS or "gfni" not in KERNELS:
+        pytest.skip("this CPU has no AVX-512: only the AVX2 tiles run here")
+    rng = np.random.default_rng(m + p0 + d)
+    q = rng.standard_normal((m, H, d)).astype(np.float32)
+    kc = (rng.standard_normal((p0 + m, Hkv, d)) * 2).astype(dtype)
+    vc = rng.standard_normal((p0 + m, Hkv, d)).astype(dtype)
+    prev = ops.get_cpu_kernels()
+    try:
+        out = {}
+        for kind in ("avx512", "gfni"):
+            ops.set_cpu_kernels(kind)
+            out[kind] = ops.attention(q, kc, vc, p0)
+    finally:
+        ops.set_cpu_kernels(prev)
+    assert np.all(np.isfinite(out["avx512"]))
+    np.testing.assert_array_equal(out["avx512"], out["gfni"])
+
+
 def q8_reference(x):
     """numpy's q8 rounding of x (rows, d): blocks of 32 values of a row (the last one shorter), scale
     = max |x| / 127 in fp32, codes = x / scale to nearest even; 0 for a zero block; a NaN scale and

@@ -20,8 +20,9 @@
 // instead of once per head and token. Its results round differently from the per-token path (other
 // summation orders), within fp32's rounding of the same formula.
 //
-// The dot products and the V accumulation are AVX2 (F16C for the fp16 cache) where available,
-// portable loops otherwise; the exponentials use the shared vectorized exp (sampling.cpp). A decode
+// The dot products and the V accumulation are AVX2 (F16C for the fp16 cache) where available (the
+// prompt path's score and output tiles on AVX-512 where the CPU has it: the same bits, twice the
+// multiply-adds per instruction), portable loops otherwise; the exponentials use the shared vectorized exp (sampling.cpp). A decode
 // step reads the whole cache, so the AVX2 kernels are written for memory-level throughput: tiles of
 // rows x heads of dot products (up to 12 independent FMA chains, reduced 8 at a time), the V sums
 // held in registers over blocks of rows, and each row read from memory and widened to fp32 once for
@@ -577,6 +578,60 @@ inline void values_tiles(const float* const* p, const float* vb, int64_t n, int6
     if (c < d) values_tile<NV, 1>(p, vb, n, d, c, o);  // d is a multiple of 8
 }
 
+// The two tiles on AVX-512 where the CPU has it (cpu_features().avx512): 16 lanes, so twice the
+// multiply-adds per instruction. Each lane sums the same products in the same order as the AVX2
+// tiles' (over e for a score, over t for an output element), so the results are the same bits.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f")
+
+// s[v][0 .. 32) = scale · q[v] · the 32 keys at column j0 of kt, for NV query vectors.
+template <int NV>
+void scores_tile512(const float* const* q, const float* kt, int64_t d, float scale, float* const* s) {
+    __m512 a[NV][2];
+    for (int v = 0; v < NV; ++v) a[v][0] = a[v][1] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < d; ++e) {
+        const __m512 b0 = _mm512_loadu_ps(kt + e * kKeyBlock), b1 = _mm512_loadu_ps(kt + e * kKeyBlock + 16);
+        for (int v = 0; v < NV; ++v) {
+            const __m512 qe = _mm512_set1_ps(q[v][e]);
+            a[v][0] = _mm512_fmadd_ps(qe, b0, a[v][0]);
+            a[v][1] = _mm512_fmadd_ps(qe, b1, a[v][1]);
+        }
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int v = 0; v < NV; ++v) {
+        _mm512_storeu_ps(s[v], _mm512_mul_ps(a[v][0], sc));
+        _mm512_storeu_ps(s[v] + 16, _mm512_mul_ps(a[v][1], sc));
+    }
+}
+
+// o[v][c .. c + 16 DW) += Σ_{t < n} p[v][t] · vb[t][c ..] for NV vectors; vb (n, d) fp32 rows.
+template <int NV, int DW>
+void values_tile512(const float* const* p, const float* vb, int64_t n, int64_t d, int64_t c, float* const* o) {
+    __m512 a[NV][DW];
+    for (int v = 0; v < NV; ++v)
+        for (int w = 0; w < DW; ++w) a[v][w] = _mm512_loadu_ps(o[v] + c + 16 * w);
+    for (int64_t t = 0; t < n; ++t) {
+        __m512 b[DW];
+        for (int w = 0; w < DW; ++w) b[w] = _mm512_loadu_ps(vb + t * d + c + 16 * w);
+        for (int v = 0; v < NV; ++v) {
+            const __m512 pv = _mm512_set1_ps(p[v][t]);
+            for (int w = 0; w < DW; ++w) a[v][w] = _mm512_fmadd_ps(pv, b[w], a[v][w]);
+        }
+    }
+    for (int v = 0; v < NV; ++v)
+        for (int w = 0; w < DW; ++w) _mm512_storeu_ps(o[v] + c + 16 * w, a[v][w]);
+}
+
+template <int NV>
+void values_tiles512(const float* const* p, const float* vb, int64_t n, int64_t d, float* const* o) {
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) values_tile512<NV, 4>(p, vb, n, d, c, o);
+    for (; c + 16 <= d; c += 16) values_tile512<NV, 1>(p, vb, n, d, c, o);
+    if (c < d) values_tile<NV, 1>(p, vb, n, d, c, o);  // d is a multiple of 8
+}
+
+#pragma GCC pop_options
+
 // One task of the prompt path: tokens [i0, i1) x KV head hk. Scratch: s (nv, t_pad), kt (d,
 // kKeyBlock), vb (kKeyBlock, d), o (nv, d). A q8 cache's rows are scaled as they are widened (kt,
 // vb), so the products are those of the dequantized rows.
@@ -595,10 +650,11 @@ void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::ve
     auto qv = [&](int64_t v) { return a.q + ((i0 + v / G) * a.n_heads + hk * G) * d + (v % G) * d; };
     auto keys_of = [&](int64_t v) { return a.p0 + i0 + v / G + 1; };  // causal: positions < this
 
+    const bool w512 = cpu_features().avx512;
     // scores, every vector against every key block up to t_max (masked below)
     for (int64_t t0 = 0; t0 < t_max; t0 += kKeyBlock) {
         keys_transposed(K.from(t0), std::min(kKeyBlock, t_max - t0), d, kt);
-        for (int64_t j0 = 0; j0 < kKeyBlock && t0 + j0 < t_max; j0 += 16) {
+        for (int64_t j0 = 0; j0 < kKeyBlock && t0 + j0 < t_max; j0 += w512 ? 32 : 16) {
             for (int64_t v0 = 0; v0 < nv; v0 += 4) {
                 const float* q[4];
                 float* s[4];
@@ -606,6 +662,15 @@ void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::ve
                 for (int v = 0; v < NV; ++v) {
                     q[v] = qv(v0 + v);
                     s[v] = S + (v0 + v) * t_pad + t0 + j0;
+                }
+                if (w512) {
+                    switch (NV) {
+                        case 4: scores_tile512<4>(q, kt + j0, d, scale, s); break;
+                        case 3: scores_tile512<3>(q, kt + j0, d, scale, s); break;
+                        case 2: scores_tile512<2>(q, kt + j0, d, scale, s); break;
+                        default: scores_tile512<1>(q, kt + j0, d, scale, s); break;
+                    }
+                    continue;
                 }
                 switch (NV) {
                     case 4: scores_tile<4>(q, kt + j0, d, scale, s); break;
@@ -643,15 +708,16 @@ void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::ve
             // vectors in order of token: the first one attends to the fewest positions
             const int64_t common = std::min(nb, std::max<int64_t>(0, keys_of(v0) - t0));
             switch (NV) {
-                case 4: values_tiles<4>(p, vb, common, d, o); break;
-                case 3: values_tiles<3>(p, vb, common, d, o); break;
-                case 2: values_tiles<2>(p, vb, common, d, o); break;
-                default: values_tiles<1>(p, vb, common, d, o); break;
+                case 4: (w512 ? values_tiles512<4> : values_tiles<4>)(p, vb, common, d, o); break;
+                case 3: (w512 ? values_tiles512<3> : values_tiles<3>)(p, vb, common, d, o); break;
+                case 2: (w512 ? values_tiles512<2> : values_tiles<2>)(p, vb, common, d, o); break;
+                default: (w512 ? values_tiles512<1> : values_tiles<1>)(p, vb, common, d, o); break;
             }
             for (int v = 0; v < NV; ++v) {
                 const int64_t own = std::min(nb, std::max<int64_t>(0, keys_of(v0 + v) - t0));
                 const float* tail = p[v] + common;
-                if (own > common) values_tiles<1>(&tail, vb + common * d, own - common, d, &o[v]);
+                if (own > common)
+                    (w512 ? values_tiles512<1> : values_tiles<1>)(&tail, vb + common * d, own - common, d, &o[v]);
             }
         }
     }

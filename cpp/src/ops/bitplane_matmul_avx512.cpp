@@ -11,8 +11,8 @@
 // vpdpwssd multiplies 32 of them by 32 int16 activations and adds the pairs into 16 int32 sums. Per
 // 128 weights of a row that is ~19 instructions instead of ~80.
 //
-// One batch is a whole super-chunk row (16 words; fewer in a short last super-chunk, zeros past
-// them): the 64 bytes of each plane are transposed as in the GFNI kernel, so that 128-bit lane L of
+// One batch is a whole super-chunk row (16 words; a short last super-chunk of 3 words per lane has
+// zeros past them, one of 1 or 2 shares a vector with 3 or 1 other rows: short_super_i16): the 64 bytes of each plane are transposed as in the GFNI kernel, so that 128-bit lane L of
 // the codes of step v holds word 4L + v of the row (32 weights). The integer sums of a step (8
 // products per int32 lane) are exact: |Σ| <= 8 * 255 * 32767 < 2^31. They become fp32 once per step
 // and are scaled there by s_k · xs of their word's group (a lane may have its own group).
@@ -96,6 +96,69 @@ FQ_INLINE void transpose_planes512(const uint8_t* p, uint64_t pb, int W, __m512i
     }
 }
 
+// A short last super-chunk of W = 1 or 2 words per lane (K_pad = 128 or 256 past a multiple of 512,
+// e.g. K = 576): the decode below would transpose and multiply whole vectors of which only W lanes
+// hold words. Here 4 / W weight rows share one vector instead: their 16 W bytes per plane are
+// adjacent (rows gq .. gq + 4 / W - 1 are one 64-byte load), so the transpose is the same, lane l
+// of a step holds word-lane l % W of row gq + l / W, and the activations of lanes 0 .. W - 1 are
+// repeated in every row's lanes. tail[g][r] += row g's sum for activation row r0 + r. Rows past N are
+// the layout's zero padding (their factors are 0 too), and are not added anywhere.
+template <int BITS, int M>
+__attribute__((noinline)) void short_super_i16(const Job& j, int64_t s, int W, const uint8_t* sb, int64_t r0, int rows, const TileFactorsI16& tf,
+                     float tail[8][M]) {
+    const uint64_t pb = j.w->plane_bytes;
+    const __m512i sel = _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ull));
+    const __m512i low = _mm512_set1_epi16(0x00ff);
+    const __m512i lane_of = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const int rp = 4 / W;  // weight rows per vector
+    const bool lane_const = j.super_lane_const[s];
+    // lane l's factor for activation row r at step v
+    const auto factor = [&](int gq, int v, int r) {
+        alignas(16) float f[4];
+        for (int l = 0; l < 4; ++l)
+            f[l] = tf.row(r0 + r, gq + l / W)[8 * j.step_group[16 * s + 4 * v + l % W]];
+        return _mm512_permutexvar_ps(lane_of, _mm512_castps128_ps512(_mm_load_ps(f)));
+    };
+    for (int gq = 0; gq < rows; gq += rp) {
+        __m512i B[8];
+        transpose_planes512<BITS>(sb + 16 * W * gq, pb, 4, B);
+        __m512 part[M];
+        __m512i ip[M];
+        for (int r = 0; r < M; ++r) part[r] = _mm512_setzero_ps(), ip[r] = _mm512_setzero_si512();
+        for (int v = 0; v < 4; ++v) {
+            const __m512i c0 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpacklo_epi32(B[v], B[4 + v]), 0);
+            const __m512i c1 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpackhi_epi32(B[v], B[4 + v]), 0);
+            const __m512i e0 = _mm512_and_si512(c0, low), o0 = _mm512_srli_epi16(c0, 8);
+            const __m512i e1 = _mm512_and_si512(c1, low), o1 = _mm512_srli_epi16(c1, 8);
+            for (int r = 0; r < M; ++r) {
+                // the 8 slots of lanes 0 .. W - 1 of each quarter, in every row's lanes
+                const int16_t* x = j.xi + (r0 + r) * j.x_stride + (4 * s + v) * 128;
+                const auto rep = [&](const int16_t* q) {
+                    return W == 1 ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))
+                                  : _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+                };
+                __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), e0, rep(x));
+                p = _mm512_dpwssd_epi32(p, o0, rep(x + 32));
+                p = _mm512_dpwssd_epi32(p, e1, rep(x + 64));
+                p = _mm512_dpwssd_epi32(p, o1, rep(x + 96));
+                if (lane_const)  // exact int32 sums over the 4 steps, as in decode_tile_i16
+                    ip[r] = _mm512_add_epi32(ip[r], p);
+                else
+                    part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), factor(gq, v, r), part[r]);
+            }
+        }
+        for (int r = 0; r < M; ++r) {
+            if (lane_const) part[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(ip[r]), factor(gq, 0, r));
+            alignas(64) float lanes[16];
+            _mm512_store_ps(lanes, part[r]);
+            for (int l = 0; l < 4; ++l) {
+                const int g = gq + l / W;
+                if (g < rows) tail[g][r] += (lanes[4 * l] + lanes[4 * l + 1]) + (lanes[4 * l + 2] + lanes[4 * l + 3]);
+            }
+        }
+    }
+}
+
 // Rows r0 .. r0 + M - 1 of the activations against the 8 weight rows of tile rt; factors and bias
 // from TileFactorsI16.
 template <int BITS, int M>
@@ -108,7 +171,10 @@ void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const TileFactorsI16&
     __m512 acc[8][M];
     for (int g = 0; g < 8; ++g)
         for (int r = 0; r < M; ++r) acc[g][r] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < j.n_super; ++s) {
+    // a short last super-chunk of 1 or 2 words per lane: packed, after the loop
+    const int w_last = super_words(j, j.n_super - 1);
+    const int64_t n_loop = w_last <= 2 ? j.n_super - 1 : j.n_super;
+    for (int64_t s = 0; s < n_loop; ++s) {
         const int W = super_words(j, s);  // bytes per row and plane: 16 W
         const uint8_t* sb = j.w->planes + super_offset(j, rt, s);
         for (int g = 0; g < rows; ++g) {
@@ -175,9 +241,13 @@ void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const TileFactorsI16&
             for (int r = 0; r < M; ++r) acc[g][r] = _mm512_add_ps(acc[g][r], sum[r]);
         }
     }
+    float tail[8][M] = {};  // the rows' sums over that short super-chunk
+    if (n_loop < j.n_super)
+        short_super_i16<BITS, M>(j, n_loop, w_last, j.w->planes + super_offset(j, rt, n_loop), r0, rows, tf, tail);
     for (int g = 0; g < rows; ++g)
         for (int r = 0; r < M; ++r)
-            j.y[(r0 + r) * j.w->n + rt * 8 + g] = _mm512_reduce_add_ps(acc[g][r]) + tf.bias()[(r0 + r) * 8 + g];
+            j.y[(r0 + r) * j.w->n + rt * 8 + g] =
+                (_mm512_reduce_add_ps(acc[g][r]) + tail[g][r]) + tf.bias()[(r0 + r) * 8 + g];
 }
 
 template <int BITS>

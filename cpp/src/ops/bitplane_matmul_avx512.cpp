@@ -12,10 +12,12 @@
 // 128 weights of a row that is ~19 instructions instead of ~80.
 //
 // One batch is a whole super-chunk row (16 words; a short last super-chunk of 3 words per lane has
-// zeros past them, one of 1 or 2 shares a vector with 3 or 1 other rows: short_super_i16): the 64 bytes of each plane are transposed as in the GFNI kernel, so that 128-bit lane L of
-// the codes of step v holds word 4L + v of the row (32 weights). The integer sums of a step (8
-// products per int32 lane) are exact: |Σ| <= 8 * 255 * 32767 < 2^31. They become fp32 once per step
-// and are scaled there by s_k · xs of their word's group (a lane may have its own group).
+// zeros past them, one of 1 or 2 shares its vectors with 3 or 1 other rows: short_super_i16): the 64
+// bytes of each plane are transposed as in the GFNI kernel, so that 128-bit lane L of the codes of
+// step v holds word 4L + v of the row (32 weights). The integer sums of a step (8 products per int32
+// lane) are exact: |Σ| <= 8 * 255 * 32767 < 2^31. They become fp32 and are scaled by s_k · xs of
+// their word's group (a lane may have its own group) once per step, or once per super-chunk where
+// each lane's 4 words share a group (32 products, still exact).
 //
 // The GEMM (many rows: prompts, batches; gemm_block_i16) decodes a tile's 8 rows once to int16
 // codes and turns the product around: a vector holds 16 activation rows' pairs of one K pair, a

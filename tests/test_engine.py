@@ -444,3 +444,58 @@ def test_sentencepiece_model_tokenizes_like_sentencepiece(tmp_path):
         assert eng.detokenize(ids) == sp.decode(sp.encode(text))
         out = eng.generate(text, max_new_tokens=5)
         assert isinstance(out, str)
+
+
+# ---- incremental detokenization ----------------------------------------------------------------------
+
+def _whole_output_pieces(detokenize, ids):
+    """What generate() emitted before it detokenized incrementally: the whole output decoded after
+    every token, its new text emitted unless it ends in an incomplete UTF-8 sequence, the rest at
+    the end."""
+    pieces, emitted = [], ""
+    for n in range(1, len(ids) + 1):
+        text = detokenize(ids[:n])
+        if not text.endswith("\ufffd"):
+            pieces.append(text[len(emitted):])
+            emitted = text
+    pieces.append(detokenize(ids)[len(emitted):])
+    return pieces
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
+def test_incremental_detokenization_equals_decoding_the_whole_output(kind):
+    """_Sequence decodes a window of the last tokens per step, not the whole output: its pieces must
+    be those of decoding the whole output every step, piece for piece, on a byte-level BPE (tokens
+    that split UTF-8 sequences) and on a SentencePiece model (a dummy prefix that decoding drops at
+    a sequence's start, byte fallback), for real text and for random ids (specials included)."""
+    from conftest import train_sentencepiece
+    from flexquant_rt.convert import byte_level_tokenizer
+    from flexquant_rt.engine import _Sequence
+    from flexquant_rt.tokenizer import Tokenizer
+
+    if kind == "byte_level":
+        data = byte_level_tokenizer(300)
+        tok = Tokenizer(hf_json=data.hf_json)
+        vocab = 300
+    else:
+        tok = Tokenizer(sp_model=train_sentencepiece(600), bos_id=1, eos_id=2)
+        vocab = 600
+    rng = np.random.default_rng(3)
+    text = "Décoder « ceci » : naïve café, 東京 😀👍🏽 and   spaces\n\ttabs — done.\n" * 3
+    cases = [tok.encode(text, add_special_tokens=False)]
+    cases += [list(map(int, rng.integers(0, vocab, size=n))) for n in (1, 2, 17, 200)]
+    for i, ids in enumerate(cases):
+        windows = []
+
+        def decode(w):
+            windows.append(len(w))
+            return tok.decode(w)
+
+        seq = _Sequence([1], len(ids), None, [], set(), decode, None)
+        pieces = [seq.accept(t, context_full=False) for t in ids]
+        assert seq.done
+        want = _whole_output_pieces(tok.decode, ids)
+        assert "".join(pieces) == "".join(want) == tok.decode(ids)
+        assert [p for p in pieces if p] == [p for p in want if p]
+        if i == 0:  # real text: a few tokens per decode, however long the output
+            assert len(ids) > 100 and max(windows) <= 8, max(windows)

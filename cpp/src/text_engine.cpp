@@ -109,7 +109,19 @@ GenerateResult TextEngine::generate(const std::string& prompt, const GeneratePar
     r.n_prompt_tokens = static_cast<int64_t>(ids.size());
     r.stop_reason = StopReason::STOP_LENGTH;
     std::vector<int32_t> history = ids;
-    std::string emitted, held, ready;  // decoded text so far / held back for the stop strings
+    std::string held, ready;  // the text held back for the stop strings / now safe to emit
+    // Incremental detokenization: r.tokens[0, read) is emitted text, ending on a whole character;
+    // each new piece is the text of r.tokens[prefix, end) past that of r.tokens[prefix, read), both
+    // decoded from the same first token (so what a decoder does to a sequence's first token, such as
+    // SentencePiece dropping its leading space, cancels out). As the Python engine's _Sequence: the
+    // whole output decoded every token cost O(n) per token.
+    size_t prefix = 0, read = 0;
+    std::string before, text;
+    const auto window = [&] {
+        const int32_t* w = r.tokens.data() + prefix;
+        before = tok.decode(w, static_cast<int64_t>(read - prefix));
+        text = tok.decode(w, static_cast<int64_t>(r.tokens.size() - prefix));
+    };
     const auto emit = [&](const std::string& piece) {
         r.text += piece;
         return !on_text || on_text(piece);
@@ -125,10 +137,11 @@ GenerateResult TextEngine::generate(const std::string& prompt, const GeneratePar
         }
         r.tokens.push_back(t);
         history.push_back(t);
-        const std::string text = tok.decode(r.tokens);
+        window();
         if (!ends_with_replacement(text)) {  // else: an incomplete UTF-8 sequence, wait for more
-            held += text.substr(std::min(emitted.size(), text.size()));
-            emitted = text;
+            held += text.substr(std::min(before.size(), text.size()));
+            prefix = read;
+            read = r.tokens.size();
             const bool hit = scan_stop(held, params.stop, ready);
             if (!ready.empty() && !emit(ready)) {
                 r.stop_reason = StopReason::STOP_CALLBACK;
@@ -149,8 +162,8 @@ GenerateResult TextEngine::generate(const std::string& prompt, const GeneratePar
     }
     // flush: a trailing incomplete UTF-8 sequence is emitted as it decodes (U+FFFD)
     if (!r.tokens.empty()) {
-        const std::string text = tok.decode(r.tokens);
-        held += text.substr(std::min(emitted.size(), text.size()));
+        window();
+        held += text.substr(std::min(before.size(), text.size()));
     }
     const bool hit = scan_stop(held, params.stop, ready);
     if (hit) r.stop_reason = StopReason::STOP_STRING;

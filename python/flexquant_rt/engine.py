@@ -638,8 +638,15 @@ class _Sequence:
         self.detokenize = detokenize
         self.stats = stats
         self.out_ids: list[int] = []
-        self.emitted = ""  # detokenized output already scanned for stop strings
-        self.held = ""     # of that, what is held back
+        # Incremental detokenization (as vLLM does): out_ids[:read] is emitted text (scanned for stop
+        # strings), ending on a whole character; each new piece is the text of out_ids[prefix:] past
+        # that of out_ids[prefix:read], both decoded from the same first token, so that what a
+        # decoder does to a sequence's first token (SentencePiece drops its leading space) cancels
+        # out. Decoding the whole output every token cost O(n) per token: 0.7 ms at 4,096 tokens
+        # (SmolLM2's tokenizer), a tenth of a decode step.
+        self.prefix = 0
+        self.read = 0
+        self.held = ""  # of the emitted text, what is held back
         self.done = False
         if max_new_tokens == 0:
             self._finish("length")
@@ -657,10 +664,10 @@ class _Sequence:
             self.stats.completion_tokens += 1
         self.history.append(tok)
         ready = ""
-        text = self.detokenize(self.out_ids)
+        before, text = self._window()
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            piece = text[len(self.emitted):]
-            self.emitted = text
+            piece = text[len(before):]
+            self.prefix, self.read = self.read, len(self.out_ids)
             if piece:
                 self.held += piece
                 hit, self.held, ready = _scan_stop(self.held, self.stop_strs)
@@ -675,10 +682,16 @@ class _Sequence:
 
     def _end(self, ready: str, finish: str) -> str:
         # flush: a trailing incomplete UTF-8 sequence is emitted as it decodes (U+FFFD)
-        held = self.held + (self.detokenize(self.out_ids)[len(self.emitted):] if self.out_ids else "")
+        before, text = self._window() if self.out_ids else ("", "")
+        held = self.held + text[len(before):]
         hit, held, more = _scan_stop(held, self.stop_strs)
         self._finish("stop" if hit else finish)
         return ready + more + held
+
+    def _window(self) -> tuple[str, str]:
+        """The text of out_ids[prefix:read] and of out_ids[prefix:]."""
+        window = self.out_ids[self.prefix:]
+        return self.detokenize(window[:self.read - self.prefix]), self.detokenize(window)
 
     def _finish(self, reason: str) -> None:
         self.done = True

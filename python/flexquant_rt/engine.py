@@ -632,6 +632,9 @@ class _Sequence:
     def __init__(self, ids, max_new_tokens: int, sampler, stop_strs: list[str], stop_ids: set[int], detokenize,
                  stats: GenerationStats | None):
         self.history = list(ids)
+        # the same as int32, grown by doubling: the sampler reads it every token, and converting the
+        # list each time cost O(n) (50 µs at 4K tokens)
+        self._hist = np.asarray(self.history, dtype=np.int32)
         self.max_new_tokens = max_new_tokens
         self.sampler = sampler
         self.stop_strs, self.stop_ids = stop_strs, stop_ids
@@ -652,7 +655,14 @@ class _Sequence:
             self._finish("length")
 
     def history_array(self) -> np.ndarray:
-        return np.asarray(self.history, dtype=np.int32)
+        return self._hist[:len(self.history)]
+
+    def _push(self, tok: int) -> None:
+        n = len(self.history)
+        if n == len(self._hist):
+            self._hist = np.concatenate([self._hist, np.empty(max(16, n), dtype=np.int32)])
+        self._hist[n] = tok
+        self.history.append(tok)
 
     def accept(self, tok: int, context_full: bool) -> str:
         """Takes the token sampled after the last step; returns the text now safe to emit. Sets
@@ -662,7 +672,7 @@ class _Sequence:
         self.out_ids.append(tok)
         if self.stats is not None:
             self.stats.completion_tokens += 1
-        self.history.append(tok)
+        self._push(tok)
         ready = ""
         before, text = self._window()
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token

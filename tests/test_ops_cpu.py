@@ -156,11 +156,12 @@ def test_bitplane_matmul_i16_kernels_agree(path):
     rng = np.random.default_rng(9)
     rows = (1, 2, 3, 4, 6, 17) if path == "decode" else (1, 6, 16, 17, 33, 48, 50, 100)
     try:
-        # K = 1664 / 896 / 384 / 2000 / 1408 / 768 / 640 / 768: last super-chunks of 1, 3, 3, 4, 3, 2, 1 and
-        # 2 words per lane (AVX-512 packs 4 or 2 weight rows into a vector for 1 or 2), with each lane's
-        # words in one group (G = 128, 256) or not (G = 32, 64, 96)
+        # K = 1664 / 896 / 384 / 2000 / 1408 / 768 / 640 / 768 / 768 / 1536: last super-chunks of 1, 3, 3,
+        # 4, 3, 2, 1, 2, 2 and 4 words per lane (AVX-512 packs 4 or 2 weight rows into a vector for 1 or
+        # 2). A lane's 4 words share a group (Job::super_lane_const: int32 sums over the super-chunk) in
+        # the 1-word chunks at G = 128, the 2-word chunk at G = 256 and every chunk at G = 512
         for n, k, g in [(37, 1664, 128), (20, 896, 64), (11, 384, 32), (9, 2000, 256), (16, 1408, 96),
-                        (13, 768, 128), (19, 640, 32), (21, 768, 64)]:
+                        (13, 768, 128), (19, 640, 32), (21, 768, 64), (12, 768, 256), (10, 1536, 512)]:
             planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
             for m in rows:
                 x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100.0, (m, 1))).astype(np.float32)

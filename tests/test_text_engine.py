@@ -129,3 +129,38 @@ def test_llama2_style_chat_matches_python(tmp_path):
             assert cpp.chat(msgs, **kw)["text"] == py_eng.chat(msgs, **kw)
         with pytest.raises(_core.FlexquantError, match="Conversation roles must alternate"):
             cpp.chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+def test_skipped_special_tokens_keep_the_next_space_like_python(tmp_path):
+    """generate(ignore_eos=True) can emit </s> mid-text; decoding skips it, and the C++ incremental
+    detokenizer must then keep the next word's leading space (SentencePiece drops it only at the start
+    of a sequence), as Python does. The model is edited so that </s> stands in for a token t of its
+    greedy output that a word with a leading space follows: </s>'s embedding is t's and its LM head row
+    is t's times 1.05, so the output is the same with every t replaced by </s>."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_hf_llama
+    from flexquant_rt.convert import HFSource, convert
+
+    src = make_hf_llama(tmp_path / "hf", vocab=600, tokenizer="sp")
+    out = tmp_path / "m.fq"
+    convert(HFSource(src), out, progress=False)
+    ids = _core.TextEngine(str(out)).generate("The", max_new_tokens=40, ignore_eos=True)["tokens"]
+    with Engine(out) as py_eng:
+        dec = py_eng.detokenize
+        t = next(a for a, b in zip(ids, ids[1:]) if a > 2 and dec([a, b]) == dec([a]) + " " + dec([b]))
+    w = load_file(src / "model.safetensors")
+    w["model.embed_tokens.weight"][2] = w["model.embed_tokens.weight"][t]
+    w["lm_head.weight"][2] = 1.05 * w["lm_head.weight"][t]
+    save_file(w, src / "model.safetensors", metadata={"format": "pt"})
+    out2 = tmp_path / "m2.fq"
+    convert(HFSource(src), out2, progress=False)
+    cpp = _core.TextEngine(str(out2))
+    with Engine(out2) as py_eng:
+        kw = dict(max_new_tokens=40, ignore_eos=True)
+        want = list(py_eng.generate("The", stream=True, **kw))
+        got: list[str] = []
+        r = cpp.generate("The", on_text=got.append, **kw)
+        assert r["tokens"] == [2 if i == t else i for i in ids]  # </s> where t was
+        assert got == want
+        assert r["text"] == "".join(want) == py_eng.detokenize(r["tokens"])

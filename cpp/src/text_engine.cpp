@@ -113,8 +113,9 @@ GenerateResult TextEngine::generate(const std::string& prompt, const GeneratePar
     // Incremental detokenization: r.tokens[0, read) is emitted text, ending on a whole character;
     // each new piece is the text of r.tokens[prefix, end) past that of r.tokens[prefix, read), both
     // decoded from the same first token (so what a decoder does to a sequence's first token, such as
-    // SentencePiece dropping its leading space, cancels out). As the Python engine's _Sequence: the
-    // whole output decoded every token cost O(n) per token.
+    // SentencePiece dropping its leading space, cancels out); r.tokens[prefix, read) always has text
+    // (or prefix is 0). As the Python engine's _Sequence: the whole output decoded every token cost
+    // O(n) per token.
     size_t prefix = 0, read = 0;
     std::string before, text;
     const auto window = [&] {
@@ -139,8 +140,11 @@ GenerateResult TextEngine::generate(const std::string& prompt, const GeneratePar
         history.push_back(t);
         window();
         if (!ends_with_replacement(text)) {  // else: an incomplete UTF-8 sequence, wait for more
+            const size_t had = held.size();
             held += text.substr(std::min(before.size(), text.size()));
-            prefix = read;
+            // a segment that decoded to nothing (a skipped special token) must not start the window,
+            // or the next token's leading space would be dropped as a sequence's first
+            if (held.size() > had) prefix = read;
             read = r.tokens.size();
             const bool hit = scan_stop(held, params.stop, ready);
             if (!ready.empty() && !emit(ready)) {

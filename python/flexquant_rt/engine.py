@@ -645,7 +645,7 @@ class _Sequence:
         # strings), ending on a whole character; each new piece is the text of out_ids[prefix:] past
         # that of out_ids[prefix:read], both decoded from the same first token, so that what a
         # decoder does to a sequence's first token (SentencePiece drops its leading space) cancels
-        # out. Decoding the whole output every token cost O(n) per token: 0.7 ms at 4,096 tokens
+        # out. out_ids[prefix:read] always has text (or prefix is 0). Decoding the whole output every token cost O(n) per token: 0.7 ms at 4,096 tokens
         # (SmolLM2's tokenizer), a tenth of a decode step.
         self.prefix = 0
         self.read = 0
@@ -677,7 +677,12 @@ class _Sequence:
         before, text = self._window()
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             piece = text[len(before):]
-            self.prefix, self.read = self.read, len(self.out_ids)
+            # the window starts where the emitted text is: a segment that decoded to nothing (a
+            # skipped special token) must not start it, or the next token's leading space would be
+            # dropped as a sequence's first
+            if piece:
+                self.prefix = self.read
+            self.read = len(self.out_ids)
             if piece:
                 self.held += piece
                 hit, self.held, ready = _scan_stop(self.held, self.stop_strs)

@@ -174,8 +174,10 @@ std::shared_ptr<const Layout> layout_for(int64_t k, int group_size, WordOrder or
                     if (4 * L + v >= words) gr[L] = gr[0];
                 l->step_uniform[4 * s + v] = gr[0] == gr[1] && gr[0] == gr[2] && gr[0] == gr[3];
             }
-            // every lane in one group over the 4 steps (G a multiple of 128 puts a lane's 128 weights
-            // in one group): the decode may then sum a lane's int32 products over the super-chunk
+            // every lane in one group over the 4 steps: the decode may then sum a lane's int32
+            // products over the super-chunk. A full super-chunk's lane spans 512 K (word 4L + v covers
+            // K 512s + 128v + 32L), so G a multiple of 512; a short one of 1 word per lane spans 128
+            // (G a multiple of 128: K = 576 at G = 128), of 2 words 192 (G a multiple of 256)
             bool same = true;
             for (int v = 1; v < 4; ++v)
                 for (int L = 0; L < 4; ++L) same = same && l->step_group[16 * s + 4 * v + L] == l->step_group[16 * s + L];

@@ -142,8 +142,8 @@ void TileFactorsI16::compute(int64_t rt) {
     // a (scale, min) pair is one int32: pair (row g, group gr) of the tile at g ng + gr
     const int* pairs = reinterpret_cast<const int*>(j.w->qparams + rt * 8 * ng * 2);
     for (int64_t gr0 = 0; gr0 < ng; gr0 += 8) {
-        // 8 groups of the 8 rows, one row per vector (rows past N and groups past n_groups not loaded,
-        // 0), transposed to one group per vector
+        // 8 groups of the 8 rows, one row per vector (rows past N not loaded, 0; groups past n_groups
+        // are the next row's pairs or 0, never stored), transposed to one group per vector
         const int n8 = static_cast<int>(std::min<int64_t>(8, ng - gr0));
         const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         __m256i R[8], T[8];

@@ -211,7 +211,8 @@ void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const TileFactorsI16&
             };
             __m512 sum[M];
             if (j.super_lane_const[s]) {
-                // Each lane's 4 words are in one group (G a multiple of 128): its products are summed
+                // Each lane's 4 words are in one group (G a multiple of 512, Job::super_lane_const;
+                // at G = 128 each step is one group, and factor() broadcasts it): its products are summed
                 // in int32 over the whole super-chunk, 32 per lane, |Σ| <= 32 * 255 * 32768 < 2^31, so
                 // exactly, and become fp32 and are scaled once instead of once per step. Each step's
                 // vpdpwssd chain starts from zero (the steps' chains overlap) and a vpaddd adds it.

@@ -645,8 +645,8 @@ class _Sequence:
         # strings), ending on a whole character; each new piece is the text of out_ids[prefix:] past
         # that of out_ids[prefix:read], both decoded from the same first token, so that what a
         # decoder does to a sequence's first token (SentencePiece drops its leading space) cancels
-        # out. out_ids[prefix:read] always has text (or prefix is 0). Decoding the whole output every token cost O(n) per token: 0.7 ms at 4,096 tokens
-        # (SmolLM2's tokenizer), a tenth of a decode step.
+        # out. out_ids[prefix:read] always has text (or prefix is 0). Decoding the whole output every
+        # token cost O(n) per token: 0.7 ms at 4,096 tokens (SmolLM2's tokenizer), a tenth of a step.
         self.prefix = 0
         self.read = 0
         self.held = ""  # of the emitted text, what is held back

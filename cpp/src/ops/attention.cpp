@@ -22,11 +22,11 @@
 //
 // The dot products and the V accumulation are AVX2 (F16C for the fp16 cache) where available (the
 // prompt path's score and output tiles on AVX-512 where the CPU has it: the same bits, twice the
-// multiply-adds per instruction), portable loops otherwise; the exponentials use the shared vectorized exp (sampling.cpp). A decode
-// step reads the whole cache, so the AVX2 kernels are written for memory-level throughput: tiles of
-// rows x heads of dot products (up to 12 independent FMA chains, reduced 8 at a time), the V sums
-// held in registers over blocks of rows, and each row read from memory and widened to fp32 once for
-// up to 4 of the group's heads.
+// multiply-adds per instruction), portable loops otherwise; the exponentials use the shared
+// vectorized exp (sampling.cpp). A decode step reads the whole cache, so the AVX2 kernels are
+// written for memory-level throughput: tiles of rows x heads of dot products (up to 12 independent
+// FMA chains, reduced 8 at a time), the V sums held in registers over blocks of rows, and each row
+// read from memory and widened to fp32 once for up to 4 of the group's heads.
 
 #include <algorithm>
 #include <cmath>

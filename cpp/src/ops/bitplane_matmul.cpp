@@ -180,7 +180,8 @@ std::shared_ptr<const Layout> layout_for(int64_t k, int group_size, WordOrder or
             // (G a multiple of 128: K = 576 at G = 128), of 2 words 192 (G a multiple of 256)
             bool same = true;
             for (int v = 1; v < 4; ++v)
-                for (int L = 0; L < 4; ++L) same = same && l->step_group[16 * s + 4 * v + L] == l->step_group[16 * s + L];
+                for (int L = 0; L < 4; ++L)
+                    same = same && l->step_group[16 * s + 4 * v + L] == l->step_group[16 * s + L];
             l->super_lane_const[s] = same;
         }
         // The GEMM's words in their order (Job::xt), cut into runs of one group of at most 8 words

@@ -263,8 +263,8 @@ struct WordKernel {
                         if (!uniform) {  // this word's own group
                             const int32_t gr = step_group[4 * v + L];
                             for (int r = 0; r < M; ++r) {
-                                part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[(r * j.n_groups + gr) * 8]),
-                                                          part[r]);
+                                part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]),
+                                                          _mm256_set1_ps(f[(r * j.n_groups + gr) * 8]), part[r]);
                                 p[r] = _mm256_setzero_si256();
                             }
                         }
@@ -272,8 +272,8 @@ struct WordKernel {
                     if (uniform) {
                         const int32_t gr = step_group[4 * v];
                         for (int r = 0; r < M; ++r)
-                            part[r] =
-                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(f[(r * j.n_groups + gr) * 8]), part[r]);
+                            part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]),
+                                                      _mm256_set1_ps(f[(r * j.n_groups + gr) * 8]), part[r]);
                     }
                 }
                 for (int r = 0; r < M; ++r) acc[g][r] = _mm256_add_ps(acc[g][r], part[r]);

@@ -106,8 +106,8 @@ FQ_INLINE void transpose_planes512(const uint8_t* p, uint64_t pb, int W, __m512i
 // repeated in every row's lanes. tail[g][r] += row g's sum for activation row r0 + r. Rows past N are
 // the layout's zero padding (their factors are 0 too), and are not added anywhere.
 template <int BITS, int M>
-__attribute__((noinline)) void short_super_i16(const Job& j, int64_t s, int W, const uint8_t* sb, int64_t r0, int rows, const TileFactorsI16& tf,
-                     float tail[8][M]) {
+__attribute__((noinline)) void short_super_i16(const Job& j, int64_t s, int W, const uint8_t* sb, int64_t r0,
+                                                int rows, const TileFactorsI16& tf, float tail[8][M]) {
     const uint64_t pb = j.w->plane_bytes;
     const __m512i sel = _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ull));
     const __m512i low = _mm512_set1_epi16(0x00ff);

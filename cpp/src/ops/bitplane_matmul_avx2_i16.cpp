@@ -109,9 +109,9 @@ void prepare_i16_avx2(const Job& j, const float* x, int64_t k, int16_t* q_tmp, i
 
 // The factors are computed per tile, one group at a time for all 8 rows of the tile: the 8 rows'
 // (scale, min) pairs of 8 groups are loaded a row per vector and transposed (a gather per group
-// instead was 15-20% slower at K = 4096, one row), F16C converts them, and
-// each activation row then costs a multiply and a store for swx and two fp64 FMAs for the bias, per
-// group. The layout follows: swx (m, n_groups, 8) and bias (m, 8) hold a group's 8 rows side by side.
+// instead was 15-20% slower at K = 4096, one row), F16C converts them, and each activation row then
+// costs a multiply and a store for swx and two fp64 FMAs for the bias, per group. The layout
+// follows: swx (m, n_groups, 8) and bias (m, 8) hold a group's 8 rows side by side.
 // Measured (perf, SmolLM2 decode, AVX-512): the previous per-row form (8 groups of one row per
 // vector, a horizontal sum per row) took 12-14% of a decode step at 4 and 8 bits, as much per group
 // and row as a 4-bit tile's products; most of it was per row and tile, not per group.

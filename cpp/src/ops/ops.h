@@ -371,16 +371,15 @@ inline __attribute__((always_inline)) void for_each_i16_word(const Job& j, int16
 }
 
 // The int16 decode kernels' per-tile factors (bitplane_matmul_avx2_i16.cpp, AVX2 + F16C; the AVX-512
-// kernel uses them too). compute(rt) fills, for row tile rt, swx (m, n_groups, 8): factor(swx, r,
-// group, g) = s_k[g, group] · code_scale · xs[r, group] (the factor of a step's int32 sums; code_scale
-// undoes the codes' own shift), and bias (m, 8): bias[8 r + g] = Σ_group m_k[g, group] Σ_{i∈group}
-// x̂[r, i] (fp64 sums); zeros for rows g past N. One per call of a decode_tiles_* on its thread: the
-// buffers are per-thread scratch.
+// kernel uses them too). compute(rt) fills, for row tile rt, swx (m, n_groups, 8): swx[(r n_groups +
+// group) 8 + g] = s_k[g, group] · code_scale · xs[r, group] (the factor of a step's int32 sums;
+// code_scale undoes the codes' own shift), and bias (m, 8): bias[8 r + g] = Σ_group m_k[g, group]
+// Σ_{i∈group} x̂[r, i] (fp64 sums); zeros for rows g past N. One per call of a decode_tiles_* on
+// its thread: the buffers are per-thread scratch.
 class TileFactorsI16 {
   public:
     TileFactorsI16(const Job& j, float code_scale);
     void compute(int64_t rt);
-    const float* swx() const { return swx_; }
     const float* bias() const { return bias_; }
     // the factors of activation row r and tile row g: its group gr's at [8 gr]
     const float* row(int64_t r, int g) const { return swx_ + r * j_.n_groups * 8 + g; }

@@ -98,6 +98,28 @@ FQ_INLINE void transpose_planes512(const uint8_t* p, uint64_t pb, int W, __m512i
     }
 }
 
+// Step v's codes from transpose_planes512's B: c0 / c1 = weights 0-15 / 16-31 of word 4L + v in
+// lane L, one code byte each (shifted left by 8 - k); e / o their even / odd bytes as int16.
+// (b_lo, b_hi: B[v] and B[4 + v].)
+FQ_INLINE void step_codes512(__m512i b_lo, __m512i b_hi, __m512i& e0, __m512i& o0, __m512i& e1, __m512i& o1) {
+    const __m512i sel = _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ull));
+    const __m512i low = _mm512_set1_epi16(0x00ff);
+    const __m512i c0 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpacklo_epi32(b_lo, b_hi), 0);
+    const __m512i c1 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpackhi_epi32(b_lo, b_hi), 0);
+    e0 = _mm512_and_si512(c0, low), o0 = _mm512_srli_epi16(c0, 8);
+    e1 = _mm512_and_si512(c1, low), o1 = _mm512_srli_epi16(c1, 8);
+}
+
+// A step's 8 products per int32 lane (|Σ| <= 8 · 255 · 32768, exact): the codes e0, o0, e1, o1
+// against the activations x0 .. x3 (the step's 4 quarters of slots), from zero.
+FQ_INLINE __m512i dot4_512(__m512i e0, __m512i o0, __m512i e1, __m512i o1, __m512i x0, __m512i x1, __m512i x2,
+                           __m512i x3) {
+    __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), e0, x0);
+    p = _mm512_dpwssd_epi32(p, o0, x1);
+    p = _mm512_dpwssd_epi32(p, e1, x2);
+    return _mm512_dpwssd_epi32(p, o1, x3);
+}
+
 // A short last super-chunk of W = 1 or 2 words per lane (K_pad = 128 or 256 past a multiple of 512,
 // e.g. K = 576): the decode below would transpose and multiply whole vectors of which only W lanes
 // hold words. Here 4 / W weight rows share one vector instead: their 16 W bytes per plane are
@@ -109,8 +131,6 @@ template <int BITS, int M>
 __attribute__((noinline)) void short_super_i16(const Job& j, int64_t s, int W, const uint8_t* sb, int64_t r0,
                                                 int rows, const TileFactorsI16& tf, float tail[8][M]) {
     const uint64_t pb = j.w->plane_bytes;
-    const __m512i sel = _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ull));
-    const __m512i low = _mm512_set1_epi16(0x00ff);
     const __m512i lane_of = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const int rp = 4 / W;  // weight rows per vector
     const bool lane_const = j.super_lane_const[s];
@@ -128,10 +148,8 @@ __attribute__((noinline)) void short_super_i16(const Job& j, int64_t s, int W, c
         __m512i ip[M];
         for (int r = 0; r < M; ++r) part[r] = _mm512_setzero_ps(), ip[r] = _mm512_setzero_si512();
         for (int v = 0; v < 4; ++v) {
-            const __m512i c0 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpacklo_epi32(B[v], B[4 + v]), 0);
-            const __m512i c1 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpackhi_epi32(B[v], B[4 + v]), 0);
-            const __m512i e0 = _mm512_and_si512(c0, low), o0 = _mm512_srli_epi16(c0, 8);
-            const __m512i e1 = _mm512_and_si512(c1, low), o1 = _mm512_srli_epi16(c1, 8);
+            __m512i e0, o0, e1, o1;
+            step_codes512(B[v], B[4 + v], e0, o0, e1, o1);
             for (int r = 0; r < M; ++r) {
                 // the 8 slots of lanes 0 .. W - 1 of each quarter, in every row's lanes
                 const int16_t* x = j.xi + (r0 + r) * j.x_stride + (4 * s + v) * 128;
@@ -139,10 +157,7 @@ __attribute__((noinline)) void short_super_i16(const Job& j, int64_t s, int W, c
                     return W == 1 ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))
                                   : _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
                 };
-                __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), e0, rep(x));
-                p = _mm512_dpwssd_epi32(p, o0, rep(x + 32));
-                p = _mm512_dpwssd_epi32(p, e1, rep(x + 64));
-                p = _mm512_dpwssd_epi32(p, o1, rep(x + 96));
+                const __m512i p = dot4_512(e0, o0, e1, o1, rep(x), rep(x + 32), rep(x + 64), rep(x + 96));
                 if (lane_const)  // exact int32 sums over the 4 steps, as in decode_tile_i16
                     ip[r] = _mm512_add_epi32(ip[r], p);
                 else
@@ -167,8 +182,6 @@ template <int BITS, int M>
 void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const TileFactorsI16& tf) {
     const uint64_t pb = j.w->plane_bytes;
     const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
-    const __m512i sel = _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ull));
-    const __m512i low = _mm512_set1_epi16(0x00ff);
     const __m512i lane_of = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     __m512 acc[8][M];
     for (int g = 0; g < 8; ++g)
@@ -182,21 +195,11 @@ void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const TileFactorsI16&
         for (int g = 0; g < rows; ++g) {
             __m512i B[8];
             transpose_planes512<BITS>(sb + 16 * W * g, pb, W, B);
-            // step v's codes: c0 / c1 = weights 0-15 / 16-31 of word 4L + v in lane L, one code byte
-            // each; e / o their even / odd bytes as int16
-            const auto codes = [&](int v, __m512i& e0, __m512i& o0, __m512i& e1, __m512i& o1) {
-                const __m512i c0 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpacklo_epi32(B[v], B[4 + v]), 0);
-                const __m512i c1 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpackhi_epi32(B[v], B[4 + v]), 0);
-                e0 = _mm512_and_si512(c0, low), o0 = _mm512_srli_epi16(c0, 8);
-                e1 = _mm512_and_si512(c1, low), o1 = _mm512_srli_epi16(c1, 8);
-            };
-            // the 8 products per int32 lane of step v for row r, added to p
-            const auto dot = [&](int v, int r, __m512i p, __m512i e0, __m512i o0, __m512i e1, __m512i o1) {
+            // the 8 products per int32 lane of step v for row r
+            const auto dot = [&](int v, int r, __m512i e0, __m512i o0, __m512i e1, __m512i o1) {
                 const int16_t* x = j.xi + (r0 + r) * j.x_stride + (4 * s + v) * 128;
-                p = _mm512_dpwssd_epi32(p, e0, _mm512_loadu_si512(x));
-                p = _mm512_dpwssd_epi32(p, o0, _mm512_loadu_si512(x + 32));
-                p = _mm512_dpwssd_epi32(p, e1, _mm512_loadu_si512(x + 64));
-                return _mm512_dpwssd_epi32(p, o1, _mm512_loadu_si512(x + 96));
+                return dot4_512(e0, o0, e1, o1, _mm512_loadu_si512(x), _mm512_loadu_si512(x + 32),
+                                _mm512_loadu_si512(x + 64), _mm512_loadu_si512(x + 96));
             };
             // the factor of each lane's word for row r: one group for all 4 unless G < 128 or a short
             // super-chunk
@@ -220,9 +223,8 @@ void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const TileFactorsI16&
                 for (int r = 0; r < M; ++r) ip[r] = _mm512_setzero_si512();
                 for (int v = 0; v < 4; ++v) {
                     __m512i e0, o0, e1, o1;
-                    codes(v, e0, o0, e1, o1);
-                    for (int r = 0; r < M; ++r)
-                        ip[r] = _mm512_add_epi32(ip[r], dot(v, r, _mm512_setzero_si512(), e0, o0, e1, o1));
+                    step_codes512(B[v], B[4 + v], e0, o0, e1, o1);
+                    for (int r = 0; r < M; ++r) ip[r] = _mm512_add_epi32(ip[r], dot(v, r, e0, o0, e1, o1));
                 }
                 for (int r = 0; r < M; ++r) sum[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(ip[r]), factor(0, r));
             } else {
@@ -233,9 +235,9 @@ void decode_tile_i16(const Job& j, int64_t rt, int64_t r0, const TileFactorsI16&
                 for (int r = 0; r < M; ++r) part[0][r] = part[1][r] = _mm512_setzero_ps();
                 for (int v = 0; v < 4; ++v) {
                     __m512i e0, o0, e1, o1;
-                    codes(v, e0, o0, e1, o1);
+                    step_codes512(B[v], B[4 + v], e0, o0, e1, o1);
                     for (int r = 0; r < M; ++r) {
-                        const __m512i p = dot(v, r, _mm512_setzero_si512(), e0, o0, e1, o1);
+                        const __m512i p = dot(v, r, e0, o0, e1, o1);
                         part[v % 2][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), factor(v, r), part[v % 2][r]);
                     }
                 }
@@ -388,8 +390,6 @@ namespace {
 template <int BITS>
 void tile_codes_i16(const Job& j, int64_t rt, int16_t* wbuf) {
     const uint64_t pb = j.w->plane_bytes;
-    const __m512i sel = _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ull));
-    const __m512i low = _mm512_set1_epi16(0x00ff);
     for (int64_t s = 0; s < j.n_super; ++s) {
         const int W = super_words(j, s);
         const uint8_t* sb = j.w->planes + super_offset(j, rt, s);
@@ -398,12 +398,10 @@ void tile_codes_i16(const Job& j, int64_t rt, int16_t* wbuf) {
             transpose_planes512<BITS>(sb + 16 * W * g, pb, W, B);
             int16_t* out = wbuf + g * j.k_pad + (16 * s) * 32;
             for (int v = 0; v < 4; ++v) {
-                const __m512i c0 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpacklo_epi32(B[v], B[4 + v]), 0);
-                const __m512i c1 = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_unpackhi_epi32(B[v], B[4 + v]), 0);
                 // 128-bit lane L of e0, o0, e1, o1: bits 2i, 2i + 1, 16 + 2i, 17 + 2i of word 4L + v;
                 // a 4 x 4 transpose of the lanes gathers each word's 32 codes into one vector
-                const __m512i e0 = _mm512_and_si512(c0, low), o0 = _mm512_srli_epi16(c0, 8);
-                const __m512i e1 = _mm512_and_si512(c1, low), o1 = _mm512_srli_epi16(c1, 8);
+                __m512i e0, o0, e1, o1;
+                step_codes512(B[v], B[4 + v], e0, o0, e1, o1);
                 const __m512i t0 = _mm512_shuffle_i64x2(e0, o0, 0x44), t1 = _mm512_shuffle_i64x2(e0, o0, 0xee);
                 const __m512i t2 = _mm512_shuffle_i64x2(e1, o1, 0x44), t3 = _mm512_shuffle_i64x2(e1, o1, 0xee);
                 const __m512i word[4] = {_mm512_shuffle_i64x2(t0, t2, 0x88), _mm512_shuffle_i64x2(t0, t2, 0xdd),

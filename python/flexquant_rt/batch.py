@@ -117,7 +117,7 @@ class Batch:
         if seq.done:  # max_new_tokens == 0
             self._finish(s, slot, "", events)
             return
-        tok = seq.sampler.sample(self._eng, seq.history_array())
+        tok = seq.sampler.sample(self._eng, seq.history)
         e, p1 = self._eng.signals()
         self._take(s, slot, tok, e, p1, events)
 
@@ -140,7 +140,7 @@ class Batch:
         for i, s in enumerate(decoding):
             slot = self._slots[s]
             self._count(slot.seq.stats, slot)
-            tok = slot.seq.sampler.sample_logits(logits[i], slot.seq.history_array())
+            tok = slot.seq.sampler.sample_logits(logits[i], slot.seq.history)
             self._take(s, slot, tok, float(ent[i]), float(top1[i]), events)
         return events
 

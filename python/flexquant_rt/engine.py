@@ -600,7 +600,7 @@ class Engine:
         eng.eval(self._ids(ids))
         self._count_step(stats)
         while not seq.done:
-            tok = sampler.sample(eng, seq.history_array())
+            tok = sampler.sample(eng, seq.history)
             piece = seq.accept(tok, context_full=eng.n_past >= eng.n_ctx)
             if piece:
                 yield piece
@@ -631,16 +631,15 @@ class _Sequence:
 
     def __init__(self, ids, max_new_tokens: int, sampler, stop_strs: list[str], stop_ids: set[int], detokenize,
                  stats: GenerationStats | None):
-        self.history = list(ids)
-        # the same as int32, grown by doubling: the sampler reads it every token, and converting the
-        # list each time cost O(n) (50 µs at 4K tokens)
-        self._hist = np.asarray(self.history, dtype=np.int32)
+        # the prompt and the output, int32, grown by doubling: the sampler reads it every token, and
+        # converting a list each time cost O(n) (50 µs at 4K tokens)
+        self._ids = np.asarray(list(ids), dtype=np.int32)
+        self._n = self._n_prompt = len(self._ids)
         self.max_new_tokens = max_new_tokens
         self.sampler = sampler
         self.stop_strs, self.stop_ids = stop_strs, stop_ids
         self.detokenize = detokenize
         self.stats = stats
-        self.out_ids: list[int] = []
         # Incremental detokenization (as vLLM does): out_ids[:read] is emitted text (scanned for stop
         # strings), ending on a whole character; each new piece is the text of out_ids[prefix:] past
         # that of out_ids[prefix:read], both decoded from the same first token, so that what a
@@ -654,25 +653,30 @@ class _Sequence:
         if max_new_tokens == 0:
             self._finish("length")
 
-    def history_array(self) -> np.ndarray:
-        return self._hist[:len(self.history)]
+    @property
+    def history(self) -> np.ndarray:
+        """The prompt's and the output's ids so far (a view: read it before the next accept)."""
+        return self._ids[:self._n]
+
+    @property
+    def out_ids(self) -> np.ndarray:
+        """The output's ids so far (a view, as history)."""
+        return self._ids[self._n_prompt:self._n]
 
     def _push(self, tok: int) -> None:
-        n = len(self.history)
-        if n == len(self._hist):
-            self._hist = np.concatenate([self._hist, np.empty(max(16, n), dtype=np.int32)])
-        self._hist[n] = tok
-        self.history.append(tok)
+        if self._n == len(self._ids):
+            self._ids = np.concatenate([self._ids, np.empty(max(16, self._n), dtype=np.int32)])
+        self._ids[self._n] = tok
+        self._n += 1
 
     def accept(self, tok: int, context_full: bool) -> str:
         """Takes the token sampled after the last step; returns the text now safe to emit. Sets
         `done` when the generation ends here (then the text includes everything still held)."""
         if tok in self.stop_ids:
             return self._end("", "stop")
-        self.out_ids.append(tok)
+        self._push(tok)
         if self.stats is not None:
             self.stats.completion_tokens += 1
-        self._push(tok)
         ready = ""
         before, text = self._window()
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
@@ -697,7 +701,7 @@ class _Sequence:
 
     def _end(self, ready: str, finish: str) -> str:
         # flush: a trailing incomplete UTF-8 sequence is emitted as it decodes (U+FFFD)
-        before, text = self._window() if self.out_ids else ("", "")
+        before, text = self._window() if len(self.out_ids) else ("", "")
         held = self.held + text[len(before):]
         hit, held, more = _scan_stop(held, self.stop_strs)
         self._finish("stop" if hit else finish)

@@ -425,27 +425,38 @@ def test_batched_worker_cancels_one_request_and_finishes_the_others(calibrated_t
                     ignore_eos=True)
     fq = {"policy": None, "bits": None}
 
+    class HangsUp(Job):
+        """Its client hangs up after the second piece of text. The flag is set on the worker's
+        thread as the piece is posted: a consumer that polls could see the pieces only after the
+        200 tokens were done on a fast machine (as CI once did), and never cancel in time."""
+
+        def __init__(self, spec, loop):
+            super().__init__(spec, loop)
+            self.pieces = 0
+
+        def post(self, kind, value=None):
+            super().post(kind, value)
+            self.pieces += kind == "text"
+            if self.pieces == 2:
+                self.cancel.set()
+
     async def run() -> None:
         loop = asyncio.get_running_loop()
         with Engine(calibrated_tiny, threads=1, n_seq=2) as eng:
             w = Worker(eng, max_queue=8)
             specs = [GenSpec(prompt=f"job {i}", max_tokens=n, sampling=sampling, stop=[], fq=fq)
                      for i, n in enumerate((200, 7, 5))]
-            jobs = [Job(s, loop) for s in specs]
+            jobs = [HangsUp(specs[0], loop)] + [Job(s, loop) for s in specs[1:]]
             for j in jobs:
                 w.submit(j)
             w.start()
             texts = {1: [], 2: []}
             done = {}
-            seen0 = 0
             while len(done) < 2:
                 for i in (0, 1, 2):
                     while not jobs[i].events.empty():
                         kind, v = jobs[i].events.get_nowait()
                         if i == 0:
-                            seen0 += kind == "text"
-                            if seen0 == 2:
-                                jobs[0].cancel.set()  # its client hangs up mid-generation
                             assert kind != "done"
                         elif kind == "text":
                             texts[i].append(v)

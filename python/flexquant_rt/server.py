@@ -415,12 +415,19 @@ class Worker:
                 continue
             self.current = job
             try:
-                self.counts[self._run(job)] += 1
+                self._run(job)
             except BaseException as e:  # never let one request take the worker down
-                self.counts["failed"] += 1
-                job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+                self._end(job, "failed", "error",
+                          ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
             finally:
                 self.current = None
+
+    def _end(self, job: Job, outcome: str, kind: str | None = None, value=None) -> None:
+        """Count what became of a request, then post its last event (if any): a client that has its
+        answer finds it counted in /health."""
+        self.counts[outcome] += 1
+        if kind is not None:
+            job.post(kind, value)
 
     def _main_batched(self) -> None:
         eng = self.engine
@@ -455,8 +462,8 @@ class Worker:
             except BaseException as e:  # never let a failed step take the worker down
                 for job in list(running):
                     batch.cancel(job)
-                    job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
-                    self.counts["failed"] += 1
+                    self._end(job, "failed", "error",
+                              ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
                 running.clear()
                 continue
             self._dispatch(events)
@@ -467,7 +474,6 @@ class Worker:
         spec = job.spec
         prepared = self._prepare_or_answer(job)
         if prepared is None:
-            self.counts["rejected"] += 1
             return
         ids, ctl = prepared
         sampling = dict(spec.sampling)
@@ -476,8 +482,7 @@ class Worker:
             sampler = eng.make_sampler(**sampling)
             stop_strs, stop_ids = eng.stop_sets(spec.stop or None, ignore_eos)
         except ValueError as e:
-            job.post("error", _bad("messages" if spec.messages is not None else "prompt", str(e)))
-            self.counts["rejected"] += 1
+            self._end(job, "rejected", "error", _bad("messages" if spec.messages is not None else "prompt", str(e)))
             return
         stats = GenerationStats()
         max_new = spec.max_tokens if spec.max_tokens is not None else eng.n_ctx - len(ids)
@@ -488,13 +493,11 @@ class Worker:
             events = batch.add(job, ids, max_new, sampler, stop_strs, stop_ids, copy.deepcopy(ctl), stats)
         except ValueError as e:  # a controller that cannot run in a batch (raised when it attaches)
             del self.running[job]
-            job.post("error", _bad("flexquant", str(e)))
-            self.counts["rejected"] += 1
+            self._end(job, "rejected", "error", _bad("flexquant", str(e)))
             return
         except BaseException as e:
             del self.running[job]
-            job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
-            self.counts["failed"] += 1
+            self._end(job, "failed", "error", ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
             return
         self._dispatch(events)
 
@@ -502,14 +505,13 @@ class Worker:
         for job, piece, done in events:
             if isinstance(piece, BaseException):  # its controller failed: this request alone ends
                 self.running.pop(job, None)
-                job.post("error", ApiError(500, f"internal error: {type(piece).__name__}: {piece}", type="server_error"))
-                self.counts["failed"] += 1
+                self._end(job, "failed", "error",
+                          ApiError(500, f"internal error: {type(piece).__name__}: {piece}", type="server_error"))
                 continue
             if piece:
                 job.post("text", piece)
             if done:
-                job.post("done", self.running.pop(job))
-                self.counts["completed"] += 1
+                self._end(job, "completed", "done", self.running.pop(job))
 
     def _controller(self, fq: dict):
         key = json.dumps(fq, sort_keys=True)
@@ -525,11 +527,11 @@ class Worker:
         return ctl
 
     def _prepare_or_answer(self, job: Job):
-        """(prompt ids, controller) of a job, or None after posting its 400 error."""
+        """(prompt ids, controller) of a job, or None after counting it rejected and posting its 400."""
         try:
             return self._prepare(job.spec)
         except ApiError as e:
-            job.post("error", e)
+            self._end(job, "rejected", "error", e)
             return None
 
     def _prepare(self, spec: GenSpec):
@@ -561,13 +563,13 @@ class Worker:
         except ValueError as e:
             raise _bad("flexquant", str(e)) from None
 
-    def _run(self, job: Job) -> str:
-        """Run one job; returns what became of it ("completed", "cancelled", "rejected")."""
+    def _run(self, job: Job) -> None:
+        """Run one job to its end: completed, cancelled or rejected (counted, its last event posted)."""
         eng = self.engine
         spec = job.spec
         prepared = self._prepare_or_answer(job)
         if prepared is None:
-            return "rejected"
+            return
         ids, ctl = prepared
         eng.set_layer_bits(eng.max_bits, lm_head_bits=eng.max_bits)  # nothing carries over from the last request
         stats = GenerationStats()
@@ -576,21 +578,21 @@ class Worker:
             gen = eng.generate(ids, max_new_tokens=max_new, stop=spec.stop or None, stream=True,
                                controller=_Cancellable(ctl, job.cancel), stats=stats, **spec.sampling)
         except ValueError as e:
-            job.post("error", _bad("messages" if spec.messages is not None else "prompt", str(e)))
-            return "rejected"
+            self._end(job, "rejected", "error", _bad("messages" if spec.messages is not None else "prompt", str(e)))
+            return
         job.post("start", len(ids))
         try:
             for piece in gen:
                 job.post("text", piece)
         except _Cancelled:
-            return "cancelled"
+            self._end(job, "cancelled")
+            return
         except ValueError as e:  # a controller that cannot run on this model (raised when it attaches)
-            job.post("error", _bad("flexquant", str(e)))
-            return "rejected"
+            self._end(job, "rejected", "error", _bad("flexquant", str(e)))
+            return
         finally:
             gen.close()
-        job.post("done", stats)
-        return "completed"
+        self._end(job, "completed", "done", stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -833,29 +835,45 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 class ServerProcess:
     """`flexquant-rt serve MODEL ARGS...` in a subprocess on a free loopback port, up once /health
     answers (at most `wait_s` seconds). stop() terminates it (SIGTERM, then SIGKILL)."""
 
     def __init__(self, model=None, *args: str, log=None, wait_s: float = 300.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "flexquant_rt.cli", "serve", *([str(model)] if model else []),
-               "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log is not None else None)
-        self.pid = self.proc.pid
-        for _ in range(int(wait_s / 0.25)):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"the server did not answer /health within {wait_s} s")
+        # The port is free when picked and bound by the child seconds later (after its imports):
+        # another process may take it in between. The child then exits; if the port is taken
+        # (it is not ours to bind), start again on another one, at most 3 times.
+        for attempt in range(3):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            cmd = [sys.executable, "-m", "flexquant_rt.cli", "serve", *([str(model)] if model else []),
+                   "--host", "127.0.0.1", "--port", str(self.port), *args]
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log is not None else None)
+            self.pid = self.proc.pid
+            for _ in range(int(wait_s / 0.25)):
+                if self.proc.poll() is not None:
+                    if attempt < 2 and not _port_is_free(self.port):
+                        break
+                    raise RuntimeError(f"the server exited with {self.proc.returncode}")
+                try:
+                    with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            return
+                except (urllib.error.URLError, OSError):
+                    pass
+                time.sleep(0.25)
+            else:
+                self.stop()
+                raise RuntimeError(f"the server did not answer /health within {wait_s} s")
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -9,17 +9,18 @@
 // variants that differ only in how a row's planes become codes, and in the multiply-add:
 //  - gfni (compiled for avx2+gfni): gf2p8affineqb transposes each 8x8 bit block, as the fp32 GFNI
 //    kernel does; with AVX-VNNI, a third compilation multiplies and adds with vpdpwssd;
-//  - shifts (plain AVX2, 7 and 8 bits): the same transpose in three delta swaps of 6 instructions
-//    (Hacker's Delight 7-3), the planes fed in reverse byte order so that the result is bit for bit
-//    the GFNI one. Per-plane byte masks (word_codes) cost 5 ALU ops and a load per plane and 32
-//    weights, 40 at 8 bits; the transpose costs 18 for all planes.
-// WordKernel (plain AVX2 below 7 bits) builds the codes with those byte masks: their cost falls with
-// k, the transpose's does not.
-// All keep the codes integers: bytes (c_k << (8 - k) from the transposes, c_k from the masks), split
-// into even and odd bytes (int16), and vpmaddwd multiplies 16 codes by 16 int16 activations into 8
-// int32 pair sums; the fp32 kernels spent an and, a convert and an FMA per 8 codes. The int32 sums of
-// one step (8 products per lane, |Σ| <= 8 · 255 · 32767 < 2^31) are exact and become fp32 once per
-// step, times s_k · xs of their word's group (and 2^(k-8) for shifted codes).
+//  - shifts (plain AVX2): the same transpose in delta swaps (Hacker's Delight 7-3), across the 8
+//    planes' vectors as loaded (12 swaps per 256 codes, fewer below 8 bits: transpose_slots), the
+//    planes fed in reverse order so that the result is bit for bit the GFNI one.
+// Both keep the codes integers: bytes c_k << (8 - k), split into even and odd bytes (int16), and
+// vpmaddwd multiplies 16 codes by 16 int16 activations into 8 int32 pair sums; the fp32 kernels spent
+// an and, a convert and an FMA per 8 codes. The int32 sums of one step (8 products per lane,
+// |Σ| <= 8 · 255 · 32767 < 2^31) are exact and become fp32 once per step, times 2^(k-8) s_k · xs of
+// their word's group.
+// Measured (4096 x 4096, one row, 2 threads, AMD EPYC capped to AVX2), µs at 8 / 6 / 4 / 2 bits: the
+// transpose per qword after the unpacks (three swaps, 18 ops per 32 codes) 940 / - / - / -, per-plane
+// byte masks (word_codes, 5 ops per plane and 32 codes) - / 780-824 / 569-599 / 380-398; the swaps
+// across the planes 700-744 / 552-593 / 433-447 / 358-392.
 //
 // A batch is 8 consecutive stored words of a row (32 bytes of each plane): 128-bit lane h holds
 // words 4h .. 4h + 3 of the batch, and step v takes word v of each lane, i.e. the words 4L + v of
@@ -50,19 +51,6 @@ namespace flexquant {
 namespace bitplane_detail {
 
 namespace {
-
-// Per 64-bit lane, the 8x8 bit transpose: bit j of byte i <-> bit i of byte j (three delta swaps).
-FQ_INLINE __m256i transpose_bits(__m256i x) {
-    const __m256i m1 = _mm256_set1_epi64x(0x00AA00AA00AA00AALL);
-    const __m256i m2 = _mm256_set1_epi64x(0x0000CCCC0000CCCCLL);
-    const __m256i m3 = _mm256_set1_epi64x(0x00000000F0F0F0F0LL);
-    __m256i t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 7)), m1);
-    x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 7)));
-    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 14)), m2);
-    x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 14)));
-    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 28)), m3);
-    return _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 28)));
-}
 
 // 16 int16 activations at p; and 8 of them in both 128-bit lanes (the two-row tail).
 FQ_INLINE __m256i load_x(const int16_t* p) {
@@ -200,8 +188,8 @@ namespace {
 // rows, a forced decode path, take several passes).
 template <int BITS, template <int, int> class Kernel>
 void decode_tiles_i16_with(const Job& j, int64_t t0, int64_t t1) {
-    // codes shifted left by 8 - k (the transposes' output) need 2^(k-8); the byte masks' do not
-    TileFactorsI16 f(j, Kernel<BITS, 1>::shifted ? 1.0f / static_cast<float>(1 << (8 - BITS)) : 1.0f);
+    // codes shifted left by 8 - k (the transposes' output) need 2^(k-8)
+    TileFactorsI16 f(j, 1.0f / static_cast<float>(1 << (8 - BITS)));
     for (int64_t rt = t0; rt < t1; ++rt) {
         f.compute(rt);
         for (int64_t r0 = 0; r0 < j.m; r0 += 4) {
@@ -215,76 +203,6 @@ void decode_tiles_i16_with(const Job& j, int64_t t0, int64_t t1) {
     }
 }
 
-// The byte masks variant (CPUs without GFNI, few bits): each stored word's 32 codes c_k, byte i =
-// weight i, built plane by plane, c = 2c - mask (Horner, MSB first): 5 ALU ops per plane and word,
-// so the cost falls with k. Steps v outer, lanes inner: the W words 4L + v of a step cover one
-// 128-weight block, so where the step has one group (G >= 128) their int32 sums (W · 4 products per
-// lane, |Σ| <= 16 · 255 · 32767 < 2^31) become fp32 once.
-template <int BITS, int M>
-struct WordKernel {
-    static constexpr bool shifted = false;
-    static void run(const Job& j, int64_t rt, int64_t r0, const TileFactorsI16& tf) {
-        const uint64_t pb = j.w->plane_bytes;
-        const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
-        const __m256i low = _mm256_set1_epi16(0x00ff);
-        __m256 acc[8][M];
-        for (int g = 0; g < 8; ++g)
-            for (int r = 0; r < M; ++r) acc[g][r] = _mm256_setzero_ps();
-        for (int64_t s = 0; s < j.n_super; ++s) {
-            const int W = super_words(j, s);
-            const uint8_t* sb = j.w->planes + super_offset(j, rt, s);
-            const int32_t* step_group = j.step_group + 16 * s;
-            const int16_t* xs = j.xi + r0 * j.x_stride + 4 * s * 128;
-            for (int g = 0; g < rows; ++g) {
-                const uint8_t* rb = sb + 16 * W * g;
-                const float* f = tf.row(r0, g);  // row r0 + r's at f + r n_groups 8
-                // the row's sums of this super-chunk in registers (acc[g] is indexed at run time:
-                // memory, and with G = 32 every word would load, FMA and store it)
-                __m256 part[M];
-                for (int r = 0; r < M; ++r) part[r] = _mm256_setzero_ps();
-                for (int v = 0; v < 4; ++v) {
-                    const bool uniform = j.step_uniform[4 * s + v];
-                    __m256i p[M];
-                    for (int r = 0; r < M; ++r) p[r] = _mm256_setzero_si256();
-                    for (int L = 0; L < W; ++L) {
-                        const __m256i c = word_codes<BITS>(rb + 4 * (4 * L + v), pb);
-                        // int16 lane i: weight 2i (e) / 2i + 1 (o); slots 64h + 32e + 8L + i hold weight
-                        // 16h + 2i + e of the word
-                        const __m256i e = _mm256_and_si256(c, low), o = _mm256_srli_epi16(c, 8);
-                        for (int r = 0; r < M; ++r) {
-                            const int16_t* x = xs + r * j.x_stride + v * 128 + 8 * L;
-                            const __m256i xe = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(x + 64),
-                                                                   reinterpret_cast<const __m128i*>(x));
-                            const __m256i xo = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(x + 96),
-                                                                   reinterpret_cast<const __m128i*>(x + 32));
-                            p[r] = _mm256_add_epi32(
-                                p[r], _mm256_add_epi32(_mm256_madd_epi16(e, xe), _mm256_madd_epi16(o, xo)));
-                        }
-                        if (!uniform) {  // this word's own group
-                            const int32_t gr = step_group[4 * v + L];
-                            for (int r = 0; r < M; ++r) {
-                                part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]),
-                                                          _mm256_set1_ps(f[(r * j.n_groups + gr) * 8]), part[r]);
-                                p[r] = _mm256_setzero_si256();
-                            }
-                        }
-                    }
-                    if (uniform) {
-                        const int32_t gr = step_group[4 * v];
-                        for (int r = 0; r < M; ++r)
-                            part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]),
-                                                      _mm256_set1_ps(f[(r * j.n_groups + gr) * 8]), part[r]);
-                    }
-                }
-                for (int r = 0; r < M; ++r) acc[g][r] = _mm256_add_ps(acc[g][r], part[r]);
-            }
-        }
-        for (int g = 0; g < rows; ++g)
-            for (int r = 0; r < M; ++r)
-                j.y[(r0 + r) * j.w->n + rt * 8 + g] = hsum(acc[g][r]) + tf.bias()[(r0 + r) * 8 + g];
-    }
-};
-
 }  // namespace
 
 // ---- the shifts variant -----------------------------------------------------------------------------
@@ -297,17 +215,8 @@ namespace i16_shifts {
 #undef FQ_I16_GFNI
 }  // namespace i16_shifts
 
-// Measured on 4096 x 4096 (one row, 2 threads, AMD EPYC capped to AVX2), µs at 8 / 7 / 6 / 4 / 2 bits:
-// byte masks 1027 / 896 / 795 / 590 / 397, shifts 812 / 814 / 791 / 756 / 739 (fp32 kernel: 1234 at
-// 8 bits, 781 at 4). The shifts' transpose costs the same whatever k; the masks' cost falls with k.
 void decode_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1) {
-    with_bits(j.bits, [&](auto bits) {
-        constexpr int B = decltype(bits)::value;
-        if constexpr (B >= 7)
-            decode_tiles_i16_with<B, i16_shifts::Kernel>(j, t0, t1);
-        else
-            decode_tiles_i16_with<B, WordKernel>(j, t0, t1);
-    });
+    with_bits(j.bits, [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_shifts::Kernel>(j, t0, t1); });
 }
 
 }  // namespace bitplane_detail

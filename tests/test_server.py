@@ -383,7 +383,7 @@ def test_worker_cancels_within_a_token_and_rejects_when_full(calibrated_tiny):
                 elif kind == "done":
                     break
             assert v.completion_tokens == 6
-            for _ in range(6000):  # the count follows the "done" event
+            for _ in range(6000):  # (the count comes before the "done" event: this returns at once)
                 if w.counts["completed"]:
                     break
                 await asyncio.sleep(0.01)

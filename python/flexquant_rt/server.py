@@ -497,7 +497,8 @@ class Worker:
             return
         except BaseException as e:
             del self.running[job]
-            self._end(job, "failed", "error", ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+            self._end(job, "failed", "error",
+                      ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
             return
         self._dispatch(events)
 
@@ -849,7 +850,8 @@ class ServerProcess:
     answers (at most `wait_s` seconds). stop() terminates it (SIGTERM, then SIGKILL)."""
 
     def __init__(self, model=None, *args: str, log=None, wait_s: float = 300.0):
-        # The port is free when picked and bound by the child seconds later (after its imports):
+        # The port is free when picked and bound by the child seconds later (after its imports and
+        # the model's load):
         # another process may take it in between. The child then exits; if the port is taken
         # (it is not ours to bind), start again on another one, at most 3 times.
         for attempt in range(3):

@@ -10,7 +10,7 @@
 //  - gfni (compiled for avx2+gfni): gf2p8affineqb transposes each 8x8 bit block, as the fp32 GFNI
 //    kernel does; with AVX-VNNI, a third compilation multiplies and adds with vpdpwssd;
 //  - shifts (plain AVX2): the same transpose in delta swaps (Hacker's Delight 7-3), across the 8
-//    planes' vectors as loaded (12 swaps per 256 codes, fewer below 8 bits: transpose_slots), the
+//    planes' vectors as loaded (12 swaps per 256 codes, cheaper below 8 bits: transpose_slots), the
 //    planes fed in reverse order so that the result is bit for bit the GFNI one.
 // Both keep the codes integers: bytes c_k << (8 - k), split into even and odd bytes (int16), and
 // vpmaddwd multiplies 16 codes by 16 int16 activations into 8 int32 pair sums; the fp32 kernels spent

@@ -195,10 +195,10 @@ def test_bitplane_matmul_i16_decode_shift_transpose_equals_gfni():
     """The 'avx2' int16 decode transposes the planes' bits with shifts (delta swaps across the planes'
     vectors, fewer where planes are known zero), the 'gfni' one with gf2p8affineqb; the rest of the two
     kernels is the same code, so their outputs must agree bit for bit at every bit-width. So must the
-    'gfni' one with and without AVX-VNNI (vpdpwssd, or
-    vpmaddwd and vpaddd: the same exact int32 sums; on a CPU without AVX-VNNI, ops.cpu_has_avxvnni()
-    False, both 'gfni' runs are the plain kernel). Random planes (all 8 bits of every byte vary),
-    every row count of a pass, K with full and short last super-chunks."""
+    'gfni' one with and without AVX-VNNI (vpdpwssd, or vpmaddwd and vpaddd: the same exact int32 sums;
+    on a CPU without AVX-VNNI, ops.cpu_has_avxvnni() False, both 'gfni' runs are the plain kernel).
+    Random planes (all 8 bits of every byte vary), every row count of a pass, K with full and short
+    last super-chunks."""
     if not {"avx2", "gfni"} <= set(KERNELS):
         pytest.skip("this CPU has no GFNI: only one of the two transposes runs here")
     prev = ops.get_cpu_kernels()

@@ -851,9 +851,8 @@ class ServerProcess:
 
     def __init__(self, model=None, *args: str, log=None, wait_s: float = 300.0):
         # The port is free when picked and bound by the child seconds later (after its imports and
-        # the model's load):
-        # another process may take it in between. The child then exits; if the port is taken
-        # (it is not ours to bind), start again on another one, at most 3 times.
+        # the model's load): another process may take it in between. The child then exits; if the
+        # port is taken (it is not ours to bind), start again on another one, at most 3 times.
         for attempt in range(3):
             self.port = free_port()
             self.url = f"http://127.0.0.1:{self.port}"

@@ -20,7 +20,8 @@
 // Measured (4096 x 4096, one row, 2 threads, AMD EPYC capped to AVX2), µs at 8 / 6 / 4 / 2 bits: the
 // transpose per qword after the unpacks (three swaps, 18 ops per 32 codes) 940 / - / - / -, per-plane
 // byte masks (word_codes, 5 ops per plane and 32 codes) - / 780-824 / 569-599 / 380-398; the swaps
-// across the planes 700-744 / 552-593 / 433-447 / 358-392.
+// across the planes 700-744 / 552-593 / 433-447 / 358-392, and 597-615 / 529-544 / 395-397 / 322-327
+// with GCC's predictive commoning off for this file (CMakeLists.txt: it kept activations in spills).
 //
 // A batch is 8 consecutive stored words of a row (32 bytes of each plane): 128-bit lane h holds
 // words 4h .. 4h + 3 of the batch, and step v takes word v of each lane, i.e. the words 4L + v of
@@ -216,7 +217,8 @@ namespace i16_shifts {
 }  // namespace i16_shifts
 
 void decode_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1) {
-    with_bits(j.bits, [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_shifts::Kernel>(j, t0, t1); });
+    with_bits(j.bits,
+              [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_shifts::Kernel>(j, t0, t1); });
 }
 
 }  // namespace bitplane_detail

@@ -247,6 +247,36 @@ def test_concurrent_clients_get_their_own_answers(server, client):
     assert concurrent_completions(server, prompts, kw) == alone
 
 
+def test_server_process_starts_again_when_its_port_was_taken(calibrated_tiny, monkeypatch):
+    """The port ServerProcess picks may be taken before its child binds it: the child exits, and it
+    starts again on another port (a listening socket here holds the first pick)."""
+    import socket
+
+    from flexquant_rt import server as server_module
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    picks = []
+    real = server_module.free_port
+
+    def pick(host: str = "127.0.0.1") -> int:
+        picks.append(port if not picks else real(host))
+        return picks[-1]
+
+    monkeypatch.setattr(server_module, "free_port", pick)
+    try:
+        srv = Server(calibrated_tiny)
+        try:
+            assert picks[0] == port and len(picks) == 2 and srv.port == picks[1] != port
+            assert srv.health()["status"] == "ok"
+        finally:
+            srv.stop()
+    finally:
+        taken.close()
+
+
 def test_client_disconnect_mid_stream_leaves_the_server_healthy(server, client):
     before = server.health()["requests"]
     body = {"model": MODEL, "prompt": "long", "max_tokens": 240, "stream": True, "ignore_eos": True, "seed": 0}
@@ -476,6 +506,49 @@ def test_batched_worker_cancels_one_request_and_finishes_the_others(calibrated_t
                                                           ignore_eos=True)
                 assert done[i].completion_tokens == specs[i].max_tokens
 
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("n_seq", [1, 2])
+def test_worker_counts_a_request_before_its_last_event(calibrated_tiny, n_seq):
+    """A client that has its answer (done, or a 400) finds it counted in /health: the worker counts
+    before it posts the last event, one request at a time and batched."""
+    from flexquant_rt.server import GenSpec, Job, Worker
+
+    sampling = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, seed=0,
+                    ignore_eos=True)
+    fq = {"policy": None, "bits": None}
+
+    class Seen(Job):
+        """Records the worker's counts as each last event is posted."""
+
+        def post(self, kind, value=None):
+            if kind in ("done", "error"):
+                self.counts_then = dict(w.counts)
+            super().post(kind, value)
+
+    async def run() -> None:
+        nonlocal w
+        loop = asyncio.get_running_loop()
+        with Engine(calibrated_tiny, threads=1, n_seq=n_seq) as eng:
+            w = Worker(eng, max_queue=4)
+            ok = Seen(GenSpec(prompt="count me", max_tokens=3, sampling=sampling, stop=[], fq=fq), loop)
+            bad = Seen(GenSpec(prompt=[], max_tokens=3, sampling=sampling, stop=[], fq=fq), loop)  # no tokens: 400
+            w.submit(ok)
+            w.submit(bad)
+            w.start()
+            for job, kind in ((ok, "done"), (bad, "error")):
+                while True:
+                    k, _ = await asyncio.wait_for(job.events.get(), 120)
+                    if k in ("done", "error"):
+                        assert k == kind
+                        break
+            w.stop()
+        # (batched, the 400 may come while the first request still decodes)
+        assert ok.counts_then["completed"] == 1 and bad.counts_then["rejected"] == 1
+        assert w.counts == {"completed": 1, "cancelled": 0, "rejected": 1, "failed": 0}
+
+    w = None
     asyncio.run(run())
 
 

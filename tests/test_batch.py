@@ -418,6 +418,16 @@ def test_tune_kernels_measures_every_shape_and_bit_width(tiny_fq, tmp_path, monk
         assert again.generate("the cat", max_new_tokens=8) == want
     with Engine(tiny_fq, threads=2) as other_threads:
         assert other_threads.kernel_table() == []
+    if {"avx512", "gfni"} <= set(core.ops.cpu_kernels_available()) and core.ops.get_cpu_kernels() == "avx512":
+        # the same family without GFNI runs other int16 kernels: the table is not theirs
+        try:
+            core.ops.set_cpu_kernels("avx512", gfni=False)
+            with Engine(tiny_fq, threads=1) as no_gfni:
+                assert no_gfni.kernel_table() == []
+        finally:
+            core.ops.set_cpu_kernels("avx512")
+        with Engine(tiny_fq, threads=1) as back:
+            assert back.kernel_table() == table
     # a table file that cannot be read, or holds bad entries, is ignored (with a warning), not fatal
     for p in (tmp_path / "kernels").iterdir():
         p.write_text("{not json")

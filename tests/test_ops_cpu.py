@@ -220,6 +220,82 @@ def test_bitplane_matmul_i16_decode_shift_transpose_equals_gfni():
         ops.set_cpu_kernels(prev)
 
 
+AVX512_VARIANTS = [  # set_cpu_kernels("avx512", **flags): the instruction sets each variant then uses
+    (dict(), {"gfni", "avx512vnni"}),  # Ice Lake, Zen 4 and later
+    (dict(gfni=False), {"avx512vnni"}),  # as Cascade Lake
+    (dict(gfni=False, avx512vnni=False), set()),  # as Skylake-SP
+    (dict(avx512vnni=False), {"gfni"}),  # no CPU: a cap only (runs the plain variant)
+]
+
+
+@pytest.mark.parametrize("path", ["decode", "gemm"])
+def test_bitplane_matmul_i16_avx512_variants_equal(path):
+    """The 'avx512' int16 kernels come in three compilations: GFNI transposes the planes' bits with
+    gf2p8affineqb, the others with bit selects across the planes' vectors (fewer where planes are
+    known zero); AVX-512 VNNI multiplies and adds with vpdpwssd, the plain one with vpmaddwd and vpaddd
+    (the same exact int32 sums). The rest is one body, so every variant must give the bits of the
+    first, at every bit-width, every row count of a decode pass and GEMM blocks of 1 to 3, K with
+    full and short last super-chunks (1, 2 and 3 words per lane), groups that split them. Random
+    planes (all 8 bits of every byte vary). On a CPU without GFNI or AVX-512 VNNI a flag that asks
+    for it is no-op, and the check that the variant ran says so."""
+    if "avx512" not in KERNELS:
+        pytest.skip("this CPU has no AVX-512: the AVX-512 kernels do not run here")
+    prev = ops.get_cpu_kernels()
+    rng = np.random.default_rng(15)
+    rows = (1, 2, 3, 4, 5) if path == "decode" else (1, 17, 40)
+    try:
+        ops.set_cpu_kernels("avx512")
+        have = set(ops.cpu_features_in_use())
+        for n, k, g in [(19, 1664, 128), (16, 896, 32), (9, 2048, 64), (13, 640, 64), (21, 768, 256)]:
+            planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
+            for m in rows:
+                x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10.0, (m, 1))).astype(np.float32)
+                for bits in range(8, 1, -1):
+                    ys = []
+                    for flags, uses in AVX512_VARIANTS:
+                        assert ops.set_cpu_kernels("avx512", **flags) == "avx512"
+                        in_use = set(ops.cpu_features_in_use())
+                        assert in_use & {"gfni", "avx512vnni"} == uses & have, (flags, in_use)
+                        ys.append(ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, path, act="i16"))
+                    assert np.all(np.isfinite(ys[0]))
+                    for (flags, _), y in zip(AVX512_VARIANTS[1:], ys[1:]):
+                        np.testing.assert_array_equal(y, ys[0], err_msg=f"{flags}: n={n} k={k} g={g} m={m} bits={bits}")
+    finally:
+        ops.set_cpu_kernels(prev)
+
+
+def test_cpu_kernel_caps_from_the_environment(tmp_path):
+    """FLEXQUANT_CPU caps the instruction sets from the start (tools/bench.py's workers inherit it):
+    each value leaves out what it names, never adds what the CPU lacks."""
+    import subprocess
+    import sys
+
+    full = None
+    expect = {
+        None: set(),
+        "portable": {"avx2", "gfni", "avx512", "avx512vnni", "avxvnni"},
+        "avx2": {"gfni", "avx512", "avx512vnni"},
+        "gfni": {"avx512", "avx512vnni"},
+        "avx512-nogfni": {"gfni"},
+        "avx512-nogfni-novnni": {"gfni", "avx512vnni"},
+    }
+    for value, removed in expect.items():
+        env = {k: v for k, v in __import__("os").environ.items() if k != "FLEXQUANT_CPU"}
+        if value is not None:
+            env["FLEXQUANT_CPU"] = value
+        out = subprocess.run([sys.executable, "-c", "import flexquant_rt._core as c; "
+                              "print(c.ops.get_cpu_kernels(), *c.ops.cpu_features_in_use())"],
+                             env=env, capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
+        family, in_use = out[0], set(out[1:])
+        if value is None:
+            full = in_use
+            assert family == KERNELS[-1]
+        else:
+            assert in_use == full - removed, (value, in_use)
+            assert family == ("avx512" if "avx512" in in_use else "gfni" if "gfni" in in_use
+                              else "avx2" if "avx2" in in_use else "portable"), (value, family)
+
+
 def test_bitplane_matmul_i16_gemm_over_several_chunks_of_rows(kernels):
     """A long K: the GEMM's activations are taken in chunks of a few MiB (each decodes the weights
     again), so 200 rows of K = 20,000 pass in several chunks; every row against numpy."""
@@ -565,7 +641,7 @@ def test_attention_prompt_path_avx512_equals_avx2(m, p0, H, Hkv, d, dtype):
     """The prompt path's tiles on AVX-512 (32 keys x 4 query vectors per score tile, 16-lane output
     tiles, an AVX2 tile for the last 8 dims where d is not a multiple of 16) sum the same products in
     the same order per lane as the AVX2 tiles: the same bits."""
-    if "avx512" not in KERNELS or "gfni" not in KERNELS:
+    if "avx512" not in KERNELS:
         pytest.skip("this CPU has no AVX-512: only the AVX2 tiles run here")
     rng = np.random.default_rng(m + p0 + d)
     q = rng.standard_normal((m, H, d)).astype(np.float32)
@@ -574,13 +650,13 @@ def test_attention_prompt_path_avx512_equals_avx2(m, p0, H, Hkv, d, dtype):
     prev = ops.get_cpu_kernels()
     try:
         out = {}
-        for kind in ("avx512", "gfni"):
+        for kind in ("avx512", "avx2"):  # (GFNI plays no part in attention)
             ops.set_cpu_kernels(kind)
             out[kind] = ops.attention(q, kc, vc, p0)
     finally:
         ops.set_cpu_kernels(prev)
     assert np.all(np.isfinite(out["avx512"]))
-    np.testing.assert_array_equal(out["avx512"], out["gfni"])
+    np.testing.assert_array_equal(out["avx512"], out["avx2"])
 
 
 def q8_reference(x):

@@ -2,7 +2,8 @@
 """Decode-step benchmark of the CPU bit-plane matmul against a numpy fp32 matvec of the same shape.
 
     python tools/bench_ops.py [--threads 1 2] [--bits 8 6 4] [--act f32 i16]
-                              [--kernels avx512|gfni|avx2|portable] [--seconds 0.3]
+                              [--kernels avx512|avx512-nogfni|avx512-nogfni-novnni|gfni|avx2|portable]
+                              [--seconds 0.3]
 
 For each thread count a fresh process runs with numpy's BLAS limited to the same number of threads
 (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS) and the ops pool set to it, so both
@@ -84,9 +85,11 @@ def child(threads: int, bits_list, acts, seconds: float, kernels: str | None) ->
     ops = core.ops
     ops.set_num_threads(threads)
     if kernels:
-        ops.set_cpu_kernels(kernels)
+        # avx512-nogfni: as Cascade Lake (AVX-512 and its VNNI, no GFNI); -novnni: as Skylake-SP
+        ops.set_cpu_kernels(kernels.split("-")[0], gfni="nogfni" not in kernels, avx512vnni="novnni" not in kernels)
     rng = np.random.default_rng(0)
-    out = dict(threads=threads, kernels=ops.get_cpu_kernels(), shapes=[], token={})
+    out = dict(threads=threads, kernels=f"{ops.get_cpu_kernels()} ({' '.join(ops.cpu_features_in_use()) or '-'})",
+               shapes=[], token={})
 
     for name, n, k in SHAPES:
         x = rng.standard_normal(k).astype(np.float32)
@@ -147,8 +150,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--act", nargs="+", choices=["f32", "i16"], default=["f32", "i16"],
                     help="activations: f32 as given, i16 rounded per group (default: both)")
-    ap.add_argument("--kernels", choices=["avx512", "gfni", "avx2", "portable"], default=None,
-                    help="cap the kernel family (default: the best this CPU has)")
+    ap.add_argument("--kernels", choices=["avx512", "avx512-nogfni", "avx512-nogfni-novnni", "gfni", "avx2", "portable"],
+                    default=None, help="cap the kernel family (default: the best this CPU has); avx512-nogfni: "
+                    "as Cascade Lake, avx512-nogfni-novnni: as Skylake-SP")
     ap.add_argument("--seconds", type=float, default=0.3, help="measuring time per configuration")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()

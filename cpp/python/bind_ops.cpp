@@ -362,36 +362,51 @@ void bind_ops(py::module_& parent) {
             return out;
         },
         "Kernel families this CPU can run: 'portable', 'avx2' (AVX2+FMA+F16C), 'gfni' (avx2 + GFNI),\n"
-        "'avx512' (gfni + AVX-512 F/BW/DQ/VL/VNNI). AVX-VNNI is no family: see cpu_has_avxvnni.");
+        "'avx512' (avx2 + AVX-512 F/BW/DQ/VL; with GFNI and AVX-512 VNNI where the CPU has them).\n"
+        "AVX-VNNI is no family: see cpu_has_avxvnni; cpu_features_in_use lists what runs.");
     m.def(
         "cpu_has_avxvnni", [] { return detect_cpu_features().avxvnni; },
         "Whether this CPU (and this build's compiler) has AVX-VNNI, which the 'gfni' int16 decode uses\n"
         "where present (set_cpu_kernels(kind, avxvnni=False) leaves it out).");
     m.def(
-        "get_cpu_kernels",
+        "cpu_features_in_use",
         [] {
             const CpuFeatures& f = cpu_features();
-            return std::string(f.avx512 ? "avx512" : f.gfni ? "gfni" : f.avx2 ? "avx2" : "portable");
+            std::vector<std::string> out;
+            if (f.avx2) out.push_back("avx2");
+            if (f.gfni) out.push_back("gfni");
+            if (f.avx512) out.push_back("avx512");
+            if (f.avx512vnni) out.push_back("avx512vnni");
+            if (f.avxvnni) out.push_back("avxvnni");
+            return out;
         },
-        "The kernel family in use.");
+        "The instruction sets the kernels use now (the family's, less what set_cpu_kernels or\n"
+        "FLEXQUANT_CPU left out): 'avx2', 'gfni', 'avx512', 'avx512vnni', 'avxvnni'.");
+    const auto family = [](const CpuFeatures& f) {
+        return std::string(f.avx512 ? "avx512" : f.gfni ? "gfni" : f.avx2 ? "avx2" : "portable");
+    };
+    m.def(
+        "get_cpu_kernels", [family] { return family(cpu_features()); }, "The kernel family in use.");
     m.def(
         "set_cpu_kernels",
-        [](const std::string& kind, bool avxvnni) {
+        [family](const std::string& kind, bool avxvnni, bool gfni, bool avx512vnni) {
             if (kind != "avx512" && kind != "gfni" && kind != "avx2" && kind != "portable")
                 throw py::value_error("kind: expected 'avx512', 'gfni', 'avx2' or 'portable', got '" + kind + "'");
             CpuFeatures f;
             f.avx2 = kind != "portable";
-            f.gfni = kind == "gfni" || kind == "avx512";
+            f.gfni = (kind == "gfni" || kind == "avx512") && gfni;
             f.avx512 = kind == "avx512";
+            f.avx512vnni = f.avx512 && avx512vnni;
             f.avxvnni = f.avx2 && avxvnni;  // where the CPU has it (it is no family of its own)
             set_cpu_features(f);
-            const CpuFeatures& now = cpu_features();
-            return std::string(now.avx512 ? "avx512" : now.gfni ? "gfni" : now.avx2 ? "avx2" : "portable");
+            return family(cpu_features());
         },
-        py::arg("kind"), py::arg("avxvnni") = true,
+        py::arg("kind"), py::arg("avxvnni") = true, py::arg("gfni") = true, py::arg("avx512vnni") = true,
         "Use at most this kernel family ('avx512', 'gfni', 'avx2' or 'portable'; the CPU may allow less);\n"
-        "returns the family in effect. avxvnni=False leaves AVX-VNNI out (the 'gfni' int16 decode then\n"
-        "multiplies with vpmaddwd, as on CPUs without it), for tests.");
+        "returns the family in effect. The flags leave parts out where the CPU has them, for tests and\n"
+        "to measure what CPUs without them get: avxvnni=False (the 'gfni' int16 decode then multiplies with\n"
+        "vpmaddwd), gfni=False ('avx512' as on Cascade Lake: the int16 kernels transpose bits with\n"
+        "selects; 'gfni' becomes 'avx2'), avx512vnni=False ('avx512' as on Skylake-SP: vpmaddwd + vpaddd).");
 
     m.def("bitplane_matmul_multi", &py_bitplane_matmul_multi, py::arg("linears"), py::arg("k"), py::arg("max_bits"),
           py::arg("group_size"), py::arg("bits"), py::arg("x"), py::arg("path") = "auto", py::arg("act") = "f32",

@@ -11,9 +11,9 @@ CpuFeatures detect_cpu_features() {
     __builtin_cpu_init();
     f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     f.gfni = f.avx2 && __builtin_cpu_supports("gfni");
-    f.avx512 = f.gfni && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512dq") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    f.avx512 = f.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    f.avx512vnni = f.avx512 && __builtin_cpu_supports("avx512vnni");
 #ifdef FLEXQUANT_AVXVNNI
     f.avxvnni = f.avx2 && __builtin_cpu_supports("avxvnni");
 #endif
@@ -25,9 +25,11 @@ namespace {
 CpuFeatures initial_features() {
     CpuFeatures f = detect_cpu_features();
     const char* env = std::getenv("FLEXQUANT_CPU");
-    if (env && std::strcmp(env, "portable") == 0) f.avx2 = f.gfni = f.avx512 = f.avxvnni = false;
-    if (env && std::strcmp(env, "avx2") == 0) f.gfni = f.avx512 = false;
-    if (env && std::strcmp(env, "gfni") == 0) f.avx512 = false;
+    if (env && std::strcmp(env, "portable") == 0) f.avx2 = f.gfni = f.avx512 = f.avx512vnni = f.avxvnni = false;
+    if (env && std::strcmp(env, "avx2") == 0) f.gfni = f.avx512 = f.avx512vnni = false;
+    if (env && std::strcmp(env, "gfni") == 0) f.avx512 = f.avx512vnni = false;
+    if (env && std::strcmp(env, "avx512-nogfni") == 0) f.gfni = false;
+    if (env && std::strcmp(env, "avx512-nogfni-novnni") == 0) f.gfni = f.avx512vnni = false;
     return f;
 }
 
@@ -46,7 +48,8 @@ CpuFeatures set_cpu_features(const CpuFeatures& f) {
     CpuFeatures allowed = detect_cpu_features();
     current().avx2 = f.avx2 && allowed.avx2;  // never enable what the CPU lacks
     current().gfni = f.gfni && f.avx2 && allowed.gfni;
-    current().avx512 = f.avx512 && current().gfni && allowed.avx512;
+    current().avx512 = f.avx512 && current().avx2 && allowed.avx512;
+    current().avx512vnni = f.avx512vnni && current().avx512 && allowed.avx512vnni;
     current().avxvnni = f.avxvnni && current().avx2 && allowed.avxvnni;
     return old;
 }

@@ -2,8 +2,9 @@
 //
 // SIMD kernels are compiled with per-function target attributes, so the library itself runs on
 // any x86-64; these flags pick the kernel at run time. FLEXQUANT_CPU in the environment caps what
-// is used: `portable` (no SIMD kernels), `avx2` (no GFNI) or `gfni` (no AVX-512), for tests and for
-// measuring speed-ups.
+// is used, for tests and for measuring speed-ups: `portable` (no SIMD kernels), `avx2` (no GFNI, no
+// AVX-512), `gfni` (no AVX-512), `avx512-nogfni` (as Cascade Lake: AVX-512 and its VNNI, no GFNI) or
+// `avx512-nogfni-novnni` (as Skylake-SP: AVX-512 F/BW/DQ/VL alone).
 #pragma once
 
 // The SIMD kernels exist on x86 only; elsewhere every kernel is the portable one.
@@ -21,7 +22,8 @@ namespace flexquant {
 struct CpuFeatures {
     bool avx2 = false;  // AVX2 + FMA + F16C: what the *_avx2 kernels use
     bool gfni = false;  // GFNI on top of avx2 (Ice Lake, Zen 4 and later): 8x8 bit transposes
-    bool avx512 = false;  // AVX-512 F/BW/DQ/VL/VNNI on top of gfni: the int16-activation decode kernel
+    bool avx512 = false;  // AVX-512 F/BW/DQ/VL on top of avx2: the int16-activation kernels, wide attention
+    bool avx512vnni = false;  // AVX-512 VNNI on top of avx512 (vpdpwssd; Cascade Lake, Zen 4 and later)
     bool avxvnni = false;  // AVX-VNNI (VEX vpdpwssd, Alder Lake and later) on top of avx2: the AVX2 int16
                            // decode kernel's multiply-adds with GFNI; no family of its own
 };

@@ -1,6 +1,6 @@
 // AVX2 decode kernels of y (m, n) = x̂ (m, k) · W_kᵀ over a bit-plane linear on int16 activations
 // (BITPLANE_ACT_I16, ops.h; formula and layout: bitplane_matmul.cpp, docs/format.md), for CPUs
-// without AVX-512 VNNI:
+// without AVX-512:
 //
 //   y[r, n] = Σ_g s_k[n,g] · xs[r,g] · Σ_{i∈g} c_k[n,i] q[r,i]  +  m_k[n,g] · Σ_{i∈g} x̂[r,i]
 //

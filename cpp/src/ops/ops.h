@@ -434,7 +434,8 @@ void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group,
                            float* xscale, double* xsum, int64_t stride);
 // bitplane_matmul_avx512.cpp: decode on int16 activations (xi, xscale and the step tables; xp
 // unused), and their preparation: x (m, k) -> xi, xscale and xsum (m, n_groups) = s Σ q (fp64).
-// q_tmp: k_pad int16 of scratch. The rounding is the same everywhere (bitplane_round_i16).
+// q_tmp: k_pad int16 of scratch. The rounding is the same everywhere (bitplane_round_i16). The
+// decode and GEMM pick their compilation from cpu_features() (with or without GFNI and AVX-512 VNNI).
 void decode_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1);
 void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
                         double* xsum);

@@ -118,6 +118,7 @@ def _simt_flags(out_dir: Path, extra=()) -> list[str]:
 
 ENGINE_SOURCES = ("model_file", "engine", "ops/dequantize", "thread_pool", "cpu_features", "ops/bitplane_matmul",
                   "ops/bitplane_matmul_avx2", "ops/bitplane_matmul_avx2_i16", "ops/bitplane_matmul_avx512",
+                  "ops/bitplane_matmul_vec128",
                   "ops/rms_norm", "ops/rope", "ops/attention", "ops/swiglu", "ops/sampling",
                   "ops/quantize_activations", "ops/nested_gptq", "tokenizer", "chat_template", "text_engine")
 BINDING_SOURCES = ("bindings", "bind_engine", "bind_ops", "bind_text", "bind_cuda_ops")

@@ -1,6 +1,6 @@
 """The CPU ops (flexquant_rt._core.ops) against numpy, torch and transformers references.
 
-Every kernel family this CPU can run ('portable', 'avx2', 'gfni', 'avx512') is tested: the fixture `kernels`
+Every kernel family this CPU can run ('portable', 'vec128', 'avx2', 'gfni', 'avx512') is tested: the fixture `kernels`
 selects each in turn. Inputs are fresh random values (never zeros); shapes are deliberately awkward
 (N not a multiple of 8, K not a multiple of 128, group sizes that split super-chunks).
 """
@@ -141,14 +141,17 @@ def test_bitplane_matmul_i16_matches_reference(linear, kernels, path):
 def test_bitplane_matmul_i16_kernels_agree(path):
     """The integer kernels against an fp32 kernel on the same x̂, per element (not only in norm).
 
-    Integer kernels: every SIMD family's. The decodes of 'avx512', 'gfni' and 'avx2' (the last two
-    differ in how they transpose the planes' bits: GFNI, or shifts) take up to 4 rows per pass; the
+    Integer kernels: every SIMD family's. The decodes of 'avx512', 'gfni', 'avx2' and 'vec128' (the
+    last three differ in how they transpose the planes' bits: GFNI, or shifts; 'vec128' is 'avx2' on
+    16-byte vectors, NEON or SSE2) take up to 4 rows per pass; the
     GEMMs of 'avx512' (16 rows per vector) and of 'gfni' and 'avx2' (8 rows) take the rows in blocks, 3
     (AVX-512) or 2 (AVX2) blocks per pass: m from 1 to 100 covers one to thirteen blocks, passes of
     every size, full last blocks and last blocks with empty rows. The reference is the portable
     kernels' fp32 product of x̂. The GFNI decode uses AVX-VNNI where the CPU has it; without it the
     outputs must be the same bits (and are, trivially, for the kernels that never use it)."""
-    integer = [kind for kind in ["avx512", "gfni", "avx2"] if kind in KERNELS]
+    # ('vec128' has a decode kernel of its own; its GEMM path is the portable one)
+    integer = [kind for kind in ["avx512", "gfni", "avx2", "vec128"] if kind in KERNELS
+               and (kind != "vec128" or path == "decode")]
     if not integer:
         pytest.skip("this CPU has no AVX2: only the portable kernels run here")
     reference = "portable"
@@ -273,7 +276,8 @@ def test_cpu_kernel_caps_from_the_environment(tmp_path):
     full = None
     expect = {
         None: set(),
-        "portable": {"avx2", "gfni", "avx512", "avx512vnni", "avxvnni"},
+        "portable": {"vec128", "avx2", "gfni", "avx512", "avx512vnni", "avxvnni"},
+        "vec128": {"avx2", "gfni", "avx512", "avx512vnni", "avxvnni"},
         "avx2": {"gfni", "avx512", "avx512vnni"},
         "gfni": {"avx512", "avx512vnni"},
         "avx512-nogfni": {"gfni"},
@@ -293,7 +297,8 @@ def test_cpu_kernel_caps_from_the_environment(tmp_path):
         else:
             assert in_use == full - removed, (value, in_use)
             assert family == ("avx512" if "avx512" in in_use else "gfni" if "gfni" in in_use
-                              else "avx2" if "avx2" in in_use else "portable"), (value, family)
+                              else "avx2" if "avx2" in in_use else "vec128" if "vec128" in in_use
+                              else "portable"), (value, family)
 
 
 def test_bitplane_matmul_i16_gemm_over_several_chunks_of_rows(kernels):

@@ -2,7 +2,7 @@
 """Decode-step benchmark of the CPU bit-plane matmul against a numpy fp32 matvec of the same shape.
 
     python tools/bench_ops.py [--threads 1 2] [--bits 8 6 4] [--act f32 i16]
-                              [--kernels avx512|avx512-nogfni|avx512-nogfni-novnni|gfni|avx2|portable]
+                              [--kernels avx512|avx512-nogfni|avx512-nogfni-novnni|gfni|avx2|vec128|portable]
                               [--seconds 0.3]
 
 For each thread count a fresh process runs with numpy's BLAS limited to the same number of threads
@@ -150,7 +150,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--act", nargs="+", choices=["f32", "i16"], default=["f32", "i16"],
                     help="activations: f32 as given, i16 rounded per group (default: both)")
-    ap.add_argument("--kernels", choices=["avx512", "avx512-nogfni", "avx512-nogfni-novnni", "gfni", "avx2", "portable"],
+    ap.add_argument("--kernels", choices=["avx512", "avx512-nogfni", "avx512-nogfni-novnni", "gfni", "avx2", "vec128",
+                                          "portable"],
                     default=None, help="cap the kernel family (default: the best this CPU has); avx512-nogfni: "
                     "as Cascade Lake, avx512-nogfni-novnni: as Skylake-SP")
     ap.add_argument("--seconds", type=float, default=0.3, help="measuring time per configuration")

@@ -356,12 +356,14 @@ void bind_ops(py::module_& parent) {
         [] {
             const CpuFeatures f = detect_cpu_features();
             std::vector<std::string> out{"portable"};
+            if (f.vec128) out.push_back("vec128");
             if (f.avx2) out.push_back("avx2");
             if (f.gfni) out.push_back("gfni");
             if (f.avx512) out.push_back("avx512");
             return out;
         },
-        "Kernel families this CPU can run: 'portable', 'avx2' (AVX2+FMA+F16C), 'gfni' (avx2 + GFNI),\n"
+        "Kernel families this CPU can run: 'portable' (scalar), 'vec128' (16-byte SIMD: NEON on AArch64,\n"
+        "SSE2 on x86-64; the int16 decode), 'avx2' (AVX2+FMA+F16C), 'gfni' (avx2 + GFNI),\n"
         "'avx512' (avx2 + AVX-512 F/BW/DQ/VL; with GFNI and AVX-512 VNNI where the CPU has them).\n"
         "AVX-VNNI is no family: see cpu_has_avxvnni; cpu_features_in_use lists what runs.");
     m.def(
@@ -373,6 +375,7 @@ void bind_ops(py::module_& parent) {
         [] {
             const CpuFeatures& f = cpu_features();
             std::vector<std::string> out;
+            if (f.vec128) out.push_back("vec128");
             if (f.avx2) out.push_back("avx2");
             if (f.gfni) out.push_back("gfni");
             if (f.avx512) out.push_back("avx512");
@@ -381,19 +384,21 @@ void bind_ops(py::module_& parent) {
             return out;
         },
         "The instruction sets the kernels use now (the family's, less what set_cpu_kernels or\n"
-        "FLEXQUANT_CPU left out): 'avx2', 'gfni', 'avx512', 'avx512vnni', 'avxvnni'.");
+        "FLEXQUANT_CPU left out): 'vec128', 'avx2', 'gfni', 'avx512', 'avx512vnni', 'avxvnni'.");
     const auto family = [](const CpuFeatures& f) {
-        return std::string(f.avx512 ? "avx512" : f.gfni ? "gfni" : f.avx2 ? "avx2" : "portable");
+        return std::string(f.avx512 ? "avx512" : f.gfni ? "gfni" : f.avx2 ? "avx2" : f.vec128 ? "vec128" : "portable");
     };
     m.def(
         "get_cpu_kernels", [family] { return family(cpu_features()); }, "The kernel family in use.");
     m.def(
         "set_cpu_kernels",
         [family](const std::string& kind, bool avxvnni, bool gfni, bool avx512vnni) {
-            if (kind != "avx512" && kind != "gfni" && kind != "avx2" && kind != "portable")
-                throw py::value_error("kind: expected 'avx512', 'gfni', 'avx2' or 'portable', got '" + kind + "'");
+            if (kind != "avx512" && kind != "gfni" && kind != "avx2" && kind != "vec128" && kind != "portable")
+                throw py::value_error("kind: expected 'avx512', 'gfni', 'avx2', 'vec128' or 'portable', got '" + kind +
+                                      "'");
             CpuFeatures f;
-            f.avx2 = kind != "portable";
+            f.vec128 = kind != "portable";
+            f.avx2 = f.vec128 && kind != "vec128";
             f.gfni = (kind == "gfni" || kind == "avx512") && gfni;
             f.avx512 = kind == "avx512";
             f.avx512vnni = f.avx512 && avx512vnni;
@@ -402,7 +407,8 @@ void bind_ops(py::module_& parent) {
             return family(cpu_features());
         },
         py::arg("kind"), py::arg("avxvnni") = true, py::arg("gfni") = true, py::arg("avx512vnni") = true,
-        "Use at most this kernel family ('avx512', 'gfni', 'avx2' or 'portable'; the CPU may allow less);\n"
+        "Use at most this kernel family ('avx512', 'gfni', 'avx2', 'vec128' or 'portable'; the CPU may allow\n"
+        "less);\n"
         "returns the family in effect. The flags leave parts out where the CPU has them, for tests and\n"
         "to measure what CPUs without them get: avxvnni=False (the 'gfni' int16 decode then multiplies with\n"
         "vpmaddwd), gfni=False ('avx512' as on Cascade Lake: the int16 kernels transpose bits with\n"

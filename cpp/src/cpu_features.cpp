@@ -7,6 +7,9 @@ namespace flexquant {
 
 CpuFeatures detect_cpu_features() {
     CpuFeatures f;
+#if defined(__SSE2__) || (defined(__aarch64__) && defined(__ARM_NEON))
+    f.vec128 = true;  // part of the architecture's baseline
+#endif
 #if defined(FLEXQUANT_X86) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
     f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -25,7 +28,9 @@ namespace {
 CpuFeatures initial_features() {
     CpuFeatures f = detect_cpu_features();
     const char* env = std::getenv("FLEXQUANT_CPU");
-    if (env && std::strcmp(env, "portable") == 0) f.avx2 = f.gfni = f.avx512 = f.avx512vnni = f.avxvnni = false;
+    if (env && std::strcmp(env, "portable") == 0)
+        f.vec128 = f.avx2 = f.gfni = f.avx512 = f.avx512vnni = f.avxvnni = false;
+    if (env && std::strcmp(env, "vec128") == 0) f.avx2 = f.gfni = f.avx512 = f.avx512vnni = f.avxvnni = false;
     if (env && std::strcmp(env, "avx2") == 0) f.gfni = f.avx512 = f.avx512vnni = false;
     if (env && std::strcmp(env, "gfni") == 0) f.avx512 = f.avx512vnni = false;
     if (env && std::strcmp(env, "avx512-nogfni") == 0) f.gfni = false;
@@ -46,7 +51,8 @@ const CpuFeatures& cpu_features() {
 CpuFeatures set_cpu_features(const CpuFeatures& f) {
     CpuFeatures old = current();
     CpuFeatures allowed = detect_cpu_features();
-    current().avx2 = f.avx2 && allowed.avx2;  // never enable what the CPU lacks
+    current().vec128 = f.vec128 && allowed.vec128;  // never enable what the CPU lacks
+    current().avx2 = f.avx2 && allowed.avx2;
     current().gfni = f.gfni && f.avx2 && allowed.gfni;
     current().avx512 = f.avx512 && current().avx2 && allowed.avx512;
     current().avx512vnni = f.avx512vnni && current().avx512 && allowed.avx512vnni;

@@ -2,8 +2,8 @@
 //
 // SIMD kernels are compiled with per-function target attributes, so the library itself runs on
 // any x86-64; these flags pick the kernel at run time. FLEXQUANT_CPU in the environment caps what
-// is used, for tests and for measuring speed-ups: `portable` (no SIMD kernels), `avx2` (no GFNI, no
-// AVX-512), `gfni` (no AVX-512), `avx512-nogfni` (as Cascade Lake: AVX-512 and its VNNI, no GFNI) or
+// is used, for tests and for measuring speed-ups: `portable` (no SIMD kernels), `vec128` (no AVX2),
+// `avx2` (no GFNI, no AVX-512), `gfni` (no AVX-512), `avx512-nogfni` (as Cascade Lake: AVX-512 and its VNNI, no GFNI) or
 // `avx512-nogfni-novnni` (as Skylake-SP: AVX-512 F/BW/DQ/VL alone).
 #pragma once
 
@@ -20,6 +20,9 @@
 namespace flexquant {
 
 struct CpuFeatures {
+    // 16-byte SIMD written in vector extensions (SSE2 on x86-64, NEON on AArch64): the int16 decode of
+    // CPUs without AVX2 (bitplane_matmul_vec128.cpp)
+    bool vec128 = false;
     bool avx2 = false;  // AVX2 + FMA + F16C: what the *_avx2 kernels use
     bool gfni = false;  // GFNI on top of avx2 (Ice Lake, Zen 4 and later): 8x8 bit transposes
     bool avx512 = false;  // AVX-512 F/BW/DQ/VL on top of avx2: the int16-activation kernels, wide attention

@@ -244,6 +244,52 @@ void bitplane_round_i16(const float* x, int64_t m, int64_t k, int group, float* 
     }
 }
 
+// TileFactorsI16 (ops.h): its buffers are per-thread scratch.
+bitplane_detail::TileFactorsI16::TileFactorsI16(const bitplane_detail::Job& j, float code_scale) : j_(j) {
+    const int shift = j.w->max_bits - j.bits;
+    smul_ = static_cast<float>(1 << shift) * code_scale;
+    mmul_ = static_cast<float>(((1 << shift) - 1) / 2.0);
+    const int64_t ng = j.n_groups;
+    thread_local std::vector<float> f_buf;
+    thread_local std::vector<double> d_buf;
+    const size_t nf = static_cast<size_t>(8 * j.m * ng + 8 * j.m + 8 * ng);
+    if (f_buf.size() < nf) f_buf.resize(nf);
+    if (d_buf.size() < static_cast<size_t>(8 * ng)) d_buf.resize(static_cast<size_t>(8 * ng));
+    swx_ = f_buf.data();
+    bias_ = swx_ + 8 * j.m * ng;
+    sk_ = bias_ + 8 * j.m;
+    mk_ = d_buf.data();
+}
+
+// TileFactorsI16::compute's factors (bitplane_matmul_avx2_i16.cpp) in scalar code, for the kernels of
+// CPUs without AVX2: sk, mk per (group, tile row), then swx and the fp64 bias per activation row.
+void bitplane_detail::TileFactorsI16::compute_portable(int64_t rt) {
+    const Job& j = j_;
+    const int64_t ng = j.n_groups;
+    const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
+    for (int g = 0; g < 8; ++g) {
+        const uint16_t* qp = j.w->qparams + (rt * 8 + g) * ng * 2;
+        for (int64_t gr = 0; gr < ng; ++gr) {
+            const float sc = g < rows ? fp16_to_fp32(qp[2 * gr]) : 0.0f;
+            const float mn = g < rows ? fp16_to_fp32(qp[2 * gr + 1]) : 0.0f;
+            sk_[8 * gr + g] = sc * smul_;
+            mk_[8 * gr + g] = static_cast<double>(mn + sc * mmul_);
+        }
+    }
+    for (int64_t r = 0; r < j.m; ++r) {
+        const float* xs = j.xscale + r * ng;
+        const double* xsum = j.xsum + r * ng;
+        float* out = swx_ + r * ng * 8;
+        double b[8] = {};
+        for (int64_t gr = 0; gr < ng; ++gr)
+            for (int g = 0; g < 8; ++g) {
+                out[8 * gr + g] = sk_[8 * gr + g] * xs[gr];
+                b[g] += mk_[8 * gr + g] * xsum[gr];
+            }
+        for (int g = 0; g < 8; ++g) bias_[8 * r + g] = static_cast<float>(b[g]);
+    }
+}
+
 void bitplane_detail::tile_factors(const Job& j, int64_t rt, float code_scale, float* sk, float* mk) {
     const int shift = j.w->max_bits - j.bits;
     const float smul = static_cast<float>(1 << shift) * code_scale;
@@ -486,11 +532,14 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     // (the same products, each rounded to fp32)
     const bool i16_avx512 = act == BITPLANE_ACT_I16 && cpu_features().avx512;
     const bool i16_avx2 = act == BITPLANE_ACT_I16 && !i16_avx512 && avx2;
-    const bool i16_kernel = (i16_avx512 || i16_avx2) && path == BITPLANE_PATH_DECODE;  // xi, WORD_ORDER_I16
+    // without AVX2: the 128-bit decode (NEON, SSE2); its GEMM path is the portable one on x̂
+    const bool i16_vec128 = act == BITPLANE_ACT_I16 && !i16_avx512 && !i16_avx2 && cpu_features().vec128 &&
+                            path == BITPLANE_PATH_DECODE;
+    const bool i16_kernel = ((i16_avx512 || i16_avx2) && path == BITPLANE_PATH_DECODE) || i16_vec128;  // xi, I16 order
     const bool i16_gemm = i16_avx512 && path == BITPLANE_PATH_GEMM;
     const bool i16_gemm_avx2 = i16_avx2 && path == BITPLANE_PATH_GEMM;
     std::vector<float> xscale, xhat;
-    if (act == BITPLANE_ACT_I16 && !i16_avx512 && !i16_avx2) {
+    if (act == BITPLANE_ACT_I16 && !i16_avx512 && !i16_avx2 && !i16_vec128) {
         xhat.resize(static_cast<size_t>(m * w.k));
         bitplane_round_i16(x, m, w.k, w.group_size, xhat.data());
         x = xhat.data();
@@ -541,7 +590,6 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
         j.xsumt = xsumt;
 #endif
     } else if (i16_kernel) {
-#ifdef FLEXQUANT_X86
         j.step_base = layout->step_base.data();
         j.step_group = layout->step_group.data();
         j.step_uniform = layout->step_uniform.data();
@@ -549,13 +597,16 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
         xi.resize(static_cast<size_t>(m) * j.x_stride);
         q_tmp.resize(static_cast<size_t>(k_pad));
         xscale.resize(static_cast<size_t>(m * j.n_groups));
-        if (i16_avx512)
+        if (i16_vec128)
+            prepare_i16_portable(j, x, w.k, q_tmp.data(), xi.data(), xscale.data(), xsum.data());
+#ifdef FLEXQUANT_X86
+        else if (i16_avx512)
             prepare_i16_avx512(j, x, w.k, q_tmp.data(), xi.data(), xscale.data(), xsum.data());
         else
             prepare_i16_avx2(j, x, w.k, q_tmp.data(), xi.data(), xscale.data(), xsum.data());
+#endif
         j.xi = xi.data();
         j.xscale = xscale.data();
-#endif
     } else {
         xp.resize(static_cast<size_t>(m) * j.x_stride);
         permute_activations(x, m, w.k, j.x_stride, layout->src.data(), avx2 && path == BITPLANE_PATH_DECODE,
@@ -566,7 +617,7 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     // Group sums in fp64: the min term multiplies them by m_k, which can be large next to the
     // scale term (a group far from zero), so their rounding would show in y. (The int16 kernel's
     // came from its preparation.)
-    for (int64_t r = 0; r < (i16_avx512 || i16_avx2 ? 0 : m); ++r)
+    for (int64_t r = 0; r < (i16_avx512 || i16_avx2 || i16_vec128 ? 0 : m); ++r)
         for (int64_t gr = 0; gr < j.n_groups; ++gr) {
             // 4 partial sums: one fp64 add chain would cost ~4 cycles per element.
             double acc[4] = {0.0, 0.0, 0.0, 0.0};
@@ -581,7 +632,7 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     j.xsum = xsum.data();
 
     std::vector<float> lut;
-    if (!avx2 && path == BITPLANE_PATH_DECODE) {
+    if (!avx2 && !i16_vec128 && path == BITPLANE_PATH_DECODE) {
         lut.resize(static_cast<size_t>(m) * k_pad * 32);
         build_luts(xp.data(), m, k_pad, j.x_stride, lut.data());
     }
@@ -602,6 +653,7 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     // A few chunks per thread so that a slow thread does not hold up the call.
     const int64_t grain = std::max<int64_t>(1, n_tiles / (threads * 4));
     auto tiles = [&](const Job& jb, int64_t t0, int64_t t1) {
+        if (i16_vec128) return decode_tiles_i16_vec128(jb, t0, t1);
 #ifdef FLEXQUANT_X86
         if (path == BITPLANE_PATH_DECODE) {
             if (i16_kernel && i16_avx512) return decode_tiles_i16_avx512(jb, t0, t1);

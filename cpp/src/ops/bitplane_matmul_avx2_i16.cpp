@@ -104,22 +104,6 @@ void prepare_i16_avx2(const Job& j, const float* x, int64_t k, int16_t* q_tmp, i
 // Measured (perf, SmolLM2 decode, AVX-512): the previous per-row form (8 groups of one row per
 // vector, a horizontal sum per row) took 12-14% of a decode step at 4 and 8 bits, as much per group
 // and row as a 4-bit tile's products; most of it was per row and tile, not per group.
-TileFactorsI16::TileFactorsI16(const Job& j, float code_scale) : j_(j) {
-    const int shift = j.w->max_bits - j.bits;
-    smul_ = static_cast<float>(1 << shift) * code_scale;
-    mmul_ = static_cast<float>(((1 << shift) - 1) / 2.0);
-    const int64_t ng = j.n_groups;
-    thread_local std::vector<float> f_buf;
-    thread_local std::vector<double> d_buf;
-    const size_t nf = static_cast<size_t>(8 * j.m * ng + 8 * j.m + 8 * ng);
-    if (f_buf.size() < nf) f_buf.resize(nf);
-    if (d_buf.size() < static_cast<size_t>(8 * ng)) d_buf.resize(static_cast<size_t>(8 * ng));
-    swx_ = f_buf.data();
-    bias_ = swx_ + 8 * j.m * ng;
-    sk_ = bias_ + 8 * j.m;
-    mk_ = d_buf.data();
-}
-
 void TileFactorsI16::compute(int64_t rt) {
     const Job& j = j_;
     const int64_t ng = j.n_groups;

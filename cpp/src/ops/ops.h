@@ -379,7 +379,8 @@ inline __attribute__((always_inline)) void for_each_i16_word(const Job& j, int16
 class TileFactorsI16 {
   public:
     TileFactorsI16(const Job& j, float code_scale);
-    void compute(int64_t rt);
+    void compute(int64_t rt);           // AVX2 + F16C (x86 only)
+    void compute_portable(int64_t rt);  // the same factors in scalar code
     const float* bias() const { return bias_; }
     // the factors of activation row r and tile row g: its group gr's at [8 gr]
     const float* row(int64_t r, int g) const { return swx_ + r * j_.n_groups * 8 + g; }
@@ -392,6 +393,13 @@ class TileFactorsI16 {
     float* sk_;   // (n_groups, 8) the tile's s_k · 2^shift · code_scale
     double* mk_;  // (n_groups, 8) and m_k
 };
+
+// bitplane_matmul_vec128.cpp: decode on int16 activations for CPUs without AVX2 (NEON on AArch64,
+// SSE2 on x86-64; the same xi, xscale, xsum and step tables as decode_tiles_i16_avx512), and its
+// scalar preparation, as prepare_i16_avx512.
+void decode_tiles_i16_vec128(const Job& j, int64_t t0, int64_t t1);
+void prepare_i16_portable(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
+                          double* xsum);
 
 // The int16 GEMMs' per-tile factors (bitplane_matmul.cpp): sk (8, n_groups) = s_k · code_scale (the
 // codes' own scale: 2^(k-8) for codes shifted left by 8 - k, else 1; exact), mk (8, n_groups) = m_k;

@@ -1,0 +1,39 @@
+"""Kernels of other architectures, built with a cross compiler and run under qemu-user where this
+machine has both (Debian: `apt-get install g++-aarch64-linux-gnu qemu-user`); skipped otherwise (the
+CI machine has neither).
+
+AArch64: the 128-bit int16 decode (cpp/src/ops/bitplane_matmul_vec128.cpp) compiles to NEON there
+(smull, addp, bsl) and to SSE2 on x86-64, where test_ops_cpu.py tests it as the 'vec128' family.
+tests/cross/vec128_check.cpp runs the NEON form against the portable kernel on random planes, scales,
+mins and activations: every bit-width 2..8, 1 to 9 activation rows, K with full and short last
+super-chunks, groups that split them. Emulated, so correctness only, never speed."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ["tests/cross/vec128_check.cpp", "cpp/src/ops/bitplane_matmul.cpp", "cpp/src/ops/bitplane_matmul_vec128.cpp",
+           "cpp/src/ops/bitplane_matmul_avx2.cpp", "cpp/src/ops/bitplane_matmul_avx2_i16.cpp",
+           "cpp/src/ops/bitplane_matmul_avx512.cpp", "cpp/src/cpu_features.cpp", "cpp/src/thread_pool.cpp"]
+
+
+def test_vec128_decode_on_aarch64_neon(tmp_path):
+    cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    sysroot = Path("/usr/aarch64-linux-gnu")
+    if not (cxx and qemu and sysroot.is_dir()):
+        pytest.skip("no AArch64 cross compiler (aarch64-linux-gnu-g++) and qemu-aarch64 here")
+    exe = tmp_path / "vec128_check"
+    # -O3 as the package builds (CMAKE_BUILD_TYPE Release); the x86 kernel files compile to nothing
+    subprocess.run([cxx, "-std=c++17", "-O3", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'cpp/include'}",
+                    f"-I{ROOT / 'cpp/src'}", *[str(ROOT / s) for s in SOURCES], "-o", str(exe), "-pthread"],
+                   check=True, capture_output=True, text=True)
+    res = subprocess.run([qemu, "-L", str(sysroot), str(exe)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "vec128 1"  # NEON is part of AArch64: the kernel ran, not the portable fallback
+    worst = float(lines[-1].split()[1])
+    assert 0 < worst < 1e-5, res.stdout

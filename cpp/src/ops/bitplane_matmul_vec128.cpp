@@ -5,19 +5,21 @@
 //
 //   y[r, n] = Σ_g s_k[n,g] · xs[r,g] · Σ_{i∈g} c_k[n,i] q[r,i]  +  m_k[n,g] · Σ_{i∈g} x̂[r,i]
 //
-// with x̂ = xs · q, q int16. Before it those CPUs ran the portable kernels on x̂ as fp32: a table
-// lookup per plane byte (decode_tiles_portable), about a quarter of the AVX2 kernel's speed.
+// with x̂ = xs · q, q int16. Before it those CPUs ran the portable kernel on x̂ as fp32, a table
+// lookup per plane byte (decode_tiles_portable): on x86-64 capped to SSE2, 4096 x 4096 at 8 bits took
+// 2.6x this kernel's time and 4.3x the AVX2 one's (docs/kernels.md, stop 30).
 //
 // Written once in GCC/Clang vector extensions (16-byte vectors; the compiler emits NEON or SSE2),
-// with one target-specific helper, madd (vpmaddwd's pair sums: pmaddwd on SSE2, smull + smull2 + addp
-// on NEON). It is the AVX2 int16 shift kernel (bitplane_matmul_avx2_i16.inc) on one 128-bit lane: a
-// batch is 4 consecutive stored words of a row (lane L of a super-chunk: 16 bytes of each plane);
-// the 8 planes' vectors are transposed in delta swaps across them (transpose_slots: then vector j
-// byte b is the code of weight j of byte position b), two stages of unpacks gather each qword's 8
-// codes, and step v takes word 4L + v: 32 codes as 4 vectors of 8 int16 (even / odd bytes of each
-// half), multiplied with the activations' slots of WORD_ORDER_I16 (the AVX kernels' layout; filled
-// here by prepare_i16_portable) into 4 int32 sums of 8 products each, exact (|Σ| <= 8 · 255 · 32767
-// < 2^31), which become fp32 once per step, times 2^(k-8) s_k · xs of the word's group.
+// with target-specific code where they have no form: dot4 (vpmaddwd's pair sums: pmaddwd on SSE2,
+// smull / smlal and addp on NEON) and NEON's bit select (bsl). It is the AVX2 int16 shift kernel
+// (bitplane_matmul_avx2_i16.inc) on one 128-bit lane: a batch is 4 consecutive stored words of a row
+// (lane L of a super-chunk: 16 bytes of each plane); the 8 planes' vectors are transposed in delta
+// swaps across them (transpose_slots: then vector j byte b is the code of weight j of byte position
+// b), two stages of unpacks gather each qword's 8 codes, and step v takes word 4L + v: 32 codes as 4
+// vectors of 8 int16 (even / odd bytes of each half), multiplied with the activations' slots of
+// WORD_ORDER_I16 (the AVX kernels' layout; filled here by prepare_i16_portable) into 4 int32 sums of
+// 8 products each, exact (|Σ| <= 8 · 255 · 32767 < 2^31), which become fp32 once per step, times
+// 2^(k-8) s_k · xs of the word's group. The GEMM path (prompts) stays the portable one on x̂.
 
 #include <algorithm>
 #include <cmath>
@@ -62,19 +64,33 @@ FQ_INLINE V load16(const void* p) {
     return v;
 }
 
-// Lane u = a[2u] b[2u] + a[2u+1] b[2u+1] (int32). The codes are 0 .. 255 and the activations int16,
-// so the pair sum never wraps.
-FQ_INLINE i32x4 madd(i16x8 a, i16x8 b) {
+// Σ over the 4 (codes, activations) pairs of vpmaddwd's pair sums: lane u = Σ_pairs a[2u] b[2u] +
+// a[2u+1] b[2u+1], 8 products (int32, exact: the codes are 0 .. 255, the activations int16). SSE2:
+// pmaddwd and paddd. NEON: smull / smlal into the int16 lanes' own sums (0-3 and 4-7, 2 instructions
+// per 8 products), then addp adds lanes 2u and 2u + 1: the same 8 products per lane, so the same sums.
+FQ_INLINE i32x4 dot4(i16x8 a0, i16x8 a1, i16x8 a2, i16x8 a3, i16x8 b0, i16x8 b1, i16x8 b2, i16x8 b3) {
 #if defined(__SSE2__)
-    return reinterpret_cast<i32x4>(_mm_madd_epi16(reinterpret_cast<__m128i>(a), reinterpret_cast<__m128i>(b)));
+    const auto madd = [](i16x8 a, i16x8 b) {
+        return reinterpret_cast<i32x4>(_mm_madd_epi16(reinterpret_cast<__m128i>(a), reinterpret_cast<__m128i>(b)));
+    };
+    return (madd(a0, b0) + madd(a1, b1)) + (madd(a2, b2) + madd(a3, b3));
 #elif defined(__aarch64__) && defined(__ARM_NEON)
-    const int16x8_t av = reinterpret_cast<int16x8_t>(a), bv = reinterpret_cast<int16x8_t>(b);
-    const int32x4_t lo = vmull_s16(vget_low_s16(av), vget_low_s16(bv));
-    return reinterpret_cast<i32x4>(vpaddq_s32(lo, vmull_high_s16(av, bv)));
+    const auto v = [](i16x8 x) { return reinterpret_cast<int16x8_t>(x); };
+    int32x4_t lo = vmull_s16(vget_low_s16(v(a0)), vget_low_s16(v(b0)));
+    int32x4_t hi = vmull_high_s16(v(a0), v(b0));
+    lo = vmlal_s16(lo, vget_low_s16(v(a1)), vget_low_s16(v(b1)));
+    hi = vmlal_high_s16(hi, v(a1), v(b1));
+    lo = vmlal_s16(lo, vget_low_s16(v(a2)), vget_low_s16(v(b2)));
+    hi = vmlal_high_s16(hi, v(a2), v(b2));
+    lo = vmlal_s16(lo, vget_low_s16(v(a3)), vget_low_s16(v(b3)));
+    hi = vmlal_high_s16(hi, v(a3), v(b3));
+    return reinterpret_cast<i32x4>(vpaddq_s32(lo, hi));
 #else
-    i32x4 r;
-    for (int u = 0; u < 4; ++u)
-        r[u] = int32_t(a[2 * u]) * int32_t(b[2 * u]) + int32_t(a[2 * u + 1]) * int32_t(b[2 * u + 1]);
+    const i16x8 a[4] = {a0, a1, a2, a3}, b[4] = {b0, b1, b2, b3};
+    i32x4 r = {0, 0, 0, 0};
+    for (int t = 0; t < 4; ++t)
+        for (int u = 0; u < 4; ++u)
+            r[u] += int32_t(a[t][2 * u]) * int32_t(b[t][2 * u]) + int32_t(a[t][2 * u + 1]) * int32_t(b[t][2 * u + 1]);
     return r;
 #endif
 }
@@ -220,8 +236,8 @@ void decode_tile(const Job& j, int64_t rt, int64_t r0, const TileFactorsI16& tf)
                     for (int r = 0; r < M; ++r) {
                         // slots 64h + 32e + 8L + i of step (s, v): weight 16h + 2i + e of the word
                         const int16_t* x = xs + r * j.x_stride + v * 128 + 8 * L;
-                        const i32x4 p = (madd(e0, load16<i16x8>(x)) + madd(o0, load16<i16x8>(x + 32))) +
-                                        (madd(e1, load16<i16x8>(x + 64)) + madd(o1, load16<i16x8>(x + 96)));
+                        const i32x4 p = dot4(e0, o0, e1, o1, load16<i16x8>(x), load16<i16x8>(x + 32),
+                                             load16<i16x8>(x + 64), load16<i16x8>(x + 96));
                         const float f = tf.row(r0 + r, g)[8 * gr];
                         part[v % 2][r] += __builtin_convertvector(p, f32x4) * f;
                     }

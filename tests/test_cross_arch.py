@@ -1,14 +1,16 @@
 """Kernels of other architectures, built with a cross compiler and run under qemu-user where this
-machine has both (Debian: `apt-get install g++-aarch64-linux-gnu qemu-user`); skipped otherwise (the
-CI machine has neither).
+machine has both (Debian: `apt-get install g++-aarch64-linux-gnu qemu-user`, which .ci/run tries);
+skipped otherwise.
 
 AArch64: the 128-bit int16 decode (cpp/src/ops/bitplane_matmul_vec128.cpp) compiles to NEON there
 (smull, addp, bsl) and to SSE2 on x86-64, where test_ops_cpu.py tests it as the 'vec128' family.
 tests/cross/vec128_check.cpp runs the NEON form against the portable kernel on random planes, scales,
-mins and activations: every bit-width 2..8, 1 to 9 activation rows, K with full and short last
-super-chunks, groups that split them. Emulated, so correctness only, never speed."""
+mins and activations: files stored at 8, 6 and 4 bits, every bit-width below, 1 to 9 activation
+rows, K with full and short last super-chunks, groups that split them. Emulated: correctness only,
+never speed."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,6 +27,10 @@ def test_vec128_decode_on_aarch64_neon(tmp_path):
     cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
     sysroot = Path("/usr/aarch64-linux-gnu")
     if not (cxx and qemu and sysroot.is_dir()):
+        # .ci/run sets FLEXQUANT_REQUIRE_CROSS=1 where it installed them: then a skip would hide a
+        # missing tool, so it fails instead
+        if os.environ.get("FLEXQUANT_REQUIRE_CROSS") == "1":
+            pytest.fail("FLEXQUANT_REQUIRE_CROSS=1 but aarch64-linux-gnu-g++ / qemu-aarch64 are missing")
         pytest.skip("no AArch64 cross compiler (aarch64-linux-gnu-g++) and qemu-aarch64 here")
     exe = tmp_path / "vec128_check"
     # -O3 as the package builds (CMAKE_BUILD_TYPE Release); the x86 kernel files compile to nothing

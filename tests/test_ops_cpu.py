@@ -174,6 +174,10 @@ def test_bitplane_matmul_i16_kernels_agree(path):
                     for kind in [reference, *integer]:
                         ops.set_cpu_kernels(kind)
                         ys[kind] = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, path, act="i16")
+                        ran = ops.last_bitplane_kernel()  # (the 'gfni' family's GEMM is the AVX2 one)
+                        own = "portable" if kind == reference else "i16_avx2" if (kind, path) == ("gfni", "gemm") \
+                            else f"i16_{kind}"
+                        assert ran.startswith(f"{path}_{own}"), (kind, ran)
                     for kind in integer:
                         np.testing.assert_allclose(ys[kind], ys[reference], rtol=1e-5,
                                                    atol=1e-5 * np.abs(ys[reference]).max(),
@@ -260,6 +264,11 @@ def test_bitplane_matmul_i16_avx512_variants_equal(path):
                         in_use = set(ops.cpu_features_in_use())
                         assert in_use & {"gfni", "avx512vnni"} == uses & have, (flags, in_use)
                         ys.append(ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, path, act="i16"))
+                        # and that compilation ran (each records its own name as it runs)
+                        ran = uses & have
+                        want = ("avx512_gfni_vnni" if ran == {"gfni", "avx512vnni"}
+                                else "avx512_vnni" if "avx512vnni" in ran else "avx512")
+                        assert ops.last_bitplane_kernel() == f"{path}_i16_{want}", flags
                     assert np.all(np.isfinite(ys[0]))
                     for (flags, _), y in zip(AVX512_VARIANTS[1:], ys[1:]):
                         np.testing.assert_array_equal(y, ys[0], err_msg=f"{flags}: n={n} k={k} g={g} m={m} bits={bits}")
@@ -267,9 +276,48 @@ def test_bitplane_matmul_i16_avx512_variants_equal(path):
         ops.set_cpu_kernels(prev)
 
 
+def test_bitplane_matmul_dispatch_picks_each_familys_kernel():
+    """Which kernel runs, per family, path and activations (each kernel records its own name as it
+    runs): int16 activations take the integer kernels where the family has them ('vec128' for its
+    decode only), fp32 ones the fp32 kernels (GFNI's or AVX2's); AVX-512 int16 picks its compilation
+    by GFNI and AVX-512 VNNI, the 'gfni' decode by AVX-VNNI."""
+    rng = np.random.default_rng(16)
+    planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((16, 640)).astype(np.float32), 8, 128)
+    x = rng.standard_normal((2, 640)).astype(np.float32)
+    prev = ops.get_cpu_kernels()
+    try:
+        for kind in KERNELS:
+            for flags in ({}, dict(gfni=False), dict(gfni=False, avx512vnni=False), dict(avxvnni=False)):
+                ops.set_cpu_kernels(kind, **flags)
+                f = set(ops.cpu_features_in_use())
+                for path in ("decode", "gemm"):
+                    for act in ("i16", "f32"):
+                        fp32 = "gfni" if "gfni" in f else "avx2" if "avx2" in f else "portable"
+                        if act == "f32":
+                            want = fp32
+                        elif "avx512" in f:
+                            want = ("i16_avx512_gfni_vnni" if {"gfni", "avx512vnni"} <= f
+                                    else "i16_avx512_vnni" if "avx512vnni" in f else "i16_avx512")
+                        elif "avx2" in f and path == "gemm":
+                            want = "i16_avx2"
+                        elif "avx2" in f:
+                            want = ("i16_gfni_avxvnni" if "avxvnni" in f else "i16_gfni") if "gfni" in f else "i16_avx2"
+                        elif "vec128" in f and path == "decode":
+                            want = "i16_vec128"
+                        else:
+                            want = "portable"
+                        ops.bitplane_matmul(planes, qparams, 16, 640, 8, 128, 6, x, path, act=act)
+                        assert ops.last_bitplane_kernel() == f"{path}_{want}", (kind, flags, path, act, f)
+    finally:
+        ops.set_cpu_kernels(prev)
+
+
 def test_cpu_kernel_caps_from_the_environment(tmp_path):
     """FLEXQUANT_CPU caps the instruction sets from the start (tools/bench.py's workers inherit it):
-    each value leaves out what it names, never adds what the CPU lacks."""
+    each value leaves out what it names, never adds what the CPU lacks, and stays a ceiling: the
+    families offered are the capped ones, and asking for the top one (as every test's fixture does)
+    does not turn back on what the variable left out."""
+    import os
     import subprocess
     import sys
 
@@ -280,17 +328,20 @@ def test_cpu_kernel_caps_from_the_environment(tmp_path):
         "vec128": {"avx2", "gfni", "avx512", "avx512vnni", "avxvnni"},
         "avx2": {"gfni", "avx512", "avx512vnni"},
         "gfni": {"avx512", "avx512vnni"},
-        "avx512-nogfni": {"gfni"},
-        "avx512-nogfni-novnni": {"gfni", "avx512vnni"},
+        "avx512-nogfni": {"gfni", "avxvnni"},  # as Cascade Lake (nor AVX-VNNI, an Alder Lake extension)
+        "avx512-nogfni-novnni": {"gfni", "avx512vnni", "avxvnni"},  # as Skylake-SP
     }
+    script = ("import flexquant_rt._core as c; o = c.ops; a = o.cpu_kernels_available(); "
+              "print(o.get_cpu_kernels(), *o.cpu_features_in_use()); print(*a); "
+              "o.set_cpu_kernels('portable'); print(o.set_cpu_kernels(a[-1]), *o.cpu_features_in_use())")
     for value, removed in expect.items():
-        env = {k: v for k, v in __import__("os").environ.items() if k != "FLEXQUANT_CPU"}
+        env = {k: v for k, v in os.environ.items() if k != "FLEXQUANT_CPU"}
         if value is not None:
             env["FLEXQUANT_CPU"] = value
-        out = subprocess.run([sys.executable, "-c", "import flexquant_rt._core as c; "
-                              "print(c.ops.get_cpu_kernels(), *c.ops.cpu_features_in_use())"],
-                             env=env, capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
-        family, in_use = out[0], set(out[1:])
+        lines = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                               cwd=tmp_path).stdout.splitlines()
+        family, *in_use = lines[0].split()
+        in_use = set(in_use)
         if value is None:
             full = in_use
             assert family == KERNELS[-1]
@@ -299,6 +350,8 @@ def test_cpu_kernel_caps_from_the_environment(tmp_path):
             assert family == ("avx512" if "avx512" in in_use else "gfni" if "gfni" in in_use
                               else "avx2" if "avx2" in in_use else "vec128" if "vec128" in in_use
                               else "portable"), (value, family)
+        assert lines[1].split()[-1] == family  # the top family offered is the capped one
+        assert lines[2].split() == lines[0].split(), value  # and back to it, nothing more
 
 
 def test_bitplane_matmul_i16_gemm_over_several_chunks_of_rows(kernels):

@@ -354,7 +354,7 @@ void bind_ops(py::module_& parent) {
     m.def(
         "cpu_kernels_available",
         [] {
-            const CpuFeatures f = detect_cpu_features();
+            const CpuFeatures f = allowed_cpu_features();
             std::vector<std::string> out{"portable"};
             if (f.vec128) out.push_back("vec128");
             if (f.avx2) out.push_back("avx2");
@@ -362,12 +362,13 @@ void bind_ops(py::module_& parent) {
             if (f.avx512) out.push_back("avx512");
             return out;
         },
-        "Kernel families this CPU can run: 'portable' (scalar), 'vec128' (16-byte SIMD: NEON on AArch64,\n"
-        "SSE2 on x86-64; the int16 decode), 'avx2' (AVX2+FMA+F16C), 'gfni' (avx2 + GFNI),\n"
+        "Kernel families this CPU can run, less what FLEXQUANT_CPU leaves out: 'portable' (scalar),\n"
+        "'vec128' (16-byte SIMD: NEON on AArch64, SSE2 on x86-64; the int16 decode), 'avx2'\n"
+        "(AVX2+FMA+F16C), 'gfni' (avx2 + GFNI),\n"
         "'avx512' (avx2 + AVX-512 F/BW/DQ/VL; with GFNI and AVX-512 VNNI where the CPU has them).\n"
         "AVX-VNNI is no family: see cpu_has_avxvnni; cpu_features_in_use lists what runs.");
     m.def(
-        "cpu_has_avxvnni", [] { return detect_cpu_features().avxvnni; },
+        "cpu_has_avxvnni", [] { return allowed_cpu_features().avxvnni; },
         "Whether this CPU (and this build's compiler) has AVX-VNNI, which the 'gfni' int16 decode uses\n"
         "where present (set_cpu_kernels(kind, avxvnni=False) leaves it out).");
     m.def(
@@ -383,8 +384,11 @@ void bind_ops(py::module_& parent) {
             if (f.avxvnni) out.push_back("avxvnni");
             return out;
         },
-        "The instruction sets the kernels use now (the family's, less what set_cpu_kernels or\n"
+        "The instruction sets the kernels may use now (the family's, less what set_cpu_kernels or\n"
         "FLEXQUANT_CPU left out): 'vec128', 'avx2', 'gfni', 'avx512', 'avx512vnni', 'avxvnni'.");
+    m.def("last_bitplane_kernel", [] { return std::string(bitplane_last_kernel()); },
+          "The kernel the last bitplane matmul ran, e.g. 'decode_i16_avx512_vnni' or 'gemm_portable' (tests:\n"
+          "which family and compilation the dispatch picked; '' before any).");
     const auto family = [](const CpuFeatures& f) {
         return std::string(f.avx512 ? "avx512" : f.gfni ? "gfni" : f.avx2 ? "avx2" : f.vec128 ? "vec128" : "portable");
     };

@@ -25,24 +25,32 @@ CpuFeatures detect_cpu_features() {
 }
 
 namespace {
-CpuFeatures initial_features() {
+// The detected features less what FLEXQUANT_CPU leaves out.
+CpuFeatures env_capped() {
     CpuFeatures f = detect_cpu_features();
     const char* env = std::getenv("FLEXQUANT_CPU");
-    if (env && std::strcmp(env, "portable") == 0)
-        f.vec128 = f.avx2 = f.gfni = f.avx512 = f.avx512vnni = f.avxvnni = false;
-    if (env && std::strcmp(env, "vec128") == 0) f.avx2 = f.gfni = f.avx512 = f.avx512vnni = f.avxvnni = false;
-    if (env && std::strcmp(env, "avx2") == 0) f.gfni = f.avx512 = f.avx512vnni = false;
-    if (env && std::strcmp(env, "gfni") == 0) f.avx512 = f.avx512vnni = false;
-    if (env && std::strcmp(env, "avx512-nogfni") == 0) f.gfni = false;
-    if (env && std::strcmp(env, "avx512-nogfni-novnni") == 0) f.gfni = f.avx512vnni = false;
+    if (!env) return f;
+    const auto is = [&](const char* v) { return std::strcmp(env, v) == 0; };
+    if (is("portable")) f.vec128 = f.avx2 = f.gfni = f.avx512 = f.avx512vnni = f.avxvnni = false;
+    if (is("vec128")) f.avx2 = f.gfni = f.avx512 = f.avx512vnni = f.avxvnni = false;
+    if (is("avx2")) f.gfni = f.avx512 = f.avx512vnni = false;
+    if (is("gfni")) f.avx512 = f.avx512vnni = false;
+    // Cascade Lake and Skylake-SP have no AVX-VNNI (the VEX form came with Alder Lake) either
+    if (is("avx512-nogfni")) f.gfni = f.avxvnni = false;
+    if (is("avx512-nogfni-novnni")) f.gfni = f.avx512vnni = f.avxvnni = false;
     return f;
 }
 
 CpuFeatures& current() {
-    static CpuFeatures f = initial_features();
+    static CpuFeatures f = allowed_cpu_features();
     return f;
 }
 }  // namespace
+
+CpuFeatures allowed_cpu_features() {
+    static const CpuFeatures f = env_capped();
+    return f;
+}
 
 const CpuFeatures& cpu_features() {
     return current();
@@ -50,7 +58,7 @@ const CpuFeatures& cpu_features() {
 
 CpuFeatures set_cpu_features(const CpuFeatures& f) {
     CpuFeatures old = current();
-    CpuFeatures allowed = detect_cpu_features();
+    const CpuFeatures allowed = allowed_cpu_features();
     current().vec128 = f.vec128 && allowed.vec128;  // never enable what the CPU lacks
     current().avx2 = f.avx2 && allowed.avx2;
     current().gfni = f.gfni && f.avx2 && allowed.gfni;

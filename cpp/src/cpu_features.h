@@ -3,11 +3,12 @@
 // SIMD kernels are compiled with per-function target attributes, so the library itself runs on
 // any x86-64; these flags pick the kernel at run time. FLEXQUANT_CPU in the environment caps what
 // is used, for tests and for measuring speed-ups: `portable` (no SIMD kernels), `vec128` (no AVX2),
-// `avx2` (no GFNI, no AVX-512), `gfni` (no AVX-512), `avx512-nogfni` (as Cascade Lake: AVX-512 and its VNNI, no GFNI) or
-// `avx512-nogfni-novnni` (as Skylake-SP: AVX-512 F/BW/DQ/VL alone).
+// `avx2` (no GFNI, no AVX-512), `gfni` (no AVX-512), `avx512-nogfni` (as Cascade Lake: AVX-512 and
+// its VNNI, no GFNI, no AVX-VNNI) or `avx512-nogfni-novnni` (as Skylake-SP: AVX-512 F/BW/DQ/VL).
 #pragma once
 
-// The SIMD kernels exist on x86 only; elsewhere every kernel is the portable one.
+// The intrinsics kernels (AVX2, GFNI, AVX-512) exist on x86 only; elsewhere the int16 decode is the
+// vector-extension one (vec128: NEON on AArch64) and every other kernel the portable one.
 #if defined(__x86_64__) || defined(__i386__)
 #define FLEXQUANT_X86 1
 // AVX-VNNI (target "avxvnni", __builtin_cpu_supports("avxvnni")) needs GCC 11 or clang 12; older
@@ -35,10 +36,14 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();
 
 // Overrides the detected features (e.g. {avx2 = false} to test the portable kernels); a feature
-// the CPU lacks stays off. Returns the previous value. Not thread-safe with kernels running.
+// the CPU lacks, or FLEXQUANT_CPU left out, stays off. Returns the previous value. Not thread-safe with kernels running.
 CpuFeatures set_cpu_features(const CpuFeatures& f);
 
 // The features actually present on this CPU, ignoring overrides.
 CpuFeatures detect_cpu_features();
+
+// The most set_cpu_features can turn on: the detected features less what FLEXQUANT_CPU leaves out
+// (a run capped by the environment stays capped, whatever the code then asks for).
+CpuFeatures allowed_cpu_features();
 
 }  // namespace flexquant

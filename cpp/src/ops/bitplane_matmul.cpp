@@ -22,6 +22,7 @@
 // the layout's word order (word (t, j) of a super-chunk covers K 512s + 128j + 32t).
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -244,6 +245,19 @@ void bitplane_round_i16(const float* x, int64_t m, int64_t k, int group, float* 
     }
 }
 
+namespace {
+std::atomic<const char*> g_last_kernel{""};
+}  // namespace
+
+void bitplane_detail::note_kernel(const char* name) {
+    // a load first: the tile chunks of one call all write the same name, without taking the line
+    if (g_last_kernel.load(std::memory_order_relaxed) != name) g_last_kernel.store(name, std::memory_order_relaxed);
+}
+
+const char* bitplane_last_kernel() {
+    return g_last_kernel.load(std::memory_order_relaxed);
+}
+
 // TileFactorsI16 (ops.h): its buffers are per-thread scratch.
 bitplane_detail::TileFactorsI16::TileFactorsI16(const bitplane_detail::Job& j, float code_scale) : j_(j) {
     const int shift = j.w->max_bits - j.bits;
@@ -268,10 +282,11 @@ void bitplane_detail::TileFactorsI16::compute_portable(int64_t rt) {
     const int64_t ng = j.n_groups;
     const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
     for (int g = 0; g < 8; ++g) {
-        const uint16_t* qp = j.w->qparams + (rt * 8 + g) * ng * 2;
+        // rows past N have no qparams: zero factors
+        const uint16_t* qp = g < rows ? j.w->qparams + (rt * 8 + g) * ng * 2 : nullptr;
         for (int64_t gr = 0; gr < ng; ++gr) {
-            const float sc = g < rows ? fp16_to_fp32(qp[2 * gr]) : 0.0f;
-            const float mn = g < rows ? fp16_to_fp32(qp[2 * gr + 1]) : 0.0f;
+            const float sc = qp ? fp16_to_fp32(qp[2 * gr]) : 0.0f;
+            const float mn = qp ? fp16_to_fp32(qp[2 * gr + 1]) : 0.0f;
             sk_[8 * gr + g] = sc * smul_;
             mk_[8 * gr + g] = static_cast<double>(mn + sc * mmul_);
         }
@@ -361,6 +376,7 @@ void build_luts(const float* xp, int64_t m, int64_t k_pad, int64_t x_stride, flo
 }
 
 void decode_tiles_portable(const Job& j, const float* lut, int64_t t0, int64_t t1) {
+    note_kernel("decode_portable");
     const uint64_t pb = j.w->plane_bytes;
     const int64_t nq = j.k_pad / 8;
     std::vector<float> scale(8 * j.n_groups), bias(8 * j.m), acc(8 * j.m);
@@ -414,6 +430,7 @@ const SpreadTable kSpread;
 
 // Portable gemm: dequantize each row of the tile (natural word order) and dot it with every x row.
 void gemm_tiles_portable(const Job& j, int64_t t0, int64_t t1) {
+    note_kernel("gemm_portable");
     const uint64_t pb = j.w->plane_bytes;
     std::vector<float> scale(8 * j.n_groups), bias(8 * j.m), rows_buf(8 * j.k_pad), mins(8 * j.n_groups);
     const int shift = j.w->max_bits - j.bits;
@@ -531,6 +548,8 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     // int16 activations: the SIMD kernels multiply q themselves; the portable ones run on x̂ as fp32
     // (the same products, each rounded to fp32)
     const bool i16_avx512 = act == BITPLANE_ACT_I16 && cpu_features().avx512;
+    // (GFNI without AVX-512 VNNI exists only as a cap: no CPU with both GFNI and AVX-512 lacks VNNI)
+    j.i512 = cpu_features().gfni && cpu_features().avx512vnni ? 0 : cpu_features().avx512vnni ? 1 : 2;
     const bool i16_avx2 = act == BITPLANE_ACT_I16 && !i16_avx512 && avx2;
     // without AVX2: the 128-bit decode (NEON, SSE2); its GEMM path is the portable one on x̂
     const bool i16_vec128 = act == BITPLANE_ACT_I16 && !i16_avx512 && !i16_avx2 && cpu_features().vec128 &&

@@ -529,14 +529,17 @@ void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, 
 }
 
 void gemm_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1) {
+    note_kernel("gemm_i16_avx2");
     with_bits(j.bits, [&](auto bits) { gemm_tiles_i16<decltype(bits)::value>(j, t0, t1); });
 }
 
 void decode_tiles_avx2(const Job& j, int64_t t0, int64_t t1) {
+    note_kernel("decode_avx2");
     with_bits(j.bits, [&](auto bits) { decode_tiles<decltype(bits)::value>(j, t0, t1); });
 }
 
 void gemm_tiles_avx2(const Job& j, int64_t t0, int64_t t1) {
+    note_kernel("gemm_avx2");
     with_bits(j.bits, [&](auto bits) { gemm_tiles<decltype(bits)::value>(j, t0, t1); });
 }
 
@@ -774,10 +777,12 @@ void gemm_tiles_gfni_bits(const Job& j, int64_t t0, int64_t t1) {
 }  // namespace
 
 void decode_tiles_gfni(const Job& j, int64_t t0, int64_t t1) {
+    note_kernel("decode_gfni");
     with_bits(j.bits, [&](auto bits) { decode_tiles_gfni_bits<decltype(bits)::value>(j, t0, t1); });
 }
 
 void gemm_tiles_gfni(const Job& j, int64_t t0, int64_t t1) {
+    note_kernel("gemm_gfni");
     with_bits(j.bits, [&](auto bits) { gemm_tiles_gfni_bits<decltype(bits)::value>(j, t0, t1); });
 }
 

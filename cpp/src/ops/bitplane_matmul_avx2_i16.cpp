@@ -201,6 +201,7 @@ namespace i16_shifts {
 }  // namespace i16_shifts
 
 void decode_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1) {
+    note_kernel("decode_i16_avx2");
     with_bits(j.bits,
               [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_shifts::Kernel>(j, t0, t1); });
 }
@@ -232,6 +233,7 @@ void decode_tiles_i16_gfni(const Job& j, int64_t t0, int64_t t1) {
 #ifdef FLEXQUANT_AVXVNNI
     if (cpu_features().avxvnni) return decode_tiles_i16_gfni_vnni(j, t0, t1);
 #endif
+    note_kernel("decode_i16_gfni");
     with_bits(j.bits, [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_gfni::Kernel>(j, t0, t1); });
 }
 
@@ -261,6 +263,7 @@ namespace i16_gfni_vnni {
 }  // namespace i16_gfni_vnni
 
 void decode_tiles_i16_gfni_vnni(const Job& j, int64_t t0, int64_t t1) {
+    note_kernel("decode_i16_gfni_avxvnni");
     with_bits(j.bits,
               [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_gfni_vnni::Kernel>(j, t0, t1); });
 }

@@ -187,7 +187,9 @@ namespace bitplane_detail {
 namespace i512_gfni {
 #define FQ512_GFNI 1
 #define FQ512_VNNI 1
+#define FQ512_NAME "avx512_gfni_vnni"
 #include "ops/bitplane_matmul_avx512.inc"
+#undef FQ512_NAME
 #undef FQ512_VNNI
 #undef FQ512_GFNI
 }  // namespace i512_gfni
@@ -202,7 +204,9 @@ namespace bitplane_detail {
 namespace i512_vnni {
 #define FQ512_GFNI 0
 #define FQ512_VNNI 1
+#define FQ512_NAME "avx512_vnni"
 #include "ops/bitplane_matmul_avx512.inc"
+#undef FQ512_NAME
 #undef FQ512_VNNI
 #undef FQ512_GFNI
 }  // namespace i512_vnni
@@ -217,24 +221,23 @@ namespace bitplane_detail {
 namespace i512_plain {
 #define FQ512_GFNI 0
 #define FQ512_VNNI 0
+#define FQ512_NAME "avx512"
 #include "ops/bitplane_matmul_avx512.inc"
+#undef FQ512_NAME
 #undef FQ512_VNNI
 #undef FQ512_GFNI
 }  // namespace i512_plain
 
-// The variant this CPU (and the caps of cpu_features) allows. GFNI without AVX-512 VNNI exists only
-// as a cap (every CPU with both GFNI and AVX-512 has VNNI): the plain variant runs then.
+// The compilation bitplane_matmul_multi chose for the call (Job::i512), once, on its calling thread.
 void decode_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1) {
-    const CpuFeatures& f = cpu_features();
-    if (f.gfni && f.avx512vnni) return i512_gfni::decode_tiles(j, t0, t1);
-    if (f.avx512vnni) return i512_vnni::decode_tiles(j, t0, t1);
+    if (j.i512 == 0) return i512_gfni::decode_tiles(j, t0, t1);
+    if (j.i512 == 1) return i512_vnni::decode_tiles(j, t0, t1);
     i512_plain::decode_tiles(j, t0, t1);
 }
 
 void gemm_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1) {
-    const CpuFeatures& f = cpu_features();
-    if (f.gfni && f.avx512vnni) return i512_gfni::gemm_tiles(j, t0, t1);
-    if (f.avx512vnni) return i512_vnni::gemm_tiles(j, t0, t1);
+    if (j.i512 == 0) return i512_gfni::gemm_tiles(j, t0, t1);
+    if (j.i512 == 1) return i512_vnni::gemm_tiles(j, t0, t1);
     i512_plain::gemm_tiles(j, t0, t1);
 }
 

@@ -7,7 +7,7 @@
 //
 // with x̂ = xs · q, q int16. Before it those CPUs ran the portable kernel on x̂ as fp32, a table
 // lookup per plane byte (decode_tiles_portable): on x86-64 capped to SSE2, 4096 x 4096 at 8 bits took
-// 2.6x this kernel's time and 4.3x the AVX2 one's (docs/kernels.md, stop 30).
+// 2.5x this kernel's time (and 4.6x the AVX2 one's; docs/kernels.md, stop 30).
 //
 // Written once in GCC/Clang vector extensions (16-byte vectors; the compiler emits NEON or SSE2),
 // with target-specific code where they have no form: dot4 (vpmaddwd's pair sums: pmaddwd on SSE2,
@@ -314,6 +314,7 @@ void prepare_i16_portable(const Job& j, const float* x, int64_t k, int16_t* q_tm
 }
 
 void decode_tiles_i16_vec128(const Job& j, int64_t t0, int64_t t1) {
+    note_kernel("decode_i16_vec128");
     with_bits(j.bits, [&](auto bits) { decode_tiles<decltype(bits)::value>(j, t0, t1); });
 }
 

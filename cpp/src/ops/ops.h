@@ -87,6 +87,11 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits, int
                            float* const* ys, ThreadPool* pool, BitplaneMatmulPath path = BITPLANE_PATH_AUTO,
                            BitplaneActivations act = BITPLANE_ACT_F32);
 
+// The kernel the last bitplane_matmul call ran, on any thread: "<path>_<kernel>", e.g. "decode_i16_vec128"
+// or "gemm_i16_avx512_vnni" (bitplane_detail::note_kernel). Each kernel records its own name as it
+// runs, so tests can tell which family and compilation the dispatch picked.
+const char* bitplane_last_kernel();
+
 // xhat (m, k) = x̂, the int16 rounding of x (m, k) per row and group of `group` columns that
 // bitplane_matmul multiplies with BITPLANE_ACT_I16 (non-finite elements kept as they are). xhat
 // may equal x.
@@ -289,12 +294,15 @@ enum WordOrder {
                              // bitplane_matmul_avx2.cpp; the other words (the 4 last ones of a short
                              // last super-chunk) in DWORD order, and again after k_pad in the order
                              // of the kernel that decodes them for two rows at once
-    WORD_ORDER_I16 = 3,      // the int16 activations of the decode kernels on int16 activations (AVX-512
-                             // and AVX2; x_stride = n_super * 512):
+    WORD_ORDER_I16 = 3,      // the int16 activations of the decode kernels on int16 activations (AVX-512,
+                             // AVX2 and vec128; x_stride = n_super * 512):
                              // per super-chunk s and step v = 0..3, 128 slots 64h + 32e + 8L + i <-
                              // bit 16h + 2i + e of word 4L + v of the row's words (zero slots where a
                              // short super-chunk has no such word); built from the step tables below
 };
+
+// bitplane_last_kernel()'s record: each kernel entry calls it with its own name (a string literal).
+void note_kernel(const char* name);
 
 // f(std::integral_constant<int, bits>) for bits in 2..8 (8 above): the kernels are templates on the
 // bit-width, instantiated once per width.
@@ -332,6 +340,9 @@ struct Job {
     const int32_t* step_group;    // (n_super * 16) its group (lane 0's where there is no word: its codes are 0)
     const uint8_t* step_uniform;  // (n_super * 4) 1 where the 4 lanes of a step share one group
     const uint8_t* super_lane_const;  // (n_super) 1 where each lane's group is the same in all 4 steps
+    // The AVX-512 int16 kernels' compilation (bitplane_matmul_avx512.cpp), chosen once per call from
+    // cpu_features(): 0 GFNI + AVX-512 VNNI, 1 VNNI alone, 2 neither.
+    int i512;
     // The int16 GEMMs only (gemm_tiles_i16_*): the activations of R rows at a time (R = 16 on
     // AVX-512, 8 on AVX2) as the pairs of int16 that the weights' pairs of codes multiply:
     // xt[b][pair][lane] = pair `pair` of row R b + lane (zeros past m). The pairs are the K pairs
@@ -370,8 +381,9 @@ inline __attribute__((always_inline)) void for_each_i16_word(const Job& j, int16
             for (int L = 0; L < 4; ++L) f(j.step_base[16 * s + 4 * v + L], row + (4 * s + v) * 128 + 8 * L);
 }
 
-// The int16 decode kernels' per-tile factors (bitplane_matmul_avx2_i16.cpp, AVX2 + F16C; the AVX-512
-// kernel uses them too). compute(rt) fills, for row tile rt, swx (m, n_groups, 8): swx[(r n_groups +
+// The int16 decode kernels' per-tile factors: compute (bitplane_matmul_avx2_i16.cpp, AVX2 + F16C) for the
+// AVX2 and AVX-512 kernels, compute_portable (bitplane_matmul.cpp, with the constructor) for vec128's,
+// the same values. compute(rt) fills, for row tile rt, swx (m, n_groups, 8): swx[(r n_groups +
 // group) 8 + g] = s_k[g, group] · code_scale · xs[r, group] (the factor of a step's int32 sums;
 // code_scale undoes the codes' own shift), and bias (m, 8): bias[8 r + g] = Σ_group m_k[g, group]
 // Σ_{i∈group} x̂[r, i] (fp64 sums); zeros for rows g past N. One per call of a decode_tiles_* on

@@ -153,7 +153,7 @@ def test_bitplane_matmul_i16_kernels_agree(path):
     integer = [kind for kind in ["avx512", "gfni", "avx2", "vec128"] if kind in KERNELS
                and (kind != "vec128" or path == "decode")]
     if not integer:
-        pytest.skip("this CPU has no AVX2: only the portable kernels run here")
+        pytest.skip("no integer kernel for this path here (no AVX2; vec128 has a decode only)")
     reference = "portable"
     prev = ops.get_cpu_kernels()
     rng = np.random.default_rng(9)
@@ -342,9 +342,8 @@ def test_cpu_kernel_caps_from_the_environment(tmp_path):
                                cwd=tmp_path).stdout.splitlines()
         family, *in_use = lines[0].split()
         in_use = set(in_use)
-        if value is None:
+        if value is None:  # (the run itself may be capped: the child is not)
             full = in_use
-            assert family == KERNELS[-1]
         else:
             assert in_use == full - removed, (value, in_use)
             assert family == ("avx512" if "avx512" in in_use else "gfni" if "gfni" in in_use

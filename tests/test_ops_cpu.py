@@ -227,6 +227,12 @@ def test_bitplane_matmul_i16_decode_shift_transpose_equals_gfni():
         ops.set_cpu_kernels(prev)
 
 
+def avx512_compilation(features) -> str:
+    """The AVX-512 int16 kernels' compilation that runs with these instruction sets in use."""
+    return ("avx512_gfni_vnni" if {"gfni", "avx512vnni"} <= set(features)
+            else "avx512_vnni" if "avx512vnni" in features else "avx512")
+
+
 AVX512_VARIANTS = [  # set_cpu_kernels("avx512", **flags): the instruction sets each variant then uses
     (dict(), {"gfni", "avx512vnni"}),  # Ice Lake, Zen 4 and later
     (dict(gfni=False), {"avx512vnni"}),  # as Cascade Lake
@@ -265,9 +271,7 @@ def test_bitplane_matmul_i16_avx512_variants_equal(path):
                         assert in_use & {"gfni", "avx512vnni"} == uses & have, (flags, in_use)
                         ys.append(ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, path, act="i16"))
                         # and that compilation ran (each records its own name as it runs)
-                        ran = uses & have
-                        want = ("avx512_gfni_vnni" if ran == {"gfni", "avx512vnni"}
-                                else "avx512_vnni" if "avx512vnni" in ran else "avx512")
+                        want = avx512_compilation(uses & have)
                         assert ops.last_bitplane_kernel() == f"{path}_i16_{want}", flags
                     assert np.all(np.isfinite(ys[0]))
                     for (flags, _), y in zip(AVX512_VARIANTS[1:], ys[1:]):
@@ -296,8 +300,7 @@ def test_bitplane_matmul_dispatch_picks_each_familys_kernel():
                         if act == "f32":
                             want = fp32
                         elif "avx512" in f:
-                            want = ("i16_avx512_gfni_vnni" if {"gfni", "avx512vnni"} <= f
-                                    else "i16_avx512_vnni" if "avx512vnni" in f else "i16_avx512")
+                            want = "i16_" + avx512_compilation(f)
                         elif "avx2" in f and path == "gemm":
                             want = "i16_avx2"
                         elif "avx2" in f:

@@ -344,6 +344,16 @@ py::array_t<float> logits_1d(const py::array& a, const char* name) {
 
 }  // namespace
 
+// The instruction sets f turns on, in family order: cpu_features_in_use's names; the families among
+// them are cpu_kernels_available's.
+static std::vector<std::string> feature_names(const CpuFeatures& f) {
+    std::vector<std::string> out;
+    for (const auto& [on, name] : {std::pair{f.vec128, "vec128"}, {f.avx2, "avx2"}, {f.gfni, "gfni"},
+                                   {f.avx512, "avx512"}, {f.avx512vnni, "avx512vnni"}, {f.avxvnni, "avxvnni"}})
+        if (on) out.push_back(name);
+    return out;
+}
+
 void bind_ops(py::module_& parent) {
     py::module_ m = parent.def_submodule("ops", "CPU ops of the forward pass on numpy arrays (tests, benchmarks).");
 
@@ -354,12 +364,9 @@ void bind_ops(py::module_& parent) {
     m.def(
         "cpu_kernels_available",
         [] {
-            const CpuFeatures f = allowed_cpu_features();
             std::vector<std::string> out{"portable"};
-            if (f.vec128) out.push_back("vec128");
-            if (f.avx2) out.push_back("avx2");
-            if (f.gfni) out.push_back("gfni");
-            if (f.avx512) out.push_back("avx512");
+            for (const std::string& name : feature_names(allowed_cpu_features()))
+                if (name != "avx512vnni" && name != "avxvnni") out.push_back(name);  // no families of their own
             return out;
         },
         "Kernel families this CPU can run, less what FLEXQUANT_CPU leaves out: 'portable' (scalar),\n"
@@ -372,18 +379,7 @@ void bind_ops(py::module_& parent) {
         "Whether this CPU (and this build's compiler) has AVX-VNNI, which the 'gfni' int16 decode uses\n"
         "where present (set_cpu_kernels(kind, avxvnni=False) leaves it out).");
     m.def(
-        "cpu_features_in_use",
-        [] {
-            const CpuFeatures& f = cpu_features();
-            std::vector<std::string> out;
-            if (f.vec128) out.push_back("vec128");
-            if (f.avx2) out.push_back("avx2");
-            if (f.gfni) out.push_back("gfni");
-            if (f.avx512) out.push_back("avx512");
-            if (f.avx512vnni) out.push_back("avx512vnni");
-            if (f.avxvnni) out.push_back("avxvnni");
-            return out;
-        },
+        "cpu_features_in_use", [] { return feature_names(cpu_features()); },
         "The instruction sets the kernels may use now (the family's, less what set_cpu_kernels or\n"
         "FLEXQUANT_CPU left out): 'vec128', 'avx2', 'gfni', 'avx512', 'avx512vnni', 'avxvnni'.");
     m.def("last_bitplane_kernel", [] { return std::string(bitplane_last_kernel()); },

@@ -244,10 +244,9 @@ class Engine:
             pass
         # the activations change which kernel is faster (int16 ones move the decode/GEMM crossover up),
         # and so does a new kernel: _CPU_KERNELS_REVISION keeps tables measured on older ones from loading
-        # (the instruction sets, not only the family: 'avx512' runs other kernels without GFNI)
-        isa = "+".join(_core.ops.cpu_features_in_use())
-        ident = (f"{cpu}|{_core.ops.get_cpu_kernels()}|{isa}|{self._eng.threads}|{self._eng.cpu_activations}"
-                 f"|{shapes}|r{_CPU_KERNELS_REVISION}")
+        # (the instruction sets, which name the family too: 'avx512' runs other kernels without GFNI)
+        isa = "+".join(_core.ops.cpu_features_in_use()) or "portable"
+        ident = f"{cpu}|{isa}|{self._eng.threads}|{self._eng.cpu_activations}|{shapes}|r{_CPU_KERNELS_REVISION}"
         return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
     def _linear_shapes(self) -> list[dict]:

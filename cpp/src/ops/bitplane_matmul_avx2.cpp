@@ -492,8 +492,7 @@ void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group,
             }
             flush();
             for (; i < i1; ++i) {
-                const float t = std::nearbyint(xr[i] / scale);
-                q[i] = static_cast<int16_t>(std::min(32767.0f, std::max(-32767.0f, t)));
+                q[i] = static_cast<int16_t>(q_i16(xr[i], scale));  // (scale > 0 here)
                 qsum += q[i];
             }
         } else {

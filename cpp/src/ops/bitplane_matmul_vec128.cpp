@@ -292,9 +292,7 @@ void prepare_i16_portable(const Job& j, const float* x, int64_t k, int16_t* q_tm
             const float scale = amax / 32767.0f;
             int64_t qsum = 0;
             for (int64_t i = i0; i < i1; ++i) {
-                int16_t q = 0;
-                if (scale > 0.0f && std::isfinite(xr[i]))
-                    q = static_cast<int16_t>(std::min(32767.0f, std::max(-32767.0f, std::nearbyint(xr[i] / scale))));
+                const int16_t q = std::isfinite(xr[i]) ? static_cast<int16_t>(q_i16(xr[i], scale)) : int16_t(0);
                 q_tmp[i] = q;
                 qsum += q;
             }

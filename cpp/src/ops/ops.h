@@ -423,12 +423,15 @@ void decode_tiles_avx2(const Job& j, int64_t t0, int64_t t1);  // xp in WORD_ORD
 void gemm_tiles_avx2(const Job& j, int64_t t0, int64_t t1);    // xp in WORD_ORDER_DWORD
 void decode_tiles_gfni(const Job& j, int64_t t0, int64_t t1);  // xp in WORD_ORDER_GFNI, scaled
 void gemm_tiles_gfni(const Job& j, int64_t t0, int64_t t1);    // xp in WORD_ORDER_GFNI
-// One element of BITPLANE_ACT_I16's rounding, given its group's scale s = absmax / 32767: the scalar
-// loop (bitplane_round_i16) and the vector kernels' tails use this, the vector bodies the same ops.
-// NaN and inf stay: a non-finite input must show in y.
+// One element of BITPLANE_ACT_I16's rounding, given its group's scale s = absmax / 32767: q_i16 its
+// code, round_i16 x̂ = s q. The scalar loops (bitplane_round_i16, prepare_i16_portable) and the
+// vector kernels' tails use these, the vector bodies the same ops. NaN and inf stay in x̂: a
+// non-finite input must show in y.
+inline float q_i16(float x, float s) {  // the code q of x at scale s (as a float; 0 where s is 0)
+    return s > 0.0f ? std::min(32767.0f, std::max(-32767.0f, std::nearbyint(x / s))) : 0.0f;
+}
 inline float round_i16(float x, float s) {
-    const float q = s > 0.0f ? std::min(32767.0f, std::max(-32767.0f, std::nearbyint(x / s))) : 0.0f;
-    return std::isfinite(x) ? s * q : x;
+    return std::isfinite(x) ? s * q_i16(x, s) : x;
 }
 // x̂ (m, k): BITPLANE_ACT_I16's rounding of x (m, k) per row and group, vectorized (a prompt runs it
 // over every input of every linear); bit for bit bitplane_round_i16's scalar loop.
@@ -455,7 +458,7 @@ void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group,
 // bitplane_matmul_avx512.cpp: decode on int16 activations (xi, xscale and the step tables; xp
 // unused), and their preparation: x (m, k) -> xi, xscale and xsum (m, n_groups) = s Σ q (fp64).
 // q_tmp: k_pad int16 of scratch. The rounding is the same everywhere (bitplane_round_i16). The
-// decode and GEMM pick their compilation from cpu_features() (with or without GFNI and AVX-512 VNNI).
+// decode and GEMM run the compilation Job::i512 names (with or without GFNI and AVX-512 VNNI).
 void decode_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1);
 void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
                         double* xsum);

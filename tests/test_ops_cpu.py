@@ -354,6 +354,12 @@ def test_cpu_kernel_caps_from_the_environment(tmp_path):
                               else "portable"), (value, family)
         assert lines[1].split()[-1] == family  # the top family offered is the capped one
         assert lines[2].split() == lines[0].split(), value  # and back to it, nothing more
+    # an unknown value caps nothing, and says so naming it (a typo must not pass for a capped run)
+    env = dict(os.environ, FLEXQUANT_CPU="avx-512")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
+    assert set(res.stdout.splitlines()[0].split()[1:]) == full
+    assert "FLEXQUANT_CPU='avx-512' is none of" in res.stderr and "ignored" in res.stderr
 
 
 def test_bitplane_matmul_i16_gemm_over_several_chunks_of_rows(kernels):

@@ -1,5 +1,6 @@
 #include "cpu_features.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -29,8 +30,16 @@ namespace {
 CpuFeatures env_capped() {
     CpuFeatures f = detect_cpu_features();
     const char* env = std::getenv("FLEXQUANT_CPU");
-    if (!env) return f;
+    if (!env || !*env) return f;
     const auto is = [&](const char* v) { return std::strcmp(env, v) == 0; };
+    if (!is("portable") && !is("vec128") && !is("avx2") && !is("gfni") && !is("avx512") && !is("avx512-nogfni") &&
+        !is("avx512-nogfni-novnni"))
+        // a typo must not pass for a measurement of the capped kernels; no exception: this runs while
+        // the module loads
+        std::fprintf(stderr,
+                     "flexquant_rt: FLEXQUANT_CPU='%s' is none of portable, vec128, avx2, gfni, avx512, "
+                     "avx512-nogfni, avx512-nogfni-novnni: ignored, no cap\n",
+                     env);
     if (is("portable")) f.vec128 = f.avx2 = f.gfni = f.avx512 = f.avx512vnni = f.avxvnni = false;
     if (is("vec128")) f.avx2 = f.gfni = f.avx512 = f.avx512vnni = f.avxvnni = false;
     if (is("avx2")) f.gfni = f.avx512 = f.avx512vnni = false;

@@ -4,7 +4,8 @@
 // any x86-64; these flags pick the kernel at run time. FLEXQUANT_CPU in the environment caps what
 // is used, for tests and for measuring speed-ups: `portable` (no SIMD kernels), `vec128` (no AVX2),
 // `avx2` (no GFNI, no AVX-512), `gfni` (no AVX-512), `avx512-nogfni` (as Cascade Lake: AVX-512 and
-// its VNNI, no GFNI, no AVX-VNNI) or `avx512-nogfni-novnni` (as Skylake-SP: AVX-512 F/BW/DQ/VL).
+// its VNNI, no GFNI, no AVX-VNNI) or `avx512-nogfni-novnni` (as Skylake-SP: AVX-512 F/BW/DQ/VL);
+// `avx512` or empty: no cap. Any other value is named on stderr and ignored.
 #pragma once
 
 // The intrinsics kernels (AVX2, GFNI, AVX-512) exist on x86 only; elsewhere the int16 decode is the

@@ -149,11 +149,11 @@ def test_bitplane_matmul_i16_kernels_agree(path):
     every size, full last blocks and last blocks with empty rows. The reference is the portable
     kernels' fp32 product of x̂. The GFNI decode uses AVX-VNNI where the CPU has it; without it the
     outputs must be the same bits (and are, trivially, for the kernels that never use it)."""
-    # ('vec128' has a decode kernel of its own; its GEMM path is the portable one)
+    # ('vec128' has an integer decode kernel of its own; its GEMM multiplies in fp32, tested below)
     integer = [kind for kind in ["avx512", "gfni", "avx2", "vec128"] if kind in KERNELS
                and (kind != "vec128" or path == "decode")]
     if not integer:
-        pytest.skip("no integer kernel for this path here (no AVX2; vec128 has a decode only)")
+        pytest.skip("no integer kernel for this path here (no AVX2; vec128's GEMM is in fp32)")
     reference = "portable"
     prev = ops.get_cpu_kernels()
     rng = np.random.default_rng(9)
@@ -194,6 +194,38 @@ def test_bitplane_matmul_i16_kernels_agree(path):
                             plain = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, path, act="i16")
                             np.testing.assert_array_equal(plain, ys[kind],
                                                           err_msg=f"{kind} without AVX-VNNI: m={m} bits={bits}")
+    finally:
+        ops.set_cpu_kernels(prev)
+
+
+@pytest.mark.parametrize("act", ["i16", "f32"])
+def test_bitplane_matmul_vec128_gemm_matches_portable(act):
+    """The 'vec128' GEMM (prompts on CPUs without AVX2): each weight tile dequantized to fp32 from the
+    planes' bit transpose, then dotted with 2 (x86-64) or 4 (AArch64) activation rows at a time in
+    4-lane sums. Against the portable GEMM per element (the same products summed in another order:
+    close, not the same bits), on every tail of a row block, N not a multiple of 8 or 4, files stored
+    at 8, 6 and 4 bits, every bit-width, K with full and short last super-chunks, and at K = 4096 the
+    activations in several chunks of 32 rows (each tile dequantized again per chunk)."""
+    if "vec128" not in KERNELS:
+        pytest.skip("no 128-bit vectors on this CPU")
+    prev = ops.get_cpu_kernels()
+    rng = np.random.default_rng(19)
+    try:
+        for n, k, g, b, rows in [(13, 300, 32, 8, (5, 6, 7, 9, 17)), (37, 1664, 128, 6, (5, 8, 34)),
+                                 (9, 2000, 256, 4, (6, 11)), (6, 4096, 128, 8, (70,)), (3, 640, 64, 8, (5, 12))]:
+            planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), b, g)
+            for m in rows:
+                x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10.0, (m, 1))).astype(np.float32)
+                for bits in range(b, 1, -1):
+                    ys = {}
+                    for kind in ("portable", "vec128"):
+                        ops.set_cpu_kernels(kind)
+                        ys[kind] = ops.bitplane_matmul(planes, qparams, n, k, b, g, bits, x, "gemm", act=act)
+                        assert ops.last_bitplane_kernel() == f"gemm_{kind}"
+                    np.testing.assert_allclose(ys["vec128"], ys["portable"], rtol=1e-5,
+                                               atol=1e-5 * np.abs(ys["portable"]).max(),
+                                               err_msg=f"n={n} k={k} m={m} bits={bits}")
+                    assert not np.array_equal(ys["vec128"], ys["portable"]), f"n={n} k={k} m={m} bits={bits}"
     finally:
         ops.set_cpu_kernels(prev)
 
@@ -283,8 +315,9 @@ def test_bitplane_matmul_i16_avx512_variants_equal(path):
 def test_bitplane_matmul_dispatch_picks_each_familys_kernel():
     """Which kernel runs, per family, path and activations (each kernel records its own name as it
     runs): int16 activations take the integer kernels where the family has them ('vec128' for its
-    decode only), fp32 ones the fp32 kernels (GFNI's or AVX2's); AVX-512 int16 picks its compilation
-    by GFNI and AVX-512 VNNI, the 'gfni' decode by AVX-VNNI."""
+    decode only: its GEMM is in fp32 on either activations), fp32 ones the fp32 kernels (GFNI's or
+    AVX2's); AVX-512 int16 picks its compilation by GFNI and AVX-512 VNNI, the 'gfni' decode by
+    AVX-VNNI."""
     rng = np.random.default_rng(16)
     planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((16, 640)).astype(np.float32), 8, 128)
     x = rng.standard_normal((2, 640)).astype(np.float32)
@@ -297,7 +330,9 @@ def test_bitplane_matmul_dispatch_picks_each_familys_kernel():
                 for path in ("decode", "gemm"):
                     for act in ("i16", "f32"):
                         fp32 = "gfni" if "gfni" in f else "avx2" if "avx2" in f else "portable"
-                        if act == "f32":
+                        if "avx2" not in f and "vec128" in f and path == "gemm":
+                            want = "vec128"  # its fp32 GEMM, on either activations (x̂ as fp32)
+                        elif act == "f32":
                             want = fp32
                         elif "avx512" in f:
                             want = "i16_" + avx512_compilation(f)
@@ -723,6 +758,56 @@ def test_attention_prompt_path_avx512_equals_avx2(m, p0, H, Hkv, d, dtype):
         ops.set_cpu_kernels(prev)
     assert np.all(np.isfinite(out["avx512"]))
     np.testing.assert_array_equal(out["avx512"], out["avx2"])
+
+
+def test_attention_f16_cache_widened_exactly(kernels):
+    """Every fp16 bit pattern of a cache reaches the output as numpy widens it: one position, so the
+    output is 1 · V[0] / 1, exactly the row. The 'vec128' kernels widen in vectors (fcvtl on AArch64;
+    on x86-64 without F16C the bits are moved and scaled by 2^112, inf and NaN fixed up), the 'avx2'
+    ones with F16C, the portable ones one at a time: zeros of both signs, subnormals, normals, the
+    largest, infinities and NaNs (positions compared as NaN)."""
+    Hkv, d = 16, 4096
+    v = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(1, Hkv, d)
+    rng = np.random.default_rng(31)
+    q = rng.standard_normal((1, Hkv, d)).astype(np.float32)
+    k = rng.standard_normal((1, Hkv, d)).astype(np.float16)
+    out = ops.attention(q, k, v, 0)
+    np.testing.assert_array_equal(out, v.astype(np.float32))
+    # and the prompt path's widening of V rows (8 tokens: the first one attends to position 0 alone)
+    q8 = rng.standard_normal((8, 2 * Hkv, 64)).astype(np.float32)
+    vv = np.arange(8 * 2 * Hkv * 64, dtype=np.uint32) % 65536
+    vv = vv.astype(np.uint16).view(np.float16).reshape(8, 2 * Hkv, 64)
+    kk = rng.standard_normal((8, 2 * Hkv, 64)).astype(np.float16)
+    out8 = ops.attention(q8, kk, vv, 0)
+    np.testing.assert_array_equal(out8[0], vv[0].astype(np.float32))
+
+
+def test_attention_dispatch_picks_each_familys_path():
+    """Which path and kernels ran (ops.last_attention_kernel), per family: per token ('span') at decode
+    and for a few tokens, blocks of tokens x keys ('prompt') from 8 tokens and 16 (token, KV head)
+    pairs on; the SIMD kernels where head_dim allows them (AVX2 a multiple of 8, 'vec128' of 4), the
+    portable loops otherwise."""
+    rng = np.random.default_rng(33)
+    prev = ops.get_cpu_kernels()
+    try:
+        for kind in KERNELS:
+            ops.set_cpu_kernels(kind)
+            f = set(ops.cpu_features_in_use())
+            for m, d in [(1, 64), (40, 64), (1, 12), (40, 12), (1, 6), (40, 6)]:
+                q = rng.standard_normal((m, 4, d)).astype(np.float32)
+                kv = rng.standard_normal((m + 3, 2, d)).astype(np.float16)
+                ops.attention(q, kv, kv, 3)
+                simd = "avx2" if "avx2" in f and d % 8 == 0 else \
+                    "vec128" if "avx2" not in f and "vec128" in f and d % 4 == 0 else None
+                if simd is None:
+                    want = "span_portable"
+                elif m == 1:
+                    want = f"span_{simd}"
+                else:
+                    want = "prompt_" + ("avx512" if simd == "avx2" and "avx512" in f else simd)
+                assert ops.last_attention_kernel() == want, (kind, m, d)
+    finally:
+        ops.set_cpu_kernels(prev)
 
 
 def q8_reference(x):

@@ -382,6 +382,9 @@ void bind_ops(py::module_& parent) {
         "cpu_features_in_use", [] { return feature_names(cpu_features()); },
         "The instruction sets the kernels may use now (the family's, less what set_cpu_kernels or\n"
         "FLEXQUANT_CPU left out): 'vec128', 'avx2', 'gfni', 'avx512', 'avx512vnni', 'avxvnni'.");
+    m.def("last_attention_kernel", [] { return std::string(attention_last_kernel()); },
+          "The path the last attention call took: 'span_<kernels>' (per token) or 'prompt_<kernels>' (blocks\n"
+          "of tokens x blocks of keys), kernels 'portable', 'vec128', 'avx2' or 'avx512' ('' before any).");
     m.def("last_bitplane_kernel", [] { return std::string(bitplane_last_kernel()); },
           "The kernel the last bitplane matmul ran, e.g. 'decode_i16_avx512_vnni' or 'gemm_portable' (tests:\n"
           "which family and compilation the dispatch picked; '' before any).");

@@ -29,8 +29,10 @@
 // read from memory and widened to fp32 once for up to 4 of the group's heads.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -43,6 +45,9 @@
 
 #ifdef FLEXQUANT_X86
 #include <immintrin.h>
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 namespace flexquant {
@@ -69,6 +74,10 @@ float round_symmetric(const float* x, int64_t n, float qmax, T* codes) {
                                                          : 0.0f);
     return finite ? scale : std::numeric_limits<float>::quiet_NaN();
 }
+
+// The prompt path (attend_block, below): blocks of kKeyBlock keys, from kPromptRows query tokens on.
+constexpr int64_t kKeyBlock = 64;
+constexpr int64_t kPromptRows = 8;
 
 // Positions per task when one token's positions are split (decode): enough work per task to
 // amortize it, small enough that 2K positions give 8 tasks per KV head.
@@ -498,8 +507,7 @@ struct SpanAvx2 {
 // reductions, and the widening is shared by every query vector of the block. The V sums go the
 // same way over fp32 blocks of V rows: 4 vectors x 16 dims per register tile. Per query vector the
 // softmax is the decode path's (max, exp_scaled, divide at the end).
-constexpr int64_t kKeyBlock = 64;
-constexpr int64_t kPromptRows = 8;  // from this many query tokens on, the prompt path
+// (kKeyBlock, kPromptRows: above, shared with the 128-bit kernels.)
 
 // The 8 x 8 transpose of r[0..8) (rows) in place: r[c] lane j <- old r[j] lane c.
 inline void transpose8(__m256 r[8]) {
@@ -731,6 +739,314 @@ void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::ve
 #pragma GCC pop_options
 #endif  // FLEXQUANT_X86
 
+// ---- 128-bit vectors: CPUs without AVX2 (cpu_features().vec128: NEON on AArch64, SSE2 on x86-64) ----
+//
+// The same two paths as the AVX2 kernels, in GCC/Clang vector extensions on 4 floats (the compiler
+// emits NEON or SSE2): per token, spans whose K and V rows are widened to fp32 once for up to 4 of the
+// group's heads (SpanVec128), and for prompts blocks of query vectors against blocks of keys
+// (attend_block_vec128). The portable loops they replace widen an fp16 element in software once per
+// head and keep one add chain per dot product: on SmolLM2 (x86-64 capped to SSE2, 2 threads) they were
+// three quarters of a 1,024-token prompt and of a decode step at 1,024 positions. An fp16 cache widens
+// with NEON's fcvtl on AArch64; SSE2 has no fp16 conversion, so there it is the bits rearranged in
+// vectors (exact, as fp16_to_fp32). head_dim must be a multiple of 4.
+#if defined(__SSE2__) || (defined(__aarch64__) && defined(__ARM_NEON))
+#define FQ_ATTN_VEC128 1
+
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
+
+#define FQ_V128_INLINE inline __attribute__((always_inline))
+
+FQ_V128_INLINE f32x4 load4(const float* p) {
+    f32x4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+}
+FQ_V128_INLINE f32x4 load4(const uint16_t* p) {
+#if defined(__aarch64__) && defined(__ARM_NEON)
+    return reinterpret_cast<f32x4>(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))));
+#else
+    // fp16_to_fp32 on 4 lanes: exponent and mantissa moved to fp32's places and scaled by 2^112 (exact
+    // for normal and subnormal values alike: a power of two), then inf and NaN (exponent 31) given
+    // fp32's all-ones exponent with their mantissa kept, and the sign put back.
+    const u32x4 h = {p[0], p[1], p[2], p[3]};
+    const u32x4 em = (h & 0x7fffu) << 13;
+    const f32x4 scaled = reinterpret_cast<f32x4>(em) * 0x1p112f;
+    const u32x4 special = reinterpret_cast<u32x4>((h & 0x7c00u) == 0x7c00u);  // all ones where inf / NaN
+    const u32x4 bits = (special & (em | 0x7f800000u)) | (~special & reinterpret_cast<u32x4>(scaled));
+    return reinterpret_cast<f32x4>(bits | ((h & 0x8000u) << 16));
+#endif
+}
+FQ_V128_INLINE f32x4 load4(const int8_t* p) {
+    return f32x4{static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]), static_cast<float>(p[3])};
+}
+// Elements e .. e + 3 of row t (e a multiple of 4: in one q8 block) as fp32, a q8 code times its block's scale.
+template <typename KV>
+FQ_V128_INLINE f32x4 load4(const Rows<KV>& r, int64_t t, int64_t e) {
+    const f32x4 v = load4(r.p + t * r.stride + e);
+    if constexpr (std::is_same_v<KV, int8_t>) return v * r.sc[t * r.sc_stride + e / kQ8Block];
+    return v;
+}
+FQ_V128_INLINE float hsum4(f32x4 a) {
+    return (a[0] + a[1]) + (a[2] + a[3]);
+}
+FQ_V128_INLINE void store4(float* p, f32x4 v) {
+    std::memcpy(p, &v, 16);
+}
+
+// The largest of s (n), NaN ignored (as std::max(m, s[t]) in a loop); -inf for n = 0.
+inline float max_vec128(const float* s, int64_t n) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    f32x4 m4 = {ninf, ninf, ninf, ninf};
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+        const f32x4 v = load4(s + t);
+        const i32x4 gt = v > m4;  // false for NaN: keeps m4
+        m4 = reinterpret_cast<f32x4>((gt & reinterpret_cast<i32x4>(v)) | (~gt & reinterpret_cast<i32x4>(m4)));
+    }
+    float m = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+    for (; t < n; ++t) m = std::max(m, s[t]);
+    return m;
+}
+
+// Vector registers the tiles below may hold as sums: 32 on AArch64, 16 on x86-64 (SSE2).
+#if defined(__aarch64__)
+constexpr int kV128Sums = 16;
+#else
+constexpr int kV128Sums = 8;
+#endif
+
+template <typename KV>
+struct SpanVec128 {
+    static float max(const float* s, int64_t n) { return max_vec128(s, n); }
+
+    // s[g·n + t] = scale · q_g · K[t] for GC heads, R rows at a time: each K element widened once for
+    // the GC heads, R·GC independent sums.
+    template <int R, int GC>
+    static FQ_V128_INLINE void dot_rows(const float* q, const Rows<KV>& K, int64_t t, int64_t n, int64_t d, float scale,
+                                        float* s) {
+        f32x4 acc[R][GC];
+        for (int r = 0; r < R; ++r)
+            for (int g = 0; g < GC; ++g) acc[r][g] = f32x4{};
+        for (int64_t e = 0; e < d; e += 4)
+            for (int r = 0; r < R; ++r) {
+                const f32x4 kv = load4(K, t + r, e);
+                for (int g = 0; g < GC; ++g) acc[r][g] += load4(q + g * d + e) * kv;
+            }
+        for (int r = 0; r < R; ++r)
+            for (int g = 0; g < GC; ++g) s[g * n + t + r] = hsum4(acc[r][g]) * scale;
+    }
+    template <int GC>
+    static void scores_pass(const float* q, const Rows<KV>& K, int64_t n, int64_t d, float scale, float* s) {
+        constexpr int R = kV128Sums / GC / 2 > 4 ? 4 : kV128Sums / GC / 2 < 1 ? 1 : kV128Sums / GC / 2;
+        int64_t t = 0;
+        for (; t + R <= n; t += R) dot_rows<R, GC>(q, K, t, n, d, scale, s);
+        for (; t < n; ++t) dot_rows<1, GC>(q, K, t, n, d, scale, s);
+    }
+    static void scores(const float* q, const Rows<KV>& K, int64_t n, int64_t G, int64_t d, float scale, float* s) {
+        for (int64_t g = 0; g < G;) {
+            const int64_t gc = std::min<int64_t>(4, G - g);
+            switch (gc) {
+                case 4: scores_pass<4>(q + g * d, K, n, d, scale, s + g * n); break;
+                case 3: scores_pass<3>(q + g * d, K, n, d, scale, s + g * n); break;
+                case 2: scores_pass<2>(q + g * d, K, n, d, scale, s + g * n); break;
+                default: scores_pass<1>(q + g * d, K, n, d, scale, s + g * n); break;
+            }
+            g += gc;
+        }
+    }
+
+    // o[g·d + c .. + 4 DW) += Σ_t p[g·n + t] · V[t][c ..] for GC heads: the sums in registers over all n
+    // rows, each row's elements widened once for the GC heads; per element the FMAs (or multiplies
+    // and adds) of a row-by-row o += p[t] · V[t], in the same order.
+    template <int GC, int DW>
+    static FQ_V128_INLINE void values_cols(const float* p, const Rows<KV>& V, int64_t n, int64_t c, int64_t d,
+                                           float* o) {
+        f32x4 acc[GC][DW];
+        for (int g = 0; g < GC; ++g)
+            for (int w = 0; w < DW; ++w) acc[g][w] = load4(o + g * d + c + 4 * w);
+        for (int64_t t = 0; t < n; ++t) {
+            f32x4 vv[DW];
+            for (int w = 0; w < DW; ++w) vv[w] = load4(V, t, c + 4 * w);
+            for (int g = 0; g < GC; ++g) {
+                const float pt = p[g * n + t];
+                for (int w = 0; w < DW; ++w) acc[g][w] += pt * vv[w];
+            }
+        }
+        for (int g = 0; g < GC; ++g)
+            for (int w = 0; w < DW; ++w) store4(o + g * d + c + 4 * w, acc[g][w]);
+    }
+    template <int GC>
+    static void values_pass(const float* p, const Rows<KV>& V, int64_t n, int64_t d, float* o) {
+        constexpr int DW = kV128Sums / GC > 8 ? 8 : kV128Sums / GC;
+        int64_t c = 0;
+        for (; c + 4 * DW <= d; c += 4 * DW) values_cols<GC, DW>(p, V, n, c, d, o);
+        for (; c < d; c += 4) values_cols<GC, 1>(p, V, n, c, d, o);
+    }
+    static void weighted_sums(const float* p, const Rows<KV>& V, int64_t n, int64_t G, int64_t d, float* o) {
+        std::fill(o, o + G * d, 0.0f);
+        for (int64_t g = 0; g < G;) {
+            const int64_t gc = std::min<int64_t>(4, G - g);
+            switch (gc) {
+                case 4: values_pass<4>(p + g * n, V, n, d, o + g * d); break;
+                case 3: values_pass<3>(p + g * n, V, n, d, o + g * d); break;
+                case 2: values_pass<2>(p + g * n, V, n, d, o + g * d); break;
+                default: values_pass<1>(p + g * n, V, n, d, o + g * d); break;
+            }
+            g += gc;
+        }
+    }
+};
+
+// ---- prompts on 128-bit vectors: attend_block's scheme (below the AVX2 one: blocks of query vectors
+// against blocks of kKeyBlock keys widened and transposed once) with 4-float tiles: NV query vectors x
+// 16 keys of scores, NV vectors x 16 dimensions of V sums, NV = 4 on AArch64, 2 on x86-64.
+constexpr int kV128Vectors = kV128Sums / 4;
+
+// kt (d, kKeyBlock) = the n <= kKeyBlock rows K[t] as fp32 columns, zeros past n.
+template <typename KV>
+void keys_transposed_vec128(const Rows<KV>& K, int64_t n, int64_t d, float* kt) {
+    for (int64_t j = 0; j < kKeyBlock; ++j)
+        for (int64_t e = 0; e < d; e += 4) {
+            const f32x4 v = j < n ? load4(K, j, e) : f32x4{};
+            for (int c = 0; c < 4; ++c) kt[(e + c) * kKeyBlock + j] = v[c];
+        }
+}
+
+// s[v][0 .. 16) = scale · q[v] · the 16 keys at kt's columns, for NV query vectors.
+template <int NV>
+void scores_tile_vec128(const float* const* q, const float* kt, int64_t d, float scale, float* const* s) {
+    f32x4 a[NV][4];
+    for (int v = 0; v < NV; ++v)
+        for (int w = 0; w < 4; ++w) a[v][w] = f32x4{};
+    for (int64_t e = 0; e < d; ++e) {
+        f32x4 b[4];
+        for (int w = 0; w < 4; ++w) b[w] = load4(kt + e * kKeyBlock + 4 * w);
+        for (int v = 0; v < NV; ++v) {
+            const float qe = q[v][e];
+            for (int w = 0; w < 4; ++w) a[v][w] += qe * b[w];
+        }
+    }
+    for (int v = 0; v < NV; ++v)
+        for (int w = 0; w < 4; ++w) store4(s[v] + 4 * w, a[v][w] * scale);
+}
+
+// o[v][c .. c + 4 DW) += Σ_{t < n} p[v][t] · vb[t][c ..] for NV vectors; vb (n, d) fp32 rows.
+template <int NV, int DW>
+void values_tile_vec128(const float* const* p, const float* vb, int64_t n, int64_t d, int64_t c, float* const* o) {
+    f32x4 a[NV][DW];
+    for (int v = 0; v < NV; ++v)
+        for (int w = 0; w < DW; ++w) a[v][w] = load4(o[v] + c + 4 * w);
+    for (int64_t t = 0; t < n; ++t) {
+        f32x4 b[DW];
+        for (int w = 0; w < DW; ++w) b[w] = load4(vb + t * d + c + 4 * w);
+        for (int v = 0; v < NV; ++v) {
+            const float pv = p[v][t];
+            for (int w = 0; w < DW; ++w) a[v][w] += pv * b[w];
+        }
+    }
+    for (int v = 0; v < NV; ++v)
+        for (int w = 0; w < DW; ++w) store4(o[v] + c + 4 * w, a[v][w]);
+}
+
+template <int NV>
+void values_tiles_vec128(const float* const* p, const float* vb, int64_t n, int64_t d, float* const* o) {
+    int64_t c = 0;
+    for (; c + 16 <= d; c += 16) values_tile_vec128<NV, 4>(p, vb, n, d, c, o);
+    for (; c < d; c += 4) values_tile_vec128<NV, 1>(p, vb, n, d, c, o);  // d is a multiple of 4
+}
+
+// NV = n (1 .. kV128Vectors) at run time.
+template <template <int> class Make, typename... A>
+void per_vectors(int n, A&&... args) {
+    switch (n) {
+        case 4: if constexpr (kV128Vectors >= 4) { Make<4>::run(args...); break; } [[fallthrough]];
+        case 3: if constexpr (kV128Vectors >= 3) { Make<3>::run(args...); break; } [[fallthrough]];
+        case 2: Make<2>::run(args...); break;
+        default: Make<1>::run(args...); break;
+    }
+}
+template <int NV>
+struct ScoresTileV128 {
+    static void run(const float* const* q, const float* kt, int64_t d, float scale, float* const* s) {
+        scores_tile_vec128<NV>(q, kt, d, scale, s);
+    }
+};
+template <int NV>
+struct ValuesTilesV128 {
+    static void run(const float* const* p, const float* vb, int64_t n, int64_t d, float* const* o) {
+        values_tiles_vec128<NV>(p, vb, n, d, o);
+    }
+};
+
+// attend_block (AVX2, above) on 128-bit vectors: tokens [i0, i1) x KV head hk. Scratch: s (nv, t_pad),
+// kt (d, kKeyBlock), vb (kKeyBlock, d), o (nv, d).
+template <typename KV>
+void attend_block_vec128(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::vector<float>& scratch) {
+    const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim;
+    const int64_t nv = (i1 - i0) * G, t_max = a.p0 + i1, t_pad = (t_max + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    scratch.resize(static_cast<size_t>(nv * t_pad + 2 * kKeyBlock * d + nv * d));
+    float* S = scratch.data();
+    float* kt = S + nv * t_pad;
+    float* vb = kt + kKeyBlock * d;
+    float* O = vb + kKeyBlock * d;
+    const Rows<KV> K = rows_of<KV>(a, a.k_cache, a.k_scale, hk, 0), V = rows_of<KV>(a, a.v_cache, a.v_scale, hk, 0);
+    auto qv = [&](int64_t v) { return a.q + ((i0 + v / G) * a.n_heads + hk * G) * d + (v % G) * d; };
+    auto keys_of = [&](int64_t v) { return a.p0 + i0 + v / G + 1; };  // causal: positions < this
+
+    for (int64_t t0 = 0; t0 < t_max; t0 += kKeyBlock) {
+        keys_transposed_vec128(K.from(t0), std::min(kKeyBlock, t_max - t0), d, kt);
+        for (int64_t j0 = 0; j0 < kKeyBlock && t0 + j0 < t_max; j0 += 16)
+            for (int64_t v0 = 0; v0 < nv; v0 += kV128Vectors) {
+                const float* q[kV128Vectors];
+                float* s[kV128Vectors];
+                const int NV = static_cast<int>(std::min<int64_t>(kV128Vectors, nv - v0));
+                for (int v = 0; v < NV; ++v) {
+                    q[v] = qv(v0 + v);
+                    s[v] = S + (v0 + v) * t_pad + t0 + j0;
+                }
+                per_vectors<ScoresTileV128>(NV, q, kt + j0, d, scale, s);
+            }
+    }
+    std::vector<float> sums(static_cast<size_t>(nv));
+    for (int64_t v = 0; v < nv; ++v) {
+        float* sv = S + v * t_pad;
+        const int64_t n = keys_of(v);
+        sums[v] = static_cast<float>(ops_detail::exp_scaled(sv, n, 1.0f, max_vec128(sv, n), sv));
+    }
+    std::fill(O, O + nv * d, 0.0f);
+    for (int64_t t0 = 0; t0 < t_max; t0 += kKeyBlock) {
+        const int64_t nb = std::min(kKeyBlock, t_max - t0);
+        for (int64_t t = 0; t < nb; ++t)
+            for (int64_t e = 0; e < d; e += 4) store4(vb + t * d + e, load4(V, t0 + t, e));
+        for (int64_t v0 = 0; v0 < nv; v0 += kV128Vectors) {
+            const int NV = static_cast<int>(std::min<int64_t>(kV128Vectors, nv - v0));
+            const float* p[kV128Vectors];
+            float* o[kV128Vectors];
+            for (int v = 0; v < NV; ++v) {
+                p[v] = S + (v0 + v) * t_pad + t0;
+                o[v] = O + (v0 + v) * d;
+            }
+            // vectors in order of token: the first one attends to the fewest positions
+            const int64_t common = std::min(nb, std::max<int64_t>(0, keys_of(v0) - t0));
+            per_vectors<ValuesTilesV128>(NV, p, vb, common, d, o);
+            for (int v = 0; v < NV; ++v) {
+                const int64_t own = std::min(nb, std::max<int64_t>(0, keys_of(v0 + v) - t0));
+                const float* tail = p[v] + common;
+                if (own > common) values_tiles_vec128<1>(&tail, vb + common * d, own - common, d, &o[v]);
+            }
+        }
+    }
+    for (int64_t v = 0; v < nv; ++v) {
+        float* out = a.out + ((i0 + v / G) * a.n_heads + hk * G + v % G) * d;
+        const float inv = 1.0f / sums[v];
+        for (int64_t e = 0; e < d; ++e) out[e] = O[v * d + e] * inv;
+    }
+}
+#endif  // 128-bit vectors
+
 // One task: for each query head g of the group, over positions [t0, t1): mx[g] = max score,
 // sum[g] = Σ exp(s - mx), o[g] (d) = Σ exp(s - mx) V[t]. scores: scratch of G * (t1 - t0).
 template <typename KV, typename Span>
@@ -761,6 +1077,13 @@ void run_tasks(const AttnArgs& a, const std::vector<Task>& tasks, float* partial
     }
 }
 
+std::atomic<const char*> g_last_attention{""};
+
+// attention_last_kernel()'s record, once per call (on the calling thread).
+void note_attention(const char* name) {
+    g_last_attention.store(name, std::memory_order_relaxed);
+}
+
 template <typename KV>
 void attention_impl(const AttnArgs& a, ThreadPool* pool) {
     if (a.m < 0 || a.p0 < 0 || a.head_dim <= 0 || a.n_kv_heads <= 0 || a.n_heads % a.n_kv_heads)
@@ -770,8 +1093,9 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
     if (a.m == 0) return;
     const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim;
     [[maybe_unused]] const bool simd = cpu_features().avx2 && d % 8 == 0;
-#ifdef FLEXQUANT_X86
-    if (simd && a.m >= kPromptRows && a.m * a.n_kv_heads >= 16) {
+    [[maybe_unused]] const bool vec = !cpu_features().avx2 && cpu_features().vec128 && d % 4 == 0;
+#if defined(FLEXQUANT_X86) || defined(FQ_ATTN_VEC128)
+    if ((simd || vec) && a.m >= kPromptRows && a.m * a.n_kv_heads >= 16) {
         // A prompt: tasks of (a block of tokens, one KV head), about 64 query vectors each, fewer
         // where that would leave under 32 tasks (a short chunk on a long cache: the threads need
         // work) or make a task's scores (vectors x positions) pass 1M floats (4 MiB of scratch per
@@ -782,12 +1106,22 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
         tokens = std::min(tokens, std::max<int64_t>(1, a.m * a.n_kv_heads / 32));
         tokens = std::min(tokens, std::max<int64_t>(1, (int64_t(1) << 20) / (G * (t_all + kKeyBlock))));
         const int64_t n_blocks = (a.m + tokens - 1) / tokens, n_tasks = n_blocks * a.n_kv_heads;
+        note_attention(simd ? (cpu_features().avx512 ? "prompt_avx512" : "prompt_avx2") : "prompt_vec128");
         auto body = [&](int64_t b, int64_t e) {
             thread_local std::vector<float> scratch;
             for (int64_t k = b; k < e; ++k) {
                 // later blocks attend to more positions: take them first so the threads end together
                 const int64_t blk = n_blocks - 1 - k / a.n_kv_heads, hk = k % a.n_kv_heads;
-                attend_block<KV>(a, blk * tokens, std::min(a.m, (blk + 1) * tokens), hk, scratch);
+                const int64_t i0 = blk * tokens, i1 = std::min(a.m, (blk + 1) * tokens);
+#ifdef FLEXQUANT_X86
+                if (simd) {
+                    attend_block<KV>(a, i0, i1, hk, scratch);
+                    continue;
+                }
+#endif
+#ifdef FQ_ATTN_VEC128
+                attend_block_vec128<KV>(a, i0, i1, hk, scratch);
+#endif
             }
         };
         if (pool)
@@ -813,9 +1147,13 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
     first.back() = static_cast<int64_t>(tasks.size());
     std::vector<float> partial(tasks.size() * G * (d + 2));
 
+    note_attention(simd ? "span_avx2" : vec ? "span_vec128" : "span_portable");
     auto body = [&](int64_t b, int64_t e) {
 #ifdef FLEXQUANT_X86
         if (simd) return run_tasks<KV, SpanAvx2<KV>>(a, tasks, partial.data(), b, e);
+#endif
+#ifdef FQ_ATTN_VEC128
+        if (vec) return run_tasks<KV, SpanVec128<KV>>(a, tasks, partial.data(), b, e);
 #endif
         run_tasks<KV, SpanPortable<KV>>(a, tasks, partial.data(), b, e);
     };
@@ -851,6 +1189,10 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
 }
 
 }  // namespace
+
+const char* attention_last_kernel() {
+    return g_last_attention.load(std::memory_order_relaxed);
+}
 
 void attention(const float* q, const float* k_cache, const float* v_cache, int64_t m, int64_t p0, int64_t n_heads,
                int64_t n_kv_heads, int64_t head_dim, KvStrides kv, float* out, ThreadPool* pool) {

@@ -428,42 +428,54 @@ struct SpreadTable {
 };
 const SpreadTable kSpread;
 
+}  // namespace
+
+void bitplane_detail::dequantize_tile(const Job& j, int64_t rt, float* rows) {
+    const uint64_t pb = j.w->plane_bytes;
+    const int shift = j.w->max_bits - j.bits;
+    const float smul = static_cast<float>(1 << shift);
+    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
+    const int n_rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
+    std::vector<float> scale(j.n_groups), mins(j.n_groups);
+    for (int g = 0; g < n_rows; ++g) {
+        const uint16_t* qp = j.w->qparams + (rt * 8 + g) * j.n_groups * 2;
+        for (int64_t gr = 0; gr < j.n_groups; ++gr) {
+            const float s = fp16_to_fp32(qp[2 * gr]);
+            scale[gr] = s * smul;
+            mins[gr] = fp16_to_fp32(qp[2 * gr + 1]) + s * mmul;
+        }
+        float* row = rows + g * j.k_pad;
+        for (int64_t s = 0; s < j.n_super; ++s) {
+            const int W = super_words(j, s);
+            const uint8_t* rb = j.w->planes + super_offset(j, rt, s) + 16 * W * g;
+            for (int o = 0; o < 4 * W; ++o) {
+                const int64_t w = 16 * s + o;
+                uint64_t code[4] = {0, 0, 0, 0};  // byte i of code[q] = code of weight 8q + i
+                for (int p = 0; p < j.bits; ++p) {
+                    const uint32_t v = load_u32(rb + p * pb + 4 * o);
+                    for (int q = 0; q < 4; ++q) code[q] = (code[q] << 1) + kSpread.t[(v >> (8 * q)) & 255];
+                }
+                const int gr = j.word_group[w];
+                const float sk = scale[gr], mk = mins[gr];
+                float* out = row + w * 32;
+                for (int q = 0; q < 4; ++q)
+                    for (int i = 0; i < 8; ++i) out[8 * q + i] = sk * static_cast<float>((code[q] >> (8 * i)) & 255) + mk;
+            }
+        }
+    }
+    std::fill(rows + n_rows * j.k_pad, rows + 8 * j.k_pad, 0.0f);
+}
+
+namespace {
+
+
 // Portable gemm: dequantize each row of the tile (natural word order) and dot it with every x row.
 void gemm_tiles_portable(const Job& j, int64_t t0, int64_t t1) {
     note_kernel("gemm_portable");
-    const uint64_t pb = j.w->plane_bytes;
-    std::vector<float> scale(8 * j.n_groups), bias(8 * j.m), rows_buf(8 * j.k_pad), mins(8 * j.n_groups);
-    const int shift = j.w->max_bits - j.bits;
-    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
+    std::vector<float> rows_buf(8 * j.k_pad);
     for (int64_t rt = t0; rt < t1; ++rt) {
-        tile_params_portable(j, rt, scale.data(), bias.data());
+        dequantize_tile(j, rt, rows_buf.data());
         const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
-        for (int g = 0; g < rows; ++g) {
-            const uint16_t* qp = j.w->qparams + (rt * 8 + g) * j.n_groups * 2;
-            for (int64_t gr = 0; gr < j.n_groups; ++gr)
-                mins[g * j.n_groups + gr] = fp16_to_fp32(qp[2 * gr + 1]) + fp16_to_fp32(qp[2 * gr]) * mmul;
-        }
-        for (int64_t s = 0; s < j.n_super; ++s) {
-            const int W = super_words(j, s);
-            const uint8_t* sb = j.w->planes + super_offset(j, rt, s);
-            for (int g = 0; g < rows; ++g) {
-                const uint8_t* rb = sb + 16 * W * g;
-                for (int o = 0; o < 4 * W; ++o) {
-                    const int64_t w = 16 * s + o;
-                    uint64_t code[4] = {0, 0, 0, 0};  // byte i of code[q] = code of weight 8q + i
-                    for (int p = 0; p < j.bits; ++p) {
-                        const uint32_t v = load_u32(rb + p * pb + 4 * o);
-                        for (int q = 0; q < 4; ++q) code[q] = (code[q] << 1) + kSpread.t[(v >> (8 * q)) & 255];
-                    }
-                    const int gr = j.word_group[w];
-                    const float sk = scale[g * j.n_groups + gr], mk = mins[g * j.n_groups + gr];
-                    float* out = rows_buf.data() + g * j.k_pad + w * 32;
-                    for (int q = 0; q < 4; ++q)
-                        for (int i = 0; i < 8; ++i)
-                            out[8 * q + i] = sk * static_cast<float>((code[q] >> (8 * i)) & 255) + mk;
-                }
-            }
-        }
         // The min term is inside the dequantized rows, so no bias here.
         for (int g = 0; g < rows; ++g) {
             const float* row = rows_buf.data() + g * j.k_pad;
@@ -551,9 +563,11 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     // (GFNI without AVX-512 VNNI exists only as a cap: no CPU with both GFNI and AVX-512 lacks VNNI)
     j.i512 = cpu_features().gfni && cpu_features().avx512vnni ? 0 : cpu_features().avx512vnni ? 1 : 2;
     const bool i16_avx2 = act == BITPLANE_ACT_I16 && !i16_avx512 && avx2;
-    // without AVX2: the 128-bit decode (NEON, SSE2); its GEMM path is the portable one on x̂
+    // without AVX2: the 128-bit decode (NEON, SSE2) on int16 activations, and the 128-bit fp32 GEMM on
+    // either (x̂ as fp32 on int16 ones)
     const bool i16_vec128 = act == BITPLANE_ACT_I16 && !i16_avx512 && !i16_avx2 && cpu_features().vec128 &&
                             path == BITPLANE_PATH_DECODE;
+    const bool gemm_vec128 = !i16_avx512 && !avx2 && cpu_features().vec128 && path == BITPLANE_PATH_GEMM;
     const bool i16_kernel = ((i16_avx512 || i16_avx2) && path == BITPLANE_PATH_DECODE) || i16_vec128;  // xi, I16 order
     const bool i16_gemm = i16_avx512 && path == BITPLANE_PATH_GEMM;
     const bool i16_gemm_avx2 = i16_avx2 && path == BITPLANE_PATH_GEMM;
@@ -687,6 +701,7 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
             if (avx2) return gemm_tiles_avx2(jb, t0, t1);
         }
 #endif
+        if (gemm_vec128) return gemm_tiles_vec128(jb, t0, t1);
         if (path == BITPLANE_PATH_DECODE)
             decode_tiles_portable(jb, lut.data(), t0, t1);
         else

@@ -19,7 +19,14 @@
 // vectors of 8 int16 (even / odd bytes of each half), multiplied with the activations' slots of
 // WORD_ORDER_I16 (the AVX kernels' layout; filled here by prepare_i16_portable) into 4 int32 sums of
 // 8 products each, exact (|Σ| <= 8 · 255 · 32767 < 2^31), which become fp32 once per step, times
-// 2^(k-8) s_k · xs of the word's group. The GEMM path (prompts) stays the portable one on x̂.
+// 2^(k-8) s_k · xs of the word's group.
+//
+// The GEMM of prompts (gemm_tiles_vec128, at the end) is fp32 on either activations (x̂ on int16 ones):
+// each tile of 8 weight rows is dequantized from the same transpose, then dotted with blocks of
+// activation rows in 4-lane sums. fp32 rather than int16 products because NEON multiplies 4 lanes per
+// instruction either way (fmla, smlal) and fp32 needs no per-group scaling of the sums. On SSE2 (no
+// FMA) the multiplies and adds bound it, not the loads: blocks of 1, 2, 3 or 4 activation rows ran
+// within 20% of each other, 2 the fastest (docs/kernels.md, stop 31).
 
 #include <algorithm>
 #include <cmath>
@@ -28,6 +35,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "fp16.h"
 #include "ops/ops.h"
 
 #if defined(__SSE2__)
@@ -271,6 +279,97 @@ void decode_tiles(const Job& j, int64_t t0, int64_t t1) {
     }
 }
 
+// ---- the GEMM (prompts): y[r, n] = Σ_i w[n, i] x[r, i] over the tile's dequantized rows ------------
+//
+// The portable GEMM dots one weight row with one activation row at a time: two loads per multiply-add.
+// Here a block of 4 weight rows and RB activation rows shares its loads, 4 + RB per 4 RB multiply-adds,
+// each (weight row, activation row) pair a vector of 4 partial sums along K. RB = 4 on AArch64 (32
+// vector registers: 16 sums, 8 operands), 2 on x86-64 (16 registers: 8 sums). FMA where the target
+// has it (NEON's fmla: GCC and Clang contract the multiply-add; SSE2 has none).
+#if defined(__aarch64__)
+constexpr int kGemmRows = 4;
+#else
+constexpr int kGemmRows = 2;
+#endif
+
+// out[g][r] = Σ_i w[g k_pad + i] x[r x_stride + i], w (4, k_pad), x (RB, x_stride); k_pad a multiple of 4
+template <int RB>
+FQ_INLINE void dot_block(const float* w, int64_t k_pad, const float* x, int64_t x_stride, float out[4][RB]) {
+    f32x4 acc[4][RB];
+    for (int g = 0; g < 4; ++g)
+        for (int r = 0; r < RB; ++r) acc[g][r] = f32x4{};
+    for (int64_t i = 0; i < k_pad; i += 4) {
+        f32x4 xv[RB];
+        for (int r = 0; r < RB; ++r) xv[r] = load16<f32x4>(x + r * x_stride + i);
+        for (int g = 0; g < 4; ++g) {
+            const f32x4 wv = load16<f32x4>(w + g * k_pad + i);
+            for (int r = 0; r < RB; ++r) acc[g][r] += wv * xv[r];
+        }
+    }
+    for (int g = 0; g < 4; ++g)
+        for (int r = 0; r < RB; ++r) out[g][r] = (acc[g][r][0] + acc[g][r][1]) + (acc[g][r][2] + acc[g][r][3]);
+}
+
+// rows (8, k_pad) = dequantize_tile's values, from the transpose of decode_tile: per lane of 4 words,
+// lane_to_B and the unpacks give word v's 32 codes (shifted left by 8 - k) in natural order, c0 and
+// c1 as bytes; widened to fp32 they are scaled by 2^(k-8) s_k (the same products as s_k · c_k: only
+// powers of two apart) plus m_k. Scalar, dequantize_tile costs ~1.7 cycles per weight: at 16 prompt
+// rows as much as the multiply-adds.
+template <int BITS>
+void dequantize_tile_vec128(const Job& j, int64_t rt, float* rows) {
+    const uint64_t pb = j.w->plane_bytes;
+    const int shift = j.w->max_bits - BITS;
+    const float smul = static_cast<float>(1 << shift) / static_cast<float>(1 << (8 - BITS));
+    const float mmul = static_cast<float>(((1 << shift) - 1) / 2.0);
+    const int n_rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
+    const u8x16 zero8 = u8x16{};
+    const u16x8 zero16 = u16x8{};
+    for (int g = 0; g < n_rows; ++g) {
+        const uint16_t* qp = j.w->qparams + (rt * 8 + g) * j.n_groups * 2;
+        float* row = rows + g * j.k_pad;
+        for (int64_t s = 0; s < j.n_super; ++s) {
+            const int W = super_words(j, s);
+            const uint8_t* rb = j.w->planes + super_offset(j, rt, s) + 16 * W * g;
+            for (int L = 0; L < W; ++L) {
+                u32x4 B[8];
+                lane_to_B<BITS>(rb + 16 * L, pb, B);
+#pragma GCC unroll 4
+                for (int v = 0; v < 4; ++v) {
+                    const int64_t w = 16 * s + 4 * L + v;  // the stored word, natural order
+                    const int32_t gr = j.word_group[w];
+                    const float sc = fp16_to_fp32(qp[2 * gr]);
+                    const float sk = sc * smul, mk = fp16_to_fp32(qp[2 * gr + 1]) + sc * mmul;
+                    const u8x16 c[2] = {reinterpret_cast<u8x16>(unpacklo32(B[v], B[4 + v])),
+                                        reinterpret_cast<u8x16>(unpackhi32(B[v], B[4 + v]))};
+                    float* out = row + w * 32;
+                    for (int h = 0; h < 2; ++h)
+                        for (int e = 0; e < 2; ++e) {
+                            const u16x8 c16 = reinterpret_cast<u16x8>(e ? unpackhi8(c[h], zero8) : unpacklo8(c[h], zero8));
+                            const i32x4 lo = reinterpret_cast<i32x4>(unpacklo16(c16, zero16));
+                            const i32x4 hi = reinterpret_cast<i32x4>(unpackhi16(c16, zero16));
+                            const f32x4 flo = __builtin_convertvector(lo, f32x4) * sk + mk;
+                            const f32x4 fhi = __builtin_convertvector(hi, f32x4) * sk + mk;
+                            std::memcpy(out + 16 * h + 8 * e, &flo, 16);
+                            std::memcpy(out + 16 * h + 8 * e + 4, &fhi, 16);
+                        }
+                }
+            }
+        }
+    }
+    std::fill(rows + n_rows * j.k_pad, rows + 8 * j.k_pad, 0.0f);
+}
+
+// Activation rows [r0, r0 + RB) against the tile's rows (8, k_pad) (n_rows of them real) -> y.
+template <int RB>
+void gemm_rows(const Job& j, int64_t rt, const float* rows, int n_rows, int64_t r0) {
+    for (int g0 = 0; g0 < n_rows; g0 += 4) {
+        float out[4][RB];
+        dot_block<RB>(rows + g0 * j.k_pad, j.k_pad, j.xp + r0 * j.x_stride, j.x_stride, out);
+        for (int g = 0; g < std::min(4, n_rows - g0); ++g)
+            for (int r = 0; r < RB; ++r) j.y[(r0 + r) * j.w->n + rt * 8 + g0 + g] = out[g][r];
+    }
+}
+
 }  // namespace
 
 void prepare_i16_portable(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
@@ -314,6 +413,26 @@ void prepare_i16_portable(const Job& j, const float* x, int64_t k, int16_t* q_tm
 void decode_tiles_i16_vec128(const Job& j, int64_t t0, int64_t t1) {
     note_kernel("decode_i16_vec128");
     with_bits(j.bits, [&](auto bits) { decode_tiles<decltype(bits)::value>(j, t0, t1); });
+}
+
+void gemm_tiles_vec128(const Job& j, int64_t t0, int64_t t1) {
+    note_kernel("gemm_vec128");
+    std::vector<float> rows(static_cast<size_t>(8 * j.k_pad));  // (8, k_pad)
+    // The activation rows in chunks of about 512 KiB, each passed over by every tile of the range: a
+    // long prompt's rows would not stay in cache from one tile to the next. A tile is dequantized once
+    // per chunk (a few percent of its multiply-adds at 16 rows or more).
+    const int64_t chunk =
+        std::max<int64_t>(16, (int64_t(512) << 10) / (4 * j.k_pad)) / kGemmRows * kGemmRows;
+    for (int64_t c0 = 0; c0 < j.m; c0 += chunk) {
+        const int64_t c1 = std::min(j.m, c0 + chunk);
+        for (int64_t rt = t0; rt < t1; ++rt) {
+            with_bits(j.bits, [&](auto bits) { dequantize_tile_vec128<decltype(bits)::value>(j, rt, rows.data()); });
+            const int n_rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
+            int64_t r0 = c0;
+            for (; r0 + kGemmRows <= c1; r0 += kGemmRows) gemm_rows<kGemmRows>(j, rt, rows.data(), n_rows, r0);
+            for (; r0 < c1; ++r0) gemm_rows<1>(j, rt, rows.data(), n_rows, r0);
+        }
+    }
 }
 
 }  // namespace bitplane_detail

@@ -193,6 +193,10 @@ struct KvStrides {
 // head) pairs, and at decode the positions too (see attention.cpp).
 void attention(const float* q, const float* k_cache, const float* v_cache, int64_t m, int64_t p0, int64_t n_heads,
                int64_t n_kv_heads, int64_t head_dim, KvStrides kv, float* out, ThreadPool* pool);
+// The path the last attention call took, on any thread: "<path>_<kernels>", path "span" (per token,
+// positions split at decode) or "prompt" (blocks of tokens against blocks of keys), kernels
+// "portable", "vec128", "avx2" or "avx512" (the prompt path's tiles). Tests use it to tell which ran.
+const char* attention_last_kernel();
 // The same over an fp16 cache (uint16_t bit patterns, same layout), fp32 math.
 void attention_f16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache, int64_t m, int64_t p0,
                    int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, KvStrides kv, float* out, ThreadPool* pool);
@@ -406,10 +410,18 @@ class TileFactorsI16 {
     double* mk_;  // (n_groups, 8) and m_k
 };
 
+// rows (8, k_pad) = the k-bit view of tile rt's 8 weight rows in fp32, s_k c_k + m_k in natural K order
+// (zeros for rows past N; past k, m_k: the activations are zero there), in scalar code: the portable
+// GEMM's (bitplane_matmul.cpp). gemm_tiles_vec128 makes the same values from its bit transpose.
+void dequantize_tile(const Job& j, int64_t rt, float* rows);
+
 // bitplane_matmul_vec128.cpp: decode on int16 activations for CPUs without AVX2 (NEON on AArch64,
 // SSE2 on x86-64; the same xi, xscale, xsum and step tables as decode_tiles_i16_avx512), and its
 // scalar preparation, as prepare_i16_avx512.
 void decode_tiles_i16_vec128(const Job& j, int64_t t0, int64_t t1);
+// Its GEMM (prompts), on either activations (x̂ as fp32 on int16 ones): the tiles' dequantize_tile rows
+// against xp (WORD_ORDER_NATURAL), register-blocked in fp32 vectors.
+void gemm_tiles_vec128(const Job& j, int64_t t0, int64_t t1);
 void prepare_i16_portable(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
                           double* xsum);
 

@@ -525,10 +525,10 @@ def test_smollm2_every_cpu_kernel_family_agrees(smollm2_fq, smol_text_ids):
     def log_probs():
         with Engine(smollm2_fq, threads=2) as eng:
             lg = eng.forward(smol_text_ids).astype(np.float64)
-            attn = ops.last_attention_kernel()
+            attn, gemm = ops.last_attention_kernel(), ops.last_bitplane_kernel()
             out = eng.chat([{"role": "user", "content": "What is the capital of Japan?"}], max_new_tokens=12, bits=8)
         lg -= lg.max(-1, keepdims=True)
-        return lg - np.log(np.exp(lg).sum(-1, keepdims=True)), attn, out
+        return lg - np.log(np.exp(lg).sum(-1, keepdims=True)), (attn, gemm), out
 
     try:
         ops.set_cpu_kernels(families[-1])
@@ -538,11 +538,15 @@ def test_smollm2_every_cpu_kernel_family_agrees(smollm2_fq, smol_text_ids):
             lp, attn, out = log_probs()
             kl = float((np.exp(ref) * (ref - lp)).sum(-1).mean())
             top1 = float((ref.argmax(-1) == lp.argmax(-1)).mean())
-            print(f"{fam}: KL {kl:.2e} against {families[-1]}, top-1 agreement {top1:.4f}, attention {attn}")
+            print(f"{fam}: KL {kl:.2e} against {families[-1]}, top-1 agreement {top1:.4f}, prompt kernels {attn}")
             assert kl < 1e-5 and top1 > 0.99, fam
             assert out == "The capital of Japan is Tokyo.", fam
-            # the last attention call of chat() was a decode step: the per-token span of the family's kernels
-            want = "portable" if fam == "portable" else "vec128" if fam == "vec128" else "avx2"
-            assert ops.last_attention_kernel() == f"span_{want}", fam
+            # the prompt ran the family's prompt kernels (the last linear of the pass: the lm_head over
+            # every position); the last attention call of chat() was a decode step, a per-token span
+            simd = {"portable": "portable", "vec128": "vec128"}.get(fam, "avx2")
+            prompt_attn = {"portable": "span_portable", "vec128": "prompt_vec128", "avx512": "prompt_avx512"}
+            assert attn[0] == prompt_attn.get(fam, "prompt_avx2"), fam
+            assert attn[1] == f"gemm_{simd}" if simd != "avx2" else attn[1].startswith("gemm_i16_"), (fam, attn[1])
+            assert ops.last_attention_kernel() == f"span_{simd}", fam
     finally:
         ops.set_cpu_kernels(prev)

@@ -701,7 +701,7 @@ def attention_reference(q, kc, vc, p0):
     return out
 
 
-# m >= 8 runs the prompt path on AVX2 (blocks of tokens x blocks of 64 keys): 9 and 40 tokens from
+# m >= 8 runs the prompt path on AVX2 and 'vec128' (blocks of tokens x blocks of 64 keys): 9 and 40 tokens from
 # position 0 or 13, and 130 after 300 cached positions (several token blocks, partial key blocks).
 @pytest.mark.parametrize("m,p0", [(1, 0), (1, 37), (6, 0), (7, 20), (1, 700), (3, 530), (9, 0), (40, 13),
                                   (130, 300)])
@@ -761,25 +761,23 @@ def test_attention_prompt_path_avx512_equals_avx2(m, p0, H, Hkv, d, dtype):
 
 
 def test_attention_f16_cache_widened_exactly(kernels):
-    """Every fp16 bit pattern of a cache reaches the output as numpy widens it: one position, so the
-    output is 1 · V[0] / 1, exactly the row. The 'vec128' kernels widen in vectors (fcvtl on AArch64;
-    on x86-64 without F16C the bits are moved and scaled by 2^112, inf and NaN fixed up), the 'avx2'
-    ones with F16C, the portable ones one at a time: zeros of both signs, subnormals, normals, the
-    largest, infinities and NaNs (positions compared as NaN)."""
+    """Every fp16 bit pattern of a cache reaches the output as numpy widens it: the first token attends
+    to one position, so its output is 1 · V[0] / 1, exactly the row. The 'vec128' kernels widen in
+    vectors (fcvtl on AArch64; on x86-64 without F16C the bits are moved and rebiased, subnormals as a
+    difference of two normal floats, inf and NaN fixed up), the 'avx2' ones with F16C, the portable
+    ones one at a time: subnormals, normals, the largest, infinities and NaNs (compared as NaN), of
+    both signs. At decode (one token: the per-token span) and in a prompt of 8 tokens (the prompt
+    path's widening of V rows)."""
     Hkv, d = 16, 4096
-    v = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(1, Hkv, d)
+    v0 = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(1, Hkv, d)
     rng = np.random.default_rng(31)
-    q = rng.standard_normal((1, Hkv, d)).astype(np.float32)
-    k = rng.standard_normal((1, Hkv, d)).astype(np.float16)
-    out = ops.attention(q, k, v, 0)
-    np.testing.assert_array_equal(out, v.astype(np.float32))
-    # and the prompt path's widening of V rows (8 tokens: the first one attends to position 0 alone)
-    q8 = rng.standard_normal((8, 2 * Hkv, 64)).astype(np.float32)
-    vv = np.arange(8 * 2 * Hkv * 64, dtype=np.uint32) % 65536
-    vv = vv.astype(np.uint16).view(np.float16).reshape(8, 2 * Hkv, 64)
-    kk = rng.standard_normal((8, 2 * Hkv, 64)).astype(np.float16)
-    out8 = ops.attention(q8, kk, vv, 0)
-    np.testing.assert_array_equal(out8[0], vv[0].astype(np.float32))
+    for m in (1, 8):
+        q = rng.standard_normal((m, Hkv, d)).astype(np.float32)
+        k = rng.standard_normal((m, Hkv, d)).astype(np.float16)
+        v = np.concatenate([v0, rng.standard_normal((m - 1, Hkv, d)).astype(np.float16)])
+        out = ops.attention(q, k, v, 0)
+        assert ops.last_attention_kernel().startswith("span_" if m == 1 else ("prompt_", "span_portable"))
+        np.testing.assert_array_equal(out[0], v0[0].astype(np.float32), err_msg=f"m={m}")
 
 
 def test_attention_dispatch_picks_each_familys_path():
@@ -964,7 +962,11 @@ def test_attention_rejects_bad_arguments():
 
 # ---- sampling -----------------------------------------------------------------------------------
 
-def test_softmax_argmax_entropy():
+def test_softmax_argmax_entropy(kernels):
+    """Against float64 numpy, on each family's exponentials (AVX2's exp8, the 128-bit exp4, the
+    portable expf): 49k random logits, ties, -inf, a single logit; and a softmax whose inputs span
+    exp's whole range (down past the vector kernels' cut at -87.3; NaN as -inf) on every lane
+    position."""
     rng = np.random.default_rng(6)
     logits = (rng.standard_normal(49152) * 3).astype(np.float32)
     l64 = logits.astype(np.float64)
@@ -981,6 +983,23 @@ def test_softmax_argmax_entropy():
     assert ent == pytest.approx(math.log(2)) and top1 == pytest.approx(0.5)
     ent, top1 = ops.entropy_and_top1(np.array([5.0], np.float32))
     assert ent == pytest.approx(0.0, abs=1e-7) and top1 == pytest.approx(1.0)
+    # after the max is subtracted the exponents run from 0 down to below -87.3 (0 there), NaN gives 0;
+    # 37 entries: vector bodies and scalar tails
+    wide = np.concatenate([np.linspace(0.0, -95.0, 33), [np.nan, -np.inf, -87.0, -88.0]]).astype(np.float32)
+    for shift in range(4):
+        x = np.roll(wide, shift)
+        got = ops.softmax(x)
+        x64 = np.where(np.isnan(x), -np.inf, x).astype(np.float64)
+        want = np.exp(x64 - x64.max())
+        want /= want.sum()
+        # (below -87.3 the vector kernels give 0, expf a subnormal: both within fp32's normal range)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=np.finfo(np.float32).tiny)
+        assert got[np.isnan(x)].max() == 0.0 and got[x < -87.3].max() < np.finfo(np.float32).tiny
+    # each exponential within 5e-7 of float64 (Cephes: ~1.5e-7): logits within 8 of the max, so every
+    # term counts, over every reduced argument |r| <= ln 2 / 2
+    x = np.concatenate([[0.0], rng.uniform(-8.0, 0.0, 4095)]).astype(np.float32)
+    want = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(ops.softmax(x), want / want.sum(), rtol=5e-7)
 
 
 def hf_distribution(logits, history, temperature, top_k, top_p, min_p, penalty):

@@ -370,7 +370,7 @@ void bind_ops(py::module_& parent) {
             return out;
         },
         "Kernel families this CPU can run, less what FLEXQUANT_CPU leaves out: 'portable' (scalar),\n"
-        "'vec128' (16-byte SIMD: NEON on AArch64, SSE2 on x86-64; the int16 decode), 'avx2'\n"
+        "'vec128' (16-byte SIMD: NEON on AArch64, SSE2 on x86-64; decode, GEMM, attention), 'avx2'\n"
         "(AVX2+FMA+F16C), 'gfni' (avx2 + GFNI),\n"
         "'avx512' (avx2 + AVX-512 F/BW/DQ/VL; with GFNI and AVX-512 VNNI where the CPU has them).\n"
         "AVX-VNNI is no family: see cpu_has_avxvnni; cpu_features_in_use lists what runs.");

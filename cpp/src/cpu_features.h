@@ -8,8 +8,9 @@
 // `avx512` or empty: no cap. Any other value is named on stderr and ignored.
 #pragma once
 
-// The intrinsics kernels (AVX2, GFNI, AVX-512) exist on x86 only; elsewhere the int16 decode is the
-// vector-extension one (vec128: NEON on AArch64) and every other kernel the portable one.
+// The intrinsics kernels (AVX2, GFNI, AVX-512) exist on x86 only; elsewhere the int16 decode, the
+// prompt GEMM, attention and the exponentials are the vector-extension ones (vec128: NEON on
+// AArch64) and every other kernel the portable one.
 #if defined(__x86_64__) || defined(__i386__)
 #define FLEXQUANT_X86 1
 // AVX-VNNI (target "avxvnni", __builtin_cpu_supports("avxvnni")) needs GCC 11 or clang 12; older
@@ -22,8 +23,8 @@
 namespace flexquant {
 
 struct CpuFeatures {
-    // 16-byte SIMD written in vector extensions (SSE2 on x86-64, NEON on AArch64): the int16 decode of
-    // CPUs without AVX2 (bitplane_matmul_vec128.cpp)
+    // 16-byte SIMD written in vector extensions (SSE2 on x86-64, NEON on AArch64): the kernels of CPUs
+    // without AVX2 (bitplane_matmul_vec128.cpp: int16 decode, fp32 GEMM; attention; exp)
     bool vec128 = false;
     bool avx2 = false;  // AVX2 + FMA + F16C: what the *_avx2 kernels use
     bool gfni = false;  // GFNI on top of avx2 (Ice Lake, Zen 4 and later): 8x8 bit transposes

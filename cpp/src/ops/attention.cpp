@@ -14,7 +14,8 @@
 // not depend on it) and each task keeps its partial softmax (max, Σ exp, Σ exp · V); a second
 // pass merges the spans (as flash-decoding does):
 //   M = max_c mx_c,   out = Σ_c e^(mx_c - M) o_c / Σ_c e^(mx_c - M) sum_c.
-// Otherwise every task takes all positions. A prompt (m >= kPromptRows on AVX2) goes another way:
+// Otherwise every task takes all positions. A prompt (m >= kPromptRows, on AVX2 or 128-bit vectors)
+// goes another way:
 // a task is a block of tokens x one KV head, multiplied with blocks of 64 keys as a small GEMM
 // (attend_block below), so that each K and V row is widened to fp32 once for ~64 query vectors
 // instead of once per head and token. Its results round differently from the per-token path (other
@@ -22,8 +23,8 @@
 //
 // The dot products and the V accumulation are AVX2 (F16C for the fp16 cache) where available (the
 // prompt path's score and output tiles on AVX-512 where the CPU has it: the same bits, twice the
-// multiply-adds per instruction), portable loops otherwise; the exponentials use the shared
-// vectorized exp (sampling.cpp). A decode step reads the whole cache, so the AVX2 kernels are
+// multiply-adds per instruction), 128-bit vectors without AVX2 (NEON, SSE2; head_dim a multiple of
+// 4), portable loops otherwise; the exponentials use the shared vectorized exp (sampling.cpp). A decode step reads the whole cache, so the AVX2 kernels are
 // written for memory-level throughput: tiles of rows x heads of dot products (up to 12 independent
 // FMA chains, reduced 8 at a time), the V sums held in registers over blocks of rows, and each row
 // read from memory and widened to fp32 once for up to 4 of the group's heads.
@@ -767,14 +768,20 @@ FQ_V128_INLINE f32x4 load4(const uint16_t* p) {
 #if defined(__aarch64__) && defined(__ARM_NEON)
     return reinterpret_cast<f32x4>(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))));
 #else
-    // fp16_to_fp32 on 4 lanes: exponent and mantissa moved to fp32's places and scaled by 2^112 (exact
-    // for normal and subnormal values alike: a power of two), then inf and NaN (exponent 31) given
-    // fp32's all-ones exponent with their mantissa kept, and the sign put back.
+    // fp16_to_fp32 on 4 lanes, exact, in integer ops and one subtraction of normal numbers (no fp32
+    // subnormal enters: a DAZ mode would read it as 0, and older cores take a slow assist on one):
+    // exponent and mantissa moved to fp32's places, the exponent rebiased by 112; a subnormal (exponent
+    // 0, value mant · 2^-24) as (2^-14 + mant · 2^-24) - 2^-14, the first term built the same way with
+    // exponent 113 (exact: the difference of two nearby floats); inf and NaN (exponent 31) get fp32's
+    // all-ones exponent with their mantissa kept; then the sign.
     const u32x4 h = {p[0], p[1], p[2], p[3]};
     const u32x4 em = (h & 0x7fffu) << 13;
-    const f32x4 scaled = reinterpret_cast<f32x4>(em) * 0x1p112f;
-    const u32x4 special = reinterpret_cast<u32x4>((h & 0x7c00u) == 0x7c00u);  // all ones where inf / NaN
-    const u32x4 bits = (special & (em | 0x7f800000u)) | (~special & reinterpret_cast<u32x4>(scaled));
+    const u32x4 normal = em + (112u << 23);
+    const u32x4 sub = reinterpret_cast<u32x4>(reinterpret_cast<f32x4>(em + (113u << 23)) - 0x1p-14f);
+    const u32x4 ex = h & 0x7c00u;
+    const u32x4 special = reinterpret_cast<u32x4>(ex == 0x7c00u);  // all ones where inf / NaN
+    const u32x4 zero_exp = reinterpret_cast<u32x4>(ex == 0u);
+    const u32x4 bits = (special & (em | 0x7f800000u)) | (zero_exp & sub) | (~(special | zero_exp) & normal);
     return reinterpret_cast<f32x4>(bits | ((h & 0x8000u) << 16));
 #endif
 }
@@ -1093,7 +1100,11 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
     if (a.m == 0) return;
     const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim;
     [[maybe_unused]] const bool simd = cpu_features().avx2 && d % 8 == 0;
+#ifdef FQ_ATTN_VEC128
     [[maybe_unused]] const bool vec = !cpu_features().avx2 && cpu_features().vec128 && d % 4 == 0;
+#else
+    [[maybe_unused]] const bool vec = false;  // no 128-bit kernels compiled for this target
+#endif
 #if defined(FLEXQUANT_X86) || defined(FQ_ATTN_VEC128)
     if ((simd || vec) && a.m >= kPromptRows && a.m * a.n_kv_heads >= 16) {
         // A prompt: tasks of (a block of tokens, one KV head), about 64 query vectors each, fewer

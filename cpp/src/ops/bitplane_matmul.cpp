@@ -557,8 +557,8 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     const bool avx2 = cpu_features().avx2, gfni = cpu_features().gfni;
     if (path == BITPLANE_PATH_AUTO) path = m <= bitplane_decode_max_m ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM;
 
-    // int16 activations: the SIMD kernels multiply q themselves; the portable ones run on x̂ as fp32
-    // (the same products, each rounded to fp32)
+    // int16 activations: the integer SIMD kernels multiply q themselves; the portable ones and the
+    // 128-bit fp32 GEMM run on x̂ as fp32 (the same products, each rounded to fp32)
     const bool i16_avx512 = act == BITPLANE_ACT_I16 && cpu_features().avx512;
     // (GFNI without AVX-512 VNNI exists only as a cap: no CPU with both GFNI and AVX-512 lacks VNNI)
     j.i512 = cpu_features().gfni && cpu_features().avx512vnni ? 0 : cpu_features().avx512vnni ? 1 : 2;
@@ -650,7 +650,9 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     // Group sums in fp64: the min term multiplies them by m_k, which can be large next to the
     // scale term (a group far from zero), so their rounding would show in y. (The int16 kernel's
     // came from its preparation.)
-    for (int64_t r = 0; r < (i16_avx512 || i16_avx2 || i16_vec128 ? 0 : m); ++r)
+    // (The fp32 GEMMs without AVX2 hold m_k in their dequantized rows: no group sums.)
+    const bool no_xsum = i16_avx512 || i16_avx2 || i16_vec128 || (path == BITPLANE_PATH_GEMM && !avx2);
+    for (int64_t r = 0; r < (no_xsum ? 0 : m); ++r)
         for (int64_t gr = 0; gr < j.n_groups; ++gr) {
             // 4 partial sums: one fp64 add chain would cost ~4 cycles per element.
             double acc[4] = {0.0, 0.0, 0.0, 0.0};

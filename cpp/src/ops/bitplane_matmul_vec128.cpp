@@ -311,7 +311,7 @@ FQ_INLINE void dot_block(const float* w, int64_t k_pad, const float* x, int64_t 
 }
 
 // rows (8, k_pad) = dequantize_tile's values, from the transpose of decode_tile: per lane of 4 words,
-// lane_to_B and the unpacks give word v's 32 codes (shifted left by 8 - k) in natural order, c0 and
+// lane_to_B and the unpacks give word v's 32 codes (shifted left by 8 - k) in K order, c0 and
 // c1 as bytes; widened to fp32 they are scaled by 2^(k-8) s_k (the same products as s_k · c_k: only
 // powers of two apart) plus m_k. Scalar, dequantize_tile costs ~1.7 cycles per weight: at 16 prompt
 // rows as much as the multiply-adds.
@@ -335,7 +335,7 @@ void dequantize_tile_vec128(const Job& j, int64_t rt, float* rows) {
                 lane_to_B<BITS>(rb + 16 * L, pb, B);
 #pragma GCC unroll 4
                 for (int v = 0; v < 4; ++v) {
-                    const int64_t w = 16 * s + 4 * L + v;  // the stored word, natural order
+                    const int64_t w = 16 * s + 4 * L + v;  // the stored word (WORD_ORDER_NATURAL)
                     const int32_t gr = j.word_group[w];
                     const float sc = fp16_to_fp32(qp[2 * gr]);
                     const float sk = sc * smul, mk = fp16_to_fp32(qp[2 * gr + 1]) + sc * mmul;

@@ -410,7 +410,7 @@ class TileFactorsI16 {
     double* mk_;  // (n_groups, 8) and m_k
 };
 
-// rows (8, k_pad) = the k-bit view of tile rt's 8 weight rows in fp32, s_k c_k + m_k in natural K order
+// rows (8, k_pad) = the k-bit view of tile rt's 8 weight rows in fp32, s_k c_k + m_k in WORD_ORDER_NATURAL
 // (zeros for rows past N; past k, m_k: the activations are zero there), in scalar code: the portable
 // GEMM's (bitplane_matmul.cpp). gemm_tiles_vec128 makes the same values from its bit transpose.
 void dequantize_tile(const Job& j, int64_t rt, float* rows);

@@ -42,13 +42,11 @@
 
 #include "cpu_features.h"
 #include "ops/ops.h"
+#include "ops/vec128.h"
 #include "thread_pool.h"
 
 #ifdef FLEXQUANT_X86
 #include <immintrin.h>
-#endif
-#if defined(__aarch64__) && defined(__ARM_NEON)
-#include <arm_neon.h>
 #endif
 
 namespace flexquant {
@@ -746,44 +744,19 @@ void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::ve
 // emits NEON or SSE2): per token, spans whose K and V rows are widened to fp32 once for up to 4 of the
 // group's heads (SpanVec128), and for prompts blocks of query vectors against blocks of keys
 // (attend_block_vec128). The portable loops they replace widen an fp16 element in software once per
-// head and keep one add chain per dot product: on SmolLM2 (x86-64 capped to SSE2, 2 threads) they were
-// three quarters of a 1,024-token prompt and of a decode step at 1,024 positions. An fp16 cache widens
-// with NEON's fcvtl on AArch64; SSE2 has no fp16 conversion, so there it is the bits rearranged in
-// vectors (exact, as fp16_to_fp32). head_dim must be a multiple of 4.
-#if defined(__SSE2__) || (defined(__aarch64__) && defined(__ARM_NEON))
-#define FQ_ATTN_VEC128 1
-
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
-typedef uint32_t u32x4 __attribute__((vector_size(16)));
-
-#define FQ_V128_INLINE inline __attribute__((always_inline))
+// head and keep one add chain per dot product: on SmolLM2 (x86-64 capped to SSE2, 2 threads) they took
+// three quarters of a 1,024-token prompt and about half of a decode step at 1,024 positions. An fp16
+// cache widens with NEON's fcvtl on AArch64; SSE2 has no fp16 conversion, so there it is the bits
+// rearranged in vectors (vec128.h, exact). head_dim must be a multiple of 4.
+#ifdef FQ_VEC128
+using vec128::f32x4;
+using vec128::i32x4;
 
 FQ_V128_INLINE f32x4 load4(const float* p) {
-    f32x4 v;
-    std::memcpy(&v, p, 16);
-    return v;
+    return vec128::load16<f32x4>(p);
 }
 FQ_V128_INLINE f32x4 load4(const uint16_t* p) {
-#if defined(__aarch64__) && defined(__ARM_NEON)
-    return reinterpret_cast<f32x4>(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))));
-#else
-    // fp16_to_fp32 on 4 lanes, exact, in integer ops and one subtraction of normal numbers (no fp32
-    // subnormal enters: a DAZ mode would read it as 0, and older cores take a slow assist on one):
-    // exponent and mantissa moved to fp32's places, the exponent rebiased by 112; a subnormal (exponent
-    // 0, value mant · 2^-24) as (2^-14 + mant · 2^-24) - 2^-14, the first term built the same way with
-    // exponent 113 (exact: the difference of two nearby floats); inf and NaN (exponent 31) get fp32's
-    // all-ones exponent with their mantissa kept; then the sign.
-    const u32x4 h = {p[0], p[1], p[2], p[3]};
-    const u32x4 em = (h & 0x7fffu) << 13;
-    const u32x4 normal = em + (112u << 23);
-    const u32x4 sub = reinterpret_cast<u32x4>(reinterpret_cast<f32x4>(em + (113u << 23)) - 0x1p-14f);
-    const u32x4 ex = h & 0x7c00u;
-    const u32x4 special = reinterpret_cast<u32x4>(ex == 0x7c00u);  // all ones where inf / NaN
-    const u32x4 zero_exp = reinterpret_cast<u32x4>(ex == 0u);
-    const u32x4 bits = (special & (em | 0x7f800000u)) | (zero_exp & sub) | (~(special | zero_exp) & normal);
-    return reinterpret_cast<f32x4>(bits | ((h & 0x8000u) << 16));
-#endif
+    return vec128::load_f16x4(p);
 }
 FQ_V128_INLINE f32x4 load4(const int8_t* p) {
     return f32x4{static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]), static_cast<float>(p[3])};
@@ -799,7 +772,7 @@ FQ_V128_INLINE float hsum4(f32x4 a) {
     return (a[0] + a[1]) + (a[2] + a[3]);
 }
 FQ_V128_INLINE void store4(float* p, f32x4 v) {
-    std::memcpy(p, &v, 16);
+    vec128::store16(p, v);
 }
 
 // The largest of s (n), NaN ignored (as std::max(m, s[t]) in a loop); -inf for n = 0.
@@ -809,8 +782,7 @@ inline float max_vec128(const float* s, int64_t n) {
     int64_t t = 0;
     for (; t + 4 <= n; t += 4) {
         const f32x4 v = load4(s + t);
-        const i32x4 gt = v > m4;  // false for NaN: keeps m4
-        m4 = reinterpret_cast<f32x4>((gt & reinterpret_cast<i32x4>(v)) | (~gt & reinterpret_cast<i32x4>(m4)));
+        m4 = vec128::select(v > m4, v, m4);  // false for NaN: keeps m4
     }
     float m = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
     for (; t < n; ++t) m = std::max(m, s[t]);
@@ -1052,7 +1024,7 @@ void attend_block_vec128(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, 
         for (int64_t e = 0; e < d; ++e) out[e] = O[v * d + e] * inv;
     }
 }
-#endif  // 128-bit vectors
+#endif  // FQ_VEC128
 
 // One task: for each query head g of the group, over positions [t0, t1): mx[g] = max score,
 // sum[g] = Σ exp(s - mx), o[g] (d) = Σ exp(s - mx) V[t]. scores: scratch of G * (t1 - t0).
@@ -1100,12 +1072,12 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
     if (a.m == 0) return;
     const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim;
     [[maybe_unused]] const bool simd = cpu_features().avx2 && d % 8 == 0;
-#ifdef FQ_ATTN_VEC128
+#ifdef FQ_VEC128
     [[maybe_unused]] const bool vec = !cpu_features().avx2 && cpu_features().vec128 && d % 4 == 0;
 #else
     [[maybe_unused]] const bool vec = false;  // no 128-bit kernels compiled for this target
 #endif
-#if defined(FLEXQUANT_X86) || defined(FQ_ATTN_VEC128)
+#if defined(FLEXQUANT_X86) || defined(FQ_VEC128)
     if ((simd || vec) && a.m >= kPromptRows && a.m * a.n_kv_heads >= 16) {
         // A prompt: tasks of (a block of tokens, one KV head), about 64 query vectors each, fewer
         // where that would leave under 32 tasks (a short chunk on a long cache: the threads need
@@ -1130,7 +1102,7 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
                     continue;
                 }
 #endif
-#ifdef FQ_ATTN_VEC128
+#ifdef FQ_VEC128
                 attend_block_vec128<KV>(a, i0, i1, hk, scratch);
 #endif
             }
@@ -1163,7 +1135,7 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
 #ifdef FLEXQUANT_X86
         if (simd) return run_tasks<KV, SpanAvx2<KV>>(a, tasks, partial.data(), b, e);
 #endif
-#ifdef FQ_ATTN_VEC128
+#ifdef FQ_VEC128
         if (vec) return run_tasks<KV, SpanVec128<KV>>(a, tasks, partial.data(), b, e);
 #endif
         run_tasks<KV, SpanPortable<KV>>(a, tasks, partial.data(), b, e);

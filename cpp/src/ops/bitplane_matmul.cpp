@@ -275,36 +275,6 @@ bitplane_detail::TileFactorsI16::TileFactorsI16(const bitplane_detail::Job& j, f
     mk_ = d_buf.data();
 }
 
-// TileFactorsI16::compute's factors (bitplane_matmul_avx2_i16.cpp) in scalar code, for the kernels of
-// CPUs without AVX2: sk, mk per (group, tile row), then swx and the fp64 bias per activation row.
-void bitplane_detail::TileFactorsI16::compute_portable(int64_t rt) {
-    const Job& j = j_;
-    const int64_t ng = j.n_groups;
-    const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
-    for (int g = 0; g < 8; ++g) {
-        // rows past N have no qparams: zero factors
-        const uint16_t* qp = g < rows ? j.w->qparams + (rt * 8 + g) * ng * 2 : nullptr;
-        for (int64_t gr = 0; gr < ng; ++gr) {
-            const float sc = qp ? fp16_to_fp32(qp[2 * gr]) : 0.0f;
-            const float mn = qp ? fp16_to_fp32(qp[2 * gr + 1]) : 0.0f;
-            sk_[8 * gr + g] = sc * smul_;
-            mk_[8 * gr + g] = static_cast<double>(mn + sc * mmul_);
-        }
-    }
-    for (int64_t r = 0; r < j.m; ++r) {
-        const float* xs = j.xscale + r * ng;
-        const double* xsum = j.xsum + r * ng;
-        float* out = swx_ + r * ng * 8;
-        double b[8] = {};
-        for (int64_t gr = 0; gr < ng; ++gr)
-            for (int g = 0; g < 8; ++g) {
-                out[8 * gr + g] = sk_[8 * gr + g] * xs[gr];
-                b[g] += mk_[8 * gr + g] * xsum[gr];
-            }
-        for (int g = 0; g < 8; ++g) bias_[8 * r + g] = static_cast<float>(b[g]);
-    }
-}
-
 void bitplane_detail::tile_factors(const Job& j, int64_t rt, float code_scale, float* sk, float* mk) {
     const int shift = j.w->max_bits - j.bits;
     const float smul = static_cast<float>(1 << shift) * code_scale;

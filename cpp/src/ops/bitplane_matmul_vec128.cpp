@@ -37,6 +37,7 @@
 #include "cpu_features.h"
 #include "fp16.h"
 #include "ops/ops.h"
+#include "ops/vec128.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -49,12 +50,7 @@ namespace bitplane_detail {
 
 namespace {
 
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef int16_t i16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
-typedef float f32x4 __attribute__((vector_size(16)));
+using namespace vec128;
 
 #define FQ_INLINE inline __attribute__((always_inline))
 
@@ -65,12 +61,6 @@ typedef float f32x4 __attribute__((vector_size(16)));
 #define FQ_SHUFFLE(T, a, b, ...) __builtin_shuffle(a, b, T{__VA_ARGS__})
 #endif
 
-template <typename V>
-FQ_INLINE V load16(const void* p) {
-    V v;
-    std::memcpy(&v, p, 16);
-    return v;
-}
 
 // Σ over the 4 (codes, activations) pairs of vpmaddwd's pair sums: lane u = Σ_pairs a[2u] b[2u] +
 // a[2u+1] b[2u+1], 8 products (int32, exact: the codes are 0 .. 255, the activations int16). SSE2:
@@ -266,7 +256,7 @@ void decode_tiles(const Job& j, int64_t t0, int64_t t1) {
     // codes shifted left by 8 - k (the transpose's output) need 2^(k-8)
     TileFactorsI16 f(j, 1.0f / static_cast<float>(1 << (8 - BITS)));
     for (int64_t rt = t0; rt < t1; ++rt) {
-        f.compute_portable(rt);
+        f.compute_vec128(rt);
         // up to 4 activation rows per pass over the planes
         for (int64_t r0 = 0; r0 < j.m; r0 += 4) {
             switch (std::min<int64_t>(4, j.m - r0)) {
@@ -349,8 +339,8 @@ void dequantize_tile_vec128(const Job& j, int64_t rt, float* rows) {
                             const i32x4 hi = reinterpret_cast<i32x4>(unpackhi16(c16, zero16));
                             const f32x4 flo = __builtin_convertvector(lo, f32x4) * sk + mk;
                             const f32x4 fhi = __builtin_convertvector(hi, f32x4) * sk + mk;
-                            std::memcpy(out + 16 * h + 8 * e, &flo, 16);
-                            std::memcpy(out + 16 * h + 8 * e + 4, &fhi, 16);
+                            store16(out + 16 * h + 8 * e, flo);
+                            store16(out + 16 * h + 8 * e + 4, fhi);
                         }
                 }
             }
@@ -371,6 +361,53 @@ void gemm_rows(const Job& j, int64_t rt, const float* rows, int n_rows, int64_t 
 }
 
 }  // namespace
+
+// TileFactorsI16::compute's factors (bitplane_matmul_avx2_i16.cpp) on 128-bit vectors: sk, mk per
+// (group, tile row), then swx and the fp64 bias per activation row. 4 groups' (scale, min) pairs at a
+// time, widened from fp16 in vectors (vec128.h): one at a time in software, the conversions had been
+// 8% of a decode step on SSE2 (SmolLM2, 1,024 positions; AArch64 converts in one instruction).
+void TileFactorsI16::compute_vec128(int64_t rt) {
+    const Job& j = j_;
+    const int64_t ng = j.n_groups;
+    const int rows = static_cast<int>(std::min<int64_t>(8, j.w->n - rt * 8));
+    for (int g = 0; g < 8; ++g) {
+        if (g >= rows) {  // rows past N have no qparams: zero factors
+            for (int64_t gr = 0; gr < ng; ++gr) {
+                sk_[8 * gr + g] = 0.0f;
+                mk_[8 * gr + g] = 0.0;
+            }
+            continue;
+        }
+        const uint16_t* qp = j.w->qparams + (rt * 8 + g) * ng * 2;
+        int64_t gr = 0;
+        for (; gr + 4 <= ng; gr += 4) {
+            const u32x4 pairs = load16<u32x4>(qp + 2 * gr);  // lane c: group gr + c's scale (low), min (high)
+            const f32x4 sc = fp16_to_f32x4(pairs & 0xffffu), mn = fp16_to_f32x4(pairs >> 16);
+            const f32x4 sk = sc * smul_, mk = mn + sc * mmul_;
+            for (int c = 0; c < 4; ++c) {
+                sk_[8 * (gr + c) + g] = sk[c];
+                mk_[8 * (gr + c) + g] = static_cast<double>(mk[c]);
+            }
+        }
+        for (; gr < ng; ++gr) {
+            const float sc = fp16_to_fp32(qp[2 * gr]), mn = fp16_to_fp32(qp[2 * gr + 1]);
+            sk_[8 * gr + g] = sc * smul_;
+            mk_[8 * gr + g] = static_cast<double>(mn + sc * mmul_);
+        }
+    }
+    for (int64_t r = 0; r < j.m; ++r) {
+        const float* xs = j.xscale + r * ng;
+        const double* xsum = j.xsum + r * ng;
+        float* out = swx_ + r * ng * 8;
+        double b[8] = {};
+        for (int64_t gr = 0; gr < ng; ++gr)
+            for (int g = 0; g < 8; ++g) {
+                out[8 * gr + g] = sk_[8 * gr + g] * xs[gr];
+                b[g] += mk_[8 * gr + g] * xsum[gr];
+            }
+        for (int g = 0; g < 8; ++g) bias_[8 * r + g] = static_cast<float>(b[g]);
+    }
+}
 
 void prepare_i16_portable(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
                           double* xsum) {

@@ -385,18 +385,17 @@ inline __attribute__((always_inline)) void for_each_i16_word(const Job& j, int16
             for (int L = 0; L < 4; ++L) f(j.step_base[16 * s + 4 * v + L], row + (4 * s + v) * 128 + 8 * L);
 }
 
-// The int16 decode kernels' per-tile factors: compute (bitplane_matmul_avx2_i16.cpp, AVX2 + F16C) for the
-// AVX2 and AVX-512 kernels, compute_portable (bitplane_matmul.cpp, with the constructor) for vec128's,
-// the same values. compute(rt) fills, for row tile rt, swx (m, n_groups, 8): swx[(r n_groups +
-// group) 8 + g] = s_k[g, group] · code_scale · xs[r, group] (the factor of a step's int32 sums;
-// code_scale undoes the codes' own shift), and bias (m, 8): bias[8 r + g] = Σ_group m_k[g, group]
-// Σ_{i∈group} x̂[r, i] (fp64 sums); zeros for rows g past N. One per call of a decode_tiles_* on
-// its thread: the buffers are per-thread scratch.
+// The int16 decode kernels' per-tile factors: compute (bitplane_matmul_avx2_i16.cpp, AVX2 + F16C) for the AVX2 and
+// AVX-512 kernels, compute_vec128 (bitplane_matmul_vec128.cpp; the constructor in bitplane_matmul.cpp) for
+// vec128's, the same values. compute(rt) fills, for row tile rt, swx (m, n_groups, 8): swx[(r n_groups + group) 8 +
+// g] = s_k[g, group] · code_scale · xs[r, group] (the factor of a step's int32 sums; code_scale undoes the codes'
+// own shift), and bias (m, 8): bias[8 r + g] = Σ_group m_k[g, group] Σ_{i∈group} x̂[r, i] (fp64 sums); zeros for
+// rows g past N. One per call of a decode_tiles_* on its thread: the buffers are per-thread scratch.
 class TileFactorsI16 {
   public:
     TileFactorsI16(const Job& j, float code_scale);
     void compute(int64_t rt);           // AVX2 + F16C (x86 only)
-    void compute_portable(int64_t rt);  // the same factors in scalar code
+    void compute_vec128(int64_t rt);    // the same factors on 128-bit vectors (any target)
     const float* bias() const { return bias_; }
     // the factors of activation row r and tile row g: its group gr's at [8 gr]
     const float* row(int64_t r, int g) const { return swx_ + r * j_.n_groups * 8 + g; }

@@ -21,6 +21,7 @@
 
 #include "cpu_features.h"
 #include "ops/ops.h"
+#include "ops/vec128.h"
 
 #ifdef FLEXQUANT_X86
 #include <immintrin.h>
@@ -99,10 +100,9 @@ double exp_avx2(const float* x, int64_t n, float scale, float shift, float* out,
 #endif  // FLEXQUANT_X86
 
 // ---- 128-bit vectors (cpu_features().vec128 without AVX2: NEON on AArch64, SSE2 on x86-64) ----------
-#if defined(__SSE2__) || (defined(__aarch64__) && defined(__ARM_NEON))
-#define FQ_EXP_VEC128 1
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
+#ifdef FQ_VEC128
+using vec128::f32x4;
+using vec128::i32x4;
 
 // exp8 (exp_avx2.h) on 4 lanes, the same Cephes expf: n = round(l / ln 2) to nearest even by adding
 // and subtracting 1.5 · 2^23 (exact for |l / ln 2| < 2^22; l is clamped to [-87.3, 88.3] first), r =
@@ -112,9 +112,8 @@ typedef int32_t i32x4 __attribute__((vector_size(16)));
 inline f32x4 exp4(f32x4 l) {
     const f32x4 lo = f32x4{} - 87.3f, hi = f32x4{} + 88.3f;
     const i32x4 keep = l >= lo;  // false for NaN
-    f32x4 x = reinterpret_cast<f32x4>((keep & reinterpret_cast<i32x4>(l)) | (~keep & reinterpret_cast<i32x4>(lo)));
-    const i32x4 over = x > hi;
-    x = reinterpret_cast<f32x4>((over & reinterpret_cast<i32x4>(hi)) | (~over & reinterpret_cast<i32x4>(x)));
+    f32x4 x = vec128::select(keep, l, lo);
+    x = vec128::select(x > hi, hi, x);
     const f32x4 magic = f32x4{} + 12582912.0f;  // 1.5 · 2^23
     const f32x4 n = (x * 1.44269504088896341f + magic) - magic;
     f32x4 r = x - n * 0.693359375f;
@@ -135,11 +134,9 @@ double exp_vec128(const float* x, int64_t n, float scale, float shift, float* ou
     double s[4] = {0.0, 0.0, 0.0, 0.0}, sl[4] = {0.0, 0.0, 0.0, 0.0};
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
-        f32x4 v;
-        std::memcpy(&v, x + i, 16);
-        const f32x4 l = v * scale - shift;
+        const f32x4 l = vec128::load16<f32x4>(x + i) * scale - shift;
         const f32x4 e = exp4(l);
-        std::memcpy(out + i, &e, 16);
+        vec128::store16(out + i, e);
         for (int k = 0; k < 4; ++k) s[k] += e[k];
         if (xsum)  // e · l where e > 0 (0 · -inf would be NaN)
             for (int k = 0; k < 4; ++k) sl[k] += e[k] > 0.0f ? static_cast<double>(e[k]) * l[k] : 0.0;
@@ -155,7 +152,7 @@ double exp_scaled_sum(const float* x, int64_t n, float scale, float shift, float
 #ifdef FLEXQUANT_X86
     if (cpu_features().avx2) return exp_avx2(x, n, scale, shift, out, xsum);
 #endif
-#ifdef FQ_EXP_VEC128
+#ifdef FQ_VEC128
     if (cpu_features().vec128) return exp_vec128(x, n, scale, shift, out, xsum);
 #endif
     return exp_portable(x, n, scale, shift, out, xsum);

@@ -30,10 +30,33 @@ __attribute__((noinline)) static double compare(const std::vector<float>& got, c
     return err / scale;
 }
 
+// A bit-plane linear of random planes (all 8 bits of every byte vary), scales and mins.
+struct RandomLinear {
+    std::vector<uint8_t> planes;
+    std::vector<uint16_t> qp;
+    BitplaneLinear w;
+    RandomLinear(int64_t n, int64_t k, int group, int max_bits, std::mt19937& rng) {
+        std::normal_distribution<float> normal(0.0f, 1.0f);
+        std::uniform_int_distribution<int> byte(0, 255);
+        const int64_t n_pad = (n + 7) / 8 * 8, k_pad = (k + 127) / 128 * 128;
+        w.n = n;
+        w.k = k;
+        w.group_size = group;
+        w.max_bits = max_bits;
+        w.plane_bytes = static_cast<uint64_t>(n_pad * k_pad / 8);
+        planes.resize(static_cast<size_t>(max_bits) * w.plane_bytes);
+        for (auto& b : planes) b = static_cast<uint8_t>(byte(rng));
+        qp.resize(static_cast<size_t>(n * w.n_groups() * 2));
+        for (size_t i = 0; i < qp.size(); ++i)
+            qp[i] = fp32_to_fp16(i % 2 ? normal(rng) : std::fabs(normal(rng)) * 0.01f + 1e-3f);
+        w.planes = planes.data();
+        w.qparams = qp.data();
+    }
+};
+
 int main() {
     std::mt19937 rng(7);
     std::normal_distribution<float> normal(0.0f, 1.0f);
-    std::uniform_int_distribution<int> byte(0, 255);
     const CpuFeatures detected = detect_cpu_features();
     std::printf("vec128 %d\n", detected.vec128 ? 1 : 0);
     if (!detected.vec128) return 1;
@@ -48,20 +71,9 @@ int main() {
     bool ok = true;
     for (int si = 0; si < static_cast<int>(sizeof(shapes) / sizeof(shapes[0])); ++si) {
         const Shape& sh = shapes[si];
-        const int64_t n_pad = (sh.n + 7) / 8 * 8, k_pad = (sh.k + 127) / 128 * 128;
-        BitplaneLinear w;
-        w.n = sh.n;
-        w.k = sh.k;
-        w.group_size = sh.group;
-        w.max_bits = 8 - si % 3 * 2;  // files stored at 8, 6 and 4 bits (the factors scale by 2^(max - k))
-        w.plane_bytes = static_cast<uint64_t>(n_pad * k_pad / 8);
-        std::vector<uint8_t> planes(static_cast<size_t>(w.max_bits) * w.plane_bytes);
-        for (auto& b : planes) b = static_cast<uint8_t>(byte(rng));
-        std::vector<uint16_t> qp(static_cast<size_t>(sh.n * w.n_groups() * 2));
-        for (size_t i = 0; i < qp.size(); ++i)
-            qp[i] = fp32_to_fp16(i % 2 ? normal(rng) : std::fabs(normal(rng)) * 0.01f + 1e-3f);
-        w.planes = planes.data();
-        w.qparams = qp.data();
+        // files stored at 8, 6 and 4 bits (the factors scale by 2^(max - k))
+        const RandomLinear lin(sh.n, sh.k, sh.group, 8 - si % 3 * 2, rng);
+        const BitplaneLinear& w = lin.w;
         for (int64_t m : {1, 2, 3, 4, 5, 9}) {
             std::vector<float> x(static_cast<size_t>(m * sh.k));
             for (auto& v : x) v = normal(rng) * 3.0f;
@@ -94,20 +106,8 @@ int main() {
     worst = 0.0;
     for (int si = 0; si < static_cast<int>(sizeof(shapes) / sizeof(shapes[0])); ++si) {
         const Shape& sh = shapes[si];
-        const int64_t n_pad = (sh.n + 7) / 8 * 8, k_pad = (sh.k + 127) / 128 * 128;
-        BitplaneLinear w;
-        w.n = sh.n;
-        w.k = sh.k;
-        w.group_size = sh.group;
-        w.max_bits = 8 - si % 3 * 2;
-        w.plane_bytes = static_cast<uint64_t>(n_pad * k_pad / 8);
-        std::vector<uint8_t> planes(static_cast<size_t>(w.max_bits) * w.plane_bytes);
-        for (auto& b : planes) b = static_cast<uint8_t>(byte(rng));
-        std::vector<uint16_t> qp(static_cast<size_t>(sh.n * w.n_groups() * 2));
-        for (size_t i = 0; i < qp.size(); ++i)
-            qp[i] = fp32_to_fp16(i % 2 ? normal(rng) : std::fabs(normal(rng)) * 0.01f + 1e-3f);
-        w.planes = planes.data();
-        w.qparams = qp.data();
+        const RandomLinear lin(sh.n, sh.k, sh.group, 8 - si % 3 * 2, rng);
+        const BitplaneLinear& w = lin.w;
         for (int64_t m : {5, 6, 7, 9, 17, 34}) {  // blocks of 4 rows and every tail
             std::vector<float> x(static_cast<size_t>(m * sh.k));
             for (auto& v : x) v = normal(rng) * 3.0f;

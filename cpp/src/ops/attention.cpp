@@ -78,6 +78,7 @@ float round_symmetric(const float* x, int64_t n, float qmax, T* codes) {
 constexpr int64_t kKeyBlock = 64;
 constexpr int64_t kPromptRows = 8;
 
+
 // Positions per task when one token's positions are split (decode): enough work per task to
 // amortize it, small enough that 2K positions give 8 tasks per KV head.
 constexpr int64_t kSpan = 256;
@@ -119,6 +120,74 @@ Rows<KV> rows_of(const AttnArgs& a, const void* cache, const float* scale, int64
 
 struct Task {
     int64_t i, hk, t0, t1;  // token, KV head, positions [t0, t1)
+};
+
+// One task of the prompt path (attend_block, attend_block_vec128): tokens [i0, i1) x KV head hk, and
+// its scratch: S (nv, t_pad) the scores, kt (d, kKeyBlock) a block of keys transposed, vb (kKeyBlock,
+// d) a block of V rows, O (nv, d) the V sums. Query vector v = token i0 + v / G, head hk G + v % G
+// (the group's heads are contiguous in q).
+struct BlockTask {
+    const AttnArgs& a;
+    int64_t i0, hk, G, d, nv, t_max, t_pad;
+    float scale;
+    float *S, *kt, *vb, *O;
+
+    BlockTask(const AttnArgs& args, int64_t first, int64_t end, int64_t kv_head, std::vector<float>& scratch)
+        : a(args), i0(first), hk(kv_head), G(args.n_heads / args.n_kv_heads), d(args.head_dim),
+          nv((end - first) * G), t_max(args.p0 + end), t_pad((t_max + kKeyBlock - 1) / kKeyBlock * kKeyBlock),
+          scale(1.0f / std::sqrt(static_cast<float>(d))) {
+        scratch.resize(static_cast<size_t>(nv * t_pad + 2 * kKeyBlock * d + nv * d));
+        S = scratch.data();
+        kt = S + nv * t_pad;
+        vb = kt + kKeyBlock * d;
+        O = vb + kKeyBlock * d;
+    }
+    const float* query(int64_t v) const { return a.q + ((i0 + v / G) * a.n_heads + hk * G) * d + (v % G) * d; }
+    int64_t keys(int64_t v) const { return a.p0 + i0 + v / G + 1; }  // causal: positions < this
+    // Of the nb keys from position t0, how many vector v attends to.
+    int64_t attended(int64_t v, int64_t t0, int64_t nb) const {
+        return std::min(nb, std::max<int64_t>(0, keys(v) - t0));
+    }
+    // Vectors v0 .. v0 + NV - 1 (NV <= most, returned): their queries and score rows from column c.
+    int score_rows(int64_t v0, int most, int64_t c, const float** q, float** s) const {
+        const int NV = static_cast<int>(std::min<int64_t>(most, nv - v0));
+        for (int v = 0; v < NV; ++v) {
+            q[v] = query(v0 + v);
+            s[v] = S + (v0 + v) * t_pad + c;
+        }
+        return NV;
+    }
+    // The same for the V sums: their weights (exp(s - max) from column t0) and their rows of O.
+    int value_rows(int64_t v0, int most, int64_t t0, const float** p, float** o) const {
+        const int NV = static_cast<int>(std::min<int64_t>(most, nv - v0));
+        for (int v = 0; v < NV; ++v) {
+            p[v] = S + (v0 + v) * t_pad + t0;
+            o[v] = O + (v0 + v) * d;
+        }
+        return NV;
+    }
+    // Each score row -> exp(s - max) over its own positions (the raw scores after them are never read:
+    // the V sums stop at each vector's positions); returns the Σ per vector and zeroes O. max: the
+    // kernels' maximum (NaN ignored).
+    template <typename Max>
+    std::vector<float> softmax(Max max) const {
+        std::vector<float> sums(static_cast<size_t>(nv));
+        for (int64_t v = 0; v < nv; ++v) {
+            float* sv = S + v * t_pad;
+            const int64_t n = keys(v);
+            sums[v] = static_cast<float>(ops_detail::exp_scaled(sv, n, 1.0f, max(sv, n), sv));
+        }
+        std::fill(O, O + nv * d, 0.0f);
+        return sums;
+    }
+    // out = O / Σ per vector.
+    void finish(const std::vector<float>& sums) const {
+        for (int64_t v = 0; v < nv; ++v) {
+            float* out = a.out + ((i0 + v / G) * a.n_heads + hk * G + v % G) * d;
+            const float inv = 1.0f / sums[v];
+            for (int64_t e = 0; e < d; ++e) out[e] = O[v * d + e] * inv;
+        }
+    }
 };
 
 // ---- a span's scores and V sums, in a portable and an AVX2 version ---------------------------------
@@ -639,100 +708,69 @@ void values_tiles512(const float* const* p, const float* vb, int64_t n, int64_t 
 
 #pragma GCC pop_options
 
-// One task of the prompt path: tokens [i0, i1) x KV head hk. Scratch: s (nv, t_pad), kt (d,
-// kKeyBlock), vb (kKeyBlock, d), o (nv, d). A q8 cache's rows are scaled as they are widened (kt,
-// vb), so the products are those of the dequantized rows.
+// One task of the prompt path (BlockTask). A q8 cache's rows are scaled as they are widened (kt, vb),
+// so the products are those of the dequantized rows.
 template <typename KV>
 void attend_block(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::vector<float>& scratch) {
-    const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim;
-    const int64_t nv = (i1 - i0) * G, t_max = a.p0 + i1, t_pad = (t_max + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    scratch.resize(static_cast<size_t>(nv * t_pad + 2 * kKeyBlock * d + nv * d));
-    float* S = scratch.data();
-    float* kt = S + nv * t_pad;
-    float* vb = kt + kKeyBlock * d;
-    float* O = vb + kKeyBlock * d;
+    const BlockTask T(a, i0, i1, hk, scratch);
+    const int64_t d = T.d;
     const Rows<KV> K = rows_of<KV>(a, a.k_cache, a.k_scale, hk, 0), V = rows_of<KV>(a, a.v_cache, a.v_scale, hk, 0);
-    // vector v = token i0 + v / G, head hk G + v % G: the group's heads are contiguous in q
-    auto qv = [&](int64_t v) { return a.q + ((i0 + v / G) * a.n_heads + hk * G) * d + (v % G) * d; };
-    auto keys_of = [&](int64_t v) { return a.p0 + i0 + v / G + 1; };  // causal: positions < this
-
     const bool w512 = cpu_features().avx512;
     // scores, every vector against every key block up to t_max (masked below)
-    for (int64_t t0 = 0; t0 < t_max; t0 += kKeyBlock) {
-        keys_transposed(K.from(t0), std::min(kKeyBlock, t_max - t0), d, kt);
-        for (int64_t j0 = 0; j0 < kKeyBlock && t0 + j0 < t_max; j0 += w512 ? 32 : 16) {
-            for (int64_t v0 = 0; v0 < nv; v0 += 4) {
+    for (int64_t t0 = 0; t0 < T.t_max; t0 += kKeyBlock) {
+        keys_transposed(K.from(t0), std::min(kKeyBlock, T.t_max - t0), d, T.kt);
+        for (int64_t j0 = 0; j0 < kKeyBlock && t0 + j0 < T.t_max; j0 += w512 ? 32 : 16) {
+            for (int64_t v0 = 0; v0 < T.nv; v0 += 4) {
                 const float* q[4];
                 float* s[4];
-                const int NV = static_cast<int>(std::min<int64_t>(4, nv - v0));
-                for (int v = 0; v < NV; ++v) {
-                    q[v] = qv(v0 + v);
-                    s[v] = S + (v0 + v) * t_pad + t0 + j0;
-                }
+                const int NV = T.score_rows(v0, 4, t0 + j0, q, s);
+                const float* kt = T.kt + j0;
                 if (w512) {
                     switch (NV) {
-                        case 4: scores_tile512<4>(q, kt + j0, d, scale, s); break;
-                        case 3: scores_tile512<3>(q, kt + j0, d, scale, s); break;
-                        case 2: scores_tile512<2>(q, kt + j0, d, scale, s); break;
-                        default: scores_tile512<1>(q, kt + j0, d, scale, s); break;
+                        case 4: scores_tile512<4>(q, kt, d, T.scale, s); break;
+                        case 3: scores_tile512<3>(q, kt, d, T.scale, s); break;
+                        case 2: scores_tile512<2>(q, kt, d, T.scale, s); break;
+                        default: scores_tile512<1>(q, kt, d, T.scale, s); break;
                     }
                     continue;
                 }
                 switch (NV) {
-                    case 4: scores_tile<4>(q, kt + j0, d, scale, s); break;
-                    case 3: scores_tile<3>(q, kt + j0, d, scale, s); break;
-                    case 2: scores_tile<2>(q, kt + j0, d, scale, s); break;
-                    default: scores_tile<1>(q, kt + j0, d, scale, s); break;
+                    case 4: scores_tile<4>(q, kt, d, T.scale, s); break;
+                    case 3: scores_tile<3>(q, kt, d, T.scale, s); break;
+                    case 2: scores_tile<2>(q, kt, d, T.scale, s); break;
+                    default: scores_tile<1>(q, kt, d, T.scale, s); break;
                 }
             }
         }
     }
-    // softmax numerators per vector over its own positions (the raw scores after them are never
-    // read: the V sums stop at each vector's positions)
-    std::vector<float> sums(static_cast<size_t>(nv));
-    for (int64_t v = 0; v < nv; ++v) {
-        float* sv = S + v * t_pad;
-        const int64_t n = keys_of(v);
-        const float m = max_avx2(sv, n);
-        sums[v] = static_cast<float>(ops_detail::exp_scaled(sv, n, 1.0f, m, sv));
-    }
+    const std::vector<float> sums = T.softmax(max_avx2);
     // V sums: per block of V rows (fp32), 4 vectors at a time over the rows all 4 attend to, then
     // each vector alone over the rows only it attends to (a later token's)
-    std::fill(O, O + nv * d, 0.0f);
-    for (int64_t t0 = 0; t0 < t_max; t0 += kKeyBlock) {
-        const int64_t nb = std::min(kKeyBlock, t_max - t0);
+    for (int64_t t0 = 0; t0 < T.t_max; t0 += kKeyBlock) {
+        const int64_t nb = std::min(kKeyBlock, T.t_max - t0);
         for (int64_t t = 0; t < nb; ++t)
-            for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(vb + t * d + e, load8(V, t0 + t, e));
-        for (int64_t v0 = 0; v0 < nv; v0 += 4) {
-            const int NV = static_cast<int>(std::min<int64_t>(4, nv - v0));
+            for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(T.vb + t * d + e, load8(V, t0 + t, e));
+        for (int64_t v0 = 0; v0 < T.nv; v0 += 4) {
             const float* p[4];
             float* o[4];
-            for (int v = 0; v < NV; ++v) {
-                p[v] = S + (v0 + v) * t_pad + t0;
-                o[v] = O + (v0 + v) * d;
-            }
+            const int NV = T.value_rows(v0, 4, t0, p, o);
             // vectors in order of token: the first one attends to the fewest positions
-            const int64_t common = std::min(nb, std::max<int64_t>(0, keys_of(v0) - t0));
+            const int64_t common = T.attended(v0, t0, nb);
             switch (NV) {
-                case 4: (w512 ? values_tiles512<4> : values_tiles<4>)(p, vb, common, d, o); break;
-                case 3: (w512 ? values_tiles512<3> : values_tiles<3>)(p, vb, common, d, o); break;
-                case 2: (w512 ? values_tiles512<2> : values_tiles<2>)(p, vb, common, d, o); break;
-                default: (w512 ? values_tiles512<1> : values_tiles<1>)(p, vb, common, d, o); break;
+                case 4: (w512 ? values_tiles512<4> : values_tiles<4>)(p, T.vb, common, d, o); break;
+                case 3: (w512 ? values_tiles512<3> : values_tiles<3>)(p, T.vb, common, d, o); break;
+                case 2: (w512 ? values_tiles512<2> : values_tiles<2>)(p, T.vb, common, d, o); break;
+                default: (w512 ? values_tiles512<1> : values_tiles<1>)(p, T.vb, common, d, o); break;
             }
             for (int v = 0; v < NV; ++v) {
-                const int64_t own = std::min(nb, std::max<int64_t>(0, keys_of(v0 + v) - t0));
+                const int64_t own = T.attended(v0 + v, t0, nb);
                 const float* tail = p[v] + common;
                 if (own > common)
-                    (w512 ? values_tiles512<1> : values_tiles<1>)(&tail, vb + common * d, own - common, d, &o[v]);
+                    (w512 ? values_tiles512<1> : values_tiles<1>)(&tail, T.vb + common * d, own - common, d, &o[v]);
             }
         }
     }
-    for (int64_t v = 0; v < nv; ++v) {
-        float* out = a.out + ((i0 + v / G) * a.n_heads + hk * G + v % G) * d;
-        const float inv = 1.0f / sums[v];
-        for (int64_t e = 0; e < d; ++e) out[e] = O[v * d + e] * inv;
-    }
+    T.finish(sums);
 }
 
 #pragma GCC pop_options
@@ -789,12 +827,8 @@ inline float max_vec128(const float* s, int64_t n) {
     return m;
 }
 
-// Vector registers the tiles below may hold as sums: 32 on AArch64, 16 on x86-64 (SSE2).
-#if defined(__aarch64__)
-constexpr int kV128Sums = 16;
-#else
-constexpr int kV128Sums = 8;
-#endif
+// Vector registers the tiles below may hold as sums: half of them (16 on AArch64, 8 on x86-64).
+constexpr int kV128Sums = vec128::kRegisters / 2;
 
 template <typename KV>
 struct SpanVec128 {
@@ -959,70 +993,42 @@ struct ValuesTilesV128 {
     }
 };
 
-// attend_block (AVX2, above) on 128-bit vectors: tokens [i0, i1) x KV head hk. Scratch: s (nv, t_pad),
-// kt (d, kKeyBlock), vb (kKeyBlock, d), o (nv, d).
+// attend_block (AVX2, above) on 128-bit vectors: one task of the prompt path (BlockTask).
 template <typename KV>
 void attend_block_vec128(const AttnArgs& a, int64_t i0, int64_t i1, int64_t hk, std::vector<float>& scratch) {
-    const int64_t G = a.n_heads / a.n_kv_heads, d = a.head_dim;
-    const int64_t nv = (i1 - i0) * G, t_max = a.p0 + i1, t_pad = (t_max + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    scratch.resize(static_cast<size_t>(nv * t_pad + 2 * kKeyBlock * d + nv * d));
-    float* S = scratch.data();
-    float* kt = S + nv * t_pad;
-    float* vb = kt + kKeyBlock * d;
-    float* O = vb + kKeyBlock * d;
+    const BlockTask T(a, i0, i1, hk, scratch);
+    const int64_t d = T.d;
     const Rows<KV> K = rows_of<KV>(a, a.k_cache, a.k_scale, hk, 0), V = rows_of<KV>(a, a.v_cache, a.v_scale, hk, 0);
-    auto qv = [&](int64_t v) { return a.q + ((i0 + v / G) * a.n_heads + hk * G) * d + (v % G) * d; };
-    auto keys_of = [&](int64_t v) { return a.p0 + i0 + v / G + 1; };  // causal: positions < this
-
-    for (int64_t t0 = 0; t0 < t_max; t0 += kKeyBlock) {
-        keys_transposed_vec128(K.from(t0), std::min(kKeyBlock, t_max - t0), d, kt);
-        for (int64_t j0 = 0; j0 < kKeyBlock && t0 + j0 < t_max; j0 += 16)
-            for (int64_t v0 = 0; v0 < nv; v0 += kV128Vectors) {
+    for (int64_t t0 = 0; t0 < T.t_max; t0 += kKeyBlock) {
+        keys_transposed_vec128(K.from(t0), std::min(kKeyBlock, T.t_max - t0), d, T.kt);
+        for (int64_t j0 = 0; j0 < kKeyBlock && t0 + j0 < T.t_max; j0 += 16)
+            for (int64_t v0 = 0; v0 < T.nv; v0 += kV128Vectors) {
                 const float* q[kV128Vectors];
                 float* s[kV128Vectors];
-                const int NV = static_cast<int>(std::min<int64_t>(kV128Vectors, nv - v0));
-                for (int v = 0; v < NV; ++v) {
-                    q[v] = qv(v0 + v);
-                    s[v] = S + (v0 + v) * t_pad + t0 + j0;
-                }
-                per_vectors<ScoresTileV128>(NV, q, kt + j0, d, scale, s);
+                const int NV = T.score_rows(v0, kV128Vectors, t0 + j0, q, s);
+                per_vectors<ScoresTileV128>(NV, q, T.kt + j0, d, T.scale, s);
             }
     }
-    std::vector<float> sums(static_cast<size_t>(nv));
-    for (int64_t v = 0; v < nv; ++v) {
-        float* sv = S + v * t_pad;
-        const int64_t n = keys_of(v);
-        sums[v] = static_cast<float>(ops_detail::exp_scaled(sv, n, 1.0f, max_vec128(sv, n), sv));
-    }
-    std::fill(O, O + nv * d, 0.0f);
-    for (int64_t t0 = 0; t0 < t_max; t0 += kKeyBlock) {
-        const int64_t nb = std::min(kKeyBlock, t_max - t0);
+    const std::vector<float> sums = T.softmax(max_vec128);
+    for (int64_t t0 = 0; t0 < T.t_max; t0 += kKeyBlock) {
+        const int64_t nb = std::min(kKeyBlock, T.t_max - t0);
         for (int64_t t = 0; t < nb; ++t)
-            for (int64_t e = 0; e < d; e += 4) store4(vb + t * d + e, load4(V, t0 + t, e));
-        for (int64_t v0 = 0; v0 < nv; v0 += kV128Vectors) {
-            const int NV = static_cast<int>(std::min<int64_t>(kV128Vectors, nv - v0));
+            for (int64_t e = 0; e < d; e += 4) store4(T.vb + t * d + e, load4(V, t0 + t, e));
+        for (int64_t v0 = 0; v0 < T.nv; v0 += kV128Vectors) {
             const float* p[kV128Vectors];
             float* o[kV128Vectors];
-            for (int v = 0; v < NV; ++v) {
-                p[v] = S + (v0 + v) * t_pad + t0;
-                o[v] = O + (v0 + v) * d;
-            }
+            const int NV = T.value_rows(v0, kV128Vectors, t0, p, o);
             // vectors in order of token: the first one attends to the fewest positions
-            const int64_t common = std::min(nb, std::max<int64_t>(0, keys_of(v0) - t0));
-            per_vectors<ValuesTilesV128>(NV, p, vb, common, d, o);
+            const int64_t common = T.attended(v0, t0, nb);
+            per_vectors<ValuesTilesV128>(NV, p, T.vb, common, d, o);
             for (int v = 0; v < NV; ++v) {
-                const int64_t own = std::min(nb, std::max<int64_t>(0, keys_of(v0 + v) - t0));
+                const int64_t own = T.attended(v0 + v, t0, nb);
                 const float* tail = p[v] + common;
-                if (own > common) values_tiles_vec128<1>(&tail, vb + common * d, own - common, d, &o[v]);
+                if (own > common) values_tiles_vec128<1>(&tail, T.vb + common * d, own - common, d, &o[v]);
             }
         }
     }
-    for (int64_t v = 0; v < nv; ++v) {
-        float* out = a.out + ((i0 + v / G) * a.n_heads + hk * G + v % G) * d;
-        const float inv = 1.0f / sums[v];
-        for (int64_t e = 0; e < d; ++e) out[e] = O[v * d + e] * inv;
-    }
+    T.finish(sums);
 }
 #endif  // FQ_VEC128
 

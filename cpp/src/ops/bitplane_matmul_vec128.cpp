@@ -276,11 +276,7 @@ void decode_tiles(const Job& j, int64_t t0, int64_t t1) {
 // each (weight row, activation row) pair a vector of 4 partial sums along K. RB = 4 on AArch64 (32
 // vector registers: 16 sums, 8 operands), 2 on x86-64 (16 registers: 8 sums). FMA where the target
 // has it (NEON's fmla: GCC and Clang contract the multiply-add; SSE2 has none).
-#if defined(__aarch64__)
-constexpr int kGemmRows = 4;
-#else
-constexpr int kGemmRows = 2;
-#endif
+constexpr int kGemmRows = kRegisters / 8;
 
 // out[g][r] = Σ_i w[g k_pad + i] x[r x_stride + i], w (4, k_pad), x (RB, x_stride); k_pad a multiple of 4
 template <int RB>

@@ -29,6 +29,14 @@ typedef uint32_t u32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x4 __attribute__((vector_size(16)));
 typedef float f32x4 __attribute__((vector_size(16)));
 
+// Vector registers the tiles can count on: 32 on AArch64, 16 on x86-64 (SSE2; an i386 build has 8 and
+// spills).
+#if defined(__aarch64__)
+constexpr int kRegisters = 32;
+#else
+constexpr int kRegisters = 16;
+#endif
+
 // 16 bytes at p, any alignment.
 template <typename V>
 FQ_V128_INLINE V load16(const void* p) {

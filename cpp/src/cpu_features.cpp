@@ -4,12 +4,14 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "ops/vec128.h"
+
 namespace flexquant {
 
 CpuFeatures detect_cpu_features() {
     CpuFeatures f;
-#if defined(__SSE2__) || (defined(__aarch64__) && defined(__ARM_NEON))
-    f.vec128 = true;  // part of the architecture's baseline
+#ifdef FQ_VEC128
+    f.vec128 = true;  // part of the architecture's baseline (ops/vec128.h)
 #endif
 #if defined(FLEXQUANT_X86) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();

@@ -35,6 +35,7 @@ struct RandomLinear {
     std::vector<uint8_t> planes;
     std::vector<uint16_t> qp;
     BitplaneLinear w;
+    RandomLinear(const RandomLinear&) = delete;  // w points into the vectors
     RandomLinear(int64_t n, int64_t k, int group, int max_bits, std::mt19937& rng) {
         std::normal_distribution<float> normal(0.0f, 1.0f);
         std::uniform_int_distribution<int> byte(0, 255);

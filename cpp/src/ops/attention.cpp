@@ -24,7 +24,8 @@
 // The dot products and the V accumulation are AVX2 (F16C for the fp16 cache) where available (the
 // prompt path's score and output tiles on AVX-512 where the CPU has it: the same bits, twice the
 // multiply-adds per instruction), 128-bit vectors without AVX2 (NEON, SSE2; head_dim a multiple of
-// 4), portable loops otherwise; the exponentials use the shared vectorized exp (sampling.cpp). A decode step reads the whole cache, so the AVX2 kernels are
+// 4), portable loops otherwise; the exponentials use the shared vectorized exp (sampling.cpp). A
+// decode step reads the whole cache, so the AVX2 kernels are
 // written for memory-level throughput: tiles of rows x heads of dot products (up to 12 independent
 // FMA chains, reduced 8 at a time), the V sums held in registers over blocks of rows, and each row
 // read from memory and widened to fp32 once for up to 4 of the group's heads.
@@ -77,7 +78,6 @@ float round_symmetric(const float* x, int64_t n, float qmax, T* codes) {
 // The prompt path (attend_block, below): blocks of kKeyBlock keys, from kPromptRows query tokens on.
 constexpr int64_t kKeyBlock = 64;
 constexpr int64_t kPromptRows = 8;
-
 
 // Positions per task when one token's positions are split (decode): enough work per task to
 // amortize it, small enough that 2K positions give 8 tasks per KV head.

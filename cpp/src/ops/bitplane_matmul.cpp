@@ -557,7 +557,11 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     j.word_group = layout->word_group.data();
     std::vector<float> xp;
     std::vector<int16_t> xi, q_tmp;
-    std::vector<double> xsum(static_cast<size_t>(i16_gemm || i16_gemm_avx2 ? 0 : m) * j.n_groups, 0.0);
+    // Σ x per row and group, for the kernels that add the min term from it: none for the int16 GEMMs
+    // (their preparation keeps its own) nor the fp32 GEMMs without AVX2 (their dequantized rows hold
+    // m_k), so that a kernel reading them there would fault rather than take zeros
+    const bool gemm_f32_rows = path == BITPLANE_PATH_GEMM && !avx2;
+    std::vector<double> xsum(static_cast<size_t>(i16_gemm || i16_gemm_avx2 || gemm_f32_rows ? 0 : m) * j.n_groups, 0.0);
     // kept per calling thread: a prompt's activations are up to tens of MiB, which a fresh vector
     // would clear (and page in) on every call
     thread_local std::vector<int32_t> xt_buf;
@@ -620,8 +624,7 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     // Group sums in fp64: the min term multiplies them by m_k, which can be large next to the
     // scale term (a group far from zero), so their rounding would show in y. (The int16 kernel's
     // came from its preparation.)
-    // (The fp32 GEMMs without AVX2 hold m_k in their dequantized rows: no group sums.)
-    const bool no_xsum = i16_avx512 || i16_avx2 || i16_vec128 || (path == BITPLANE_PATH_GEMM && !avx2);
+    const bool no_xsum = i16_avx512 || i16_avx2 || i16_vec128 || gemm_f32_rows;
     for (int64_t r = 0; r < (no_xsum ? 0 : m); ++r)
         for (int64_t gr = 0; gr < j.n_groups; ++gr) {
             // 4 partial sums: one fp64 add chain would cost ~4 cycles per element.

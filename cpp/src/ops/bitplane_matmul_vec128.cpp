@@ -61,7 +61,6 @@ using namespace vec128;
 #define FQ_SHUFFLE(T, a, b, ...) __builtin_shuffle(a, b, T{__VA_ARGS__})
 #endif
 
-
 // Σ over the 4 (codes, activations) pairs of vpmaddwd's pair sums: lane u = Σ_pairs a[2u] b[2u] +
 // a[2u+1] b[2u+1], 8 products (int32, exact: the codes are 0 .. 255, the activations int16). SSE2:
 // pmaddwd and paddd. NEON: smull / smlal into the int16 lanes' own sums (0-3 and 4-7, 2 instructions

@@ -11,6 +11,8 @@
 
 #if defined(__SSE2__) || (defined(__aarch64__) && defined(__ARM_NEON))
 #define FQ_VEC128 1
+// the kernels read a (scale, min) pair of fp16 as one 32-bit lane, scale in its low half
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the 128-bit kernels assume a little-endian target");
 #endif
 
 #if defined(__aarch64__) && defined(__ARM_NEON)
@@ -53,7 +55,8 @@ FQ_V128_INLINE f32x4 select(i32x4 mask, f32x4 a, f32x4 b) {
     return reinterpret_cast<f32x4>((mask & reinterpret_cast<i32x4>(a)) | (~mask & reinterpret_cast<i32x4>(b)));
 }
 
-// IEEE fp16 bits (the low 16 of each lane) -> fp32, exactly as fp16_to_fp32 (fp16.h). AArch64: fcvtl.
+// IEEE fp16 bits (the low 16 of each lane) -> fp32, exactly as fp16_to_fp32 (fp16.h). AArch64: fcvtl
+// (which returns a signalling NaN quieted; still a NaN).
 // SSE2 has no conversion: integer ops and one subtraction of normal numbers, so that no fp32 subnormal
 // is ever an operand (a DAZ mode would read it as 0, and older cores take a slow assist on one):
 // exponent and mantissa moved to fp32's places, the exponent rebiased by 112; a subnormal (exponent 0,

@@ -438,7 +438,6 @@ void bitplane_detail::dequantize_tile(const Job& j, int64_t rt, float* rows) {
 
 namespace {
 
-
 // Portable gemm: dequantize each row of the tile (natural word order) and dot it with every x row.
 void gemm_tiles_portable(const Job& j, int64_t t0, int64_t t1) {
     note_kernel("gemm_portable");

@@ -418,11 +418,11 @@ void dequantize_tile(const Job& j, int64_t rt, float* rows);
 // SSE2 on x86-64; the same xi, xscale, xsum and step tables as decode_tiles_i16_avx512), and its
 // scalar preparation, as prepare_i16_avx512.
 void decode_tiles_i16_vec128(const Job& j, int64_t t0, int64_t t1);
-// Its GEMM (prompts), on either activations (x̂ as fp32 on int16 ones): the tiles' dequantize_tile rows
-// against xp (WORD_ORDER_NATURAL), register-blocked in fp32 vectors.
-void gemm_tiles_vec128(const Job& j, int64_t t0, int64_t t1);
 void prepare_i16_portable(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
                           double* xsum);
+// Its GEMM (prompts), on either activations (x̂ as fp32 on int16 ones): each tile's rows dequantized
+// (dequantize_tile's values) against xp (WORD_ORDER_NATURAL), register-blocked in fp32 vectors.
+void gemm_tiles_vec128(const Job& j, int64_t t0, int64_t t1);
 
 // The int16 GEMMs' per-tile factors (bitplane_matmul.cpp): sk (8, n_groups) = s_k · code_scale (the
 // codes' own scale: 2^(k-8) for codes shifted left by 8 - k, else 1; exact), mk (8, n_groups) = m_k;

@@ -112,10 +112,24 @@ def test_engine_activation_bits_match_transformers_with_quantized_inputs(tiny_pa
     assert rel_err(q8, ref_q8) < 1e-2
     assert rel_err(q8, ref_fp) > 10 * rel_err(q8, ref_q8)
     assert rel_err(fp, ref_fp) < 1e-4
-    # step by step equals the prefill
-    eng.reset()
-    steps = [eng.forward(ids[:5], reset=False)] + [eng.decode(t)[None] for t in ids[5:]]
-    assert rel_err(np.concatenate(steps), q8) < 1e-5
+    # step by step equals the prefill. Activation bits 8 run the int8 kernels (exact integer sums,
+    # then fp32), whose decode and prompt paths round differently at the last bit: where that moves
+    # an input across a rounding boundary of its int8 grid, one code changes by a step (1/127 of its
+    # group's largest value) and so does that position's output (here once, at the first decoded
+    # position, by 2e-3). The portable kernels multiply x̂ in fp32 and cross none here.
+    def by_steps():
+        eng.reset()
+        steps = [eng.forward(ids[:5], reset=False)] + [eng.decode(t)[None] for t in ids[5:]]
+        return np.concatenate(steps)
+
+    per_pos = [rel_err(a, b) for a, b in zip(by_steps(), q8)]
+    assert sum(e > 1e-5 for e in per_pos) <= 1 and max(per_pos) < 1e-2, per_pos
+    prev = core.ops.get_cpu_kernels()
+    try:
+        core.ops.set_cpu_kernels("portable")
+        assert rel_err(by_steps(), eng.forward(ids)) < 1e-5
+    finally:
+        core.ops.set_cpu_kernels(prev)
     # back to fp32: the model of before
     eng.set_activation_bits(0)
     np.testing.assert_array_equal(eng.forward(ids), fp)

@@ -207,7 +207,7 @@ def test_cpu_activations_i16_is_the_default_and_close_to_f32(tiny_fq):
             db = np.stack([f32.decode(t) for t in ids[:12]])
             assert 0 < rel_err(da, db) < 1e-4
             np.testing.assert_allclose(da, a[:12], rtol=0, atol=1e-4 * np.abs(a).max())
-    with pytest.raises(ValueError, match="cpu_activations must be 'i16' or 'f32', got 'int8'"):
+    with pytest.raises(ValueError, match="cpu_activations must be 'i16', 'f32' or 'i8', got 'int8'"):
         Engine(tiny_fq, cpu_activations="int8")
     assert _core.Engine(str(tiny_fq), backend="cpu").cpu_activations == "i16"
     assert _core.Engine(str(tiny_fq), backend="cpu", cpu_activations="f32").cpu_activations == "f32"
@@ -217,12 +217,61 @@ def test_cpu_activations_i16_is_the_default_and_close_to_f32(tiny_fq):
 
 def test_activation_bits_override_the_cpu_activations(tiny_fq):
     """A linear given activation bits runs exactly that rounding (no int16 on top): the i16 and f32
-    engines then agree bit for bit."""
+    engines then agree bit for bit, and with 8 bits they are the 'i8' engine."""
     ids = list(range(5, 25))
-    with Engine(tiny_fq, kv_dtype="f32") as i16, Engine(tiny_fq, kv_dtype="f32", cpu_activations="f32") as f32:
+    with Engine(tiny_fq, kv_dtype="f32") as i16, Engine(tiny_fq, kv_dtype="f32", cpu_activations="f32") as f32, \
+            Engine(tiny_fq, kv_dtype="f32", cpu_activations="i8") as i8:
         for eng in (i16, f32):
             eng.set_activation_bits(8)
-        np.testing.assert_array_equal(i16.forward(ids), f32.forward(ids))
+        out = i16.forward(ids)
+        np.testing.assert_array_equal(out, f32.forward(ids))
+        np.testing.assert_array_equal(out, i8.forward(ids))
+        i8.reset()
+        i16.reset()
+        for t in ids[:6]:  # and the decode path
+            np.testing.assert_array_equal(i8.decode(t), i16.decode(t))
+
+
+def test_cpu_activations_i8_rounds_to_int8_on_every_path(tiny_fq):
+    """cpu_activations='i8': every linear's input rounded per weight group to int8 (a step of 1/127 of
+    the group's largest value), on the prompt (GEMM) and decode paths of every kernel family, each
+    within fp32 rounding of the portable kernels' fp32 products on the same x̂ (the families differ
+    only in how they sum exact integer products: int16 kernels or vpdpbusd). The rounding is real:
+    about 1/127 against 1/32767, so 'i8' sits far further from 'f32' than 'i16' does, and
+    set_activation_bits(0) does not undo it (0 is the engine's own cpu_activations)."""
+    from flexquant_rt import _core
+
+    ids = list(range(5, 45))
+    ops = _core.ops
+    prev = ops.get_cpu_kernels()
+    try:
+        with Engine(tiny_fq, kv_dtype="f32", cpu_activations="i8") as i8, \
+                Engine(tiny_fq, kv_dtype="f32", cpu_activations="i16") as i16, \
+                Engine(tiny_fq, kv_dtype="f32", cpu_activations="f32") as f32:
+            assert i8.cpu_activations == "i8"
+            assert _core.Engine(str(tiny_fq), backend="cpu", cpu_activations="i8").cpu_activations == "i8"
+            ref = f32.forward(ids)
+            ops.set_cpu_kernels("portable")
+            base = i8.forward(ids)
+            i8.reset()
+            base_steps = np.stack([i8.decode(t) for t in ids[:10]])
+            for kind in ops.cpu_kernels_available():
+                ops.set_cpu_kernels(kind)
+                out = i8.forward(ids)
+                assert rel_err(out, base) < 1e-5, kind
+                i8.reset()
+                steps = np.stack([i8.decode(t) for t in ids[:10]])
+                assert rel_err(steps, base_steps) < 1e-5, kind
+            ops.set_cpu_kernels(prev)
+            out8 = i8.forward(ids)
+            e8, e16 = rel_err(out8, ref), rel_err(i16.forward(ids), ref)
+            assert 1e-4 < e8 < 3e-2 and e8 > 30 * e16, (e8, e16)
+            i8.set_activation_bits(16)  # fp16 for a while, then back to the engine's own int8
+            assert rel_err(i8.forward(ids), ref) < e8 / 10
+            i8.set_activation_bits(0)
+            np.testing.assert_array_equal(i8.forward(ids), out8)
+    finally:
+        ops.set_cpu_kernels(prev)
 
 
 # ---- generation ------------------------------------------------------------------------------------

@@ -84,15 +84,16 @@ def test_bitplane_matmul_matches_reference(linear, kernels, path):
     assert worst < 1e-5
 
 
-def round_i16_reference(x: np.ndarray, group: int) -> np.ndarray:
-    """x̂ of act='i16' in numpy's fp32 arithmetic: s = absmax / 32767 per row and group, s * rint(x / s)."""
+def round_i16_reference(x: np.ndarray, group: int, qmax: int = 32767) -> np.ndarray:
+    """x̂ of act='i16' in numpy's fp32 arithmetic: s = absmax / 32767 per row and group, s * rint(x / s);
+    qmax=127: act='i8'."""
     out = np.empty_like(x)
     for i in range(0, x.shape[1], group):
         blk = x[:, i:i + group]
         with np.errstate(invalid="ignore", divide="ignore"):
             amax = np.nanmax(np.abs(blk), axis=1, keepdims=True) if np.isnan(blk).any() else np.abs(blk).max(1, keepdims=True)
-            s = (amax / np.float32(32767)).astype(np.float32)
-            q = np.where(s > 0, np.clip(np.rint(blk / np.where(s > 0, s, 1)), -32767, 32767), 0).astype(np.float32)
+            s = (amax / np.float32(qmax)).astype(np.float32)
+            q = np.where(s > 0, np.clip(np.rint(blk / np.where(s > 0, s, 1)), -qmax, qmax), 0).astype(np.float32)
             out[:, i:i + group] = np.where(np.isfinite(blk), s * q, blk)
     return out
 
@@ -115,6 +116,93 @@ def test_round_activations_i16_matches_numpy_bit_for_bit(kernels):
     assert (y[0, :32] == 0).all() and np.isnan(y[0, 40]) and y[0, 50] == -np.inf
     with pytest.raises(ValueError, match="group"):
         ops.round_activations_i16(np.ones((1, 8), np.float32), 0)
+
+
+def test_round_activations_i8_is_quantize_activations_8(kernels):
+    """bits=8: act='i8''s x̂, s = absmax / 127: bit for bit numpy's fp32 arithmetic and the engine's
+    activation bits 8 (quantize_activations), which it replaces on the CPU."""
+    rng = np.random.default_rng(12)
+    for m, k, g in [(1, 576, 128), (3, 300, 32), (2, 1000, 96), (5, 17, 64)]:
+        x = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-3, 3, (m, k))).astype(np.float32)
+        x[0, : min(g, k) // 2] *= 1e3
+        y = ops.round_activations_i16(x, g, 8)
+        np.testing.assert_array_equal(y, round_i16_reference(x, g, 127))
+        np.testing.assert_array_equal(y, ops.quantize_activations(x, g, 8))
+        # really 8 bits: at most 255 levels per group, and far coarser than the int16 rounding
+        assert all(len(np.unique(y[r, i:i + g])) <= 255 for r in range(m) for i in range(0, k, g))
+        assert rel_err(y, x) > 30 * rel_err(ops.round_activations_i16(x, g), x)
+    x = np.zeros((1, 64), np.float32)
+    x[0, 40] = np.nan
+    y = ops.round_activations_i16(x, 32, 8)
+    assert (y[0, :32] == 0).all() and np.isnan(y[0, 40])
+    with pytest.raises(ValueError, match="bits: expected 16 or 8, got 7"):
+        ops.round_activations_i16(np.ones((1, 8), np.float32), 8, 7)
+
+
+@pytest.mark.parametrize("path", ["decode", "gemm"])
+def test_bitplane_matmul_i8_matches_reference(linear, kernels, path):
+    """act='i8': y = x̂ · W_kᵀ with x̂ rounded to int8 per row and group, whichever kernel runs (on
+    AVX-512 VNNI and AVX-VNNI the decode multiplies code bytes by int8 activations with vpdpbusd)."""
+    n, k, g, b = linear["n"], linear["k"], linear["g"], linear["b"]
+    rng = np.random.default_rng(18)
+    for bits in range(2, b + 1):
+        ref_w = linear["views"][bits]
+        for m in MATMUL_M:
+            x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100.0, (m, 1))).astype(np.float32)
+            xh = round_i16_reference(x, g, 127)
+            ref = xh.astype(np.float64) @ ref_w.T
+            y = ops.bitplane_matmul(linear["planes"], linear["qparams"], n, k, b, g, bits, x, path, act="i8")
+            assert y.shape == (m, n) and y.dtype == np.float32
+            err = rel_err(y, ref)
+            base = rel_err(xh @ ref_w.astype(np.float32).T, ref)
+            assert err < max(1e-5, 4 * base), f"bits={bits} m={m}: rel err {err:.2e} (fp32 baseline {base:.2e})"
+            # and the products are x̂'s, not x's: the int8 rounding shows (~1e-2)
+            assert rel_err(y, x.astype(np.float64) @ ref_w.T) > 1e-3
+
+
+def test_bitplane_matmul_i8_vpdpbusd_equals_int16_kernels():
+    """Where the CPU has AVX-512 VNNI (or AVX-VNNI, for the 'gfni' family), act='i8''s decode runs its
+    own kernel: the code bytes against int8 activations with vpdpbusd, 64 products per instruction.
+    Its int32 sums are the int16 kernels' on the same codes, so each compilation must give the bits
+    of the one without VNNI (whose int16 kernel multiplies the same q), at every bit-width, 1 to 5
+    rows, K with full and short last super-chunks (1, 2 and 3 words per lane) and groups that split
+    them; and each must record its own kernel name."""
+    have = set(ops.cpu_features_in_use()) if "avx512" in KERNELS else set()
+    prev = ops.get_cpu_kernels()
+    # (family, flags) -> the int8 kernel's name; then the variant without VNNI whose bits it must give
+    cases = []
+    if "avx512" in KERNELS:
+        vnni = [(dict(), "avx512_gfni_vnni")] if {"gfni", "avx512vnni"} <= have else []
+        vnni += [(dict(gfni=False), "avx512_vnni")] if "avx512vnni" in have else []
+        cases.append(("avx512", vnni, dict(gfni=False, avx512vnni=False)))
+    if "gfni" in KERNELS:
+        ops.set_cpu_kernels("gfni")
+        has_avxvnni = "avxvnni" in ops.cpu_features_in_use()
+        cases.append(("gfni", [(dict(), "gfni_avxvnni")] if has_avxvnni else [], dict(avxvnni=False)))
+    if not any(v for _, v, _ in cases):
+        ops.set_cpu_kernels(prev)
+        pytest.skip("no AVX-512 VNNI or AVX-VNNI on this CPU: no int8 kernel runs here")
+    rng = np.random.default_rng(19)
+    try:
+        for n, k, g in [(19, 1664, 128), (16, 896, 32), (9, 2048, 64), (13, 640, 64), (21, 768, 256),
+                        (11, 1408, 96)]:
+            planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
+            for m in (1, 2, 3, 4, 5):
+                x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10.0, (m, 1))).astype(np.float32)
+                for bits in range(8, 1, -1):
+                    for family, vnni, plain_flags in cases:
+                        ops.set_cpu_kernels(family, **plain_flags)
+                        plain = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, "decode", act="i8")
+                        assert ops.last_bitplane_kernel().startswith("decode_i16_"), (family, plain_flags)
+                        assert np.all(np.isfinite(plain))
+                        for flags, name in vnni:
+                            ops.set_cpu_kernels(family, **flags)
+                            y = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, "decode", act="i8")
+                            assert ops.last_bitplane_kernel() == f"decode_i8_{name}", (family, flags)
+                            np.testing.assert_array_equal(
+                                y, plain, err_msg=f"{family} {flags}: n={n} k={k} g={g} m={m} bits={bits}")
+    finally:
+        ops.set_cpu_kernels(prev)
 
 
 @pytest.mark.parametrize("path", ["decode", "gemm"])

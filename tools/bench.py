@@ -279,9 +279,10 @@ def main() -> int:
     ap.add_argument("--kv-dtype", default="auto", choices=("auto", "f32", "f16", "q8"),
                     help="KV cache type of the decode tables (f16 halves the attention's reads at long contexts, "
                          "q8 (CPU) halves them again; auto: the engine's default, f16 on the CPU and f32 on CUDA)")
-    ap.add_argument("--cpu-activations", default="i16", choices=("i16", "f32"),
+    ap.add_argument("--cpu-activations", default="i16", choices=("i16", "i8", "f32"),
                     help="CPU: what the bit-plane matmuls multiply: int16-rounded activations (the engine's "
-                         "default; integer products on AVX-512 VNNI) or fp32 ones")
+                         "default; integer products on AVX-512 VNNI), int8-rounded ones (vpdpbusd on AVX-512 "
+                         "VNNI and AVX-VNNI) or fp32 ones")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                     help="--backend cuda: add a column NAME: the decode of each static-bits row with these "
                          "environment variables, measured in the same run (e.g. pdl:FLEXQUANT_CUDA_PDL=1)")

@@ -208,7 +208,8 @@ void bind_engine(py::module_& m) {
                  flexquant::EngineParams p;
                  if (cpu_activations == "i16") p.cpu_activations = flexquant::CpuActivations::ACT_I16;
                  else if (cpu_activations == "f32") p.cpu_activations = flexquant::CpuActivations::ACT_F32;
-                 else throw flexquant::Error("cpu_activations = '" + cpu_activations + "': expected 'i16' or 'f32'");
+                 else if (cpu_activations == "i8") p.cpu_activations = flexquant::CpuActivations::ACT_I8;
+                 else throw flexquant::Error("cpu_activations = '" + cpu_activations + "': expected 'i16', 'f32' or 'i8'");
                  p.n_ctx = n_ctx;
                  p.n_threads = threads;
                  if (kv_dtype == "auto") p.kv_dtype = flexquant::KvDType::KV_AUTO;
@@ -263,8 +264,9 @@ void bind_engine(py::module_& m) {
             return t == flexquant::KvDType::KV_F16 ? "f16" : t == flexquant::KvDType::KV_Q8 ? "q8" : "f32";
         }, "The KV cache's element type: 'f16', 'f32' or 'q8' (kv_dtype 'auto' resolved).")
         .def_property_readonly("cpu_activations", [](PyEngine& e) {
-            return e.get().cpu_activations() == flexquant::CpuActivations::ACT_I16 ? "i16" : "f32";
-        }, "What the CPU's bit-plane matmuls multiply: 'i16' or 'f32' activations.")
+            const flexquant::CpuActivations a = e.get().cpu_activations();
+            return a == flexquant::CpuActivations::ACT_I16 ? "i16" : a == flexquant::CpuActivations::ACT_I8 ? "i8" : "f32";
+        }, "What the CPU's bit-plane matmuls multiply: 'i16', 'i8' or 'f32' activations.")
         .def_property_readonly("device_bytes", [](PyEngine& e) { return e.get().device_bytes(); },
                                "GPU memory held by the CUDA backend (0 on the CPU).")
         .def("close", [](PyEngine& e) { e.eng.reset(); }, "Free the KV cache and the model mapping.")

@@ -90,10 +90,18 @@ BitplaneLinear linear_view(const py::array& planes_a, const py::array& qparams_a
     return w;
 }
 
+// act: 'f32', 'i16' or 'i8' (BitplaneActivations).
+BitplaneActivations parse_act(const std::string& act) {
+    if (act == "f32") return BITPLANE_ACT_F32;
+    if (act == "i16") return BITPLANE_ACT_I16;
+    if (act == "i8") return BITPLANE_ACT_I8;
+    throw py::value_error("act: expected 'f32', 'i16' or 'i8', got '" + act + "'");
+}
+
 py::array_t<float> py_bitplane_matmul(const py::array& planes_a, const py::array& qparams_a, int64_t n, int64_t k,
                                       int max_bits, int group_size, int bits, const py::array& x_a,
                                       const std::string& path, bool threaded, const std::string& act) {
-    if (act != "f32" && act != "i16") throw py::value_error("act: expected 'f32' or 'i16', got '" + act + "'");
+    const BitplaneActivations a = parse_act(act);
     const BitplaneLinear w = linear_view(planes_a, qparams_a, n, k, max_bits, group_size, bits);
     const bool vec = x_a.ndim() == 1;
     auto x = require<float>(x_a, "x", -1, "");
@@ -107,8 +115,7 @@ py::array_t<float> py_bitplane_matmul(const py::array& planes_a, const py::array
     {
         py::gil_scoped_release nogil;
         try {
-            bitplane_matmul(w, bits, x.data(), m, y.mutable_data(), threaded ? &ops_pool() : nullptr, p,
-                            act == "i16" ? BITPLANE_ACT_I16 : BITPLANE_ACT_F32);
+            bitplane_matmul(w, bits, x.data(), m, y.mutable_data(), threaded ? &ops_pool() : nullptr, p, a);
         } catch (const std::invalid_argument& e) {
             py::gil_scoped_acquire gil;
             throw py::value_error(e.what());
@@ -121,7 +128,7 @@ py::array_t<float> py_bitplane_matmul(const py::array& planes_a, const py::array
 py::list py_bitplane_matmul_multi(const py::list& linears, int64_t k, int max_bits, int group_size,
                                   const std::vector<int>& bits, const py::array& x_a, const std::string& path,
                                   const std::string& act) {
-    if (act != "f32" && act != "i16") throw py::value_error("act: expected 'f32' or 'i16', got '" + act + "'");
+    const BitplaneActivations a = parse_act(act);
     const size_t count = linears.size();
     if (count == 0) throw py::value_error("linears: need at least one (planes, qparams, n)");
     if (bits.size() != count)
@@ -158,7 +165,7 @@ py::list py_bitplane_matmul_multi(const py::list& linears, int64_t k, int max_bi
         py::gil_scoped_release nogil;
         try {
             bitplane_matmul_multi(ws.data(), bits.data(), static_cast<int>(count), x.data(), m, yp.data(),
-                                  &ops_pool(), p, act == "i16" ? BITPLANE_ACT_I16 : BITPLANE_ACT_F32);
+                                  &ops_pool(), p, a);
         } catch (const std::invalid_argument& e) {
             py::gil_scoped_acquire gil;
             throw py::value_error(e.what());
@@ -427,8 +434,9 @@ void bind_ops(py::module_& parent) {
           "y = x @ W_bits.T for a bit-plane linear: planes (>= bits, plane_bytes) uint8 in the tc8x512 layout,\n"
           "qparams (n, n_groups, 2) float16, x (m, k) or (k,) float32 -> y (m, n) or (n,) float32.\n"
           "Reads only the first `bits` planes. path: 'auto', 'decode' (bit-serial) or 'gemm' (dequantize + GEMM).\n"
-          "act: 'f32' (x as given) or 'i16' (x rounded per row and weight group to int16, x̂ = s * q with\n"
-          "s = absmax / 32767; y = x̂ @ W_bits.T, on integer products with the SIMD kernels).");
+          "act: 'f32' (x as given), 'i16' (x rounded per row and weight group to int16, x̂ = s * q with\n"
+          "s = absmax / 32767; y = x̂ @ W_bits.T, on integer products with the SIMD kernels) or 'i8' (the same\n"
+          "with s = absmax / 127, quantize_activations' 8 bits; vpdpbusd on AVX-512 VNNI).");
     m.def(
         "bitplane_bytes_at",
         [](uint64_t plane_bytes, int64_t n, int64_t k, int group_size, int bits) {
@@ -488,20 +496,23 @@ void bind_ops(py::module_& parent) {
     m.def("swiglu", &py_swiglu, py::arg("gate"), py::arg("up"), "silu(gate) * up, float32, same shapes.");
     m.def(
         "round_activations_i16",
-        [](const py::array& x_a, int group) {
+        [](const py::array& x_a, int group, int bits) {
+            if (bits != 16 && bits != 8) throw py::value_error("bits: expected 16 or 8, got " + std::to_string(bits));
             auto x = require<float>(x_a, "x", 2, "(m, k)");
             py::array_t<float> out({x.shape(0), x.shape(1)});
             try {
                 py::gil_scoped_release nogil;
-                bitplane_round_i16(x.data(), x.shape(0), x.shape(1), group, out.mutable_data());
+                bitplane_round_i16(x.data(), x.shape(0), x.shape(1), group, out.mutable_data(),
+                                   bits == 8 ? 127.0f : 32767.0f);
             } catch (const std::invalid_argument& e) {
                 throw py::value_error(e.what());
             }
             return out;
         },
-        py::arg("x"), py::arg("group"),
+        py::arg("x"), py::arg("group"), py::arg("bits") = 16,
         "x̂: x (m, k) float32 rounded to int16 per row and group of `group` columns (s = absmax / 32767,\n"
-        "x̂ = s * rint(x / s)), what bitplane_matmul(..., act='i16') multiplies. NaN and inf are kept\n"
+        "x̂ = s * rint(x / s)), what bitplane_matmul(..., act='i16') multiplies; bits=8: s = absmax / 127,\n"
+        "act='i8'. NaN and inf are kept\n"
         "(an inf makes its group's scale inf, so the group's finite elements become NaN).");
     m.def("quantize_activations", &py_quantize_activations, py::arg("x"), py::arg("group"), py::arg("bits"),
           "x (m, k) float32 quantized to symmetric `bits`-bit integers per row and group of `group` columns\n"

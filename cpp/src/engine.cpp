@@ -63,11 +63,15 @@ struct Engine::Impl {
     std::vector<int64_t> past;  // (n_seq): tokens in each sequence's KV cache
     KvDType kv_dtype = KvDType::KV_F32;
     CpuActivations cpu_act = CpuActivations::ACT_I16;
-    // What linear j's bit-plane matmul multiplies: cpu_act where its act_bits is 0; else the input
-    // already rounded as asked (quantize_activations), exactly, with nothing on top.
+    // What linear j's bit-plane matmul multiplies: cpu_act where its act_bits is 0; int8 codes where
+    // it is 8 (BITPLANE_ACT_I8 rounds as quantize_activations does, and multiplies the codes as
+    // integers: vpdpbusd on AVX-512 VNNI); else the input already rounded as asked
+    // (quantize_activations: prerounded(j)), exactly, with nothing on top.
     BitplaneActivations matmul_act(size_t j) const {
+        if (act_bits[j] == 8 || (act_bits[j] == 0 && cpu_act == CpuActivations::ACT_I8)) return BITPLANE_ACT_I8;
         return act_bits[j] == 0 && cpu_act == CpuActivations::ACT_I16 ? BITPLANE_ACT_I16 : BITPLANE_ACT_F32;
     }
+    bool prerounded(size_t j) const { return act_bits[j] != 0 && act_bits[j] != 8; }
     int bits_cap = 0;  // EngineParams::max_bits resolved
     ThreadPool pool;
     Backend backend = Backend::BACKEND_CPU;
@@ -221,7 +225,7 @@ void Engine::Impl::linears(size_t j0, int count, const float* x, int64_t T, floa
     auto path_of = [&](int i) { return T <= decode_max[j0 + i][b_of[i]] ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM; };
     bool together = count > 1;
     for (int i = 0; i < count && together; ++i)
-        together = act_bits[j0 + i] == 0 && path_of(i) == path_of(0) && matmul_act(j0 + i) == matmul_act(j0) &&
+        together = !prerounded(j0 + i) && path_of(i) == path_of(0) && matmul_act(j0 + i) == matmul_act(j0) &&
                    lin_at(j0 + i).k == lin_at(j0).k && lin_at(j0 + i).group_size == lin_at(j0).group_size;
     if (together) {
         const BitplaneLinear* ws[8];
@@ -233,7 +237,7 @@ void Engine::Impl::linears(size_t j0, int count, const float* x, int64_t T, floa
         const size_t j = j0 + i;
         const BitplaneLinear& w = lin_at(j);
         const float* xi = x;
-        if (act_bits[j] != 0) {
+        if (prerounded(j)) {
             if (xq.size() < static_cast<size_t>(T * w.k)) xq.resize(static_cast<size_t>(T * w.k));
             quantize_activations(x, T, w.k, w.group_size, act_bits[j], xq.data());
             xi = xq.data();
@@ -282,8 +286,10 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
         throw Error(cat("kv_dtype = ", static_cast<int>(params.kv_dtype), " is not KV_AUTO, KV_F32, KV_F16 or KV_Q8"));
     if (on_gpu && e.kv_dtype == KvDType::KV_Q8)
         throw Error("kv_dtype q8: the CUDA backend has no int8 KV cache; use f16 or f32 there, or the CPU backend");
-    if (params.cpu_activations != CpuActivations::ACT_I16 && params.cpu_activations != CpuActivations::ACT_F32)
-        throw Error(cat("cpu_activations = ", static_cast<int>(params.cpu_activations), " is not ACT_I16 or ACT_F32"));
+    if (params.cpu_activations != CpuActivations::ACT_I16 && params.cpu_activations != CpuActivations::ACT_F32 &&
+        params.cpu_activations != CpuActivations::ACT_I8)
+        throw Error(cat("cpu_activations = ", static_cast<int>(params.cpu_activations),
+                        " is not ACT_I16, ACT_F32 or ACT_I8"));
     e.cpu_act = params.cpu_activations;
 
     // bytes of one KV head's row (a q8 row: its codes and its scale)

@@ -808,14 +808,16 @@ def fq_report(fq: dict, stats: GenerationStats) -> dict:
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", n_ctx: int | None = None,
           threads: int | None = None, model_name: str | None = None, default_fq: dict | None = None,
-          max_queue: int = 64, log_level: str = "info", batch: int = 1, kv_dtype: str = "auto") -> None:
+          max_queue: int = 64, log_level: str = "info", batch: int = 1, kv_dtype: str = "auto",
+          cpu_activations: str = "i16") -> None:
     """Load the model and serve it until interrupted (what `flexquant-rt serve` runs)."""
     try:
         import uvicorn
     except ImportError as e:
         raise ImportError(f"the server needs FastAPI and uvicorn ({e.name}); install them with: "
                           f"pip install 'flexquant_rt[serve]'") from None
-    engine = Engine(model, backend=backend, n_ctx=n_ctx, threads=threads, n_seq=batch, kv_dtype=kv_dtype)
+    engine = Engine(model, backend=backend, n_ctx=n_ctx, threads=threads, n_seq=batch, kv_dtype=kv_dtype,
+                    cpu_activations=cpu_activations)
     try:
         app = create_app(engine, model_name=model_name, default_fq=default_fq, max_queue=max_queue)
     except BaseException:

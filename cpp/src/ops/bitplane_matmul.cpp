@@ -226,11 +226,12 @@ void permute_activations(const float* x, int64_t m, int64_t k, int64_t x_stride,
 }  // namespace
 
 // The same fp32 operations as quantize_activations (and quantize_i16_avx2, prepare_i16_avx512).
-void bitplane_round_i16(const float* x, int64_t m, int64_t k, int group, float* xhat) {
+void bitplane_round_i16(const float* x, int64_t m, int64_t k, int group, float* xhat, float qmax) {
     check(m >= 0 && k > 0 && group > 0, "round_i16: need m >= 0, k > 0 and group > 0, got m=" + std::to_string(m) +
                                             ", k=" + std::to_string(k) + ", group=" + std::to_string(group));
+    check(qmax == 32767.0f || qmax == 127.0f, "round_i16: qmax must be 32767 or 127, got " + std::to_string(qmax));
 #ifdef FLEXQUANT_X86
-    if (cpu_features().avx2) return quantize_i16_avx2(x, m, k, group, xhat);
+    if (cpu_features().avx2) return quantize_i16_avx2(x, m, k, group, xhat, qmax);
 #endif
     const int64_t n_groups = (k + group - 1) / group;
     for (int64_t r = 0; r < m; ++r) {
@@ -239,14 +240,28 @@ void bitplane_round_i16(const float* x, int64_t m, int64_t k, int group, float* 
             const float* xr = x + r * k;
             float amax = 0.0f;
             for (int64_t i = i0; i < i1; ++i) amax = std::max(amax, std::fabs(xr[i]));  // NaN never wins
-            const float scale = amax / 32767.0f;
-            for (int64_t i = i0; i < i1; ++i) xhat[r * k + i] = round_i16(xr[i], scale);
+            const float scale = amax / qmax;
+            for (int64_t i = i0; i < i1; ++i) xhat[r * k + i] = round_i16(xr[i], scale, qmax);
         }
     }
 }
 
 namespace {
 std::atomic<const char*> g_last_kernel{""};
+
+// Job::xb (m, x_stride bytes) from j.xi, whose q all fit in a byte (BITPLANE_ACT_I8: |q| <= 127).
+// A copy of m * 4 * n_super * 128 values per call, next to the decode's m * n * k products.
+void prepare_i8(const bitplane_detail::Job& j, int8_t* xb) {
+    const int64_t n_steps = 4 * j.n_super;
+    for (int64_t r = 0; r < j.m; ++r)
+        for (int64_t t = 0; t < n_steps; ++t) {
+            const int16_t* q = j.xi + r * j.x_stride + t * 128;
+            int8_t* out = xb + r * j.x_stride + t * 128;
+            for (int h = 0; h < 2; ++h)
+                for (int e = 0; e < 2; ++e)
+                    for (int i = 0; i < 32; ++i) out[64 * h + 2 * i + e] = static_cast<int8_t>(q[64 * h + 32 * e + i]);
+        }
+}
 }  // namespace
 
 void bitplane_detail::note_kernel(const char* name) {
@@ -510,7 +525,8 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     const int64_t n_pad = ceil_to(w.n, 8), k_pad = ceil_to(w.k, 128);
     check(x != nullptr, "null pointer");
     check(m >= 0, "m must be >= 0");
-    check(act == BITPLANE_ACT_F32 || act == BITPLANE_ACT_I16, "act must be F32 or I16, got " + std::to_string(act));
+    check(act == BITPLANE_ACT_F32 || act == BITPLANE_ACT_I16 || act == BITPLANE_ACT_I8,
+          "act must be F32, I16 or I8, got " + std::to_string(act));
     if (m == 0) return;
 
     Job j{};
@@ -522,28 +538,30 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     j.n_super = (k_pad + 511) / 512;
     j.n_groups = w.n_groups();
     j.y = y;
+    j.qmax = bitplane_act_qmax(act);
 
     const bool avx2 = cpu_features().avx2, gfni = cpu_features().gfni;
     if (path == BITPLANE_PATH_AUTO) path = m <= bitplane_decode_max_m ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM;
 
-    // int16 activations: the integer SIMD kernels multiply q themselves; the portable ones and the
-    // 128-bit fp32 GEMM run on x̂ as fp32 (the same products, each rounded to fp32)
-    const bool i16_avx512 = act == BITPLANE_ACT_I16 && cpu_features().avx512;
+    // int16 (or int8) activations: the integer SIMD kernels multiply q themselves; the portable ones
+    // and the 128-bit fp32 GEMM run on x̂ as fp32 (the same products, each rounded to fp32)
+    const bool int_act = act != BITPLANE_ACT_F32;
+    const bool i16_avx512 = int_act && cpu_features().avx512;
     // (GFNI without AVX-512 VNNI exists only as a cap: no CPU with both GFNI and AVX-512 lacks VNNI)
     j.i512 = cpu_features().gfni && cpu_features().avx512vnni ? 0 : cpu_features().avx512vnni ? 1 : 2;
-    const bool i16_avx2 = act == BITPLANE_ACT_I16 && !i16_avx512 && avx2;
+    const bool i16_avx2 = int_act && !i16_avx512 && avx2;
     // without AVX2: the 128-bit decode (NEON, SSE2) on int16 activations, and the 128-bit fp32 GEMM on
     // either (x̂ as fp32 on int16 ones)
-    const bool i16_vec128 = act == BITPLANE_ACT_I16 && !i16_avx512 && !i16_avx2 && cpu_features().vec128 &&
+    const bool i16_vec128 = int_act && !i16_avx512 && !i16_avx2 && cpu_features().vec128 &&
                             path == BITPLANE_PATH_DECODE;
     const bool gemm_vec128 = !i16_avx512 && !avx2 && cpu_features().vec128 && path == BITPLANE_PATH_GEMM;
     const bool i16_kernel = ((i16_avx512 || i16_avx2) && path == BITPLANE_PATH_DECODE) || i16_vec128;  // xi, I16 order
     const bool i16_gemm = i16_avx512 && path == BITPLANE_PATH_GEMM;
     const bool i16_gemm_avx2 = i16_avx2 && path == BITPLANE_PATH_GEMM;
     std::vector<float> xscale, xhat;
-    if (act == BITPLANE_ACT_I16 && !i16_avx512 && !i16_avx2 && !i16_vec128) {
+    if (int_act && !i16_avx512 && !i16_avx2 && !i16_vec128) {
         xhat.resize(static_cast<size_t>(m * w.k));
-        bitplane_round_i16(x, m, w.k, w.group_size, xhat.data());
+        bitplane_round_i16(x, m, w.k, w.group_size, xhat.data(), j.qmax);
         x = xhat.data();
     }
 
@@ -556,6 +574,7 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     j.word_group = layout->word_group.data();
     std::vector<float> xp;
     std::vector<int16_t> xi, q_tmp;
+    std::vector<int8_t> xb;
     // Σ x per row and group, for the kernels that add the min term from it: none for the int16 GEMMs
     // (their preparation keeps its own) nor the fp32 GEMMs without AVX2 (their dequantized rows hold
     // m_k), so that a kernel reading them there would fault rather than take zeros
@@ -613,6 +632,15 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
 #endif
         j.xi = xi.data();
         j.xscale = xscale.data();
+        // int8 activations where the decode has vpdpbusd (AVX-512 VNNI; AVX-VNNI with the GFNI
+        // kernel): its int8 variant reads them as bytes. Elsewhere the int16 kernels multiply the
+        // same q (their int32 sums are the same).
+        const bool vnni = i16_avx512 ? j.i512 <= 1 : i16_avx2 && gfni && cpu_features().avxvnni;
+        if (act == BITPLANE_ACT_I8 && vnni) {
+            xb.resize(static_cast<size_t>(m) * j.x_stride);
+            prepare_i8(j, xb.data());
+            j.xb = xb.data();
+        }
     } else {
         xp.resize(static_cast<size_t>(m) * j.x_stride);
         permute_activations(x, m, w.k, j.x_stride, layout->src.data(), avx2 && path == BITPLANE_PATH_DECODE,

@@ -425,17 +425,17 @@ float group_absmax(const float* xr, int64_t i0, int64_t i1, bool* bad) {
 
 }  // namespace
 
-void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat) {
+void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat, float qmax_f) {
     const int64_t n_groups = (k + group - 1) / group;
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 qmax = _mm256_set1_ps(32767.0f), qmin = _mm256_set1_ps(-32767.0f);
+    const __m256 qmax = _mm256_set1_ps(qmax_f), qmin = _mm256_set1_ps(-qmax_f);
     const __m256 big = _mm256_set1_ps(3.40282347e38f);  // FLT_MAX: |x| <= it <=> x finite
     for (int64_t r = 0; r < m; ++r) {
         for (int64_t g = 0; g < n_groups; ++g) {
             const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
             const float* xr = x + r * k;
             float* out = xhat + r * k;
-            const float scale = group_absmax(xr, i0, i1, nullptr) / 32767.0f;
+            const float scale = group_absmax(xr, i0, i1, nullptr) / qmax_f;
             int64_t i;
             const __m256 sv = _mm256_set1_ps(scale);
             const bool any = scale > 0.0f;
@@ -449,23 +449,23 @@ void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* x
                 const __m256 finite = _mm256_cmp_ps(_mm256_and_ps(xv, abs_mask), big, _CMP_LE_OQ);
                 _mm256_storeu_ps(out + i, _mm256_blendv_ps(xv, _mm256_mul_ps(sv, v), finite));
             }
-            for (; i < i1; ++i) out[i] = round_i16(xr[i], scale);
+            for (; i < i1; ++i) out[i] = round_i16(xr[i], scale, qmax_f);
         }
     }
 }
 
 // One row xr (k) -> q (k_pad int16, natural K order, zeros past k), and per group its scale s =
-// absmax / 32767 and Σ x̂ = s Σ q (fp64; NaN when the group holds a NaN or inf, so that y shows it),
+// absmax / qmax_f (32767, or 127: bitplane_act_qmax) and Σ x̂ = s Σ q (fp64; NaN when the group holds a NaN or inf, so that y shows it),
 // written at xscale[g * stride] and xsum[g * stride]. The rounding of bitplane_round_i16. The int16
 // GEMM's and decode's preparation.
 void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group, int64_t n_groups, int16_t* q,
-                           float* xscale, double* xsum, int64_t stride) {
-    const __m256 qmax = _mm256_set1_ps(32767.0f), qmin = _mm256_set1_ps(-32767.0f);
+                           float* xscale, double* xsum, int64_t stride, float qmax_f) {
+    const __m256 qmax = _mm256_set1_ps(qmax_f), qmin = _mm256_set1_ps(-qmax_f);
     std::fill(q + k, q + k_pad, int16_t(0));
     for (int64_t g = 0; g < n_groups; ++g) {
         const int64_t i0 = g * group, i1 = std::min<int64_t>(k, i0 + group);
         bool bad = false;
-        const float scale = group_absmax(xr, i0, i1, &bad) / 32767.0f;
+        const float scale = group_absmax(xr, i0, i1, &bad) / qmax_f;
         int64_t qsum = 0;
         int64_t i = i0;
         if (scale > 0.0f) {
@@ -492,7 +492,7 @@ void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group,
             }
             flush();
             for (; i < i1; ++i) {
-                q[i] = static_cast<int16_t>(q_i16(xr[i], scale));  // (scale > 0 here)
+                q[i] = static_cast<int16_t>(q_i16(xr[i], scale, qmax_f));  // (scale > 0 here)
                 qsum += q[i];
             }
         } else {
@@ -514,7 +514,7 @@ void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, 
         const int64_t b = r / 8, lane = r % 8;
         if (r < j.m)
             quantize_row_i16_avx2(x + r * k, k, j.k_pad, j.w->group_size, ng, q, xst + b * ng * 8 + lane,
-                                  xsumt + b * ng * 8 + lane, 8);
+                                  xsumt + b * ng * 8 + lane, 8, j.qmax);
         else  // the last block's empty lanes: zeros (xst and xsumt were zeroed by the caller)
             std::fill(q, q + j.k_pad, int16_t(0));
         // pairs (q[2p], q[2p+1]) as one int32, to lane `lane` of pair p's vector

@@ -53,12 +53,13 @@ namespace bitplane_detail {
 
 namespace {
 
-// 16 int16 activations at p; and 8 of them in both 128-bit lanes (the two-row tail).
-FQ_INLINE __m256i load_x(const int16_t* p) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+// 32 bytes of activations at p (16 int16, or 32 int8); and 16 of them in both 128-bit lanes (the
+// two-row tail).
+FQ_INLINE __m256i load_x(const void* p) {
+    return _mm256_loadu_si256(static_cast<const __m256i*>(p));
 }
-FQ_INLINE __m256i load_x_both_lanes(const int16_t* p) {
-    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+FQ_INLINE __m256i load_x_both_lanes(const void* p) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(p)));
 }
 
 // Σ over 4 vpmaddwd of (codes, activations) pairs: 8 int32 sums of 8 products each.
@@ -78,7 +79,7 @@ void prepare_i16_avx2(const Job& j, const float* x, int64_t k, int16_t* q_tmp, i
                                            13, 2, 3, 6, 7, 10, 11, 14, 15);
     for (int64_t r = 0; r < j.m; ++r) {
         quantize_row_i16_avx2(x + r * k, k, j.k_pad, j.w->group_size, j.n_groups, q_tmp, xscale + r * j.n_groups,
-                              xsum + r * j.n_groups, 1);
+                              xsum + r * j.n_groups, 1, j.qmax);
         // q_tmp -> WORD_ORDER_I16: slot 64h + 32e + 8L + i of step (s, v) <- bit 16h + 2i + e of word
         // 4L + v
         for_each_i16_word(j, xi + r * j.x_stride, [&](int32_t base, int16_t* blk) {
@@ -263,6 +264,12 @@ namespace i16_gfni_vnni {
 }  // namespace i16_gfni_vnni
 
 void decode_tiles_i16_gfni_vnni(const Job& j, int64_t t0, int64_t t1) {
+    if (j.xb) {  // BITPLANE_ACT_I8: the code bytes against int8 activations (vpdpbusd)
+        note_kernel("decode_i8_gfni_avxvnni");
+        return with_bits(j.bits, [&](auto bits) {
+            decode_tiles_i16_with<decltype(bits)::value, i16_gfni_vnni::KernelI8>(j, t0, t1);
+        });
+    }
     note_kernel("decode_i16_gfni_avxvnni");
     with_bits(j.bits,
               [&](auto bits) { decode_tiles_i16_with<decltype(bits)::value, i16_gfni_vnni::Kernel>(j, t0, t1); });

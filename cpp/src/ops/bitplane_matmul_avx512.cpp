@@ -80,12 +80,13 @@ __m512i word_permutation() {
     return _mm512_load_si512(idx);
 }
 
-// One row xr (k) -> q_tmp (k_pad; natural K order, zeros past k), and per group its scale s and
+// One row xr (k) -> q_tmp (k_pad; natural K order, zeros past k), codes of at most qmax_f (32767 or
+// 127: bitplane_act_qmax), and per group its scale s and
 // Σ x̂ = s Σ q (fp64; NaN when the group holds a NaN or inf, so that y shows it), written at
 // xscale[g * stride] and xsum[g * stride].
 void quantize_row_i16(const float* xr, int64_t k, int64_t k_pad, int group, int64_t n_groups, int16_t* q_tmp,
-                      float* xscale, double* xsum, int64_t stride) {
-    const __m512 qmax = _mm512_set1_ps(32767.0f), qmin = _mm512_set1_ps(-32767.0f);
+                      float* xscale, double* xsum, int64_t stride, float qmax_f) {
+    const __m512 qmax = _mm512_set1_ps(qmax_f), qmin = _mm512_set1_ps(-qmax_f);
     const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     std::fill(q_tmp + k, q_tmp + k_pad, int16_t(0));
     for (int64_t g = 0; g < n_groups; ++g) {
@@ -99,7 +100,7 @@ void quantize_row_i16(const float* xr, int64_t k, int64_t k_pad, int group, int6
             amax = _mm512_max_ps(_mm512_and_ps(v, abs_mask), amax);
             bad |= _mm512_mask_fpclass_ps_mask(live, v, 0x99);  // QNaN, SNaN, +inf, -inf
         }
-        const float scale = _mm512_reduce_max_ps(amax) / 32767.0f;
+        const float scale = _mm512_reduce_max_ps(amax) / qmax_f;
         xscale[g * stride] = scale;
         int64_t qsum = 0;  // Σ q: int32 lanes would wrap for groups of 65,568 and more
         const __m512 sv = _mm512_set1_ps(scale);
@@ -130,7 +131,7 @@ void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp,
     const __m512i perm = word_permutation();
     for (int64_t r = 0; r < j.m; ++r) {
         quantize_row_i16(x + r * k, k, j.k_pad, j.w->group_size, j.n_groups, q_tmp, xscale + r * j.n_groups,
-                         xsum + r * j.n_groups, 1);
+                         xsum + r * j.n_groups, 1, j.qmax);
         // q_tmp (natural K order) -> the slots of every step's words: quarter 2h + e of a permuted
         // word goes to slots 64h + 32e + 8L .. + 7
         for_each_i16_word(j, xi + r * j.x_stride, [&](int32_t base, int16_t* blk) {
@@ -157,7 +158,7 @@ void prepare_i16_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0
         const int64_t b = r / 16, lane = r % 16;
         if (r < j.m) {
             quantize_row_i16(x + r * k, k, j.k_pad, j.w->group_size, ng, q_tmp, xst + b * ng * 16 + lane,
-                             xsumt + b * ng * 16 + lane, 16);
+                             xsumt + b * ng * 16 + lane, 16, j.qmax);
         } else {  // the last block's empty lanes: zeros (xt is not cleared; xst and xsumt are)
             std::fill(q_tmp, q_tmp + j.k_pad, int16_t(0));
         }

@@ -419,10 +419,10 @@ void prepare_i16_portable(const Job& j, const float* x, int64_t k, int16_t* q_tm
                 amax = std::max(amax, std::fabs(xr[i]));
                 bad |= !std::isfinite(xr[i]);
             }
-            const float scale = amax / 32767.0f;
+            const float scale = amax / j.qmax;
             int64_t qsum = 0;
             for (int64_t i = i0; i < i1; ++i) {
-                const int16_t q = std::isfinite(xr[i]) ? static_cast<int16_t>(q_i16(xr[i], scale)) : int16_t(0);
+                const int16_t q = std::isfinite(xr[i]) ? static_cast<int16_t>(q_i16(xr[i], scale, j.qmax)) : int16_t(0);
                 q_tmp[i] = q;
                 qsum += q;
             }

@@ -60,11 +60,19 @@ constexpr int64_t bitplane_decode_max_m = 4;
 // Every kernel computes that; the SIMD decode and GEMM kernels (AVX-512 VNNI, AVX2) multiply q by
 // the integer codes exactly (vpdpwssd, vpmaddwd) instead of converting every code to fp32, which is
 // what makes them faster; the portable ones multiply x̂ in fp32. The rounding is 2^-16 of a group's
-// largest |x|: below the fp16 KV cache's (docs/kernels.md).
+// largest |x|: below the fp16 KV cache's (docs/kernels.md). I8: the same with s = absmax_g(x) / 127
+// (quantize_activations' 8-bit rounding, which the engine's activation bits 8 ask for), on the same
+// kernels; where AVX-512 VNNI is present the decode multiplies the u8 codes by the s8 q with vpdpbusd,
+// 64 products per instruction instead of vpdpwssd's 32, giving the same exact int32 sums.
 enum BitplaneActivations {
     BITPLANE_ACT_F32 = 0,
     BITPLANE_ACT_I16 = 1,
+    BITPLANE_ACT_I8 = 2,
 };
+// The largest code of an integer activation type: 32767 (I16) or 127 (I8).
+inline float bitplane_act_qmax(BitplaneActivations act) {
+    return act == BITPLANE_ACT_I8 ? 127.0f : 32767.0f;
+}
 
 // y (m, n) = x (m, k) . W_bitsᵀ, W_bits the `bits`-bit view (2 <= bits <= max_bits):
 //   y[r, n] = Σ_g s_k[n,g] Σ_{i∈g} c_k[n,i] x[r,i] + m_k[n,g] Σ_{i∈g} x[r,i]
@@ -93,9 +101,9 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits, int
 const char* bitplane_last_kernel();
 
 // xhat (m, k) = x̂, the int16 rounding of x (m, k) per row and group of `group` columns that
-// bitplane_matmul multiplies with BITPLANE_ACT_I16 (non-finite elements kept as they are). xhat
-// may equal x.
-void bitplane_round_i16(const float* x, int64_t m, int64_t k, int group, float* xhat);
+// bitplane_matmul multiplies with BITPLANE_ACT_I16 (non-finite elements kept as they are); with
+// qmax = 127, BITPLANE_ACT_I8's. xhat may equal x.
+void bitplane_round_i16(const float* x, int64_t m, int64_t k, int group, float* xhat, float qmax = 32767.0f);
 
 // Bytes the k-bit product reads from the weight: bits * plane_bytes + n * n_groups * 4.
 uint64_t bitplane_bytes_at(const BitplaneLinear& w, int bits);
@@ -340,6 +348,12 @@ struct Job {
     // super-chunk s, index 16s + 4v + L of the step tables.
     const int16_t* xi;            // (m, n_super * 512) int16 activations q
     const float* xscale;          // (m, n_groups) their scales s
+    // BITPLANE_ACT_I8 where the decode has vpdpbusd (AVX-512 VNNI, AVX-VNNI): xi's values as bytes,
+    // for vpdpbusd against the code bytes: row r's step (s, v) at xb + r x_stride + (4s + v) 128, its
+    // quarters 2h and 2h + 1 interleaved (byte 2i + e of half h = slot i of quarter 2h + e). The
+    // kernels run their int8 variant where it is set; null otherwise.
+    const int8_t* xb;
+    float qmax;                   // the largest code q: bitplane_act_qmax of the call's activations
     const int32_t* step_base;     // (n_super * 16) K index of the word's bit 0; -1 where there is no word
     const int32_t* step_group;    // (n_super * 16) its group (lane 0's where there is no word: its codes are 0)
     const uint8_t* step_uniform;  // (n_super * 4) 1 where the 4 lanes of a step share one group
@@ -434,19 +448,20 @@ void decode_tiles_avx2(const Job& j, int64_t t0, int64_t t1);  // xp in WORD_ORD
 void gemm_tiles_avx2(const Job& j, int64_t t0, int64_t t1);    // xp in WORD_ORDER_DWORD
 void decode_tiles_gfni(const Job& j, int64_t t0, int64_t t1);  // xp in WORD_ORDER_GFNI, scaled
 void gemm_tiles_gfni(const Job& j, int64_t t0, int64_t t1);    // xp in WORD_ORDER_GFNI
-// One element of BITPLANE_ACT_I16's rounding, given its group's scale s = absmax / 32767: q_i16 its
-// code, round_i16 x̂ = s q. The scalar loops (bitplane_round_i16, prepare_i16_portable) and the
-// vector kernels' tails use these, the vector bodies the same ops. NaN and inf stay in x̂: a
-// non-finite input must show in y.
-inline float q_i16(float x, float s) {  // the code q of x at scale s (as a float; 0 where s is 0)
-    return s > 0.0f ? std::min(32767.0f, std::max(-32767.0f, std::nearbyint(x / s))) : 0.0f;
+// One element of BITPLANE_ACT_I16's rounding, given its group's scale s = absmax / qmax (32767; 127
+// for BITPLANE_ACT_I8): q_i16 its code, round_i16 x̂ = s q. The scalar loops (bitplane_round_i16,
+// prepare_i16_portable) and the vector kernels' tails use these, the vector bodies the same ops. NaN
+// and inf stay in x̂: a non-finite input must show in y.
+inline float q_i16(float x, float s, float qmax = 32767.0f) {  // the code q of x at scale s (0 where s is 0)
+    return s > 0.0f ? std::min(qmax, std::max(-qmax, std::nearbyint(x / s))) : 0.0f;
 }
-inline float round_i16(float x, float s) {
-    return std::isfinite(x) ? s * q_i16(x, s) : x;
+inline float round_i16(float x, float s, float qmax = 32767.0f) {
+    return std::isfinite(x) ? s * q_i16(x, s, qmax) : x;
 }
-// x̂ (m, k): BITPLANE_ACT_I16's rounding of x (m, k) per row and group, vectorized (a prompt runs it
-// over every input of every linear); bit for bit bitplane_round_i16's scalar loop.
-void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat);
+// x̂ (m, k): BITPLANE_ACT_I16's rounding of x (m, k) per row and group (qmax 32767, or 127 for I8),
+// vectorized (a prompt runs it over every input of every linear); bit for bit bitplane_round_i16's
+// scalar loop.
+void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat, float qmax);
 // The int16 GEMM on AVX2 (CPUs without AVX-512): blocks [b0, b1) of 8 rows of x (m, k) -> xt, xst,
 // xsumt (as prepare_i16_gemm_avx512; natural K pairs), and the tiles [t0, t1).
 void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt, float* xst,
@@ -465,7 +480,7 @@ void decode_tiles_i16_gfni_vnni(const Job& j, int64_t t0, int64_t t1);
 void prepare_i16_avx2(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
                       double* xsum);
 void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group, int64_t n_groups, int16_t* q,
-                           float* xscale, double* xsum, int64_t stride);
+                           float* xscale, double* xsum, int64_t stride, float qmax);
 // bitplane_matmul_avx512.cpp: decode on int16 activations (xi, xscale and the step tables; xp
 // unused), and their preparation: x (m, k) -> xi, xscale and xsum (m, n_groups) = s Σ q (fp64).
 // q_tmp: k_pad int16 of scratch. The rounding is the same everywhere (bitplane_round_i16). The

@@ -160,22 +160,27 @@ def test_bitplane_matmul_i8_matches_reference(linear, kernels, path):
             assert rel_err(y, x.astype(np.float64) @ ref_w.T) > 1e-3
 
 
-def test_bitplane_matmul_i8_vpdpbusd_equals_int16_kernels():
-    """Where the CPU has AVX-512 VNNI (or AVX-VNNI, for the 'gfni' family), act='i8''s decode runs its
-    own kernel: the code bytes against int8 activations with vpdpbusd, 64 products per instruction.
-    Its int32 sums are the int16 kernels' on the same codes, so each compilation must give the bits
-    of the one without VNNI (whose int16 kernel multiplies the same q), at every bit-width, 1 to 5
-    rows, K with full and short last super-chunks (1, 2 and 3 words per lane) and groups that split
-    them; and each must record its own kernel name."""
-    have = set(ops.cpu_features_in_use()) if "avx512" in KERNELS else set()
+@pytest.mark.parametrize("path", ["decode", "gemm"])
+def test_bitplane_matmul_i8_vpdpbusd_equals_int16_kernels(path):
+    """Where the CPU has AVX-512 VNNI (or AVX-VNNI, for the 'gfni' family's decode), act='i8' runs its
+    own kernels: the code bytes against int8 activations with vpdpbusd, 64 products per instruction
+    (the decode; the AVX-512 GEMM, on quads of int8 activations of 16 rows per vector). Their int32
+    sums are the int16 kernels' on the same codes, so each compilation must give the bits of the one
+    without VNNI (whose int16 kernel multiplies the same q), at every bit-width, decode passes of 1
+    to 4 rows and GEMM blocks of 1 to 3 (with empty rows), K with full and short last super-chunks
+    (1, 2 and 3 words per lane) and groups that split them; and each must record its own name."""
     prev = ops.get_cpu_kernels()
+    have = set()
+    if "avx512" in KERNELS:
+        ops.set_cpu_kernels("avx512")
+        have = set(ops.cpu_features_in_use())
     # (family, flags) -> the int8 kernel's name; then the variant without VNNI whose bits it must give
     cases = []
     if "avx512" in KERNELS:
         vnni = [(dict(), "avx512_gfni_vnni")] if {"gfni", "avx512vnni"} <= have else []
         vnni += [(dict(gfni=False), "avx512_vnni")] if "avx512vnni" in have else []
         cases.append(("avx512", vnni, dict(gfni=False, avx512vnni=False)))
-    if "gfni" in KERNELS:
+    if "gfni" in KERNELS and path == "decode":  # (its GEMM is the AVX2 one, int16 only)
         ops.set_cpu_kernels("gfni")
         has_avxvnni = "avxvnni" in ops.cpu_features_in_use()
         cases.append(("gfni", [(dict(), "gfni_avxvnni")] if has_avxvnni else [], dict(avxvnni=False)))
@@ -187,18 +192,18 @@ def test_bitplane_matmul_i8_vpdpbusd_equals_int16_kernels():
         for n, k, g in [(19, 1664, 128), (16, 896, 32), (9, 2048, 64), (13, 640, 64), (21, 768, 256),
                         (11, 1408, 96)]:
             planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
-            for m in (1, 2, 3, 4, 5):
+            for m in (1, 2, 3, 4, 5) if path == "decode" else (1, 17, 40, 50):
                 x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10.0, (m, 1))).astype(np.float32)
-                for bits in range(8, 1, -1):
+                for bits in range(8, 1, -1) if path == "decode" else (8, 6, 3):
                     for family, vnni, plain_flags in cases:
                         ops.set_cpu_kernels(family, **plain_flags)
-                        plain = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, "decode", act="i8")
-                        assert ops.last_bitplane_kernel().startswith("decode_i16_"), (family, plain_flags)
+                        plain = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, path, act="i8")
+                        assert ops.last_bitplane_kernel().startswith(f"{path}_i16_"), (family, plain_flags)
                         assert np.all(np.isfinite(plain))
                         for flags, name in vnni:
                             ops.set_cpu_kernels(family, **flags)
-                            y = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, "decode", act="i8")
-                            assert ops.last_bitplane_kernel() == f"decode_i8_{name}", (family, flags)
+                            y = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x, path, act="i8")
+                            assert ops.last_bitplane_kernel() == f"{path}_i8_{name}", (family, flags)
                             np.testing.assert_array_equal(
                                 y, plain, err_msg=f"{family} {flags}: n={n} k={k} g={g} m={m} bits={bits}")
     finally:

@@ -589,19 +589,24 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
 #ifdef FLEXQUANT_X86
         const int64_t R = i16_gemm ? 16 : 8;  // activation rows per vector
         const int64_t per_pass = i16_gemm ? 3 : 2;  // blocks per pass of the micro-kernel
+        // int8 activations on AVX-512 VNNI: the GEMM's vpdpbusd variant, on quads of int8 q
+        j.gemm_i8 = i16_gemm && act == BITPLANE_ACT_I8 && j.i512 <= 1;
+        const int64_t per_int32 = j.gemm_i8 ? 4 : 2;  // activations per int32 of xt
         j.step_base = layout->step_base.data();
         j.n_blocks = (m + R - 1) / R;
-        const int64_t block_bytes = k_pad * 2 * R;  // (k_pad / 2, R) int32
+        const int64_t block_bytes = k_pad / per_int32 * 4 * R;  // (k_pad / per_int32, R) int32
         // a chunk's activations (a few MiB) stay in cache while every weight tile passes over them
         j.block_chunk = std::max<int64_t>(per_pass, (int64_t(4) << 20) / block_bytes / per_pass * per_pass);
         const std::vector<int32_t>& seg = i16_gemm ? layout->gemm_seg : layout->natural_seg;
         j.seg = seg.data();
         j.n_seg = static_cast<int64_t>(seg.size() / 3);
-        int32_t* xt = aligned64(xt_buf, static_cast<size_t>(j.n_blocks * k_pad / 2 * R), /*zero=*/false);
+        int32_t* xt = aligned64(xt_buf, static_cast<size_t>(j.n_blocks * k_pad / per_int32 * R), /*zero=*/false);
         float* xst = aligned64(xst_buf, static_cast<size_t>(j.n_blocks * j.n_groups * R));
         double* xsumt = aligned64(xsumt_buf, static_cast<size_t>(j.n_blocks * j.n_groups * R));
         auto prepare = [&](int64_t b0, int64_t b1) {
-            if (i16_gemm)
+            if (j.gemm_i8)
+                prepare_i8_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt);
+            else if (i16_gemm)
                 prepare_i16_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt);
             else
                 prepare_i16_gemm_avx2(j, x, w.k, b0, b1, xt, xst, xsumt);

@@ -367,7 +367,10 @@ struct Job {
     // (2p, 2p + 1) on AVX2. On AVX-512 they follow the words in the order (s, v, L < W) of the step
     // tables, pos = 16 s + v W + L (the missing lanes of a short super-chunk left out), 16 pairs per
     // word, in the order word_permutation() gives a word's 32 values (bitplane_matmul_avx512.cpp).
-    const int32_t* xt;      // (n_blocks, k_pad / 2, R) pairs of int16 q
+    const int32_t* xt;      // (n_blocks, k_pad / 2, R) pairs of int16 q; with gemm_i8 (n_blocks, k_pad / 4, 16)
+                            // quads of int8 q, 8 per word, in the same order (bytes 4t .. 4t + 3 of the
+                            // word's 32 permuted values)
+    bool gemm_i8;           // BITPLANE_ACT_I8 on AVX-512 VNNI: the GEMM's vpdpbusd variant (xt in quads)
     const float* xst;       // (n_blocks, n_groups, R) their scales s (0 past m)
     const double* xsumt;    // (n_blocks, n_groups, R) Σ x̂ per group (0 past m)
     int64_t n_blocks;       // ceil(m / R)
@@ -493,6 +496,9 @@ void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp,
 // caller), and the tiles [t0, t1).
 void prepare_i16_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt,
                              float* xst, double* xsumt);
+// The same for the int8 GEMM (Job::gemm_i8): xt as quads of int8 q (k_pad / 4 per row).
+void prepare_i8_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt,
+                            float* xst, double* xsumt);
 void gemm_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1);
 
 }  // namespace bitplane_detail

@@ -164,10 +164,10 @@ def test_bitplane_matmul_i8_matches_reference(linear, kernels, path):
 def test_bitplane_matmul_i8_vpdpbusd_equals_int16_kernels(path):
     """Where the CPU has AVX-512 VNNI (or AVX-VNNI, for the 'gfni' family's decode), act='i8' runs its
     own kernels: the code bytes against int8 activations with vpdpbusd, 64 products per instruction
-    (the decode; the AVX-512 GEMM, on quads of int8 activations of 16 rows per vector). Their int32
+    (the decode; the GEMMs, on quads of int8 activations of 16 rows per zmm, 8 per ymm). Their int32
     sums are the int16 kernels' on the same codes, so each compilation must give the bits of the one
     without VNNI (whose int16 kernel multiplies the same q), at every bit-width, decode passes of 1
-    to 4 rows and GEMM blocks of 1 to 3 (with empty rows), K with full and short last super-chunks
+    to 4 rows and GEMM blocks of 1 to 3 (2 on AVX2; with empty rows), K with full and short last super-chunks
     (1, 2 and 3 words per lane) and groups that split them; and each must record its own name."""
     prev = ops.get_cpu_kernels()
     have = set()
@@ -180,10 +180,11 @@ def test_bitplane_matmul_i8_vpdpbusd_equals_int16_kernels(path):
         vnni = [(dict(), "avx512_gfni_vnni")] if {"gfni", "avx512vnni"} <= have else []
         vnni += [(dict(gfni=False), "avx512_vnni")] if "avx512vnni" in have else []
         cases.append(("avx512", vnni, dict(gfni=False, avx512vnni=False)))
-    if "gfni" in KERNELS and path == "decode":  # (its GEMM is the AVX2 one, int16 only)
+    if "gfni" in KERNELS:  # AVX-VNNI: its decode's int8 variant, and the AVX2 GEMM's
         ops.set_cpu_kernels("gfni")
+        name = "gfni_avxvnni" if path == "decode" else "avx2_avxvnni"
         has_avxvnni = "avxvnni" in ops.cpu_features_in_use()
-        cases.append(("gfni", [(dict(), "gfni_avxvnni")] if has_avxvnni else [], dict(avxvnni=False)))
+        cases.append(("gfni", [(dict(), name)] if has_avxvnni else [], dict(avxvnni=False)))
     if not any(v for _, v, _ in cases):
         ops.set_cpu_kernels(prev)
         pytest.skip("no AVX-512 VNNI or AVX-VNNI on this CPU: no int8 kernel runs here")

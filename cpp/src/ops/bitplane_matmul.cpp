@@ -589,8 +589,9 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
 #ifdef FLEXQUANT_X86
         const int64_t R = i16_gemm ? 16 : 8;  // activation rows per vector
         const int64_t per_pass = i16_gemm ? 3 : 2;  // blocks per pass of the micro-kernel
-        // int8 activations on AVX-512 VNNI: the GEMM's vpdpbusd variant, on quads of int8 q
-        j.gemm_i8 = i16_gemm && act == BITPLANE_ACT_I8 && j.i512 <= 1;
+        // int8 activations with VNNI (AVX-512's, or AVX-VNNI for the AVX2 GEMM): the GEMM's vpdpbusd
+        // variant, on quads of int8 q
+        j.gemm_i8 = act == BITPLANE_ACT_I8 && (i16_gemm ? j.i512 <= 1 : cpu_features().avxvnni);
         const int64_t per_int32 = j.gemm_i8 ? 4 : 2;  // activations per int32 of xt
         j.step_base = layout->step_base.data();
         j.n_blocks = (m + R - 1) / R;
@@ -604,10 +605,14 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
         float* xst = aligned64(xst_buf, static_cast<size_t>(j.n_blocks * j.n_groups * R));
         double* xsumt = aligned64(xsumt_buf, static_cast<size_t>(j.n_blocks * j.n_groups * R));
         auto prepare = [&](int64_t b0, int64_t b1) {
-            if (j.gemm_i8)
+            if (i16_gemm && j.gemm_i8)
                 prepare_i8_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt);
             else if (i16_gemm)
                 prepare_i16_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt);
+#ifdef FLEXQUANT_AVXVNNI
+            else if (j.gemm_i8)
+                prepare_i8_gemm_avx2(j, x, w.k, b0, b1, xt, xst, xsumt);
+#endif
             else
                 prepare_i16_gemm_avx2(j, x, w.k, b0, b1, xt, xst, xsumt);
         };
@@ -703,6 +708,9 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
             if (avx2) return decode_tiles_avx2(jb, t0, t1);
         } else {
             if (i16_gemm) return gemm_tiles_i16_avx512(jb, t0, t1);
+#ifdef FLEXQUANT_AVXVNNI
+            if (i16_gemm_avx2 && jb.gemm_i8) return gemm_tiles_i8_avx2(jb, t0, t1);
+#endif
             if (i16_gemm_avx2) return gemm_tiles_i16_avx2(jb, t0, t1);
             if (gfni) return gemm_tiles_gfni(jb, t0, t1);
             if (avx2) return gemm_tiles_avx2(jb, t0, t1);

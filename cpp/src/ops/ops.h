@@ -370,7 +370,8 @@ struct Job {
     const int32_t* xt;      // (n_blocks, k_pad / 2, R) pairs of int16 q; with gemm_i8 (n_blocks, k_pad / 4, 16)
                             // quads of int8 q, 8 per word, in the same order (bytes 4t .. 4t + 3 of the
                             // word's 32 permuted values)
-    bool gemm_i8;           // BITPLANE_ACT_I8 on AVX-512 VNNI: the GEMM's vpdpbusd variant (xt in quads)
+    bool gemm_i8;           // BITPLANE_ACT_I8 with VNNI (AVX-512, or AVX-VNNI for the AVX2 GEMM): the GEMM's
+                            // vpdpbusd variant (xt in quads)
     const float* xst;       // (n_blocks, n_groups, R) their scales s (0 past m)
     const double* xsumt;    // (n_blocks, n_groups, R) Σ x̂ per group (0 past m)
     int64_t n_blocks;       // ceil(m / R)
@@ -470,6 +471,11 @@ void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* x
 void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt, float* xst,
                            double* xsumt);
 void gemm_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1);
+// Its int8 variant (Job::gemm_i8 without AVX-512: AVX-VNNI's vpdpbusd; builds with FLEXQUANT_AVXVNNI
+// only): xt as quads of int8 q (k_pad / 4, 8) per block, natural K order.
+void prepare_i8_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt, float* xst,
+                          double* xsumt);
+void gemm_tiles_i8_avx2(const Job& j, int64_t t0, int64_t t1);
 // bitplane_matmul_avx2_i16.cpp: decode on int16 activations without AVX-512 (the same xi, xscale,
 // xsum and step tables as decode_tiles_i16_avx512), by 8x8 bit transposes in shifts (AVX2) or with
 // GFNI; and their preparation, as prepare_i16_avx512. quantize_row_i16_avx2: one row x (k) -> q

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What int8 activations (the CUDA tensor-core GEMV's arithmetic) cost, and how much keeping fp32
 or fp16 activations in the most sensitive units (Engine.protect_activations) wins back, run on the
-CPU (which emulates the GPU's int8 and fp16 per linear): KL of the next-token distribution against
+CPU (which runs the GPU's int8 and fp16 arithmetic per linear): KL of the next-token distribution against
 fp32 activations, on text the calibration did not see.
 
     python tools/protect_activations_eval.py [MODEL.fq] [--shares 0.25 0.5 0.75]

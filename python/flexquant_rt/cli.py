@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="largest row count (prompt slice or batch) timed (default: 16 on the CPU, 256 on CUDA)")
     tu.add_argument("--repeats", type=int, default=3)
     tu.add_argument("--threads", type=int, default=None, help="the thread count the table is for (default: all)")
+    tu.add_argument("--cpu-activations", default="i16", choices=("i16", "i8", "f32"),
+                    help="the CPU activations the table is for (each has its own: their kernels differ)")
     i = sub.add_parser("inspect", help="config and bytes per token of a model file")
     i.add_argument("model")
     cal = sub.add_parser("calibrate", help="measure per-layer sensitivity and store it in the model file")
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                   default_fq={"policy": a.policy, "budget_bits": a.budget_bits, "bits": a.bits})
             return 0
         if a.cmd == "tune":
-            with Engine(a.model, backend=a.backend, threads=a.threads, kernel_table=None) as eng:
+            with Engine(a.model, backend=a.backend, threads=a.threads, kernel_table=None,
+                        cpu_activations=a.cpu_activations) as eng:
                 if eng.backend != a.backend:
                     raise SystemExit(f"--backend {a.backend}: the engine runs on {eng.backend} ({eng._eng.backend_note})")
                 table = eng.tune_kernels(max_m=a.max_m, repeats=a.repeats)

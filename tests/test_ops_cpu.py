@@ -119,8 +119,9 @@ def test_round_activations_i16_matches_numpy_bit_for_bit(kernels):
 
 
 def test_round_activations_i8_is_quantize_activations_8(kernels):
-    """bits=8: act='i8''s x̂, s = absmax / 127: bit for bit numpy's fp32 arithmetic and the engine's
-    activation bits 8 (quantize_activations), which it replaces on the CPU."""
+    """bits=8: act='i8''s x̂, s = absmax / 127: bit for bit numpy's fp32 arithmetic and, for finite
+    x, quantize_activations(bits=8), which it replaces on the CPU (a NaN stays NaN here, so that y
+    shows it; quantize_activations rounds it to a code)."""
     rng = np.random.default_rng(12)
     for m, k, g in [(1, 576, 128), (3, 300, 32), (2, 1000, 96), (5, 17, 64)]:
         x = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-3, 3, (m, k))).astype(np.float32)
@@ -506,8 +507,9 @@ def test_bitplane_matmul_i16_gemm_over_several_chunks_of_rows(kernels):
         assert rel_err(y[r:r + 40], ref[r:r + 40]) < max(1e-5, 4 * base), r
 
 
+@pytest.mark.parametrize("act", ["i16", "i8"])
 @pytest.mark.parametrize("path", ["decode", "gemm"])
-def test_bitplane_matmul_i16_nonfinite_input_shows(kernels, path):
+def test_bitplane_matmul_i16_nonfinite_input_shows(kernels, path, act):
     n, k, g, b = 24, 640, 128, 8
     rng = np.random.default_rng(10)
     planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), b, g)
@@ -517,7 +519,7 @@ def test_bitplane_matmul_i16_nonfinite_input_shows(kernels, path):
         x = rng.standard_normal((m, k)).astype(np.float32)
         for i, r in enumerate(bad_rows):
             x[r, [300, 0, 639, 127][i % 4]] = bad
-        y = ops.bitplane_matmul(planes, qparams, n, k, b, g, 6, x, path, act="i16")
+        y = ops.bitplane_matmul(planes, qparams, n, k, b, g, 6, x, path, act=act)
         clean = [r for r in range(m) if r not in bad_rows]
         assert np.isfinite(y[clean]).all(), "a clean row must stay clean"
         assert not np.isfinite(y[bad_rows]).any(), f"{bad} in the input vanished from some outputs"
@@ -535,7 +537,7 @@ def test_bitplane_matmul_i16_one_group_over_a_long_row(kernels):
         assert rel_err(y, ref) < 1e-5, path
 
 
-@pytest.mark.parametrize("act", ["f32", "i16"])
+@pytest.mark.parametrize("act", ["f32", "i16", "i8"])
 @pytest.mark.parametrize("path", ["decode", "gemm"])
 def test_bitplane_matmul_multi_equals_one_call_per_linear(kernels, threads, path, act):
     """q, k, v (or gate, up) in one call: the same bits as one bitplane_matmul each, whatever their
@@ -581,7 +583,7 @@ def test_bitplane_matmul_vector_input(linear, kernels):
     assert rel_err(y, linear["views"][b] @ x.astype(np.float64)) < 1e-5
 
 
-@pytest.mark.parametrize("act", ["f32", "i16"])
+@pytest.mark.parametrize("act", ["f32", "i16", "i8"])
 @pytest.mark.parametrize("path", ["decode", "gemm"])
 def test_bitplane_matmul_reads_only_the_first_k_planes(linear, kernels, path, act):
     n, k, g, b = linear["n"], linear["k"], linear["g"], linear["b"]
@@ -604,7 +606,7 @@ def test_bitplane_matmul_same_result_on_any_thread_count(kernels, threads):
     rng = np.random.default_rng(3)
     planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), b, g)
     for m, path, act in [(1, "decode", "f32"), (3, "decode", "f32"), (9, "gemm", "f32"), (1, "decode", "i16"),
-                         (6, "decode", "i16"), (9, "gemm", "i16")]:
+                         (6, "decode", "i16"), (9, "gemm", "i16"), (3, "decode", "i8"), (20, "gemm", "i8")]:
         x = rng.standard_normal((m, k)).astype(np.float32)
         results = []
         for t in [1, 2, 3, 5]:

@@ -436,7 +436,7 @@ void bind_ops(py::module_& parent) {
           "Reads only the first `bits` planes. path: 'auto', 'decode' (bit-serial) or 'gemm' (dequantize + GEMM).\n"
           "act: 'f32' (x as given), 'i16' (x rounded per row and weight group to int16, x̂ = s * q with\n"
           "s = absmax / 32767; y = x̂ @ W_bits.T, on integer products with the SIMD kernels) or 'i8' (the same\n"
-          "with s = absmax / 127, quantize_activations' 8 bits; vpdpbusd on AVX-512 VNNI).");
+          "with s = absmax / 127, quantize_activations' 8 bits; vpdpbusd on AVX-512 VNNI and AVX-VNNI).");
     m.def(
         "bitplane_bytes_at",
         [](uint64_t plane_bytes, int64_t n, int64_t k, int group_size, int bits) {

@@ -63,13 +63,14 @@ struct Engine::Impl {
     std::vector<int64_t> past;  // (n_seq): tokens in each sequence's KV cache
     KvDType kv_dtype = KvDType::KV_F32;
     CpuActivations cpu_act = CpuActivations::ACT_I16;
-    // What linear j's bit-plane matmul multiplies: cpu_act where its act_bits is 0; int8 codes where
-    // it is 8 (BITPLANE_ACT_I8 rounds as quantize_activations does, and multiplies the codes as
-    // integers: vpdpbusd on AVX-512 VNNI); else the input already rounded as asked
-    // (quantize_activations: prerounded(j)), exactly, with nothing on top.
+    // What linear j's bit-plane matmul multiplies: int8 codes where its act_bits is 8
+    // (BITPLANE_ACT_I8 rounds as quantize_activations does and multiplies the codes as integers:
+    // vpdpbusd on AVX-512 VNNI and AVX-VNNI; ACT_I8 engines start every linear there); where it is
+    // 0, int16 codes (ACT_I16 and ACT_I8 engines) or the input as given (ACT_F32); else the input
+    // already rounded as asked (quantize_activations: prerounded(j)), exactly, with nothing on top.
     BitplaneActivations matmul_act(size_t j) const {
-        if (act_bits[j] == 8 || (act_bits[j] == 0 && cpu_act == CpuActivations::ACT_I8)) return BITPLANE_ACT_I8;
-        return act_bits[j] == 0 && cpu_act == CpuActivations::ACT_I16 ? BITPLANE_ACT_I16 : BITPLANE_ACT_F32;
+        if (act_bits[j] == 8) return BITPLANE_ACT_I8;
+        return act_bits[j] == 0 && cpu_act != CpuActivations::ACT_F32 ? BITPLANE_ACT_I16 : BITPLANE_ACT_F32;
     }
     bool prerounded(size_t j) const { return act_bits[j] != 0 && act_bits[j] != 8; }
     int bits_cap = 0;  // EngineParams::max_bits resolved
@@ -351,7 +352,9 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     e.bits.assign(c.n_layers * LINEARS_PER_LAYER, e.bits_cap);
     e.head_bits = e.bits_cap;
     e.used.assign(e.lin.size() + 1, e.bits_cap);
-    e.act_bits.assign(e.lin.size() + 1, 0);
+    // ACT_I8: every linear starts at int8 (8); 0 then means int16 for a linear set back to it (what
+    // protect_activations keeps and calibration compares with). The GPU sets its own below.
+    e.act_bits.assign(e.lin.size() + 1, params.cpu_activations == CpuActivations::ACT_I8 ? 8 : 0);
     std::array<int64_t, 9> dflt;
     dflt.fill(bitplane_decode_max_m);
     e.decode_max.assign(e.lin.size() + 1, dflt);

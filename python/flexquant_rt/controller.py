@@ -218,9 +218,9 @@ def _calibrate(engine, chunks, levels, progress, seed, act_levels, input_energy,
             kl_type[t, j] = mean_kl(mask, B)
     act_kl = np.zeros((L + 1, len(act_levels)))
     if act_levels:
-        # against the default activations everywhere (fp32 on the GPU; the CPU engine's
-        # cpu_activations, int16 within a KL of 4e-8 of fp32 by default); the engine's own reference
-        # already is, unless it ran int8 activations (the GPU's default)
+        # against activation bits 0 everywhere (fp32 on the GPU; on the CPU int16, within a KL of 4e-8
+        # of fp32, or fp32 with cpu_activations "f32"); the engine's own reference already is, unless
+        # it ran other activations (int8: the GPU's default, and cpu_activations "i8")
         engine.set_activation_bits(0)
         act_ref = ref if not saved_act.any() else run(full, B)
     for u in range(L + 1):

@@ -96,12 +96,13 @@ class Engine:
     (1.3x faster on SmolLM2, 1.7-1.9x on a Llama-2-7B shape, 2 cores), prompts and batches on every
     CPU with AVX2 (prompts 2.7-3.6x with AVX-512, 1.6-1.7x with AVX2 alone). Elsewhere the same
     rounding runs on the fp32 kernels. "f32" multiplies the input as given (the accuracy
-    reference). "i8" rounds to int8 instead (a step of 1/127; activation bits 8 for every linear),
+    reference). "i8" starts every linear at activation bits 8: rounded to int8 (a step of 1/127),
     which CPUs with AVX-512 VNNI or AVX-VNNI multiply with vpdpbusd, twice the products per
-    instruction: decode 1.3-1.5x faster where the kernels are compute-bound (a Llama-2-7B-shaped
-    linear in cache, batches of 2-4 sequences), 1.1x on SmolLM2 at 4 bits, at a next-token KL of
-    about 2.4e-3 on SmolLM2 at 8 bits (top-1 agreement 98%) but within a few percent of the
-    weights' own error at 5 bits and below (docs/kernels.md).
+    instruction: prompts 1.3-1.4x as fast on the 2-core test machine, SmolLM2 decode 1.04-1.1x,
+    batches of 2-4 sequences 1.15-1.2x, Llama-2-7B-shaped prompt GEMMs 1.5-1.8x, at a next-token KL
+    of about 2.5e-3 on SmolLM2 at 8 bits (top-1 agreement 98%) but 1-6% on top of the weights' own
+    error at 5 bits and below (docs/kernels.md). set_activation_bits(0) puts a linear back on int16
+    (as protect_activations does for the sensitive units).
     `engine.cpu_activations` says which one runs.
     """
 
@@ -296,12 +297,12 @@ class Engine:
 
         bits: an int for every decoder linear, or (n_layers, 7); lm_head_bits: the LM head's
         (default: an int `bits` applies to it too, an array keeps the head's current value).
-        CPU backend: 0 = the engine's cpu_activations (the default: int16 per group, or fp32), 2..8 =
-        each linear's input quantized per weight group to symmetric integers of that width and back, as
-        the CUDA tensor-core GEMV does with 8; 16 = rounded to fp16 and back, as the CUDA f16 GEMV
-        does (those two exactly, without the int16 rounding on top). 8 runs the int8 kernels
-        (cpu_activations "i8"), the fastest on CPUs with AVX-512 VNNI or AVX-VNNI; the other widths
-        the fp32 ones.
+        CPU backend: 0 = int16 per group (cpu_activations "i16", the default, and "i8") or fp32
+        ("f32"), 2..8 = each linear's input quantized per weight group to symmetric integers of that
+        width, as the CUDA tensor-core GEMV does with 8; 16 = rounded to fp16 and back, as the CUDA f16
+        GEMV does (those two exactly, without the int16 rounding on top). 8 runs the int8 kernels (where
+        cpu_activations "i8" starts every linear), the fastest on CPUs with AVX-512 VNNI or AVX-VNNI;
+        the other widths the fp32 ones on the rounded input.
         CUDA backend: 8 = int8 activations on the tensor-core GEMV (its default), 16 = fp16 on the
         f16 tensor cores (group sizes 128, 256, 512; near fp32 accuracy at about the int8 cost),
         0 = the fp32 GEMV (slower; for the layers where int8 costs the most: see protect_activations).
@@ -323,7 +324,7 @@ class Engine:
     def protect_activations(self, share: float = 0.5, profile=None, bits: int = 0) -> list[int]:
         """Int8 activations (the CUDA tensor-core GEMV's arithmetic) everywhere except the units where
         the calibration measured int8 to cost the most: those keep `bits` activations, 0 = the
-        default ones (fp32 on the GPU; on the CPU the engine's cpu_activations) or 16 = fp16 (the
+        default ones (fp32 on the GPU; on the CPU int16, or fp32 with cpu_activations "f32") or 16 = fp16 (the
         fewest units holding `share` of the summed per-unit int8 cost;
         controller.sensitive_activation_units). On the GPU this moves those layers to the fp32 GEMV
         (slower, exact) or the f16 one (about the int8 cost; group sizes 128, 256, 512); on the CPU the

@@ -78,25 +78,26 @@ int main() {
         for (int64_t m : {1, 2, 3, 4, 5, 9}) {
             std::vector<float> x(static_cast<size_t>(m * sh.k));
             for (auto& v : x) v = normal(rng) * 3.0f;
-            for (int bits = w.max_bits; bits >= 2; --bits)
-            for (BitplaneActivations act : {BITPLANE_ACT_I16, BITPLANE_ACT_I8}) {  // (int8: the same kernel)
-                std::vector<float> ref(static_cast<size_t>(m * sh.n)), got(ref.size());
-                CpuFeatures f;  // all off: the portable kernels
-                set_cpu_features(f);
-                bitplane_matmul(w, bits, x.data(), m, ref.data(), nullptr, BITPLANE_PATH_DECODE, act);
-                f.vec128 = true;
-                set_cpu_features(f);
-                if (!cpu_features().vec128) return 1;
-                bitplane_matmul(w, bits, x.data(), m, got.data(), nullptr, BITPLANE_PATH_DECODE, act);
-                bool same;
-                const double rel = compare(got, ref, &same);
-                worst = std::fmax(worst, rel);
-                // an integer kernel ran: its int32 sums round differently from the fp32 kernel's
-                if (!(rel <= 1e-5) || same) {
-                    ok = false;
-                    std::printf("FAIL n=%lld k=%lld g=%d max_bits=%d m=%lld bits=%d act=%d rel=%.3g same=%d\n",
-                                (long long)sh.n, (long long)sh.k, sh.group, w.max_bits, (long long)m, bits, (int)act,
-                                rel, same ? 1 : 0);
+            for (int bits = w.max_bits; bits >= 2; --bits) {
+                for (BitplaneActivations act : {BITPLANE_ACT_I16, BITPLANE_ACT_I8}) {  // (int8: the same kernel)
+                    std::vector<float> ref(static_cast<size_t>(m * sh.n)), got(ref.size());
+                    CpuFeatures f;  // all off: the portable kernels
+                    set_cpu_features(f);
+                    bitplane_matmul(w, bits, x.data(), m, ref.data(), nullptr, BITPLANE_PATH_DECODE, act);
+                    f.vec128 = true;
+                    set_cpu_features(f);
+                    if (!cpu_features().vec128) return 1;
+                    bitplane_matmul(w, bits, x.data(), m, got.data(), nullptr, BITPLANE_PATH_DECODE, act);
+                    bool same;
+                    const double rel = compare(got, ref, &same);
+                    worst = std::fmax(worst, rel);
+                    // an integer kernel ran: its int32 sums round differently from the fp32 kernel's
+                    if (!(rel <= 1e-5) || same) {
+                        ok = false;
+                        std::printf("FAIL n=%lld k=%lld g=%d max_bits=%d m=%lld bits=%d act=%d rel=%.3g same=%d\n",
+                                    (long long)sh.n, (long long)sh.k, sh.group, w.max_bits, (long long)m, bits, (int)act,
+                                    rel, same ? 1 : 0);
+                    }
                 }
             }
         }

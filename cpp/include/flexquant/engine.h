@@ -65,12 +65,13 @@ enum class KvDType { KV_AUTO, KV_F32, KV_F16, KV_Q8 };
 // prompts 1.6-1.7x), for a next-token KL of about 4e-8 on SmolLM2 (tools/numerics_quality.py,
 // docs/kernels.md). Other paths compute the same numbers with the fp32 kernels on the rounded input
 // (the numbers do not depend on the CPU). ACT_F32: the input as given (the accuracy reference).
-// ACT_I8: rounded to int8 instead (a step of 1/127 of the group's largest value, as activation bits
-// 8), which AVX-512 VNNI and AVX-VNNI CPUs multiply with vpdpbusd, twice the products per instruction
-// of the int16 kernels: decode ran 1.3-1.5x faster on compute-bound shapes and batches of 2-4 on the
-// test machine, for a next-token KL of about 2.4e-3 on SmolLM2 at 8 bits (top-1 agreement 98%;
-// within a few percent of the weights' own error at 5 bits and below: docs/kernels.md). The CUDA
-// backend ignores it.
+// ACT_I8: every linear starts at activation bits 8 (set_activation_bits below): its input rounded to
+// int8 instead (a step of 1/127 of the group's largest value), which AVX-512 VNNI and AVX-VNNI CPUs
+// multiply with vpdpbusd, twice the products per instruction of the int16 kernels (on the 2-core test
+// machine: prompts 1.3-1.4x, SmolLM2 decode 1.04-1.1x, batches of 2-4 1.15-1.2x, Llama-2-7B-shaped
+// prompt GEMMs 1.5-1.8x), for a next-token KL of about 2.5e-3 on SmolLM2 at 8 bits (top-1 agreement
+// 98%; 1-6% on top of the weights' own error at 5 bits and below: docs/kernels.md). A linear set
+// back to activation bits 0 runs int16. The CUDA backend ignores it.
 enum class CpuActivations { ACT_I16, ACT_F32, ACT_I8 };
 
 // Where the forward pass runs. BACKEND_AUTO: CUDA when the build has it and a GPU is present,
@@ -180,16 +181,18 @@ public:
 
     // ---- activation precision ----
     // bits: count = n_layers * 7 + 1 (every linear in LinearKind order, then the LM head) or 1
-    // (all alike). CPU backend: each 0 (EngineParams::cpu_activations, the default), 2..8 (that linear's input
-    // is first quantized per weight group to symmetric integers of that width and back, as the CUDA
-    // tensor-core GEMV does with 8) or 16 (rounded to fp16 and back, as the CUDA f16 GEMV does), so
-    // the CPU can run the model the GPU runs and calibration can measure what low-precision
-    // activations cost per layer. 8 is CpuActivations::ACT_I8 for that linear: the int8 kernels, the
-    // fastest on VNNI CPUs; the other widths run the fp32 kernels on the rounded input. CUDA backend: each 8 (int8, the tensor-core GEMV: the default
-    // where the group size allows it), 16 (fp16 on the f16 tensor cores, near fp32 accuracy at about
-    // the int8 kernel's cost; group sizes 128, 256, 512; prompts run those linears on the f16 GEMM)
-    // or 0 (fp32 activations, the fp32 GEMV). Throws naming the entry and value; a bad call changes
-    // nothing.
+    // (all alike). CPU backend: each 0 (int16 on ACT_I16 and ACT_I8 engines, fp32 on ACT_F32 ones:
+    // EngineParams::cpu_activations), 2..8 (that linear's input is first quantized per weight group to
+    // symmetric integers of that width, as the CUDA tensor-core GEMV does with 8; 8 runs the int8
+    // kernels, ACT_I8's default and the fastest on VNNI CPUs, the other widths the fp32 kernels on the
+    // rounded input) or 16 (rounded to fp16 and back, as the CUDA f16 GEMV does), so the CPU can run
+    // the model the GPU runs and calibration can measure what low-precision activations cost per
+    // layer. A NaN or inf in an input shows in that linear's output at 8 (as with int16); the widths
+    // run on the fp32 kernels round it to a finite code. CUDA backend: each 8 (int8, the tensor-core
+    // GEMV: the default where the group size allows it), 16 (fp16 on the f16 tensor cores, near fp32
+    // accuracy at about the int8 kernel's cost; group sizes 128, 256, 512; prompts run those linears
+    // on the f16 GEMM) or 0 (fp32 activations, the fp32 GEMV). Throws naming the entry and value; a
+    // bad call changes nothing.
     void set_activation_bits(const int32_t* bits, int64_t count);
     std::vector<int32_t> activation_bits() const;  // (n_layers * 7 + 1)
 

@@ -591,7 +591,11 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
         const int64_t per_pass = i16_gemm ? 3 : 2;  // blocks per pass of the micro-kernel
         // int8 activations with VNNI (AVX-512's, or AVX-VNNI for the AVX2 GEMM): the GEMM's vpdpbusd
         // variant, on quads of int8 q
+#ifdef FLEXQUANT_AVXVNNI
         j.gemm_i8 = act == BITPLANE_ACT_I8 && (i16_gemm ? j.i512 <= 1 : cpu_features().avxvnni);
+#else
+        j.gemm_i8 = act == BITPLANE_ACT_I8 && i16_gemm && j.i512 <= 1;  // (no AVX-VNNI kernels built)
+#endif
         const int64_t per_int32 = j.gemm_i8 ? 4 : 2;  // activations per int32 of xt
         j.step_base = layout->step_base.data();
         j.n_blocks = (m + R - 1) / R;

@@ -462,8 +462,8 @@ void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* x
 }
 
 // One row xr (k) -> q (k_pad int16, natural K order, zeros past k), and per group its scale s =
-// absmax / qmax_f (32767, or 127: bitplane_act_qmax) and Σ x̂ = s Σ q (fp64; NaN when the group holds a NaN or inf, so that y shows it),
-// written at xscale[g * stride] and xsum[g * stride]. The rounding of bitplane_round_i16. The int16
+// absmax / qmax_f (32767, or 127: bitplane_act_qmax) and Σ x̂ = s Σ q (fp64; NaN when the group holds
+// a NaN or inf, so that y shows it), written at xscale[g * stride] and xsum[g * stride]. The rounding of bitplane_round_i16. The int16
 // GEMM's and decode's preparation.
 void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group, int64_t n_groups, int16_t* q,
                            float* xscale, double* xsum, int64_t stride, float qmax_f) {

@@ -61,9 +61,10 @@ constexpr int64_t bitplane_decode_max_m = 4;
 // the integer codes exactly (vpdpwssd, vpmaddwd) instead of converting every code to fp32, which is
 // what makes them faster; the portable ones multiply x̂ in fp32. The rounding is 2^-16 of a group's
 // largest |x|: below the fp16 KV cache's (docs/kernels.md). I8: the same with s = absmax_g(x) / 127
-// (quantize_activations' 8-bit rounding, which the engine's activation bits 8 ask for), on the same
-// kernels; where AVX-512 VNNI is present the decode multiplies the u8 codes by the s8 q with vpdpbusd,
-// 64 products per instruction instead of vpdpwssd's 32, giving the same exact int32 sums.
+// (quantize_activations' 8-bit rounding for finite x, which the engine's activation bits 8 ask for), on
+// the same kernels; with AVX-512 VNNI the decode and the GEMM, with AVX-VNNI the GFNI decode and the
+// AVX2 GEMM multiply the u8 codes by the s8 q with vpdpbusd (4 products per int32 lane where vpdpwssd
+// adds 2), giving the same exact int32 sums.
 enum BitplaneActivations {
     BITPLANE_ACT_F32 = 0,
     BITPLANE_ACT_I16 = 1,
@@ -367,9 +368,9 @@ struct Job {
     // (2p, 2p + 1) on AVX2. On AVX-512 they follow the words in the order (s, v, L < W) of the step
     // tables, pos = 16 s + v W + L (the missing lanes of a short super-chunk left out), 16 pairs per
     // word, in the order word_permutation() gives a word's 32 values (bitplane_matmul_avx512.cpp).
-    const int32_t* xt;      // (n_blocks, k_pad / 2, R) pairs of int16 q; with gemm_i8 (n_blocks, k_pad / 4, 16)
-                            // quads of int8 q, 8 per word, in the same order (bytes 4t .. 4t + 3 of the
-                            // word's 32 permuted values)
+    const int32_t* xt;      // (n_blocks, k_pad / 2, R) pairs of int16 q; with gemm_i8 (n_blocks, k_pad / 4, R)
+                            // quads of int8 q in the same order: K quads (4p .. 4p + 3) on AVX2, and on
+                            // AVX-512 8 per word, bytes 4t .. 4t + 3 of its 32 permuted values
     bool gemm_i8;           // BITPLANE_ACT_I8 with VNNI (AVX-512, or AVX-VNNI for the AVX2 GEMM): the GEMM's
                             // vpdpbusd variant (xt in quads)
     const float* xst;       // (n_blocks, n_groups, R) their scales s (0 past m)

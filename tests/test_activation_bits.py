@@ -222,13 +222,15 @@ def test_protect_activations_runs_int8_except_the_sensitive_units(tiny_fq):
 
 
 def test_protect_activations_on_an_int8_engine_keeps_int16_in_the_sensitive_units(tiny_fq):
-    """cpu_activations='i8' starts every linear at int8; protect_activations then puts the chosen
-    units back on int16 (activation bits 0), exactly the 'i16' engine given the same mask, and so
-    closer to fp32 activations than int8 everywhere."""
+    """cpu_activations='i8' starts every decoder linear at int8; protect_activations then puts the
+    chosen units on int16 (activation bits 0) and the rest, the LM head included if it is not chosen,
+    on int8: exactly the 'i16' engine given the same mask, and closer to fp32 activations than int8
+    everywhere."""
     ids = np.random.default_rng(4).integers(0, 320, 16)
     with Engine(tiny_fq, backend="cpu", cpu_activations="i8") as i8, \
             Engine(tiny_fq, backend="cpu", cpu_activations="i16") as i16, \
             Engine(tiny_fq, backend="cpu", cpu_activations="f32") as f32:
+        i8.set_activation_bits(8)  # the LM head too
         everywhere = i8.forward(ids)
         assert i8.protect_activations(0.8, profile=_act_profile([0.05, 0.5, 0.45])) == [1, 2]
         bits = np.asarray(i8._eng.activation_bits)

@@ -217,15 +217,16 @@ def test_cpu_activations_i16_is_the_default_and_close_to_f32(tiny_fq):
 
 def test_activation_bits_override_the_cpu_activations(tiny_fq):
     """A linear given activation bits runs exactly that rounding (no int16 on top): the i16 and f32
-    engines then agree bit for bit, and with 8 bits they are the 'i8' engine."""
+    engines then agree bit for bit. The 'i8' engine is the i16 one with 8 bits on every decoder
+    linear and 0 (int16) on the LM head."""
     ids = list(range(5, 25))
     with Engine(tiny_fq, kv_dtype="f32") as i16, Engine(tiny_fq, kv_dtype="f32", cpu_activations="f32") as f32, \
             Engine(tiny_fq, kv_dtype="f32", cpu_activations="i8") as i8:
         for eng in (i16, f32):
             eng.set_activation_bits(8)
-        out = i16.forward(ids)
-        np.testing.assert_array_equal(out, f32.forward(ids))
-        np.testing.assert_array_equal(out, i8.forward(ids))
+        np.testing.assert_array_equal(i16.forward(ids), f32.forward(ids))
+        i16.set_activation_bits(8, lm_head_bits=0)
+        np.testing.assert_array_equal(i8.forward(ids), i16.forward(ids))
         i8.reset()
         i16.reset()
         for t in ids[:6]:  # and the decode path
@@ -239,7 +240,7 @@ def test_cpu_activations_i8_rounds_to_int8_on_every_path(tiny_fq):
     only in how they sum exact integer products: int16 kernels or vpdpbusd; on this model and these
     tokens no int8 rounding boundary is crossed differently). The rounding is real: about 1/127
     against 1/32767, so 'i8' sits far further from 'f32' than 'i16' does. It is activation bits 8 on
-    every linear; set_activation_bits(0) puts a linear on int16, the 'i16' engine's arithmetic."""
+    every decoder linear, 0 (int16, the 'i16' engine's arithmetic) on the LM head."""
     from flexquant_rt import _core
 
     ids = list(range(5, 45))
@@ -249,7 +250,8 @@ def test_cpu_activations_i8_rounds_to_int8_on_every_path(tiny_fq):
         with Engine(tiny_fq, kv_dtype="f32", cpu_activations="i8") as i8, \
                 Engine(tiny_fq, kv_dtype="f32", cpu_activations="i16") as i16, \
                 Engine(tiny_fq, kv_dtype="f32", cpu_activations="f32") as f32:
-            assert i8.cpu_activations == "i8" and (np.asarray(i8._eng.activation_bits) == 8).all()
+            act = np.asarray(i8._eng.activation_bits)
+            assert i8.cpu_activations == "i8" and (act[:-1] == 8).all() and act[-1] == 0
             assert _core.Engine(str(tiny_fq), backend="cpu", cpu_activations="i8").cpu_activations == "i8"
             ref = f32.forward(ids)
             ops.set_cpu_kernels("portable")
@@ -271,7 +273,7 @@ def test_cpu_activations_i8_rounds_to_int8_on_every_path(tiny_fq):
             assert rel_err(i8.forward(ids), ref) < e8 / 10
             i8.set_activation_bits(0)  # int16, as the 'i16' engine
             np.testing.assert_array_equal(i8.forward(ids), i16.forward(ids))
-            i8.set_activation_bits(8)  # and int8 again
+            i8.set_activation_bits(8, lm_head_bits=0)  # and its own mix again
             np.testing.assert_array_equal(i8.forward(ids), out8)
     finally:
         ops.set_cpu_kernels(prev)

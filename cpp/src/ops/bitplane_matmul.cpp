@@ -613,10 +613,6 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
                 prepare_i8_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt);
             else if (i16_gemm)
                 prepare_i16_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt);
-#ifdef FLEXQUANT_AVXVNNI
-            else if (j.gemm_i8)
-                prepare_i8_gemm_avx2(j, x, w.k, b0, b1, xt, xst, xsumt);
-#endif
             else
                 prepare_i16_gemm_avx2(j, x, w.k, b0, b1, xt, xst, xsumt);
         };
@@ -712,9 +708,6 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
             if (avx2) return decode_tiles_avx2(jb, t0, t1);
         } else {
             if (i16_gemm) return gemm_tiles_i16_avx512(jb, t0, t1);
-#ifdef FLEXQUANT_AVXVNNI
-            if (i16_gemm_avx2 && jb.gemm_i8) return gemm_tiles_i8_avx2(jb, t0, t1);
-#endif
             if (i16_gemm_avx2) return gemm_tiles_i16_avx2(jb, t0, t1);
             if (gfni) return gemm_tiles_gfni(jb, t0, t1);
             if (avx2) return gemm_tiles_avx2(jb, t0, t1);

@@ -275,9 +275,10 @@ void decode_tiles(const Job& j, int64_t t0, int64_t t1) {
 // adds the two products; vpaddd accumulates. 16 multiply-adds per 2 instructions, where the fp32
 // GEMM does 8 per FMA, and they issue on more ports.
 
-// Codes of tile rt's 8 rows, wbuf (8, k_pad) int16, natural K order (c_k, unshifted).
-template <int BITS>
-void tile_codes_natural(const Job& j, int64_t rt, int16_t* wbuf) {
+// Codes of tile rt's 8 rows, wbuf (8, k_pad) int16, natural K order (c_k, unshifted); U8: as bytes
+// (the int8 GEMM's), wbuf (8, k_pad) uint8.
+template <int BITS, bool U8>
+void tile_codes_natural(const Job& j, int64_t rt, void* wbuf) {
     const uint64_t pb = j.w->plane_bytes;
     for (int64_t s = 0; s < j.n_super; ++s) {
         const int W = super_words(j, s);
@@ -288,10 +289,14 @@ void tile_codes_natural(const Job& j, int64_t rt, int16_t* wbuf) {
                 // word o = t W + jj covers K 512 s + 128 jj + 32 t
                 const int64_t base = 512 * s + 128 * (o % W) + 32 * (o / W);
                 const __m256i c = word_codes<BITS>(rb + 4 * o, pb);
-                int16_t* out = wbuf + g * j.k_pad + base;
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c)));
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16),
-                                    _mm256_cvtepu8_epi16(_mm256_extracti128_si256(c, 1)));
+                if constexpr (U8) {
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint8_t*>(wbuf) + g * j.k_pad + base), c);
+                } else {
+                    int16_t* out = static_cast<int16_t*>(wbuf) + g * j.k_pad + base;
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c)));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16),
+                                        _mm256_cvtepu8_epi16(_mm256_extracti128_si256(c, 1)));
+                }
             }
         }
     }
@@ -306,6 +311,16 @@ FQ_INLINE void madd_acc(__m256i& acc, __m256i a, __m256i b) {
         : [acc] "+x"(acc), [t] "=&x"(t)
         : [a] "x"(a), [b] "x"(b));
 }
+
+#ifdef FLEXQUANT_AVXVNNI
+// acc += the 4 products per int32 lane of a's bytes (u8 codes) and b's (s8 activations): AVX-VNNI's
+// vpdpbusd, which only the int8 GEMM runs, and only where cpu_features().avxvnni (Job::gemm_i8). In
+// asm, {vex}: this code is compiled for AVX2 alone (the int16 GEMM beside it must run without
+// AVX-VNNI), and the EVEX form of the instruction is AVX-512's, which AVX-VNNI CPUs lack.
+FQ_INLINE void dpbusd_vex(__m256i& acc, __m256i a, __m256i b) {
+    asm("%{vex%} vpdpbusd {%2, %1, %0|%0, %1, %2}" : "+x"(acc) : "x"(a), "x"(b));  // (%{ %}: literal braces)
+}
+#endif
 
 // The end of a block of the int16 (and int8) GEMM: y of rows 8 b0 .. 8 (b0 + MB) - 1 (those < m) and
 // outputs g0 .. g0 + 3 of tile rt = facc (the scaled sums) + the min term Σ_g m_k Σ x̂ (fp64).
@@ -335,33 +350,42 @@ void finish_block_i16_avx2(const Job& j, int64_t rt, int g0, int64_t b0, int MB,
 
 // y of rows 8 b0 .. 8 (b0 + MB) - 1 (those < m) and outputs g0 .. g0 + 3 of tile rt: 4 x MB int32
 // accumulators per run of words of one group (at most 8 words: |Σ| <= 256 * 255 * 32767 < 2^31),
-// then scaled to fp32 by s_k · s of the group.
-template <int MB>
-void gemm_block_i16_avx2(const Job& j, int64_t rt, int g0, int64_t b0, const int16_t* wbuf, const float* sk,
+// then scaled to fp32 by s_k · s of the group. I8 (Job::gemm_i8): quads instead of pairs, wbuf the
+// code bytes and xt the quads (q[4p] .. q[4p + 3]) of 8 rows, vpdpbusd adding 4 products per lane
+// (32 multiply-adds per instruction where vpmaddwd + vpaddd make 16 per two); |Σ| <= 256 * 255 * 127.
+template <int MB, bool I8>
+void gemm_block_i16_avx2(const Job& j, int64_t rt, int g0, int64_t b0, const void* wbuf, const float* sk,
                          const float* mk) {
-    const int64_t half = j.k_pad / 2, ng = j.n_groups;
-    const int32_t* wp = reinterpret_cast<const int32_t*>(wbuf) + g0 * half;  // (4, k_pad / 2) pairs
-    const int32_t* xb = j.xt + b0 * half * 8;
+    constexpr int per_word = I8 ? 8 : 16;  // int32 units (quads or pairs) of a word of 32 values
+    const int64_t row = j.k_pad / 32 * per_word, ng = j.n_groups;
+    const int32_t* wp = static_cast<const int32_t*>(wbuf) + g0 * row;  // (4, row) pairs / quads of codes
+    const int32_t* xb = j.xt + b0 * row * 8;
     alignas(32) float facc[4][2][8];
     for (int g = 0; g < 4; ++g)
         for (int b = 0; b < MB; ++b) _mm256_store_ps(facc[g][b], _mm256_setzero_ps());
     const __m256i zero = _mm256_setzero_si256();
     for (int64_t sg = 0; sg < j.n_seg; ++sg) {
-        const int64_t p0 = 16 * static_cast<int64_t>(j.seg[3 * sg]), p1 = p0 + 16 * j.seg[3 * sg + 1];
+        const int64_t p0 = per_word * static_cast<int64_t>(j.seg[3 * sg]), p1 = p0 + per_word * j.seg[3 * sg + 1];
         const int64_t grp = j.seg[3 * sg + 2];
         // named accumulators (see gemm_block_i16 in the AVX-512 file)
         __m256i a00 = zero, a01 = zero, a10 = zero, a11 = zero, a20 = zero, a21 = zero, a30 = zero, a31 = zero;
         for (int64_t p = p0; p < p1; ++p) {
             const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + p * 8));
-            const __m256i x1 = MB > 1 ? _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + (half + p) * 8)) : zero;
+            const __m256i x1 = MB > 1 ? _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + (row + p) * 8)) : zero;
+#ifdef FLEXQUANT_AVXVNNI
+#define FQ_DOT(acc, x, w) (I8 ? dpbusd_vex(acc, w, x) : madd_acc(acc, x, w))
+#else
+#define FQ_DOT(acc, x, w) madd_acc(acc, x, w)
+#endif
 #define FQ_MAC(g)                                                                     \
     {                                                                                 \
-        const __m256i wv = _mm256_set1_epi32(wp[g * half + p]);                       \
-        madd_acc(a##g##0, x0, wv);                                                    \
-        if (MB > 1) madd_acc(a##g##1, x1, wv);                                        \
+        const __m256i wv = _mm256_set1_epi32(wp[g * row + p]);                        \
+        FQ_DOT(a##g##0, x0, wv);                                                      \
+        if (MB > 1) FQ_DOT(a##g##1, x1, wv);                                          \
     }
             FQ_MAC(0) FQ_MAC(1) FQ_MAC(2) FQ_MAC(3)
 #undef FQ_MAC
+#undef FQ_DOT
         }
         const __m256 xs0 = _mm256_load_ps(j.xst + (b0 * ng + grp) * 8);
         const __m256 xs1 = MB > 1 ? _mm256_load_ps(j.xst + ((b0 + 1) * ng + grp) * 8) : _mm256_setzero_ps();
@@ -381,23 +405,23 @@ void gemm_block_i16_avx2(const Job& j, int64_t rt, int g0, int64_t b0, const int
     finish_block_i16_avx2(j, rt, g0, b0, MB, facc, mk);
 }
 
-template <int BITS>
+template <int BITS, bool I8>
 void gemm_tiles_i16(const Job& j, int64_t t0, int64_t t1) {
-    int16_t* codes = codes_scratch(static_cast<size_t>(8 * j.k_pad));
+    int16_t* codes = codes_scratch(static_cast<size_t>(8 * j.k_pad));  // (int16 or, I8, the first half as bytes)
     float* sk = scratch(16 * j.n_groups);
     float* mk = sk + 8 * j.n_groups;
     // chunks of blocks outer, as the AVX-512 GEMM: a chunk's activations stay in cache
     for (int64_t c0 = 0; c0 < j.n_blocks; c0 += j.block_chunk) {
         const int64_t c1 = std::min(j.n_blocks, c0 + j.block_chunk);
         for (int64_t rt = t0; rt < t1; ++rt) {
-            tile_codes_natural<BITS>(j, rt, codes);
+            tile_codes_natural<BITS, I8>(j, rt, codes);
             tile_factors(j, rt, 1.0f, sk, mk);
             for (int g0 = 0; g0 < 8 && rt * 8 + g0 < j.w->n; g0 += 4)
                 for (int64_t b = c0; b < c1; b += 2) {
                     if (c1 - b >= 2)
-                        gemm_block_i16_avx2<2>(j, rt, g0, b, codes, sk, mk);
+                        gemm_block_i16_avx2<2, I8>(j, rt, g0, b, codes, sk, mk);
                     else
-                        gemm_block_i16_avx2<1>(j, rt, g0, b, codes, sk, mk);
+                        gemm_block_i16_avx2<1, I8>(j, rt, g0, b, codes, sk, mk);
                 }
         }
     }
@@ -513,7 +537,7 @@ void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group,
 
 void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt,
                            float* xst, double* xsumt) {
-    const int64_t ng = j.n_groups, half = j.k_pad / 2;
+    const int64_t ng = j.n_groups, half = j.k_pad / 2, quarter = j.k_pad / 4;
     thread_local std::vector<int16_t> q_buf;  // (k_pad) q (natural K order)
     if (q_buf.size() < static_cast<size_t>(j.k_pad)) q_buf.resize(static_cast<size_t>(j.k_pad));
     int16_t* q = q_buf.data();
@@ -524,6 +548,17 @@ void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, 
                                   xsumt + b * ng * 8 + lane, 8, j.qmax);
         else  // the last block's empty lanes: zeros (xst and xsumt were zeroed by the caller)
             std::fill(q, q + j.k_pad, int16_t(0));
+        if (j.gemm_i8) {
+            // quads (q[4p] .. q[4p + 3]) as one int32 of bytes (|q| <= 127), to lane `lane` of quad p's
+            // vector
+            int32_t* out = xt + b * quarter * 8 + lane;
+            for (int64_t p = 0; p < quarter; ++p) {
+                uint32_t quad = 0;
+                for (int e = 0; e < 4; ++e) quad |= static_cast<uint32_t>(static_cast<uint8_t>(q[4 * p + e])) << (8 * e);
+                out[p * 8] = static_cast<int32_t>(quad);
+            }
+            continue;
+        }
         // pairs (q[2p], q[2p+1]) as one int32, to lane `lane` of pair p's vector
         int32_t* out = xt + b * half * 8 + lane;
         for (int64_t p = 0; p < half; ++p) {
@@ -535,8 +570,14 @@ void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, 
 }
 
 void gemm_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1) {
+#ifdef FLEXQUANT_AVXVNNI
+    if (j.gemm_i8) {  // BITPLANE_ACT_I8 with AVX-VNNI: code bytes against int8 activations (vpdpbusd)
+        note_kernel("gemm_i8_avx2_avxvnni");
+        return with_bits(j.bits, [&](auto bits) { gemm_tiles_i16<decltype(bits)::value, true>(j, t0, t1); });
+    }
+#endif
     note_kernel("gemm_i16_avx2");
-    with_bits(j.bits, [&](auto bits) { gemm_tiles_i16<decltype(bits)::value>(j, t0, t1); });
+    with_bits(j.bits, [&](auto bits) { gemm_tiles_i16<decltype(bits)::value, false>(j, t0, t1); });
 }
 
 void decode_tiles_avx2(const Job& j, int64_t t0, int64_t t1) {
@@ -796,143 +837,5 @@ void gemm_tiles_gfni(const Job& j, int64_t t0, int64_t t1) {
 }  // namespace flexquant
 
 #pragma GCC pop_options
-
-#ifdef FLEXQUANT_AVXVNNI
-
-// ---- the int8 GEMM with AVX-VNNI (BITPLANE_ACT_I8 on CPUs without AVX-512: Alder Lake and later) --------
-//
-// The int16 GEMM's loop on quads: a tile's codes as bytes (natural K order), xt's int32 lanes the
-// quads (q[4p] .. q[4p + 3]) of 8 rows, and vpdpbusd multiplies one weight row's broadcast quad of
-// u8 codes by them and adds the 4 products: 32 multiply-adds per instruction where vpmaddwd + vpaddd
-// make 16 per two. A run's sums stay exact (|Σ| <= 256 * 255 * 127).
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avxvnni")
-
-namespace flexquant {
-namespace bitplane_detail {
-
-namespace {
-
-// Codes of tile rt's 8 rows as bytes, wbuf (8, k_pad), natural K order (c_k, unshifted).
-template <int BITS>
-void tile_codes_natural_u8(const Job& j, int64_t rt, uint8_t* wbuf) {
-    const uint64_t pb = j.w->plane_bytes;
-    for (int64_t s = 0; s < j.n_super; ++s) {
-        const int W = super_words(j, s);
-        const uint8_t* sb = j.w->planes + super_offset(j, rt, s);
-        for (int g = 0; g < 8; ++g) {  // rows past N are the layout's zero padding
-            const uint8_t* rb = sb + 16 * W * g;
-            for (int o = 0; o < 4 * W; ++o) {
-                const int64_t base = 512 * s + 128 * (o % W) + 32 * (o / W);  // as tile_codes_natural
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(wbuf + g * j.k_pad + base), word_codes<BITS>(rb + 4 * o, pb));
-            }
-        }
-    }
-}
-
-// gemm_block_i16_avx2 on quads (Job::gemm_i8): rows 8 b0 .. 8 (b0 + MB) - 1, outputs g0 .. g0 + 3.
-template <int MB>
-void gemm_block_i8_avx2(const Job& j, int64_t rt, int g0, int64_t b0, const uint8_t* wbuf, const float* sk,
-                        const float* mk) {
-    const int64_t quarter = j.k_pad / 4, ng = j.n_groups;
-    const int32_t* wq = reinterpret_cast<const int32_t*>(wbuf) + g0 * quarter;  // (4, k_pad / 4) quads
-    const int32_t* xb = j.xt + b0 * quarter * 8;
-    alignas(32) float facc[4][2][8];
-    for (int g = 0; g < 4; ++g)
-        for (int b = 0; b < MB; ++b) _mm256_store_ps(facc[g][b], _mm256_setzero_ps());
-    const __m256i zero = _mm256_setzero_si256();
-    for (int64_t sg = 0; sg < j.n_seg; ++sg) {
-        const int64_t p0 = 8 * static_cast<int64_t>(j.seg[3 * sg]), p1 = p0 + 8 * j.seg[3 * sg + 1];
-        const int64_t grp = j.seg[3 * sg + 2];
-        __m256i a00 = zero, a01 = zero, a10 = zero, a11 = zero, a20 = zero, a21 = zero, a30 = zero, a31 = zero;
-        for (int64_t p = p0; p < p1; ++p) {
-            const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + p * 8));
-            const __m256i x1 = MB > 1 ? _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + (quarter + p) * 8)) : zero;
-#define FQ_MAC(g)                                                                     \
-    {                                                                                 \
-        const __m256i wv = _mm256_set1_epi32(wq[g * quarter + p]);                    \
-        a##g##0 = _mm256_dpbusd_avx_epi32(a##g##0, wv, x0);                           \
-        if (MB > 1) a##g##1 = _mm256_dpbusd_avx_epi32(a##g##1, wv, x1);               \
-    }
-            FQ_MAC(0) FQ_MAC(1) FQ_MAC(2) FQ_MAC(3)
-#undef FQ_MAC
-        }
-        const __m256 xs0 = _mm256_load_ps(j.xst + (b0 * ng + grp) * 8);
-        const __m256 xs1 = MB > 1 ? _mm256_load_ps(j.xst + ((b0 + 1) * ng + grp) * 8) : _mm256_setzero_ps();
-#define FQ_FLUSH1(g, b)                                                                                   \
-    _mm256_store_ps(facc[g][b], _mm256_fmadd_ps(_mm256_cvtepi32_ps(a##g##b), _mm256_mul_ps(skv, xs##b),    \
-                                                _mm256_load_ps(facc[g][b])));
-#define FQ_FLUSH(g)                                               \
-    {                                                             \
-        const __m256 skv = _mm256_set1_ps(sk[(g0 + g) * ng + grp]); \
-        FQ_FLUSH1(g, 0)                                           \
-        if (MB > 1) FQ_FLUSH1(g, 1)                               \
-    }
-        FQ_FLUSH(0) FQ_FLUSH(1) FQ_FLUSH(2) FQ_FLUSH(3)
-#undef FQ_FLUSH
-#undef FQ_FLUSH1
-    }
-    finish_block_i16_avx2(j, rt, g0, b0, MB, facc, mk);
-}
-
-template <int BITS>
-void gemm_tiles_i8_avx2(const Job& j, int64_t t0, int64_t t1) {
-    uint8_t* codes = reinterpret_cast<uint8_t*>(codes_scratch(static_cast<size_t>(4 * j.k_pad)));  // 8 k_pad bytes
-    float* sk = scratch(16 * j.n_groups);
-    float* mk = sk + 8 * j.n_groups;
-    for (int64_t c0 = 0; c0 < j.n_blocks; c0 += j.block_chunk) {
-        const int64_t c1 = std::min(j.n_blocks, c0 + j.block_chunk);
-        for (int64_t rt = t0; rt < t1; ++rt) {
-            tile_codes_natural_u8<BITS>(j, rt, codes);
-            tile_factors(j, rt, 1.0f, sk, mk);
-            for (int g0 = 0; g0 < 8 && rt * 8 + g0 < j.w->n; g0 += 4)
-                for (int64_t b = c0; b < c1; b += 2) {
-                    if (c1 - b >= 2)
-                        gemm_block_i8_avx2<2>(j, rt, g0, b, codes, sk, mk);
-                    else
-                        gemm_block_i8_avx2<1>(j, rt, g0, b, codes, sk, mk);
-                }
-        }
-    }
-}
-
-}  // namespace
-
-void prepare_i8_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt, float* xst,
-                          double* xsumt) {
-    const int64_t ng = j.n_groups, quarter = j.k_pad / 4;
-    thread_local std::vector<int16_t> q_buf;  // (k_pad) q (natural K order)
-    if (q_buf.size() < static_cast<size_t>(j.k_pad)) q_buf.resize(static_cast<size_t>(j.k_pad));
-    int16_t* q = q_buf.data();
-    for (int64_t r = b0 * 8; r < b1 * 8; ++r) {
-        const int64_t b = r / 8, lane = r % 8;
-        if (r < j.m)
-            quantize_row_i16_avx2(x + r * k, k, j.k_pad, j.w->group_size, ng, q, xst + b * ng * 8 + lane,
-                                  xsumt + b * ng * 8 + lane, 8, j.qmax);
-        else  // the last block's empty lanes: zeros (xst and xsumt were zeroed by the caller)
-            std::fill(q, q + j.k_pad, int16_t(0));
-        // quads (q[4p] .. q[4p + 3]) as one int32 of bytes (|q| <= 127), to lane `lane` of quad p's vector
-        int32_t* out = xt + b * quarter * 8 + lane;
-        for (int64_t p = 0; p < quarter; ++p) {
-            const uint32_t quad = static_cast<uint8_t>(q[4 * p]) | static_cast<uint32_t>(static_cast<uint8_t>(q[4 * p + 1])) << 8 |
-                                  static_cast<uint32_t>(static_cast<uint8_t>(q[4 * p + 2])) << 16 |
-                                  static_cast<uint32_t>(static_cast<uint8_t>(q[4 * p + 3])) << 24;
-            out[p * 8] = static_cast<int32_t>(quad);
-        }
-    }
-}
-
-void gemm_tiles_i8_avx2(const Job& j, int64_t t0, int64_t t1) {
-    note_kernel("gemm_i8_avx2_avxvnni");
-    with_bits(j.bits, [&](auto bits) { gemm_tiles_i8_avx2<decltype(bits)::value>(j, t0, t1); });
-}
-
-}  // namespace bitplane_detail
-}  // namespace flexquant
-
-#pragma GCC pop_options
-
-#endif  // FLEXQUANT_AVXVNNI
 
 #endif  // FLEXQUANT_X86

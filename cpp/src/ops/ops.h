@@ -468,15 +468,10 @@ inline float round_i16(float x, float s, float qmax = 32767.0f) {
 // scalar loop.
 void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* xhat, float qmax);
 // The int16 GEMM on AVX2 (CPUs without AVX-512): blocks [b0, b1) of 8 rows of x (m, k) -> xt, xst,
-// xsumt (as prepare_i16_gemm_avx512; natural K pairs), and the tiles [t0, t1).
+// xsumt (as prepare_i16_gemm_avx512; natural K pairs, or quads with Job::gemm_i8), and the tiles [t0, t1).
 void prepare_i16_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt, float* xst,
                            double* xsumt);
-void gemm_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1);
-// Its int8 variant (Job::gemm_i8 without AVX-512: AVX-VNNI's vpdpbusd; builds with FLEXQUANT_AVXVNNI
-// only): xt as quads of int8 q (k_pad / 4, 8) per block, natural K order.
-void prepare_i8_gemm_avx2(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt, float* xst,
-                          double* xsumt);
-void gemm_tiles_i8_avx2(const Job& j, int64_t t0, int64_t t1);
+void gemm_tiles_i16_avx2(const Job& j, int64_t t0, int64_t t1);  // (and the int8 one: Job::gemm_i8)
 // bitplane_matmul_avx2_i16.cpp: decode on int16 activations without AVX-512 (the same xi, xscale,
 // xsum and step tables as decode_tiles_i16_avx512), by 8x8 bit transposes in shifts (AVX2) or with
 // GFNI; and their preparation, as prepare_i16_avx512. quantize_row_i16_avx2: one row x (k) -> q

@@ -609,9 +609,7 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
         float* xst = aligned64(xst_buf, static_cast<size_t>(j.n_blocks * j.n_groups * R));
         double* xsumt = aligned64(xsumt_buf, static_cast<size_t>(j.n_blocks * j.n_groups * R));
         auto prepare = [&](int64_t b0, int64_t b1) {
-            if (i16_gemm && j.gemm_i8)
-                prepare_i8_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt);
-            else if (i16_gemm)
+            if (i16_gemm)
                 prepare_i16_gemm_avx512(j, x, w.k, b0, b1, xt, xst, xsumt);
             else
                 prepare_i16_gemm_avx2(j, x, w.k, b0, b1, xt, xst, xsumt);

@@ -150,6 +150,8 @@ void prepare_i16_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0
     const __m512i perm = word_permutation();
     const __m512i pair_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                _mm512_set1_epi32(16));
+    const __m256i quad_at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(16));
+    const int64_t per_word = j.gemm_i8 ? 8 : 16;  // int32 units (quads or pairs) of a word
     thread_local std::vector<int16_t> q_buf;
     if (q_buf.size() < static_cast<size_t>(j.k_pad)) q_buf.resize(static_cast<size_t>(j.k_pad));
     int16_t* q_tmp = q_buf.data();
@@ -162,44 +164,19 @@ void prepare_i16_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0
         } else {  // the last block's empty lanes: zeros (xt is not cleared; xst and xsumt are)
             std::fill(q_tmp, q_tmp + j.k_pad, int16_t(0));
         }
-        // the row's 16 pairs of each word go to lane `lane` of 16 consecutive 64-byte vectors
-        int32_t* out = xt + b * nw * 256 + lane;
+        // the row's 16 pairs (8 quads: its 32 permuted q as bytes, |q| <= 127, Job::gemm_i8) of each
+        // word go to lane `lane` of 16 (8) consecutive 64-byte vectors
+        int32_t* out = xt + b * nw * per_word * 16 + lane;
         for (int64_t s = 0; s < j.n_super; ++s) {
             const int W = super_words(j, s);
             for (int v = 0; v < 4; ++v)
                 for (int L = 0; L < W; ++L) {
                     const __m512i w = _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(q_tmp + j.step_base[16 * s + 4 * v + L]));
-                    _mm512_i32scatter_epi32(out + (16 * s + v * W + L) * 256, pair_at, w, 4);
-                }
-        }
-    }
-}
-
-void prepare_i8_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt,
-                            float* xst, double* xsumt) {
-    const __m512i perm = word_permutation();
-    const __m256i quad_at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(16));
-    thread_local std::vector<int16_t> q_buf;
-    if (q_buf.size() < static_cast<size_t>(j.k_pad)) q_buf.resize(static_cast<size_t>(j.k_pad));
-    int16_t* q_tmp = q_buf.data();
-    const int64_t nq = j.k_pad / 4, ng = j.n_groups;
-    for (int64_t r = b0 * 16; r < b1 * 16; ++r) {
-        const int64_t b = r / 16, lane = r % 16;
-        if (r < j.m) {
-            quantize_row_i16(x + r * k, k, j.k_pad, j.w->group_size, ng, q_tmp, xst + b * ng * 16 + lane,
-                             xsumt + b * ng * 16 + lane, 16, j.qmax);
-        } else {  // the last block's empty lanes: zeros (xt is not cleared; xst and xsumt are)
-            std::fill(q_tmp, q_tmp + j.k_pad, int16_t(0));
-        }
-        // the row's 8 quads of each word (its 32 permuted q as bytes: |q| <= 127) go to lane `lane`
-        // of 8 consecutive 64-byte vectors
-        int32_t* out = xt + b * nq * 16 + lane;
-        for (int64_t s = 0; s < j.n_super; ++s) {
-            const int W = super_words(j, s);
-            for (int v = 0; v < 4; ++v)
-                for (int L = 0; L < W; ++L) {
-                    const __m512i w = _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(q_tmp + j.step_base[16 * s + 4 * v + L]));
-                    _mm256_i32scatter_epi32(out + (16 * s + v * W + L) * 128, quad_at, _mm512_cvtepi16_epi8(w), 4);
+                    int32_t* at = out + (16 * s + v * W + L) * per_word * 16;
+                    if (j.gemm_i8)
+                        _mm256_i32scatter_epi32(at, quad_at, _mm512_cvtepi16_epi8(w), 4);
+                    else
+                        _mm512_i32scatter_epi32(at, pair_at, w, 4);
                 }
         }
     }

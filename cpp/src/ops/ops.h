@@ -494,13 +494,10 @@ void decode_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1);
 void prepare_i16_avx512(const Job& j, const float* x, int64_t k, int16_t* q_tmp, int16_t* xi, float* xscale,
                         double* xsum);
 // The GEMM on int16 activations (many rows: prompts, batches): its preparation of blocks [b0, b1) of
-// 16 rows, x (m, k) -> xt (every element written, zeros for rows past m), xst, xsumt (zeroed by the
-// caller), and the tiles [t0, t1).
+// 16 rows, x (m, k) -> xt (every element written, zeros for rows past m; quads with Job::gemm_i8), xst,
+// xsumt (zeroed by the caller), and the tiles [t0, t1).
 void prepare_i16_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt,
                              float* xst, double* xsumt);
-// The same for the int8 GEMM (Job::gemm_i8): xt as quads of int8 q (k_pad / 4 per row).
-void prepare_i8_gemm_avx512(const Job& j, const float* x, int64_t k, int64_t b0, int64_t b1, int32_t* xt,
-                            float* xst, double* xsumt);
 void gemm_tiles_i16_avx512(const Job& j, int64_t t0, int64_t t1);
 
 }  // namespace bitplane_detail

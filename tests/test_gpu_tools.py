@@ -30,7 +30,7 @@ def test_gpu_check_embedded_python_compiles():
         compile(src, f"gpu_check.sh heredoc {i}", "exec")
 
 
-@pytest.mark.parametrize("tool", ["bench.py", "gpu_profile.py", "protect_activations_eval.py"])
+@pytest.mark.parametrize("tool", ["bench.py", "gpu_profile.py", "protect_activations_eval.py", "bench_activations.py"])
 def test_python_tools_start(tool):
     r = subprocess.run([sys.executable, str(TOOLS / tool), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage" in r.stdout, r.stderr

@@ -98,8 +98,8 @@ class Engine:
     rounding runs on the fp32 kernels. "f32" multiplies the input as given (the accuracy
     reference). "i8" starts every decoder linear at activation bits 8 (the LM head at int16): rounded
     to int8 (a step of 1/127), which CPUs with AVX-512 VNNI or AVX-VNNI multiply with vpdpbusd, twice
-    the products per instruction: prompts 1.3-1.4x as fast on the 2-core test machine, SmolLM2 decode
-    1.04-1.1x, batches of 2-4 sequences 1.15-1.2x, Llama-2-7B-shaped prompt GEMMs 1.5-1.8x, at a
+    the products per instruction: prompts 1.35-1.55x as fast on the 2-core test machine, SmolLM2 decode
+    1.04-1.09x, batches of 2-4 sequences 1.15-1.2x, Llama-2-7B-shaped prompt GEMMs 1.5-1.9x, at a
     next-token KL of about 1.8e-3 on SmolLM2 at 8 bits but 1-4% on top of the weights' own error at
     5 bits and below (docs/kernels.md). set_activation_bits(0) puts a linear back on int16 (as
     protect_activations does for the sensitive units), set_activation_bits(8) the head on int8.

@@ -68,8 +68,8 @@ enum class KvDType { KV_AUTO, KV_F32, KV_F16, KV_Q8 };
 // ACT_I8: every decoder linear starts at activation bits 8 (set_activation_bits below), the LM head at
 // int16 (0): its input rounded to int8 instead (a step of 1/127 of the group's largest value), which
 // AVX-512 VNNI and AVX-VNNI CPUs multiply with vpdpbusd, twice the products per instruction of the
-// int16 kernels (on the 2-core test machine: prompts 1.3-1.4x, SmolLM2 decode 1.04-1.1x, batches of
-// 2-4 1.15-1.2x, Llama-2-7B-shaped prompt GEMMs 1.5-1.8x), for a next-token KL of about 1.8e-3 on
+// int16 kernels (on the 2-core test machine: prompts 1.35-1.55x, SmolLM2 decode 1.04-1.09x, batches
+// of 2-4 1.15-1.2x, Llama-2-7B-shaped prompt GEMMs 1.5-1.9x), for a next-token KL of about 1.8e-3 on
 // SmolLM2 at 8 bits (1-4% on top of the weights' own error at 5 bits and below: docs/kernels.md). A
 // linear set to activation bits 0 runs int16. The CUDA backend ignores it.
 enum class CpuActivations { ACT_I16, ACT_F32, ACT_I8 };

@@ -504,12 +504,12 @@ def test_tune_command(tiny_fq, tmp_path, monkeypatch, capsys):
     assert "CPU kernel table" in out and "bits:rows" in out and "saved" in out
     assert len(list((tmp_path / "kernels").iterdir())) == 1
     # int8 activations have kernels of their own, so a table of their own, which their engines load
-    with Engine(tiny_fq, threads=1, cpu_activations="i8") as eng:
+    with Engine(tiny_fq, backend="cpu", threads=1, cpu_activations="i8") as eng:
         assert eng.kernel_table() == []
     assert main(["tune", str(tiny_fq), "--max-m", "3", "--repeats", "1", "--threads", "1",
                  "--cpu-activations", "i8"]) == 0
     assert len(list((tmp_path / "kernels").iterdir())) == 2
-    with Engine(tiny_fq, threads=1, cpu_activations="i8") as eng:
+    with Engine(tiny_fq, backend="cpu", threads=1, cpu_activations="i8") as eng:
         assert len(eng.kernel_table()) > 0
     if not core.cuda_available():
         with pytest.warns(RuntimeWarning), pytest.raises(SystemExit, match="--backend cuda: the engine runs on cpu"):

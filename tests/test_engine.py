@@ -236,9 +236,11 @@ def test_activation_bits_override_the_cpu_activations(tiny_fq):
 def test_cpu_activations_i8_rounds_to_int8_on_every_path(tiny_fq):
     """cpu_activations='i8': every linear's input rounded per weight group to int8 (a step of 1/127 of
     the group's largest value), on the prompt (GEMM) and decode paths of every kernel family, each
-    within fp32 rounding of the portable kernels' fp32 products on the same x̂ (the families differ
-    only in how they sum exact integer products: int16 kernels or vpdpbusd; on this model and these
-    tokens no int8 rounding boundary is crossed differently). The rounding is real: about 1/127
+    close to the portable kernels' fp32 products on the same x̂: the families differ only in how they
+    sum exact integer products (int16 kernels or vpdpbusd) and so at the last bit, which can move a
+    later linear's input across an int8 rounding boundary (a step of 1/127 of its group's largest
+    value) on some CPU and model, hence 2e-3 rather than fp32's 1e-5; a family that ran int16 instead
+    would be ~8e-3 away. The ops tests pin each kernel exactly. The rounding is real: about 1/127
     against 1/32767, so 'i8' sits far further from 'f32' than 'i16' does. It is activation bits 8 on
     every decoder linear, 0 (int16, the 'i16' engine's arithmetic) on the LM head."""
     from flexquant_rt import _core
@@ -261,10 +263,10 @@ def test_cpu_activations_i8_rounds_to_int8_on_every_path(tiny_fq):
             for kind in ops.cpu_kernels_available():
                 ops.set_cpu_kernels(kind)
                 out = i8.forward(ids)
-                assert rel_err(out, base) < 1e-5, kind
+                assert rel_err(out, base) < 2e-3, kind
                 i8.reset()
                 steps = np.stack([i8.decode(t) for t in ids[:10]])
-                assert rel_err(steps, base_steps) < 1e-5, kind
+                assert rel_err(steps, base_steps) < 2e-3, kind
             ops.set_cpu_kernels(prev)
             out8 = i8.forward(ids)
             e8, e16 = rel_err(out8, ref), rel_err(i16.forward(ids), ref)

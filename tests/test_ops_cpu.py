@@ -477,15 +477,16 @@ def test_cpu_kernel_caps_from_the_environment(tmp_path):
     assert "FLEXQUANT_CPU='avx-512' is none of" in res.stderr and "ignored" in res.stderr
 
 
-def test_bitplane_matmul_i16_gemm_over_several_chunks_of_rows(kernels):
+@pytest.mark.parametrize("act", ["i16", "i8"])
+def test_bitplane_matmul_i16_gemm_over_several_chunks_of_rows(kernels, act):
     """A long K: the GEMM's activations are taken in chunks of a few MiB (each decodes the weights
     again), so 200 rows of K = 20,000 pass in several chunks; every row against numpy."""
     n, k, g = 12, 20000, 128
     rng = np.random.default_rng(13)
     planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
     x = rng.standard_normal((200, k)).astype(np.float32)
-    y = ops.bitplane_matmul(planes, qparams, n, k, 8, g, 7, x, "gemm", act="i16")
-    xh = round_i16_reference(x, g)
+    y = ops.bitplane_matmul(planes, qparams, n, k, 8, g, 7, x, "gemm", act=act)
+    xh = round_i16_reference(x, g, 32767 if act == "i16" else 127)
     ref = xh.astype(np.float64) @ bitplane.dequantize_planes(planes, qparams, n, k, 7, 8, g).T
     base = rel_err(xh @ bitplane.dequantize_planes(planes, qparams, n, k, 7, 8, g).T, ref)
     for r in range(0, 200, 40):  # per row band: a chunk computed wrong or not at all shows

@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     from flexquant_rt import Engine
     from flexquant_rt._core import ops
 
-    engines = {act: Engine(a.model, backend="cpu", threads=a.threads, cpu_activations=act,
+    # kernel_table=None: the built-in decode/GEMM rule for all, so that a table saved for one setting
+    # and not the other does not tilt the ratios
+    engines = {act: Engine(a.model, backend="cpu", threads=a.threads, cpu_activations=act, kernel_table=None,
                            n_ctx=max(a.prompt, 64) + a.decode + 64) for act in a.acts}
     prompt = np.random.default_rng(0).integers(100, engines[a.acts[0]].config["vocab"] - 100,
                                                a.prompt).astype(np.int32)

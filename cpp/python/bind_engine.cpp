@@ -250,8 +250,9 @@ void bind_engine(py::module_& m) {
              "tensor-core GEMM (same int8 activations), 0 = the GEMV only, in passes of 8. cuda_mma_min_rows:\n"
              "GEMV launches of at least this many rows (1..16) run on the s8 tensor cores with the codes decoded\n"
              "in registers, 16 rows per launch (group sizes 128/256/512), 0 = never. cpu_activations (CPU):\n"
-             "'i16' rounds each linear's input per group to int16 (the AVX-512 VNNI kernel multiplies\n"
-             "integers), 'f32' multiplies it as given (the accuracy reference).")
+             "'i16' rounds each linear's input per group to int16 (the SIMD kernels multiply integers), 'i8'\n"
+             "to int8 on every decoder linear (activation bits 8: vpdpbusd on VNNI CPUs), 'f32' multiplies it as\n"
+             "given (the accuracy reference).")
         .def_property_readonly("backend", [](PyEngine& e) {
             return e.get().backend() == flexquant::Backend::BACKEND_CUDA ? "cuda" : "cpu";
         }, "Where the forward pass runs: 'cpu' or 'cuda'.")
@@ -359,9 +360,10 @@ void bind_engine(py::module_& m) {
                  e.get().set_activation_bits(bits.data(), bits.size());
              },
              py::arg("bits"),
-             "Activation bit-width per linear, (n_layers * 7 + 1,) or (1,): 0 = fp32, 2..8 = symmetric integers\n"
-             "per weight group (the CUDA tensor-core GEMV's int8 is 8), 16 = fp16. The CUDA backend takes 8 (int8,\n"
-             "its default), 16 (fp16, the f16 GEMV; group sizes 128/256/512) or 0 (the fp32 GEMV) per linear.")
+             "Activation bit-width per linear, (n_layers * 7 + 1,) or (1,): 0 = int16 on the CPU ('i16' and 'i8'\n"
+             "engines; fp32 on 'f32' ones), 2..8 = symmetric integers per weight group (8: the int8 kernels, the\n"
+             "CUDA tensor-core GEMV's int8), 16 = fp16. The CUDA backend takes 8 (int8, its default), 16 (fp16,\n"
+             "the f16 GEMV; group sizes 128/256/512) or 0 (the fp32 GEMV) per linear.")
         .def_property_readonly("activation_bits", [](PyEngine& e) { return e.get().activation_bits(); })
         .def("set_layer_bits",
              [](PyEngine& e, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& mask) {

@@ -109,8 +109,8 @@ struct Engine::Impl {
     double lambda = 0.0;
     std::vector<std::vector<float>> rule_cost;
     std::vector<int32_t> used;  // bits each linear ran at in the last eval
-    std::vector<int32_t> act_bits;  // per linear (n_layers * 7 + 1): 0 = the default (CPU: cpu_act; CUDA:
-                                    // fp32), 2..8, 16 = fp16
+    std::vector<int32_t> act_bits;  // per linear (n_layers * 7 + 1): 0 (CPU: int16, or fp32 with ACT_F32;
+                                    // CUDA: fp32), 2..8, 16 = fp16 (matmul_act)
     // kernel dispatch: the table as given, and per linear (n_layers * 7 + 1) and bits its decode_max_m
     std::vector<KernelChoice> kernel_table;
     std::vector<std::array<int64_t, 9>> decode_max;

@@ -194,7 +194,7 @@ class Engine:
 
     @property
     def cpu_activations(self) -> str:
-        """What the CPU's bit-plane matmuls multiply: "i16" or "f32" activations."""
+        """What the CPU's bit-plane matmuls multiply by default: "i16", "i8" or "f32" activations."""
         return self._eng.cpu_activations
 
     # -- kernel dispatch --------------------------------------------------------------------------
@@ -301,7 +301,7 @@ class Engine:
         ("f32"), 2..8 = each linear's input quantized per weight group to symmetric integers of that
         width, as the CUDA tensor-core GEMV does with 8; 16 = rounded to fp16 and back, as the CUDA f16
         GEMV does (those two exactly, without the int16 rounding on top). 8 runs the int8 kernels (where
-        cpu_activations "i8" starts every linear), the fastest on CPUs with AVX-512 VNNI or AVX-VNNI;
+        cpu_activations "i8" starts every decoder linear), the fastest on CPUs with AVX-512 VNNI or AVX-VNNI;
         the other widths the fp32 ones on the rounded input.
         CUDA backend: 8 = int8 activations on the tensor-core GEMV (its default), 16 = fp16 on the
         f16 tensor cores (group sizes 128, 256, 512; near fp32 accuracy at about the int8 cost),

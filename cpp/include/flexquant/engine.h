@@ -56,8 +56,9 @@ namespace flexquant {
 // reads, for long contexts. What it costs in accuracy: docs/kernels.md (stop 26).
 enum class KvDType { KV_AUTO, KV_F32, KV_F16, KV_Q8 };
 
-// CPU backend: what the bit-plane matmuls multiply the weights with (for the linears whose
-// activation bits are 0, the default; set_activation_bits below). ACT_I16: each linear's input
+// CPU backend: what the bit-plane matmuls multiply the weights with (ACT_I16, ACT_F32: for the
+// linears whose activation bits are 0, their default; ACT_I8: activation bits 8 on every decoder
+// linear; set_activation_bits below). ACT_I16: each linear's input
 // rounded per row and weight group to int16 (a step of 1/32767 of the group's largest value), so
 // that the kernels multiply integers: the decode kernel on AVX-512 VNNI CPUs, the GEMM of prompts and
 // batches on those and on AVX2 ones. On a 2-core AVX-512 test machine decode ran 1.3x (SmolLM2) to

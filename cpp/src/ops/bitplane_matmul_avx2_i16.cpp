@@ -8,7 +8,9 @@
 // on the same activation layout (WORD_ORDER_I16). Kernel (bitplane_matmul_avx2_i16.inc) comes in
 // variants that differ only in how a row's planes become codes, and in the multiply-add:
 //  - gfni (compiled for avx2+gfni): gf2p8affineqb transposes each 8x8 bit block, as the fp32 GFNI
-//    kernel does; with AVX-VNNI, a third compilation multiplies and adds with vpdpwssd;
+//    kernel does; with AVX-VNNI, a third compilation multiplies and adds with vpdpwssd, and on int8
+//    activations (BITPLANE_ACT_I8, Job::xb) with vpdpbusd on the code bytes as they are (KernelI8:
+//    the same int32 sums, half the multiply instructions and no split of the codes);
 //  - shifts (plain AVX2): the same transpose in delta swaps (Hacker's Delight 7-3), across the 8
 //    planes' vectors as loaded (12 swaps per 256 codes, cheaper below 8 bits: transpose_slots), the
 //    planes fed in reverse order so that the result is bit for bit the GFNI one.

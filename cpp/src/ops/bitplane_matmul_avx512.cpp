@@ -26,6 +26,13 @@
 // codes and turns the product around: a vector holds 16 activation rows' pairs of one K pair, a
 // broadcast holds one weight row's pair, and each vpdpwssd adds 16 rows x 2 products. The fp32 GEMM
 // (bitplane_matmul_avx2.cpp) does 8 multiply-adds per FMA; this one does 32 per instruction.
+//
+// On int8 activations (BITPLANE_ACT_I8: q = rint(x / s), s = absmax / 127; the same preparations with
+// Job::qmax = 127) the VNNI compilations run int8 variants of both (template I8): vpdpbusd multiplies
+// the code bytes (u8) by the activations' bytes (s8) and adds 4 products per int32 lane, with no
+// split of the codes into int16 halves: the decode on Job::xb, the GEMM on quads of 16 rows' q
+// (64 multiply-adds per instruction). Their int32 sums are the int16 kernels' on the same q, so the
+// output bits are too; the plain compilation runs the int16 kernels on the int8 q.
 
 #include "cpu_features.h"
 

@@ -322,32 +322,6 @@ FQ_INLINE void dpbusd_vex(__m256i& acc, __m256i a, __m256i b) {
 }
 #endif
 
-// The end of a block of the int16 (and int8) GEMM: y of rows 8 b0 .. 8 (b0 + MB) - 1 (those < m) and
-// outputs g0 .. g0 + 3 of tile rt = facc (the scaled sums) + the min term Σ_g m_k Σ x̂ (fp64).
-void finish_block_i16_avx2(const Job& j, int64_t rt, int g0, int64_t b0, int MB, const float (*facc)[2][8],
-                           const float* mk) {
-    const int64_t ng = j.n_groups;
-    const int rows = static_cast<int>(std::min<int64_t>(4, j.w->n - rt * 8 - g0));
-    for (int b = 0; b < MB; ++b) {
-        const int64_t r0 = (b0 + b) * 8;
-        const int live = static_cast<int>(std::min<int64_t>(8, j.m - r0));
-        const double* xsum = j.xsumt + (b0 + b) * ng * 8;
-        for (int g = 0; g < rows; ++g) {
-            __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-            for (int64_t gr = 0; gr < ng; ++gr) {
-                const __m256d m = _mm256_set1_pd(mk[(g0 + g) * ng + gr]);
-                lo = _mm256_fmadd_pd(m, _mm256_load_pd(xsum + gr * 8), lo);
-                hi = _mm256_fmadd_pd(m, _mm256_load_pd(xsum + gr * 8 + 4), hi);
-            }
-            alignas(32) float out[8];
-            const __m256 bias = _mm256_setr_m128(_mm256_cvtpd_ps(lo), _mm256_cvtpd_ps(hi));
-            _mm256_store_ps(out, _mm256_add_ps(_mm256_load_ps(facc[g][b]), bias));
-            float* y = j.y + r0 * j.w->n + rt * 8 + g0 + g;
-            for (int i = 0; i < live; ++i) y[i * j.w->n] = out[i];
-        }
-    }
-}
-
 // y of rows 8 b0 .. 8 (b0 + MB) - 1 (those < m) and outputs g0 .. g0 + 3 of tile rt: 4 x MB int32
 // accumulators per run of words of one group (at most 8 words: |Σ| <= 256 * 255 * 32767 < 2^31),
 // then scaled to fp32 by s_k · s of the group. I8 (Job::gemm_i8): quads instead of pairs, wbuf the
@@ -402,7 +376,26 @@ void gemm_block_i16_avx2(const Job& j, int64_t rt, int g0, int64_t b0, const voi
 #undef FQ_FLUSH
 #undef FQ_FLUSH1
     }
-    finish_block_i16_avx2(j, rt, g0, b0, MB, facc, mk);
+    // + the min term Σ_g m_k Σ x̂ (fp64), then the rows' outputs
+    const int rows = static_cast<int>(std::min<int64_t>(4, j.w->n - rt * 8 - g0));
+    for (int b = 0; b < MB; ++b) {
+        const int64_t r0 = (b0 + b) * 8;
+        const int live = static_cast<int>(std::min<int64_t>(8, j.m - r0));
+        const double* xsum = j.xsumt + (b0 + b) * ng * 8;
+        for (int g = 0; g < rows; ++g) {
+            __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+            for (int64_t gr = 0; gr < ng; ++gr) {
+                const __m256d m = _mm256_set1_pd(mk[(g0 + g) * ng + gr]);
+                lo = _mm256_fmadd_pd(m, _mm256_load_pd(xsum + gr * 8), lo);
+                hi = _mm256_fmadd_pd(m, _mm256_load_pd(xsum + gr * 8 + 4), hi);
+            }
+            alignas(32) float out[8];
+            const __m256 bias = _mm256_setr_m128(_mm256_cvtpd_ps(lo), _mm256_cvtpd_ps(hi));
+            _mm256_store_ps(out, _mm256_add_ps(_mm256_load_ps(facc[g][b]), bias));
+            float* y = j.y + r0 * j.w->n + rt * 8 + g0 + g;
+            for (int i = 0; i < live; ++i) y[i * j.w->n] = out[i];
+        }
+    }
 }
 
 template <int BITS, bool I8>
@@ -487,8 +480,8 @@ void quantize_i16_avx2(const float* x, int64_t m, int64_t k, int group, float* x
 
 // One row xr (k) -> q (k_pad int16, natural K order, zeros past k), and per group its scale s =
 // absmax / qmax_f (32767, or 127: bitplane_act_qmax) and Σ x̂ = s Σ q (fp64; NaN when the group holds
-// a NaN or inf, so that y shows it), written at xscale[g * stride] and xsum[g * stride]. The rounding of bitplane_round_i16. The int16
-// GEMM's and decode's preparation.
+// a NaN or inf, so that y shows it), written at xscale[g * stride] and xsum[g * stride]. The rounding
+// of bitplane_round_i16. The int16 GEMM's and decode's preparation.
 void quantize_row_i16_avx2(const float* xr, int64_t k, int64_t k_pad, int group, int64_t n_groups, int16_t* q,
                            float* xscale, double* xsum, int64_t stride, float qmax_f) {
     const __m256 qmax = _mm256_set1_ps(qmax_f), qmin = _mm256_set1_ps(-qmax_f);

@@ -9,10 +9,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <chrono>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "array_checks.h"
@@ -368,6 +372,43 @@ void bind_ops(py::module_& parent) {
         "set_num_threads", [](int n) { ops_pool().set_num_threads(n); }, py::arg("n"),
         "Threads of the pool the ops here run on (<= 0: hardware concurrency).");
     m.def("get_num_threads", [] { return ops_pool().num_threads(); });
+    m.def(
+        "parallel_for_trace",
+        [](int64_t n, int64_t grain, int threads, int64_t fail_at, double chunk_us) {
+            if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+            struct Chunk {
+                int64_t begin, end, thread, order;
+            };
+            std::vector<Chunk> out;
+            std::vector<std::thread::id> ids{std::this_thread::get_id()};  // thread 0: the caller
+            std::mutex mu;
+            {
+                py::gil_scoped_release release;
+                ThreadPool pool(threads);
+                pool.parallel_for(n, grain, [&](int64_t b, int64_t e) {
+                    {
+                        std::lock_guard<std::mutex> lock(mu);
+                        int64_t t = 0;
+                        while (t < static_cast<int64_t>(ids.size()) && ids[static_cast<size_t>(t)] != std::this_thread::get_id()) ++t;
+                        if (t == static_cast<int64_t>(ids.size())) ids.push_back(std::this_thread::get_id());
+                        out.push_back({b, e, t, static_cast<int64_t>(out.size())});
+                    }
+                    if (b <= fail_at && fail_at < e) throw std::runtime_error("chunk [" + std::to_string(b) + ", " + std::to_string(e) + ") failed");
+                    std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(chunk_us));
+                });
+            }
+            py::array_t<int64_t> a({static_cast<py::ssize_t>(out.size()), py::ssize_t{4}});
+            auto v = a.mutable_unchecked<2>();
+            for (size_t i = 0; i < out.size(); ++i) {
+                v(i, 0) = out[i].begin, v(i, 1) = out[i].end, v(i, 2) = out[i].thread, v(i, 3) = out[i].order;
+            }
+            return a;
+        },
+        py::arg("n"), py::arg("grain"), py::arg("threads"), py::arg("fail_at") = -1, py::arg("chunk_us") = 0.0,
+        "Runs ThreadPool::parallel_for(n, grain) on a new pool of `threads` threads, fn sleeping chunk_us\n"
+        "per chunk and throwing on the chunk that holds fail_at; returns (chunks, 4) int64 rows\n"
+        "(begin, end, thread, order): thread 0 is the caller, others numbered as first seen, order the\n"
+        "sequence in which the chunks started (for tests of the pool's scheduling).");
     m.def(
         "cpu_kernels_available",
         [] {

@@ -40,7 +40,8 @@ void ThreadPool::start(int n_threads) {
     // A worker starts from the generation of now, not of whenever its thread gets to run: a
     // parallel_for issued before that would otherwise be missed and never complete.
     const uint64_t gen = generation_.load();
-    for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, gen] { worker_loop(gen); });
+    shares_ = std::vector<Share>(static_cast<size_t>(n_threads_));
+    for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, gen, i] { worker_loop(gen, i); });
 }
 
 void ThreadPool::stop() {
@@ -54,22 +55,43 @@ void ThreadPool::stop() {
     workers_.clear();
 }
 
-void ThreadPool::run_chunks() {
-    for (;;) {
-        const int64_t begin = next_.fetch_add(grain_);
-        if (begin >= n_) return;
-        const int64_t end = std::min(n_, begin + grain_);
-        try {
-            (*fn_)(begin, end);
-        } catch (...) {
-            std::lock_guard<std::mutex> lock(error_mutex_);
-            if (!error_) error_ = std::current_exception();
-            next_.store(n_);  // abandon the remaining chunks
+// Thread id's share first, from its front, then the others', each from its back. Why shares rather
+// than one counter that all threads claim from: with one counter, two threads alternate chunks, so
+// each reads the weights of a linear in short pieces with gaps, and the hardware prefetchers restart
+// at every piece. Measured (SmolLM2, 4-bit decode, 2 threads, EPYC): the kernels took 20-40% more
+// CPU time than on one thread, and decode ran 1.3x as fast as on one thread; with one chunk per
+// thread it ran 1.5x as fast. A thief takes the back so that the owner's run stays unbroken.
+void ThreadPool::run_chunks(int id) {
+    const int T = static_cast<int>(shares_.size());
+    for (int i = 0; i < T; ++i) {
+        std::atomic<uint64_t>& range = shares_[static_cast<size_t>((id + i) % T)].range;
+        const bool own = i == 0;
+        for (;;) {
+            uint64_t r = range.load(std::memory_order_relaxed);
+            int64_t chunk;
+            for (;;) {
+                const uint64_t front = r & 0xffffffffu, back = r >> 32;
+                if (front >= back) {
+                    chunk = -1;
+                    break;
+                }
+                chunk = static_cast<int64_t>(own ? front : back - 1);
+                const uint64_t claimed = own ? r + 1 : r - (uint64_t{1} << 32);
+                if (range.compare_exchange_weak(r, claimed)) break;
+            }
+            if (chunk < 0) break;
+            try {
+                (*fn_)(chunk * grain_, std::min(n_, (chunk + 1) * grain_));
+            } catch (...) {
+                std::lock_guard<std::mutex> lock(error_mutex_);
+                if (!error_) error_ = std::current_exception();
+                for (Share& o : shares_) o.range.store(0);  // abandon the remaining chunks
+            }
         }
     }
 }
 
-void ThreadPool::worker_loop(uint64_t seen) {
+void ThreadPool::worker_loop(uint64_t seen, int id) {
     t_inside_pool = true;
     for (;;) {
         // Spin first, then sleep: see kSpin.
@@ -86,7 +108,7 @@ void ThreadPool::worker_loop(uint64_t seen) {
         // Join the job only while it is open; the caller waits for the workers that joined, and
         // only for them (see parallel_for).
         active_.fetch_add(1);
-        if (open_.load()) run_chunks();
+        if (open_.load()) run_chunks(id);
         active_.fetch_sub(1);
     }
 }
@@ -99,10 +121,15 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
         for (int64_t b = 0; b < n; b += grain) fn(b, std::min(n, b + grain));
         return;
     }
+    // chunk indices are 32-bit in a Share: a larger grain where they would not fit
+    grain = std::max(grain, (n + 0x7fffffff - 1) / 0x7fffffff);
     fn_ = &fn;
     n_ = n;
     grain_ = grain;
-    next_.store(0);
+    // thread t's share: chunks [t c / T, (t + 1) c / T) of the c there are
+    const uint64_t chunks = static_cast<uint64_t>((n + grain - 1) / grain), T = static_cast<uint64_t>(n_threads_);
+    for (uint64_t t = 0; t < T; ++t)
+        shares_[t].range.store(chunks * t / T | (chunks * (t + 1) / T) << 32);
     error_ = nullptr;
     open_.store(true);
     {
@@ -112,7 +139,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
     }
     wake_.notify_all();
     t_inside_pool = true;
-    run_chunks();
+    run_chunks(0);
     t_inside_pool = false;
     // All chunks are claimed. Close the job, then wait for the workers that joined it to finish
     // theirs. A worker that has not woken up yet is not waited for: on a machine with more

@@ -31,16 +31,19 @@ class ThreadPool {
     void set_num_threads(int n_threads);
 
     // Calls fn(begin, end) on disjoint chunks [begin, end) that cover [0, n), each chunk `grain`
-    // indices long (the last one shorter), handed out dynamically to the threads. Returns when all
-    // chunks are done. The first exception thrown by fn is rethrown here. A parallel_for called from
-    // inside fn (nested) or while another thread is using the pool runs serially on the caller.
+    // indices long (the last one shorter). Returns when all chunks are done. The first exception
+    // thrown by fn is rethrown here. A parallel_for called from inside fn (nested) or while another
+    // thread is using the pool runs serially on the caller.
+    // Who runs which chunk: thread t owns the t-th of num_threads() contiguous shares of the chunks
+    // and runs them from the front; a thread done with its share takes unclaimed chunks from the
+    // back of the others', so a late or slow thread holds nobody up.
     void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
   private:
     void start(int n_threads);
     void stop();
-    void worker_loop(uint64_t seen);
-    void run_chunks();
+    void worker_loop(uint64_t seen, int id);
+    void run_chunks(int id);
 
     int n_threads_ = 1;
     std::vector<std::thread> workers_;
@@ -51,10 +54,15 @@ class ThreadPool {
     std::atomic<bool> open_{false};        // the current job still admits workers
     std::atomic<bool> quit_{false};
     std::atomic<bool> busy_{false};  // a parallel_for is running (guards re-entry)
-    // The current job.
+    // The current job: fn_ over [0, n_) in chunks of grain_; thread t's unclaimed chunks are
+    // [front, back) of shares_[t], packed as front | back << 32 (chunk indices) so that the owner,
+    // taking the front, and a thief, taking the back, claim with one compare-and-swap.
+    struct alignas(64) Share {  // a cache line each: the owner claims from it at every chunk
+        std::atomic<uint64_t> range{0};
+    };
     const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
     int64_t n_ = 0, grain_ = 1;
-    std::atomic<int64_t> next_{0};
+    std::vector<Share> shares_;  // (n_threads_)
     std::mutex error_mutex_;
     std::exception_ptr error_;
 };

@@ -1,0 +1,87 @@
+"""ThreadPool::parallel_for's scheduling (cpp/src/thread_pool.cpp), through ops.parallel_for_trace.
+
+Each thread owns a contiguous share of the chunks and runs it from the front; a thread done with its
+own takes chunks from the back of the others' (the decode kernels stream weights faster when a
+thread's chunks are adjacent). These tests check what holds whatever the timing: every index once,
+chunks of `grain`, and per thread and share, a run from the share's front in order (its owner) or
+claims from the back (a thief). The caller always owns share 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import flexquant_rt._core as core
+
+trace = core.ops.parallel_for_trace
+
+
+def shares(n: int, grain: int, threads: int) -> list[tuple[int, int]]:
+    """The chunk ranges [c0, c1) of each thread's share, as parallel_for splits them."""
+    c = -(-n // grain)
+    return [(c * t // threads, c * (t + 1) // threads) for t in range(threads)]
+
+
+def check_trace(rows: np.ndarray, n: int, grain: int, threads: int) -> None:
+    begin, end, thread, order = rows.T
+    # every index exactly once, in chunks of grain (the last one shorter)
+    idx = np.argsort(begin)
+    assert begin[idx].tolist() == list(range(0, n, grain))
+    assert end[idx].tolist() == [min(b + grain, n) for b in range(0, n, grain)]
+    assert sorted(order.tolist()) == list(range(len(rows)))
+    if threads == 1 or n <= grain:
+        assert (thread == 0).all()  # serial on the caller, in order
+        assert np.array_equal(order[idx], np.arange(len(rows)))
+        return
+    chunk = begin // grain
+    for s, (c0, c1) in enumerate(shares(n, grain, threads)):
+        in_share = (chunk >= c0) & (chunk < c1)
+        for t in np.unique(thread[in_share]):
+            mine = in_share & (thread == t)
+            seq = chunk[mine][np.argsort(order[mine])]  # this thread's chunks of share s, as it ran them
+            front = seq.tolist() == list(range(c0, c0 + len(seq)))
+            back = bool(np.all(np.diff(seq) < 0))
+            if t == 0 and s == 0:
+                assert front, f"the caller ran its share out of order: {seq.tolist()}"
+            elif t == 0:
+                assert back, f"the caller took share {s}'s chunks {seq.tolist()}, not from the back"
+            else:
+                # a worker's own share from the front, or another's from the back
+                assert front or back, f"thread {t} ran share {s}'s chunks as {seq.tolist()}"
+            if s == 0 and t != 0:
+                assert back, f"thread {t} took the caller's chunks {seq.tolist()}, not from the back"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,grain", [(1, 1), (7, 1), (7, 3), (100, 1), (100, 7), (1000, 64), (64, 64), (65, 64)])
+@pytest.mark.parametrize("chunk_us", [0.0, 30.0])
+def test_parallel_for_covers_every_index_once_in_owned_shares(threads, n, grain, chunk_us):
+    for _ in range(3):
+        check_trace(trace(n, grain, threads, chunk_us=chunk_us), n, grain, threads)
+
+
+def test_parallel_for_shares_work_when_chunks_are_slow():
+    # 2 threads, 40 chunks of 2 ms: the worker must have run some (a pool that left all to the caller
+    # would pass the coverage checks)
+    rows = trace(40, 1, 2, chunk_us=2000.0)
+    check_trace(rows, 40, 1, 2)
+    assert (rows[:, 2] != 0).sum() >= 5
+
+
+def test_parallel_for_shares_split_as_documented():
+    assert shares(10, 1, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert shares(100, 7, 4) == [(0, 3), (3, 7), (7, 11), (11, 15)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("fail_at", [0, 57, 99])
+def test_parallel_for_rethrows_the_chunks_exception(threads, fail_at):
+    with pytest.raises(RuntimeError, match=rf"chunk \[{fail_at // 10 * 10}, {fail_at // 10 * 10 + 10}\) failed"):
+        trace(100, 10, threads, fail_at=fail_at)
+    check_trace(trace(100, 10, threads), 100, 10, threads)  # a new pool runs normally after it
+
+
+def test_parallel_for_trace_rejects_zero_threads():
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        trace(10, 1, 0)

@@ -96,8 +96,11 @@ void ThreadPool::worker_loop(uint64_t seen, int id) {
     for (;;) {
         // Spin first, then sleep: see kSpin.
         const auto spin_until = std::chrono::steady_clock::now() + kSpin;
+        // The generation is checked at every pause, the clock every 64: checked only every 64 pauses,
+        // a worker joined a job 2255 cycles after it began on average, 315 checked at each
+        // (rdtsc, SmolLM2 4-bit decode, 2 threads, EPYC), and a decode step has ~150 jobs.
         while (generation_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_until) {
-            for (int i = 0; i < 64; ++i) FQ_CPU_RELAX();
+            for (int i = 0; i < 64 && generation_.load(std::memory_order_relaxed) == seen; ++i) FQ_CPU_RELAX();
         }
         if (generation_.load(std::memory_order_acquire) == seen) {
             std::unique_lock<std::mutex> lock(mutex_);

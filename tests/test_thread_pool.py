@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import flexquant_rt._core as core
+from flexquant_rt import bitplane
 
 trace = core.ops.parallel_for_trace
 
@@ -37,6 +38,17 @@ def check_trace(rows: np.ndarray, n: int, grain: int, threads: int) -> None:
     chunk = begin // grain
     for s, (c0, c1) in enumerate(shares(n, grain, threads)):
         in_share = (chunk >= c0) & (chunk < c1)
+        if c0 == c1:
+            continue
+        # the share's owner ran a prefix of it in order, the others (each from the back) the rest;
+        # the thread that ran its front chunk is the owner unless that one never came (then thieves
+        # took it all, the last from the front)
+        first = thread[in_share & (chunk == c0)]
+        assert len(first) == 1
+        runs = in_share & (thread == first[0])
+        seq = chunk[runs][np.argsort(order[runs])]
+        if seq.tolist() == list(range(c0, c0 + len(seq))):
+            assert (chunk[in_share & (thread != first[0])] > seq.max()).all()
         for t in np.unique(thread[in_share]):
             mine = in_share & (thread == t)
             seq = chunk[mine][np.argsort(order[mine])]  # this thread's chunks of share s, as it ran them
@@ -62,16 +74,27 @@ def test_parallel_for_covers_every_index_once_in_owned_shares(threads, n, grain,
 
 
 def test_parallel_for_shares_work_when_chunks_are_slow():
-    # 2 threads, 40 chunks of 2 ms: the worker must have run some (a pool that left all to the caller
-    # would pass the coverage checks)
+    # 2 threads, 40 chunks of 2 ms (sleeps: the caller leaves its core free): the worker must have run
+    # some of them, from the front of its share, chunk 20 (a pool that left all to the caller would
+    # pass the coverage checks)
     rows = trace(40, 1, 2, chunk_us=2000.0)
     check_trace(rows, 40, 1, 2)
-    assert (rows[:, 2] != 0).sum() >= 5
+    worker = rows[rows[:, 2] != 0]
+    assert len(worker) >= 1
+    assert worker[np.argmin(worker[:, 3]), 0] == 20
 
 
-def test_parallel_for_shares_split_as_documented():
+@pytest.mark.parametrize("n,grain,threads", [(30, 1, 3), (100, 7, 4)])
+def test_parallel_for_shares_split_as_documented(n, grain, threads):
+    # chunks of 3 ms (sleeps): the caller starts on the front of share 0 and some worker on the front
+    # of its own share, as `shares` computes them
     assert shares(10, 1, 3) == [(0, 3), (3, 6), (6, 10)]
-    assert shares(100, 7, 4) == [(0, 3), (3, 7), (7, 11), (11, 15)]
+    rows = trace(n, grain, threads, chunk_us=3000.0)
+    check_trace(rows, n, grain, threads)
+    first = {int(t): int(rows[rows[:, 2] == t][np.argmin(rows[rows[:, 2] == t][:, 3]), 0]) for t in np.unique(rows[:, 2])}
+    assert first[0] == 0
+    own_fronts = {c0 * grain for c0, c1 in shares(n, grain, threads)[1:]}
+    assert any(b in own_fronts for t, b in first.items() if t != 0), first
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
@@ -82,6 +105,43 @@ def test_parallel_for_rethrows_the_chunks_exception(threads, fail_at):
     check_trace(trace(100, 10, threads), 100, 10, threads)  # a new pool runs normally after it
 
 
-def test_parallel_for_trace_rejects_zero_threads():
-    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+def test_parallel_for_trace_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"threads must be in 1\.\.256, got 0"):
         trace(10, 1, 0)
+    with pytest.raises(ValueError, match=r"chunk_us must be in \[0, 1e6\], got -1"):
+        trace(10, 1, 2, chunk_us=-1.0)
+
+
+def test_set_num_threads_while_ops_run_on_other_threads():
+    # the ops release the GIL: set_num_threads from one thread while others run ops on the same pool
+    # waits for the running call instead of replacing its workers under it
+    import threading
+
+    rng = np.random.default_rng(7)
+    n, k = 1024, 1536
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    planes, qparams = bitplane.quantize_to_planes(w, 8, 128)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    ref = core.ops.bitplane_matmul(planes, qparams, n, k, 8, 128, 6, x, "decode")
+    before = core.ops.get_num_threads()
+    errors = []
+
+    def run():
+        try:
+            for _ in range(180):
+                y = core.ops.bitplane_matmul(planes, qparams, n, k, 8, 128, 6, x, "decode")
+                assert np.array_equal(y, ref)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=run) for _ in range(2)]
+    for t in workers:
+        t.start()
+    i = 0
+    while any(t.is_alive() for t in workers):  # resize the pool for as long as the ops run
+        core.ops.set_num_threads(2 + i % 3)
+        i += 1
+    for t in workers:
+        t.join()
+    core.ops.set_num_threads(before)
+    assert not errors

@@ -375,7 +375,10 @@ void bind_ops(py::module_& parent) {
     m.def(
         "parallel_for_trace",
         [](int64_t n, int64_t grain, int threads, int64_t fail_at, double chunk_us) {
-            if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+            if (threads < 1 || threads > 256)
+                throw py::value_error("threads must be in 1..256, got " + std::to_string(threads));
+            if (!(chunk_us >= 0.0 && chunk_us <= 1e6))
+                throw py::value_error("chunk_us must be in [0, 1e6], got " + std::to_string(chunk_us));
             struct Chunk {
                 int64_t begin, end, thread, order;
             };

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <stdexcept>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -29,8 +30,14 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::set_num_threads(int n_threads) {
+    // Wait for a parallel_for running on another thread (the ops release the GIL, so Python can call
+    // this while one runs): stop() and start() replace the workers and the shares that it uses.
+    if (t_inside_pool) throw std::logic_error("ThreadPool::set_num_threads called from inside a parallel_for");
+    for (bool expected = false; !busy_.compare_exchange_weak(expected, true); expected = false)
+        std::this_thread::yield();
     stop();
     start(n_threads);
+    busy_.store(false);
 }
 
 void ThreadPool::start(int n_threads) {
@@ -125,7 +132,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
         return;
     }
     // chunk indices are 32-bit in a Share: a larger grain where they would not fit
-    grain = std::max(grain, (n + 0x7fffffff - 1) / 0x7fffffff);
+    grain = std::max(grain, (n - 1) / 0x7fffffff + 1);
     fn_ = &fn;
     n_ = n;
     grain_ = grain;

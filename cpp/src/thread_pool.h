@@ -26,17 +26,19 @@ class ThreadPool {
 
     // Threads that run a parallel_for, the caller included.
     int num_threads() const { return n_threads_; }
-    // Stops the workers and starts n_threads - 1 new ones (<= 0: hardware concurrency). Not to be
-    // called while a parallel_for runs.
+    // Stops the workers and starts n_threads - 1 new ones (<= 0: hardware concurrency). Called
+    // while another thread's parallel_for runs, it waits for it to end; from inside one, it throws.
     void set_num_threads(int n_threads);
 
     // Calls fn(begin, end) on disjoint chunks [begin, end) that cover [0, n), each chunk `grain`
-    // indices long (the last one shorter). Returns when all chunks are done. The first exception
-    // thrown by fn is rethrown here. A parallel_for called from inside fn (nested) or while another
-    // thread is using the pool runs serially on the caller.
+    // indices long (the last one shorter; grain is raised where n / grain would pass 2^31 - 1).
+    // Returns when all chunks are done. The first exception thrown by fn is rethrown here. A
+    // parallel_for called from inside fn (nested) or while another thread is using the pool runs
+    // serially on the caller.
     // Who runs which chunk: thread t owns the t-th of num_threads() contiguous shares of the chunks
     // and runs them from the front; a thread done with its share takes unclaimed chunks from the
-    // back of the others', so a late or slow thread holds nobody up.
+    // back of the others', so the chunks of a late or slow thread that it has not begun are not
+    // waited for.
     void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
   private:

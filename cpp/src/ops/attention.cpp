@@ -1098,7 +1098,9 @@ void attention_impl(const AttnArgs& a, ThreadPool* pool) {
         auto body = [&](int64_t b, int64_t e) {
             thread_local std::vector<float> scratch;
             for (int64_t k = b; k < e; ++k) {
-                // later blocks attend to more positions: take them first so the threads end together
+                // later blocks attend to more positions: they come first, so a share ends with its
+                // lightest tasks, which are what a thread done early takes (from the back), and the
+                // threads end together
                 const int64_t blk = n_blocks - 1 - k / a.n_kv_heads, hk = k % a.n_kv_heads;
                 const int64_t i0 = blk * tokens, i1 = std::min(a.m, (blk + 1) * tokens);
 #ifdef FLEXQUANT_X86

@@ -1172,3 +1172,13 @@ def test_sampler_full_vocab_top_p_matches_transformers_support():
     s = ops.Sampler(5)
     got = {s.sample(logits, 1.0, 0, 0.5) for _ in range(300)}
     assert got <= support and len(got) > 1
+
+
+@pytest.mark.parametrize("bits", [0, 1])
+def test_bitplane_matmul_names_a_bit_width_below_2(bits):
+    # the op's own check (check_view, its messages built only on failure), past the binding's shape checks
+    w = np.random.default_rng(3).standard_normal((16, 256)).astype(np.float32)
+    planes, qparams = bitplane.quantize_to_planes(w, 6, 128)
+    x = np.random.default_rng(4).standard_normal((2, 256)).astype(np.float32)
+    with pytest.raises(ValueError, match=rf"bitplane_matmul: bits must be in 2\.\.6, got {bits}$"):
+        ops.bitplane_matmul(planes, qparams, 16, 256, 6, 128, bits, x, "decode")

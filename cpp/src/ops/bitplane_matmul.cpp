@@ -492,17 +492,20 @@ void bitplane_matmul(const BitplaneLinear& w, int bits, const float* x, int64_t 
 
 namespace {
 
+// Runs on every call (a decode step makes ~150): the messages are built only for a failed check.
 void check_view(const BitplaneLinear& w, int bits) {
-    check(w.n > 0 && w.k > 0, "n and k must be positive, got n=" + std::to_string(w.n) + ", k=" + std::to_string(w.k));
-    check(w.max_bits >= 2 && w.max_bits <= 8, "max_bits must be in 2..8, got " + std::to_string(w.max_bits));
-    check(w.group_size > 0 && w.group_size % 32 == 0,
-          "group_size must be a positive multiple of 32, got " + std::to_string(w.group_size));
-    check(bits >= 2 && bits <= w.max_bits,
-          "bits must be in 2.." + std::to_string(w.max_bits) + ", got " + std::to_string(bits));
+    if (!(w.n > 0 && w.k > 0))
+        check(false, "n and k must be positive, got n=" + std::to_string(w.n) + ", k=" + std::to_string(w.k));
+    if (!(w.max_bits >= 2 && w.max_bits <= 8))
+        check(false, "max_bits must be in 2..8, got " + std::to_string(w.max_bits));
+    if (!(w.group_size > 0 && w.group_size % 32 == 0))
+        check(false, "group_size must be a positive multiple of 32, got " + std::to_string(w.group_size));
+    if (!(bits >= 2 && bits <= w.max_bits))
+        check(false, "bits must be in 2.." + std::to_string(w.max_bits) + ", got " + std::to_string(bits));
     const int64_t n_pad = ceil_to(w.n, 8), k_pad = ceil_to(w.k, 128);
-    check(w.plane_bytes == static_cast<uint64_t>(n_pad * k_pad / 8),
-          "plane_bytes must be " + std::to_string(n_pad * k_pad / 8) + " for n=" + std::to_string(w.n) +
-              ", k=" + std::to_string(w.k) + ", got " + std::to_string(w.plane_bytes));
+    if (w.plane_bytes != static_cast<uint64_t>(n_pad * k_pad / 8))
+        check(false, "plane_bytes must be " + std::to_string(n_pad * k_pad / 8) + " for n=" + std::to_string(w.n) +
+                         ", k=" + std::to_string(w.k) + ", got " + std::to_string(w.plane_bytes));
     check(w.planes && w.qparams, "null pointer");
 }
 
@@ -510,14 +513,14 @@ void check_view(const BitplaneLinear& w, int bits) {
 
 void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, int count, const float* x, int64_t m,
                            float* const* ys, ThreadPool* pool, BitplaneMatmulPath path, BitplaneActivations act) {
-    check(count >= 1 && ws && bits_of && ys, "need at least one linear, got count=" + std::to_string(count));
+    if (!(count >= 1 && ws && bits_of && ys)) check(false, "need at least one linear, got count=" + std::to_string(count));
     for (int i = 0; i < count; ++i) {
         check(ws[i] != nullptr && ys[i] != nullptr, "null pointer");
         check_view(*ws[i], bits_of[i]);
-        check(ws[i]->k == ws[0]->k && ws[i]->group_size == ws[0]->group_size,
-              "the linears of one call must share k and group_size, got k=" + std::to_string(ws[i]->k) +
-                  ", group_size=" + std::to_string(ws[i]->group_size) + " after k=" + std::to_string(ws[0]->k) +
-                  ", group_size=" + std::to_string(ws[0]->group_size));
+        if (!(ws[i]->k == ws[0]->k && ws[i]->group_size == ws[0]->group_size))
+            check(false, "the linears of one call must share k and group_size, got k=" + std::to_string(ws[i]->k) +
+                             ", group_size=" + std::to_string(ws[i]->group_size) + " after k=" +
+                             std::to_string(ws[0]->k) + ", group_size=" + std::to_string(ws[0]->group_size));
     }
     const BitplaneLinear& w = *ws[0];
     const int bits = bits_of[0];
@@ -525,8 +528,8 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     const int64_t n_pad = ceil_to(w.n, 8), k_pad = ceil_to(w.k, 128);
     check(x != nullptr, "null pointer");
     check(m >= 0, "m must be >= 0");
-    check(act == BITPLANE_ACT_F32 || act == BITPLANE_ACT_I16 || act == BITPLANE_ACT_I8,
-          "act must be F32, I16 or I8, got " + std::to_string(act));
+    if (!(act == BITPLANE_ACT_F32 || act == BITPLANE_ACT_I16 || act == BITPLANE_ACT_I8))
+        check(false, "act must be F32, I16 or I8, got " + std::to_string(act));
     if (m == 0) return;
 
     Job j{};

@@ -86,13 +86,14 @@ def test_parallel_for_shares_work_when_chunks_are_slow():
 
 @pytest.mark.parametrize("n,grain,threads", [(30, 1, 3), (100, 7, 4)])
 def test_parallel_for_shares_split_as_documented(n, grain, threads):
-    # chunks of 3 ms (sleeps): the caller starts on the front of share 0 and some worker on the front
-    # of its own share, as `shares` computes them
+    # chunks of 3 ms (sleeps): the caller starts on the front of share 0, and some worker on the front
+    # of another share (its own, unless it started so late that a thief had emptied that), at the
+    # boundaries `shares` computes
     assert shares(10, 1, 3) == [(0, 3), (3, 6), (6, 10)]
     rows = trace(n, grain, threads, chunk_us=3000.0)
     check_trace(rows, n, grain, threads)
     first = {int(t): int(rows[rows[:, 2] == t][np.argmin(rows[rows[:, 2] == t][:, 3]), 0]) for t in np.unique(rows[:, 2])}
-    assert first[0] == 0
+    assert first.get(0) == 0
     own_fronts = {c0 * grain for c0, c1 in shares(n, grain, threads)[1:]}
     assert any(b in own_fronts for t, b in first.items() if t != 0), first
 
@@ -137,11 +138,13 @@ def test_set_num_threads_while_ops_run_on_other_threads():
     workers = [threading.Thread(target=run) for _ in range(2)]
     for t in workers:
         t.start()
-    i = 0
-    while any(t.is_alive() for t in workers):  # resize the pool for as long as the ops run
-        core.ops.set_num_threads(2 + i % 3)
-        i += 1
-    for t in workers:
-        t.join()
-    core.ops.set_num_threads(before)
+    try:
+        i = 0
+        while any(t.is_alive() for t in workers):  # resize the pool for as long as the ops run
+            core.ops.set_num_threads(2 + i % 3)
+            i += 1
+        for t in workers:
+            t.join()
+    finally:
+        core.ops.set_num_threads(before)
     assert not errors

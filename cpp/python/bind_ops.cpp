@@ -370,6 +370,7 @@ void bind_ops(py::module_& parent) {
 
     m.def(
         "set_num_threads", [](int n) { ops_pool().set_num_threads(n); }, py::arg("n"),
+        py::call_guard<py::gil_scoped_release>(),  // it waits for an op running on another thread
         "Threads of the pool the ops here run on (<= 0: hardware concurrency).");
     m.def("get_num_threads", [] { return ops_pool().num_threads(); });
     m.def(

@@ -25,9 +25,10 @@ class ThreadPool {
     ThreadPool& operator=(const ThreadPool&) = delete;
 
     // Threads that run a parallel_for, the caller included.
-    int num_threads() const { return n_threads_; }
+    int num_threads() const { return n_threads_.load(std::memory_order_relaxed); }
     // Stops the workers and starts n_threads - 1 new ones (<= 0: hardware concurrency). Called
-    // while another thread's parallel_for runs, it waits for it to end; from inside one, it throws.
+    // while another thread's parallel_for runs, it waits for it to end; from a chunk that a pool's
+    // threads run (of any pool), it throws std::logic_error.
     void set_num_threads(int n_threads);
 
     // Calls fn(begin, end) on disjoint chunks [begin, end) that cover [0, n), each chunk `grain`
@@ -47,7 +48,7 @@ class ThreadPool {
     void worker_loop(uint64_t seen, int id);
     void run_chunks(int id);
 
-    int n_threads_ = 1;
+    std::atomic<int> n_threads_{1};  // atomic: read without busy_ (num_threads, the serial check)
     std::vector<std::thread> workers_;
     std::mutex mutex_;
     std::condition_variable wake_;

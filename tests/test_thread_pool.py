@@ -9,10 +9,15 @@ claims from the back (a thief). The caller always owns share 0.
 
 from __future__ import annotations
 
+import platform
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import flexquant_rt._core as core
+from conftest import host_cxx
 from flexquant_rt import bitplane
 
 trace = core.ops.parallel_for_trace
@@ -148,3 +153,29 @@ def test_set_num_threads_while_ops_run_on_other_threads():
     finally:
         core.ops.set_num_threads(before)
     assert not errors
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="ThreadSanitizer build: Linux only here")
+def test_thread_pool_under_thread_sanitizer(tmp_path):
+    """tests/cpu_host/thread_pool_stress.cpp with -fsanitize=thread: parallel_fors of every size and
+    grain with exceptions, a second caller, and the pool resized all along. (The pool before the
+    shares, with set_num_threads not waiting, gave a ThreadSanitizer data race report here.)"""
+    cxx = host_cxx()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "stress"
+    build = subprocess.run([cxx, "-std=c++17", "-O1", "-g", "-fsanitize=thread", f"-I{REPO / 'cpp' / 'src'}",
+                            str(REPO / "tests" / "cpu_host" / "thread_pool_stress.cpp"),
+                            str(REPO / "cpp" / "src" / "thread_pool.cpp"), "-o", str(exe), "-pthread"],
+                           capture_output=True, text=True)
+    if build.returncode:
+        pytest.skip(f"{cxx} cannot build with -fsanitize=thread here: {build.stderr[-300:]}")
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    if run.returncode and "ThreadSanitizer" in run.stderr and "FATAL" in run.stderr:
+        pytest.skip(f"ThreadSanitizer does not run here: {run.stderr[-300:]}")
+    assert "ThreadSanitizer" not in run.stderr, run.stderr[-4000:]
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    assert run.stdout.startswith("bad 0 caught 31 of 31"), run.stdout

@@ -9,7 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <mutex>
@@ -392,12 +392,13 @@ void bind_ops(py::module_& parent) {
                 pool.parallel_for(n, grain, [&](int64_t b, int64_t e) {
                     {
                         std::lock_guard<std::mutex> lock(mu);
-                        int64_t t = 0;
-                        while (t < static_cast<int64_t>(ids.size()) && ids[static_cast<size_t>(t)] != std::this_thread::get_id()) ++t;
-                        if (t == static_cast<int64_t>(ids.size())) ids.push_back(std::this_thread::get_id());
+                        const auto me = std::find(ids.begin(), ids.end(), std::this_thread::get_id());
+                        const int64_t t = me - ids.begin();
+                        if (me == ids.end()) ids.push_back(std::this_thread::get_id());
                         out.push_back({b, e, t, static_cast<int64_t>(out.size())});
                     }
-                    if (b <= fail_at && fail_at < e) throw std::runtime_error("chunk [" + std::to_string(b) + ", " + std::to_string(e) + ") failed");
+                    if (b <= fail_at && fail_at < e)
+                        throw std::runtime_error("chunk [" + std::to_string(b) + ", " + std::to_string(e) + ") failed");
                     std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(chunk_us));
                 });
             }

@@ -35,9 +35,12 @@ void ThreadPool::set_num_threads(int n_threads) {
     if (t_inside_pool) throw std::logic_error("ThreadPool::set_num_threads called from inside a parallel_for");
     for (bool expected = false; !busy_.compare_exchange_weak(expected, true); expected = false)
         std::this_thread::yield();
+    struct Release {  // busy_ released even if start() throws (a thread that cannot be created)
+        std::atomic<bool>& busy;
+        ~Release() { busy.store(false); }
+    } release{busy_};
     stop();
     start(n_threads);
-    busy_.store(false);
 }
 
 void ThreadPool::start(int n_threads) {

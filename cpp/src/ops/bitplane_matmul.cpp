@@ -700,10 +700,11 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     const int threads = pool ? pool->num_threads() : 1;
     // A few chunks per thread so that a slow thread does not hold up the call (the pool gives each
     // thread a contiguous share of them and balances by taking chunks from the back of others').
-    // Decode (the decode path, small batches too): 2 per thread; prompts at most 4. Each split of a thread's run costs speed (measured, SmolLM2, 2 threads,
-    // EPYC, decode tok/s at 1 / 2 / 4 chunks per thread: 325 / 317 / 303 at 4 bits, 211 / 208 / 206
-    // at 8 bits), but with 1 a thread that starts late, or is preempted, delays the call by up to
-    // its whole share; with 2 the others can take half of it.
+    // The decode path (small batches too): 2 per thread; prompts at most 4. Each split of a thread's
+    // run costs speed (measured, SmolLM2, 2 threads, EPYC, decode tok/s at 1 / 2 / 4 chunks per
+    // thread: 325 / 317 / 303 at 4 bits, 211 / 208 / 206 at 8 bits), but with 1 a thread that starts
+    // late, or is preempted, delays the call by up to its whole share; with 2 the others can take
+    // half of it.
     const int64_t per_thread = path == BITPLANE_PATH_DECODE ? 2 : 4;
     const int64_t grain = std::max<int64_t>(1, (n_tiles + threads * per_thread - 1) / (threads * per_thread));
     auto tiles = [&](const Job& jb, int64_t t0, int64_t t1) {

@@ -310,6 +310,34 @@ def test_bitplane_matmul_vec128_gemm_matches_portable(act):
         ops.set_cpu_kernels(prev)
 
 
+@pytest.mark.parametrize("act", ["i16", "i8"])
+def test_bitplane_matmul_decode_rows_together_equal_each_row_alone(act):
+    """A batch of m activation rows through the decode kernels gives each row the same bits as that
+    row alone: batched decoding must not change a sequence's tokens. Every kernel family this CPU has;
+    the AVX-512 decode takes up to 4 rows per pass (rows 5 and 6 a second pass) and sums a tile's 8
+    outputs of a row in one transpose-and-add tree; N not a multiple of 8 (the last tile's masked
+    store), K with full and short last super-chunks (1 and 2 words per lane, several weight rows per
+    vector), groups of 32 to 256, several bit-widths."""
+    prev = ops.get_cpu_kernels()
+    rng = np.random.default_rng(23)
+    try:
+        for n, k, g in [(19, 640, 128), (13, 768, 256), (21, 1664, 32), (11, 2000, 64)]:
+            planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
+            x = (rng.standard_normal((6, k)) * rng.uniform(0.01, 100.0, (6, 1))).astype(np.float32)
+            for kind in KERNELS:
+                ops.set_cpu_kernels(kind)
+                for bits in (8, 5, 2):
+                    alone = np.concatenate([ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x[i:i + 1],
+                                                                "decode", act=act) for i in range(6)])
+                    assert np.isfinite(alone).all() and np.abs(alone).max() > 0
+                    for m in (2, 3, 4, 5, 6):
+                        y = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x[:m], "decode", act=act)
+                        np.testing.assert_array_equal(y, alone[:m], err_msg=f"{kind}: n={n} k={k} g={g} m={m} "
+                                                                             f"bits={bits}")
+    finally:
+        ops.set_cpu_kernels(prev)
+
+
 def test_bitplane_matmul_i16_decode_shift_transpose_equals_gfni():
     """The 'avx2' int16 decode transposes the planes' bits with shifts (delta swaps across the planes'
     vectors, fewer where planes are known zero), the 'gfni' one with gf2p8affineqb; the rest of the two

@@ -94,6 +94,32 @@ def test_batched_rows_equal_the_single_sequence_path(tiny_fq):
             assert rel_err(logits[s], ref) < 1e-6
 
 
+@pytest.mark.parametrize("act", ["i16", "f32"])
+def test_built_in_rule_decodes_batches_up_to_its_crossover(tiny_fq, act):
+    """With no kernel table a batched step of up to 6 rows runs the decode kernels where the integer
+    decode is AVX-512 or AVX2 + GFNI (int16 activations), of up to 4 rows otherwise (fp32
+    activations, other CPUs), and one row more the GEMM; and each row of a batch the decode kernels
+    run is the bits of that sequence's step alone."""
+    f = set(core.ops.cpu_features_in_use())
+    crossover = 6 if act == "i16" and ("avx512" in f or {"avx2", "gfni"} <= f) else 4
+    rng = np.random.default_rng(5)
+    n = crossover + 1
+    with Engine(tiny_fq, n_seq=n, kernel_table=None, cpu_activations=act) as eng, \
+            Engine(tiny_fq, kernel_table=None, cpu_activations=act) as solo:
+        V = eng.config["vocab"]
+        prompts = [rng.integers(0, V, size=int(rng.integers(2, 20))).tolist() for _ in range(n)]
+        for s, ids in enumerate(prompts):
+            eng._eng.eval_seq(s, np.asarray(ids, dtype=np.int32))
+        toks = rng.integers(0, V, size=n).astype(np.int32)
+        logits, _, _ = eng._eng.decode_batch(np.arange(crossover, dtype=np.int32), toks[:crossover])
+        assert core.ops.last_bitplane_kernel().startswith("decode_"), core.ops.last_bitplane_kernel()
+        for s in range(crossover):
+            solo.forward(prompts[s])
+            np.testing.assert_array_equal(logits[s], solo.decode(int(toks[s])), err_msg=f"sequence {s}")
+        eng._eng.decode_batch(np.arange(n, dtype=np.int32), toks)
+        assert core.ops.last_bitplane_kernel().startswith("gemm_"), core.ops.last_bitplane_kernel()
+
+
 def test_bad_batches_name_the_value_and_change_nothing(tiny_fq):
     with Engine(tiny_fq, n_seq=3, n_ctx=8) as eng:
         e = eng._eng

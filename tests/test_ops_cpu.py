@@ -458,6 +458,31 @@ def test_bitplane_matmul_dispatch_picks_each_familys_kernel():
         ops.set_cpu_kernels(prev)
 
 
+def test_bitplane_matmul_auto_path_crossover_per_family_and_activations():
+    """path='auto' (the built-in rule, no kernel table): the decode kernels up to 6 rows where the
+    integer decode is AVX-512 or AVX2 + GFNI and the activations are int16 or int8 (measured: their
+    crossovers with the GEMM are 5-14 rows), up to 4 rows otherwise (fp32 activations, plain AVX2,
+    128-bit, portable), the GEMM above. Every family and cap this CPU has."""
+    rng = np.random.default_rng(31)
+    planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((16, 640)).astype(np.float32), 8, 128)
+    x = rng.standard_normal((8, 640)).astype(np.float32)
+    prev = ops.get_cpu_kernels()
+    try:
+        for kind in KERNELS:
+            for flags in ({}, dict(gfni=False)):
+                ops.set_cpu_kernels(kind, **flags)
+                f = set(ops.cpu_features_in_use())
+                for act in ("i16", "i8", "f32"):
+                    fast = act != "f32" and ("avx512" in f or {"avx2", "gfni"} <= f)
+                    crossover = 6 if fast else 4
+                    for m in (1, crossover, crossover + 1, 8):
+                        ops.bitplane_matmul(planes, qparams, 16, 640, 8, 128, 6, x[:m], "auto", act=act)
+                        want = "decode_" if m <= crossover else "gemm_"
+                        assert ops.last_bitplane_kernel().startswith(want), (kind, flags, act, m, f)
+    finally:
+        ops.set_cpu_kernels(prev)
+
+
 def test_cpu_kernel_caps_from_the_environment(tmp_path):
     """FLEXQUANT_CPU caps the instruction sets from the start (tools/bench.py's workers inherit it):
     each value leaves out what it names, never adds what the CPU lacks, and stays a ceiling: the

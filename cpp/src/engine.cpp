@@ -112,6 +112,7 @@ struct Engine::Impl {
     std::vector<int32_t> act_bits;  // per linear (n_layers * 7 + 1): 0 (CPU: int16, or fp32 with ACT_F32;
                                     // CUDA: fp32), 2..8, 16 = fp16 (matmul_act)
     // kernel dispatch: the table as given, and per linear (n_layers * 7 + 1) and bits its decode_max_m
+    // (-1 where the table has none: the built-in rule, bitplane_decode_max_m)
     std::vector<KernelChoice> kernel_table;
     std::vector<std::array<int64_t, 9>> decode_max;
     std::vector<float> xq;          // scratch: a linear's quantized input
@@ -223,7 +224,12 @@ void Engine::Impl::linears(size_t j0, int count, const float* x, int64_t T, floa
         used[j] = b;
         b_of[i] = b;
     }
-    auto path_of = [&](int i) { return T <= decode_max[j0 + i][b_of[i]] ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM; };
+    auto path_of = [&](int i) {
+        const int64_t dmax = decode_max[j0 + i][b_of[i]];  // < 0: the built-in rule, for the kernels and
+        // activations of this call (either may have changed since the table was set)
+        const int64_t lim = dmax >= 0 ? dmax : bitplane_decode_max_m(matmul_act(j0 + i));
+        return T <= lim ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM;
+    };
     bool together = count > 1;
     for (int i = 0; i < count && together; ++i)
         together = !prerounded(j0 + i) && path_of(i) == path_of(0) && matmul_act(j0 + i) == matmul_act(j0) &&
@@ -359,7 +365,7 @@ Engine::Engine(std::shared_ptr<const ModelFile> model, const EngineParams& param
     e.act_bits.assign(e.lin.size() + 1, params.cpu_activations == CpuActivations::ACT_I8 ? 8 : 0);
     e.act_bits.back() = 0;
     std::array<int64_t, 9> dflt;
-    dflt.fill(bitplane_decode_max_m);
+    dflt.fill(-1);  // the built-in rule (bitplane_decode_max_m)
     e.decode_max.assign(e.lin.size() + 1, dflt);
 
     e.init_backend(params, on_gpu);
@@ -474,7 +480,7 @@ void Engine::set_kernel_table(const std::vector<KernelChoice>& table) {
     if (e.gpu) e.gpu->set_kernel_table(table);  // checks what this GPU can run before it changes anything
 #endif
     std::array<int64_t, 9> dflt;
-    dflt.fill(bitplane_decode_max_m);
+    dflt.fill(-1);  // the built-in rule (bitplane_decode_max_m)
     e.decode_max.assign(e.lin.size() + 1, dflt);
     for (const KernelChoice& c : table)
         for (size_t j = 0; j <= e.lin.size(); ++j) {

@@ -225,8 +225,9 @@ class Engine:
         return table
 
     def kernel_table(self) -> list[dict]:
-        """The kernel table in effect ([] = the built-in rule: on the CPU decode kernels up to 4
-        rows; on CUDA the GEMM from cuda_gemm_min_rows rows)."""
+        """The kernel table in effect ([] = the built-in rule: on the CPU decode kernels up to 6 rows
+        on int16 or int8 activations with AVX-512 or AVX2 + GFNI, up to 4 otherwise; on CUDA the GEMM
+        from cuda_gemm_min_rows rows)."""
         return self._eng.kernel_table()
 
     def _kernel_key(self) -> str:

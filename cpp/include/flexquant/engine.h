@@ -268,7 +268,9 @@ public:
     // and is named in the entries' `rejected`.
     std::vector<KernelChoice> tune_kernels(int64_t max_m = 16, int repeats = 3);
     // Applies a table (one tune_kernels() returned earlier on this machine): entries for shapes the
-    // model lacks are kept but unused; linears without one keep the default. Throws naming a bad
+    // model lacks are kept but unused; linears without one keep the built-in rule (CPU: decode up to
+    // 6 rows on int16 or int8 activations with AVX-512 or AVX2 + GFNI, up to 4 otherwise, decided per
+    // call by the kernels and activations in use; CUDA: cuda_gemm_min_rows). Throws naming a bad
     // entry (bits outside 2..8, decode_max_m < 0, a non-positive shape, act_bits not 0/8/16,
     // mma_min_rows outside -1..16, an unknown gemm or one of the other activation family, entries
     // of one shape that disagree on mma_min_rows; on CUDA also gemm 'a8_wg' where this GPU or a

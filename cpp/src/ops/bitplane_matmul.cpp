@@ -6,7 +6,7 @@
 //
 // This file holds the entry point (validation, the activation permutation, dispatch) and the
 // portable kernels; bitplane_matmul_avx2.cpp holds the AVX2 ones. Two regimes:
-//  - decode (m <= bitplane_decode_max_m): straight from the planes, re-read per activation row. The
+//  - decode (m <= bitplane_decode_max_m(act), ops.h): straight from the planes, re-read per activation row. The
 //    portable kernel looks up each plane byte in a 256-entry table of partial sums of the 8
 //    activations it covers (built once per call, shared by all rows and planes); the SIMD kernels
 //    turn the k planes of a row's words into byte codes (vpshufb per plane, or one 8x8 bit
@@ -482,6 +482,13 @@ void gemm_tiles_portable(const Job& j, int64_t t0, int64_t t1) {
 
 }  // namespace
 
+int64_t bitplane_decode_max_m(BitplaneActivations act) {
+    // the integer decode kernels that beat their GEMM to 6 rows and more (ops.h)
+    const CpuFeatures& f = cpu_features();
+    const bool fast_decode = f.avx512 || (f.avx2 && f.gfni);
+    return act != BITPLANE_ACT_F32 && fast_decode ? 6 : 4;
+}
+
 uint64_t bitplane_bytes_at(const BitplaneLinear& w, int bits) {
     return static_cast<uint64_t>(bits) * w.plane_bytes + static_cast<uint64_t>(w.n) * w.n_groups() * 4;
 }
@@ -546,7 +553,7 @@ void bitplane_matmul_multi(const BitplaneLinear* const* ws, const int* bits_of, 
     j.qmax = bitplane_act_qmax(act);
 
     const bool avx2 = cpu_features().avx2, gfni = cpu_features().gfni;
-    if (path == BITPLANE_PATH_AUTO) path = m <= bitplane_decode_max_m ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM;
+    if (path == BITPLANE_PATH_AUTO) path = m <= bitplane_decode_max_m(act) ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM;
 
     // int16 (or int8) activations: the integer SIMD kernels multiply q themselves; the portable ones
     // and the 128-bit fp32 GEMM run on x̂ as fp32 (the same products, each rounded to fp32)

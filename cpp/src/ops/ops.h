@@ -44,15 +44,14 @@ struct BitplaneLinear {
     int64_t n_groups() const { return (k + group_size - 1) / group_size; }
 };
 
-// Which kernel family bitplane_matmul uses. AUTO picks DECODE for m <= bitplane_decode_max_m and
-// GEMM above it; the others force one (tests, benchmarks).
+// Which kernel family bitplane_matmul uses. AUTO picks DECODE for m <= bitplane_decode_max_m(act)
+// and GEMM above it; the others force one (tests, benchmarks).
 enum BitplaneMatmulPath {
     BITPLANE_PATH_AUTO = 0,
     BITPLANE_PATH_DECODE = 1,  // bit-serial straight from the planes, re-read per activation row
     BITPLANE_PATH_GEMM = 2,    // decode 8 rows once (to fp32, or to int16 codes for the AVX-512
                                // int16 GEMM), then a micro-kernel over all the activation rows
 };
-constexpr int64_t bitplane_decode_max_m = 4;
 
 // The activations bitplane_matmul multiplies with. F32: x as given. I16: x rounded per row and per
 // weight group to symmetric int16, x̂ = s · q, s = absmax_g(x) / 32767, q = rint(x / s) (fp32 ops,
@@ -74,6 +73,15 @@ enum BitplaneActivations {
 inline float bitplane_act_qmax(BitplaneActivations act) {
     return act == BITPLANE_ACT_I8 ? 127.0f : 32767.0f;
 }
+
+// The built-in rule's crossover (no kernel table): the decode kernels up to this many activation
+// rows, the GEMM above, for the kernels that run now (cpu_features(), caps included) on these
+// activations. 6 where the integer decode is AVX-512 or AVX2 + GFNI (int16 or int8 activations),
+// else 4. Measured (flexquant-rt tune, SmolLM2 shapes, 1 and 2 threads, every bit-width; stop 34):
+// those crossovers are 7-14 rows with AVX-512 and 5-13 with AVX2 + GFNI, and the decode also wins at
+// 6 rows on 4096 x 4096 and 11008 x 4096; on fp32 activations the GEMM wins from 5 rows on most
+// shapes, and plain AVX2's are 4-9 rows, mostly 5.
+int64_t bitplane_decode_max_m(BitplaneActivations act);
 
 // y (m, n) = x (m, k) . W_bitsᵀ, W_bits the `bits`-bit view (2 <= bits <= max_bits):
 //   y[r, n] = Σ_g s_k[n,g] Σ_{i∈g} c_k[n,i] x[r,i] + m_k[n,g] Σ_{i∈g} x[r,i]

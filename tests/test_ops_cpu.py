@@ -314,14 +314,15 @@ def test_bitplane_matmul_vec128_gemm_matches_portable(act):
 def test_bitplane_matmul_decode_rows_together_equal_each_row_alone(act):
     """A batch of m activation rows through the decode kernels gives each row the same bits as that
     row alone: batched decoding must not change a sequence's tokens. Every kernel family this CPU has;
-    the AVX-512 decode takes up to 4 rows per pass (rows 5 and 6 a second pass) and sums a tile's 8
-    outputs of a row in one transpose-and-add tree; N not a multiple of 8 (the last tile's masked
-    store), K with full and short last super-chunks (1 and 2 words per lane, several weight rows per
-    vector), groups of 32 to 256, several bit-widths."""
+    the AVX-512 decode takes two weight rows per pass at 1 and 2 rows and one at 3 and 4 (rows 5 and 6
+    a second pass), and sums a tile's 8 outputs of a row in one transpose-and-add tree; N not a
+    multiple of 8 (the last tile's masked store; odd N: a padding row paired), K with full and short
+    last super-chunks (1, 2 and 3 words per lane; 1 and 2 pack several weight rows per vector),
+    groups of 32 to 256, several bit-widths."""
     prev = ops.get_cpu_kernels()
     rng = np.random.default_rng(23)
     try:
-        for n, k, g in [(19, 640, 128), (13, 768, 256), (21, 1664, 32), (11, 2000, 64)]:
+        for n, k, g in [(19, 640, 128), (13, 768, 256), (21, 1664, 32), (11, 2000, 64), (9, 896, 128)]:
             planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((n, k)).astype(np.float32), 8, g)
             x = (rng.standard_normal((6, k)) * rng.uniform(0.01, 100.0, (6, 1))).astype(np.float32)
             for kind in KERNELS:
@@ -329,6 +330,7 @@ def test_bitplane_matmul_decode_rows_together_equal_each_row_alone(act):
                 for bits in (8, 5, 2):
                     alone = np.concatenate([ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x[i:i + 1],
                                                                 "decode", act=act) for i in range(6)])
+                    assert ops.last_bitplane_kernel().startswith("decode_"), (kind, ops.last_bitplane_kernel())
                     assert np.isfinite(alone).all() and np.abs(alone).max() > 0
                     for m in (2, 3, 4, 5, 6):
                         y = ops.bitplane_matmul(planes, qparams, n, k, 8, g, bits, x[:m], "decode", act=act)
@@ -461,7 +463,7 @@ def test_bitplane_matmul_dispatch_picks_each_familys_kernel():
 def test_bitplane_matmul_auto_path_crossover_per_family_and_activations():
     """path='auto' (the built-in rule, no kernel table): the decode kernels up to 6 rows where the
     integer decode is AVX-512 or AVX2 + GFNI and the activations are int16 or int8 (measured: their
-    crossovers with the GEMM are 5-14 rows), up to 4 rows otherwise (fp32 activations, plain AVX2,
+    crossovers with the GEMM are 6-14 rows, 5 once), up to 4 rows otherwise (fp32 activations, plain AVX2,
     128-bit, portable), the GEMM above. Every family and cap this CPU has."""
     rng = np.random.default_rng(31)
     planes, qparams = bitplane.quantize_to_planes(rng.standard_normal((16, 640)).astype(np.float32), 8, 128)

@@ -344,8 +344,8 @@ void bind_engine(py::module_& m) {
              },
              py::arg("table"), "Apply a kernel table (as tune_kernels returns).")
         .def("kernel_table", [](PyEngine& e) { return kernel_table_to_py(e.get().kernel_table()); },
-             "The kernel table in effect ([] = the default: on the CPU decode kernels up to 4 rows; on CUDA the GEMM\n"
-             "from cuda_gemm_min_rows rows).")
+             "The kernel table in effect ([] = the default: on the CPU decode kernels up to 6 rows on int16 or int8\n"
+             "activations with AVX-512 or AVX2 + GFNI, up to 4 otherwise; on CUDA the GEMM from cuda_gemm_min_rows rows).")
         .def("bytes_per_token_at",
              [](PyEngine& e, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& bits) {
                  if (bits.ndim() != 1) throw flexquant::Error("bits must be 1-D (n_layers * 7 + 1,)");

@@ -225,8 +225,9 @@ void Engine::Impl::linears(size_t j0, int count, const float* x, int64_t T, floa
         b_of[i] = b;
     }
     auto path_of = [&](int i) {
-        const int64_t dmax = decode_max[j0 + i][b_of[i]];  // < 0: the built-in rule, for the kernels and
-        // activations of this call (either may have changed since the table was set)
+        // < 0: the built-in rule, for the kernels and activations of this call (either may have
+        // changed since the table was set)
+        const int64_t dmax = decode_max[j0 + i][b_of[i]];
         const int64_t lim = dmax >= 0 ? dmax : bitplane_decode_max_m(matmul_act(j0 + i));
         return T <= lim ? BITPLANE_PATH_DECODE : BITPLANE_PATH_GEMM;
     };

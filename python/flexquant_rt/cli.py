@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"GEMV up to the given rows, that tensor-core GEMM above; default: the a8 GEMM from 64 rows):")
                 else:
                     print(f"CPU kernel table for {eng.path} on {eng._eng.threads} threads "
-                          f"(decode kernels up to the given rows, GEMM above; default 4):")
+                          f"(decode kernels up to the given rows, GEMM above; default 6 on int16/int8 activations with "
+                          f"AVX-512 or AVX2 + GFNI, else 4):")
                 shapes: dict = {}
                 for d in table:
                     key = (d["n"], d["k"], d.get("act_bits", 0), d.get("mma_min_rows", -1), d.get("rejected", ""))

@@ -21,8 +21,9 @@ from .tokenizer import Tokenizer
 FlexquantError = _core.FlexquantError
 
 # Part of a saved CPU kernel table's key (Engine._kernel_key): bumped when the CPU kernels change
-# which path wins. 2: int16 decode kernels on AVX2 and AVX2+GFNI CPUs (they used to run fp32).
-_CPU_KERNELS_REVISION = 2
+# which path wins. 2: int16 decode kernels on AVX2 and AVX2+GFNI CPUs (they used to run fp32). 3: the
+# AVX-512 and AVX2+GFNI decode 1.1-1.6x as fast at 1-4 rows (stop 34): crossovers of 6-14 rows, was 5-6.
+_CPU_KERNELS_REVISION = 3
 
 
 @dataclass

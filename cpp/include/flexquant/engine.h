@@ -259,7 +259,8 @@ public:
     // product on the faster one from now on: decode up to the crossover, GEMM beyond (past max_m:
     // GEMM). Returns the table, one entry per (shape, bits). Cost: about 2 * repeats passes over the
     // weights per bit-width and m, m stopping two past the last crossover. Without a table: decode
-    // for m <= 4. On the CUDA backend: the GEMV against the GEMM per layer-linear shape and bit-width
+    // for m <= 6 on int16 or int8 activations with AVX-512 or AVX2 + GFNI, m <= 4 otherwise. On the
+    // CUDA backend: the GEMV against the GEMM per layer-linear shape and bit-width
     // at m = 16, 32, ... up to max(max_m, 16) (<= 256), each shape's linears of every layer timed
     // back to back with CUDA events; without a table the GEMM runs from cuda_gemm_min_rows rows.
     // There it also picks the GEMV kernel (TC or MMA, by rows) and the GEMM kernel (a8 or a8_wg) per

@@ -173,7 +173,8 @@ void TileFactorsI16::compute(int64_t rt) {
 namespace {
 
 // The variants' driver: tile params, then up to 4 activation rows per pass over the planes (more
-// rows, a forced decode path, take several passes).
+// rows, 5 and 6 under the built-in rule or more on a table or a forced decode path, take several
+// passes).
 template <int BITS, template <int, int> class Kernel>
 void decode_tiles_i16_with(const Job& j, int64_t t0, int64_t t1) {
     // codes shifted left by 8 - k (the transposes' output) need 2^(k-8)

@@ -78,9 +78,9 @@ inline float bitplane_act_qmax(BitplaneActivations act) {
 // rows, the GEMM above, for the kernels that run now (cpu_features(), caps included) on these
 // activations. 6 where the integer decode is AVX-512 or AVX2 + GFNI (int16 or int8 activations),
 // else 4. Measured (flexquant-rt tune, SmolLM2 shapes, 1 and 2 threads, every bit-width; stop 34):
-// those crossovers are 7-14 rows with AVX-512 and 5-13 with AVX2 + GFNI, and the decode also wins at
-// 6 rows on 4096 x 4096 and 11008 x 4096; on fp32 activations the GEMM wins from 5 rows on most
-// shapes, and plain AVX2's are 4-9 rows, mostly 5.
+// those crossovers are 6-14 rows with AVX-512 and 9-13 with AVX2 + GFNI (int8: 5-12, the 5 once, on
+// the smallest shape), and the decode also wins at 6 rows on 4096 x 4096 and 11008 x 4096; on fp32
+// activations the GEMM wins from 5 rows on most shapes, and plain AVX2's are 4-9 rows, mostly 5.
 int64_t bitplane_decode_max_m(BitplaneActivations act);
 
 // y (m, n) = x (m, k) . W_bitsᵀ, W_bits the `bits`-bit view (2 <= bits <= max_bits):
